@@ -1,0 +1,22 @@
+//! Test support for Keyward against the local control plane started by `e2e/cluster.sh up`.
+//!
+//! - [`client`]: a `kube::Client` for the plane (from `KUBECONFIG`, else
+//!   `/tmp/keyward-cluster/admin.kubeconfig`).
+//! - [`TestNamespace`]: a unique namespace per test, ready for pods, deleted afterwards.
+//! - [`wait_for`] and [`conditions`]: watch-based waits with a timeout, never bare sleeps.
+//! - [`Kubelet`]: a stand-in kubelet for one namespace (the plane has no kubelet and no
+//!   scheduler), which runs a per-pod [`AgentFactory`] task on a unique loopback pod IP,
+//!   projects Secret volumes into files and keeps them in sync.
+//! - [`HttpAgent`]: the default agent, an HTTP server on `<pod IP>:8080`.
+
+mod agent;
+mod env;
+mod kubelet;
+mod namespace;
+mod wait;
+
+pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo};
+pub use env::{DEFAULT_KUBECONFIG, client, init_tracing, kubeconfig_path};
+pub use kubelet::{Kubelet, KubeletConfig, KubeletHandle, ReadinessHook, RunningPod};
+pub use namespace::TestNamespace;
+pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};

@@ -1,0 +1,283 @@
+//! The `ProvisioningKey` custom resource.
+//!
+//! Defaults are applied by the operator, not by the schema, so a GitOps controller that syncs
+//! a manifest sees no permanent diff from server-side defaulting.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// The only supported key algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Algorithm {
+    #[default]
+    Ed25519,
+}
+
+/// A provisioning key that policy agents use to prove who they are to a control plane.
+///
+/// Keyward mints an Ed25519 key into an operator-owned Secret, publishes its public key in a
+/// trust bundle ConfigMap (JWKS), hands a signed token (and optionally the private key) to
+/// agents through the agent Secret, rotates on a schedule or on request, and revokes the old key
+/// only after the overlap (or, with PolicyAgents, after every agent is confirmed on the new key).
+#[derive(CustomResource, KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "keyward.dev",
+    version = "v1alpha1",
+    kind = "ProvisioningKey",
+    namespaced,
+    shortname = "pk",
+    category = "keyward",
+    status = "ProvisioningKeyStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.currentKey.kid"}"#,
+    printcolumn = r#"{"name":"Next Rotation","type":"date","jsonPath":".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningKeySpec {
+    /// Key algorithm. Only `Ed25519` is supported. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("algorithm is immutable"))]
+    pub algorithm: Algorithm,
+
+    /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub secret_name: Option<String>,
+
+    /// Labels and annotations for the agent Secret. Argo CD and Flux tracking metadata is never
+    /// copied, so the generated Secret is not mistaken for a synced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+
+    /// Also put the PKCS#8 private key into the agent Secret (for agents that sign their own
+    /// assertions). Default `false`: agents get a signed token and never hold the private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_private_key: Option<bool>,
+
+    /// When and how keys rotate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+
+    /// The bearer token handed to agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenSpec>,
+
+    /// Where the public keys the control plane must trust are published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<TrustBundleSpec>,
+
+    /// No rotation starts while true (a rotation already in flight completes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+
+    /// Break-glass: key ids (RFC 7638 thumbprints) that are compromised. Keyward mints and
+    /// publishes a successor, revokes the listed keys at once without waiting for confirmation,
+    /// hands out the successor and rolls the agents. The trust bundle never becomes empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub compromised_keys: Vec<CompromisedKeyId>,
+}
+
+/// An RFC 7638 thumbprint (43 base64url characters).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(transparent)]
+pub struct CompromisedKeyId(
+    #[schemars(length(min = 43, max = 43), regex(pattern = r"^[A-Za-z0-9_-]{43}$"))] pub String,
+);
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Rotate this long after the current key was activated (Go duration, e.g. `720h`).
+    /// Unset: rotate only on request. Must be at least the operator's `--min-rotation-interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub interval: Option<String>,
+
+    /// Debounce: no new key is minted sooner than this after the previous one (default `1m`).
+    /// Requests inside the window are delayed, never dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub min_interval: Option<String>,
+
+    /// How long a new key is trusted before agents get it (default `2m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub publish_delay: Option<String>,
+
+    /// How long the old key stays trusted after a rotation when no PolicyAgent references this
+    /// key (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub overlap: Option<String>,
+
+    /// How long, from the roll, agents may take to confirm the new key before the rotation is
+    /// reported `Stalled` (default `15m`). The old key stays trusted either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub confirmation_timeout: Option<String>,
+
+    /// Any new value requests one rotation (Git-friendly manual trigger). The value present
+    /// when the first key is minted is consumed by that mint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub request_token: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSpec {
+    /// `aud` claim of the token (default: `keyward`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub audience: Option<String>,
+
+    /// Token lifetime (default `1h`); tokens are re-issued at about half of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub ttl: Option<String>,
+
+    /// `iss` claim (default: `keyward`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub issuer: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustBundleSpec {
+    /// ConfigMap that receives the JWKS (default `<name>-trust`). It belongs to this
+    /// ProvisioningKey alone; naming another object's ConfigMap is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub config_map_name: Option<String>,
+}
+
+/// Observed state, derived from evidence (the key Secrets) on every reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningKeyStatus {
+    /// `Pending`, `Ready`, `Publishing`, `Confirming`, `Overlap`, `Stalled`, `Suspended` or `Invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+
+    /// The key handed out to agents now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_key: Option<KeyInfo>,
+
+    /// Every key the control plane must accept now, with its state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_keys: Vec<TrustedKey>,
+
+    /// Recently revoked key ids (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_keys: Vec<RevokedKey>,
+
+    /// When the next scheduled rotation is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<String>,
+
+    /// When the agent token is re-issued next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_refresh_at: Option<String>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// Bounded history of keys and their lifecycle timestamps, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    pub kid: String,
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustedKey {
+    pub kid: String,
+    /// `Published`, `Active` or `Retiring`.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedKey {
+    pub kid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub kid: String,
+    /// What caused the mint: `Initial`, `Interval`, `RequestToken`, `Annotation`, `Compromised`.
+    pub trigger: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minted_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// Conditions as a list-map keyed by `type`, so server-side apply merges them per type.
+pub(crate) fn conditions_schema(
+    generator: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema
+}
+
+impl ProvisioningKey {
+    /// Name of the agent Secret.
+    pub fn secret_name(&self) -> String {
+        self.spec
+            .secret_name
+            .clone()
+            .unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+
+    /// Name of the trust bundle ConfigMap.
+    pub fn trust_bundle_name(&self) -> String {
+        self.spec
+            .trust_bundle
+            .as_ref()
+            .and_then(|t| t.config_map_name.clone())
+            .unwrap_or_else(|| format!("{}-trust", self.metadata.name.clone().unwrap_or_default()))
+    }
+}

@@ -1,0 +1,180 @@
+//! The operator: one shared [`Context`], one controller per resource and watched namespace.
+
+pub mod audit;
+pub mod provisioning_key;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use tracing::{info, warn};
+
+use crate::api::{PolicyAgent, ProvisioningKey};
+use crate::labels;
+use crate::rotation::Floors;
+
+/// The single field manager for every server-side apply Keyward makes.
+pub const FIELD_MANAGER: &str = "keyward";
+
+/// Operator settings (flags).
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty means all namespaces.
+    pub namespaces: Vec<String>,
+    pub floors: Floors,
+    /// Most workloads rolled at once across the operator.
+    pub max_concurrent_rolls: usize,
+    /// Name reported on Events (`reportingInstance`), e.g. the pod name.
+    pub instance: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            namespaces: Vec::new(),
+            floors: Floors::default(),
+            max_concurrent_rolls: 5,
+            instance: "keyward".into(),
+        }
+    }
+}
+
+/// Counts the mutating requests (anything but GET) the operator sends: the evidence that a
+/// settled object costs nothing, and the source of the write metric.
+#[derive(Clone, Debug, Default)]
+pub struct WriteCounter(Arc<AtomicU64>);
+
+impl WriteCounter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Builds a client whose every mutating request increments `counter`.
+pub fn counting_client(config: kube::Config, counter: &WriteCounter) -> Result<Client, kube::Error> {
+    let counter = counter.0.clone();
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        if req.method() != http::Method::GET {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
+}
+
+/// State shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub config: OperatorConfig,
+    pub writes: WriteCounter,
+}
+
+impl Context {
+    pub fn new(client: Client, config: OperatorConfig, writes: WriteCounter) -> Arc<Self> {
+        let reporter = Reporter { controller: "keyward".into(), instance: Some(config.instance.clone()) };
+        Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, config, writes })
+    }
+
+    /// The clock, read once per reconcile and passed down.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Formats a timestamp the way Keyward stores it (RFC 3339, seconds, `Z`).
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Parses a timestamp stored by [`ts`].
+pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("key Secret {name} is unusable: {message}")]
+    KeySecret { name: String, message: String },
+    #[error("key material: {0}")]
+    Key(#[from] crate::keys::KeyError),
+    #[error("object has no namespace or name")]
+    MissingObjectKey,
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApiError",
+            Error::KeySecret { .. } => "KeySecretUnusable",
+            Error::Key(e) => e.reason(),
+            Error::MissingObjectKey => "MissingObjectKey",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(reason = error.reason(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the ProvisioningKey controllers (one per watched namespace, or one for all) until
+/// `shutdown` resolves; in-flight reconciles finish first.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    writes: WriteCounter,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Context::new(client.clone(), config.clone(), writes);
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let mut runs = Vec::new();
+    for ns in scopes {
+        let api = |c: &Client| -> (Api<ProvisioningKey>, Api<Secret>, Api<ConfigMap>, Api<PolicyAgent>) {
+            match &ns {
+                Some(ns) => (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns)),
+                None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+            }
+        };
+        let (pks, secrets, cms, pas) = api(&client);
+        // Only Keyward-labelled Secrets and ConfigMaps are cached, never every Secret.
+        let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
+        let controller = Controller::new(pks, watcher::Config::default())
+            .owns(secrets, owned.clone())
+            .owns(cms, owned)
+            .watches(pas, watcher::Config::default(), |pa: PolicyAgent| {
+                let ns = pa.meta().namespace.clone()?;
+                Some(ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns))
+            })
+            .graceful_shutdown_on(shutdown.clone())
+            .run(provisioning_key::reconcile, error_policy, ctx.clone())
+            .for_each(|res| async move {
+                match res {
+                    Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
+            });
+        runs.push(controller);
+    }
+    info!(namespaces = ?config.namespaces, "keyward controllers started");
+    futures::future::join_all(runs).await;
+    info!("keyward controllers stopped");
+}

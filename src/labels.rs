@@ -1,0 +1,93 @@
+//! Label and annotation keys Keyward writes and reads, and the helpers that build them.
+
+use std::collections::BTreeMap;
+
+/// Every object Keyward creates carries this label; the operator's caches select on it.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "keyward";
+/// The selector the operator's Secret and ConfigMap caches use.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=keyward";
+
+/// Name of the owning ProvisioningKey.
+pub const PROVISIONING_KEY: &str = "keyward.dev/provisioning-key";
+/// `key` (one per minted key), `agent-secret` or `trust-bundle`.
+pub const COMPONENT: &str = "keyward.dev/component";
+pub const COMPONENT_KEY: &str = "key";
+pub const COMPONENT_AGENT_SECRET: &str = "agent-secret";
+pub const COMPONENT_TRUST_BUNDLE: &str = "trust-bundle";
+/// Forward-only lifecycle state of a key Secret.
+pub const KEY_STATE: &str = "keyward.dev/key-state";
+/// Sequence number of a key Secret.
+pub const KEY_SEQ: &str = "keyward.dev/key-seq";
+
+/// Manual rotation trigger on a ProvisioningKey (`kubectl annotate ... keyward.dev/rotate=$(date +%s) --overwrite`).
+pub const ROTATE: &str = "keyward.dev/rotate";
+/// Key id: on key Secrets, on the agent Secret, and on a workload's pod template (which key the pods run).
+pub const KEY_ID: &str = "keyward.dev/key-id";
+pub const FINGERPRINT: &str = "keyward.dev/fingerprint";
+pub const TRIGGER: &str = "keyward.dev/trigger";
+pub const CONSUMED_REQUEST_TOKEN: &str = "keyward.dev/consumed-request-token";
+pub const CONSUMED_ROTATE: &str = "keyward.dev/consumed-rotate-annotation";
+pub const CREATED_AT: &str = "keyward.dev/created-at";
+pub const PUBLISHED_AT: &str = "keyward.dev/published-at";
+pub const ACTIVATED_AT: &str = "keyward.dev/activated-at";
+pub const RETIRED_AT: &str = "keyward.dev/retired-at";
+pub const REVOKED_AT: &str = "keyward.dev/revoked-at";
+/// On a workload: when Keyward rolled it, and to which key (metadata, not the pod template).
+pub const ROLLED_AT: &str = "keyward.dev/rolled-at";
+/// On a workload: the PolicyAgent that manages its rolls.
+pub const POLICY_AGENT: &str = "keyward.dev/policy-agent";
+
+/// Secret type of the agent Secret.
+pub const AGENT_SECRET_TYPE: &str = "keyward.dev/provisioning-key";
+
+/// Data keys of the agent Secret.
+pub const DATA_KEY_ID: &str = "key-id";
+pub const DATA_PUBLIC_KEY: &str = "public-key.pem";
+pub const DATA_PRIVATE_KEY: &str = "private-key.pem";
+pub const DATA_TOKEN: &str = "token";
+/// Data keys of the trust bundle ConfigMap.
+pub const DATA_JWKS: &str = "jwks.json";
+pub const DATA_REVOKED: &str = "revoked.json";
+
+/// Metadata of GitOps tools that must never be copied onto generated objects: a copied tracking
+/// label makes Argo CD or Flux adopt (and then prune) the generated Secret.
+pub fn is_gitops_tracking(key: &str) -> bool {
+    key == "app.kubernetes.io/instance"
+        || key == "kubectl.kubernetes.io/last-applied-configuration"
+        || key.starts_with("argocd.argoproj.io/")
+        || key.starts_with("kustomize.toolkit.fluxcd.io/")
+        || key.starts_with("helm.toolkit.fluxcd.io/")
+        || key.starts_with("fluxcd.io/")
+}
+
+/// The user's template metadata without GitOps tracking keys and without keys Keyward owns.
+pub fn user_metadata(template: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    template
+        .iter()
+        .filter(|(k, _)| !is_gitops_tracking(k) && !k.starts_with("keyward.dev/") && k.as_str() != MANAGED_BY)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracking_metadata_is_never_copied() {
+        let t: BTreeMap<String, String> = [
+            ("app.kubernetes.io/instance", "argo-app"),
+            ("argocd.argoproj.io/tracking-id", "x"),
+            ("kustomize.toolkit.fluxcd.io/name", "flux"),
+            ("helm.toolkit.fluxcd.io/name", "flux"),
+            ("keyward.dev/key-id", "forged"),
+            ("team", "payments"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let kept = user_metadata(&t);
+        assert_eq!(kept.keys().collect::<Vec<_>>(), vec!["team"]);
+    }
+}

@@ -1,0 +1,14 @@
+//! Keyward: a Kubernetes operator that mints, publishes, hands out, rotates and revokes
+//! Ed25519 provisioning keys for policy agents, and revokes an old key only on evidence that
+//! every agent connects with its successor.
+//!
+//! The code follows one pipeline per resource: observe (reads) -> decide (pure) -> apply
+//! (idempotent writes) -> report (status, Events, logs).
+
+pub mod api;
+pub mod keys;
+pub mod rotation;
+pub mod controller;
+pub mod fault;
+pub mod labels;
+pub mod telemetry;

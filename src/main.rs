@@ -1,0 +1,146 @@
+//! The `keyward` binary: thin CLI over the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keyward::controller::{self, OperatorConfig, WriteCounter};
+use keyward::rotation::Floors;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "keyward", version, about = "Ed25519 provisioning keys for policy agents, revoked only on evidence")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the version.
+    Version,
+    /// Print the CustomResourceDefinitions as YAML, or write them to a directory.
+    Crds {
+        /// Write one file per CRD into this directory (and nothing to stdout).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Run the operator (in-cluster config, or KUBECONFIG).
+    Run(RunArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<kube::core::Duration>()
+        .map_err(|e| e.to_string())
+        .and_then(|d| if d.is_negative() { Err("negative duration".into()) } else { Ok(d.into()) })
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespaces to watch (comma-separated); empty watches all namespaces.
+    #[arg(long, env = "KEYWARD_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Smallest rotation.interval accepted.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    min_rotation_interval: Duration,
+    /// Smallest rotation.minInterval accepted.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    min_min_interval: Duration,
+    /// Smallest rotation.publishDelay accepted.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    min_publish_delay: Duration,
+    /// Smallest rotation.overlap accepted.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    min_overlap: Duration,
+    /// Smallest token.ttl accepted.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    min_token_ttl: Duration,
+    /// Most workloads rolled at once, so a rotation never becomes a restart storm.
+    #[arg(long, default_value_t = 5)]
+    max_concurrent_rolls: usize,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("keyward {}", env!("CARGO_PKG_VERSION"));
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Crds { write } => match crds(write) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyward crds: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => match run(args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyward run: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn crds(write: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+    let files = keyward::api::crds_yaml()?;
+    match write {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            for (name, body) in files {
+                std::fs::write(dir.join(&name), body)?;
+                eprintln!("wrote {}", dir.join(&name).display());
+            }
+        }
+        None => {
+            for (_, body) in files {
+                print!("{body}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    keyward::telemetry::init(&args.log_format);
+    let config = kube::Config::infer().await?;
+    let writes = WriteCounter::default();
+    let client = controller::counting_client(config, &writes)?;
+    let op = OperatorConfig {
+        namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        floors: Floors {
+            interval: args.min_rotation_interval,
+            min_interval: args.min_min_interval,
+            publish_delay: args.min_publish_delay,
+            overlap: args.min_overlap,
+            token_ttl: args.min_token_ttl,
+        },
+        max_concurrent_rolls: args.max_concurrent_rolls.max(1),
+        instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
+    };
+    info!(version = env!("CARGO_PKG_VERSION"), namespaces = ?op.namespaces, "starting keyward");
+    controller::run(client, op, writes, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => info!("SIGTERM received; shutting down gracefully"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received; shutting down gracefully"),
+    }
+}

@@ -1,0 +1,184 @@
+//! The spec resolved into the values the planner uses: defaults applied, durations parsed and
+//! checked against the operator's floors. Every schema rule is enforced here as well, so that an
+//! object that reached the API server without them (older Kubernetes, no CEL) is reported with
+//! `Ready=False` and never acted on.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::api::provisioning_key::ProvisioningKey;
+
+/// Lower bounds on durations: operator flags with safe defaults, so tests and demos can lower them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Floors {
+    /// Smallest `rotation.interval` accepted (default 1h).
+    pub interval: Duration,
+    /// Smallest `rotation.minInterval` accepted (default 1m).
+    pub min_interval: Duration,
+    /// Smallest `rotation.publishDelay` accepted (default 0s).
+    pub publish_delay: Duration,
+    /// Smallest `rotation.overlap` accepted (default 1m).
+    pub overlap: Duration,
+    /// Smallest `token.ttl` accepted (default 5m).
+    pub token_ttl: Duration,
+}
+
+impl Default for Floors {
+    fn default() -> Self {
+        Floors {
+            interval: Duration::from_secs(3600),
+            min_interval: Duration::from_secs(60),
+            publish_delay: Duration::ZERO,
+            overlap: Duration::from_secs(60),
+            token_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Floors {
+    /// No floors at all (unit tests).
+    pub fn none() -> Self {
+        Floors {
+            interval: Duration::ZERO,
+            min_interval: Duration::ZERO,
+            publish_delay: Duration::ZERO,
+            overlap: Duration::ZERO,
+            token_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_PUBLISH_DELAY: Duration = Duration::from_secs(120);
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
+pub const DEFAULT_CONFIRMATION_TIMEOUT: Duration = Duration::from_secs(900);
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_AUDIENCE: &str = "keyward";
+pub const DEFAULT_ISSUER: &str = "keyward";
+
+/// A spec the operator refuses to act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{field}: {value:?} is not a duration (use Go syntax such as 720h, 90m or 30s)")]
+    MalformedDuration { field: &'static str, value: String },
+    #[error("{field}: {value} is below the operator's floor of {floor}")]
+    BelowFloor { field: &'static str, value: String, floor: String },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl SpecError {
+    /// PascalCase reason for `Ready=False` and Warning Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::MalformedDuration { .. } => "MalformedDuration",
+            SpecError::BelowFloor { .. } => "BelowFloor",
+            SpecError::Invalid { .. } => "InvalidSpec",
+        }
+    }
+}
+
+/// The resolved spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub secret_name: String,
+    pub trust_bundle_name: String,
+    pub include_private_key: bool,
+    pub interval: Option<Duration>,
+    pub min_interval: Duration,
+    pub publish_delay: Duration,
+    pub overlap: Duration,
+    pub confirmation_timeout: Duration,
+    pub request_token: Option<String>,
+    pub token_ttl: Duration,
+    pub audience: String,
+    pub issuer: String,
+    pub suspend: bool,
+    pub compromised: BTreeSet<String>,
+}
+
+fn duration(
+    field: &'static str,
+    value: Option<&String>,
+    default: Duration,
+    floor: Duration,
+) -> Result<Duration, SpecError> {
+    let Some(value) = value else { return Ok(default.max(floor)) };
+    let parsed = kube::core::Duration::from_str(value)
+        .ok()
+        .filter(|d| !d.is_negative())
+        .ok_or_else(|| SpecError::MalformedDuration { field, value: value.clone() })?;
+    let parsed: Duration = parsed.into();
+    if parsed < floor {
+        return Err(SpecError::BelowFloor {
+            field,
+            value: value.clone(),
+            floor: humantime::format_duration(floor).to_string(),
+        });
+    }
+    Ok(parsed)
+}
+
+fn dns_name(field: &'static str, value: &str) -> Result<(), SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.as_bytes().first().is_some_and(|b| b.is_ascii_alphanumeric())
+        && value.as_bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Invalid { field, message: format!("{value:?} is not a valid object name") })
+    }
+}
+
+impl Settings {
+    /// Resolve and validate a ProvisioningKey's spec.
+    pub fn resolve(pk: &ProvisioningKey, floors: &Floors) -> Result<Settings, SpecError> {
+        let spec = &pk.spec;
+        let rotation = spec.rotation.clone().unwrap_or_default();
+        let token = spec.token.clone().unwrap_or_default();
+        let interval = match &rotation.interval {
+            None => None,
+            Some(_) => Some(duration("rotation.interval", rotation.interval.as_ref(), Duration::ZERO, floors.interval)?),
+        };
+        let secret_name = pk.secret_name();
+        let trust_bundle_name = pk.trust_bundle_name();
+        dns_name("secretName", &secret_name)?;
+        dns_name("trustBundle.configMapName", &trust_bundle_name)?;
+        let compromised: BTreeSet<String> = spec.compromised_keys.iter().map(|k| k.0.clone()).collect();
+        if let Some(bad) = compromised.iter().find(|k| k.len() != 43 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
+            return Err(SpecError::Invalid {
+                field: "compromisedKeys",
+                message: format!("{bad:?} is not a key id (RFC 7638 thumbprint, 43 base64url characters)"),
+            });
+        }
+        let audience = token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
+        let issuer = token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.to_string());
+        if audience.is_empty() || issuer.is_empty() {
+            return Err(SpecError::Invalid { field: "token", message: "audience and issuer must not be empty".into() });
+        }
+        Ok(Settings {
+            secret_name,
+            trust_bundle_name,
+            include_private_key: spec.include_private_key.unwrap_or(false),
+            interval,
+            min_interval: duration("rotation.minInterval", rotation.min_interval.as_ref(), DEFAULT_MIN_INTERVAL, floors.min_interval)?,
+            publish_delay: duration("rotation.publishDelay", rotation.publish_delay.as_ref(), DEFAULT_PUBLISH_DELAY, floors.publish_delay)?,
+            overlap: duration("rotation.overlap", rotation.overlap.as_ref(), DEFAULT_OVERLAP, floors.overlap)?,
+            confirmation_timeout: duration(
+                "rotation.confirmationTimeout",
+                rotation.confirmation_timeout.as_ref(),
+                DEFAULT_CONFIRMATION_TIMEOUT,
+                Duration::ZERO,
+            )?,
+            request_token: rotation.request_token,
+            token_ttl: duration("token.ttl", token.ttl.as_ref(), DEFAULT_TOKEN_TTL, floors.token_ttl)?,
+            audience,
+            issuer,
+            suspend: spec.suspend.unwrap_or(false),
+            compromised,
+        })
+    }
+}
