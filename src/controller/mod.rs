@@ -1,6 +1,7 @@
 //! The operator: one shared [`Context`], one controller per resource and watched namespace.
 
 pub mod audit;
+pub mod policy_agent;
 pub mod provisioning_key;
 
 use std::sync::Arc;
@@ -8,13 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{PolicyAgent, ProvisioningKey};
@@ -76,12 +77,30 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: OperatorConfig,
     pub writes: WriteCounter,
+    /// Connectivity-check evidence and the concurrent-roll cap.
+    pub agents: policy_agent::AgentState,
+    /// HTTP client for connectivity checks (pod IPs).
+    pub http: reqwest::Client,
 }
 
 impl Context {
     pub fn new(client: Client, config: OperatorConfig, writes: WriteCounter) -> Arc<Self> {
         let reporter = Reporter { controller: "keyward".into(), instance: Some(config.instance.clone()) };
-        Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, config, writes })
+        let http = reqwest::Client::builder()
+            // A check proves the agent answers on its bundle health endpoint; the agent's
+            // serving certificate is not what is being confirmed.
+            .danger_accept_invalid_certs(true)
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            writes,
+            agents: policy_agent::AgentState::default(),
+            http,
+        })
     }
 
     /// The clock, read once per reconcile and passed down.
@@ -126,6 +145,13 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::Result<T, E>) {
+    match res {
+        Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
+        Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    }
+}
+
 fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(reason = error.reason(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
@@ -145,7 +171,7 @@ pub async fn run(
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let shutdown = Box::pin(shutdown).shared();
     let mut runs = Vec::new();
     for ns in scopes {
         let api = |c: &Client| -> (Api<ProvisioningKey>, Api<Secret>, Api<ConfigMap>, Api<PolicyAgent>) {
@@ -157,22 +183,37 @@ pub async fn run(
         let (pks, secrets, cms, pas) = api(&client);
         // Only Keyward-labelled Secrets and ConfigMaps are cached, never every Secret.
         let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-        let controller = Controller::new(pks, watcher::Config::default())
-            .owns(secrets, owned.clone())
-            .owns(cms, owned)
-            .watches(pas, watcher::Config::default(), |pa: PolicyAgent| {
+        let keys = Controller::new(pks, watcher::Config::default())
+            .owns(secrets.clone(), owned.clone())
+            .owns(cms, owned.clone())
+            .watches(pas.clone(), watcher::Config::default(), |pa: PolicyAgent| {
                 let ns = pa.meta().namespace.clone()?;
                 Some(ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns))
             })
             .graceful_shutdown_on(shutdown.clone())
             .run(provisioning_key::reconcile, error_policy, ctx.clone())
-            .for_each(|res| async move {
-                match res {
-                    Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
-                }
-            });
-        runs.push(controller);
+            .for_each(log_result);
+        runs.push(keys.boxed());
+
+        let agents = Controller::new(pas, watcher::Config::default());
+        let store = agents.store();
+        // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
+        let agents = agents
+            .watches(secrets, owned, move |s: Secret| {
+                let ns = s.meta().namespace.clone();
+                let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
+                let is_agent = s.labels().get(labels::COMPONENT).map(String::as_str) == Some(labels::COMPONENT_AGENT_SECRET);
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|pa| is_agent && pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref())
+                    .map(|pa| ObjectRef::from_obj(&*pa))
+                    .collect::<Vec<_>>()
+            })
+            .graceful_shutdown_on(shutdown.clone())
+            .run(policy_agent::reconcile, error_policy, ctx.clone())
+            .for_each(log_result);
+        runs.push(agents.boxed());
     }
     info!(namespaces = ?config.namespaces, "keyward controllers started");
     futures::future::join_all(runs).await;
