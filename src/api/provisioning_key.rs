@@ -34,7 +34,7 @@ pub enum Algorithm {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.currentKey.kid"}"#,
-    printcolumn = r#"{"name":"Next Rotation","type":"date","jsonPath":".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

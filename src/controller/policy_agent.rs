@@ -448,7 +448,8 @@ async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAg
                     (on_current, if on_current { agent::reasons::CONFIRMED } else { r }, if on_current { format!("confirmed on key {secret_kid}") } else { message.clone() }),
                     (false, r, message),
                     confirmed_prev.clone(),
-                    workload.rolled_at,
+                    // Only a roll to the Secret's key counts (confirmationTimeout runs from it).
+                    workload.rolled_at.filter(|_| workload.template_kid.as_deref() == Some(secret_kid.as_str())),
                 ),
                 retry,
             )

@@ -181,6 +181,16 @@ pub struct Consumer {
     pub waiting_reason: Option<String>,
 }
 
+impl Consumer {
+    /// The agent's roll to the current key is delayed on purpose (its rollout `minInterval`, or
+    /// the operator's cap on concurrent rolls).
+    pub fn roll_delayed(&self) -> bool {
+        self.waiting_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("RolloutDelayed") || r.starts_with("RolloutQueued"))
+    }
+}
+
 /// Everything the decision needs, gathered by fresh reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
@@ -550,14 +560,16 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 reasons::CONFIRMING,
                 format!("old key {} stays trusted until every PolicyAgent is confirmed on {}; waiting for {}", old.kid, cur.kid, names.join(", ")),
             ));
-            // confirmationTimeout counts from the roll (or from the retirement if not rolled yet).
+            // confirmationTimeout counts from the roll (or from the retirement when the agent
+            // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
+            // minInterval, the concurrent-roll cap) shows as its own reason, never as a stall.
             let started = waiting
                 .iter()
-                .map(|c| c.rolled_at.unwrap_or(retired_at))
-                .min()
-                .unwrap_or(retired_at);
-            let deadline = add(started, settings.confirmation_timeout);
-            if now >= deadline {
+                .filter(|c| !c.roll_delayed())
+                .map(|c| c.rolled_at.filter(|r| *r >= retired_at).unwrap_or(retired_at))
+                .min();
+            let deadline = started.map(|s| add(s, settings.confirmation_timeout));
+            if deadline.is_some_and(|d| now >= d) {
                 p.phase = Phase::Stalled;
                 p.stalled = Some(Why::new(
                     reasons::ROTATION_STALLED,
@@ -569,7 +581,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                         old.kid
                     ),
                 ));
-            } else {
+            } else if let Some(deadline) = deadline {
                 p.wake_at(deadline, now);
             }
         }
