@@ -56,8 +56,8 @@ pub fn deployment(d: &Deployment) -> (Rollout, Figures) {
             f,
         );
     }
-    if let Some(c) = st.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing")) {
-        if c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
+    if let Some(c) = st.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+        && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
             return (
                 Rollout::Failed {
                     reason: "ProgressDeadlineExceeded",
@@ -66,7 +66,6 @@ pub fn deployment(d: &Deployment) -> (Rollout, Figures) {
                 f,
             );
         }
-    }
     let observed = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
     let complete = observed
         && f.updated == desired

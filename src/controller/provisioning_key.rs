@@ -741,8 +741,8 @@ async fn report(ctx: &Context, pk: &ProvisioningKey, _settings: &Settings, obs: 
         // Warnings on transitions only.
         let regarding = pk.object_ref(&());
         let was = cond(&previous, conditions::STALLED).map(|c| (c.status.clone(), c.reason.clone()));
-        if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True") {
-            if was != Some((c.status.clone(), c.reason.clone())) {
+        if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True")
+            && was != Some((c.status.clone(), c.reason.clone())) {
                 audit::record(ctx, &regarding, Audit {
                     warning: true,
                     reason: if plan.blocked.is_some() { c.reason.as_str() } else { reason::ROTATION_STALLED },
@@ -752,7 +752,6 @@ async fn report(ctx: &Context, pk: &ProvisioningKey, _settings: &Settings, obs: 
                 })
                 .await;
             }
-        }
     }
     Ok(())
 }

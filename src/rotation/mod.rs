@@ -487,8 +487,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     }
 
     // 7. Hand the current key out.
-    let token_refresh_at;
-    match &obs.agent_secret {
+    let token_refresh_at = match &obs.agent_secret {
         AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(cur.kid.as_str()) => {
             let refresh_at = match (s.token_iat, s.token_exp) {
                 (Some(iat), Some(exp)) => {
@@ -509,7 +508,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             if let Some(reason) = reason {
                 return Plan::new(Phase::Ready).step(Step::HandOut { seq: cur.seq, reason });
             }
-            token_refresh_at = refresh_at;
+            refresh_at
         }
         AgentSecretObs::Owned(_) => {
             return Plan::new(Phase::Confirming).step(Step::HandOut { seq: cur.seq, reason: HandOutReason::NewKey });
@@ -517,7 +516,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         _ => {
             return Plan::new(Phase::Pending).step(Step::HandOut { seq: cur.seq, reason: HandOutReason::NewKey });
         }
-    }
+    };
 
     let mut p = Plan::new(Phase::Ready);
     p.token_refresh_at = token_refresh_at;
@@ -646,20 +645,17 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
 
 /// Fills the fields every waiting plan reports.
 fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
-    if p.next_rotation_at.is_none() {
-        if let (Some(i), Some(c)) = (settings.interval, current(&obs.keys)) {
+    if p.next_rotation_at.is_none()
+        && let (Some(i), Some(c)) = (settings.interval, current(&obs.keys)) {
             let due = add(c.activated_at.unwrap_or(c.created_at), i);
             p.next_rotation_at = Some(due);
         }
-    }
-    if p.token_refresh_at.is_none() {
-        if let AgentSecretObs::Owned(AgentSecret { token_iat: Some(iat), token_exp: Some(exp), .. }) = &obs.agent_secret {
-            if let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0) {
+    if p.token_refresh_at.is_none()
+        && let AgentSecretObs::Owned(AgentSecret { token_iat: Some(iat), token_exp: Some(exp), .. }) = &obs.agent_secret
+            && let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0) {
                 p.token_refresh_at = Some(t);
                 p.wake_at(t, now);
             }
-        }
-    }
     p
 }
 
