@@ -30,9 +30,7 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<kube::core::Duration>()
-        .map_err(|e| e.to_string())
-        .and_then(|d| if d.is_negative() { Err("negative duration".into()) } else { Ok(d.into()) })
+    keyward::rotation::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 1h, 30m, 0s)"))
 }
 
 #[derive(clap::Args)]

@@ -112,12 +112,7 @@ pub struct Check {
 fn dur(field: &str, v: Option<&String>, default: Duration) -> std::result::Result<Duration, String> {
     match v {
         None => Ok(default),
-        Some(s) => s
-            .parse::<kube::core::Duration>()
-            .ok()
-            .filter(|d| !d.is_negative())
-            .map(Into::into)
-            .ok_or_else(|| format!("{field}: {s:?} is not a duration (use Go syntax such as 2s or 1m)")),
+        Some(s) => crate::rotation::parse_duration(s).ok_or_else(|| format!("{field}: {s:?} is not a duration (use Go syntax such as 2s or 1m)")),
     }
 }
 

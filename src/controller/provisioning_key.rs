@@ -734,7 +734,21 @@ fn cond<'a>(s: &'a ProvisioningKeyStatus, t: &str) -> Option<&'a k8s_openapi::ap
     s.conditions.iter().find(|c| c.type_ == t)
 }
 
+/// `pk` with its status as the API server has it now (spec and metadata unchanged: those the plan
+/// was made from). The object a reconcile gets comes from the watch cache, which may not show
+/// this operator's own last status write yet; comparing against that stale copy re-sent an
+/// identical status (a wasted write on a settled object) and could reset `lastTransitionTime`.
+async fn with_fresh_status(ctx: &Context, pk: &ProvisioningKey) -> Result<ProvisioningKey> {
+    let (ns, name) = object_key(pk)?;
+    let api: Api<ProvisioningKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let fresh = api.get_status(&name).await?;
+    let mut pk = pk.clone();
+    pk.status = fresh.status;
+    Ok(pk)
+}
+
 async fn report(ctx: &Context, pk: &ProvisioningKey, _settings: &Settings, obs: &Observed, plan: &Plan, now: DateTime<Utc>) -> Result<()> {
+    let pk = &with_fresh_status(ctx, pk).await?;
     let status = desired_status(pk, obs, plan, now);
     let previous = pk.status.clone().unwrap_or_default();
     if write_status(ctx, pk, &status).await? {
@@ -757,6 +771,7 @@ async fn report(ctx: &Context, pk: &ProvisioningKey, _settings: &Settings, obs: 
 }
 
 async fn report_invalid(ctx: &Context, pk: &ProvisioningKey, reason: &'static str, message: &str, now: DateTime<Utc>) -> Result<()> {
+    let pk = &with_fresh_status(ctx, pk).await?;
     let previous = pk.status.clone().unwrap_or_default();
     let generation = pk.meta().generation;
     let now_t = Time(jiff_from(now));

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use settings::{Floors, Settings, SpecError};
+pub use settings::{Floors, Settings, SpecError, parse_duration};
 
 /// How many revoked key Secrets are kept (their public half and timestamps, for audit and the
 /// revoked list of the trust bundle); older ones are deleted.
@@ -420,10 +420,11 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     let compromised = |k: &&ObservedKey| settings.compromised.contains(&k.kid);
     let has_compromised = keys.iter().filter(|k| k.state != KeyState::Revoked).any(|k| compromised(&k));
     if has_compromised {
+        // A successor is a key that can become current: not one on its way out.
         let successor = keys
             .iter()
             .rev()
-            .find(|k| k.state != KeyState::Revoked && !compromised(k));
+            .find(|k| !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(k));
         let Some(successor) = successor else {
             // Mint a successor at once: neither minInterval nor suspend delays it.
             let mut p = Plan::new(Phase::Publishing).step(Step::Mint {
@@ -449,11 +450,15 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     //    since the trust bundle was seen to contain it. The very first key has no predecessor
     //    to keep agents working meanwhile, so it is activated at once.
     let cur = current(keys);
+    let mut publishing = None;
     if let Some(newest) = keys.iter().rev().find(|k| k.state == KeyState::Published) {
         let newer_than_current = cur.is_none_or(|c| newest.seq > c.seq);
         if newer_than_current {
             let published_at = newest.published_at.unwrap_or(now);
-            let emergency = newest.trigger == Trigger::Compromised || cur.is_some_and(|c| settings.compromised.contains(&c.kid));
+            // Step 4 revoked any compromised current key, so an emergency activation is one with
+            // no current key left and a compromised older key.
+            let emergency = newest.trigger == Trigger::Compromised
+                || (cur.is_none() && keys.iter().any(|k| k.seq < newest.seq && settings.compromised.contains(&k.kid)));
             let due = if cur.is_none() || emergency { published_at } else { add(published_at, settings.publish_delay) };
             if now >= due {
                 return Plan::new(Phase::Publishing).step(Step::Activate { seq: newest.seq, emergency });
@@ -464,10 +469,14 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 format!("key {} is published; it is handed out at {}", newest.kid, due.to_rfc3339()),
             ));
             p.wake_at(due, now);
-            return finish(p, settings, obs, now);
+            // Meanwhile the current key keeps being handed out (token refresh, repair).
+            publishing = Some(p);
         }
     }
     let Some(cur) = cur else {
+        if let Some(p) = publishing {
+            return finish(p, settings, obs, now);
+        }
         // Only revoked or retiring keys and nothing active: should not happen; mint.
         return Plan::new(Phase::Pending).step(Step::Mint {
             seq: next_seq,
@@ -518,6 +527,9 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         }
     };
 
+    if let Some(p) = publishing {
+        return finish(p, settings, obs, now);
+    }
     let mut p = Plan::new(Phase::Ready);
     p.token_refresh_at = token_refresh_at;
     if let Some(t) = token_refresh_at {

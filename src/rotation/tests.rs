@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 
+use super::KeyState::{Active, Pending, Published, Retiring, Revoked};
 use super::*;
 use crate::api::provisioning_key::{
     CompromisedKeyId, ProvisioningKey, ProvisioningKeySpec, RotationSpec, TokenSpec,
@@ -24,7 +25,9 @@ const TTL: u64 = 3600;
 
 /// The fixed "now" of the table tests.
 fn now() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).single().expect("valid date")
+    Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0)
+        .single()
+        .expect("valid date")
 }
 
 fn ago(secs: i64) -> DateTime<Utc> {
@@ -76,14 +79,34 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
         kid: kid(seq),
         fingerprint: format!("fp{seq}"),
         state,
-        trigger: if seq == 1 { Trigger::Initial } else { Trigger::Interval },
+        trigger: if seq == 1 {
+            Trigger::Initial
+        } else {
+            Trigger::Interval
+        },
         consumed_request_token: None,
         consumed_annotation: None,
         created_at,
-        published_at: if state >= KeyState::Published { plus(10) } else { None },
-        activated_at: if state >= KeyState::Active { plus(300) } else { None },
-        retired_at: if state >= KeyState::Retiring { plus(DAY + 300) } else { None },
-        revoked_at: if state >= KeyState::Revoked { plus(DAY + 1000) } else { None },
+        published_at: if state >= KeyState::Published {
+            plus(10)
+        } else {
+            None
+        },
+        activated_at: if state >= KeyState::Active {
+            plus(300)
+        } else {
+            None
+        },
+        retired_at: if state >= KeyState::Retiring {
+            plus(DAY + 300)
+        } else {
+            None
+        },
+        revoked_at: if state >= KeyState::Revoked {
+            plus(DAY + 1000)
+        } else {
+            None
+        },
         has_private_key: state != KeyState::Revoked,
     }
 }
@@ -102,7 +125,9 @@ fn agent(kid: &str) -> AgentSecretObs {
 }
 
 fn agent_with(kid: &str, f: impl FnOnce(&mut AgentSecret)) -> AgentSecretObs {
-    let AgentSecretObs::Owned(mut s) = agent(kid) else { unreachable!() };
+    let AgentSecretObs::Owned(mut s) = agent(kid) else {
+        unreachable!()
+    };
     f(&mut s);
     AgentSecretObs::Owned(s)
 }
@@ -189,7 +214,11 @@ impl Check {
             Check::NextRotationAt(t) => p.next_rotation_at == Some(*t),
             Check::TokenRefreshAt(t) => p.token_refresh_at == Some(*t),
         };
-        if ok { Ok(()) } else { Err(format!("check {self:?} failed")) }
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("check {self:?} failed"))
+        }
     }
 }
 
@@ -210,7 +239,15 @@ fn case(
     expect_step: Option<Step>,
     expect_phase: Phase,
 ) -> Case {
-    Case { name, settings, observed, now: now(), expect_step, expect_phase, checks: Vec::new() }
+    Case {
+        name,
+        settings,
+        observed,
+        now: now(),
+        expect_step,
+        expect_phase,
+        checks: Vec::new(),
+    }
 }
 
 impl Case {
@@ -226,7 +263,6 @@ impl Case {
 }
 
 fn cases() -> Vec<Case> {
-    use KeyState::*;
     use Step::*;
     let s = settings;
     vec![
@@ -275,10 +311,17 @@ fn cases() -> Vec<Case> {
         case(
             "missing bundle is written with the published key",
             s(),
-            with_obs(vec![ObservedKey { published_at: None, ..key(1, Published) }], |o| {
-                o.bundle = BundleObs::Missing
+            with_obs(
+                vec![ObservedKey {
+                    published_at: None,
+                    ..key(1, Published)
+                }],
+                |o| o.bundle = BundleObs::Missing,
+            ),
+            Some(WriteBundle {
+                trusted: vec![kid(1)],
+                revoked: vec![],
             }),
-            Some(WriteBundle { trusted: vec![kid(1)], revoked: vec![] }),
             Phase::Publishing,
         ),
         case(
@@ -289,31 +332,53 @@ fn cases() -> Vec<Case> {
                     key(1, Revoked),
                     key(2, Retiring),
                     key(3, Active),
-                    ObservedKey { published_at: None, ..key(4, Published) },
+                    ObservedKey {
+                        published_at: None,
+                        ..key(4, Published)
+                    },
                 ],
                 |o| o.bundle = bundle(&[2, 3], &[]),
             ),
-            Some(WriteBundle { trusted: vec![kid(2), kid(3), kid(4)], revoked: vec![kid(1)] }),
+            Some(WriteBundle {
+                trusted: vec![kid(2), kid(3), kid(4)],
+                revoked: vec![kid(1)],
+            }),
             Phase::Publishing,
         ),
         case(
             "bundle mismatch in the revoked list only",
             s(),
-            with_obs(vec![key(1, Revoked), key(2, Active)], |o| o.bundle = bundle(&[2], &[])),
-            Some(WriteBundle { trusted: vec![kid(2)], revoked: vec![kid(1)] }),
+            with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+                o.bundle = bundle(&[2], &[])
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(2)],
+                revoked: vec![kid(1)],
+            }),
             Phase::Publishing,
         ),
         case(
             "bundle that still trusts a revoked key is rewritten",
             s(),
-            with_obs(vec![key(1, Revoked), key(2, Active)], |o| o.bundle = bundle(&[1, 2], &[])),
-            Some(WriteBundle { trusted: vec![kid(2)], revoked: vec![kid(1)] }),
+            with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+                o.bundle = bundle(&[1, 2], &[])
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(2)],
+                revoked: vec![kid(1)],
+            }),
             Phase::Publishing,
         ),
         case(
             "publication is recorded once the bundle contains the kid",
             s(),
-            obs(vec![key(1, Active), ObservedKey { published_at: None, ..key(2, Published) }]),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: None,
+                    ..key(2, Published)
+                },
+            ]),
             Some(RecordPublished { seq: 2 }),
             Phase::Publishing,
         ),
@@ -321,26 +386,48 @@ fn cases() -> Vec<Case> {
             "publication is not recorded while the bundle lacks the kid",
             s(),
             with_obs(
-                vec![key(1, Active), ObservedKey { published_at: None, ..key(2, Published) }],
+                vec![
+                    key(1, Active),
+                    ObservedKey {
+                        published_at: None,
+                        ..key(2, Published)
+                    },
+                ],
                 |o| o.bundle = bundle(&[1], &[]),
             ),
-            Some(WriteBundle { trusted: vec![kid(1), kid(2)], revoked: vec![] }),
+            Some(WriteBundle {
+                trusted: vec![kid(1), kid(2)],
+                revoked: vec![],
+            }),
             Phase::Publishing,
         ),
         case(
             "first key is activated at once (no publishDelay)",
             s(),
-            with_obs(vec![ObservedKey { published_at: Some(now()), ..key(1, Published) }], |o| {
-                o.agent_secret = AgentSecretObs::Missing
+            with_obs(
+                vec![ObservedKey {
+                    published_at: Some(now()),
+                    ..key(1, Published)
+                }],
+                |o| o.agent_secret = AgentSecretObs::Missing,
+            ),
+            Some(Activate {
+                seq: 1,
+                emergency: false,
             }),
-            Some(Activate { seq: 1, emergency: false }),
             Phase::Publishing,
         ),
         // --- publishDelay ------------------------------------------------------------------
         case(
             "rotated key is not activated before publishDelay",
             s(),
-            obs(vec![key(1, Active), ObservedKey { published_at: Some(ago(60)), ..key(2, Published) }]),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(60)),
+                    ..key(2, Published)
+                },
+            ]),
             None,
             Phase::Publishing,
         )
@@ -349,16 +436,46 @@ fn cases() -> Vec<Case> {
         case(
             "rotated key is activated once publishDelay has passed",
             s(),
-            obs(vec![key(1, Active), ObservedKey { published_at: Some(ago(120)), ..key(2, Published) }]),
-            Some(Activate { seq: 2, emergency: false }),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(120)),
+                    ..key(2, Published)
+                },
+            ]),
+            Some(Activate {
+                seq: 2,
+                emergency: false,
+            }),
             Phase::Publishing,
         ),
+        case(
+            "the same evidence once publishDelay has passed: activated",
+            s(),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(60)),
+                    ..key(2, Published)
+                },
+            ]),
+            Some(Activate {
+                seq: 2,
+                emergency: false,
+            }),
+            Phase::Publishing,
+        )
+        .at(later(60)),
         case(
             "publishDelay counts from published_at, not from the mint",
             s(),
             obs(vec![
                 key(1, Active),
-                ObservedKey { created_at: ago(DAY), published_at: Some(ago(119)), ..key(2, Published) },
+                ObservedKey {
+                    created_at: ago(DAY),
+                    published_at: Some(ago(119)),
+                    ..key(2, Published)
+                },
             ]),
             None,
             Phase::Publishing,
@@ -368,7 +485,9 @@ fn cases() -> Vec<Case> {
         case(
             "older active key retires",
             s(),
-            with_obs(vec![key(1, Active), key(2, Active)], |o| o.agent_secret = agent(&kid(1))),
+            with_obs(vec![key(1, Active), key(2, Active)], |o| {
+                o.agent_secret = agent(&kid(1))
+            }),
             Some(Retire { seq: 1 }),
             Phase::Confirming,
         ),
@@ -382,15 +501,25 @@ fn cases() -> Vec<Case> {
         case(
             "new key is handed out when the agent Secret holds the old kid",
             s(),
-            with_obs(vec![key(1, Retiring), key(2, Active)], |o| o.agent_secret = agent(&kid(1))),
-            Some(HandOut { seq: 2, reason: HandOutReason::NewKey }),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.agent_secret = agent(&kid(1))
+            }),
+            Some(HandOut {
+                seq: 2,
+                reason: HandOutReason::NewKey,
+            }),
             Phase::Confirming,
         ),
         case(
             "key is handed out when the agent Secret is missing",
             s(),
-            with_obs(vec![key(1, Active)], |o| o.agent_secret = AgentSecretObs::Missing),
-            Some(HandOut { seq: 1, reason: HandOutReason::NewKey }),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = AgentSecretObs::Missing
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::NewKey,
+            }),
             Phase::Pending,
         ),
         case(
@@ -399,14 +528,20 @@ fn cases() -> Vec<Case> {
             with_obs(vec![key(1, Active)], |o| {
                 o.agent_secret = agent_with(&kid(1), |a| a.metadata_matches = false)
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::Repair }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
             Phase::Ready,
         ),
         case(
             "repair when the private key is missing but includePrivateKey is set",
             with_settings(|s| s.include_private_key = true),
             obs(vec![key(1, Active)]),
-            Some(HandOut { seq: 1, reason: HandOutReason::Repair }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
             Phase::Ready,
         ),
         case(
@@ -415,7 +550,10 @@ fn cases() -> Vec<Case> {
             with_obs(vec![key(1, Active)], |o| {
                 o.agent_secret = agent_with(&kid(1), |a| a.has_private_key = true)
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::Repair }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
             Phase::Ready,
         ),
         case(
@@ -424,7 +562,10 @@ fn cases() -> Vec<Case> {
             with_obs(vec![key(1, Active)], |o| {
                 o.agent_secret = agent_with(&kid(1), |a| a.token_claims_match = false)
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::Repair }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
             Phase::Ready,
         ),
         case(
@@ -436,7 +577,10 @@ fn cases() -> Vec<Case> {
                     a.token_exp = Some(ago(1800).timestamp() + TTL as i64);
                 })
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::TokenRefresh }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
             Phase::Ready,
         ),
         case(
@@ -461,7 +605,10 @@ fn cases() -> Vec<Case> {
                     a.token_exp = a.token_iat.map(|iat| iat + 2 * TTL as i64)
                 })
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::TokenRefresh }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
             Phase::Ready,
         ),
         case(
@@ -473,7 +620,10 @@ fn cases() -> Vec<Case> {
                     a.token_exp = None;
                 })
             }),
-            Some(HandOut { seq: 1, reason: HandOutReason::TokenRefresh }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
             Phase::Ready,
         ),
         case(
@@ -490,7 +640,13 @@ fn cases() -> Vec<Case> {
         case(
             "no revocation before the overlap (no consumers)",
             s(),
-            obs(vec![ObservedKey { retired_at: Some(ago(599)), ..key(1, Retiring) }, key(2, Active)]),
+            obs(vec![
+                ObservedKey {
+                    retired_at: Some(ago(599)),
+                    ..key(1, Retiring)
+                },
+                key(2, Active),
+            ]),
             None,
             Phase::Overlap,
         )
@@ -499,8 +655,17 @@ fn cases() -> Vec<Case> {
         case(
             "revocation at retired_at + overlap (no consumers)",
             s(),
-            obs(vec![ObservedKey { retired_at: Some(ago(600)), ..key(1, Retiring) }, key(2, Active)]),
-            Some(Revoke { seq: 1, emergency: false }),
+            obs(vec![
+                ObservedKey {
+                    retired_at: Some(ago(600)),
+                    ..key(1, Retiring)
+                },
+                key(2, Active),
+            ]),
+            Some(Revoke {
+                seq: 1,
+                emergency: false,
+            }),
             Phase::Overlap,
         ),
         // --- Revocation with consumers: evidence --------------------------------------------
@@ -523,7 +688,10 @@ fn cases() -> Vec<Case> {
             "no revocation while a consumer has confirmed nothing yet",
             s(),
             with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
-                o.consumers = vec![consumer("a", Some(2), None), consumer("b", None, Some(now()))]
+                o.consumers = vec![
+                    consumer("a", Some(2), None),
+                    consumer("b", None, Some(now())),
+                ]
             }),
             None,
             Phase::Confirming,
@@ -532,7 +700,13 @@ fn cases() -> Vec<Case> {
             "revocation as soon as every consumer is confirmed on the current kid",
             s(),
             with_obs(
-                vec![ObservedKey { retired_at: Some(now()), ..key(1, Retiring) }, key(2, Active)],
+                vec![
+                    ObservedKey {
+                        retired_at: Some(now()),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
                 |o| {
                     o.consumers = vec![
                         consumer("a", Some(2), Some(ago(10))),
@@ -540,7 +714,10 @@ fn cases() -> Vec<Case> {
                     ]
                 },
             ),
-            Some(Revoke { seq: 1, emergency: false }),
+            Some(Revoke {
+                seq: 1,
+                emergency: false,
+            }),
             Phase::Confirming,
         ),
         case(
@@ -557,7 +734,13 @@ fn cases() -> Vec<Case> {
             "not stalled before confirmationTimeout from the roll (retired long ago)",
             s(),
             with_obs(
-                vec![ObservedKey { retired_at: Some(ago(100 * 3600)), ..key(1, Retiring) }, key(2, Active)],
+                vec![
+                    ObservedKey {
+                        retired_at: Some(ago(100 * 3600)),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(899)))],
             ),
             None,
@@ -569,18 +752,59 @@ fn cases() -> Vec<Case> {
             "not rolled yet: confirmationTimeout counts from the retirement",
             s(),
             with_obs(
-                vec![ObservedKey { retired_at: Some(ago(900)), ..key(1, Retiring) }, key(2, Active)],
+                vec![
+                    ObservedKey {
+                        retired_at: Some(ago(900)),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
                 |o| o.consumers = vec![consumer("a", None, None)],
             ),
             None,
             Phase::Stalled,
         )
         .check(Check::Stalled),
+        case(
+            "a delayed roll is never a stall",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![Consumer {
+                    waiting_reason: some("RolloutDelayed: rollout minInterval"),
+                    ..consumer("a", Some(1), None)
+                }]
+            }),
+            None,
+            Phase::Confirming,
+        )
+        .check(Check::NotStalled)
+        .check(Check::Requeue(secs(1740))),
+        case(
+            "a roll from an earlier rotation does not start the confirmationTimeout",
+            s(),
+            with_obs(
+                vec![
+                    ObservedKey {
+                        retired_at: Some(ago(100)),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
+                |o| o.consumers = vec![consumer("a", Some(1), Some(ago(5000)))],
+            ),
+            None,
+            Phase::Confirming,
+        )
+        .check(Check::NotStalled)
+        .check(Check::Requeue(secs(800))),
         // --- Requests ---------------------------------------------------------------------------
         case(
             "new requestToken triggers a rotation",
             with_settings(|s| s.request_token = some("r2")),
-            obs(vec![ObservedKey { consumed_request_token: some("r1"), ..key(1, Active) }]),
+            obs(vec![ObservedKey {
+                consumed_request_token: some("r1"),
+                ..key(1, Active)
+            }]),
             Some(Mint {
                 seq: 2,
                 trigger: Trigger::RequestToken,
@@ -593,8 +817,14 @@ fn cases() -> Vec<Case> {
             "requestToken consumed by the mint: no second mint",
             with_settings(|s| s.request_token = some("r2")),
             obs(vec![
-                ObservedKey { consumed_request_token: some("r1"), ..key(1, Active) },
-                ObservedKey { consumed_request_token: some("r2"), ..key(2, Pending) },
+                ObservedKey {
+                    consumed_request_token: some("r1"),
+                    ..key(1, Active)
+                },
+                ObservedKey {
+                    consumed_request_token: some("r2"),
+                    ..key(2, Pending)
+                },
             ]),
             Some(MarkPublished { seq: 2 }),
             Phase::Publishing,
@@ -603,8 +833,14 @@ fn cases() -> Vec<Case> {
             "requestToken consumed: nothing to do after the rotation",
             with_settings(|s| s.request_token = some("r2")),
             obs(vec![
-                ObservedKey { consumed_request_token: some("r1"), ..key(1, Revoked) },
-                ObservedKey { consumed_request_token: some("r2"), ..key(2, Active) },
+                ObservedKey {
+                    consumed_request_token: some("r1"),
+                    ..key(1, Revoked)
+                },
+                ObservedKey {
+                    consumed_request_token: some("r2"),
+                    ..key(2, Active)
+                },
             ]),
             None,
             Phase::Ready,
@@ -612,16 +848,23 @@ fn cases() -> Vec<Case> {
         case(
             "removing the requestToken does not rotate",
             s(),
-            obs(vec![ObservedKey { consumed_request_token: some("r1"), ..key(1, Active) }]),
+            obs(vec![ObservedKey {
+                consumed_request_token: some("r1"),
+                ..key(1, Active)
+            }]),
             None,
             Phase::Ready,
         ),
         case(
             "new rotate annotation triggers a rotation",
             s(),
-            with_obs(vec![ObservedKey { consumed_annotation: some("a1"), ..key(1, Active) }], |o| {
-                o.rotate_annotation = some("a2")
-            }),
+            with_obs(
+                vec![ObservedKey {
+                    consumed_annotation: some("a1"),
+                    ..key(1, Active)
+                }],
+                |o| o.rotate_annotation = some("a2"),
+            ),
             Some(Mint {
                 seq: 2,
                 trigger: Trigger::Annotation,
@@ -635,8 +878,14 @@ fn cases() -> Vec<Case> {
             s(),
             with_obs(
                 vec![
-                    ObservedKey { consumed_annotation: some("a1"), ..key(1, Active) },
-                    ObservedKey { consumed_annotation: some("a2"), ..key(2, Pending) },
+                    ObservedKey {
+                        consumed_annotation: some("a1"),
+                        ..key(1, Active)
+                    },
+                    ObservedKey {
+                        consumed_annotation: some("a2"),
+                        ..key(2, Pending)
+                    },
                 ],
                 |o| o.rotate_annotation = some("a2"),
             ),
@@ -648,8 +897,14 @@ fn cases() -> Vec<Case> {
             s(),
             with_obs(
                 vec![
-                    ObservedKey { consumed_annotation: some("a1"), ..key(1, Revoked) },
-                    ObservedKey { consumed_annotation: some("a2"), ..key(2, Active) },
+                    ObservedKey {
+                        consumed_annotation: some("a1"),
+                        ..key(1, Revoked)
+                    },
+                    ObservedKey {
+                        consumed_annotation: some("a2"),
+                        ..key(2, Active)
+                    },
                 ],
                 |o| o.rotate_annotation = some("a2"),
             ),
@@ -686,8 +941,14 @@ fn cases() -> Vec<Case> {
             "request during an in-flight rotation waits (overlap)",
             with_settings(|s| s.request_token = some("r3")),
             obs(vec![
-                ObservedKey { retired_at: Some(ago(10)), ..key(1, Retiring) },
-                ObservedKey { consumed_request_token: some("r2"), ..key(2, Active) },
+                ObservedKey {
+                    retired_at: Some(ago(10)),
+                    ..key(1, Retiring)
+                },
+                ObservedKey {
+                    consumed_request_token: some("r2"),
+                    ..key(2, Active)
+                },
             ]),
             None,
             Phase::Overlap,
@@ -698,7 +959,10 @@ fn cases() -> Vec<Case> {
             with_obs(
                 vec![
                     key(1, Retiring),
-                    ObservedKey { consumed_request_token: some("r2"), ..key(2, Active) },
+                    ObservedKey {
+                        consumed_request_token: some("r2"),
+                        ..key(2, Active)
+                    },
                 ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(10)))],
             ),
@@ -710,7 +974,10 @@ fn cases() -> Vec<Case> {
             with_settings(|s| s.request_token = some("r3")),
             obs(vec![
                 key(1, Revoked),
-                ObservedKey { consumed_request_token: some("r2"), ..key(2, Active) },
+                ObservedKey {
+                    consumed_request_token: some("r2"),
+                    ..key(2, Active)
+                },
             ]),
             Some(Mint {
                 seq: 3,
@@ -770,7 +1037,11 @@ fn cases() -> Vec<Case> {
                 s.interval = Some(secs(30));
                 s.min_interval = secs(600);
             }),
-            obs(vec![ObservedKey { created_at: ago(100), activated_at: Some(ago(50)), ..key(1, Active) }]),
+            obs(vec![ObservedKey {
+                created_at: ago(100),
+                activated_at: Some(ago(50)),
+                ..key(1, Active)
+            }]),
             None,
             Phase::Ready,
         )
@@ -779,7 +1050,10 @@ fn cases() -> Vec<Case> {
         case(
             "interval due: rotation with Trigger::Interval",
             with_settings(|s| s.interval = Some(secs(3600))),
-            obs(vec![ObservedKey { activated_at: Some(ago(3600)), ..key(1, Active) }]),
+            obs(vec![ObservedKey {
+                activated_at: Some(ago(3600)),
+                ..key(1, Active)
+            }]),
             Some(Mint {
                 seq: 2,
                 trigger: Trigger::Interval,
@@ -791,7 +1065,10 @@ fn cases() -> Vec<Case> {
         case(
             "interval not due yet: wake up when it is",
             with_settings(|s| s.interval = Some(secs(3600))),
-            obs(vec![ObservedKey { activated_at: Some(ago(3599)), ..key(1, Active) }]),
+            obs(vec![ObservedKey {
+                activated_at: Some(ago(3599)),
+                ..key(1, Active)
+            }]),
             None,
             Phase::Ready,
         )
@@ -821,15 +1098,33 @@ fn cases() -> Vec<Case> {
         case(
             "suspend does not block the activation of an in-flight key",
             with_settings(|s| s.suspend = true),
-            obs(vec![key(1, Active), ObservedKey { published_at: Some(ago(200)), ..key(2, Published) }]),
-            Some(Activate { seq: 2, emergency: false }),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(200)),
+                    ..key(2, Published)
+                },
+            ]),
+            Some(Activate {
+                seq: 2,
+                emergency: false,
+            }),
             Phase::Publishing,
         ),
         case(
             "suspend does not block the revocation of an in-flight old key",
             with_settings(|s| s.suspend = true),
-            obs(vec![ObservedKey { retired_at: Some(ago(700)), ..key(1, Retiring) }, key(2, Active)]),
-            Some(Revoke { seq: 1, emergency: false }),
+            obs(vec![
+                ObservedKey {
+                    retired_at: Some(ago(700)),
+                    ..key(1, Retiring)
+                },
+                key(2, Active),
+            ]),
+            Some(Revoke {
+                seq: 1,
+                emergency: false,
+            }),
             Phase::Overlap,
         ),
         case(
@@ -851,7 +1146,9 @@ fn cases() -> Vec<Case> {
         case(
             "foreign trust bundle during a rotation: blocked",
             s(),
-            with_obs(vec![key(1, Active), key(2, Pending)], |o| o.bundle = BundleObs::Foreign),
+            with_obs(vec![key(1, Active), key(2, Pending)], |o| {
+                o.bundle = BundleObs::Foreign
+            }),
             None,
             Phase::Invalid,
         )
@@ -859,7 +1156,9 @@ fn cases() -> Vec<Case> {
         case(
             "foreign agent Secret: blocked",
             s(),
-            with_obs(vec![key(1, Active)], |o| o.agent_secret = AgentSecretObs::Foreign),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = AgentSecretObs::Foreign
+            }),
             None,
             Phase::Invalid,
         )
@@ -901,7 +1200,11 @@ fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             obs(vec![
                 key(1, Active),
-                ObservedKey { trigger: Trigger::Compromised, created_at: now(), ..key(2, Pending) },
+                ObservedKey {
+                    trigger: Trigger::Compromised,
+                    created_at: now(),
+                    ..key(2, Pending)
+                },
             ]),
             Some(MarkPublished { seq: 2 }),
             Phase::Publishing,
@@ -920,7 +1223,10 @@ fn cases() -> Vec<Case> {
                 ],
                 |o| o.bundle = bundle(&[1], &[]),
             ),
-            Some(WriteBundle { trusted: vec![kid(1), kid(2)], revoked: vec![] }),
+            Some(WriteBundle {
+                trusted: vec![kid(1), kid(2)],
+                revoked: vec![],
+            }),
             Phase::Publishing,
         ),
         case(
@@ -928,7 +1234,11 @@ fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             obs(vec![
                 key(1, Active),
-                ObservedKey { trigger: Trigger::Compromised, published_at: None, ..key(2, Published) },
+                ObservedKey {
+                    trigger: Trigger::Compromised,
+                    published_at: None,
+                    ..key(2, Published)
+                },
             ]),
             Some(RecordPublished { seq: 2 }),
             Phase::Publishing,
@@ -944,7 +1254,10 @@ fn cases() -> Vec<Case> {
                     ..key(2, Published)
                 },
             ]),
-            Some(Revoke { seq: 1, emergency: true }),
+            Some(Revoke {
+                seq: 1,
+                emergency: true,
+            }),
             Phase::Publishing,
         )
         .check(Check::Rotating(reasons::EMERGENCY)),
@@ -965,7 +1278,10 @@ fn cases() -> Vec<Case> {
                     o.agent_secret = agent(&kid(1));
                 },
             ),
-            Some(WriteBundle { trusted: vec![kid(2)], revoked: vec![kid(1)] }),
+            Some(WriteBundle {
+                trusted: vec![kid(2)],
+                revoked: vec![kid(1)],
+            }),
             Phase::Publishing,
         ),
         case(
@@ -982,7 +1298,10 @@ fn cases() -> Vec<Case> {
                 ],
                 |o| o.agent_secret = agent(&kid(1)),
             ),
-            Some(Activate { seq: 2, emergency: true }),
+            Some(Activate {
+                seq: 2,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
@@ -991,11 +1310,18 @@ fn cases() -> Vec<Case> {
             with_obs(
                 vec![
                     key(1, Revoked),
-                    ObservedKey { trigger: Trigger::Compromised, activated_at: Some(now()), ..key(2, Active) },
+                    ObservedKey {
+                        trigger: Trigger::Compromised,
+                        activated_at: Some(now()),
+                        ..key(2, Active)
+                    },
                 ],
                 |o| o.agent_secret = agent(&kid(1)),
             ),
-            Some(HandOut { seq: 2, reason: HandOutReason::NewKey }),
+            Some(HandOut {
+                seq: 2,
+                reason: HandOutReason::NewKey,
+            }),
             Phase::Confirming,
         ),
         case(
@@ -1012,24 +1338,45 @@ fn cases() -> Vec<Case> {
                 ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(10)))],
             ),
-            Some(Revoke { seq: 1, emergency: true }),
+            Some(Revoke {
+                seq: 1,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
             "compromise during a rotation: the in-flight key is the successor",
             with_settings(|s| s.compromised = compromised(&[1])),
-            obs(vec![key(1, Active), ObservedKey { published_at: Some(ago(10)), ..key(2, Published) }]),
-            Some(Revoke { seq: 1, emergency: true }),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(10)),
+                    ..key(2, Published)
+                },
+            ]),
+            Some(Revoke {
+                seq: 1,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
             "compromise during a rotation: the in-flight successor is activated as an emergency",
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
-                vec![key(1, Revoked), ObservedKey { published_at: Some(ago(10)), ..key(2, Published) }],
+                vec![
+                    key(1, Revoked),
+                    ObservedKey {
+                        published_at: Some(ago(10)),
+                        ..key(2, Published)
+                    },
+                ],
                 |o| o.agent_secret = agent(&kid(1)),
             ),
-            Some(Activate { seq: 2, emergency: true }),
+            Some(Activate {
+                seq: 2,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
@@ -1048,17 +1395,35 @@ fn cases() -> Vec<Case> {
             "compromised retiring key: revoked at once, consumers not awaited",
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
-                vec![ObservedKey { retired_at: Some(ago(1)), ..key(1, Retiring) }, key(2, Active)],
+                vec![
+                    ObservedKey {
+                        retired_at: Some(ago(1)),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(1)))],
             ),
-            Some(Revoke { seq: 1, emergency: true }),
+            Some(Revoke {
+                seq: 1,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
             "compromised in-flight key: revoked, the current key stays",
             with_settings(|s| s.compromised = compromised(&[2])),
-            obs(vec![key(1, Active), ObservedKey { published_at: Some(ago(10)), ..key(2, Published) }]),
-            Some(Revoke { seq: 2, emergency: true }),
+            obs(vec![
+                key(1, Active),
+                ObservedKey {
+                    published_at: Some(ago(10)),
+                    ..key(2, Published)
+                },
+            ]),
+            Some(Revoke {
+                seq: 2,
+                emergency: true,
+            }),
             Phase::Publishing,
         ),
         case(
@@ -1072,14 +1437,20 @@ fn cases() -> Vec<Case> {
         case(
             "prune the oldest revoked key beyond RETAIN_REVOKED",
             s(),
-            obs((1..=6).map(|s| key(s, Revoked)).chain([key(7, Active)]).collect()),
+            obs((1..=6)
+                .map(|s| key(s, Revoked))
+                .chain([key(7, Active)])
+                .collect()),
             Some(Prune { seq: 1 }),
             Phase::Ready,
         ),
         case(
             "RETAIN_REVOKED revoked keys are kept",
             s(),
-            obs((1..=5).map(|s| key(s, Revoked)).chain([key(6, Active)]).collect()),
+            obs((1..=5)
+                .map(|s| key(s, Revoked))
+                .chain([key(6, Active)])
+                .collect()),
             None,
             Phase::Ready,
         ),
@@ -1102,26 +1473,45 @@ fn cases() -> Vec<Case> {
 #[test]
 fn table() {
     let cases = cases();
-    assert_eq!(RETAIN_REVOKED, 5, "the prune cases assume RETAIN_REVOKED = 5");
+    assert_eq!(
+        RETAIN_REVOKED, 5,
+        "the prune cases assume RETAIN_REVOKED = 5"
+    );
     let mut failures = Vec::new();
     for c in &cases {
         let p = plan(&c.settings, &c.observed, c.now);
         let mut problems = Vec::new();
         if p.step != c.expect_step {
-            problems.push(format!("step: expected {:?}, got {:?}", c.expect_step, p.step));
+            problems.push(format!(
+                "step: expected {:?}, got {:?}",
+                c.expect_step, p.step
+            ));
         }
         if p.phase != c.expect_phase {
-            problems.push(format!("phase: expected {:?}, got {:?}", c.expect_phase, p.phase));
+            problems.push(format!(
+                "phase: expected {:?}, got {:?}",
+                c.expect_phase, p.phase
+            ));
         }
         problems.extend(c.checks.iter().filter_map(|check| check.verify(&p).err()));
         if p != plan(&c.settings, &c.observed, c.now) {
             problems.push("not deterministic".into());
         }
         if !problems.is_empty() {
-            failures.push(format!("case {:?}:\n    {}\n    plan: {p:?}", c.name, problems.join("\n    ")));
+            failures.push(format!(
+                "case {:?}:\n    {}\n    plan: {p:?}",
+                c.name,
+                problems.join("\n    ")
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -1134,8 +1524,21 @@ fn table_case_names_are_unique() {
 #[test]
 fn waiting_plans_report_next_rotation_and_token_refresh() {
     let s = with_settings(|s| s.interval = Some(secs(7200)));
-    let k1 = ObservedKey { activated_at: Some(ago(3600)), ..key(1, Active) };
-    let p = plan(&s, &obs(vec![k1.clone(), ObservedKey { published_at: Some(ago(10)), ..key(2, Published) }]), now());
+    let k1 = ObservedKey {
+        activated_at: Some(ago(3600)),
+        ..key(1, Active)
+    };
+    let p = plan(
+        &s,
+        &obs(vec![
+            k1.clone(),
+            ObservedKey {
+                published_at: Some(ago(10)),
+                ..key(2, Published)
+            },
+        ]),
+        now(),
+    );
     assert_eq!(p.step, None);
     assert_eq!(p.next_rotation_at, Some(later(3600)));
     assert_eq!(p.token_refresh_at, Some(later(1740)));
@@ -1144,19 +1547,30 @@ fn waiting_plans_report_next_rotation_and_token_refresh() {
 
 #[test]
 fn requeue_is_never_zero() {
-    // Something due right now that cannot be acted on yet (suspended) never yields a 0s requeue.
+    // A request delayed by minInterval wakes up exactly when it may be served.
     let p = plan(
         &with_settings(|s| s.min_interval = secs(60)),
-        &with_obs(vec![ObservedKey { created_at: now(), ..key(1, Active) }], |o| {
-            o.rotate_annotation = some("a")
-        }),
+        &with_obs(
+            vec![ObservedKey {
+                created_at: now(),
+                ..key(1, Active)
+            }],
+            |o| o.rotate_annotation = some("a"),
+        ),
         now(),
     );
     assert_eq!(p.step, None);
     assert_eq!(p.requeue_after, Some(secs(60)));
+    // Something due in a millisecond is looked at after 200ms, never in a hot loop.
     let p = plan(
         &settings(),
-        &obs(vec![ObservedKey { retired_at: Some(ago(600) + chrono::Duration::milliseconds(1)), ..key(1, Retiring) }, key(2, Active)]),
+        &obs(vec![
+            ObservedKey {
+                retired_at: Some(ago(600) + chrono::Duration::milliseconds(1)),
+                ..key(1, Retiring)
+            },
+            key(2, Active),
+        ]),
         now(),
     );
     assert_eq!(p.step, None);
@@ -1174,7 +1588,10 @@ fn pk(spec: ProvisioningKeySpec) -> ProvisioningKey {
 fn rotation(f: impl FnOnce(&mut RotationSpec)) -> ProvisioningKeySpec {
     let mut r = RotationSpec::default();
     f(&mut r);
-    ProvisioningKeySpec { rotation: Some(r), ..Default::default() }
+    ProvisioningKeySpec {
+        rotation: Some(r),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -1188,12 +1605,12 @@ fn resolve_defaults() {
             trust_bundle_name: "demo-trust".into(),
             include_private_key: false,
             interval: None,
-            min_interval: settings::DEFAULT_MIN_INTERVAL,
-            publish_delay: settings::DEFAULT_PUBLISH_DELAY,
-            overlap: settings::DEFAULT_OVERLAP,
-            confirmation_timeout: settings::DEFAULT_CONFIRMATION_TIMEOUT,
+            min_interval: super::settings::DEFAULT_MIN_INTERVAL,
+            publish_delay: super::settings::DEFAULT_PUBLISH_DELAY,
+            overlap: super::settings::DEFAULT_OVERLAP,
+            confirmation_timeout: super::settings::DEFAULT_CONFIRMATION_TIMEOUT,
             request_token: None,
-            token_ttl: settings::DEFAULT_TOKEN_TTL,
+            token_ttl: super::settings::DEFAULT_TOKEN_TTL,
             audience: "keyward".into(),
             issuer: "keyward".into(),
             suspend: false,
@@ -1221,8 +1638,14 @@ fn resolve_explicit_values() {
             confirmation_timeout: some("5m"),
             request_token: some("r1"),
         }),
-        token: Some(TokenSpec { audience: some("cp"), ttl: some("10m"), issuer: some("me") }),
-        trust_bundle: Some(TrustBundleSpec { config_map_name: some("bundle") }),
+        token: Some(TokenSpec {
+            audience: some("cp"),
+            ttl: some("10m"),
+            issuer: some("me"),
+        }),
+        trust_bundle: Some(TrustBundleSpec {
+            config_map_name: some("bundle"),
+        }),
         suspend: Some(true),
         compromised_keys: vec![CompromisedKeyId(good.clone())],
         ..Default::default()
@@ -1250,10 +1673,76 @@ fn resolve_errors() {
         ..Default::default()
     };
     let cases: Vec<(&str, ProvisioningKeySpec, Floors, &str, &str)> = vec![
-        ("words", rotation(|r| r.interval = some("10 minutes")), Floors::none(), "MalformedDuration", "rotation.interval"),
-        ("negative", rotation(|r| r.min_interval = some("-5m")), Floors::none(), "MalformedDuration", "rotation.minInterval"),
-        ("no unit", rotation(|r| r.overlap = some("600")), Floors::none(), "MalformedDuration", "rotation.overlap"),
-        ("empty", rotation(|r| r.publish_delay = some("")), Floors::none(), "MalformedDuration", "rotation.publishDelay"),
+        (
+            "words",
+            rotation(|r| r.interval = some("10 minutes")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.interval",
+        ),
+        (
+            "negative",
+            rotation(|r| r.min_interval = some("-5m")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.minInterval",
+        ),
+        (
+            "no unit",
+            rotation(|r| r.overlap = some("600")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
+        (
+            "empty",
+            rotation(|r| r.publish_delay = some("")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.publishDelay",
+        ),
+        (
+            "bare zero",
+            rotation(|r| r.publish_delay = some("0")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.publishDelay",
+        ),
+        (
+            "plus sign",
+            rotation(|r| r.overlap = some("+5m")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
+        (
+            "leading dot",
+            rotation(|r| r.overlap = some(".5h")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
+        (
+            "negative component",
+            rotation(|r| r.overlap = some("1h-5m")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
+        (
+            "overflow",
+            rotation(|r| r.overlap = some("99999999999999999999h")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
+        (
+            "unknown unit",
+            rotation(|r| r.overlap = some("5x")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.overlap",
+        ),
         (
             "bad confirmationTimeout",
             rotation(|r| r.confirmation_timeout = some("soon")),
@@ -1263,27 +1752,78 @@ fn resolve_errors() {
         ),
         (
             "bad ttl",
-            ProvisioningKeySpec { token: Some(TokenSpec { ttl: some("1d"), ..Default::default() }), ..Default::default() },
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    ttl: some("1d"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
             Floors::none(),
             "MalformedDuration",
             "token.ttl",
         ),
-        ("interval below floor", rotation(|r| r.interval = some("30m")), Floors::default(), "BelowFloor", "rotation.interval"),
-        ("minInterval below floor", rotation(|r| r.min_interval = some("10s")), Floors::default(), "BelowFloor", "rotation.minInterval"),
-        ("overlap below floor", rotation(|r| r.overlap = some("30s")), Floors::default(), "BelowFloor", "rotation.overlap"),
+        (
+            "interval below floor",
+            rotation(|r| r.interval = some("30m")),
+            Floors::default(),
+            "BelowFloor",
+            "rotation.interval",
+        ),
+        (
+            "minInterval below floor",
+            rotation(|r| r.min_interval = some("10s")),
+            Floors::default(),
+            "BelowFloor",
+            "rotation.minInterval",
+        ),
+        (
+            "overlap below floor",
+            rotation(|r| r.overlap = some("30s")),
+            Floors::default(),
+            "BelowFloor",
+            "rotation.overlap",
+        ),
         (
             "ttl below floor",
-            ProvisioningKeySpec { token: Some(TokenSpec { ttl: some("1m"), ..Default::default() }), ..Default::default() },
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    ttl: some("1m"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
             Floors::default(),
             "BelowFloor",
             "token.ttl",
         ),
-        ("short kid", bad_kid("abc"), Floors::none(), "InvalidSpec", "compromisedKeys"),
-        ("kid with bad characters", bad_kid(&format!("{}+/", "A".repeat(41))), Floors::none(), "InvalidSpec", "compromisedKeys"),
-        ("kid too long", bad_kid(&"A".repeat(44)), Floors::none(), "InvalidSpec", "compromisedKeys"),
+        (
+            "short kid",
+            bad_kid("abc"),
+            Floors::none(),
+            "InvalidSpec",
+            "compromisedKeys",
+        ),
+        (
+            "kid with bad characters",
+            bad_kid(&format!("{}+/", "A".repeat(41))),
+            Floors::none(),
+            "InvalidSpec",
+            "compromisedKeys",
+        ),
+        (
+            "kid too long",
+            bad_kid(&"A".repeat(44)),
+            Floors::none(),
+            "InvalidSpec",
+            "compromisedKeys",
+        ),
         (
             "bad secretName",
-            ProvisioningKeySpec { secret_name: some("Bad_Name"), ..Default::default() },
+            ProvisioningKeySpec {
+                secret_name: some("Bad_Name"),
+                ..Default::default()
+            },
             Floors::none(),
             "InvalidSpec",
             "secretName",
@@ -1291,7 +1831,9 @@ fn resolve_errors() {
         (
             "bad configMapName",
             ProvisioningKeySpec {
-                trust_bundle: Some(TrustBundleSpec { config_map_name: some("-x") }),
+                trust_bundle: Some(TrustBundleSpec {
+                    config_map_name: some("-x"),
+                }),
                 ..Default::default()
             },
             Floors::none(),
@@ -1300,7 +1842,13 @@ fn resolve_errors() {
         ),
         (
             "empty audience",
-            ProvisioningKeySpec { token: Some(TokenSpec { audience: some(""), ..Default::default() }), ..Default::default() },
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    audience: some(""),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
             Floors::none(),
             "InvalidSpec",
             "token",
@@ -1309,7 +1857,9 @@ fn resolve_errors() {
     let mut failures = Vec::new();
     for (name, spec, floors, reason, field) in cases {
         match Settings::resolve(&pk(spec), &floors) {
-            Ok(s) => failures.push(format!("{name}: expected {reason} on {field}, resolved to {s:?}")),
+            Ok(s) => failures.push(format!(
+                "{name}: expected {reason} on {field}, resolved to {s:?}"
+            )),
             Err(e) => {
                 let got_field = match &e {
                     SpecError::MalformedDuration { field, .. }
@@ -1317,7 +1867,10 @@ fn resolve_errors() {
                     | SpecError::Invalid { field, .. } => *field,
                 };
                 if e.reason() != reason || got_field != field {
-                    failures.push(format!("{name}: expected {reason} on {field}, got {} on {got_field}: {e}", e.reason()));
+                    failures.push(format!(
+                        "{name}: expected {reason} on {field}, got {} on {got_field}: {e}",
+                        e.reason()
+                    ));
                 }
                 if !e.to_string().starts_with(field) {
                     failures.push(format!("{name}: message does not name the field: {e}"));
@@ -1329,29 +1882,65 @@ fn resolve_errors() {
 }
 
 #[test]
+fn resolve_accepts_go_durations() {
+    for (value, expected) in [
+        ("720h", secs(720 * 3600)),
+        ("1h30m", secs(5400)),
+        ("0.5h", secs(1800)),
+        ("90s", secs(90)),
+        ("1.5s", Duration::from_millis(1500)),
+        ("500ms", Duration::from_millis(500)),
+        ("10us", Duration::from_micros(10)),
+        ("10µs", Duration::from_micros(10)),
+        ("7ns", Duration::from_nanos(7)),
+        ("0s", Duration::ZERO),
+        ("1m1m", secs(120)),
+    ] {
+        let s = Settings::resolve(&pk(rotation(|r| r.overlap = some(value))), &Floors::none());
+        assert_eq!(s.map(|s| s.overlap), Ok(expected), "{value:?}");
+    }
+}
+
+#[test]
 fn resolve_floors() {
     // The interval floor is what BelowFloor reports.
-    let e = Settings::resolve(&pk(rotation(|r| r.interval = some("30m"))), &Floors::default())
-        .expect_err("below the default 1h floor");
+    let e = Settings::resolve(
+        &pk(rotation(|r| r.interval = some("30m"))),
+        &Floors::default(),
+    )
+    .expect_err("below the default 1h floor");
     assert_eq!(
         e,
-        SpecError::BelowFloor { field: "rotation.interval", value: "30m".into(), floor: "1h".into() }
+        SpecError::BelowFloor {
+            field: "rotation.interval",
+            value: "30m".into(),
+            floor: "1h".into()
+        }
     );
     assert_eq!(e.reason(), "BelowFloor");
     // Exactly at the floor is accepted; without floors a second is accepted.
-    let s = Settings::resolve(&pk(rotation(|r| r.interval = some("1h"))), &Floors::default())
-        .expect("at the floor");
+    let s = Settings::resolve(
+        &pk(rotation(|r| r.interval = some("1h"))),
+        &Floors::default(),
+    )
+    .expect("at the floor");
     assert_eq!(s.interval, Some(secs(3600)));
     let s = Settings::resolve(&pk(rotation(|r| r.interval = some("1s"))), &Floors::none())
         .expect("no floor");
     assert_eq!(s.interval, Some(secs(1)));
     // A floor above a default raises the default.
-    let floors = Floors { overlap: secs(3600), ..Floors::default() };
+    let floors = Floors {
+        overlap: secs(3600),
+        ..Floors::default()
+    };
     let s = Settings::resolve(&pk(ProvisioningKeySpec::default()), &floors).expect("defaults");
     assert_eq!(s.overlap, secs(3600));
     // Zero durations are durations.
-    let s = Settings::resolve(&pk(rotation(|r| r.publish_delay = some("0s"))), &Floors::default())
-        .expect("0s");
+    let s = Settings::resolve(
+        &pk(rotation(|r| r.publish_delay = some("0s"))),
+        &Floors::default(),
+    )
+    .expect("0s");
     assert_eq!(s.publish_delay, Duration::ZERO);
 }
 
@@ -1370,8 +1959,8 @@ struct Sim {
     ever_published: bool,
     /// Some key was activated.
     ever_activated: bool,
-    /// The agent Secret has held a key.
-    handed_out: bool,
+    /// Every key the agent Secret has held.
+    handed_out: BTreeSet<String>,
     /// The emergency flag of each key's activation.
     activated_emergency: BTreeMap<u32, bool>,
     /// Every step applied, with the time.
@@ -1404,7 +1993,7 @@ impl Sim {
             now: now(),
             ever_published: false,
             ever_activated: false,
-            handed_out: false,
+            handed_out: BTreeSet::new(),
             activated_emergency: BTreeMap::new(),
             steps: Vec::new(),
             log: Vec::new(),
@@ -1413,7 +2002,7 @@ impl Sim {
     }
 
     fn fail(&self, message: String) -> String {
-        let tail: Vec<&String> = self.log.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail = &self.log[self.log.len().saturating_sub(60)..];
         format!(
             "{message}\n  at {}\n  keys: {:#?}\n  bundle: {:?}\n  agent: {:?}\n  consumers: {:?}\n  log (last 60):\n    {}",
             self.now,
@@ -1421,21 +2010,30 @@ impl Sim {
             self.obs.bundle,
             self.obs.agent_secret,
             self.obs.consumers,
-            tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n    ")
+            tail.join("\n    ")
         )
     }
 
     fn advance(&mut self, d: Duration) {
         self.now += chrono::Duration::from_std(d).expect("small duration");
-        self.log.push(format!("advance {}", humantime::format_duration(d)));
+        self.log
+            .push(format!("advance {}", humantime::format_duration(d)));
     }
 
     fn key(&self, seq: u32) -> SimResult<&ObservedKey> {
-        self.obs.keys.iter().find(|k| k.seq == seq).ok_or_else(|| format!("no key {seq}"))
+        self.obs
+            .keys
+            .iter()
+            .find(|k| k.seq == seq)
+            .ok_or_else(|| format!("no key {seq}"))
     }
 
     fn key_mut(&mut self, seq: u32) -> SimResult<&mut ObservedKey> {
-        self.obs.keys.iter_mut().find(|k| k.seq == seq).ok_or_else(|| format!("no key {seq}"))
+        self.obs
+            .keys
+            .iter_mut()
+            .find(|k| k.seq == seq)
+            .ok_or_else(|| format!("no key {seq}"))
     }
 
     fn agent_kid(&self) -> Option<String> {
@@ -1449,7 +2047,11 @@ impl Sim {
     fn plan(&self) -> SimResult<Plan> {
         let p = plan(&self.settings, &self.obs, self.now);
         let again = plan(&self.settings, &self.obs, self.now);
-        ensure!(p == again, "{}", self.fail(format!("not deterministic: {p:?} vs {again:?}")));
+        ensure!(
+            p == again,
+            "{}",
+            self.fail(format!("not deterministic: {p:?} vs {again:?}"))
+        );
         Ok(p)
     }
 
@@ -1457,8 +2059,13 @@ impl Sim {
     fn step(&mut self) -> SimResult<Option<Step>> {
         let p = self.plan()?;
         let Some(step) = p.step else { return Ok(None) };
-        self.log.push(format!("{} {step:?} ({:?})", self.now.format("%d %H:%M:%S"), p.phase));
-        self.apply(&step).map_err(|e| self.fail(format!("after {step:?}: {e}")))?;
+        self.log.push(format!(
+            "{} {step:?} ({:?})",
+            self.now.format("%d %H:%M:%S"),
+            p.phase
+        ));
+        self.apply(&step)
+            .map_err(|e| self.fail(format!("after {step:?}: {e}")))?;
         self.steps.push((self.now, step.clone()));
         Ok(Some(step))
     }
@@ -1468,7 +2075,8 @@ impl Sim {
         for _ in 0..64 {
             if self.step()?.is_none() {
                 let p = self.plan()?;
-                self.check_fixed_point(&p).map_err(|e| self.fail(format!("at a fixed point: {e}")))?;
+                self.check_fixed_point(&p)
+                    .map_err(|e| self.fail(format!("at a fixed point: {e}")))?;
                 return Ok(p);
             }
         }
@@ -1483,23 +2091,53 @@ impl Sim {
         let delay = chrono::Duration::from_std(self.settings.publish_delay).expect("small");
         let overlap = chrono::Duration::from_std(self.settings.overlap).expect("small");
         match step {
-            Step::Mint { seq, trigger, consumed_request_token, consumed_annotation } => {
+            Step::Mint {
+                seq,
+                trigger,
+                consumed_request_token,
+                consumed_annotation,
+            } => {
                 let expected = before.last().map_or(1, |k| k.seq + 1);
                 ensure!(*seq == expected, "minted seq {seq}, expected {expected}");
+                if *trigger == Trigger::Initial {
+                    ensure!(
+                        before.is_empty(),
+                        "Initial mint with keys {:?}",
+                        before.iter().map(|k| (k.seq, k.state)).collect::<Vec<_>>()
+                    );
+                }
                 if !matches!(trigger, Trigger::Compromised) {
                     // (d) A rotation starts only when none is in flight.
                     let in_flight: Vec<u32> = before
                         .iter()
-                        .filter(|k| matches!(k.state, KeyState::Pending | KeyState::Published | KeyState::Retiring))
+                        .filter(|k| {
+                            matches!(
+                                k.state,
+                                KeyState::Pending | KeyState::Published | KeyState::Retiring
+                            )
+                        })
                         .map(|k| k.seq)
                         .collect();
-                    ensure!(in_flight.is_empty(), "{trigger:?} rotation started while keys {in_flight:?} are in flight");
+                    ensure!(
+                        in_flight.is_empty(),
+                        "{trigger:?} rotation started while keys {in_flight:?} are in flight"
+                    );
                 }
-                if matches!(trigger, Trigger::Interval | Trigger::RequestToken | Trigger::Annotation) {
-                    ensure!(!self.settings.suspend, "{trigger:?} rotation started while suspended");
+                if matches!(
+                    trigger,
+                    Trigger::Interval | Trigger::RequestToken | Trigger::Annotation
+                ) {
+                    ensure!(
+                        !self.settings.suspend,
+                        "{trigger:?} rotation started while suspended"
+                    );
                     let last = before.last().ok_or("rotation without a previous key")?;
-                    let earliest = last.created_at + chrono::Duration::from_std(self.settings.min_interval).expect("small");
-                    ensure!(now >= earliest, "{trigger:?} rotation before minInterval ({earliest})");
+                    let earliest = last.created_at
+                        + chrono::Duration::from_std(self.settings.min_interval).expect("small");
+                    ensure!(
+                        now >= earliest,
+                        "{trigger:?} rotation before minInterval ({earliest})"
+                    );
                 }
                 self.obs.keys.push(ObservedKey {
                     seq: *seq,
@@ -1519,20 +2157,37 @@ impl Sim {
             }
             Step::MarkPublished { seq } => {
                 let k = self.key_mut(*seq)?;
-                ensure!(k.state == KeyState::Pending, "MarkPublished of a {:?} key", k.state);
+                ensure!(
+                    k.state == KeyState::Pending,
+                    "MarkPublished of a {:?} key",
+                    k.state
+                );
                 k.state = KeyState::Published;
             }
             Step::WriteBundle { trusted, revoked } => {
                 // (c) Once a key was published, the bundle always trusts at least one key.
                 ensure!(!trusted.is_empty(), "WriteBundle with no trusted key");
-                ensure!((trusted.clone(), revoked.clone()) == desired_bundle(&before), "WriteBundle is not the desired bundle");
-                self.obs.bundle = BundleObs::Owned { kids: trusted.clone(), revoked: revoked.clone() };
+                ensure!(
+                    (trusted.clone(), revoked.clone()) == desired_bundle(&before),
+                    "WriteBundle is not the desired bundle"
+                );
+                self.obs.bundle = BundleObs::Owned {
+                    kids: trusted.clone(),
+                    revoked: revoked.clone(),
+                };
             }
             Step::RecordPublished { seq } => {
                 let in_bundle = matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.contains(&kid(*seq)));
-                ensure!(in_bundle, "RecordPublished of key {seq} that is not in the bundle");
+                ensure!(
+                    in_bundle,
+                    "RecordPublished of key {seq} that is not in the bundle"
+                );
                 let k = self.key_mut(*seq)?;
-                ensure!(k.state == KeyState::Published, "RecordPublished of a {:?} key", k.state);
+                ensure!(
+                    k.state == KeyState::Published,
+                    "RecordPublished of a {:?} key",
+                    k.state
+                );
                 ensure!(k.published_at.is_none(), "RecordPublished twice");
                 k.published_at = Some(now);
                 self.ever_published = true;
@@ -1542,13 +2197,23 @@ impl Sim {
                 let compromised_listed = !self.settings.compromised.is_empty();
                 let no_current = cur_before.is_none();
                 let k = self.key_mut(*seq)?;
-                ensure!(k.state == KeyState::Published, "Activate of a {:?} key", k.state);
-                let published_at = k.published_at.ok_or("Activate of a key whose publication is not recorded")?;
+                ensure!(
+                    k.state == KeyState::Published,
+                    "Activate of a {:?} key",
+                    k.state
+                );
+                let published_at = k
+                    .published_at
+                    .ok_or("Activate of a key whose publication is not recorded")?;
                 let skips_delay = now < published_at + delay;
                 // (e) publishDelay is honoured except for the first key and in an emergency,
                 // and a skipped delay is always reported as an emergency.
                 if ever_activated && skips_delay {
-                    ensure!(*emergency, "key {seq} activated {}s after publication without emergency", (now - published_at).num_seconds());
+                    ensure!(
+                        *emergency,
+                        "key {seq} activated {}s after publication without emergency",
+                        (now - published_at).num_seconds()
+                    );
                 }
                 if *emergency {
                     ensure!(
@@ -1563,21 +2228,35 @@ impl Sim {
             }
             Step::Retire { seq } => {
                 let cur = cur_before.as_ref().ok_or("Retire without a current key")?;
-                ensure!(*seq < cur.seq, "Retire of key {seq} that is not older than the current key");
+                ensure!(
+                    *seq < cur.seq,
+                    "Retire of key {seq} that is not older than the current key"
+                );
                 let k = self.key_mut(*seq)?;
-                ensure!(matches!(k.state, KeyState::Active | KeyState::Published), "Retire of a {:?} key", k.state);
+                ensure!(
+                    matches!(k.state, KeyState::Active | KeyState::Published),
+                    "Retire of a {:?} key",
+                    k.state
+                );
                 k.state = KeyState::Retiring;
                 k.retired_at = Some(now);
             }
             Step::HandOut { seq, reason } => {
                 let cur = cur_before.as_ref().ok_or("HandOut without a current key")?;
-                ensure!(*seq == cur.seq, "HandOut of key {seq}, current is {}", cur.seq);
+                ensure!(
+                    *seq == cur.seq,
+                    "HandOut of key {seq}, current is {}",
+                    cur.seq
+                );
                 let old_kid = self.agent_kid();
                 let changes = old_kid.as_deref() != Some(cur.kid.as_str());
-                ensure!(changes == (*reason == HandOutReason::NewKey), "HandOut {reason:?} with old kid {old_kid:?}");
-                if changes && self.handed_out {
+                ensure!(
+                    changes == (*reason == HandOutReason::NewKey),
+                    "HandOut {reason:?} with old kid {old_kid:?}"
+                );
+                if !self.handed_out.contains(&cur.kid) && !self.handed_out.is_empty() {
                     // (e) A key reaches the agents only publishDelay after it was published,
-                    // except in an emergency.
+                    // except for the first key and in an emergency.
                     let published_at = cur.published_at.ok_or("handing out an unpublished key")?;
                     let emergency = self.activated_emergency.get(seq).copied().unwrap_or(false);
                     ensure!(
@@ -1602,21 +2281,36 @@ impl Sim {
                         c.waiting_reason = Some("rolling".into());
                     }
                 }
-                self.handed_out = true;
+                self.handed_out.insert(cur.kid.clone());
             }
             Step::Revoke { seq, emergency } => {
                 let kid_compromised = self.settings.compromised.contains(&kid(*seq));
-                ensure!(*emergency == kid_compromised, "Revoke emergency={emergency} of a key compromised={kid_compromised}");
+                ensure!(
+                    *emergency == kid_compromised,
+                    "Revoke emergency={emergency} of a key compromised={kid_compromised}"
+                );
                 let k = self.key(*seq)?.clone();
                 ensure!(k.state != KeyState::Revoked, "Revoke of a revoked key");
                 if !emergency {
-                    ensure!(k.state == KeyState::Retiring, "non-emergency Revoke of a {:?} key", k.state);
+                    ensure!(
+                        k.state == KeyState::Retiring,
+                        "non-emergency Revoke of a {:?} key",
+                        k.state
+                    );
                     let cur = cur_before.as_ref().ok_or("Revoke without a current key")?;
-                    ensure!(self.agent_kid().as_deref() == Some(cur.kid.as_str()), "Revoke before the current key was handed out");
+                    ensure!(
+                        self.agent_kid().as_deref() == Some(cur.kid.as_str()),
+                        "Revoke before the current key was handed out"
+                    );
                     if self.obs.consumers.is_empty() {
                         // (b) Without consumers, only after the overlap.
                         let retired_at = k.retired_at.ok_or("retiring key without retired_at")?;
-                        ensure!(now >= retired_at + overlap, "Revoke {}s after retirement, overlap is {}s", (now - retired_at).num_seconds(), overlap.num_seconds());
+                        ensure!(
+                            now >= retired_at + overlap,
+                            "Revoke {}s after retirement, overlap is {}s",
+                            (now - retired_at).num_seconds(),
+                            overlap.num_seconds()
+                        );
                     } else {
                         // (a) With consumers, only when every one is confirmed on the current kid.
                         let waiting: Vec<&str> = self
@@ -1626,7 +2320,11 @@ impl Sim {
                             .filter(|c| c.confirmed_kid.as_deref() != Some(cur.kid.as_str()))
                             .map(|c| c.name.as_str())
                             .collect();
-                        ensure!(waiting.is_empty(), "Revoke while {waiting:?} are not confirmed on {}", cur.kid);
+                        ensure!(
+                            waiting.is_empty(),
+                            "Revoke while {waiting:?} are not confirmed on {}",
+                            cur.kid
+                        );
                     }
                 }
                 let k = self.key_mut(*seq)?;
@@ -1635,9 +2333,21 @@ impl Sim {
                 k.has_private_key = false;
             }
             Step::Prune { seq } => {
-                let revoked: Vec<u32> = before.iter().filter(|k| k.state == KeyState::Revoked).map(|k| k.seq).collect();
-                ensure!(revoked.len() > RETAIN_REVOKED, "Prune with only {} revoked keys", revoked.len());
-                ensure!(revoked.first() == Some(seq), "Prune of key {seq}, oldest revoked is {:?}", revoked.first());
+                let revoked: Vec<u32> = before
+                    .iter()
+                    .filter(|k| k.state == KeyState::Revoked)
+                    .map(|k| k.seq)
+                    .collect();
+                ensure!(
+                    revoked.len() > RETAIN_REVOKED,
+                    "Prune with only {} revoked keys",
+                    revoked.len()
+                );
+                ensure!(
+                    revoked.first() == Some(seq),
+                    "Prune of key {seq}, oldest revoked is {:?}",
+                    revoked.first()
+                );
                 self.obs.keys.retain(|k| k.seq != *seq);
             }
         }
@@ -1650,13 +2360,24 @@ impl Sim {
         for b in before {
             match self.obs.keys.iter().find(|k| k.seq == b.seq) {
                 None => ensure!(
-                    matches!(step, Step::Prune { seq } if *seq == b.seq) && b.state == KeyState::Revoked,
+                    matches!(step, Step::Prune { seq } if *seq == b.seq)
+                        && b.state == KeyState::Revoked,
                     "key {} disappeared",
                     b.seq
                 ),
                 Some(a) => {
-                    ensure!(a.state >= b.state, "key {} moved back from {:?} to {:?}", b.seq, b.state, a.state);
-                    ensure!(a.kid == b.kid && a.created_at == b.created_at, "key {} changed identity", b.seq);
+                    ensure!(
+                        a.state >= b.state,
+                        "key {} moved back from {:?} to {:?}",
+                        b.seq,
+                        b.state,
+                        a.state
+                    );
+                    ensure!(
+                        a.kid == b.kid && a.created_at == b.created_at,
+                        "key {} changed identity",
+                        b.seq
+                    );
                     for (name, x, y) in [
                         ("published_at", b.published_at, a.published_at),
                         ("activated_at", b.activated_at, a.activated_at),
@@ -1668,8 +2389,16 @@ impl Sim {
                 }
             }
         }
-        let added = self.obs.keys.iter().filter(|k| !before.iter().any(|b| b.seq == k.seq)).count();
-        ensure!(added == usize::from(matches!(step, Step::Mint { .. })), "{added} keys appeared");
+        let added = self
+            .obs
+            .keys
+            .iter()
+            .filter(|k| !before.iter().any(|b| b.seq == k.seq))
+            .count();
+        ensure!(
+            added == usize::from(matches!(step, Step::Mint { .. })),
+            "{added} keys appeared"
+        );
         Ok(())
     }
 
@@ -1678,34 +2407,50 @@ impl Sim {
         let keys = &self.obs.keys;
         // (c) Once published, the desired bundle (and the written one) never becomes empty.
         if self.ever_published {
-            ensure!(!desired_bundle(keys).0.is_empty(), "nothing trusted any more");
+            ensure!(
+                !desired_bundle(keys).0.is_empty(),
+                "nothing trusted any more"
+            );
             if let BundleObs::Owned { kids, .. } = &self.obs.bundle {
                 ensure!(!kids.is_empty(), "empty trust bundle");
             }
         }
-        // (d) At most one rotation in flight: at most one key on its way in (pending or
-        // published, newer than nothing current) that is not compromised, at most one key on
-        // its way out, and at most two active keys (the older one retires next).
+        // (d) At most one rotation in flight. What holds after every step:
+        // - at most one key that is not compromised is on its way in (pending or published);
+        //   a compromised in-flight key can coexist with the emergency successor minted for
+        //   a compromised current key until it is revoked, a few steps later;
+        // - at most one key newer than the current one that is not compromised;
+        // - at most one key on its way out (retiring);
+        // - at most two active keys (right after an activation; the older one retires next);
+        // - a rotation other than an emergency starts only when nothing is in flight (checked
+        //   at Mint).
         let count = |f: &dyn Fn(&ObservedKey) -> bool| keys.iter().filter(|k| f(k)).count();
+        let trusted_or_pending = |k: &ObservedKey| {
+            k.state != KeyState::Revoked && !self.settings.compromised.contains(&k.kid)
+        };
         let incoming = count(&|k| {
-            matches!(k.state, KeyState::Pending | KeyState::Published)
-                && !self.settings.compromised.contains(&k.kid)
+            matches!(k.state, KeyState::Pending | KeyState::Published) && trusted_or_pending(k)
         });
         ensure!(incoming <= 1, "{incoming} keys on their way in");
+        if let Some(cur) = current(keys) {
+            let newer = count(&|k| k.seq > cur.seq && trusted_or_pending(k));
+            ensure!(newer <= 1, "{newer} keys newer than the current one");
+        }
         let retiring = count(&|k| k.state == KeyState::Retiring);
         ensure!(retiring <= 1, "{retiring} retiring keys");
         let active = count(&|k| k.state == KeyState::Active);
         ensure!(active <= 2, "{active} active keys");
-        if let Some(cur) = current(keys) {
-            let newer = count(&|k| k.seq > cur.seq && k.state != KeyState::Revoked);
-            ensure!(newer <= 2, "{newer} keys newer than the current one");
-        }
-        // Revoked keys hold no private key; at most RETAIN_REVOKED + 1 are kept (pruned next).
-        ensure!(keys.iter().all(|k| k.state != KeyState::Revoked || !k.has_private_key), "revoked key with private key");
-        let revoked = count(&|k| k.state == KeyState::Revoked);
-        ensure!(revoked <= RETAIN_REVOKED + 1, "{revoked} revoked keys kept");
+        // Revoked keys hold no private key.
+        ensure!(
+            keys.iter()
+                .all(|k| k.state != KeyState::Revoked || !k.has_private_key),
+            "revoked key with private key"
+        );
         // Keys are sorted by seq with unique kids.
-        ensure!(keys.windows(2).all(|w| w[0].seq < w[1].seq), "keys not sorted by seq");
+        ensure!(
+            keys.windows(2).all(|w| w[0].seq < w[1].seq),
+            "keys not sorted by seq"
+        );
         Ok(())
     }
 
@@ -1713,7 +2458,8 @@ impl Sim {
     /// and no rotation is pending that the planner forgot.
     fn check_fixed_point(&self, p: &Plan) -> SimResult {
         ensure!(p.step.is_none(), "not a fixed point");
-        if self.obs.bundle == BundleObs::Foreign || self.obs.agent_secret == AgentSecretObs::Foreign {
+        if self.obs.bundle == BundleObs::Foreign || self.obs.agent_secret == AgentSecretObs::Foreign
+        {
             return Ok(());
         }
         let keys = &self.obs.keys;
@@ -1722,34 +2468,73 @@ impl Sim {
             matches!(&self.obs.bundle, BundleObs::Owned { kids, revoked } if (kids.clone(), revoked.clone()) == desired_bundle(keys)),
             "bundle differs from the desired one"
         );
-        ensure!(self.agent_kid().as_deref() == Some(cur.kid.as_str()), "agent Secret does not hold the current key");
-        ensure!(keys.iter().filter(|k| k.state == KeyState::Active).count() == 1, "more than one active key");
-        ensure!(keys.iter().all(|k| k.state != KeyState::Pending), "pending key at a fixed point");
         ensure!(
-            keys.iter().all(|k| k.state == KeyState::Revoked || !self.settings.compromised.contains(&k.kid)),
+            self.agent_kid().as_deref() == Some(cur.kid.as_str()),
+            "agent Secret does not hold the current key"
+        );
+        ensure!(
+            keys.iter().filter(|k| k.state == KeyState::Active).count() == 1,
+            "more than one active key"
+        );
+        ensure!(
+            keys.iter().all(|k| k.state != KeyState::Pending),
+            "pending key at a fixed point"
+        );
+        ensure!(
+            keys.iter().all(
+                |k| k.state == KeyState::Revoked || !self.settings.compromised.contains(&k.kid)
+            ),
             "compromised key still trusted at a fixed point"
         );
+        // Once no rotation is in flight, old revoked keys are pruned.
+        if keys
+            .iter()
+            .all(|k| matches!(k.state, KeyState::Active | KeyState::Revoked))
+        {
+            let revoked = keys.iter().filter(|k| k.state == KeyState::Revoked).count();
+            ensure!(revoked <= RETAIN_REVOKED, "{revoked} revoked keys kept");
+        }
         // Nothing becomes due before the requeue: planning just before it still does nothing.
         let horizon = match p.requeue_after {
-            Some(d) => chrono::Duration::from_std(d).expect("small") - chrono::Duration::milliseconds(1),
+            Some(d) => {
+                chrono::Duration::from_std(d).expect("small") - chrono::Duration::milliseconds(1)
+            }
             None => chrono::Duration::days(400),
         };
         let early = plan(&self.settings, &self.obs, self.now + horizon);
-        ensure!(early.step.is_none(), "{:?} due at {horizon} but requeue_after is {:?}", early.step, p.requeue_after);
+        ensure!(
+            early.step.is_none(),
+            "{:?} due at {horizon} but requeue_after is {:?}",
+            early.step,
+            p.requeue_after
+        );
         Ok(())
     }
 
-    /// Whether every request was served and no rotation is in flight.
+    /// Whether every request was served, no compromised key is trusted and (unless an interval
+    /// keeps rotating, possibly back to back) no rotation is in flight.
     fn converged(&self) -> bool {
         let keys = &self.obs.keys;
         let latest = keys.last();
         let served = |wanted: &Option<String>, consumed: Option<&Option<String>>| {
             wanted.is_none() || consumed == Some(wanted)
         };
+        let idle = keys
+            .iter()
+            .all(|k| matches!(k.state, KeyState::Active | KeyState::Revoked));
         current(keys).is_some()
-            && keys.iter().all(|k| matches!(k.state, KeyState::Active | KeyState::Revoked))
-            && served(&self.settings.request_token, latest.map(|k| &k.consumed_request_token))
-            && served(&self.obs.rotate_annotation, latest.map(|k| &k.consumed_annotation))
+            && (idle || self.settings.interval.is_some())
+            && keys.iter().all(|k| {
+                k.state == KeyState::Revoked || !self.settings.compromised.contains(&k.kid)
+            })
+            && served(
+                &self.settings.request_token,
+                latest.map(|k| &k.consumed_request_token),
+            )
+            && served(
+                &self.obs.rotate_annotation,
+                latest.map(|k| &k.consumed_annotation),
+            )
             && self.agent_kid() == current(keys).map(|k| k.kid.clone())
     }
 
@@ -1774,7 +2559,8 @@ impl Sim {
             }
             self.advance(p.requeue_after.unwrap_or(secs(3600)));
         }
-        Err(self.fail("did not converge: a request was dropped or a rotation never completed".into()))
+        Err(self
+            .fail("did not converge: a request was dropped or a rotation never completed".into()))
     }
 
     fn mints(&self) -> Vec<Trigger> {
@@ -1818,8 +2604,21 @@ fn scenario_first_key() {
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(kinds, ["Mint", "MarkPublished", "WriteBundle", "RecordPublished", "Activate", "HandOut"]);
-    assert_eq!(sim.obs.keys[0].consumed_request_token.as_deref(), Some("r1"));
+    assert_eq!(
+        kinds,
+        [
+            "Mint",
+            "MarkPublished",
+            "WriteBundle",
+            "RecordPublished",
+            "Activate",
+            "HandOut"
+        ]
+    );
+    assert_eq!(
+        sim.obs.keys[0].consumed_request_token.as_deref(),
+        Some("r1")
+    );
     // The first key is handed out at once (no publishDelay), and nothing more happens.
     assert!(sim.steps.iter().all(|(t, _)| *t == now()));
     assert_eq!(sim.mints(), [Trigger::Initial]);
@@ -1843,7 +2642,10 @@ fn scenario_request_token_rotates_exactly_once() {
         assert_eq!(sim.mints(), [Trigger::Initial, Trigger::RequestToken]);
         Ok(())
     });
-    assert_eq!(sim.obs.keys.iter().map(|k| k.state).collect::<Vec<_>>(), [KeyState::Revoked, KeyState::Active]);
+    assert_eq!(
+        sim.obs.keys.iter().map(|k| k.state).collect::<Vec<_>>(),
+        [KeyState::Revoked, KeyState::Active]
+    );
 }
 
 #[test]
@@ -1876,17 +2678,42 @@ fn scenario_request_during_rotation_is_served_after_it() {
         sim.drain()?;
         Ok(())
     });
-    assert_eq!(sim.mints(), [Trigger::Initial, Trigger::RequestToken, Trigger::RequestToken]);
+    assert_eq!(
+        sim.mints(),
+        [
+            Trigger::Initial,
+            Trigger::RequestToken,
+            Trigger::RequestToken
+        ]
+    );
     // The third key was minted only after the second rotation completed (old key revoked).
-    let (t3, _) = sim.steps.iter().filter(|(_, s)| matches!(s, Step::Mint { .. })).nth(2).expect("third mint");
-    let (t_revoke, _) = sim.steps.iter().find(|(_, s)| matches!(s, Step::Revoke { seq: 1, .. })).expect("k1 revoked");
+    let (t3, _) = sim
+        .steps
+        .iter()
+        .filter(|(_, s)| matches!(s, Step::Mint { .. }))
+        .nth(2)
+        .expect("third mint");
+    let (t_revoke, _) = sim
+        .steps
+        .iter()
+        .find(|(_, s)| matches!(s, Step::Revoke { seq: 1, .. }))
+        .expect("k1 revoked");
     assert!(t_revoke <= t3);
-    assert_eq!(sim.obs.keys.last().and_then(|k| k.consumed_request_token.as_deref()), Some("r3"));
+    assert_eq!(
+        sim.obs
+            .keys
+            .last()
+            .and_then(|k| k.consumed_request_token.as_deref()),
+        Some("r3")
+    );
 }
 
 #[test]
 fn scenario_min_interval_delays_and_never_drops() {
-    let mut sim = started(with_settings(|s| s.min_interval = secs(3600)));
+    let mut sim = started(with_settings(|s| {
+        s.min_interval = secs(3600);
+        s.token_ttl = secs(4 * 3600);
+    }));
     run(&mut sim, |sim| {
         sim.advance(secs(600));
         sim.settings.request_token = some("r2");
@@ -1907,7 +2734,10 @@ fn scenario_min_interval_delays_and_never_drops() {
 fn scenario_consumers_gate_revocation() {
     let mut sim = started(settings());
     run(&mut sim, |sim| {
-        sim.obs.consumers = vec![consumer("a", Some(1), Some(now())), consumer("b", Some(1), Some(now()))];
+        sim.obs.consumers = vec![
+            consumer("a", Some(1), Some(now())),
+            consumer("b", Some(1), Some(now())),
+        ];
         sim.advance(secs(3600));
         sim.settings.request_token = some("r2");
         sim.settle()?;
@@ -1946,34 +2776,68 @@ fn scenario_compromise() {
         assert_eq!(
             steps,
             [
-                Step::Mint { seq: 2, trigger: Trigger::Compromised, consumed_request_token: None, consumed_annotation: None },
+                Step::Mint {
+                    seq: 2,
+                    trigger: Trigger::Compromised,
+                    consumed_request_token: None,
+                    consumed_annotation: None
+                },
                 Step::MarkPublished { seq: 2 },
-                Step::WriteBundle { trusted: vec![kid(1), kid(2)], revoked: vec![] },
+                Step::WriteBundle {
+                    trusted: vec![kid(1), kid(2)],
+                    revoked: vec![]
+                },
                 Step::RecordPublished { seq: 2 },
-                Step::Revoke { seq: 1, emergency: true },
-                Step::WriteBundle { trusted: vec![kid(2)], revoked: vec![kid(1)] },
-                Step::Activate { seq: 2, emergency: true },
-                Step::HandOut { seq: 2, reason: HandOutReason::NewKey },
+                Step::Revoke {
+                    seq: 1,
+                    emergency: true
+                },
+                Step::WriteBundle {
+                    trusted: vec![kid(2)],
+                    revoked: vec![kid(1)]
+                },
+                Step::Activate {
+                    seq: 2,
+                    emergency: true
+                },
+                Step::HandOut {
+                    seq: 2,
+                    reason: HandOutReason::NewKey
+                },
             ]
         );
-        assert!(sim.steps[before..].iter().all(|(t, _)| *t == sim.now), "all at once");
+        assert!(
+            sim.steps[before..].iter().all(|(t, _)| *t == sim.now),
+            "all at once"
+        );
         Ok(())
     });
 }
 
 #[test]
 fn scenario_prune() {
-    let mut sim = started(with_settings(|s| s.interval = Some(secs(3600))));
+    let mut sim = started(settings());
     run(&mut sim, |sim| {
-        for _ in 0..10 {
+        for i in 0..8 {
             sim.advance(secs(3600));
+            sim.settings.request_token = Some(format!("r{i}"));
             sim.drain()?;
         }
         Ok(())
     });
-    let revoked = sim.obs.keys.iter().filter(|k| k.state == KeyState::Revoked).count();
+    assert_eq!(sim.mints().len(), 9);
+    let revoked = sim
+        .obs
+        .keys
+        .iter()
+        .filter(|k| k.state == KeyState::Revoked)
+        .count();
     assert_eq!(revoked, RETAIN_REVOKED);
-    assert!(sim.steps.iter().any(|(_, s)| matches!(s, Step::Prune { seq: 1 })));
+    assert!(
+        sim.steps
+            .iter()
+            .any(|(_, s)| matches!(s, Step::Prune { seq: 1 }))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1999,6 +2863,12 @@ enum Event {
     /// The newest non-revoked key is listed in `compromisedKeys`.
     CompromiseNewest,
     Suspend(bool),
+    /// Someone edits the agent Secret's labels.
+    TamperAgentSecret,
+    /// Someone deletes the agent Secret.
+    DeleteAgentSecret,
+    /// Someone deletes the trust bundle.
+    DeleteBundle,
     /// The operator crashes after this many steps of the next event; it resumes from evidence.
     Crash(u8),
 }
@@ -2015,13 +2885,16 @@ fn event() -> impl Strategy<Value = Event> {
         1 => Just(Event::CompromiseCurrent),
         1 => Just(Event::CompromiseNewest),
         1 => any::<bool>().prop_map(Event::Suspend),
+        1 => Just(Event::TamperAgentSecret),
+        1 => Just(Event::DeleteAgentSecret),
+        1 => Just(Event::DeleteBundle),
         2 => (0u8..6).prop_map(Event::Crash),
     ]
 }
 
 fn sim_settings() -> impl Strategy<Value = Settings> {
     (
-        prop::option::of(3600u64..=14_400),
+        prop::option::of(prop_oneof![300u64..=3600, 3600u64..=14_400]),
         0u64..=600,
         0u64..=600,
         0u64..=1200,
@@ -2030,17 +2903,21 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
         any::<bool>(),
         prop::option::of(Just("r0".to_string())),
     )
-        .prop_map(|(interval, min_interval, publish_delay, overlap, timeout, ttl, private, token)| Settings {
-            interval: interval.map(secs),
-            min_interval: secs(min_interval),
-            publish_delay: secs(publish_delay),
-            overlap: secs(overlap),
-            confirmation_timeout: secs(timeout),
-            token_ttl: secs(ttl),
-            include_private_key: private,
-            request_token: token,
-            ..settings()
-        })
+        .prop_map(
+            |(interval, min_interval, publish_delay, overlap, timeout, ttl, private, token)| {
+                Settings {
+                    interval: interval.map(secs),
+                    min_interval: secs(min_interval),
+                    publish_delay: secs(publish_delay),
+                    overlap: secs(overlap),
+                    confirmation_timeout: secs(timeout),
+                    token_ttl: secs(ttl),
+                    include_private_key: private,
+                    request_token: token,
+                    ..settings()
+                }
+            },
+        )
 }
 
 impl Sim {
@@ -2064,7 +2941,12 @@ impl Sim {
             Event::ConfirmAll => self.confirm_all(),
             Event::ConfirmOne => {
                 let kid = self.agent_kid();
-                if let Some(c) = self.obs.consumers.iter_mut().find(|c| c.confirmed_kid != kid) {
+                if let Some(c) = self
+                    .obs
+                    .consumers
+                    .iter_mut()
+                    .find(|c| c.confirmed_kid != kid)
+                {
                     c.confirmed_kid = kid;
                     c.waiting_reason = None;
                 }
@@ -2075,11 +2957,24 @@ impl Sim {
                 }
             }
             Event::CompromiseNewest => {
-                if let Some(k) = self.obs.keys.iter().rev().find(|k| k.state != KeyState::Revoked) {
+                if let Some(k) = self
+                    .obs
+                    .keys
+                    .iter()
+                    .rev()
+                    .find(|k| k.state != KeyState::Revoked)
+                {
                     self.settings.compromised.insert(k.kid.clone());
                 }
             }
             Event::Suspend(b) => self.settings.suspend = *b,
+            Event::TamperAgentSecret => {
+                if let AgentSecretObs::Owned(a) = &mut self.obs.agent_secret {
+                    a.metadata_matches = false;
+                }
+            }
+            Event::DeleteAgentSecret => self.obs.agent_secret = AgentSecretObs::Missing,
+            Event::DeleteBundle => self.obs.bundle = BundleObs::Missing,
             Event::Crash(_) => {}
         }
         match budget {
@@ -2112,8 +3007,16 @@ fn run_events(settings: Settings, events: &[Event]) -> SimResult<Sim> {
     Ok(sim)
 }
 
+/// 256 cases (well under a second); `PROPTEST_CASES` asks for more.
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    ProptestConfig {
+        cases: cases.unwrap_or(256),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 proptest! {
