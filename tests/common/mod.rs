@@ -1,0 +1,284 @@
+//! Helpers shared by the ProvisioningKey integration tests (`tests/provisioning_key.rs`):
+//! an in-process operator watching one namespace through a counting client, object builders,
+//! watch-based waits on ProvisioningKey status and readers for key Secrets.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition as KubeCondition;
+use keyward::api::ProvisioningKey;
+use keyward::controller::{self, OperatorConfig, WriteCounter};
+use keyward::labels as l;
+use keyward::rotation::Floors;
+use keyward_testbed::{WaitError, wait_for};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::Condition;
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+/// Default timeout of a wait for something the operator should do promptly.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The admin kubeconfig of the local plane as a `kube::Config` (for the counting client).
+pub async fn kube_config() -> kube::Config {
+    let path = keyward_testbed::kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}", path.display()));
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}", path.display()))
+}
+
+/// The operator, started in-process as a Tokio task that watches one namespace only, with a
+/// client that counts its mutating requests. Call [`Operator::stop`] at the end of the test
+/// (dropping the runtime at a panic stops it too).
+pub struct Operator {
+    writes: WriteCounter,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    pub async fn start(namespace: &str, floors: Floors) -> Self {
+        let writes = WriteCounter::default();
+        let client = controller::counting_client(kube_config().await, &writes)
+            .expect("build the operator's counting client");
+        let config = OperatorConfig {
+            namespaces: vec![namespace.to_string()],
+            floors,
+            instance: format!("test-{namespace}"),
+            ..OperatorConfig::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let task = tokio::spawn(controller::run(client, config, writes.clone(), shutdown));
+        Operator {
+            writes,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Mutating requests the operator sent so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.get()
+    }
+
+    /// Graceful shutdown (in-flight reconciles finish), at most 15 s.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(15), &mut self.task).await {
+            Ok(res) => res.expect("the operator task panicked"),
+            Err(_) => {
+                self.task.abort();
+                panic!("the operator did not stop within 15 s of its shutdown signal");
+            }
+        }
+    }
+}
+
+/// A ProvisioningKey named `name` with `spec` (JSON) and `annotations`.
+pub fn provisioning_key(name: &str, annotations: Value, spec: Value) -> ProvisioningKey {
+    serde_json::from_value(json!({
+        "apiVersion": "keyward.dev/v1alpha1",
+        "kind": "ProvisioningKey",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": spec,
+    }))
+    .expect("a valid ProvisioningKey")
+}
+
+/// Creates a ProvisioningKey.
+pub async fn create_pk(
+    api: &Api<ProvisioningKey>,
+    name: &str,
+    annotations: Value,
+    spec: Value,
+) -> ProvisioningKey {
+    api.create(
+        &PostParams::default(),
+        &provisioning_key(name, annotations, spec),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create ProvisioningKey {name}: {e}"))
+}
+
+/// JSON merge patch from the test's own client.
+pub async fn merge<K>(api: &Api<K>, name: &str, body: Value) -> K
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .unwrap_or_else(|e| panic!("patch {name} with {body}: {e}"))
+}
+
+pub fn condition<'a>(pk: &'a ProvisioningKey, type_: &str) -> Option<&'a KubeCondition> {
+    pk.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn condition_is(pk: &ProvisioningKey, type_: &str, status: &str) -> bool {
+    condition(pk, type_).is_some_and(|c| c.status == status)
+}
+
+/// Status describes the current generation.
+fn observed(pk: &ProvisioningKey) -> bool {
+    pk.status.as_ref().and_then(|s| s.observed_generation) == pk.metadata.generation
+}
+
+/// Ready=True, Rotating=False for the current generation, with a current key.
+pub fn is_settled(pk: &ProvisioningKey) -> bool {
+    observed(pk)
+        && condition_is(pk, "Ready", "True")
+        && condition_is(pk, "Rotating", "False")
+        && pk.status.as_ref().is_some_and(|s| s.current_key.is_some())
+}
+
+/// Settled on `current` with every kid of `revoked` in `status.revokedKeys`: a rotation has
+/// fully completed (the status is written only once no step is left, so the trust bundle
+/// already lists the revoked keys too).
+pub fn rotated_to(pk: &ProvisioningKey, current: &str, revoked: &[&str]) -> bool {
+    let Some(s) = pk.status.as_ref() else {
+        return false;
+    };
+    is_settled(pk)
+        && s.current_key.as_ref().is_some_and(|c| c.kid == current)
+        && revoked
+            .iter()
+            .all(|r| s.revoked_keys.iter().any(|k| k.kid == *r))
+}
+
+/// Ready=False with `reason`, for the current generation.
+pub fn not_ready_because(pk: &ProvisioningKey, reason: &str) -> bool {
+    observed(pk)
+        && condition(pk, "Ready").is_some_and(|c| c.status == "False" && c.reason == reason)
+}
+
+/// Waits (watch-based) for `cond` on the ProvisioningKey `name`; panics with `what` and the last
+/// status seen on timeout.
+pub async fn wait_pk(
+    api: &Api<ProvisioningKey>,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&ProvisioningKey) -> bool,
+) -> ProvisioningKey {
+    wait_obj(api, name, what, TIMEOUT, cond).await
+}
+
+/// Waits (watch-based) for `cond` on an object that must exist; panics on timeout.
+pub async fn wait_obj<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&K) -> bool,
+) -> K
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let c = move |o: Option<&K>| o.is_some_and(&cond);
+    match wait_for(api, name, c, timeout).await {
+        Ok(Some(obj)) => obj,
+        Ok(None) => panic!("{name}: {what}: the object is absent"),
+        Err(e) => panic!("{name}: {what}: {e}"),
+    }
+}
+
+/// Waits for `cond` for `window` and expects it NOT to happen: panics if it does. Used to prove
+/// that something (a second mint, a write) does not happen.
+pub async fn expect_never<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    window: Duration,
+    cond: impl Condition<K>,
+) where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + 'static,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match wait_for(api, name, cond, window).await {
+        Err(WaitError::Timeout { .. }) => {}
+        // Metadata only: the object may be a Secret.
+        Ok(obj) => panic!(
+            "{name}: {what} happened (within {window:?}): labels {:?}, annotations {:?}",
+            obj.as_ref().map(|o| o.labels()),
+            obj.as_ref().map(|o| o.annotations()),
+        ),
+        Err(e) => panic!("{name}: watching for {what} failed: {e}"),
+    }
+}
+
+/// Operator-owned key Secrets of ProvisioningKey `pk`, sorted by seq.
+pub async fn key_secrets(secrets: &Api<Secret>, pk: &str) -> Vec<Secret> {
+    let selector = format!(
+        "{}={pk},{}={}",
+        l::PROVISIONING_KEY,
+        l::COMPONENT,
+        l::COMPONENT_KEY
+    );
+    let mut list = secrets
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list key Secrets")
+        .items;
+    list.sort_by_key(seq);
+    list
+}
+
+pub fn seq(s: &Secret) -> u32 {
+    s.labels()
+        .get(l::KEY_SEQ)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn state(s: &Secret) -> String {
+    s.labels().get(l::KEY_STATE).cloned().unwrap_or_default()
+}
+
+pub fn annotation(s: &Secret, key: &str) -> Option<String> {
+    s.annotations().get(key).cloned()
+}
+
+pub fn kid(s: &Secret) -> String {
+    annotation(s, l::KEY_ID).unwrap_or_else(|| panic!("{} has no key-id annotation", s.name_any()))
+}
+
+/// A timestamp annotation (`keyward.dev/*-at`) of a key Secret; panics if absent or malformed.
+pub fn at(s: &Secret, key: &str) -> DateTime<Utc> {
+    let v =
+        annotation(s, key).unwrap_or_else(|| panic!("{} has no {key} annotation", s.name_any()));
+    controller::parse_ts(&v)
+        .unwrap_or_else(|| panic!("{}: {key}={v:?} is not RFC 3339", s.name_any()))
+}
+
+/// A data entry of a Secret as UTF-8.
+pub fn data(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .map(|b| String::from_utf8(b.0.clone()).expect("UTF-8 Secret data"))
+}

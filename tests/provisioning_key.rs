@@ -1,0 +1,1139 @@
+//! ProvisioningKey against the real local control plane (`e2e/cluster.sh up`).
+//!
+//! Each test gets its own namespace and, unless it runs the real binary, its own in-process
+//! operator that watches only that namespace through a client counting its mutating requests.
+//! Waits are watch-based (`await_condition`) with timeouts; the only plain sleeps are where a
+//! test must let time pass to show that nothing happens.
+//!
+//! The crash tests (`crash::*`) need `--features fault-injection`.
+//!
+//! Checked to fail when they should (mutations in a private copy of the tree): status
+//! `lastTransitionTime = now` fails `settled_key_makes_zero_writes`; revoking without the
+//! overlap fails `interval_rotates_on_schedule` and the crash tests; activating without the
+//! publishDelay fails the crash tests; not consuming the creation-time trigger value fails
+//! `manual_triggers_rotate_exactly_once`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::*;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use keyward::api::ProvisioningKey;
+use keyward::controller::provisioning_key::key_secret_name;
+use keyward::keys::{Jwks, TokenClaims, TokenHeader};
+use keyward::labels as l;
+use keyward::rotation::Floors;
+use keyward_testbed::{TestNamespace, conditions::is_created, wait_for_deleted};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::core::{ApiResource, DynamicObject};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Key material, checked with an independent implementation (the openssl CLI).
+
+/// Runs `openssl` in `dir`; panics with its stderr unless it succeeds.
+fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the openssl CLI (OpenSSL 3 is required): {e}"));
+    assert!(
+        out.status.success(),
+        "`openssl {}` failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Whether `openssl pkeyutl -verify` accepts `signature` over `message` under `public_pem`.
+fn openssl_verifies(dir: &Path, public_pem: &str, message: &[u8], signature: &[u8]) -> bool {
+    std::fs::write(dir.join("verify-pub.pem"), public_pem).expect("write pem");
+    std::fs::write(dir.join("msg.bin"), message).expect("write message");
+    std::fs::write(dir.join("sig.bin"), signature).expect("write signature");
+    let out = Command::new("openssl")
+        .args([
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            "verify-pub.pem",
+            "-rawin",
+        ])
+        .args(["-in", "msg.bin", "-sigfile", "sig.bin"])
+        .current_dir(dir)
+        .output()
+        .expect("run openssl pkeyutl");
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains("Signature Verified Successfully")
+}
+
+/// RFC 7638 thumbprint of an Ed25519 key, computed by hand from its raw 32 bytes.
+fn thumbprint(raw: &[u8]) -> String {
+    let x = URL_SAFE_NO_PAD.encode(raw);
+    // Required members only, lexicographic order, no whitespace (RFC 7638 section 3).
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#);
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+fn b64url_json<T: serde::de::DeserializeOwned>(segment: &str) -> T {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .expect("unpadded base64url segment");
+    serde_json::from_slice(&bytes).expect("JSON segment")
+}
+
+/// Checks the key Secret, the agent Secret and the trust bundle of a settled ProvisioningKey
+/// against openssl and a hand-made thumbprint.
+async fn check_material(
+    ns: &TestNamespace,
+    name: &str,
+    audience: &str,
+    ttl: i64,
+    with_private: bool,
+) {
+    let secrets: Api<Secret> = ns.api();
+    let pks: Api<ProvisioningKey> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    let pk = wait_pk(&pks, name, "settled", is_settled).await;
+    let key = secrets
+        .get(&key_secret_name(name, 1))
+        .await
+        .expect("key Secret k1");
+    let agent = secrets.get(name).await.expect("agent Secret");
+    let bundle = cms
+        .get(&format!("{name}-trust"))
+        .await
+        .expect("trust bundle ConfigMap");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+
+    // The public key derived by openssl from the private PEM equals both public-key.pem entries.
+    let private_pem = data(&key, l::DATA_PRIVATE_KEY).expect("key Secret holds private-key.pem");
+    assert!(
+        private_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "PKCS#8 PEM expected"
+    );
+    std::fs::write(d.join("priv.pem"), &private_pem).expect("write private key");
+    let derived =
+        String::from_utf8(openssl(d, &["pkey", "-in", "priv.pem", "-pubout"])).expect("PEM");
+    let key_pub = data(&key, l::DATA_PUBLIC_KEY).expect("key Secret public-key.pem");
+    let agent_pub = data(&agent, l::DATA_PUBLIC_KEY).expect("agent Secret public-key.pem");
+    assert_eq!(
+        key_pub.trim(),
+        derived.trim(),
+        "{name}: key Secret public key != openssl's derivation"
+    );
+    assert_eq!(
+        agent_pub.trim(),
+        derived.trim(),
+        "{name}: agent Secret public key != openssl's derivation"
+    );
+    // openssl itself says this is an Ed25519 key.
+    let text =
+        String::from_utf8_lossy(&openssl(d, &["pkey", "-in", "priv.pem", "-noout", "-text"]))
+            .into_owned();
+    assert!(
+        text.contains("ED25519"),
+        "{name}: not an Ed25519 key: {text}"
+    );
+
+    // Raw public key: the last 32 bytes of the SPKI DER, as openssl writes it.
+    std::fs::write(d.join("pub.pem"), &derived).expect("write public key");
+    let der = openssl(d, &["pkey", "-pubin", "-in", "pub.pem", "-outform", "DER"]);
+    assert_eq!(der.len(), 44, "Ed25519 SPKI DER is 12 + 32 bytes");
+    let raw = &der[12..];
+    let expected_kid = thumbprint(raw);
+
+    // The token: header, claims and signature, verified by openssl.
+    let token = data(&agent, l::DATA_TOKEN).expect("agent Secret token");
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "compact JWS has three segments: {token}");
+    let header: TokenHeader = b64url_json(parts[0]);
+    let claims: TokenClaims = b64url_json(parts[1]);
+    let signature = URL_SAFE_NO_PAD
+        .decode(parts[2])
+        .expect("base64url signature");
+    let signing_input = format!("{}.{}", parts[0], parts[1]);
+    assert!(
+        openssl_verifies(d, &derived, signing_input.as_bytes(), &signature),
+        "{name}: openssl rejects the token's EdDSA signature"
+    );
+    // The check can fail: a changed payload does not verify.
+    assert!(
+        !openssl_verifies(
+            d,
+            &derived,
+            format!("{signing_input}x").as_bytes(),
+            &signature
+        ),
+        "openssl accepted a tampered message: the verification is not checking anything"
+    );
+    assert_eq!(header.alg, "EdDSA");
+
+    // One key id everywhere.
+    let jwks: Jwks = serde_json::from_str(
+        bundle
+            .data
+            .as_ref()
+            .and_then(|m| m.get(l::DATA_JWKS))
+            .expect("jwks.json"),
+    )
+    .expect("JWKS JSON");
+    assert_eq!(
+        jwks.keys.len(),
+        1,
+        "{name}: one trusted key expected: {jwks:?}"
+    );
+    let jwk = &jwks.keys[0];
+    assert_eq!((jwk.kty.as_str(), jwk.crv.as_str()), ("OKP", "Ed25519"));
+    assert_eq!(
+        jwk.x,
+        URL_SAFE_NO_PAD.encode(raw),
+        "{name}: JWKS x != openssl's raw public key"
+    );
+    let revoked: Vec<String> = serde_json::from_str(
+        bundle
+            .data
+            .as_ref()
+            .and_then(|m| m.get(l::DATA_REVOKED))
+            .expect("revoked.json"),
+    )
+    .expect("revoked.json JSON");
+    assert!(revoked.is_empty());
+    let status_kid = pk
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|c| c.kid.clone());
+    let ids = [
+        ("agent Secret data key-id", data(&agent, l::DATA_KEY_ID)),
+        ("JWKS kid", jwk.kid.clone()),
+        ("token header kid", Some(header.kid.clone())),
+        (
+            "key Secret annotation keyward.dev/key-id",
+            annotation(&key, l::KEY_ID),
+        ),
+        (
+            "agent Secret annotation keyward.dev/key-id",
+            annotation(&agent, l::KEY_ID),
+        ),
+        ("status.currentKey.kid", status_kid),
+    ];
+    for (what, id) in ids {
+        assert_eq!(
+            id.as_deref(),
+            Some(expected_kid.as_str()),
+            "{name}: {what} is not the RFC 7638 thumbprint"
+        );
+    }
+
+    // Claims.
+    assert_eq!(claims.sub, format!("{}/{name}", ns.name()));
+    assert_eq!(claims.aud, audience);
+    assert_eq!(claims.iss, "keyward");
+    assert_eq!(
+        claims.exp - claims.iat,
+        ttl,
+        "{name}: exp - iat must be token.ttl"
+    );
+    assert_eq!(claims.nbf, claims.iat);
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        (claims.iat - now).abs() < 120,
+        "iat {} is not about now ({now})",
+        claims.iat
+    );
+
+    // The private key reaches the agent only when asked for, and then it is the same key.
+    assert_eq!(agent.type_.as_deref(), Some(l::AGENT_SECRET_TYPE));
+    match data(&agent, l::DATA_PRIVATE_KEY) {
+        Some(p) => {
+            assert!(
+                with_private,
+                "{name}: the agent Secret holds private-key.pem by default"
+            );
+            assert_eq!(
+                p, private_pem,
+                "{name}: agent private key != key Secret private key"
+            );
+        }
+        None => assert!(
+            !with_private,
+            "{name}: includePrivateKey: true but no private-key.pem"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_material_is_consistent_under_openssl() {
+    let ns = TestNamespace::new("kw-material").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let spec = json!({ "token": { "audience": "bundles.example.com", "ttl": "10m" } });
+    create_pk(&pks, "plain", json!({}), spec).await;
+    let spec = json!({ "includePrivateKey": true, "token": { "audience": "signer", "ttl": "7m" } });
+    create_pk(&pks, "with-private", json!({}), spec).await;
+    check_material(&ns, "plain", "bundles.example.com", 600, false).await;
+    check_material(&ns, "with-private", "signer", 420, true).await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Manual triggers rotate exactly once; the value present at creation does not rotate.
+
+/// Fast rotation settings: no debounce, so a duplicate mint would show at once.
+fn quick_rotation(extra: serde_json::Value) -> serde_json::Value {
+    let mut r = json!({ "publishDelay": "1s", "overlap": "1s", "minInterval": "0s" });
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+        r.extend(extra.clone());
+    }
+    json!({ "rotation": r })
+}
+
+/// Drives one ProvisioningKey through: settle; prove the creation-time trigger value does not
+/// rotate; `trigger` it once; wait for the rotation to complete; prove no second rotation.
+async fn rotates_exactly_once(
+    ns: &TestNamespace,
+    name: &str,
+    trigger: serde_json::Value,
+    expected_trigger: &str,
+) {
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let k2 = key_secret_name(name, 2);
+    let k3 = key_secret_name(name, 3);
+    wait_pk(&pks, name, "settled on the first key", is_settled).await;
+    // The trigger value present at creation was consumed by the first mint. With
+    // minInterval 0 a (wrong) rotation would start within milliseconds of settling.
+    expect_never(
+        &secrets,
+        &k2,
+        "a rotation for the creation-time trigger value",
+        Duration::from_secs(3),
+        is_created(),
+    )
+    .await;
+    let first = key_secrets(&secrets, name).await;
+    assert_eq!(first.len(), 1);
+    let kid1 = kid(&first[0]);
+
+    merge(&pks, name, trigger).await;
+    let second = wait_obj(&secrets, &k2, "second key minted", TIMEOUT, |_| true).await;
+    assert_eq!(
+        annotation(&second, l::TRIGGER).as_deref(),
+        Some(expected_trigger)
+    );
+    let kid2 = kid(&second);
+    wait_pk(&pks, name, "rotation to k2 complete", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+
+    // A reconcile from an unrelated change, then enough time for another mint (minInterval is
+    // 0s, publishDelay 1s): still exactly two keys.
+    merge(
+        &pks,
+        name,
+        json!({ "metadata": { "labels": { "example.com/poke": "1" } } }),
+    )
+    .await;
+    expect_never(
+        &secrets,
+        &k3,
+        "a second rotation for the same trigger",
+        Duration::from_secs(4),
+        is_created(),
+    )
+    .await;
+    let keys = key_secrets(&secrets, name).await;
+    assert_eq!(
+        keys.iter().map(seq).collect::<Vec<_>>(),
+        vec![1, 2],
+        "{name}: exactly two key Secrets"
+    );
+    assert_eq!(state(&keys[0]), "revoked");
+    assert_eq!(state(&keys[1]), "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_triggers_rotate_exactly_once() {
+    let ns = TestNamespace::new("kw-manual").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    create_pk(
+        &pks,
+        "by-annotation",
+        json!({ l::ROTATE: "at-creation" }),
+        quick_rotation(json!({})),
+    )
+    .await;
+    create_pk(
+        &pks,
+        "by-token",
+        json!({}),
+        quick_rotation(json!({ "requestToken": "at-creation" })),
+    )
+    .await;
+    let annotation = json!({ "metadata": { "annotations": { l::ROTATE: "now" } } });
+    let token = json!({ "spec": { "rotation": { "requestToken": "rotate-1" } } });
+    tokio::join!(
+        rotates_exactly_once(&ns, "by-annotation", annotation, "Annotation"),
+        rotates_exactly_once(&ns, "by-token", token, "RequestToken"),
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Scheduled rotation.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_rotates_on_schedule() {
+    let ns = TestNamespace::new("kw-interval").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let spec = json!({ "rotation": { "interval": "3s", "publishDelay": "0s", "overlap": "1s", "minInterval": "0s" } });
+    create_pk(&pks, "sched", json!({}), spec).await;
+    // Two scheduled rotations: k2 then k3, and k2 revoked after the overlap.
+    let k3 = wait_obj(
+        &secrets,
+        &key_secret_name("sched", 3),
+        "third key",
+        TIMEOUT,
+        |_| true,
+    )
+    .await;
+    let kid3 = kid(&k3);
+    let pk = wait_pk(&pks, "sched", "two rotations complete", |pk| {
+        pk.status
+            .as_ref()
+            .is_some_and(|s| s.revoked_keys.len() >= 2)
+    })
+    .await;
+    let keys = key_secrets(&secrets, "sched").await;
+    assert!(
+        keys.len() >= 3,
+        "at least three keys: {:?}",
+        keys.iter().map(|s| s.name_any()).collect::<Vec<_>>()
+    );
+    let (k1, k2) = (&keys[0], &keys[1]);
+    assert_eq!((seq(k1), seq(k2), kid(&keys[2])), (1, 2, kid3));
+    assert_eq!(annotation(k1, l::TRIGGER).as_deref(), Some("Initial"));
+    for (old, new) in [(k1, k2), (k2, &keys[2])] {
+        assert_eq!(
+            annotation(new, l::TRIGGER).as_deref(),
+            Some("Interval"),
+            "{}",
+            new.name_any()
+        );
+        // Not before the interval: minted at least 3 s after its predecessor became current.
+        let gap = at(new, l::CREATED_AT) - at(old, l::ACTIVATED_AT);
+        assert!(
+            gap >= chrono::Duration::seconds(3),
+            "{} minted {gap} after {} was activated",
+            new.name_any(),
+            old.name_any()
+        );
+        // Revoked, and not before the overlap.
+        assert_eq!(state(old), "revoked", "{}", old.name_any());
+        assert!(
+            data(old, l::DATA_PRIVATE_KEY).is_none(),
+            "{}: private key not deleted at revocation",
+            old.name_any()
+        );
+        let held = at(old, l::REVOKED_AT) - at(old, l::RETIRED_AT);
+        assert!(
+            held >= chrono::Duration::seconds(1),
+            "{} revoked {held} after retiring (overlap 1s)",
+            old.name_any()
+        );
+    }
+    // History in status, newest first, matching the key Secrets' annotations.
+    let status = pk.status.clone().expect("status");
+    assert!(
+        status.next_rotation_at.is_some(),
+        "nextRotationAt is reported"
+    );
+    for (k, st) in [(k1, "Revoked"), (k2, "Revoked")] {
+        let h = status
+            .history
+            .iter()
+            .find(|h| h.kid == kid(k))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no history entry for {}: {:?}",
+                    k.name_any(),
+                    status.history
+                )
+            });
+        assert_eq!(h.state, st);
+        assert_eq!(Some(h.trigger.clone()), annotation(k, l::TRIGGER));
+        assert_eq!(h.revoked_at, annotation(k, l::REVOKED_AT));
+        assert_eq!(h.activated_at, annotation(k, l::ACTIVATED_AT));
+    }
+    let positions: Vec<usize> = [k2, k1]
+        .iter()
+        .map(|k| {
+            status
+                .history
+                .iter()
+                .position(|h| h.kid == kid(k))
+                .expect("in history")
+        })
+        .collect();
+    assert!(
+        positions[0] < positions[1],
+        "history is newest first: {:?}",
+        status.history
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A settled key costs nothing.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_key_makes_zero_writes() {
+    let ns = TestNamespace::new("kw-zero").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    create_pk(
+        &pks,
+        "calm",
+        json!({}),
+        json!({ "secretTemplate": { "labels": { "team": "a" } } }),
+    )
+    .await;
+    wait_pk(&pks, "calm", "settled", is_settled).await;
+    let before = op.writes();
+    assert!(
+        before >= 6,
+        "the first key took only {before} writes? the counter is not counting"
+    );
+
+    // Provoke reconciles without a spec change, from the test's own (uncounted) client: the
+    // ProvisioningKey's watch, the owned agent Secret, key Secret and trust bundle each
+    // trigger one. Each reconcile observes, plans and computes the status again; if anything
+    // in it were not a pure function of the evidence (a timestamp refreshed on every reconcile,
+    // a re-issued token, a re-applied Secret, an Event per reconcile) the counter would move.
+    // Stored timestamps have a resolution of one second, so the provocations are spread over
+    // more than two seconds: a "now" leaking into the status then differs from the stored one
+    // for at least one of them (checked: with `lastTransitionTime = now` this test fails).
+    // Nothing observable marks "no write happened", so these are plain sleeps by necessity.
+    let touch = json!({ "metadata": { "annotations": { "example.com/touched": "yes" } } });
+    for i in 0..3 {
+        let label = json!({ "metadata": { "labels": { "example.com/unrelated": i.to_string() } } });
+        merge(&pks, "calm", label).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    merge(&secrets, "calm", touch.clone()).await;
+    merge(&secrets, &key_secret_name("calm", 1), touch.clone()).await;
+    merge(&cms, "calm-trust", touch).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        op.writes(),
+        before,
+        "a settled ProvisioningKey made mutating requests"
+    );
+    let pk = pks.get("calm").await.expect("get");
+    assert!(is_settled(&pk));
+
+    // Positive control: the same kind of change, when it matters (the agent Secret lost its
+    // key-id annotation), is repaired: reconciles did run and writes are counted.
+    merge(
+        &secrets,
+        "calm",
+        json!({ "metadata": { "annotations": { l::KEY_ID: null } } }),
+    )
+    .await;
+    wait_obj(&secrets, "calm", "agent Secret repaired", TIMEOUT, |s| {
+        annotation(s, l::KEY_ID).is_some()
+    })
+    .await;
+    assert!(op.writes() > before, "the repair was not counted");
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Deletion: owned objects are garbage-collected.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_key_removes_what_it_owns() {
+    let ns = TestNamespace::new("kw-gc").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    create_pk(&pks, "doomed", json!({}), json!({})).await;
+    wait_pk(&pks, "doomed", "settled", is_settled).await;
+    let mut uids = Vec::new();
+    for name in [key_secret_name("doomed", 1), "doomed".to_string()] {
+        let s = secrets.get(&name).await.expect("owned Secret");
+        uids.push((name, s.uid().expect("uid")));
+    }
+    let cm = cms.get("doomed-trust").await.expect("trust bundle");
+    let cm_uid = cm.uid().expect("uid");
+
+    let t0 = Instant::now();
+    pks.delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete ProvisioningKey");
+    let gc = Duration::from_secs(60);
+    let waits = uids
+        .iter()
+        .map(|(name, uid)| wait_for_deleted(&secrets, name, uid, gc));
+    let (secrets_gone, cm_gone) = tokio::join!(
+        futures::future::join_all(waits),
+        wait_for_deleted(&cms, "doomed-trust", &cm_uid, gc)
+    );
+    for r in secrets_gone {
+        r.expect("owned Secret garbage-collected");
+    }
+    cm_gone.expect("trust bundle garbage-collected");
+    eprintln!(
+        "garbage collection of 3 owned objects took {} ms",
+        t0.elapsed().as_millis()
+    );
+    // And nothing was re-created by the operator meanwhile.
+    assert!(key_secrets(&secrets, "doomed").await.is_empty());
+    assert!(secrets.get_opt("doomed").await.expect("get").is_none());
+    assert!(cms.get_opt("doomed-trust").await.expect("get").is_none());
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Invalid input.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_rejects_unknown_algorithm_and_malformed_duration() {
+    let ns = TestNamespace::new("kw-schema").await;
+    let ar = ApiResource::erase::<ProvisioningKey>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client(), ns.name(), &ar);
+    let create = |name: &str, spec: serde_json::Value| {
+        let obj = DynamicObject::new(name, &ar).data(json!({ "spec": spec }));
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &obj).await }
+    };
+    let rejected = |res: Result<DynamicObject, kube::Error>, field: &str| match res {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{field}: {e:?}");
+            assert!(
+                e.message.contains(field),
+                "the error does not name {field}: {}",
+                e.message
+            );
+            eprintln!("rejected as expected: {}", e.message);
+        }
+        other => panic!("{field}: expected a 422 from the API server, got {other:?}"),
+    };
+    rejected(
+        create("bad-algorithm", json!({ "algorithm": "RSA" })).await,
+        "algorithm",
+    );
+    rejected(
+        create(
+            "bad-interval",
+            json!({ "rotation": { "interval": "10 minutes" } }),
+        )
+        .await,
+        "rotation.interval",
+    );
+    // Positive controls: the same objects with valid values are accepted, so the rejections
+    // above are about those fields and nothing else.
+    create("good-algorithm", json!({ "algorithm": "Ed25519" }))
+        .await
+        .expect("Ed25519 is accepted");
+    create(
+        "good-interval",
+        json!({ "rotation": { "interval": "10m" } }),
+    )
+    .await
+    .expect("10m is accepted");
+    let pks: Api<ProvisioningKey> = ns.api();
+    assert!(pks.get_opt("bad-algorithm").await.expect("get").is_none());
+    assert!(pks.get_opt("bad-interval").await.expect("get").is_none());
+    ns.cleanup().await;
+}
+
+/// Nothing was minted, handed out or published for `name` (secretName/bundle given).
+async fn assert_nothing_written(
+    ns: &TestNamespace,
+    name: &str,
+    secret: Option<&str>,
+    bundle: Option<&str>,
+) {
+    let secrets: Api<Secret> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    assert!(
+        key_secrets(&secrets, name).await.is_empty(),
+        "{name}: a key Secret was created"
+    );
+    if let Some(secret) = secret {
+        assert!(
+            secrets.get_opt(secret).await.expect("get").is_none(),
+            "{name}: agent Secret {secret} was written"
+        );
+    }
+    if let Some(bundle) = bundle {
+        assert!(
+            cms.get_opt(bundle).await.expect("get").is_none(),
+            "{name}: trust bundle {bundle} was written"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_reported_and_nothing_is_overwritten() {
+    let ns = TestNamespace::new("kw-invalid").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    // Objects the operator does not own, created before it starts.
+    let foreign_secret = secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("taken".into()),
+                    ..Default::default()
+                },
+                data: Some([("token".to_string(), ByteString(b"user data".to_vec()))].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create foreign Secret");
+    let foreign_cm = cms
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("their-trust".into()),
+                    ..Default::default()
+                },
+                data: Some([(l::DATA_JWKS.to_string(), r#"{"keys":[]}"#.to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create foreign ConfigMap");
+    // Default floors: rotation.interval must be at least 1h.
+    let op = Operator::start(ns.name(), Floors::default()).await;
+
+    create_pk(
+        &pks,
+        "too-fast",
+        json!({}),
+        json!({ "rotation": { "interval": "30m" } }),
+    )
+    .await;
+    create_pk(
+        &pks,
+        "wants-secret",
+        json!({}),
+        json!({ "secretName": "taken" }),
+    )
+    .await;
+    create_pk(
+        &pks,
+        "wants-bundle",
+        json!({}),
+        json!({ "trustBundle": { "configMapName": "their-trust" } }),
+    )
+    .await;
+
+    // (c) below the floor
+    let pk = wait_pk(&pks, "too-fast", "Ready=False BelowFloor", |pk| {
+        not_ready_because(pk, "BelowFloor")
+    })
+    .await;
+    let msg = condition(&pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("rotation.interval") && msg.contains("1h"),
+        "unclear message: {msg}"
+    );
+    assert_eq!(
+        pk.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Invalid")
+    );
+    assert_nothing_written(&ns, "too-fast", Some("too-fast"), Some("too-fast-trust")).await;
+
+    // (d) secretName taken
+    let pk = wait_pk(&pks, "wants-secret", "Ready=False SecretNameTaken", |pk| {
+        not_ready_because(pk, "SecretNameTaken")
+    })
+    .await;
+    let msg = condition(&pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(msg.contains("taken"), "unclear message: {msg}");
+    assert_nothing_written(&ns, "wants-secret", None, Some("wants-secret-trust")).await;
+
+    // (e) trust bundle name taken
+    let pk = wait_pk(
+        &pks,
+        "wants-bundle",
+        "Ready=False TrustBundleNameTaken",
+        |pk| not_ready_because(pk, "TrustBundleNameTaken"),
+    )
+    .await;
+    let msg = condition(&pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(msg.contains("their-trust"), "unclear message: {msg}");
+    assert_nothing_written(&ns, "wants-bundle", Some("wants-bundle"), None).await;
+
+    // A few more reconciles (unrelated label changes), then the foreign objects are still
+    // exactly as their owner wrote them: same resourceVersion, same data, no owner reference.
+    for name in ["wants-secret", "wants-bundle"] {
+        merge(
+            &pks,
+            name,
+            json!({ "metadata": { "labels": { "example.com/poke": "1" } } }),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = secrets.get("taken").await.expect("foreign Secret");
+    assert_eq!(
+        s.resource_version(),
+        foreign_secret.resource_version(),
+        "the foreign Secret was written"
+    );
+    assert_eq!(s.data, foreign_secret.data);
+    assert!(s.owner_references().is_empty());
+    let c = cms.get("their-trust").await.expect("foreign ConfigMap");
+    assert_eq!(
+        c.resource_version(),
+        foreign_cm.resource_version(),
+        "the foreign ConfigMap was written"
+    );
+    assert_eq!(c.data, foreign_cm.data);
+    assert_nothing_written(&ns, "wants-secret", None, Some("wants-secret-trust")).await;
+    assert_nothing_written(&ns, "wants-bundle", Some("wants-bundle"), None).await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Measurement: apply -> agent Secret with a token.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_apply_to_secret() {
+    let ns = TestNamespace::new("kw-measure").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let mut ms = Vec::new();
+    for i in 0..5 {
+        let name = format!("measure-{i}");
+        let t0 = Instant::now();
+        create_pk(&pks, &name, json!({}), json!({})).await;
+        wait_obj(&secrets, &name, "agent Secret with a token", TIMEOUT, |s| {
+            data(s, l::DATA_TOKEN).is_some()
+        })
+        .await;
+        let elapsed = t0.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("apply-to-secret: {elapsed:.0} ms");
+        ms.push(elapsed);
+    }
+    ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "apply-to-secret over {} runs: min {:.0} ms, median {:.0} ms, max {:.0} ms",
+        ms.len(),
+        ms[0],
+        ms[ms.len() / 2],
+        ms[ms.len() - 1]
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Crash after each write of a rotation (the real binary, `--features fault-injection`).
+
+#[cfg(feature = "fault-injection")]
+mod crash {
+    use std::os::unix::process::ExitStatusExt as _;
+    use std::path::PathBuf;
+    use std::process::{Child, ExitStatus, Stdio};
+
+    use super::*;
+
+    /// The `keyward` binary as a subprocess watching one namespace, all floors at 0s; killed
+    /// when dropped. Its output goes to a file, printed if the test fails.
+    struct Keyward {
+        child: Child,
+        log: PathBuf,
+    }
+
+    impl Keyward {
+        fn spawn(namespace: &str, crash_after: Option<&str>, dir: &Path, label: &str) -> Self {
+            let log = dir.join(format!("{label}.log"));
+            let out = std::fs::File::create(&log).expect("create log file");
+            let err = out.try_clone().expect("clone log file");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+            cmd.args(["run", "--namespaces", namespace])
+                .args(["--min-rotation-interval", "0s", "--min-min-interval", "0s"])
+                .args([
+                    "--min-publish-delay",
+                    "0s",
+                    "--min-overlap",
+                    "0s",
+                    "--min-token-ttl",
+                    "0s",
+                ])
+                .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
+                .env("RUST_LOG", "info,kube=warn")
+                .env_remove("KEYWARD_CRASH_AFTER")
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err);
+            if let Some(point) = crash_after {
+                cmd.env("KEYWARD_CRASH_AFTER", point);
+            }
+            let child = cmd.spawn().expect("start the keyward binary");
+            Keyward { child, log }
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Polls for the process's exit (no watch exists for it), at most `timeout`.
+        async fn exited(&mut self, timeout: Duration) -> ExitStatus {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(status) = self.child.try_wait().expect("try_wait") {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "keyward did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    impl Drop for Keyward {
+        fn drop(&mut self) {
+            if matches!(self.child.try_wait(), Ok(None)) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+            if std::thread::panicking() {
+                eprintln!(
+                    "---- keyward log {} ----\n{}",
+                    self.log.display(),
+                    self.log()
+                );
+            }
+        }
+    }
+
+    const PUBLISH_DELAY: i64 = 2;
+    const OVERLAP: i64 = 2;
+
+    /// Crashes the operator right after the rotation's write `point` (its `nth` occurrence in
+    /// the process: the initial mint does mint/mark-published/bundle/record-published/activate/
+    /// hand-out once each), restarts it, and checks the rotation completes exactly once and
+    /// without shortcuts.
+    async fn crash_after(point: &str, nth: u32) {
+        let ns = TestNamespace::new(&format!("kw-crash-{point}")).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pks: Api<ProvisioningKey> = ns.api();
+        let secrets: Api<Secret> = ns.api();
+        let cms: Api<ConfigMap> = ns.api();
+        let k1n = key_secret_name("pk", 1);
+
+        let spec = format!("{point}:{nth}");
+        let mut first = Keyward::spawn(ns.name(), Some(&spec), dir.path(), "first");
+        let rotation = json!({ "rotation": {
+            "publishDelay": format!("{PUBLISH_DELAY}s"), "overlap": format!("{OVERLAP}s"), "minInterval": "0s"
+        } });
+        create_pk(&pks, "pk", json!({}), rotation).await;
+        wait_pk(
+            &pks,
+            "pk",
+            "first key settled (before the crash point)",
+            is_settled,
+        )
+        .await;
+        let kid1 = kid(&secrets.get(&k1n).await.expect("k1"));
+        merge(
+            &pks,
+            "pk",
+            json!({ "metadata": { "annotations": { l::ROTATE: "crash-test" } } }),
+        )
+        .await;
+
+        let status = first.exited(TIMEOUT).await;
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "expected an abort (SIGABRT) after {spec}, got {status}"
+        );
+        assert!(
+            first
+                .log()
+                .contains(&format!("aborting right after write \"{point}\"")),
+            "log:\n{}",
+            first.log()
+        );
+
+        // The crash hit the rotation's write: the state is exactly "just after <point>".
+        let keys = key_secrets(&secrets, "pk").await;
+        assert_eq!(
+            keys.iter().map(seq).collect::<Vec<_>>(),
+            vec![1, 2],
+            "after {spec}"
+        );
+        let (k1, k2) = (&keys[0], &keys[1]);
+        let kid2 = kid(k2);
+        let agent_kid = data(
+            &secrets.get("pk").await.expect("agent Secret"),
+            l::DATA_KEY_ID,
+        );
+        let bundle = cms.get("pk-trust").await.expect("trust bundle");
+        let jwks: Jwks =
+            serde_json::from_str(&bundle.data.clone().unwrap_or_default()[l::DATA_JWKS])
+                .expect("jwks");
+        let in_bundle = |k: &str| jwks.keys.iter().any(|j| j.kid.as_deref() == Some(k));
+        let published = annotation(k2, l::PUBLISHED_AT).is_some();
+        let seen = (
+            state(k1),
+            state(k2),
+            published,
+            in_bundle(&kid2),
+            agent_kid == Some(kid2.clone()),
+        );
+        let expected = match point {
+            "mint" => ("active", "pending", false, false, false),
+            "mark-published" => ("active", "published", false, false, false),
+            "bundle" => ("active", "published", false, true, false),
+            "record-published" => ("active", "published", true, true, false),
+            "activate" => ("active", "active", true, true, false),
+            "retire" => ("retiring", "active", true, true, false),
+            "hand-out" => ("retiring", "active", true, true, true),
+            "revoke" => ("revoked", "active", true, true, true),
+            other => panic!("unknown point {other}"),
+        };
+        let s =
+            |t: (&str, &str, bool, bool, bool)| (t.0.to_string(), t.1.to_string(), t.2, t.3, t.4);
+        assert_eq!(
+            seen,
+            s(expected),
+            "state after {spec}: (k1, k2, published-at, k2 in bundle, handed out)"
+        );
+        if point == "revoke" {
+            assert!(
+                in_bundle(&kid1),
+                "the bundle is rewritten only after the revoke write"
+            );
+        }
+
+        // Restart without fault injection: the rotation resumes from evidence and completes.
+        let second = Keyward::spawn(ns.name(), None, dir.path(), "second");
+        wait_pk(&pks, "pk", "rotation complete after the restart", |pk| {
+            rotated_to(pk, &kid2, &[&kid1])
+        })
+        .await;
+        expect_never(
+            &secrets,
+            &key_secret_name("pk", 3),
+            "a third key",
+            Duration::from_secs(3),
+            is_created(),
+        )
+        .await;
+
+        let keys = key_secrets(&secrets, "pk").await;
+        assert_eq!(
+            keys.iter().map(seq).collect::<Vec<_>>(),
+            vec![1, 2],
+            "exactly one key for the rotation"
+        );
+        let (k1, k2) = (&keys[0], &keys[1]);
+        assert_eq!(
+            (state(k1).as_str(), state(k2).as_str()),
+            ("revoked", "active")
+        );
+        assert_eq!(kid(k2), kid2, "k2 is the key minted before the crash");
+        assert!(
+            data(k1, l::DATA_PRIVATE_KEY).is_none(),
+            "revoked key keeps its private key"
+        );
+        assert_eq!(annotation(k2, l::TRIGGER).as_deref(), Some("Annotation"));
+        let agent = secrets.get("pk").await.expect("agent Secret");
+        assert_eq!(
+            data(&agent, l::DATA_KEY_ID).as_deref(),
+            Some(kid2.as_str()),
+            "agent Secret on the new key"
+        );
+        let bundle = cms.get("pk-trust").await.expect("trust bundle");
+        let bdata = bundle.data.unwrap_or_default();
+        let jwks: Jwks = serde_json::from_str(&bdata[l::DATA_JWKS]).expect("jwks");
+        assert_eq!(jwks.key_ids(), vec![kid2.clone()]);
+        let revoked: Vec<String> = serde_json::from_str(&bdata[l::DATA_REVOKED]).expect("revoked");
+        assert_eq!(revoked, vec![kid1.clone()]);
+        // No shortcut: publishDelay and overlap held across the crash.
+        let delay = at(k2, l::ACTIVATED_AT) - at(k2, l::PUBLISHED_AT);
+        assert!(
+            delay >= chrono::Duration::seconds(PUBLISH_DELAY),
+            "publishDelay skipped after {spec}: {delay}"
+        );
+        let held = at(k1, l::REVOKED_AT) - at(k1, l::RETIRED_AT);
+        assert!(
+            held >= chrono::Duration::seconds(OVERLAP),
+            "revoked early after {spec}: {held}"
+        );
+        assert!(
+            at(k1, l::RETIRED_AT) >= at(k2, l::ACTIVATED_AT),
+            "retired before its successor was active"
+        );
+        drop(second);
+        ns.cleanup().await;
+    }
+
+    macro_rules! crash_tests {
+        ($($name:ident: $point:literal, $nth:literal;)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crash_after($point, $nth).await;
+            }
+        )*};
+    }
+
+    crash_tests! {
+        crash_after_mint: "mint", 2;
+        crash_after_mark_published: "mark-published", 2;
+        crash_after_bundle: "bundle", 2;
+        crash_after_record_published: "record-published", 2;
+        crash_after_activate: "activate", 2;
+        crash_after_retire: "retire", 1;
+        crash_after_hand_out: "hand-out", 2;
+        crash_after_revoke: "revoke", 1;
+    }
+}
