@@ -1,0 +1,53 @@
+//! Connection to the local control plane.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Where `e2e/cluster.sh up` writes the admin kubeconfig by default.
+pub const DEFAULT_KUBECONFIG: &str = "/tmp/keyward-cluster/admin.kubeconfig";
+
+const HINT: &str = "start the local control plane with `bash e2e/cluster.sh up` \
+                    and export the KUBECONFIG printed by `e2e/cluster.sh env`";
+
+/// The kubeconfig the test bed uses: the first entry of `KUBECONFIG` if set and non-empty,
+/// else [`DEFAULT_KUBECONFIG`].
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .and_then(|v| std::env::split_paths(&v).find(|p| !p.as_os_str().is_empty()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBECONFIG))
+}
+
+/// A client for the local control plane, checked to be reachable.
+///
+/// # Panics
+/// With a message telling to run `e2e/cluster.sh up` when the kubeconfig is missing or the
+/// API server does not answer within 10 s.
+pub async fn client() -> kube::Client {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}; {HINT}", path.display()));
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}; {HINT}", path.display()));
+    let url = config.cluster_url.clone();
+    let client = kube::Client::try_from(config)
+        .unwrap_or_else(|e| panic!("cannot build a client for {url}: {e}; {HINT}"));
+    match tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await {
+        Ok(Ok(_)) => client,
+        Ok(Err(e)) => panic!("the API server at {url} is not reachable: {e}; {HINT}"),
+        Err(_) => panic!("the API server at {url} did not answer within 10 s; {HINT}"),
+    }
+}
+
+/// Installs a `tracing` subscriber writing to the test output, filtered by `RUST_LOG`
+/// (default `info`). Safe to call from every test; only the first call installs it.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,836 @@
+//! A stand-in kubelet for one namespace of the local plane (which has no kubelet and no
+//! scheduler).
+//!
+//! For every pod controlled by a ReplicaSet or a StatefulSet it does what a kubelet would:
+//! projects the pod's Secret volumes into files (keeping the pod pending while a required
+//! Secret is missing), starts the pod's agent ([`AgentFactory`]) on a unique loopback pod
+//! IP, reports the pod `Running` and (per [`KubeletConfig::ready`]) `Ready` through
+//! `pods/status`, keeps Secret files in sync after [`KubeletConfig::secret_sync_delay`], and
+//! on deletion stops the agent, frees the IP, removes the pod's files and finalizes the
+//! deletion (grace period 0) of pods left terminating.
+//!
+//! It works level-triggered from two reflectors (pods and Secrets of the namespace) plus a
+//! periodic resync, so watch restarts and missed events are harmless.
+
+mod ip;
+mod volumes;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::{AgentFactory, PodInfo};
+use ip::{IpLease, IpPool};
+use volumes::{SecretVolume, project, secret_volumes, sync_dir};
+
+/// Decides whether a running pod is reported ready; evaluated on every resync, so it may
+/// change its answer over time (the kubelet then updates the pod's `Ready` condition).
+pub type ReadinessHook = Arc<dyn Fn(&Pod) -> bool + Send + Sync>;
+
+/// Settings of a [`Kubelet`].
+#[derive(Clone)]
+pub struct KubeletConfig {
+    /// First pod IP to hand out (then upward, across `127.10.0.1 ..= 127.255.255.254`,
+    /// wrapping). `None`: a random `127.<10..=250>.<x>.2`, so test processes running at the
+    /// same time are unlikely to collide; within a process IPs are never shared.
+    pub ip_base: Option<Ipv4Addr>,
+    /// Directory holding `<pod name>/<volume>/<key>` files. `None`: a fresh temporary
+    /// directory, removed when the kubelet stops (a given directory is left in place).
+    pub root: Option<PathBuf>,
+    /// How long after a Secret changes the files of running pods mounting it are rewritten
+    /// (the real kubelet takes up to a minute or so). Default 2 s; zero: at once.
+    pub secret_sync_delay: Duration,
+    /// The agent to run in every pod. `None`: pods run nothing.
+    pub agent: Option<Arc<dyn AgentFactory>>,
+    /// Whether a running pod is ready. Default: always.
+    pub ready: ReadinessHook,
+    /// Period of the level-triggered resync (readiness hook, retries). Default 500 ms.
+    pub resync_interval: Duration,
+}
+
+impl Default for KubeletConfig {
+    fn default() -> Self {
+        Self {
+            ip_base: None,
+            root: None,
+            secret_sync_delay: Duration::from_secs(2),
+            agent: None,
+            ready: Arc::new(|_: &Pod| true),
+            resync_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl fmt::Debug for KubeletConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeletConfig")
+            .field("ip_base", &self.ip_base)
+            .field("root", &self.root)
+            .field("secret_sync_delay", &self.secret_sync_delay)
+            .field("agent", &self.agent.as_ref().map(|_| "<agent>"))
+            .field("resync_interval", &self.resync_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeletConfig {
+    /// Sets [`KubeletConfig::agent`].
+    #[must_use]
+    pub fn with_agent(mut self, agent: impl AgentFactory) -> Self {
+        self.agent = Some(Arc::new(agent));
+        self
+    }
+
+    /// Sets [`KubeletConfig::ready`].
+    #[must_use]
+    pub fn with_ready(mut self, ready: impl Fn(&Pod) -> bool + Send + Sync + 'static) -> Self {
+        self.ready = Arc::new(ready);
+        self
+    }
+
+    /// Sets [`KubeletConfig::secret_sync_delay`].
+    #[must_use]
+    pub fn with_secret_sync_delay(mut self, delay: Duration) -> Self {
+        self.secret_sync_delay = delay;
+        self
+    }
+
+    /// Sets [`KubeletConfig::ip_base`].
+    #[must_use]
+    pub fn with_ip_base(mut self, base: Ipv4Addr) -> Self {
+        self.ip_base = Some(base);
+        self
+    }
+
+    /// Sets [`KubeletConfig::root`].
+    #[must_use]
+    pub fn with_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// Sets [`KubeletConfig::resync_interval`].
+    #[must_use]
+    pub fn with_resync_interval(mut self, interval: Duration) -> Self {
+        self.resync_interval = interval;
+        self
+    }
+}
+
+/// A pod the kubelet runs (reported `Running` at least once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningPod {
+    /// Pod name.
+    pub name: String,
+    /// Pod uid.
+    pub uid: String,
+    /// Its loopback IP.
+    pub ip: Ipv4Addr,
+    /// Its directory, `<root>/<name>`.
+    pub dir: PathBuf,
+    /// Secret volumes: volume name -> directory.
+    pub secret_dirs: BTreeMap<String, PathBuf>,
+    /// Whether it was last reported ready.
+    pub ready: bool,
+}
+
+/// A pod's agent task; aborted when dropped.
+struct AgentTask(Option<JoinHandle<()>>);
+
+impl AgentTask {
+    /// Aborts the task and waits until it is gone (its future dropped).
+    async fn stop(mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for AgentTask {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A pod the kubelet started. Dropping it aborts the agent and frees the IP.
+struct PodState {
+    uid: String,
+    lease: IpLease,
+    dir: PathBuf,
+    volumes: Vec<SecretVolume>,
+    /// Files written per volume (relative paths), to remove keys dropped from the Secret.
+    written: BTreeMap<String, BTreeSet<PathBuf>>,
+    started_at: Timestamp,
+    /// What the last successful status patch said about readiness (`None`: not reported).
+    reported_ready: Option<bool>,
+    agent: Option<AgentTask>,
+}
+
+impl PodState {
+    fn secret_dirs(&self) -> BTreeMap<String, PathBuf> {
+        self.volumes
+            .iter()
+            .map(|v| (v.volume.clone(), self.dir.join(&v.volume)))
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    pods: BTreeMap<String, PodState>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The stand-in kubelet for one namespace (the plane has no kubelet and no scheduler).
+///
+/// For every pod controlled by a ReplicaSet or a StatefulSet it does what a kubelet would:
+/// projects the pod's Secret volumes into `<root>/<pod>/<volume>/<key>` files (keeping the
+/// pod pending while a required Secret or key is missing), starts the pod's agent
+/// ([`KubeletConfig::agent`]) on a unique loopback pod IP, reports the pod `Running` and
+/// (per [`KubeletConfig::ready`]) `Ready` through `pods/status` (`podIP`, `hostIP:
+/// 127.0.0.1`, `startTime`, conditions, one running container status per container; no
+/// `nodeName`), rewrites the Secret files of running pods [`KubeletConfig::secret_sync_delay`]
+/// after the Secret changes, and when a pod is deleted or terminating stops its agent,
+/// removes its files, frees its IP and finalizes the deletion (grace period 0, uid
+/// precondition).
+///
+/// It is level-triggered: two reflectors (pods and Secrets of the namespace, restarted with
+/// backoff on watch errors) and a periodic resync drive one reconcile loop, so watch restarts
+/// and missed events are harmless. Pods already running when it starts are adopted (they keep
+/// their IP if it is free).
+pub struct Kubelet;
+
+impl Kubelet {
+    /// Starts a kubelet for the pods of `namespace`, as a Tokio task.
+    ///
+    /// # Panics
+    /// If the root directory cannot be created.
+    pub fn start(client: Client, namespace: &str, config: KubeletConfig) -> KubeletHandle {
+        let (root, tempdir) = match &config.root {
+            Some(root) => {
+                std::fs::create_dir_all(root)
+                    .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+                (root.clone(), None)
+            }
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix(&format!("keyward-kubelet-{namespace}-"))
+                    .tempdir()
+                    .unwrap_or_else(|e| panic!("cannot create a kubelet directory: {e}"));
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
+        let base = config.ip_base.unwrap_or_else(ip::random_base);
+        let pool = IpPool::new(base, config.agent.as_ref().and_then(|a| a.port()));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (pod_store, pod_writer) = reflector::store();
+        let (secret_store, secret_writer) = reflector::store();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let worker = Worker {
+            pods_api: Api::namespaced(client.clone(), namespace),
+            secrets_api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            pods: pod_store,
+            secrets: secret_store,
+            shared: shared.clone(),
+            pool,
+            root: root.clone(),
+            config,
+            pending: BTreeMap::new(),
+            deleting: BTreeMap::new(),
+        };
+        tracing::info!(%namespace, ip_base = %base, root = %root.display(), "stand-in kubelet starting");
+        let task = tokio::spawn(worker.run(pod_writer, secret_writer, stop_rx));
+        KubeletHandle {
+            namespace: namespace.to_string(),
+            root,
+            shared,
+            stop: Some(stop_tx),
+            task: Some(task),
+            _tempdir: tempdir,
+        }
+    }
+}
+
+/// Controls a running [`Kubelet`]. Dropping it stops the kubelet too (aborting its task and
+/// every agent, freeing the IPs, removing a temporary root); [`KubeletHandle::shutdown`]
+/// does the same in order.
+pub struct KubeletHandle {
+    namespace: String,
+    root: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+impl fmt::Debug for KubeletHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeletHandle")
+            .field("namespace", &self.namespace)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeletHandle {
+    /// The namespace it serves.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The directory holding the pods' directories.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The IP of a pod the kubelet started.
+    pub fn pod_ip(&self, pod: &str) -> Option<Ipv4Addr> {
+        lock(&self.shared).pods.get(pod).map(|p| p.lease.ip())
+    }
+
+    /// The directory (`<root>/<pod>`) of a pod the kubelet started.
+    pub fn pod_dir(&self, pod: &str) -> Option<PathBuf> {
+        lock(&self.shared).pods.get(pod).map(|p| p.dir.clone())
+    }
+
+    /// The directory of one Secret volume of a pod the kubelet started.
+    pub fn secret_dir(&self, pod: &str, volume: &str) -> Option<PathBuf> {
+        let shared = lock(&self.shared);
+        let p = shared.pods.get(pod)?;
+        p.volumes
+            .iter()
+            .any(|v| v.volume == volume)
+            .then(|| p.dir.join(volume))
+    }
+
+    /// The pods reported running, by name.
+    pub fn running_pods(&self) -> Vec<RunningPod> {
+        lock(&self.shared)
+            .pods
+            .iter()
+            .filter_map(|(name, p)| {
+                Some(RunningPod {
+                    name: name.clone(),
+                    uid: p.uid.clone(),
+                    ip: p.lease.ip(),
+                    dir: p.dir.clone(),
+                    secret_dirs: p.secret_dirs(),
+                    ready: p.reported_ready?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stops the kubelet: its watches, every agent; frees the IPs. Pods keep their last
+    /// reported status.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+            && e.is_panic()
+        {
+            tracing::error!(namespace = %self.namespace, "stand-in kubelet panicked: {e}");
+        }
+        lock(&self.shared).pods.clear();
+        tracing::info!(namespace = %self.namespace, "stand-in kubelet stopped");
+    }
+}
+
+impl Drop for KubeletHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        lock(&self.shared).pods.clear();
+    }
+}
+
+fn is_managed(pod: &Pod) -> bool {
+    pod.owner_references().iter().any(|o| {
+        o.controller == Some(true)
+            && o.api_version == "apps/v1"
+            && (o.kind == "ReplicaSet" || o.kind == "StatefulSet")
+    })
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// The `pods/status` merge patch of a running pod, as a kubelet would report it. Carries the
+/// pod's uid, so it fails (uid is immutable) if the pod was replaced by one of the same name.
+fn running_status(
+    pod: &Pod,
+    ip: Ipv4Addr,
+    started_at: Timestamp,
+    ready: bool,
+    now: Timestamp,
+) -> Value {
+    let started = Time(started_at);
+    let now = Time(now);
+    let uid = pod.uid().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let flag = if ready { "True" } else { "False" };
+    let not_ready = |cond: &str| {
+        let mut c =
+            json!({"type": cond, "status": flag, "lastProbeTime": null, "lastTransitionTime": now});
+        if !ready {
+            c["reason"] = json!("ContainersNotReady");
+            c["message"] = json!("readiness withheld by the test kubelet");
+        }
+        c
+    };
+    let containers: Vec<Value> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            let image = c.image.clone().unwrap_or_default();
+            json!({
+                "name": c.name,
+                "image": image,
+                "imageID": format!("keyward-testbed://{image}"),
+                "containerID": format!("keyward-testbed://{uid}/{}", c.name),
+                "ready": ready,
+                "started": true,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": started}},
+            })
+        })
+        .collect();
+    let init_containers: Vec<Value> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| {
+            let image = c.image.clone().unwrap_or_default();
+            json!({
+                "name": c.name,
+                "image": image,
+                "imageID": format!("keyward-testbed://{image}"),
+                "containerID": format!("keyward-testbed://{uid}/{}", c.name),
+                "ready": true,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": started, "finishedAt": started}},
+            })
+        })
+        .collect();
+    let mut status = json!({
+        "phase": "Running",
+        "hostIP": "127.0.0.1",
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "startTime": started,
+        "conditions": [
+            {"type": "Initialized", "status": "True", "lastProbeTime": null, "lastTransitionTime": started},
+            not_ready("Ready"),
+            not_ready("ContainersReady"),
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": started},
+        ],
+        "containerStatuses": containers,
+    });
+    if !init_containers.is_empty() {
+        status["initContainerStatuses"] = json!(init_containers);
+    }
+    json!({"metadata": {"uid": uid}, "status": status})
+}
+
+struct Worker {
+    pods_api: Api<Pod>,
+    secrets_api: Api<Secret>,
+    namespace: String,
+    pods: Store<Pod>,
+    secrets: Store<Secret>,
+    shared: Arc<Mutex<Shared>>,
+    pool: IpPool,
+    root: PathBuf,
+    config: KubeletConfig,
+    /// Pods waiting to start (uid -> why), to log each reason once.
+    pending: BTreeMap<String, String>,
+    /// Terminating pods whose deletion was requested (uid -> when), to not repeat it at once.
+    deleting: BTreeMap<String, Instant>,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        pod_writer: reflector::store::Writer<Pod>,
+        secret_writer: reflector::store::Writer<Secret>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let pod_events = reflector::reflector(
+            pod_writer,
+            watcher::watcher(self.pods_api.clone(), watcher::Config::default()),
+        )
+        .default_backoff();
+        let secret_events = reflector::reflector(
+            secret_writer,
+            watcher::watcher(self.secrets_api.clone(), watcher::Config::default()),
+        )
+        .default_backoff();
+        let mut pod_events = pin!(pod_events);
+        let mut secret_events = pin!(secret_events);
+        let mut secret_timers: FuturesUnordered<BoxFuture<'static, String>> =
+            FuturesUnordered::new();
+        let mut resync = tokio::time::interval(self.config.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                ev = pod_events.next() => match ev {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::warn!(namespace = %self.namespace, "pod watch failed (retrying): {e}"),
+                    None => break,
+                },
+                ev = secret_events.next() => match ev {
+                    Some(Ok(Event::Apply(s) | Event::InitApply(s) | Event::Delete(s))) => {
+                        let name = s.name_any();
+                        let delay = self.config.secret_sync_delay;
+                        if delay.is_zero() {
+                            self.sync_secret(&name);
+                        } else {
+                            secret_timers.push(tokio::time::sleep(delay).map(move |()| name).boxed());
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::warn!(namespace = %self.namespace, "secret watch failed (retrying): {e}"),
+                    None => break,
+                },
+                Some(name) = secret_timers.next(), if !secret_timers.is_empty() => self.sync_secret(&name),
+                _ = resync.tick() => {}
+            }
+            self.reconcile().await;
+        }
+        let agents: Vec<AgentTask> = lock(&self.shared)
+            .pods
+            .values_mut()
+            .filter_map(|st| st.agent.take())
+            .collect();
+        for agent in agents {
+            agent.stop().await;
+        }
+        lock(&self.shared).pods.clear();
+    }
+
+    /// Brings the kubelet's pods in line with the pods in the store.
+    async fn reconcile(&mut self) {
+        let pods = self.pods.state();
+        let uids: BTreeMap<String, String> = pods
+            .iter()
+            .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+            .collect();
+        let gone: Vec<String> = lock(&self.shared)
+            .pods
+            .iter()
+            .filter(|(name, st)| uids.get(*name) != Some(&st.uid))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.stop_pod(&name, "deleted").await;
+        }
+        for pod in &pods {
+            if !is_managed(pod) {
+                continue;
+            }
+            let name = pod.name_any();
+            let tracked = lock(&self.shared).pods.contains_key(&name);
+            if pod.metadata.deletion_timestamp.is_some() {
+                if tracked {
+                    self.stop_pod(&name, "terminating").await;
+                }
+                self.finalize_deletion(pod).await;
+            } else if tracked {
+                self.report(pod).await;
+            } else if matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ) {
+                continue;
+            } else {
+                self.start_pod(pod).await;
+            }
+        }
+        let live: BTreeSet<&String> = uids.values().collect();
+        self.pending.retain(|uid, _| live.contains(uid));
+        self.deleting.retain(|uid, _| live.contains(uid));
+    }
+
+    /// Stops a pod as a kubelet does: its agent first, then its files; frees its IP last
+    /// (until then, the handle still lists it).
+    async fn stop_pod(&mut self, name: &str, why: &str) {
+        let (agent, dir) = {
+            let mut shared = lock(&self.shared);
+            let Some(st) = shared.pods.get_mut(name) else {
+                return;
+            };
+            (st.agent.take(), st.dir.clone())
+        };
+        if let Some(agent) = agent {
+            agent.stop().await;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(pod = %name, "cannot remove {}: {e}", dir.display());
+        }
+        if let Some(st) = lock(&self.shared).pods.remove(name) {
+            tracing::info!(namespace = %self.namespace, pod = %name, ip = %st.lease.ip(), "pod stopped ({why})");
+        }
+    }
+
+    /// The kubelet's part of graceful deletion: once the pod's containers are stopped, it
+    /// deletes the pod with grace period 0 (only that pod: uid precondition).
+    async fn finalize_deletion(&mut self, pod: &Pod) {
+        let uid = pod.uid().unwrap_or_default();
+        if self
+            .deleting
+            .get(&uid)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.deleting.insert(uid.clone(), Instant::now());
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let name = pod.name_any();
+        match self.pods_api.delete(&name, &params).await {
+            Ok(_) => {
+                tracing::info!(namespace = %self.namespace, pod = %name, "terminating pod deleted (grace period 0)")
+            }
+            // Gone, or already replaced by a pod of the same name (uid precondition failed):
+            // an unscheduled pod is deleted at once, the store may show its last state.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(namespace = %self.namespace, pod = %name, "cannot finalize deletion: {e}")
+            }
+        }
+    }
+
+    fn pending(&mut self, pod: &Pod, reason: String) {
+        let uid = pod.uid().unwrap_or_default();
+        if self.pending.get(&uid) != Some(&reason) {
+            tracing::info!(namespace = %self.namespace, pod = %pod.name_any(), "pod pending: {reason}");
+            self.pending.insert(uid, reason);
+        }
+    }
+
+    fn secret(&self, name: &str) -> Option<Arc<Secret>> {
+        self.secrets
+            .get(&ObjectRef::new(name).within(&self.namespace))
+    }
+
+    async fn start_pod(&mut self, pod: &Arc<Pod>) {
+        let name = pod.name_any();
+        let uid = pod.uid().unwrap_or_default();
+        let volumes = secret_volumes(pod);
+        let mut projected = Vec::with_capacity(volumes.len());
+        for vol in &volumes {
+            match project(vol, self.secret(&vol.secret).as_deref()) {
+                Ok(files) => projected.push((vol.volume.clone(), files)),
+                Err(why) => {
+                    return self.pending(pod, format!("volume {:?}: {why}", vol.volume));
+                }
+            }
+        }
+        // A pod already running (reported by an earlier kubelet) keeps its IP if it can.
+        let previous_ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let Some(lease) = previous_ip
+            .and_then(IpLease::reserve)
+            .or_else(|| self.pool.allocate())
+        else {
+            return self.pending(pod, "no free loopback IP".into());
+        };
+        let dir = self.root.join(&name);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return self.pending(pod, format!("cannot clean {}: {e}", dir.display()));
+        }
+        let mut written = BTreeMap::new();
+        for (volume, files) in &projected {
+            if let Err(e) = sync_dir(&dir.join(volume), files, &BTreeSet::new()) {
+                return self.pending(pod, format!("cannot write volume {volume:?}: {e}"));
+            }
+            written.insert(volume.clone(), files.keys().cloned().collect());
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return self.pending(pod, format!("cannot create {}: {e}", dir.display()));
+        }
+        let ip = lease.ip();
+        let state = PodState {
+            uid: uid.clone(),
+            lease,
+            dir: dir.clone(),
+            volumes,
+            written,
+            started_at: Timestamp::now(),
+            reported_ready: None,
+            agent: None,
+        };
+        let agent = self.config.agent.as_ref().map(|factory| {
+            let info = PodInfo {
+                name: name.clone(),
+                namespace: self.namespace.clone(),
+                uid: uid.clone(),
+                ip,
+                dir: dir.clone(),
+                secret_dirs: state.secret_dirs(),
+                labels: pod.labels().clone(),
+                annotations: pod.annotations().clone(),
+                pod: pod.clone(),
+            };
+            AgentTask(Some(tokio::spawn(factory.start(info))))
+        });
+        self.pending.remove(&uid);
+        lock(&self.shared)
+            .pods
+            .insert(name.clone(), PodState { agent, ..state });
+        tracing::info!(namespace = %self.namespace, pod = %name, %ip, "pod started");
+        self.report(pod).await;
+    }
+
+    /// Patches the pod's status if what it should say differs from what was last reported.
+    async fn report(&mut self, pod: &Pod) {
+        let name = pod.name_any();
+        let ready = (self.config.ready)(pod);
+        let (ip, started_at) = {
+            let shared = lock(&self.shared);
+            let Some(st) = shared.pods.get(&name) else {
+                return;
+            };
+            if st.reported_ready == Some(ready) {
+                return;
+            }
+            (st.lease.ip(), st.started_at)
+        };
+        let patch = running_status(pod, ip, started_at, ready, Timestamp::now());
+        match self
+            .pods_api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                if let Some(st) = lock(&self.shared).pods.get_mut(&name) {
+                    st.reported_ready = Some(ready);
+                }
+                tracing::info!(namespace = %self.namespace, pod = %name, %ip, ready, "pod status reported: Running");
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                tracing::warn!(namespace = %self.namespace, pod = %name, "cannot report pod status (retrying): {e}")
+            }
+        }
+    }
+
+    /// Rewrites the files of running pods that mount Secret `secret`.
+    fn sync_secret(&mut self, secret: &str) {
+        let current = self.secret(secret);
+        let mut shared = lock(&self.shared);
+        for (pod, st) in shared.pods.iter_mut() {
+            for vol in st.volumes.iter().filter(|v| v.secret == secret) {
+                let files = match project(vol, current.as_deref()) {
+                    Ok(files) => files,
+                    Err(why) => {
+                        // As the kubelet: keep the last files when the Secret cannot be read.
+                        tracing::warn!(namespace = %self.namespace, %pod, volume = %vol.volume, "cannot sync: {why}");
+                        continue;
+                    }
+                };
+                let previous = st.written.get(&vol.volume).cloned().unwrap_or_default();
+                match sync_dir(&st.dir.join(&vol.volume), &files, &previous) {
+                    Ok(changed) => {
+                        if changed {
+                            tracing::info!(namespace = %self.namespace, %pod, volume = %vol.volume, %secret, "secret volume updated");
+                        }
+                        st.written
+                            .insert(vol.volume.clone(), files.into_keys().collect());
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %self.namespace, %pod, volume = %vol.volume, "cannot sync: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use kube::api::ObjectMeta;
+
+    #[test]
+    fn status_patch_reports_running_ready_with_ip() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("u1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: Some("img".into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: None,
+        };
+        let t = Timestamp::now();
+        let v = running_status(&pod, Ipv4Addr::new(127, 10, 0, 2), t, true, t);
+        assert_eq!(v["metadata"]["uid"], "u1");
+        let s = &v["status"];
+        assert_eq!(s["phase"], "Running");
+        assert_eq!(s["podIP"], "127.10.0.2");
+        assert_eq!(s["containerStatuses"][0]["ready"], true);
+        let conds = s["conditions"].as_array().unwrap();
+        assert!(conds.iter().all(|c| c["status"] == "True"));
+        let withheld = running_status(&pod, Ipv4Addr::new(127, 10, 0, 2), t, false, t);
+        let ready = withheld["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .cloned();
+        assert_eq!(ready.unwrap()["status"], "False");
+    }
+}
