@@ -14,7 +14,9 @@ pub fn after(_point: &str) {}
 pub fn after(point: &str) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static HITS: AtomicU32 = AtomicU32::new(0);
-    let Ok(spec) = std::env::var("KEYWARD_CRASH_AFTER") else { return };
+    let Ok(spec) = std::env::var("KEYWARD_CRASH_AFTER") else {
+        return;
+    };
     let (name, n) = match spec.split_once(':') {
         Some((name, n)) => (name.to_string(), n.parse::<u32>().unwrap_or(1)),
         None => (spec.clone(), 1),

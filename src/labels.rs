@@ -65,7 +65,9 @@ pub fn is_gitops_tracking(key: &str) -> bool {
 pub fn user_metadata(template: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     template
         .iter()
-        .filter(|(k, _)| !is_gitops_tracking(k) && !k.starts_with("keyward.dev/") && k.as_str() != MANAGED_BY)
+        .filter(|(k, _)| {
+            !is_gitops_tracking(k) && !k.starts_with("keyward.dev/") && k.as_str() != MANAGED_BY
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

@@ -7,9 +7,9 @@
 
 pub mod agent;
 pub mod api;
-pub mod keys;
-pub mod rotation;
 pub mod controller;
 pub mod fault;
+pub mod keys;
 pub mod labels;
+pub mod rotation;
 pub mod telemetry;

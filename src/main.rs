@@ -9,7 +9,11 @@ use keyward::rotation::Floors;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "keyward", version, about = "Ed25519 provisioning keys for policy agents, revoked only on evidence")]
+#[command(
+    name = "keyward",
+    version,
+    about = "Ed25519 provisioning keys for policy agents, revoked only on evidence"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,8 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    keyward::rotation::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 1h, 30m, 0s)"))
+    keyward::rotation::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 1h, 30m, 0s)"))
 }
 
 #[derive(clap::Args)]
@@ -111,7 +116,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let writes = WriteCounter::default();
     let client = controller::counting_client(config, &writes)?;
     let op = OperatorConfig {
-        namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        namespaces: args
+            .namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
         floors: Floors {
             interval: args.min_rotation_interval,
             min_interval: args.min_min_interval,

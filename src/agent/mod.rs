@@ -17,9 +17,15 @@ pub enum Rollout {
     /// Still moving; the message says what is awaited.
     Progressing(String),
     /// Will not finish by itself (deadline exceeded): fail fast.
-    Failed { reason: &'static str, message: String },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
     /// Configured not to roll by itself (paused, OnDelete, partition): never waited on silently.
-    Stalled { reason: &'static str, message: String },
+    Stalled {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Rollout figures for status.
@@ -52,26 +58,41 @@ pub fn deployment(d: &Deployment) -> (Rollout, Figures) {
     };
     if spec.paused == Some(true) {
         return (
-            Rollout::Stalled { reason: "DeploymentPaused", message: "the Deployment is paused; resume it to roll the agents".into() },
+            Rollout::Stalled {
+                reason: "DeploymentPaused",
+                message: "the Deployment is paused; resume it to roll the agents".into(),
+            },
             f,
         );
     }
-    if let Some(c) = st.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
-        && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
-            return (
-                Rollout::Failed {
-                    reason: "ProgressDeadlineExceeded",
-                    message: c.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()),
-                },
-                f,
-            );
-        }
+    if let Some(c) = st
+        .conditions
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+        && c.status == "False"
+        && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    {
+        return (
+            Rollout::Failed {
+                reason: "ProgressDeadlineExceeded",
+                message: c
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "progress deadline exceeded".into()),
+            },
+            f,
+        );
+    }
     let observed = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
     let complete = observed
         && f.updated == desired
         && st.replicas.unwrap_or(0) == f.updated
         && f.available == desired;
-    if complete { (Rollout::Complete, f) } else { (progressing("Deployment rolling", &f), f) }
+    if complete {
+        (Rollout::Complete, f)
+    } else {
+        (progressing("Deployment rolling", &f), f)
+    }
 }
 
 /// StatefulSet: `OnDelete` and a partition never finish by themselves; otherwise complete when
@@ -84,7 +105,9 @@ pub fn stateful_set(s: &StatefulSet) -> (Rollout, Figures) {
         desired,
         updated: st.updated_replicas.unwrap_or(0),
         ready: st.ready_replicas.unwrap_or(0),
-        available: st.available_replicas.unwrap_or(st.ready_replicas.unwrap_or(0)),
+        available: st
+            .available_replicas
+            .unwrap_or(st.ready_replicas.unwrap_or(0)),
     };
     let strategy = spec.update_strategy.clone().unwrap_or_default();
     if strategy.type_.as_deref() == Some("OnDelete") {
@@ -93,16 +116,33 @@ pub fn stateful_set(s: &StatefulSet) -> (Rollout, Figures) {
             f,
         );
     }
-    if let Some(p) = strategy.rolling_update.and_then(|r| r.partition).filter(|p| *p > 0) {
+    if let Some(p) = strategy
+        .rolling_update
+        .and_then(|r| r.partition)
+        .filter(|p| *p > 0)
+    {
         return (
-            Rollout::Stalled { reason: "Partitioned", message: format!("the StatefulSet's rollingUpdate.partition is {p}; pods below it keep the old key") },
+            Rollout::Stalled {
+                reason: "Partitioned",
+                message: format!(
+                    "the StatefulSet's rollingUpdate.partition is {p}; pods below it keep the old key"
+                ),
+            },
             f,
         );
     }
     let observed = st.observed_generation.unwrap_or(0) >= s.metadata.generation.unwrap_or(0);
     let revisions = st.update_revision.is_some() && st.current_revision == st.update_revision;
-    let complete = observed && revisions && f.updated == desired && f.ready == desired && st.replicas == desired;
-    if complete { (Rollout::Complete, f) } else { (progressing("StatefulSet rolling", &f), f) }
+    let complete = observed
+        && revisions
+        && f.updated == desired
+        && f.ready == desired
+        && st.replicas == desired;
+    if complete {
+        (Rollout::Complete, f)
+    } else {
+        (progressing("StatefulSet rolling", &f), f)
+    }
 }
 
 /// DaemonSet: `OnDelete` never finishes by itself; otherwise complete when every scheduled pod is
@@ -123,8 +163,15 @@ pub fn daemon_set(d: &DaemonSet) -> (Rollout, Figures) {
         );
     }
     let observed = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
-    let complete = observed && f.updated == f.desired && f.available == f.desired && st.number_misscheduled == 0;
-    if complete { (Rollout::Complete, f) } else { (progressing("DaemonSet rolling", &f), f) }
+    let complete = observed
+        && f.updated == f.desired
+        && f.available == f.desired
+        && st.number_misscheduled == 0;
+    if complete {
+        (Rollout::Complete, f)
+    } else {
+        (progressing("DaemonSet rolling", &f), f)
+    }
 }
 
 /// One agent pod as observed.
@@ -166,7 +213,11 @@ pub enum AgentStep {
     /// Write `kid` into the pod template.
     Roll { kid: String },
     /// Nothing to write; wait (with the reason) or done.
-    Wait { reason: &'static str, message: String, retry_after: Option<Duration> },
+    Wait {
+        reason: &'static str,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// Every pod is confirmed on `kid`.
     Confirmed { kid: String },
 }
@@ -191,8 +242,14 @@ pub mod reasons {
 /// Counts pods: total (not terminating), on the Secret's key, confirmed.
 pub fn counts(input: &AgentInput) -> Counts {
     let live: Vec<&PodObs> = input.pods.iter().filter(|p| !p.terminating).collect();
-    let on_key: Vec<&&PodObs> = live.iter().filter(|p| p.kid.as_deref() == Some(input.secret_kid.as_str())).collect();
-    let confirmed = on_key.iter().filter(|p| p.ready && p.successes >= input.success_threshold).count();
+    let on_key: Vec<&&PodObs> = live
+        .iter()
+        .filter(|p| p.kid.as_deref() == Some(input.secret_kid.as_str()))
+        .collect();
+    let confirmed = on_key
+        .iter()
+        .filter(|p| p.ready && p.successes >= input.success_threshold)
+        .count();
     Counts {
         total: i32::try_from(live.len()).unwrap_or(i32::MAX),
         on_key: i32::try_from(on_key.len()).unwrap_or(i32::MAX),
@@ -201,7 +258,10 @@ pub fn counts(input: &AgentInput) -> Counts {
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d)).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Decide. Never rolls a workload whose template already runs the Secret's key, so restarts,
@@ -214,7 +274,10 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
             if now < earliest {
                 return AgentStep::Wait {
                     reason: reasons::ROLL_DELAYED,
-                    message: format!("roll to key {kid} delayed by rollout.minInterval until {}", earliest.to_rfc3339()),
+                    message: format!(
+                        "roll to key {kid} delayed by rollout.minInterval until {}",
+                        earliest.to_rfc3339()
+                    ),
                     retry_after: (earliest - now).to_std().ok(),
                 };
             }
@@ -222,7 +285,9 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
         if !input.roll_slot_free {
             return AgentStep::Wait {
                 reason: reasons::ROLL_QUEUED,
-                message: format!("roll to key {kid} queued: the operator's cap on concurrent rolls is reached"),
+                message: format!(
+                    "roll to key {kid} queued: the operator's cap on concurrent rolls is reached"
+                ),
                 retry_after: Some(Duration::from_secs(5)),
             };
         }
@@ -231,10 +296,18 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
     match &input.rollout {
         Rollout::Complete => {}
         Rollout::Progressing(m) => {
-            return AgentStep::Wait { reason: reasons::ROLLING, message: m.clone(), retry_after: Some(Duration::from_secs(2)) };
+            return AgentStep::Wait {
+                reason: reasons::ROLLING,
+                message: m.clone(),
+                retry_after: Some(Duration::from_secs(2)),
+            };
         }
         Rollout::Failed { reason, message } | Rollout::Stalled { reason, message } => {
-            return AgentStep::Wait { reason, message: message.clone(), retry_after: Some(Duration::from_secs(30)) };
+            return AgentStep::Wait {
+                reason,
+                message: message.clone(),
+                retry_after: Some(Duration::from_secs(30)),
+            };
         }
     }
     let c = counts(input);
@@ -242,7 +315,10 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
     if terminating > 0 || c.on_key < c.total || c.total == 0 {
         return AgentStep::Wait {
             reason: reasons::PODS_NOT_ON_KEY,
-            message: format!("{} of {} pods run key {kid}; {terminating} terminating", c.on_key, c.total),
+            message: format!(
+                "{} of {} pods run key {kid}; {terminating} terminating",
+                c.on_key, c.total
+            ),
             retry_after: Some(Duration::from_secs(2)),
         };
     }
@@ -261,5 +337,7 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
 
 /// Pod annotations as a map helper.
 pub fn pod_kid(annotations: Option<&BTreeMap<String, String>>) -> Option<String> {
-    annotations.and_then(|a| a.get(crate::labels::KEY_ID)).cloned()
+    annotations
+        .and_then(|a| a.get(crate::labels::KEY_ID))
+        .cloned()
 }

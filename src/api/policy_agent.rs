@@ -49,7 +49,9 @@ pub struct LocalRef {
     pub name: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum WorkloadKind {
     #[default]
     Deployment,
@@ -75,7 +77,9 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum CheckMode {
     /// An HTTP check against every pod.
     #[default]
@@ -84,7 +88,9 @@ pub enum CheckMode {
     RolloutOnly,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum CheckVia {
     /// Straight to the pod IP (the operator needs network access to pods).
     #[default]
@@ -93,7 +99,9 @@ pub enum CheckVia {
     ApiServerProxy,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Scheme {
     /// Plain HTTP.
@@ -130,7 +138,10 @@ pub struct HttpCheck {
     pub scheme: Option<Scheme>,
     /// Timeout of one check (default `2s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub timeout: Option<String>,
     /// Consecutive successes required since the pod started (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,7 +149,10 @@ pub struct HttpCheck {
     pub success_threshold: Option<i32>,
     /// Time between checks of one pod (default `2s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub period: Option<String>,
     /// `PodIp` (default) or `ApiServerProxy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,7 +164,10 @@ pub struct HttpCheck {
 pub struct RolloutSpec {
     /// Minimum time between two rolls of this workload (default `0s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub min_interval: Option<String>,
 }
 

@@ -10,7 +10,9 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 /// The only supported key algorithm.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum Algorithm {
     #[default]
     Ed25519,
@@ -46,7 +48,10 @@ pub struct ProvisioningKeySpec {
 
     /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub secret_name: Option<String>,
 
     /// Labels and annotations for the agent Secret. Argo CD and Flux tracking metadata is never
@@ -105,30 +110,45 @@ pub struct RotationSpec {
     /// Rotate this long after the current key was activated (Go duration, e.g. `720h`).
     /// Unset: rotate only on request. Must be at least the operator's `--min-rotation-interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub interval: Option<String>,
 
     /// Debounce: no new key is minted sooner than this after the previous one (default `1m`).
     /// Requests inside the window are delayed, never dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub min_interval: Option<String>,
 
     /// How long a new key is trusted before agents get it (default `2m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub publish_delay: Option<String>,
 
     /// How long the old key stays trusted after a rotation when no PolicyAgent references this
     /// key (default `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub overlap: Option<String>,
 
     /// How long, from the roll, agents may take to confirm the new key before the rotation is
     /// reported `Stalled` (default `15m`). The old key stays trusted either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub confirmation_timeout: Option<String>,
 
     /// Any new value requests one rotation (Git-friendly manual trigger). The value present
@@ -148,7 +168,10 @@ pub struct TokenSpec {
 
     /// Token lifetime (default `1h`); tokens are re-issued at about half of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub ttl: Option<String>,
 
     /// `iss` claim (default: `keyward`).
@@ -163,7 +186,10 @@ pub struct TrustBundleSpec {
     /// ConfigMap that receives the JWKS (default `<name>-trust`). It belongs to this
     /// ProvisioningKey alone; naming another object's ConfigMap is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub config_map_name: Option<String>,
 }
 
@@ -254,12 +280,13 @@ pub struct HistoryEntry {
 }
 
 /// Conditions as a list-map keyed by `type`, so server-side apply merges them per type.
-pub(crate) fn conditions_schema(
-    generator: &mut schemars::SchemaGenerator,
-) -> schemars::Schema {
+pub(crate) fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
     schema
 }
 

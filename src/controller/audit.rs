@@ -61,7 +61,11 @@ pub async fn record(ctx: &Context, regarding: &ObjectReference, audit: Audit<'_>
         note.truncate(cut);
     }
     let event = Event {
-        type_: if audit.warning { EventType::Warning } else { EventType::Normal },
+        type_: if audit.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: audit.reason.to_string(),
         note: Some(note),
         action: audit.action.to_string(),

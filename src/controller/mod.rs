@@ -60,7 +60,10 @@ impl WriteCounter {
 }
 
 /// Builds a client whose every mutating request increments `counter`.
-pub fn counting_client(config: kube::Config, counter: &WriteCounter) -> Result<Client, kube::Error> {
+pub fn counting_client(
+    config: kube::Config,
+    counter: &WriteCounter,
+) -> Result<Client, kube::Error> {
     let counter = counter.0.clone();
     let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
         if req.method() != http::Method::GET {
@@ -68,7 +71,9 @@ pub fn counting_client(config: kube::Config, counter: &WriteCounter) -> Result<C
         }
         req
     });
-    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&layer).build())
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&layer)
+        .build())
 }
 
 /// State shared by every reconcile.
@@ -85,7 +90,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, config: OperatorConfig, writes: WriteCounter) -> Arc<Self> {
-        let reporter = Reporter { controller: "keyward".into(), instance: Some(config.instance.clone()) };
+        let reporter = Reporter {
+            controller: "keyward".into(),
+            instance: Some(config.instance.clone()),
+        };
         let http = reqwest::Client::builder()
             // A check proves the agent answers on its bundle health endpoint; the agent's
             // serving certificate is not what is being confirmed.
@@ -116,7 +124,9 @@ pub fn ts(t: DateTime<Utc>) -> String {
 
 /// Parses a timestamp stored by [`ts`].
 pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
@@ -174,10 +184,25 @@ pub async fn run(
     let shutdown = Box::pin(shutdown).shared();
     let mut runs = Vec::new();
     for ns in scopes {
-        let api = |c: &Client| -> (Api<ProvisioningKey>, Api<Secret>, Api<ConfigMap>, Api<PolicyAgent>) {
+        let api = |c: &Client| -> (
+            Api<ProvisioningKey>,
+            Api<Secret>,
+            Api<ConfigMap>,
+            Api<PolicyAgent>,
+        ) {
             match &ns {
-                Some(ns) => (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns)),
-                None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+                Some(ns) => (
+                    Api::namespaced(c.clone(), ns),
+                    Api::namespaced(c.clone(), ns),
+                    Api::namespaced(c.clone(), ns),
+                    Api::namespaced(c.clone(), ns),
+                ),
+                None => (
+                    Api::all(c.clone()),
+                    Api::all(c.clone()),
+                    Api::all(c.clone()),
+                    Api::all(c.clone()),
+                ),
             }
         };
         let (pks, secrets, cms, pas) = api(&client);
@@ -186,10 +211,14 @@ pub async fn run(
         let keys = Controller::new(pks, watcher::Config::default())
             .owns(secrets.clone(), owned.clone())
             .owns(cms, owned.clone())
-            .watches(pas.clone(), watcher::Config::default(), |pa: PolicyAgent| {
-                let ns = pa.meta().namespace.clone()?;
-                Some(ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns))
-            })
+            .watches(
+                pas.clone(),
+                watcher::Config::default(),
+                |pa: PolicyAgent| {
+                    let ns = pa.meta().namespace.clone()?;
+                    Some(ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns))
+                },
+            )
             .graceful_shutdown_on(shutdown.clone())
             .run(provisioning_key::reconcile, error_policy, ctx.clone())
             .for_each(log_result);
@@ -202,11 +231,16 @@ pub async fn run(
             .watches(secrets, owned, move |s: Secret| {
                 let ns = s.meta().namespace.clone();
                 let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
-                let is_agent = s.labels().get(labels::COMPONENT).map(String::as_str) == Some(labels::COMPONENT_AGENT_SECRET);
+                let is_agent = s.labels().get(labels::COMPONENT).map(String::as_str)
+                    == Some(labels::COMPONENT_AGENT_SECRET);
                 store
                     .state()
                     .into_iter()
-                    .filter(|pa| is_agent && pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref())
+                    .filter(|pa| {
+                        is_agent
+                            && pa.meta().namespace == ns
+                            && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
+                    })
                     .map(|pa| ObjectRef::from_obj(&*pa))
                     .collect::<Vec<_>>()
             })

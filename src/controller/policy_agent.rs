@@ -20,12 +20,12 @@ use tracing::{debug, info};
 use super::audit::{self, Audit, reason};
 use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts};
 use crate::agent::{self, AgentInput, AgentStep, Figures, PodObs, Rollout};
+use crate::api::ProvisioningKey;
 use crate::api::conditions::{self, condition};
 use crate::api::policy_agent::{
     CheckMode, CheckVia, PodCounts, PolicyAgent, PolicyAgentStatus, Scheme, WorkloadKind,
     WorkloadRollout,
 };
-use crate::api::ProvisioningKey;
 use crate::fault;
 use crate::labels as l;
 
@@ -55,7 +55,10 @@ struct Probe {
 impl AgentState {
     fn successes(&self, uid: &str, kid: &str) -> u32 {
         let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        probes.get(uid).filter(|p| p.kid == kid).map_or(0, |p| p.successes)
+        probes
+            .get(uid)
+            .filter(|p| p.kid == kid)
+            .map_or(0, |p| p.successes)
     }
 
     fn due(&self, uid: &str, period: Duration) -> bool {
@@ -65,7 +68,11 @@ impl AgentState {
 
     fn record(&self, uid: &str, kid: &str, ok: bool) {
         let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        let p = probes.entry(uid.to_string()).or_insert(Probe { kid: kid.to_string(), successes: 0, last: Instant::now() });
+        let p = probes.entry(uid.to_string()).or_insert(Probe {
+            kid: kid.to_string(),
+            successes: 0,
+            last: Instant::now(),
+        });
         if p.kid != kid {
             p.kid = kid.to_string();
             p.successes = 0;
@@ -109,10 +116,16 @@ pub struct Check {
     pub min_roll_interval: Duration,
 }
 
-fn dur(field: &str, v: Option<&String>, default: Duration) -> std::result::Result<Duration, String> {
+fn dur(
+    field: &str,
+    v: Option<&String>,
+    default: Duration,
+) -> std::result::Result<Duration, String> {
     match v {
         None => Ok(default),
-        Some(s) => crate::rotation::parse_duration(s).ok_or_else(|| format!("{field}: {s:?} is not a duration (use Go syntax such as 2s or 1m)")),
+        Some(s) => crate::rotation::parse_duration(s).ok_or_else(|| {
+            format!("{field}: {s:?} is not a duration (use Go syntax such as 2s or 1m)")
+        }),
     }
 }
 
@@ -122,28 +135,57 @@ pub fn resolve_check(pa: &PolicyAgent) -> std::result::Result<Check, String> {
     let mode = cc.mode.unwrap_or_default();
     let http = cc.http.clone();
     if mode == CheckMode::Http && http.is_none() {
-        return Err("connectivityCheck.http is required unless connectivityCheck.mode is RolloutOnly".into());
+        return Err(
+            "connectivityCheck.http is required unless connectivityCheck.mode is RolloutOnly"
+                .into(),
+        );
     }
     let http = http.unwrap_or_default();
     if mode == CheckMode::Http && !(1..=65535).contains(&http.port) {
-        return Err(format!("connectivityCheck.http.port: {} is not a port", http.port));
+        return Err(format!(
+            "connectivityCheck.http.port: {} is not a port",
+            http.port
+        ));
     }
-    let path = http.path.clone().unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let path = http
+        .path
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
     if !path.starts_with('/') {
         return Err("connectivityCheck.http.path must start with /".into());
     }
-    let threshold = http.success_threshold.map_or(DEFAULT_SUCCESS_THRESHOLD, |t| u32::try_from(t.clamp(1, 100)).unwrap_or(1));
+    let threshold = http
+        .success_threshold
+        .map_or(DEFAULT_SUCCESS_THRESHOLD, |t| {
+            u32::try_from(t.clamp(1, 100)).unwrap_or(1)
+        });
     let rollout = pa.spec.rollout.clone().unwrap_or_default();
     Ok(Check {
         mode,
         port: http.port,
         path,
         scheme: http.scheme.unwrap_or_default(),
-        timeout: dur("connectivityCheck.http.timeout", http.timeout.as_ref(), DEFAULT_TIMEOUT)?,
-        period: dur("connectivityCheck.http.period", http.period.as_ref(), DEFAULT_PERIOD)?,
-        success_threshold: if mode == CheckMode::RolloutOnly { 0 } else { threshold },
+        timeout: dur(
+            "connectivityCheck.http.timeout",
+            http.timeout.as_ref(),
+            DEFAULT_TIMEOUT,
+        )?,
+        period: dur(
+            "connectivityCheck.http.period",
+            http.period.as_ref(),
+            DEFAULT_PERIOD,
+        )?,
+        success_threshold: if mode == CheckMode::RolloutOnly {
+            0
+        } else {
+            threshold
+        },
         via: http.via.unwrap_or_default(),
-        min_roll_interval: dur("rollout.minInterval", rollout.min_interval.as_ref(), Duration::ZERO)?,
+        min_roll_interval: dur(
+            "rollout.minInterval",
+            rollout.min_interval.as_ref(),
+            Duration::ZERO,
+        )?,
     })
 }
 
@@ -162,14 +204,20 @@ pub fn pod_url(ip: &str, scheme: Scheme, port: i32, path: &str) -> String {
         Scheme::Http => "http",
         Scheme::Https => "https",
     };
-    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
     format!("{s}://{host}:{port}{path}")
 }
 
 async fn probe(ctx: &Context, ns: &str, pod: &Pod, check: &Check) -> bool {
     match check.via {
         CheckVia::PodIp => {
-            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else { return false };
+            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+                return false;
+            };
             let url = pod_url(&ip, check.scheme, check.port, &check.path);
             match ctx.http.get(&url).timeout(check.timeout).send().await {
                 Ok(r) => r.status().is_success(),
@@ -181,8 +229,12 @@ async fn probe(ctx: &Context, ns: &str, pod: &Pod, check: &Check) -> bool {
         }
         CheckVia::ApiServerProxy => {
             let path = proxy_path(ns, &pod.name_any(), check.scheme, check.port, &check.path);
-            let Ok(req) = http::Request::get(path).body(Vec::new()) else { return false };
-            tokio::time::timeout(check.timeout, ctx.client.request_text(req)).await.is_ok_and(|r| r.is_ok())
+            let Ok(req) = http::Request::get(path).body(Vec::new()) else {
+                return false;
+            };
+            tokio::time::timeout(check.timeout, ctx.client.request_text(req))
+                .await
+                .is_ok_and(|r| r.is_ok())
         }
     }
 }
@@ -196,37 +248,99 @@ struct Workload {
     figures: Figures,
 }
 
-async fn get_workload(ctx: &Context, ns: &str, kind: WorkloadKind, name: &str) -> Result<Option<Workload>> {
-    fn common(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, template: Option<&BTreeMap<String, String>>) -> (Option<String>, Option<DateTime<Utc>>) {
+async fn get_workload(
+    ctx: &Context,
+    ns: &str,
+    kind: WorkloadKind,
+    name: &str,
+) -> Result<Option<Workload>> {
+    fn common(
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        template: Option<&BTreeMap<String, String>>,
+    ) -> (Option<String>, Option<DateTime<Utc>>) {
         (
             template.and_then(|a| a.get(l::KEY_ID)).cloned(),
-            meta.annotations.as_ref().and_then(|a| a.get(l::ROLLED_AT)).and_then(|s| parse_ts(s)),
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(l::ROLLED_AT))
+                .and_then(|s| parse_ts(s)),
         )
     }
     Ok(match kind {
-        WorkloadKind::Deployment => Api::<Deployment>::namespaced(ctx.client.clone(), ns).get_opt(name).await?.map(|d| {
-            let spec = d.spec.clone().unwrap_or_default();
-            let (template_kid, rolled_at) = common(&d.metadata, spec.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()));
-            let (rollout, figures) = agent::deployment(&d);
-            Workload { template_kid, rolled_at, selector: Some(spec.selector), rollout, figures }
-        }),
-        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(ctx.client.clone(), ns).get_opt(name).await?.map(|s| {
-            let spec = s.spec.clone().unwrap_or_default();
-            let (template_kid, rolled_at) = common(&s.metadata, spec.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()));
-            let (rollout, figures) = agent::stateful_set(&s);
-            Workload { template_kid, rolled_at, selector: Some(spec.selector), rollout, figures }
-        }),
-        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(ctx.client.clone(), ns).get_opt(name).await?.map(|d| {
-            let spec = d.spec.clone().unwrap_or_default();
-            let (template_kid, rolled_at) = common(&d.metadata, spec.template.metadata.as_ref().and_then(|m| m.annotations.as_ref()));
-            let (rollout, figures) = agent::daemon_set(&d);
-            Workload { template_kid, rolled_at, selector: Some(spec.selector), rollout, figures }
-        }),
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|d| {
+                let spec = d.spec.clone().unwrap_or_default();
+                let (template_kid, rolled_at) = common(
+                    &d.metadata,
+                    spec.template
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.annotations.as_ref()),
+                );
+                let (rollout, figures) = agent::deployment(&d);
+                Workload {
+                    template_kid,
+                    rolled_at,
+                    selector: Some(spec.selector),
+                    rollout,
+                    figures,
+                }
+            }),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|s| {
+                let spec = s.spec.clone().unwrap_or_default();
+                let (template_kid, rolled_at) = common(
+                    &s.metadata,
+                    spec.template
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.annotations.as_ref()),
+                );
+                let (rollout, figures) = agent::stateful_set(&s);
+                Workload {
+                    template_kid,
+                    rolled_at,
+                    selector: Some(spec.selector),
+                    rollout,
+                    figures,
+                }
+            }),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|d| {
+                let spec = d.spec.clone().unwrap_or_default();
+                let (template_kid, rolled_at) = common(
+                    &d.metadata,
+                    spec.template
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.annotations.as_ref()),
+                );
+                let (rollout, figures) = agent::daemon_set(&d);
+                Workload {
+                    template_kid,
+                    rolled_at,
+                    selector: Some(spec.selector),
+                    rollout,
+                    figures,
+                }
+            }),
     })
 }
 
 fn selector_string(sel: &LabelSelector) -> Option<String> {
-    let mut parts: Vec<String> = sel.match_labels.clone().unwrap_or_default().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     for e in sel.match_expressions.clone().unwrap_or_default() {
         let values = e.values.unwrap_or_default().join(",");
         parts.push(match e.operator.as_str() {
@@ -237,12 +351,22 @@ fn selector_string(sel: &LabelSelector) -> Option<String> {
             _ => return None,
         });
     }
-    if parts.is_empty() { None } else { Some(parts.join(",")) }
+    if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join(","))
+    }
 }
 
 /// Rolls the workload: writes the key id into the pod template (pods restart and read the new
 /// Secret) and records when, on the workload's own metadata. Only Keyward's keys are touched.
-async fn roll(ctx: &Context, ns: &str, pa: &PolicyAgent, kid: &str, now: DateTime<Utc>) -> Result<()> {
+async fn roll(
+    ctx: &Context,
+    ns: &str,
+    pa: &PolicyAgent,
+    kid: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let name = &pa.spec.workload_ref.name;
     let body = json!({
         "metadata": { "annotations": { l::ROLLED_AT: ts(now), l::POLICY_AGENT: pa.name_any() } },
@@ -250,9 +374,21 @@ async fn roll(ctx: &Context, ns: &str, pa: &PolicyAgent, kid: &str, now: DateTim
     });
     let pp = PatchParams::default();
     match pa.spec.workload_ref.kind {
-        WorkloadKind::Deployment => { Api::<Deployment>::namespaced(ctx.client.clone(), ns).patch(name, &pp, &Patch::Merge(&body)).await?; }
-        WorkloadKind::StatefulSet => { Api::<StatefulSet>::namespaced(ctx.client.clone(), ns).patch(name, &pp, &Patch::Merge(&body)).await?; }
-        WorkloadKind::DaemonSet => { Api::<DaemonSet>::namespaced(ctx.client.clone(), ns).patch(name, &pp, &Patch::Merge(&body)).await?; }
+        WorkloadKind::Deployment => {
+            Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+                .patch(name, &pp, &Patch::Merge(&body))
+                .await?;
+        }
+        WorkloadKind::StatefulSet => {
+            Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+                .patch(name, &pp, &Patch::Merge(&body))
+                .await?;
+        }
+        WorkloadKind::DaemonSet => {
+            Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
+                .patch(name, &pp, &Patch::Merge(&body))
+                .await?;
+        }
     }
     Ok(())
 }
@@ -285,7 +421,10 @@ impl Outcome {
 }
 
 fn workload_key(ns: &str, pa: &PolicyAgent) -> String {
-    format!("{ns}/{}/{}", pa.spec.workload_ref.kind, pa.spec.workload_ref.name)
+    format!(
+        "{ns}/{}/{}",
+        pa.spec.workload_ref.kind, pa.spec.workload_ref.name
+    )
 }
 
 /// The reconcile entry point.
@@ -302,61 +441,135 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAgentStatus, now: DateTime<Utc>) -> Result<(Outcome, Option<Duration>)> {
+async fn evaluate(
+    ctx: &Context,
+    pa: &PolicyAgent,
+    ns: &str,
+    previous: &PolicyAgentStatus,
+    now: DateTime<Utc>,
+) -> Result<(Outcome, Option<Duration>)> {
     let retry = Some(Duration::from_secs(10));
     let check = match resolve_check(pa) {
         Ok(c) => c,
         Err(m) => return Ok((Outcome::not_ready("Invalid", "InvalidSpec", m), None)),
     };
     // One PolicyAgent per workload: the oldest claim wins.
-    let others = Api::<PolicyAgent>::namespaced(ctx.client.clone(), ns).list(&ListParams::default()).await?;
-    let me = (pa.meta().creation_timestamp.clone().map(|t| t.0), pa.name_any());
+    let others = Api::<PolicyAgent>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let me = (
+        pa.meta().creation_timestamp.clone().map(|t| t.0),
+        pa.name_any(),
+    );
     if let Some(owner) = others.items.iter().find(|o| {
         o.name_any() != pa.name_any()
             && o.spec.workload_ref == pa.spec.workload_ref
-            && (o.meta().creation_timestamp.clone().map(|t| t.0), o.name_any()) < me
+            && (
+                o.meta().creation_timestamp.clone().map(|t| t.0),
+                o.name_any(),
+            ) < me
     }) {
         return Ok((
-            Outcome::not_ready("Invalid", "WorkloadClaimed", format!("{} {} is already managed by PolicyAgent {}", pa.spec.workload_ref.kind, pa.spec.workload_ref.name, owner.name_any())),
+            Outcome::not_ready(
+                "Invalid",
+                "WorkloadClaimed",
+                format!(
+                    "{} {} is already managed by PolicyAgent {}",
+                    pa.spec.workload_ref.kind,
+                    pa.spec.workload_ref.name,
+                    owner.name_any()
+                ),
+            ),
             None,
         ));
     }
     let pk_name = &pa.spec.provisioning_key_ref.name;
-    let Some(pk) = Api::<ProvisioningKey>::namespaced(ctx.client.clone(), ns).get_opt(pk_name).await? else {
-        return Ok((Outcome::not_ready("Pending", "ProvisioningKeyNotFound", format!("ProvisioningKey {pk_name} not found in namespace {ns}")), retry));
+    let Some(pk) = Api::<ProvisioningKey>::namespaced(ctx.client.clone(), ns)
+        .get_opt(pk_name)
+        .await?
+    else {
+        return Ok((
+            Outcome::not_ready(
+                "Pending",
+                "ProvisioningKeyNotFound",
+                format!("ProvisioningKey {pk_name} not found in namespace {ns}"),
+            ),
+            retry,
+        ));
     };
     // The key id is read from the agent Secret itself, never from ProvisioningKey status.
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(&pk.secret_name()).await?;
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&pk.secret_name())
+        .await?;
     let pk_uid = pk.meta().uid.clone().unwrap_or_default();
     let secret_kid = secret
-        .filter(|s| s.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == pk_uid))
-        .and_then(|s| s.data.and_then(|d| d.get(l::DATA_KEY_ID).map(|b| String::from_utf8_lossy(&b.0).into_owned())));
+        .filter(|s| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == pk_uid)
+        })
+        .and_then(|s| {
+            s.data.and_then(|d| {
+                d.get(l::DATA_KEY_ID)
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            })
+        });
     let Some(secret_kid) = secret_kid else {
-        return Ok((Outcome::not_ready("Pending", "KeyNotHandedOut", format!("Secret {} of ProvisioningKey {pk_name} does not carry a key yet", pk.secret_name())), retry));
+        return Ok((
+            Outcome::not_ready(
+                "Pending",
+                "KeyNotHandedOut",
+                format!(
+                    "Secret {} of ProvisioningKey {pk_name} does not carry a key yet",
+                    pk.secret_name()
+                ),
+            ),
+            retry,
+        ));
     };
     let wl = &pa.spec.workload_ref;
     let Some(workload) = get_workload(ctx, ns, wl.kind, &wl.name).await? else {
-        return Ok((Outcome::not_ready("Pending", "WorkloadNotFound", format!("{} {} not found in namespace {ns}", wl.kind, wl.name)), retry));
+        return Ok((
+            Outcome::not_ready(
+                "Pending",
+                "WorkloadNotFound",
+                format!("{} {} not found in namespace {ns}", wl.kind, wl.name),
+            ),
+            retry,
+        ));
     };
 
     // Pods of the workload.
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let pods: Vec<Pod> = match workload.selector.as_ref().and_then(selector_string) {
-        Some(sel) => pods_api.list(&ListParams::default().labels(&sel)).await?.items,
+        Some(sel) => {
+            pods_api
+                .list(&ListParams::default().labels(&sel))
+                .await?
+                .items
+        }
         None => Vec::new(),
     };
     // Probe the running, ready pods that carry the Secret's key, at most once per period.
     let on_key: Vec<&Pod> = pods
         .iter()
         .filter(|p| p.meta().deletion_timestamp.is_none())
-        .filter(|p| agent::pod_kid(p.meta().annotations.as_ref()).as_deref() == Some(secret_kid.as_str()))
+        .filter(|p| {
+            agent::pod_kid(p.meta().annotations.as_ref()).as_deref() == Some(secret_kid.as_str())
+        })
         .filter(|p| pod_ready(p))
         .collect();
-    if check.mode == CheckMode::Http && workload.template_kid.as_deref() == Some(secret_kid.as_str()) {
-        let due: Vec<&&Pod> = on_key.iter().filter(|p| ctx.agents.due(&p.uid().unwrap_or_default(), check.period)).collect();
+    if check.mode == CheckMode::Http
+        && workload.template_kid.as_deref() == Some(secret_kid.as_str())
+    {
+        let due: Vec<&&Pod> = on_key
+            .iter()
+            .filter(|p| ctx.agents.due(&p.uid().unwrap_or_default(), check.period))
+            .collect();
         let results = join_all(due.iter().map(|p| probe(ctx, ns, p, &check))).await;
         for (p, ok) in due.iter().zip(results) {
-            ctx.agents.record(&p.uid().unwrap_or_default(), &secret_kid, ok);
+            ctx.agents
+                .record(&p.uid().unwrap_or_default(), &secret_kid, ok);
         }
     }
     let uids: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
@@ -395,7 +608,11 @@ async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAg
     let step = agent::decide(&input, now);
     let figures = Some((workload.figures.clone(), complete));
     let confirmed_prev = previous.confirmed_key_id.clone();
-    let out = |phase, ready: (bool, &'static str, String), connected: (bool, &'static str, String), confirmed: Option<String>, rolled_at| Outcome {
+    let out = |phase,
+               ready: (bool, &'static str, String),
+               connected: (bool, &'static str, String),
+               confirmed: Option<String>,
+               rolled_at| Outcome {
         phase,
         ready,
         connected,
@@ -407,30 +624,54 @@ async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAg
     };
     Ok(match step {
         AgentStep::Roll { kid } => {
-            let old = workload.template_kid.clone().unwrap_or_else(|| "none".into());
+            let old = workload
+                .template_kid
+                .clone()
+                .unwrap_or_else(|| "none".into());
             roll(ctx, ns, pa, &kid, now).await?;
             ctx.agents.set_rolling(&key, true);
             fault::after("roll");
-            audit::record(ctx, &pa.object_ref(&()), Audit {
-                warning: false,
-                reason: reason::ROLLOUT_TRIGGERED,
-                action: "Roll",
-                note: format!(
-                    "rolled {} {} from key {old} to key {kid} ({} pods, {} desired)",
-                    wl.kind, wl.name, counts.total, workload.figures.desired
-                ),
-                related: Some(workload_ref(pa, ns)),
-            })
+            audit::record(
+                ctx,
+                &pa.object_ref(&()),
+                Audit {
+                    warning: false,
+                    reason: reason::ROLLOUT_TRIGGERED,
+                    action: "Roll",
+                    note: format!(
+                        "rolled {} {} from key {old} to key {kid} ({} pods, {} desired)",
+                        wl.kind, wl.name, counts.total, workload.figures.desired
+                    ),
+                    related: Some(workload_ref(pa, ns)),
+                },
+            )
             .await;
             info!(pa = %pa.name_any(), workload = %wl.name, kid = %kid, "rolled workload");
             (
-                out("Rolling", (confirmed_prev.is_some(), "RolloutTriggered", format!("rolling to key {kid}")), (false, "RolloutTriggered", format!("rolling to key {kid}")), confirmed_prev.clone(), Some(now)),
+                out(
+                    "Rolling",
+                    (
+                        confirmed_prev.is_some(),
+                        "RolloutTriggered",
+                        format!("rolling to key {kid}"),
+                    ),
+                    (false, "RolloutTriggered", format!("rolling to key {kid}")),
+                    confirmed_prev.clone(),
+                    Some(now),
+                ),
                 Some(Duration::from_secs(1)),
             )
         }
-        AgentStep::Wait { reason: r, message, retry_after } => {
+        AgentStep::Wait {
+            reason: r,
+            message,
+            retry_after,
+        } => {
             let phase = match r {
-                "DeploymentPaused" | "OnDeleteStrategy" | "Partitioned" | "ProgressDeadlineExceeded" => "Stalled",
+                "DeploymentPaused"
+                | "OnDeleteStrategy"
+                | "Partitioned"
+                | "ProgressDeadlineExceeded" => "Stalled",
                 agent::reasons::ROLL_DELAYED | agent::reasons::ROLL_QUEUED => "Pending",
                 agent::reasons::ROLLING => "Rolling",
                 _ => "Confirming",
@@ -440,11 +681,25 @@ async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAg
             (
                 out(
                     phase,
-                    (on_current, if on_current { agent::reasons::CONFIRMED } else { r }, if on_current { format!("confirmed on key {secret_kid}") } else { message.clone() }),
+                    (
+                        on_current,
+                        if on_current {
+                            agent::reasons::CONFIRMED
+                        } else {
+                            r
+                        },
+                        if on_current {
+                            format!("confirmed on key {secret_kid}")
+                        } else {
+                            message.clone()
+                        },
+                    ),
                     (false, r, message),
                     confirmed_prev.clone(),
                     // Only a roll to the Secret's key counts (confirmationTimeout runs from it).
-                    workload.rolled_at.filter(|_| workload.template_kid.as_deref() == Some(secret_kid.as_str())),
+                    workload
+                        .rolled_at
+                        .filter(|_| workload.template_kid.as_deref() == Some(secret_kid.as_str())),
                 ),
                 retry,
             )
@@ -452,8 +707,19 @@ async fn evaluate(ctx: &Context, pa: &PolicyAgent, ns: &str, previous: &PolicyAg
         AgentStep::Confirmed { kid } => (
             out(
                 "Confirmed",
-                (true, agent::reasons::CONFIRMED, format!("every pod is confirmed on key {kid}")),
-                (true, agent::reasons::CONFIRMED, format!("{} of {} pods connect with key {kid}", counts.confirmed, counts.total)),
+                (
+                    true,
+                    agent::reasons::CONFIRMED,
+                    format!("every pod is confirmed on key {kid}"),
+                ),
+                (
+                    true,
+                    agent::reasons::CONFIRMED,
+                    format!(
+                        "{} of {} pods connect with key {kid}",
+                        counts.confirmed, counts.total
+                    ),
+                ),
                 Some(kid),
                 workload.rolled_at,
             ),
@@ -479,18 +745,38 @@ fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::Objec
     }
 }
 
-async fn report(ctx: &Context, pa: &PolicyAgent, previous: &PolicyAgentStatus, o: Outcome, now: DateTime<Utc>) -> Result<()> {
+async fn report(
+    ctx: &Context,
+    pa: &PolicyAgent,
+    previous: &PolicyAgentStatus,
+    o: Outcome,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let generation = pa.meta().generation;
-    let now_t = Time(k8s_openapi::jiff::Timestamp::from_second(now.timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    let now_t = Time(
+        k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    );
     let newly_confirmed = o.confirmed.is_some() && o.confirmed != previous.confirmed_key_id;
-    let confirmed_at = if newly_confirmed { Some(ts(now)) } else { previous.confirmed_at.clone().filter(|_| o.confirmed.is_some()) };
+    let confirmed_at = if newly_confirmed {
+        Some(ts(now))
+    } else {
+        previous
+            .confirmed_at
+            .clone()
+            .filter(|_| o.confirmed.is_some())
+    };
     let status = PolicyAgentStatus {
         phase: Some(o.phase.to_string()),
         confirmed_key_id: o.confirmed.clone(),
         confirmed_at,
         target_key_id: o.target.clone(),
         rolled_at: o.rolled_at.map(ts),
-        pods: o.counts.as_ref().map(|c| PodCounts { total: c.total, on_current_key: c.on_key, confirmed: c.confirmed }),
+        pods: o.counts.as_ref().map(|c| PodCounts {
+            total: c.total,
+            on_current_key: c.on_key,
+            confirmed: c.confirmed,
+        }),
         workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
             desired: f.desired,
             updated: f.updated,
@@ -500,42 +786,92 @@ async fn report(ctx: &Context, pa: &PolicyAgent, previous: &PolicyAgentStatus, o
         }),
         observed_generation: generation,
         conditions: vec![
-            condition(&previous.conditions, conditions::READY, o.ready.0, o.ready.1, o.ready.2.clone(), generation, now_t.clone()),
-            condition(&previous.conditions, conditions::CONNECTED, o.connected.0, o.connected.1, o.connected.2.clone(), generation, now_t),
+            condition(
+                &previous.conditions,
+                conditions::READY,
+                o.ready.0,
+                o.ready.1,
+                o.ready.2.clone(),
+                generation,
+                now_t.clone(),
+            ),
+            condition(
+                &previous.conditions,
+                conditions::CONNECTED,
+                o.connected.0,
+                o.connected.1,
+                o.connected.2.clone(),
+                generation,
+                now_t,
+            ),
         ],
     };
     if pa.status.as_ref() == Some(&status) {
         return Ok(());
     }
     let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
-    let body = json!({ "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent", "status": status });
+    let body =
+        json!({ "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent", "status": status });
     Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(&pa.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .patch_status(
+            &pa.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
         .await?;
     let regarding = pa.object_ref(&());
     if newly_confirmed {
         fault::after("confirm");
         let c = o.counts.clone().unwrap_or_default();
-        audit::record(ctx, &regarding, Audit {
-            warning: false,
-            reason: reason::AGENT_CONFIRMED,
-            action: "Confirm",
-            note: format!(
-                "{} {}: all {} pods confirmed on key {} ({} consecutive checks each)",
-                pa.spec.workload_ref.kind,
-                pa.spec.workload_ref.name,
-                c.total,
-                o.confirmed.clone().unwrap_or_default(),
-                resolve_check(pa).map(|c| c.success_threshold).unwrap_or_default()
-            ),
-            related: Some(workload_ref(pa, &ns)),
-        })
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: false,
+                reason: reason::AGENT_CONFIRMED,
+                action: "Confirm",
+                note: format!(
+                    "{} {}: all {} pods confirmed on key {} ({} consecutive checks each)",
+                    pa.spec.workload_ref.kind,
+                    pa.spec.workload_ref.name,
+                    c.total,
+                    o.confirmed.clone().unwrap_or_default(),
+                    resolve_check(pa)
+                        .map(|c| c.success_threshold)
+                        .unwrap_or_default()
+                ),
+                related: Some(workload_ref(pa, &ns)),
+            },
+        )
         .await;
     }
-    let was = previous.conditions.iter().find(|c| c.type_ == conditions::READY).map(|c| c.reason.clone());
-    let warn = matches!(o.ready.1, "InvalidSpec" | "WorkloadClaimed" | "DeploymentPaused" | "OnDeleteStrategy" | "Partitioned" | "ProgressDeadlineExceeded");
+    let was = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map(|c| c.reason.clone());
+    let warn = matches!(
+        o.ready.1,
+        "InvalidSpec"
+            | "WorkloadClaimed"
+            | "DeploymentPaused"
+            | "OnDeleteStrategy"
+            | "Partitioned"
+            | "ProgressDeadlineExceeded"
+    );
     if warn && !o.ready.0 && was.as_deref() != Some(o.ready.1) {
-        audit::record(ctx, &regarding, Audit { warning: true, reason: o.ready.1, action: "Reconcile", note: o.ready.2.clone(), related: Some(workload_ref(pa, &ns)) }).await;
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: true,
+                reason: o.ready.1,
+                action: "Reconcile",
+                note: o.ready.2.clone(),
+                related: Some(workload_ref(pa, &ns)),
+            },
+        )
+        .await;
     }
     Ok(())
 }
@@ -547,31 +883,64 @@ mod tests {
     #[test]
     fn proxy_and_pod_urls() {
         assert_eq!(
-            proxy_path("agents", "opa-0", Scheme::Http, 8181, "/health?bundles=true"),
+            proxy_path(
+                "agents",
+                "opa-0",
+                Scheme::Http,
+                8181,
+                "/health?bundles=true"
+            ),
             "/api/v1/namespaces/agents/pods/opa-0:8181/proxy/health?bundles=true"
         );
         assert_eq!(
             proxy_path("agents", "opa-0", Scheme::Https, 8443, "/health"),
             "/api/v1/namespaces/agents/pods/https:opa-0:8443/proxy/health"
         );
-        assert_eq!(pod_url("10.0.0.7", Scheme::Http, 8181, "/health"), "http://10.0.0.7:8181/health");
-        assert_eq!(pod_url("fd00::7", Scheme::Https, 8443, "/h"), "https://[fd00::7]:8443/h");
+        assert_eq!(
+            pod_url("10.0.0.7", Scheme::Http, 8181, "/health"),
+            "http://10.0.0.7:8181/health"
+        );
+        assert_eq!(
+            pod_url("fd00::7", Scheme::Https, 8443, "/h"),
+            "https://[fd00::7]:8443/h"
+        );
     }
 
     /// The pods-proxy mode's request, checked against a mock API server (the local plane refuses
     /// to proxy to loopback pod IPs, so this mode cannot be exercised end to end there).
     #[tokio::test]
     async fn proxy_check_request_shape() {
-        let (service, mut handle) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let (service, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
         let client = kube::Client::new(service, "default");
-        let ctx = Context::new(client, crate::controller::OperatorConfig::default(), crate::controller::WriteCounter::default());
+        let ctx = Context::new(
+            client,
+            crate::controller::OperatorConfig::default(),
+            crate::controller::WriteCounter::default(),
+        );
         let server = tokio::spawn(async move {
             let (req, send) = handle.next_request().await.expect("a request");
             assert_eq!(req.method(), http::Method::GET);
-            assert_eq!(req.uri().to_string(), "/api/v1/namespaces/agents/pods/opa-0:8181/proxy/health?bundles=true");
-            send.send_response(http::Response::builder().status(200).body(kube::client::Body::from(b"{}".to_vec())).unwrap());
+            assert_eq!(
+                req.uri().to_string(),
+                "/api/v1/namespaces/agents/pods/opa-0:8181/proxy/health?bundles=true"
+            );
+            send.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(b"{}".to_vec()))
+                    .unwrap(),
+            );
         });
-        let pod = Pod { metadata: kube::api::ObjectMeta { name: Some("opa-0".into()), ..Default::default() }, ..Default::default() };
+        let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some("opa-0".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let check = Check {
             mode: CheckMode::Http,
             port: 8181,
@@ -591,11 +960,18 @@ mod tests {
     fn check_spec_validation() {
         let mut pa = PolicyAgent::new("a", Default::default());
         assert!(resolve_check(&pa).unwrap_err().contains("http is required"));
-        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck { mode: Some(CheckMode::RolloutOnly), http: None });
+        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
+            mode: Some(CheckMode::RolloutOnly),
+            http: None,
+        });
         assert_eq!(resolve_check(&pa).unwrap().success_threshold, 0);
         pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
             mode: None,
-            http: Some(crate::api::policy_agent::HttpCheck { port: 8181, timeout: Some("2 seconds".into()), ..Default::default() }),
+            http: Some(crate::api::policy_agent::HttpCheck {
+                port: 8181,
+                timeout: Some("2 seconds".into()),
+                ..Default::default()
+            }),
         });
         assert!(resolve_check(&pa).unwrap_err().contains("timeout"));
     }

@@ -18,18 +18,18 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::audit::{self, Audit, reason};
 use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts};
+use crate::api::PolicyAgent;
 use crate::api::conditions::{self, condition};
 use crate::api::provisioning_key::{
     HistoryEntry, KeyInfo, ProvisioningKey, ProvisioningKeyStatus, RevokedKey, TrustedKey,
 };
-use crate::api::PolicyAgent;
+use crate::fault;
 use crate::keys::{self, Jwks, KeyPair, PublicKey, TokenClaims};
 use crate::labels as l;
 use crate::rotation::{
-    self, AgentSecret, AgentSecretObs, BundleObs, Consumer, HandOutReason, KeyState, ObservedKey,
-    Observed, Phase, Plan, Settings, Step, Trigger,
+    self, AgentSecret, AgentSecretObs, BundleObs, Consumer, HandOutReason, KeyState, Observed,
+    ObservedKey, Phase, Plan, Settings, Step, Trigger,
 };
-use crate::fault;
 
 /// Most writes one reconcile makes before it yields to other objects.
 const MAX_STEPS_PER_RECONCILE: usize = 12;
@@ -51,7 +51,10 @@ struct Refs {
 }
 
 fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
-    Ok((pk.namespace().ok_or(Error::MissingObjectKey)?, pk.meta().name.clone().ok_or(Error::MissingObjectKey)?))
+    Ok((
+        pk.namespace().ok_or(Error::MissingObjectKey)?,
+        pk.meta().name.clone().ok_or(Error::MissingObjectKey)?,
+    ))
 }
 
 /// The reconcile entry point.
@@ -74,7 +77,9 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
         match &plan.step {
             None => {
                 report(&ctx, &pk, &settings, &observed, &plan, now).await?;
-                return Ok(plan.requeue_after.map_or_else(Action::await_change, Action::requeue));
+                return Ok(plan
+                    .requeue_after
+                    .map_or_else(Action::await_change, Action::requeue));
             }
             Some(step) => apply(&ctx, &pk, &settings, &observed, &refs, step, now).await?,
         }
@@ -86,21 +91,33 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
 // observe: reads only, always fresh from the API server (never the watch cache, which may not
 // yet show our own last write).
 
-async fn observe(ctx: &Context, pk: &ProvisioningKey, settings: &Settings) -> Result<(Observed, Refs)> {
+async fn observe(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    settings: &Settings,
+) -> Result<(Observed, Refs)> {
     let (ns, name) = object_key(pk)?;
     let uid = pk.meta().uid.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let pas: Api<PolicyAgent> = Api::namespaced(ctx.client.clone(), &ns);
 
-    let selector = format!("{}={name},{}={}", l::PROVISIONING_KEY, l::COMPONENT, l::COMPONENT_KEY);
-    let list = secrets.list(&ListParams::default().labels(&selector)).await?;
+    let selector = format!(
+        "{}={name},{}={}",
+        l::PROVISIONING_KEY,
+        l::COMPONENT,
+        l::COMPONENT_KEY
+    );
+    let list = secrets
+        .list(&ListParams::default().labels(&selector))
+        .await?;
     let mut keys = Vec::new();
     let mut refs = Refs::default();
     for s in list.items.iter().filter(|s| controlled_by(s.meta(), &uid)) {
         match parse_key_secret(s) {
             Ok((k, pem)) => {
-                refs.keys.insert(k.seq, (s.resource_version().unwrap_or_default(), pem));
+                refs.keys
+                    .insert(k.seq, (s.resource_version().unwrap_or_default(), pem));
                 keys.push(k);
             }
             Err(message) => {
@@ -150,7 +167,9 @@ async fn observe(ctx: &Context, pk: &ProvisioningKey, settings: &Settings) -> Re
         .await?
         .items
         .into_iter()
-        .filter(|pa| pa.spec.provisioning_key_ref.name == name && pa.meta().deletion_timestamp.is_none())
+        .filter(|pa| {
+            pa.spec.provisioning_key_ref.name == name && pa.meta().deletion_timestamp.is_none()
+        })
         .map(|pa| {
             let status = pa.status.clone().unwrap_or_default();
             Consumer {
@@ -190,7 +209,10 @@ fn parse_key_secret(s: &Secret) -> std::result::Result<(ObservedKey, String), St
         .get(l::KEY_SEQ)
         .and_then(|v| v.parse::<u32>().ok())
         .ok_or("missing or malformed key-seq label")?;
-    let state = labels.get(l::KEY_STATE).and_then(|v| KeyState::parse(v)).ok_or("missing or malformed key-state label")?;
+    let state = labels
+        .get(l::KEY_STATE)
+        .and_then(|v| KeyState::parse(v))
+        .ok_or("missing or malformed key-state label")?;
     let data = s.data.clone().unwrap_or_default();
     let pem = data
         .get(l::DATA_PUBLIC_KEY)
@@ -204,7 +226,12 @@ fn parse_key_secret(s: &Secret) -> std::result::Result<(ObservedKey, String), St
     let created_at = get(l::CREATED_AT)
         .as_deref()
         .and_then(parse_ts)
-        .or_else(|| s.meta().creation_timestamp.as_ref().and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0)))
+        .or_else(|| {
+            s.meta()
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
+        })
         .ok_or("missing created-at")?;
     let at = |k: &str| get(k).as_deref().and_then(parse_ts);
     Ok((
@@ -213,7 +240,10 @@ fn parse_key_secret(s: &Secret) -> std::result::Result<(ObservedKey, String), St
             fingerprint: public.fingerprint(),
             kid,
             state,
-            trigger: get(l::TRIGGER).as_deref().and_then(Trigger::parse).unwrap_or(Trigger::Initial),
+            trigger: get(l::TRIGGER)
+                .as_deref()
+                .and_then(Trigger::parse)
+                .unwrap_or(Trigger::Initial),
             consumed_request_token: get(l::CONSUMED_REQUEST_TOKEN),
             consumed_annotation: get(l::CONSUMED_ROTATE),
             created_at,
@@ -227,7 +257,10 @@ fn parse_key_secret(s: &Secret) -> std::result::Result<(ObservedKey, String), St
     ))
 }
 
-fn agent_labels(pk_name: &str, settings_template: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+fn agent_labels(
+    pk_name: &str,
+    settings_template: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut labels = l::user_metadata(settings_template);
     labels.insert(l::MANAGED_BY.into(), l::MANAGED_BY_VALUE.into());
     labels.insert(l::PROVISIONING_KEY.into(), pk_name.into());
@@ -254,23 +287,36 @@ fn inspect_agent_secret(
     refs: &Refs,
 ) -> AgentSecret {
     let data = s.data.clone().unwrap_or_default();
-    let text = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
     let kid = text(l::DATA_KEY_ID);
-    let key = kid.as_ref().and_then(|kid| keys.iter().find(|k| &k.kid == kid));
-    let public_pem = key.and_then(|k| refs.keys.get(&k.seq)).map(|(_, pem)| pem.clone());
+    let key = kid
+        .as_ref()
+        .and_then(|kid| keys.iter().find(|k| &k.kid == kid));
+    let public_pem = key
+        .and_then(|k| refs.keys.get(&k.seq))
+        .map(|(_, pem)| pem.clone());
     let (tl, ta) = template(pk);
     let name = pk.name_any();
     let ns = pk.namespace().unwrap_or_default();
-    let labels_ok = agent_labels(&name, &tl).iter().all(|(k, v)| s.labels().get(k) == Some(v));
-    let ann_ok = kid
-        .as_deref()
-        .is_some_and(|kid| agent_annotations(kid, &ta).iter().all(|(k, v)| s.annotations().get(k) == Some(v)));
+    let labels_ok = agent_labels(&name, &tl)
+        .iter()
+        .all(|(k, v)| s.labels().get(k) == Some(v));
+    let ann_ok = kid.as_deref().is_some_and(|kid| {
+        agent_annotations(kid, &ta)
+            .iter()
+            .all(|(k, v)| s.annotations().get(k) == Some(v))
+    });
     let content_ok = public_pem.is_some() && text(l::DATA_PUBLIC_KEY) == public_pem;
     let token = text(l::DATA_TOKEN);
     // The token must verify under the key it claims, with the claims the spec asks for.
     let verified = match (&token, &public_pem) {
         (Some(token), Some(pem)) => PublicKey::from_spki_pem(pem).ok().and_then(|p| {
-            let jwks = Jwks { keys: vec![p.to_jwk()] };
+            let jwks = Jwks {
+                keys: vec![p.to_jwk()],
+            };
             // Checked at the token's own issue time: validity in time is the planner's
             // business (refresh at half-life), the signature and claims are checked here.
             let (_, unverified) = keys::decode_token_unverified(token).ok()?;
@@ -279,7 +325,10 @@ fn inspect_agent_secret(
         _ => None,
     };
     let token_claims_match = verified.as_ref().is_some_and(|(h, c)| {
-        Some(&h.kid) == kid.as_ref() && c.iss == settings.issuer && c.aud == settings.audience && c.sub == format!("{ns}/{name}")
+        Some(&h.kid) == kid.as_ref()
+            && c.iss == settings.issuer
+            && c.aud == settings.audience
+            && c.sub == format!("{ns}/{name}")
     });
     AgentSecret {
         kid,
@@ -287,7 +336,10 @@ fn inspect_agent_secret(
         token_exp: verified.as_ref().map(|(_, c)| c.exp),
         token_claims_match,
         has_private_key: data.contains_key(l::DATA_PRIVATE_KEY),
-        metadata_matches: labels_ok && ann_ok && content_ok && s.type_.as_deref() == Some(l::AGENT_SECRET_TYPE),
+        metadata_matches: labels_ok
+            && ann_ok
+            && content_ok
+            && s.type_.as_deref() == Some(l::AGENT_SECRET_TYPE),
     }
 }
 
@@ -320,10 +372,17 @@ async fn apply(
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let regarding = pk.object_ref(&());
-    let owner = pk.controller_owner_ref(&()).ok_or(Error::MissingObjectKey)?;
+    let owner = pk
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey)?;
     debug!(pk = %name, ?step, "applying step");
     match step {
-        Step::Mint { seq, trigger, consumed_request_token, consumed_annotation } => {
+        Step::Mint {
+            seq,
+            trigger,
+            consumed_request_token,
+            consumed_annotation,
+        } => {
             let pair = KeyPair::generate();
             let public = pair.public_key();
             let kid = public.key_id();
@@ -332,7 +391,10 @@ async fn apply(
                 (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
                 (l::PROVISIONING_KEY.to_string(), name.clone()),
                 (l::COMPONENT.to_string(), l::COMPONENT_KEY.to_string()),
-                (l::KEY_STATE.to_string(), KeyState::Pending.as_str().to_string()),
+                (
+                    l::KEY_STATE.to_string(),
+                    KeyState::Pending.as_str().to_string(),
+                ),
             ]);
             labels.insert(l::KEY_SEQ.into(), seq.to_string());
             let mut annotations = BTreeMap::from([
@@ -359,13 +421,27 @@ async fn apply(
                 },
                 type_: Some(KEY_SECRET_TYPE.into()),
                 data: Some(BTreeMap::from([
-                    (l::DATA_PRIVATE_KEY.to_string(), ByteString(private.as_bytes().to_vec())),
-                    (l::DATA_PUBLIC_KEY.to_string(), ByteString(public.to_spki_pem().into_bytes())),
+                    (
+                        l::DATA_PRIVATE_KEY.to_string(),
+                        ByteString(private.as_bytes().to_vec()),
+                    ),
+                    (
+                        l::DATA_PUBLIC_KEY.to_string(),
+                        ByteString(public.to_spki_pem().into_bytes()),
+                    ),
                 ])),
                 ..Default::default()
             };
             drop(private);
-            let created = secrets.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &secret).await;
+            let created = secrets
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &secret,
+                )
+                .await;
             wipe(&mut secret);
             match created {
                 Ok(_) => {}
@@ -378,13 +454,20 @@ async fn apply(
                 Err(e) => return Err(e.into()),
             }
             fault::after("mint");
-            audit::record(ctx, &regarding, Audit {
-                warning: false,
-                reason: reason::KEY_MINTED,
-                action: "Mint",
-                note: format!("minted key {kid} (fingerprint {fingerprint}, seq {seq}, trigger {})", trigger.as_str()),
-                related: Some(key_ref(pk, *seq)),
-            })
+            audit::record(
+                ctx,
+                &regarding,
+                Audit {
+                    warning: false,
+                    reason: reason::KEY_MINTED,
+                    action: "Mint",
+                    note: format!(
+                        "minted key {kid} (fingerprint {fingerprint}, seq {seq}, trigger {})",
+                        trigger.as_str()
+                    ),
+                    related: Some(key_ref(pk, *seq)),
+                },
+            )
             .await;
             if *trigger == Trigger::Compromised {
                 audit::record(ctx, &regarding, Audit {
@@ -411,7 +494,11 @@ async fn apply(
                     .iter()
                     .filter(|k| trusted.contains(&k.kid))
                     .map(|k| {
-                        let pem = refs.keys.get(&k.seq).map(|(_, p)| p.as_str()).unwrap_or_default();
+                        let pem = refs
+                            .keys
+                            .get(&k.seq)
+                            .map(|(_, p)| p.as_str())
+                            .unwrap_or_default();
                         PublicKey::from_spki_pem(pem).map(|p| p.to_jwk())
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()?,
@@ -423,7 +510,10 @@ async fn apply(
                     labels: Some(BTreeMap::from([
                         (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
                         (l::PROVISIONING_KEY.to_string(), name.clone()),
-                        (l::COMPONENT.to_string(), l::COMPONENT_TRUST_BUNDLE.to_string()),
+                        (
+                            l::COMPONENT.to_string(),
+                            l::COMPONENT_TRUST_BUNDLE.to_string(),
+                        ),
                     ])),
                     owner_references: Some(vec![owner]),
                     ..Default::default()
@@ -435,54 +525,108 @@ async fn apply(
                 ..Default::default()
             };
             let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-            cms.patch(&settings.trust_bundle_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await?;
+            cms.patch(
+                &settings.trust_bundle_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&cm),
+            )
+            .await?;
             fault::after("bundle");
             info!(pk = %name, trusted = ?trusted, revoked = ?revoked, "trust bundle written");
         }
         Step::RecordPublished { seq } => {
-            transition(&secrets, &name, refs, *seq, KeyState::Published, &[(l::PUBLISHED_AT, ts(now))], false).await?;
+            transition(
+                &secrets,
+                &name,
+                refs,
+                *seq,
+                KeyState::Published,
+                &[(l::PUBLISHED_AT, ts(now))],
+                false,
+            )
+            .await?;
             fault::after("record-published");
             if let Some(k) = find(obs, *seq) {
-                audit::record(ctx, &regarding, Audit {
-                    warning: false,
-                    reason: reason::KEY_PUBLISHED,
-                    action: "Publish",
-                    note: format!("key {} (fingerprint {}) is in trust bundle {}", k.kid, k.fingerprint, settings.trust_bundle_name),
-                    related: Some(key_ref(pk, *seq)),
-                })
+                audit::record(
+                    ctx,
+                    &regarding,
+                    Audit {
+                        warning: false,
+                        reason: reason::KEY_PUBLISHED,
+                        action: "Publish",
+                        note: format!(
+                            "key {} (fingerprint {}) is in trust bundle {}",
+                            k.kid, k.fingerprint, settings.trust_bundle_name
+                        ),
+                        related: Some(key_ref(pk, *seq)),
+                    },
+                )
                 .await;
             }
         }
         Step::Activate { seq, emergency } => {
-            transition(&secrets, &name, refs, *seq, KeyState::Active, &[(l::ACTIVATED_AT, ts(now))], false).await?;
+            transition(
+                &secrets,
+                &name,
+                refs,
+                *seq,
+                KeyState::Active,
+                &[(l::ACTIVATED_AT, ts(now))],
+                false,
+            )
+            .await?;
             fault::after("activate");
             if let Some(k) = find(obs, *seq) {
-                audit::record(ctx, &regarding, Audit {
-                    warning: false,
-                    reason: reason::KEY_ACTIVATED,
-                    action: "Activate",
-                    note: format!(
-                        "key {} (fingerprint {}) is now current{}",
-                        k.kid,
-                        k.fingerprint,
-                        if *emergency { " (emergency: publishDelay skipped)" } else { "" }
-                    ),
-                    related: Some(key_ref(pk, *seq)),
-                })
+                audit::record(
+                    ctx,
+                    &regarding,
+                    Audit {
+                        warning: false,
+                        reason: reason::KEY_ACTIVATED,
+                        action: "Activate",
+                        note: format!(
+                            "key {} (fingerprint {}) is now current{}",
+                            k.kid,
+                            k.fingerprint,
+                            if *emergency {
+                                " (emergency: publishDelay skipped)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        related: Some(key_ref(pk, *seq)),
+                    },
+                )
                 .await;
             }
         }
         Step::Retire { seq } => {
-            transition(&secrets, &name, refs, *seq, KeyState::Retiring, &[(l::RETIRED_AT, ts(now))], false).await?;
+            transition(
+                &secrets,
+                &name,
+                refs,
+                *seq,
+                KeyState::Retiring,
+                &[(l::RETIRED_AT, ts(now))],
+                false,
+            )
+            .await?;
             fault::after("retire");
             if let Some(k) = find(obs, *seq) {
-                audit::record(ctx, &regarding, Audit {
-                    warning: false,
-                    reason: reason::KEY_RETIRING,
-                    action: "Retire",
-                    note: format!("key {} is superseded; it stays trusted until revocation is safe", k.kid),
-                    related: Some(key_ref(pk, *seq)),
-                })
+                audit::record(
+                    ctx,
+                    &regarding,
+                    Audit {
+                        warning: false,
+                        reason: reason::KEY_RETIRING,
+                        action: "Retire",
+                        note: format!(
+                            "key {} is superseded; it stays trusted until revocation is safe",
+                            k.kid
+                        ),
+                        related: Some(key_ref(pk, *seq)),
+                    },
+                )
                 .await;
             }
         }
@@ -492,41 +636,100 @@ async fn apply(
             let k = find(obs, *seq);
             let kid = k.map(|k| k.kid.clone()).unwrap_or_default();
             let (reason, note) = match why {
-                HandOutReason::TokenRefresh => (reason::TOKEN_REFRESHED, format!("re-issued the token of key {kid} in Secret {}", settings.secret_name)),
-                HandOutReason::NewKey => (reason::KEY_HANDED_OUT, format!("Secret {} now carries key {kid}", settings.secret_name)),
-                HandOutReason::Repair => (reason::KEY_HANDED_OUT, format!("Secret {} rewritten for key {kid} (it differed from the spec)", settings.secret_name)),
+                HandOutReason::TokenRefresh => (
+                    reason::TOKEN_REFRESHED,
+                    format!(
+                        "re-issued the token of key {kid} in Secret {}",
+                        settings.secret_name
+                    ),
+                ),
+                HandOutReason::NewKey => (
+                    reason::KEY_HANDED_OUT,
+                    format!("Secret {} now carries key {kid}", settings.secret_name),
+                ),
+                HandOutReason::Repair => (
+                    reason::KEY_HANDED_OUT,
+                    format!(
+                        "Secret {} rewritten for key {kid} (it differed from the spec)",
+                        settings.secret_name
+                    ),
+                ),
             };
-            audit::record(ctx, &regarding, Audit { warning: false, reason, action: "HandOut", note, related: Some(key_ref(pk, *seq)) }).await;
+            audit::record(
+                ctx,
+                &regarding,
+                Audit {
+                    warning: false,
+                    reason,
+                    action: "HandOut",
+                    note,
+                    related: Some(key_ref(pk, *seq)),
+                },
+            )
+            .await;
         }
         Step::Revoke { seq, emergency } => {
-            transition(&secrets, &name, refs, *seq, KeyState::Revoked, &[(l::REVOKED_AT, ts(now))], true).await?;
+            transition(
+                &secrets,
+                &name,
+                refs,
+                *seq,
+                KeyState::Revoked,
+                &[(l::REVOKED_AT, ts(now))],
+                true,
+            )
+            .await?;
             fault::after("revoke");
             if let Some(k) = find(obs, *seq) {
-                let cur = rotation::current(&obs.keys).map(|c| c.kid.clone()).unwrap_or_default();
+                let cur = rotation::current(&obs.keys)
+                    .map(|c| c.kid.clone())
+                    .unwrap_or_default();
                 let evidence = if *emergency {
-                    "listed in spec.compromisedKeys; revoked without waiting for confirmation".to_string()
+                    "listed in spec.compromisedKeys; revoked without waiting for confirmation"
+                        .to_string()
                 } else if obs.consumers.is_empty() {
-                    format!("overlap of {} passed and no PolicyAgent references this key", humantime::format_duration(settings.overlap))
+                    format!(
+                        "overlap of {} passed and no PolicyAgent references this key",
+                        humantime::format_duration(settings.overlap)
+                    )
                 } else {
                     format!(
                         "every PolicyAgent ({}) is confirmed on {cur}",
-                        obs.consumers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                        obs.consumers
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 };
-                audit::record(ctx, &regarding, Audit {
-                    warning: *emergency,
-                    reason: if *emergency { reason::EMERGENCY_REVOCATION } else { reason::KEY_REVOKED },
-                    action: "Revoke",
-                    note: format!("revoked key {} (fingerprint {}); private key deleted; {evidence}", k.kid, k.fingerprint),
-                    related: Some(key_ref(pk, *seq)),
-                })
+                audit::record(
+                    ctx,
+                    &regarding,
+                    Audit {
+                        warning: *emergency,
+                        reason: if *emergency {
+                            reason::EMERGENCY_REVOCATION
+                        } else {
+                            reason::KEY_REVOKED
+                        },
+                        action: "Revoke",
+                        note: format!(
+                            "revoked key {} (fingerprint {}); private key deleted; {evidence}",
+                            k.kid, k.fingerprint
+                        ),
+                        related: Some(key_ref(pk, *seq)),
+                    },
+                )
                 .await;
             }
         }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
             let dp = DeleteParams {
-                preconditions: refs.keys.get(seq).map(|(rv, _)| Preconditions { resource_version: Some(rv.clone()), uid: None }),
+                preconditions: refs.keys.get(seq).map(|(rv, _)| Preconditions {
+                    resource_version: Some(rv.clone()),
+                    uid: None,
+                }),
                 ..Default::default()
             };
             match secrets.delete(&key_name, &dp).await {
@@ -552,9 +755,15 @@ async fn transition(
     annotations: &[(&str, String)],
     drop_private: bool,
 ) -> Result<()> {
-    let rv = refs.keys.get(&seq).map(|(rv, _)| rv.clone()).unwrap_or_default();
-    let ann: serde_json::Map<String, serde_json::Value> =
-        annotations.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let rv = refs
+        .keys
+        .get(&seq)
+        .map(|(rv, _)| rv.clone())
+        .unwrap_or_default();
+    let ann: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     let mut body = json!({
         "metadata": {
             "resourceVersion": rv,
@@ -566,14 +775,25 @@ async fn transition(
         body["data"] = json!({ l::DATA_PRIVATE_KEY: null });
     }
     secrets
-        .patch(&key_secret_name(pk_name, seq), &PatchParams::default(), &Patch::Merge(&body))
+        .patch(
+            &key_secret_name(pk_name, seq),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
         .await?;
     Ok(())
 }
 
 /// Writes the agent Secret for key `seq`: key id, public key, a fresh token, and the private key
 /// only when the spec asks for it.
-async fn hand_out(ctx: &Context, pk: &ProvisioningKey, settings: &Settings, obs: &Observed, seq: u32, now: DateTime<Utc>) -> Result<()> {
+async fn hand_out(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    settings: &Settings,
+    obs: &Observed,
+    seq: u32,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let key_name = key_secret_name(&name, seq);
@@ -583,13 +803,19 @@ async fn hand_out(ctx: &Context, pk: &ProvisioningKey, settings: &Settings, obs:
         .as_ref()
         .and_then(|d| d.get(l::DATA_PRIVATE_KEY))
         .map(|b| Zeroizing::new(String::from_utf8_lossy(&b.0).into_owned()))
-        .ok_or_else(|| Error::KeySecret { name: key_name.clone(), message: "has no private key".into() })?;
+        .ok_or_else(|| Error::KeySecret {
+            name: key_name.clone(),
+            message: "has no private key".into(),
+        })?;
     drop(key_secret);
     let pair = KeyPair::from_pkcs8_pem(&private)?;
     drop(private);
     let kid = pair.key_id();
     if find(obs, seq).is_none_or(|k| k.kid != kid) {
-        return Err(Error::KeySecret { name: key_name, message: "private key does not match its key id".into() });
+        return Err(Error::KeySecret {
+            name: key_name,
+            message: "private key does not match its key id".into(),
+        });
     }
     let iat = now.timestamp();
     let claims = TokenClaims {
@@ -604,12 +830,21 @@ async fn hand_out(ctx: &Context, pk: &ProvisioningKey, settings: &Settings, obs:
     let token = pair.sign_token(&claims)?;
     let (tl, ta) = template(pk);
     let mut data = BTreeMap::from([
-        (l::DATA_KEY_ID.to_string(), ByteString(kid.clone().into_bytes())),
-        (l::DATA_PUBLIC_KEY.to_string(), ByteString(pair.public_key().to_spki_pem().into_bytes())),
+        (
+            l::DATA_KEY_ID.to_string(),
+            ByteString(kid.clone().into_bytes()),
+        ),
+        (
+            l::DATA_PUBLIC_KEY.to_string(),
+            ByteString(pair.public_key().to_spki_pem().into_bytes()),
+        ),
         (l::DATA_TOKEN.to_string(), ByteString(token.into_bytes())),
     ]);
     if settings.include_private_key {
-        data.insert(l::DATA_PRIVATE_KEY.into(), ByteString(pair.to_pkcs8_pem().as_bytes().to_vec()));
+        data.insert(
+            l::DATA_PRIVATE_KEY.into(),
+            ByteString(pair.to_pkcs8_pem().as_bytes().to_vec()),
+        );
     }
     let mut secret = Secret {
         metadata: ObjectMeta {
@@ -617,7 +852,10 @@ async fn hand_out(ctx: &Context, pk: &ProvisioningKey, settings: &Settings, obs:
             namespace: Some(ns.clone()),
             labels: Some(agent_labels(&name, &tl)),
             annotations: Some(agent_annotations(&kid, &ta)),
-            owner_references: Some(vec![pk.controller_owner_ref(&()).ok_or(Error::MissingObjectKey)?]),
+            owner_references: Some(vec![
+                pk.controller_owner_ref(&())
+                    .ok_or(Error::MissingObjectKey)?,
+            ]),
             ..Default::default()
         },
         type_: Some(l::AGENT_SECRET_TYPE.into()),
@@ -625,7 +863,11 @@ async fn hand_out(ctx: &Context, pk: &ProvisioningKey, settings: &Settings, obs:
         ..Default::default()
     };
     let res = secrets
-        .patch(&settings.secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+        .patch(
+            &settings.secret_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
         .await;
     wipe(&mut secret);
     res?;
@@ -648,24 +890,85 @@ fn to_json_pretty<T: serde::Serialize>(v: &T) -> String {
 // report: status (only when it changed) and condition-transition Events.
 
 /// The status a reconcile reports; pure, and the same on every reconcile of a settled object.
-pub fn desired_status(pk: &ProvisioningKey, obs: &Observed, plan: &Plan, now: DateTime<Utc>) -> ProvisioningKeyStatus {
+pub fn desired_status(
+    pk: &ProvisioningKey,
+    obs: &Observed,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> ProvisioningKeyStatus {
     let previous = pk.status.clone().unwrap_or_default().conditions;
     let generation = pk.meta().generation;
     let now_t = Time(jiff_from(now));
     let cur = rotation::current(&obs.keys);
     let handed_out = matches!(&obs.agent_secret, AgentSecretObs::Owned(s) if cur.is_some_and(|c| s.kid.as_deref() == Some(c.kid.as_str())));
     let ready = match (&plan.blocked, cur) {
-        (Some(why), _) => condition(&previous, conditions::READY, false, why.reason, why.message.clone(), generation, now_t.clone()),
-        (None, Some(c)) if handed_out => condition(&previous, conditions::READY, true, rotation::reasons::KEY_ACTIVE, format!("key {} is current and handed out", c.kid), generation, now_t.clone()),
-        _ => condition(&previous, conditions::READY, false, rotation::reasons::MINTING, "the first key is being minted and handed out", generation, now_t.clone()),
+        (Some(why), _) => condition(
+            &previous,
+            conditions::READY,
+            false,
+            why.reason,
+            why.message.clone(),
+            generation,
+            now_t.clone(),
+        ),
+        (None, Some(c)) if handed_out => condition(
+            &previous,
+            conditions::READY,
+            true,
+            rotation::reasons::KEY_ACTIVE,
+            format!("key {} is current and handed out", c.kid),
+            generation,
+            now_t.clone(),
+        ),
+        _ => condition(
+            &previous,
+            conditions::READY,
+            false,
+            rotation::reasons::MINTING,
+            "the first key is being minted and handed out",
+            generation,
+            now_t.clone(),
+        ),
     };
     let rotating = match &plan.rotating {
-        Some(why) => condition(&previous, conditions::ROTATING, true, why.reason, why.message.clone(), generation, now_t.clone()),
-        None => condition(&previous, conditions::ROTATING, false, rotation::reasons::IDLE, "no rotation in flight", generation, now_t.clone()),
+        Some(why) => condition(
+            &previous,
+            conditions::ROTATING,
+            true,
+            why.reason,
+            why.message.clone(),
+            generation,
+            now_t.clone(),
+        ),
+        None => condition(
+            &previous,
+            conditions::ROTATING,
+            false,
+            rotation::reasons::IDLE,
+            "no rotation in flight",
+            generation,
+            now_t.clone(),
+        ),
     };
     let stalled = match (&plan.blocked, &plan.stalled) {
-        (Some(why), _) | (None, Some(why)) => condition(&previous, conditions::STALLED, true, why.reason, why.message.clone(), generation, now_t.clone()),
-        (None, None) => condition(&previous, conditions::STALLED, false, rotation::reasons::IDLE, "not stalled", generation, now_t),
+        (Some(why), _) | (None, Some(why)) => condition(
+            &previous,
+            conditions::STALLED,
+            true,
+            why.reason,
+            why.message.clone(),
+            generation,
+            now_t.clone(),
+        ),
+        (None, None) => condition(
+            &previous,
+            conditions::STALLED,
+            false,
+            rotation::reasons::IDLE,
+            "not stalled",
+            generation,
+            now_t,
+        ),
     };
     ProvisioningKeyStatus {
         phase: Some(plan.phase.as_str().to_string()),
@@ -679,14 +982,20 @@ pub fn desired_status(pk: &ProvisioningKey, obs: &Observed, plan: &Plan, now: Da
             .keys
             .iter()
             .filter(|k| k.state.trusted())
-            .map(|k| TrustedKey { kid: k.kid.clone(), state: k.state.display().to_string() })
+            .map(|k| TrustedKey {
+                kid: k.kid.clone(),
+                state: k.state.display().to_string(),
+            })
             .collect(),
         revoked_keys: obs
             .keys
             .iter()
             .rev()
             .filter(|k| k.state == KeyState::Revoked)
-            .map(|k| RevokedKey { kid: k.kid.clone(), revoked_at: k.revoked_at.map(ts) })
+            .map(|k| RevokedKey {
+                kid: k.kid.clone(),
+                revoked_at: k.revoked_at.map(ts),
+            })
             .collect(),
         next_rotation_at: plan.next_rotation_at.map(ts),
         token_refresh_at: plan.token_refresh_at.map(ts),
@@ -712,10 +1021,15 @@ pub fn desired_status(pk: &ProvisioningKey, obs: &Observed, plan: &Plan, now: Da
 }
 
 fn jiff_from(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
 }
 
-async fn write_status(ctx: &Context, pk: &ProvisioningKey, status: &ProvisioningKeyStatus) -> Result<bool> {
+async fn write_status(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    status: &ProvisioningKeyStatus,
+) -> Result<bool> {
     if pk.status.as_ref() == Some(status) {
         return Ok(false);
     }
@@ -726,11 +1040,19 @@ async fn write_status(ctx: &Context, pk: &ProvisioningKey, status: &Provisioning
         "kind": "ProvisioningKey",
         "status": status,
     });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     Ok(true)
 }
 
-fn cond<'a>(s: &'a ProvisioningKeyStatus, t: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+fn cond<'a>(
+    s: &'a ProvisioningKeyStatus,
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     s.conditions.iter().find(|c| c.type_ == t)
 }
 
@@ -747,30 +1069,53 @@ async fn with_fresh_status(ctx: &Context, pk: &ProvisioningKey) -> Result<Provis
     Ok(pk)
 }
 
-async fn report(ctx: &Context, pk: &ProvisioningKey, _settings: &Settings, obs: &Observed, plan: &Plan, now: DateTime<Utc>) -> Result<()> {
+async fn report(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    _settings: &Settings,
+    obs: &Observed,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let pk = &with_fresh_status(ctx, pk).await?;
     let status = desired_status(pk, obs, plan, now);
     let previous = pk.status.clone().unwrap_or_default();
     if write_status(ctx, pk, &status).await? {
         // Warnings on transitions only.
         let regarding = pk.object_ref(&());
-        let was = cond(&previous, conditions::STALLED).map(|c| (c.status.clone(), c.reason.clone()));
+        let was =
+            cond(&previous, conditions::STALLED).map(|c| (c.status.clone(), c.reason.clone()));
         if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True")
-            && was != Some((c.status.clone(), c.reason.clone())) {
-                audit::record(ctx, &regarding, Audit {
+            && was != Some((c.status.clone(), c.reason.clone()))
+        {
+            audit::record(
+                ctx,
+                &regarding,
+                Audit {
                     warning: true,
-                    reason: if plan.blocked.is_some() { c.reason.as_str() } else { reason::ROTATION_STALLED },
+                    reason: if plan.blocked.is_some() {
+                        c.reason.as_str()
+                    } else {
+                        reason::ROTATION_STALLED
+                    },
                     action: "Reconcile",
                     note: c.message.clone(),
                     related: None,
-                })
-                .await;
-            }
+                },
+            )
+            .await;
+        }
     }
     Ok(())
 }
 
-async fn report_invalid(ctx: &Context, pk: &ProvisioningKey, reason: &'static str, message: &str, now: DateTime<Utc>) -> Result<()> {
+async fn report_invalid(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    reason: &'static str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let pk = &with_fresh_status(ctx, pk).await?;
     let previous = pk.status.clone().unwrap_or_default();
     let generation = pk.meta().generation;
@@ -779,20 +1124,48 @@ async fn report_invalid(ctx: &Context, pk: &ProvisioningKey, reason: &'static st
     status.phase = Some(Phase::Invalid.as_str().to_string());
     status.observed_generation = generation;
     status.conditions = vec![
-        condition(&previous.conditions, conditions::READY, false, reason, message, generation, now_t.clone()),
-        condition(&previous.conditions, conditions::ROTATING, false, rotation::reasons::IDLE, "no rotation while the spec is invalid", generation, now_t.clone()),
-        condition(&previous.conditions, conditions::STALLED, true, reason, message, generation, now_t),
+        condition(
+            &previous.conditions,
+            conditions::READY,
+            false,
+            reason,
+            message,
+            generation,
+            now_t.clone(),
+        ),
+        condition(
+            &previous.conditions,
+            conditions::ROTATING,
+            false,
+            rotation::reasons::IDLE,
+            "no rotation while the spec is invalid",
+            generation,
+            now_t.clone(),
+        ),
+        condition(
+            &previous.conditions,
+            conditions::STALLED,
+            true,
+            reason,
+            message,
+            generation,
+            now_t,
+        ),
     ];
     if write_status(ctx, pk, &status).await? {
         let was = cond(&previous, conditions::READY).map(|c| c.reason.clone());
         if was.as_deref() != Some(reason) {
-            audit::record(ctx, &pk.object_ref(&()), Audit {
-                warning: true,
-                reason,
-                action: "Validate",
-                note: format!("spec rejected, nothing changed: {message}"),
-                related: None,
-            })
+            audit::record(
+                ctx,
+                &pk.object_ref(&()),
+                Audit {
+                    warning: true,
+                    reason,
+                    action: "Validate",
+                    note: format!("spec rejected, nothing changed: {message}"),
+                    related: None,
+                },
+            )
             .await;
         }
     }

@@ -78,7 +78,10 @@ impl KeyState {
 
     /// Whether the control plane must accept this key now.
     pub fn trusted(self) -> bool {
-        matches!(self, KeyState::Published | KeyState::Active | KeyState::Retiring)
+        matches!(
+            self,
+            KeyState::Published | KeyState::Active | KeyState::Retiring
+        )
     }
 }
 
@@ -143,7 +146,10 @@ pub enum BundleObs {
     Missing,
     /// Exists but is not controlled by this ProvisioningKey.
     Foreign,
-    Owned { kids: Vec<String>, revoked: Vec<String> },
+    Owned {
+        kids: Vec<String>,
+        revoked: Vec<String>,
+    },
 }
 
 /// The agent Secret that workloads mount.
@@ -227,7 +233,10 @@ pub enum Step {
     /// Label the key `published` (before it is written into the trust bundle).
     MarkPublished { seq: u32 },
     /// Write the trust bundle from the key Secrets.
-    WriteBundle { trusted: Vec<String>, revoked: Vec<String> },
+    WriteBundle {
+        trusted: Vec<String>,
+        revoked: Vec<String>,
+    },
     /// Record that the trust bundle now contains the key (starts the `publishDelay` clock).
     RecordPublished { seq: u32 },
     /// Make the key current (before it is written into the agent Secret).
@@ -279,7 +288,10 @@ pub struct Why {
 
 impl Why {
     fn new(reason: &'static str, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into() }
+        Self {
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -322,7 +334,10 @@ impl Plan {
     }
 
     fn wake_at(&mut self, at: DateTime<Utc>, now: DateTime<Utc>) {
-        let after = (at - now).to_std().unwrap_or(Duration::ZERO).max(Duration::from_millis(200));
+        let after = (at - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(200));
         self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
     }
 }
@@ -350,7 +365,11 @@ fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 
 /// The desired trust bundle content: trusted key ids and revoked key ids, in `seq` order.
 pub fn desired_bundle(keys: &[ObservedKey]) -> (Vec<String>, Vec<String>) {
-    let trusted = keys.iter().filter(|k| k.state.trusted()).map(|k| k.kid.clone()).collect();
+    let trusted = keys
+        .iter()
+        .filter(|k| k.state.trusted())
+        .map(|k| k.kid.clone())
+        .collect();
     let revoked = keys
         .iter()
         .filter(|k| k.state == KeyState::Revoked)
@@ -412,19 +431,24 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     if !bundle_ok {
         return Plan::new(Phase::Publishing).step(Step::WriteBundle { trusted, revoked });
     }
-    if let Some(k) = keys.iter().find(|k| k.state == KeyState::Published && k.published_at.is_none()) {
+    if let Some(k) = keys
+        .iter()
+        .find(|k| k.state == KeyState::Published && k.published_at.is_none())
+    {
         return Plan::new(Phase::Publishing).step(Step::RecordPublished { seq: k.seq });
     }
 
     // 4. Break-glass: compromised keys.
     let compromised = |k: &&ObservedKey| settings.compromised.contains(&k.kid);
-    let has_compromised = keys.iter().filter(|k| k.state != KeyState::Revoked).any(|k| compromised(&k));
+    let has_compromised = keys
+        .iter()
+        .filter(|k| k.state != KeyState::Revoked)
+        .any(|k| compromised(&k));
     if has_compromised {
         // A successor is a key that can become current: not one on its way out.
-        let successor = keys
-            .iter()
-            .rev()
-            .find(|k| !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(k));
+        let successor = keys.iter().rev().find(|k| {
+            !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(k)
+        });
         let Some(successor) = successor else {
             // Mint a successor at once: neither minInterval nor suspend delays it.
             let mut p = Plan::new(Phase::Publishing).step(Step::Mint {
@@ -433,14 +457,26 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 consumed_request_token: latest.consumed_request_token.clone(),
                 consumed_annotation: latest.consumed_annotation.clone(),
             });
-            p.rotating = Some(Why::new(reasons::EMERGENCY, "minting a successor for a compromised key"));
+            p.rotating = Some(Why::new(
+                reasons::EMERGENCY,
+                "minting a successor for a compromised key",
+            ));
             return p;
         };
         // The successor is in the trust bundle (step 3 ensured it): revoke the compromised keys
         // now, without waiting for confirmation. The bundle keeps the successor.
-        if let Some(k) = keys.iter().find(|k| k.state != KeyState::Revoked && compromised(k)) {
-            let mut p = Plan::new(Phase::Publishing).step(Step::Revoke { seq: k.seq, emergency: true });
-            p.rotating = Some(Why::new(reasons::EMERGENCY, format!("revoking compromised key {}", k.kid)));
+        if let Some(k) = keys
+            .iter()
+            .find(|k| k.state != KeyState::Revoked && compromised(k))
+        {
+            let mut p = Plan::new(Phase::Publishing).step(Step::Revoke {
+                seq: k.seq,
+                emergency: true,
+            });
+            p.rotating = Some(Why::new(
+                reasons::EMERGENCY,
+                format!("revoking compromised key {}", k.kid),
+            ));
             return p;
         }
         let _ = successor;
@@ -458,15 +494,29 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             // Step 4 revoked any compromised current key, so an emergency activation is one with
             // no current key left and a compromised older key.
             let emergency = newest.trigger == Trigger::Compromised
-                || (cur.is_none() && keys.iter().any(|k| k.seq < newest.seq && settings.compromised.contains(&k.kid)));
-            let due = if cur.is_none() || emergency { published_at } else { add(published_at, settings.publish_delay) };
+                || (cur.is_none()
+                    && keys
+                        .iter()
+                        .any(|k| k.seq < newest.seq && settings.compromised.contains(&k.kid)));
+            let due = if cur.is_none() || emergency {
+                published_at
+            } else {
+                add(published_at, settings.publish_delay)
+            };
             if now >= due {
-                return Plan::new(Phase::Publishing).step(Step::Activate { seq: newest.seq, emergency });
+                return Plan::new(Phase::Publishing).step(Step::Activate {
+                    seq: newest.seq,
+                    emergency,
+                });
             }
             let mut p = Plan::new(Phase::Publishing);
             p.rotating = Some(Why::new(
                 reasons::PUBLISHING,
-                format!("key {} is published; it is handed out at {}", newest.kid, due.to_rfc3339()),
+                format!(
+                    "key {} is published; it is handed out at {}",
+                    newest.kid,
+                    due.to_rfc3339()
+                ),
             ));
             p.wake_at(due, now);
             // Meanwhile the current key keeps being handed out (token refresh, repair).
@@ -487,11 +537,17 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     };
 
     // 6. Older active keys retire (the newer one is current).
-    if let Some(k) = keys.iter().find(|k| k.state == KeyState::Active && k.seq < cur.seq) {
+    if let Some(k) = keys
+        .iter()
+        .find(|k| k.state == KeyState::Active && k.seq < cur.seq)
+    {
         return Plan::new(Phase::Confirming).step(Step::Retire { seq: k.seq });
     }
     // Keys published before the current one never became current (superseded); retire them too.
-    if let Some(k) = keys.iter().find(|k| k.state == KeyState::Published && k.seq < cur.seq) {
+    if let Some(k) = keys
+        .iter()
+        .find(|k| k.state == KeyState::Published && k.seq < cur.seq)
+    {
         return Plan::new(Phase::Confirming).step(Step::Retire { seq: k.seq });
     }
 
@@ -507,7 +563,10 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 }
                 _ => None,
             };
-            let reason = if s.has_private_key != settings.include_private_key || !s.metadata_matches || !s.token_claims_match {
+            let reason = if s.has_private_key != settings.include_private_key
+                || !s.metadata_matches
+                || !s.token_claims_match
+            {
                 Some(HandOutReason::Repair)
             } else if refresh_at.is_none_or(|r| now >= r) {
                 Some(HandOutReason::TokenRefresh)
@@ -515,15 +574,24 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 None
             };
             if let Some(reason) = reason {
-                return Plan::new(Phase::Ready).step(Step::HandOut { seq: cur.seq, reason });
+                return Plan::new(Phase::Ready).step(Step::HandOut {
+                    seq: cur.seq,
+                    reason,
+                });
             }
             refresh_at
         }
         AgentSecretObs::Owned(_) => {
-            return Plan::new(Phase::Confirming).step(Step::HandOut { seq: cur.seq, reason: HandOutReason::NewKey });
+            return Plan::new(Phase::Confirming).step(Step::HandOut {
+                seq: cur.seq,
+                reason: HandOutReason::NewKey,
+            });
         }
         _ => {
-            return Plan::new(Phase::Pending).step(Step::HandOut { seq: cur.seq, reason: HandOutReason::NewKey });
+            return Plan::new(Phase::Pending).step(Step::HandOut {
+                seq: cur.seq,
+                reason: HandOutReason::NewKey,
+            });
         }
     };
 
@@ -542,12 +610,19 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         if obs.consumers.is_empty() {
             let due = add(retired_at, settings.overlap);
             if now >= due {
-                return Plan::new(Phase::Overlap).step(Step::Revoke { seq: old.seq, emergency: false });
+                return Plan::new(Phase::Overlap).step(Step::Revoke {
+                    seq: old.seq,
+                    emergency: false,
+                });
             }
             p.phase = Phase::Overlap;
             p.rotating = Some(Why::new(
                 reasons::OVERLAP,
-                format!("old key {} stays trusted until {} (no PolicyAgent references this key)", old.kid, due.to_rfc3339()),
+                format!(
+                    "old key {} stays trusted until {} (no PolicyAgent references this key)",
+                    old.kid,
+                    due.to_rfc3339()
+                ),
             ));
             p.wake_at(due, now);
         } else {
@@ -557,7 +632,10 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 .filter(|c| c.confirmed_kid.as_deref() != Some(cur.kid.as_str()))
                 .collect();
             if waiting.is_empty() {
-                return Plan::new(Phase::Confirming).step(Step::Revoke { seq: old.seq, emergency: false });
+                return Plan::new(Phase::Confirming).step(Step::Revoke {
+                    seq: old.seq,
+                    emergency: false,
+                });
             }
             let names: Vec<String> = waiting
                 .iter()
@@ -569,7 +647,12 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             p.phase = Phase::Confirming;
             p.rotating = Some(Why::new(
                 reasons::CONFIRMING,
-                format!("old key {} stays trusted until every PolicyAgent is confirmed on {}; waiting for {}", old.kid, cur.kid, names.join(", ")),
+                format!(
+                    "old key {} stays trusted until every PolicyAgent is confirmed on {}; waiting for {}",
+                    old.kid,
+                    cur.kid,
+                    names.join(", ")
+                ),
             ));
             // confirmationTimeout counts from the roll (or from the retirement when the agent
             // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
@@ -577,7 +660,11 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             let started = waiting
                 .iter()
                 .filter(|c| !c.roll_delayed())
-                .map(|c| c.rolled_at.filter(|r| *r >= retired_at).unwrap_or(retired_at))
+                .map(|c| {
+                    c.rolled_at
+                        .filter(|r| *r >= retired_at)
+                        .unwrap_or(retired_at)
+                })
                 .min();
             let deadline = started.map(|s| add(s, settings.confirmation_timeout));
             if deadline.is_some_and(|d| now >= d) {
@@ -600,15 +687,23 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     }
 
     // 9. Prune old revoked key Secrets.
-    let revoked: Vec<&ObservedKey> = keys.iter().filter(|k| k.state == KeyState::Revoked).collect();
+    let revoked: Vec<&ObservedKey> = keys
+        .iter()
+        .filter(|k| k.state == KeyState::Revoked)
+        .collect();
     if revoked.len() > RETAIN_REVOKED {
-        return p.step(Step::Prune { seq: revoked[0].seq });
+        return p.step(Step::Prune {
+            seq: revoked[0].seq,
+        });
     }
 
     // 10. Start a rotation when one is due or requested.
-    let requested = if settings.request_token.is_some() && settings.request_token != latest.consumed_request_token {
+    let requested = if settings.request_token.is_some()
+        && settings.request_token != latest.consumed_request_token
+    {
         Some(Trigger::RequestToken)
-    } else if obs.rotate_annotation.is_some() && obs.rotate_annotation != latest.consumed_annotation {
+    } else if obs.rotate_annotation.is_some() && obs.rotate_annotation != latest.consumed_annotation
+    {
         Some(Trigger::Annotation)
     } else {
         None
@@ -635,7 +730,11 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         if now < earliest {
             p.rotating = Some(Why::new(
                 reasons::IDLE,
-                format!("{} rotation requested; delayed by minInterval until {}", trigger.as_str(), earliest.to_rfc3339()),
+                format!(
+                    "{} rotation requested; delayed by minInterval until {}",
+                    trigger.as_str(),
+                    earliest.to_rfc3339()
+                ),
             ));
             p.wake_at(earliest, now);
             return finish(p, settings, obs, now);
@@ -658,20 +757,29 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
 /// Fills the fields every waiting plan reports.
 fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     if p.next_rotation_at.is_none()
-        && let (Some(i), Some(c)) = (settings.interval, current(&obs.keys)) {
-            let due = add(c.activated_at.unwrap_or(c.created_at), i);
-            p.next_rotation_at = Some(due);
-        }
+        && let (Some(i), Some(c)) = (settings.interval, current(&obs.keys))
+    {
+        let due = add(c.activated_at.unwrap_or(c.created_at), i);
+        p.next_rotation_at = Some(due);
+    }
     if p.token_refresh_at.is_none()
-        && let AgentSecretObs::Owned(AgentSecret { token_iat: Some(iat), token_exp: Some(exp), .. }) = &obs.agent_secret
-            && let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0) {
-                p.token_refresh_at = Some(t);
-                p.wake_at(t, now);
-            }
+        && let AgentSecretObs::Owned(AgentSecret {
+            token_iat: Some(iat),
+            token_exp: Some(exp),
+            ..
+        }) = &obs.agent_secret
+        && let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0)
+    {
+        p.token_refresh_at = Some(t);
+        p.wake_at(t, now);
+    }
     p
 }
 
 /// Key ids that are trusted now, in `seq` order.
 pub fn trusted_kids(keys: &[ObservedKey]) -> BTreeSet<String> {
-    keys.iter().filter(|k| k.state.trusted()).map(|k| k.kid.clone()).collect()
+    keys.iter()
+        .filter(|k| k.state.trusted())
+        .map(|k| k.kid.clone())
+        .collect()
 }

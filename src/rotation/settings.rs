@@ -63,9 +63,16 @@ pub enum SpecError {
     #[error("{field}: {value:?} is not a duration (use Go syntax such as 720h, 90m or 30s)")]
     MalformedDuration { field: &'static str, value: String },
     #[error("{field}: {value} is below the operator's floor of {floor}")]
-    BelowFloor { field: &'static str, value: String, floor: String },
+    BelowFloor {
+        field: &'static str,
+        value: String,
+        floor: String,
+    },
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl SpecError {
@@ -104,8 +111,13 @@ fn duration(
     default: Duration,
     floor: Duration,
 ) -> Result<Duration, SpecError> {
-    let Some(value) = value else { return Ok(default.max(floor)) };
-    let parsed = parse_duration(value).ok_or_else(|| SpecError::MalformedDuration { field, value: value.clone() })?;
+    let Some(value) = value else {
+        return Ok(default.max(floor));
+    };
+    let parsed = parse_duration(value).ok_or_else(|| SpecError::MalformedDuration {
+        field,
+        value: value.clone(),
+    })?;
     if parsed < floor {
         return Err(SpecError::BelowFloor {
             field,
@@ -131,8 +143,15 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
 /// a negative component (`1h-5m`) or on overflow (`99999999999999999999h`, which the schema
 /// pattern allows), so it only sees values that pass this check.
 fn well_formed(value: &str) -> bool {
-    const UNITS: [(&str, f64); 7] =
-        [("ns", 1e-9), ("us", 1e-6), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)];
+    const UNITS: [(&str, f64); 7] = [
+        ("ns", 1e-9),
+        ("us", 1e-6),
+        ("µs", 1e-6),
+        ("ms", 1e-3),
+        ("s", 1.0),
+        ("m", 60.0),
+        ("h", 3600.0),
+    ];
     let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (mut rest, mut total) = (value, 0f64);
     while !rest.is_empty() {
@@ -146,9 +165,13 @@ fn well_formed(value: &str) -> bool {
                 n => len += 1 + n,
             }
         }
-        let Ok(number) = rest[..len].parse::<f64>() else { return false };
+        let Ok(number) = rest[..len].parse::<f64>() else {
+            return false;
+        };
         rest = &rest[len..];
-        let Some((unit, scale)) = UNITS.iter().find(|(u, _)| rest.starts_with(u)) else { return false };
+        let Some((unit, scale)) = UNITS.iter().find(|(u, _)| rest.starts_with(u)) else {
+            return false;
+        };
         rest = &rest[unit.len()..];
         total += number * scale;
     }
@@ -158,13 +181,24 @@ fn well_formed(value: &str) -> bool {
 fn dns_name(field: &'static str, value: &str) -> Result<(), SpecError> {
     let ok = !value.is_empty()
         && value.len() <= 253
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && value.as_bytes().first().is_some_and(|b| b.is_ascii_alphanumeric())
-        && value.as_bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value
+            .as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && value
+            .as_bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
-        Err(SpecError::Invalid { field, message: format!("{value:?} is not a valid object name") })
+        Err(SpecError::Invalid {
+            field,
+            message: format!("{value:?} is not a valid object name"),
+        })
     }
 }
 
@@ -176,32 +210,65 @@ impl Settings {
         let token = spec.token.clone().unwrap_or_default();
         let interval = match &rotation.interval {
             None => None,
-            Some(_) => Some(duration("rotation.interval", rotation.interval.as_ref(), Duration::ZERO, floors.interval)?),
+            Some(_) => Some(duration(
+                "rotation.interval",
+                rotation.interval.as_ref(),
+                Duration::ZERO,
+                floors.interval,
+            )?),
         };
         let secret_name = pk.secret_name();
         let trust_bundle_name = pk.trust_bundle_name();
         dns_name("secretName", &secret_name)?;
         dns_name("trustBundle.configMapName", &trust_bundle_name)?;
-        let compromised: BTreeSet<String> = spec.compromised_keys.iter().map(|k| k.0.clone()).collect();
-        if let Some(bad) = compromised.iter().find(|k| k.len() != 43 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
+        let compromised: BTreeSet<String> =
+            spec.compromised_keys.iter().map(|k| k.0.clone()).collect();
+        if let Some(bad) = compromised.iter().find(|k| {
+            k.len() != 43
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
             return Err(SpecError::Invalid {
                 field: "compromisedKeys",
-                message: format!("{bad:?} is not a key id (RFC 7638 thumbprint, 43 base64url characters)"),
+                message: format!(
+                    "{bad:?} is not a key id (RFC 7638 thumbprint, 43 base64url characters)"
+                ),
             });
         }
-        let audience = token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
+        let audience = token
+            .audience
+            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
         let issuer = token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.to_string());
         if audience.is_empty() || issuer.is_empty() {
-            return Err(SpecError::Invalid { field: "token", message: "audience and issuer must not be empty".into() });
+            return Err(SpecError::Invalid {
+                field: "token",
+                message: "audience and issuer must not be empty".into(),
+            });
         }
         Ok(Settings {
             secret_name,
             trust_bundle_name,
             include_private_key: spec.include_private_key.unwrap_or(false),
             interval,
-            min_interval: duration("rotation.minInterval", rotation.min_interval.as_ref(), DEFAULT_MIN_INTERVAL, floors.min_interval)?,
-            publish_delay: duration("rotation.publishDelay", rotation.publish_delay.as_ref(), DEFAULT_PUBLISH_DELAY, floors.publish_delay)?,
-            overlap: duration("rotation.overlap", rotation.overlap.as_ref(), DEFAULT_OVERLAP, floors.overlap)?,
+            min_interval: duration(
+                "rotation.minInterval",
+                rotation.min_interval.as_ref(),
+                DEFAULT_MIN_INTERVAL,
+                floors.min_interval,
+            )?,
+            publish_delay: duration(
+                "rotation.publishDelay",
+                rotation.publish_delay.as_ref(),
+                DEFAULT_PUBLISH_DELAY,
+                floors.publish_delay,
+            )?,
+            overlap: duration(
+                "rotation.overlap",
+                rotation.overlap.as_ref(),
+                DEFAULT_OVERLAP,
+                floors.overlap,
+            )?,
             confirmation_timeout: duration(
                 "rotation.confirmationTimeout",
                 rotation.confirmation_timeout.as_ref(),
@@ -209,7 +276,12 @@ impl Settings {
                 Duration::ZERO,
             )?,
             request_token: rotation.request_token,
-            token_ttl: duration("token.ttl", token.ttl.as_ref(), DEFAULT_TOKEN_TTL, floors.token_ttl)?,
+            token_ttl: duration(
+                "token.ttl",
+                token.ttl.as_ref(),
+                DEFAULT_TOKEN_TTL,
+                floors.token_ttl,
+            )?,
             audience,
             issuer,
             suspend: spec.suspend.unwrap_or(false),
