@@ -30,7 +30,7 @@ use keyward::keys::{Jwks, TokenClaims, TokenHeader};
 use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward_testbed::{TestNamespace, conditions::is_created, wait_for_deleted};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -1136,4 +1136,68 @@ mod crash {
         crash_after_hand_out: "hand-out", 2;
         crash_after_revoke: "revoke", 1;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Progress is derived from evidence, not from status.
+
+/// A ProvisioningKey whose status is lost (a restore without status, a GitOps re-sync that
+/// replaces the object) causes no rotation: the key Secrets are the evidence, and the status is
+/// rebuilt from them. Fails if the planner ever read status or treated a missing status as
+/// "no key yet".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_status_causes_no_rotation() {
+    let ns = TestNamespace::new("kw-nostatus").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(
+        &pks,
+        "restored",
+        json!({ l::ROTATE: "at-creation" }),
+        quick_rotation(json!({ "requestToken": "t-1", "interval": "1h" })),
+    )
+    .await;
+    let settled = wait_pk(&pks, "restored", "settled", is_settled).await;
+    let kid1 = settled
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("current key");
+    op.stop().await;
+
+    // Wipe the status while the operator is down.
+    pks.patch_status(
+        "restored",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": null })),
+    )
+    .await
+    .expect("wipe status");
+    let wiped = pks.get("restored").await.expect("get");
+    assert!(wiped.status.is_none() || wiped.status == Some(Default::default()));
+
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let rebuilt = wait_pk(&pks, "restored", "status rebuilt", is_settled).await;
+    assert_eq!(
+        rebuilt
+            .status
+            .as_ref()
+            .and_then(|s| s.current_key.as_ref())
+            .map(|k| k.kid.clone()),
+        Some(kid1.clone()),
+        "the same key is current after the status was lost"
+    );
+    expect_never(
+        &secrets,
+        &key_secret_name("restored", 2),
+        "a second key minted after the status was lost",
+        Duration::from_secs(3),
+        |s: Option<&Secret>| s.is_some(),
+    )
+    .await;
+    assert_eq!(key_secrets(&secrets, "restored").await.len(), 1);
+    op.stop().await;
+    ns.cleanup().await;
 }
