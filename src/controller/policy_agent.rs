@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -248,89 +248,67 @@ struct Workload {
     figures: Figures,
 }
 
+/// Reads a workload of kind `K`; `parts` gives its pod template, selector and rollout judgement.
+async fn fetch<K>(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    parts: impl Fn(&K) -> (PodTemplateSpec, LabelSelector, (Rollout, Figures)),
+) -> Result<Option<Workload>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    <K as Resource>::DynamicType: Default,
+{
+    Ok(Api::<K>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .map(|w| {
+            let (template, selector, (rollout, figures)) = parts(&w);
+            Workload {
+                template_kid: template
+                    .metadata
+                    .and_then(|m| m.annotations)
+                    .and_then(|a| a.get(l::KEY_ID).cloned()),
+                rolled_at: w.annotations().get(l::ROLLED_AT).and_then(|s| parse_ts(s)),
+                selector: Some(selector),
+                rollout,
+                figures,
+            }
+        }))
+}
+
 async fn get_workload(
     ctx: &Context,
     ns: &str,
     kind: WorkloadKind,
     name: &str,
 ) -> Result<Option<Workload>> {
-    fn common(
-        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        template: Option<&BTreeMap<String, String>>,
-    ) -> (Option<String>, Option<DateTime<Utc>>) {
-        (
-            template.and_then(|a| a.get(l::KEY_ID)).cloned(),
-            meta.annotations
-                .as_ref()
-                .and_then(|a| a.get(l::ROLLED_AT))
-                .and_then(|s| parse_ts(s)),
-        )
-    }
-    Ok(match kind {
-        WorkloadKind::Deployment => Api::<Deployment>::namespaced(ctx.client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|d| {
+    match kind {
+        WorkloadKind::Deployment => {
+            fetch(ctx, ns, name, |d: &Deployment| {
                 let spec = d.spec.clone().unwrap_or_default();
-                let (template_kid, rolled_at) = common(
-                    &d.metadata,
-                    spec.template
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.annotations.as_ref()),
-                );
-                let (rollout, figures) = agent::deployment(&d);
-                Workload {
-                    template_kid,
-                    rolled_at,
-                    selector: Some(spec.selector),
-                    rollout,
-                    figures,
-                }
-            }),
-        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|s| {
+                (spec.template, spec.selector, agent::deployment(d))
+            })
+            .await
+        }
+        WorkloadKind::StatefulSet => {
+            fetch(ctx, ns, name, |s: &StatefulSet| {
                 let spec = s.spec.clone().unwrap_or_default();
-                let (template_kid, rolled_at) = common(
-                    &s.metadata,
-                    spec.template
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.annotations.as_ref()),
-                );
-                let (rollout, figures) = agent::stateful_set(&s);
-                Workload {
-                    template_kid,
-                    rolled_at,
-                    selector: Some(spec.selector),
-                    rollout,
-                    figures,
-                }
-            }),
-        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|d| {
+                (spec.template, spec.selector, agent::stateful_set(s))
+            })
+            .await
+        }
+        WorkloadKind::DaemonSet => {
+            fetch(ctx, ns, name, |d: &DaemonSet| {
                 let spec = d.spec.clone().unwrap_or_default();
-                let (template_kid, rolled_at) = common(
-                    &d.metadata,
-                    spec.template
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.annotations.as_ref()),
-                );
-                let (rollout, figures) = agent::daemon_set(&d);
-                Workload {
-                    template_kid,
-                    rolled_at,
-                    selector: Some(spec.selector),
-                    rollout,
-                    figures,
-                }
-            }),
-    })
+                (spec.template, spec.selector, agent::daemon_set(d))
+            })
+            .await
+        }
+    }
 }
 
 fn selector_string(sel: &LabelSelector) -> Option<String> {
@@ -372,24 +350,18 @@ async fn roll(
         "metadata": { "annotations": { l::ROLLED_AT: ts(now), l::POLICY_AGENT: pa.name_any() } },
         "spec": { "template": { "metadata": { "annotations": { l::KEY_ID: kid } } } }
     });
-    let pp = PatchParams::default();
-    match pa.spec.workload_ref.kind {
-        WorkloadKind::Deployment => {
-            Api::<Deployment>::namespaced(ctx.client.clone(), ns)
-                .patch(name, &pp, &Patch::Merge(&body))
-                .await?;
-        }
-        WorkloadKind::StatefulSet => {
-            Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
-                .patch(name, &pp, &Patch::Merge(&body))
-                .await?;
-        }
-        WorkloadKind::DaemonSet => {
-            Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
-                .patch(name, &pp, &Patch::Merge(&body))
-                .await?;
-        }
-    }
+    let resource = match pa.spec.workload_ref.kind {
+        WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
+        WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+        WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+    };
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    Api::<DynamicObject>::namespaced_with(ctx.client.clone(), ns, &resource)
+        .patch(name, &pp, &Patch::Merge(&body))
+        .await?;
     Ok(())
 }
 

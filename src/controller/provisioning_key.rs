@@ -777,7 +777,10 @@ async fn transition(
     secrets
         .patch(
             &key_secret_name(pk_name, seq),
-            &PatchParams::default(),
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
             &Patch::Merge(&body),
         )
         .await?;
