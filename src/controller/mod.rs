@@ -122,6 +122,18 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// Formats the start of a wait (`published-at`, `retired-at`, `rolled-at`, ...) rounded UP to the
+/// whole second, so that a wait measured from the stored value is never shorter than asked
+/// (truncating would let `publishDelay: 2s` end after 1.0 s).
+pub fn ts_start(t: DateTime<Utc>) -> String {
+    let rounded = if t.timestamp_subsec_nanos() > 0 {
+        DateTime::from_timestamp(t.timestamp().saturating_add(1), 0).unwrap_or(t)
+    } else {
+        t
+    };
+    ts(rounded)
+}
+
 /// Parses a timestamp stored by [`ts`].
 pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)

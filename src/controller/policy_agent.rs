@@ -18,7 +18,7 @@ use serde_json::json;
 use tracing::{debug, info};
 
 use super::audit::{self, Audit, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts};
+use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts, ts_start};
 use crate::agent::{self, AgentInput, AgentStep, Figures, PodObs, Rollout};
 use crate::api::ProvisioningKey;
 use crate::api::conditions::{self, condition};
@@ -347,7 +347,7 @@ async fn roll(
 ) -> Result<()> {
     let name = &pa.spec.workload_ref.name;
     let body = json!({
-        "metadata": { "annotations": { l::ROLLED_AT: ts(now), l::POLICY_AGENT: pa.name_any() } },
+        "metadata": { "annotations": { l::ROLLED_AT: ts_start(now), l::POLICY_AGENT: pa.name_any() } },
         "spec": { "template": { "metadata": { "annotations": { l::KEY_ID: kid } } } }
     });
     let resource = match pa.spec.workload_ref.kind {

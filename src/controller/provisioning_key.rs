@@ -17,7 +17,7 @@ use tracing::{debug, info};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::audit::{self, Audit, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts};
+use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts, ts_start};
 use crate::api::PolicyAgent;
 use crate::api::conditions::{self, condition};
 use crate::api::provisioning_key::{
@@ -401,7 +401,7 @@ async fn apply(
                 (l::KEY_ID.to_string(), kid.clone()),
                 (l::FINGERPRINT.to_string(), fingerprint.clone()),
                 (l::TRIGGER.to_string(), trigger.as_str().to_string()),
-                (l::CREATED_AT.to_string(), ts(now)),
+                (l::CREATED_AT.to_string(), ts_start(now)),
             ]);
             if let Some(t) = consumed_request_token {
                 annotations.insert(l::CONSUMED_REQUEST_TOKEN.into(), t.clone());
@@ -541,7 +541,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Published,
-                &[(l::PUBLISHED_AT, ts(now))],
+                &[(l::PUBLISHED_AT, ts_start(now))],
                 false,
             )
             .await?;
@@ -571,7 +571,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Active,
-                &[(l::ACTIVATED_AT, ts(now))],
+                &[(l::ACTIVATED_AT, ts_start(now))],
                 false,
             )
             .await?;
@@ -607,7 +607,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Retiring,
-                &[(l::RETIRED_AT, ts(now))],
+                &[(l::RETIRED_AT, ts_start(now))],
                 false,
             )
             .await?;
@@ -675,7 +675,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Revoked,
-                &[(l::REVOKED_AT, ts(now))],
+                &[(l::REVOKED_AT, ts_start(now))],
                 true,
             )
             .await?;

@@ -498,8 +498,9 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                     && keys
                         .iter()
                         .any(|k| k.seq < newest.seq && settings.compromised.contains(&k.kid)));
+            // The first key and an emergency successor go out as soon as they are published.
             let due = if cur.is_none() || emergency {
-                published_at
+                now
             } else {
                 add(published_at, settings.publish_delay)
             };

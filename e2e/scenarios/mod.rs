@@ -1,0 +1,5 @@
+//! Building blocks of the end-to-end scenarios in `e2e/rotation.rs`.
+
+pub mod bundle_server;
+pub mod opa_agent;
+pub mod support;
