@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=0
-if ! bash e2e/cluster.sh status 2>/dev/null | grep -q "kube-apiserver: ready"; then
+status=$(bash e2e/cluster.sh status 2>/dev/null || true)
+if ! grep -q "kube-apiserver: ready" <<<"$status"; then
   bash e2e/cluster.sh up
   started=1
 fi
