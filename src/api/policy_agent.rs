@@ -197,6 +197,23 @@ pub struct PolicyAgentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// Bounded history of rolls and confirmations, newest first (Events expire after an hour).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AgentHistoryEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentHistoryEntry {
+    /// The key id the workload was rolled to.
+    pub kid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<String>,
+    /// Pods confirmed on the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -23,8 +23,8 @@ use crate::agent::{self, AgentInput, AgentStep, Figures, PodObs, Rollout};
 use crate::api::ProvisioningKey;
 use crate::api::conditions::{self, condition};
 use crate::api::policy_agent::{
-    CheckMode, CheckVia, PodCounts, PolicyAgent, PolicyAgentStatus, Scheme, WorkloadKind,
-    WorkloadRollout,
+    AgentHistoryEntry, CheckMode, CheckVia, PodCounts, PolicyAgent, PolicyAgentStatus, Scheme,
+    WorkloadKind, WorkloadRollout,
 };
 use crate::fault;
 use crate::labels as l;
@@ -33,6 +33,8 @@ pub const DEFAULT_PATH: &str = "/health?bundles=true";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(2);
 pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
+/// History entries kept in status.
+const HISTORY_LIMIT: usize = 10;
 /// How often a confirmed agent is looked at again when nothing else wakes it.
 const RECHECK: Duration = Duration::from_secs(60);
 
@@ -375,6 +377,8 @@ struct Outcome {
     rolled_at: Option<DateTime<Utc>>,
     counts: Option<agent::Counts>,
     figures: Option<(Figures, bool)>,
+    /// This reconcile rolled the workload.
+    rolled_now: bool,
 }
 
 impl Outcome {
@@ -388,6 +392,7 @@ impl Outcome {
             rolled_at: None,
             counts: None,
             figures: None,
+            rolled_now: false,
         }
     }
 }
@@ -407,6 +412,13 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     }
     let now = ctx.now();
     let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
+    // The status as the API server has it now: the watch cache may not show our last write yet,
+    // and comparing against a stale copy would re-send an identical status.
+    let fresh = Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
+        .get_status(&pa.name_any())
+        .await?;
+    let mut pa = (*pa).clone();
+    pa.status = fresh.status;
     let previous = pa.status.clone().unwrap_or_default();
     let (outcome, requeue) = evaluate(&ctx, &pa, &ns, &previous, now).await?;
     report(&ctx, &pa, &previous, outcome, now).await?;
@@ -593,6 +605,7 @@ async fn evaluate(
         rolled_at,
         counts: Some(counts.clone()),
         figures: figures.clone(),
+        rolled_now: false,
     };
     Ok(match step {
         AgentStep::Roll { kid } => {
@@ -619,20 +632,19 @@ async fn evaluate(
             )
             .await;
             info!(pa = %pa.name_any(), workload = %wl.name, kid = %kid, "rolled workload");
-            (
-                out(
-                    "Rolling",
-                    (
-                        confirmed_prev.is_some(),
-                        "RolloutTriggered",
-                        format!("rolling to key {kid}"),
-                    ),
-                    (false, "RolloutTriggered", format!("rolling to key {kid}")),
-                    confirmed_prev.clone(),
-                    Some(now),
+            let mut o = out(
+                "Rolling",
+                (
+                    confirmed_prev.is_some(),
+                    "RolloutTriggered",
+                    format!("rolling to key {kid}"),
                 ),
-                Some(Duration::from_secs(1)),
-            )
+                (false, "RolloutTriggered", format!("rolling to key {kid}")),
+                confirmed_prev.clone(),
+                Some(now),
+            );
+            o.rolled_now = true;
+            (o, Some(Duration::from_secs(1)))
         }
         AgentStep::Wait {
             reason: r,
@@ -717,6 +729,52 @@ fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::Objec
     }
 }
 
+/// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
+fn history(
+    previous: &PolicyAgentStatus,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> Vec<AgentHistoryEntry> {
+    let mut h = previous.history.clone();
+    if let Some(kid) = o.target.as_ref().filter(|_| o.rolled_now) {
+        h.insert(
+            0,
+            AgentHistoryEntry {
+                kid: kid.clone(),
+                rolled_at: Some(ts_start(now)),
+                ..Default::default()
+            },
+        );
+    }
+    if let Some(kid) = o
+        .confirmed
+        .as_ref()
+        .filter(|k| previous.confirmed_key_id.as_ref() != Some(*k))
+    {
+        let pods = o.counts.as_ref().map(|c| c.confirmed);
+        match h
+            .iter_mut()
+            .find(|e| &e.kid == kid && e.confirmed_at.is_none())
+        {
+            Some(e) => {
+                e.confirmed_at = Some(ts(now));
+                e.pods = pods;
+            }
+            None => h.insert(
+                0,
+                AgentHistoryEntry {
+                    kid: kid.clone(),
+                    rolled_at: None,
+                    confirmed_at: Some(ts(now)),
+                    pods,
+                },
+            ),
+        }
+    }
+    h.truncate(HISTORY_LIMIT);
+    h
+}
+
 async fn report(
     ctx: &Context,
     pa: &PolicyAgent,
@@ -743,7 +801,7 @@ async fn report(
         confirmed_key_id: o.confirmed.clone(),
         confirmed_at,
         target_key_id: o.target.clone(),
-        rolled_at: o.rolled_at.map(ts),
+        rolled_at: o.rolled_at.map(ts_start),
         pods: o.counts.as_ref().map(|c| PodCounts {
             total: c.total,
             on_current_key: c.on_key,
@@ -757,6 +815,7 @@ async fn report(
             complete: *complete,
         }),
         observed_generation: generation,
+        history: history(previous, &o, now),
         conditions: vec![
             condition(
                 &previous.conditions,
