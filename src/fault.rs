@@ -5,6 +5,10 @@
 //! `mint`, `mark-published`, `bundle`, `record-published`, `activate`, `retire`, `hand-out`,
 //! `revoke`, `roll`, `confirm`.
 
+/// What a fault-injection build prints as it aborts. Tests look for it in the binary to make sure
+/// they run a fault-injection build (the text is only compiled in with the feature).
+pub const ABORT_MESSAGE: &str = "keyward: fault injection: aborting right after write";
+
 /// Called right after a named write succeeded. A no-op in normal builds.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
@@ -25,7 +29,7 @@ pub fn after(point: &str) {
         return;
     }
     if HITS.fetch_add(1, Ordering::SeqCst) + 1 >= n {
-        eprintln!("keyward: fault injection: aborting right after write {point:?}");
+        eprintln!("{ABORT_MESSAGE} {point:?}");
         std::process::abort();
     }
 }

@@ -880,6 +880,23 @@ mod crash {
 
     use super::*;
 
+    /// One private copy of the fault-injection build per test process: `target/debug/keyward`
+    /// may be replaced by a concurrent build without the feature while the tests run.
+    fn binary() -> &'static Path {
+        static BIN: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+        &BIN.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let bin = keyward_testbed::private_binary_copy(
+                env!("CARGO_BIN_EXE_keyward"),
+                dir.path(),
+                keyward::fault::ABORT_MESSAGE.as_bytes(),
+            )
+            .expect("a fault-injection build of keyward");
+            (dir, bin)
+        })
+        .1
+    }
+
     /// The `keyward` binary as a subprocess watching one namespace, all floors at 0s; killed
     /// when dropped. Its output goes to a file, printed if the test fails.
     struct Keyward {
@@ -892,7 +909,7 @@ mod crash {
             let log = dir.join(format!("{label}.log"));
             let out = std::fs::File::create(&log).expect("create log file");
             let err = out.try_clone().expect("clone log file");
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+            let mut cmd = Command::new(binary());
             cmd.args(["run", "--namespaces", namespace])
                 .args(["--min-rotation-interval", "0s", "--min-min-interval", "0s"])
                 .args([

@@ -275,22 +275,13 @@ pub struct OperatorProcess {
 }
 
 /// A private copy of the `keyward` binary Cargo built for this test run, checked to be a
-/// `fault-injection` build. `target/debug/keyward` is shared with every other build of the
-/// workspace: a concurrent `cargo build` without the feature replaces it with a binary that
-/// never aborts (seen while developing these tests), so the crash scenario never runs it from
-/// there.
+/// `fault-injection` build (see [`keyward_testbed::private_binary_copy`]).
 pub fn private_operator_binary(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let src = env!("CARGO_BIN_EXE_keyward");
-    let dst = dir.join("keyward");
-    std::fs::copy(src, &dst).with_context(|| format!("copy {src}"))?;
-    let bytes = std::fs::read(&dst)?;
-    let marker: &[u8] = b"fault injection: aborting right after write";
-    ensure!(
-        bytes.windows(marker.len()).any(|w| w == marker),
-        "{src} is not a fault-injection build (rebuilt by a concurrent cargo build without \
-         --features fault-injection?); run the tests again"
-    );
-    Ok(dst)
+    keyward_testbed::private_binary_copy(
+        env!("CARGO_BIN_EXE_keyward"),
+        dir,
+        keyward::fault::ABORT_MESSAGE.as_bytes(),
+    )
 }
 
 impl OperatorProcess {

@@ -10,12 +10,14 @@
 //! - [`HttpAgent`]: the default agent, an HTTP server on `<pod IP>:8080`.
 
 mod agent;
+mod binary;
 mod env;
 mod kubelet;
 mod namespace;
 mod wait;
 
 pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo};
+pub use binary::private_binary_copy;
 pub use env::{DEFAULT_KUBECONFIG, client, init_tracing, kubeconfig_path};
 pub use kubelet::{Kubelet, KubeletConfig, KubeletHandle, ReadinessHook, RunningPod};
 pub use namespace::TestNamespace;
