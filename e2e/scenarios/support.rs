@@ -27,7 +27,6 @@ use keyward_testbed::{
     Kubelet, KubeletConfig, KubeletHandle, RunningPod, TestNamespace, eventually, wait_for,
 };
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -64,15 +63,7 @@ pub fn secs(a: Instant, b: Instant) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Kubernetes access.
 
-/// The admin kubeconfig of the local plane as a `kube::Config`.
-pub async fn kube_config() -> kube::Config {
-    let path = keyward_testbed::kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}", path.display()));
-    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}", path.display()))
-}
+pub use keyward_testbed::kube_config;
 
 fn from_json<K: DeserializeOwned>(v: Value) -> K {
     serde_json::from_value(v).expect("a well-formed object")

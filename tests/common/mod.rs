@@ -13,7 +13,6 @@ use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward_testbed::{WaitError, wait_for};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::Condition;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
@@ -21,15 +20,7 @@ use serde_json::{Value, json};
 /// Default timeout of a wait for something the operator should do promptly.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The admin kubeconfig of the local plane as a `kube::Config` (for the counting client).
-pub async fn kube_config() -> kube::Config {
-    let path = keyward_testbed::kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}", path.display()));
-    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}", path.display()))
-}
+pub use keyward_testbed::kube_config;
 
 /// The operator, started in-process as a Tokio task that watches one namespace only, with a
 /// client that counts its mutating requests. Call [`Operator::stop`] at the end of the test

@@ -19,18 +19,27 @@ pub fn kubeconfig_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBECONFIG))
 }
 
+/// The local control plane's admin kubeconfig as a `kube::Config` (to build a client of one's
+/// own, e.g. the operator's counting client).
+///
+/// # Panics
+/// With a message telling to run `e2e/cluster.sh up` when the kubeconfig is missing or invalid.
+pub async fn kube_config() -> kube::Config {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}; {HINT}", path.display()));
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}; {HINT}", path.display()))
+}
+
 /// A client for the local control plane, checked to be reachable.
 ///
 /// # Panics
 /// With a message telling to run `e2e/cluster.sh up` when the kubeconfig is missing or the
 /// API server does not answer within 10 s.
 pub async fn client() -> kube::Client {
-    let path = kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}; {HINT}", path.display()));
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("invalid kubeconfig {}: {e}; {HINT}", path.display()));
+    let config = kube_config().await;
     let url = config.cluster_url.clone();
     let client = kube::Client::try_from(config)
         .unwrap_or_else(|e| panic!("cannot build a client for {url}: {e}; {HINT}"));
