@@ -1218,3 +1218,81 @@ async fn lost_status_causes_no_rotation() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. Audit: one Event per transition and key, never merged across keys.
+
+/// kube's `Recorder` merges Events with the same type, reason, action, regarding and related
+/// object into one Event with a `series` and the first note only. Keyward names the key Secret
+/// as `related`, so three keys give three `KeyMinted` Events, each naming its own key id. Fails if
+/// the `related` object is dropped (the Events merge and two key ids are missing from the notes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transition_of_every_key_is_its_own_event() {
+    use k8s_openapi::api::events::v1::Event;
+    let ns = TestNamespace::new("kw-audit").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let events: Api<Event> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(&pks, "audited", json!({}), quick_rotation(json!({}))).await;
+    wait_pk(&pks, "audited", "settled", is_settled).await;
+    let mut kids = vec![kid(&key_secrets(&secrets, "audited").await[0])];
+    for round in 1..=2 {
+        merge(
+            &pks,
+            "audited",
+            json!({ "metadata": { "annotations": { l::ROTATE: format!("round-{round}") } } }),
+        )
+        .await;
+        let next = wait_obj(
+            &secrets,
+            &key_secret_name("audited", round + 1),
+            "next key minted",
+            TIMEOUT,
+            |_| true,
+        )
+        .await;
+        let new = kid(&next);
+        let old: Vec<&str> = kids.iter().map(String::as_str).collect();
+        wait_pk(&pks, "audited", "rotation complete", |pk| {
+            rotated_to(pk, &new, &old)
+        })
+        .await;
+        kids.push(new);
+    }
+    op.stop().await;
+
+    let all = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items;
+    let notes = |reason: &str| -> Vec<String> {
+        all.iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("audited"))
+            .map(|e| e.note.clone().unwrap_or_default())
+            .collect()
+    };
+    for (reason, expected) in [
+        ("KeyMinted", &kids[..]),
+        ("KeyPublished", &kids[..]),
+        ("KeyActivated", &kids[..]),
+        ("KeyRevoked", &kids[..2]),
+    ] {
+        let notes = notes(reason);
+        assert_eq!(notes.len(), expected.len(), "{reason} Events: {notes:#?}");
+        for kid in expected {
+            assert!(
+                notes.iter().filter(|n| n.contains(kid.as_str())).count() == 1,
+                "exactly one {reason} Event names {kid}: {notes:#?}"
+            );
+        }
+    }
+    // Key bytes appear in no Event: no PEM armour, no private key material.
+    for e in &all {
+        let note = e.note.clone().unwrap_or_default();
+        assert!(!note.contains("BEGIN"), "an Event carries PEM: {note}");
+    }
+    ns.cleanup().await;
+}
