@@ -424,6 +424,13 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
 
     // 3. Finish the publication of minted keys: label, bundle, record.
     if let Some(k) = keys.iter().find(|k| k.state == KeyState::Pending) {
+        // A key compromised before it was ever trusted is revoked without being published.
+        if settings.compromised.contains(&k.kid) {
+            return Plan::new(Phase::Publishing).step(Step::Revoke {
+                seq: k.seq,
+                emergency: true,
+            });
+        }
         return Plan::new(Phase::Publishing).step(Step::MarkPublished { seq: k.seq });
     }
     let (trusted, revoked) = desired_bundle(keys);

@@ -1392,6 +1392,16 @@ fn cases() -> Vec<Case> {
             Phase::Publishing,
         ),
         case(
+            "compromised pending key: revoked without ever being published",
+            with_settings(|s| s.compromised = compromised(&[2])),
+            obs(vec![key(1, Active), key(2, Pending)]),
+            Some(Revoke {
+                seq: 2,
+                emergency: true,
+            }),
+            Phase::Publishing,
+        ),
+        case(
             "compromised retiring key: revoked at once, consumers not awaited",
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
