@@ -45,7 +45,13 @@ kubectl apply -f examples/ 2>/dev/null
 echo "[demo] the operator runs (pid $op_pid); Ctrl-C stops it and cleans up."
 echo "[demo] rotate from another terminal with:"
 echo "         eval \"\$(bash e2e/cluster.sh env)\"; kubectl annotate pk opa-agents keyward.dev/rotate=\"\$(date +%s)\" --overwrite"
+last=""
 while kill -0 "$op_pid" 2>/dev/null; do
-  sleep 5
-  kubectl get pk -o wide 2>/dev/null | sed 's/^/[demo] /' || true
+  sleep 2
+  now=$(kubectl get pk,secret,cm -l app.kubernetes.io/managed-by=keyward 2>/dev/null || true)
+  now=$(kubectl get pk 2>/dev/null | awk '{print $1, $2, $3, $4, $5}'; echo "$now" | grep -v '^pk' | awk '{print $1, $2}')
+  if [ "$now" != "$last" ]; then
+    sed 's/^/[demo] /' <<<"$now"
+    last=$now
+  fi
 done
