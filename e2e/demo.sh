@@ -48,8 +48,9 @@ echo "         eval \"\$(bash e2e/cluster.sh env)\"; kubectl annotate pk opa-age
 last=""
 while kill -0 "$op_pid" 2>/dev/null; do
   sleep 2
-  now=$(kubectl get pk,secret,cm -l app.kubernetes.io/managed-by=keyward 2>/dev/null || true)
-  now=$(kubectl get pk 2>/dev/null | awk '{print $1, $2, $3, $4, $5}'; echo "$now" | grep -v '^pk' | awk '{print $1, $2}')
+  # Keys (ready, phase, key id) and the objects Keyward manages; printed when they change.
+  now=$(kubectl get pk -o custom-columns=NAME:.metadata.name,READY:.status.conditions[0].status,PHASE:.status.phase,KEY:.status.currentKey.kid 2>/dev/null
+    kubectl get secret,cm -l app.kubernetes.io/managed-by=keyward -o name 2>/dev/null)
   if [ "$now" != "$last" ]; then
     sed 's/^/[demo] /' <<<"$now"
     last=$now
