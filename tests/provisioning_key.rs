@@ -1296,3 +1296,68 @@ async fn every_transition_of_every_key_is_its_own_event() {
     }
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Graceful shutdown.
+
+/// `keyward run` stops on SIGTERM (as the kubelet sends it) with exit status 0 after the
+/// controllers drained, instead of being killed mid-write at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_the_operator_down_gracefully() {
+    let ns = TestNamespace::new("kw-sigterm").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("keyward.log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["run", "--namespaces", ns.name()])
+        .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .expect("start keyward");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    keyward_testbed::eventually(
+        "the controllers started",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            read_log()
+                .contains("keyward controllers started")
+                .then_some(())
+        },
+    )
+    .await
+    .expect("operator started");
+    // A working operator: it has minted and handed out a key.
+    let pks: Api<ProvisioningKey> = ns.api();
+    create_pk(&pks, "served", json!({}), json!({})).await;
+    wait_pk(&pks, "served", "settled", is_settled).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no exit within 5 s of SIGTERM; log:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        read_log()
+    );
+    let log = read_log();
+    assert!(log.contains("SIGTERM received"), "log:\n{log}");
+    assert!(log.contains("keyward controllers stopped"), "log:\n{log}");
+    eprintln!("sigterm-to-exit: {} ms", started.elapsed().as_millis());
+    ns.cleanup().await;
+}

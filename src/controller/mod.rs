@@ -22,6 +22,9 @@ use crate::api::{PolicyAgent, ProvisioningKey};
 use crate::labels;
 use crate::rotation::Floors;
 
+/// How long a graceful shutdown waits for in-flight reconciles.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
 /// The single field manager for every server-side apply Keyward makes.
 pub const FIELD_MANAGER: &str = "keyward";
 
@@ -262,6 +265,14 @@ pub async fn run(
         runs.push(agents.boxed());
     }
     info!(namespaces = ?config.namespaces, "keyward controllers started");
-    futures::future::join_all(runs).await;
+    // Graceful shutdown lets in-flight reconciles finish. kube-runtime's controller can wait
+    // forever when shutdown comes before its caches first synced (seen: SIGTERM right after
+    // start), so the drain is bounded, well inside Kubernetes' default 30 s grace period.
+    let drained = futures::future::join_all(runs);
+    let deadline = shutdown.then(|_| tokio::time::sleep(SHUTDOWN_DRAIN));
+    tokio::select! {
+        _ = drained => {}
+        _ = deadline => warn!(?SHUTDOWN_DRAIN, "controllers did not drain in time; stopping anyway"),
+    }
     info!("keyward controllers stopped");
 }
