@@ -348,6 +348,69 @@ async fn compromised_key_is_revoked_at_once_and_replaced() -> anyhow::Result<()>
     Ok(())
 }
 
+/// (f) A token refresh is never a rotation: with `token.ttl: 4s` the token is re-issued about
+/// every 2 s; the agents read the new token from their Secret volume on every request (as OPA's
+/// `token_path` does) and keep downloading, no workload rolls, and the key stays the same.
+///
+/// How to see it fail: make the PolicyAgent compare the token (or the Secret's resourceVersion)
+/// instead of the key id before rolling, and the workloads roll on every refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refresh_never_rolls_the_agents() -> anyhow::Result<()> {
+    let bed = Bed::new("refresh").await;
+    let op = InProcessOperator::start(&bed.ns).await;
+    let k1 = bed
+        .set_up(json!({ "minInterval": "1s", "publishDelay": "1s" }))
+        .await?;
+    let before = bed.workloads_now().await?;
+    let since = Instant::now();
+    bed.patch_spec(json!({ "token": { "audience": scenarios::support::AUDIENCE, "ttl": "4s" } }))
+        .await?;
+    // kube's Recorder counts repeated Events for the same key in a series.
+    let refreshes = eventually(
+        "three token refreshes",
+        TIMEOUT,
+        Duration::from_millis(500),
+        || async {
+            let n: i32 = bed
+                .events("Normal", "TokenRefreshed")
+                .await
+                .ok()?
+                .iter()
+                .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+                .sum();
+            (n >= 3).then_some(n)
+        },
+    )
+    .await?;
+    let after = bed.workloads_now().await?;
+    ensure!(
+        after.deploy_generation == before.deploy_generation
+            && after.deploy_replica_sets == before.deploy_replica_sets
+            && after.sts_generation == before.sts_generation
+            && after.sts_revisions == before.sts_revisions,
+        "a token refresh rolled a workload: before {before:?}, after {after:?}"
+    );
+    ensure!(
+        bed.handed_out_kid().await?.as_deref() == Some(k1.as_str())
+            && bed.key_secrets().await?.len() == 1,
+        "a token refresh changed the key"
+    );
+    // The agents kept connecting, with refreshed tokens, and nothing was refused.
+    let log = bed.server.log();
+    ensure!(
+        log.iter().filter(|a| a.at >= since && a.accepted()).count() > 4,
+        "the agents stopped downloading during the refreshes"
+    );
+    check_no_rejections(&log, since, &[])?;
+    bed.say(format!(
+        "{refreshes} token refreshes in {:.1}s, no roll, key unchanged",
+        since.elapsed().as_secs_f64()
+    ));
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
+
 /// (e) The oracle fails when it must. Without any PolicyAgent and with `overlap: 0s`, Keyward
 /// revokes the old key right after handing the new one out (by design: no evidence is
 /// expected, the overlap is the user's choice). That is exactly the failure the other
