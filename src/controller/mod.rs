@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -18,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
+use crate::api::policy_agent::WorkloadKind;
 use crate::api::{PolicyAgent, ProvisioningKey};
 use crate::labels;
 use crate::rotation::Floors;
@@ -182,6 +184,40 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// An `Api` for one namespace, or for all.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Maps a workload to the PolicyAgents that name it.
+fn workload_mapper<K: Resource>(
+    store: &kube::runtime::reflector::Store<PolicyAgent>,
+    kind: WorkloadKind,
+) -> impl Fn(K) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
+    let store = store.clone();
+    move |w: K| {
+        let ns = w.meta().namespace.clone();
+        let name = w.meta().name.clone();
+        store
+            .state()
+            .into_iter()
+            .filter(|pa| {
+                pa.meta().namespace == ns
+                    && pa.spec.workload_ref.kind == kind
+                    && Some(&pa.spec.workload_ref.name) == name.as_ref()
+            })
+            .map(|pa| ObjectRef::from_obj(&*pa))
+            .collect()
+    }
+}
+
 /// Runs the ProvisioningKey controllers (one per watched namespace, or one for all) until
 /// `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
@@ -241,9 +277,11 @@ pub async fn run(
 
         let agents = Controller::new(pas, watcher::Config::default());
         let store = agents.store();
+        let secret_store = store.clone();
         // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
         let agents = agents
             .watches(secrets, owned, move |s: Secret| {
+                let store = &secret_store;
                 let ns = s.meta().namespace.clone();
                 let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
                 let is_agent = s.labels().get(labels::COMPONENT).map(String::as_str)
@@ -259,6 +297,23 @@ pub async fn run(
                     .map(|pa| ObjectRef::from_obj(&*pa))
                     .collect::<Vec<_>>()
             })
+            // A workload that changes (rollout progress, scaling, someone else's edit) wakes
+            // the PolicyAgent naming it. Secondary watches keep no cache of their own.
+            .watches(
+                scoped::<Deployment>(&client, &ns),
+                watcher::Config::default(),
+                workload_mapper(&store, WorkloadKind::Deployment),
+            )
+            .watches(
+                scoped::<StatefulSet>(&client, &ns),
+                watcher::Config::default(),
+                workload_mapper(&store, WorkloadKind::StatefulSet),
+            )
+            .watches(
+                scoped::<DaemonSet>(&client, &ns),
+                watcher::Config::default(),
+                workload_mapper(&store, WorkloadKind::DaemonSet),
+            )
             .graceful_shutdown_on(shutdown.clone())
             .run(policy_agent::reconcile, error_policy, ctx.clone())
             .for_each(log_result);
