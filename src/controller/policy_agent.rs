@@ -464,7 +464,8 @@ async fn evaluate(
                     owner.name_any()
                 ),
             ),
-            None,
+            // Nothing wakes this PolicyAgent when the owner goes away: look again.
+            retry,
         ));
     }
     let pk_name = &pa.spec.provisioning_key_ref.name;
