@@ -461,12 +461,17 @@ async fn rollout_only_agent_is_rolled_and_confirmed() {
             ))
     })
     .await;
-    // Not checked: an AgentConfirmed (or RolloutTriggered) Event naming the second key. The
-    // PolicyAgent controller names the workload as every Event's `related` object, so kube's
-    // Recorder merges the second confirmation into the first Event (same type, reason, action,
-    // regarding and related, within 6 minutes) as a series that keeps the first note: the
-    // audit trail never names the second key (a known defect of the operator). The durable
-    // record, status.history, is checked above.
+    // The second roll and confirmation are Events of their own, naming the second key: Events
+    // about a key name that key's Secret as `related`, so kube's Recorder does not merge them
+    // into the first key's Events (it would keep the first note only).
+    wait_event(&events, "opa-agents", "RolloutTriggered", |n| {
+        n.contains(&format!("to key {kid2}"))
+    })
+    .await;
+    wait_event(&events, "opa-agents", "AgentConfirmed", |n| {
+        n.contains(&kid2)
+    })
+    .await;
 
     // The revocation (and the trust bundle write) after the confirmation roll nothing more.
     expect_never(

@@ -302,12 +302,26 @@ pub fn decide(input: &AgentInput, now: DateTime<Utc>) -> AgentStep {
                 retry_after: Some(Duration::from_secs(2)),
             };
         }
-        Rollout::Failed { reason, message } | Rollout::Stalled { reason, message } => {
+        Rollout::Failed { reason, message } => {
             return AgentStep::Wait {
                 reason,
                 message: message.clone(),
                 retry_after: Some(Duration::from_secs(30)),
             };
+        }
+        Rollout::Stalled { reason, message } => {
+            // Paused, OnDelete or partitioned: that only matters while a pod still runs another
+            // key. A workload whose pods all run the key is judged by its pods.
+            let c = counts(input);
+            let all_on_key =
+                c.total > 0 && c.on_key == c.total && input.pods.iter().all(|p| !p.terminating);
+            if !all_on_key {
+                return AgentStep::Wait {
+                    reason,
+                    message: message.clone(),
+                    retry_after: Some(Duration::from_secs(30)),
+                };
+            }
         }
     }
     let c = counts(input);

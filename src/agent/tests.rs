@@ -304,8 +304,15 @@ fn confirmation_needs_every_criterion() {
     let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
     i.success_threshold = 0;
     assert_eq!(decide(&i, now()), AgentStep::Confirmed { kid: "K2".into() });
-    // Stalled kinds are reported, never waited on silently.
+    // A paused workload whose pods all run the key is confirmed by its pods.
     let mut i = input(Some("K2"), vec![pod("a", "K2", 5)]);
+    i.rollout = Rollout::Stalled {
+        reason: "DeploymentPaused",
+        message: "p".into(),
+    };
+    assert_eq!(decide(&i, now()), AgentStep::Confirmed { kid: "K2".into() });
+    // Stalled kinds are reported, never waited on silently.
+    let mut i = input(Some("K2"), vec![pod("a", "K2", 5), pod("b", "K1", 5)]);
     i.rollout = Rollout::Stalled {
         reason: "Partitioned",
         message: "p".into(),

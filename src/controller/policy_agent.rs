@@ -33,6 +33,8 @@ pub const DEFAULT_PATH: &str = "/health?bundles=true";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(2);
 pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
+/// Probe records and roll slots older than this are dropped.
+const STALE_AFTER: Duration = Duration::from_secs(600);
 /// History entries kept in status.
 const HISTORY_LIMIT: usize = 10;
 /// How often a confirmed agent is looked at again when nothing else wakes it.
@@ -83,14 +85,18 @@ impl AgentState {
         p.last = Instant::now();
     }
 
-    fn forget_except(&self, live: &[String], prefix_pods: &[String]) {
-        // Drop probe state of pods of this workload that no longer exist.
+    /// Drops the records of pods not checked for a while (deleted pods are never checked again;
+    /// live pods are checked at least at every reconcile).
+    fn forget_stale(&self) {
         let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-        probes.retain(|uid, _| live.contains(uid) || !prefix_pods.contains(uid));
+        probes.retain(|_, p| p.last.elapsed() < STALE_AFTER);
     }
 
     fn slot_free(&self, key: &str, cap: usize) -> bool {
-        let rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+        // A roll whose workload or PolicyAgent went away (or that never completes, e.g. a paused
+        // Deployment) gives its slot back after a while, so the cap cannot be exhausted by leaks.
+        rolling.retain(|_, since| since.elapsed() < STALE_AFTER);
         rolling.contains_key(key) || rolling.len() < cap
     }
 
@@ -557,8 +563,7 @@ async fn evaluate(
                 .record(&p.uid().unwrap_or_default(), &secret_kid, ok);
         }
     }
-    let uids: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
-    ctx.agents.forget_except(&uids, &[]);
+    ctx.agents.forget_stale();
     let pod_obs: Vec<PodObs> = pods
         .iter()
         .map(|p| {
@@ -628,7 +633,7 @@ async fn evaluate(
                         "rolled {} {} from key {old} to key {kid} ({} pods, {} desired)",
                         wl.kind, wl.name, counts.total, workload.figures.desired
                     ),
-                    related: Some(workload_ref(pa, ns)),
+                    related: Some(key_ref(ctx, ns, pa, Some(&kid)).await),
                 },
             )
             .await;
@@ -711,6 +716,46 @@ async fn evaluate(
             Some(RECHECK),
         ),
     })
+}
+
+/// The related object of an Event about key `kid`: the key's own Secret, so that kube's Recorder
+/// (which merges Events with the same related object) keeps one Event per key; the workload when
+/// the key Secret cannot be found.
+async fn key_ref(
+    ctx: &Context,
+    ns: &str,
+    pa: &PolicyAgent,
+    kid: Option<&str>,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    let selector = format!(
+        "{}={},{}={}",
+        l::PROVISIONING_KEY,
+        pa.spec.provisioning_key_ref.name,
+        l::COMPONENT,
+        l::COMPONENT_KEY
+    );
+    let found = match (
+        kid,
+        Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .list_metadata(&ListParams::default().labels(&selector))
+            .await,
+    ) {
+        (Some(kid), Ok(list)) => list
+            .items
+            .into_iter()
+            .find(|s| s.annotations().get(l::KEY_ID).map(String::as_str) == Some(kid)),
+        _ => None,
+    };
+    match found {
+        Some(s) => k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(ns.to_string()),
+            name: s.metadata.name,
+            ..Default::default()
+        },
+        None => workload_ref(pa, ns),
+    }
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -863,16 +908,18 @@ async fn report(
                 reason: reason::AGENT_CONFIRMED,
                 action: "Confirm",
                 note: format!(
-                    "{} {}: all {} pods confirmed on key {} ({} consecutive checks each)",
+                    "{} {}: all {} pods confirmed on key {} ({})",
                     pa.spec.workload_ref.kind,
                     pa.spec.workload_ref.name,
                     c.total,
                     o.confirmed.clone().unwrap_or_default(),
-                    resolve_check(pa)
-                        .map(|c| c.success_threshold)
-                        .unwrap_or_default()
+                    match resolve_check(pa).map(|c| c.success_threshold) {
+                        Ok(0) => "rollout only".to_string(),
+                        Ok(n) => format!("{n} consecutive checks each"),
+                        Err(_) => String::new(),
+                    }
                 ),
-                related: Some(workload_ref(pa, &ns)),
+                related: Some(key_ref(ctx, &ns, pa, o.confirmed.as_deref()).await),
             },
         )
         .await;

@@ -170,6 +170,15 @@ async fn observe(
         .filter(|pa| {
             pa.spec.provisioning_key_ref.name == name && pa.meta().deletion_timestamp.is_none()
         })
+        // A PolicyAgent refused because another one already manages its workload does nothing;
+        // the owner stands for the workload.
+        .filter(|pa| {
+            !pa.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == conditions::READY && c.reason == "WorkloadClaimed")
+            })
+        })
         .map(|pa| {
             let status = pa.status.clone().unwrap_or_default();
             Consumer {
