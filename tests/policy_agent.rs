@@ -52,6 +52,21 @@ impl Bed {
         Self::with_kubelet(prefix, KubeletConfig::default()).await
     }
 
+    /// The usual start: the key, Deployment `opa` (2 replicas) and PolicyAgent `opa-agents`,
+    /// confirmed on the first key; returns its key id.
+    async fn confirmed_deployment(&self) -> String {
+        let kid1 = self.key().await;
+        self.deployment("opa", 2).await;
+        self.policy_agent("opa-agents", PK, "Deployment", "opa")
+            .await;
+        let pas: Api<PolicyAgent> = self.api();
+        wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
+            confirmed_on(pa, &kid1)
+        })
+        .await;
+        kid1
+    }
+
     async fn with_kubelet(prefix: &str, kubelet: KubeletConfig) -> Self {
         // Operator and kubelet logs, shown with a failing test's output.
         keyward_testbed::init_tracing();
@@ -725,14 +740,7 @@ async fn paused_deployment_is_reported_stalled() {
     let cms: Api<ConfigMap> = bed.api();
     let deploys: Api<Deployment> = bed.api();
     let events: Api<Event> = bed.api();
-    let kid1 = bed.key().await;
-    bed.deployment("opa", 2).await;
-    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
-        .await;
-    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid1)
-    })
-    .await;
+    let kid1 = bed.confirmed_deployment().await;
     merge(&deploys, "opa", json!({ "spec": { "paused": true } })).await;
     merge(
         &pks,
@@ -896,14 +904,7 @@ async fn settled_policy_agent_makes_no_writes() {
     let pas: Api<PolicyAgent> = bed.api();
     let pks: Api<ProvisioningKey> = bed.api();
     let deploys: Api<Deployment> = bed.api();
-    let kid1 = bed.key().await;
-    bed.deployment("opa", 2).await;
-    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
-        .await;
-    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid1)
-    })
-    .await;
+    let kid1 = bed.confirmed_deployment().await;
     wait_pk(&pks, PK, "settled", is_settled).await;
     let before = quiet_writes(&bed.op, Duration::from_millis(1500)).await;
     let start = Instant::now();
