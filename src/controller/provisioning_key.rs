@@ -76,7 +76,7 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
         let plan = rotation::plan(&settings, &observed, now);
         match &plan.step {
             None => {
-                report(&ctx, &pk, &settings, &observed, &plan, now).await?;
+                report(&ctx, &pk, &observed, &plan, now).await?;
                 return Ok(plan
                     .requeue_after
                     .map_or_else(Action::await_change, Action::requeue));
@@ -1084,7 +1084,6 @@ async fn with_fresh_status(ctx: &Context, pk: &ProvisioningKey) -> Result<Provis
 async fn report(
     ctx: &Context,
     pk: &ProvisioningKey,
-    _settings: &Settings,
     obs: &Observed,
     plan: &Plan,
     now: DateTime<Utc>,

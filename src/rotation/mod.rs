@@ -15,7 +15,6 @@ mod settings;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -453,10 +452,10 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         .any(|k| compromised(&k));
     if has_compromised {
         // A successor is a key that can become current: not one on its way out.
-        let successor = keys.iter().rev().find(|k| {
-            !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(k)
+        let has_successor = keys.iter().rev().any(|k| {
+            !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(&k)
         });
-        let Some(successor) = successor else {
+        if !has_successor {
             // Mint a successor at once: neither minInterval nor suspend delays it.
             let mut p = Plan::new(Phase::Publishing).step(Step::Mint {
                 seq: next_seq,
@@ -469,7 +468,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 "minting a successor for a compromised key",
             ));
             return p;
-        };
+        }
         // The successor is in the trust bundle (step 3 ensured it): revoke the compromised keys
         // now, without waiting for confirmation. The bundle keeps the successor.
         if let Some(k) = keys
@@ -486,7 +485,6 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             ));
             return p;
         }
-        let _ = successor;
     }
 
     // 5. Activation: the newest published key becomes current once `publishDelay` has passed
@@ -782,12 +780,4 @@ fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) 
         p.wake_at(t, now);
     }
     p
-}
-
-/// Key ids that are trusted now, in `seq` order.
-pub fn trusted_kids(keys: &[ObservedKey]) -> BTreeSet<String> {
-    keys.iter()
-        .filter(|k| k.state.trusted())
-        .map(|k| k.kid.clone())
-        .collect()
 }
