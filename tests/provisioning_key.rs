@@ -1308,6 +1308,14 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
     let out = std::fs::File::create(&log).expect("log file");
+    /// Kills the operator if the test fails before it exits by itself.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["run", "--namespaces", ns.name()])
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
@@ -1315,6 +1323,7 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
         .stdout(out.try_clone().expect("clone"))
         .stderr(out)
         .spawn()
+        .map(KillOnDrop)
         .expect("start keyward");
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     keyward_testbed::eventually(
@@ -1334,13 +1343,13 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     create_pk(&pks, "served", json!({}), json!({})).await;
     wait_pk(&pks, "served", "settled", is_settled).await;
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(kill.success());
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.0.try_wait().expect("wait") {
             break status;
         }
         assert!(
