@@ -6,6 +6,7 @@
 #   e2e/cluster.sh down     stop exactly the processes `up` started (by PID)
 #   e2e/cluster.sh env      print `export KUBECONFIG=...` for this plane
 #   e2e/cluster.sh status   show the processes and whether the API server is ready
+#   e2e/cluster.sh ready    exit 0 if the API server answers /readyz, 1 otherwise (quiet)
 #   e2e/cluster.sh build    only install packages and build/cache the binaries
 #
 # Settings (environment):
@@ -252,6 +253,7 @@ case "${1:-}" in
   down) down ;;
   env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
   status) status ;;
+  ready) if [ -f "$DIR/pki/ca.crt" ] && api_ready >/dev/null 2>&1; then exit 0; else exit 1; fi ;;
   build) build ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -5,8 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=0
-status=$(bash e2e/cluster.sh status 2>/dev/null || true)
-if ! grep -q "kube-apiserver: ready" <<<"$status"; then
+if ! bash e2e/cluster.sh ready; then
   bash e2e/cluster.sh up
   started=1
 fi
