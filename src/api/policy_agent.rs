@@ -220,15 +220,6 @@ pub struct AgentHistoryEntry {
     pub rolled_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmed_at: Option<String>,
-    /// UID of the workload the confirmation was measured on. A confirmation counts only while
-    /// the workload named by `spec.workloadRef` still has this UID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confirmed_workload_uid: Option<String>,
-    /// Template revision the confirmation was measured on (`pod-template-hash` of a
-    /// Deployment's ReplicaSet, or the `controller-revision-hash` of a StatefulSet or
-    /// DaemonSet). A confirmation counts only while the workload is still at this revision.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confirmed_revision: Option<String>,
     /// Pods confirmed on the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<i32>,
