@@ -33,6 +33,14 @@ pub const PUBLISHED_AT: &str = "keyward.dev/published-at";
 pub const ACTIVATED_AT: &str = "keyward.dev/activated-at";
 pub const RETIRED_AT: &str = "keyward.dev/retired-at";
 pub const REVOKED_AT: &str = "keyward.dev/revoked-at";
+/// On a key Secret: the settings recorded at mint (JSON; names and durations).
+pub const SETTINGS: &str = "keyward.dev/settings";
+/// On a retiring key Secret: `exp` of the last token the key signed.
+pub const LAST_TOKEN_EXP: &str = "keyward.dev/last-token-exp";
+/// On the agent Secret: when its key id was first handed out (kept across token refreshes).
+pub const HANDED_OUT_AT: &str = "keyward.dev/handed-out-at";
+/// On the trust bundle: the highest key sequence number ever minted (never reused).
+pub const LAST_SEQ: &str = "keyward.dev/last-seq";
 /// On a workload: when Keyward rolled it, and to which key (metadata, not the pod template).
 pub const ROLLED_AT: &str = "keyward.dev/rolled-at";
 /// On a workload: the PolicyAgent that manages its rolls.

@@ -58,6 +58,10 @@ struct RunArgs {
     /// Smallest token.ttl accepted.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     min_token_ttl: Duration,
+    /// Clock skew allowed between the operator and token verifiers: an old sealed key that pods
+    /// no PolicyAgent covers may hold is revoked only this long after its last token expired.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    max_clock_skew: Duration,
     /// Most workloads rolled at once, so a rotation never becomes a restart storm.
     #[arg(long, default_value_t = 5)]
     max_concurrent_rolls: usize,
@@ -127,11 +131,13 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             publish_delay: args.min_publish_delay,
             overlap: args.min_overlap,
             token_ttl: args.min_token_ttl,
+            clock_skew: args.max_clock_skew,
         },
         max_concurrent_rolls: args.max_concurrent_rolls.max(1),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
     };
     info!(version = env!("CARGO_PKG_VERSION"), namespaces = ?op.namespaces, "starting keyward");
+    controller::preflight(&client, &op.namespaces).await?;
     controller::run(client, op, writes, shutdown_signal()).await;
     Ok(())
 }

@@ -927,3 +927,87 @@ async fn settled_policy_agent_makes_no_writes() {
     assert!(confirmed_on(&pa, &kid1), "{:?}", pa.status);
     bed.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ordinary cluster life: consumers that no PolicyAgent covers.
+
+/// Issue row: "A second workload mounts the agent Secret but no PolicyAgent covers it: the old
+/// key was revoked 3.6 s after hand-out, while that workload's pods still held it." Now its
+/// pods are uncovered consumers: the old key waits `overlap` from the hand-out and, being sealed,
+/// until the last token it signed has expired (plus the allowed clock skew, zero here); a
+/// Warning Event and the status name the workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncovered_consumers_keep_the_old_key_until_its_last_token_expired() {
+    let bed = Bed::new("kw-uncovered").await;
+    let pks: Api<ProvisioningKey> = bed.api();
+    let secrets: Api<Secret> = bed.api();
+    let spec = json!({
+        "secretName": SECRET,
+        "rotation": { "publishDelay": "1s", "overlap": "2s", "minInterval": "0s" },
+        "token": { "ttl": "20s" },
+    });
+    create_pk(&pks, PK, json!({}), spec).await;
+    wait_pk(&pks, PK, "settled on its first key", is_settled).await;
+    let kid1 = agent_kid(&secrets).await;
+    bed.deployment("opa", 1).await;
+    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
+        .await;
+    let pas: Api<PolicyAgent> = bed.api();
+    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
+        confirmed_on(pa, &kid1)
+    })
+    .await;
+    // The second workload: same Secret, no PolicyAgent.
+    bed.deployment("other", 2).await;
+
+    // The token the uncovered pods may hold: it expires no earlier than this.
+    let s = secrets.get(SECRET).await.expect("the agent Secret");
+    let token = data(&s, l::DATA_TOKEN).expect("a token");
+    let (_, claims) = keyward::keys::decode_token_unverified(&token).expect("decodes");
+    merge(
+        &pks,
+        PK,
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    let k1 = key_secret_name(PK, 1);
+    let revoked = wait_obj(
+        &secrets,
+        &k1,
+        "the old key revoked",
+        Duration::from_secs(60),
+        |s| state(s) == "revoked",
+    )
+    .await;
+    let kid2 = agent_kid(&secrets).await;
+    assert_ne!(kid1, kid2);
+    let agent = secrets.get(SECRET).await.expect("the agent Secret");
+    let handed_out = agent
+        .annotations()
+        .get(l::HANDED_OUT_AT)
+        .and_then(|v| keyward::controller::parse_ts(v))
+        .expect("the agent Secret records when its key was handed out");
+    let revoked_at = at(&revoked, l::REVOKED_AT);
+    assert!(
+        revoked_at.timestamp() >= claims.exp,
+        "old key revoked at {revoked_at}, before the last token it signed expired ({})",
+        claims.exp
+    );
+    assert!(
+        revoked_at >= handed_out + chrono::Duration::seconds(2),
+        "old key revoked at {revoked_at}, less than overlap after the hand-out at {handed_out}"
+    );
+    let pk = pks.get(PK).await.expect("the key");
+    let uncovered = pk
+        .status
+        .and_then(|s| s.uncovered_consumers)
+        .expect("status reports uncovered consumers");
+    assert_eq!(uncovered.count, 2);
+    assert_eq!(uncovered.workloads, vec!["Deployment/other".to_string()]);
+    let events: Api<Event> = bed.api();
+    wait_event(&events, PK, "UncoveredConsumers", |n| {
+        n.contains("Deployment/other")
+    })
+    .await;
+    bed.finish().await;
+}

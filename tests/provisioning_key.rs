@@ -1370,3 +1370,172 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     eprintln!("sigterm-to-exit: {} ms", started.elapsed().as_millis());
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. Ordinary cluster life: liveness under a refused spec, a squatted key Secret name.
+
+/// The `exp` claim of the token in agent Secret `name` (and its key id).
+async fn token_exp(secrets: &Api<Secret>, name: &str) -> (String, i64) {
+    let s = secrets.get(name).await.expect("the agent Secret");
+    let token = data(&s, l::DATA_TOKEN).expect("the agent Secret carries a token");
+    let (header, claims) =
+        keyward::keys::decode_token_unverified(&token).expect("the token decodes");
+    (header.kid, claims.exp)
+}
+
+/// Issue row: "The spec was edited below an operator floor: the key went Invalid and the token
+/// was never re-issued; it expired, so every agent lost access." Now the key reports
+/// `Ready=False BelowFloor`, refuses new rotations, and keeps its token fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_below_a_floor_keeps_serving_the_current_key() {
+    let ns = TestNamespace::new("kw-floor").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let floors = Floors {
+        interval: Duration::from_secs(3600),
+        ..Floors::none()
+    };
+    let op = Operator::start(ns.name(), floors).await;
+    create_pk(
+        &pks,
+        "floor",
+        json!({}),
+        json!({ "token": { "ttl": "6s" } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "floor", "settled", is_settled).await;
+    let kid1 = pk
+        .status
+        .and_then(|s| s.current_key)
+        .map(|k| k.kid)
+        .expect("a current key");
+
+    // Edited below the floor (as a raised floor on upgrade would do).
+    merge(
+        &pks,
+        "floor",
+        json!({ "spec": { "rotation": { "interval": "1m" } } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "floor", "Ready=False BelowFloor", |pk| {
+        not_ready_because(pk, "BelowFloor")
+    })
+    .await;
+    let msg = condition(&pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("rotation.interval") && msg.contains("still served"),
+        "unclear message: {msg}"
+    );
+
+    // Two token lifetimes later the agents still hold a valid token of the same key.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let (kid, exp) = token_exp(&secrets, "floor").await;
+    let now = chrono::Utc::now().timestamp();
+    assert_eq!(kid, kid1, "the key changed while the spec was refused");
+    assert!(
+        exp > now,
+        "the agents' token expired {} s ago while the spec was refused",
+        now - exp
+    );
+    assert_eq!(
+        key_secrets(&secrets, "floor").await.len(),
+        1,
+        "a rotation started"
+    );
+    let pk = pks.get("floor").await.expect("the key");
+    assert!(not_ready_because(&pk, "BelowFloor"), "no longer reported");
+
+    // Fixing the spec makes it Ready again.
+    merge(
+        &pks,
+        "floor",
+        json!({ "spec": { "rotation": { "interval": "2h" } } }),
+    )
+    .await;
+    wait_pk(&pks, "floor", "settled again", is_settled).await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+/// Issue row: "A Secret named `<pk>-k1`, owned by someone else, already existed: 948
+/// conflicting POSTs in 20 s, no condition, no Event." Now: `Ready=False NameTaken` naming the
+/// object, retries with bounded backoff, the foreign Secret untouched, and the key minted once
+/// the name is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squatted_key_secret_name_is_reported_and_retried_with_backoff() {
+    let ns = TestNamespace::new("kw-squat").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let squatter = secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some(key_secret_name("squat", 1)),
+                    ..Default::default()
+                },
+                data: Some([("x".to_string(), ByteString(b"theirs".to_vec()))].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create the squatting Secret");
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let before = op.writes();
+    create_pk(&pks, "squat", json!({}), json!({})).await;
+    let pk = wait_pk(&pks, "squat", "Ready=False NameTaken", |pk| {
+        not_ready_because(pk, "NameTaken")
+    })
+    .await;
+    let msg = condition(&pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("squat-k1"),
+        "the message does not name the object: {msg}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let writes = op.writes() - before;
+    println!("writes in the first 20 s with a squatted key Secret name: {writes}");
+    assert!(
+        writes <= 25,
+        "{writes} writes in 20 s: the retry is not backed off"
+    );
+    let s = secrets.get("squat-k1").await.expect("the squatting Secret");
+    assert_eq!(
+        s.resource_version(),
+        squatter.resource_version(),
+        "the foreign Secret was written"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    let warned = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("NameTaken")
+                && e.note.as_deref().is_some_and(|n| n.contains("squat-k1"))
+        });
+    assert!(warned, "no NameTaken Warning Event");
+
+    // The name is freed: the key is minted at the next retry (bounded by the backoff cap).
+    secrets
+        .delete("squat-k1", &DeleteParams::default())
+        .await
+        .expect("delete the squatting Secret");
+    wait_obj(
+        &pks,
+        "squat",
+        "settled once the name is free",
+        Duration::from_secs(100),
+        is_settled,
+    )
+    .await;
+    op.stop().await;
+    ns.cleanup().await;
+}

@@ -221,6 +221,11 @@ pub struct ProvisioningKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_refresh_at: Option<String>,
 
+    /// Pods that use the agent Secret but belong to no PolicyAgent's workload, seen while a key
+    /// is retiring: they have no evidence, so the old key waits the time fallback for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncovered_consumers: Option<UncoveredConsumers>,
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
@@ -231,6 +236,16 @@ pub struct ProvisioningKeyStatus {
     /// Bounded history of keys and their lifecycle timestamps, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UncoveredConsumers {
+    /// How many pods.
+    pub count: i32,
+    /// The first few of their workloads (`Kind/name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -248,7 +263,8 @@ pub struct KeyInfo {
 #[serde(rename_all = "camelCase")]
 pub struct TrustedKey {
     pub kid: String,
-    /// `Published`, `Active` or `Retiring`.
+    /// `Published`, `Active`, `Retiring`, or `Unrecorded` (trusted by the bundle, but its key
+    /// Secret is gone or unreadable: it stays trusted until listed in `compromisedKeys`).
     pub state: String,
 }
 

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod policy_agent;
 pub mod provisioning_key;
+pub mod workloads;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +92,8 @@ pub struct Context {
     pub agents: policy_agent::AgentState,
     /// HTTP client for connectivity checks (pod IPs).
     pub http: reqwest::Client,
+    /// Retry backoff per object.
+    pub backoff: Backoff,
 }
 
 impl Context {
@@ -113,6 +116,7 @@ impl Context {
             writes,
             agents: policy_agent::AgentState::default(),
             http,
+            backoff: Backoff::default(),
         })
     }
 
@@ -140,11 +144,7 @@ pub fn ts_start(t: DateTime<Utc>) -> String {
 }
 
 /// Parses a timestamp stored by [`ts`].
-pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
+pub use crate::rotation::observe::parse_ts;
 
 /// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +157,10 @@ pub enum Error {
     Key(#[from] crate::keys::KeyError),
     #[error("object has no namespace or name")]
     MissingObjectKey,
+    #[error(
+        "{kind} {name} exists and is not owned by this ProvisioningKey; Keyward will not write it (delete or rename it; retrying with backoff)"
+    )]
+    NameTaken { kind: &'static str, name: String },
 }
 
 impl Error {
@@ -166,7 +170,55 @@ impl Error {
             Error::KeySecret { .. } => "KeySecretUnusable",
             Error::Key(e) => e.reason(),
             Error::MissingObjectKey => "MissingObjectKey",
+            Error::NameTaken { .. } => "NameTaken",
         }
+    }
+
+    /// Whether the error belongs in the object's `Ready` condition. An optimistic-concurrency
+    /// conflict (409 on an update) is routine: it is retried, not reported.
+    pub fn reportable(&self) -> bool {
+        !matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
+    }
+}
+
+/// Per-object retry backoff: exponential from [`Backoff::BASE`], capped at [`Backoff::CAP`],
+/// jittered (75-125 %), reset by a successful reconcile (or after a quiet period).
+#[derive(Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+}
+
+impl Backoff {
+    pub const BASE: Duration = Duration::from_millis(500);
+    /// Well under half the smallest token ttl, so a failing write never delays a token refresh
+    /// past the token's expiry.
+    pub const CAP: Duration = Duration::from_secs(60);
+
+    /// The delay before retry number `failures` (1-based), without jitter.
+    pub fn delay(failures: u32) -> Duration {
+        Self::BASE
+            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+            .min(Self::CAP)
+    }
+
+    /// Records a failure of `key` and returns the jittered delay before its retry.
+    pub fn fail(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = f
+            .entry(key.to_string())
+            .or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() > Self::CAP * 4 {
+            entry.0 = 0;
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = std::time::Instant::now();
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0.75..1.25);
+        Self::delay(entry.0).mul_f64(jitter)
+    }
+
+    pub fn reset(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.remove(key);
     }
 }
 
@@ -179,9 +231,67 @@ async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(reason = error.reason(), error = %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+/// The backoff key of an object.
+pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    ObjectRef::from_obj(obj).to_string()
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = object_key(&*obj);
+    let delay = ctx.backoff.fail(&key);
+    warn!(object = %key, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Checks that the CRDs are installed, so a missing one is reported once, clearly, at startup
+/// instead of as a bare `404 page not found` on every reconcile.
+pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), String> {
+    use kube::CustomResourceExt;
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    for ns in &scopes {
+        for (crd, res) in [
+            (
+                ProvisioningKey::crd_name(),
+                scoped::<ProvisioningKey>(client, ns)
+                    .list_metadata(&kube::api::ListParams::default().limit(1))
+                    .await
+                    .map(|_| ()),
+            ),
+            (
+                PolicyAgent::crd_name(),
+                scoped::<PolicyAgent>(client, ns)
+                    .list_metadata(&kube::api::ListParams::default().limit(1))
+                    .await
+                    .map(|_| ()),
+            ),
+        ] {
+            match res {
+                Ok(()) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    return Err(format!(
+                        "the CustomResourceDefinition {crd} is not installed: install it with `kubectl apply --server-side -f crds/` (or `keyward crds | kubectl apply --server-side -f -`), then restart keyward"
+                    ));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot list {crd}{}: {e}",
+                        ns.as_ref()
+                            .map(|n| format!(" in namespace {n}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An `Api` for one namespace, or for all.
@@ -226,6 +336,10 @@ pub async fn run(
     writes: WriteCounter,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    if let Err(e) = preflight(&client, &config.namespaces).await {
+        tracing::error!("{e}");
+        return;
+    }
     let ctx = Context::new(client.clone(), config.clone(), writes);
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]

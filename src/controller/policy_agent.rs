@@ -846,6 +846,8 @@ async fn report(
         phase: Some(o.phase.to_string()),
         confirmed_key_id: o.confirmed.clone(),
         confirmed_at,
+        confirmed_workload_uid: None,
+        confirmed_revision: None,
         target_key_id: o.target.clone(),
         rolled_at: o.rolled_at.map(ts_start),
         pods: o.counts.as_ref().map(|c| PodCounts {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::apps::v1::{ControllerRevision, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -17,37 +18,41 @@ use tracing::{debug, info};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::audit::{self, Audit, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts, ts_start};
+use super::{Context, Error, FIELD_MANAGER, Result, ts, ts_start, workloads};
 use crate::api::PolicyAgent;
 use crate::api::conditions::{self, condition};
+use crate::api::policy_agent::WorkloadKind;
 use crate::api::provisioning_key::{
     HistoryEntry, KeyInfo, ProvisioningKey, ProvisioningKeyStatus, RevokedKey, TrustedKey,
+    UncoveredConsumers,
 };
 use crate::fault;
 use crate::keys::{self, Jwks, KeyPair, PublicKey, TokenClaims};
 use crate::labels as l;
-use crate::rotation::{
-    self, AgentSecret, AgentSecretObs, BundleObs, Consumer, HandOutReason, KeyState, Observed,
-    ObservedKey, Phase, Plan, Settings, Step, Trigger,
+use crate::rotation::observe::{
+    self, KeyObjects, KeyRef, KeySecrets, RecordedSettings, agent_annotations, agent_labels,
+    template,
 };
+use crate::rotation::{
+    self, AgentSecretObs, HandOutReason, KeyState, Observed, ObservedKey, Plan, Settings, Step,
+    Trigger,
+};
+use crate::workload::Lineage;
 
 /// Most writes one reconcile makes before it yields to other objects.
 const MAX_STEPS_PER_RECONCILE: usize = 12;
 /// History entries kept in status.
 const HISTORY_LIMIT: usize = 10;
+/// Workloads of uncovered consumers named in status.
+const UNCOVERED_NAMED: usize = 5;
+/// The state shown for a trusted key id that no key Secret records.
+const UNRECORDED: &str = "Unrecorded";
 /// Secret type of the operator-owned key Secrets.
 pub const KEY_SECRET_TYPE: &str = "keyward.dev/key";
 
 /// Name of the key Secret with sequence number `seq`.
 pub fn key_secret_name(pk_name: &str, seq: u32) -> String {
     format!("{pk_name}-k{seq}")
-}
-
-/// What observe read besides the pure [`Observed`]: names, versions and public keys by seq.
-#[derive(Default)]
-struct Refs {
-    /// seq -> (resourceVersion, SPKI PEM of the public key)
-    keys: BTreeMap<u32, (String, String)>,
 }
 
 fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
@@ -57,31 +62,42 @@ fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
     ))
 }
 
-/// The reconcile entry point.
+/// The reconcile entry point. A failed reconcile reports its error in the `Ready` condition
+/// (not only in the log) and is retried with backoff by the controller's error policy.
 pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Action> {
     if pk.meta().deletion_timestamp.is_some() {
         // Owned objects are garbage-collected through their owner references.
         return Ok(Action::await_change());
     }
     let now = ctx.now();
-    let settings = match Settings::resolve(&pk, &ctx.config.floors) {
-        Ok(s) => s,
-        Err(e) => {
-            report_invalid(&ctx, &pk, e.reason(), &e.to_string(), now).await?;
-            return Ok(Action::await_change());
+    match run_steps(&ctx, &pk, now).await {
+        Ok(action) => {
+            ctx.backoff.reset(&super::object_key(&*pk));
+            Ok(action)
         }
-    };
+        Err(e) => {
+            if e.reportable()
+                && let Err(report_err) = report_error(&ctx, &pk, &e, now).await
+            {
+                debug!(error = %report_err, "could not report the error in status");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> Result<Action> {
     for _ in 0..MAX_STEPS_PER_RECONCILE {
-        let (observed, refs) = observe(&ctx, &pk, &settings).await?;
-        let plan = rotation::plan(&settings, &observed, now);
+        let read = observe(ctx, pk).await?;
+        let plan = rotation::plan(&read.settings, &read.observed, now);
         match &plan.step {
             None => {
-                report(&ctx, &pk, &observed, &plan, now).await?;
+                report(ctx, pk, &read, &plan, now).await?;
                 return Ok(plan
                     .requeue_after
                     .map_or_else(Action::await_change, Action::requeue));
             }
-            Some(step) => apply(&ctx, &pk, &settings, &observed, &refs, step, now).await?,
+            Some(step) => apply(ctx, pk, &read, step, now).await?,
         }
     }
     Ok(Action::requeue(Duration::from_millis(200)))
@@ -89,15 +105,28 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
 
 // ---------------------------------------------------------------------------------------------
 // observe: reads only, always fresh from the API server (never the watch cache, which may not
-// yet show our own last write).
+// yet show our own last write), then the pure mapping of `rotation::observe`.
 
-async fn observe(
-    ctx: &Context,
-    pk: &ProvisioningKey,
-    settings: &Settings,
-) -> Result<(Observed, Refs)> {
+/// What observe read: the planner's input and what apply needs besides it.
+struct Read {
+    settings: Settings,
+    observed: Observed,
+    secrets: KeySecrets,
+    bundle_jwks: BTreeMap<String, keys::Jwk>,
+}
+
+/// Reads everything the decision needs.
+///
+/// - Key Secrets: a label-selected LIST, fresh. The decision to mint, publish, activate or
+///   revoke is made on it; a key Secret written by the previous step is always in it.
+/// - Agent Secret and trust bundle: GET by name (names recorded on the key Secrets).
+/// - PolicyAgents: a fresh LIST of the namespace (every PolicyAgent referencing the key counts,
+///   whatever its conditions say).
+/// - Only while a key is retiring (its revocation is decided on them): the workloads those
+///   PolicyAgents name (GET), the ReplicaSets and ControllerRevisions that tie pods to them,
+///   and the namespace's pods (LIST), all fresh, so revocation never acts on a stale picture.
+async fn observe(ctx: &Context, pk: &ProvisioningKey) -> Result<Read> {
     let (ns, name) = object_key(pk)?;
-    let uid = pk.meta().uid.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let pas: Api<PolicyAgent> = Api::namespaced(ctx.client.clone(), &ns);
@@ -108,248 +137,70 @@ async fn observe(
         l::COMPONENT,
         l::COMPONENT_KEY
     );
-    let list = secrets
+    let key_secrets = secrets
         .list(&ListParams::default().labels(&selector))
-        .await?;
-    let mut keys = Vec::new();
-    let mut refs = Refs::default();
-    for s in list.items.iter().filter(|s| controlled_by(s.meta(), &uid)) {
-        match parse_key_secret(s) {
-            Ok((k, pem)) => {
-                refs.keys
-                    .insert(k.seq, (s.resource_version().unwrap_or_default(), pem));
-                keys.push(k);
-            }
-            Err(message) => {
-                // A key Secret we cannot read is never acted on; it is reported.
-                tracing::warn!(secret = %s.name_any(), %message, "ignoring unreadable key Secret");
-            }
-        }
-    }
-    keys.sort_by_key(|k| k.seq);
-
-    let bundle = match cms.get_opt(&settings.trust_bundle_name).await? {
-        None => BundleObs::Missing,
-        Some(cm) if !controlled_by(cm.meta(), &uid) => BundleObs::Foreign,
-        Some(cm) => {
-            let data = cm.data.unwrap_or_default();
-            // Only entries whose kid is the thumbprint of their key count; anything else makes
-            // the bundle differ from the desired one, so it is rewritten.
-            let kids = data
-                .get(l::DATA_JWKS)
-                .and_then(|j| serde_json::from_str::<Jwks>(j).ok())
-                .map(|jwks| {
-                    jwks.keys
-                        .iter()
-                        .map(|jwk| match PublicKey::from_jwk(jwk) {
-                            Ok(p) => p.key_id(),
-                            Err(_) => "<invalid>".to_string(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let revoked = data
-                .get(l::DATA_REVOKED)
-                .and_then(|j| serde_json::from_str::<Vec<String>>(j).ok())
-                .unwrap_or_default();
-            BundleObs::Owned { kids, revoked }
-        }
-    };
-
-    let agent_secret = match secrets.get_opt(&settings.secret_name).await? {
-        None => AgentSecretObs::Missing,
-        Some(s) if !controlled_by(s.meta(), &uid) => AgentSecretObs::Foreign,
-        Some(s) => AgentSecretObs::Owned(inspect_agent_secret(&s, pk, settings, &keys, &refs)),
-    };
-
-    let consumers = pas
-        .list(&ListParams::default())
         .await?
-        .items
-        .into_iter()
-        .filter(|pa| {
-            pa.spec.provisioning_key_ref.name == name && pa.meta().deletion_timestamp.is_none()
-        })
-        // A PolicyAgent refused because another one already manages its workload does nothing;
-        // the owner stands for the workload.
-        .filter(|pa| {
-            !pa.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == conditions::READY && c.reason == "WorkloadClaimed")
-            })
-        })
-        .map(|pa| {
-            let status = pa.status.clone().unwrap_or_default();
-            Consumer {
-                name: pa.name_any(),
-                confirmed_kid: status.confirmed_key_id.clone(),
-                rolled_at: status.rolled_at.as_deref().and_then(parse_ts),
-                waiting_reason: status
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == conditions::CONNECTED && c.status != "True")
-                    .map(|c| format!("{}: {}", c.reason, c.message)),
-            }
-        })
-        .collect();
-
-    let observed = Observed {
-        keys,
-        rotate_annotation: pk.annotations().get(l::ROTATE).cloned(),
-        bundle,
-        agent_secret,
-        consumers,
-    };
-    Ok((observed, refs))
-}
-
-fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|r| r.controller == Some(true) && r.uid == uid))
-}
-
-fn parse_key_secret(s: &Secret) -> std::result::Result<(ObservedKey, String), String> {
-    let labels = s.labels();
-    let ann = s.annotations();
-    let get = |k: &str| ann.get(k).cloned();
-    let seq = labels
-        .get(l::KEY_SEQ)
-        .and_then(|v| v.parse::<u32>().ok())
-        .ok_or("missing or malformed key-seq label")?;
-    let state = labels
-        .get(l::KEY_STATE)
-        .and_then(|v| KeyState::parse(v))
-        .ok_or("missing or malformed key-state label")?;
-    let data = s.data.clone().unwrap_or_default();
-    let pem = data
-        .get(l::DATA_PUBLIC_KEY)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .ok_or("missing public key")?;
-    let public = PublicKey::from_spki_pem(&pem).map_err(|e| e.to_string())?;
-    let kid = public.key_id();
-    if get(l::KEY_ID).as_deref() != Some(kid.as_str()) {
-        return Err("key-id annotation does not match the public key".into());
-    }
-    let created_at = get(l::CREATED_AT)
-        .as_deref()
-        .and_then(parse_ts)
-        .or_else(|| {
-            s.meta()
-                .creation_timestamp
-                .as_ref()
-                .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
-        })
-        .ok_or("missing created-at")?;
-    let at = |k: &str| get(k).as_deref().and_then(parse_ts);
-    Ok((
-        ObservedKey {
-            seq,
-            fingerprint: public.fingerprint(),
-            kid,
-            state,
-            trigger: get(l::TRIGGER)
-                .as_deref()
-                .and_then(Trigger::parse)
-                .unwrap_or(Trigger::Initial),
-            consumed_request_token: get(l::CONSUMED_REQUEST_TOKEN),
-            consumed_annotation: get(l::CONSUMED_ROTATE),
-            created_at,
-            published_at: at(l::PUBLISHED_AT),
-            activated_at: at(l::ACTIVATED_AT),
-            retired_at: at(l::RETIRED_AT),
-            revoked_at: at(l::REVOKED_AT),
-            has_private_key: data.contains_key(l::DATA_PRIVATE_KEY),
-        },
-        pem,
-    ))
-}
-
-fn agent_labels(
-    pk_name: &str,
-    settings_template: &BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    let mut labels = l::user_metadata(settings_template);
-    labels.insert(l::MANAGED_BY.into(), l::MANAGED_BY_VALUE.into());
-    labels.insert(l::PROVISIONING_KEY.into(), pk_name.into());
-    labels.insert(l::COMPONENT.into(), l::COMPONENT_AGENT_SECRET.into());
-    labels
-}
-
-fn agent_annotations(kid: &str, template: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let mut ann = l::user_metadata(template);
-    ann.insert(l::KEY_ID.into(), kid.into());
-    ann
-}
-
-fn template(pk: &ProvisioningKey) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-    let t = pk.spec.secret_template.clone().unwrap_or_default();
-    (t.labels, t.annotations)
-}
-
-fn inspect_agent_secret(
-    s: &Secret,
-    pk: &ProvisioningKey,
-    settings: &Settings,
-    keys: &[ObservedKey],
-    refs: &Refs,
-) -> AgentSecret {
-    let data = s.data.clone().unwrap_or_default();
-    let text = |k: &str| {
-        data.get(k)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-    };
-    let kid = text(l::DATA_KEY_ID);
-    let key = kid
-        .as_ref()
-        .and_then(|kid| keys.iter().find(|k| &k.kid == kid));
-    let public_pem = key
-        .and_then(|k| refs.keys.get(&k.seq))
-        .map(|(_, pem)| pem.clone());
-    let (tl, ta) = template(pk);
-    let name = pk.name_any();
-    let ns = pk.namespace().unwrap_or_default();
-    let labels_ok = agent_labels(&name, &tl)
-        .iter()
-        .all(|(k, v)| s.labels().get(k) == Some(v));
-    let ann_ok = kid.as_deref().is_some_and(|kid| {
-        agent_annotations(kid, &ta)
+        .items;
+    let parsed = observe::key_secrets(pk, &key_secrets);
+    let names = observe::names(pk, &parsed);
+    let bundle = cms.get_opt(&names.trust_bundle_name).await?;
+    let agent_secret = secrets.get_opt(&names.secret_name).await?;
+    let agents = pas.list(&ListParams::default()).await?.items;
+    let (mut workloads, mut replica_sets, mut revisions, mut pods) =
+        (Vec::new(), Vec::new(), Vec::new(), None);
+    if observe::needs_consumers(&parsed) {
+        let mut named: Vec<(WorkloadKind, String)> = agents
             .iter()
-            .all(|(k, v)| s.annotations().get(k) == Some(v))
-    });
-    let content_ok = public_pem.is_some() && text(l::DATA_PUBLIC_KEY) == public_pem;
-    let token = text(l::DATA_TOKEN);
-    // The token must verify under the key it claims, with the claims the spec asks for.
-    let verified = match (&token, &public_pem) {
-        (Some(token), Some(pem)) => PublicKey::from_spki_pem(pem).ok().and_then(|p| {
-            let jwks = Jwks {
-                keys: vec![p.to_jwk()],
-            };
-            // Checked at the token's own issue time: validity in time is the planner's
-            // business (refresh at half-life), the signature and claims are checked here.
-            let (_, unverified) = keys::decode_token_unverified(token).ok()?;
-            keys::verify_token(token, &jwks, &[], unverified.iat, 0).ok()
-        }),
-        _ => None,
-    };
-    let token_claims_match = verified.as_ref().is_some_and(|(h, c)| {
-        Some(&h.kid) == kid.as_ref()
-            && c.iss == settings.issuer
-            && c.aud == settings.audience
-            && c.sub == format!("{ns}/{name}")
-    });
-    AgentSecret {
-        kid,
-        token_iat: verified.as_ref().map(|(_, c)| c.iat),
-        token_exp: verified.as_ref().map(|(_, c)| c.exp),
-        token_claims_match,
-        has_private_key: data.contains_key(l::DATA_PRIVATE_KEY),
-        metadata_matches: labels_ok
-            && ann_ok
-            && content_ok
-            && s.type_.as_deref() == Some(l::AGENT_SECRET_TYPE),
+            .filter(|pa| pa.spec.provisioning_key_ref.name == name)
+            .map(|pa| (pa.spec.workload_ref.kind, pa.spec.workload_ref.name.clone()))
+            .collect();
+        named.sort_by(|a, b| (a.0.to_string(), &a.1).cmp(&(b.0.to_string(), &b.1)));
+        named.dedup();
+        for (kind, wname) in named {
+            if let Some(w) = workloads::fetch(&ctx.client, &ns, kind, &wname).await? {
+                workloads.push(w);
+            }
+        }
+        replica_sets = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        revisions = Api::<ControllerRevision>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        pods = Some(
+            Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?
+                .items,
+        );
     }
+    let mapped = observe::observe(
+        &KeyObjects {
+            pk,
+            key_secrets: &key_secrets,
+            bundle: bundle.as_ref(),
+            agent_secret: agent_secret.as_ref(),
+            agents: &agents,
+            workloads: &workloads,
+            lineage: Lineage {
+                replica_sets: &replica_sets,
+                revisions: &revisions,
+            },
+            pods: pods.as_deref(),
+        },
+        &ctx.config.floors,
+    );
+    for t in &mapped.secrets.tampered {
+        tracing::warn!(pk = %name, secret = %t, "key Secret evidence repaired or ignored");
+    }
+    Ok(Read {
+        settings: mapped.settings,
+        observed: mapped.observed,
+        secrets: mapped.secrets,
+        bundle_jwks: mapped.bundle_jwks,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,12 +223,11 @@ fn find(obs: &Observed, seq: u32) -> Option<&ObservedKey> {
 async fn apply(
     ctx: &Context,
     pk: &ProvisioningKey,
-    settings: &Settings,
-    obs: &Observed,
-    refs: &Refs,
+    read: &Read,
     step: &Step,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    let (settings, obs, refs) = (&read.settings, &read.observed, &read.secrets.refs);
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let regarding = pk.object_ref(&());
@@ -411,6 +261,11 @@ async fn apply(
                 (l::FINGERPRINT.to_string(), fingerprint.clone()),
                 (l::TRIGGER.to_string(), trigger.as_str().to_string()),
                 (l::CREATED_AT.to_string(), ts_start(now)),
+                (
+                    l::SETTINGS.to_string(),
+                    serde_json::to_string(&RecordedSettings::from_settings(settings))
+                        .unwrap_or_default(),
+                ),
             ]);
             if let Some(t) = consumed_request_token {
                 annotations.insert(l::CONSUMED_REQUEST_TOKEN.into(), t.clone());
@@ -455,10 +310,21 @@ async fn apply(
             match created {
                 Ok(_) => {}
                 // Already minted (by us before a crash, or by another replica): the existing
-                // Secret is the evidence; never mint twice for the same seq.
+                // Secret is the evidence; never mint twice for the same seq. A Secret of that
+                // name that this ProvisioningKey does not control is someone else's: never
+                // taken for ours, reported, retried with backoff.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
-                    info!(pk = %name, seq, "key Secret already exists; not minting again");
-                    return Ok(());
+                    let key_name = key_secret_name(&name, *seq);
+                    let existing = secrets.get_metadata_opt(&key_name).await?;
+                    let uid = pk.meta().uid.clone().unwrap_or_default();
+                    if existing.is_some_and(|m| observe::controlled_by(&m.metadata, &uid)) {
+                        info!(pk = %name, seq, "key Secret already exists; not minting again");
+                        return Ok(());
+                    }
+                    return Err(Error::NameTaken {
+                        kind: "Secret",
+                        name: key_name,
+                    });
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -497,21 +363,23 @@ async fn apply(
             fault::after("mark-published");
         }
         Step::WriteBundle { trusted, revoked } => {
+            // Every entry comes from a minted key Secret, or is one the bundle already trusted
+            // (checked against its RFC 7638 key id) and only revocation may remove.
             let jwks = Jwks {
-                keys: obs
-                    .keys
+                keys: trusted
                     .iter()
-                    .filter(|k| trusted.contains(&k.kid))
-                    .map(|k| {
-                        let pem = refs
+                    .filter_map(|kid| {
+                        let minted = obs
                             .keys
-                            .get(&k.seq)
-                            .map(|(_, p)| p.as_str())
-                            .unwrap_or_default();
-                        PublicKey::from_spki_pem(pem).map(|p| p.to_jwk())
+                            .iter()
+                            .find(|k| &k.kid == kid)
+                            .and_then(|k| refs.get(&k.seq))
+                            .map(|r| PublicKey::from_spki_pem(&r.public_pem).map(|p| p.to_jwk()));
+                        minted.or_else(|| read.bundle_jwks.get(kid).cloned().map(Ok))
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()?,
             };
+            let last_seq = rotation::bundle_target(settings, obs).last_seq;
             let cm = ConfigMap {
                 metadata: ObjectMeta {
                     name: Some(settings.trust_bundle_name.clone()),
@@ -524,6 +392,10 @@ async fn apply(
                             l::COMPONENT_TRUST_BUNDLE.to_string(),
                         ),
                     ])),
+                    annotations: Some(BTreeMap::from([(
+                        l::LAST_SEQ.to_string(),
+                        last_seq.to_string(),
+                    )])),
                     owner_references: Some(vec![owner]),
                     ..Default::default()
                 },
@@ -616,7 +488,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Retiring,
-                &[(l::RETIRED_AT, ts_start(now))],
+                &retire_annotations(obs, *seq, now),
                 false,
             )
             .await?;
@@ -735,8 +607,8 @@ async fn apply(
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
             let dp = DeleteParams {
-                preconditions: refs.keys.get(seq).map(|(rv, _)| Preconditions {
-                    resource_version: Some(rv.clone()),
+                preconditions: refs.get(seq).map(|r| Preconditions {
+                    resource_version: Some(r.resource_version.clone()),
                     uid: None,
                 }),
                 ..Default::default()
@@ -758,16 +630,15 @@ async fn apply(
 async fn transition(
     secrets: &Api<Secret>,
     pk_name: &str,
-    refs: &Refs,
+    refs: &BTreeMap<u32, KeyRef>,
     seq: u32,
     state: KeyState,
     annotations: &[(&str, String)],
     drop_private: bool,
 ) -> Result<()> {
     let rv = refs
-        .keys
         .get(&seq)
-        .map(|(rv, _)| rv.clone())
+        .map(|r| r.resource_version.clone())
         .unwrap_or_default();
     let ann: serde_json::Map<String, serde_json::Value> = annotations
         .iter()
@@ -858,12 +729,20 @@ async fn hand_out(
             ByteString(pair.to_pkcs8_pem().as_bytes().to_vec()),
         );
     }
+    // When the key id was first handed out: kept across token refreshes and repairs.
+    let handed_out_at = match &obs.agent_secret {
+        AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(kid.as_str()) => s.handed_out_at,
+        _ => None,
+    }
+    .map_or_else(|| ts_start(now), ts);
+    let mut annotations = agent_annotations(&kid, &ta);
+    annotations.insert(l::HANDED_OUT_AT.into(), handed_out_at);
     let mut secret = Secret {
         metadata: ObjectMeta {
             name: Some(settings.secret_name.clone()),
             namespace: Some(ns.clone()),
             labels: Some(agent_labels(&name, &tl)),
-            annotations: Some(agent_annotations(&kid, &ta)),
+            annotations: Some(annotations),
             owner_references: Some(vec![
                 pk.controller_owner_ref(&())
                     .ok_or(Error::MissingObjectKey)?,
@@ -874,16 +753,50 @@ async fn hand_out(
         data: Some(data),
         ..Default::default()
     };
-    let res = secrets
-        .patch(
-            &settings.secret_name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await;
+    // A Secret that was missing is created (POST): should someone else's appear meanwhile,
+    // the create fails instead of taking it over. An owned one is applied.
+    let res = match &obs.agent_secret {
+        AgentSecretObs::Owned(_) => secrets
+            .patch(
+                &settings.secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map(|_| ()),
+        _ => secrets
+            .create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &secret,
+            )
+            .await
+            .map(|_| ()),
+    };
     wipe(&mut secret);
-    res?;
-    Ok(())
+    match res {
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::NameTaken {
+            kind: "Secret",
+            name: settings.secret_name.clone(),
+        }),
+        other => Ok(other?),
+    }
+}
+
+/// Annotations of a retirement: when, and until when the last token the key signed is valid
+/// (the agent Secret still carries it at this point: the successor is handed out after).
+fn retire_annotations(obs: &Observed, seq: u32, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+    let mut ann = vec![(l::RETIRED_AT, ts_start(now))];
+    let kid = find(obs, seq).map(|k| k.kid.as_str());
+    if let AgentSecretObs::Owned(s) = &obs.agent_secret
+        && s.kid.as_deref() == kid
+        && let Some(exp) = s.token_exp.and_then(|e| DateTime::from_timestamp(e, 0))
+    {
+        ann.push((l::LAST_TOKEN_EXP, ts(exp)));
+    }
+    ann
 }
 
 fn wipe(secret: &mut Secret) {
@@ -998,7 +911,20 @@ pub fn desired_status(
                 kid: k.kid.clone(),
                 state: k.state.display().to_string(),
             })
+            .chain(plan.unrecorded.iter().map(|kid| TrustedKey {
+                kid: kid.clone(),
+                state: UNRECORDED.to_string(),
+            }))
             .collect(),
+        uncovered_consumers: obs.uncovered.as_ref().filter(|u| !u.is_empty()).map(|u| {
+            UncoveredConsumers {
+                count: i32::try_from(u.len()).unwrap_or(i32::MAX),
+                workloads: rotation::uncovered_workloads(u)
+                    .into_iter()
+                    .take(UNCOVERED_NAMED)
+                    .collect(),
+            }
+        }),
         revoked_keys: obs
             .keys
             .iter()
@@ -1084,96 +1010,136 @@ async fn with_fresh_status(ctx: &Context, pk: &ProvisioningKey) -> Result<Provis
 async fn report(
     ctx: &Context,
     pk: &ProvisioningKey,
-    obs: &Observed,
+    read: &Read,
     plan: &Plan,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    let obs = &read.observed;
     let pk = &with_fresh_status(ctx, pk).await?;
-    let status = desired_status(pk, obs, plan, now);
+    let mut status = desired_status(pk, obs, plan, now);
     let previous = pk.status.clone().unwrap_or_default();
-    if write_status(ctx, pk, &status).await? {
-        // Warnings on transitions only.
-        let regarding = pk.object_ref(&());
-        let was =
-            cond(&previous, conditions::STALLED).map(|c| (c.status.clone(), c.reason.clone()));
-        if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True")
-            && was != Some((c.status.clone(), c.reason.clone()))
-        {
-            audit::record(
-                ctx,
-                &regarding,
-                Audit {
-                    warning: true,
-                    reason: if plan.blocked.is_some() {
-                        c.reason.as_str()
-                    } else {
-                        reason::ROTATION_STALLED
-                    },
-                    action: "Reconcile",
-                    note: c.message.clone(),
-                    related: None,
+    // Uncovered consumers are only seen while a key is retiring; between rotations the last
+    // count is kept rather than flapping.
+    if obs.uncovered.is_none() {
+        status.uncovered_consumers = previous.uncovered_consumers.clone();
+    }
+    if !write_status(ctx, pk, &status).await? {
+        return Ok(());
+    }
+    // Warnings on transitions only.
+    let regarding = pk.object_ref(&());
+    let was = cond(&previous, conditions::STALLED).map(|c| (c.status.clone(), c.reason.clone()));
+    if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True")
+        && was != Some((c.status.clone(), c.reason.clone()))
+    {
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: true,
+                reason: if plan.blocked.is_some() {
+                    c.reason.as_str()
+                } else {
+                    reason::ROTATION_STALLED
                 },
-            )
-            .await;
-        }
+                action: "Reconcile",
+                note: c.message.clone(),
+                related: None,
+            },
+        )
+        .await;
+    }
+    if let Some(u) = obs.uncovered.as_ref().filter(|u| !u.is_empty())
+        && previous.uncovered_consumers != status.uncovered_consumers
+    {
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: true,
+                reason: rotation::reasons::UNCOVERED_CONSUMERS,
+                action: "Confirm",
+                note: format!(
+                    "{} pod(s) use Secret {} but no PolicyAgent covers them: {}; the old key waits overlap{} instead of evidence",
+                    u.len(),
+                    read.settings.secret_name,
+                    rotation::uncovered_workloads(u).join(", "),
+                    if read.settings.include_private_key {
+                        ""
+                    } else {
+                        " and its last token's expiry"
+                    }
+                ),
+                related: None,
+            },
+        )
+        .await;
+    }
+    let unrecorded = |s: &ProvisioningKeyStatus| -> Vec<String> {
+        s.trusted_keys
+            .iter()
+            .filter(|k| k.state == UNRECORDED)
+            .map(|k| k.kid.clone())
+            .collect()
+    };
+    let now_unrecorded = unrecorded(&status);
+    if !now_unrecorded.is_empty() && now_unrecorded != unrecorded(&previous) {
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: true,
+                reason: rotation::reasons::UNRECORDED_KEYS,
+                action: "Publish",
+                note: format!(
+                    "trust bundle {} keeps key(s) {} trusted although no key Secret records them (deleted or edited); list them in spec.compromisedKeys to revoke them",
+                    read.settings.trust_bundle_name,
+                    now_unrecorded.join(", ")
+                ),
+                related: None,
+            },
+        )
+        .await;
     }
     Ok(())
 }
 
-async fn report_invalid(
+/// Reports a failed reconcile in the `Ready` condition (reason and message of the error), so
+/// the last error is visible in status and not only in the log. Everything else in status is
+/// kept as it was.
+async fn report_error(
     ctx: &Context,
     pk: &ProvisioningKey,
-    reason: &'static str,
-    message: &str,
+    error: &Error,
     now: DateTime<Utc>,
 ) -> Result<()> {
     let pk = &with_fresh_status(ctx, pk).await?;
     let previous = pk.status.clone().unwrap_or_default();
     let generation = pk.meta().generation;
-    let now_t = Time(jiff_from(now));
     let mut status = previous.clone();
-    status.phase = Some(Phase::Invalid.as_str().to_string());
+    let ready = condition(
+        &previous.conditions,
+        conditions::READY,
+        false,
+        error.reason(),
+        error.to_string(),
+        generation,
+        Time(jiff_from(now)),
+    );
+    status.conditions.retain(|c| c.type_ != conditions::READY);
+    status.conditions.insert(0, ready);
     status.observed_generation = generation;
-    status.conditions = vec![
-        condition(
-            &previous.conditions,
-            conditions::READY,
-            false,
-            reason,
-            message,
-            generation,
-            now_t.clone(),
-        ),
-        condition(
-            &previous.conditions,
-            conditions::ROTATING,
-            false,
-            rotation::reasons::IDLE,
-            "no rotation while the spec is invalid",
-            generation,
-            now_t.clone(),
-        ),
-        condition(
-            &previous.conditions,
-            conditions::STALLED,
-            true,
-            reason,
-            message,
-            generation,
-            now_t,
-        ),
-    ];
     if write_status(ctx, pk, &status).await? {
         let was = cond(&previous, conditions::READY).map(|c| c.reason.clone());
-        if was.as_deref() != Some(reason) {
+        if was.as_deref() != Some(error.reason()) {
             audit::record(
                 ctx,
                 &pk.object_ref(&()),
                 Audit {
                     warning: true,
-                    reason,
-                    action: "Validate",
-                    note: format!("spec rejected, nothing changed: {message}"),
+                    reason: error.reason(),
+                    action: "Reconcile",
+                    note: error.to_string(),
                     related: None,
                 },
             )

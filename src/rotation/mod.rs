@@ -19,7 +19,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use settings::{Floors, Settings, SpecError, parse_duration};
+pub mod observe;
+
+pub use settings::{
+    Floors, LastGood, Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep,
+    valid_compromised,
+};
 
 /// How many revoked key Secrets are kept (their public half and timestamps, for audit and the
 /// revoked list of the trust bundle); older ones are deleted.
@@ -137,6 +142,8 @@ pub struct ObservedKey {
     pub retired_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub has_private_key: bool,
+    /// `exp` of the last token this key signed, recorded when it retired.
+    pub last_token_exp: Option<DateTime<Utc>>,
 }
 
 /// The trust bundle ConfigMap.
@@ -146,8 +153,12 @@ pub enum BundleObs {
     /// Exists but is not controlled by this ProvisioningKey.
     Foreign,
     Owned {
+        /// Key ids of the entries whose `kid` is the RFC 7638 thumbprint of their key.
         kids: Vec<String>,
         revoked: Vec<String>,
+        /// The highest key sequence number ever minted, recorded on every bundle write, so that a
+        /// deleted key Secret never frees its number.
+        last_seq: u32,
     },
 }
 
@@ -171,6 +182,11 @@ pub struct AgentSecret {
     pub has_private_key: bool,
     /// Whether labels, annotations and type match what Keyward would write.
     pub metadata_matches: bool,
+    /// When this key id was first handed out in the Secret (kept across token refreshes).
+    pub handed_out_at: Option<DateTime<Utc>>,
+    /// `aud` and `iss` of the token it holds (the last good claims when the spec is refused).
+    pub token_audience: Option<String>,
+    pub token_issuer: Option<String>,
 }
 
 /// A PolicyAgent that references this key.
@@ -196,6 +212,15 @@ impl Consumer {
     }
 }
 
+/// A pod that uses the agent Secret but belongs to no workload of a PolicyAgent referencing the
+/// key: it has no evidence, so the time fallback applies to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Uncovered {
+    pub pod: String,
+    /// `Kind/name` of the pod's controller, or `Pod/<name>` for a bare pod.
+    pub workload: String,
+}
+
 /// Everything the decision needs, gathered by fresh reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
@@ -206,6 +231,9 @@ pub struct Observed {
     pub bundle: BundleObs,
     pub agent_secret: AgentSecretObs,
     pub consumers: Vec<Consumer>,
+    /// Consumers no PolicyAgent covers. `None` when the pods were not looked at (no key is
+    /// retiring); a retiring key is never revoked on `None`.
+    pub uncovered: Option<Vec<Uncovered>>,
 }
 
 /// Why the agent Secret is (re)written.
@@ -311,6 +339,8 @@ pub struct Plan {
     pub next_rotation_at: Option<DateTime<Utc>>,
     /// When the token is re-issued next.
     pub token_refresh_at: Option<DateTime<Utc>>,
+    /// Trusted key ids that no key Secret accounts for (reported with a Warning).
+    pub unrecorded: Vec<String>,
 }
 
 impl Plan {
@@ -324,6 +354,7 @@ impl Plan {
             requeue_after: None,
             next_rotation_at: None,
             token_refresh_at: None,
+            unrecorded: Vec::new(),
         }
     }
 
@@ -354,6 +385,9 @@ pub mod reasons {
     pub const SECRET_NAME_TAKEN: &str = "SecretNameTaken";
     pub const TRUST_BUNDLE_NAME_TAKEN: &str = "TrustBundleNameTaken";
     pub const EMERGENCY: &str = "EmergencyRevocation";
+    pub const REFUSED: &str = "RotationRefused";
+    pub const UNCOVERED_CONSUMERS: &str = "UncoveredConsumers";
+    pub const UNRECORDED_KEYS: &str = "UnrecordedTrustedKeys";
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -382,46 +416,172 @@ pub fn current(keys: &[ObservedKey]) -> Option<&ObservedKey> {
     keys.iter().rev().find(|k| k.state == KeyState::Active)
 }
 
-/// Decide the next step. Pure: same inputs, same plan.
-pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
-    // 1. Names owned by someone else: do nothing at all.
-    if obs.bundle == BundleObs::Foreign {
-        let mut p = Plan::new(Phase::Invalid);
-        p.blocked = Some(Why::new(
-            reasons::TRUST_BUNDLE_NAME_TAKEN,
-            format!(
-                "ConfigMap {:?} exists and is not owned by this ProvisioningKey; choose another trustBundle.configMapName",
-                settings.trust_bundle_name
-            ),
-        ));
-        return p;
-    }
-    if obs.agent_secret == AgentSecretObs::Foreign {
-        let mut p = Plan::new(Phase::Invalid);
-        p.blocked = Some(Why::new(
-            reasons::SECRET_NAME_TAKEN,
-            format!(
-                "Secret {:?} exists and is not owned by this ProvisioningKey; choose another secretName",
-                settings.secret_name
-            ),
-        ));
-        return p;
-    }
+/// The trust bundle the key Secrets call for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BundleTarget {
+    /// Trusted key ids: those of trusted key Secrets in `seq` order, then the unrecorded ones.
+    pub trusted: Vec<String>,
+    /// Revoked key ids: those of revoked key Secrets, then earlier entries of the bundle's own
+    /// list that are not trusted (a pruned key stays listed), bounded.
+    pub revoked: Vec<String>,
+    /// Key ids the bundle trusts that no key Secret accounts for (a key Secret deleted or its
+    /// labels edited). Only the revocation path removes a trusted key, so they stay trusted,
+    /// unless listed in `compromisedKeys`.
+    pub unrecorded: Vec<String>,
+    /// The highest sequence number ever minted.
+    pub last_seq: u32,
+}
 
+/// Most entries kept in the bundle's revoked list.
+pub const REVOKED_LIST_LIMIT: usize = 100;
+
+/// What the trust bundle should hold. A key id is added only from a minted key Secret; one
+/// already trusted leaves only through revocation (its key Secret revoked, or listed as
+/// compromised); a revoked one is never trusted again.
+pub fn bundle_target(settings: &Settings, obs: &Observed) -> BundleTarget {
     let keys = &obs.keys;
-    let next_seq = keys.last().map_or(1, |k| k.seq + 1);
+    let (mut trusted, mut revoked) = desired_bundle(keys);
+    let (bundle_kids, bundle_revoked, bundle_seq) = match &obs.bundle {
+        BundleObs::Owned {
+            kids,
+            revoked,
+            last_seq,
+        } => (kids.as_slice(), revoked.as_slice(), *last_seq),
+        _ => (&[][..], &[][..], 0),
+    };
+    let known = |kid: &String| keys.iter().any(|k| &k.kid == kid);
+    let mut unrecorded = Vec::new();
+    for kid in bundle_kids.iter().filter(|k| !known(k)) {
+        if settings.compromised.contains(kid) {
+            revoked.push(kid.clone());
+        } else if !unrecorded.contains(kid) {
+            unrecorded.push(kid.clone());
+        }
+    }
+    trusted.extend(unrecorded.iter().cloned());
+    for kid in bundle_revoked {
+        if revoked.len() >= REVOKED_LIST_LIMIT {
+            break;
+        }
+        if !revoked.contains(kid) && !trusted.contains(kid) {
+            revoked.push(kid.clone());
+        }
+    }
+    BundleTarget {
+        trusted,
+        revoked,
+        unrecorded,
+        last_seq: keys
+            .iter()
+            .map(|k| k.seq)
+            .max()
+            .unwrap_or(0)
+            .max(bundle_seq),
+    }
+}
 
-    // 2. The first key.
+/// A rotation request not yet served: a new `requestToken` or a new annotation value.
+fn requested(settings: &Settings, obs: &Observed, latest: &ObservedKey) -> Option<Trigger> {
+    if settings.request_token.is_some() && settings.request_token != latest.consumed_request_token {
+        Some(Trigger::RequestToken)
+    } else if obs.rotate_annotation.is_some() && obs.rotate_annotation != latest.consumed_annotation
+    {
+        Some(Trigger::Annotation)
+    } else {
+        None
+    }
+}
+
+/// Decide the next step. Pure: same inputs, same plan.
+///
+/// Liveness comes first: a name owned by someone else, or a refused spec, refuses only what is
+/// unsafe (writes to the foreign object, new rotations); the current key keeps being served.
+pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    let mut p = decide(settings, obs, now);
+    let mut dropped = false;
+    if obs.agent_secret == AgentSecretObs::Foreign {
+        p.blocked.get_or_insert_with(|| {
+            Why::new(
+                reasons::SECRET_NAME_TAKEN,
+                format!(
+                    "Secret {:?} exists and is not owned by this ProvisioningKey; Keyward does not write it. Delete it or choose another secretName",
+                    settings.secret_name
+                ),
+            )
+        });
+        if matches!(p.step, Some(Step::HandOut { .. })) {
+            p.step = None;
+            p.phase = Phase::Invalid;
+            dropped = true;
+        }
+    }
+    if obs.bundle == BundleObs::Foreign {
+        p.blocked.get_or_insert_with(|| {
+            Why::new(
+                reasons::TRUST_BUNDLE_NAME_TAKEN,
+                format!(
+                    "ConfigMap {:?} exists and is not owned by this ProvisioningKey; Keyward does not write it and publishes no new key. Delete it or choose another trustBundle.configMapName",
+                    settings.trust_bundle_name
+                ),
+            )
+        });
+    }
+    if let Some(refused) = &settings.refused {
+        p.blocked = Some(Why::new(refused.reason, refused.message.clone()));
+        if let Some(Step::Mint { trigger, .. }) = &p.step
+            && *trigger != Trigger::Compromised
+        {
+            p.rotating = Some(Why::new(
+                reasons::REFUSED,
+                format!(
+                    "{} rotation refused while the spec is refused ({}); key {} is still served",
+                    trigger.as_str(),
+                    refused.reason,
+                    current(&obs.keys).map_or("-", |c| c.kid.as_str())
+                ),
+            ));
+            p.step = None;
+            p.phase = if settings.suspend {
+                Phase::Suspended
+            } else {
+                Phase::Ready
+            };
+            dropped = true;
+        }
+    }
+    // A key with nothing minted yet has nothing to keep alive: a refused spec or a name owned by
+    // someone else writes nothing at all, not even a key Secret.
+    if obs.keys.is_empty() && p.blocked.is_some() {
+        p.step = None;
+        p.rotating = None;
+        dropped = true;
+    }
+    if dropped {
+        p = finish(p, settings, obs, now);
+    }
+    if p.blocked.is_some() && current(&obs.keys).is_none() && p.step.is_none() {
+        p.phase = Phase::Invalid;
+    }
+    p
+}
+
+fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    let keys = &obs.keys;
+    let target = bundle_target(settings, obs);
+    let next_seq = target.last_seq + 1;
+
+    // 1. The first key.
     let Some(latest) = keys.last() else {
         return Plan::new(Phase::Pending).step(Step::Mint {
-            seq: 1,
+            seq: next_seq,
             trigger: Trigger::Initial,
             consumed_request_token: settings.request_token.clone(),
             consumed_annotation: obs.rotate_annotation.clone(),
         });
     };
 
-    // 3. Finish the publication of minted keys: label, bundle, record.
+    // 2. Finish the publication of minted keys: label, bundle, record. A bundle owned by
+    //    someone else is never written, so nothing new gets published (and nothing activated).
     if let Some(k) = keys.iter().find(|k| k.state == KeyState::Pending) {
         // A key compromised before it was ever trusted is revoked without being published.
         if settings.compromised.contains(&k.kid) {
@@ -432,19 +592,46 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         }
         return Plan::new(Phase::Publishing).step(Step::MarkPublished { seq: k.seq });
     }
-    let (trusted, revoked) = desired_bundle(keys);
-    let bundle_ok = matches!(&obs.bundle, BundleObs::Owned { kids, revoked: r } if *kids == trusted && *r == revoked);
-    if !bundle_ok {
-        return Plan::new(Phase::Publishing).step(Step::WriteBundle { trusted, revoked });
+    if let BundleObs::Owned {
+        kids,
+        revoked,
+        last_seq,
+    } = &obs.bundle
+    {
+        // Compared as sets: the order of entries carries no meaning.
+        let same = |a: &[String], b: &[String]| {
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort();
+            b.sort();
+            a == b
+        };
+        if !same(kids, &target.trusted)
+            || !same(revoked, &target.revoked)
+            || *last_seq != target.last_seq
+        {
+            let mut p = Plan::new(Phase::Publishing).step(Step::WriteBundle {
+                trusted: target.trusted,
+                revoked: target.revoked,
+            });
+            p.unrecorded = target.unrecorded;
+            return p;
+        }
+    } else if obs.bundle == BundleObs::Missing {
+        return Plan::new(Phase::Publishing).step(Step::WriteBundle {
+            trusted: target.trusted,
+            revoked: target.revoked,
+        });
     }
-    if let Some(k) = keys
-        .iter()
-        .find(|k| k.state == KeyState::Published && k.published_at.is_none())
+    if obs.bundle != BundleObs::Foreign
+        && let Some(k) = keys
+            .iter()
+            .find(|k| k.state == KeyState::Published && k.published_at.is_none())
     {
         return Plan::new(Phase::Publishing).step(Step::RecordPublished { seq: k.seq });
     }
+    let unrecorded = target.unrecorded;
 
-    // 4. Break-glass: compromised keys.
+    // 3. Break-glass: compromised keys.
     let compromised = |k: &&ObservedKey| settings.compromised.contains(&k.kid);
     let has_compromised = keys
         .iter()
@@ -469,7 +656,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             ));
             return p;
         }
-        // The successor is in the trust bundle (step 3 ensured it): revoke the compromised keys
+        // The successor is in the trust bundle (step 2 ensured it): revoke the compromised keys
         // now, without waiting for confirmation. The bundle keeps the successor.
         if let Some(k) = keys
             .iter()
@@ -487,16 +674,18 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         }
     }
 
-    // 5. Activation: the newest published key becomes current once `publishDelay` has passed
+    // 4. Activation: the newest published key becomes current once `publishDelay` has passed
     //    since the trust bundle was seen to contain it. The very first key has no predecessor
-    //    to keep agents working meanwhile, so it is activated at once.
+    //    to keep agents working meanwhile, so it is activated at once. A key never seen in the
+    //    bundle is never activated.
     let cur = current(keys);
     let mut publishing = None;
-    if let Some(newest) = keys.iter().rev().find(|k| k.state == KeyState::Published) {
+    if let Some(newest) = keys.iter().rev().find(|k| k.state == KeyState::Published)
+        && let Some(published_at) = newest.published_at
+    {
         let newer_than_current = cur.is_none_or(|c| newest.seq > c.seq);
         if newer_than_current {
-            let published_at = newest.published_at.unwrap_or(now);
-            // Step 4 revoked any compromised current key, so an emergency activation is one with
+            // Step 3 revoked any compromised current key, so an emergency activation is one with
             // no current key left and a compromised older key.
             let emergency = newest.trigger == Trigger::Compromised
                 || (cur.is_none()
@@ -530,19 +719,29 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         }
     }
     let Some(cur) = cur else {
-        if let Some(p) = publishing {
+        if let Some(mut p) = publishing {
+            p.unrecorded = unrecorded;
             return finish(p, settings, obs, now);
         }
-        // Only revoked or retiring keys and nothing active: should not happen; mint.
-        return Plan::new(Phase::Pending).step(Step::Mint {
+        if keys.iter().any(|k| k.state == KeyState::Published) {
+            // Minted and waiting to be seen in the bundle (a foreign bundle never shows it).
+            let mut p = Plan::new(Phase::Pending);
+            p.unrecorded = unrecorded;
+            return finish(p, settings, obs, now);
+        }
+        // No current key (its key Secret was deleted): mint a replacement. The unrecorded key
+        // stays trusted meanwhile.
+        let mut p = Plan::new(Phase::Pending).step(Step::Mint {
             seq: next_seq,
             trigger: Trigger::Initial,
             consumed_request_token: latest.consumed_request_token.clone(),
             consumed_annotation: latest.consumed_annotation.clone(),
         });
+        p.unrecorded = unrecorded;
+        return p;
     };
 
-    // 6. Older active keys retire (the newer one is current).
+    // 5. Older active keys retire (the newer one is current).
     if let Some(k) = keys
         .iter()
         .find(|k| k.state == KeyState::Active && k.seq < cur.seq)
@@ -557,8 +756,8 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         return Plan::new(Phase::Confirming).step(Step::Retire { seq: k.seq });
     }
 
-    // 7. Hand the current key out.
-    let token_refresh_at = match &obs.agent_secret {
+    // 6. Hand the current key out.
+    let (token_refresh_at, handed_out_at) = match &obs.agent_secret {
         AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(cur.kid.as_str()) => {
             let refresh_at = match (s.token_iat, s.token_exp) {
                 (Some(iat), Some(exp)) => {
@@ -572,6 +771,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             let reason = if s.has_private_key != settings.include_private_key
                 || !s.metadata_matches
                 || !s.token_claims_match
+                || s.handed_out_at.is_none()
             {
                 Some(HandOutReason::Repair)
             } else if refresh_at.is_none_or(|r| now >= r) {
@@ -585,7 +785,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                     reason,
                 });
             }
-            refresh_at
+            (refresh_at, s.handed_out_at.unwrap_or(now))
         }
         AgentSecretObs::Owned(_) => {
             return Plan::new(Phase::Confirming).step(Step::HandOut {
@@ -601,98 +801,33 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         }
     };
 
-    if let Some(p) = publishing {
+    if let Some(mut p) = publishing {
+        p.unrecorded = unrecorded;
         return finish(p, settings, obs, now);
     }
     let mut p = Plan::new(Phase::Ready);
+    p.unrecorded = unrecorded;
     p.token_refresh_at = token_refresh_at;
     if let Some(t) = token_refresh_at {
         p.wake_at(t, now);
     }
+    let pending_request = requested(settings, obs, latest);
 
-    // 8. Revocation of retiring keys: only on evidence.
+    // 7. Revocation of retiring keys: only on evidence.
     if let Some(old) = keys.iter().find(|k| k.state == KeyState::Retiring) {
-        let retired_at = old.retired_at.unwrap_or(now);
-        if obs.consumers.is_empty() {
-            let due = add(retired_at, settings.overlap);
-            if now >= due {
-                return Plan::new(Phase::Overlap).step(Step::Revoke {
-                    seq: old.seq,
-                    emergency: false,
-                });
-            }
-            p.phase = Phase::Overlap;
-            p.rotating = Some(Why::new(
-                reasons::OVERLAP,
-                format!(
-                    "old key {} stays trusted until {} (no PolicyAgent references this key)",
-                    old.kid,
-                    due.to_rfc3339()
-                ),
-            ));
-            p.wake_at(due, now);
-        } else {
-            let waiting: Vec<&Consumer> = obs
-                .consumers
-                .iter()
-                .filter(|c| c.confirmed_kid.as_deref() != Some(cur.kid.as_str()))
-                .collect();
-            if waiting.is_empty() {
-                return Plan::new(Phase::Confirming).step(Step::Revoke {
-                    seq: old.seq,
-                    emergency: false,
-                });
-            }
-            let names: Vec<String> = waiting
-                .iter()
-                .map(|c| match &c.waiting_reason {
-                    Some(r) => format!("{} ({r})", c.name),
-                    None => c.name.clone(),
-                })
-                .collect();
-            p.phase = Phase::Confirming;
-            p.rotating = Some(Why::new(
-                reasons::CONFIRMING,
-                format!(
-                    "old key {} stays trusted until every PolicyAgent is confirmed on {}; waiting for {}",
-                    old.kid,
-                    cur.kid,
-                    names.join(", ")
-                ),
-            ));
-            // confirmationTimeout counts from the roll (or from the retirement when the agent
-            // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
-            // minInterval, the concurrent-roll cap) shows as its own reason, never as a stall.
-            let started = waiting
-                .iter()
-                .filter(|c| !c.roll_delayed())
-                .map(|c| {
-                    c.rolled_at
-                        .filter(|r| *r >= retired_at)
-                        .unwrap_or(retired_at)
-                })
-                .min();
-            let deadline = started.map(|s| add(s, settings.confirmation_timeout));
-            if deadline.is_some_and(|d| now >= d) {
-                p.phase = Phase::Stalled;
-                p.stalled = Some(Why::new(
-                    reasons::ROTATION_STALLED,
-                    format!(
-                        "agents not confirmed on {} within {}: {}; old key {} stays trusted",
-                        cur.kid,
-                        humantime::format_duration(settings.confirmation_timeout),
-                        names.join(", "),
-                        old.kid
-                    ),
-                ));
-            } else if let Some(deadline) = deadline {
-                p.wake_at(deadline, now);
-            }
-        }
-        return finish(p, settings, obs, now);
+        return revocation(
+            p,
+            settings,
+            obs,
+            cur,
+            old,
+            handed_out_at,
+            pending_request,
+            now,
+        );
     }
 
-    // 9. Prune old revoked key Secrets.
+    // 8. Prune old revoked key Secrets.
     let revoked: Vec<&ObservedKey> = keys
         .iter()
         .filter(|k| k.state == KeyState::Revoked)
@@ -703,22 +838,12 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         });
     }
 
-    // 10. Start a rotation when one is due or requested.
-    let requested = if settings.request_token.is_some()
-        && settings.request_token != latest.consumed_request_token
-    {
-        Some(Trigger::RequestToken)
-    } else if obs.rotate_annotation.is_some() && obs.rotate_annotation != latest.consumed_annotation
-    {
-        Some(Trigger::Annotation)
-    } else {
-        None
-    };
+    // 9. Start a rotation when one is due or requested.
     let scheduled = settings
         .interval
         .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
     p.next_rotation_at = scheduled;
-    let trigger = match (requested, scheduled) {
+    let trigger = match (pending_request, scheduled) {
         (Some(t), _) => Some(t),
         (None, Some(due)) if now >= due => Some(Trigger::Interval),
         (None, Some(due)) => {
@@ -730,6 +855,14 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     if let Some(trigger) = trigger {
         if settings.suspend {
             p.phase = Phase::Suspended;
+            p.rotating = Some(Why::new(
+                reasons::SUSPENDED,
+                format!(
+                    "{} rotation queued while suspended{}",
+                    trigger.as_str(),
+                    overdue(scheduled, now)
+                ),
+            ));
             return finish(p, settings, obs, now);
         }
         let earliest = add(latest.created_at, settings.min_interval);
@@ -758,6 +891,185 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         p.phase = Phase::Suspended;
     }
     finish(p, settings, obs, now)
+}
+
+/// `"; the scheduled rotation is overdue since <t>"` when `scheduled` has passed.
+fn overdue(scheduled: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    match scheduled {
+        Some(due) if due <= now => {
+            format!(
+                "; the scheduled rotation is overdue since {}",
+                due.to_rfc3339()
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// Step 7: may the retiring key `old` be revoked now that `cur` is handed out?
+///
+/// - Every PolicyAgent that references the key must be confirmed on `cur` (the mapping from
+///   objects checked that evidence against the workload's identity and the agent's generation).
+/// - Consumers no PolicyAgent covers have no evidence: the time fallback applies to them. The
+///   old key waits `overlap` from the hand-out and, when sealed (agents hold tokens, never the
+///   private key), until the last token it signed has expired plus the allowed clock skew: a pod that
+///   read its token once at start then holds no valid token of the old key.
+/// - With no PolicyAgent and no consumer in sight, `overlap` from the hand-out (agents outside
+///   the cluster are covered by `overlap` alone).
+#[allow(clippy::too_many_arguments)]
+fn revocation(
+    mut p: Plan,
+    settings: &Settings,
+    obs: &Observed,
+    cur: &ObservedKey,
+    old: &ObservedKey,
+    handed_out_at: DateTime<Utc>,
+    pending_request: Option<Trigger>,
+    now: DateTime<Utc>,
+) -> Plan {
+    let retired_at = old.retired_at.unwrap_or(now);
+    let start = retired_at.max(handed_out_at);
+    let queued = match pending_request {
+        Some(t) => format!(
+            "; a {} rotation is queued until this one completes",
+            t.as_str()
+        ),
+        None => String::new(),
+    };
+    let scheduled = settings
+        .interval
+        .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
+    let queued = format!("{queued}{}", overdue(scheduled, now));
+    let Some(uncovered) = &obs.uncovered else {
+        // Pods not looked at: never revoke on missing evidence.
+        p.phase = Phase::Confirming;
+        p.rotating = Some(Why::new(
+            reasons::CONFIRMING,
+            format!(
+                "old key {} stays trusted until its consumers are known{queued}",
+                old.kid
+            ),
+        ));
+        p.wake_at(add(now, Duration::from_secs(1)), now);
+        return finish(p, settings, obs, now);
+    };
+    let mut time_due = add(start, settings.overlap);
+    if !uncovered.is_empty() && !settings.include_private_key {
+        let last_exp = old
+            .last_token_exp
+            .unwrap_or_else(|| add(retired_at, settings.token_ttl));
+        time_due = time_due.max(add(last_exp, settings.clock_skew));
+    }
+    let waiting: Vec<&Consumer> = obs
+        .consumers
+        .iter()
+        .filter(|c| c.confirmed_kid.as_deref() != Some(cur.kid.as_str()))
+        .collect();
+    let needs_time = obs.consumers.is_empty() || !uncovered.is_empty();
+    if waiting.is_empty() && (!needs_time || now >= time_due) {
+        let phase = if obs.consumers.is_empty() {
+            Phase::Overlap
+        } else {
+            Phase::Confirming
+        };
+        return Plan::new(phase).step(Step::Revoke {
+            seq: old.seq,
+            emergency: false,
+        });
+    }
+    let mut parts = Vec::new();
+    if !waiting.is_empty() {
+        let names: Vec<String> = waiting
+            .iter()
+            .map(|c| match &c.waiting_reason {
+                Some(r) => format!("{} ({r})", c.name),
+                None => c.name.clone(),
+            })
+            .collect();
+        parts.push(format!(
+            "every PolicyAgent is confirmed on {}; waiting for {}",
+            cur.kid,
+            names.join(", ")
+        ));
+    }
+    if needs_time {
+        let why = if uncovered.is_empty() {
+            "no PolicyAgent references this key".to_string()
+        } else {
+            format!(
+                "{} pod(s) no PolicyAgent covers use the agent Secret: {}",
+                uncovered.len(),
+                uncovered_workloads(uncovered).join(", ")
+            )
+        };
+        parts.push(format!("{} ({why})", time_due.to_rfc3339()));
+        if now < time_due {
+            p.wake_at(time_due, now);
+        }
+    }
+    p.phase = if waiting.is_empty() {
+        Phase::Overlap
+    } else {
+        Phase::Confirming
+    };
+    p.rotating = Some(Why::new(
+        if waiting.is_empty() {
+            reasons::OVERLAP
+        } else {
+            reasons::CONFIRMING
+        },
+        format!(
+            "old key {} stays trusted until {}{queued}",
+            old.kid,
+            parts.join(" and until ")
+        ),
+    ));
+    if !waiting.is_empty() {
+        // confirmationTimeout counts from the roll (or from the retirement when the agent
+        // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
+        // minInterval, the concurrent-roll cap) shows as its own reason, never as a stall.
+        let started = waiting
+            .iter()
+            .filter(|c| !c.roll_delayed())
+            .map(|c| {
+                c.rolled_at
+                    .filter(|r| *r >= retired_at)
+                    .unwrap_or(retired_at)
+            })
+            .min();
+        let deadline = started.map(|s| add(s, settings.confirmation_timeout));
+        if deadline.is_some_and(|d| now >= d) {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|c| match &c.waiting_reason {
+                    Some(r) => format!("{} ({r})", c.name),
+                    None => c.name.clone(),
+                })
+                .collect();
+            p.phase = Phase::Stalled;
+            p.stalled = Some(Why::new(
+                reasons::ROTATION_STALLED,
+                format!(
+                    "agents not confirmed on {} within {}: {}; old key {} stays trusted{queued}",
+                    cur.kid,
+                    humantime::format_duration(settings.confirmation_timeout),
+                    names.join(", "),
+                    old.kid
+                ),
+            ));
+        } else if let Some(deadline) = deadline {
+            p.wake_at(deadline, now);
+        }
+    }
+    finish(p, settings, obs, now)
+}
+
+/// The distinct workloads of uncovered consumers, sorted.
+pub fn uncovered_workloads(uncovered: &[Uncovered]) -> Vec<String> {
+    let mut w: Vec<String> = uncovered.iter().map(|u| u.workload.clone()).collect();
+    w.sort();
+    w.dedup();
+    w
 }
 
 /// Fills the fields every waiting plan reports.

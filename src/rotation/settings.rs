@@ -22,6 +22,10 @@ pub struct Floors {
     pub overlap: Duration,
     /// Smallest `token.ttl` accepted (default 5m).
     pub token_ttl: Duration,
+    /// The clock skew allowed between the operator and whoever verifies tokens (default 1m): a
+    /// sealed key that consumers no PolicyAgent covers may hold is revoked only this long after
+    /// its last token expired.
+    pub clock_skew: Duration,
 }
 
 impl Default for Floors {
@@ -32,6 +36,7 @@ impl Default for Floors {
             publish_delay: Duration::ZERO,
             overlap: Duration::from_secs(60),
             token_ttl: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(60),
         }
     }
 }
@@ -45,6 +50,7 @@ impl Floors {
             publish_delay: Duration::ZERO,
             overlap: Duration::ZERO,
             token_ttl: Duration::from_secs(1),
+            clock_skew: Duration::ZERO,
         }
     }
 }
@@ -73,6 +79,14 @@ pub enum SpecError {
         field: &'static str,
         message: String,
     },
+    #[error(
+        "{field} cannot change on a live key (it is {recorded:?}, the spec asks for {requested:?}); Keyward keeps serving {recorded:?}: change it back, or create a new ProvisioningKey"
+    )]
+    NameChanged {
+        field: &'static str,
+        recorded: String,
+        requested: String,
+    },
 }
 
 impl SpecError {
@@ -82,6 +96,7 @@ impl SpecError {
             SpecError::MalformedDuration { .. } => "MalformedDuration",
             SpecError::BelowFloor { .. } => "BelowFloor",
             SpecError::Invalid { .. } => "InvalidSpec",
+            SpecError::NameChanged { .. } => "NameImmutable",
         }
     }
 }
@@ -103,6 +118,150 @@ pub struct Settings {
     pub issuer: String,
     pub suspend: bool,
     pub compromised: BTreeSet<String>,
+    /// See [`Floors::clock_skew`].
+    pub clock_skew: Duration,
+    /// Set when the spec is refused: no new rotation starts, while the current key keeps being
+    /// served (tokens refreshed, Secret and bundle repaired) with the last good settings.
+    pub refused: Option<Refusal>,
+}
+
+/// Why new rotations are refused (`Ready=False` with this reason and message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<&SpecError> for Refusal {
+    fn from(e: &SpecError) -> Self {
+        Refusal {
+            reason: e.reason(),
+            message: format!("{e}; no new rotation starts, the current key is still served"),
+        }
+    }
+}
+
+/// The names of the agent Secret and the trust bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub secret_name: String,
+    pub trust_bundle_name: String,
+}
+
+/// The last good settings, read from evidence, never from status: the durations recorded on
+/// the newest key Secret when it was minted, and the claims and lifetime of the token the agent
+/// Secret holds now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LastGood {
+    /// Names recorded on the newest key Secret (a live key never changes them).
+    pub names: Option<Names>,
+    pub min_interval: Option<Duration>,
+    pub publish_delay: Option<Duration>,
+    pub overlap: Option<Duration>,
+    pub confirmation_timeout: Option<Duration>,
+    pub token_ttl: Option<Duration>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+/// The valid entries of `compromisedKeys` (break-glass never waits for a typo elsewhere, nor
+/// for an invalid entry beside it).
+pub fn valid_compromised(pk: &ProvisioningKey) -> BTreeSet<String> {
+    pk.spec
+        .compromised_keys
+        .iter()
+        .map(|k| k.0.clone())
+        .filter(|k| is_key_id(k))
+        .collect()
+}
+
+fn is_key_id(k: &str) -> bool {
+    k.len() == 43
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The names a key uses: those recorded on its key Secrets once it has one (they never change on
+/// a live key), else the spec's.
+pub fn names(pk: &ProvisioningKey, recorded: Option<&Names>) -> Names {
+    recorded.cloned().unwrap_or_else(|| Names {
+        secret_name: pk.secret_name(),
+        trust_bundle_name: pk.trust_bundle_name(),
+    })
+}
+
+/// The settings a reconcile acts on. A valid spec resolves as [`Settings::resolve`]; a refused one
+/// (malformed, below a floor, a name changed on a live key) keeps serving the last good settings
+/// and starts no rotation, with [`Settings::refused`] saying why.
+pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -> Settings {
+    let names = names(pk, last.names.as_ref());
+    let name_change = last.names.as_ref().and_then(|rec| {
+        let spec_secret = pk.secret_name();
+        let spec_bundle = pk.trust_bundle_name();
+        if rec.secret_name != spec_secret {
+            Some(SpecError::NameChanged {
+                field: "secretName",
+                recorded: rec.secret_name.clone(),
+                requested: spec_secret,
+            })
+        } else if rec.trust_bundle_name != spec_bundle {
+            Some(SpecError::NameChanged {
+                field: "trustBundle.configMapName",
+                recorded: rec.trust_bundle_name.clone(),
+                requested: spec_bundle,
+            })
+        } else {
+            None
+        }
+    });
+    match (Settings::resolve(pk, floors), name_change) {
+        (Ok(s), None) => s,
+        (Ok(mut s), Some(e)) => {
+            s.secret_name = names.secret_name;
+            s.trust_bundle_name = names.trust_bundle_name;
+            s.refused = Some(Refusal::from(&e));
+            s
+        }
+        (Err(e), _) => {
+            let or = |v: Option<Duration>, d: Duration, floor: Duration| v.unwrap_or(d.max(floor));
+            Settings {
+                secret_name: names.secret_name,
+                trust_bundle_name: names.trust_bundle_name,
+                include_private_key: pk.spec.include_private_key.unwrap_or(false),
+                interval: None,
+                min_interval: or(last.min_interval, DEFAULT_MIN_INTERVAL, floors.min_interval),
+                publish_delay: or(
+                    last.publish_delay,
+                    DEFAULT_PUBLISH_DELAY,
+                    floors.publish_delay,
+                ),
+                overlap: or(last.overlap, DEFAULT_OVERLAP, floors.overlap),
+                confirmation_timeout: or(
+                    last.confirmation_timeout,
+                    DEFAULT_CONFIRMATION_TIMEOUT,
+                    Duration::ZERO,
+                ),
+                request_token: pk
+                    .spec
+                    .rotation
+                    .as_ref()
+                    .and_then(|r| r.request_token.clone()),
+                token_ttl: or(last.token_ttl, DEFAULT_TOKEN_TTL, floors.token_ttl),
+                audience: last
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string()),
+                issuer: last
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ISSUER.to_string()),
+                suspend: pk.spec.suspend.unwrap_or(false),
+                compromised: valid_compromised(pk),
+                clock_skew: floors.clock_skew,
+                refused: Some(Refusal::from(&e)),
+            }
+        }
+    }
 }
 
 fn duration(
@@ -223,12 +382,7 @@ impl Settings {
         dns_name("trustBundle.configMapName", &trust_bundle_name)?;
         let compromised: BTreeSet<String> =
             spec.compromised_keys.iter().map(|k| k.0.clone()).collect();
-        if let Some(bad) = compromised.iter().find(|k| {
-            k.len() != 43
-                || !k
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        }) {
+        if let Some(bad) = compromised.iter().find(|k| !is_key_id(k)) {
             return Err(SpecError::Invalid {
                 field: "compromisedKeys",
                 message: format!(
@@ -286,6 +440,8 @@ impl Settings {
             issuer,
             suspend: spec.suspend.unwrap_or(false),
             compromised,
+            clock_skew: floors.clock_skew,
+            refused: None,
         })
     }
 }

@@ -65,6 +65,8 @@ fn settings() -> Settings {
         issuer: "keyward".into(),
         suspend: false,
         compromised: BTreeSet::new(),
+        clock_skew: secs(60),
+        refused: None,
     }
 }
 
@@ -108,6 +110,7 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
             None
         },
         has_private_key: state != KeyState::Revoked,
+        last_token_exp: None,
     }
 }
 
@@ -121,6 +124,9 @@ fn agent(kid: &str) -> AgentSecretObs {
         token_claims_match: true,
         has_private_key: false,
         metadata_matches: true,
+        handed_out_at: Some(ago(60)),
+        token_audience: Some("keyward".into()),
+        token_issuer: Some("keyward".into()),
     })
 }
 
@@ -136,13 +142,24 @@ fn agent_with(kid: &str, f: impl FnOnce(&mut AgentSecret)) -> AgentSecretObs {
 /// current key with a fresh token, no consumers, no annotation.
 fn obs(keys: Vec<ObservedKey>) -> Observed {
     let (kids, revoked) = desired_bundle(&keys);
-    let agent_secret = current(&keys).map_or(AgentSecretObs::Missing, |c| agent(&c.kid));
+    // The current key was handed out right after its activation.
+    let agent_secret = current(&keys).map_or(AgentSecretObs::Missing, |c| {
+        agent_with(&c.kid, |a| {
+            a.handed_out_at = c.activated_at.or(Some(ago(60)))
+        })
+    });
+    let last_seq = keys.iter().map(|k| k.seq).max().unwrap_or(0);
     Observed {
         keys,
         rotate_annotation: None,
-        bundle: BundleObs::Owned { kids, revoked },
+        bundle: BundleObs::Owned {
+            kids,
+            revoked,
+            last_seq,
+        },
         agent_secret,
         consumers: Vec::new(),
+        uncovered: Some(Vec::new()),
     }
 }
 
@@ -150,6 +167,7 @@ fn bundle(kids: &[u32], revoked: &[u32]) -> BundleObs {
     BundleObs::Owned {
         kids: kids.iter().map(|s| kid(*s)).collect(),
         revoked: revoked.iter().map(|s| kid(*s)).collect(),
+        last_seq: kids.iter().chain(revoked).copied().max().unwrap_or(0),
     }
 }
 
@@ -197,6 +215,7 @@ enum Check {
     NotStalled,
     NextRotationAt(DateTime<Utc>),
     TokenRefreshAt(DateTime<Utc>),
+    RotatingMentions(&'static str),
 }
 
 impl Check {
@@ -213,6 +232,10 @@ impl Check {
             Check::NotStalled => p.stalled.is_none(),
             Check::NextRotationAt(t) => p.next_rotation_at == Some(*t),
             Check::TokenRefreshAt(t) => p.token_refresh_at == Some(*t),
+            Check::RotatingMentions(text) => p
+                .rotating
+                .as_ref()
+                .is_some_and(|w| w.message.contains(text)),
         };
         if ok {
             Ok(())
@@ -1144,13 +1167,13 @@ fn cases() -> Vec<Case> {
         )
         .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
         case(
-            "foreign trust bundle during a rotation: blocked",
+            "foreign trust bundle during a rotation: labels move, the bundle is never written",
             s(),
             with_obs(vec![key(1, Active), key(2, Pending)], |o| {
                 o.bundle = BundleObs::Foreign
             }),
-            None,
-            Phase::Invalid,
+            Some(MarkPublished { seq: 2 }),
+            Phase::Publishing,
         )
         .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
         case(
@@ -1477,6 +1500,311 @@ fn cases() -> Vec<Case> {
             }),
             Phase::Pending,
         ),
+        // --- Liveness first: refused specs, names owned by someone else ------------------------
+        case(
+            "refused spec: a due token refresh still happens",
+            with_settings(|s| {
+                s.refused = Some(Refusal {
+                    reason: "BelowFloor",
+                    message: "rotation.interval: 1m is below the operator's floor".into(),
+                })
+            }),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| {
+                    a.token_iat = Some(ago(3000).timestamp());
+                    a.token_exp = Some(ago(3000).timestamp() + TTL as i64);
+                })
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
+            Phase::Ready,
+        )
+        .check(Check::Blocked("BelowFloor")),
+        case(
+            "refused spec: a due rotation is refused, not started",
+            with_settings(|s| {
+                s.interval = Some(secs(3600));
+                s.refused = Some(Refusal {
+                    reason: "BelowFloor",
+                    message: "below".into(),
+                });
+            }),
+            obs(vec![key(1, Active)]),
+            None,
+            Phase::Ready,
+        )
+        .check(Check::Blocked("BelowFloor"))
+        .check(Check::Rotating(reasons::REFUSED))
+        .check(Check::TokenRefreshAt(
+            ago(60) + chrono::Duration::seconds(TTL as i64 / 2),
+        )),
+        case(
+            "refused spec: a rotation in flight still completes",
+            with_settings(|s| {
+                s.refused = Some(Refusal {
+                    reason: "MalformedDuration",
+                    message: "bad".into(),
+                })
+            }),
+            with_obs(
+                vec![
+                    key(1, Active),
+                    ObservedKey {
+                        published_at: Some(ago(200)),
+                        ..key(2, Published)
+                    },
+                ],
+                |_| {},
+            ),
+            Some(Activate {
+                seq: 2,
+                emergency: false,
+            }),
+            Phase::Publishing,
+        )
+        .check(Check::Blocked("MalformedDuration")),
+        case(
+            "refused spec: a valid compromisedKeys entry is honoured at once",
+            with_settings(|s| {
+                s.compromised = compromised(&[1]);
+                s.refused = Some(Refusal {
+                    reason: "BelowFloor",
+                    message: "below".into(),
+                });
+            }),
+            obs(vec![key(1, Active)]),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::Compromised,
+                consumed_request_token: None,
+                consumed_annotation: None,
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "foreign agent Secret: never written, no revocation, bundle still kept",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.agent_secret = AgentSecretObs::Foreign;
+            }),
+            None,
+            Phase::Invalid,
+        )
+        .check(Check::Blocked(reasons::SECRET_NAME_TAKEN)),
+        case(
+            "foreign trust bundle: the token is still refreshed",
+            s(),
+            with_obs(vec![key(1, Active)], |o| {
+                o.bundle = BundleObs::Foreign;
+                o.agent_secret = agent_with(&kid(1), |a| {
+                    a.token_iat = Some(ago(3000).timestamp());
+                    a.token_exp = Some(ago(3000).timestamp() + TTL as i64);
+                });
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
+            Phase::Ready,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
+        case(
+            "foreign trust bundle: a published key is never activated",
+            s(),
+            with_obs(
+                vec![ObservedKey {
+                    published_at: None,
+                    ..key(1, Published)
+                }],
+                |o| {
+                    o.bundle = BundleObs::Foreign;
+                    o.agent_secret = AgentSecretObs::Missing;
+                },
+            ),
+            None,
+            Phase::Invalid,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
+        case(
+            "agent Secret without hand-out time is repaired (the overlap clock needs it)",
+            s(),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| a.handed_out_at = None);
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
+            Phase::Ready,
+        ),
+        // --- Consumers no PolicyAgent covers ---------------------------------------------------
+        case(
+            "uncovered consumer: confirmed agents are not enough before the overlap",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![consumer("opa", Some(2), Some(ago(100)))];
+                o.agent_secret = agent_with(&kid(2), |a| a.handed_out_at = Some(ago(120)));
+                o.keys[0].retired_at = Some(ago(121));
+                o.keys[0].last_token_exp = Some(ago(10));
+                o.uncovered = Some(vec![Uncovered {
+                    pod: "other-1".into(),
+                    workload: "Deployment/other".into(),
+                }]);
+            }),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Rotating(reasons::OVERLAP))
+        .check(Check::Requeue(secs(480))),
+        case(
+            "uncovered consumer: a sealed key also waits for its last token to expire",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.agent_secret = agent_with(&kid(2), |a| a.handed_out_at = Some(ago(700)));
+                o.keys[0].retired_at = Some(ago(701));
+                o.keys[0].last_token_exp = Some(later(1000));
+                o.uncovered = Some(vec![Uncovered {
+                    pod: "other-1".into(),
+                    workload: "Deployment/other".into(),
+                }]);
+            }),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Requeue(secs(1060))),
+        case(
+            "uncovered consumer: revoked once overlap and last token (plus skew) have passed",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![consumer("opa", Some(2), Some(ago(700)))];
+                o.agent_secret = agent_with(&kid(2), |a| a.handed_out_at = Some(ago(700)));
+                o.keys[0].retired_at = Some(ago(701));
+                o.keys[0].last_token_exp = Some(ago(61));
+                o.uncovered = Some(vec![Uncovered {
+                    pod: "other-1".into(),
+                    workload: "Deployment/other".into(),
+                }]);
+            }),
+            Some(Revoke {
+                seq: 1,
+                emergency: false,
+            }),
+            Phase::Confirming,
+        ),
+        case(
+            "consumers not looked at: never revoke on missing evidence",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![consumer("opa", Some(2), Some(ago(700)))];
+                o.uncovered = None;
+            }),
+            None,
+            Phase::Confirming,
+        ),
+        case(
+            "overlap counts from the hand-out, not from the retirement",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.keys[0].retired_at = Some(ago(3000));
+                o.agent_secret = agent_with(&kid(2), |a| a.handed_out_at = Some(ago(300)));
+            }),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Requeue(secs(300))),
+        // --- Tamper: the bundle, sequence numbers ----------------------------------------------
+        case(
+            "a trusted key whose key Secret is gone stays in the bundle",
+            s(),
+            with_obs(vec![key(2, Active)], |o| {
+                o.bundle = bundle(&[1, 2], &[]);
+            }),
+            None,
+            Phase::Ready,
+        ),
+        case(
+            "an unrecorded trusted key listed as compromised is revoked in the bundle",
+            with_settings(|s| s.compromised = compromised(&[1])),
+            with_obs(vec![key(2, Active)], |o| {
+                o.bundle = bundle(&[1, 2], &[]);
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(2)],
+                revoked: vec![kid(1)],
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "a pruned revoked key stays in the revoked list",
+            s(),
+            with_obs(vec![key(2, Active)], |o| {
+                o.bundle = bundle(&[2], &[1]);
+            }),
+            None,
+            Phase::Ready,
+        ),
+        case(
+            "sequence numbers are never reused after a key Secret is deleted",
+            with_settings(|s| s.request_token = some("r9")),
+            with_obs(vec![key(2, Active)], |o| {
+                o.bundle = BundleObs::Owned {
+                    kids: vec![kid(2)],
+                    revoked: vec![],
+                    last_seq: 3,
+                };
+            }),
+            Some(Mint {
+                seq: 4,
+                trigger: Trigger::RequestToken,
+                consumed_request_token: some("r9"),
+                consumed_annotation: None,
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "no current key left (its Secret deleted): a replacement is minted, the old id stays trusted",
+            s(),
+            with_obs(vec![key(1, Revoked)], |o| {
+                o.bundle = BundleObs::Owned {
+                    kids: vec![kid(2)],
+                    revoked: vec![kid(1)],
+                    last_seq: 2,
+                };
+                o.agent_secret = agent(&kid(2));
+            }),
+            Some(Mint {
+                seq: 3,
+                trigger: Trigger::Initial,
+                consumed_request_token: None,
+                consumed_annotation: None,
+            }),
+            Phase::Pending,
+        ),
+        // --- Stuck rotations are visible ---------------------------------------------------------
+        case(
+            "a request made during a rotation is queued and reported",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![consumer("opa", None, Some(ago(10)))];
+                o.rotate_annotation = some("again");
+            }),
+            None,
+            Phase::Confirming,
+        )
+        .check(Check::RotatingMentions("is queued")),
+        case(
+            "an overdue scheduled rotation is reported while suspended",
+            with_settings(|s| {
+                s.interval = Some(secs(DAY as u64));
+                s.suspend = true;
+            }),
+            obs(vec![key(1, Active)]),
+            None,
+            Phase::Suspended,
+        )
+        .check(Check::RotatingMentions("overdue")),
     ]
 }
 
@@ -1625,6 +1953,8 @@ fn resolve_defaults() {
             issuer: "keyward".into(),
             suspend: false,
             compromised: BTreeSet::new(),
+            clock_skew: secs(60),
+            refused: None,
         }
     );
     assert_eq!(s.min_interval, secs(60));
@@ -1874,7 +2204,8 @@ fn resolve_errors() {
                 let got_field = match &e {
                     SpecError::MalformedDuration { field, .. }
                     | SpecError::BelowFloor { field, .. }
-                    | SpecError::Invalid { field, .. } => *field,
+                    | SpecError::Invalid { field, .. }
+                    | SpecError::NameChanged { field, .. } => *field,
                 };
                 if e.reason() != reason || got_field != field {
                     failures.push(format!(
@@ -1999,6 +2330,7 @@ impl Sim {
                 bundle: BundleObs::Missing,
                 agent_secret: AgentSecretObs::Missing,
                 consumers: Vec::new(),
+                uncovered: Some(Vec::new()),
             },
             now: now(),
             ever_published: false,
@@ -2163,6 +2495,7 @@ impl Sim {
                     retired_at: None,
                     revoked_at: None,
                     has_private_key: true,
+                    last_token_exp: None,
                 });
             }
             Step::MarkPublished { seq } => {
@@ -2177,13 +2510,17 @@ impl Sim {
             Step::WriteBundle { trusted, revoked } => {
                 // (c) Once a key was published, the bundle always trusts at least one key.
                 ensure!(!trusted.is_empty(), "WriteBundle with no trusted key");
+                let target = bundle_target(&self.settings, &self.obs);
                 ensure!(
-                    (trusted.clone(), revoked.clone()) == desired_bundle(&before),
+                    trusted.clone() == desired_bundle(&before).0
+                        && (trusted.clone(), revoked.clone())
+                            == (target.trusted.clone(), target.revoked.clone()),
                     "WriteBundle is not the desired bundle"
                 );
                 self.obs.bundle = BundleObs::Owned {
                     kids: trusted.clone(),
                     revoked: revoked.clone(),
+                    last_seq: target.last_seq,
                 };
             }
             Step::RecordPublished { seq } => {
@@ -2276,6 +2613,10 @@ impl Sim {
                     );
                 }
                 let iat = now.timestamp();
+                let handed_out_at = match &self.obs.agent_secret {
+                    AgentSecretObs::Owned(s) if !changes => s.handed_out_at.or(Some(now)),
+                    _ => Some(now),
+                };
                 self.obs.agent_secret = AgentSecretObs::Owned(AgentSecret {
                     kid: Some(cur.kid.clone()),
                     token_iat: Some(iat),
@@ -2283,6 +2624,9 @@ impl Sim {
                     token_claims_match: true,
                     has_private_key: self.settings.include_private_key,
                     metadata_matches: true,
+                    handed_out_at,
+                    token_audience: Some(self.settings.audience.clone()),
+                    token_issuer: Some(self.settings.issuer.clone()),
                 });
                 if changes {
                     // The PolicyAgent controller rolls every workload to the new key.
@@ -2475,7 +2819,7 @@ impl Sim {
         let keys = &self.obs.keys;
         let cur = current(keys).ok_or("no current key at a fixed point")?;
         ensure!(
-            matches!(&self.obs.bundle, BundleObs::Owned { kids, revoked } if (kids.clone(), revoked.clone()) == desired_bundle(keys)),
+            matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.clone() == desired_bundle(keys).0),
             "bundle differs from the desired one"
         );
         ensure!(
