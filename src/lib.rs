@@ -13,3 +13,4 @@ pub mod keys;
 pub mod labels;
 pub mod rotation;
 pub mod telemetry;
+pub mod workload;

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod policy_agent;
 pub mod provisioning_key;
+pub mod workloads;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
