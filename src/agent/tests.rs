@@ -457,3 +457,99 @@ fn recorded_confirmation_stands_only_for_the_same_workload_and_revision() {
         assert_eq!(i.standing() == Some(&e), stands, "{name}");
     }
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pod_obs() -> impl Strategy<Value = PodObs> {
+        (
+            prop_oneof![Just(None), Just(Some("K1")), Just(Some("K2"))],
+            prop_oneof![Just(None), Just(Some("r1")), Just(Some("r2"))],
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u32..4,
+        )
+            .prop_map(
+                |(kid, rev, terminating, unknown, ready, successes)| PodObs {
+                    name: "p".into(),
+                    uid: "p".into(),
+                    kid: kid.map(Into::into),
+                    revision: rev.map(Into::into),
+                    terminating,
+                    unknown,
+                    ready,
+                    successes,
+                },
+            )
+    }
+
+    fn agent_input() -> impl Strategy<Value = AgentInput> {
+        (
+            prop_oneof![Just(None), Just(Some("K1")), Just(Some("K2"))],
+            prop_oneof![Just(None), Just(Some("r1")), Just(Some("r2"))],
+            prop::collection::vec(pod_obs(), 0..4),
+            0i32..3,
+            prop_oneof![
+                Just(Rollout::Complete),
+                Just(Rollout::Progressing("m".into())),
+                Just(Rollout::Stalled {
+                    reason: "DeploymentPaused",
+                    message: "m".into()
+                }),
+            ],
+            0u32..3,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(template, revision, pods, desired, rollout, threshold, slot)| AgentInput {
+                    secret_kid: "K2".into(),
+                    template_kid: template.map(Into::into),
+                    workload_uid: "w1".into(),
+                    current_revision: revision.map(Into::into),
+                    rollout,
+                    figures: Figures {
+                        desired,
+                        ..Figures::default()
+                    },
+                    pods,
+                    success_threshold: threshold,
+                    rolled_at: None,
+                    min_roll_interval: Duration::ZERO,
+                    roll_slot_free: slot,
+                    previous: None,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// A confirmation is only ever evidence of what the input shows: the template and
+        /// every pod on the Secret's key at the current revision, nothing terminating or
+        /// Unknown, every pod checked, and pods present unless none is desired.
+        #[test]
+        fn confirmation_rests_on_every_pod(input in agent_input()) {
+            match decide(&input, now()) {
+                Decision::Confirmed { evidence } => {
+                    prop_assert_eq!(input.template_kid.as_deref(), Some("K2"));
+                    prop_assert_eq!(&evidence.key_id, "K2");
+                    prop_assert_eq!(&evidence.workload_uid, "w1");
+                    prop_assert_eq!(Some(&evidence.revision), input.current_revision.as_ref());
+                    prop_assert!(input.pods.iter().all(|p| !p.terminating && !p.unknown
+                        && p.kid.as_deref() == Some("K2")
+                        && p.revision == input.current_revision
+                        && p.ready && p.successes >= input.success_threshold));
+                    prop_assert!(!input.pods.is_empty() || input.figures.desired == 0);
+                }
+                Decision::Roll { kid } => {
+                    prop_assert_eq!(kid.as_str(), "K2");
+                    prop_assert_ne!(input.template_kid.as_deref(), Some("K2"));
+                    prop_assert!(input.roll_slot_free);
+                }
+                Decision::Wait { .. } => {}
+            }
+        }
+    }
+}

@@ -320,9 +320,8 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     let previous = pa.status.clone().unwrap_or_default();
 
     let (input, outcome) = match evaluate(&ctx, &pa, &ns, now).await? {
-        Ok((input, decision)) => {
-            let check_period = resolve_check(&pa).map_or(DEFAULT_PERIOD, |c| c.period);
-            let o = outcome::outcome(&input, &decision, check_period, now);
+        Ok((input, decision, check)) => {
+            let o = outcome::outcome(&input, &decision, check.period, now);
             // Apply: the only write besides status and Events.
             if let Decision::Roll { kid } = &decision {
                 roll(&ctx, &ns, &pa, kid, now).await?;
@@ -346,7 +345,7 @@ async fn evaluate(
     pa: &PolicyAgent,
     ns: &str,
     now: DateTime<Utc>,
-) -> Result<std::result::Result<(AgentInput, Decision), Refusal>> {
+) -> Result<std::result::Result<(AgentInput, Decision, Check), Refusal>> {
     let check = match resolve_check(pa) {
         Ok(c) => c,
         Err(m) => return Ok(Err(Refusal::InvalidSpec(m))),
@@ -370,7 +369,7 @@ async fn evaluate(
     };
     check_pods(ctx, ns, &reads, &mut input, &check).await;
     let decision = agent::decide(&input, now);
-    Ok(Ok((input, decision)))
+    Ok(Ok((input, decision, check)))
 }
 
 /// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
