@@ -1207,8 +1207,9 @@ async fn old_key_stays_while_unconfirmed(bed: &Bed, kid2: &str) {
         |pa| confirmed_on(pa, kid2),
     )
     .await;
-    // needs PK side: with the current ProvisioningKey code this holds because the PolicyAgent
-    // no longer reports a confirmation; the lead's revocation must keep it so.
+    // Holds with the current ProvisioningKey code because the PolicyAgent no longer reports a
+    // confirmation; a revocation that also checks confirmedWorkloadUid/confirmedRevision keeps
+    // it so.
     expect_never(
         &bed.api::<Secret>(),
         &key_secret_name(PK, 1),
