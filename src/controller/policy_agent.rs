@@ -310,13 +310,15 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     }
     let now = ctx.now();
     let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
-    // The status as the API server has it now: the watch cache may not show our last write yet,
-    // and comparing against a stale copy would re-send an identical status.
-    let fresh = Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
+    // The PolicyAgent as the API server has it now: the watch cache may not show our last status
+    // write yet (comparing against a stale copy would re-send an identical status), nor the
+    // latest spec (a re-pointed workloadRef must never be judged by the old one).
+    let pa = Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
         .get_status(&pa.name_any())
         .await?;
-    let mut pa = (*pa).clone();
-    pa.status = fresh.status;
+    if pa.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let previous = pa.status.clone().unwrap_or_default();
 
     let (input, outcome) = match evaluate(&ctx, &pa, &ns, now).await? {
