@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -925,6 +925,464 @@ async fn settled_policy_agent_makes_no_writes() {
     );
     let pa = pas.get_status("opa-agents").await.expect("PolicyAgent");
     assert!(confirmed_on(&pa, &kid1), "{:?}", pa.status);
+    bed.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Ordinary cluster life: evictions, scaling to zero, replaced and re-pointed workloads.
+
+/// Holds the pods of one app unready: those created at or after the moment [`Hold::start`]
+/// was called, until [`Hold::release`]. Pods created before keep their readiness.
+#[derive(Clone, Default)]
+struct Hold {
+    on: Arc<AtomicBool>,
+    cutoff: Arc<AtomicI64>,
+    app: Arc<std::sync::Mutex<String>>,
+}
+
+impl Hold {
+    fn kubelet(&self) -> KubeletConfig {
+        let hold = self.clone();
+        KubeletConfig::default().with_ready(move |p: &Pod| !hold.holds(p))
+    }
+
+    fn holds(&self, p: &Pod) -> bool {
+        let app = self.app.lock().map(|a| a.clone()).unwrap_or_default();
+        self.on.load(Ordering::SeqCst)
+            && p.labels().get("app") == Some(&app)
+            && p.metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.0.as_second() >= self.cutoff.load(Ordering::SeqCst))
+    }
+
+    /// From now on, new pods of `app` stay unready. Waits just over a second first: creation
+    /// timestamps have a resolution of one second, and earlier pods must fall before the cutoff.
+    async fn start(&self, app: &str) {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        if let Ok(mut a) = self.app.lock() {
+            *a = app.to_string();
+        }
+        self.cutoff.store(
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+            Ordering::SeqCst,
+        );
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The recorded confirmation: (confirmedKeyId, confirmedWorkloadUid, confirmedRevision).
+fn evidence(pa: &PolicyAgent) -> (Option<String>, Option<String>, Option<String>) {
+    let s = pa.status.clone().unwrap_or_default();
+    (
+        s.confirmed_key_id,
+        s.confirmed_workload_uid,
+        s.confirmed_revision,
+    )
+}
+
+/// The `pod-template-hash` of the Deployment's ReplicaSet at its current revision.
+async fn current_hash(rss: &Api<ReplicaSet>, d: &Deployment) -> String {
+    let revision = d
+        .annotations()
+        .get("deployment.kubernetes.io/revision")
+        .cloned()
+        .expect("the Deployment has a revision");
+    replica_sets(rss, d)
+        .await
+        .into_iter()
+        .find(|rs| rs.annotations().get("deployment.kubernetes.io/revision") == Some(&revision))
+        .and_then(|rs| rs.labels().get("pod-template-hash").cloned())
+        .expect("the current ReplicaSet")
+}
+
+/// Rotates the key with the annotation; returns the new key id.
+async fn rotate(bed: &Bed, seq: u32) -> String {
+    let pks: Api<ProvisioningKey> = bed.api();
+    merge(
+        &pks,
+        PK,
+        json!({ "metadata": { "annotations": { l::ROTATE: format!("rotate-{seq}") } } }),
+    )
+    .await;
+    kid(&wait_obj(
+        &bed.api::<Secret>(),
+        &key_secret_name(PK, seq),
+        "next key minted",
+        TIMEOUT,
+        |_| true,
+    )
+    .await)
+}
+
+/// An evicted pod (phase Failed, reason Evicted) stays behind as an API object. Fails if it is
+/// counted as an agent pod: it carries the old key and would block the confirmation forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_pod_does_not_block_confirmation() {
+    let bed = Bed::new("kw-pa-evicted").await;
+    let pas: Api<PolicyAgent> = bed.api();
+    let pks: Api<ProvisioningKey> = bed.api();
+    let pods: Api<Pod> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    let kid1 = bed.confirmed_deployment().await;
+
+    // Evict one pod as the kubelet does under node pressure: status only, through pods/status.
+    // The stand-in kubelet reports a pod's status only when its readiness changes, so it leaves
+    // the Failed phase alone.
+    let evicted = pod_uids(&pods, "opa")
+        .await
+        .into_iter()
+        .next()
+        .expect("a pod");
+    let name = pods
+        .list(&ListParams::default().labels("app=opa"))
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .find(|p| p.uid().as_deref() == Some(evicted.as_str()))
+        .map(|p| p.name_any())
+        .expect("the pod");
+    let status = json!({ "status": {
+        "phase": "Failed", "reason": "Evicted",
+        "message": "The node was low on resource: memory.",
+    } });
+    pods.patch_status(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .expect("evict the pod");
+    // The ReplicaSet replaces it; the Deployment is whole again with the evicted pod left over.
+    wait_for(&deploys, "opa", deployment_rolled_out(), TIMEOUT)
+        .await
+        .expect("the Deployment replaces the evicted pod");
+
+    let kid2 = rotate(&bed, 2).await;
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "confirmed on the new key despite the evicted pod",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
+    .await;
+    assert_eq!(pa.status.and_then(|s| s.pods).map(|p| p.total), Some(2));
+    let left = pods
+        .get(&name)
+        .await
+        .expect("the evicted pod is still there");
+    assert_eq!(
+        left.status.and_then(|s| s.phase).as_deref(),
+        Some("Failed"),
+        "the test needs the evicted pod to stay"
+    );
+    wait_pk(&pks, PK, "old key revoked", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+    bed.finish().await;
+}
+
+/// A Deployment scaled to zero has no pod to wait for: its template carries the key, so once
+/// rolled it is confirmed and the old key revoked. Fails if no pods is taken for "not yet".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_to_zero_workload_confirms_and_old_key_is_revoked() {
+    let bed = Bed::new("kw-pa-zero").await;
+    let pas: Api<PolicyAgent> = bed.api();
+    let pks: Api<ProvisioningKey> = bed.api();
+    let pods: Api<Pod> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    let rss: Api<ReplicaSet> = bed.api();
+    let kid1 = bed.confirmed_deployment().await;
+    merge(&deploys, "opa", json!({ "spec": { "replicas": 0 } })).await;
+    wait_for(&deploys, "opa", deployment_rolled_out(), TIMEOUT)
+        .await
+        .expect("scaled to zero");
+    keyward_testbed::eventually(
+        "the pods are gone",
+        TIMEOUT,
+        Duration::from_millis(250),
+        || async {
+            let left = pods
+                .list(&ListParams::default().labels("app=opa"))
+                .await
+                .ok()?;
+            left.items.is_empty().then_some(())
+        },
+    )
+    .await
+    .expect("pods gone");
+    // Scaling is no new revision: the confirmation stands.
+    let pa = wait_pa(&pas, "opa-agents", "still confirmed", TIMEOUT, |pa| {
+        confirmed_on(pa, &kid1)
+    })
+    .await;
+    assert_eq!(pa.status.and_then(|s| s.pods).map(|p| p.total), Some(0));
+
+    let kid2 = rotate(&bed, 2).await;
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "confirmed on the new key with no pods",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
+    .await;
+    let d = deploys.get("opa").await.expect("the Deployment");
+    assert_eq!(template_kid(&d).as_deref(), Some(kid2.as_str()));
+    assert_eq!(
+        evidence(&pa),
+        (
+            Some(kid2.clone()),
+            d.uid(),
+            Some(current_hash(&rss, &d).await)
+        ),
+        "the confirmation names the rolled template's revision"
+    );
+    wait_pk(&pks, PK, "old key revoked", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+    bed.finish().await;
+}
+
+/// The usual start with a second, paused consumer that holds the old key trusted: Deployments
+/// `opa` (2 pods) and `other` (1 pod, paused after its first confirmation), PolicyAgents
+/// `opa-agents` and `other-agents`, and Deployments `extra` (2 pods each, no PolicyAgent);
+/// the key rotated; `opa-agents` confirmed on the new key, `other-agents` stalled. Returns
+/// (old key, new key).
+async fn rotation_held_by_a_paused_agent(bed: &Bed, extra: &[&str]) -> (String, String) {
+    let pas: Api<PolicyAgent> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    let secrets: Api<Secret> = bed.api();
+    let kid1 = bed.confirmed_deployment().await;
+    for name in extra {
+        bed.deployment(name, 2).await;
+    }
+    bed.deployment("other", 1).await;
+    bed.policy_agent("other-agents", PK, "Deployment", "other")
+        .await;
+    wait_pa(&pas, "other-agents", "confirmed", TIMEOUT, |pa| {
+        confirmed_on(pa, &kid1)
+    })
+    .await;
+    merge(&deploys, "other", json!({ "spec": { "paused": true } })).await;
+    let kid2 = rotate(bed, 2).await;
+    wait_pa(
+        &pas,
+        "opa-agents",
+        "confirmed on the new key",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
+    .await;
+    wait_pa(&pas, "other-agents", "stalled", TIMEOUT, |pa| {
+        pa_not_ready_because(pa, "DeploymentPaused")
+    })
+    .await;
+    assert_ne!(
+        state(&secrets.get(&key_secret_name(PK, 1)).await.expect("key 1")),
+        "revoked"
+    );
+    (kid1, kid2)
+}
+
+/// Resumes `other`, waits for `other-agents` to confirm `kid2`, then expects the old key to
+/// stay trusted while `opa-agents` is not confirmed on the workload it names now.
+async fn old_key_stays_while_unconfirmed(bed: &Bed, kid2: &str) {
+    let pas: Api<PolicyAgent> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    merge(&deploys, "other", json!({ "spec": { "paused": false } })).await;
+    wait_pa(
+        &pas,
+        "other-agents",
+        "confirmed after the resume",
+        TIMEOUT,
+        |pa| confirmed_on(pa, kid2),
+    )
+    .await;
+    // Holds with the current ProvisioningKey code because the PolicyAgent no longer reports a
+    // confirmation; a revocation that also checks confirmedWorkloadUid/confirmedRevision keeps
+    // it so.
+    expect_never(
+        &bed.api::<Secret>(),
+        &key_secret_name(PK, 1),
+        "the old key revoked while pods of the named workload run it",
+        Duration::from_secs(4),
+        |s: Option<&Secret>| s.is_some_and(|s| state(s) == "revoked"),
+    )
+    .await;
+}
+
+/// `opa` is deleted and re-created under the same name from a copy taken before the rotation
+/// (its template names the old key), while the old key is still trusted. Fails if the
+/// confirmation measured on the deleted Deployment is kept (and lets the old key be revoked
+/// while the new Deployment's pods run it), or if the new Deployment is not rolled and
+/// confirmed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_workload_never_inherits_the_confirmation() {
+    let hold = Hold::default();
+    let bed = Bed::with_kubelet("kw-pa-replaced", hold.kubelet()).await;
+    let pas: Api<PolicyAgent> = bed.api();
+    let pks: Api<ProvisioningKey> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    let rss: Api<ReplicaSet> = bed.api();
+    let (kid1, kid2) = rotation_held_by_a_paused_agent(&bed, &[]).await;
+    let before = deploys.get("opa").await.expect("the Deployment");
+    let old_uid = before.uid().expect("uid");
+    assert_eq!(
+        evidence(&pas.get_status("opa-agents").await.expect("pa")).1,
+        Some(old_uid.clone())
+    );
+
+    // A copy from before the rotation: the template names the old key.
+    let mut copy: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "opa" },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app": "opa" } },
+            "template": pod_template("opa", SECRET),
+        },
+    }))
+    .expect("a valid Deployment");
+    if let Some(t) = copy.spec.as_mut().map(|s| &mut s.template) {
+        t.metadata
+            .get_or_insert_default()
+            .annotations
+            .get_or_insert_default()
+            .insert(l::KEY_ID.to_string(), kid1.clone());
+    }
+    hold.start("opa").await;
+    deploys
+        .delete("opa", &DeleteParams::default())
+        .await
+        .expect("delete the Deployment");
+    wait_for_deleted(&deploys, "opa", &old_uid, TIMEOUT)
+        .await
+        .expect("the Deployment is gone");
+    let new_uid = deploys
+        .create(&PostParams::default(), &copy)
+        .await
+        .expect("re-create the Deployment")
+        .uid()
+        .expect("uid");
+    assert_ne!(new_uid, old_uid);
+
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "drops the confirmation measured on the deleted Deployment",
+        TIMEOUT,
+        |pa| {
+            evidence(pa) == (None, None, None)
+                && pa
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.target_key_id.as_deref() == Some(kid2.as_str()))
+        },
+    )
+    .await;
+    assert_ne!(
+        pa.status.and_then(|s| s.phase).as_deref(),
+        Some("Confirmed")
+    );
+    old_key_stays_while_unconfirmed(&bed, &kid2).await;
+    let pa = pas.get_status("opa-agents").await.expect("pa");
+    assert_ne!(evidence(&pa).0, Some(kid2.clone()), "{:?}", pa.status);
+
+    hold.release();
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "confirmed on the new Deployment",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
+    .await;
+    let d = deploys.get("opa").await.expect("the Deployment");
+    assert_eq!(template_kid(&d).as_deref(), Some(kid2.as_str()), "rolled");
+    assert_eq!(
+        evidence(&pa),
+        (
+            Some(kid2.clone()),
+            Some(new_uid),
+            Some(current_hash(&rss, &d).await)
+        )
+    );
+    wait_pk(&pks, PK, "old key revoked", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+    bed.finish().await;
+}
+
+/// `opa-agents`, confirmed on the new key with `opa`, is re-pointed to Deployment `next`, whose
+/// pods started before the rotation. Fails if `confirmedKeyId` is carried over to `next`, or if
+/// `next` is not rolled and confirmed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repointed_policy_agent_does_not_carry_the_confirmation() {
+    let hold = Hold::default();
+    let bed = Bed::with_kubelet("kw-pa-repoint", hold.kubelet()).await;
+    let pas: Api<PolicyAgent> = bed.api();
+    let pks: Api<ProvisioningKey> = bed.api();
+    let deploys: Api<Deployment> = bed.api();
+    let rss: Api<ReplicaSet> = bed.api();
+    // `next` runs before the rotation: its pods hold the first key.
+    let (kid1, kid2) = rotation_held_by_a_paused_agent(&bed, &["next"]).await;
+    let next = deploys.get("next").await.expect("the Deployment");
+
+    hold.start("next").await;
+    let pa = merge(
+        &pas,
+        "opa-agents",
+        json!({ "spec": { "workloadRef": { "kind": "Deployment", "name": "next" } } }),
+    )
+    .await;
+    let generation = pa.metadata.generation;
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "the re-pointed PolicyAgent drops the confirmation",
+        TIMEOUT,
+        |pa| pa.status.as_ref().and_then(|s| s.observed_generation) == generation,
+    )
+    .await;
+    assert_eq!(evidence(&pa), (None, None, None), "{:?}", pa.status);
+    old_key_stays_while_unconfirmed(&bed, &kid2).await;
+    let pa = pas.get_status("opa-agents").await.expect("pa");
+    assert_eq!(evidence(&pa), (None, None, None), "{:?}", pa.status);
+
+    hold.release();
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "confirmed on the Deployment it names now",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
+    .await;
+    let d = deploys.get("next").await.expect("the Deployment");
+    assert_eq!(template_kid(&d).as_deref(), Some(kid2.as_str()), "rolled");
+    assert_eq!(
+        evidence(&pa),
+        (
+            Some(kid2.clone()),
+            next.uid(),
+            Some(current_hash(&rss, &d).await)
+        )
+    );
+    wait_pk(&pks, PK, "old key revoked", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
     bed.finish().await;
 }
 

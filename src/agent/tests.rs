@@ -198,9 +198,19 @@ fn pod(name: &str, kid: &str, successes: u32) -> PodObs {
         name: name.into(),
         uid: name.into(),
         kid: Some(kid.into()),
+        revision: Some("r2".into()),
         terminating: false,
+        unknown: false,
         ready: true,
         successes,
+    }
+}
+
+fn evidence(kid: &str, uid: &str, revision: &str) -> Evidence {
+    Evidence {
+        key_id: kid.into(),
+        workload_uid: uid.into(),
+        revision: revision.into(),
     }
 }
 
@@ -208,13 +218,19 @@ fn input(template: Option<&str>, pods: Vec<PodObs>) -> AgentInput {
     AgentInput {
         secret_kid: "K2".into(),
         template_kid: template.map(Into::into),
+        workload_uid: "w1".into(),
+        current_revision: Some("r2".into()),
         rollout: Rollout::Complete,
+        figures: Figures {
+            desired: i32::try_from(pods.len()).unwrap(),
+            ..Figures::default()
+        },
         pods,
         success_threshold: 2,
         rolled_at: None,
         min_roll_interval: Duration::ZERO,
         roll_slot_free: true,
-        confirmed_kid: Some("K1".into()),
+        previous: Some(evidence("K1", "w1", "r1")),
     }
 }
 
@@ -222,19 +238,29 @@ fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap()
 }
 
+fn confirmed(kid: &str) -> Decision {
+    Decision::Confirmed {
+        evidence: evidence(kid, "w1", "r2"),
+    }
+}
+
+fn waits(d: &Decision, why: &str) -> bool {
+    matches!(d, Decision::Wait { reason, .. } if *reason == why)
+}
+
 #[test]
 fn rolls_only_when_the_template_lacks_the_secret_key() {
     assert_eq!(
         decide(&input(Some("K1"), vec![]), now()),
-        AgentStep::Roll { kid: "K2".into() }
+        Decision::Roll { kid: "K2".into() }
     );
     assert_eq!(
         decide(&input(None, vec![]), now()),
-        AgentStep::Roll { kid: "K2".into() }
+        Decision::Roll { kid: "K2".into() }
     );
     // Already on the key: never roll again (operator restarts, resyncs, token refreshes).
     let i = input(Some("K2"), vec![pod("a", "K2", 2)]);
-    assert_eq!(decide(&i, now()), AgentStep::Confirmed { kid: "K2".into() });
+    assert_eq!(decide(&i, now()), confirmed("K2"));
 }
 
 #[test]
@@ -243,85 +269,287 @@ fn roll_waits_for_min_interval_and_the_cap() {
     i.rolled_at = Some(now() - chrono::Duration::seconds(10));
     i.min_roll_interval = Duration::from_secs(60);
     assert!(
-        matches!(decide(&i, now()), AgentStep::Wait { reason: reasons::ROLL_DELAYED, retry_after: Some(d), .. } if d == Duration::from_secs(50))
+        matches!(decide(&i, now()), Decision::Wait { reason: reasons::ROLL_DELAYED, retry_after: Some(d), .. } if d == Duration::from_secs(50))
     );
     let mut i = input(Some("K1"), vec![]);
     i.roll_slot_free = false;
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: reasons::ROLL_QUEUED,
-            ..
-        }
-    ));
+    assert!(waits(&decide(&i, now()), reasons::ROLL_QUEUED));
 }
 
 #[test]
 fn confirmation_needs_every_criterion() {
-    // Rollout in progress.
-    let mut i = input(Some("K2"), vec![pod("a", "K2", 5)]);
-    i.rollout = Rollout::Progressing("1 of 2".into());
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: reasons::ROLLING,
-            ..
-        }
-    ));
-    // A pod still on the old key.
-    let i = input(Some("K2"), vec![pod("a", "K2", 5), pod("b", "K1", 5)]);
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: reasons::PODS_NOT_ON_KEY,
-            ..
-        }
-    ));
-    // A terminating pod.
-    let mut old = pod("b", "K1", 0);
-    old.terminating = true;
-    let i = input(Some("K2"), vec![pod("a", "K2", 5), old]);
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: reasons::PODS_NOT_ON_KEY,
-            ..
-        }
-    ));
-    // Not enough consecutive checks.
-    let i = input(Some("K2"), vec![pod("a", "K2", 2), pod("b", "K2", 1)]);
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: reasons::CHECKS_PENDING,
-            ..
-        }
-    ));
-    // No pods at all is never a confirmation.
-    let i = input(Some("K2"), vec![]);
-    assert!(matches!(decide(&i, now()), AgentStep::Wait { .. }));
-    // Rollout-only mode: threshold 0.
-    let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
-    i.success_threshold = 0;
-    assert_eq!(decide(&i, now()), AgentStep::Confirmed { kid: "K2".into() });
-    // A paused workload whose pods all run the key is confirmed by its pods.
-    let mut i = input(Some("K2"), vec![pod("a", "K2", 5)]);
-    i.rollout = Rollout::Stalled {
-        reason: "DeploymentPaused",
-        message: "p".into(),
+    let terminating = |mut p: PodObs| {
+        p.terminating = true;
+        p
     };
-    assert_eq!(decide(&i, now()), AgentStep::Confirmed { kid: "K2".into() });
-    // Stalled kinds are reported, never waited on silently.
-    let mut i = input(Some("K2"), vec![pod("a", "K2", 5), pod("b", "K1", 5)]);
-    i.rollout = Rollout::Stalled {
-        reason: "Partitioned",
-        message: "p".into(),
+    let unknown = |mut p: PodObs| {
+        p.unknown = true;
+        p
     };
-    assert!(matches!(
-        decide(&i, now()),
-        AgentStep::Wait {
-            reason: "Partitioned",
-            ..
+    let at = |mut p: PodObs, r: &str| {
+        p.revision = Some(r.into());
+        p
+    };
+    let rollout = |mut i: AgentInput, r: Rollout| {
+        i.rollout = r;
+        i
+    };
+    let stalled = |reason| Rollout::Stalled {
+        reason,
+        message: "m".into(),
+    };
+    let cases: Vec<(&str, AgentInput, Result<&str, &str>)> = vec![
+        (
+            "rollout in progress",
+            rollout(
+                input(Some("K2"), vec![pod("a", "K2", 5)]),
+                Rollout::Progressing("1 of 2".into()),
+            ),
+            Err(reasons::ROLLING),
+        ),
+        (
+            "a pod still on the old key",
+            input(Some("K2"), vec![pod("a", "K2", 5), pod("b", "K1", 5)]),
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "a terminating pod on the old key",
+            input(
+                Some("K2"),
+                vec![pod("a", "K2", 5), terminating(pod("b", "K1", 0))],
+            ),
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "a pod in phase Unknown (even one on the new key)",
+            input(
+                Some("K2"),
+                vec![pod("a", "K2", 5), unknown(pod("b", "K2", 5))],
+            ),
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "a pod on the key but of another revision",
+            input(
+                Some("K2"),
+                vec![pod("a", "K2", 5), at(pod("b", "K2", 5), "r1")],
+            ),
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "revision unknown",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 5)]);
+                i.current_revision = None;
+                i
+            },
+            Err(reasons::REVISION_UNKNOWN),
+        ),
+        (
+            "not enough consecutive checks",
+            input(Some("K2"), vec![pod("a", "K2", 2), pod("b", "K2", 1)]),
+            Err(reasons::CHECKS_PENDING),
+        ),
+        (
+            "a pod not ready",
+            input(
+                Some("K2"),
+                vec![pod("a", "K2", 2), {
+                    let mut p = pod("b", "K2", 2);
+                    p.ready = false;
+                    p
+                }],
+            ),
+            Err(reasons::CHECKS_PENDING),
+        ),
+        (
+            "no pods while some are desired",
+            {
+                let mut i = input(Some("K2"), vec![]);
+                i.figures.desired = 2;
+                i
+            },
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "scaled to zero: no pods, none desired, rollout complete",
+            input(Some("K2"), vec![]),
+            Ok("K2"),
+        ),
+        (
+            "scaled to zero, but an old pod still terminating",
+            input(Some("K2"), vec![terminating(pod("b", "K1", 0))]),
+            Err(reasons::PODS_NOT_ON_KEY),
+        ),
+        (
+            "rollout-only mode: threshold 0",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
+                i.success_threshold = 0;
+                i
+            },
+            Ok("K2"),
+        ),
+        (
+            "a paused workload whose pods all run the key is confirmed by its pods",
+            rollout(
+                input(Some("K2"), vec![pod("a", "K2", 5)]),
+                stalled("DeploymentPaused"),
+            ),
+            Ok("K2"),
+        ),
+        (
+            "stalled kinds are reported, never waited on silently",
+            rollout(
+                input(Some("K2"), vec![pod("a", "K2", 5), pod("b", "K1", 5)]),
+                stalled("Partitioned"),
+            ),
+            Err("Partitioned"),
+        ),
+    ];
+    for (name, i, want) in cases {
+        let d = decide(&i, now());
+        match want {
+            Ok(kid) => assert_eq!(d, confirmed(kid), "{name}"),
+            Err(reason) => assert!(waits(&d, reason), "{name}: {d:?}"),
         }
-    ));
+    }
+}
+
+#[test]
+fn recorded_confirmation_stands_only_for_the_same_workload_and_revision() {
+    let with = |previous: Evidence, uid: &str, revision: Option<&str>| {
+        let mut i = input(Some("K2"), vec![]);
+        i.previous = Some(previous);
+        i.workload_uid = uid.into();
+        i.current_revision = revision.map(Into::into);
+        i
+    };
+    let e = evidence("K1", "w1", "r1");
+    let cases = [
+        (
+            "same workload, same revision",
+            with(e.clone(), "w1", Some("r1")),
+            true,
+        ),
+        (
+            "replaced under the same name (new uid)",
+            with(e.clone(), "w2", Some("r1")),
+            false,
+        ),
+        (
+            "new template revision",
+            with(e.clone(), "w1", Some("r2")),
+            false,
+        ),
+        (
+            "revision momentarily unknown (spec change not yet observed)",
+            with(e.clone(), "w1", None),
+            true,
+        ),
+        (
+            "re-pointed to another workload with the same revision name",
+            with(e.clone(), "other", Some("r1")),
+            false,
+        ),
+    ];
+    for (name, i, stands) in cases {
+        assert_eq!(i.standing() == Some(&e), stands, "{name}");
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pod_obs() -> impl Strategy<Value = PodObs> {
+        (
+            prop_oneof![Just(None), Just(Some("K1")), Just(Some("K2"))],
+            prop_oneof![Just(None), Just(Some("r1")), Just(Some("r2"))],
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u32..4,
+        )
+            .prop_map(
+                |(kid, rev, terminating, unknown, ready, successes)| PodObs {
+                    name: "p".into(),
+                    uid: "p".into(),
+                    kid: kid.map(Into::into),
+                    revision: rev.map(Into::into),
+                    terminating,
+                    unknown,
+                    ready,
+                    successes,
+                },
+            )
+    }
+
+    fn agent_input() -> impl Strategy<Value = AgentInput> {
+        (
+            prop_oneof![Just(None), Just(Some("K1")), Just(Some("K2"))],
+            prop_oneof![Just(None), Just(Some("r1")), Just(Some("r2"))],
+            prop::collection::vec(pod_obs(), 0..4),
+            0i32..3,
+            prop_oneof![
+                Just(Rollout::Complete),
+                Just(Rollout::Progressing("m".into())),
+                Just(Rollout::Stalled {
+                    reason: "DeploymentPaused",
+                    message: "m".into()
+                }),
+            ],
+            0u32..3,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(template, revision, pods, desired, rollout, threshold, slot)| AgentInput {
+                    secret_kid: "K2".into(),
+                    template_kid: template.map(Into::into),
+                    workload_uid: "w1".into(),
+                    current_revision: revision.map(Into::into),
+                    rollout,
+                    figures: Figures {
+                        desired,
+                        ..Figures::default()
+                    },
+                    pods,
+                    success_threshold: threshold,
+                    rolled_at: None,
+                    min_roll_interval: Duration::ZERO,
+                    roll_slot_free: slot,
+                    previous: None,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// A confirmation is only ever evidence of what the input shows: the template and
+        /// every pod on the Secret's key at the current revision, nothing terminating or
+        /// Unknown, every pod checked, and pods present unless none is desired.
+        #[test]
+        fn confirmation_rests_on_every_pod(input in agent_input()) {
+            match decide(&input, now()) {
+                Decision::Confirmed { evidence } => {
+                    prop_assert_eq!(input.template_kid.as_deref(), Some("K2"));
+                    prop_assert_eq!(&evidence.key_id, "K2");
+                    prop_assert_eq!(&evidence.workload_uid, "w1");
+                    prop_assert_eq!(Some(&evidence.revision), input.current_revision.as_ref());
+                    prop_assert!(input.pods.iter().all(|p| !p.terminating && !p.unknown
+                        && p.kid.as_deref() == Some("K2")
+                        && p.revision == input.current_revision
+                        && p.ready && p.successes >= input.success_threshold));
+                    prop_assert!(!input.pods.is_empty() || input.figures.desired == 0);
+                }
+                Decision::Roll { kid } => {
+                    prop_assert_eq!(kid.as_str(), "K2");
+                    prop_assert_ne!(input.template_kid.as_deref(), Some("K2"));
+                    prop_assert!(input.roll_slot_free);
+                }
+                Decision::Wait { .. } => {}
+            }
+        }
+    }
 }

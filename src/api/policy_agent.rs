@@ -223,6 +223,12 @@ pub struct AgentHistoryEntry {
     /// Pods confirmed on the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<i32>,
+    /// UID of the workload the confirmation was measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_workload_uid: Option<String>,
+    /// Template revision the confirmation was measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_revision: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -1,6 +1,7 @@
-//! PolicyAgent reconcile: observe the key Secret, the workload and its pods -> probe the pods on
-//! the current key -> decide (pure, [`crate::agent::decide`]) -> roll or record confirmation ->
-//! report status and Events.
+//! PolicyAgent reconcile, in steps: observe (fresh reads of the key, its agent Secret, the
+//! workload, its lineage and pods; connectivity checks) -> [`agent::observe::observe`] (raw
+//! objects to input, pure) -> [`agent::decide`] (pure) -> apply (the roll) ->
+//! [`agent::outcome::outcome`] (pure) -> report (status and Events, only on change).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -18,27 +21,28 @@ use serde_json::json;
 use tracing::{debug, info};
 
 use super::audit::{self, Audit, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, parse_ts, ts, ts_start};
-use crate::agent::{self, AgentInput, AgentStep, Figures, PodObs, Rollout};
+use super::{Context, Error, FIELD_MANAGER, Result, ts, ts_start};
+pub use crate::agent::check::{
+    Check, DEFAULT_PATH, DEFAULT_PERIOD, DEFAULT_SUCCESS_THRESHOLD, DEFAULT_TIMEOUT, resolve_check,
+};
+use crate::agent::observe::{self, AgentObjects, Refusal};
+use crate::agent::outcome::{self, Outcome};
+use crate::agent::{self, AgentInput, Decision, Evidence, Rollout};
 use crate::api::ProvisioningKey;
 use crate::api::conditions::{self, condition};
 use crate::api::policy_agent::{
     AgentHistoryEntry, CheckMode, CheckVia, PodCounts, PolicyAgent, PolicyAgentStatus, Scheme,
     WorkloadKind, WorkloadRollout,
 };
+use crate::controller::workloads;
 use crate::fault;
 use crate::labels as l;
+use crate::workload::{Lineage, Workload};
 
-pub const DEFAULT_PATH: &str = "/health?bundles=true";
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-pub const DEFAULT_PERIOD: Duration = Duration::from_secs(2);
-pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
 /// Probe records and roll slots older than this are dropped.
 const STALE_AFTER: Duration = Duration::from_secs(600);
 /// History entries kept in status.
 const HISTORY_LIMIT: usize = 10;
-/// How often a confirmed agent is looked at again when nothing else wakes it.
-const RECHECK: Duration = Duration::from_secs(60);
 
 /// In-memory evidence of the connectivity checks, per pod UID (a restarted pod has a new UID, so
 /// counting starts again "since it started"). Lost on restart: checks simply run again.
@@ -110,93 +114,6 @@ impl AgentState {
     }
 }
 
-/// The check settings resolved from the spec.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Check {
-    pub mode: CheckMode,
-    pub port: i32,
-    pub path: String,
-    pub scheme: Scheme,
-    pub timeout: Duration,
-    pub period: Duration,
-    pub success_threshold: u32,
-    pub via: CheckVia,
-    pub min_roll_interval: Duration,
-}
-
-fn dur(
-    field: &str,
-    v: Option<&String>,
-    default: Duration,
-) -> std::result::Result<Duration, String> {
-    match v {
-        None => Ok(default),
-        Some(s) => crate::rotation::parse_duration(s).ok_or_else(|| {
-            format!("{field}: {s:?} is not a duration (use Go syntax such as 2s or 1m)")
-        }),
-    }
-}
-
-/// Resolve and validate the PolicyAgent's spec (the operator enforces every schema rule too).
-pub fn resolve_check(pa: &PolicyAgent) -> std::result::Result<Check, String> {
-    let cc = pa.spec.connectivity_check.clone().unwrap_or_default();
-    let mode = cc.mode.unwrap_or_default();
-    let http = cc.http.clone();
-    if mode == CheckMode::Http && http.is_none() {
-        return Err(
-            "connectivityCheck.http is required unless connectivityCheck.mode is RolloutOnly"
-                .into(),
-        );
-    }
-    let http = http.unwrap_or_default();
-    if mode == CheckMode::Http && !(1..=65535).contains(&http.port) {
-        return Err(format!(
-            "connectivityCheck.http.port: {} is not a port",
-            http.port
-        ));
-    }
-    let path = http
-        .path
-        .clone()
-        .unwrap_or_else(|| DEFAULT_PATH.to_string());
-    if !path.starts_with('/') {
-        return Err("connectivityCheck.http.path must start with /".into());
-    }
-    let threshold = http
-        .success_threshold
-        .map_or(DEFAULT_SUCCESS_THRESHOLD, |t| {
-            u32::try_from(t.clamp(1, 100)).unwrap_or(1)
-        });
-    let rollout = pa.spec.rollout.clone().unwrap_or_default();
-    Ok(Check {
-        mode,
-        port: http.port,
-        path,
-        scheme: http.scheme.unwrap_or_default(),
-        timeout: dur(
-            "connectivityCheck.http.timeout",
-            http.timeout.as_ref(),
-            DEFAULT_TIMEOUT,
-        )?,
-        period: dur(
-            "connectivityCheck.http.period",
-            http.period.as_ref(),
-            DEFAULT_PERIOD,
-        )?,
-        success_threshold: if mode == CheckMode::RolloutOnly {
-            0
-        } else {
-            threshold
-        },
-        via: http.via.unwrap_or_default(),
-        min_roll_interval: dur(
-            "rollout.minInterval",
-            rollout.min_interval.as_ref(),
-            Duration::ZERO,
-        )?,
-    })
-}
-
 /// The API server's pods-proxy path for a check (`via: ApiServerProxy`).
 pub fn proxy_path(namespace: &str, pod: &str, scheme: Scheme, port: i32, path: &str) -> String {
     let prefix = match scheme {
@@ -247,103 +164,6 @@ async fn probe(ctx: &Context, ns: &str, pod: &Pod, check: &Check) -> bool {
     }
 }
 
-/// The workload as the decision needs it.
-struct Workload {
-    template_kid: Option<String>,
-    rolled_at: Option<DateTime<Utc>>,
-    selector: Option<LabelSelector>,
-    rollout: Rollout,
-    figures: Figures,
-}
-
-/// Reads a workload of kind `K`; `parts` gives its pod template, selector and rollout judgement.
-async fn fetch<K>(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    parts: impl Fn(&K) -> (PodTemplateSpec, LabelSelector, (Rollout, Figures)),
-) -> Result<Option<Workload>>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    <K as Resource>::DynamicType: Default,
-{
-    Ok(Api::<K>::namespaced(ctx.client.clone(), ns)
-        .get_opt(name)
-        .await?
-        .map(|w| {
-            let (template, selector, (rollout, figures)) = parts(&w);
-            Workload {
-                template_kid: template
-                    .metadata
-                    .and_then(|m| m.annotations)
-                    .and_then(|a| a.get(l::KEY_ID).cloned()),
-                rolled_at: w.annotations().get(l::ROLLED_AT).and_then(|s| parse_ts(s)),
-                selector: Some(selector),
-                rollout,
-                figures,
-            }
-        }))
-}
-
-async fn get_workload(
-    ctx: &Context,
-    ns: &str,
-    kind: WorkloadKind,
-    name: &str,
-) -> Result<Option<Workload>> {
-    match kind {
-        WorkloadKind::Deployment => {
-            fetch(ctx, ns, name, |d: &Deployment| {
-                let spec = d.spec.clone().unwrap_or_default();
-                (spec.template, spec.selector, agent::deployment(d))
-            })
-            .await
-        }
-        WorkloadKind::StatefulSet => {
-            fetch(ctx, ns, name, |s: &StatefulSet| {
-                let spec = s.spec.clone().unwrap_or_default();
-                (spec.template, spec.selector, agent::stateful_set(s))
-            })
-            .await
-        }
-        WorkloadKind::DaemonSet => {
-            fetch(ctx, ns, name, |d: &DaemonSet| {
-                let spec = d.spec.clone().unwrap_or_default();
-                (spec.template, spec.selector, agent::daemon_set(d))
-            })
-            .await
-        }
-    }
-}
-
-fn selector_string(sel: &LabelSelector) -> Option<String> {
-    let mut parts: Vec<String> = sel
-        .match_labels
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in sel.match_expressions.clone().unwrap_or_default() {
-        let values = e.values.unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            "DoesNotExist" => format!("!{}", e.key),
-            _ => return None,
-        });
-    }
-    if parts.is_empty() {
-        None
-    } else {
-        Some(parts.join(","))
-    }
-}
-
 /// Rolls the workload: writes the key id into the pod template (pods restart and read the new
 /// Secret) and records when, on the workload's own metadata. Only Keyward's keys are touched.
 async fn roll(
@@ -373,41 +193,113 @@ async fn roll(
     Ok(())
 }
 
-/// What the reconcile found, for status.
-struct Outcome {
-    phase: &'static str,
-    ready: (bool, &'static str, String),
-    connected: (bool, &'static str, String),
-    confirmed: Option<String>,
-    target: Option<String>,
-    rolled_at: Option<DateTime<Utc>>,
-    counts: Option<agent::Counts>,
-    figures: Option<(Figures, bool)>,
-    /// This reconcile rolled the workload.
-    rolled_now: bool,
-}
-
-impl Outcome {
-    fn not_ready(phase: &'static str, reason: &'static str, message: String) -> Self {
-        Outcome {
-            phase,
-            ready: (false, reason, message.clone()),
-            connected: (false, reason, message),
-            confirmed: None,
-            target: None,
-            rolled_at: None,
-            counts: None,
-            figures: None,
-            rolled_now: false,
-        }
-    }
-}
-
 fn workload_key(ns: &str, pa: &PolicyAgent) -> String {
     format!(
         "{ns}/{}/{}",
         pa.spec.workload_ref.kind, pa.spec.workload_ref.name
     )
+}
+
+/// What the observe step read, fresh from the API server. Reads stop at the first missing
+/// reference or at a lost claim: the decision needs nothing more then.
+#[derive(Default)]
+struct Reads {
+    agents: Vec<PolicyAgent>,
+    pk: Option<ProvisioningKey>,
+    agent_secret: Option<Secret>,
+    workload: Option<Workload>,
+    replica_sets: Vec<ReplicaSet>,
+    revisions: Vec<ControllerRevision>,
+    pods: Vec<Pod>,
+}
+
+impl Reads {
+    fn objects<'a>(&'a self, pa: &'a PolicyAgent, roll_slot_free: bool) -> AgentObjects<'a> {
+        AgentObjects {
+            pa,
+            agents: &self.agents,
+            pk: self.pk.as_ref(),
+            agent_secret: self.agent_secret.as_ref(),
+            workload: self.workload.as_ref(),
+            lineage: Lineage {
+                replica_sets: &self.replica_sets,
+                revisions: &self.revisions,
+            },
+            pods: &self.pods,
+            roll_slot_free,
+        }
+    }
+
+    /// The key id the agent Secret carries, if it is the ProvisioningKey's.
+    fn secret_kid(&self) -> Option<String> {
+        observe::secret_kid(self.pk.as_ref()?, self.agent_secret.as_ref()?)
+    }
+}
+
+/// Reads everything the decision needs, each with a GET or LIST (never a watch cache): the
+/// PolicyAgents of the namespace (claims), the ProvisioningKey and its agent Secret (the key id
+/// is read from the Secret itself, never from ProvisioningKey status), the workload, then its
+/// lineage and its pods (see [`workloads`] for why this order is safe).
+async fn read(ctx: &Context, ns: &str, pa: &PolicyAgent) -> Result<Reads> {
+    let mut reads = Reads {
+        agents: Api::<PolicyAgent>::namespaced(ctx.client.clone(), ns)
+            .list(&ListParams::default())
+            .await?
+            .items,
+        ..Reads::default()
+    };
+    if observe::claimant(pa, &reads.agents).is_some() {
+        return Ok(reads);
+    }
+    reads.pk = Api::<ProvisioningKey>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&pa.spec.provisioning_key_ref.name)
+        .await?;
+    let Some(pk) = reads.pk.as_ref() else {
+        return Ok(reads);
+    };
+    reads.agent_secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&pk.secret_name())
+        .await?;
+    let wl = &pa.spec.workload_ref;
+    reads.workload = workloads::fetch(&ctx.client, ns, wl.kind, &wl.name).await?;
+    let Some(w) = reads.workload.as_ref() else {
+        return Ok(reads);
+    };
+    let (replica_sets, revisions) = workloads::lineage(&ctx.client, ns, w).await?;
+    let lineage = Lineage {
+        replica_sets: &replica_sets,
+        revisions: &revisions,
+    };
+    reads.pods = workloads::pods(&ctx.client, ns, w, lineage).await?;
+    reads.replica_sets = replica_sets;
+    reads.revisions = revisions;
+    Ok(reads)
+}
+
+/// Checks the pods that are due (at most once per period each) and refreshes the input's
+/// success counts from the recorded evidence.
+async fn check_pods(ctx: &Context, ns: &str, reads: &Reads, input: &mut AgentInput, check: &Check) {
+    if check.mode == CheckMode::Http {
+        let due: Vec<&Pod> = agent::probe_targets(input)
+            .into_iter()
+            .filter(|p| ctx.agents.due(&p.uid, check.period))
+            .filter_map(|p| {
+                reads
+                    .pods
+                    .iter()
+                    .find(|pod| pod.uid().as_deref() == Some(&p.uid))
+            })
+            .collect();
+        let results = join_all(due.iter().map(|p| probe(ctx, ns, p, check))).await;
+        for (p, ok) in due.iter().zip(results) {
+            ctx.agents
+                .record(&p.uid().unwrap_or_default(), &input.secret_kid, ok);
+        }
+    }
+    ctx.agents.forget_stale();
+    for p in &mut input.pods {
+        p.successes = ctx.agents.successes(&p.uid, &input.secret_kid);
+    }
 }
 
 /// The reconcile entry point.
@@ -418,304 +310,273 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     }
     let now = ctx.now();
     let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
-    // The status as the API server has it now: the watch cache may not show our last write yet,
-    // and comparing against a stale copy would re-send an identical status.
-    let fresh = Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
+    // The PolicyAgent as the API server has it now: the watch cache may not show our last status
+    // write yet (comparing against a stale copy would re-send an identical status), nor the
+    // latest spec (a re-pointed workloadRef must never be judged by the old one).
+    let pa = Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
         .get_status(&pa.name_any())
         .await?;
-    let mut pa = (*pa).clone();
-    pa.status = fresh.status;
+    if pa.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let previous = pa.status.clone().unwrap_or_default();
-    let (outcome, requeue) = evaluate(&ctx, &pa, &ns, &previous, now).await?;
-    report(&ctx, &pa, &previous, outcome, now).await?;
-    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+
+    let (input, outcome) = match evaluate(&ctx, &pa, &ns, now).await? {
+        Ok((input, decision, check)) => {
+            let o = outcome::outcome(&input, &decision, check.period, now);
+            // Apply: the only write besides status and Events.
+            if let Decision::Roll { kid } = &decision {
+                roll(&ctx, &ns, &pa, kid, now).await?;
+                ctx.agents.set_rolling(&workload_key(&ns, &pa), true);
+                fault::after("roll");
+                info!(pa = %pa.name_any(), workload = %pa.spec.workload_ref.name, kid = %kid, "rolled workload");
+            }
+            (Some(input), o)
+        }
+        Err(refusal) => (None, outcome::refused(&refusal)),
+    };
+    report(&ctx, &pa, &previous, input.as_ref(), &outcome, now).await?;
+    Ok(outcome
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
 }
 
+/// Observe and decide: the reads, the checks, the pure mapping and the pure decision.
 async fn evaluate(
     ctx: &Context,
     pa: &PolicyAgent,
     ns: &str,
-    previous: &PolicyAgentStatus,
     now: DateTime<Utc>,
-) -> Result<(Outcome, Option<Duration>)> {
-    let retry = Some(Duration::from_secs(10));
+) -> Result<std::result::Result<(AgentInput, Decision, Check), Refusal>> {
     let check = match resolve_check(pa) {
         Ok(c) => c,
-        Err(m) => return Ok((Outcome::not_ready("Invalid", "InvalidSpec", m), None)),
+        Err(m) => return Ok(Err(Refusal::InvalidSpec(m))),
     };
-    // One PolicyAgent per workload: the oldest claim wins.
-    let others = Api::<PolicyAgent>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default())
-        .await?;
-    let me = (
-        pa.meta().creation_timestamp.clone().map(|t| t.0),
-        pa.name_any(),
-    );
-    if let Some(owner) = others.items.iter().find(|o| {
-        o.name_any() != pa.name_any()
-            && o.spec.workload_ref == pa.spec.workload_ref
-            && (
-                o.meta().creation_timestamp.clone().map(|t| t.0),
-                o.name_any(),
-            ) < me
-    }) {
-        return Ok((
-            Outcome::not_ready(
-                "Invalid",
-                "WorkloadClaimed",
-                format!(
-                    "{} {} is already managed by PolicyAgent {}",
-                    pa.spec.workload_ref.kind,
-                    pa.spec.workload_ref.name,
-                    owner.name_any()
-                ),
-            ),
-            // Nothing wakes this PolicyAgent when the owner goes away: look again.
-            retry,
-        ));
-    }
-    let pk_name = &pa.spec.provisioning_key_ref.name;
-    let Some(pk) = Api::<ProvisioningKey>::namespaced(ctx.client.clone(), ns)
-        .get_opt(pk_name)
-        .await?
-    else {
-        return Ok((
-            Outcome::not_ready(
-                "Pending",
-                "ProvisioningKeyNotFound",
-                format!("ProvisioningKey {pk_name} not found in namespace {ns}"),
-            ),
-            retry,
-        ));
-    };
-    // The key id is read from the agent Secret itself, never from ProvisioningKey status.
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-        .get_opt(&pk.secret_name())
-        .await?;
-    let pk_uid = pk.meta().uid.clone().unwrap_or_default();
-    let secret_kid = secret
-        .filter(|s| {
-            s.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == pk_uid)
-        })
-        .and_then(|s| {
-            s.data.and_then(|d| {
-                d.get(l::DATA_KEY_ID)
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            })
-        });
-    let Some(secret_kid) = secret_kid else {
-        return Ok((
-            Outcome::not_ready(
-                "Pending",
-                "KeyNotHandedOut",
-                format!(
-                    "Secret {} of ProvisioningKey {pk_name} does not carry a key yet",
-                    pk.secret_name()
-                ),
-            ),
-            retry,
-        ));
-    };
-    let wl = &pa.spec.workload_ref;
-    let Some(workload) = get_workload(ctx, ns, wl.kind, &wl.name).await? else {
-        return Ok((
-            Outcome::not_ready(
-                "Pending",
-                "WorkloadNotFound",
-                format!("{} {} not found in namespace {ns}", wl.kind, wl.name),
-            ),
-            retry,
-        ));
-    };
-
-    // Pods of the workload.
-    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-    let pods: Vec<Pod> = match workload.selector.as_ref().and_then(selector_string) {
-        Some(sel) => {
-            pods_api
-                .list(&ListParams::default().labels(&sel))
-                .await?
-                .items
-        }
-        None => Vec::new(),
-    };
-    // Probe the running, ready pods that carry the Secret's key, at most once per period.
-    let on_key: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| p.meta().deletion_timestamp.is_none())
-        .filter(|p| {
-            agent::pod_kid(p.meta().annotations.as_ref()).as_deref() == Some(secret_kid.as_str())
-        })
-        .filter(|p| pod_ready(p))
-        .collect();
-    if check.mode == CheckMode::Http
-        && workload.template_kid.as_deref() == Some(secret_kid.as_str())
-    {
-        let due: Vec<&&Pod> = on_key
-            .iter()
-            .filter(|p| ctx.agents.due(&p.uid().unwrap_or_default(), check.period))
-            .collect();
-        let results = join_all(due.iter().map(|p| probe(ctx, ns, p, &check))).await;
-        for (p, ok) in due.iter().zip(results) {
-            ctx.agents
-                .record(&p.uid().unwrap_or_default(), &secret_kid, ok);
-        }
-    }
-    ctx.agents.forget_stale();
-    let pod_obs: Vec<PodObs> = pods
-        .iter()
-        .map(|p| {
-            let uid = p.uid().unwrap_or_default();
-            PodObs {
-                name: p.name_any(),
-                successes: ctx.agents.successes(&uid, &secret_kid),
-                uid,
-                kid: agent::pod_kid(p.meta().annotations.as_ref()),
-                terminating: p.meta().deletion_timestamp.is_some(),
-                ready: pod_ready(p),
-            }
-        })
-        .collect();
+    let reads = read(ctx, ns, pa).await?;
+    // A rollout complete on the Secret's key gives its roll slot back.
     let key = workload_key(ns, pa);
-    let complete = workload.rollout == Rollout::Complete;
-    if complete && workload.template_kid.as_deref() == Some(secret_kid.as_str()) {
+    let secret_kid = reads.secret_kid();
+    if let Some(w) = reads.workload.as_ref()
+        && secret_kid.is_some()
+        && w.template_kid() == secret_kid
+        && w.rollout().0 == Rollout::Complete
+    {
         ctx.agents.set_rolling(&key, false);
     }
-    let input = AgentInput {
-        secret_kid: secret_kid.clone(),
-        template_kid: workload.template_kid.clone(),
-        rollout: workload.rollout.clone(),
-        pods: pod_obs,
-        success_threshold: check.success_threshold,
-        rolled_at: workload.rolled_at,
-        min_roll_interval: check.min_roll_interval,
-        roll_slot_free: ctx.agents.slot_free(&key, ctx.config.max_concurrent_rolls),
-        confirmed_kid: previous.confirmed_key_id.clone(),
+    let slot_free = ctx.agents.slot_free(&key, ctx.config.max_concurrent_rolls);
+    let successes = |uid: &str, kid: &str| ctx.agents.successes(uid, kid);
+    let mut input = match observe::observe(&reads.objects(pa, slot_free), &successes, &check) {
+        Ok(input) => input,
+        Err(refusal) => return Ok(Err(refusal)),
     };
-    let counts = agent::counts(&input);
-    let step = agent::decide(&input, now);
-    let figures = Some((workload.figures.clone(), complete));
-    let confirmed_prev = previous.confirmed_key_id.clone();
-    let out = |phase,
-               ready: (bool, &'static str, String),
-               connected: (bool, &'static str, String),
-               confirmed: Option<String>,
-               rolled_at| Outcome {
-        phase,
-        ready,
-        connected,
-        confirmed,
-        target: Some(secret_kid.clone()),
-        rolled_at,
-        counts: Some(counts.clone()),
-        figures: figures.clone(),
-        rolled_now: false,
+    check_pods(ctx, ns, &reads, &mut input, &check).await;
+    let decision = agent::decide(&input, now);
+    Ok(Ok((input, decision, check)))
+}
+
+/// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
+fn history(
+    previous: &PolicyAgentStatus,
+    o: &Outcome,
+    newly: Option<&Evidence>,
+    now: DateTime<Utc>,
+) -> Vec<AgentHistoryEntry> {
+    let mut h = previous.history.clone();
+    if let Some((_, kid)) = o.rolled.as_ref() {
+        h.insert(
+            0,
+            AgentHistoryEntry {
+                kid: kid.clone(),
+                rolled_at: Some(ts_start(now)),
+                ..Default::default()
+            },
+        );
+    }
+    if let Some(e) = newly {
+        let pods = o.counts.as_ref().map(|c| c.confirmed);
+        let confirmed = |entry: &mut AgentHistoryEntry| {
+            entry.confirmed_at = Some(ts(now));
+            entry.confirmed_workload_uid = Some(e.workload_uid.clone());
+            entry.confirmed_revision = Some(e.revision.clone());
+            entry.pods = pods;
+        };
+        match h
+            .iter_mut()
+            .find(|entry| entry.kid == e.key_id && entry.confirmed_at.is_none())
+        {
+            Some(entry) => confirmed(entry),
+            None => {
+                let mut entry = AgentHistoryEntry {
+                    kid: e.key_id.clone(),
+                    ..Default::default()
+                };
+                confirmed(&mut entry);
+                h.insert(0, entry);
+            }
+        }
+    }
+    h.truncate(HISTORY_LIMIT);
+    h
+}
+
+/// The status to write: only what changed moves (conditions keep `lastTransitionTime`,
+/// `confirmedAt` stays while the confirmation stands), so a settled PolicyAgent writes nothing.
+fn status(
+    pa: &PolicyAgent,
+    previous: &PolicyAgentStatus,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> PolicyAgentStatus {
+    let generation = pa.meta().generation;
+    let now_t = Time(
+        k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    );
+    let recorded = observe::recorded(Some(previous));
+    let newly = outcome::newly_confirmed(recorded.as_ref(), o);
+    let confirmed_at = if newly.is_some() {
+        Some(ts(now))
+    } else {
+        previous
+            .confirmed_at
+            .clone()
+            .filter(|_| o.evidence.is_some())
     };
-    Ok(match step {
-        AgentStep::Roll { kid } => {
-            let old = workload
-                .template_kid
-                .clone()
-                .unwrap_or_else(|| "none".into());
-            roll(ctx, ns, pa, &kid, now).await?;
-            ctx.agents.set_rolling(&key, true);
-            fault::after("roll");
-            audit::record(
-                ctx,
-                &pa.object_ref(&()),
-                Audit {
-                    warning: false,
-                    reason: reason::ROLLOUT_TRIGGERED,
-                    action: "Roll",
-                    note: format!(
-                        "rolled {} {} from key {old} to key {kid} ({} pods, {} desired)",
-                        wl.kind, wl.name, counts.total, workload.figures.desired
-                    ),
-                    related: Some(key_ref(ctx, ns, pa, Some(&kid)).await),
-                },
-            )
-            .await;
-            info!(pa = %pa.name_any(), workload = %wl.name, kid = %kid, "rolled workload");
-            let mut o = out(
-                "Rolling",
-                (
-                    confirmed_prev.is_some(),
-                    "RolloutTriggered",
-                    format!("rolling to key {kid}"),
+    let cond = |type_: &str, c: &outcome::Cond| {
+        condition(
+            &previous.conditions,
+            type_,
+            c.status,
+            c.reason,
+            c.message.clone(),
+            generation,
+            now_t.clone(),
+        )
+    };
+    PolicyAgentStatus {
+        phase: Some(o.phase.as_str().to_string()),
+        confirmed_key_id: o.evidence.as_ref().map(|e| e.key_id.clone()),
+        confirmed_at,
+        confirmed_workload_uid: o.evidence.as_ref().map(|e| e.workload_uid.clone()),
+        confirmed_revision: o.evidence.as_ref().map(|e| e.revision.clone()),
+        target_key_id: o.target.clone(),
+        rolled_at: o.rolled_at.map(ts_start),
+        pods: o.counts.as_ref().map(|c| PodCounts {
+            total: c.total,
+            on_current_key: c.on_key,
+            confirmed: c.confirmed,
+        }),
+        workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
+            desired: f.desired,
+            updated: f.updated,
+            ready: f.ready,
+            available: f.available,
+            complete: *complete,
+        }),
+        observed_generation: generation,
+        history: history(previous, o, newly.as_ref(), now),
+        conditions: vec![
+            cond(conditions::READY, &o.ready),
+            cond(conditions::CONNECTED, &o.connected),
+        ],
+    }
+}
+
+/// Writes the status when it changed, then records the Events of this reconcile's transitions:
+/// the roll, a new confirmation, a new reason the user must act on.
+async fn report(
+    ctx: &Context,
+    pa: &PolicyAgent,
+    previous: &PolicyAgentStatus,
+    input: Option<&AgentInput>,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
+    let regarding = pa.object_ref(&());
+    let wl = &pa.spec.workload_ref;
+    let counts = o.counts.clone().unwrap_or_default();
+    if let Some((from, to)) = o.rolled.as_ref() {
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: false,
+                reason: reason::ROLLOUT_TRIGGERED,
+                action: "Roll",
+                note: format!(
+                    "rolled {} {} from key {} to key {to} ({} pods, {} desired)",
+                    wl.kind,
+                    wl.name,
+                    from.as_deref().unwrap_or("none"),
+                    counts.total,
+                    input.map_or(0, |i| i.figures.desired)
                 ),
-                (false, "RolloutTriggered", format!("rolling to key {kid}")),
-                confirmed_prev.clone(),
-                Some(now),
-            );
-            o.rolled_now = true;
-            (o, Some(Duration::from_secs(1)))
-        }
-        AgentStep::Wait {
-            reason: r,
-            message,
-            retry_after,
-        } => {
-            let phase = match r {
-                "DeploymentPaused"
-                | "OnDeleteStrategy"
-                | "Partitioned"
-                | "ProgressDeadlineExceeded" => "Stalled",
-                agent::reasons::ROLL_DELAYED | agent::reasons::ROLL_QUEUED => "Pending",
-                agent::reasons::ROLLING => "Rolling",
-                _ => "Confirming",
-            };
-            let on_current = confirmed_prev.as_deref() == Some(secret_kid.as_str());
-            let retry = retry_after.or(Some(check.period));
-            (
-                out(
-                    phase,
-                    (
-                        on_current,
-                        if on_current {
-                            agent::reasons::CONFIRMED
-                        } else {
-                            r
-                        },
-                        if on_current {
-                            format!("confirmed on key {secret_kid}")
-                        } else {
-                            message.clone()
-                        },
-                    ),
-                    (false, r, message),
-                    confirmed_prev.clone(),
-                    // Only a roll to the Secret's key counts (confirmationTimeout runs from it).
-                    workload
-                        .rolled_at
-                        .filter(|_| workload.template_kid.as_deref() == Some(secret_kid.as_str())),
+                related: Some(key_ref(ctx, &ns, pa, Some(to)).await),
+            },
+        )
+        .await;
+    }
+    let status = status(pa, previous, o, now);
+    if pa.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let body =
+        json!({ "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent", "status": status });
+    Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &pa.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    if let Some(e) = outcome::newly_confirmed(observe::recorded(Some(previous)).as_ref(), o) {
+        fault::after("confirm");
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: false,
+                reason: reason::AGENT_CONFIRMED,
+                action: "Confirm",
+                note: format!(
+                    "{} {}: all {} pods at revision {} confirmed on key {} ({})",
+                    wl.kind,
+                    wl.name,
+                    counts.total,
+                    e.revision,
+                    e.key_id,
+                    match input.map(|i| i.success_threshold) {
+                        Some(0) => "rollout only".to_string(),
+                        Some(n) => format!("{n} consecutive checks each"),
+                        None => String::new(),
+                    }
                 ),
-                retry,
-            )
-        }
-        AgentStep::Confirmed { kid } => (
-            out(
-                "Confirmed",
-                (
-                    true,
-                    agent::reasons::CONFIRMED,
-                    format!("every pod is confirmed on key {kid}"),
-                ),
-                (
-                    true,
-                    agent::reasons::CONFIRMED,
-                    format!(
-                        "{} of {} pods connect with key {kid}",
-                        counts.confirmed, counts.total
-                    ),
-                ),
-                Some(kid),
-                workload.rolled_at,
-            ),
-            Some(RECHECK),
-        ),
-    })
+                related: Some(key_ref(ctx, &ns, pa, Some(&e.key_id)).await),
+            },
+        )
+        .await;
+    }
+    let was = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map(|c| c.reason.as_str());
+    if outcome::warning_due(was, o) {
+        audit::record(
+            ctx,
+            &regarding,
+            Audit {
+                warning: true,
+                reason: o.ready.reason,
+                action: "Reconcile",
+                note: o.ready.message.clone(),
+                related: Some(workload_ref(pa, &ns)),
+            },
+        )
+        .await;
+    }
+    Ok(())
 }
 
 /// The related object of an Event about key `kid`: the key's own Secret, so that kube's Recorder
@@ -758,13 +619,6 @@ async fn key_ref(
     }
 }
 
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::ObjectReference {
     k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some("apps/v1".into()),
@@ -773,188 +627,6 @@ fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::Objec
         name: Some(pa.spec.workload_ref.name.clone()),
         ..Default::default()
     }
-}
-
-/// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
-fn history(
-    previous: &PolicyAgentStatus,
-    o: &Outcome,
-    now: DateTime<Utc>,
-) -> Vec<AgentHistoryEntry> {
-    let mut h = previous.history.clone();
-    if let Some(kid) = o.target.as_ref().filter(|_| o.rolled_now) {
-        h.insert(
-            0,
-            AgentHistoryEntry {
-                kid: kid.clone(),
-                rolled_at: Some(ts_start(now)),
-                ..Default::default()
-            },
-        );
-    }
-    if let Some(kid) = o
-        .confirmed
-        .as_ref()
-        .filter(|k| previous.confirmed_key_id.as_ref() != Some(*k))
-    {
-        let pods = o.counts.as_ref().map(|c| c.confirmed);
-        match h
-            .iter_mut()
-            .find(|e| &e.kid == kid && e.confirmed_at.is_none())
-        {
-            Some(e) => {
-                e.confirmed_at = Some(ts(now));
-                e.pods = pods;
-            }
-            None => h.insert(
-                0,
-                AgentHistoryEntry {
-                    kid: kid.clone(),
-                    rolled_at: None,
-                    confirmed_at: Some(ts(now)),
-                    pods,
-                },
-            ),
-        }
-    }
-    h.truncate(HISTORY_LIMIT);
-    h
-}
-
-async fn report(
-    ctx: &Context,
-    pa: &PolicyAgent,
-    previous: &PolicyAgentStatus,
-    o: Outcome,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let generation = pa.meta().generation;
-    let now_t = Time(
-        k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
-            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-    );
-    let newly_confirmed = o.confirmed.is_some() && o.confirmed != previous.confirmed_key_id;
-    let confirmed_at = if newly_confirmed {
-        Some(ts(now))
-    } else {
-        previous
-            .confirmed_at
-            .clone()
-            .filter(|_| o.confirmed.is_some())
-    };
-    let status = PolicyAgentStatus {
-        phase: Some(o.phase.to_string()),
-        confirmed_key_id: o.confirmed.clone(),
-        confirmed_at,
-        confirmed_workload_uid: None,
-        confirmed_revision: None,
-        target_key_id: o.target.clone(),
-        rolled_at: o.rolled_at.map(ts_start),
-        pods: o.counts.as_ref().map(|c| PodCounts {
-            total: c.total,
-            on_current_key: c.on_key,
-            confirmed: c.confirmed,
-        }),
-        workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
-            desired: f.desired,
-            updated: f.updated,
-            ready: f.ready,
-            available: f.available,
-            complete: *complete,
-        }),
-        observed_generation: generation,
-        history: history(previous, &o, now),
-        conditions: vec![
-            condition(
-                &previous.conditions,
-                conditions::READY,
-                o.ready.0,
-                o.ready.1,
-                o.ready.2.clone(),
-                generation,
-                now_t.clone(),
-            ),
-            condition(
-                &previous.conditions,
-                conditions::CONNECTED,
-                o.connected.0,
-                o.connected.1,
-                o.connected.2.clone(),
-                generation,
-                now_t,
-            ),
-        ],
-    };
-    if pa.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let ns = pa.namespace().ok_or(Error::MissingObjectKey)?;
-    let body =
-        json!({ "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent", "status": status });
-    Api::<PolicyAgent>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &pa.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    let regarding = pa.object_ref(&());
-    if newly_confirmed {
-        fault::after("confirm");
-        let c = o.counts.clone().unwrap_or_default();
-        audit::record(
-            ctx,
-            &regarding,
-            Audit {
-                warning: false,
-                reason: reason::AGENT_CONFIRMED,
-                action: "Confirm",
-                note: format!(
-                    "{} {}: all {} pods confirmed on key {} ({})",
-                    pa.spec.workload_ref.kind,
-                    pa.spec.workload_ref.name,
-                    c.total,
-                    o.confirmed.clone().unwrap_or_default(),
-                    match resolve_check(pa).map(|c| c.success_threshold) {
-                        Ok(0) => "rollout only".to_string(),
-                        Ok(n) => format!("{n} consecutive checks each"),
-                        Err(_) => String::new(),
-                    }
-                ),
-                related: Some(key_ref(ctx, &ns, pa, o.confirmed.as_deref()).await),
-            },
-        )
-        .await;
-    }
-    let was = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == conditions::READY)
-        .map(|c| c.reason.clone());
-    let warn = matches!(
-        o.ready.1,
-        "InvalidSpec"
-            | "WorkloadClaimed"
-            | "DeploymentPaused"
-            | "OnDeleteStrategy"
-            | "Partitioned"
-            | "ProgressDeadlineExceeded"
-    );
-    if warn && !o.ready.0 && was.as_deref() != Some(o.ready.1) {
-        audit::record(
-            ctx,
-            &regarding,
-            Audit {
-                warning: true,
-                reason: o.ready.1,
-                action: "Reconcile",
-                note: o.ready.2.clone(),
-                related: Some(workload_ref(pa, &ns)),
-            },
-        )
-        .await;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1035,25 +707,5 @@ mod tests {
         };
         assert!(probe(&ctx, "agents", &pod, &check).await);
         server.await.unwrap();
-    }
-
-    #[test]
-    fn check_spec_validation() {
-        let mut pa = PolicyAgent::new("a", Default::default());
-        assert!(resolve_check(&pa).unwrap_err().contains("http is required"));
-        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
-            mode: Some(CheckMode::RolloutOnly),
-            http: None,
-        });
-        assert_eq!(resolve_check(&pa).unwrap().success_threshold, 0);
-        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
-            mode: None,
-            http: Some(crate::api::policy_agent::HttpCheck {
-                port: 8181,
-                timeout: Some("2 seconds".into()),
-                ..Default::default()
-            }),
-        });
-        assert!(resolve_check(&pa).unwrap_err().contains("timeout"));
     }
 }
