@@ -467,3 +467,34 @@ fn schemas_are_structural() {
         assert!(problems.is_empty(), "{name}: {problems:#?}");
     }
 }
+
+/// `secretName` and `trustBundle.configMapName` cannot change on a live key: the operator
+/// refuses it on every version (and keeps serving the recorded names); from 1.25 the API server
+/// rejects it too.
+#[test]
+fn changed_names_are_rejected() {
+    let crd = pk_crd();
+    let validator = Validator::new();
+    let base = as_json(&pk(ProvisioningKeySpec::default()));
+    let with = |secret: &str, bundle: &str| {
+        let mut o = base.clone();
+        o["spec"]["secretName"] = json!(secret);
+        o["spec"]["trustBundle"] = json!({ "configMapName": bundle });
+        o
+    };
+    validator
+        .validate(schema(&crd), &with("a", "b"), Some(&with("a", "b")))
+        .expect("unchanged names pass");
+    for (new, message) in [
+        (with("other", "b"), "secretName is immutable"),
+        (with("a", "other"), "configMapName is immutable"),
+    ] {
+        let errors = validator
+            .validate(schema(&crd), &new, Some(&with("a", "b")))
+            .expect_err("a changed name must be rejected");
+        assert!(
+            errors.iter().any(|e| e.message == message),
+            "{message}: {errors}"
+        );
+    }
+}

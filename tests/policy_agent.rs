@@ -1379,6 +1379,22 @@ async fn repointed_policy_agent_does_not_carry_the_confirmation() {
             Some(current_hash(&rss, &d).await)
         )
     );
+    // `opa`, which the PolicyAgent no longer names, still runs and mounts the agent Secret: its
+    // pods are consumers no PolicyAgent covers, so the old key waits the time fallback (one
+    // token lifetime here) instead of being revoked on the PolicyAgents' word alone.
+    let pk = wait_pk(&pks, PK, "uncovered consumers reported", |pk| {
+        pk.status
+            .as_ref()
+            .and_then(|s| s.uncovered_consumers.as_ref())
+            .is_some_and(|u| u.workloads == vec!["Deployment/opa".to_string()])
+    })
+    .await;
+    assert!(
+        !rotated_to(&pk, &kid2, &[&kid1]),
+        "revoked with uncovered consumers"
+    );
+    // Once `opa` is gone, the evidence of the PolicyAgents suffices.
+    merge(&deploys, "opa", json!({ "spec": { "replicas": 0 } })).await;
     wait_pk(&pks, PK, "old key revoked", |pk| {
         rotated_to(pk, &kid2, &[&kid1])
     })
@@ -1467,5 +1483,74 @@ async fn uncovered_consumers_keep_the_old_key_until_its_last_token_expired() {
         n.contains("Deployment/other")
     })
     .await;
+    bed.finish().await;
+}
+
+/// A PolicyAgent deleted mid-rotation: its workload's pods, still on the old key (their
+/// rollout is held back), become consumers that no PolicyAgent covers. The old key must then
+/// wait the time fallback (the last token it signed expired), not be revoked at once because no
+/// PolicyAgent references the key any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_agent_deleted_mid_rotation_leaves_its_pods_covered_by_the_time_fallback() {
+    let hold = Hold::default();
+    let bed = Bed::with_kubelet("kw-pa-deleted-mid", hold.kubelet()).await;
+    let pks: Api<ProvisioningKey> = bed.api();
+    let pas: Api<PolicyAgent> = bed.api();
+    let secrets: Api<Secret> = bed.api();
+    let spec = json!({
+        "secretName": SECRET,
+        "rotation": { "publishDelay": "1s", "overlap": "2s", "minInterval": "0s" },
+        "token": { "ttl": "20s" },
+    });
+    create_pk(&pks, PK, json!({}), spec).await;
+    wait_pk(&pks, PK, "settled on its first key", is_settled).await;
+    let kid1 = agent_kid(&secrets).await;
+    bed.deployment("opa", 2).await;
+    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
+        .await;
+    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
+        confirmed_on(pa, &kid1)
+    })
+    .await;
+
+    hold.start("opa").await;
+    let s = secrets.get(SECRET).await.expect("the agent Secret");
+    let token = data(&s, l::DATA_TOKEN).expect("a token");
+    let (_, claims) = keyward::keys::decode_token_unverified(&token).expect("decodes");
+    let kid2 = rotate(&bed, 2).await;
+    wait_pa(&pas, "opa-agents", "rolled to the new key", TIMEOUT, |pa| {
+        pa.status
+            .as_ref()
+            .is_some_and(|s| s.target_key_id.as_deref() == Some(kid2.as_str()))
+    })
+    .await;
+    pas.delete("opa-agents", &DeleteParams::default())
+        .await
+        .expect("delete the PolicyAgent");
+
+    let revoked = wait_obj(
+        &secrets,
+        &key_secret_name(PK, 1),
+        "the old key revoked",
+        Duration::from_secs(60),
+        |s| state(s) == "revoked",
+    )
+    .await;
+    let revoked_at = at(&revoked, l::REVOKED_AT);
+    assert!(
+        revoked_at.timestamp() >= claims.exp,
+        "old key revoked at {revoked_at}, before the last token it signed expired ({}), while pods of Deployment opa still ran it",
+        claims.exp
+    );
+    let pk = pks.get(PK).await.expect("the key");
+    let uncovered = pk
+        .status
+        .and_then(|s| s.uncovered_consumers)
+        .expect("status reports uncovered consumers");
+    assert!(
+        uncovered.workloads.contains(&"Deployment/opa".to_string()),
+        "{uncovered:?}"
+    );
+    hold.release();
     bed.finish().await;
 }

@@ -47,7 +47,10 @@ pub struct ProvisioningKeySpec {
     pub algorithm: Algorithm,
 
     /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
+    /// Cannot change on a live key (the operator refuses it on every Kubernetes version; a CEL
+    /// rule rejects it at `kubectl apply` from 1.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("secretName is immutable"))]
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -180,12 +183,14 @@ pub struct TokenSpec {
     pub issuer: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrustBundleSpec {
     /// ConfigMap that receives the JWKS (default `<name>-trust`). It belongs to this
-    /// ProvisioningKey alone; naming another object's ConfigMap is an error.
+    /// ProvisioningKey alone; naming another object's ConfigMap is an error. Cannot change on a
+    /// live key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("configMapName is immutable"))]
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")

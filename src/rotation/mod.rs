@@ -432,6 +432,10 @@ pub struct BundleTarget {
     pub last_seq: u32,
 }
 
+/// How often a key whose old key waits for consumers no PolicyAgent covers looks at the pods
+/// again (they may have gone away, which ends the wait).
+pub const UNCOVERED_RECHECK: Duration = Duration::from_secs(15);
+
 /// Most entries kept in the bundle's revoked list.
 pub const REVOKED_LIST_LIMIT: usize = 100;
 
@@ -1005,6 +1009,10 @@ fn revocation(
         parts.push(format!("{} ({why})", time_due.to_rfc3339()));
         if now < time_due {
             p.wake_at(time_due, now);
+        }
+        if !uncovered.is_empty() {
+            // Nothing wakes the key when those pods go away (pods are not watched): look again.
+            p.wake_at(add(now, UNCOVERED_RECHECK), now);
         }
     }
     p.phase = if waiting.is_empty() {

@@ -1657,7 +1657,7 @@ fn cases() -> Vec<Case> {
             Phase::Overlap,
         )
         .check(Check::Rotating(reasons::OVERLAP))
-        .check(Check::Requeue(secs(480))),
+        .check(Check::Requeue(UNCOVERED_RECHECK)),
         case(
             "uncovered consumer: a sealed key also waits for its last token to expire",
             s(),
@@ -1673,7 +1673,8 @@ fn cases() -> Vec<Case> {
             None,
             Phase::Overlap,
         )
-        .check(Check::Requeue(secs(1060))),
+        .check(Check::Requeue(UNCOVERED_RECHECK))
+        .check(Check::RotatingMentions("2025-06-01T12:17:40")),
         case(
             "uncovered consumer: revoked once overlap and last token (plus skew) have passed",
             s(),
