@@ -568,6 +568,18 @@ async fn apply(
                 let evidence = if *emergency {
                     "listed in spec.compromisedKeys; revoked without waiting for confirmation"
                         .to_string()
+                } else if let Some(u) = obs.uncovered.as_ref().filter(|u| !u.is_empty()) {
+                    format!(
+                        "{} pod(s) no PolicyAgent covers ({}) use the agent Secret: overlap of {} after the hand-out passed{}",
+                        u.len(),
+                        rotation::uncovered_workloads(u).join(", "),
+                        humantime::format_duration(settings.overlap),
+                        if settings.include_private_key {
+                            String::new()
+                        } else {
+                            " and the key's last token expired".to_string()
+                        }
+                    )
                 } else if obs.consumers.is_empty() {
                     format!(
                         "overlap of {} passed and no PolicyAgent references this key",
@@ -1049,8 +1061,14 @@ async fn report(
         )
         .await;
     }
+    let workloads = |s: &ProvisioningKeyStatus| {
+        s.uncovered_consumers
+            .as_ref()
+            .map(|u| u.workloads.clone())
+            .unwrap_or_default()
+    };
     if let Some(u) = obs.uncovered.as_ref().filter(|u| !u.is_empty())
-        && previous.uncovered_consumers != status.uncovered_consumers
+        && workloads(&previous) != workloads(&status)
     {
         audit::record(
             ctx,

@@ -697,7 +697,11 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                         .iter()
                         .any(|k| k.seq < newest.seq && settings.compromised.contains(&k.kid)));
             // The first key and an emergency successor go out as soon as they are published.
-            let due = if cur.is_none() || emergency {
+            // A replacement for a current key whose key Secret is gone waits `publishDelay` like
+            // any successor: the agents still hold that (trusted) key meanwhile.
+            let replaces_unrecorded = matches!(&obs.agent_secret,
+                AgentSecretObs::Owned(s) if s.kid.as_ref().is_some_and(|k| unrecorded.contains(k)));
+            let due = if (cur.is_none() && !replaces_unrecorded) || emergency {
                 now
             } else {
                 add(published_at, settings.publish_delay)

@@ -1783,6 +1783,30 @@ fn cases() -> Vec<Case> {
             }),
             Phase::Pending,
         ),
+        case(
+            "a replacement for an unrecorded current key waits publishDelay (agents still hold it)",
+            s(),
+            with_obs(
+                vec![
+                    key(1, Revoked),
+                    ObservedKey {
+                        published_at: Some(ago(30)),
+                        ..key(3, Published)
+                    },
+                ],
+                |o| {
+                    o.bundle = BundleObs::Owned {
+                        kids: vec![kid(2), kid(3)],
+                        revoked: vec![kid(1)],
+                        last_seq: 3,
+                    };
+                    o.agent_secret = agent(&kid(2));
+                },
+            ),
+            None,
+            Phase::Publishing,
+        )
+        .check(Check::Requeue(secs(90))),
         // --- Stuck rotations are visible ---------------------------------------------------------
         case(
             "a request made during a rotation is queued and reported",
