@@ -16,9 +16,11 @@ mod kubelet;
 mod namespace;
 mod wait;
 
-pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo};
+pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo, Termination};
 pub use binary::private_binary_copy;
 pub use env::{DEFAULT_KUBECONFIG, client, init_tracing, kube_config, kubeconfig_path};
-pub use kubelet::{Kubelet, KubeletConfig, KubeletHandle, ReadinessHook, RunningPod};
+pub use kubelet::{
+    Kubelet, KubeletConfig, KubeletError, KubeletHandle, NODE_NAME, ReadinessHook, RunningPod,
+};
 pub use namespace::TestNamespace;
 pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};
