@@ -23,11 +23,13 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(40);
 
 /// When each pod's agent started and stopped (by pod name; the latest pod of a name).
+type Life = (Instant, Option<Timestamp>);
+
 #[derive(Clone, Default)]
-struct Lives(Arc<Mutex<BTreeMap<String, (Instant, Option<Timestamp>)>>>);
+struct Lives(Arc<Mutex<BTreeMap<String, Life>>>);
 
 impl Lives {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Instant, Option<Timestamp>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Life>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
