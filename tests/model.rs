@@ -169,6 +169,20 @@ impl Object {
     }
 }
 
+/// The operator's view of the namespace, one list per kind (by name).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub provisioning_keys: Vec<ProvisioningKey>,
+    pub policy_agents: Vec<PolicyAgent>,
+    pub deployments: Vec<Deployment>,
+    pub stateful_sets: Vec<StatefulSet>,
+    pub replica_sets: Vec<ReplicaSet>,
+    pub revisions: Vec<ControllerRevision>,
+    pub pods: Vec<Pod>,
+    pub secrets: Vec<Secret>,
+    pub config_maps: Vec<ConfigMap>,
+}
+
 /// Objects by kind and name (one namespace).
 #[derive(Clone, Debug, Default)]
 pub struct Store {
@@ -518,6 +532,26 @@ impl World {
         view
     }
 
+    /// The operator's view as owned lists per kind, for mapping functions that take slices
+    /// (`AgentObjects { agents, pods, lineage: Lineage { replica_sets, revisions }, .. }`).
+    pub fn snapshot(&self) -> Snapshot {
+        let view = self.view();
+        fn all<T: Typed>(s: &Store) -> Vec<T> {
+            s.list::<T>().into_iter().cloned().collect()
+        }
+        Snapshot {
+            provisioning_keys: all(&view),
+            policy_agents: all(&view),
+            deployments: all(&view),
+            stateful_sets: all(&view),
+            replica_sets: all(&view),
+            revisions: all(&view),
+            pods: all(&view),
+            secrets: all(&view),
+            config_maps: all(&view),
+        }
+    }
+
     /// Called by the driver after each operator step: lag wears off.
     fn age_lag(&mut self) {
         self.lag.retain(|_, (_, left)| {
@@ -539,8 +573,18 @@ impl World {
 
     fn after_write(&mut self) {
         self.writes += 1;
-        let found = check_after_write(self);
-        self.violations.extend(found);
+        self.check();
+    }
+
+    /// Runs the safety checks now and records new violations (each message once). The
+    /// driver calls it after every write and after every event, so state that decays with
+    /// time alone (token expiry) is checked even when the operator writes nothing.
+    pub fn check(&mut self) {
+        for v in check_after_write(self) {
+            if !self.violations.contains(&v) {
+                self.violations.push(v);
+            }
+        }
     }
 
     /// Operator create. Fails if the name is taken.
@@ -2075,6 +2119,7 @@ pub fn run_case(events: &[Event], op: &mut dyn Operator) -> Vec<Violation> {
     };
     for e in events {
         w.apply(e);
+        w.check();
         if matches!(e, Event::RestartOperator) {
             op.restart();
         }
@@ -2087,6 +2132,7 @@ pub fn run_case(events: &[Event], op: &mut dyn Operator) -> Vec<Violation> {
     for _ in 0..240 {
         w.apply(&Event::StartPods { n: usize::MAX });
         w.apply(&Event::Advance { secs: 30 });
+        w.check();
         step(&mut w, op);
     }
     let mut found = w.violations.clone();
@@ -2556,6 +2602,14 @@ mod tests {
         assert_eq!(w.view().get::<Deployment>("agents").cloned(), before);
         w.age_lag();
         assert_eq!(w.view().get::<Deployment>("agents").cloned(), before);
+        let snap = w.snapshot();
+        let seen = snap
+            .deployments
+            .iter()
+            .find(|d| name_of(&d.metadata) == "agents");
+        assert_eq!(seen, before.as_ref(), "the snapshot lags too");
+        assert_eq!(snap.stateful_sets.len(), 1);
+        assert!(snap.pods.len() >= 5);
         w.age_lag();
         assert_eq!(
             w.view().get::<Deployment>("agents"),
@@ -2796,13 +2850,103 @@ mod tests {
                     want
                 );
             }
-            // No operator ran: nothing the checks look at changed, so nothing was flagged.
-            prop_assert!(w.violations.is_empty(), "{:?}", w.violations);
             Ok(())
         });
         if let Err(e) = result {
             panic!("{e}");
         }
+    }
+
+    /// Negative control for the driver, not a planner: does nothing.
+    struct Idle;
+
+    impl Operator for Idle {
+        fn step(&mut self, _: &mut World, _: DateTime<Utc>) -> bool {
+            false
+        }
+        fn restart(&mut self) {}
+    }
+
+    /// Negative control for the driver, not a planner: writes a fixed script (k1 handed out at
+    /// once; at step `rotate_at`, k2 handed out and k1 revoked in the same step).
+    struct Script {
+        step: u32,
+        rotate_at: u32,
+        k1: KeyPair,
+        k2: KeyPair,
+    }
+
+    impl Operator for Script {
+        fn step(&mut self, w: &mut World, now: DateTime<Utc>) -> bool {
+            self.step += 1;
+            if self.step == 1 {
+                w.create(key_secret("pk", 1, &self.k1, "active")).is_ok()
+                    && w.create(bundle(&[&self.k1])).is_ok()
+                    && w.create(agent_secret(&self.k1, now)).is_ok()
+            } else if self.step == self.rotate_at {
+                w.create(key_secret("pk", 2, &self.k2, "active")).is_ok()
+                    && w.update(bundle(&[&self.k1, &self.k2])).is_ok()
+                    && w.update(agent_secret(&self.k2, now)).is_ok()
+                    && w.update(key_secret("pk", 1, &self.k1, "revoked")).is_ok()
+                    && w.update(bundle(&[&self.k2])).is_ok()
+            } else {
+                // Keep the token fresh so only the revocation can be at fault.
+                w.update(agent_secret(
+                    if self.step > self.rotate_at {
+                        &self.k2
+                    } else {
+                        &self.k1
+                    },
+                    now,
+                ))
+                .is_ok()
+            }
+        }
+        fn restart(&mut self) {}
+    }
+
+    #[test]
+    fn the_driver_flags_an_operator_that_never_mints() {
+        let found = run_case(&[Event::Advance { secs: 10 }], &mut Idle);
+        assert!(
+            found.iter().any(|v| v.0.contains("rotation not complete")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_driver_flags_a_revocation_under_running_pods() {
+        let events = vec![
+            Event::StartPods { n: 8 },
+            Event::Advance { secs: 60 },
+            Event::StartPods { n: 8 },
+            Event::Advance { secs: 60 },
+        ];
+        let mut op = Script {
+            step: 0,
+            rotate_at: 4,
+            k1: KeyPair::generate(),
+            k2: KeyPair::generate(),
+        };
+        let found = run_case(&events, &mut op);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.0.contains("revoked") && v.0.contains("covered by a PolicyAgent")),
+            "{found:?}"
+        );
+        // The same script, rotating before any pod ran on k1, breaks no safety invariant.
+        let mut op = Script {
+            step: 0,
+            rotate_at: 2,
+            k1: KeyPair::generate(),
+            k2: KeyPair::generate(),
+        };
+        let found = run_case(
+            &[Event::Advance { secs: 1 }, Event::Advance { secs: 1 }],
+            &mut op,
+        );
+        assert!(found.is_empty(), "{found:?}");
     }
 
     // === The operator property: enabled once the OPERATOR section is implemented. ===
