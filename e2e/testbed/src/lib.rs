@@ -6,7 +6,11 @@
 //! - [`wait_for`] and [`conditions`]: watch-based waits with a timeout, never bare sleeps.
 //! - [`Kubelet`]: a stand-in kubelet for one namespace (the plane has no kubelet and no
 //!   scheduler), which runs a per-pod [`AgentFactory`] task on a unique loopback pod IP,
-//!   projects Secret volumes into files and keeps them in sync.
+//!   projects Secret volumes into files and keeps them in sync; optionally honours grace
+//!   periods ([`KubeletConfig::honour_grace_period`], pods then bound to Node [`NODE_NAME`],
+//!   agents told through [`Termination`]); evicts, completes or loses pods on request
+//!   ([`KubeletHandle::evict`], [`KubeletHandle::complete`], [`KubeletHandle::set_unknown`]);
+//!   and records the token each pod started with ([`KubeletHandle::token_at_start`]).
 //! - [`HttpAgent`]: the default agent, an HTTP server on `<pod IP>:8080`.
 
 mod agent;

@@ -229,6 +229,32 @@ async fn agent_exiting_on_sigterm_ends_the_grace_period_early() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_evicted_while_terminating_is_finalized() -> anyhow::Result<()> {
+    init_tracing();
+    let ns = TestNamespace::new("kubelet-evict-terminating").await;
+    let lives = Lives::default();
+    let config = KubeletConfig::default()
+        .with_grace_period(true)
+        .with_agent(lives.agent(false));
+    let kubelet = Kubelet::start(ns.client(), ns.name(), config);
+    let outcome = async {
+        let pod = start(&ns, &deployment("doomed", 1, 30, None)?).await?;
+        let (name, uid) = (pod.name_any(), pod.uid().context("no uid")?);
+        let pods: Api<Pod> = ns.api();
+        pods.delete(&name, &DeleteParams::default()).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(lives.alive(&name), "agent stopped before its grace period");
+        kubelet.evict(&name).await?;
+        ensure!(!lives.alive(&name), "evicted agent still running");
+        // Far sooner than the 30 s grace period.
+        keyward_testbed::wait_for_deleted(&pods, &name, &uid, Duration::from_secs(10)).await?;
+        Ok(())
+    }
+    .await;
+    finish(ns, kubelet, outcome).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_grace_periods_pods_are_not_bound_and_go_at_once() -> anyhow::Result<()> {
     init_tracing();
     let ns = TestNamespace::new("kubelet-nograce").await;

@@ -455,7 +455,8 @@ impl KubeletHandle {
     /// Evicts a pod as a kubelet under node pressure does: stops its agent, then reports it
     /// `Failed` with reason `Evicted` through `pods/status` (containers terminated). The pod
     /// object stays (its controller creates a replacement, which the kubelet runs as usual);
-    /// the kubelet never touches it again. Works on a pod not started yet too.
+    /// the kubelet never updates it again (if it was already terminating, it finalizes its
+    /// deletion, as its containers are gone). Works on a pod not started yet too.
     ///
     /// # Errors
     /// No such pod, the kubelet already ended it, or the status patch failed.
@@ -762,7 +763,15 @@ impl Worker {
             self.stop_pod(&name, "deleted").await;
         }
         for pod in &pods {
-            if !is_managed(pod) || self.ended.contains(&pod.uid().unwrap_or_default()) {
+            if !is_managed(pod) {
+                continue;
+            }
+            if self.ended.contains(&pod.uid().unwrap_or_default()) {
+                // An ended pod is left alone, unless it is deleted while terminating (bound
+                // and deleted before it ended): its containers are gone, so finalize.
+                if pod.metadata.deletion_timestamp.is_some() {
+                    self.finalize_deletion(pod).await;
+                }
                 continue;
             }
             let name = pod.name_any();
