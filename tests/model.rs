@@ -2092,7 +2092,6 @@ pub fn check_settled(w: &World) -> Vec<Violation> {
 // =============================================================================================
 
 /// The operator under test, both controllers.
-#[allow(dead_code)] // implemented in the OPERATOR section once both branches land
 pub trait Operator {
     /// One reconcile pass of every ProvisioningKey and PolicyAgent at the simulated `now`.
     /// Returns whether it wrote anything.
@@ -2104,7 +2103,6 @@ pub trait Operator {
 /// Drives one case: every event, then an operator step (restarting it after a crash), then a
 /// quiet period (all agents healthy, all pods started, time advancing) and the liveness check.
 /// Returns the violations found.
-#[allow(dead_code)] // driven by `check_operator` once the OPERATOR section lands
 pub fn run_case(events: &[Event], op: &mut dyn Operator) -> Vec<Violation> {
     let mut w = initial_world();
     let step = |w: &mut World, op: &mut dyn Operator| {
@@ -2125,10 +2123,21 @@ pub fn run_case(events: &[Event], op: &mut dyn Operator) -> Vec<Violation> {
         }
         step(&mut w, op);
     }
-    // Quiet period: healthy agents, pods start, two hours pass in 30 s steps.
+    // Quiet period: healthy agents, pods start, two hours pass in 30 s steps. ProvisioningKeys
+    // are suspended, so a scheduled rotation cannot start at its end: rotations in flight must
+    // complete (the liveness property), new ones do not start.
     w.write_budget = None;
     w.lag.clear();
     w.heal();
+    let pks: Vec<String> = w
+        .store
+        .list::<ProvisioningKey>()
+        .into_iter()
+        .map(|p| name_of(&p.metadata))
+        .collect();
+    for pk in pks {
+        w.modify::<ProvisioningKey>(&pk, |p| p.spec.suspend = Some(true));
+    }
     for _ in 0..240 {
         w.apply(&Event::StartPods { n: usize::MAX });
         w.apply(&Event::Advance { secs: 30 });
@@ -2150,12 +2159,19 @@ pub fn cases() -> u32 {
 
 /// Runs the property for an operator built by `make`: random event sequences, shrunk on
 /// failure. Panics with the minimal failing sequence.
-#[allow(dead_code)] // the operator property test calls it once the OPERATOR section lands
 pub fn check_operator(make: impl Fn() -> Box<dyn Operator>) {
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases: cases(),
-        ..ProptestConfig::default()
-    });
+    check_operator_with(
+        ProptestConfig {
+            cases: cases(),
+            ..ProptestConfig::default()
+        },
+        make,
+    );
+}
+
+/// [`check_operator`] with a given proptest configuration.
+pub fn check_operator_with(config: ProptestConfig, make: impl Fn() -> Box<dyn Operator>) {
+    let mut runner = TestRunner::new(config);
     let result = runner.run(&events_strategy(40), |events| {
         let mut op = make();
         let violations = run_case(&events, op.as_mut());
@@ -2947,6 +2963,17 @@ mod tests {
             &mut op,
         );
         assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    #[should_panic(expected = "rotation not complete")]
+    fn the_property_fails_for_an_idle_operator() {
+        let config = ProptestConfig {
+            cases: 4,
+            max_shrink_iters: 4,
+            ..ProptestConfig::default()
+        };
+        check_operator_with(config, || Box::new(Idle));
     }
 
     // === The operator property: enabled once the OPERATOR section is implemented. ===
