@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::watch;
 
 /// Header carrying the pod's name on every [`HttpAgent`] answer.
 pub const POD_NAME_HEADER: &str = "x-pod-name";
@@ -41,6 +42,41 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     /// The pod as the kubelet saw it when starting it.
     pub pod: Arc<Pod>,
+    /// The pod's termination request (its SIGTERM), see [`Termination`].
+    pub termination: Termination,
+}
+
+/// Tells an agent that its pod is terminating (deleted, within its grace period): the
+/// stand-in kubelet's SIGTERM. Only sent with
+/// [`crate::KubeletConfig::honour_grace_period`]; an agent that returns (ends its task) then
+/// lets the kubelet finalize the deletion before the grace period is over, one that ignores
+/// it is stopped when the grace period ends.
+#[derive(Clone, Debug)]
+pub struct Termination(watch::Receiver<bool>);
+
+impl Termination {
+    pub(crate) fn new(rx: watch::Receiver<bool>) -> Self {
+        Self(rx)
+    }
+
+    /// A termination signal that is never sent (for agents started outside a kubelet).
+    pub fn never() -> Self {
+        // The sender is dropped at once: `requested` then stays pending for good.
+        Self(watch::channel(false).1)
+    }
+
+    /// Whether termination was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once termination is requested; never if the pod is stopped without a grace
+    /// period (the agent's task is then aborted).
+    pub async fn requested(&mut self) {
+        if self.0.wait_for(|t| *t).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Starts the agent of a pod. The kubelet calls [`AgentFactory::start`] when it starts the

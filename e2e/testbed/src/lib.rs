@@ -6,7 +6,11 @@
 //! - [`wait_for`] and [`conditions`]: watch-based waits with a timeout, never bare sleeps.
 //! - [`Kubelet`]: a stand-in kubelet for one namespace (the plane has no kubelet and no
 //!   scheduler), which runs a per-pod [`AgentFactory`] task on a unique loopback pod IP,
-//!   projects Secret volumes into files and keeps them in sync.
+//!   projects Secret volumes into files and keeps them in sync; optionally honours grace
+//!   periods ([`KubeletConfig::honour_grace_period`], pods then bound to Node [`NODE_NAME`],
+//!   agents told through [`Termination`]); evicts, completes or loses pods on request
+//!   ([`KubeletHandle::evict`], [`KubeletHandle::complete`], [`KubeletHandle::set_unknown`]);
+//!   and records the token each pod started with ([`KubeletHandle::token_at_start`]).
 //! - [`HttpAgent`]: the default agent, an HTTP server on `<pod IP>:8080`.
 
 mod agent;
@@ -16,9 +20,11 @@ mod kubelet;
 mod namespace;
 mod wait;
 
-pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo};
+pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo, Termination};
 pub use binary::private_binary_copy;
 pub use env::{DEFAULT_KUBECONFIG, client, init_tracing, kube_config, kubeconfig_path};
-pub use kubelet::{Kubelet, KubeletConfig, KubeletHandle, ReadinessHook, RunningPod};
+pub use kubelet::{
+    Kubelet, KubeletConfig, KubeletError, KubeletHandle, NODE_NAME, ReadinessHook, RunningPod,
+};
 pub use namespace::TestNamespace;
 pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::wait::conditions;
 use kube::{Api, Client, Resource};
 use rand::Rng;
@@ -112,7 +112,8 @@ impl TestNamespace {
     }
 
     /// Requests deletion of the namespace (and so of everything in it). Does not wait for
-    /// the namespace controller to finish.
+    /// the namespace controller to finish; force-deletes its pods (grace period 0) so pods
+    /// bound by a kubelet honouring grace periods do not hold the namespace.
     ///
     /// # Panics
     /// If the delete request fails for another reason than the namespace being gone.
@@ -125,16 +126,34 @@ impl TestNamespace {
 }
 
 async fn delete_namespace(client: Client, name: &str) -> Result<(), kube::Error> {
-    match Api::<Namespace>::all(client)
+    match Api::<Namespace>::all(client.clone())
         .delete(name, &DeleteParams::background())
         .await
     {
         Ok(_) => {
             tracing::info!(namespace = %name, "test namespace deletion requested");
+            force_delete_pods(client, name).await;
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Deletes the namespace's pods with grace period 0: pods bound to a node (a kubelet with
+/// [`crate::KubeletConfig::honour_grace_period`]) would otherwise stay terminating, and the
+/// namespace with them, once no kubelet finalizes their deletion.
+async fn force_delete_pods(client: Client, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(client, name);
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    if let Err(e) = pods
+        .delete_collection(&params, &ListParams::default())
+        .await
+    {
+        tracing::warn!(namespace = %name, "cannot force-delete the pods: {e}");
     }
 }
 

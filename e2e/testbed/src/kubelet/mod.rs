@@ -7,7 +7,11 @@
 //! IP, reports the pod `Running` and (per [`KubeletConfig::ready`]) `Ready` through
 //! `pods/status`, keeps Secret files in sync after [`KubeletConfig::secret_sync_delay`], and
 //! on deletion stops the agent, frees the IP, removes the pod's files and finalizes the
-//! deletion (grace period 0) of pods left terminating.
+//! deletion (grace period 0) of pods left terminating: at once, or (with
+//! [`KubeletConfig::honour_grace_period`]) once the grace period is over or the agent exited.
+//! [`KubeletHandle::evict`], [`KubeletHandle::complete`] and [`KubeletHandle::set_unknown`]
+//! end pods the way a node does, and [`KubeletHandle::token_at_start`] tells which token a
+//! pod started with.
 //!
 //! It works level-triggered from two reflectors (pods and Secrets of the namespace) plus a
 //! periodic resync, so watch restarts and missed events are harmless.
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -35,10 +39,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::agent::{AgentFactory, PodInfo};
+use crate::agent::{AgentFactory, PodInfo, Termination};
 use ip::{IpLease, IpPool};
 use volumes::{SecretVolume, project, secret_volumes, sync_dir};
 
@@ -65,7 +69,29 @@ pub struct KubeletConfig {
     pub ready: ReadinessHook,
     /// Period of the level-triggered resync (readiness hook, retries). Default 500 ms.
     pub resync_interval: Duration,
+    /// Whether a terminating pod keeps running for its grace period, as with a real kubelet.
+    ///
+    /// `true`: the kubelet binds each pod it starts to the Node [`NODE_NAME`] (created if
+    /// absent) before starting it, because the apiserver deletes unscheduled pods (no
+    /// `spec.nodeName`) at once whatever their grace period. A deleted pod is then terminating
+    /// until its `deletionTimestamp` (the apiserver sets it to now + grace period): it stays
+    /// `Running` with its agent running, the agent sees [`PodInfo::termination`] (its
+    /// SIGTERM); once the `deletionTimestamp` has passed or the agent's task has ended, the
+    /// kubelet stops the agent and finalizes the deletion with grace period 0. A pod without
+    /// an agent runs its whole grace period. Tests opting in should give their pods a short
+    /// `terminationGracePeriodSeconds` and keep the kubelet running while they delete pods;
+    /// [`crate::TestNamespace::cleanup`] force-deletes pods left over.
+    ///
+    /// `false` (the default, so that tests whose pods have the default 30 s grace period stay
+    /// fast): pods are not bound, so the apiserver deletes them at once (pods held by a
+    /// finalizer are stopped at once and their deletion finalized).
+    pub honour_grace_period: bool,
 }
+
+/// The Node that pods are bound to when [`KubeletConfig::honour_grace_period`] is on. The
+/// plane runs no node lifecycle controller, so it is never marked unreachable; the pod
+/// garbage collector force-deletes pods bound to a Node that does not exist, hence the object.
+pub const NODE_NAME: &str = "keyward-testbed";
 
 impl Default for KubeletConfig {
     fn default() -> Self {
@@ -76,6 +102,7 @@ impl Default for KubeletConfig {
             agent: None,
             ready: Arc::new(|_: &Pod| true),
             resync_interval: Duration::from_millis(500),
+            honour_grace_period: false,
         }
     }
 }
@@ -88,6 +115,7 @@ impl fmt::Debug for KubeletConfig {
             .field("secret_sync_delay", &self.secret_sync_delay)
             .field("agent", &self.agent.as_ref().map(|_| "<agent>"))
             .field("resync_interval", &self.resync_interval)
+            .field("honour_grace_period", &self.honour_grace_period)
             .finish_non_exhaustive()
     }
 }
@@ -134,6 +162,47 @@ impl KubeletConfig {
         self.resync_interval = interval;
         self
     }
+
+    /// Sets [`KubeletConfig::honour_grace_period`].
+    #[must_use]
+    pub fn with_grace_period(mut self, honour: bool) -> Self {
+        self.honour_grace_period = honour;
+        self
+    }
+}
+
+/// Why a [`KubeletHandle`] request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletError {
+    /// No such pod in the namespace.
+    #[error("no pod {0}")]
+    NoSuchPod(String),
+    /// The pod is not running on this kubelet (not started yet, or already stopped).
+    #[error("pod {0} is not running")]
+    NotRunning(String),
+    /// The kubelet already ended this pod (evicted or completed it).
+    #[error("pod {0} was already ended by the kubelet")]
+    AlreadyEnded(String),
+    /// The kubelet has stopped.
+    #[error("the kubelet has stopped")]
+    Stopped,
+    /// An API request failed.
+    #[error("API request failed: {0}")]
+    Api(#[from] kube::Error),
+}
+
+/// How [`KubeletHandle`] ends or marks a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Evict,
+    Complete,
+    Unknown,
+}
+
+struct Command {
+    pod: String,
+    action: Action,
+    reply: oneshot::Sender<Result<(), KubeletError>>,
 }
 
 /// A pod the kubelet runs (reported `Running` at least once).
@@ -151,6 +220,10 @@ pub struct RunningPod {
     pub secret_dirs: BTreeMap<String, PathBuf>,
     /// Whether it was last reported ready.
     pub ready: bool,
+    /// See [`KubeletHandle::token_at_start`].
+    pub token_at_start: Option<String>,
+    /// Whether it is terminating (deleted, within its grace period).
+    pub terminating: bool,
 }
 
 /// A pod's agent task; aborted when dropped.
@@ -186,6 +259,21 @@ struct PodState {
     /// What the last successful status patch said about readiness (`None`: not reported).
     reported_ready: Option<bool>,
     agent: Option<AgentTask>,
+    /// The `token` file of the first Secret volume when the pod started.
+    token_at_start: Option<String>,
+    /// Reported `Unknown` through [`KubeletHandle::set_unknown`]: status left alone since.
+    frozen: bool,
+    /// The agent's SIGTERM: set when the pod is terminating.
+    terminating: watch::Sender<bool>,
+}
+
+impl PodState {
+    fn agent_exited(&self) -> bool {
+        self.agent
+            .as_ref()
+            .and_then(|a| a.0.as_ref())
+            .is_some_and(JoinHandle::is_finished)
+    }
 }
 
 impl PodState {
@@ -200,6 +288,8 @@ impl PodState {
 #[derive(Default)]
 struct Shared {
     pods: BTreeMap<String, PodState>,
+    /// Every pod ever started, by name (the latest of that name): uid and token at start.
+    started: BTreeMap<String, (String, Option<String>)>,
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -251,7 +341,10 @@ impl Kubelet {
         let (pod_store, pod_writer) = reflector::store();
         let (secret_store, secret_writer) = reflector::store();
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
         let worker = Worker {
+            nodes_api: Api::all(client.clone()),
+            node_ready: false,
             pods_api: Api::namespaced(client.clone(), namespace),
             secrets_api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
@@ -263,13 +356,15 @@ impl Kubelet {
             config,
             pending: BTreeMap::new(),
             deleting: BTreeMap::new(),
+            ended: BTreeSet::new(),
         };
         tracing::info!(%namespace, ip_base = %base, root = %root.display(), "stand-in kubelet starting");
-        let task = tokio::spawn(worker.run(pod_writer, secret_writer, stop_rx));
+        let task = tokio::spawn(worker.run(pod_writer, secret_writer, stop_rx, command_rx));
         KubeletHandle {
             namespace: namespace.to_string(),
             root,
             shared,
+            commands: command_tx,
             stop: Some(stop_tx),
             task: Some(task),
             _tempdir: tempdir,
@@ -284,6 +379,7 @@ pub struct KubeletHandle {
     namespace: String,
     root: PathBuf,
     shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedSender<Command>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     _tempdir: Option<tempfile::TempDir>,
@@ -342,9 +438,61 @@ impl KubeletHandle {
                     dir: p.dir.clone(),
                     secret_dirs: p.secret_dirs(),
                     ready: p.reported_ready?,
+                    token_at_start: p.token_at_start.clone(),
+                    terminating: *p.terminating.borrow(),
                 })
             })
             .collect()
+    }
+
+    /// The content of the file `token` of the first Secret volume (in `spec.volumes` order)
+    /// of pod `pod` when the kubelet started it (the latest pod of that name it started, even
+    /// if stopped since). `None`: never started, no Secret volume, or no `token` file in it.
+    pub fn token_at_start(&self, pod: &str) -> Option<String> {
+        lock(&self.shared).started.get(pod)?.1.clone()
+    }
+
+    /// Evicts a pod as a kubelet under node pressure does: stops its agent, then reports it
+    /// `Failed` with reason `Evicted` through `pods/status` (containers terminated). The pod
+    /// object stays (its controller creates a replacement, which the kubelet runs as usual);
+    /// the kubelet never updates it again (if it was already terminating, it finalizes its
+    /// deletion, as its containers are gone). Works on a pod not started yet too.
+    ///
+    /// # Errors
+    /// No such pod, the kubelet already ended it, or the status patch failed.
+    pub async fn evict(&self, pod: &str) -> Result<(), KubeletError> {
+        self.command(pod, Action::Evict).await
+    }
+
+    /// Completes a pod: stops its agent and reports it `Succeeded` (containers terminated with
+    /// exit code 0); otherwise as [`KubeletHandle::evict`].
+    ///
+    /// # Errors
+    /// As [`KubeletHandle::evict`].
+    pub async fn complete(&self, pod: &str) -> Result<(), KubeletError> {
+        self.command(pod, Action::Complete).await
+    }
+
+    /// Reports a running pod's phase `Unknown` (as for a node that lost contact); its agent
+    /// keeps running and the kubelet no longer updates its status (it still stops it when it
+    /// is deleted).
+    ///
+    /// # Errors
+    /// No such pod, the pod is not running, or the status patch failed.
+    pub async fn set_unknown(&self, pod: &str) -> Result<(), KubeletError> {
+        self.command(pod, Action::Unknown).await
+    }
+
+    async fn command(&self, pod: &str, action: Action) -> Result<(), KubeletError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command {
+                pod: pod.to_string(),
+                action,
+                reply,
+            })
+            .map_err(|_| KubeletError::Stopped)?;
+        answer.await.map_err(|_| KubeletError::Stopped)?
     }
 
     /// Stops the kubelet: its watches, every agent; frees the IPs. Pods keep their last
@@ -462,7 +610,59 @@ fn running_status(
     json!({"metadata": {"uid": uid}, "status": status})
 }
 
+/// The `pods/status` merge patch of a pod the kubelet ended: `Failed`/`Evicted` (containers
+/// killed, exit code 137) or `Succeeded` (exit code 0). Carries the pod's uid, as
+/// [`running_status`].
+fn terminal_status(pod: &Pod, evicted: bool, started_at: Timestamp, now: Timestamp) -> Value {
+    let started = Time(started_at);
+    let now = Time(now);
+    let uid = pod.uid().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let (exit_code, reason) = if evicted {
+        (137, "Error")
+    } else {
+        (0, "Completed")
+    };
+    let containers: Vec<Value> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            let image = c.image.clone().unwrap_or_default();
+            json!({
+                "name": c.name,
+                "image": image,
+                "imageID": format!("keyward-testbed://{image}"),
+                "containerID": format!("keyward-testbed://{uid}/{}", c.name),
+                "ready": false,
+                "started": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now}},
+            })
+        })
+        .collect();
+    let cond_reason = if evicted { "PodFailed" } else { "PodCompleted" };
+    let mut status = json!({
+        "phase": if evicted { "Failed" } else { "Succeeded" },
+        "conditions": [
+            {"type": "Initialized", "status": "True", "lastProbeTime": null, "lastTransitionTime": started},
+            {"type": "Ready", "status": "False", "reason": cond_reason, "lastProbeTime": null, "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "False", "reason": cond_reason, "lastProbeTime": null, "lastTransitionTime": now},
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": started},
+        ],
+        "containerStatuses": containers,
+    });
+    if evicted {
+        status["reason"] = json!("Evicted");
+        status["message"] =
+            json!("The node was low on resource: memory. (stand-in kubelet eviction)");
+    }
+    json!({"metadata": {"uid": uid}, "status": status})
+}
+
 struct Worker {
+    nodes_api: Api<Node>,
+    /// Whether Node [`NODE_NAME`] is known to exist.
+    node_ready: bool,
     pods_api: Api<Pod>,
     secrets_api: Api<Secret>,
     namespace: String,
@@ -476,6 +676,8 @@ struct Worker {
     pending: BTreeMap<String, String>,
     /// Terminating pods whose deletion was requested (uid -> when), to not repeat it at once.
     deleting: BTreeMap<String, Instant>,
+    /// Pods the kubelet ended (evicted, completed), by uid: never touched again.
+    ended: BTreeSet<String>,
 }
 
 impl Worker {
@@ -484,6 +686,7 @@ impl Worker {
         pod_writer: reflector::store::Writer<Pod>,
         secret_writer: reflector::store::Writer<Secret>,
         mut stop: oneshot::Receiver<()>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let pod_events = reflector::reflector(
             pod_writer,
@@ -524,6 +727,10 @@ impl Worker {
                     None => break,
                 },
                 Some(name) = secret_timers.next(), if !secret_timers.is_empty() => self.sync_secret(&name),
+                Some(cmd) = commands.recv() => {
+                    let result = self.execute(&cmd.pod, cmd.action).await;
+                    let _ = cmd.reply.send(result);
+                }
                 _ = resync.tick() => {}
             }
             self.reconcile().await;
@@ -559,10 +766,21 @@ impl Worker {
             if !is_managed(pod) {
                 continue;
             }
+            if self.ended.contains(&pod.uid().unwrap_or_default()) {
+                // An ended pod is left alone, unless it is deleted while terminating (bound
+                // and deleted before it ended): its containers are gone, so finalize.
+                if pod.metadata.deletion_timestamp.is_some() {
+                    self.finalize_deletion(pod).await;
+                }
+                continue;
+            }
             let name = pod.name_any();
             let tracked = lock(&self.shared).pods.contains_key(&name);
-            if pod.metadata.deletion_timestamp.is_some() {
+            if let Some(deadline) = &pod.metadata.deletion_timestamp {
                 if tracked {
+                    if self.config.honour_grace_period && !self.grace_over(&name, deadline.0) {
+                        continue;
+                    }
                     self.stop_pod(&name, "terminating").await;
                 }
                 self.finalize_deletion(pod).await;
@@ -573,13 +791,145 @@ impl Worker {
                 Some("Succeeded" | "Failed")
             ) {
                 continue;
-            } else {
+            } else if !self.config.honour_grace_period || self.bind(pod).await {
                 self.start_pod(pod).await;
             }
         }
         let live: BTreeSet<&String> = uids.values().collect();
         self.pending.retain(|uid, _| live.contains(uid));
         self.deleting.retain(|uid, _| live.contains(uid));
+        self.ended.retain(|uid| live.contains(uid));
+    }
+
+    /// For a terminating pod within its grace period: signals its agent (SIGTERM) and says
+    /// whether it may be stopped now (the deadline has passed or the agent has exited).
+    fn grace_over(&self, name: &str, deadline: Timestamp) -> bool {
+        let shared = lock(&self.shared);
+        let Some(st) = shared.pods.get(name) else {
+            return true;
+        };
+        if !*st.terminating.borrow() {
+            st.terminating.send_replace(true);
+            tracing::info!(namespace = %self.namespace, pod = %name, %deadline, "pod terminating: grace period running");
+        }
+        Timestamp::now() >= deadline || st.agent_exited()
+    }
+
+    /// Binds the pod to [`NODE_NAME`] as a scheduler would (creating the Node first if
+    /// needed). True when the pod is bound to it.
+    async fn bind(&mut self, pod: &Pod) -> bool {
+        match pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+            Some(NODE_NAME) => return true,
+            Some(other) if !other.is_empty() => {
+                self.pending(pod, format!("bound to another node {other:?}"));
+                return false;
+            }
+            _ => {}
+        }
+        if !self.node_ready {
+            let node = Node {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(NODE_NAME.into()),
+                    labels: Some([("keyward.dev/testbed".to_string(), "true".to_string())].into()),
+                    ..Default::default()
+                },
+                ..Node::default()
+            };
+            match self
+                .nodes_api
+                .create(&kube::api::PostParams::default(), &node)
+                .await
+            {
+                Ok(_) => self.node_ready = true,
+                Err(kube::Error::Api(s)) if s.code == 409 => self.node_ready = true,
+                Err(e) => {
+                    self.pending(pod, format!("cannot create Node {NODE_NAME}: {e}"));
+                    return false;
+                }
+            }
+        }
+        let name = pod.name_any();
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "uid": pod.uid()},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME},
+        });
+        match self
+            .pods_api
+            .create_subresource::<_, Value>(
+                "binding",
+                &name,
+                &kube::api::PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = %self.namespace, pod = %name, node = NODE_NAME, "pod bound");
+                true
+            }
+            Err(e) => {
+                // Already bound (store behind), being deleted, or gone: the next pass decides.
+                self.pending(pod, format!("cannot bind: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Runs a [`KubeletHandle`] request.
+    async fn execute(&mut self, name: &str, action: Action) -> Result<(), KubeletError> {
+        let pod = self
+            .pods_api
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| KubeletError::NoSuchPod(name.to_string()))?;
+        let uid = pod.uid().unwrap_or_default();
+        if self.ended.contains(&uid) {
+            return Err(KubeletError::AlreadyEnded(name.to_string()));
+        }
+        let started_at = {
+            let shared = lock(&self.shared);
+            shared
+                .pods
+                .get(name)
+                .filter(|st| st.uid == uid)
+                .map(|st| st.started_at)
+        };
+        let now = Timestamp::now();
+        let patch = match action {
+            Action::Unknown => {
+                if started_at.is_none() {
+                    return Err(KubeletError::NotRunning(name.to_string()));
+                }
+                if let Some(st) = lock(&self.shared).pods.get_mut(name) {
+                    st.frozen = true;
+                }
+                json!({"metadata": {"uid": uid}, "status": {"phase": "Unknown"}})
+            }
+            Action::Evict | Action::Complete => {
+                self.ended.insert(uid.clone());
+                if started_at.is_some() {
+                    let why = if action == Action::Evict {
+                        "evicted"
+                    } else {
+                        "completed"
+                    };
+                    self.stop_pod(name, why).await;
+                }
+                terminal_status(
+                    &pod,
+                    action == Action::Evict,
+                    started_at.unwrap_or(now),
+                    now,
+                )
+            }
+        };
+        self.pods_api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(namespace = %self.namespace, pod = %name, ?action, "pod status reported");
+        Ok(())
     }
 
     /// Stops a pod as a kubelet does: its agent first, then its files; frees its IP last
@@ -683,6 +1033,10 @@ impl Worker {
         {
             return self.pending(pod, format!("cannot clean {}: {e}", dir.display()));
         }
+        let token_at_start = projected
+            .first()
+            .and_then(|(_, files)| files.get(Path::new("token")))
+            .map(|(content, _)| String::from_utf8_lossy(content).into_owned());
         let mut written = BTreeMap::new();
         for (volume, files) in &projected {
             if let Err(e) = sync_dir(&dir.join(volume), files, &BTreeSet::new()) {
@@ -694,6 +1048,7 @@ impl Worker {
             return self.pending(pod, format!("cannot create {}: {e}", dir.display()));
         }
         let ip = lease.ip();
+        let (terminating, termination) = watch::channel(false);
         let state = PodState {
             uid: uid.clone(),
             lease,
@@ -703,6 +1058,9 @@ impl Worker {
             started_at: Timestamp::now(),
             reported_ready: None,
             agent: None,
+            token_at_start: token_at_start.clone(),
+            frozen: false,
+            terminating,
         };
         let agent = self.config.agent.as_ref().map(|factory| {
             let info = PodInfo {
@@ -715,13 +1073,18 @@ impl Worker {
                 labels: pod.labels().clone(),
                 annotations: pod.annotations().clone(),
                 pod: pod.clone(),
+                termination: Termination::new(termination),
             };
             AgentTask(Some(tokio::spawn(factory.start(info))))
         });
         self.pending.remove(&uid);
-        lock(&self.shared)
-            .pods
-            .insert(name.clone(), PodState { agent, ..state });
+        {
+            let mut shared = lock(&self.shared);
+            shared
+                .pods
+                .insert(name.clone(), PodState { agent, ..state });
+            shared.started.insert(name.clone(), (uid, token_at_start));
+        }
         tracing::info!(namespace = %self.namespace, pod = %name, %ip, "pod started");
         self.report(pod).await;
     }
@@ -735,7 +1098,7 @@ impl Worker {
             let Some(st) = shared.pods.get(&name) else {
                 return;
             };
-            if st.reported_ready == Some(ready) {
+            if st.reported_ready == Some(ready) || st.frozen {
                 return;
             }
             (st.lease.ip(), st.started_at)
@@ -832,5 +1195,43 @@ mod tests {
             .find(|c| c["type"] == "Ready")
             .cloned();
         assert_eq!(ready.unwrap()["status"], "False");
+    }
+
+    #[test]
+    fn terminal_patches_report_evicted_and_succeeded() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("u1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: Some("img".into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: None,
+        };
+        let t = Timestamp::now();
+        let evicted = terminal_status(&pod, true, t, t);
+        assert_eq!(evicted["metadata"]["uid"], "u1");
+        assert_eq!(evicted["status"]["phase"], "Failed");
+        assert_eq!(evicted["status"]["reason"], "Evicted");
+        let c = &evicted["status"]["containerStatuses"][0];
+        assert_eq!(c["ready"], false);
+        assert_eq!(c["state"]["terminated"]["exitCode"], 137);
+        let done = terminal_status(&pod, false, t, t);
+        assert_eq!(done["status"]["phase"], "Succeeded");
+        assert!(done["status"].get("reason").is_none());
+        assert_eq!(
+            done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+            0
+        );
+        let conds = done["status"]["conditions"].as_array().unwrap();
+        let ready = conds.iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(ready["status"], "False");
     }
 }
