@@ -411,9 +411,11 @@ async fn token_refresh_never_rolls_the_agents() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (e) The oracle fails when it must. Without any PolicyAgent and with `overlap: 0s`, Keyward
-/// revokes the old key right after handing the new one out (by design: no evidence is
-/// expected, the overlap is the user's choice). That is exactly the failure the other
+/// (e) The oracle fails when it must. Without any PolicyAgent, with `overlap: 0s` and an unsealed
+/// key (`includePrivateKey: true`: agents hold the private key, so no token expiry bounds its
+/// use), Keyward revokes the old key right after handing the new one out (by design: no evidence
+/// is expected, the overlap is the user's choice; a sealed key would also wait for its last
+/// token to expire, which would spare these pods). That is exactly the failure the other
 /// scenarios guard against, so the same checks must flag it here. The kubelet of this bed never
 /// refreshes Secret volumes of running pods (a sync delay of an hour), so the running pods keep
 /// presenting the old key and are refused as `Revoked`; the test then restarts the pods (as a
@@ -426,6 +428,14 @@ async fn checks_flag_a_revocation_without_evidence() -> anyhow::Result<()> {
     let op = InProcessOperator::start(&bed.ns).await;
     bed.create_key(json!({ "minInterval": "1s", "publishDelay": "1s", "overlap": "0s" }))
         .await?;
+    bed.api::<keyward::api::ProvisioningKey>()
+        .patch(
+            scenarios::support::PK,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "spec": { "includePrivateKey": true } })),
+        )
+        .await
+        .context("unseal the key")?;
     let k1 = bed.wait_handed_out(|_| true).await?;
     bed.create_workloads().await?;
     let want = 2 * REPLICAS as usize;
