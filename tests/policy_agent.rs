@@ -1554,3 +1554,82 @@ async fn a_policy_agent_deleted_mid_rotation_leaves_its_pods_covered_by_the_time
     hold.release();
     bed.finish().await;
 }
+
+/// Terminating pods whose containers still run hold the key they started with: the stand-in
+/// kubelet keeps a terminating pod (and its agent) running for its grace period, as a kubelet
+/// does. While any pod of the old template still exists, the old key must not be revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_pods_hold_the_old_key_until_they_are_gone() {
+    let bed = Bed::with_kubelet(
+        "kw-pa-grace",
+        KubeletConfig::default().with_grace_period(true),
+    )
+    .await;
+    let kid1 = bed.key().await;
+    let mut template = pod_template("opa", SECRET);
+    template["spec"]["terminationGracePeriodSeconds"] = json!(6);
+    let d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "opa" },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app": "opa" } },
+            "template": template,
+        },
+    }))
+    .expect("a valid Deployment");
+    bed.api::<Deployment>()
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create the Deployment");
+    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
+        .await;
+    let pas: Api<PolicyAgent> = bed.api();
+    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
+        confirmed_on(pa, &kid1)
+    })
+    .await;
+    let pods: Api<Pod> = bed.api();
+    let old = pod_uids(&pods, "opa").await;
+    assert_eq!(old.len(), 2);
+    let kid2 = rotate(&bed, 2).await;
+    let secrets: Api<Secret> = bed.api();
+    let k1 = key_secret_name(PK, 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut saw_terminating = false;
+    loop {
+        let present: Vec<Pod> = pods
+            .list(&ListParams::default().labels("app=opa"))
+            .await
+            .expect("list pods")
+            .items
+            .into_iter()
+            .filter(|p| p.uid().is_some_and(|u| old.contains(&u)))
+            .collect();
+        saw_terminating |= present
+            .iter()
+            .any(|p| p.metadata.deletion_timestamp.is_some());
+        let state = state(&secrets.get(&k1).await.expect("key 1"));
+        if present.is_empty() {
+            break;
+        }
+        assert_ne!(
+            state,
+            "revoked",
+            "old key revoked while {} pod(s) that started with it still exist",
+            present.len()
+        );
+        assert!(Instant::now() < deadline, "old pods never went away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        saw_terminating,
+        "no old pod was seen terminating: the grace period was not honoured"
+    );
+    wait_pk(&bed.api::<ProvisioningKey>(), PK, "old key revoked", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+    bed.finish().await;
+}
