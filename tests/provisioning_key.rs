@@ -1447,6 +1447,31 @@ async fn a_spec_below_a_floor_keeps_serving_the_current_key() {
     let pk = pks.get("floor").await.expect("the key");
     assert!(not_ready_because(&pk, "BelowFloor"), "no longer reported");
 
+    // Break-glass does not wait for the spec to be fixed: a valid compromisedKeys entry is
+    // honoured at once (successor minted, handed out, the compromised key revoked).
+    merge(
+        &pks,
+        "floor",
+        json!({ "spec": { "compromisedKeys": [kid1.clone()] } }),
+    )
+    .await;
+    wait_obj(
+        &secrets,
+        &key_secret_name("floor", 1),
+        "the compromised key revoked",
+        TIMEOUT,
+        |s| state(s) == "revoked",
+    )
+    .await;
+    wait_obj(
+        &secrets,
+        "floor",
+        "the successor handed out",
+        TIMEOUT,
+        |s| data(s, l::DATA_KEY_ID).is_some_and(|k| k != kid1),
+    )
+    .await;
+
     // Fixing the spec makes it Ready again.
     merge(
         &pks,

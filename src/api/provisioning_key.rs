@@ -226,8 +226,9 @@ pub struct ProvisioningKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_refresh_at: Option<String>,
 
-    /// Pods that use the agent Secret but belong to no PolicyAgent's workload, seen while a key
-    /// is retiring: they have no evidence, so the old key waits the time fallback for them.
+    /// Pods that use the agent Secret but belong to no PolicyAgent's workload, as seen during the
+    /// last rotation (pods are looked at while a key is retiring): they have no evidence, so the
+    /// old key waits the time fallback for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncovered_consumers: Option<UncoveredConsumers>,
 

@@ -445,3 +445,62 @@ pub async fn run(
     }
     info!("keyward controllers stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(Backoff::delay(1), Duration::from_millis(500));
+        assert_eq!(Backoff::delay(2), Duration::from_secs(1));
+        assert_eq!(Backoff::delay(5), Duration::from_secs(8));
+        assert_eq!(Backoff::delay(8), Backoff::CAP);
+        assert_eq!(Backoff::delay(u32::MAX), Backoff::CAP);
+        let b = Backoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| b.fail("ns/pk")).collect();
+        for (n, d) in delays.iter().enumerate() {
+            let base = Backoff::delay(u32::try_from(n).unwrap() + 1);
+            assert!(
+                *d >= base.mul_f64(0.75) && *d <= base.mul_f64(1.25),
+                "retry {n}: {d:?} outside the jitter of {base:?}"
+            );
+        }
+        b.reset("ns/pk");
+        assert!(b.fail("ns/pk") <= Backoff::BASE.mul_f64(1.25));
+    }
+
+    /// A missing CRD is named at startup (the API server answers 404 for its resource).
+    #[tokio::test]
+    async fn preflight_names_a_missing_crd() {
+        let (service, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(service, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert!(
+                req.uri().path().ends_with("/provisioningkeys"),
+                "{}",
+                req.uri()
+            );
+            send.send_response(
+                http::Response::builder()
+                    .status(404)
+                    .body(kube::client::Body::from(
+                        br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#.to_vec(),
+                    ))
+                    .unwrap(),
+            );
+        });
+        let err = preflight(&client, &["agents".to_string()])
+            .await
+            .expect_err("a missing CRD fails the preflight");
+        assert!(
+            err.contains("provisioningkeys.keyward.dev") && err.contains("not installed"),
+            "{err}"
+        );
+        server.await.unwrap();
+    }
+}

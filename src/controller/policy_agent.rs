@@ -336,6 +336,7 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
         Err(refusal) => (None, outcome::refused(&refusal)),
     };
     report(&ctx, &pa, &previous, input.as_ref(), &outcome, now).await?;
+    ctx.backoff.reset(&super::object_key(&pa));
     Ok(outcome
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
