@@ -55,8 +55,13 @@ impl Bed {
     /// The usual start: the key, Deployment `opa` (2 replicas) and PolicyAgent `opa-agents`,
     /// confirmed on the first key; returns its key id.
     async fn confirmed_deployment(&self) -> String {
-        let kid1 = self.key().await;
-        self.deployment("opa", 2).await;
+        self.confirmed_deployment_with(json!({}), 2).await
+    }
+
+    /// [`Bed::confirmed_deployment`] with `spec` merged into the key's spec and `replicas` pods.
+    async fn confirmed_deployment_with(&self, spec: Value, replicas: i32) -> String {
+        let kid1 = self.key_with(spec).await;
+        self.deployment("opa", replicas).await;
         self.policy_agent("opa-agents", PK, "Deployment", "opa")
             .await;
         let pas: Api<PolicyAgent> = self.api();
@@ -93,11 +98,20 @@ impl Bed {
     /// Creates the ProvisioningKey (fast rotation: publishDelay 1s, no debounce) and waits until
     /// it is settled; returns the key id its agent Secret carries.
     async fn key(&self) -> String {
+        self.key_with(json!({})).await
+    }
+
+    /// [`Bed::key`] with `extra` merged into the spec (top-level fields; `rotation` replaces the
+    /// default one).
+    async fn key_with(&self, extra: Value) -> String {
         let pks: Api<ProvisioningKey> = self.api();
-        let spec = json!({
+        let mut spec = json!({
             "secretName": SECRET,
             "rotation": { "publishDelay": "1s", "overlap": "1s", "minInterval": "0s" },
         });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
         create_pk(&pks, PK, json!({}), spec).await;
         wait_pk(&pks, PK, "settled on its first key", is_settled).await;
         agent_kid(&self.api()).await
@@ -1405,6 +1419,15 @@ async fn repointed_policy_agent_does_not_carry_the_confirmation() {
 // ---------------------------------------------------------------------------------------------
 // Ordinary cluster life: consumers that no PolicyAgent covers.
 
+/// Tokens of 20 s and an overlap of 2 s: the last token of the old key outlives the overlap, so
+/// a revocation that ignores it shows.
+fn short_tokens() -> Value {
+    json!({
+        "rotation": { "publishDelay": "1s", "overlap": "2s", "minInterval": "0s" },
+        "token": { "ttl": "20s" },
+    })
+}
+
 /// Issue row: "A second workload mounts the agent Secret but no PolicyAgent covers it: the old
 /// key was revoked 3.6 s after hand-out, while that workload's pods still held it." Now its
 /// pods are uncovered consumers: the old key waits `overlap` from the hand-out and, being sealed,
@@ -1415,22 +1438,7 @@ async fn uncovered_consumers_keep_the_old_key_until_its_last_token_expired() {
     let bed = Bed::new("kw-uncovered").await;
     let pks: Api<ProvisioningKey> = bed.api();
     let secrets: Api<Secret> = bed.api();
-    let spec = json!({
-        "secretName": SECRET,
-        "rotation": { "publishDelay": "1s", "overlap": "2s", "minInterval": "0s" },
-        "token": { "ttl": "20s" },
-    });
-    create_pk(&pks, PK, json!({}), spec).await;
-    wait_pk(&pks, PK, "settled on its first key", is_settled).await;
-    let kid1 = agent_kid(&secrets).await;
-    bed.deployment("opa", 1).await;
-    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
-        .await;
-    let pas: Api<PolicyAgent> = bed.api();
-    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid1)
-    })
-    .await;
+    let kid1 = bed.confirmed_deployment_with(short_tokens(), 1).await;
     // The second workload: same Secret, no PolicyAgent.
     bed.deployment("other", 2).await;
 
@@ -1455,18 +1463,18 @@ async fn uncovered_consumers_keep_the_old_key_until_its_last_token_expired() {
     .await;
     let kid2 = agent_kid(&secrets).await;
     assert_ne!(kid1, kid2);
-    let agent = secrets.get(SECRET).await.expect("the agent Secret");
-    let handed_out = agent
-        .annotations()
-        .get(l::HANDED_OUT_AT)
-        .and_then(|v| keyward::controller::parse_ts(v))
-        .expect("the agent Secret records when its key was handed out");
     let revoked_at = at(&revoked, l::REVOKED_AT);
     assert!(
         revoked_at.timestamp() >= claims.exp,
         "old key revoked at {revoked_at}, before the last token it signed expired ({})",
         claims.exp
     );
+    let agent = secrets.get(SECRET).await.expect("the agent Secret");
+    let handed_out = agent
+        .annotations()
+        .get(l::HANDED_OUT_AT)
+        .and_then(|v| keyward::controller::parse_ts(v))
+        .expect("the agent Secret records when its key was handed out");
     assert!(
         revoked_at >= handed_out + chrono::Duration::seconds(2),
         "old key revoked at {revoked_at}, less than overlap after the hand-out at {handed_out}"
@@ -1497,21 +1505,7 @@ async fn a_policy_agent_deleted_mid_rotation_leaves_its_pods_covered_by_the_time
     let pks: Api<ProvisioningKey> = bed.api();
     let pas: Api<PolicyAgent> = bed.api();
     let secrets: Api<Secret> = bed.api();
-    let spec = json!({
-        "secretName": SECRET,
-        "rotation": { "publishDelay": "1s", "overlap": "2s", "minInterval": "0s" },
-        "token": { "ttl": "20s" },
-    });
-    create_pk(&pks, PK, json!({}), spec).await;
-    wait_pk(&pks, PK, "settled on its first key", is_settled).await;
-    let kid1 = agent_kid(&secrets).await;
-    bed.deployment("opa", 2).await;
-    bed.policy_agent("opa-agents", PK, "Deployment", "opa")
-        .await;
-    wait_pa(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid1)
-    })
-    .await;
+    bed.confirmed_deployment_with(short_tokens(), 2).await;
 
     hold.start("opa").await;
     let s = secrets.get(SECRET).await.expect("the agent Secret");

@@ -765,9 +765,7 @@ async fn invalid_input_is_reported_and_nothing_is_overwritten() {
         not_ready_because(pk, "BelowFloor")
     })
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(
         msg.contains("rotation.interval") && msg.contains("1h"),
         "unclear message: {msg}"
@@ -783,9 +781,7 @@ async fn invalid_input_is_reported_and_nothing_is_overwritten() {
         not_ready_because(pk, "SecretNameTaken")
     })
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(msg.contains("taken"), "unclear message: {msg}");
     assert_nothing_written(&ns, "wants-secret", None, Some("wants-secret-trust")).await;
 
@@ -797,9 +793,7 @@ async fn invalid_input_is_reported_and_nothing_is_overwritten() {
         |pk| not_ready_because(pk, "TrustBundleNameTaken"),
     )
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(msg.contains("their-trust"), "unclear message: {msg}");
     assert_nothing_written(&ns, "wants-bundle", Some("wants-bundle"), None).await;
 
@@ -1421,9 +1415,7 @@ async fn a_spec_below_a_floor_keeps_serving_the_current_key() {
         not_ready_because(pk, "BelowFloor")
     })
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(
         msg.contains("rotation.interval") && msg.contains("still served"),
         "unclear message: {msg}"
@@ -1514,9 +1506,7 @@ async fn a_squatted_key_secret_name_is_reported_and_retried_with_backoff() {
         not_ready_because(pk, "NameTaken")
     })
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(
         msg.contains("squat-k1"),
         "the message does not name the object: {msg}"
@@ -1594,9 +1584,7 @@ async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
         not_ready_because(pk, "NameImmutable")
     })
     .await;
-    let msg = condition(&pk, "Ready")
-        .map(|c| c.message.clone())
-        .unwrap_or_default();
+    let msg = ready_message(&pk);
     assert!(
         msg.contains("agents-a") && msg.contains("agents-b"),
         "unclear message: {msg}"

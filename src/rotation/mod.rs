@@ -985,15 +985,15 @@ fn revocation(
             emergency: false,
         });
     }
+    let names: Vec<String> = waiting
+        .iter()
+        .map(|c| match &c.waiting_reason {
+            Some(r) => format!("{} ({r})", c.name),
+            None => c.name.clone(),
+        })
+        .collect();
     let mut parts = Vec::new();
     if !waiting.is_empty() {
-        let names: Vec<String> = waiting
-            .iter()
-            .map(|c| match &c.waiting_reason {
-                Some(r) => format!("{} ({r})", c.name),
-                None => c.name.clone(),
-            })
-            .collect();
         parts.push(format!(
             "every PolicyAgent is confirmed on {}; waiting for {}",
             cur.kid,
@@ -1051,13 +1051,6 @@ fn revocation(
             .min();
         let deadline = started.map(|s| add(s, settings.confirmation_timeout));
         if deadline.is_some_and(|d| now >= d) {
-            let names: Vec<String> = waiting
-                .iter()
-                .map(|c| match &c.waiting_reason {
-                    Some(r) => format!("{} ({r})", c.name),
-                    None => c.name.clone(),
-                })
-                .collect();
             p.phase = Phase::Stalled;
             p.stalled = Some(Why::new(
                 reasons::ROTATION_STALLED,

@@ -118,6 +118,13 @@ pub fn condition<'a>(pk: &'a ProvisioningKey, type_: &str) -> Option<&'a KubeCon
         .find(|c| c.type_ == type_)
 }
 
+/// The message of the `Ready` condition (empty when there is none).
+pub fn ready_message(pk: &ProvisioningKey) -> String {
+    condition(pk, "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 fn condition_is(pk: &ProvisioningKey, type_: &str, status: &str) -> bool {
     condition(pk, type_).is_some_and(|c| c.status == status)
 }
