@@ -1616,3 +1616,116 @@ async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+/// The kids of the trust bundle's `jwks.json` and `revoked.json`.
+async fn bundle_kids(cms: &Api<ConfigMap>, name: &str) -> (Vec<String>, Vec<String>) {
+    let cm = cms.get(name).await.expect("the trust bundle");
+    let data = cm.data.unwrap_or_default();
+    let jwks: Jwks = serde_json::from_str(&data[l::DATA_JWKS]).expect("JWKS");
+    let revoked: Vec<String> = serde_json::from_str(&data[l::DATA_REVOKED]).expect("revoked list");
+    (jwks.key_ids(), revoked)
+}
+
+/// Tampered key Secrets: edited labels are restored from the evidence (a Warning says so); a
+/// deleted key Secret never takes its key out of the trust bundle (it shows as `Unrecorded`
+/// until listed in `compromisedKeys`) and never frees its sequence number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_key_secrets_never_drop_a_trusted_key() {
+    let ns = TestNamespace::new("kw-tamper").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let cms: Api<ConfigMap> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let rotation = json!({ "publishDelay": "1s", "overlap": "0s", "minInterval": "0s" });
+    create_pk(&pks, "tamper", json!({}), json!({ "rotation": rotation })).await;
+    wait_pk(&pks, "tamper", "settled", is_settled).await;
+
+    // 1. The active key labelled `revoked` (its private key is still there): restored.
+    merge(
+        &secrets,
+        "tamper-k1",
+        json!({ "metadata": { "labels": { l::KEY_STATE: "revoked" } } }),
+    )
+    .await;
+    wait_obj(&secrets, "tamper-k1", "label restored", TIMEOUT, |s| {
+        state(s) == "active"
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    let repaired = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("KeySecretRepaired"));
+    assert!(repaired, "no KeySecretRepaired Warning");
+
+    // 2. One rotation: k2 current, k1 revoked.
+    merge(
+        &pks,
+        "tamper",
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    let k2 = wait_obj(&secrets, "tamper-k2", "k2 current", TIMEOUT, |s| {
+        state(s) == "active"
+    })
+    .await;
+    let kid2 = kid(&k2);
+    wait_obj(&secrets, "tamper-k1", "k1 revoked", TIMEOUT, |s| {
+        state(s) == "revoked"
+    })
+    .await;
+
+    // 3. The current key's Secret deleted: its key id stays trusted, a replacement is minted
+    //    under a new sequence number (3, never 2 again) and handed out.
+    secrets
+        .delete("tamper-k2", &DeleteParams::default())
+        .await
+        .expect("delete the current key Secret");
+    wait_obj(&secrets, "tamper-k3", "replacement active", TIMEOUT, |s| {
+        state(s) == "active"
+    })
+    .await;
+    assert!(
+        secrets.get_opt("tamper-k2").await.expect("get").is_none(),
+        "sequence number 2 was reused"
+    );
+    let pk = wait_pk(&pks, "tamper", "k2 shown as unrecorded", |pk| {
+        pk.status.as_ref().is_some_and(|s| {
+            s.trusted_keys
+                .iter()
+                .any(|k| k.kid == kid2 && k.state == "Unrecorded")
+        })
+    })
+    .await;
+    assert!(pk.status.is_some());
+    let (trusted, _) = bundle_kids(&cms, "tamper-trust").await;
+    assert!(
+        trusted.contains(&kid2),
+        "the deleted key's id left the bundle: {trusted:?}"
+    );
+
+    // 4. Listed as compromised, the unrecorded key is revoked through the bundle.
+    merge(
+        &pks,
+        "tamper",
+        json!({ "spec": { "compromisedKeys": [kid2.clone()] } }),
+    )
+    .await;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (trusted, revoked) = bundle_kids(&cms, "tamper-trust").await;
+        if !trusted.contains(&kid2) && revoked.contains(&kid2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kid2 never revoked: {trusted:?} {revoked:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    op.stop().await;
+    ns.cleanup().await;
+}

@@ -20,6 +20,7 @@ pub mod reason {
     pub const KEY_RETIRING: &str = "KeyRetiring";
     pub const KEY_REVOKED: &str = "KeyRevoked";
     pub const KEY_PRUNED: &str = "KeyPruned";
+    pub const KEY_SECRET_REPAIRED: &str = "KeySecretRepaired";
     pub const TOKEN_REFRESHED: &str = "TokenRefreshed";
     pub const TRUST_BUNDLE_UPDATED: &str = "TrustBundleUpdated";
     pub const EMERGENCY_REVOCATION: &str = "EmergencyRevocation";

@@ -616,6 +616,54 @@ async fn apply(
                 .await;
             }
         }
+        Step::Repair { seq } => {
+            let Some(k) = find(obs, *seq) else {
+                return Ok(());
+            };
+            let key_name = key_secret_name(&name, *seq);
+            // Only the metadata is restored, with the observed resourceVersion as precondition;
+            // the state written is the one the key's evidence supports.
+            let body = json!({
+                "metadata": {
+                    "resourceVersion": refs.get(seq).map(|r| r.resource_version.clone()).unwrap_or_default(),
+                    "labels": {
+                        l::MANAGED_BY: l::MANAGED_BY_VALUE,
+                        l::PROVISIONING_KEY: name,
+                        l::COMPONENT: l::COMPONENT_KEY,
+                        l::KEY_STATE: k.state.as_str(),
+                        l::KEY_SEQ: seq.to_string(),
+                    },
+                    "annotations": { l::KEY_ID: k.kid, l::FINGERPRINT: k.fingerprint },
+                }
+            });
+            secrets
+                .patch(
+                    &key_name,
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(&body),
+                )
+                .await?;
+            audit::record(
+                ctx,
+                &regarding,
+                Audit {
+                    warning: true,
+                    reason: reason::KEY_SECRET_REPAIRED,
+                    action: "Repair",
+                    note: format!(
+                        "key Secret {key_name} of key {} was edited ({}); its labels and annotations were restored, state {} as its evidence shows",
+                        k.kid,
+                        k.edited.as_deref().unwrap_or("metadata differed"),
+                        k.state.as_str()
+                    ),
+                    related: Some(key_ref(pk, *seq)),
+                },
+            )
+            .await;
+        }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
             let dp = DeleteParams {

@@ -144,6 +144,9 @@ pub struct ObservedKey {
     pub has_private_key: bool,
     /// `exp` of the last token this key signed, recorded when it retired.
     pub last_token_exp: Option<DateTime<Utc>>,
+    /// Why the key Secret's labels or annotations disagree with its evidence (someone edited
+    /// them); the state above is the one the evidence supports, and the metadata is restored.
+    pub edited: Option<String>,
 }
 
 /// The trust bundle ConfigMap.
@@ -276,6 +279,9 @@ pub enum Step {
     Revoke { seq: u32, emergency: bool },
     /// Delete an old revoked key Secret beyond [`RETAIN_REVOKED`].
     Prune { seq: u32 },
+    /// Restore the labels and annotations of a key Secret that someone edited (its state stays
+    /// the one its evidence supports).
+    Repair { seq: u32 },
 }
 
 /// The phase shown in status.
@@ -584,7 +590,12 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         });
     };
 
-    // 2. Finish the publication of minted keys: label, bundle, record. A bundle owned by
+    // 2. Edited key Secrets get their metadata back (the state is judged from evidence).
+    if let Some(k) = keys.iter().find(|k| k.edited.is_some()) {
+        return Plan::new(Phase::Ready).step(Step::Repair { seq: k.seq });
+    }
+
+    // 3. Finish the publication of minted keys: label, bundle, record. A bundle owned by
     //    someone else is never written, so nothing new gets published (and nothing activated).
     if let Some(k) = keys.iter().find(|k| k.state == KeyState::Pending) {
         // A key compromised before it was ever trusted is revoked without being published.

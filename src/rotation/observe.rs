@@ -164,10 +164,10 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     let labels = s.labels();
     let ann = s.annotations();
     let get = |k: &str| ann.get(k).cloned();
-    let seq = labels
-        .get(l::KEY_SEQ)
-        .and_then(|v| v.parse::<u32>().ok())
-        .or_else(|| seq_from_name(&s.name_any()))
+    let labelled_seq = labels.get(l::KEY_SEQ).and_then(|v| v.parse::<u32>().ok());
+    let named_seq = seq_from_name(&s.name_any());
+    let seq = named_seq
+        .or(labelled_seq)
         .ok_or("missing or malformed key-seq label")?;
     let data = s.data.clone().unwrap_or_default();
     let pem = data
@@ -177,6 +177,9 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     let public = PublicKey::from_spki_pem(&pem).map_err(|e| e.to_string())?;
     let kid = public.key_id();
     let mut tamper = None;
+    if labelled_seq != Some(seq) {
+        tamper = Some("key-seq label does not match the Secret's name".to_string());
+    }
     if get(l::KEY_ID).as_deref() != Some(kid.as_str()) {
         tamper = Some("key-id annotation does not match the public key".to_string());
     }
@@ -192,28 +195,31 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     let has_private_key = data.contains_key(l::DATA_PRIVATE_KEY);
     let revoked_at = at(l::REVOKED_AT);
     let labelled = labels.get(l::KEY_STATE).and_then(|v| KeyState::parse(v));
-    let evidence_revoked = !has_private_key && revoked_at.is_some();
-    let state = match labelled {
-        _ if evidence_revoked => KeyState::Revoked,
-        Some(KeyState::Revoked) => {
-            tamper = Some("labelled revoked without a recorded revocation".into());
-            KeyState::Retiring
-        }
-        Some(state) => state,
-        // The label was removed or edited: judge by the recorded timestamps.
-        None => {
-            tamper = Some("missing or malformed key-state label".into());
-            if at(l::RETIRED_AT).is_some() {
-                KeyState::Retiring
-            } else if at(l::ACTIVATED_AT).is_some() {
-                KeyState::Active
-            } else if at(l::PUBLISHED_AT).is_some() {
-                KeyState::Published
-            } else {
-                KeyState::Pending
-            }
-        }
+    // Each transition writes its label together with its timestamp (publication excepted: the
+    // `published` label comes first, its time when the bundle is seen to contain the key), so
+    // the timestamps tell the state; a label that disagrees was edited by someone else.
+    let state = if !has_private_key && revoked_at.is_some() {
+        KeyState::Revoked
+    } else if at(l::RETIRED_AT).is_some() {
+        KeyState::Retiring
+    } else if at(l::ACTIVATED_AT).is_some() {
+        KeyState::Active
+    } else if at(l::PUBLISHED_AT).is_some() || labelled == Some(KeyState::Published) {
+        KeyState::Published
+    } else {
+        KeyState::Pending
     };
+    if labelled != Some(state) {
+        tamper = Some(match labelled {
+            None => "missing or malformed key-state label".to_string(),
+            Some(KeyState::Revoked) => "labelled revoked without a recorded revocation".into(),
+            Some(l) => format!(
+                "labelled {} but its evidence says {}",
+                l.as_str(),
+                state.as_str()
+            ),
+        });
+    }
     let recorded = get(l::SETTINGS).and_then(|v| serde_json::from_str(&v).ok());
     Ok((
         ObservedKey {
@@ -234,6 +240,7 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
             revoked_at,
             has_private_key,
             last_token_exp: at(l::LAST_TOKEN_EXP),
+            edited: tamper.clone(),
         },
         pem,
         tamper,

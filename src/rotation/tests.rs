@@ -111,6 +111,7 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
         },
         has_private_key: state != KeyState::Revoked,
         last_token_exp: None,
+        edited: None,
     }
 }
 
@@ -1807,6 +1808,16 @@ fn cases() -> Vec<Case> {
             Phase::Publishing,
         )
         .check(Check::Requeue(secs(90))),
+        case(
+            "an edited key Secret gets its metadata back before anything else",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.keys[0].edited = some("labelled revoked without a recorded revocation");
+                o.consumers = vec![consumer("opa", Some(2), Some(ago(100)))];
+            }),
+            Some(Repair { seq: 1 }),
+            Phase::Ready,
+        ),
         // --- Stuck rotations are visible ---------------------------------------------------------
         case(
             "a request made during a rotation is queued and reported",
@@ -2521,6 +2532,7 @@ impl Sim {
                     revoked_at: None,
                     has_private_key: true,
                     last_token_exp: None,
+                    edited: None,
                 });
             }
             Step::MarkPublished { seq } => {
@@ -2728,6 +2740,14 @@ impl Sim {
                     revoked.first()
                 );
                 self.obs.keys.retain(|k| k.seq != *seq);
+            }
+            Step::Repair { seq } => {
+                let k = self.key_mut(*seq)?;
+                ensure!(
+                    k.edited.is_some(),
+                    "Repair of key {seq} that was not edited"
+                );
+                k.edited = None;
             }
         }
         self.check_transition(&before, step)?;
