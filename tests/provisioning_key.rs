@@ -1726,6 +1726,28 @@ async fn tampered_key_secrets_never_drop_a_trusted_key() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // 5. The current key's private key removed (no revocation recorded): no token can be signed
+    //    with it, so a replacement is rotated in; the agents are never left without a key.
+    merge(
+        &secrets,
+        "tamper-k3",
+        json!({ "data": { l::DATA_PRIVATE_KEY: null } }),
+    )
+    .await;
+    let k4 = wait_obj(&secrets, "tamper-k4", "replacement active", TIMEOUT, |s| {
+        state(s) == "active"
+    })
+    .await;
+    assert_eq!(annotation(&k4, l::TRIGGER).as_deref(), Some("Replacement"));
+    wait_obj(
+        &secrets,
+        "tamper",
+        "the replacement handed out",
+        TIMEOUT,
+        |s| data(s, l::DATA_KEY_ID).as_deref() == Some(kid(&k4).as_str()),
+    )
+    .await;
     op.stop().await;
     ns.cleanup().await;
 }

@@ -286,7 +286,8 @@ pub struct RevokedKey {
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
     pub kid: String,
-    /// What caused the mint: `Initial`, `Interval`, `RequestToken`, `Annotation`, `Compromised`.
+    /// What caused the mint: `Initial`, `Interval`, `RequestToken`, `Annotation`, `Compromised`,
+    /// `Replacement` (the current key could no longer be served).
     pub trigger: String,
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

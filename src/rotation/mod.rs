@@ -97,15 +97,20 @@ pub enum Trigger {
     RequestToken,
     Annotation,
     Compromised,
+    /// The current key can no longer be served: its key Secret was deleted, or its private key
+    /// removed without a recorded revocation. Never delayed by `minInterval`, `suspend` or a
+    /// refused spec (liveness).
+    Replacement,
 }
 
 impl Trigger {
-    pub const ALL: [Trigger; 5] = [
+    pub const ALL: [Trigger; 6] = [
         Trigger::Initial,
         Trigger::Interval,
         Trigger::RequestToken,
         Trigger::Annotation,
         Trigger::Compromised,
+        Trigger::Replacement,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +120,7 @@ impl Trigger {
             Trigger::RequestToken => "RequestToken",
             Trigger::Annotation => "Annotation",
             Trigger::Compromised => "Compromised",
+            Trigger::Replacement => "Replacement",
         }
     }
 
@@ -539,7 +545,7 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     if let Some(refused) = &settings.refused {
         p.blocked = Some(Why::new(refused.reason, refused.message.clone()));
         if let Some(Step::Mint { trigger, .. }) = &p.step
-            && *trigger != Trigger::Compromised
+            && !matches!(trigger, Trigger::Compromised | Trigger::Replacement)
         {
             p.rotating = Some(Why::new(
                 reasons::REFUSED,
@@ -752,13 +758,46 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         // stays trusted meanwhile.
         let mut p = Plan::new(Phase::Pending).step(Step::Mint {
             seq: next_seq,
-            trigger: Trigger::Initial,
-            consumed_request_token: latest.consumed_request_token.clone(),
-            consumed_annotation: latest.consumed_annotation.clone(),
+            trigger: Trigger::Replacement,
+            // A replacement is a new key: it serves any request present (the key Secret that
+            // recorded the last one consumed may be the one that was deleted).
+            consumed_request_token: settings.request_token.clone(),
+            consumed_annotation: obs.rotate_annotation.clone(),
         });
         p.unrecorded = unrecorded;
         return p;
     };
+
+    // The current key lost its private key without a recorded revocation (someone edited its
+    // Secret): no token can be signed with it any more. It stays trusted; a replacement is
+    // minted at once and rotated in as usual (publishDelay, hand-out, evidence).
+    if !cur.has_private_key {
+        if let Some(mut p) = publishing {
+            // No token refresh to wake for: none can be signed until the successor is out.
+            p.unrecorded = unrecorded;
+            return p;
+        }
+        if !keys
+            .iter()
+            .any(|k| k.seq > cur.seq && k.state != KeyState::Revoked)
+        {
+            let mut p = Plan::new(Phase::Publishing).step(Step::Mint {
+                seq: next_seq,
+                trigger: Trigger::Replacement,
+                consumed_request_token: settings.request_token.clone(),
+                consumed_annotation: obs.rotate_annotation.clone(),
+            });
+            p.rotating = Some(Why::new(
+                reasons::PUBLISHING,
+                format!(
+                    "key {} lost its private key; minting a replacement",
+                    cur.kid
+                ),
+            ));
+            p.unrecorded = unrecorded;
+            return p;
+        }
+    }
 
     // 5. Older active keys retire (the newer one is current).
     if let Some(k) = keys

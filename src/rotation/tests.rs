@@ -1495,7 +1495,7 @@ fn cases() -> Vec<Case> {
             with_obs(vec![key(1, Revoked)], |o| o.agent_secret = agent(&kid(1))),
             Some(Mint {
                 seq: 2,
-                trigger: Trigger::Initial,
+                trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
             }),
@@ -1778,7 +1778,7 @@ fn cases() -> Vec<Case> {
             }),
             Some(Mint {
                 seq: 3,
-                trigger: Trigger::Initial,
+                trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
             }),
@@ -1818,6 +1818,48 @@ fn cases() -> Vec<Case> {
             Some(Repair { seq: 1 }),
             Phase::Ready,
         ),
+        case(
+            "a current key that lost its private key is replaced at once, even when refused",
+            with_settings(|s| {
+                s.refused = Some(Refusal {
+                    reason: "BelowFloor",
+                    message: "below".into(),
+                });
+                s.suspend = true;
+            }),
+            with_obs(vec![key(1, Active)], |o| o.keys[0].has_private_key = false),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::Replacement,
+                consumed_request_token: None,
+                consumed_annotation: None,
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "no refresh is attempted with a key that lost its private key; the successor waits publishDelay",
+            s(),
+            with_obs(
+                vec![
+                    key(1, Active),
+                    ObservedKey {
+                        published_at: Some(ago(30)),
+                        trigger: Trigger::Replacement,
+                        ..key(2, Published)
+                    },
+                ],
+                |o| {
+                    o.keys[0].has_private_key = false;
+                    o.agent_secret = agent_with(&kid(1), |a| {
+                        a.token_iat = Some(ago(3000).timestamp());
+                        a.token_exp = Some(ago(3000).timestamp() + TTL as i64);
+                    });
+                },
+            ),
+            None,
+            Phase::Publishing,
+        )
+        .check(Check::Requeue(secs(90))),
         // --- Stuck rotations are visible ---------------------------------------------------------
         case(
             "a request made during a rotation is queued and reported",
