@@ -97,7 +97,13 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
                     .requeue_after
                     .map_or_else(Action::await_change, Action::requeue));
             }
-            Some(step) => apply(ctx, pk, &read, step, now).await?,
+            Some(step) => {
+                let minted = apply(ctx, pk, &read, step, now).await?;
+                let regarding = pk.object_ref(&());
+                for fact in step_audits(pk, &read, step, minted.as_ref()) {
+                    audit::record(ctx, &regarding, fact).await;
+                }
+            }
         }
     }
     Ok(Action::requeue(Duration::from_millis(200)))
@@ -220,17 +226,221 @@ fn find(obs: &Observed, seq: u32) -> Option<&ObservedKey> {
     obs.keys.iter().find(|k| k.seq == seq)
 }
 
+/// Why a revocation was safe, for its audit note.
+fn revocation_evidence(settings: &Settings, obs: &Observed, emergency: bool) -> String {
+    if emergency {
+        return "listed in spec.compromisedKeys; revoked without waiting for confirmation".into();
+    }
+    let overlap = humantime::format_duration(settings.overlap);
+    let mut parts = Vec::new();
+    if !obs.consumers.is_empty() {
+        let cur = rotation::current(&obs.keys).map_or("-", |c| c.kid.as_str());
+        let names: Vec<&str> = obs.consumers.iter().map(|c| c.name.as_str()).collect();
+        parts.push(format!(
+            "every PolicyAgent ({}) is confirmed on {cur}",
+            names.join(", ")
+        ));
+    }
+    match obs.uncovered.as_deref() {
+        Some(u) if !u.is_empty() => parts.push(format!(
+            "{} pod(s) no PolicyAgent covers ({}) use the agent Secret: overlap of {overlap} after the hand-out passed{}",
+            u.len(),
+            rotation::uncovered_workloads(u).join(", "),
+            if settings.include_private_key {
+                ""
+            } else {
+                " and the key's last token expired"
+            }
+        )),
+        _ if obs.consumers.is_empty() => parts.push(format!(
+            "overlap of {overlap} passed and no PolicyAgent references this key"
+        )),
+        _ => {}
+    }
+    parts.join("; ")
+}
+
+/// A key minted by [`apply`]: its id and fingerprint, for the audit (never key bytes).
+struct Minted {
+    kid: String,
+    fingerprint: String,
+}
+
+/// The audit of an applied step: pure, one entry per fact (the step describes its own audit,
+/// `apply` only writes, the reconcile records). Notes name key ids and fingerprints only.
+fn step_audits(
+    pk: &ProvisioningKey,
+    read: &Read,
+    step: &Step,
+    minted: Option<&Minted>,
+) -> Vec<Audit<'static>> {
+    let (settings, obs) = (&read.settings, &read.observed);
+    let fact =
+        |warning: bool, reason: &'static str, action: &'static str, seq: u32, note: String| Audit {
+            warning,
+            reason,
+            action,
+            note,
+            related: Some(key_ref(pk, seq)),
+        };
+    let key = |seq: u32| find(obs, seq);
+    match step {
+        Step::Mint { seq, trigger, .. } => {
+            // Nothing new when the key Secret already existed (minted before a crash).
+            let Some(m) = minted else {
+                return Vec::new();
+            };
+            let mut facts = vec![fact(
+                false,
+                reason::KEY_MINTED,
+                "Mint",
+                *seq,
+                format!(
+                    "minted key {} (fingerprint {}, seq {seq}, trigger {})",
+                    m.kid,
+                    m.fingerprint,
+                    trigger.as_str()
+                ),
+            )];
+            if *trigger == Trigger::Compromised {
+                facts.push(fact(
+                    true,
+                    reason::EMERGENCY_REVOCATION,
+                    "Mint",
+                    *seq,
+                    format!(
+                        "compromised key(s) {} listed in spec.compromisedKeys: minted successor {}; the compromised keys are revoked without waiting for confirmation",
+                        settings.compromised.iter().cloned().collect::<Vec<_>>().join(", "),
+                        m.kid
+                    ),
+                ));
+            }
+            facts
+        }
+        Step::MarkPublished { .. } | Step::WriteBundle { .. } | Step::Prune { .. } => Vec::new(),
+        Step::RecordPublished { seq } => key(*seq)
+            .map(|k| {
+                fact(
+                    false,
+                    reason::KEY_PUBLISHED,
+                    "Publish",
+                    *seq,
+                    format!(
+                        "key {} (fingerprint {}) is in trust bundle {}",
+                        k.kid, k.fingerprint, settings.trust_bundle_name
+                    ),
+                )
+            })
+            .into_iter()
+            .collect(),
+        Step::Activate { seq, emergency } => key(*seq)
+            .map(|k| {
+                fact(
+                    false,
+                    reason::KEY_ACTIVATED,
+                    "Activate",
+                    *seq,
+                    format!(
+                        "key {} (fingerprint {}) is now current{}",
+                        k.kid,
+                        k.fingerprint,
+                        if *emergency {
+                            " (emergency: publishDelay skipped)"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            })
+            .into_iter()
+            .collect(),
+        Step::Retire { seq } => key(*seq)
+            .map(|k| {
+                fact(
+                    false,
+                    reason::KEY_RETIRING,
+                    "Retire",
+                    *seq,
+                    format!(
+                        "key {} is superseded; it stays trusted until revocation is safe",
+                        k.kid
+                    ),
+                )
+            })
+            .into_iter()
+            .collect(),
+        Step::HandOut { seq, reason: why } => {
+            let kid = key(*seq).map(|k| k.kid.clone()).unwrap_or_default();
+            let secret = &settings.secret_name;
+            let (reason, note) = match why {
+                HandOutReason::TokenRefresh => (
+                    reason::TOKEN_REFRESHED,
+                    format!("re-issued the token of key {kid} in Secret {secret}"),
+                ),
+                HandOutReason::NewKey => (
+                    reason::KEY_HANDED_OUT,
+                    format!("Secret {secret} now carries key {kid}"),
+                ),
+                HandOutReason::Repair => (
+                    reason::KEY_HANDED_OUT,
+                    format!("Secret {secret} rewritten for key {kid} (it differed from the spec)"),
+                ),
+            };
+            vec![fact(false, reason, "HandOut", *seq, note)]
+        }
+        Step::Revoke { seq, emergency } => key(*seq)
+            .map(|k| {
+                fact(
+                    *emergency,
+                    if *emergency {
+                        reason::EMERGENCY_REVOCATION
+                    } else {
+                        reason::KEY_REVOKED
+                    },
+                    "Revoke",
+                    *seq,
+                    format!(
+                        "revoked key {} (fingerprint {}); private key deleted; {}",
+                        k.kid,
+                        k.fingerprint,
+                        revocation_evidence(settings, obs, *emergency)
+                    ),
+                )
+            })
+            .into_iter()
+            .collect(),
+        Step::Repair { seq } => key(*seq)
+            .map(|k| {
+                fact(
+                    true,
+                    reason::KEY_SECRET_REPAIRED,
+                    "Repair",
+                    *seq,
+                    format!(
+                        "key Secret {} of key {} was edited ({}); its labels and annotations were restored, state {} as its evidence shows",
+                        key_secret_name(&pk.name_any(), *seq),
+                        k.kid,
+                        k.edited.as_deref().unwrap_or("metadata differed"),
+                        k.state.as_str()
+                    ),
+                )
+            })
+            .into_iter()
+            .collect(),
+    }
+}
+
 async fn apply(
     ctx: &Context,
     pk: &ProvisioningKey,
     read: &Read,
     step: &Step,
     now: DateTime<Utc>,
-) -> Result<()> {
+) -> Result<Option<Minted>> {
     let (settings, obs, refs) = (&read.settings, &read.observed, &read.secrets.refs);
+    let mut minted = None;
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let regarding = pk.object_ref(&());
     let owner = pk
         .controller_owner_ref(&())
         .ok_or(Error::MissingObjectKey)?;
@@ -319,7 +529,7 @@ async fn apply(
                     let uid = pk.meta().uid.clone().unwrap_or_default();
                     if existing.is_some_and(|m| observe::controlled_by(&m.metadata, &uid)) {
                         info!(pk = %name, seq, "key Secret already exists; not minting again");
-                        return Ok(());
+                        return Ok(None);
                     }
                     return Err(Error::NameTaken {
                         kind: "Secret",
@@ -329,34 +539,7 @@ async fn apply(
                 Err(e) => return Err(e.into()),
             }
             fault::after("mint");
-            audit::record(
-                ctx,
-                &regarding,
-                Audit {
-                    warning: false,
-                    reason: reason::KEY_MINTED,
-                    action: "Mint",
-                    note: format!(
-                        "minted key {kid} (fingerprint {fingerprint}, seq {seq}, trigger {})",
-                        trigger.as_str()
-                    ),
-                    related: Some(key_ref(pk, *seq)),
-                },
-            )
-            .await;
-            if *trigger == Trigger::Compromised {
-                audit::record(ctx, &regarding, Audit {
-                    warning: true,
-                    reason: reason::EMERGENCY_REVOCATION,
-                    action: "Mint",
-                    note: format!(
-                        "compromised key(s) {} listed in spec.compromisedKeys: minted successor {kid}; the compromised keys are revoked without waiting for confirmation",
-                        settings.compromised.iter().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                    related: Some(key_ref(pk, *seq)),
-                })
-                .await;
-            }
+            minted = Some(Minted { kid, fingerprint });
         }
         Step::MarkPublished { seq } => {
             transition(&secrets, &name, refs, *seq, KeyState::Published, &[], false).await?;
@@ -427,25 +610,8 @@ async fn apply(
             )
             .await?;
             fault::after("record-published");
-            if let Some(k) = find(obs, *seq) {
-                audit::record(
-                    ctx,
-                    &regarding,
-                    Audit {
-                        warning: false,
-                        reason: reason::KEY_PUBLISHED,
-                        action: "Publish",
-                        note: format!(
-                            "key {} (fingerprint {}) is in trust bundle {}",
-                            k.kid, k.fingerprint, settings.trust_bundle_name
-                        ),
-                        related: Some(key_ref(pk, *seq)),
-                    },
-                )
-                .await;
-            }
         }
-        Step::Activate { seq, emergency } => {
+        Step::Activate { seq, .. } => {
             transition(
                 &secrets,
                 &name,
@@ -457,29 +623,6 @@ async fn apply(
             )
             .await?;
             fault::after("activate");
-            if let Some(k) = find(obs, *seq) {
-                audit::record(
-                    ctx,
-                    &regarding,
-                    Audit {
-                        warning: false,
-                        reason: reason::KEY_ACTIVATED,
-                        action: "Activate",
-                        note: format!(
-                            "key {} (fingerprint {}) is now current{}",
-                            k.kid,
-                            k.fingerprint,
-                            if *emergency {
-                                " (emergency: publishDelay skipped)"
-                            } else {
-                                ""
-                            }
-                        ),
-                        related: Some(key_ref(pk, *seq)),
-                    },
-                )
-                .await;
-            }
         }
         Step::Retire { seq } => {
             transition(
@@ -493,63 +636,12 @@ async fn apply(
             )
             .await?;
             fault::after("retire");
-            if let Some(k) = find(obs, *seq) {
-                audit::record(
-                    ctx,
-                    &regarding,
-                    Audit {
-                        warning: false,
-                        reason: reason::KEY_RETIRING,
-                        action: "Retire",
-                        note: format!(
-                            "key {} is superseded; it stays trusted until revocation is safe",
-                            k.kid
-                        ),
-                        related: Some(key_ref(pk, *seq)),
-                    },
-                )
-                .await;
-            }
         }
-        Step::HandOut { seq, reason: why } => {
+        Step::HandOut { seq, .. } => {
             hand_out(ctx, pk, settings, obs, *seq, now).await?;
             fault::after("hand-out");
-            let k = find(obs, *seq);
-            let kid = k.map(|k| k.kid.clone()).unwrap_or_default();
-            let (reason, note) = match why {
-                HandOutReason::TokenRefresh => (
-                    reason::TOKEN_REFRESHED,
-                    format!(
-                        "re-issued the token of key {kid} in Secret {}",
-                        settings.secret_name
-                    ),
-                ),
-                HandOutReason::NewKey => (
-                    reason::KEY_HANDED_OUT,
-                    format!("Secret {} now carries key {kid}", settings.secret_name),
-                ),
-                HandOutReason::Repair => (
-                    reason::KEY_HANDED_OUT,
-                    format!(
-                        "Secret {} rewritten for key {kid} (it differed from the spec)",
-                        settings.secret_name
-                    ),
-                ),
-            };
-            audit::record(
-                ctx,
-                &regarding,
-                Audit {
-                    warning: false,
-                    reason,
-                    action: "HandOut",
-                    note,
-                    related: Some(key_ref(pk, *seq)),
-                },
-            )
-            .await;
         }
-        Step::Revoke { seq, emergency } => {
+        Step::Revoke { seq, .. } => {
             transition(
                 &secrets,
                 &name,
@@ -561,64 +653,10 @@ async fn apply(
             )
             .await?;
             fault::after("revoke");
-            if let Some(k) = find(obs, *seq) {
-                let cur = rotation::current(&obs.keys)
-                    .map(|c| c.kid.clone())
-                    .unwrap_or_default();
-                let evidence = if *emergency {
-                    "listed in spec.compromisedKeys; revoked without waiting for confirmation"
-                        .to_string()
-                } else if let Some(u) = obs.uncovered.as_ref().filter(|u| !u.is_empty()) {
-                    format!(
-                        "{} pod(s) no PolicyAgent covers ({}) use the agent Secret: overlap of {} after the hand-out passed{}",
-                        u.len(),
-                        rotation::uncovered_workloads(u).join(", "),
-                        humantime::format_duration(settings.overlap),
-                        if settings.include_private_key {
-                            String::new()
-                        } else {
-                            " and the key's last token expired".to_string()
-                        }
-                    )
-                } else if obs.consumers.is_empty() {
-                    format!(
-                        "overlap of {} passed and no PolicyAgent references this key",
-                        humantime::format_duration(settings.overlap)
-                    )
-                } else {
-                    format!(
-                        "every PolicyAgent ({}) is confirmed on {cur}",
-                        obs.consumers
-                            .iter()
-                            .map(|c| c.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                audit::record(
-                    ctx,
-                    &regarding,
-                    Audit {
-                        warning: *emergency,
-                        reason: if *emergency {
-                            reason::EMERGENCY_REVOCATION
-                        } else {
-                            reason::KEY_REVOKED
-                        },
-                        action: "Revoke",
-                        note: format!(
-                            "revoked key {} (fingerprint {}); private key deleted; {evidence}",
-                            k.kid, k.fingerprint
-                        ),
-                        related: Some(key_ref(pk, *seq)),
-                    },
-                )
-                .await;
-            }
         }
         Step::Repair { seq } => {
             let Some(k) = find(obs, *seq) else {
-                return Ok(());
+                return Ok(None);
             };
             let key_name = key_secret_name(&name, *seq);
             // Only the metadata is restored, with the observed resourceVersion as precondition;
@@ -646,23 +684,6 @@ async fn apply(
                     &Patch::Merge(&body),
                 )
                 .await?;
-            audit::record(
-                ctx,
-                &regarding,
-                Audit {
-                    warning: true,
-                    reason: reason::KEY_SECRET_REPAIRED,
-                    action: "Repair",
-                    note: format!(
-                        "key Secret {key_name} of key {} was edited ({}); its labels and annotations were restored, state {} as its evidence shows",
-                        k.kid,
-                        k.edited.as_deref().unwrap_or("metadata differed"),
-                        k.state.as_str()
-                    ),
-                    related: Some(key_ref(pk, *seq)),
-                },
-            )
-            .await;
         }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
@@ -681,7 +702,7 @@ async fn apply(
             info!(pk = %name, secret = %key_name, "pruned old revoked key Secret");
         }
     }
-    Ok(())
+    Ok(minted)
 }
 
 /// Moves a key Secret forward to `state`, adding annotations; with `drop_private`, deletes the
@@ -1213,4 +1234,129 @@ async fn report_error(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::{BundleObs, Uncovered};
+
+    fn read(uncovered: Vec<Uncovered>, consumers: Vec<rotation::Consumer>) -> Read {
+        let t = |s: i64| DateTime::from_timestamp(s, 0).expect("valid");
+        let key = |seq: u32, state: KeyState| ObservedKey {
+            seq,
+            kid: format!("kid{seq}"),
+            fingerprint: format!("SHA256:fp{seq}"),
+            state,
+            trigger: Trigger::Interval,
+            consumed_request_token: None,
+            consumed_annotation: None,
+            created_at: t(1_000),
+            published_at: Some(t(1_000)),
+            activated_at: Some(t(1_000)),
+            retired_at: None,
+            revoked_at: None,
+            has_private_key: true,
+            last_token_exp: None,
+            edited: None,
+        };
+        let pk = ProvisioningKey::new("demo", Default::default());
+        Read {
+            settings: rotation::resolve_or_keep(
+                &pk,
+                &rotation::Floors::none(),
+                &Default::default(),
+            ),
+            observed: Observed {
+                keys: vec![key(1, KeyState::Retiring), key(2, KeyState::Active)],
+                rotate_annotation: None,
+                bundle: BundleObs::Missing,
+                agent_secret: AgentSecretObs::Missing,
+                consumers,
+                uncovered: Some(uncovered),
+            },
+            secrets: KeySecrets::default(),
+            bundle_jwks: BTreeMap::new(),
+        }
+    }
+
+    fn notes(step: &Step, read: &Read, minted: Option<&Minted>) -> Vec<(String, String)> {
+        let pk = ProvisioningKey::new("demo", Default::default());
+        step_audits(&pk, read, step, minted)
+            .into_iter()
+            .map(|a| (a.reason.to_string(), a.note))
+            .collect()
+    }
+
+    /// Each applied step describes its own audit; a mint that found its Secret already there
+    /// (a crash between the write and the Event) records nothing new; notes name ids only.
+    #[test]
+    fn steps_describe_their_audit() {
+        let r = read(Vec::new(), Vec::new());
+        let mint = Step::Mint {
+            seq: 3,
+            trigger: Trigger::Compromised,
+            consumed_request_token: None,
+            consumed_annotation: None,
+        };
+        let minted = Minted {
+            kid: "kid3".into(),
+            fingerprint: "SHA256:fp3".into(),
+        };
+        let n = notes(&mint, &r, Some(&minted));
+        assert_eq!(
+            n.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
+            vec!["KeyMinted", "EmergencyRevocation"]
+        );
+        assert!(n[0].1.contains("kid3") && n[0].1.contains("seq 3"));
+        assert!(notes(&mint, &r, None).is_empty());
+        for quiet in [
+            Step::MarkPublished { seq: 2 },
+            Step::Prune { seq: 1 },
+            Step::WriteBundle {
+                trusted: vec![],
+                revoked: vec![],
+            },
+        ] {
+            assert!(notes(&quiet, &r, None).is_empty(), "{quiet:?}");
+        }
+        let refresh = Step::HandOut {
+            seq: 2,
+            reason: HandOutReason::TokenRefresh,
+        };
+        assert_eq!(notes(&refresh, &r, None)[0].0, "TokenRefreshed");
+        let revoke = Step::Revoke {
+            seq: 1,
+            emergency: false,
+        };
+        let n = notes(&revoke, &r, None);
+        assert_eq!(n[0].0, "KeyRevoked");
+        assert!(
+            n[0].1.contains("no PolicyAgent references this key"),
+            "{n:?}"
+        );
+        let uncovered = read(
+            vec![Uncovered {
+                pod: "other-1".into(),
+                workload: "Deployment/other".into(),
+            }],
+            vec![rotation::Consumer {
+                name: "opa".into(),
+                confirmed_kid: Some("kid2".into()),
+                rolled_at: None,
+                waiting_reason: None,
+            }],
+        );
+        let n = notes(&revoke, &uncovered, None);
+        assert!(
+            n[0].1
+                .contains("every PolicyAgent (opa) is confirmed on kid2")
+                && n[0].1.contains("Deployment/other")
+                && n[0].1.contains("last token expired"),
+            "{n:?}"
+        );
+        for (_, note) in n {
+            assert!(!note.contains("PRIVATE KEY"));
+        }
+    }
 }
