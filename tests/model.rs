@@ -3789,6 +3789,77 @@ mod tests {
     }
 
     // === The operator property: enabled once the OPERATOR section is implemented. ===
+    /// Key Secret states of ProvisioningKey `pk`, by seq.
+    fn key_states(w: &World) -> Vec<(String, String)> {
+        w.store
+            .list::<Secret>()
+            .into_iter()
+            .filter(|s| label(&s.metadata, l::COMPONENT) == Some(l::COMPONENT_KEY))
+            .map(|s| {
+                (
+                    name_of(&s.metadata),
+                    label(&s.metadata, l::KEY_STATE).unwrap_or("?").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The real operator on a quiet cluster: mints and hands out the first key, rolls and
+    /// confirms both PolicyAgents, and on a requested rotation hands out the successor, rolls
+    /// every covered pod to it and revokes the old key (after the time fallback, as the
+    /// bystander Deployment is not covered), with no violation.
+    #[test]
+    fn keyward_operator_rotates_and_revokes_on_evidence() {
+        let mut w = initial_world();
+        let mut op = KeywardOperator::default();
+        let tick = |w: &mut World, op: &mut KeywardOperator| {
+            w.apply(&Event::StartPods { n: usize::MAX });
+            w.apply(&Event::Advance { secs: 30 });
+            w.check();
+            let now = w.now;
+            op.step(w, now);
+            w.run_controllers();
+        };
+        for _ in 0..20 {
+            tick(&mut w, &mut op);
+        }
+        assert_eq!(key_states(&w), vec![("pk-k1".into(), "active".into())]);
+        let kid1 = secret_text(
+            w.store.get::<Secret>("pk").expect("agent Secret"),
+            l::DATA_KEY_ID,
+        );
+        for pa in w.store.list::<PolicyAgent>() {
+            let st = pa.status.clone().unwrap_or_default();
+            assert_eq!(st.confirmed_key_id, kid1, "{}", name_of(&pa.metadata));
+        }
+        w.apply(&Event::RequestRotation);
+        for _ in 0..200 {
+            tick(&mut w, &mut op);
+        }
+        assert_eq!(
+            key_states(&w),
+            vec![
+                ("pk-k1".into(), "revoked".into()),
+                ("pk-k2".into(), "active".into())
+            ]
+        );
+        let kid2 = secret_text(
+            w.store.get::<Secret>("pk").expect("agent Secret"),
+            l::DATA_KEY_ID,
+        );
+        assert_ne!(kid1, kid2);
+        for pa in w.store.list::<PolicyAgent>() {
+            let st = pa.status.clone().unwrap_or_default();
+            assert_eq!(st.confirmed_key_id, kid2, "{}", name_of(&pa.metadata));
+        }
+        for run in w.running_runs() {
+            if !run.pod.starts_with("bystander") {
+                assert_eq!(run.key_id_at_start, kid2, "{}", run.pod);
+            }
+        }
+        assert!(w.violations.is_empty(), "{:#?}", w.violations);
+    }
+
     #[test]
     fn operator_keeps_the_invariants() {
         check_operator(|| Box::new(KeywardOperator::default()));
