@@ -2147,6 +2147,9 @@ struct Probe {
 #[derive(Default)]
 pub struct KeywardOperator {
     probes: BTreeMap<String, Probe>,
+    /// Negative control only: confirm a PolicyAgent as soon as its template carries the key,
+    /// without waiting for the rollout or the checks (a broken PolicyAgent decision).
+    pub forge_confirmations: bool,
 }
 
 /// What one ProvisioningKey reconcile read, mapped.
@@ -2718,7 +2721,20 @@ impl KeywardOperator {
         for p in &mut input.pods {
             p.successes = self.successes(&p.uid, &input.secret_kid);
         }
-        let decision = keyward::agent::decide(&input, now);
+        let mut decision = keyward::agent::decide(&input, now);
+        if self.forge_confirmations
+            && matches!(decision, keyward::agent::Decision::Wait { .. })
+            && input.template_kid.as_deref() == Some(input.secret_kid.as_str())
+            && input.current_revision.is_some()
+        {
+            decision = keyward::agent::Decision::Confirmed {
+                evidence: keyward::agent::Evidence {
+                    key_id: input.secret_kid.clone(),
+                    workload_uid: input.workload_uid.clone(),
+                    revision: input.current_revision.clone().unwrap_or_default(),
+                },
+            };
+        }
         Ok((input, decision, check))
     }
 
@@ -3858,6 +3874,28 @@ mod tests {
             }
         }
         assert!(w.violations.is_empty(), "{:#?}", w.violations);
+    }
+
+    /// Negative control: the real operator with a PolicyAgent decision that confirms before
+    /// the pods run the new key is caught revoking under running covered pods.
+    #[test]
+    #[should_panic(expected = "covered by a PolicyAgent")]
+    fn the_property_catches_forged_confirmations() {
+        // A fixed seed: the violation needs a covered pod still on the old key when the overlap
+        // has passed (a stuck rollout), which not every batch of random cases contains.
+        let config = ProptestConfig {
+            cases: 64,
+            max_shrink_iters: 8,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(7),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        check_operator_with(config, || {
+            Box::new(KeywardOperator {
+                forge_confirmations: true,
+                ..KeywardOperator::default()
+            })
+        });
     }
 
     #[test]
