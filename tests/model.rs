@@ -17,8 +17,9 @@
 //!    the operator after any write.
 //! 2. **The operator** ([`Operator`]): the pure mapping + planner functions of the
 //!    ProvisioningKey and PolicyAgent sides, driven against the world. See the section marked
-//!    `OPERATOR`: it is implemented once `keyward::rotation::observe`/`plan` and
-//!    `keyward::agent::observe`/`decide` land; there is deliberately no stand-in planner.
+//!    `OPERATOR`: [`KeywardOperator`] runs `keyward::rotation::observe`/`plan` and
+//!    `keyward::agent::observe`/`decide`/`outcome` and mirrors the controllers' writes in
+//!    memory; there is deliberately no stand-in planner.
 //! 3. **The invariants** ([`check_after_write`], [`check_settled`]): no key is revoked while a
 //!    running pod covered by a PolicyAgent started with it; pods no PolicyAgent covers get the
 //!    time fallback (`overlap` after the successor was handed out and, once the key is sealed,
@@ -2083,7 +2084,7 @@ pub fn check_settled(w: &World) -> Vec<Violation> {
 }
 
 // =============================================================================================
-// OPERATOR — to be implemented when both pure mapping functions land:
+// OPERATOR — implemented below (`KeywardOperator`) on both pure mapping functions:
 //   PolicyAgent side:      keyward::agent::observe(&AgentObjects { .. }, successes_fn, check)
 //                          -> Result<AgentInput, Refusal>, then keyward::agent::decide(&input, now)
 //   ProvisioningKey side:  keyward::rotation::observe(..) -> Observed,
