@@ -2591,6 +2591,35 @@ fn apply_pk(
             &[(l::REVOKED_AT, ts_start(now))],
             true,
         ),
+        Step::Repair { seq } => {
+            // As the controller: labels and annotations restored from the evidence.
+            let Some(k) = obs.keys.iter().find(|k| k.seq == *seq) else {
+                return Ok(());
+            };
+            let key_name = key_secret_name(&name, *seq);
+            let rv = refs.get(seq).map(|r| r.resource_version.clone());
+            let Some(mut s) = view.get::<Secret>(&key_name).cloned() else {
+                return Err(WriteError::NotFound);
+            };
+            if rv.is_some() && s.metadata.resource_version != rv {
+                return Err(WriteError::Conflict);
+            }
+            let labels = s.metadata.labels.get_or_insert_default();
+            for (key, value) in [
+                (l::MANAGED_BY, l::MANAGED_BY_VALUE.to_string()),
+                (l::PROVISIONING_KEY, name.clone()),
+                (l::COMPONENT, l::COMPONENT_KEY.to_string()),
+                (l::KEY_STATE, k.state.as_str().to_string()),
+                (l::KEY_SEQ, seq.to_string()),
+            ] {
+                labels.insert(key.to_string(), value);
+            }
+            let ann = s.metadata.annotations.get_or_insert_default();
+            ann.insert(l::KEY_ID.to_string(), k.kid.clone());
+            ann.insert(l::FINGERPRINT.to_string(), k.fingerprint.clone());
+            s.metadata.uid = None;
+            w.update(s)
+        }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
             let uid = view.get::<Secret>(&key_name).map(|s| uid_of(&s.metadata));
