@@ -2244,10 +2244,6 @@ fn pk_read(view: &Store, pk: &ProvisioningKey) -> PkRead {
     PkRead { mapped }
 }
 
-fn bytes(s: impl Into<Vec<u8>>) -> ByteString {
-    ByteString(s.into())
-}
-
 /// Creates `obj`, or replaces the stored one (server-side apply with force: an upsert).
 fn upsert<T: Typed>(w: &mut World, obj: T) -> Result<(), WriteError> {
     match w.update(obj.clone()) {
@@ -2295,28 +2291,6 @@ fn transition(
     w.update(s)
 }
 
-/// `retire_annotations` of the ProvisioningKey controller.
-fn retire_annotations(
-    obs: &keyward::rotation::Observed,
-    seq: u32,
-    now: DateTime<Utc>,
-) -> Vec<(&'static str, String)> {
-    use keyward::controller::{ts, ts_start};
-    let mut ann = vec![(l::RETIRED_AT, ts_start(now))];
-    let kid = obs
-        .keys
-        .iter()
-        .find(|k| k.seq == seq)
-        .map(|k| k.kid.as_str());
-    if let keyward::rotation::AgentSecretObs::Owned(s) = &obs.agent_secret
-        && s.kid.as_deref() == kid
-        && let Some(exp) = s.token_exp.and_then(|e| DateTime::from_timestamp(e, 0))
-    {
-        ann.push((keyward::labels::LAST_TOKEN_EXP, ts(exp)));
-    }
-    ann
-}
-
 /// `hand_out` of the ProvisioningKey controller.
 fn hand_out(
     w: &mut World,
@@ -2326,9 +2300,7 @@ fn hand_out(
     seq: u32,
     now: DateTime<Utc>,
 ) -> Result<(), WriteError> {
-    use keyward::controller::{ts, ts_start};
     use keyward::rotation::AgentSecretObs;
-    use keyward::rotation::observe::{agent_annotations, agent_labels, template};
     use kube::Resource;
     let (settings, obs) = (&read.mapped.settings, &read.mapped.observed);
     let name = name_of(&pk.metadata);
@@ -2348,54 +2320,11 @@ fn hand_out(
     {
         return Err(WriteError::Conflict);
     }
-    let iat = now.timestamp();
-    let claims = keyward::keys::TokenClaims {
-        iss: settings.issuer.clone(),
-        sub: format!("{NAMESPACE}/{name}"),
-        aud: settings.audience.clone(),
-        iat,
-        nbf: iat,
-        exp: iat + i64::try_from(settings.token_ttl.as_secs()).unwrap_or(i64::MAX / 2),
-        jti: format!("jti-{iat}-{}", w.writes),
-    };
-    let token = pair.sign_token(&claims).map_err(|_| WriteError::Conflict)?;
-    let (tl, ta) = template(pk);
-    let mut data = BTreeMap::from([
-        (l::DATA_KEY_ID.to_string(), bytes(kid.clone())),
-        (
-            l::DATA_PUBLIC_KEY.to_string(),
-            bytes(pair.public_key().to_spki_pem()),
-        ),
-        (l::DATA_TOKEN.to_string(), bytes(token)),
-    ]);
-    if settings.include_private_key {
-        data.insert(
-            l::DATA_PRIVATE_KEY.into(),
-            bytes(pair.to_pkcs8_pem().as_bytes().to_vec()),
-        );
-    }
-    let handed_out_at = match &obs.agent_secret {
-        AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(kid.as_str()) => s.handed_out_at,
-        _ => None,
-    }
-    .map_or_else(|| ts_start(now), ts);
-    let mut annotations = agent_annotations(&kid, &ta);
-    annotations.insert(l::HANDED_OUT_AT.into(), handed_out_at);
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(settings.secret_name.clone()),
-            namespace: Some(NAMESPACE.into()),
-            labels: Some(agent_labels(&name, &tl)),
-            annotations: Some(annotations),
-            owner_references: Some(vec![
-                pk.controller_owner_ref(&()).ok_or(WriteError::Conflict)?,
-            ]),
-            ..Default::default()
-        },
-        type_: Some(l::AGENT_SECRET_TYPE.into()),
-        data: Some(data),
-        ..Default::default()
-    };
+    let owner = pk.controller_owner_ref(&()).ok_or(WriteError::Conflict)?;
+    let jti = format!("jti-{}-{}", now.timestamp(), w.writes);
+    let secret =
+        keyward::rotation::desired::agent_secret(pk, owner, settings, obs, &pair, now, jti)
+            .map_err(|_| WriteError::Conflict)?;
     match &obs.agent_secret {
         AgentSecretObs::Owned(_) => upsert(w, secret),
         _ => w.create(secret).map(|_| ()),
@@ -2411,10 +2340,11 @@ fn apply_pk(
     step: &keyward::rotation::Step,
     now: DateTime<Utc>,
 ) -> Result<(), WriteError> {
-    use keyward::controller::provisioning_key::{KEY_SECRET_TYPE, key_secret_name};
+    use keyward::controller::provisioning_key::key_secret_name;
     use keyward::controller::ts_start;
-    use keyward::keys::{Jwks, KeyPair, PublicKey};
-    use keyward::rotation::observe::{RecordedSettings, controlled_by};
+    use keyward::keys::KeyPair;
+    use keyward::rotation::desired;
+    use keyward::rotation::observe::controlled_by;
     use keyward::rotation::{KeyState, Step};
     use kube::Resource;
     let (settings, obs, refs) = (
@@ -2432,55 +2362,20 @@ fn apply_pk(
             consumed_request_token,
             consumed_annotation,
         } => {
-            let pair = KeyPair::generate();
-            let public = pair.public_key();
-            let labels = BTreeMap::from([
-                (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
-                (l::PROVISIONING_KEY.to_string(), name.clone()),
-                (l::COMPONENT.to_string(), l::COMPONENT_KEY.to_string()),
-                (
-                    l::KEY_STATE.to_string(),
-                    KeyState::Pending.as_str().to_string(),
-                ),
-                (l::KEY_SEQ.to_string(), seq.to_string()),
-            ]);
-            let mut annotations = BTreeMap::from([
-                (l::KEY_ID.to_string(), public.key_id()),
-                (l::FINGERPRINT.to_string(), public.fingerprint()),
-                (l::TRIGGER.to_string(), trigger.as_str().to_string()),
-                (l::CREATED_AT.to_string(), ts_start(now)),
-                (
-                    l::SETTINGS.to_string(),
-                    serde_json::to_string(&RecordedSettings::from_settings(settings))
-                        .unwrap_or_default(),
-                ),
-            ]);
-            if let Some(t) = consumed_request_token {
-                annotations.insert(l::CONSUMED_REQUEST_TOKEN.into(), t.clone());
-            }
-            if let Some(a) = consumed_annotation {
-                annotations.insert(l::CONSUMED_ROTATE.into(), a.clone());
-            }
             let key_name = key_secret_name(&name, *seq);
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(key_name.clone()),
-                    namespace: Some(NAMESPACE.into()),
-                    labels: Some(labels),
-                    annotations: Some(annotations),
-                    owner_references: Some(vec![owner]),
-                    ..Default::default()
+            let secret = desired::key_secret(
+                pk,
+                owner,
+                settings,
+                desired::MintOf {
+                    seq: *seq,
+                    trigger: *trigger,
+                    consumed_request_token: consumed_request_token.as_deref(),
+                    consumed_annotation: consumed_annotation.as_deref(),
                 },
-                type_: Some(KEY_SECRET_TYPE.into()),
-                data: Some(BTreeMap::from([
-                    (
-                        l::DATA_PRIVATE_KEY.to_string(),
-                        bytes(pair.to_pkcs8_pem().as_bytes().to_vec()),
-                    ),
-                    (l::DATA_PUBLIC_KEY.to_string(), bytes(public.to_spki_pem())),
-                ])),
-                ..Default::default()
-            };
+                &KeyPair::generate(),
+                now,
+            );
             match w.create(secret) {
                 Ok(_) => Ok(()),
                 // Already minted: ours counts as done; someone else's stops the reconcile.
@@ -2501,53 +2396,17 @@ fn apply_pk(
             transition(w, view, &name, refs, *seq, KeyState::Published, &[], false)
         }
         Step::WriteBundle { trusted, revoked } => {
-            let jwks = Jwks {
-                keys: trusted
-                    .iter()
-                    .filter_map(|kid| {
-                        let minted = obs
-                            .keys
-                            .iter()
-                            .find(|k| &k.kid == kid)
-                            .and_then(|k| refs.get(&k.seq))
-                            .and_then(|r| PublicKey::from_spki_pem(&r.public_pem).ok())
-                            .map(|p| p.to_jwk());
-                        minted.or_else(|| read.mapped.bundle_jwks.get(kid).cloned())
-                    })
-                    .collect(),
-            };
-            let last_seq = keyward::rotation::bundle_target(settings, obs).last_seq;
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(settings.trust_bundle_name.clone()),
-                    namespace: Some(NAMESPACE.into()),
-                    labels: Some(BTreeMap::from([
-                        (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
-                        (l::PROVISIONING_KEY.to_string(), name.clone()),
-                        (
-                            l::COMPONENT.to_string(),
-                            l::COMPONENT_TRUST_BUNDLE.to_string(),
-                        ),
-                    ])),
-                    annotations: Some(BTreeMap::from([(
-                        l::LAST_SEQ.to_string(),
-                        last_seq.to_string(),
-                    )])),
-                    owner_references: Some(vec![owner]),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([
-                    (
-                        l::DATA_JWKS.to_string(),
-                        serde_json::to_string_pretty(&jwks).unwrap_or_default(),
-                    ),
-                    (
-                        l::DATA_REVOKED.to_string(),
-                        serde_json::to_string_pretty(revoked).unwrap_or_default(),
-                    ),
-                ])),
-                ..Default::default()
-            };
+            let cm = desired::trust_bundle(
+                pk,
+                owner,
+                settings,
+                obs,
+                refs,
+                &read.mapped.bundle_jwks,
+                trusted,
+                revoked,
+            )
+            .map_err(|_| WriteError::Conflict)?;
             upsert(w, cm)
         }
         Step::RecordPublished { seq } => transition(
@@ -2577,7 +2436,7 @@ fn apply_pk(
             refs,
             *seq,
             KeyState::Retiring,
-            &retire_annotations(obs, *seq, now),
+            &keyward::rotation::desired::retire_annotations(obs, *seq, now),
             false,
         ),
         Step::HandOut { seq, .. } => hand_out(w, view, pk, read, *seq, now),

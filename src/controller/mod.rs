@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -126,25 +126,8 @@ impl Context {
     }
 }
 
-/// Formats a timestamp the way Keyward stores it (RFC 3339, seconds, `Z`).
-pub fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-/// Formats the start of a wait (`published-at`, `retired-at`, `rolled-at`, ...) rounded UP to the
-/// whole second, so that a wait measured from the stored value is never shorter than asked
-/// (truncating would let `publishDelay: 2s` end after 1.0 s).
-pub fn ts_start(t: DateTime<Utc>) -> String {
-    let rounded = if t.timestamp_subsec_nanos() > 0 {
-        DateTime::from_timestamp(t.timestamp().saturating_add(1), 0).unwrap_or(t)
-    } else {
-        t
-    };
-    ts(rounded)
-}
-
-/// Parses a timestamp stored by [`ts`].
-pub use crate::rotation::observe::parse_ts;
+/// Timestamps as Keyward stores them (RFC 3339, seconds, `Z`); wait starts rounded up.
+pub use crate::rotation::observe::{parse_ts, ts, ts_start};
 
 /// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
 #[derive(Debug, thiserror::Error)]

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{ControllerRevision, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -27,12 +26,10 @@ use crate::api::provisioning_key::{
     UncoveredConsumers,
 };
 use crate::fault;
-use crate::keys::{self, Jwks, KeyPair, PublicKey, TokenClaims};
+use crate::keys::{self, KeyPair};
 use crate::labels as l;
-use crate::rotation::observe::{
-    self, KeyObjects, KeyRef, KeySecrets, RecordedSettings, agent_annotations, agent_labels,
-    template,
-};
+use crate::rotation::desired;
+use crate::rotation::observe::{self, KeyObjects, KeyRef, KeySecrets};
 use crate::rotation::{
     self, AgentSecretObs, HandOutReason, KeyState, Observed, ObservedKey, Plan, Settings, Step,
     Trigger,
@@ -47,13 +44,7 @@ const HISTORY_LIMIT: usize = 10;
 const UNCOVERED_NAMED: usize = 5;
 /// The state shown for a trusted key id that no key Secret records.
 const UNRECORDED: &str = "Unrecorded";
-/// Secret type of the operator-owned key Secrets.
-pub const KEY_SECRET_TYPE: &str = "keyward.dev/key";
-
-/// Name of the key Secret with sequence number `seq`.
-pub fn key_secret_name(pk_name: &str, seq: u32) -> String {
-    format!("{pk_name}-k{seq}")
-}
+pub use crate::rotation::desired::{KEY_SECRET_TYPE, key_secret_name};
 
 fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
     Ok((
@@ -454,59 +445,21 @@ async fn apply(
         } => {
             let pair = KeyPair::generate();
             let public = pair.public_key();
-            let kid = public.key_id();
-            let fingerprint = public.fingerprint();
-            let mut labels = BTreeMap::from([
-                (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
-                (l::PROVISIONING_KEY.to_string(), name.clone()),
-                (l::COMPONENT.to_string(), l::COMPONENT_KEY.to_string()),
-                (
-                    l::KEY_STATE.to_string(),
-                    KeyState::Pending.as_str().to_string(),
-                ),
-            ]);
-            labels.insert(l::KEY_SEQ.into(), seq.to_string());
-            let mut annotations = BTreeMap::from([
-                (l::KEY_ID.to_string(), kid.clone()),
-                (l::FINGERPRINT.to_string(), fingerprint.clone()),
-                (l::TRIGGER.to_string(), trigger.as_str().to_string()),
-                (l::CREATED_AT.to_string(), ts_start(now)),
-                (
-                    l::SETTINGS.to_string(),
-                    serde_json::to_string(&RecordedSettings::from_settings(settings))
-                        .unwrap_or_default(),
-                ),
-            ]);
-            if let Some(t) = consumed_request_token {
-                annotations.insert(l::CONSUMED_REQUEST_TOKEN.into(), t.clone());
-            }
-            if let Some(a) = consumed_annotation {
-                annotations.insert(l::CONSUMED_ROTATE.into(), a.clone());
-            }
-            let private = pair.to_pkcs8_pem();
-            let mut secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(key_secret_name(&name, *seq)),
-                    namespace: Some(ns.clone()),
-                    labels: Some(labels),
-                    annotations: Some(annotations),
-                    owner_references: Some(vec![owner]),
-                    ..Default::default()
+            let (kid, fingerprint) = (public.key_id(), public.fingerprint());
+            let mut secret = desired::key_secret(
+                pk,
+                owner,
+                settings,
+                desired::MintOf {
+                    seq: *seq,
+                    trigger: *trigger,
+                    consumed_request_token: consumed_request_token.as_deref(),
+                    consumed_annotation: consumed_annotation.as_deref(),
                 },
-                type_: Some(KEY_SECRET_TYPE.into()),
-                data: Some(BTreeMap::from([
-                    (
-                        l::DATA_PRIVATE_KEY.to_string(),
-                        ByteString(private.as_bytes().to_vec()),
-                    ),
-                    (
-                        l::DATA_PUBLIC_KEY.to_string(),
-                        ByteString(public.to_spki_pem().into_bytes()),
-                    ),
-                ])),
-                ..Default::default()
-            };
-            drop(private);
+                &pair,
+                now,
+            );
+            drop(pair);
             let created = secrets
                 .create(
                     &PostParams {
@@ -546,48 +499,16 @@ async fn apply(
             fault::after("mark-published");
         }
         Step::WriteBundle { trusted, revoked } => {
-            // Every entry comes from a minted key Secret, or is one the bundle already trusted
-            // (checked against its RFC 7638 key id) and only revocation may remove.
-            let jwks = Jwks {
-                keys: trusted
-                    .iter()
-                    .filter_map(|kid| {
-                        let minted = obs
-                            .keys
-                            .iter()
-                            .find(|k| &k.kid == kid)
-                            .and_then(|k| refs.get(&k.seq))
-                            .map(|r| PublicKey::from_spki_pem(&r.public_pem).map(|p| p.to_jwk()));
-                        minted.or_else(|| read.bundle_jwks.get(kid).cloned().map(Ok))
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?,
-            };
-            let last_seq = rotation::bundle_target(settings, obs).last_seq;
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(settings.trust_bundle_name.clone()),
-                    namespace: Some(ns.clone()),
-                    labels: Some(BTreeMap::from([
-                        (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
-                        (l::PROVISIONING_KEY.to_string(), name.clone()),
-                        (
-                            l::COMPONENT.to_string(),
-                            l::COMPONENT_TRUST_BUNDLE.to_string(),
-                        ),
-                    ])),
-                    annotations: Some(BTreeMap::from([(
-                        l::LAST_SEQ.to_string(),
-                        last_seq.to_string(),
-                    )])),
-                    owner_references: Some(vec![owner]),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([
-                    (l::DATA_JWKS.to_string(), to_json_pretty(&jwks)),
-                    (l::DATA_REVOKED.to_string(), to_json_pretty(revoked)),
-                ])),
-                ..Default::default()
-            };
+            let cm = desired::trust_bundle(
+                pk,
+                owner,
+                settings,
+                obs,
+                refs,
+                &read.bundle_jwks,
+                trusted,
+                revoked,
+            )?;
             let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
             cms.patch(
                 &settings.trust_bundle_name,
@@ -631,7 +552,7 @@ async fn apply(
                 refs,
                 *seq,
                 KeyState::Retiring,
-                &retire_annotations(obs, *seq, now),
+                &desired::retire_annotations(obs, *seq, now),
                 false,
             )
             .await?;
@@ -781,59 +702,19 @@ async fn hand_out(
             message: "private key does not match its key id".into(),
         });
     }
-    let iat = now.timestamp();
-    let claims = TokenClaims {
-        iss: settings.issuer.clone(),
-        sub: format!("{ns}/{name}"),
-        aud: settings.audience.clone(),
-        iat,
-        nbf: iat,
-        exp: iat + i64::try_from(settings.token_ttl.as_secs()).unwrap_or(i64::MAX / 2),
-        jti: uuid::Uuid::new_v4().to_string(),
-    };
-    let token = pair.sign_token(&claims)?;
-    let (tl, ta) = template(pk);
-    let mut data = BTreeMap::from([
-        (
-            l::DATA_KEY_ID.to_string(),
-            ByteString(kid.clone().into_bytes()),
-        ),
-        (
-            l::DATA_PUBLIC_KEY.to_string(),
-            ByteString(pair.public_key().to_spki_pem().into_bytes()),
-        ),
-        (l::DATA_TOKEN.to_string(), ByteString(token.into_bytes())),
-    ]);
-    if settings.include_private_key {
-        data.insert(
-            l::DATA_PRIVATE_KEY.into(),
-            ByteString(pair.to_pkcs8_pem().as_bytes().to_vec()),
-        );
-    }
-    // When the key id was first handed out: kept across token refreshes and repairs.
-    let handed_out_at = match &obs.agent_secret {
-        AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(kid.as_str()) => s.handed_out_at,
-        _ => None,
-    }
-    .map_or_else(|| ts_start(now), ts);
-    let mut annotations = agent_annotations(&kid, &ta);
-    annotations.insert(l::HANDED_OUT_AT.into(), handed_out_at);
-    let mut secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(settings.secret_name.clone()),
-            namespace: Some(ns.clone()),
-            labels: Some(agent_labels(&name, &tl)),
-            annotations: Some(annotations),
-            owner_references: Some(vec![
-                pk.controller_owner_ref(&())
-                    .ok_or(Error::MissingObjectKey)?,
-            ]),
-            ..Default::default()
-        },
-        type_: Some(l::AGENT_SECRET_TYPE.into()),
-        data: Some(data),
-        ..Default::default()
-    };
+    let owner = pk
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey)?;
+    let mut secret = desired::agent_secret(
+        pk,
+        owner,
+        settings,
+        obs,
+        &pair,
+        now,
+        uuid::Uuid::new_v4().to_string(),
+    )?;
+    drop(pair);
     // A Secret that was missing is created (POST): should someone else's appear meanwhile,
     // the create fails instead of taking it over. An owned one is applied.
     let res = match &obs.agent_secret {
@@ -866,30 +747,12 @@ async fn hand_out(
     }
 }
 
-/// Annotations of a retirement: when, and until when the last token the key signed is valid
-/// (the agent Secret still carries it at this point: the successor is handed out after).
-fn retire_annotations(obs: &Observed, seq: u32, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
-    let mut ann = vec![(l::RETIRED_AT, ts_start(now))];
-    let kid = find(obs, seq).map(|k| k.kid.as_str());
-    if let AgentSecretObs::Owned(s) = &obs.agent_secret
-        && s.kid.as_deref() == kid
-        && let Some(exp) = s.token_exp.and_then(|e| DateTime::from_timestamp(e, 0))
-    {
-        ann.push((l::LAST_TOKEN_EXP, ts(exp)));
-    }
-    ann
-}
-
 fn wipe(secret: &mut Secret) {
     if let Some(data) = secret.data.as_mut() {
         for v in data.values_mut() {
             v.0.zeroize();
         }
     }
-}
-
-fn to_json_pretty<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------

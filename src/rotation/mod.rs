@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub mod desired;
 pub mod observe;
 
 pub use settings::{
