@@ -2720,66 +2720,14 @@ fn roll(
     }
 }
 
-/// `status` of the PolicyAgent controller (without `history`).
+/// `status` of the PolicyAgent controller (the same pure function).
 fn pa_status(
     pa: &PolicyAgent,
     previous: &keyward::api::policy_agent::PolicyAgentStatus,
     o: &keyward::agent::outcome::Outcome,
     now: DateTime<Utc>,
 ) -> keyward::api::policy_agent::PolicyAgentStatus {
-    use keyward::agent::outcome;
-    use keyward::api::conditions::{self, condition};
-    use keyward::api::policy_agent::{PodCounts, PolicyAgentStatus, WorkloadRollout};
-    use keyward::controller::{ts, ts_start};
-    let generation = pa.metadata.generation;
-    let recorded = keyward::agent::observe::recorded(Some(previous));
-    let newly = outcome::newly_confirmed(recorded.as_ref(), o);
-    let confirmed_at = if newly.is_some() {
-        Some(ts(now))
-    } else {
-        previous
-            .confirmed_at
-            .clone()
-            .filter(|_| o.evidence.is_some())
-    };
-    let cond = |type_: &str, c: &outcome::Cond| {
-        condition(
-            &previous.conditions,
-            type_,
-            c.status,
-            c.reason,
-            c.message.clone(),
-            generation,
-            time(now),
-        )
-    };
-    PolicyAgentStatus {
-        phase: Some(o.phase.as_str().to_string()),
-        confirmed_key_id: o.evidence.as_ref().map(|e| e.key_id.clone()),
-        confirmed_at,
-        confirmed_workload_uid: o.evidence.as_ref().map(|e| e.workload_uid.clone()),
-        confirmed_revision: o.evidence.as_ref().map(|e| e.revision.clone()),
-        target_key_id: o.target.clone(),
-        rolled_at: o.rolled_at.map(ts_start),
-        pods: o.counts.as_ref().map(|c| PodCounts {
-            total: c.total,
-            on_current_key: c.on_key,
-            confirmed: c.confirmed,
-        }),
-        workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
-            desired: f.desired,
-            updated: f.updated,
-            ready: f.ready,
-            available: f.available,
-            complete: *complete,
-        }),
-        observed_generation: generation,
-        history: previous.history.clone(),
-        conditions: vec![
-            cond(conditions::READY, &o.ready),
-            cond(conditions::CONNECTED, &o.connected),
-        ],
-    }
+    keyward::agent::outcome::status(pa, previous, o, now)
 }
 
 impl Operator for KeywardOperator {

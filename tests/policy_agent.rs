@@ -1133,9 +1133,21 @@ async fn scaled_to_zero_workload_confirms_and_old_key_is_revoked() {
     .await
     .expect("pods gone");
     // Scaling is no new revision: the confirmation stands.
-    let pa = wait_pa(&pas, "opa-agents", "still confirmed", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid1)
-    })
+    let pa = wait_pa(
+        &pas,
+        "opa-agents",
+        "still confirmed, with no pod",
+        TIMEOUT,
+        |pa| {
+            confirmed_on(pa, &kid1)
+                && pa
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pods.as_ref())
+                    .map(|p| p.total)
+                    == Some(0)
+        },
+    )
     .await;
     assert_eq!(pa.status.and_then(|s| s.pods).map(|p| p.total), Some(0));
 

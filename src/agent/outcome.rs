@@ -4,8 +4,17 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Resource;
 
 use super::observe::Refusal;
+use crate::api::PolicyAgent;
+use crate::api::conditions::{self, condition};
+use crate::api::policy_agent::{AgentHistoryEntry, PodCounts, PolicyAgentStatus, WorkloadRollout};
+use crate::rotation::observe::{ts, ts_start};
+
+/// History entries kept in status.
+const HISTORY_LIMIT: usize = 10;
 use super::{AgentInput, Counts, Decision, Evidence, Figures, Rollout, reasons};
 
 /// `status.phase`.
@@ -214,6 +223,114 @@ pub fn warning_due(previous_ready_reason: Option<&str>, o: &Outcome) -> bool {
     matches!(o.phase, Phase::Invalid | Phase::Stalled)
         && !o.ready.status
         && previous_ready_reason != Some(o.ready.reason)
+}
+
+/// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
+fn history(
+    previous: &PolicyAgentStatus,
+    o: &Outcome,
+    newly: Option<&Evidence>,
+    now: DateTime<Utc>,
+) -> Vec<AgentHistoryEntry> {
+    let mut h = previous.history.clone();
+    if let Some((_, kid)) = o.rolled.as_ref() {
+        h.insert(
+            0,
+            AgentHistoryEntry {
+                kid: kid.clone(),
+                rolled_at: Some(ts_start(now)),
+                ..Default::default()
+            },
+        );
+    }
+    if let Some(e) = newly {
+        let pods = o.counts.as_ref().map(|c| c.confirmed);
+        let confirmed = |entry: &mut AgentHistoryEntry| {
+            entry.confirmed_at = Some(ts(now));
+            entry.confirmed_workload_uid = Some(e.workload_uid.clone());
+            entry.confirmed_revision = Some(e.revision.clone());
+            entry.pods = pods;
+        };
+        match h
+            .iter_mut()
+            .find(|entry| entry.kid == e.key_id && entry.confirmed_at.is_none())
+        {
+            Some(entry) => confirmed(entry),
+            None => {
+                let mut entry = AgentHistoryEntry {
+                    kid: e.key_id.clone(),
+                    ..Default::default()
+                };
+                confirmed(&mut entry);
+                h.insert(0, entry);
+            }
+        }
+    }
+    h.truncate(HISTORY_LIMIT);
+    h
+}
+
+/// The status to write: only what changed moves (conditions keep `lastTransitionTime`,
+/// `confirmedAt` stays while the confirmation stands), so a settled PolicyAgent writes nothing.
+pub fn status(
+    pa: &PolicyAgent,
+    previous: &PolicyAgentStatus,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> PolicyAgentStatus {
+    let generation = pa.meta().generation;
+    let now_t = Time(
+        k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    );
+    let recorded = super::observe::recorded(Some(previous));
+    let newly = newly_confirmed(recorded.as_ref(), o);
+    let confirmed_at = if newly.is_some() {
+        Some(ts(now))
+    } else {
+        previous
+            .confirmed_at
+            .clone()
+            .filter(|_| o.evidence.is_some())
+    };
+    let cond = |type_: &str, c: &Cond| {
+        condition(
+            &previous.conditions,
+            type_,
+            c.status,
+            c.reason,
+            c.message.clone(),
+            generation,
+            now_t.clone(),
+        )
+    };
+    PolicyAgentStatus {
+        phase: Some(o.phase.as_str().to_string()),
+        confirmed_key_id: o.evidence.as_ref().map(|e| e.key_id.clone()),
+        confirmed_at,
+        confirmed_workload_uid: o.evidence.as_ref().map(|e| e.workload_uid.clone()),
+        confirmed_revision: o.evidence.as_ref().map(|e| e.revision.clone()),
+        target_key_id: o.target.clone(),
+        rolled_at: o.rolled_at.map(ts_start),
+        pods: o.counts.as_ref().map(|c| PodCounts {
+            total: c.total,
+            on_current_key: c.on_key,
+            confirmed: c.confirmed,
+        }),
+        workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
+            desired: f.desired,
+            updated: f.updated,
+            ready: f.ready,
+            available: f.available,
+            complete: *complete,
+        }),
+        observed_generation: generation,
+        history: history(previous, o, newly.as_ref(), now),
+        conditions: vec![
+            cond(conditions::READY, &o.ready),
+            cond(conditions::CONNECTED, &o.connected),
+        ],
+    }
 }
 
 #[cfg(test)]

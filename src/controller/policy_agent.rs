@@ -13,7 +13,6 @@ use k8s_openapi::api::apps::v1::{
     ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -21,18 +20,17 @@ use serde_json::json;
 use tracing::{debug, info};
 
 use super::audit::{self, Audit, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, ts, ts_start};
+use super::{Context, Error, FIELD_MANAGER, Result, ts_start};
 pub use crate::agent::check::{
     Check, DEFAULT_PATH, DEFAULT_PERIOD, DEFAULT_SUCCESS_THRESHOLD, DEFAULT_TIMEOUT, resolve_check,
 };
 use crate::agent::observe::{self, AgentObjects, Refusal};
 use crate::agent::outcome::{self, Outcome};
-use crate::agent::{self, AgentInput, Decision, Evidence, Rollout};
+use crate::agent::{self, AgentInput, Decision, Rollout};
 use crate::api::ProvisioningKey;
-use crate::api::conditions::{self, condition};
+use crate::api::conditions;
 use crate::api::policy_agent::{
-    AgentHistoryEntry, CheckMode, CheckVia, PodCounts, PolicyAgent, PolicyAgentStatus, Scheme,
-    WorkloadKind, WorkloadRollout,
+    CheckMode, CheckVia, PolicyAgent, PolicyAgentStatus, Scheme, WorkloadKind,
 };
 use crate::controller::workloads;
 use crate::fault;
@@ -41,8 +39,6 @@ use crate::workload::{Lineage, Workload};
 
 /// Probe records and roll slots older than this are dropped.
 const STALE_AFTER: Duration = Duration::from_secs(600);
-/// History entries kept in status.
-const HISTORY_LIMIT: usize = 10;
 
 /// In-memory evidence of the connectivity checks, per pod UID (a restarted pod has a new UID, so
 /// counting starts again "since it started"). Lost on restart: checks simply run again.
@@ -375,114 +371,6 @@ async fn evaluate(
     Ok(Ok((input, decision, check)))
 }
 
-/// Status history: a roll adds an entry, a new confirmation completes it (bounded, newest first).
-fn history(
-    previous: &PolicyAgentStatus,
-    o: &Outcome,
-    newly: Option<&Evidence>,
-    now: DateTime<Utc>,
-) -> Vec<AgentHistoryEntry> {
-    let mut h = previous.history.clone();
-    if let Some((_, kid)) = o.rolled.as_ref() {
-        h.insert(
-            0,
-            AgentHistoryEntry {
-                kid: kid.clone(),
-                rolled_at: Some(ts_start(now)),
-                ..Default::default()
-            },
-        );
-    }
-    if let Some(e) = newly {
-        let pods = o.counts.as_ref().map(|c| c.confirmed);
-        let confirmed = |entry: &mut AgentHistoryEntry| {
-            entry.confirmed_at = Some(ts(now));
-            entry.confirmed_workload_uid = Some(e.workload_uid.clone());
-            entry.confirmed_revision = Some(e.revision.clone());
-            entry.pods = pods;
-        };
-        match h
-            .iter_mut()
-            .find(|entry| entry.kid == e.key_id && entry.confirmed_at.is_none())
-        {
-            Some(entry) => confirmed(entry),
-            None => {
-                let mut entry = AgentHistoryEntry {
-                    kid: e.key_id.clone(),
-                    ..Default::default()
-                };
-                confirmed(&mut entry);
-                h.insert(0, entry);
-            }
-        }
-    }
-    h.truncate(HISTORY_LIMIT);
-    h
-}
-
-/// The status to write: only what changed moves (conditions keep `lastTransitionTime`,
-/// `confirmedAt` stays while the confirmation stands), so a settled PolicyAgent writes nothing.
-fn status(
-    pa: &PolicyAgent,
-    previous: &PolicyAgentStatus,
-    o: &Outcome,
-    now: DateTime<Utc>,
-) -> PolicyAgentStatus {
-    let generation = pa.meta().generation;
-    let now_t = Time(
-        k8s_openapi::jiff::Timestamp::from_second(now.timestamp())
-            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-    );
-    let recorded = observe::recorded(Some(previous));
-    let newly = outcome::newly_confirmed(recorded.as_ref(), o);
-    let confirmed_at = if newly.is_some() {
-        Some(ts(now))
-    } else {
-        previous
-            .confirmed_at
-            .clone()
-            .filter(|_| o.evidence.is_some())
-    };
-    let cond = |type_: &str, c: &outcome::Cond| {
-        condition(
-            &previous.conditions,
-            type_,
-            c.status,
-            c.reason,
-            c.message.clone(),
-            generation,
-            now_t.clone(),
-        )
-    };
-    PolicyAgentStatus {
-        phase: Some(o.phase.as_str().to_string()),
-        confirmed_key_id: o.evidence.as_ref().map(|e| e.key_id.clone()),
-        confirmed_at,
-        confirmed_workload_uid: o.evidence.as_ref().map(|e| e.workload_uid.clone()),
-        confirmed_revision: o.evidence.as_ref().map(|e| e.revision.clone()),
-        target_key_id: o.target.clone(),
-        rolled_at: o.rolled_at.map(ts_start),
-        pods: o.counts.as_ref().map(|c| PodCounts {
-            total: c.total,
-            on_current_key: c.on_key,
-            confirmed: c.confirmed,
-        }),
-        workload: o.figures.as_ref().map(|(f, complete)| WorkloadRollout {
-            desired: f.desired,
-            updated: f.updated,
-            ready: f.ready,
-            available: f.available,
-            complete: *complete,
-        }),
-        observed_generation: generation,
-        history: history(previous, o, newly.as_ref(), now),
-        conditions: vec![
-            cond(conditions::READY, &o.ready),
-            cond(conditions::CONNECTED, &o.connected),
-        ],
-    }
-}
-
 /// Writes the status when it changed, then records the Events of this reconcile's transitions:
 /// the roll, a new confirmation, a new reason the user must act on.
 async fn report(
@@ -518,7 +406,7 @@ async fn report(
         )
         .await;
     }
-    let status = status(pa, previous, o, now);
+    let status = outcome::status(pa, previous, o, now);
     if pa.status.as_ref() == Some(&status) {
         return Ok(());
     }
