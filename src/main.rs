@@ -135,6 +135,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
         max_concurrent_rolls: args.max_concurrent_rolls.max(1),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
+        ..OperatorConfig::default()
     };
     info!(version = env!("CARGO_PKG_VERSION"), namespaces = ?op.namespaces, "starting keyward");
     controller::preflight(&client, &op.namespaces).await?;

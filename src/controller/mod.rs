@@ -1,6 +1,7 @@
 //! The operator: one shared [`Context`], one controller per resource and watched namespace.
 
 pub mod audit;
+pub mod caches;
 pub mod policy_agent;
 pub mod provisioning_key;
 pub mod workloads;
@@ -13,10 +14,11 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -41,6 +43,8 @@ pub struct OperatorConfig {
     pub max_concurrent_rolls: usize,
     /// Name reported on Events (`reportingInstance`), e.g. the pod name.
     pub instance: String,
+    /// Most reconciles running at once, per controller.
+    pub concurrency: u16,
 }
 
 impl Default for OperatorConfig {
@@ -50,6 +54,7 @@ impl Default for OperatorConfig {
             floors: Floors::default(),
             max_concurrent_rolls: 5,
             instance: "keyward".into(),
+            concurrency: 16,
         }
     }
 }
@@ -94,10 +99,24 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Retry backoff per object.
     pub backoff: Backoff,
+    /// Watch caches (what to read) and this process's own writes.
+    pub caches: caches::Caches,
+    /// Consumer scans done per rotation (see `provisioning_key::scan_consumers`).
+    pub scans: provisioning_key::Scans,
 }
 
 impl Context {
+    /// A context without watch caches (for tests of a single reconcile).
     pub fn new(client: Client, config: OperatorConfig, writes: WriteCounter) -> Arc<Self> {
+        Self::with_caches(client, config, writes, caches::Caches::default())
+    }
+
+    pub fn with_caches(
+        client: Client,
+        config: OperatorConfig,
+        writes: WriteCounter,
+        caches: caches::Caches,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "keyward".into(),
             instance: Some(config.instance.clone()),
@@ -117,6 +136,8 @@ impl Context {
             agents: policy_agent::AgentState::default(),
             http,
             backoff: Backoff::default(),
+            caches,
+            scans: provisioning_key::Scans::default(),
         })
     }
 
@@ -289,15 +310,15 @@ where
     }
 }
 
-/// Maps a workload to the PolicyAgents that name it.
+/// Maps a workload (its metadata) to the PolicyAgents that name it.
 fn workload_mapper<K: Resource>(
-    store: &kube::runtime::reflector::Store<PolicyAgent>,
+    store: &Store<PolicyAgent>,
     kind: WorkloadKind,
-) -> impl Fn(K) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
+) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
     let store = store.clone();
-    move |w: K| {
-        let ns = w.meta().namespace.clone();
-        let name = w.meta().name.clone();
+    move |w: PartialObjectMeta<K>| {
+        let ns = w.metadata.namespace.clone();
+        let name = w.metadata.name.clone();
         store
             .state()
             .into_iter()
@@ -311,8 +332,65 @@ fn workload_mapper<K: Resource>(
     }
 }
 
-/// Runs the ProvisioningKey controllers (one per watched namespace, or one for all) until
-/// `shutdown` resolves; in-flight reconciles finish first.
+/// The ProvisioningKey controlling a labelled Secret.
+fn owner_pk(s: &PartialObjectMeta<Secret>) -> Option<ObjectRef<ProvisioningKey>> {
+    let ns = s.metadata.namespace.as_deref()?;
+    s.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "ProvisioningKey")
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+}
+
+/// The PolicyAgents using an agent Secret (by its ProvisioningKey label).
+fn agents_of_secret(
+    store: &Store<PolicyAgent>,
+    s: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<PolicyAgent>> {
+    if s.labels().get(labels::COMPONENT).map(String::as_str) != Some(labels::COMPONENT_AGENT_SECRET)
+    {
+        return Vec::new();
+    }
+    let ns = s.metadata.namespace.clone();
+    let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
+    store
+        .state()
+        .into_iter()
+        .filter(|pa| {
+            pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
+        })
+        .map(|pa| ObjectRef::from_obj(&*pa))
+        .collect()
+}
+
+/// Drops `managedFields` (often the largest part of an object) before it is cached.
+fn slim<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// A watcher stream with backoff, `managedFields` dropped, ending at `shutdown`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .modify(slim::<K>)
+        .take_until(shutdown)
+}
+
+/// Buffer of a shared watch stream (events a slow subscriber may lag behind).
+const SHARED_BUFFER: usize = 1024;
+
+/// Runs the controllers (one set per watched namespace, or one for all) until `shutdown`
+/// resolves; in-flight reconciles finish first.
+///
+/// Watches, one per kind and scope (see [`caches`]): ProvisioningKeys and PolicyAgents in full,
+/// Keyward-labelled Secrets and ConfigMaps and the workload kinds as metadata only. The
+/// PolicyAgent and labelled-Secret streams are shared by both controllers.
 pub async fn run(
     client: Client,
     config: OperatorConfig,
@@ -323,93 +401,155 @@ pub async fn run(
         tracing::error!("{e}");
         return;
     }
-    let ctx = Context::new(client.clone(), config.clone(), writes);
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
     let shutdown = Box::pin(shutdown).shared();
+    let controller_config =
+        kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1));
     let mut runs = Vec::new();
-    for ns in scopes {
-        let api = |c: &Client| -> (
-            Api<ProvisioningKey>,
-            Api<Secret>,
-            Api<ConfigMap>,
-            Api<PolicyAgent>,
-        ) {
-            match &ns {
-                Some(ns) => (
-                    Api::namespaced(c.clone(), ns),
-                    Api::namespaced(c.clone(), ns),
-                    Api::namespaced(c.clone(), ns),
-                    Api::namespaced(c.clone(), ns),
-                ),
-                None => (
-                    Api::all(c.clone()),
-                    Api::all(c.clone()),
-                    Api::all(c.clone()),
-                    Api::all(c.clone()),
-                ),
-            }
-        };
-        let (pks, secrets, cms, pas) = api(&client);
-        // Only Keyward-labelled Secrets and ConfigMaps are cached, never every Secret.
+    let mut caches = Vec::new();
+    let mut wiring = Vec::new();
+    for ns in &scopes {
+        let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
+        let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        caches.push(caches::ScopeCaches {
+            namespace: ns.clone(),
+            agents,
+            secrets,
+        });
+        wiring.push((ns.clone(), agents_writer, secrets_writer));
+    }
+    let ctx = Context::with_caches(
+        client.clone(),
+        config.clone(),
+        writes,
+        caches::Caches::new(caches.clone()),
+    );
+    for ((ns, agents_writer, secrets_writer), cache) in wiring.into_iter().zip(caches) {
+        let stop = shutdown.clone();
+        // Only Keyward-labelled Secrets and ConfigMaps are watched, never every Secret.
         let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-        let keys = Controller::new(pks, watcher::Config::default())
-            .owns(secrets.clone(), owned.clone())
-            .owns(cms, owned.clone())
-            .watches(
-                pas.clone(),
+        let Some(agents_sub) = agents_writer.subscribe() else {
+            tracing::error!("shared PolicyAgent stream unavailable");
+            return;
+        };
+        // Wake-ups routed by hand, because they include deletions (a deleted agent Secret is
+        // re-created; a deleted PolicyAgent no longer holds back a revocation), which shared
+        // subscriptions do not carry.
+        let (pk_tx, pk_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ProvisioningKey>>();
+        let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
+        let agents_store = cache.agents.clone();
+        let (to_pk, to_pa) = (pk_tx.clone(), pa_tx);
+        runs.push(
+            reflector(
+                secrets_writer,
+                watch(
+                    scoped::<PartialObjectMeta<Secret>>(&client, &ns),
+                    owned.clone(),
+                    stop.clone(),
+                ),
+            )
+            .touched_objects()
+            .for_each(move |s| {
+                if let Ok(s) = s {
+                    if let Some(pk) = owner_pk(&s) {
+                        let _ = to_pk.unbounded_send(pk);
+                    }
+                    for pa in agents_of_secret(&agents_store, &s) {
+                        let _ = to_pa.unbounded_send(pa);
+                    }
+                }
+                futures::future::ready(())
+            })
+            .boxed(),
+        );
+        let to_pk = pk_tx;
+        runs.push(
+            reflector(
+                agents_writer,
+                watch(
+                    scoped::<PolicyAgent>(&client, &ns),
+                    watcher::Config::default(),
+                    stop.clone(),
+                ),
+            )
+            .touched_objects()
+            .for_each(move |pa| {
+                if let Ok(pa) = pa
+                    && let Some(ns) = pa.meta().namespace.clone()
+                {
+                    let _ = to_pk.unbounded_send(
+                        ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
+                    );
+                }
+                futures::future::ready(())
+            })
+            .boxed(),
+        );
+
+        let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
+        let pk_stream = reflector(
+            pk_writer,
+            watch(
+                scoped::<ProvisioningKey>(&client, &ns),
                 watcher::Config::default(),
-                |pa: PolicyAgent| {
-                    let ns = pa.meta().namespace.clone()?;
-                    Some(ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns))
-                },
+                stop.clone(),
+            ),
+        )
+        .applied_objects();
+        let keys = Controller::for_stream(pk_stream, pk_store)
+            .with_config(controller_config.clone())
+            .reconcile_on(pk_rx)
+            .owns_stream(
+                watch(
+                    scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
+                    owned,
+                    stop.clone(),
+                )
+                .touched_objects(),
             )
             .graceful_shutdown_on(shutdown.clone())
             .run(provisioning_key::reconcile, error_policy, ctx.clone())
             .for_each(log_result);
         runs.push(keys.boxed());
 
-        let agents = Controller::new(pas, watcher::Config::default());
-        let store = agents.store();
-        let secret_store = store.clone();
-        // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
-        let agents = agents
-            .watches(secrets, owned, move |s: Secret| {
-                let store = &secret_store;
-                let ns = s.meta().namespace.clone();
-                let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
-                let is_agent = s.labels().get(labels::COMPONENT).map(String::as_str)
-                    == Some(labels::COMPONENT_AGENT_SECRET);
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|pa| {
-                        is_agent
-                            && pa.meta().namespace == ns
-                            && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
-                    })
-                    .map(|pa| ObjectRef::from_obj(&*pa))
-                    .collect::<Vec<_>>()
-            })
+        let store = cache.agents.clone();
+        let agents = Controller::for_shared_stream(agents_sub, cache.agents.clone())
+            .with_config(controller_config.clone())
+            // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
+            .reconcile_on(pa_rx)
             // A workload that changes (rollout progress, scaling, someone else's edit) wakes
-            // the PolicyAgent naming it. Secondary watches keep no cache of their own.
-            .watches(
-                scoped::<Deployment>(&client, &ns),
-                watcher::Config::default(),
-                workload_mapper(&store, WorkloadKind::Deployment),
+            // the PolicyAgent naming it. Metadata suffices: every change bumps its
+            // resourceVersion, and the reconcile reads the workload itself by GET.
+            .watches_stream(
+                watch(
+                    scoped::<PartialObjectMeta<Deployment>>(&client, &ns),
+                    watcher::Config::default(),
+                    stop.clone(),
+                )
+                .touched_objects(),
+                workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
             )
-            .watches(
-                scoped::<StatefulSet>(&client, &ns),
-                watcher::Config::default(),
-                workload_mapper(&store, WorkloadKind::StatefulSet),
+            .watches_stream(
+                watch(
+                    scoped::<PartialObjectMeta<StatefulSet>>(&client, &ns),
+                    watcher::Config::default(),
+                    stop.clone(),
+                )
+                .touched_objects(),
+                workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
             )
-            .watches(
-                scoped::<DaemonSet>(&client, &ns),
-                watcher::Config::default(),
-                workload_mapper(&store, WorkloadKind::DaemonSet),
+            .watches_stream(
+                watch(
+                    scoped::<PartialObjectMeta<DaemonSet>>(&client, &ns),
+                    watcher::Config::default(),
+                    stop.clone(),
+                )
+                .touched_objects(),
+                workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
             )
             .graceful_shutdown_on(shutdown.clone())
             .run(policy_agent::reconcile, error_policy, ctx.clone())

@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::{
     ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -232,18 +232,27 @@ impl Reads {
     }
 }
 
-/// Reads everything the decision needs, each with a GET or LIST (never a watch cache): the
-/// PolicyAgents of the namespace (claims), the ProvisioningKey and its agent Secret (the key id
-/// is read from the Secret itself, never from ProvisioningKey status), the workload, then its
-/// lineage and its pods (see [`workloads`] for why this order is safe).
+/// Reads everything the decision needs: the PolicyAgents of the namespace from the watch cache
+/// (claims: who manages a workload is the oldest PolicyAgent naming it, and an older one is in
+/// the cache before a newer one is created, up to watch latency; the ProvisioningKey side never
+/// relies on claims for a revocation), then by GET the ProvisioningKey and its agent Secret (the
+/// key id is read from the Secret itself, never from ProvisioningKey status) and the workload,
+/// then its lineage and its pods by label-selected LISTs (see [`workloads`] for why this order
+/// is safe).
 async fn read(ctx: &Context, ns: &str, pa: &PolicyAgent) -> Result<Reads> {
+    ctx.caches.ready().await;
     let mut reads = Reads {
-        agents: Api::<PolicyAgent>::namespaced(ctx.client.clone(), ns)
-            .list(&ListParams::default())
-            .await?
-            .items,
+        agents: ctx
+            .caches
+            .agents(ns)
+            .into_iter()
+            .map(|a| (*a).clone())
+            .collect(),
         ..Reads::default()
     };
+    // The PolicyAgent being reconciled as read fresh, whatever the cache holds.
+    reads.agents.retain(|a| a.name_any() != pa.name_any());
+    reads.agents.push(pa.clone());
     if observe::claimant(pa, &reads.agents).is_some() {
         return Ok(reads);
     }
@@ -401,7 +410,7 @@ async fn report(
                     counts.total,
                     input.map_or(0, |i| i.figures.desired)
                 ),
-                related: Some(key_ref(ctx, &ns, pa, Some(to)).await),
+                related: Some(key_ref(ctx, &ns, pa, Some(to))),
             },
         )
         .await;
@@ -441,7 +450,7 @@ async fn report(
                         None => String::new(),
                     }
                 ),
-                related: Some(key_ref(ctx, &ns, pa, Some(&e.key_id)).await),
+                related: Some(key_ref(ctx, &ns, pa, Some(&e.key_id))),
             },
         )
         .await;
@@ -471,37 +480,23 @@ async fn report(
 /// The related object of an Event about key `kid`: the key's own Secret, so that kube's Recorder
 /// (which merges Events with the same related object) keeps one Event per key; the workload when
 /// the key Secret cannot be found.
-async fn key_ref(
+fn key_ref(
     ctx: &Context,
     ns: &str,
     pa: &PolicyAgent,
     kid: Option<&str>,
 ) -> k8s_openapi::api::core::v1::ObjectReference {
-    let selector = format!(
-        "{}={},{}={}",
-        l::PROVISIONING_KEY,
-        pa.spec.provisioning_key_ref.name,
-        l::COMPONENT,
-        l::COMPONENT_KEY
-    );
-    let found = match (
-        kid,
-        Api::<Secret>::namespaced(ctx.client.clone(), ns)
-            .list_metadata(&ListParams::default().labels(&selector))
-            .await,
-    ) {
-        (Some(kid), Ok(list)) => list
-            .items
-            .into_iter()
-            .find(|s| s.annotations().get(l::KEY_ID).map(String::as_str) == Some(kid)),
-        _ => None,
-    };
+    // From the labelled-Secret cache: an Event's related object needs no fresh read.
+    let found = kid.and_then(|kid| {
+        ctx.caches
+            .key_secret_with_kid(ns, &pa.spec.provisioning_key_ref.name, kid)
+    });
     match found {
         Some(s) => k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Secret".into()),
             namespace: Some(ns.to_string()),
-            name: s.metadata.name,
+            name: Some(s),
             ..Default::default()
         },
         None => workload_ref(pa, ns),

@@ -28,13 +28,14 @@ use crate::api::provisioning_key::{
 use crate::fault;
 use crate::keys::{self, KeyPair};
 use crate::labels as l;
+use crate::rotation::Uncovered;
 use crate::rotation::desired;
 use crate::rotation::observe::{self, KeyObjects, KeyRef, KeySecrets};
 use crate::rotation::{
     self, AgentSecretObs, HandOutReason, KeyState, Observed, ObservedKey, Plan, Settings, Step,
     Trigger,
 };
-use crate::workload::Lineage;
+use crate::workload::{Lineage, Workload};
 
 /// Most writes one reconcile makes before it yields to other objects.
 const MAX_STEPS_PER_RECONCILE: usize = 12;
@@ -78,8 +79,14 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
 }
 
 async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> Result<Action> {
+    let mut raw = read(ctx, pk).await?;
     for _ in 0..MAX_STEPS_PER_RECONCILE {
-        let read = observe(ctx, pk).await?;
+        if raw.consumers.is_none()
+            && observe::needs_consumers(&observe::key_secrets(pk, &raw.key_secret_list()))
+        {
+            raw.consumers = Some(read_consumers(ctx, pk, &mut raw, now).await?);
+        }
+        let read = map(ctx, pk, &raw);
         let plan = rotation::plan(&read.settings, &read.observed, now);
         match &plan.step {
             None => {
@@ -89,7 +96,11 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
                     .map_or_else(Action::await_change, Action::requeue));
             }
             Some(step) => {
-                let minted = apply(ctx, pk, &read, step, now).await?;
+                let (minted, written) = apply(ctx, pk, &read, step, now).await?;
+                raw.absorb(written);
+                if let Step::Revoke { seq, .. } = step {
+                    ctx.scans.forget(&uid_of(pk), *seq);
+                }
                 let regarding = pk.object_ref(&());
                 for fact in step_audits(pk, &read, step, minted.as_ref()) {
                     audit::record(ctx, &regarding, fact).await;
@@ -100,9 +111,354 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
     Ok(Action::requeue(Duration::from_millis(200)))
 }
 
+fn uid_of(pk: &ProvisioningKey) -> String {
+    pk.meta().uid.clone().unwrap_or_default()
+}
+
 // ---------------------------------------------------------------------------------------------
-// observe: reads only, always fresh from the API server (never the watch cache, which may not
-// yet show our own last write), then the pure mapping of `rotation::observe`.
+// observe: what to read is decided from the watch caches; what is decided on is read by GET (by
+// deterministic name) at the start of the reconcile, then kept current with the responses of
+// this reconcile's own writes. Then the pure mapping of `rotation::observe`.
+//
+// The hot path (every reconcile, every step) sends only GETs by name: no request on it costs
+// more because of unrelated objects in the namespace. The only namespace-wide LISTs are the
+// watches' initial LISTs (cold path, once per process and scope) and the consumer scan (at most
+// once per rotation per process, see `scan_consumers`), plus a label-selected ControllerRevision
+// LIST while a key that a DaemonSet consumes is retiring.
+
+/// The raw objects a reconcile decides on. Secret data is held only while the reconcile runs;
+/// private key bytes are wiped as soon as a key Secret is read (only their presence counts).
+#[derive(Default)]
+struct Raw {
+    /// Key Secrets by sequence number.
+    key_secrets: BTreeMap<u32, Secret>,
+    bundle: Option<ConfigMap>,
+    agent_secret: Option<Secret>,
+    /// The namespace's PolicyAgents from the watch cache; those referencing the key are
+    /// replaced by fresh GETs once its consumers matter (a key is retiring).
+    agents: Vec<PolicyAgent>,
+    /// Read only while a key is retiring.
+    consumers: Option<ConsumerReads>,
+}
+
+/// What the revocation of a retiring key is decided on.
+#[derive(Default)]
+struct ConsumerReads {
+    workloads: Vec<Workload>,
+    replica_sets: Vec<ReplicaSet>,
+    revisions: Vec<ControllerRevision>,
+    /// Pods using the agent Secret that no PolicyAgent covers; `None` until scanned.
+    uncovered: Option<Vec<Uncovered>>,
+}
+
+/// The object a step wrote, as the API server returned it.
+enum Written {
+    Nothing,
+    KeySecret(u32, Box<Secret>),
+    KeySecretGone(u32),
+    Bundle(Box<ConfigMap>),
+    AgentSecret(Box<Secret>),
+}
+
+impl Raw {
+    fn key_secret_list(&self) -> Vec<Secret> {
+        self.key_secrets.values().cloned().collect()
+    }
+
+    /// Takes a write's response as the object's current state: a GET right after the write
+    /// would return the same (or something newer that the next reconcile sees).
+    fn absorb(&mut self, written: Written) {
+        match written {
+            Written::Nothing => {}
+            Written::KeySecret(seq, mut s) => {
+                wipe_private(&mut s);
+                self.key_secrets.insert(seq, *s);
+            }
+            Written::KeySecretGone(seq) => {
+                self.key_secrets.remove(&seq);
+            }
+            Written::Bundle(cm) => self.bundle = Some(*cm),
+            Written::AgentSecret(s) => {
+                if let Some(old) = self.agent_secret.as_mut() {
+                    wipe(old);
+                }
+                self.agent_secret = Some(*s);
+            }
+        }
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        for s in self.key_secrets.values_mut() {
+            wipe(s);
+        }
+        if let Some(s) = self.agent_secret.as_mut() {
+            wipe(s);
+        }
+    }
+}
+
+/// Wipes the private key of a key Secret, keeping the entry (its presence is evidence).
+fn wipe_private(s: &mut Secret) {
+    if let Some(v) = s.data.as_mut().and_then(|d| d.get_mut(l::DATA_PRIVATE_KEY)) {
+        v.0.zeroize();
+    }
+}
+
+/// The key, bundle and agent Secret reads, and the PolicyAgents from the cache.
+///
+/// Why each read is safe:
+/// - Key Secrets: GET `<pk>-k<seq>` for every seq the Keyward-labelled Secret cache holds for
+///   this key, plus every seq this process minted (recorded synchronously at the write, so a key
+///   minted a moment ago is read even before its watch event), plus the bundle's `last-seq`.
+///   The cache's first LIST is a consistent snapshot taken after this process started, so it
+///   holds every key Secret minted before; after it, key Secrets are created only by this
+///   process (one writer per key). A key Secret that someone else creates or restores and that
+///   the cache has not delivered yet is simply not seen for a moment: a trusted key id leaves
+///   the bundle only through a revocation of a key Secret read here, never because a key
+///   Secret is missing (it stays trusted as `Unrecorded`), and minting its seq again fails
+///   with 409, after which it is read. A deleted one answers 404 (fresh).
+/// - Trust bundle and agent Secret: GET by name (the names recorded on the key Secrets).
+/// - PolicyAgents: the cache decides who to read; see [`read_consumers`] for the fresh reads
+///   a revocation is decided on.
+async fn read(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw> {
+    ctx.caches.ready().await;
+    let (ns, name) = object_key(pk)?;
+    let uid = uid_of(pk);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut raw = Raw::default();
+    for seq in ctx.caches.key_seqs(&ns, &name, &uid) {
+        get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
+    }
+    let parsed = observe::key_secrets(pk, &raw.key_secret_list());
+    let names = observe::names(pk, &parsed);
+    raw.bundle = cms.get_opt(&names.trust_bundle_name).await?;
+    let last_seq = raw
+        .bundle
+        .as_ref()
+        .filter(|cm| observe::controlled_by(cm.meta(), &uid))
+        .and_then(|cm| cm.annotations().get(l::LAST_SEQ))
+        .and_then(|v| v.parse::<u32>().ok());
+    if let Some(seq) = last_seq.filter(|s| !raw.key_secrets.contains_key(s)) {
+        // The newest published key, even if its labels were edited out of the cache's selector.
+        get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
+    }
+    raw.agent_secret = secrets.get_opt(&names.secret_name).await?;
+    raw.agents = ctx
+        .caches
+        .agents(&ns)
+        .into_iter()
+        .map(|pa| (*pa).clone())
+        .collect();
+    Ok(raw)
+}
+
+async fn get_key_secret(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    name: &str,
+    uid: &str,
+    seq: u32,
+    raw: &mut Raw,
+) -> Result<()> {
+    match secrets.get_opt(&key_secret_name(name, seq)).await? {
+        Some(mut s) => {
+            wipe_private(&mut s);
+            raw.key_secrets.insert(seq, s);
+        }
+        None => ctx.caches.gone(uid, seq),
+    }
+    Ok(())
+}
+
+/// Uncovered consumers found per rotation: (ProvisioningKey uid, retiring seq) -> pods.
+#[derive(Default)]
+pub struct Scans(std::sync::Mutex<std::collections::HashMap<(String, u32), Vec<Uncovered>>>);
+
+impl Scans {
+    fn get(&self, uid: &str, seq: u32) -> Option<Vec<Uncovered>> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&(uid.to_string(), seq)).cloned()
+    }
+
+    fn put(&self, uid: &str, seq: u32, found: Vec<Uncovered>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|(u, _), _| u != uid);
+        m.insert((uid.to_string(), seq), found);
+    }
+
+    fn forget(&self, uid: &str, seq: u32) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&(uid.to_string(), seq));
+    }
+}
+
+/// How long after the hand-out the consumer scan waits, so a pod started just before the new
+/// key was handed out has been created (and is listed) and one started just after has read
+/// the new Secret, not a kubelet's older copy.
+pub const SCAN_DELAY: Duration = Duration::from_secs(3);
+
+/// The fresh reads a retiring key's revocation is decided on (every reconcile while a key is
+/// retiring; all by name except the DaemonSet lineage):
+/// - every PolicyAgent the cache shows referencing this key, by GET (one deleted meanwhile
+///   drops out; its status is the one the API server has now);
+/// - the workload each of them (or the PolicyAgent claiming its workload) names, by GET;
+/// - the lineage that ties the confirmed revision to the workload: a Deployment's ReplicaSet
+///   `<deployment>-<confirmedRevision>` by GET (its `revision` annotation equals the
+///   Deployment's exactly when that revision is current); a DaemonSet's ControllerRevisions
+///   by a label-selected LIST (their current one is the highest `revision`, which no single
+///   GET can show); a StatefulSet needs none (`status.updateRevision`).
+///
+/// A PolicyAgent the cache has not shown yet is not missed: its workload's pods use the agent
+/// Secret, so the consumer scan counts them as uncovered, and the old key then also waits for
+/// its last token's expiry.
+async fn read_consumers(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    raw: &mut Raw,
+    now: DateTime<Utc>,
+) -> Result<ConsumerReads> {
+    let (ns, name) = object_key(pk)?;
+    let pas: Api<PolicyAgent> = Api::namespaced(ctx.client.clone(), &ns);
+    let referencing: Vec<String> = raw
+        .agents
+        .iter()
+        .filter(|pa| pa.spec.provisioning_key_ref.name == name)
+        .map(ResourceExt::name_any)
+        .collect();
+    for pa_name in referencing {
+        let fresh = pas.get_opt(&pa_name).await?;
+        raw.agents.retain(|pa| pa.name_any() != pa_name);
+        if let Some(mut pa) = fresh {
+            pa.meta_mut().managed_fields = None;
+            raw.agents.push(pa);
+        }
+    }
+    let mut out = ConsumerReads::default();
+    let owners: Vec<PolicyAgent> = raw
+        .agents
+        .iter()
+        .filter(|pa| pa.spec.provisioning_key_ref.name == name)
+        .map(|pa| observe::claim_owner(pa, &raw.agents).clone())
+        .collect();
+    let mut named: Vec<(WorkloadKind, String, Option<String>)> = owners
+        .iter()
+        .map(|pa| {
+            (
+                pa.spec.workload_ref.kind,
+                pa.spec.workload_ref.name.clone(),
+                pa.status
+                    .as_ref()
+                    .and_then(|s| s.confirmed_revision.clone()),
+            )
+        })
+        .collect();
+    named.sort_by(|a, b| (a.0.to_string(), &a.1).cmp(&(b.0.to_string(), &b.1)));
+    named.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    for (kind, wname, confirmed) in named {
+        let Some(w) = workloads::fetch(&ctx.client, &ns, kind, &wname).await? else {
+            continue;
+        };
+        match kind {
+            WorkloadKind::Deployment => {
+                if let Some(rev) = confirmed {
+                    let rs = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
+                        .get_opt(&format!("{wname}-{rev}"))
+                        .await?;
+                    out.replica_sets.extend(rs);
+                }
+            }
+            WorkloadKind::DaemonSet => {
+                let (_, revisions) = workloads::lineage(&ctx.client, &ns, &w).await?;
+                out.revisions.extend(revisions);
+            }
+            WorkloadKind::StatefulSet => {}
+        }
+        out.workloads.push(w);
+    }
+    out.uncovered = scan_consumers(ctx, pk, raw, &out, now).await?;
+    Ok(out)
+}
+
+/// The pods no PolicyAgent covers that use the agent Secret, found once per rotation: a fresh
+/// LIST of the namespace's pods, after the agent Secret was read carrying the new key, then
+/// the ReplicaSets of the pods that use the Secret, by GET. (A LIST served from the API
+/// server's watch cache at `NotOlderThan` the agent Secret's resourceVersion would be cheaper,
+/// but on 1.20 the pod cache only advances with pod events: it blocks 3 s and fails with 504.)
+///
+/// Once is enough: every pod that existed when the new key was handed out and may hold the old
+/// key is in that list; a pod created later reads the new key. The pods found are remembered
+/// for the rest of the rotation (the old key then waits for the time fallback even if they go
+/// away: conservative); a restart of the operator scans again.
+async fn scan_consumers(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    raw: &Raw,
+    reads: &ConsumerReads,
+    now: DateTime<Utc>,
+) -> Result<Option<Vec<Uncovered>>> {
+    let (ns, name) = object_key(pk)?;
+    let uid = uid_of(pk);
+    let parsed = observe::key_secrets(pk, &raw.key_secret_list());
+    let Some(old) = parsed.keys.iter().find(|k| k.state == KeyState::Retiring) else {
+        return Ok(None);
+    };
+    if let Some(found) = ctx.scans.get(&uid, old.seq) {
+        return Ok(Some(found));
+    }
+    let names = observe::names(pk, &parsed);
+    // The agent Secret must carry the new key, for long enough (see SCAN_DELAY).
+    let mapped = map(ctx, pk, raw);
+    let current = rotation::current(&mapped.observed.keys).map(|k| k.kid.clone());
+    let handed_out = match &mapped.observed.agent_secret {
+        AgentSecretObs::Owned(s) if s.kid.is_some() && s.kid == current => s.handed_out_at,
+        _ => None,
+    };
+    let Some(handed_out) = handed_out else {
+        return Ok(None);
+    };
+    if now < handed_out + chrono::Duration::from_std(SCAN_DELAY).unwrap_or_default() {
+        return Ok(None);
+    }
+    let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            crate::workload::holds_key(p) && crate::workload::uses_secret(p, &names.secret_name)
+        })
+        .collect();
+    let mut replica_sets = reads.replica_sets.clone();
+    let rs_names: std::collections::BTreeSet<String> = pods
+        .iter()
+        .flat_map(|p| p.owner_references().iter())
+        .filter(|o| o.controller == Some(true) && o.kind == "ReplicaSet")
+        .map(|o| o.name.clone())
+        .collect();
+    let rs_api = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns);
+    for rs in rs_names {
+        if !replica_sets.iter().any(|r| r.name_any() == rs) {
+            replica_sets.extend(rs_api.get_opt(&rs).await?);
+        }
+    }
+    let found = observe::uncovered(
+        &name,
+        &names.secret_name,
+        &raw.agents,
+        &reads.workloads,
+        Lineage {
+            replica_sets: &replica_sets,
+            revisions: &reads.revisions,
+        },
+        &pods,
+    );
+    info!(pk = %name, seq = old.seq, uncovered = found.len(), "consumer scan");
+    ctx.scans.put(&uid, old.seq, found.clone());
+    Ok(Some(found))
+}
 
 /// What observe read: the planner's input and what apply needs besides it.
 struct Read {
@@ -112,92 +468,37 @@ struct Read {
     bundle_jwks: BTreeMap<String, keys::Jwk>,
 }
 
-/// Reads everything the decision needs.
-///
-/// - Key Secrets: a label-selected LIST, fresh. The decision to mint, publish, activate or
-///   revoke is made on it; a key Secret written by the previous step is always in it.
-/// - Agent Secret and trust bundle: GET by name (names recorded on the key Secrets).
-/// - PolicyAgents: a fresh LIST of the namespace (every PolicyAgent referencing the key counts,
-///   whatever its conditions say).
-/// - Only while a key is retiring (its revocation is decided on them): the workloads those
-///   PolicyAgents name (GET), the ReplicaSets and ControllerRevisions that tie pods to them,
-///   and the namespace's pods (LIST), all fresh, so revocation never acts on a stale picture.
-async fn observe(ctx: &Context, pk: &ProvisioningKey) -> Result<Read> {
-    let (ns, name) = object_key(pk)?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let pas: Api<PolicyAgent> = Api::namespaced(ctx.client.clone(), &ns);
-
-    let selector = format!(
-        "{}={name},{}={}",
-        l::PROVISIONING_KEY,
-        l::COMPONENT,
-        l::COMPONENT_KEY
-    );
-    let key_secrets = secrets
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items;
-    let parsed = observe::key_secrets(pk, &key_secrets);
-    let names = observe::names(pk, &parsed);
-    let bundle = cms.get_opt(&names.trust_bundle_name).await?;
-    let agent_secret = secrets.get_opt(&names.secret_name).await?;
-    let agents = pas.list(&ListParams::default()).await?.items;
-    let (mut workloads, mut replica_sets, mut revisions, mut pods) =
-        (Vec::new(), Vec::new(), Vec::new(), None);
-    if observe::needs_consumers(&parsed) {
-        let mut named: Vec<(WorkloadKind, String)> = agents
-            .iter()
-            .filter(|pa| pa.spec.provisioning_key_ref.name == name)
-            .map(|pa| (pa.spec.workload_ref.kind, pa.spec.workload_ref.name.clone()))
-            .collect();
-        named.sort_by(|a, b| (a.0.to_string(), &a.1).cmp(&(b.0.to_string(), &b.1)));
-        named.dedup();
-        for (kind, wname) in named {
-            if let Some(w) = workloads::fetch(&ctx.client, &ns, kind, &wname).await? {
-                workloads.push(w);
-            }
-        }
-        replica_sets = Api::<ReplicaSet>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items;
-        revisions = Api::<ControllerRevision>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items;
-        pods = Some(
-            Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                .list(&ListParams::default())
-                .await?
-                .items,
-        );
-    }
-    let mapped = observe::observe(
+/// The pure mapping of what was read.
+fn map(ctx: &Context, pk: &ProvisioningKey, raw: &Raw) -> Read {
+    let key_secrets = raw.key_secret_list();
+    let none = ConsumerReads::default();
+    let consumers = raw.consumers.as_ref().unwrap_or(&none);
+    let mut mapped = observe::observe(
         &KeyObjects {
             pk,
             key_secrets: &key_secrets,
-            bundle: bundle.as_ref(),
-            agent_secret: agent_secret.as_ref(),
-            agents: &agents,
-            workloads: &workloads,
+            bundle: raw.bundle.as_ref(),
+            agent_secret: raw.agent_secret.as_ref(),
+            agents: &raw.agents,
+            workloads: &consumers.workloads,
             lineage: Lineage {
-                replica_sets: &replica_sets,
-                revisions: &revisions,
+                replica_sets: &consumers.replica_sets,
+                revisions: &consumers.revisions,
             },
-            pods: pods.as_deref(),
+            pods: None,
         },
         &ctx.config.floors,
     );
+    mapped.observed.uncovered = consumers.uncovered.clone();
     for t in &mapped.secrets.tampered {
-        tracing::warn!(pk = %name, secret = %t, "key Secret evidence repaired or ignored");
+        tracing::warn!(pk = %pk.name_any(), secret = %t, "key Secret evidence repaired or ignored");
     }
-    Ok(Read {
+    Read {
         settings: mapped.settings,
         observed: mapped.observed,
         secrets: mapped.secrets,
         bundle_jwks: mapped.bundle_jwks,
-    })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,9 +728,10 @@ async fn apply(
     read: &Read,
     step: &Step,
     now: DateTime<Utc>,
-) -> Result<Option<Minted>> {
+) -> Result<(Option<Minted>, Written)> {
     let (settings, obs, refs) = (&read.settings, &read.observed, &read.secrets.refs);
     let mut minted = None;
+    let written;
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = pk
@@ -470,19 +772,23 @@ async fn apply(
                 )
                 .await;
             wipe(&mut secret);
+            let uid = uid_of(pk);
             match created {
-                Ok(_) => {}
+                Ok(s) => {
+                    ctx.caches.minted(&uid, *seq);
+                    written = Written::KeySecret(*seq, Box::new(s));
+                }
                 // Already minted (by us before a crash, or by another replica): the existing
                 // Secret is the evidence; never mint twice for the same seq. A Secret of that
                 // name that this ProvisioningKey does not control is someone else's: never
                 // taken for ours, reported, retried with backoff.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     let key_name = key_secret_name(&name, *seq);
-                    let existing = secrets.get_metadata_opt(&key_name).await?;
-                    let uid = pk.meta().uid.clone().unwrap_or_default();
-                    if existing.is_some_and(|m| observe::controlled_by(&m.metadata, &uid)) {
+                    let existing = secrets.get_opt(&key_name).await?;
+                    if let Some(s) = existing.filter(|s| observe::controlled_by(s.meta(), &uid)) {
                         info!(pk = %name, seq, "key Secret already exists; not minting again");
-                        return Ok(None);
+                        ctx.caches.minted(&uid, *seq);
+                        return Ok((None, Written::KeySecret(*seq, Box::new(s))));
                     }
                     return Err(Error::NameTaken {
                         kind: "Secret",
@@ -495,7 +801,8 @@ async fn apply(
             minted = Some(Minted { kid, fingerprint });
         }
         Step::MarkPublished { seq } => {
-            transition(&secrets, &name, refs, *seq, KeyState::Published, &[], false).await?;
+            written =
+                transition(&secrets, &name, refs, *seq, KeyState::Published, &[], false).await?;
             fault::after("mark-published");
         }
         Step::WriteBundle { trusted, revoked } => {
@@ -510,17 +817,19 @@ async fn apply(
                 revoked,
             )?;
             let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-            cms.patch(
-                &settings.trust_bundle_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&cm),
-            )
-            .await?;
+            let cm = cms
+                .patch(
+                    &settings.trust_bundle_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&cm),
+                )
+                .await?;
+            written = Written::Bundle(Box::new(cm));
             fault::after("bundle");
             info!(pk = %name, trusted = ?trusted, revoked = ?revoked, "trust bundle written");
         }
         Step::RecordPublished { seq } => {
-            transition(
+            written = transition(
                 &secrets,
                 &name,
                 refs,
@@ -533,7 +842,7 @@ async fn apply(
             fault::after("record-published");
         }
         Step::Activate { seq, .. } => {
-            transition(
+            written = transition(
                 &secrets,
                 &name,
                 refs,
@@ -546,7 +855,7 @@ async fn apply(
             fault::after("activate");
         }
         Step::Retire { seq } => {
-            transition(
+            written = transition(
                 &secrets,
                 &name,
                 refs,
@@ -559,11 +868,12 @@ async fn apply(
             fault::after("retire");
         }
         Step::HandOut { seq, .. } => {
-            hand_out(ctx, pk, settings, obs, *seq, now).await?;
+            written =
+                Written::AgentSecret(Box::new(hand_out(ctx, pk, settings, obs, *seq, now).await?));
             fault::after("hand-out");
         }
         Step::Revoke { seq, .. } => {
-            transition(
+            written = transition(
                 &secrets,
                 &name,
                 refs,
@@ -577,7 +887,7 @@ async fn apply(
         }
         Step::Repair { seq } => {
             let Some(k) = find(obs, *seq) else {
-                return Ok(None);
+                return Ok((None, Written::Nothing));
             };
             let key_name = key_secret_name(&name, *seq);
             // Only the metadata is restored, with the observed resourceVersion as precondition;
@@ -595,7 +905,7 @@ async fn apply(
                     "annotations": { l::KEY_ID: k.kid, l::FINGERPRINT: k.fingerprint },
                 }
             });
-            secrets
+            let s = secrets
                 .patch(
                     &key_name,
                     &PatchParams {
@@ -605,6 +915,7 @@ async fn apply(
                     &Patch::Merge(&body),
                 )
                 .await?;
+            written = Written::KeySecret(*seq, Box::new(s));
         }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
@@ -620,10 +931,12 @@ async fn apply(
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
+            ctx.caches.gone(&uid_of(pk), *seq);
+            written = Written::KeySecretGone(*seq);
             info!(pk = %name, secret = %key_name, "pruned old revoked key Secret");
         }
     }
-    Ok(minted)
+    Ok((minted, written))
 }
 
 /// Moves a key Secret forward to `state`, adding annotations; with `drop_private`, deletes the
@@ -637,7 +950,7 @@ async fn transition(
     state: KeyState,
     annotations: &[(&str, String)],
     drop_private: bool,
-) -> Result<()> {
+) -> Result<Written> {
     let rv = refs
         .get(&seq)
         .map(|r| r.resource_version.clone())
@@ -656,7 +969,7 @@ async fn transition(
     if drop_private {
         body["data"] = json!({ l::DATA_PRIVATE_KEY: null });
     }
-    secrets
+    let s = secrets
         .patch(
             &key_secret_name(pk_name, seq),
             &PatchParams {
@@ -666,7 +979,7 @@ async fn transition(
             &Patch::Merge(&body),
         )
         .await?;
-    Ok(())
+    Ok(Written::KeySecret(seq, Box::new(s)))
 }
 
 /// Writes the agent Secret for key `seq`: key id, public key, a fresh token, and the private key
@@ -678,7 +991,7 @@ async fn hand_out(
     obs: &Observed,
     seq: u32,
     now: DateTime<Utc>,
-) -> Result<()> {
+) -> Result<Secret> {
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let key_name = key_secret_name(&name, seq);
@@ -718,24 +1031,26 @@ async fn hand_out(
     // A Secret that was missing is created (POST): should someone else's appear meanwhile,
     // the create fails instead of taking it over. An owned one is applied.
     let res = match &obs.agent_secret {
-        AgentSecretObs::Owned(_) => secrets
-            .patch(
-                &settings.secret_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map(|_| ()),
-        _ => secrets
-            .create(
-                &PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &secret,
-            )
-            .await
-            .map(|_| ()),
+        AgentSecretObs::Owned(_) => {
+            secrets
+                .patch(
+                    &settings.secret_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&secret),
+                )
+                .await
+        }
+        _ => {
+            secrets
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &secret,
+                )
+                .await
+        }
     };
     wipe(&mut secret);
     match res {

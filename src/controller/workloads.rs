@@ -3,7 +3,12 @@
 //! decision sees the state as of this reconcile: a roll or a confirmation is never decided on a
 //! cache that lags behind our own last write or the workload controller's.
 //!
-//! Lists are narrowed by the workload's label selector (a cheap server-side filter), then
+//! (A LIST at `resourceVersionMatch=NotOlderThan` the workload's resourceVersion, served from
+//! the API server's watch cache, was tried: on 1.20 a resource's watch cache only advances with
+//! events of that resource, so such a read blocks for 3 s and fails with 504 whenever, say, no
+//! pod changed since the Deployment's last write.)
+//!
+//! Lists are narrowed by the workload's label selector (a server-side filter), then
 //! filtered by controller ownership (uid): labels alone never decide which objects belong.
 
 use k8s_openapi::api::apps::v1::{
@@ -69,9 +74,10 @@ pub fn selector_string(sel: &LabelSelector) -> Option<String> {
 }
 
 /// The ReplicaSets (Deployment) or ControllerRevisions (StatefulSet, DaemonSet) controlled by
-/// `w`. Listed after `w` was read, so every ReplicaSet or revision the workload's status refers
-/// to already exists (the controllers create them before they update the workload's status); a
-/// newer one the workload does not know yet is ignored by [`crate::workload::current_revision`].
+/// `w`. Listed after `w` was read, so every
+/// ReplicaSet or revision the workload's status refers to already exists (the controllers
+/// create them before they update the workload's status); a newer one the workload does not
+/// know yet is ignored by [`crate::workload::current_revision`].
 pub async fn lineage(
     client: &Client,
     ns: &str,
@@ -119,8 +125,9 @@ pub async fn lineage(
 
 /// The pods of `w`: listed by its selector, kept when [`owns_pod`] (by controller uid through
 /// `lineage`). Listed after the lineage, so a pod's ReplicaSet is in `lineage` unless it was
-/// created in between; such a pod is left out for this reconcile, and the rollout criteria
-/// (which count it through the workload's status) keep the decision waiting.
+/// created in between;
+/// such a pod is left out for this reconcile, and the rollout criteria (which count it through
+/// the workload's status) keep the decision waiting.
 pub async fn pods(
     client: &Client,
     ns: &str,

@@ -266,7 +266,7 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
 }
 
 /// `<pk>-k<seq>` -> `seq` (the name is fixed at mint; a label can be edited).
-fn seq_from_name(name: &str) -> Option<u32> {
+pub fn seq_from_name(name: &str) -> Option<u32> {
     name.rsplit_once("-k").and_then(|(_, n)| n.parse().ok())
 }
 
@@ -468,7 +468,7 @@ fn bundle(cm: &ConfigMap) -> (BundleObs, BTreeMap<String, Jwk>) {
 }
 
 /// The PolicyAgent that manages `pa`'s workload: the oldest (then by name) of those naming it.
-fn claim_owner<'a>(pa: &'a PolicyAgent, agents: &'a [PolicyAgent]) -> &'a PolicyAgent {
+pub fn claim_owner<'a>(pa: &'a PolicyAgent, agents: &'a [PolicyAgent]) -> &'a PolicyAgent {
     agents
         .iter()
         .filter(|o| o.meta().deletion_timestamp.is_none())
