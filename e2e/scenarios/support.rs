@@ -227,6 +227,7 @@ impl InProcessOperator {
             floors: Floors::none(),
             max_concurrent_rolls: 5,
             instance: format!("e2e-{namespace}"),
+            ..OperatorConfig::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(client, config, writes, async move {
