@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use keyward::controller::{self, OperatorConfig, WriteCounter};
+use keyward::client::{self, ClientOptions, RequestStats};
+use keyward::controller::{self, OperatorConfig};
 use keyward::rotation::Floors;
 use tracing::info;
 
@@ -38,6 +39,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 1h, 30m, 0s)"))
 }
 
+fn parse_qps(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(q) if q.is_finite() && q >= 0.0 => Ok(q),
+        _ => Err(format!(
+            "{s:?} is not a request rate (a number >= 0; 0 disables limiting)"
+        )),
+    }
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Namespaces to watch (comma-separated); empty watches all namespaces.
@@ -65,6 +75,23 @@ struct RunArgs {
     /// Most workloads rolled at once, so a rotation never becomes a restart storm.
     #[arg(long, default_value_t = 5)]
     max_concurrent_rolls: usize,
+    /// Most reconciles running at once per controller (ProvisioningKeys, PolicyAgents);
+    /// at least 1. Higher drains a large backlog sooner at the cost of more concurrent API
+    /// requests (still bounded by --kube-api-qps and --kube-api-burst).
+    #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Client-side limit on Kubernetes API requests per second (token bucket refill rate);
+    /// 0 disables client-side limiting (the API server's priority and fairness still applies).
+    /// A long-running watch counts once, when it starts.
+    #[arg(long, env = "KEYWARD_KUBE_API_QPS", default_value_t = client::DEFAULT_QPS,
+          value_parser = parse_qps)]
+    kube_api_qps: f32,
+    /// Most Kubernetes API requests sent back to back before --kube-api-qps paces them
+    /// (token bucket size); at least 1.
+    #[arg(long, env = "KEYWARD_KUBE_API_BURST", default_value_t = client::DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    kube_api_burst: u32,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -117,8 +144,15 @@ fn crds(write: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     keyward::telemetry::init(&args.log_format);
     let config = kube::Config::infer().await?;
-    let writes = WriteCounter::default();
-    let client = controller::counting_client(config, &writes)?;
+    let writes = RequestStats::default();
+    let client = client::build(
+        config,
+        &ClientOptions {
+            qps: args.kube_api_qps,
+            burst: args.kube_api_burst,
+        },
+        &writes,
+    )?;
     let op = OperatorConfig {
         namespaces: args
             .namespaces
@@ -135,9 +169,16 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
         max_concurrent_rolls: args.max_concurrent_rolls.max(1),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
-        ..OperatorConfig::default()
+        concurrency: args.concurrency.max(1),
     };
-    info!(version = env!("CARGO_PKG_VERSION"), namespaces = ?op.namespaces, "starting keyward");
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespaces = ?op.namespaces,
+        concurrency = op.concurrency,
+        kube_api_qps = args.kube_api_qps,
+        kube_api_burst = args.kube_api_burst,
+        "starting keyward"
+    );
     controller::preflight(&client, &op.namespaces).await?;
     controller::run(client, op, writes, shutdown_signal()).await;
     Ok(())

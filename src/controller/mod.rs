@@ -7,7 +7,6 @@ pub mod provisioning_key;
 pub mod workloads;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -43,7 +42,7 @@ pub struct OperatorConfig {
     pub max_concurrent_rolls: usize,
     /// Name reported on Events (`reportingInstance`), e.g. the pod name.
     pub instance: String,
-    /// Most reconciles running at once, per controller.
+    /// Most reconciles running at once per controller (at least 1).
     pub concurrency: u16,
 }
 
@@ -59,32 +58,17 @@ impl Default for OperatorConfig {
     }
 }
 
-/// Counts the mutating requests (anything but GET) the operator sends: the evidence that a
-/// settled object costs nothing, and the source of the write metric.
-#[derive(Clone, Debug, Default)]
-pub struct WriteCounter(Arc<AtomicU64>);
+/// Counts every request by verb, resource and query; `get()` is the write count (anything but
+/// get, list, watch): the evidence that a settled object costs nothing.
+pub use crate::client::RequestStats as WriteCounter;
 
-impl WriteCounter {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Builds a client whose every mutating request increments `counter`.
+/// Builds a client (Keyward's User-Agent, every request counted in `counter`) with no
+/// client-side rate limit, so tests measure the operator, not the limiter.
 pub fn counting_client(
     config: kube::Config,
     counter: &WriteCounter,
 ) -> Result<Client, kube::Error> {
-    let counter = counter.0.clone();
-    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
-        if req.method() != http::Method::GET {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-        req
-    });
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&layer)
-        .build())
+    crate::client::build(config, &crate::client::ClientOptions::unlimited(), counter)
 }
 
 /// State shared by every reconcile.
