@@ -33,6 +33,9 @@ pub struct ScopeCaches {
     pub namespace: Option<String>,
     pub agents: Store<PolicyAgent>,
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Set once each store has applied its first complete LIST (see [`Caches::ready`]).
+    pub agents_ready: tokio::sync::watch::Receiver<bool>,
+    pub secrets_ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ScopeCaches {
@@ -55,7 +58,7 @@ impl Caches {
     pub fn new(scopes: Vec<ScopeCaches>) -> Self {
         Caches {
             scopes,
-            minted: Mutex::default(),
+            ..Caches::default()
         }
     }
 
@@ -63,15 +66,17 @@ impl Caches {
         self.scopes.iter().find(|s| s.covers(ns))
     }
 
-    /// Waits until every store has finished its first LIST (a consistent snapshot).
+    /// Waits until every store has applied its first complete LIST (a consistent snapshot).
+    ///
+    /// Readiness comes from the watch streams themselves (their first `InitDone`), not from
+    /// kube-runtime's `Store::wait_until_ready`: that keeps a single waker, so of several tasks
+    /// waiting at once (reconciles, and the controller's own runner) only the last one polled
+    /// would ever be woken.
     pub async fn ready(&self) {
         for s in &self.scopes {
-            // Only fails when the writer is gone, i.e. during shutdown: nothing to wait for.
-            tracing::debug!("waiting for agents store");
-            let _ = s.agents.wait_until_ready().await;
-            tracing::debug!("waiting for secrets store");
-            let _ = s.secrets.wait_until_ready().await;
-            tracing::debug!("stores ready");
+            // Only fails when the stream is gone, i.e. during shutdown: nothing to wait for.
+            let _ = s.agents_ready.clone().wait_for(|r| *r).await;
+            let _ = s.secrets_ready.clone().wait_for(|r| *r).await;
         }
     }
 

@@ -346,15 +346,38 @@ fn agents_of_secret(
         .collect()
 }
 
-/// Drops `managedFields` (often the largest part of an object) before it is cached.
+/// Drops what no decision reads from a cache before an object is cached: `managedFields` and
+/// kubectl's `last-applied-configuration` (often the largest parts of an object).
 fn slim<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
-/// A watcher stream with backoff, `managedFields` dropped, ending at `shutdown`.
+/// A cached ProvisioningKey is only a trigger and its spec: status is always read fresh (by
+/// `get_status`) before it is compared or written, so it is not kept.
+fn slim_pk(pk: &mut ProvisioningKey) {
+    slim(pk);
+    pk.status = None;
+}
+
+/// A cached labelled Secret only tells which key Secrets exist (name, labels, owner) and
+/// which key id each holds.
+fn slim_secret(s: &mut PartialObjectMeta<Secret>) {
+    slim(s);
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == labels::KEY_ID);
+    }
+}
+
+/// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
+/// `shutdown`.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
@@ -362,7 +385,7 @@ where
 {
     watcher::watcher(api, config)
         .default_backoff()
-        .modify(slim::<K>)
+        .modify(trim)
         .take_until(shutdown)
 }
 
@@ -399,12 +422,22 @@ pub async fn run(
     for ns in &scopes {
         let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
         let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
+        let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
         caches.push(caches::ScopeCaches {
             namespace: ns.clone(),
             agents,
             secrets,
+            agents_ready,
+            secrets_ready,
         });
-        wiring.push((ns.clone(), agents_writer, secrets_writer));
+        wiring.push((
+            ns.clone(),
+            agents_writer,
+            secrets_writer,
+            agents_ready_tx,
+            secrets_ready_tx,
+        ));
     }
     let ctx = Context::with_caches(
         client.clone(),
@@ -412,7 +445,9 @@ pub async fn run(
         writes,
         caches::Caches::new(caches.clone()),
     );
-    for ((ns, agents_writer, secrets_writer), cache) in wiring.into_iter().zip(caches) {
+    for ((ns, agents_writer, secrets_writer, agents_ready, secrets_ready), cache) in
+        wiring.into_iter().zip(caches)
+    {
         let stop = shutdown.clone();
         // Only Keyward-labelled Secrets and ConfigMaps are watched, never every Secret.
         let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
@@ -433,18 +468,28 @@ pub async fn run(
                 watch(
                     scoped::<PartialObjectMeta<Secret>>(&client, &ns),
                     owned.clone(),
+                    slim_secret,
                     stop.clone(),
                 ),
             )
-            .touched_objects()
-            .for_each(move |s| {
-                if let Ok(s) = s {
-                    if let Some(pk) = owner_pk(&s) {
-                        let _ = to_pk.unbounded_send(pk);
+            .for_each(move |ev| {
+                match ev {
+                    Ok(watcher::Event::InitDone) => {
+                        secrets_ready.send_replace(true);
                     }
-                    for pa in agents_of_secret(&agents_store, &s) {
-                        let _ = to_pa.unbounded_send(pa);
+                    Ok(
+                        watcher::Event::Apply(s)
+                        | watcher::Event::InitApply(s)
+                        | watcher::Event::Delete(s),
+                    ) => {
+                        if let Some(pk) = owner_pk(&s) {
+                            let _ = to_pk.unbounded_send(pk);
+                        }
+                        for pa in agents_of_secret(&agents_store, &s) {
+                            let _ = to_pa.unbounded_send(pa);
+                        }
                     }
+                    _ => {}
                 }
                 futures::future::ready(())
             })
@@ -457,17 +502,27 @@ pub async fn run(
                 watch(
                     scoped::<PolicyAgent>(&client, &ns),
                     watcher::Config::default(),
+                    slim,
                     stop.clone(),
                 ),
             )
-            .touched_objects()
-            .for_each(move |pa| {
-                if let Ok(pa) = pa
-                    && let Some(ns) = pa.meta().namespace.clone()
-                {
-                    let _ = to_pk.unbounded_send(
-                        ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
-                    );
+            .for_each(move |ev| {
+                match ev {
+                    Ok(watcher::Event::InitDone) => {
+                        agents_ready.send_replace(true);
+                    }
+                    Ok(
+                        watcher::Event::Apply(pa)
+                        | watcher::Event::InitApply(pa)
+                        | watcher::Event::Delete(pa),
+                    ) => {
+                        if let Some(ns) = pa.meta().namespace.clone() {
+                            let _ = to_pk.unbounded_send(
+                                ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
+                            );
+                        }
+                    }
+                    _ => {}
                 }
                 futures::future::ready(())
             })
@@ -480,6 +535,7 @@ pub async fn run(
             watch(
                 scoped::<ProvisioningKey>(&client, &ns),
                 watcher::Config::default(),
+                slim_pk,
                 stop.clone(),
             ),
         )
@@ -491,6 +547,7 @@ pub async fn run(
                 watch(
                     scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
                     owned,
+                    slim,
                     stop.clone(),
                 )
                 .touched_objects(),
@@ -512,6 +569,7 @@ pub async fn run(
                 watch(
                     scoped::<PartialObjectMeta<Deployment>>(&client, &ns),
                     watcher::Config::default(),
+                    slim,
                     stop.clone(),
                 )
                 .touched_objects(),
@@ -521,6 +579,7 @@ pub async fn run(
                 watch(
                     scoped::<PartialObjectMeta<StatefulSet>>(&client, &ns),
                     watcher::Config::default(),
+                    slim,
                     stop.clone(),
                 )
                 .touched_objects(),
@@ -530,6 +589,7 @@ pub async fn run(
                 watch(
                     scoped::<PartialObjectMeta<DaemonSet>>(&client, &ns),
                     watcher::Config::default(),
+                    slim,
                     stop.clone(),
                 )
                 .touched_objects(),

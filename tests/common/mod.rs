@@ -33,6 +33,7 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(namespace: &str, floors: Floors) -> Self {
+        keyward_testbed::init_tracing();
         let writes = WriteCounter::default();
         let client = controller::counting_client(kube_config().await, &writes)
             .expect("build the operator's counting client");
@@ -55,6 +56,12 @@ impl Operator {
     }
 
     /// Mutating requests the operator sent so far.
+    /// Every request the operator sent so far, by verb, resource and query.
+    #[allow(dead_code)]
+    pub fn requests(&self) -> &WriteCounter {
+        &self.writes
+    }
+
     pub fn writes(&self) -> u64 {
         self.writes.get()
     }
