@@ -115,6 +115,17 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
     }
 }
 
+/// Key 1 as a first key is created (`Step::Mint { active: true }`): active from its creation a
+/// minute ago, its publication and activation recorded at that time.
+fn first_active() -> ObservedKey {
+    ObservedKey {
+        created_at: ago(60),
+        published_at: Some(ago(60)),
+        activated_at: Some(ago(60)),
+        ..key(1, Active)
+    }
+}
+
 /// An owned agent Secret holding `kid` and a token issued a minute ago with the default ttl.
 fn agent(kid: &str) -> AgentSecretObs {
     let iat = ago(60).timestamp();
@@ -303,6 +314,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Initial,
                 consumed_request_token: some("r1"),
                 consumed_annotation: some("a1"),
+                active: true,
             }),
             Phase::Pending,
         ),
@@ -315,9 +327,134 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Initial,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: true,
             }),
             Phase::Pending,
         ),
+        case(
+            "first mint while the bundle trusts an unrecorded key: created pending",
+            s(),
+            with_obs(vec![], |o| o.bundle = bundle(&[7], &[])),
+            Some(Mint {
+                seq: 8,
+                trigger: Trigger::Initial,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first mint while an agent Secret exists: created pending",
+            s(),
+            with_obs(vec![], |o| {
+                o.bundle = BundleObs::Missing;
+                o.agent_secret = agent(&kid(9));
+            }),
+            Some(Mint {
+                seq: 1,
+                trigger: Trigger::Initial,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first key created active, crash before the bundle: the bundle is written first",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = BundleObs::Missing;
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(1)],
+                revoked: vec![],
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "first key created active, bundle emptied by someone: rewritten before the hand-out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = bundle(&[], &[]);
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(1)],
+                revoked: vec![],
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "first key created active, crash after the bundle: handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::NewKey,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first key created active, bundle someone else's: never handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = BundleObs::Foreign;
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            None,
+            Phase::Pending,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
+        case(
+            "first key created active, agent Secret someone else's: not handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Foreign;
+            }),
+            None,
+            Phase::Invalid,
+        )
+        .check(Check::Blocked(reasons::SECRET_NAME_TAKEN)),
+        case(
+            "first key created active, compromised before its hand-out: a successor is minted",
+            with_settings(|s| s.compromised = compromised(&[1])),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::Compromised,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Publishing,
+        )
+        .check(Check::Rotating(reasons::EMERGENCY)),
+        case(
+            "first key created active and handed out: ready",
+            s(),
+            obs(vec![first_active()]),
+            None,
+            Phase::Ready,
+        )
+        .check(Check::NotBlocked),
+        case(
+            "rotated key whose bundle became someone else's: not handed out",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.bundle = BundleObs::Foreign;
+                o.agent_secret = agent(&kid(1));
+            }),
+            None,
+            Phase::Publishing,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN))
+        .check(Check::Rotating(reasons::PUBLISHING)),
         case(
             "first key: pending is labelled published before the bundle is written",
             s(),
@@ -834,6 +971,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r2"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -894,6 +1032,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Annotation,
                 consumed_request_token: None,
                 consumed_annotation: some("a2"),
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -944,6 +1083,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r2"),
                 consumed_annotation: some("a2"),
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1008,6 +1148,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r3"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1052,6 +1193,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r3"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1083,6 +1225,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Interval,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1215,6 +1358,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: some("r1"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         )
@@ -1412,6 +1556,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1498,6 +1643,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Pending,
         ),
@@ -1581,6 +1727,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1762,6 +1909,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r9"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1781,6 +1929,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Pending,
         ),
@@ -1833,6 +1982,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -2516,9 +2666,27 @@ impl Sim {
                 trigger,
                 consumed_request_token,
                 consumed_annotation,
+                active,
             } => {
                 let expected = before.last().map_or(1, |k| k.seq + 1);
                 ensure!(*seq == expected, "minted seq {seq}, expected {expected}");
+                if *active {
+                    // (g) Only a first key is created active, and only when nothing is trusted
+                    // and no agent Secret exists (nobody for publishDelay to protect).
+                    let trusted = match &self.obs.bundle {
+                        BundleObs::Owned { kids, .. } => kids.clone(),
+                        _ => Vec::new(),
+                    };
+                    ensure!(
+                        *trigger == Trigger::Initial
+                            && before.is_empty()
+                            && trusted.is_empty()
+                            && self.obs.agent_secret == AgentSecretObs::Missing
+                            && self.handed_out.is_empty(),
+                        "{trigger:?} key created active with keys {before:?}, bundle trusting {trusted:?}, agent Secret {:?}",
+                        self.obs.agent_secret
+                    );
+                }
                 if *trigger == Trigger::Initial {
                     ensure!(
                         before.is_empty(),
@@ -2559,17 +2727,29 @@ impl Sim {
                         "{trigger:?} rotation before minInterval ({earliest})"
                     );
                 }
+                // As `desired::key_secret`: a key created active records its publication and
+                // activation at its creation.
+                let at = active.then_some(now);
+                if *active {
+                    self.ever_published = true;
+                    self.ever_activated = true;
+                    self.activated_emergency.insert(*seq, false);
+                }
                 self.obs.keys.push(ObservedKey {
                     seq: *seq,
                     kid: kid(*seq),
                     fingerprint: format!("fp{seq}"),
-                    state: KeyState::Pending,
+                    state: if *active {
+                        KeyState::Active
+                    } else {
+                        KeyState::Pending
+                    },
                     trigger: *trigger,
                     consumed_request_token: consumed_request_token.clone(),
                     consumed_annotation: consumed_annotation.clone(),
                     created_at: now,
-                    published_at: None,
-                    activated_at: None,
+                    published_at: at,
+                    activated_at: at,
                     retired_at: None,
                     revoked_at: None,
                     has_private_key: true,
@@ -2680,6 +2860,15 @@ impl Sim {
                     changes == (*reason == HandOutReason::NewKey),
                     "HandOut {reason:?} with old kid {old_kid:?}"
                 );
+                // (h) A key reaches the agent Secret only while the bundle lists it (the state
+                // of a key created active says nothing about the bundle).
+                if changes {
+                    ensure!(
+                        matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.contains(&cur.kid)),
+                        "key {seq} handed out while the bundle is {:?}",
+                        self.obs.bundle
+                    );
+                }
                 if !self.handed_out.contains(&cur.kid) && !self.handed_out.is_empty() {
                     // (e) A key reaches the agents only publishDelay after it was published,
                     // except for the first key and in an emergency.
@@ -3036,26 +3225,14 @@ fn scenario_first_key() {
         .steps
         .iter()
         .map(|(_, s)| match s {
-            Step::Mint { .. } => "Mint",
-            Step::MarkPublished { .. } => "MarkPublished",
+            Step::Mint { active: true, .. } => "Mint(active)",
             Step::WriteBundle { .. } => "WriteBundle",
-            Step::RecordPublished { .. } => "RecordPublished",
-            Step::Activate { .. } => "Activate",
             Step::HandOut { .. } => "HandOut",
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "Mint",
-            "MarkPublished",
-            "WriteBundle",
-            "RecordPublished",
-            "Activate",
-            "HandOut"
-        ]
-    );
+    // Three writes: the key Secret created active, the trust bundle, the agent Secret.
+    assert_eq!(kinds, ["Mint(active)", "WriteBundle", "HandOut"]);
     assert_eq!(
         sim.obs.keys[0].consumed_request_token.as_deref(),
         Some("r1")
@@ -3221,7 +3398,8 @@ fn scenario_compromise() {
                     seq: 2,
                     trigger: Trigger::Compromised,
                     consumed_request_token: None,
-                    consumed_annotation: None
+                    consumed_annotation: None,
+                    active: false,
                 },
                 Step::MarkPublished { seq: 2 },
                 Step::WriteBundle {
