@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 
 pub mod desired;
 pub mod observe;
+pub mod schedule;
 
 pub use settings::{
     Floors, LastGood, Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep,
@@ -857,12 +858,10 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     let (token_refresh_at, handed_out_at) = match &obs.agent_secret {
         AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(cur.kid.as_str()) => {
             let refresh_at = match (s.token_iat, s.token_exp) {
-                (Some(iat), Some(exp)) => {
-                    // Re-issue at half the token's life, and when the spec's ttl changed.
-                    let half = iat + (exp - iat) / 2;
-                    DateTime::from_timestamp(half, 0)
-                        .filter(|_| (exp - iat) as u64 == settings.token_ttl.as_secs())
-                }
+                // Re-issue at about half the token's life (a little earlier, by this key's
+                // offset), and at once when the spec's ttl changed.
+                (Some(iat), Some(exp)) => schedule::token_refresh_at(settings, iat, exp)
+                    .filter(|_| (exp - iat) as u64 == settings.token_ttl.as_secs()),
                 _ => None,
             };
             let reason = if s.has_private_key != settings.include_private_key
@@ -958,10 +957,9 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         });
     }
 
-    // 9. Start a rotation when one is due or requested.
-    let scheduled = settings
-        .interval
-        .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
+    // 9. Start a rotation when one is due or requested. Due means `interval` after the current
+    //    key became current, minus this key's offset (never later than asked).
+    let scheduled = schedule::rotation_due(settings, cur);
     p.next_rotation_at = scheduled;
     let trigger = match (pending_request, scheduled) {
         (Some(t), _) => Some(t),
@@ -1057,9 +1055,7 @@ fn revocation(
         ),
         None => String::new(),
     };
-    let scheduled = settings
-        .interval
-        .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
+    let scheduled = schedule::rotation_due(settings, cur);
     let queued = format!("{queued}{}", overdue(scheduled, now));
     let Some(uncovered) = &obs.uncovered else {
         // Pods not looked at: never revoke on missing evidence.
@@ -1192,11 +1188,11 @@ pub fn uncovered_workloads(uncovered: &[Uncovered]) -> Vec<String> {
 
 /// Fills the fields every waiting plan reports.
 fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    // The times shown are the ones acted on (offsets included).
     if p.next_rotation_at.is_none()
-        && let (Some(i), Some(c)) = (settings.interval, current(&obs.keys))
+        && let Some(c) = current(&obs.keys)
     {
-        let due = add(c.activated_at.unwrap_or(c.created_at), i);
-        p.next_rotation_at = Some(due);
+        p.next_rotation_at = schedule::rotation_due(settings, c);
     }
     if p.token_refresh_at.is_none()
         && let AgentSecretObs::Owned(AgentSecret {
@@ -1204,7 +1200,7 @@ fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) 
             token_exp: Some(exp),
             ..
         }) = &obs.agent_secret
-        && let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0)
+        && let Some(t) = schedule::token_refresh_at(settings, *iat, *exp)
     {
         p.token_refresh_at = Some(t);
         p.wake_at(t, now);
