@@ -503,6 +503,48 @@ async fn interval_rotates_on_schedule() {
     ns.cleanup().await;
 }
 
+/// Keys created together do not fall due together: status shows the scheduled rotation and
+/// the token refresh moved earlier by the key's own offset (hashed from its uid, at most a tenth
+/// of the period), never later than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_jittered_schedule() {
+    use keyward::rotation::schedule::{self, Purpose};
+    let ns = TestNamespace::new("kw-jitter").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let spec = json!({ "rotation": { "interval": "2h" }, "token": { "ttl": "1h" } });
+    create_pk(&pks, "herd", json!({}), spec).await;
+    let pk = wait_pk(&pks, "herd", "settled", is_settled).await;
+    let uid = pk.uid().expect("uid");
+    let status = pk.status.clone().expect("status");
+    let k1 = &key_secrets(&secrets, "herd").await[0];
+    let asked = at(k1, l::ACTIVATED_AT) + chrono::Duration::hours(2);
+    let offset = schedule::offset(&uid, Purpose::Rotation, Duration::from_secs(7200));
+    let expected = asked - chrono::Duration::from_std(offset).expect("small");
+    assert_eq!(
+        status.next_rotation_at,
+        Some(keyward::controller::ts(expected)),
+        "nextRotationAt: interval after activation ({asked}) minus the offset {offset:?}"
+    );
+    let token = data(
+        &secrets.get("herd").await.expect("agent Secret"),
+        l::DATA_TOKEN,
+    )
+    .expect("a token");
+    let (_, claims) = keyward::keys::decode_token_unverified(&token).expect("the token decodes");
+    let offset = schedule::offset(&uid, Purpose::TokenRefresh, Duration::from_secs(3600));
+    let refresh = claims.iat + 1800 - offset.as_secs() as i64;
+    let expected = chrono::DateTime::from_timestamp(refresh, 0).expect("valid");
+    assert_eq!(
+        status.token_refresh_at,
+        Some(keyward::controller::ts(expected)),
+        "tokenRefreshAt: half the token's life minus the offset {offset:?}"
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. A settled key costs nothing.
 

@@ -10,6 +10,10 @@
 //! ```text
 //! Pending -> Published -> Active -> Retiring -> Revoked
 //! ```
+//!
+//! A first key, minted while nothing is trusted and no agent Secret exists, is created `Active`
+//! (see `first_key_fast`): its path is key Secret, trust bundle, agent Secret. Scheduled times
+//! (interval rotation, token refresh) are moved a little earlier per key, see [`schedule`].
 
 mod settings;
 #[cfg(test)]
@@ -269,7 +273,7 @@ pub enum Step {
         consumed_annotation: Option<String>,
         /// The key Secret is created already `active` (published and activated at its creation):
         /// only for a first key, when no key is trusted and no agent holds one, see
-        /// [`first_key_fast`]. Otherwise `pending`, and the key goes through `MarkPublished`,
+        /// `first_key_fast`. Otherwise `pending`, and the key goes through `MarkPublished`,
         /// `WriteBundle`, `RecordPublished` and `Activate` (after `publishDelay`) as usual.
         active: bool,
     },
@@ -888,13 +892,13 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         // bundle is someone else's. It is what makes a first key created `active` safe: its
         // state says nothing about the bundle, this check does (see `first_key_fast`).
         other if !listed(obs, &cur.kid) => {
-            let first = !matches!(other, AgentSecretObs::Owned(_));
-            let mut p = Plan::new(if first {
-                Phase::Pending
-            } else {
+            let rotating = matches!(other, AgentSecretObs::Owned(_));
+            let mut p = Plan::new(if rotating {
                 Phase::Publishing
+            } else {
+                Phase::Pending
             });
-            p.rotating = (!first).then(|| {
+            p.rotating = rotating.then(|| {
                 Why::new(
                     reasons::PUBLISHING,
                     format!(
