@@ -475,8 +475,9 @@ async fn checks_flag_a_revocation_without_evidence() -> anyhow::Result<()> {
 ///
 /// For every point the real binary runs from the start with `KEYWARD_CRASH_AFTER=<point>:<n>`,
 /// `n` being one more than the number of such writes in the first key's lifecycle (`:2` for
-/// mint, mark-published, bundle, record-published, activate and hand-out; `:3` for roll and
-/// confirm, done once per PolicyAgent and there are two; none for retire and revoke). After the
+/// mint, bundle and hand-out; `:3` for roll and confirm, done once per PolicyAgent and there
+/// are two; none for mark-published, record-published, activate, retire and revoke: the first
+/// key is created active, so only a rotation makes those writes). After the
 /// first key settled, a rotation is requested; the process must abort right after that write
 /// of the rotation, which the state found at the abort proves (`check_crash_state`). The
 /// binary is then started again without the variable, and: exactly one new key Secret (no
@@ -547,8 +548,10 @@ mod crash {
     /// `KEYWARD_CRASH_AFTER` for the first write named `point` of the rotation.
     fn crash_spec(point: &str) -> String {
         match point {
-            // Never done in the first key's lifecycle.
-            "retire" | "revoke" => point.to_string(),
+            // Never done in the first key's lifecycle (it is created active).
+            "mark-published" | "record-published" | "activate" | "retire" | "revoke" => {
+                point.to_string()
+            }
             // Once per PolicyAgent (two) for the first key.
             "roll" | "confirm" => format!("{point}:3"),
             _ => format!("{point}:2"),

@@ -2361,6 +2361,7 @@ fn apply_pk(
             trigger,
             consumed_request_token,
             consumed_annotation,
+            active,
         } => {
             let key_name = key_secret_name(&name, *seq);
             let secret = desired::key_secret(
@@ -2372,6 +2373,7 @@ fn apply_pk(
                     trigger: *trigger,
                     consumed_request_token: consumed_request_token.as_deref(),
                     consumed_annotation: consumed_annotation.as_deref(),
+                    active: *active,
                 },
                 &KeyPair::generate(),
                 now,
@@ -3733,6 +3735,60 @@ mod tests {
                 ..KeywardOperator::default()
             })
         });
+    }
+
+    /// The first key takes three writes (key Secret created active, trust bundle, agent
+    /// Secret), and an operator crashing after any of them resumes from evidence: the bundle is
+    /// written before any hand-out, no second key is minted, nothing is violated.
+    #[test]
+    fn first_key_takes_three_writes_and_resumes_after_each() {
+        let fresh = || {
+            let mut w = World::new(DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default());
+            w.insert_new(provisioning_key("pk"));
+            w
+        };
+        let mut w = fresh();
+        let mut op = KeywardOperator::default();
+        let now = w.now;
+        assert_eq!(op.reconcile_pk(&mut w, "pk", now), Ok(true));
+        assert_eq!(w.writes, 3, "writes of the first key");
+        assert_eq!(key_states(&w), vec![("pk-k1".into(), "active".into())]);
+        for budget in 0..3u32 {
+            let mut w = fresh();
+            let mut op = KeywardOperator::default();
+            w.write_budget = Some(budget);
+            let now = w.now;
+            assert_eq!(op.reconcile_pk(&mut w, "pk", now), Err(WriteError::Crashed));
+            // Exactly the writes before the crash, in order.
+            let keys = key_states(&w);
+            let bundle = w.store.get::<ConfigMap>("pk-trust").map(trust_bundle_kids);
+            let agent = w.store.get::<Secret>("pk").cloned();
+            match budget {
+                0 => assert!(keys.is_empty() && bundle.is_none() && agent.is_none()),
+                1 => assert!(
+                    keys == vec![("pk-k1".into(), "active".into())]
+                        && bundle.is_none()
+                        && agent.is_none(),
+                    "{keys:?} {bundle:?}"
+                ),
+                _ => assert!(bundle.is_some_and(|b| b.len() == 1) && agent.is_none()),
+            }
+            w.write_budget = None;
+            op.restart();
+            w.apply(&Event::Advance { secs: 5 });
+            let now = w.now;
+            assert_eq!(op.reconcile_pk(&mut w, "pk", now), Ok(true));
+            assert_eq!(w.writes, 3, "crash after {budget} writes: writes in all");
+            assert_eq!(key_states(&w), vec![("pk-k1".into(), "active".into())]);
+            let kid = secret_text(
+                w.store.get::<Secret>("pk").expect("agent Secret"),
+                l::DATA_KEY_ID,
+            )
+            .expect("key id");
+            let bundle = w.store.get::<ConfigMap>("pk-trust").map(trust_bundle_kids);
+            assert_eq!(bundle, Some(BTreeSet::from([kid])));
+            assert!(w.violations.is_empty(), "{:#?}", w.violations);
+        }
     }
 
     #[test]

@@ -503,6 +503,48 @@ async fn interval_rotates_on_schedule() {
     ns.cleanup().await;
 }
 
+/// Keys created together do not fall due together: status shows the scheduled rotation and
+/// the token refresh moved earlier by the key's own offset (hashed from its uid, at most a tenth
+/// of the period), never later than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_jittered_schedule() {
+    use keyward::rotation::schedule::{self, Purpose};
+    let ns = TestNamespace::new("kw-jitter").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let spec = json!({ "rotation": { "interval": "2h" }, "token": { "ttl": "1h" } });
+    create_pk(&pks, "herd", json!({}), spec).await;
+    let pk = wait_pk(&pks, "herd", "settled", is_settled).await;
+    let uid = pk.uid().expect("uid");
+    let status = pk.status.clone().expect("status");
+    let k1 = &key_secrets(&secrets, "herd").await[0];
+    let asked = at(k1, l::ACTIVATED_AT) + chrono::Duration::hours(2);
+    let offset = schedule::offset(&uid, Purpose::Rotation, Duration::from_secs(7200));
+    let expected = asked - chrono::Duration::from_std(offset).expect("small");
+    assert_eq!(
+        status.next_rotation_at,
+        Some(keyward::controller::ts(expected)),
+        "nextRotationAt: interval after activation ({asked}) minus the offset {offset:?}"
+    );
+    let token = data(
+        &secrets.get("herd").await.expect("agent Secret"),
+        l::DATA_TOKEN,
+    )
+    .expect("a token");
+    let (_, claims) = keyward::keys::decode_token_unverified(&token).expect("the token decodes");
+    let offset = schedule::offset(&uid, Purpose::TokenRefresh, Duration::from_secs(3600));
+    let refresh = claims.iat + 1800 - offset.as_secs() as i64;
+    let expected = chrono::DateTime::from_timestamp(refresh, 0).expect("valid");
+    assert_eq!(
+        status.token_refresh_at,
+        Some(keyward::controller::ts(expected)),
+        "tokenRefreshAt: half the token's life minus the offset {offset:?}"
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. A settled key costs nothing.
 
@@ -521,11 +563,11 @@ async fn settled_key_makes_zero_writes() {
     )
     .await;
     wait_pk(&pks, "calm", "settled", is_settled).await;
+    // The first key's writes: key Secret (created active), trust bundle, agent Secret, the
+    // KeyMinted and KeyHandedOut Events, the status. Every later reconcile writes nothing
+    // (below), so no write of the first key can arrive after this count.
     let before = op.writes();
-    assert!(
-        before >= 6,
-        "the first key took only {before} writes? the counter is not counting"
-    );
+    assert_eq!(before, 6, "writes of the first key");
 
     // Provoke reconciles without a spec change, from the test's own (uncounted) client: the
     // ProvisioningKey's watch, the owned agent Secret, key Secret and trust bundle each
@@ -968,9 +1010,9 @@ mod crash {
     const OVERLAP: i64 = 2;
 
     /// Crashes the operator right after the rotation's write `point` (its `nth` occurrence in
-    /// the process: the initial mint does mint/mark-published/bundle/record-published/activate/
-    /// hand-out once each), restarts it, and checks the rotation completes exactly once and
-    /// without shortcuts.
+    /// the process: the first key does mint, bundle and hand-out once each, being created
+    /// active; mark-published, record-published and activate happen only in the rotation),
+    /// restarts it, and checks the rotation completes exactly once and without shortcuts.
     async fn crash_after(point: &str, nth: u32) {
         let ns = TestNamespace::new(&format!("kw-crash-{point}")).await;
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1139,13 +1181,90 @@ mod crash {
 
     crash_tests! {
         crash_after_mint: "mint", 2;
-        crash_after_mark_published: "mark-published", 2;
+        crash_after_mark_published: "mark-published", 1;
         crash_after_bundle: "bundle", 2;
-        crash_after_record_published: "record-published", 2;
-        crash_after_activate: "activate", 2;
+        crash_after_record_published: "record-published", 1;
+        crash_after_activate: "activate", 1;
         crash_after_retire: "retire", 1;
         crash_after_hand_out: "hand-out", 2;
         crash_after_revoke: "revoke", 1;
+    }
+
+    /// Crashes the operator right after the first key's write `point` (it has three: the key
+    /// Secret created active, the trust bundle, the agent Secret), restarts it, and checks the
+    /// state at the crash (the bundle always before the agent Secret) and that the same key
+    /// settles, with no second key.
+    async fn crash_first_key(point: &str) {
+        let ns = TestNamespace::new(&format!("kw-crash1-{point}")).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pks: Api<ProvisioningKey> = ns.api();
+        let secrets: Api<Secret> = ns.api();
+        let cms: Api<ConfigMap> = ns.api();
+        let mut first = Keyward::spawn(ns.name(), Some(point), dir.path(), "first");
+        create_pk(&pks, "pk", json!({}), json!({})).await;
+        let status = first.exited(TIMEOUT).await;
+        assert_eq!(status.signal(), Some(6), "expected an abort after {point}");
+
+        let keys = key_secrets(&secrets, "pk").await;
+        assert_eq!(keys.len(), 1, "one key Secret after {point}");
+        let kid1 = kid(&keys[0]);
+        assert_eq!(state(&keys[0]), "active", "created active");
+        assert_eq!(annotation(&keys[0], l::TRIGGER).as_deref(), Some("Initial"));
+        let bundle_kids = |cm: Option<ConfigMap>| -> Option<Vec<String>> {
+            cm.map(|cm| {
+                let data = cm.data.unwrap_or_default();
+                serde_json::from_str::<Jwks>(&data[l::DATA_JWKS])
+                    .expect("jwks")
+                    .key_ids()
+            })
+        };
+        let bundle = bundle_kids(cms.get_opt("pk-trust").await.expect("get bundle"));
+        let agent = secrets.get_opt("pk").await.expect("get agent Secret");
+        let seen = (bundle.clone(), agent.is_some());
+        let expected = match point {
+            "mint" => (None, false),
+            "bundle" => (Some(vec![kid1.clone()]), false),
+            "hand-out" => (Some(vec![kid1.clone()]), true),
+            other => panic!("unknown point {other}"),
+        };
+        assert_eq!(seen, expected, "(bundle, agent Secret) after {point}");
+
+        let second = Keyward::spawn(ns.name(), None, dir.path(), "second");
+        let pk = wait_pk(&pks, "pk", "settled after the restart", is_settled).await;
+        assert_eq!(
+            pk.status.and_then(|s| s.current_key).map(|k| k.kid),
+            Some(kid1.clone()),
+            "the key minted before the crash is current"
+        );
+        expect_never(
+            &secrets,
+            &key_secret_name("pk", 2),
+            "a second key",
+            Duration::from_secs(2),
+            is_created(),
+        )
+        .await;
+        let agent = secrets.get("pk").await.expect("agent Secret");
+        assert_eq!(data(&agent, l::DATA_KEY_ID), Some(kid1.clone()));
+        let bundle = bundle_kids(cms.get_opt("pk-trust").await.expect("get bundle"));
+        assert_eq!(bundle, Some(vec![kid1]));
+        drop(second);
+        ns.cleanup().await;
+    }
+
+    macro_rules! first_key_crash_tests {
+        ($($name:ident: $point:literal;)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crash_first_key($point).await;
+            }
+        )*};
+    }
+
+    first_key_crash_tests! {
+        crash_after_first_key_mint: "mint";
+        crash_after_first_key_bundle: "bundle";
+        crash_after_first_key_hand_out: "hand-out";
     }
 }
 
@@ -1268,10 +1387,13 @@ async fn every_transition_of_every_key_is_its_own_event() {
             .map(|e| e.note.clone().unwrap_or_default())
             .collect()
     };
+    // The first key is created active: KeyMinted and KeyHandedOut, no KeyPublished or
+    // KeyActivated (no such write of its own).
     for (reason, expected) in [
         ("KeyMinted", &kids[..]),
-        ("KeyPublished", &kids[..]),
-        ("KeyActivated", &kids[..]),
+        ("KeyPublished", &kids[1..]),
+        ("KeyActivated", &kids[1..]),
+        ("KeyHandedOut", &kids[..]),
         ("KeyRevoked", &kids[..2]),
     ] {
         let notes = notes(reason);

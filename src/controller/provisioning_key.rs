@@ -577,23 +577,45 @@ fn step_audits(
         };
     let key = |seq: u32| find(obs, seq);
     match step {
-        Step::Mint { seq, trigger, .. } => {
+        Step::Mint {
+            seq,
+            trigger,
+            active,
+            ..
+        } => {
             // Nothing new when the key Secret already existed (minted before a crash).
             let Some(m) = minted else {
                 return Vec::new();
             };
-            let mut facts = vec![fact(
-                false,
-                reason::KEY_MINTED,
-                "Mint",
-                *seq,
+            // A first key created active records two Events, KeyMinted here and KeyHandedOut
+            // at the hand-out (down from four: no KeyPublished or KeyActivated, since those
+            // transitions are no longer writes of their own). Two, not one, because:
+            // - each Event states a fact that holds when it is recorded. The hand-out is a later
+            //   write that may be held back (the agent Secret's or bundle's name taken, a key
+            //   listed as compromised first) or interrupted by a crash; a mint Event claiming
+            //   it would be false then, and a hand-out Event alone would leave a private key
+            //   that came into existence without any record;
+            // - the hand-out Event cannot be left out for the first key only: from evidence, a
+            //   first hand-out is indistinguishable from re-creating a deleted agent Secret,
+            //   which must stay audited.
+            let note = if *active {
+                format!(
+                    "minted key {} (fingerprint {}, seq {seq}, trigger {}) as the first key, created active: no key was trusted and no agent held one, so publishDelay protects nobody; trust bundle {} lists it before Secret {} carries it",
+                    m.kid,
+                    m.fingerprint,
+                    trigger.as_str(),
+                    settings.trust_bundle_name,
+                    settings.secret_name
+                )
+            } else {
                 format!(
                     "minted key {} (fingerprint {}, seq {seq}, trigger {})",
                     m.kid,
                     m.fingerprint,
                     trigger.as_str()
-                ),
-            )];
+                )
+            };
+            let mut facts = vec![fact(false, reason::KEY_MINTED, "Mint", *seq, note)];
             if *trigger == Trigger::Compromised {
                 facts.push(fact(
                     true,
@@ -744,6 +766,7 @@ async fn apply(
             trigger,
             consumed_request_token,
             consumed_annotation,
+            active,
         } => {
             let pair = KeyPair::generate();
             let public = pair.public_key();
@@ -757,6 +780,7 @@ async fn apply(
                     trigger: *trigger,
                     consumed_request_token: consumed_request_token.as_deref(),
                     consumed_annotation: consumed_annotation.as_deref(),
+                    active: *active,
                 },
                 &pair,
                 now,
@@ -1476,6 +1500,7 @@ mod tests {
             trigger: Trigger::Compromised,
             consumed_request_token: None,
             consumed_annotation: None,
+            active: false,
         };
         let minted = Minted {
             kid: "kid3".into(),
@@ -1536,5 +1561,36 @@ mod tests {
         for (_, note) in n {
             assert!(!note.contains("PRIVATE KEY"));
         }
+    }
+
+    /// A first key created active: one KeyMinted naming its id, fingerprint, bundle and agent
+    /// Secret (its hand-out records KeyHandedOut, as any hand-out).
+    #[test]
+    fn first_key_created_active_is_minted_once() {
+        let r = read(Vec::new(), Vec::new());
+        let mint = Step::Mint {
+            seq: 1,
+            trigger: Trigger::Initial,
+            consumed_request_token: None,
+            consumed_annotation: None,
+            active: true,
+        };
+        let minted = Minted {
+            kid: "kid1".into(),
+            fingerprint: "SHA256:fp1".into(),
+        };
+        let n = notes(&mint, &r, Some(&minted));
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(n[0].0, "KeyMinted");
+        for part in [
+            "kid1",
+            "SHA256:fp1",
+            "demo-trust",
+            "Secret demo",
+            "created active",
+        ] {
+            assert!(n[0].1.contains(part), "{part}: {n:?}");
+        }
+        assert!(notes(&mint, &r, None).is_empty());
     }
 }

@@ -33,10 +33,15 @@ pub struct MintOf<'a> {
     pub trigger: Trigger,
     pub consumed_request_token: Option<&'a str>,
     pub consumed_annotation: Option<&'a str>,
+    /// Created already `active`, see [`super::Step::Mint`].
+    pub active: bool,
 }
 
-/// The key Secret `<pk>-k<seq>` of a freshly minted key, state `pending`, with the settings it
-/// was minted under. Holds the private key: the caller wipes it after the request.
+/// The key Secret `<pk>-k<seq>` of a freshly minted key, with the settings it was minted under:
+/// state `pending`, or for a first key created `active` (see [`super::Step::Mint`]) state
+/// `active` with `published-at` and `activated-at` equal to `created-at`, the same label and
+/// timestamps the two later transitions would write, so the evidence reads the same way. Holds
+/// the private key: the caller wipes it after the request.
 pub fn key_secret(
     pk: &ProvisioningKey,
     owner: OwnerReference,
@@ -47,14 +52,16 @@ pub fn key_secret(
 ) -> Secret {
     let name = pk.name_any();
     let public = pair.public_key();
+    let state = if mint.active {
+        KeyState::Active
+    } else {
+        KeyState::Pending
+    };
     let labels = BTreeMap::from([
         (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
         (l::PROVISIONING_KEY.to_string(), name.clone()),
         (l::COMPONENT.to_string(), l::COMPONENT_KEY.to_string()),
-        (
-            l::KEY_STATE.to_string(),
-            KeyState::Pending.as_str().to_string(),
-        ),
+        (l::KEY_STATE.to_string(), state.as_str().to_string()),
         (l::KEY_SEQ.to_string(), mint.seq.to_string()),
     ]);
     let mut annotations = BTreeMap::from([
@@ -67,6 +74,14 @@ pub fn key_secret(
             serde_json::to_string(&RecordedSettings::from_settings(settings)).unwrap_or_default(),
         ),
     ]);
+    if mint.active {
+        // `published-at` here records the decision, taken before the bundle write: for a key
+        // created active it starts no wait (publishDelay concerns successors only); the
+        // hand-out waits for the bundle itself.
+        for k in [l::PUBLISHED_AT, l::ACTIVATED_AT] {
+            annotations.insert(k.to_string(), ts_start(now));
+        }
+    }
     if let Some(t) = mint.consumed_request_token {
         annotations.insert(l::CONSUMED_REQUEST_TOKEN.into(), t.to_string());
     }

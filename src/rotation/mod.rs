@@ -10,6 +10,10 @@
 //! ```text
 //! Pending -> Published -> Active -> Retiring -> Revoked
 //! ```
+//!
+//! A first key, minted while nothing is trusted and no agent Secret exists, is created `Active`
+//! (see `first_key_fast`): its path is key Secret, trust bundle, agent Secret. Scheduled times
+//! (interval rotation, token refresh) are moved a little earlier per key, see [`schedule`].
 
 mod settings;
 #[cfg(test)]
@@ -21,6 +25,7 @@ use chrono::{DateTime, Utc};
 
 pub mod desired;
 pub mod observe;
+pub mod schedule;
 
 pub use settings::{
     Floors, LastGood, Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep,
@@ -266,6 +271,11 @@ pub enum Step {
         trigger: Trigger,
         consumed_request_token: Option<String>,
         consumed_annotation: Option<String>,
+        /// The key Secret is created already `active` (published and activated at its creation):
+        /// only for a first key, when no key is trusted and no agent holds one, see
+        /// `first_key_fast`. Otherwise `pending`, and the key goes through `MarkPublished`,
+        /// `WriteBundle`, `RecordPublished` and `Activate` (after `publishDelay`) as usual.
+        active: bool,
     },
     /// Label the key `published` (before it is written into the trust bundle).
     MarkPublished { seq: u32 },
@@ -497,6 +507,35 @@ pub fn bundle_target(settings: &Settings, obs: &Observed) -> BundleTarget {
     }
 }
 
+/// Whether the trust bundle this key owns lists `kid`.
+fn listed(obs: &Observed, kid: &str) -> bool {
+    matches!(&obs.bundle, BundleObs::Owned { kids, .. } if kids.iter().any(|k| k == kid))
+}
+
+/// Whether the first key is created already `active` (published and activated in the same
+/// POST), which takes its path from six writes to three: key Secret, trust bundle, agent Secret.
+///
+/// `MarkPublished`, `RecordPublished`, `Activate` and `publishDelay` order three facts for a
+/// successor: (1) the trust bundle lists the new key, (2) every verifier has had `publishDelay`
+/// to reload it while agents keep presenting the old, trusted key, (3) agents get the new key.
+/// With no key trusted and no agent Secret, (2) protects nobody: no agent presents any key that
+/// could stop working, and the planner never applied `publishDelay` to a first key anyway
+/// (step 4 activates it at once). What must stay is (1) before (3), and that is enforced from
+/// evidence, not from the key's state: step 6 hands a key out only while the trust bundle this
+/// key owns lists it. So every crash point resumes safely:
+/// - after the key Secret's POST: `active`, no bundle -> step 3 writes it, then step 6 hands out;
+/// - after the bundle write: step 6 hands out;
+/// - a bundle someone else owns: never handed out (and the key stays trusted nowhere);
+/// - a second POST of the same seq (a restart, a lagging read) gets 409: the name is the seq, so
+///   it never mints a second key for it.
+///
+/// Not when the bundle already trusts a key (one no key Secret records) or an agent Secret
+/// exists: an agent may hold a trusted key, so the ordinary path with `publishDelay` applies.
+/// Later rotations are unchanged.
+fn first_key_fast(obs: &Observed, target: &BundleTarget) -> bool {
+    obs.keys.is_empty() && target.trusted.is_empty() && obs.agent_secret == AgentSecretObs::Missing
+}
+
 /// A rotation request not yet served: a new `requestToken` or a new annotation value.
 fn requested(settings: &Settings, obs: &Observed, latest: &ObservedKey) -> Option<Trigger> {
     if settings.request_token.is_some() && settings.request_token != latest.consumed_request_token {
@@ -587,13 +626,14 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     let target = bundle_target(settings, obs);
     let next_seq = target.last_seq + 1;
 
-    // 1. The first key.
+    // 1. The first key: created already active when nothing is trusted and nobody holds a key.
     let Some(latest) = keys.last() else {
         return Plan::new(Phase::Pending).step(Step::Mint {
             seq: next_seq,
             trigger: Trigger::Initial,
             consumed_request_token: settings.request_token.clone(),
             consumed_annotation: obs.rotate_annotation.clone(),
+            active: first_key_fast(obs, &target),
         });
     };
 
@@ -671,6 +711,7 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 trigger: Trigger::Compromised,
                 consumed_request_token: latest.consumed_request_token.clone(),
                 consumed_annotation: latest.consumed_annotation.clone(),
+                active: false,
             });
             p.rotating = Some(Why::new(
                 reasons::EMERGENCY,
@@ -764,6 +805,7 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             // recorded the last one consumed may be the one that was deleted).
             consumed_request_token: settings.request_token.clone(),
             consumed_annotation: obs.rotate_annotation.clone(),
+            active: false,
         });
         p.unrecorded = unrecorded;
         return p;
@@ -787,6 +829,7 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 trigger: Trigger::Replacement,
                 consumed_request_token: settings.request_token.clone(),
                 consumed_annotation: obs.rotate_annotation.clone(),
+                active: false,
             });
             p.rotating = Some(Why::new(
                 reasons::PUBLISHING,
@@ -819,12 +862,10 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     let (token_refresh_at, handed_out_at) = match &obs.agent_secret {
         AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(cur.kid.as_str()) => {
             let refresh_at = match (s.token_iat, s.token_exp) {
-                (Some(iat), Some(exp)) => {
-                    // Re-issue at half the token's life, and when the spec's ttl changed.
-                    let half = iat + (exp - iat) / 2;
-                    DateTime::from_timestamp(half, 0)
-                        .filter(|_| (exp - iat) as u64 == settings.token_ttl.as_secs())
-                }
+                // Re-issue at about half the token's life (a little earlier, by this key's
+                // offset), and at once when the spec's ttl changed.
+                (Some(iat), Some(exp)) => schedule::token_refresh_at(settings, iat, exp)
+                    .filter(|_| (exp - iat) as u64 == settings.token_ttl.as_secs()),
                 _ => None,
             };
             let reason = if s.has_private_key != settings.include_private_key
@@ -845,6 +886,29 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 });
             }
             (refresh_at, s.handed_out_at.unwrap_or(now))
+        }
+        // A key goes into the agent Secret only while the trust bundle this key owns lists it.
+        // Step 3 wrote the bundle before anything else, so this holds back only a key whose
+        // bundle is someone else's. It is what makes a first key created `active` safe: its
+        // state says nothing about the bundle, this check does (see `first_key_fast`).
+        other if !listed(obs, &cur.kid) => {
+            let rotating = matches!(other, AgentSecretObs::Owned(_));
+            let mut p = Plan::new(if rotating {
+                Phase::Publishing
+            } else {
+                Phase::Pending
+            });
+            p.rotating = rotating.then(|| {
+                Why::new(
+                    reasons::PUBLISHING,
+                    format!(
+                        "key {} is handed out once trust bundle {} lists it",
+                        cur.kid, settings.trust_bundle_name
+                    ),
+                )
+            });
+            p.unrecorded = unrecorded;
+            return finish(p, settings, obs, now);
         }
         AgentSecretObs::Owned(_) => {
             return Plan::new(Phase::Confirming).step(Step::HandOut {
@@ -897,10 +961,9 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         });
     }
 
-    // 9. Start a rotation when one is due or requested.
-    let scheduled = settings
-        .interval
-        .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
+    // 9. Start a rotation when one is due or requested. Due means `interval` after the current
+    //    key became current, minus this key's offset (never later than asked).
+    let scheduled = schedule::rotation_due(settings, cur);
     p.next_rotation_at = scheduled;
     let trigger = match (pending_request, scheduled) {
         (Some(t), _) => Some(t),
@@ -942,6 +1005,7 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
             trigger,
             consumed_request_token: settings.request_token.clone(),
             consumed_annotation: obs.rotate_annotation.clone(),
+            active: false,
         });
         p.phase = Phase::Publishing;
         return p;
@@ -995,9 +1059,7 @@ fn revocation(
         ),
         None => String::new(),
     };
-    let scheduled = settings
-        .interval
-        .map(|i| add(cur.activated_at.unwrap_or(cur.created_at), i));
+    let scheduled = schedule::rotation_due(settings, cur);
     let queued = format!("{queued}{}", overdue(scheduled, now));
     let Some(uncovered) = &obs.uncovered else {
         // Pods not looked at: never revoke on missing evidence.
@@ -1130,11 +1192,11 @@ pub fn uncovered_workloads(uncovered: &[Uncovered]) -> Vec<String> {
 
 /// Fills the fields every waiting plan reports.
 fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    // The times shown are the ones acted on (offsets included).
     if p.next_rotation_at.is_none()
-        && let (Some(i), Some(c)) = (settings.interval, current(&obs.keys))
+        && let Some(c) = current(&obs.keys)
     {
-        let due = add(c.activated_at.unwrap_or(c.created_at), i);
-        p.next_rotation_at = Some(due);
+        p.next_rotation_at = schedule::rotation_due(settings, c);
     }
     if p.token_refresh_at.is_none()
         && let AgentSecretObs::Owned(AgentSecret {
@@ -1142,7 +1204,7 @@ fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) 
             token_exp: Some(exp),
             ..
         }) = &obs.agent_secret
-        && let Some(t) = DateTime::from_timestamp(iat + (exp - iat) / 2, 0)
+        && let Some(t) = schedule::token_refresh_at(settings, *iat, *exp)
     {
         p.token_refresh_at = Some(t);
         p.wake_at(t, now);

@@ -120,6 +120,10 @@ pub struct Settings {
     pub compromised: BTreeSet<String>,
     /// See [`Floors::clock_skew`].
     pub clock_skew: Duration,
+    /// The ProvisioningKey's uid: the seed of its offsets in [`super::schedule`] (stable for the
+    /// object's life, so the decision stays a pure function of spec, evidence and now). Empty
+    /// for an object that never reached the API server: no offsets.
+    pub uid: String,
     /// Set when the spec is refused: no new rotation starts, while the current key keeps being
     /// served (tokens refreshed, Secret and bundle repaired) with the last good settings.
     pub refused: Option<Refusal>,
@@ -258,10 +262,15 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                 suspend: pk.spec.suspend.unwrap_or(false),
                 compromised: valid_compromised(pk),
                 clock_skew: floors.clock_skew,
+                uid: uid(pk),
                 refused: Some(Refusal::from(&e)),
             }
         }
     }
+}
+
+fn uid(pk: &ProvisioningKey) -> String {
+    pk.metadata.uid.clone().unwrap_or_default()
 }
 
 fn duration(
@@ -441,6 +450,7 @@ impl Settings {
             suspend: spec.suspend.unwrap_or(false),
             compromised,
             clock_skew: floors.clock_skew,
+            uid: uid(pk),
             refused: None,
         })
     }

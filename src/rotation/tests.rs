@@ -66,6 +66,9 @@ fn settings() -> Settings {
         suspend: false,
         compromised: BTreeSet::new(),
         clock_skew: secs(60),
+        // No uid: no offsets, so the table's times are the ones asked for; the jitter has its
+        // own rows and properties.
+        uid: String::new(),
         refused: None,
     }
 }
@@ -112,6 +115,17 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
         has_private_key: state != KeyState::Revoked,
         last_token_exp: None,
         edited: None,
+    }
+}
+
+/// Key 1 as a first key is created (`Step::Mint { active: true }`): active from its creation a
+/// minute ago, its publication and activation recorded at that time.
+fn first_active() -> ObservedKey {
+    ObservedKey {
+        created_at: ago(60),
+        published_at: Some(ago(60)),
+        activated_at: Some(ago(60)),
+        ..key(1, Active)
     }
 }
 
@@ -303,6 +317,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Initial,
                 consumed_request_token: some("r1"),
                 consumed_annotation: some("a1"),
+                active: true,
             }),
             Phase::Pending,
         ),
@@ -315,9 +330,134 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Initial,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: true,
             }),
             Phase::Pending,
         ),
+        case(
+            "first mint while the bundle trusts an unrecorded key: created pending",
+            s(),
+            with_obs(vec![], |o| o.bundle = bundle(&[7], &[])),
+            Some(Mint {
+                seq: 8,
+                trigger: Trigger::Initial,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first mint while an agent Secret exists: created pending",
+            s(),
+            with_obs(vec![], |o| {
+                o.bundle = BundleObs::Missing;
+                o.agent_secret = agent(&kid(9));
+            }),
+            Some(Mint {
+                seq: 1,
+                trigger: Trigger::Initial,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first key created active, crash before the bundle: the bundle is written first",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = BundleObs::Missing;
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(1)],
+                revoked: vec![],
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "first key created active, bundle emptied by someone: rewritten before the hand-out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = bundle(&[], &[]);
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(WriteBundle {
+                trusted: vec![kid(1)],
+                revoked: vec![],
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            "first key created active, crash after the bundle: handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::NewKey,
+            }),
+            Phase::Pending,
+        ),
+        case(
+            "first key created active, bundle someone else's: never handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.bundle = BundleObs::Foreign;
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            None,
+            Phase::Pending,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN)),
+        case(
+            "first key created active, agent Secret someone else's: not handed out",
+            s(),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Foreign;
+            }),
+            None,
+            Phase::Invalid,
+        )
+        .check(Check::Blocked(reasons::SECRET_NAME_TAKEN)),
+        case(
+            "first key created active, compromised before its hand-out: a successor is minted",
+            with_settings(|s| s.compromised = compromised(&[1])),
+            with_obs(vec![first_active()], |o| {
+                o.agent_secret = AgentSecretObs::Missing;
+            }),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::Compromised,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Publishing,
+        )
+        .check(Check::Rotating(reasons::EMERGENCY)),
+        case(
+            "first key created active and handed out: ready",
+            s(),
+            obs(vec![first_active()]),
+            None,
+            Phase::Ready,
+        )
+        .check(Check::NotBlocked),
+        case(
+            "rotated key whose bundle became someone else's: not handed out",
+            s(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.bundle = BundleObs::Foreign;
+                o.agent_secret = agent(&kid(1));
+            }),
+            None,
+            Phase::Publishing,
+        )
+        .check(Check::Blocked(reasons::TRUST_BUNDLE_NAME_TAKEN))
+        .check(Check::Rotating(reasons::PUBLISHING)),
         case(
             "first key: pending is labelled published before the bundle is written",
             s(),
@@ -834,6 +974,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r2"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -894,6 +1035,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Annotation,
                 consumed_request_token: None,
                 consumed_annotation: some("a2"),
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -944,6 +1086,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r2"),
                 consumed_annotation: some("a2"),
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1008,6 +1151,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r3"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1052,6 +1196,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r3"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1083,6 +1228,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Interval,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1215,6 +1361,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: some("r1"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         )
@@ -1412,6 +1559,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1498,6 +1646,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Pending,
         ),
@@ -1581,6 +1730,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Compromised,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1762,6 +1912,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::RequestToken,
                 consumed_request_token: some("r9"),
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -1781,6 +1932,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Pending,
         ),
@@ -1833,6 +1985,7 @@ fn cases() -> Vec<Case> {
                 trigger: Trigger::Replacement,
                 consumed_request_token: None,
                 consumed_annotation: None,
+                active: false,
             }),
             Phase::Publishing,
         ),
@@ -2032,6 +2185,7 @@ fn resolve_defaults() {
             suspend: false,
             compromised: BTreeSet::new(),
             clock_skew: secs(60),
+            uid: String::new(),
             refused: None,
         }
     );
@@ -2516,9 +2670,27 @@ impl Sim {
                 trigger,
                 consumed_request_token,
                 consumed_annotation,
+                active,
             } => {
                 let expected = before.last().map_or(1, |k| k.seq + 1);
                 ensure!(*seq == expected, "minted seq {seq}, expected {expected}");
+                if *active {
+                    // (g) Only a first key is created active, and only when nothing is trusted
+                    // and no agent Secret exists (nobody for publishDelay to protect).
+                    let trusted = match &self.obs.bundle {
+                        BundleObs::Owned { kids, .. } => kids.clone(),
+                        _ => Vec::new(),
+                    };
+                    ensure!(
+                        *trigger == Trigger::Initial
+                            && before.is_empty()
+                            && trusted.is_empty()
+                            && self.obs.agent_secret == AgentSecretObs::Missing
+                            && self.handed_out.is_empty(),
+                        "{trigger:?} key created active with keys {before:?}, bundle trusting {trusted:?}, agent Secret {:?}",
+                        self.obs.agent_secret
+                    );
+                }
                 if *trigger == Trigger::Initial {
                     ensure!(
                         before.is_empty(),
@@ -2559,17 +2731,44 @@ impl Sim {
                         "{trigger:?} rotation before minInterval ({earliest})"
                     );
                 }
+                if *trigger == Trigger::Interval {
+                    // (i) A scheduled rotation is at most the jitter bound early.
+                    let cur = cur_before
+                        .as_ref()
+                        .ok_or("Interval rotation without a key")?;
+                    let interval = self.settings.interval.ok_or("Interval without interval")?;
+                    let due = schedule::rotation_due_unjittered(&self.settings, cur)
+                        .ok_or("no due time")?;
+                    let earliest =
+                        due - chrono::Duration::from_std(schedule::bound(interval)).expect("small");
+                    ensure!(
+                        now >= earliest,
+                        "Interval rotation at {now}, due {due}, earliest allowed {earliest}"
+                    );
+                }
+                // As `desired::key_secret`: a key created active records its publication and
+                // activation at its creation.
+                let at = active.then_some(now);
+                if *active {
+                    self.ever_published = true;
+                    self.ever_activated = true;
+                    self.activated_emergency.insert(*seq, false);
+                }
                 self.obs.keys.push(ObservedKey {
                     seq: *seq,
                     kid: kid(*seq),
                     fingerprint: format!("fp{seq}"),
-                    state: KeyState::Pending,
+                    state: if *active {
+                        KeyState::Active
+                    } else {
+                        KeyState::Pending
+                    },
                     trigger: *trigger,
                     consumed_request_token: consumed_request_token.clone(),
                     consumed_annotation: consumed_annotation.clone(),
                     created_at: now,
-                    published_at: None,
-                    activated_at: None,
+                    published_at: at,
+                    activated_at: at,
                     retired_at: None,
                     revoked_at: None,
                     has_private_key: true,
@@ -2680,6 +2879,15 @@ impl Sim {
                     changes == (*reason == HandOutReason::NewKey),
                     "HandOut {reason:?} with old kid {old_kid:?}"
                 );
+                // (h) A key reaches the agent Secret only while the bundle lists it (the state
+                // of a key created active says nothing about the bundle).
+                if changes {
+                    ensure!(
+                        matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.contains(&cur.kid)),
+                        "key {seq} handed out while the bundle is {:?}",
+                        self.obs.bundle
+                    );
+                }
                 if !self.handed_out.contains(&cur.kid) && !self.handed_out.is_empty() {
                     // (e) A key reaches the agents only publishDelay after it was published,
                     // except for the first key and in an emergency.
@@ -2899,6 +3107,7 @@ impl Sim {
     /// and no rotation is pending that the planner forgot.
     fn check_fixed_point(&self, p: &Plan) -> SimResult {
         ensure!(p.step.is_none(), "not a fixed point");
+        self.check_schedule(p)?;
         if self.obs.bundle == BundleObs::Foreign || self.obs.agent_secret == AgentSecretObs::Foreign
         {
             return Ok(());
@@ -2949,6 +3158,39 @@ impl Sim {
             early.step,
             p.requeue_after
         );
+        Ok(())
+    }
+
+    /// (i) The times a plan shows are the jittered ones it acts on: never later than asked,
+    /// never earlier than the bound; a token is refreshed before it expires and after it was
+    /// issued.
+    fn check_schedule(&self, p: &Plan) -> SimResult {
+        if let (Some(cur), Some(interval)) = (current(&self.obs.keys), self.settings.interval) {
+            let due = schedule::rotation_due_unjittered(&self.settings, cur).ok_or("no due")?;
+            let bound = chrono::Duration::from_std(schedule::bound(interval)).expect("small");
+            let shown = p
+                .next_rotation_at
+                .ok_or("no nextRotationAt with an interval")?;
+            ensure!(
+                shown <= due && shown >= due - bound,
+                "nextRotationAt {shown} outside [{}, {due}]",
+                due - bound
+            );
+        }
+        if let AgentSecretObs::Owned(AgentSecret {
+            token_iat: Some(iat),
+            token_exp: Some(exp),
+            ..
+        }) = &self.obs.agent_secret
+        {
+            let shown = p.token_refresh_at.ok_or("no tokenRefreshAt")?.timestamp();
+            let (life, half) = (exp - iat, iat + (exp - iat) / 2);
+            let bound = schedule::bound(secs(life as u64)).as_secs() as i64;
+            ensure!(
+                shown <= half && shown >= half - bound && shown > *iat && shown < *exp,
+                "tokenRefreshAt {shown} for a token issued {iat}, expiring {exp}"
+            );
+        }
         Ok(())
     }
 
@@ -3036,26 +3278,14 @@ fn scenario_first_key() {
         .steps
         .iter()
         .map(|(_, s)| match s {
-            Step::Mint { .. } => "Mint",
-            Step::MarkPublished { .. } => "MarkPublished",
+            Step::Mint { active: true, .. } => "Mint(active)",
             Step::WriteBundle { .. } => "WriteBundle",
-            Step::RecordPublished { .. } => "RecordPublished",
-            Step::Activate { .. } => "Activate",
             Step::HandOut { .. } => "HandOut",
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "Mint",
-            "MarkPublished",
-            "WriteBundle",
-            "RecordPublished",
-            "Activate",
-            "HandOut"
-        ]
-    );
+    // Three writes: the key Secret created active, the trust bundle, the agent Secret.
+    assert_eq!(kinds, ["Mint(active)", "WriteBundle", "HandOut"]);
     assert_eq!(
         sim.obs.keys[0].consumed_request_token.as_deref(),
         Some("r1")
@@ -3221,7 +3451,8 @@ fn scenario_compromise() {
                     seq: 2,
                     trigger: Trigger::Compromised,
                     consumed_request_token: None,
-                    consumed_annotation: None
+                    consumed_annotation: None,
+                    active: false,
                 },
                 Step::MarkPublished { seq: 2 },
                 Step::WriteBundle {
@@ -3343,9 +3574,21 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
         prop_oneof![Just(300u64), Just(3600u64), 600u64..=7200],
         any::<bool>(),
         prop::option::of(Just("r0".to_string())),
+        // Mostly a uid (jittered schedule), sometimes none (the times asked for).
+        prop_oneof![3 => "[0-9a-f]{8}-[0-9a-f]{4}", 1 => Just(String::new())],
     )
         .prop_map(
-            |(interval, min_interval, publish_delay, overlap, timeout, ttl, private, token)| {
+            |(
+                interval,
+                min_interval,
+                publish_delay,
+                overlap,
+                timeout,
+                ttl,
+                private,
+                token,
+                uid,
+            )| {
                 Settings {
                     interval: interval.map(secs),
                     min_interval: secs(min_interval),
@@ -3355,6 +3598,7 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                     token_ttl: secs(ttl),
                     include_private_key: private,
                     request_token: token,
+                    uid,
                     ..settings()
                 }
             },
@@ -3485,5 +3729,221 @@ proptest! {
         let mints = sim.mints();
         prop_assert_eq!(mints.len(), gaps.len() + 1, "mints: {:?}", mints);
         prop_assert!(mints[1..].iter().all(|t| *t == Trigger::RequestToken));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schedule offsets (jitter)
+// ---------------------------------------------------------------------------------------------
+
+const UID: &str = "0c6d2a57-1f3e-4b8a-9d0c-5e7f3a2b1c4d";
+
+fn jittered(f: impl FnOnce(&mut Settings)) -> Settings {
+    with_settings(|s| {
+        s.uid = UID.into();
+        f(s)
+    })
+}
+
+fn offset_of(s: &Settings, purpose: schedule::Purpose, period: u64) -> chrono::Duration {
+    chrono::Duration::from_std(schedule::offset(&s.uid, purpose, secs(period))).expect("small")
+}
+
+/// The seed is the ProvisioningKey's uid, also when the spec is refused (the current key's
+/// token keeps being refreshed on the same schedule).
+#[test]
+fn resolve_carries_the_uid() {
+    let mut p = pk(ProvisioningKeySpec::default());
+    p.metadata.uid = Some(UID.into());
+    let s = Settings::resolve(&p, &Floors::none()).expect("valid");
+    assert_eq!(s.uid, UID);
+    p.spec.rotation = Some(RotationSpec {
+        interval: Some("soon".into()),
+        ..Default::default()
+    });
+    let s = resolve_or_keep(&p, &Floors::none(), &LastGood::default());
+    assert!(s.refused.is_some());
+    assert_eq!(s.uid, UID);
+}
+
+#[test]
+fn bounds_are_a_tenth_capped_at_ten_minutes() {
+    for (period, bound) in [
+        (0, 0),
+        (9, 0),
+        (10, 1),
+        (300, 30),
+        (3600, 360),
+        (6000, 600),
+        (7200, 600),
+        (30 * DAY as u64, 600),
+    ] {
+        assert_eq!(
+            schedule::bound(secs(period)),
+            secs(bound),
+            "period {period}s"
+        );
+    }
+    // No uid, no offset: the time asked for.
+    assert_eq!(
+        schedule::offset("", schedule::Purpose::Rotation, secs(3600)),
+        Duration::ZERO
+    );
+}
+
+/// The scheduled rotation and the token refresh happen at the jittered times, which status
+/// shows; the key's own uid decides them.
+#[test]
+fn jitter_moves_the_schedule_earlier_and_status_shows_it() {
+    let s = jittered(|s| s.interval = Some(secs(7200)));
+    let off = offset_of(&s, schedule::Purpose::Rotation, 7200);
+    let refresh_off = offset_of(&s, schedule::Purpose::TokenRefresh, TTL);
+    assert!(off > chrono::Duration::zero() && refresh_off > chrono::Duration::zero());
+    // Key 1 became current 2h - 1h ago: due in an hour as asked, earlier by its offset.
+    let k1 = ObservedKey {
+        activated_at: Some(ago(3600)),
+        ..key(1, Active)
+    };
+    let o = obs(vec![k1.clone()]);
+    let p = plan(&s, &o, now());
+    assert_eq!(p.step, None);
+    assert_eq!(p.next_rotation_at, Some(later(3600) - off));
+    // The token (issued a minute ago) is refreshed at half its life, earlier by its offset.
+    let refresh = ago(60) + chrono::Duration::seconds(TTL as i64 / 2) - refresh_off;
+    assert_eq!(p.token_refresh_at, Some(refresh));
+    assert_eq!(p.requeue_after, (refresh - now()).to_std().ok());
+    // Between the jittered and the asked time: the rotation starts.
+    let at = later(3600) - off;
+    let o2 = with_obs(vec![k1.clone()], |o| {
+        o.agent_secret = agent_with(&kid(1), |a| {
+            a.token_iat = Some(at.timestamp() - 60);
+            a.token_exp = Some(at.timestamp() - 60 + TTL as i64);
+        })
+    });
+    let p = plan(&s, &o2, at);
+    assert!(
+        matches!(
+            p.step,
+            Some(Step::Mint {
+                trigger: Trigger::Interval,
+                ..
+            })
+        ),
+        "{p:?}"
+    );
+    // A second before it: nothing yet, and the wake-up is at the jittered time.
+    let p = plan(&s, &o2, at - chrono::Duration::seconds(1));
+    assert_eq!(p.step, None);
+    assert_eq!(p.requeue_after, Some(secs(1)));
+    // Token refresh at its jittered time, not before.
+    let p = plan(&s, &o, refresh);
+    assert_eq!(
+        p.step,
+        Some(Step::HandOut {
+            seq: 1,
+            reason: HandOutReason::TokenRefresh
+        })
+    );
+    let p = plan(&s, &o, refresh - chrono::Duration::seconds(1));
+    assert_eq!(p.step, None);
+}
+
+/// A herd: 1,000 keys (uids differing only in their last digits, the hardest case for a weak
+/// hash) due at the same time spread over the whole bound.
+#[test]
+fn a_herd_of_keys_spreads_over_the_bound() {
+    for (purpose, period) in [
+        (schedule::Purpose::Rotation, 30 * DAY as u64),
+        (schedule::Purpose::TokenRefresh, 24 * 3600),
+    ] {
+        let mut per_second = BTreeMap::<u64, u32>::new();
+        for i in 0..1000 {
+            let uid = format!("6f1c2d3e-4b5a-4c6d-8e7f-{i:012}");
+            let o = schedule::offset(&uid, purpose, secs(period)).as_secs();
+            *per_second.entry(o).or_default() += 1;
+        }
+        let busiest = per_second.values().max().copied().unwrap_or_default();
+        // 601 one-second slots; about 1.7 keys each on average.
+        assert!(
+            per_second.len() >= 450 && busiest <= 8,
+            "{purpose:?}: {} distinct seconds, busiest {busiest}",
+            per_second.len()
+        );
+        let max = per_second.keys().max().copied().unwrap_or_default();
+        assert!(
+            (590..=600).contains(&max),
+            "{purpose:?}: largest offset {max}"
+        );
+    }
+    // The two purposes draw independent offsets.
+    let same = (0..100)
+        .filter(|i| {
+            let uid = format!("uid-{i}");
+            schedule::offset(&uid, schedule::Purpose::Rotation, secs(7200))
+                == schedule::offset(&uid, schedule::Purpose::TokenRefresh, secs(7200))
+        })
+        .count();
+    assert!(same < 5, "{same} of 100 uids get the same offset for both");
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The scheduled rotation is never later than asked, never earlier than the bound, and the
+    /// same uid always gets the same time.
+    #[test]
+    fn rotation_jitter_is_bounded_and_stable(
+        uid in "[0-9a-z-]{0,40}",
+        interval in prop_oneof![1u64..=120, 120u64..=86_400, 86_400u64..=400 * 86_400],
+        activated in 0i64..=4_000_000_000,
+    ) {
+        let s = with_settings(|s| {
+            s.interval = Some(secs(interval));
+            s.uid = uid.clone();
+        });
+        let k = ObservedKey {
+            activated_at: DateTime::from_timestamp(activated, 0),
+            ..key(1, Active)
+        };
+        let asked = schedule::rotation_due_unjittered(&s, &k).expect("due");
+        let due = schedule::rotation_due(&s, &k).expect("due");
+        let bound = (interval / 10).min(600) as i64;
+        prop_assert!(due <= asked, "later than asked: {due} > {asked}");
+        prop_assert!(due >= asked - chrono::Duration::seconds(bound), "earlier than the bound");
+        prop_assert_eq!(Some(due), schedule::rotation_due(&s.clone(), &k.clone()));
+        // What status shows is what is acted on (a settled key, its token just issued).
+        let o = with_obs(vec![k], |o| {
+            o.agent_secret = agent_with(&kid(1), |a| {
+                a.token_iat = Some(activated);
+                a.token_exp = Some(activated + TTL as i64);
+            })
+        });
+        let p = plan(&s, &o, DateTime::from_timestamp(activated, 0).expect("t"));
+        prop_assert_eq!(p.step, None);
+        prop_assert_eq!(p.next_rotation_at, Some(due));
+    }
+
+    /// The token is refreshed between 40% and 50% of its life: never after half of it (so it
+    /// never expires first), never at or before its issue (so a refresh never loops), the same
+    /// time for the same uid.
+    #[test]
+    fn refresh_jitter_is_bounded_and_stable(
+        uid in "[0-9a-z-]{0,40}",
+        ttl in prop_oneof![1i64..=20, 20i64..=86_400, 86_400i64..=30 * 86_400],
+        iat in 0i64..=4_000_000_000,
+    ) {
+        let s = with_settings(|s| s.uid = uid.clone());
+        let exp = iat + ttl;
+        let t = schedule::token_refresh_at(&s, iat, exp).expect("a time").timestamp();
+        let half = iat + ttl / 2;
+        let bound = (ttl / 10).min(600);
+        prop_assert!(t <= half && t >= half - bound, "{t} outside [{}, {half}]", half - bound);
+        prop_assert!(t < exp, "refresh at or after expiry");
+        if ttl >= 2 {
+            prop_assert!(t > iat, "refresh due at issue: a loop");
+        }
+        // 40% of its life, to the whole second the times are stored in.
+        prop_assert!(10 * (t - iat) >= 4 * ttl - 10, "earlier than 40% of the life");
+        prop_assert_eq!(schedule::token_refresh_at(&s, iat, exp).map(|d| d.timestamp()), Some(t));
     }
 }
