@@ -120,7 +120,7 @@ async fn one_key_costs_no_namespace_wide_list_among_2000_unrelated_secrets() {
         lists(&first)
     );
     assert!(
-        stats.writes() <= 12,
+        stats.writes() <= 6,
         "the first key took {} writes",
         stats.writes()
     );

@@ -273,17 +273,25 @@ async fn get_key_secret(
     Ok(())
 }
 
-/// Uncovered consumers found per rotation: (ProvisioningKey uid, retiring seq) -> pods.
+/// A consumer scan's result: the uncovered pods, and the resourceVersion of each workload that
+/// runs them (`Kind/name` -> resourceVersion) when the scan was made.
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    uncovered: Vec<Uncovered>,
+    owners: BTreeMap<String, Option<String>>,
+}
+
+/// Consumer scans per rotation: (ProvisioningKey uid, retiring seq) -> scan.
 #[derive(Default)]
-pub struct Scans(std::sync::Mutex<std::collections::HashMap<(String, u32), Vec<Uncovered>>>);
+pub struct Scans(std::sync::Mutex<std::collections::HashMap<(String, u32), Scan>>);
 
 impl Scans {
-    fn get(&self, uid: &str, seq: u32) -> Option<Vec<Uncovered>> {
+    fn get(&self, uid: &str, seq: u32) -> Option<Scan> {
         let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&(uid.to_string(), seq)).cloned()
     }
 
-    fn put(&self, uid: &str, seq: u32, found: Vec<Uncovered>) {
+    fn put(&self, uid: &str, seq: u32, found: Scan) {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|(u, _), _| u != uid);
         m.insert((uid.to_string(), seq), found);
@@ -390,8 +398,10 @@ async fn read_consumers(
 ///
 /// Once is enough: every pod that existed when the new key was handed out and may hold the old
 /// key is in that list; a pod created later reads the new key. The pods found are remembered
-/// for the rest of the rotation (the old key then waits for the time fallback even if they go
-/// away: conservative); a restart of the operator scans again.
+/// for the rest of the rotation, with the workloads that run them; only when one of those
+/// changes (read by name, see [`owners_changed`]) is the namespace listed again, so scaling a
+/// stray workload down still lets the revocation go ahead on the PolicyAgents' evidence. A
+/// restart of the operator scans again.
 async fn scan_consumers(
     ctx: &Context,
     pk: &ProvisioningKey,
@@ -405,8 +415,12 @@ async fn scan_consumers(
     let Some(old) = parsed.keys.iter().find(|k| k.state == KeyState::Retiring) else {
         return Ok(None);
     };
-    if let Some(found) = ctx.scans.get(&uid, old.seq) {
-        return Ok(Some(found));
+    if let Some(scan) = ctx.scans.get(&uid, old.seq) {
+        // Pods are not watched. Their workloads are read by name instead (cheap): only when one
+        // of them changed (scaled down, rolled, deleted) is the namespace scanned again.
+        if !owners_changed(ctx, &ns, &scan.owners).await? {
+            return Ok(Some(scan.uncovered));
+        }
     }
     let names = observe::names(pk, &parsed);
     // The agent Secret must carry the new key, for long enough (see SCAN_DELAY).
@@ -455,9 +469,73 @@ async fn scan_consumers(
         },
         &pods,
     );
+    let mut owners = BTreeMap::new();
+    for u in &found {
+        owners.insert(u.workload.clone(), None);
+    }
+    for (owner, rv) in &mut owners {
+        *rv = owner_version(ctx, &ns, owner).await?;
+    }
     info!(pk = %name, seq = old.seq, uncovered = found.len(), "consumer scan");
-    ctx.scans.put(&uid, old.seq, found.clone());
+    ctx.scans.put(
+        &uid,
+        old.seq,
+        Scan {
+            uncovered: found.clone(),
+            owners,
+        },
+    );
     Ok(Some(found))
+}
+
+/// Whether any workload that ran uncovered pods at the last scan changed since.
+async fn owners_changed(
+    ctx: &Context,
+    ns: &str,
+    owners: &BTreeMap<String, Option<String>>,
+) -> Result<bool> {
+    for (owner, rv) in owners {
+        if rv.is_some() && owner_version(ctx, ns, owner).await? != *rv {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The resourceVersion of workload `Kind/name` (metadata-only GET); `None` when it is gone or
+/// of a kind not read here (its pods then wait for the time fallback).
+async fn owner_version(ctx: &Context, ns: &str, owner: &str) -> Result<Option<String>> {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let Some((kind, name)) = owner.split_once('/') else {
+        return Ok(None);
+    };
+    let c = ctx.client.clone();
+    let rv = |m: Option<ObjectMeta>| m.and_then(|m| m.resource_version);
+    let version = match kind {
+        "Deployment" => rv(Api::<Deployment>::namespaced(c, ns)
+            .get_metadata_opt(name)
+            .await?
+            .map(|m| m.metadata)),
+        "StatefulSet" => rv(Api::<StatefulSet>::namespaced(c, ns)
+            .get_metadata_opt(name)
+            .await?
+            .map(|m| m.metadata)),
+        "DaemonSet" => rv(Api::<DaemonSet>::namespaced(c, ns)
+            .get_metadata_opt(name)
+            .await?
+            .map(|m| m.metadata)),
+        "ReplicaSet" => rv(Api::<ReplicaSet>::namespaced(c, ns)
+            .get_metadata_opt(name)
+            .await?
+            .map(|m| m.metadata)),
+        "Pod" => rv(Api::<Pod>::namespaced(c, ns)
+            .get_metadata_opt(name)
+            .await?
+            .map(|m| m.metadata)),
+        _ => return Ok(None),
+    };
+    Ok(Some(version.unwrap_or_default()))
 }
 
 /// What observe read: the planner's input and what apply needs besides it.
