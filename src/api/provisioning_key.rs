@@ -110,8 +110,9 @@ pub struct SecretTemplate {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationSpec {
-    /// Rotate this long after the current key was activated (Go duration, e.g. `720h`).
-    /// Unset: rotate only on request. Must be at least the operator's `--min-rotation-interval`.
+    /// Rotate this long after the current key was activated (Go duration, e.g. `720h`), or up
+    /// to a tenth of it (at most 10 minutes) earlier, by an offset fixed per key so keys created
+    /// together do not all rotate at once; never later. Unset: rotate only on request. Must be at least the operator's `--min-rotation-interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 32),
@@ -169,7 +170,8 @@ pub struct TokenSpec {
     #[schemars(length(min = 1, max = 256))]
     pub audience: Option<String>,
 
-    /// Token lifetime (default `1h`); tokens are re-issued at about half of it.
+    /// Token lifetime (default `1h`); tokens are re-issued at 40-50 % of it (an offset fixed
+    /// per key spreads the refreshes of keys created together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 32),
