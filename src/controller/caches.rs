@@ -155,3 +155,51 @@ impl Caches {
         }
     }
 }
+
+/// The objects this process wrote, by namespace/name and the resourceVersion the API server
+/// returned. The watch event of such a write is an echo: the reconcile that made the write
+/// already continued from its response, so the echo does not need to wake it again. An event
+/// with any other resourceVersion (someone else's change) always wakes it.
+#[derive(Clone, Default)]
+pub struct OwnWrites(Arc<Mutex<HashMap<String, String>>>);
+
+/// Most writes remembered; beyond it the oldest are forgotten (their echo then wakes one
+/// needless reconcile, nothing worse).
+const OWN_WRITES_KEPT: usize = 100_000;
+
+impl OwnWrites {
+    fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<String> {
+        Some(format!(
+            "{}/{}",
+            meta.namespace.as_deref()?,
+            meta.name.as_deref()?
+        ))
+    }
+
+    /// Records a write's response.
+    pub fn wrote(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        let (Some(key), Some(rv)) = (Self::key(meta), meta.resource_version.clone()) else {
+            return;
+        };
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= OWN_WRITES_KEPT {
+            m.clear();
+        }
+        m.insert(key, rv);
+    }
+
+    /// Whether a watch event is the echo of our own last write of that object.
+    pub fn echo(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+        let Some(key) = Self::key(meta) else {
+            return false;
+        };
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(&key) {
+            Some(rv) if Some(rv) == meta.resource_version.as_ref() => {
+                m.remove(&key);
+                true
+            }
+            _ => false,
+        }
+    }
+}

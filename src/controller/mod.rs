@@ -17,7 +17,8 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -87,6 +88,8 @@ pub struct Context {
     pub caches: caches::Caches,
     /// Consumer scans done per rotation (see `provisioning_key::scan_consumers`).
     pub scans: provisioning_key::Scans,
+    /// This process's own writes, so their watch events do not wake the reconcile again.
+    pub own_writes: caches::OwnWrites,
 }
 
 impl Context {
@@ -122,6 +125,7 @@ impl Context {
             backoff: Backoff::default(),
             caches,
             scans: provisioning_key::Scans::default(),
+            own_writes: caches::OwnWrites::default(),
         })
     }
 
@@ -316,10 +320,12 @@ fn workload_mapper<K: Resource>(
     }
 }
 
-/// The ProvisioningKey controlling a labelled Secret.
-fn owner_pk(s: &PartialObjectMeta<Secret>) -> Option<ObjectRef<ProvisioningKey>> {
+/// The ProvisioningKey controlling a labelled Secret or ConfigMap.
+fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
     let ns = s.metadata.namespace.as_deref()?;
-    s.owner_references()
+    s.metadata
+        .owner_references
+        .as_ref()?
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "ProvisioningKey")
         .map(|o| ObjectRef::new(&o.name).within(ns))
@@ -462,6 +468,8 @@ pub async fn run(
         let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
         let agents_store = cache.agents.clone();
         let (to_pk, to_pa) = (pk_tx.clone(), pa_tx);
+        let cm_tx = pk_tx.clone();
+        let own_writes = ctx.own_writes.clone();
         runs.push(
             reflector(
                 secrets_writer,
@@ -482,7 +490,9 @@ pub async fn run(
                         | watcher::Event::InitApply(s)
                         | watcher::Event::Delete(s),
                     ) => {
-                        if let Some(pk) = owner_pk(&s) {
+                        if let Some(pk) = owner_pk(&s)
+                            && !own_writes.echo(&s.metadata)
+                        {
                             let _ = to_pk.unbounded_send(pk);
                         }
                         for pa in agents_of_secret(&agents_store, &s) {
@@ -529,6 +539,27 @@ pub async fn run(
             .boxed(),
         );
 
+        // Trust bundles (labelled ConfigMaps): wake-ups only, no store.
+        let (to_pk, own_writes_cm) = (cm_tx, ctx.own_writes.clone());
+        runs.push(
+            watch(
+                scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
+                owned.clone(),
+                slim,
+                stop.clone(),
+            )
+            .touched_objects()
+            .for_each(move |cm| {
+                if let Ok(cm) = cm
+                    && let Some(pk) = owner_pk(&cm)
+                    && !own_writes_cm.echo(&cm.metadata)
+                {
+                    let _ = to_pk.unbounded_send(pk);
+                }
+                futures::future::ready(())
+            })
+            .boxed(),
+        );
         let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
         let pk_stream = reflector(
             pk_writer,
@@ -539,19 +570,16 @@ pub async fn run(
                 stop.clone(),
             ),
         )
-        .applied_objects();
+        .applied_objects()
+        // A ProvisioningKey is reconciled when its spec (generation) or annotations (a rotation
+        // request) change, not on its own status writes.
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations),
+            Default::default(),
+        );
         let keys = Controller::for_stream(pk_stream, pk_store)
             .with_config(controller_config.clone())
             .reconcile_on(pk_rx)
-            .owns_stream(
-                watch(
-                    scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
-                    owned,
-                    slim,
-                    stop.clone(),
-                )
-                .touched_objects(),
-            )
             .graceful_shutdown_on(shutdown.clone())
             .run(provisioning_key::reconcile, error_policy, ctx.clone())
             .for_each(log_result);

@@ -97,6 +97,7 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
             }
             Some(step) => {
                 let (minted, written) = apply(ctx, pk, &read, step, now).await?;
+                written.record(&ctx.own_writes);
                 raw.absorb(written);
                 if let Step::Revoke { seq, .. } = step {
                     ctx.scans.forget(&uid_of(pk), *seq);
@@ -158,6 +159,16 @@ enum Written {
     KeySecretGone(u32),
     Bundle(Box<ConfigMap>),
     AgentSecret(Box<Secret>),
+}
+
+impl Written {
+    fn record(&self, own: &super::caches::OwnWrites) {
+        match self {
+            Written::KeySecret(_, s) | Written::AgentSecret(s) => own.wrote(&s.metadata),
+            Written::Bundle(cm) => own.wrote(&cm.metadata),
+            Written::Nothing | Written::KeySecretGone(_) => {}
+        }
+    }
 }
 
 impl Raw {
