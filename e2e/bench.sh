@@ -9,6 +9,12 @@
 #   bash e2e/bench.sh --memory-10k         also N = 10,000 (cold start, agents, idle memory only)
 #   options: --label TEXT (names the run in the table), --operator-bin PATH (measure another
 #            build of keyward), --results FILE, --no-build, -- <extra keyward-bench arguments>
+#            (e.g. -- --timeout-per-key 0.3 --idle 60; `keyward-bench --help` lists them)
+#
+# A memory guard protects the machine: when it has less than 4 GiB available, or kube-apiserver
+# and etcd hold more than 8 GiB together (an overloaded API server buffers whole Secret lists),
+# the driver kills the operator, reports what it measured so far and fails
+# (-- --min-free-gib G --max-plane-gib G to change the limits).
 #
 # For each N it starts a plane of its own (never the shared one): KEYWARD_CLUSTER_DIR
 # /tmp/keyward-bench, API port 27443, etcd 24790, controller-manager 27257, with the API server's
@@ -44,7 +50,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -204,7 +210,7 @@ run() {
   if ! "$BENCH" --n "$n" --namespaces "$namespaces" \
       --operator-bin "$OPERATOR" --operator-kubeconfig "$DIR/operator.kubeconfig" \
       --probe-kubeconfig "$DIR/probe.kubeconfig" --audit-log "$DIR/audit.log" \
-      --operator-user "$OPERATOR_USER" --out "$DIR" --results "$RESULTS" --label "$LABEL" \
+      --operator-user "$OPERATOR_USER" --plane-dir "$DIR" --out "$DIR" --results "$RESULTS" --label "$LABEL" \
       "$@" ${EXTRA[@]+"${EXTRA[@]}"}; then
     STATUS=1
     say "N=$n FAILED (operator log: $DIR/operator-n$n.log)"

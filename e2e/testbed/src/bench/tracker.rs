@@ -162,6 +162,7 @@ impl Tracker {
         let t0 = Instant::now();
         let mut last_report = Instant::now();
         loop {
+            super::guard::check()?;
             if self.with(&done) {
                 return Ok(Timestamp::now());
             }
