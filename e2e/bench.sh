@@ -50,7 +50,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
