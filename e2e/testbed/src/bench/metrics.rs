@@ -13,6 +13,9 @@ use kube::Client;
 pub struct Snapshot {
     durations: BTreeMap<String, BTreeMap<Le, f64>>,
     rejected: f64,
+    /// `apiserver_request_total` answered 429 (APF or inflight limits), and 5xx.
+    too_many: f64,
+    server_errors: f64,
 }
 
 /// A bucket bound that sorts numerically (`+Inf` last).
@@ -88,6 +91,11 @@ fn parse(text: &str) -> Snapshot {
                     .or_default() += value;
             }
             "apiserver_flowcontrol_rejected_requests_total" => snap.rejected += value,
+            "apiserver_request_total" => match labels.get("code").map(String::as_str) {
+                Some("429") => snap.too_many += value,
+                Some(c) if c.starts_with('5') => snap.server_errors += value,
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -140,9 +148,20 @@ pub enum Quantile {
     Above(f64),
 }
 
+/// Answers that refused or failed in a phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Refusals {
+    /// APF rejections (`apiserver_flowcontrol_rejected_requests_total`).
+    pub apf_rejected: f64,
+    /// 429 answers.
+    pub too_many: f64,
+    /// 5xx answers (timeouts, etcd errors).
+    pub server_errors: f64,
+}
+
 /// Per verb (watches and connects excluded: their duration is their lifetime), requests and
-/// p50/p99 in the phase between `before` and `after`; and the APF rejections in it.
-pub fn delta(before: &Snapshot, after: &Snapshot) -> (Vec<VerbLatency>, f64) {
+/// p50/p99 in the phase between `before` and `after`; and the refusals in it.
+pub fn delta(before: &Snapshot, after: &Snapshot) -> (Vec<VerbLatency>, Refusals) {
     let mut out = Vec::new();
     for (verb, buckets) in &after.durations {
         if matches!(verb.as_str(), "WATCH" | "WATCHLIST" | "CONNECT") {
@@ -168,7 +187,12 @@ pub fn delta(before: &Snapshot, after: &Snapshot) -> (Vec<VerbLatency>, f64) {
         });
     }
     out.sort_by(|a, b| b.count.total_cmp(&a.count));
-    (out, (after.rejected - before.rejected).max(0.0))
+    let refusals = Refusals {
+        apf_rejected: (after.rejected - before.rejected).max(0.0),
+        too_many: (after.too_many - before.too_many).max(0.0),
+        server_errors: (after.server_errors - before.server_errors).max(0.0),
+    };
+    (out, refusals)
 }
 
 /// `histogram_quantile`: linear interpolation inside the bucket holding the rank.
@@ -207,7 +231,7 @@ impl Quantile {
 }
 
 /// `GET 1200: p50 4 ms, p99 40 ms; ...`
-pub fn describe(latencies: &[VerbLatency], rejected: f64) -> String {
+pub fn describe(latencies: &[VerbLatency], refusals: Refusals) -> String {
     let ms = |v: Quantile| match v {
         Quantile::AtMost(s) => format!("<= {:.0} ms", s * 1000.0),
         Quantile::About(s) => format!("{:.0} ms", s * 1000.0),
@@ -228,7 +252,13 @@ pub fn describe(latencies: &[VerbLatency], rejected: f64) -> String {
     if parts.is_empty() {
         parts.push("no requests".into());
     }
-    format!("{}; APF rejected {rejected:.0}", parts.join("; "))
+    format!(
+        "{}; answers 429: {:.0} (APF rejections {:.0}), 5xx: {:.0}",
+        parts.join("; "),
+        refusals.too_many,
+        refusals.apf_rejected,
+        refusals.server_errors
+    )
 }
 
 #[cfg(test)]
@@ -250,6 +280,9 @@ apiserver_request_duration_seconds_bucket{component="apiserver",resource="secret
 apiserver_request_duration_seconds_bucket{component="apiserver",resource="secrets",verb="POST",le="+Inf"} 110
 apiserver_request_duration_seconds_bucket{component="apiserver",resource="pods",verb="WATCH",le="+Inf"} 3
 apiserver_flowcontrol_rejected_requests_total{flow_schema="x",priority_level="y",reason="queue-full"} 2
+apiserver_request_total{code="429",verb="LIST"} 3
+apiserver_request_total{code="504",verb="LIST"} 4
+apiserver_request_total{code="200",verb="LIST"} 5
 "#,
         );
         let (l, rejected) = delta(&before, &after);
@@ -258,7 +291,9 @@ apiserver_flowcontrol_rejected_requests_total{flow_schema="x",priority_level="y"
         assert!((l[0].count - 100.0).abs() < 1e-9);
         assert_eq!(l[0].p50, Quantile::AtMost(0.05));
         assert!((l[0].p99.secs() - 0.099).abs() < 1e-9);
-        assert!((rejected - 2.0).abs() < 1e-9);
+        assert!((rejected.apf_rejected - 2.0).abs() < 1e-9);
+        assert!((rejected.too_many - 3.0).abs() < 1e-9);
+        assert!((rejected.server_errors - 4.0).abs() < 1e-9);
         assert_eq!(
             labels(r#"a="x\"y",b="z""#).get("a").map(String::as_str),
             Some("x\"y")
