@@ -6,6 +6,7 @@
 #                                          keys do not become Ready or a phase times out
 #   bash e2e/bench.sh --n 100,1000         choose N
 #   bash e2e/bench.sh --spread             also N = 5000 spread over 50 namespaces
+#                                          (--spread-n N, --spread-ns K to change them)
 #   bash e2e/bench.sh --memory-10k         also N = 10,000 (cold start, agents, idle memory only)
 #   options: --label TEXT (names the run in the table), --operator-bin PATH (measure another
 #            build of keyward), --results FILE, --no-build, -- <extra keyward-bench arguments>
@@ -33,6 +34,8 @@ REPO=$(pwd)
 NS_LIST="100,1000,5000"
 SMOKE=0
 SPREAD=0
+SPREAD_N=5000
+SPREAD_NS=50
 MEM10K=0
 LABEL=""
 OPERATOR_BIN=""
@@ -44,13 +47,15 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1 ;;
     --n) NS_LIST=$2; shift ;;
     --spread) SPREAD=1 ;;
+    --spread-n) SPREAD=1; SPREAD_N=$2; shift ;;
+    --spread-ns) SPREAD=1; SPREAD_NS=$2; shift ;;
     --memory-10k) MEM10K=1 ;;
     --label) LABEL=$2; shift ;;
     --operator-bin) OPERATOR_BIN=$2; shift ;;
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -219,19 +224,24 @@ run() {
   say "== N=$n done in $(( $(date +%s) - t0 )) s"
 }
 
-if [ "$SMOKE" = 1 ]; then
-  run 20 1 --unrelated 200 --w-sa 100 --policy-agents 4 --pa-keys 2 --herd 0 --idle 10
-else
-  IFS=, read -r -a sizes <<<"$NS_LIST"
-  for n in "${sizes[@]}"; do
-    run "$n" 1
-  done
-  if [ "$SPREAD" = 1 ]; then
-    run 5000 50
+# Everything below runs from one function, parsed whole before it starts: editing this file
+# while a long benchmark runs cannot change what the running script executes.
+main() {
+  if [ "$SMOKE" = 1 ]; then
+    run 20 1 --unrelated 200 --w-sa 100 --policy-agents 4 --pa-keys 2 --herd 0 --idle 10
+  else
+    IFS=, read -r -a sizes <<<"$NS_LIST"
+    for n in ${sizes[@]+"${sizes[@]}"}; do
+      run "$n" 1
+    done
+    if [ "$SPREAD" = 1 ]; then
+      run "$SPREAD_N" "$SPREAD_NS"
+    fi
+    if [ "$MEM10K" = 1 ]; then
+      run 10000 1 --skip restart,rotation,herd
+    fi
   fi
-  if [ "$MEM10K" = 1 ]; then
-    run 10000 1 --skip restart,rotation,herd
-  fi
-fi
-say "all done in $(( $(date +%s) - T0 )) s; results: $RESULTS"
-exit $STATUS
+  say "all done in $(( $(date +%s) - T0 )) s; results: $RESULTS"
+  exit $STATUS
+}
+main

@@ -838,15 +838,17 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
         ));
     }
 
-    // Whole run.
+    // Whole run. The operator stops first: the API server logs a watch when it ends.
+    let peak = op.memory.peak_mib();
+    let _ = op.stop(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     audit.refresh()?;
     let all = audit.between(Timestamp::UNIX_EPOCH, Timestamp::now());
     report.row("Whole run: operator requests", audit::summary(&all, None));
     report.row(
         "Operator peak RSS (VmHWM) of the running process",
-        mib(op.memory.peak_mib()),
+        mib(peak),
     );
-    let _ = op.stop(Duration::from_secs(30)).await;
     if let Some(k) = kubelet {
         k.shutdown().await;
     }
