@@ -412,7 +412,7 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
             args.concurrency
         ),
         format!(
-            "{w:.0}/s ({} unrelated Secrets of the fixture, about 3.3 KiB average, in {:.2} s)",
+            "{w:.0}/s ({} unrelated Secrets of the fixture, about 3.2 KiB average, in {:.2} s)",
             args.unrelated,
             took.as_secs_f64()
         ),
