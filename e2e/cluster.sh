@@ -16,6 +16,9 @@
 #   KEYWARD_ETCD_PORT     etcd client port (peer port is +1)             [23790]
 #   KEYWARD_KCM_PORT      kube-controller-manager secure port            [26257]
 #   KEYWARD_CRDS          directory of CRDs installed before the controller-manager starts [<repo>/crds]
+#   KEYWARD_AUDIT_LOG     opt-in: the API server writes its audit log (JSON lines, Metadata level,
+#                         RequestReceived stage omitted) to this file (used by e2e/bench.sh) [off]
+#   KEYWARD_AUDIT_USERS   with KEYWARD_AUDIT_LOG: audit only these users (comma-separated)  [all]
 # Several planes can run at once with different ports and directories.
 set -euo pipefail
 
@@ -177,6 +180,28 @@ wait_for() { # what timeout-seconds cmd...
   done
 }
 
+# Opt-in audit log (KEYWARD_AUDIT_LOG): the API server's own record of every request, so a
+# benchmark can count a client's requests by verb and resource without help from the client.
+audit_args() {
+  [ -n "${KEYWARD_AUDIT_LOG:-}" ] || return 0
+  local policy=$DIR/audit-policy.yaml
+  {
+    echo "apiVersion: audit.k8s.io/v1"
+    echo "kind: Policy"
+    echo "omitStages: [RequestReceived]"
+    echo "rules:"
+    if [ -n "${KEYWARD_AUDIT_USERS:-}" ]; then
+      echo "- level: Metadata"
+      echo "  users: [\"${KEYWARD_AUDIT_USERS//,/\", \"}\"]"
+      echo "- level: None"
+    else
+      echo "- level: Metadata"
+    fi
+  } >"$policy"
+  mkdir -p "$(dirname "$KEYWARD_AUDIT_LOG")"
+  printf '%s\n' --audit-policy-file "$policy" --audit-log-path "$KEYWARD_AUDIT_LOG" --audit-log-format json --audit-log-maxsize 0
+}
+
 api_ready() { curl -sf --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --key "$DIR/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz"; }
 
 up() {
@@ -196,6 +221,9 @@ up() {
     --quota-backend-bytes 4294967296 --log-level warn
   echo "$data" >"$DIR/etcd.data"
   wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+  local audit=()
+  mapfile -t audit < <(audit_args)
+  [ ${#audit[@]} -eq 0 ] || say "audit log: $KEYWARD_AUDIT_LOG (users: ${KEYWARD_AUDIT_USERS:-all})"
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
@@ -204,7 +232,8 @@ up() {
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$DIR/pki/sa.pub" \
     --service-account-signing-key-file "$DIR/pki/sa.key" --api-audiences https://kubernetes.default.svc \
     --service-cluster-ip-range 127.100.0.0/24 --enable-admission-plugins NamespaceLifecycle,ServiceAccount \
-    --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h
+    --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h \
+    ${audit[@]+"${audit[@]}"}
   wait_for kube-apiserver 60 api_ready
   say "kube-apiserver ready on https://127.0.0.1:$API_PORT ($(elapsed "$t0") s)"
   if ls "$CRDS"/*.yaml >/dev/null 2>&1; then
@@ -255,5 +284,5 @@ case "${1:-}" in
   status) status ;;
   ready) if [ -f "$DIR/pki/ca.crt" ] && api_ready >/dev/null 2>&1; then exit 0; else exit 1; fi ;;
   build) build ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
