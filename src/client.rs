@@ -25,9 +25,9 @@ use http::{HeaderValue, Method, Request, Uri};
 pub const USER_AGENT: &str = concat!("keyward/", env!("CARGO_PKG_VERSION"));
 
 /// Default steady request rate (requests per second) the client allows itself.
-pub const DEFAULT_QPS: f32 = 500.0;
+pub const DEFAULT_QPS: f32 = 2000.0;
 /// Default number of requests that may go out at once above the steady rate.
-pub const DEFAULT_BURST: u32 = 1000;
+pub const DEFAULT_BURST: u32 = 4000;
 
 /// Client-side limits.
 #[derive(Clone, Debug, PartialEq)]

@@ -80,6 +80,7 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
 
 async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> Result<Action> {
     let mut raw = read(ctx, pk).await?;
+    let mut fresh: Option<(u32, KeyPair)> = None;
     for _ in 0..MAX_STEPS_PER_RECONCILE {
         if raw.consumers.is_none()
             && observe::needs_consumers(&observe::key_secrets(pk, &raw.key_secret_list()))
@@ -96,7 +97,10 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
                     .map_or_else(Action::await_change, Action::requeue));
             }
             Some(step) => {
-                let (minted, written) = apply(ctx, pk, &read, step, now).await?;
+                let (mut minted, written) = apply(ctx, pk, &read, step, now, &mut fresh).await?;
+                if let (Some(m), Step::Mint { seq, .. }) = (minted.as_mut(), step) {
+                    fresh = m.pair.take().map(|p| (*seq, p));
+                }
                 written.record(&ctx.own_writes);
                 raw.absorb(written);
                 if let Step::Revoke { seq, .. } = step {
@@ -645,6 +649,9 @@ fn revocation_evidence(settings: &Settings, obs: &Observed, emergency: bool) -> 
 struct Minted {
     kid: String,
     fingerprint: String,
+    /// The key itself, kept (zeroized on drop) for a hand-out later in the same reconcile, so
+    /// its private key is not read back from the API server right after it was written.
+    pair: Option<KeyPair>,
 }
 
 /// The audit of an applied step: pure, one entry per fact (the step describes its own audit,
@@ -839,6 +846,7 @@ async fn apply(
     read: &Read,
     step: &Step,
     now: DateTime<Utc>,
+    fresh: &mut Option<(u32, KeyPair)>,
 ) -> Result<(Option<Minted>, Written)> {
     let (settings, obs, refs) = (&read.settings, &read.observed, &read.secrets.refs);
     let mut minted = None;
@@ -874,7 +882,6 @@ async fn apply(
                 &pair,
                 now,
             );
-            drop(pair);
             let created = secrets
                 .create(
                     &PostParams {
@@ -911,7 +918,11 @@ async fn apply(
                 Err(e) => return Err(e.into()),
             }
             fault::after("mint");
-            minted = Some(Minted { kid, fingerprint });
+            minted = Some(Minted {
+                kid,
+                fingerprint,
+                pair: Some(pair),
+            });
         }
         Step::MarkPublished { seq } => {
             written =
@@ -981,8 +992,10 @@ async fn apply(
             fault::after("retire");
         }
         Step::HandOut { seq, .. } => {
-            written =
-                Written::AgentSecret(Box::new(hand_out(ctx, pk, settings, obs, *seq, now).await?));
+            let fresh = fresh.take().filter(|(s, _)| s == seq).map(|(_, p)| p);
+            written = Written::AgentSecret(Box::new(
+                hand_out(ctx, pk, settings, obs, *seq, now, fresh).await?,
+            ));
             fault::after("hand-out");
         }
         Step::Revoke { seq, .. } => {
@@ -1104,23 +1117,30 @@ async fn hand_out(
     obs: &Observed,
     seq: u32,
     now: DateTime<Utc>,
+    fresh: Option<KeyPair>,
 ) -> Result<Secret> {
     let (ns, name) = object_key(pk)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let key_name = key_secret_name(&name, seq);
-    let key_secret = secrets.get(&key_name).await?;
-    let private = key_secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(l::DATA_PRIVATE_KEY))
-        .map(|b| Zeroizing::new(String::from_utf8_lossy(&b.0).into_owned()))
-        .ok_or_else(|| Error::KeySecret {
-            name: key_name.clone(),
-            message: "has no private key".into(),
-        })?;
-    drop(key_secret);
-    let pair = KeyPair::from_pkcs8_pem(&private)?;
-    drop(private);
+    let pair = match fresh {
+        // Minted by this reconcile: the key Secret POST returned it stored.
+        Some(pair) => pair,
+        // Otherwise read once, here, the only step that needs the private key.
+        None => {
+            let key_secret = secrets.get(&key_name).await?;
+            let private = key_secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(l::DATA_PRIVATE_KEY))
+                .map(|b| Zeroizing::new(String::from_utf8_lossy(&b.0).into_owned()))
+                .ok_or_else(|| Error::KeySecret {
+                    name: key_name.clone(),
+                    message: "has no private key".into(),
+                })?;
+            drop(key_secret);
+            KeyPair::from_pkcs8_pem(&private)?
+        }
+    };
     let kid = pair.key_id();
     if find(obs, seq).is_none_or(|k| k.kid != kid) {
         return Err(Error::KeySecret {
@@ -1592,6 +1612,7 @@ mod tests {
             active: false,
         };
         let minted = Minted {
+            pair: None,
             kid: "kid3".into(),
             fingerprint: "SHA256:fp3".into(),
         };
@@ -1665,6 +1686,7 @@ mod tests {
             active: true,
         };
         let minted = Minted {
+            pair: None,
             kid: "kid1".into(),
             fingerprint: "SHA256:fp1".into(),
         };
