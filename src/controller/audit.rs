@@ -1,12 +1,17 @@
 //! Audit trail: every transition becomes a Kubernetes Event (events.k8s.io/v1) and a structured
 //! log line. Notes name key ids and fingerprints, never key bytes.
 //!
-//! kube's `Recorder` merges Events with the same type, reason, action, regarding and related
-//! object. Each Event about a key therefore names that key's Secret as its `related` object, so
-//! two transitions of different keys stay two Events, each with its own note.
+//! Each Event is created directly (no client-side aggregation): every audited fact is its own
+//! Event, and nothing is cached per Event. (kube's `Recorder` keeps every Event it sent for six
+//! minutes to merge repeats into a series: about 4 KiB per new key, the largest per-key memory
+//! cost at thousands of keys, for facts that never repeat: each note names its key id.) A
+//! repeated Warning is recorded only on a condition's transition, so nothing floods.
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::Api;
+use kube::api::PostParams;
 use tracing::{info, warn};
 
 use super::Context;
@@ -61,18 +66,33 @@ pub async fn record(ctx: &Context, regarding: &ObjectReference, audit: Audit<'_>
         }
         note.truncate(cut);
     }
-    let event = Event {
-        type_: if audit.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: audit.reason.to_string(),
-        note: Some(note),
-        action: audit.action.to_string(),
-        secondary: audit.related,
+    let Some(ns) = regarding.namespace.clone() else {
+        return;
     };
-    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{}.{:x}",
+                regarding.name.as_deref().unwrap_or("keyward"),
+                now.as_nanosecond()
+            )),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(now)),
+        type_: Some(if audit.warning { "Warning" } else { "Normal" }.to_string()),
+        reason: Some(audit.reason.to_string()),
+        note: Some(note),
+        action: Some(audit.action.to_string()),
+        regarding: Some(regarding.clone()),
+        related: audit.related,
+        reporting_controller: Some(super::FIELD_MANAGER.to_string()),
+        reporting_instance: Some(ctx.config.instance.clone()),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &event).await {
         warn!(error = %e, reason = audit.reason, "failed to publish Event");
     }
 }

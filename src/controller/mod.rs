@@ -15,7 +15,6 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::utils::Predicate;
 use kube::runtime::{WatchStreamExt, predicates, watcher};
@@ -75,7 +74,6 @@ pub fn counting_client(
 /// State shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
     pub config: OperatorConfig,
     pub writes: WriteCounter,
     /// Connectivity-check evidence and the concurrent-roll cap.
@@ -104,19 +102,18 @@ impl Context {
         writes: WriteCounter,
         caches: caches::Caches,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "keyward".into(),
-            instance: Some(config.instance.clone()),
-        };
         let http = reqwest::Client::builder()
             // A check proves the agent answers on its bundle health endpoint; the agent's
             // serving certificate is not what is being confirmed.
             .danger_accept_invalid_certs(true)
             .no_proxy()
+            // No idle connections kept: checks are seconds apart and go to many pods; a pooled
+            // connection (with its TLS state and buffers) per pod costs more memory than a new
+            // connection per check costs time.
+            .pool_max_idle_per_host(0)
             .build()
             .unwrap_or_default();
         Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
             writes,
@@ -395,6 +392,31 @@ where
         .take_until(shutdown)
 }
 
+/// Changes of one workload kind, as metadata (a wake-up: the reconcile reads the workload by
+/// GET).
+fn workload_changes<K>(
+    client: &Client,
+    ns: &Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    watch(
+        scoped::<PartialObjectMeta<K>>(client, ns),
+        watcher::Config::default(),
+        slim,
+        shutdown,
+    )
+    .touched_objects()
+}
+
 /// Buffer of a shared watch stream (events a slow subscriber may lag behind).
 const SHARED_BUFFER: usize = 1024;
 
@@ -594,33 +616,15 @@ pub async fn run(
             // the PolicyAgent naming it. Metadata suffices: every change bumps its
             // resourceVersion, and the reconcile reads the workload itself by GET.
             .watches_stream(
-                watch(
-                    scoped::<PartialObjectMeta<Deployment>>(&client, &ns),
-                    watcher::Config::default(),
-                    slim,
-                    stop.clone(),
-                )
-                .touched_objects(),
+                workload_changes::<Deployment>(&client, &ns, stop.clone()),
                 workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
             )
             .watches_stream(
-                watch(
-                    scoped::<PartialObjectMeta<StatefulSet>>(&client, &ns),
-                    watcher::Config::default(),
-                    slim,
-                    stop.clone(),
-                )
-                .touched_objects(),
+                workload_changes::<StatefulSet>(&client, &ns, stop.clone()),
                 workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
             )
             .watches_stream(
-                watch(
-                    scoped::<PartialObjectMeta<DaemonSet>>(&client, &ns),
-                    watcher::Config::default(),
-                    slim,
-                    stop.clone(),
-                )
-                .touched_objects(),
+                workload_changes::<DaemonSet>(&client, &ns, stop.clone()),
                 workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
             )
             .graceful_shutdown_on(shutdown.clone())
