@@ -2356,28 +2356,12 @@ fn apply_pk(
     let uid = uid_of(&pk.metadata);
     let owner = pk.controller_owner_ref(&()).ok_or(WriteError::Conflict)?;
     match step {
-        Step::Mint {
-            seq,
-            trigger,
-            consumed_request_token,
-            consumed_annotation,
-            active,
-        } => {
+        Step::Mint { seq, .. } => {
+            let Some(mint) = desired::MintOf::of(step) else {
+                return Err(WriteError::Conflict);
+            };
             let key_name = key_secret_name(&name, *seq);
-            let secret = desired::key_secret(
-                pk,
-                owner,
-                settings,
-                desired::MintOf {
-                    seq: *seq,
-                    trigger: *trigger,
-                    consumed_request_token: consumed_request_token.as_deref(),
-                    consumed_annotation: consumed_annotation.as_deref(),
-                    active: *active,
-                },
-                &KeyPair::generate(),
-                now,
-            );
+            let secret = desired::key_secret(pk, owner, settings, mint, &KeyPair::generate(), now);
             match w.create(secret) {
                 Ok(_) => Ok(()),
                 // Already minted: ours counts as done; someone else's stops the reconcile.

@@ -858,30 +858,14 @@ async fn apply(
         .ok_or(Error::MissingObjectKey)?;
     debug!(pk = %name, ?step, "applying step");
     match step {
-        Step::Mint {
-            seq,
-            trigger,
-            consumed_request_token,
-            consumed_annotation,
-            active,
-        } => {
+        Step::Mint { seq, .. } => {
+            let Some(mint) = desired::MintOf::of(step) else {
+                return Ok((None, Written::Nothing));
+            };
             let pair = KeyPair::generate();
             let public = pair.public_key();
             let (kid, fingerprint) = (public.key_id(), public.fingerprint());
-            let mut secret = desired::key_secret(
-                pk,
-                owner,
-                settings,
-                desired::MintOf {
-                    seq: *seq,
-                    trigger: *trigger,
-                    consumed_request_token: consumed_request_token.as_deref(),
-                    consumed_annotation: consumed_annotation.as_deref(),
-                    active: *active,
-                },
-                &pair,
-                now,
-            );
+            let mut secret = desired::key_secret(pk, owner, settings, mint, &pair, now);
             let created = secrets
                 .create(
                     &PostParams {

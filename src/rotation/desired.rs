@@ -37,6 +37,28 @@ pub struct MintOf<'a> {
     pub active: bool,
 }
 
+impl<'a> MintOf<'a> {
+    /// What a [`super::Step::Mint`] records; `None` for any other step.
+    pub fn of(step: &'a super::Step) -> Option<Self> {
+        match step {
+            super::Step::Mint {
+                seq,
+                trigger,
+                consumed_request_token,
+                consumed_annotation,
+                active,
+            } => Some(MintOf {
+                seq: *seq,
+                trigger: *trigger,
+                consumed_request_token: consumed_request_token.as_deref(),
+                consumed_annotation: consumed_annotation.as_deref(),
+                active: *active,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The key Secret `<pk>-k<seq>` of a freshly minted key, with the settings it was minted under:
 /// state `pending`, or for a first key created `active` (see [`super::Step::Mint`]) state
 /// `active` with `published-at` and `activated-at` equal to `created-at`, the same label and
