@@ -23,7 +23,8 @@
 # affect each other, and stops it afterwards. It builds the release operator
 # (CARGO_TARGET_DIR=$HOME/.cache/keyward/target-release) and the driver keyward-bench
 # (e2e/testbed/src/bin/keyward-bench.rs), creates the operator's ServiceAccount, ClusterRole and
-# binding, and runs `keyward run` (default flags) with the ServiceAccount's token, so API
+# binding, and runs `keyward run` (default flags; metrics and probes on ephemeral loopback ports,
+# KEYWARD_METRICS_ADDRESS/KEYWARD_HEALTH_ADDRESS=127.0.0.1:0) with the ServiceAccount's token, so API
 # Priority and Fairness applies to it as in a real cluster (an admin is exempt). The driver
 # prints one Markdown table per run and appends it to /tmp/keyward-bench/results.md (and a JSON
 # line to results.jsonl). What each figure means: docs/performance.md.

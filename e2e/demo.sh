@@ -36,7 +36,8 @@ echo "[demo] installing CRDs"
 kubectl apply --validate=false -f crds/ >/dev/null 2>&1
 # Demo floors: short enough to watch a whole rotation in a minute.
 ./target/debug/keyward run --namespaces default \
-  --min-rotation-interval 1m --min-min-interval 0s --min-overlap 0s &
+  --min-rotation-interval 1m --min-min-interval 0s --min-overlap 0s \
+  --metrics-address 127.0.0.1:0 --health-address 127.0.0.1:0 &
 op_pid=$!
 sleep 1
 echo "[demo] applying examples/"

@@ -286,15 +286,54 @@ impl fmt::Display for RequestKey {
 // ---------------------------------------------------------------------------------------------
 // Counting
 
-/// Counts every request the client sends, by [`RequestKey`]. Cheap to clone (one `Arc`);
-/// clones share the counts.
+/// Counts every request the client sends, by [`RequestKey`], and every response by verb and
+/// status code (the `keyward_kube_requests_total` metric). Cheap to clone (one `Arc`); clones
+/// share the counts.
 #[derive(Clone, Debug, Default)]
-pub struct RequestStats(Arc<Mutex<BTreeMap<RequestKey, u64>>>);
+pub struct RequestStats(Arc<StatsInner>);
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    requests: Mutex<BTreeMap<RequestKey, u64>>,
+    responses: Mutex<BTreeMap<(Verb, ResponseCode), u64>>,
+}
+
+/// The outcome of a request: the HTTP status code of its response, or no response at all
+/// (connection, TLS or timeout error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResponseCode {
+    Status(u16),
+    /// No response (client-go's `rest_client_requests_total` calls it `<error>` too).
+    Error,
+}
+
+impl fmt::Display for ResponseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResponseCode::Status(c) => write!(f, "{c}"),
+            ResponseCode::Error => f.write_str("<error>"),
+        }
+    }
+}
 
 impl RequestStats {
     fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<RequestKey, u64>> {
         // A panic while holding the lock cannot leave a count half-written: use it anyway.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn response_counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Verb, ResponseCode), u64>> {
+        self.0.responses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one response (or failure) of a request with `verb`.
+    pub fn record_response(&self, verb: Verb, code: ResponseCode) {
+        *self.response_counts().entry((verb, code)).or_insert(0) += 1;
+    }
+
+    /// Responses so far, by verb and status code.
+    pub fn responses(&self) -> BTreeMap<(Verb, ResponseCode), u64> {
+        self.response_counts().clone()
     }
 
     pub fn record(&self, key: RequestKey) {
@@ -330,6 +369,7 @@ impl RequestStats {
 
     pub fn reset(&self) {
         self.counts().clear();
+        self.response_counts().clear();
     }
 
     /// The counts so far as a printable table.
@@ -467,13 +507,13 @@ pub struct KeywardService<S> {
     gate: Gate,
 }
 
-impl<S, B> tower::Service<Request<B>> for KeywardService<S>
+impl<S, B, RB> tower::Service<Request<B>> for KeywardService<S>
 where
-    S: tower::Service<Request<B>>,
+    S: tower::Service<Request<B>, Response = http::Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ResponseFuture<S::Future>;
 
     /// Not ready until the bucket has a token. kube's `Client` puts a `Buffer` in front of this
     /// service, whose single worker drives `poll_ready` then `call` for one queued request at a
@@ -504,15 +544,46 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         self.gate = Gate::Idle;
         // `insert` replaces any User-Agent a caller set on this request.
         req.headers_mut().insert(
             http::header::USER_AGENT,
             HeaderValue::from_static(USER_AGENT),
         );
-        self.stats.record_request(&req);
-        self.inner.call(req)
+        let key = RequestKey::classify(req.method(), req.uri());
+        let verb = key.verb;
+        self.stats.record(key);
+        ResponseFuture {
+            inner: Box::pin(self.inner.call(req)),
+            stats: self.stats.clone(),
+            verb,
+        }
+    }
+}
+
+/// The response of a request, counted by verb and status code when it arrives (for a watch:
+/// when its stream starts).
+pub struct ResponseFuture<F> {
+    inner: Pin<Box<F>>,
+    stats: RequestStats,
+    verb: Verb,
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = std::task::ready!(self.inner.as_mut().poll(cx));
+        let code = match &res {
+            Ok(r) => ResponseCode::Status(r.status().as_u16()),
+            Err(_) => ResponseCode::Error,
+        };
+        self.stats.record_response(self.verb, code);
+        Poll::Ready(res)
     }
 }
 
@@ -885,6 +956,14 @@ mod tests {
             stats.table()
         );
         assert_eq!(seen.0.lock().unwrap().len(), 4);
+        // Every response is counted by verb and status code (the fake server answers 200).
+        let responses = stats.responses();
+        assert_eq!(
+            responses.get(&(Verb::Create, ResponseCode::Status(200))),
+            Some(&2),
+            "{responses:?}"
+        );
+        assert_eq!(responses.values().sum::<u64>(), 4, "{responses:?}");
     }
 
     /// A client whose "API server" answers `{}` at once, in process.

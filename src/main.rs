@@ -95,6 +95,14 @@ struct RunArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Address of the Prometheus endpoint (GET /metrics), `host:port`; port 0 picks a free
+    /// port (the bound address is logged); `0` disables it.
+    #[arg(long, env = "KEYWARD_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: String,
+    /// Address of the probes (GET /healthz: liveness; GET /readyz: caches synced and leader or
+    /// ready standby), `host:port`; port 0 picks a free port; `0` disables it.
+    #[arg(long, env = "KEYWARD_HEALTH_ADDRESS", default_value = "0.0.0.0:8081")]
+    health_address: String,
 }
 
 #[tokio::main]
@@ -179,9 +187,22 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         kube_api_burst = args.kube_api_burst,
         "starting keyward"
     );
-    controller::preflight(&client, &op.namespaces).await?;
-    controller::run(client, op, writes, shutdown_signal()).await;
-    Ok(())
+    // The HTTP endpoints start first: liveness answers while the preflight waits on the API
+    // server, and readiness says why the process is not ready yet.
+    let obs = controller::Observability::new(&writes);
+    let servers = keyward::http::Servers::start(
+        &args.metrics_address,
+        &args.health_address,
+        obs.metrics.clone(),
+        obs.health.clone(),
+    )
+    .await?;
+    let res = controller::preflight(&client, &op.namespaces).await;
+    if res.is_ok() {
+        controller::run(client, op, writes, obs, shutdown_signal()).await;
+    }
+    servers.stop().await;
+    Ok(res?)
 }
 
 /// Resolves on SIGTERM or SIGINT.

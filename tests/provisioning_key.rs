@@ -947,6 +947,8 @@ mod crash {
             let err = out.try_clone().expect("clone log file");
             let mut cmd = Command::new(binary());
             cmd.args(["run", "--namespaces", namespace])
+                .args(["--metrics-address", "127.0.0.1:0"])
+                .args(["--health-address", "127.0.0.1:0"])
                 .args(["--min-rotation-interval", "0s", "--min-min-interval", "0s"])
                 .args([
                     "--min-publish-delay",
@@ -1434,6 +1436,7 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["run", "--namespaces", ns.name()])
+        .args(["--metrics-address", "127.0.0.1:0", "--health-address", "127.0.0.1:0"])
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
         .env("RUST_LOG", "info")
         .stdout(out.try_clone().expect("clone"))

@@ -230,7 +230,8 @@ impl InProcessOperator {
             ..OperatorConfig::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(client, config, writes, async move {
+        let obs = controller::Observability::new(&writes);
+        let task = tokio::spawn(controller::run(client, config, writes, obs, async move {
             let _ = rx.await;
         }));
         InProcessOperator {
@@ -291,6 +292,12 @@ impl OperatorProcess {
             "run",
             "--namespaces",
             namespace,
+            // Ephemeral ports: parallel operators (and the stand-in kubelet's agents on
+            // <pod IP>:8080) never collide.
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
             "--min-rotation-interval",
             "0s",
             "--min-min-interval",

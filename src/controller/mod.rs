@@ -23,7 +23,9 @@ use tracing::{info, warn};
 
 use crate::api::policy_agent::WorkloadKind;
 use crate::api::{PolicyAgent, ProvisioningKey};
+use crate::http::Health;
 use crate::labels;
+use crate::metrics::{ControllerKind, Metrics};
 use crate::rotation::Floors;
 
 /// How long a graceful shutdown waits for in-flight reconciles.
@@ -88,12 +90,33 @@ pub struct Context {
     pub scans: provisioning_key::Scans,
     /// This process's own writes, so their watch events do not wake the reconcile again.
     pub own_writes: caches::OwnWrites,
+    /// Prometheus metrics (counters where events happen, per-key gauges at report).
+    pub metrics: Metrics,
+}
+
+/// What the controllers report to the HTTP endpoints: metrics, and readiness (caches synced).
+#[derive(Clone, Debug)]
+pub struct Observability {
+    pub metrics: Metrics,
+    pub health: Health,
+}
+
+impl Observability {
+    /// Metrics exporting the response counts of `requests` (the client's stats), and a fresh
+    /// readiness state.
+    pub fn new(requests: &WriteCounter) -> Self {
+        Observability {
+            metrics: Metrics::new(requests),
+            health: Health::default(),
+        }
+    }
 }
 
 impl Context {
     /// A context without watch caches (for tests of a single reconcile).
     pub fn new(client: Client, config: OperatorConfig, writes: WriteCounter) -> Arc<Self> {
-        Self::with_caches(client, config, writes, caches::Caches::default())
+        let metrics = Metrics::new(&writes);
+        Self::with_caches(client, config, writes, caches::Caches::default(), metrics)
     }
 
     pub fn with_caches(
@@ -101,6 +124,7 @@ impl Context {
         config: OperatorConfig,
         writes: WriteCounter,
         caches: caches::Caches,
+        metrics: Metrics,
     ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             // A check proves the agent answers on its bundle health endpoint; the agent's
@@ -123,6 +147,7 @@ impl Context {
             caches,
             scans: provisioning_key::Scans::default(),
             own_writes: caches::OwnWrites::default(),
+            metrics,
         })
     }
 
@@ -218,6 +243,19 @@ async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::
         Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
         Err(e) => tracing::debug!(error = %e, "reconcile error"),
     }
+}
+
+/// Runs one reconcile and records it in the metrics (count, duration, error reason).
+async fn timed(
+    kind: ControllerKind,
+    ctx: Arc<Context>,
+    reconcile: impl std::future::Future<Output = Result<Action>>,
+) -> Result<Action> {
+    let start = std::time::Instant::now();
+    let res = reconcile.await;
+    ctx.metrics
+        .reconciled(kind, start.elapsed(), res.as_ref().err().map(Error::reason));
+    res
 }
 
 /// The backoff key of an object.
@@ -430,6 +468,7 @@ pub async fn run(
     client: Client,
     config: OperatorConfig,
     writes: WriteCounter,
+    obs: Observability,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     if let Err(e) = preflight(&client, &config.namespaces).await {
@@ -472,7 +511,11 @@ pub async fn run(
         config.clone(),
         writes,
         caches::Caches::new(caches.clone()),
+        obs.metrics.clone(),
     );
+    // Running the controllers means leading (the only replica without leader election).
+    obs.metrics.set_leader(true);
+    let mut keys_ready = Vec::new();
     for ((ns, agents_writer, secrets_writer, agents_ready, secrets_ready), cache) in
         wiring.into_iter().zip(caches)
     {
@@ -583,6 +626,8 @@ pub async fn run(
             .boxed(),
         );
         let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
+        let (pk_ready, pk_ready_rx) = tokio::sync::watch::channel(false);
+        keys_ready.push(pk_ready_rx);
         let pk_stream = reflector(
             pk_writer,
             watch(
@@ -592,6 +637,12 @@ pub async fn run(
                 stop.clone(),
             ),
         )
+        .inspect(key_gauges_follow_watch(
+            ctx.metrics.clone(),
+            pk_store.clone(),
+            ns.clone(),
+            pk_ready,
+        ))
         .applied_objects()
         // A ProvisioningKey is reconciled when its spec (generation) or annotations (a rotation
         // request) change, not on its own status writes.
@@ -603,7 +654,17 @@ pub async fn run(
             .with_config(controller_config.clone())
             .reconcile_on(pk_rx)
             .graceful_shutdown_on(shutdown.clone())
-            .run(provisioning_key::reconcile, error_policy, ctx.clone())
+            .run(
+                |pk, ctx| {
+                    timed(
+                        ControllerKind::ProvisioningKey,
+                        ctx.clone(),
+                        provisioning_key::reconcile(pk, ctx),
+                    )
+                },
+                error_policy,
+                ctx.clone(),
+            )
             .for_each(log_result);
         runs.push(keys.boxed());
 
@@ -628,10 +689,40 @@ pub async fn run(
                 workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
             )
             .graceful_shutdown_on(shutdown.clone())
-            .run(policy_agent::reconcile, error_policy, ctx.clone())
+            .run(
+                |pa, ctx| {
+                    timed(
+                        ControllerKind::PolicyAgent,
+                        ctx.clone(),
+                        policy_agent::reconcile(pa, ctx),
+                    )
+                },
+                error_policy,
+                ctx.clone(),
+            )
             .for_each(log_result);
         runs.push(agents.boxed());
     }
+    // Ready once every watch stream has delivered its first complete list.
+    let (synced_ctx, health, stop) = (ctx.clone(), obs.health.clone(), shutdown.clone());
+    runs.push(
+        async move {
+            let all = async {
+                synced_ctx.caches.ready().await;
+                for mut r in keys_ready {
+                    let _ = r.wait_for(|r| *r).await;
+                }
+            };
+            tokio::select! {
+                _ = all => {
+                    health.set_synced(true);
+                    info!("watch caches synced");
+                }
+                _ = stop => {}
+            }
+        }
+        .boxed(),
+    );
     info!(namespaces = ?config.namespaces, "keyward controllers started");
     // Graceful shutdown lets in-flight reconciles finish. kube-runtime's controller can wait
     // forever when shutdown comes before its caches first synced (seen: SIGTERM right after
@@ -642,7 +733,39 @@ pub async fn run(
         _ = drained => {}
         _ = deadline => warn!(?SHUTDOWN_DRAIN, "controllers did not drain in time; stopping anyway"),
     }
+    // Controllers stopped: no caches, no leadership, no per-key series.
+    obs.health.set_synced(false);
+    obs.metrics.set_leader(false);
+    obs.metrics.clear_keys();
     info!("keyward controllers stopped");
+}
+
+/// Per-key gauges follow the ProvisioningKey watch of one scope: a deleted key's series are
+/// removed, and after each complete list (a relist after a watch error included) the series of
+/// keys the list no longer has. Also reports the list's completion (`ready`).
+fn key_gauges_follow_watch(
+    metrics: Metrics,
+    store: Store<ProvisioningKey>,
+    scope: Option<String>,
+    ready: tokio::sync::watch::Sender<bool>,
+) -> impl FnMut(&Result<watcher::Event<ProvisioningKey>, watcher::Error>) {
+    move |ev| match ev {
+        Ok(watcher::Event::Delete(pk)) => {
+            if let (Some(ns), Some(name)) = (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
+            {
+                metrics.remove_key(ns, name);
+            }
+        }
+        Ok(watcher::Event::InitDone) => {
+            // The reflector has applied the list before the event gets here.
+            metrics.retain_keys(|ns, name| {
+                scope.as_deref().is_some_and(|s| s != ns)
+                    || store.get(&ObjectRef::new(name).within(ns)).is_some()
+            });
+            ready.send_replace(true);
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

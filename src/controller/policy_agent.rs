@@ -395,6 +395,7 @@ async fn report(
     let wl = &pa.spec.workload_ref;
     let counts = o.counts.clone().unwrap_or_default();
     if let Some((from, to)) = o.rolled.as_ref() {
+        ctx.metrics.rollout_triggered(wl.kind);
         audit::record(
             ctx,
             &regarding,

@@ -28,6 +28,7 @@ use crate::api::provisioning_key::{
 use crate::fault;
 use crate::keys::{self, KeyPair};
 use crate::labels as l;
+use crate::metrics::{KeyGauges, Metrics, RotationResult};
 use crate::rotation::Uncovered;
 use crate::rotation::desired;
 use crate::rotation::observe::{self, KeyObjects, KeyRef, KeySecrets};
@@ -59,6 +60,9 @@ fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
 pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Action> {
     if pk.meta().deletion_timestamp.is_some() {
         // Owned objects are garbage-collected through their owner references.
+        if let Ok((ns, name)) = object_key(&pk) {
+            ctx.metrics.remove_key(&ns, &name);
+        }
         return Ok(Action::await_change());
     }
     let now = ctx.now();
@@ -109,6 +113,9 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
                 let regarding = pk.object_ref(&());
                 for fact in step_audits(pk, &read, step, minted.as_ref()) {
                     audit::record(ctx, &regarding, fact).await;
+                }
+                for count in step_counts(&read, step, minted.is_some()) {
+                    count.record(&ctx.metrics);
                 }
             }
         }
@@ -1399,7 +1406,11 @@ async fn report(
     if obs.uncovered.is_none() {
         status.uncovered_consumers = previous.uncovered_consumers.clone();
     }
-    if !write_status(ctx, pk, &status).await? {
+    let written = write_status(ctx, pk, &status).await?;
+    let (ns, name) = object_key(pk)?;
+    ctx.metrics
+        .set_key(&ns, &name, &key_gauges(&status, obs, plan));
+    if !written {
         return Ok(());
     }
     // Warnings on transitions only.
@@ -1408,6 +1419,11 @@ async fn report(
     if let Some(c) = cond(&status, conditions::STALLED).filter(|c| c.status == "True")
         && was != Some((c.status.clone(), c.reason.clone()))
     {
+        if plan.blocked.is_none()
+            && let Some(k) = in_flight(obs)
+        {
+            ctx.metrics.rotation(k.trigger, RotationResult::Stalled);
+        }
         audit::record(
             ctx,
             &regarding,
@@ -1511,7 +1527,10 @@ async fn report_error(
     status.conditions.retain(|c| c.type_ != conditions::READY);
     status.conditions.insert(0, ready);
     status.observed_generation = generation;
-    if write_status(ctx, pk, &status).await? {
+    let written = write_status(ctx, pk, &status).await?;
+    let (ns, name) = object_key(pk)?;
+    ctx.metrics.set_key_ready(&ns, &name, "False");
+    if written {
         let was = cond(&previous, conditions::READY).map(|c| c.reason.clone());
         if was.as_deref() != Some(error.reason()) {
             audit::record(
@@ -1529,6 +1548,84 @@ async fn report_error(
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// metrics: what an applied step adds to the counters, and the per-key gauges a report sets
+// (pure; labels are the trigger, result and kind only, never a key id).
+
+/// One counter increment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    Rotation(Trigger, RotationResult),
+    Revocation { emergency: bool },
+}
+
+impl Counted {
+    fn record(self, metrics: &Metrics) {
+        match self {
+            Counted::Rotation(trigger, result) => metrics.rotation(trigger, result),
+            Counted::Revocation { emergency } => metrics.revocation(emergency),
+        }
+    }
+}
+
+/// The counters an applied step adds: a mint that created a key starts a rotation of its
+/// trigger; a revocation counts by kind, and completes the rotation of the current key when
+/// it leaves no superseded key (nor, in an emergency, a compromised key) to revoke.
+fn step_counts(read: &Read, step: &Step, minted: bool) -> Vec<Counted> {
+    let obs = &read.observed;
+    match step {
+        Step::Mint { trigger, .. } if minted => {
+            vec![Counted::Rotation(*trigger, RotationResult::Started)]
+        }
+        Step::Revoke { seq, emergency } => {
+            let mut counts = vec![Counted::Revocation {
+                emergency: *emergency,
+            }];
+            let left = obs.keys.iter().any(|k| {
+                k.seq != *seq
+                    && (k.state == KeyState::Retiring
+                        || (k.state != KeyState::Revoked
+                            && read.settings.compromised.contains(&k.kid)))
+            });
+            if !left && let Some(cur) = rotation::current(&obs.keys).filter(|c| c.seq != *seq) {
+                counts.push(Counted::Rotation(cur.trigger, RotationResult::Completed));
+            }
+            counts
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The newest key not revoked: the one a rotation in flight is about.
+fn in_flight(obs: &Observed) -> Option<&ObservedKey> {
+    obs.keys.iter().rev().find(|k| k.state != KeyState::Revoked)
+}
+
+/// The per-key gauges, from the status a report computed and what it observed.
+fn key_gauges(status: &ProvisioningKeyStatus, obs: &Observed, plan: &Plan) -> KeyGauges {
+    let holds = |t: &str| cond(status, t).map(|c| c.status.as_str());
+    let cur = rotation::current(&obs.keys);
+    KeyGauges {
+        token_expiration: match &obs.agent_secret {
+            AgentSecretObs::Owned(s) => s.token_exp,
+            _ => None,
+        },
+        next_rotation: plan.next_rotation_at.map(|t| t.timestamp()),
+        ready: match holds(conditions::READY) {
+            Some("True") => "True",
+            Some("False") => "False",
+            _ => "Unknown",
+        },
+        stalled: holds(conditions::STALLED) == Some("True"),
+        agents_total: obs.consumers.len(),
+        agents_confirmed: obs
+            .consumers
+            .iter()
+            .filter(|c| cur.is_some_and(|k| c.confirmed_kid.as_deref() == Some(k.kid.as_str())))
+            .count(),
+    }
 }
 
 #[cfg(test)]
@@ -1581,6 +1678,114 @@ mod tests {
             .into_iter()
             .map(|a| (a.reason.to_string(), a.note))
             .collect()
+    }
+
+    /// The counters of applied steps: a mint that created a key starts a rotation of its
+    /// trigger (not one that found its Secret there); a revocation counts by kind and completes
+    /// the rotation of the current key only when no superseded or compromised key is left.
+    #[test]
+    fn steps_count_rotations_and_revocations() {
+        use RotationResult::*;
+        let r = read(Vec::new(), Vec::new());
+        let mint = Step::Mint {
+            seq: 3,
+            trigger: Trigger::RequestToken,
+            consumed_request_token: None,
+            consumed_annotation: None,
+            active: false,
+        };
+        assert_eq!(
+            step_counts(&r, &mint, true),
+            [Counted::Rotation(Trigger::RequestToken, Started)]
+        );
+        assert!(step_counts(&r, &mint, false).is_empty());
+        let revoke = |seq, emergency| Step::Revoke { seq, emergency };
+        // kid1 retiring, kid2 (trigger Interval) current: revoking kid1 completes the rotation.
+        assert_eq!(
+            step_counts(&r, &revoke(1, false), false),
+            [
+                Counted::Revocation { emergency: false },
+                Counted::Rotation(Trigger::Interval, Completed)
+            ]
+        );
+        // Another superseded key still retiring: not complete yet.
+        let mut two = read(Vec::new(), Vec::new());
+        two.observed.keys[1].state = KeyState::Retiring;
+        let mut k3 = two.observed.keys[1].clone();
+        (k3.seq, k3.kid, k3.state, k3.trigger) =
+            (3, "kid3".into(), KeyState::Active, Trigger::Compromised);
+        two.observed.keys.push(k3);
+        two.settings.compromised.insert("kid2".into());
+        assert_eq!(
+            step_counts(&two, &revoke(1, true), false),
+            [Counted::Revocation { emergency: true }]
+        );
+        // The last compromised key revoked completes the emergency rotation.
+        two.observed.keys[0].state = KeyState::Revoked;
+        assert_eq!(
+            step_counts(&two, &revoke(2, true), false),
+            [
+                Counted::Revocation { emergency: true },
+                Counted::Rotation(Trigger::Compromised, Completed)
+            ]
+        );
+        for quiet in [
+            Step::MarkPublished { seq: 2 },
+            Step::Activate {
+                seq: 2,
+                emergency: false,
+            },
+            Step::Retire { seq: 1 },
+            Step::Prune { seq: 1 },
+        ] {
+            assert!(step_counts(&r, &quiet, true).is_empty(), "{quiet:?}");
+        }
+    }
+
+    /// The per-key gauges come from the reported status and the observation: the token's
+    /// expiry, the next rotation, Ready, Stalled and the agents confirmed on the current key.
+    #[test]
+    fn key_gauges_follow_the_report() {
+        let consumer = |name: &str, kid: Option<&str>| rotation::Consumer {
+            name: name.into(),
+            confirmed_kid: kid.map(Into::into),
+            rolled_at: None,
+            waiting_reason: None,
+        };
+        let mut r = read(
+            Vec::new(),
+            vec![
+                consumer("a", Some("kid2")),
+                consumer("b", Some("kid1")),
+                consumer("c", None),
+            ],
+        );
+        r.observed.agent_secret = AgentSecretObs::Owned(rotation::AgentSecret {
+            kid: Some("kid2".into()),
+            token_exp: Some(5_000),
+            ..Default::default()
+        });
+        let pk = ProvisioningKey::new("demo", Default::default());
+        let now = DateTime::from_timestamp(2_000, 0).expect("valid");
+        let mut plan = rotation::plan(&r.settings, &r.observed, now);
+        plan.next_rotation_at = DateTime::from_timestamp(9_000, 0);
+        let status = desired_status(&pk, &r.observed, &plan, now);
+        let g = key_gauges(&status, &r.observed, &plan);
+        assert_eq!(g.token_expiration, Some(5_000));
+        assert_eq!(g.next_rotation, Some(9_000));
+        assert_eq!((g.agents_total, g.agents_confirmed), (3, 1));
+        assert_eq!(
+            g.ready,
+            cond(&status, conditions::READY).map_or("", |c| c.status.as_str())
+        );
+        r.observed.agent_secret = AgentSecretObs::Missing;
+        plan.next_rotation_at = None;
+        let g = key_gauges(&status, &r.observed, &plan);
+        assert_eq!((g.token_expiration, g.next_rotation), (None, None));
+        assert_eq!(
+            key_gauges(&ProvisioningKeyStatus::default(), &r.observed, &plan).ready,
+            "Unknown"
+        );
     }
 
     /// Each applied step describes its own audit; a mint that found its Secret already there

@@ -27,6 +27,7 @@ pub use keyward_testbed::kube_config;
 /// (dropping the runtime at a panic stops it too).
 pub struct Operator {
     writes: WriteCounter,
+    obs: controller::Observability,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -47,9 +48,17 @@ impl Operator {
         let shutdown = async move {
             let _ = rx.await;
         };
-        let task = tokio::spawn(controller::run(client, config, writes.clone(), shutdown));
+        let obs = controller::Observability::new(&writes);
+        let task = tokio::spawn(controller::run(
+            client,
+            config,
+            writes.clone(),
+            obs.clone(),
+            shutdown,
+        ));
         Operator {
             writes,
+            obs,
             shutdown: Some(tx),
             task,
         }
@@ -60,6 +69,12 @@ impl Operator {
     #[allow(dead_code)]
     pub fn requests(&self) -> &WriteCounter {
         &self.writes
+    }
+
+    /// The operator's metrics and readiness (what its HTTP endpoints serve).
+    #[allow(dead_code)]
+    pub fn observability(&self) -> &controller::Observability {
+        &self.obs
     }
 
     pub fn writes(&self) -> u64 {

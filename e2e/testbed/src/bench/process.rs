@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::jiff::Timestamp;
 
-/// `keyward run` (default flags) with a kubeconfig of its own, output to a log file.
+/// `keyward run` (default flags, but metrics and probes on ephemeral ports) with a kubeconfig of
+/// its own, output to a log file.
 pub struct Operator {
     child: Child,
     pub pid: u32,
@@ -28,6 +29,11 @@ impl Operator {
         let started = Timestamp::now();
         let child = Command::new(bin)
             .arg("run")
+            // Metrics and probes on ephemeral loopback ports: never the default 8080, where the
+            // stand-in kubelet's agents listen on their pod IPs. Environment, not flags, so a
+            // binary from before these flags (--operator-bin) still starts.
+            .env("KEYWARD_METRICS_ADDRESS", "127.0.0.1:0")
+            .env("KEYWARD_HEALTH_ADDRESS", "127.0.0.1:0")
             .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())
             .stdout(out)
