@@ -34,8 +34,19 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(namespace: &str, floors: Floors) -> Self {
-        keyward_testbed::init_tracing();
         let writes = WriteCounter::default();
+        let obs = controller::Observability::new(&writes);
+        Self::start_with(namespace, floors, writes, obs).await
+    }
+
+    /// [`Operator::start`] reporting to `obs` (whose metrics export `writes`' response counts).
+    pub async fn start_with(
+        namespace: &str,
+        floors: Floors,
+        writes: WriteCounter,
+        obs: controller::Observability,
+    ) -> Self {
+        keyward_testbed::init_tracing();
         let client = controller::counting_client(kube_config().await, &writes)
             .expect("build the operator's counting client");
         let config = OperatorConfig {
@@ -48,7 +59,6 @@ impl Operator {
         let shutdown = async move {
             let _ = rx.await;
         };
-        let obs = controller::Observability::new(&writes);
         let task = tokio::spawn(controller::run(
             client,
             config,
