@@ -90,7 +90,9 @@ impl Health {
             Role::Single | Role::Leader if self.synced() => Ok("ok: caches synced"),
             Role::Single | Role::Leader => Err("caches not synced yet"),
             Role::Standby => Ok("ok: standby, the Lease was read within the lease duration"),
-            Role::Electing => Err("leader election has not read the Lease within the lease duration"),
+            Role::Electing => {
+                Err("leader election has not read the Lease within the lease duration")
+            }
         }
     }
 }
@@ -185,7 +187,10 @@ impl Servers {
             }
         };
         if let Some(listener) = bind(metrics_address).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("--metrics-address {metrics_address}: {e}"))
+            std::io::Error::new(
+                e.kind(),
+                format!("--metrics-address {metrics_address}: {e}"),
+            )
         })? {
             let address = listener.local_addr()?;
             info!(%address, "metrics server listening");
@@ -265,12 +270,24 @@ mod tests {
         assert_eq!(status, 200);
         assert!(body.contains("keyward_build_info{version=\""), "{body}");
         assert_eq!(get(h, "/healthz").await.0, 200);
-        assert_eq!(get(h, "/readyz").await, (503, "caches not synced yet\n".into()));
+        assert_eq!(
+            get(h, "/readyz").await,
+            (503, "caches not synced yet\n".into())
+        );
         health.set_synced(true);
         assert_eq!(get(h, "/readyz").await.0, 200);
-        assert_eq!(get(h, "/metrics").await.0, 404, "metrics only on its own address");
+        assert_eq!(
+            get(h, "/metrics").await.0,
+            404,
+            "metrics only on its own address"
+        );
         servers.stop().await;
-        assert!(http.get(format!("http://{h}/healthz")).send().await.is_err());
+        assert!(
+            http.get(format!("http://{h}/healthz"))
+                .send()
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]

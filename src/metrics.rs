@@ -10,8 +10,8 @@
 //! [`Metrics::clear_keys`] drops them all when leadership is lost, and a deleted key's series
 //! are removed ([`Metrics::remove_key`]), so a standby never doubles an alert.
 
-use std::sync::Arc;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
@@ -254,8 +254,9 @@ impl Metrics {
             "Reconciles that failed, by controller and reason (the Warning Event reason, e.g. KubeApiError, NameTaken)",
             reconcile_errors.clone(),
         );
-        let reconcile_duration =
-            Family::<ControllerLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         registry.register(
             "keyward_reconcile_duration_seconds",
             "Time a reconcile took, by controller",
@@ -295,7 +296,8 @@ impl Metrics {
     /// Every metric in the Prometheus text format (version 0.0.4, see [`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.0.registry)
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.0.registry)
         {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
@@ -455,7 +457,12 @@ impl Metrics {
     }
 
     /// Records one reconcile: its duration, and its error reason if it failed.
-    pub fn reconciled(&self, controller: ControllerKind, took: Duration, error: Option<&'static str>) {
+    pub fn reconciled(
+        &self,
+        controller: ControllerKind,
+        took: Duration,
+        error: Option<&'static str>,
+    ) {
         let labels = ControllerLabels {
             controller: controller.as_str(),
         };
@@ -485,7 +492,6 @@ impl Metrics {
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -627,7 +633,10 @@ mod tests {
         m.set_key("other", "a", &gauges());
         let of = |m: &Metrics, ns: &str, name: &str| {
             let needle = format!(r#"namespace="{ns}",name="{name}""#);
-            samples(m).into_iter().filter(|l| l.contains(&needle)).count()
+            samples(m)
+                .into_iter()
+                .filter(|l| l.contains(&needle))
+                .count()
         };
         assert_eq!(of(&m, "ns", "a"), 8);
         m.remove_key("ns", "a");
@@ -658,6 +667,9 @@ mod tests {
         // Counters survive: they are per process, not per key.
         m.revocation(false);
         m.clear_keys();
-        assert!(m.encode().contains(r#"keyward_revocations_total{kind="normal"} 1"#));
+        assert!(
+            m.encode()
+                .contains(r#"keyward_revocations_total{kind="normal"} 1"#)
+        );
     }
 }

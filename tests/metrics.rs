@@ -98,7 +98,8 @@ async fn metrics_and_probes_follow_a_rotation() {
     let pks: Api<ProvisioningKey> = ns.api();
     let secrets: Api<Secret> = ns.api();
     let n = ns.name();
-    let series = |metric: &str, extra: &str| format!(r#"{metric}{{namespace="{n}",name="m"{extra}}}"#);
+    let series =
+        |metric: &str, extra: &str| format!(r#"{metric}{{namespace="{n}",name="m"{extra}}}"#);
     let ready_true = series("keyward_key_ready_status", r#",condition="True""#);
     let expiration = series("keyward_key_expiration_timestamp_seconds", "");
     create_pk(
@@ -115,7 +116,10 @@ async fn metrics_and_probes_follow_a_rotation() {
     })
     .await;
     for (s, v) in [
-        (series("keyward_key_ready_status", r#",condition="False""#), 0.0),
+        (
+            series("keyward_key_ready_status", r#",condition="False""#),
+            0.0,
+        ),
         (series("keyward_rotation_stalled", ""), 0.0),
         (series("keyward_agents_total", ""), 0.0),
         (series("keyward_agents_confirmed", ""), 0.0),
@@ -127,8 +131,11 @@ async fn metrics_and_probes_follow_a_rotation() {
     ] {
         assert_eq!(value(&text, &s), Some(v), "{s} in\n{text}");
     }
-    let next = value(&text, &series("keyward_key_next_rotation_timestamp_seconds", ""))
-        .expect("a rotation is scheduled");
+    let next = value(
+        &text,
+        &series("keyward_key_next_rotation_timestamp_seconds", ""),
+    )
+    .expect("a rotation is scheduled");
     let now = chrono::Utc::now().timestamp() as f64;
     assert!(
         (now + 23.0 * 3600.0..now + 25.0 * 3600.0).contains(&next),
@@ -146,14 +153,22 @@ async fn metrics_and_probes_follow_a_rotation() {
     )
     .await;
     let kid2 = kid(
-        &wait_obj(&secrets, &key_secret("m", 2), "second key", TIMEOUT, |_| true).await,
+        &wait_obj(&secrets, &key_secret("m", 2), "second key", TIMEOUT, |_| {
+            true
+        })
+        .await,
     );
-    wait_pk(&pks, "m", "rotated to k2", |pk| rotated_to(pk, &kid2, &[&kid1])).await;
+    wait_pk(&pks, "m", "rotated to k2", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
     let exp2 = token_exp(&secrets, "m").await;
     assert!(exp2 > exp1, "a new token was handed out");
     let text = scrape_until(m, "the rotation's counters and gauges", |t| {
-        value(t, r#"keyward_rotations_total{trigger="Annotation",result="completed"}"#)
-            == Some(1.0)
+        value(
+            t,
+            r#"keyward_rotations_total{trigger="Annotation",result="completed"}"#,
+        ) == Some(1.0)
             && value(t, &expiration) == Some(exp2)
     })
     .await;
@@ -172,8 +187,11 @@ async fn metrics_and_probes_follow_a_rotation() {
         "{text}"
     );
     assert!(
-        value(&text, r#"keyward_reconcile_total{controller="provisioningkey"}"#)
-            .is_some_and(|v| v >= 3.0),
+        value(
+            &text,
+            r#"keyward_reconcile_total{controller="provisioningkey"}"#
+        )
+        .is_some_and(|v| v >= 3.0),
         "{text}"
     );
     assert!(
@@ -182,12 +200,15 @@ async fn metrics_and_probes_follow_a_rotation() {
     );
     for verb in ["create", "patch", "get"] {
         assert!(
-            value(&text, &format!(r#"keyward_kube_requests_total{{verb="{verb}",code="200"}}"#))
-                .or_else(|| value(
-                    &text,
-                    &format!(r#"keyward_kube_requests_total{{verb="{verb}",code="201"}}"#)
-                ))
-                .is_some_and(|v| v >= 1.0),
+            value(
+                &text,
+                &format!(r#"keyward_kube_requests_total{{verb="{verb}",code="200"}}"#)
+            )
+            .or_else(|| value(
+                &text,
+                &format!(r#"keyward_kube_requests_total{{verb="{verb}",code="201"}}"#)
+            ))
+            .is_some_and(|v| v >= 1.0),
             "{verb} in\n{text}"
         );
     }
@@ -208,7 +229,10 @@ async fn metrics_and_probes_follow_a_rotation() {
     op.stop().await;
     assert_eq!(get(h, "/readyz").await.0, 503);
     assert_eq!(get(h, "/healthz").await.0, 200);
-    assert_eq!(value(&get(m, "/metrics").await.1, "keyward_leader"), Some(0.0));
+    assert_eq!(
+        value(&get(m, "/metrics").await.1, "keyward_leader"),
+        Some(0.0)
+    );
     servers.stop().await;
     ns.cleanup().await;
 }
@@ -254,7 +278,12 @@ async fn the_binary_serves_metrics_and_probes_on_the_addresses_it_logs() {
         "both addresses logged",
         TIMEOUT,
         Duration::from_millis(50),
-        || async { Some((bound("metrics server listening")?, bound("health server listening")?)) },
+        || async {
+            Some((
+                bound("metrics server listening")?,
+                bound("health server listening")?,
+            ))
+        },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", read_log()));
@@ -279,8 +308,11 @@ async fn the_binary_serves_metrics_and_probes_on_the_addresses_it_logs() {
         "{text}"
     );
     assert!(
-        value(&text, r#"keyward_kube_requests_total{verb="list",code="200"}"#)
-            .is_some_and(|v| v >= 1.0),
+        value(
+            &text,
+            r#"keyward_kube_requests_total{verb="list",code="200"}"#
+        )
+        .is_some_and(|v| v >= 1.0),
         "{text}"
     );
 

@@ -1436,7 +1436,12 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["run", "--namespaces", ns.name()])
-        .args(["--metrics-address", "127.0.0.1:0", "--health-address", "127.0.0.1:0"])
+        .args([
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
         .env("RUST_LOG", "info")
         .stdout(out.try_clone().expect("clone"))

@@ -751,7 +751,8 @@ fn key_gauges_follow_watch(
 ) -> impl FnMut(&Result<watcher::Event<ProvisioningKey>, watcher::Error>) {
     move |ev| match ev {
         Ok(watcher::Event::Delete(pk)) => {
-            if let (Some(ns), Some(name)) = (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
+            if let (Some(ns), Some(name)) =
+                (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
             {
                 metrics.remove_key(ns, name);
             }
