@@ -12,6 +12,7 @@ pub mod controller;
 pub mod fault;
 pub mod keys;
 pub mod labels;
+pub mod leader;
 pub mod rotation;
 pub mod telemetry;
 pub mod workload;
