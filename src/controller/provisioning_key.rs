@@ -1660,6 +1660,8 @@ mod tests {
             },
             secrets: KeySecrets::default(),
             bundle_jwks: BTreeMap::new(),
+            bundle_rv: None,
+            agent_secret_rv: None,
         }
     }
 
