@@ -59,16 +59,39 @@ fn replica(
     name: &str,
     settings: &[&str],
 ) -> anyhow::Result<OperatorProcess> {
+    replica_with(bed, bin, name, settings, &[])
+}
+
+fn replica_with(
+    bed: &Bed,
+    bin: &std::path::Path,
+    name: &str,
+    settings: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<OperatorProcess> {
     let mut args = vec!["--leader-elect", "--leader-election-namespace", &bed.ns];
     args.extend_from_slice(settings);
+    let mut env = env.to_vec();
+    env.push(("POD_NAME", name));
     OperatorProcess::start_with(
         bin,
         &bed.ns,
         None,
         &args,
-        &[("POD_NAME", name)],
+        &env,
         bed.log_path(&format!("{name}.log")),
     )
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
 }
 
 /// The replica name (`POD_NAME`) of the Lease's holder, "" when released or missing.
@@ -128,7 +151,17 @@ async fn two_replicas(
     bin: &std::path::Path,
     settings: &[&str],
 ) -> anyhow::Result<(OperatorProcess, OperatorProcess, String)> {
-    let a = replica(bed, bin, "op-a", settings)?;
+    two_replicas_with(bed, bin, settings, &[]).await
+}
+
+/// As [`two_replicas`], with environment variables for replica a.
+async fn two_replicas_with(
+    bed: &Bed,
+    bin: &std::path::Path,
+    settings: &[&str],
+    a_env: &[(&str, &str)],
+) -> anyhow::Result<(OperatorProcess, OperatorProcess, String)> {
+    let a = replica_with(bed, bin, "op-a", settings, a_env)?;
     wait_holder(bed, "op-a", Duration::from_secs(30))
         .await
         .with_context(|| format!("a never led:\n{}", a.log_tail(20)))?;
@@ -395,4 +428,107 @@ async fn sigkill_leader_mid_rotation_standby_finishes() -> anyhow::Result<()> {
     drop(b);
     bed.finish().await;
     Ok(())
+}
+
+/// The worst moment for a pause: the leader has decided to revoke the old key (every agent
+/// confirmed the new one) and passed its leadership check, and stops (`KEYWARD_PAUSE_BEFORE`)
+/// right before sending the revocation. The standby takes over and finishes the rotation (it
+/// revokes the old key itself). Then the old leader resumes and sends its revocation, decided
+/// on a key Secret that has changed since. With `unfenced`, the write fence and leadership
+/// checks are switched off (`KEYWARD_UNFENCED`) so the request reaches the API server: the
+/// resourceVersion precondition alone must refuse it (409). Either way nothing changes.
+async fn paused_right_before_the_revocation(unfenced: bool) -> anyhow::Result<()> {
+    let (_dir, bin) = binary();
+    let label = if unfenced { "ha-pause-rv" } else { "ha-pause" };
+    let bed = Bed::new(label).await;
+    let mut env = vec![("KEYWARD_PAUSE_BEFORE", "revoke")];
+    if unfenced {
+        env.push(("KEYWARD_UNFENCED", "1"));
+    }
+    let (mut a, b, k1) = two_replicas_with(&bed, &bin, &SHORT, &env).await?;
+    let before = bed.workloads_now().await?;
+    let since = Instant::now();
+    bed.request_rotation("paused-before-revoke").await?;
+    let pid = a.pid();
+    let stopped = eventually(
+        "leader stopped right before the revocation",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async move { is_stopped(pid).then(Instant::now) },
+    )
+    .await
+    .with_context(|| format!("a's output:\n{}", a.log_tail(30)))?;
+    ensure!(
+        bed.key_state(&k1).await?.as_deref() == Some("retiring"),
+        "the old key is not retiring at the pause"
+    );
+    bed.say("leader a stopped itself right before revoking the old key");
+    let took_over = wait_holder(&bed, "op-b", Duration::from_secs(20)).await?;
+    bed.say(format!(
+        "TIMING pause to the standby holding the Lease: {:.2}s (lease 6 s, retry 1 s)",
+        (took_over - stopped).as_secs_f64()
+    ));
+    finishes(&bed, &b, &k1, before, since).await?;
+    let done = settled(&bed).await?;
+    let woke_at = k8s_openapi::jiff::Timestamp::now();
+    a.signal("CONT")?;
+    let status = a.wait_exit(Duration::from_secs(20)).await?;
+    let log = a.log_text();
+    let resumed = log
+        .split("resumed before write \"revoke\"")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        !status.success() && resumed.contains("leadership lost"),
+        "the old leader did not resume, then exit non-zero on the loss ({status}):\n{}",
+        a.log_tail(30)
+    );
+    let refused_by = if unfenced {
+        // The request reached the API server and was refused by its precondition.
+        ensure!(
+            resumed.contains("the object has been modified"),
+            "no 409 for the stale revocation in a's output:\n{}",
+            a.log_tail(30)
+        );
+        "the API server: 409, resourceVersion precondition"
+    } else {
+        ensure!(
+            resumed.contains("not the leader"),
+            "the stale revocation was not refused by the fence:\n{}",
+            a.log_tail(30)
+        );
+        "the write fence (not the leader)"
+    };
+    bed.say(format!(
+        "the woken ex-leader's revocation was refused by {refused_by}"
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = settled(&bed).await?;
+    ensure!(
+        after == done,
+        "the woken ex-leader changed the cluster:\nbefore {done:?}\nafter  {after:?}"
+    );
+    if !unfenced {
+        let late: Vec<String> = events_by(&bed, "op-a")
+            .await?
+            .into_iter()
+            .filter(|e| e.event_time.as_ref().is_some_and(|t| t.0 > woke_at))
+            .map(|e| format!("{:?} {:?}", e.reason, e.note))
+            .collect();
+        ensure!(late.is_empty(), "Events by the woken ex-leader: {late:?}");
+    }
+    drop(b);
+    bed.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_paused_right_before_revoking_is_fenced_when_it_wakes() -> anyhow::Result<()> {
+    paused_right_before_the_revocation(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfenced_the_stale_revocation_still_gets_409() -> anyhow::Result<()> {
+    paused_right_before_the_revocation(true).await
 }

@@ -999,6 +999,7 @@ async fn apply(
             fault::after("hand-out");
         }
         Step::Revoke { seq, .. } => {
+            fault::before("revoke");
             written = transition(
                 &secrets,
                 &name,
