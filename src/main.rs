@@ -31,7 +31,7 @@ enum Command {
         write: Option<PathBuf>,
     },
     /// Run the operator (in-cluster config, or KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -170,7 +170,7 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run(args).await {
+        Command::Run(args) => match run(*args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keyward run: {e}");

@@ -374,6 +374,7 @@ impl OperatorProcess {
     }
 
     /// Sends `signal` (`STOP`, `CONT`, `TERM`, `KILL`) to this process only, by its pid.
+    #[allow(dead_code)] // used by e2e/ha.rs, not by e2e/rotation.rs
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let status = std::process::Command::new("kill")
             .args([format!("-{signal}"), self.pid().to_string()])
