@@ -712,12 +712,25 @@ pub struct LeadershipLost;
 /// fenced) and [`LeadershipLost`] is returned.
 pub async fn run(
     client: Client,
-    mut config: crate::controller::OperatorConfig,
+    config: crate::controller::OperatorConfig,
     writes: crate::controller::WriteCounter,
     election: LeaderElectionConfig,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), LeadershipLost> {
     let (elector, handle) = Elector::new(client.clone(), election);
+    run_elected(client, config, writes, elector, handle, shutdown).await
+}
+
+/// As [`run`], with the elector made by the caller, who keeps a clone of its handle (for
+/// `/readyz` and the `keyward_leader` metric, which must work while standing by).
+pub async fn run_elected(
+    client: Client,
+    mut config: crate::controller::OperatorConfig,
+    writes: crate::controller::WriteCounter,
+    elector: Elector,
+    handle: LeaderHandle,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), LeadershipLost> {
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let election_task = tokio::spawn(elector.run(async move {
         let _ = release_rx.await;
