@@ -13,6 +13,7 @@ pub mod fault;
 pub mod http;
 pub mod keys;
 pub mod labels;
+pub mod leader;
 pub mod metrics;
 pub mod rotation;
 pub mod telemetry;

@@ -31,7 +31,7 @@ enum Command {
         write: Option<PathBuf>,
     },
     /// Run the operator (in-cluster config, or KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,6 +103,64 @@ struct RunArgs {
     /// ready standby), `host:port`; port 0 picks a free port; `0` disables it.
     #[arg(long, env = "KEYWARD_HEALTH_ADDRESS", default_value = "0.0.0.0:8081")]
     health_address: String,
+    #[command(flatten)]
+    leader_election: LeaderElectionArgs,
+}
+
+/// High availability: run several replicas, of which only the holder of a Lease reconciles.
+#[derive(clap::Args)]
+struct LeaderElectionArgs {
+    /// Run the controllers only while this replica holds the leader election Lease; other
+    /// replicas stand by and take over when it is released or expires.
+    #[arg(long, env = "KEYWARD_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else the in-cluster service account's
+    /// namespace).
+    #[arg(long, env = "KEYWARD_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "KEYWARD_LEADER_ELECTION_ID", default_value = keyward::leader::DEFAULT_LEASE_NAME)]
+    leader_election_id: String,
+    /// How long a standby waits, after it last saw the Lease renewed, before taking it over.
+    #[arg(long, env = "KEYWARD_LEADER_ELECTION_LEASE_DURATION", default_value = "15s",
+          value_parser = parse_duration)]
+    leader_election_lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal (then it stops its
+    /// controllers and exits non-zero).
+    #[arg(long, env = "KEYWARD_LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s",
+          value_parser = parse_duration)]
+    leader_election_renew_deadline: Duration,
+    /// How often the Lease is renewed by the leader and tried by standbys.
+    #[arg(long, env = "KEYWARD_LEADER_ELECTION_RETRY_PERIOD", default_value = "2s",
+          value_parser = parse_duration)]
+    leader_election_retry_period: Duration,
+}
+
+impl LeaderElectionArgs {
+    /// The election settings, when `--leader-elect` is on.
+    fn config(&self) -> Result<Option<keyward::leader::LeaderElectionConfig>, String> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let namespace = self
+            .leader_election_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .or_else(keyward::leader::default_namespace)
+            .ok_or("--leader-elect needs --leader-election-namespace (or POD_NAMESPACE, or an in-cluster service account)")?;
+        let config = keyward::leader::LeaderElectionConfig {
+            lease_duration: self.leader_election_lease_duration,
+            renew_deadline: self.leader_election_renew_deadline,
+            retry_period: self.leader_election_retry_period,
+            ..keyward::leader::LeaderElectionConfig::new(
+                namespace,
+                self.leader_election_id.clone(),
+                keyward::leader::identity(),
+            )
+        };
+        config.validate()?;
+        Ok(Some(config))
+    }
 }
 
 #[tokio::main]
@@ -120,7 +178,7 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run(args).await {
+        Command::Run(args) => match run(*args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keyward run: {e}");
@@ -151,6 +209,7 @@ fn crds(write: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     keyward::telemetry::init(&args.log_format);
+    let election = args.leader_election.config()?;
     let config = kube::Config::infer().await?;
     let writes = RequestStats::default();
     let client = client::build(
@@ -178,6 +237,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         max_concurrent_rolls: args.max_concurrent_rolls.max(1),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
         concurrency: args.concurrency.max(1),
+        leader: None,
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -197,12 +257,30 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         obs.health.clone(),
     )
     .await?;
-    let res = controller::preflight(&client, &op.namespaces).await;
-    if res.is_ok() {
-        controller::run(client, op, writes, obs, shutdown_signal()).await;
-    }
+    let res = match controller::preflight(&client, &op.namespaces).await {
+        Err(e) => Err(e.into()),
+        Ok(()) => match election {
+            Some(election) => {
+                info!(
+                    lease = %format!("{}/{}", election.namespace, election.name),
+                    identity = %election.identity,
+                    lease_duration = ?election.lease_duration,
+                    renew_deadline = ?election.renew_deadline,
+                    retry_period = ?election.retry_period,
+                    "leader election on"
+                );
+                keyward::leader::run(client, op, writes, obs, election, shutdown_signal())
+                    .await
+                    .map_err(Into::into)
+            }
+            None => {
+                controller::run(client, op, writes, obs, shutdown_signal()).await;
+                Ok(())
+            }
+        },
+    };
     servers.stop().await;
-    Ok(res?)
+    res
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -285,6 +285,18 @@ impl OperatorProcess {
         crash_after: Option<&str>,
         log: PathBuf,
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, namespace, crash_after, &[], &[], log)
+    }
+
+    /// As [`OperatorProcess::start`], with more arguments and environment variables.
+    pub fn start_with(
+        binary: &std::path::Path,
+        namespace: &str,
+        crash_after: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
         let out =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = std::process::Command::new(binary);
@@ -318,6 +330,10 @@ impl OperatorProcess {
         .stderr(out);
         if let Some(point) = crash_after {
             cmd.env("KEYWARD_CRASH_AFTER", point);
+        }
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let child = cmd.spawn().context("spawn the keyward binary")?;
         Ok(OperatorProcess { child, log })
@@ -362,6 +378,17 @@ impl OperatorProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, `KILL`) to this process only, by its pid.
+    #[allow(dead_code)] // used by e2e/ha.rs, not by e2e/rotation.rs
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .context("run kill")?;
+        ensure!(status.success(), "kill -{signal} {} failed", self.pid());
+        Ok(())
     }
 
     /// SIGKILL (this process only) and reap it.

@@ -46,6 +46,9 @@ pub struct OperatorConfig {
     pub instance: String,
     /// Most reconciles running at once per controller (at least 1).
     pub concurrency: u16,
+    /// Set when leader election is on ([`crate::leader::run`]): every write of the controllers
+    /// is fenced by it, and the reconcilers check it before each irreversible write.
+    pub leader: Option<crate::leader::LeaderHandle>,
 }
 
 impl Default for OperatorConfig {
@@ -56,6 +59,7 @@ impl Default for OperatorConfig {
             max_concurrent_rolls: 5,
             instance: "keyward".into(),
             concurrency: 16,
+            leader: None,
         }
     }
 }
@@ -151,6 +155,15 @@ impl Context {
         })
     }
 
+    /// Fails with [`Error::NotLeading`] when leader election is on and this replica does not
+    /// hold the Lease now (see [`crate::leader`]); checked right before irreversible writes.
+    pub fn ensure_leading(&self) -> Result<()> {
+        match &self.config.leader {
+            Some(l) if !l.is_leading() && !crate::fault::unfenced() => Err(Error::NotLeading),
+            _ => Ok(()),
+        }
+    }
+
     /// The clock, read once per reconcile and passed down.
     pub fn now(&self) -> DateTime<Utc> {
         Utc::now()
@@ -175,6 +188,8 @@ pub enum Error {
         "{kind} {name} exists and is not owned by this ProvisioningKey; Keyward will not write it (delete or rename it; retrying with backoff)"
     )]
     NameTaken { kind: &'static str, name: String },
+    #[error("not the leader: this replica does not hold the leader election Lease; not writing")]
+    NotLeading,
 }
 
 impl Error {
@@ -185,6 +200,7 @@ impl Error {
             Error::Key(e) => e.reason(),
             Error::MissingObjectKey => "MissingObjectKey",
             Error::NameTaken { .. } => "NameTaken",
+            Error::NotLeading => "NotLeading",
         }
     }
 
@@ -192,6 +208,8 @@ impl Error {
     /// conflict (409 on an update) is routine: it is retried, not reported.
     pub fn reportable(&self) -> bool {
         !matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
+            && !matches!(self, Error::NotLeading)
+            && !matches!(self, Error::Kube(kube::Error::Service(e)) if e.is::<crate::leader::NotLeading>())
     }
 }
 
@@ -475,6 +493,15 @@ pub async fn run(
         tracing::error!("{e}");
         return;
     }
+    // Under leader election every write goes through the fence (see `crate::leader`).
+    let client = match &config.leader {
+        Some(leader) if !crate::fault::unfenced() => crate::leader::fenced(client, leader.clone()),
+        Some(_) => {
+            warn!("fault injection: KEYWARD_UNFENCED set: writes are not fenced by leadership");
+            client
+        }
+        None => client,
+    };
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {

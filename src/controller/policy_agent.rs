@@ -162,16 +162,28 @@ async fn probe(ctx: &Context, ns: &str, pod: &Pod, check: &Check) -> bool {
 
 /// Rolls the workload: writes the key id into the pod template (pods restart and read the new
 /// Secret) and records when, on the workload's own metadata. Only Keyward's keys are touched.
+/// The patch carries the workload's resourceVersion as read (`observed_rv`): a workload changed
+/// since (rolled by a new leader while this replica was paused) answers 409, never a second
+/// roll on a stale decision. Under leader election, nothing is written unless this replica
+/// holds the Lease.
 async fn roll(
     ctx: &Context,
     ns: &str,
     pa: &PolicyAgent,
     kid: &str,
+    observed_rv: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    ctx.ensure_leading()?;
     let name = &pa.spec.workload_ref.name;
+    let Some(observed_rv) = observed_rv else {
+        return Err(Error::MissingObjectKey);
+    };
     let body = json!({
-        "metadata": { "annotations": { l::ROLLED_AT: ts_start(now), l::POLICY_AGENT: pa.name_any() } },
+        "metadata": {
+            "resourceVersion": observed_rv,
+            "annotations": { l::ROLLED_AT: ts_start(now), l::POLICY_AGENT: pa.name_any() },
+        },
         "spec": { "template": { "metadata": { "annotations": { l::KEY_ID: kid } } } }
     });
     let resource = match pa.spec.workload_ref.kind {
@@ -327,11 +339,11 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
     let previous = pa.status.clone().unwrap_or_default();
 
     let (input, outcome) = match evaluate(&ctx, &pa, &ns, now).await? {
-        Ok((input, decision, check)) => {
+        Ok((input, decision, check, workload_rv)) => {
             let o = outcome::outcome(&input, &decision, check.period, now);
             // Apply: the only write besides status and Events.
             if let Decision::Roll { kid } = &decision {
-                roll(&ctx, &ns, &pa, kid, now).await?;
+                roll(&ctx, &ns, &pa, kid, workload_rv, now).await?;
                 ctx.agents.set_rolling(&workload_key(&ns, &pa), true);
                 fault::after("roll");
                 info!(pa = %pa.name_any(), workload = %pa.spec.workload_ref.name, kid = %kid, "rolled workload");
@@ -353,7 +365,7 @@ async fn evaluate(
     pa: &PolicyAgent,
     ns: &str,
     now: DateTime<Utc>,
-) -> Result<std::result::Result<(AgentInput, Decision, Check), Refusal>> {
+) -> Result<std::result::Result<(AgentInput, Decision, Check, Option<String>), Refusal>> {
     let check = match resolve_check(pa) {
         Ok(c) => c,
         Err(m) => return Ok(Err(Refusal::InvalidSpec(m))),
@@ -377,7 +389,11 @@ async fn evaluate(
     };
     check_pods(ctx, ns, &reads, &mut input, &check).await;
     let decision = agent::decide(&input, now);
-    Ok(Ok((input, decision, check)))
+    let workload_rv = reads
+        .workload
+        .as_ref()
+        .and_then(|w| w.meta().resource_version.clone());
+    Ok(Ok((input, decision, check, workload_rv)))
 }
 
 /// Writes the status when it changed, then records the Events of this reconcile's transitions:

@@ -566,6 +566,10 @@ struct Read {
     observed: Observed,
     secrets: KeySecrets,
     bundle_jwks: BTreeMap<String, keys::Jwk>,
+    /// resourceVersions of the trust bundle and of the agent Secret as read: the preconditions
+    /// of their writes.
+    bundle_rv: Option<String>,
+    agent_secret_rv: Option<String>,
 }
 
 /// The pure mapping of what was read.
@@ -598,6 +602,8 @@ fn map(ctx: &Context, pk: &ProvisioningKey, raw: &Raw) -> Read {
         observed: mapped.observed,
         secrets: mapped.secrets,
         bundle_jwks: mapped.bundle_jwks,
+        bundle_rv: raw.bundle.as_ref().and_then(|c| c.resource_version()),
+        agent_secret_rv: raw.agent_secret.as_ref().and_then(|s| s.resource_version()),
     }
 }
 
@@ -864,6 +870,9 @@ async fn apply(
         .controller_owner_ref(&())
         .ok_or(Error::MissingObjectKey)?;
     debug!(pk = %name, ?step, "applying step");
+    // Under leader election, nothing is written unless this replica holds the Lease right now
+    // (the client's fence checks again as the request is sent).
+    ctx.ensure_leading()?;
     match step {
         Step::Mint { seq, .. } => {
             let Some(mint) = desired::MintOf::of(step) else {
@@ -931,14 +940,12 @@ async fn apply(
                 trusted,
                 revoked,
             )?;
-            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-            let cm = cms
-                .patch(
-                    &settings.trust_bundle_name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&cm),
-                )
-                .await?;
+            let cm = write_bundle(
+                &Api::namespaced(ctx.client.clone(), &ns),
+                cm,
+                read.bundle_rv.as_deref(),
+            )
+            .await?;
             written = Written::Bundle(Box::new(cm));
             fault::after("bundle");
             info!(pk = %name, trusted = ?trusted, revoked = ?revoked, "trust bundle written");
@@ -985,11 +992,21 @@ async fn apply(
         Step::HandOut { seq, .. } => {
             let fresh = fresh.take().filter(|(s, _)| s == seq).map(|(_, p)| p);
             written = Written::AgentSecret(Box::new(
-                hand_out(ctx, pk, settings, obs, *seq, now, fresh).await?,
+                hand_out(
+                    ctx,
+                    pk,
+                    settings,
+                    obs,
+                    (*seq, read.agent_secret_rv.as_deref()),
+                    now,
+                    fresh,
+                )
+                .await?,
             ));
             fault::after("hand-out");
         }
         Step::Revoke { seq, .. } => {
+            fault::before("revoke");
             written = transition(
                 &secrets,
                 &name,
@@ -1011,7 +1028,7 @@ async fn apply(
             // the state written is the one the key's evidence supports.
             let body = json!({
                 "metadata": {
-                    "resourceVersion": refs.get(seq).map(|r| r.resource_version.clone()).unwrap_or_default(),
+                    "resourceVersion": observed_rv(&name, refs, *seq)?,
                     "labels": {
                         l::MANAGED_BY: l::MANAGED_BY_VALUE,
                         l::PROVISIONING_KEY: name,
@@ -1036,9 +1053,10 @@ async fn apply(
         }
         Step::Prune { seq } => {
             let key_name = key_secret_name(&name, *seq);
+            // Deleted only as it was read (revoked, by this resourceVersion).
             let dp = DeleteParams {
-                preconditions: refs.get(seq).map(|r| Preconditions {
-                    resource_version: Some(r.resource_version.clone()),
+                preconditions: Some(Preconditions {
+                    resource_version: Some(observed_rv(&name, refs, *seq)?),
                     uid: None,
                 }),
                 ..Default::default()
@@ -1056,9 +1074,19 @@ async fn apply(
     Ok((minted, written))
 }
 
-/// Moves a key Secret forward to `state`, adding annotations; with `drop_private`, deletes the
-/// private key. The merge patch carries the observed resourceVersion, so a concurrent change
-/// makes it fail (409) instead of being overwritten.
+/// The resourceVersion of key Secret `seq` as read: the precondition of every write to it. A
+/// write without one would be unconditional, so its absence is an error, never a default.
+fn observed_rv(pk_name: &str, refs: &BTreeMap<u32, KeyRef>, seq: u32) -> Result<String> {
+    refs.get(&seq)
+        .map(|r| r.resource_version.clone())
+        .filter(|rv| !rv.is_empty())
+        .ok_or_else(|| Error::KeySecret {
+            name: key_secret_name(pk_name, seq),
+            message: "no resourceVersion was read; not writing it without a precondition".into(),
+        })
+}
+
+/// Moves a key Secret forward to `state` (see [`transition_key_secret`]).
 async fn transition(
     secrets: &Api<Secret>,
     pk_name: &str,
@@ -1068,10 +1096,33 @@ async fn transition(
     annotations: &[(&str, String)],
     drop_private: bool,
 ) -> Result<Written> {
-    let rv = refs
-        .get(&seq)
-        .map(|r| r.resource_version.clone())
-        .unwrap_or_default();
+    let rv = observed_rv(pk_name, refs, seq)?;
+    let s =
+        transition_key_secret(secrets, pk_name, seq, &rv, state, annotations, drop_private).await?;
+    Ok(Written::KeySecret(seq, Box::new(s)))
+}
+
+/// Moves key Secret `seq` forward to `state`, adding annotations; with `drop_private` (a
+/// revocation), deletes the private key. The merge patch carries `observed_rv`, the
+/// resourceVersion the decision was made on, as a precondition: if anyone (a new leader, while
+/// this replica was paused) changed the key Secret since, it fails with 409 and changes
+/// nothing.
+pub async fn transition_key_secret(
+    secrets: &Api<Secret>,
+    pk_name: &str,
+    seq: u32,
+    observed_rv: &str,
+    state: KeyState,
+    annotations: &[(&str, String)],
+    drop_private: bool,
+) -> Result<Secret> {
+    if observed_rv.is_empty() {
+        return Err(Error::KeySecret {
+            name: key_secret_name(pk_name, seq),
+            message: "no resourceVersion was read; not writing it without a precondition".into(),
+        });
+    }
+    let rv = observed_rv;
     let ann: serde_json::Map<String, serde_json::Value> = annotations
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
@@ -1096,7 +1147,41 @@ async fn transition(
             &Patch::Merge(&body),
         )
         .await?;
-    Ok(Written::KeySecret(seq, Box::new(s)))
+    Ok(s)
+}
+
+/// Writes the trust bundle by server-side apply. When it was read, the body carries its
+/// resourceVersion (`observed_rv`), which the API server takes as a precondition: a bundle
+/// changed since (a key published or removed by a new leader) answers 409, so a stale
+/// decision never drops a trusted key id. A bundle that was missing is created (POST), so one
+/// created meanwhile answers 409 too.
+pub async fn write_bundle(
+    cms: &Api<ConfigMap>,
+    mut cm: ConfigMap,
+    observed_rv: Option<&str>,
+) -> Result<ConfigMap> {
+    let name = cm.name_any();
+    match observed_rv {
+        Some(rv) => {
+            cm.metadata.resource_version = Some(rv.to_string());
+            Ok(cms
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&cm),
+                )
+                .await?)
+        }
+        None => Ok(cms
+            .create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &cm,
+            )
+            .await?),
+    }
 }
 
 /// Writes the agent Secret for key `seq`: key id, public key, a fresh token, and the private key
@@ -1106,7 +1191,7 @@ async fn hand_out(
     pk: &ProvisioningKey,
     settings: &Settings,
     obs: &Observed,
-    seq: u32,
+    (seq, observed_rv): (u32, Option<&str>),
     now: DateTime<Utc>,
     fresh: Option<KeyPair>,
 ) -> Result<Secret> {
@@ -1153,9 +1238,11 @@ async fn hand_out(
     )?;
     drop(pair);
     // A Secret that was missing is created (POST): should someone else's appear meanwhile,
-    // the create fails instead of taking it over. An owned one is applied.
+    // the create fails instead of taking it over. An owned one is applied with the
+    // resourceVersion it was read at: a stale replica never hands out over a newer hand-out.
     let res = match &obs.agent_secret {
         AgentSecretObs::Owned(_) => {
+            secret.metadata.resource_version = observed_rv.map(str::to_string);
             secrets
                 .patch(
                     &settings.secret_name,
@@ -1177,8 +1264,10 @@ async fn hand_out(
         }
     };
     wipe(&mut secret);
+    let owned = matches!(&obs.agent_secret, AgentSecretObs::Owned(_));
     match res {
-        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::NameTaken {
+        // 409 on the apply of an owned Secret is a stale resourceVersion: retried, re-read.
+        Err(kube::Error::Api(e)) if e.code == 409 && !owned => Err(Error::NameTaken {
             kind: "Secret",
             name: settings.secret_name.clone(),
         }),
@@ -1669,6 +1758,8 @@ mod tests {
             },
             secrets: KeySecrets::default(),
             bundle_jwks: BTreeMap::new(),
+            bundle_rv: None,
+            agent_secret_rv: None,
         }
     }
 
