@@ -164,9 +164,7 @@ fn chart_crds_match_the_types() {
         );
         assert!(chart.ends_with("{{- end }}\n"), "{file}");
         assert!(
-            chart.contains(
-                "  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n"
-            ),
+            chart.contains("    {{- if .Values.crds.keep }}\n    helm.sh/resource-policy: keep\n"),
             "{file}"
         );
         // The spec is byte for byte the one in crds/.

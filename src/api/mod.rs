@@ -45,7 +45,8 @@ pub const CHART_CRDS_DIR: &str = "charts/keyward/templates/crds";
 /// Renders the CRDs as Helm templates for the chart (`charts/keyward/templates/crds/`): the same
 /// spec as [`crds_yaml`], rendered only when `crds.enabled`, with the chart's labels and, when
 /// `crds.keep`, `helm.sh/resource-policy: keep` so `helm uninstall` never deletes them (deleting
-/// a CRD deletes every ProvisioningKey and, through owner references, every agent Secret).
+/// a CRD deletes every ProvisioningKey and, through owner references, every agent Secret), plus
+/// `crds.annotations` (e.g. Argo CD's `argocd.argoproj.io/sync-options: Delete=false`).
 pub fn chart_crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     use serde::ser::Error as _;
     crds()
@@ -73,9 +74,14 @@ pub fn chart_crds_yaml() -> Result<Vec<(String, String)>, serde_yaml::Error> {
                        name: {name}\n  \
                        labels:\n    \
                          {{{{- include \"keyward.labels\" . | nindent 4 }}}}\n  \
-                       {{{{- if .Values.crds.keep }}}}\n  \
+                       {{{{- if or .Values.crds.keep .Values.crds.annotations }}}}\n  \
                        annotations:\n    \
-                         helm.sh/resource-policy: keep\n  \
+                         {{{{- if .Values.crds.keep }}}}\n    \
+                         helm.sh/resource-policy: keep\n    \
+                         {{{{- end }}}}\n    \
+                         {{{{- with .Values.crds.annotations }}}}\n    \
+                         {{{{- toYaml . | nindent 4 }}}}\n    \
+                         {{{{- end }}}}\n  \
                        {{{{- end }}}}\n\
                      spec:\n{spec}{{{{- end }}}}\n"
                 ),
