@@ -311,7 +311,9 @@ cleanup_namespaces
 # ---------------------------------------------------------------------------------------------
 step "helm lint and render checks"
 NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false)
-OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true --set grafanaDashboard.enabled=true)
+OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true --set grafanaDashboard.enabled=true
+       --set 'topologySpreadConstraints[0].maxSkew=1' --set 'topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname'
+       --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway')
 "$HELM" lint --strict "$CHART" >/dev/null
 "$HELM" lint --strict "$CHART" "${NSD_VALUES[@]}" "${OPTIN[@]}" \
   --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >/dev/null
