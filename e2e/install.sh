@@ -198,43 +198,108 @@ wait_for() { # seconds description command...
 pk_field() { kubectl -n "$1" get pk opa-agents -o jsonpath="$2" 2>/dev/null; }
 revoked() { pk_field "$1" '{.status.revokedKeys[*].kid}' | tr ' ' '\n' | grep -qx "$2"; }
 
-# ---- LEAD: metrics during the rotation (after the metrics feature merges) -------------------
-# Called with the phase "before" (key Ready) and "after" (old key revoked). Today the binary
-# has no --metrics-address, so it only reports that. To finish: read the bound address from the
-# log line `metrics server listening` (address=127.0.0.1:PORT, port 0 was passed), curl
-# /metrics, and assert for namespace $2, name opa-agents:
-#   before: keyward_key_ready_status{condition="True"} 1, keyward_key_expiration_timestamp_seconds
-#           and keyward_key_next_rotation_timestamp_seconds present, keyward_leader 1;
-#   after:  keyward_rotations_total{trigger="Annotation",result=...} and
-#           keyward_revocations_total{kind="normal"} one higher than before,
-#           keyward_key_next_rotation_timestamp_seconds moved forward;
-#   and every name in e2e/alerts.sh's KNOWN_METRICS appears (the alerts and dashboard use them).
-metrics_during_rotation() { # phase ns log
-  if ! "$BIN" run --help | grep -q -- '--metrics-address'; then
-    say "  metrics check ($1): skipped, this binary has no --metrics-address yet"
-    return 0
-  fi
-  local addr
-  addr=$(grep -m1 'metrics server listening' "$3" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
-  [ -n "$addr" ] || die "no 'metrics server listening' address in $3"
-  curl -fsS "http://$addr/metrics" >"$WORK/metrics-$1.txt" || die "GET http://$addr/metrics"
-  say "  metrics ($1): $(grep -c '^keyward_' "$WORK/metrics-$1.txt") keyward_ samples from $addr"
-  # TODO(lead): the assertions listed above.
+# The sum of the samples of metric $2 in scrape file $1 whose labels include every k=v given
+# (empty when there is none).
+mval() { # file metric k=v...
+  local f=$1 m=$2 line l ok; shift 2
+  { grep -E "^$m(\{| )" "$f" || true; } | while IFS= read -r line; do
+    ok=1
+    for l in "$@"; do [[ $line == *"${l%%=*}=\"${l#*=}\""* ]] || ok=0; done
+    if [ "$ok" = 1 ]; then echo "${line##* }"; fi
+  done | awk '{s+=$1} END {if (NR) printf "%.0f\n", s}'
 }
 
-# ---- LEAD: leader election with two operator processes (after the HA feature merges) --------
-# Start two operators with the same ServiceAccount kubeconfig and --leader-elect (the chart's
-# arguments), find the leader from the Lease (kubectl -n $1 get lease keyward), start a rotation,
-# SIGSTOP the leader past --leader-election-lease-duration (not SIGKILL: that proves nothing about
-# a paused ex-leader), wait for the other to take the Lease and finish the rotation, SIGCONT the
-# old leader, and assert: one new key Secret (no second mint), the workload rolled once, the old
-# key revoked only after confirmation, no Forbidden in either log.
-leader_kill_check() { # ns release
-  if ! "$BIN" run --help | grep -q -- '--leader-elect'; then
-    say "  leader-election check: skipped, this binary has no --leader-elect yet"
-    return 0
+# /metrics of the operator whose log is $3, scraped at phase $1 ("before": key Ready, "after":
+# old key revoked) for the key opa-agents in namespace $2. Asserts the per-key gauges, that the
+# rotation and revocation counters moved by exactly one across the rotation, that the token
+# expiry and the next rotation moved forward, and that every metric the alerts and the dashboard
+# use (e2e/alerts.sh) is exported.
+metrics_during_rotation() { # phase ns log
+  local phase=$1 ns=$2 addr f k=() v name
+  addr=$(grep -m1 'metrics server listening' "$3" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
+  [ -n "$addr" ] || die "no 'metrics server listening' address in $3"
+  f=$WORK/metrics-$ns-$phase.txt
+  curl -fsS "http://$addr/metrics" >"$f" || die "GET http://$addr/metrics"
+  k=(namespace="$ns" name=opa-agents)
+  [ "$(mval "$f" keyward_key_ready_status "${k[@]}" condition=True)" = 1 ] || die "metrics ($phase): keyward_key_ready_status{condition=True} is not 1 ($f)"
+  [ "$(mval "$f" keyward_leader)" = 1 ] || die "metrics ($phase): keyward_leader is not 1 ($f)"
+  [ "$(mval "$f" keyward_rotation_stalled "${k[@]}")" = 0 ] || die "metrics ($phase): keyward_rotation_stalled is not 0 ($f)"
+  for name in keyward_key_expiration_timestamp_seconds keyward_key_next_rotation_timestamp_seconds; do
+    v=$(mval "$f" "$name" "${k[@]}")
+    [ -n "$v" ] && [ "$v" -gt "$(date +%s)" ] || die "metrics ($phase): $name for $ns/opa-agents is '$v', not a time in the future ($f)"
+  done
+  if [ "$phase" = after ]; then
+    # After a rotation every metric the alerts and the dashboard use has a series, except the
+    # error counter (a labelled counter has no series before its first error).
+    for name in $(sed -n '/^KNOWN_METRICS="/,/"$/p' e2e/alerts.sh | tr -d '"' | sed 's/KNOWN_METRICS=//'); do
+      [ "$name" = keyward_reconcile_errors_total ] && continue
+      grep -Eq "^$name(_bucket|_sum|_count)?(\{| )" "$f" || die "metrics ($phase): $name has no series (the alerts and the dashboard use it)"
+    done
+    local b=$WORK/metrics-$ns-before.txt
+    for spec in "keyward_rotations_total trigger=Annotation result=started" \
+                "keyward_rotations_total trigger=Annotation result=completed" \
+                "keyward_revocations_total kind=normal"; do
+      read -r name labels <<<"$spec"
+      # shellcheck disable=SC2086
+      local before after
+      before=$(mval "$b" $name $labels); after=$(mval "$f" $name $labels)
+      [ "$(( ${after:-0} - ${before:-0} ))" = 1 ] || die "metrics: $spec went ${before:-0} -> ${after:-0} across one rotation, want +1"
+    done
+    for name in keyward_key_expiration_timestamp_seconds keyward_key_next_rotation_timestamp_seconds; do
+      [ "$(mval "$f" "$name" "${k[@]}")" -gt "$(mval "$b" "$name" "${k[@]}")" ] \
+        || die "metrics: $name for $ns/opa-agents did not move forward across the rotation"
+    done
   fi
-  say "  leader-election check: TODO(lead)"
+  say "  metrics ($phase) from $addr: $(grep -c '^keyward_' "$f") samples; per-key gauges, leader and counters as expected"
+}
+
+# Leader election with the chart's arguments and identity: a second operator process (same
+# ServiceAccount, --leader-elect as the chart passes it) stands by while the first leads; a
+# rotation starts, the leader is SIGKILLed right after the new key was minted, and the standby
+# takes the Lease and finishes the rotation: one new key Secret (no second mint), the Deployment
+# rolled once, the old key revoked only after the PolicyAgent confirmed the new one.
+# (SIGSTOP/SIGCONT of a leader mid-rotation, the fence and the resourceVersion preconditions are
+# tested in e2e/ha.rs.)
+key_seqs() { # ns: the key-seq labels of opa-agents' key Secrets, ascending
+  kubectl -n "$1" get secrets -l keyward.dev/provisioning-key=opa-agents,keyward.dev/component=key \
+    -o jsonpath='{.items[*].metadata.labels.keyward\.dev/key-seq}' | tr ' ' '\n' | sort -n
+}
+
+leader_kill_check() { # ns release
+  local ns=$1 release=$2 wns=$UNWATCHED log2=$WORK/operator-$2-b.log args holder old gen0 keys0 t0 pid1
+  holder=$(kubectl -n "$ns" get lease keyward -o jsonpath='{.spec.holderIdentity}')
+  [[ $holder == "$release-keyward-outside-0_"* ]] || die "the Lease is held by '$holder', not by the first operator"
+  mapfile -t args < <(operator_args "$ns" "$release-keyward")
+  KUBECONFIG=$WORK/$release.kubeconfig POD_NAME=$release-keyward-outside-1 POD_NAMESPACE=$ns \
+    setsid "$BIN" run "${args[@]}" >"$log2" 2>&1 &
+  local pid2=$!
+  wait_for 30 "the standby's health server" grep -q 'health server listening' "$log2" || die "no standby health server ($log2)"
+  local haddr
+  haddr=$(grep -m1 'health server listening' "$log2" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1)
+  wait_for 30 "the standby ready" curl -fsS "http://$haddr/readyz" || die "the standby never became ready ($log2)"
+  old=$(pk_field "$wns" '{.status.currentKey.kid}')
+  gen0=$(kubectl -n "$wns" get deployment opa -o jsonpath='{.metadata.generation}')
+  keys0=$(key_seqs "$wns" | tail -1)
+  t0=$(date +%s)
+  kubectl -n "$wns" annotate pk opa-agents keyward.dev/rotate="leader-$(date +%s%N)" --overwrite >/dev/null
+  wait_for 60 "a new key minted" sh -c "[ \$(kubectl -n $wns get secrets -l keyward.dev/provisioning-key=opa-agents,keyward.dev/component=key -o jsonpath='{.items[*].metadata.labels.keyward\\.dev/key-seq}' | tr ' ' '\\n' | sort -n | tail -1) -gt $keys0 ]" \
+    || die "no new key Secret after the rotation request"
+  pid1=$OP_PID
+  kill -KILL "$pid1"
+  say "  leader killed $(( $(date +%s) - t0 )) s into the rotation; standby $release-keyward-outside-1 takes over"
+  OP_PID=$pid2
+  wait_for 60 "the standby holds the Lease" sh -c "kubectl -n $ns get lease keyward -o jsonpath='{.spec.holderIdentity}' | grep -q '^$release-keyward-outside-1_'" \
+    || die "the standby did not take the Lease ($log2)"
+  say "  standby holds the Lease $(( $(date +%s) - t0 )) s into the rotation"
+  wait_for 120 "the old key revoked by the new leader" revoked "$wns" "$old" || die "the new leader did not finish the rotation ($log2)"
+  [ "$(key_seqs "$wns" | awk -v s="$keys0" '$1 > s' | wc -l)" = 1 ] \
+    || die "not exactly one new key Secret after the takeover (seqs: $(key_seqs "$wns" | tr '\n' ' '))"
+  [ "$(kubectl -n "$wns" get deployment opa -o jsonpath='{.metadata.generation}')" = "$(( gen0 + 1 ))" ] \
+    || die "the Deployment was not rolled exactly once"
+  kubectl -n "$wns" get policyagent opa -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True \
+    || die "the PolicyAgent is not confirmed after the takeover"
+  no_forbidden "$log2"
+  say "  leader killed mid-rotation: the standby finished it (one new key, one roll, old key revoked after confirmation) in $(( $(date +%s) - t0 )) s"
 }
 
 # The rotation scenario in namespace NS with the operator already running as the chart's

@@ -115,8 +115,10 @@ struct RunArgs {
 #[derive(clap::Args)]
 struct LeaderElectionArgs {
     /// Run the controllers only while this replica holds the leader election Lease; other
-    /// replicas stand by and take over when it is released or expires.
-    #[arg(long, env = "KEYWARD_LEADER_ELECT")]
+    /// replicas stand by and take over when it is released or expires. `--leader-elect`,
+    /// `--leader-elect=true` and `--leader-elect=false` all work (the chart passes the value).
+    #[arg(long, env = "KEYWARD_LEADER_ELECT", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the Lease (default: $POD_NAMESPACE, else the in-cluster service account's
     /// namespace).
