@@ -60,10 +60,17 @@ fn pk(v: Value) -> ProvisioningKey {
     serde_json::from_value(v).expect("a valid ProvisioningKey fixture")
 }
 
+/// `v` with the member at `pointer` set (created when its parent object exists).
 fn with(mut v: Value, pointer: &str, value: Value) -> Value {
     if let Some(slot) = v.pointer_mut(pointer) {
         *slot = value;
+        return v;
     }
+    let (parent, key) = pointer.rsplit_once('/').expect("a JSON pointer");
+    v.pointer_mut(parent)
+        .and_then(Value::as_object_mut)
+        .expect("the parent object exists")
+        .insert(key.to_string(), value);
     v
 }
 
@@ -205,9 +212,9 @@ fn the_table_of_keys() {
     let text = keys_table(&keys, false, false, now());
     assert_eq!(
         text,
-        "NAME       READY   PHASE     KEY ID       AGENTS   LAST ROTATION            NEXT ROTATION   STALLED\n\
-         payments   True    Ready     K2bbbbbbbb   1/2      60m ago (Annotation)     in 29d          -\n\
-         stuck      True    Stalled   K2bbbbbbbb   -        60m ago (Annotation)     in 29d          RotationStalled\n"
+        "NAME       READY   PHASE     KEY ID       AGENTS   LAST ROTATION          NEXT ROTATION   STALLED\n\
+         payments   True    Ready     K2bbbbbbbb   1/2      60m ago (Annotation)   in 29d          -\n\
+         stuck      True    Stalled   K2bbbbbbbb   -        60m ago (Annotation)   in 29d          RotationStalled\n"
     );
     let all = keys_table(&keys, true, false, now());
     assert!(all.starts_with("NAMESPACE   NAME"), "{all}");
@@ -263,14 +270,14 @@ fn the_detailed_view_of_one_key() {
         "Token refresh:  in 25m (2025-06-01T12:25:00Z)\n",
         "Stalled:        no\n",
         &format!("Revoked keys:   {K1}\n"),
-        "Agents: 1/2 confirmed on the current key\n",
-        "  NAME   WORKLOAD            PHASE        CONFIRMED   CONFIRMED KEY   PODS   READY   REASON       MESSAGE\n",
-        "  a      Deployment/a-opa    Confirmed    yes         K2bbbbbbbb      3/3    True    Confirming   waiting for pods\n",
-        "  b      Deployment/b-opa    Confirming   no          K1aaaaaaaa      1/3    False   Confirming   waiting for pods\n",
-        "Conditions:\n  TYPE       STATUS   REASON      SINCE     MESSAGE\n",
-        "  Stalled    False    Idle        5m0s ago  not stalled\n",
+        "Agents: 1/2 confirmed on the current key\n\
+         \x20 NAME   WORKLOAD           PHASE        CONFIRMED   CONFIRMED KEY   PODS   READY   REASON       MESSAGE\n\
+         \x20 a      Deployment/a-opa   Confirmed    yes         K2bbbbbbbb      3/3    True    Confirming   waiting for pods\n\
+         \x20 b      Deployment/b-opa   Confirming   no          K1aaaaaaaa      1/3    False   Confirming   waiting for pods\n",
+        "Conditions:\n  TYPE       STATUS   REASON      SINCE      MESSAGE\n",
+        "  Stalled    False    Idle        5m0s ago   not stalled\n",
         "History (newest first):\n",
-        "Initial      revoked   31d    ",
+        "   Initial      revoked   31d ago   31d ago     60m ago   50m ago\n",
     ] {
         assert!(text.contains(want), "want {want:?} in\n{text}");
     }
