@@ -2,9 +2,9 @@
 //! local control plane (`e2e/cluster.sh up`), with `--kubeconfig`. The operator runs in-process
 //! (watching only the test's namespace) so a requested rotation really happens.
 //!
-//! Checked to fail when they should: writing the request into the spec (generation changes)
-//! fails `rotate_requests_through_the_annotation_and_status_shows_it`; exiting 0 for a key that
-//! is not Ready fails `status_exits_3_for_a_key_that_is_not_ready`.
+//! What each would catch: a request written into the spec (the generation changes) fails
+//! `rotate_requests_through_the_annotation_and_status_shows_it`; exit 0 for a key that is not
+//! Ready fails `status_exits_3_for_a_key_that_is_not_ready`.
 
 #[allow(dead_code)]
 mod common;
@@ -72,7 +72,10 @@ fn current_kid(pk: &ProvisioningKey) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_key_exits_1_with_a_clear_message() {
     let ns = TestNamespace::new("kw-cli-missing").await;
-    let want = format!("ProvisioningKey \"nope\" not found in namespace \"{}\"", ns.name());
+    let want = format!(
+        "ProvisioningKey \"nope\" not found in namespace \"{}\"",
+        ns.name()
+    );
     for args in [
         vec!["status", "-n", ns.name(), "nope"],
         vec!["rotate", "-n", ns.name(), "nope"],
@@ -132,7 +135,10 @@ async fn rotate_requests_through_the_annotation_and_status_shows_it() {
         .get(l::ROTATE)
         .cloned()
         .expect("the rotate annotation");
-    assert!(run.stdout.contains(&value), "prints the value it set: {run}");
+    assert!(
+        run.stdout.contains(&value),
+        "prints the value it set: {run}"
+    );
     assert_eq!(after.metadata.generation, settled.metadata.generation);
     assert_eq!(after.spec, settled.spec);
 
@@ -154,7 +160,16 @@ async fn rotate_requests_through_the_annotation_and_status_shows_it() {
     }
 
     // --wait: returns once the new key is handed out, with the old and new key ids.
-    let run = keyward(&["rotate", "-n", ns.name(), name, "--wait", "--timeout", "60s"]).await;
+    let run = keyward(&[
+        "rotate",
+        "-n",
+        ns.name(),
+        name,
+        "--wait",
+        "--timeout",
+        "60s",
+    ])
+    .await;
     assert_eq!(run.code, 0, "{run}");
     let done = pks.get(name).await.expect("get the key");
     let kid3 = current_kid(&done).expect("a current key");
@@ -170,7 +185,10 @@ async fn rotate_requests_through_the_annotation_and_status_shows_it() {
     let doc: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"));
     assert_eq!(doc["healthy"], true, "{run}");
     assert_eq!(doc["items"][0]["currentKey"]["kid"], kid3.as_str(), "{run}");
-    assert_eq!(doc["items"][0]["lastRotation"]["trigger"], "Annotation", "{run}");
+    assert_eq!(
+        doc["items"][0]["lastRotation"]["trigger"], "Annotation",
+        "{run}"
+    );
 
     op.stop().await;
     ns.cleanup().await;
@@ -218,12 +236,16 @@ async fn status_exits_3_for_a_key_that_is_not_ready() {
     assert!(row.contains("False"), "{row}");
     let run = keyward(&["status", "-n", ns.name(), "-o", "wide"]).await;
     assert_eq!(run.code, 3, "{run}");
-    assert!(run.stdout.contains(": SecretNameTaken: "), "the reason in wide: {run}");
+    assert!(
+        run.stdout.contains(": SecretNameTaken: "),
+        "the reason in wide: {run}"
+    );
 
     let run = keyward(&["status", "-n", ns.name(), "taken"]).await;
     assert_eq!(run.code, 3, "{run}");
     assert!(
-        run.stdout.contains("Ready:          False (SecretNameTaken)"),
+        run.stdout
+            .contains("Ready:          False (SecretNameTaken)"),
         "{run}"
     );
     assert!(run.stdout.contains("Attention:"), "{run}");

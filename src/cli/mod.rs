@@ -99,9 +99,9 @@ impl CliError {
             CliError::Kube(kube::Error::Api(s)) if s.is_forbidden() => Some(
                 "the CLI needs get/list on provisioningkeys and policyagents, and patch on provisioningkeys (rotate)",
             ),
-            CliError::Kube(kube::Error::Api(s)) if s.is_not_found() => Some(
-                "are the Keyward CRDs installed? (`keyward crds | kubectl apply -f -`)",
-            ),
+            CliError::Kube(kube::Error::Api(s)) if s.is_not_found() => {
+                Some("are the Keyward CRDs installed? (`keyward crds | kubectl apply -f -`)")
+            }
             _ => None,
         }
     }
@@ -116,10 +116,11 @@ pub async fn connect(target: &Target) -> Result<(kube::Client, String), CliError
     };
     let config = match (&target.kubeconfig, &target.context) {
         (Some(path), _) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| CliError::Kubeconfig {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|source| CliError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
                 .map_err(|e| CliError::Config(e.to_string()))?

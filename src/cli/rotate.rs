@@ -116,7 +116,12 @@ pub fn requested_line(r: &Requested) -> String {
 pub fn note_for(pk: &ProvisioningKey) -> Option<String> {
     if pk.spec.suspend == Some(true) {
         Some("spec.suspend is true: the rotation starts when the key is resumed".into())
-    } else if pk.status.as_ref().and_then(|s| s.current_key.as_ref()).is_none() {
+    } else if pk
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .is_none()
+    {
         Some("the key has no current key yet: the first key is minted, no rotation follows".into())
     } else {
         None

@@ -13,7 +13,9 @@ const K1: &str = "K1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const K2: &str = "K2bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
 fn now() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).single().expect("a valid time")
+    Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0)
+        .single()
+        .expect("a valid time")
 }
 
 fn cond(type_: &str, status: &str, reason: &str, message: &str) -> Value {
@@ -128,6 +130,9 @@ fn human_durations_read_like_kubectl() {
     assert_eq!(until("2025-07-01T11:00:00Z", now()), "in 29d");
     assert_eq!(until("2025-06-01T11:57:00Z", now()), "overdue 3m0s");
     assert_eq!(ago("not a time", now()), "not a time");
+    // The operator stamps whole seconds, and clocks differ a little: not "in 1s".
+    assert_eq!(ago("2025-06-01T12:00:02Z", now()), "0s ago");
+    assert_eq!(ago("2025-06-01T12:01:00Z", now()), "in 60s");
 }
 
 #[test]
@@ -155,23 +160,60 @@ fn summaries_from_fixtures() {
         "metadata": { "name": "fresh", "namespace": "team-a", "generation": 1 },
         "spec": {},
     });
-    let old_generation = with(settled("team-a", "edited"), "/metadata/generation", json!(2));
+    let old_generation = with(
+        settled("team-a", "edited"),
+        "/metadata/generation",
+        json!(2),
+    );
     let not_ready = with(
         settled("team-a", "taken"),
         "/status/conditions/0",
-        cond("Ready", "False", "SecretNameTaken", "Secret \"taken\" exists"),
+        cond(
+            "Ready",
+            "False",
+            "SecretNameTaken",
+            "Secret \"taken\" exists",
+        ),
     );
     let agents = vec![
         agent("a", "payments", Some(K2), (3, 3)),
         agent("b", "payments", Some(K1), (1, 3)),
         agent("c", "other", Some(K2), (1, 1)),
     ];
-    type Case = (&'static str, Value, &'static str, bool, Option<&'static str>, (usize, usize));
+    type Case = (
+        &'static str,
+        Value,
+        &'static str,
+        bool,
+        Option<&'static str>,
+        (usize, usize),
+    );
     let cases: Vec<Case> = vec![
-        ("settled", settled("team-a", "payments"), "True", true, None, (1, 2)),
-        ("stalled", stalled(), "True", false, Some("RotationStalled"), (0, 0)),
+        (
+            "settled",
+            settled("team-a", "payments"),
+            "True",
+            true,
+            None,
+            (1, 2),
+        ),
+        (
+            "stalled",
+            stalled(),
+            "True",
+            false,
+            Some("RotationStalled"),
+            (0, 0),
+        ),
         ("no status", no_status, "Unknown", false, None, (0, 0)),
-        ("status of an older generation", old_generation, "True", false, None, (0, 0)),
+        (
+            "status of an older generation",
+            old_generation,
+            "True",
+            false,
+            None,
+            (0, 0),
+        ),
         ("not ready", not_ready, "False", false, None, (0, 0)),
     ];
     for (what, fixture, ready, healthy, stalled, (confirmed, total)) in cases {
@@ -179,8 +221,16 @@ fn summaries_from_fixtures() {
         assert_eq!(s.ready, ready, "{what}");
         assert_eq!(s.healthy, healthy, "{what}: {:?}", s.unhealthy_reason);
         assert_eq!(s.healthy, s.unhealthy_reason.is_none(), "{what}");
-        assert_eq!(s.stalled.as_ref().map(|r| r.reason.as_str()), stalled, "{what}");
-        assert_eq!((s.agents.confirmed, s.agents.total), (confirmed, total), "{what}");
+        assert_eq!(
+            s.stalled.as_ref().map(|r| r.reason.as_str()),
+            stalled,
+            "{what}"
+        );
+        assert_eq!(
+            (s.agents.confirmed, s.agents.total),
+            (confirmed, total),
+            "{what}"
+        );
     }
 }
 
@@ -233,7 +283,11 @@ fn the_table_of_keys() {
 #[test]
 fn next_rotation_cell_says_suspended_or_on_request() {
     let suspended = with(settled("team-a", "s"), "/spec/suspend", json!(true));
-    let on_request = with(settled("team-a", "r"), "/status/nextRotationAt", Value::Null);
+    let on_request = with(
+        settled("team-a", "r"),
+        "/status/nextRotationAt",
+        Value::Null,
+    );
     let overdue = with(
         settled("team-a", "o"),
         "/status/nextRotationAt",
@@ -282,7 +336,10 @@ fn the_detailed_view_of_one_key() {
         assert!(text.contains(want), "want {want:?} in\n{text}");
     }
     assert!(!text.contains("Attention"), "{text}");
-    assert!(!text.contains("c-opa"), "an agent of another key is not listed: {text}");
+    assert!(
+        !text.contains("c-opa"),
+        "an agent of another key is not listed: {text}"
+    );
 }
 
 #[test]
@@ -351,7 +408,10 @@ fn rotate_notes_and_completion() {
     let suspended = pk(with(settled("team-a", "s"), "/spec/suspend", json!(true)));
     assert!(rotate::note_for(&suspended).is_some_and(|n| n.contains("suspend")));
     assert!(rotate::rotated_from(&settled_pk, Some(K1)));
-    assert!(!rotate::rotated_from(&settled_pk, Some(K2)), "same key: not rotated yet");
+    assert!(
+        !rotate::rotated_from(&settled_pk, Some(K2)),
+        "same key: not rotated yet"
+    );
     let not_ready = pk(with(
         settled("team-a", "p"),
         "/status/conditions/0",

@@ -108,6 +108,7 @@ pub struct AgentSummary {
 pub struct KeyDetail {
     #[serde(flatten)]
     pub summary: KeySummary,
+    #[serde(rename = "policyAgents")]
     pub agent_list: Vec<AgentSummary>,
     pub conditions: Vec<ConditionView>,
     pub history: Vec<HistoryEntry>,
@@ -318,10 +319,16 @@ fn parse(ts: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// Clock skew tolerated between the operator's timestamps (whole seconds) and this machine:
+/// a past event stamped up to this far ahead still reads `0s ago`, not `in 1s`.
+const SKEW: chrono::Duration = chrono::Duration::seconds(5);
+
 /// A past timestamp as `5m ago` (or the text itself when it does not parse).
 pub fn ago(ts: &str, now: DateTime<Utc>) -> String {
     match parse(ts) {
-        Some(t) if t <= now => format!("{} ago", human(now - t)),
+        Some(t) if t <= now + SKEW => {
+            format!("{} ago", human((now - t).max(chrono::Duration::zero())))
+        }
         Some(t) => format!("in {}", human(t - now)),
         None => ts.to_string(),
     }
@@ -376,7 +383,8 @@ fn next_rotation_cell(s: &KeySummary, now: DateTime<Utc>) -> String {
 }
 
 fn dash(s: Option<String>) -> String {
-    s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".to_string())
+    s.filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".to_string())
 }
 
 /// The `status` table (several keys). `namespaces` adds the NAMESPACE column (`-A`); `wide`
@@ -491,7 +499,12 @@ pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
         "Last rotation",
         match &s.last_rotation {
             Some(r) => match &r.at {
-                Some(at) => format!("{} ({at}), trigger {}, to {}", ago(at, now), r.trigger, r.kid),
+                Some(at) => format!(
+                    "{} ({at}), trigger {}, to {}",
+                    ago(at, now),
+                    r.trigger,
+                    r.kid
+                ),
                 None => format!("trigger {}, to {}", r.trigger, r.kid),
             },
             None => "never (the current key is the first)".to_string(),
