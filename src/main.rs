@@ -36,6 +36,9 @@ enum Command {
     },
     /// Run the operator (in-cluster config, or KUBECONFIG).
     Run(Box<RunArgs>),
+    // The CLI for people (`keyward status`, `keyward rotate`): src/cli/.
+    #[command(flatten)]
+    Cli(keyward::cli::Command),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -184,6 +187,7 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Cli(command) => keyward::cli::run(command).await,
         Command::Run(args) => match run(*args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,255 @@
+//! `keyward status` and `keyward rotate` as a user runs them: the built binary, against the real
+//! local control plane (`e2e/cluster.sh up`), with `--kubeconfig`. The operator runs in-process
+//! (watching only the test's namespace) so a requested rotation really happens.
+//!
+//! What each would catch: a request written into the spec (the generation changes) fails
+//! `rotate_requests_through_the_annotation_and_status_shows_it`; exit 0 for a key that is not
+//! Ready fails `status_exits_3_for_a_key_that_is_not_ready`.
+
+#[allow(dead_code)]
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use keyward::api::ProvisioningKey;
+use keyward::labels as l;
+use keyward::rotation::Floors;
+use keyward_testbed::{TestNamespace, kubeconfig_path};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+/// What one run of the binary returned.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `keyward <args> --kubeconfig <the plane's>` (off the async workers) with no KUBECONFIG
+/// in its environment, so the flag is what connects it.
+async fn keyward(args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    cmd.args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .env_remove("KUBECONFIG");
+    let what = format!("keyward {}", args.join(" "));
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("the blocking task")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn quick_rotation() -> Value {
+    json!({ "rotation": { "publishDelay": "1s", "overlap": "1s", "minInterval": "0s" } })
+}
+
+fn current_kid(pk: &ProvisioningKey) -> Option<String> {
+    pk.status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|c| c.kid.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_key_exits_1_with_a_clear_message() {
+    let ns = TestNamespace::new("kw-cli-missing").await;
+    let want = format!(
+        "ProvisioningKey \"nope\" not found in namespace \"{}\"",
+        ns.name()
+    );
+    for args in [
+        vec!["status", "-n", ns.name(), "nope"],
+        vec!["rotate", "-n", ns.name(), "nope"],
+    ] {
+        let run = keyward(&args).await;
+        assert_eq!(run.code, 1, "{args:?}: {run}");
+        assert!(run.stderr.contains(&want), "{args:?}: {run}");
+        assert!(run.stdout.is_empty(), "{args:?}: {run}");
+    }
+    // An empty namespace: nothing to report, nothing wrong.
+    let run = keyward(&["status", "-n", ns.name()]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stderr.contains("No ProvisioningKeys found"), "{run}");
+    // Usage errors are clap's exit code 2.
+    let run = keyward(&["rotate", "-n", ns.name()]).await;
+    assert_eq!(run.code, 2, "{run}");
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_requests_through_the_annotation_and_status_shows_it() {
+    let ns = TestNamespace::new("kw-cli-rotate").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let name = "payments";
+    create_pk(&pks, name, json!({}), quick_rotation()).await;
+    let settled = wait_pk(&pks, name, "settled on the first key", is_settled).await;
+    let kid1 = current_kid(&settled).expect("a current key");
+
+    // The table: Ready, the short key id, never rotated, exit 0.
+    let run = keyward(&["status", "-n", ns.name()]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("a row for {name}: {run}"));
+    for cell in ["True", "Ready", &kid1[..10], "never", "on request"] {
+        assert!(row.contains(cell), "{cell:?} in {row:?}");
+    }
+
+    // rotate: one merge patch of the annotation; the spec (generation) is untouched.
+    let run = keyward(&["rotate", "-n", ns.name(), name]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(
+        run.stdout.contains(&format!(
+            "provisioningkey {}/{name}: rotation requested ({}=",
+            ns.name(),
+            l::ROTATE
+        )),
+        "{run}"
+    );
+    assert!(run.stdout.contains(&kid1), "names the current key: {run}");
+    let after = pks.get(name).await.expect("get the key");
+    let value = after
+        .annotations()
+        .get(l::ROTATE)
+        .cloned()
+        .expect("the rotate annotation");
+    assert!(
+        run.stdout.contains(&value),
+        "prints the value it set: {run}"
+    );
+    assert_eq!(after.metadata.generation, settled.metadata.generation);
+    assert_eq!(after.spec, settled.spec);
+
+    // The operator serves the request; status shows the rotation.
+    let rotated = wait_pk(&pks, name, "rotated by the annotation", |pk| {
+        is_settled(pk) && current_kid(pk).is_some_and(|k| k != kid1)
+    })
+    .await;
+    let kid2 = current_kid(&rotated).expect("a current key");
+    let run = keyward(&["status", "-n", ns.name(), name]).await;
+    assert_eq!(run.code, 0, "{run}");
+    for want in [
+        format!("Current key:    {kid2}\n"),
+        "trigger Annotation".to_string(),
+        format!("{kid2}   Annotation"),
+        "Stalled:        no\n".to_string(),
+    ] {
+        assert!(run.stdout.contains(&want), "{want:?} in {run}");
+    }
+
+    // --wait: returns once the new key is handed out, with the old and new key ids.
+    let run = keyward(&[
+        "rotate",
+        "-n",
+        ns.name(),
+        name,
+        "--wait",
+        "--timeout",
+        "60s",
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    let done = pks.get(name).await.expect("get the key");
+    let kid3 = current_kid(&done).expect("a current key");
+    assert_ne!(kid3, kid2);
+    assert!(
+        run.stdout.contains(&format!("rotated: {kid2} -> {kid3}")),
+        "{run}"
+    );
+
+    // -o json: the summary a script reads.
+    let run = keyward(&["status", "-n", ns.name(), "-o", "json"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"));
+    assert_eq!(doc["healthy"], true, "{run}");
+    assert_eq!(doc["items"][0]["currentKey"]["kid"], kid3.as_str(), "{run}");
+    assert_eq!(
+        doc["items"][0]["lastRotation"]["trigger"], "Annotation",
+        "{run}"
+    );
+
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exits_3_for_a_key_that_is_not_ready() {
+    let ns = TestNamespace::new("kw-cli-notready").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    // A Secret the key's agent Secret name collides with: Keyward never writes it, and the
+    // key is not Ready (SecretNameTaken).
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("taken".into()),
+                    ..ObjectMeta::default()
+                },
+                ..Secret::default()
+            },
+        )
+        .await
+        .expect("create the colliding Secret");
+    create_pk(&pks, "taken", json!({}), json!({})).await;
+    create_pk(&pks, "fine", json!({}), json!({})).await;
+    wait_pk(&pks, "taken", "not Ready: SecretNameTaken", |pk| {
+        not_ready_because(pk, "SecretNameTaken")
+    })
+    .await;
+    wait_pk(&pks, "fine", "settled", is_settled).await;
+
+    // The one healthy key alone: 0. The namespace, holding a key that is not Ready: 3.
+    let run = keyward(&["status", "-n", ns.name(), "fine"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    let run = keyward(&["status", "-n", ns.name()]).await;
+    assert_eq!(run.code, 3, "{run}");
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("taken"))
+        .unwrap_or_else(|| panic!("a row for taken: {run}"));
+    assert!(row.contains("False"), "{row}");
+    let run = keyward(&["status", "-n", ns.name(), "-o", "wide"]).await;
+    assert_eq!(run.code, 3, "{run}");
+    assert!(
+        run.stdout.contains(": SecretNameTaken: "),
+        "the reason in wide: {run}"
+    );
+
+    let run = keyward(&["status", "-n", ns.name(), "taken"]).await;
+    assert_eq!(run.code, 3, "{run}");
+    assert!(
+        run.stdout
+            .contains("Ready:          False (SecretNameTaken)"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("Attention:"), "{run}");
+
+    op.stop().await;
+    ns.cleanup().await;
+}
