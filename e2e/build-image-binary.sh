@@ -23,7 +23,7 @@ case "$line" in
 esac
 cmd=${line#RUN }
 # The image builds in /src with the default target directory; here only the target moves.
-export CARGO_TARGET_DIR=${KEYWARD_IMAGE_TARGET_DIR:-$HOME/.cache/keyward/target-release}
+export CARGO_TARGET_DIR=${KEYWARD_IMAGE_TARGET_DIR:-${KEYWARD_BENCH_TARGET:-$HOME/.cache/keyward/target-release}}
 say "running the Dockerfile's build command: $cmd (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 t0=$(date +%s)
 bash -ec "$cmd" >&2
