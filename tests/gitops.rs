@@ -232,8 +232,16 @@ fn assert_no_rollout(before: &Deployment, after: &Deployment) {
     let template = |d: &Deployment| {
         serde_json::to_value(&d.spec.as_ref().expect("spec").template).expect("json")
     };
-    assert_eq!(template(before), template(after), "the pod template changed");
-    let revision = |d: &Deployment| d.annotations().get("deployment.kubernetes.io/revision").cloned();
+    assert_eq!(
+        template(before),
+        template(after),
+        "the pod template changed"
+    );
+    let revision = |d: &Deployment| {
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .cloned()
+    };
     assert_eq!(revision(before), revision(after), "a new rollout revision");
 }
 
@@ -247,10 +255,17 @@ async fn reapply_keeps_the_annotation(bed: &Bed, kid: &str) {
 
     // Argo CD: client-side apply (three-way merge with last-applied-configuration).
     let (code, out, err) = bed.kubectl(&["diff", "-f", "-"], WORKLOAD).await;
-    assert_eq!(code, 0, "kubectl diff shows drift before the re-apply: {out}{err}");
+    assert_eq!(
+        code, 0,
+        "kubectl diff shows drift before the re-apply: {out}{err}"
+    );
     bed.kubectl_ok(&["apply", "-f", "-"], WORKLOAD).await;
     let after = deploys.get("opa").await.expect("the Deployment");
-    assert_eq!(template_kid(&after).as_deref(), Some(kid), "client-side apply removed it");
+    assert_eq!(
+        template_kid(&after).as_deref(),
+        Some(kid),
+        "client-side apply removed it"
+    );
     assert_no_rollout(&before, &after);
     let (code, out, err) = bed.kubectl(&["diff", "-f", "-"], WORKLOAD).await;
     assert_eq!(code, 0, "kubectl diff shows drift: {out}{err}");
@@ -266,8 +281,11 @@ async fn reapply_keeps_the_annotation(bed: &Bed, kid: &str) {
         "-",
     ];
     let dry: Deployment = serde_json::from_str(
-        &bed.kubectl_ok(&[&ssa[..], &["--dry-run=server", "-o", "json"]].concat(), WORKLOAD)
-            .await,
+        &bed.kubectl_ok(
+            &[&ssa[..], &["--dry-run=server", "-o", "json"]].concat(),
+            WORKLOAD,
+        )
+        .await,
     )
     .expect("the dry run's Deployment");
     let live = deploys.get("opa").await.expect("the Deployment");
@@ -279,7 +297,11 @@ async fn reapply_keeps_the_annotation(bed: &Bed, kid: &str) {
     );
     bed.kubectl_ok(&ssa, WORKLOAD).await;
     let after = deploys.get("opa").await.expect("the Deployment");
-    assert_eq!(template_kid(&after).as_deref(), Some(kid), "server-side apply removed it");
+    assert_eq!(
+        template_kid(&after).as_deref(),
+        Some(kid),
+        "server-side apply removed it"
+    );
     assert_no_rollout(&before, &after);
 
     // On the workload Keyward owns exactly one pod-template field: its annotation.
@@ -316,9 +338,14 @@ async fn gitops_reapply_rotation_by_commit_and_no_spec_writes() {
     let pk = wait_pk(&pks, "agents", "settled on its first key", is_settled).await;
     let kid1 = pk.status.and_then(|s| s.current_key).expect("a key").kid;
     bed.kubectl_ok(&["apply", "-f", "-"], WORKLOAD).await;
-    wait_for(&bed.api::<Deployment>(), "opa", deployment_rolled_out(), TIMEOUT)
-        .await
-        .expect("the first rollout");
+    wait_for(
+        &bed.api::<Deployment>(),
+        "opa",
+        deployment_rolled_out(),
+        TIMEOUT,
+    )
+    .await
+    .expect("the first rollout");
     bed.kubectl_ok(&["apply", "-f", "-"], POLICY_AGENT).await;
     wait_obj(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
         confirmed_on(pa, &kid1)
@@ -340,9 +367,13 @@ async fn gitops_reapply_rotation_by_commit_and_no_spec_writes() {
     })
     .await;
     let kid2 = pk.status.and_then(|s| s.current_key).expect("a key").kid;
-    wait_obj(&pas, "opa-agents", "confirmed on the new key", TIMEOUT, |pa| {
-        confirmed_on(pa, &kid2)
-    })
+    wait_obj(
+        &pas,
+        "opa-agents",
+        "confirmed on the new key",
+        TIMEOUT,
+        |pa| confirmed_on(pa, &kid2),
+    )
     .await;
     wait_pk(&pks, "agents", "the old key revoked", |pk| {
         rotated_to(pk, &kid2, &[&kid1])
@@ -353,7 +384,11 @@ async fn gitops_reapply_rotation_by_commit_and_no_spec_writes() {
         .await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let keys = key_secrets(&secrets, "agents").await;
-    assert_eq!(keys.len(), 2, "exactly one rotation for one new requestToken");
+    assert_eq!(
+        keys.len(),
+        2,
+        "exactly one rotation for one new requestToken"
+    );
     assert_eq!(
         annotation(&keys[1], l::TRIGGER).as_deref(),
         Some("RequestToken")
@@ -395,7 +430,11 @@ async fn gitops_reapply_rotation_by_commit_and_no_spec_writes() {
         ),
     ] {
         assert_eq!(status_generation, generation, "{what}");
-        for (t, want) in [("Ready", "True"), ("Reconciling", "False"), ("Stalled", "False")] {
+        for (t, want) in [
+            ("Ready", "True"),
+            ("Reconciling", "False"),
+            ("Stalled", "False"),
+        ] {
             let c = conditions
                 .iter()
                 .find(|c| c.type_ == t)
@@ -504,7 +543,10 @@ async fn gitops_examples_live_spec_equals_manifest() {
     let bed = Bed::new("kw-gitops-examples").await;
     let pks: Api<ProvisioningKey> = bed.api();
     let pas: Api<PolicyAgent> = bed.api();
-    let files = ["examples/provisioningkey.yaml", "examples/agents/opa-deployment.yaml"];
+    let files = [
+        "examples/provisioningkey.yaml",
+        "examples/agents/opa-deployment.yaml",
+    ];
     for f in files {
         let path = format!("{}/{f}", env!("CARGO_MANIFEST_DIR"));
         bed.kubectl_ok(&["apply", "-f", &path], "").await;
@@ -530,18 +572,30 @@ async fn gitops_examples_live_spec_equals_manifest() {
             // The live object as the API server serves it (not through our types).
             let raw: Value = serde_json::from_str(
                 &bed.kubectl_ok(
-                    &["get", m["kind"].as_str().unwrap_or_default(), &name, "-o", "json"],
+                    &[
+                        "get",
+                        m["kind"].as_str().unwrap_or_default(),
+                        &name,
+                        "-o",
+                        "json",
+                    ],
                     "",
                 )
                 .await,
             )
             .expect("kubectl get -o json");
             assert_eq!(raw["spec"], m["spec"], "{f}: live spec of {name} drifted");
-            assert_eq!(live["spec"], m["spec"], "{f}: spec of {name} as Keyward reads it");
+            assert_eq!(
+                live["spec"], m["spec"],
+                "{f}: spec of {name} as Keyward reads it"
+            );
             checked += 1;
         }
     }
-    assert_eq!(checked, 2, "one ProvisioningKey and one PolicyAgent in the examples");
+    assert_eq!(
+        checked, 2,
+        "one ProvisioningKey and one PolicyAgent in the examples"
+    );
     bed.finish().await;
 }
 
@@ -584,6 +638,18 @@ fn gitops_argocd_cm_embeds_the_health_check() {
             "{key} in docs/gitops/argocd-cm.yaml must be docs/gitops/health.lua"
         );
     }
+    // The worked examples parse, and Flux checks both kinds.
+    let app = manifests("docs/gitops/argocd-application.yaml", &["Application"]);
+    assert_eq!(app.len(), 1);
+    assert!(app[0]["spec"].get("ignoreDifferences").is_none());
+    let ks = manifests("docs/gitops/flux-kustomization.yaml", &["Kustomization"]);
+    let kinds: Vec<&Value> = ks[0]["spec"]["healthChecks"]
+        .as_array()
+        .expect("healthChecks")
+        .iter()
+        .map(|c| &c["kind"])
+        .collect();
+    assert_eq!(kinds, [&json!("ProvisioningKey"), &json!("PolicyAgent")]);
     // A resource the operator has not seen yet.
     let fresh = json!({ "metadata": { "generation": 1 } });
     assert_eq!(health(&fresh).0, "Progressing");
@@ -602,7 +668,12 @@ async fn gitops_health_check_on_real_statuses() {
     bed.kubectl_ok(&["apply", "-f", "-"], &key_manifest("initial"))
         .await;
     let pk = wait_pk(&pks, "agents", "settled", is_settled).await;
-    let kid1 = pk.status.clone().and_then(|s| s.current_key).expect("key").kid;
+    let kid1 = pk
+        .status
+        .clone()
+        .and_then(|s| s.current_key)
+        .expect("key")
+        .kid;
     let (status, message) = health(&as_json(&pk));
     assert_eq!(status, "Healthy", "settled key: {message}");
 
@@ -613,11 +684,13 @@ async fn gitops_health_check_on_real_statuses() {
         "metadata": { "name": "slow" },
         "spec": { "rotation": { "publishDelay": "1h", "minInterval": "0s", "requestToken": "a" } },
     });
-    bed.kubectl_ok(&["apply", "-f", "-"], &slow.to_string()).await;
+    bed.kubectl_ok(&["apply", "-f", "-"], &slow.to_string())
+        .await;
     wait_pk(&pks, "slow", "settled", is_settled).await;
     let mut slow2 = slow.clone();
     slow2["spec"]["rotation"]["requestToken"] = json!("b");
-    bed.kubectl_ok(&["apply", "-f", "-"], &slow2.to_string()).await;
+    bed.kubectl_ok(&["apply", "-f", "-"], &slow2.to_string())
+        .await;
     let pk = wait_pk(&pks, "slow", "rotating", |pk| {
         pk.status.as_ref().is_some_and(|s| {
             observed(pk, s.observed_generation)
@@ -628,7 +701,11 @@ async fn gitops_health_check_on_real_statuses() {
     })
     .await;
     let cond = |pk: &ProvisioningKey, t: &str| condition(pk, t).map(|c| c.status.clone());
-    assert_eq!(cond(&pk, "Reconciling").as_deref(), Some("False"), "a rotation is not Reconciling");
+    assert_eq!(
+        cond(&pk, "Reconciling").as_deref(),
+        Some("False"),
+        "a rotation is not Reconciling"
+    );
     assert_eq!(cond(&pk, "Ready").as_deref(), Some("True"));
     let (status, message) = health(&as_json(&pk));
     assert_eq!(status, "Healthy", "rotating key: {message}");
@@ -646,7 +723,8 @@ async fn gitops_health_check_on_real_statuses() {
         "metadata": { "name": "invalid" },
         "spec": { "secretName": "taken" },
     });
-    bed.kubectl_ok(&["apply", "-f", "-"], &taken.to_string()).await;
+    bed.kubectl_ok(&["apply", "-f", "-"], &taken.to_string())
+        .await;
     let pk = wait_pk(&pks, "invalid", "stalled", |pk| {
         observed(pk, pk.status.as_ref().and_then(|s| s.observed_generation))
             && cond(pk, "Stalled").as_deref() == Some("True")
@@ -660,17 +738,20 @@ async fn gitops_health_check_on_real_statuses() {
     // A new generation the operator has not observed yet (as Argo CD may see it right after a
     // sync): the settled key with its generation moved past the status.
     let mut pending = as_json(&pks.get("agents").await.expect("key"));
-    pending["metadata"]["generation"] = json!(pending["metadata"]["generation"]
-        .as_i64()
-        .unwrap_or(1)
-        + 1);
+    pending["metadata"]["generation"] =
+        json!(pending["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
     assert_eq!(health(&pending).0, "Progressing");
 
     // Agents: one confirmed, one whose Deployment is paused (its roll cannot finish: Stalled).
     bed.kubectl_ok(&["apply", "-f", "-"], WORKLOAD).await;
-    wait_for(&bed.api::<Deployment>(), "opa", deployment_rolled_out(), TIMEOUT)
-        .await
-        .expect("the first rollout");
+    wait_for(
+        &bed.api::<Deployment>(),
+        "opa",
+        deployment_rolled_out(),
+        TIMEOUT,
+    )
+    .await
+    .expect("the first rollout");
     bed.kubectl_ok(&["apply", "-f", "-"], POLICY_AGENT).await;
     let pa = wait_obj(&pas, "opa-agents", "confirmed", TIMEOUT, |pa| {
         confirmed_on(pa, &kid1)

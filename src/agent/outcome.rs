@@ -153,10 +153,7 @@ pub fn outcome(
             Cond::new(
                 true,
                 reasons::KEY_ROTATION,
-                format!(
-                    "agents were confirmed on key {}; {message}",
-                    e.key_id
-                ),
+                format!("agents were confirmed on key {}; {message}", e.key_id),
             )
         })
     };
@@ -502,7 +499,12 @@ mod tests {
                 assert_eq!(c.observed_generation, Some(2), "{t}");
                 (c.status.clone(), c.reason.clone())
             };
-            (c("Ready").0, c("Reconciling").0, c("Stalled").0, c("Ready").1)
+            (
+                c("Ready").0,
+                c("Reconciling").0,
+                c("Stalled").0,
+                c("Ready").1,
+            )
         };
         let t = |r: &str, rec: &str, st: &str| (r.to_string(), rec.to_string(), st.to_string());
         let three = |c: (String, String, String, String)| (c.0, c.1, c.2);
@@ -522,7 +524,10 @@ mod tests {
         let c = conds(&o);
         assert_eq!(c.3, reasons::KEY_ROTATION);
         assert_eq!(three(c), t("True", "False", "False"));
-        assert!(!o.connected.status, "Connected tells the roll is not confirmed");
+        assert!(
+            !o.connected.status,
+            "Connected tells the roll is not confirmed"
+        );
 
         // Paused on the way: not Ready, Stalled.
         let paused = Rollout::Stalled {

@@ -1552,7 +1552,9 @@ async fn report_error(
             generation,
             Time(jiff_from(now)),
         );
-        status.conditions.retain(|c| c.type_ != conditions::RECONCILING);
+        status
+            .conditions
+            .retain(|c| c.type_ != conditions::RECONCILING);
         status.conditions.insert(1, reconciling);
     }
     if matches!(error, Error::NameTaken { .. }) {
@@ -1821,11 +1823,21 @@ mod tests {
         assert_eq!(stalled, t("True", "SecretNameTaken"));
 
         // Settled twice: the same status (no write).
-        pk.status = Some(desired_status(&pk, &obs, &plan(rotation::Phase::Ready), now));
+        pk.status = Some(desired_status(
+            &pk,
+            &obs,
+            &plan(rotation::Phase::Ready),
+            now,
+        ));
         let later = now + chrono::Duration::seconds(60);
         assert_eq!(
             pk.status,
-            Some(desired_status(&pk, &obs, &plan(rotation::Phase::Ready), later))
+            Some(desired_status(
+                &pk,
+                &obs,
+                &plan(rotation::Phase::Ready),
+                later
+            ))
         );
     }
 }
