@@ -532,3 +532,33 @@ fn changed_names_are_rejected() {
         );
     }
 }
+
+/// No schema default anywhere: the API server would write it into the stored object, and a
+/// GitOps tool would see the live `.spec` differ from a manifest that leaves the field out.
+/// Defaults are applied by the operator in code (see tests/gitops.rs for the live check).
+#[test]
+fn no_schema_defaults() {
+    fn walk(v: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    if k == "default" && path.contains("openAPIV3Schema") {
+                        found.push(path.to_string());
+                    }
+                    walk(child, &format!("{path}/{k}"), found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    walk(child, &format!("{path}/{i}"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    for crd in [pk_crd(), pa_crd()] {
+        let mut found = Vec::new();
+        walk(&crd, "", &mut found);
+        assert!(found.is_empty(), "schema defaults at {found:?}");
+    }
+}

@@ -288,6 +288,8 @@ pub mod reasons {
     pub const PODS_NOT_ON_KEY: &str = "PodsNotOnKey";
     pub const CHECKS_PENDING: &str = "ConnectivityPending";
     pub const CONFIRMED: &str = "Confirmed";
+    /// `Ready=True` while agents confirmed on a key roll to its successor.
+    pub const KEY_ROTATION: &str = "KeyRotationInProgress";
 }
 
 fn count(n: usize) -> i32 {

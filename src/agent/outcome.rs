@@ -139,6 +139,24 @@ pub fn outcome(
     let kid = &input.secret_kid;
     let counts = super::counts(input);
     let standing = input.standing().cloned();
+    // The agents of this workload were confirmed on a key before (recorded in status): a roll
+    // or a wait now is a rotation or a template change, during which they keep a trusted key
+    // (the old key is revoked only once they confirm the new one), so the PolicyAgent stays
+    // Ready (kstatus `Current`: Flux health checks pass during a rotation). Without it, this is
+    // the first confirmation of the spec: Ready=False, and `Reconciling`.
+    let was_confirmed = input
+        .previous
+        .as_ref()
+        .filter(|e| e.workload_uid == input.workload_uid);
+    let rotating = |message: &str| {
+        was_confirmed.map(|e| {
+            Cond::new(
+                true,
+                reasons::KEY_ROTATION,
+                format!("agents were confirmed on key {}; {message}", e.key_id),
+            )
+        })
+    };
     let base = Outcome {
         phase: Phase::Confirming,
         ready: Cond::new(false, "", ""),
@@ -156,7 +174,9 @@ pub fn outcome(
             let message = format!("rolling to key {kid}");
             Outcome {
                 phase: Phase::Rolling,
-                ready: Cond::new(standing.is_some(), "RolloutTriggered", message.clone()),
+                ready: rotating(&message).unwrap_or_else(|| {
+                    Cond::new(standing.is_some(), "RolloutTriggered", message.clone())
+                }),
                 connected: Cond::new(false, "RolloutTriggered", message),
                 rolled_at: Some(now),
                 rolled: Some((input.template_kid.clone(), kid.clone())),
@@ -170,10 +190,13 @@ pub fn outcome(
             retry_after,
         } => {
             let on_current = standing.as_ref().is_some_and(|e| e.key_id == *kid);
+            let phase = wait_phase(input, reason);
             Outcome {
-                phase: wait_phase(input, reason),
+                phase,
                 ready: if on_current {
                     Cond::new(true, reasons::CONFIRMED, format!("confirmed on key {kid}"))
+                } else if let Some(c) = rotating(message).filter(|_| phase != Phase::Stalled) {
+                    c
                 } else {
                     Cond::new(false, reason, message.clone())
                 },
@@ -304,6 +327,26 @@ pub fn status(
             now_t.clone(),
         )
     };
+    // kstatus: Stalled when a human must act (an invalid spec, a claimed workload, a rollout
+    // that will not finish); Reconciling while the spec waits for its first confirmation.
+    let needs_human = matches!(o.phase, Phase::Invalid | Phase::Stalled) && !o.ready.status;
+    let stalled = if needs_human {
+        Cond::new(true, o.ready.reason, o.ready.message.clone())
+    } else {
+        Cond::new(false, crate::rotation::reasons::IDLE, "not stalled")
+    };
+    let reconciling = if !o.ready.status && !needs_human {
+        Cond::new(true, o.ready.reason, o.ready.message.clone())
+    } else {
+        Cond::new(
+            false,
+            conditions::reasons::RECONCILED,
+            format!(
+                "generation {} has been acted on",
+                generation.unwrap_or_default()
+            ),
+        )
+    };
     PolicyAgentStatus {
         phase: Some(o.phase.as_str().to_string()),
         confirmed_key_id: o.evidence.as_ref().map(|e| e.key_id.clone()),
@@ -329,6 +372,8 @@ pub fn status(
         conditions: vec![
             cond(conditions::READY, &o.ready),
             cond(conditions::CONNECTED, &o.connected),
+            cond(conditions::RECONCILING, &reconciling),
+            cond(conditions::STALLED, &stalled),
         ],
     }
 }
@@ -435,5 +480,79 @@ mod tests {
         });
         assert_eq!(o.phase, Phase::Pending);
         assert!(!warning_due(None, &o));
+    }
+
+    /// kstatus: agents confirmed on a key stay Ready while they roll to its successor (a
+    /// rotation is not `Reconciling`); a first confirmation is `Reconciling`; a rollout that
+    /// cannot finish or a refused spec is `Stalled`; conditions carry the generation.
+    #[test]
+    fn kstatus_conditions() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+        let p = Duration::from_secs(2);
+        let mut pa = PolicyAgent::new("opa-agents", Default::default());
+        pa.metadata.generation = Some(2);
+        let conds = |o: &Outcome| {
+            let s = status(&pa, &PolicyAgentStatus::default(), o, now);
+            assert_eq!(s.observed_generation, Some(2));
+            let c = |t: &str| {
+                let c = s.conditions.iter().find(|c| c.type_ == t).expect(t);
+                assert_eq!(c.observed_generation, Some(2), "{t}");
+                (c.status.clone(), c.reason.clone())
+            };
+            (
+                c("Ready").0,
+                c("Reconciling").0,
+                c("Stalled").0,
+                c("Ready").1,
+            )
+        };
+        let t = |r: &str, rec: &str, st: &str| (r.to_string(), rec.to_string(), st.to_string());
+        let three = |c: (String, String, String, String)| (c.0, c.1, c.2);
+
+        // Rolling from K1 to K2, then waiting for the rollout: Ready throughout.
+        let i = input("K1", Some(ev("K1", "w1", "r2")), Rollout::Complete);
+        let o = outcome(&i, &crate::agent::decide(&i, now), p, now);
+        assert_eq!(o.phase, Phase::Rolling);
+        assert_eq!(three(conds(&o)), t("True", "False", "False"));
+        let i = input(
+            "K2",
+            Some(ev("K1", "w1", "r1")),
+            Rollout::Progressing("m".into()),
+        );
+        let o = outcome(&i, &crate::agent::decide(&i, now), p, now);
+        assert_eq!(o.phase, Phase::Rolling);
+        let c = conds(&o);
+        assert_eq!(c.3, reasons::KEY_ROTATION);
+        assert_eq!(three(c), t("True", "False", "False"));
+        assert!(
+            !o.connected.status,
+            "Connected tells the roll is not confirmed"
+        );
+
+        // Paused on the way: not Ready, Stalled.
+        let paused = Rollout::Stalled {
+            reason: "DeploymentPaused",
+            message: "paused".into(),
+        };
+        let i = input("K2", Some(ev("K1", "w1", "r1")), paused);
+        let o = outcome(&i, &crate::agent::decide(&i, now), p, now);
+        assert_eq!(three(conds(&o)), t("False", "False", "True"));
+
+        // A new PolicyAgent (or one re-pointed at another workload): Reconciling until its
+        // first confirmation.
+        for previous in [None, Some(ev("K1", "w0", "r1"))] {
+            let i = input("K2", previous, Rollout::Progressing("m".into()));
+            let o = outcome(&i, &crate::agent::decide(&i, now), p, now);
+            assert_eq!(three(conds(&o)), t("False", "True", "False"));
+        }
+
+        // Refused: an invalid spec is Stalled; a missing key is waited for.
+        let o = refused(&Refusal::InvalidSpec("bad".into()));
+        assert_eq!(three(conds(&o)), t("False", "False", "True"));
+        let o = refused(&Refusal::ProvisioningKeyNotFound {
+            name: "k".into(),
+            namespace: "ns".into(),
+        });
+        assert_eq!(three(conds(&o)), t("False", "True", "False"));
     }
 }

@@ -2,10 +2,29 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+// kstatus (the status convention Flux, kpt and Argo CD's generic checks read):
+// - `Ready`: the object does what its spec asks (a ProvisioningKey: its current key is handed
+//   out; a PolicyAgent: its agents are confirmed on a key that is still trusted).
+// - `Reconciling`: only while a new generation has not been acted on yet (the first key of a new
+//   ProvisioningKey, the first confirmation of a new or re-pointed PolicyAgent, a failed
+//   reconcile of a new generation). Never during a scheduled or requested rotation: Flux's
+//   health checks would otherwise fail on every rotation.
+// - `Stalled`: no progress without a human (an invalid or refused spec, a name owned by someone
+//   else, a rotation past its confirmation timeout, a rollout that will not finish).
+// Every condition carries the `observedGeneration` it was computed for, as does the status.
 pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
 pub const ROTATING: &str = "Rotating";
 pub const STALLED: &str = "Stalled";
 pub const CONNECTED: &str = "Connected";
+
+/// Reasons of the kstatus conditions when nothing is going on.
+pub mod reasons {
+    /// `Reconciling=False`: the current generation has been acted on.
+    pub const RECONCILED: &str = "Reconciled";
+    /// `Reconciling=True`: a new generation whose reconcile failed (the error is in `Ready`).
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+}
 
 /// Builds a condition, keeping `lastTransitionTime` of `previous` when the status did not change,
 /// so that a settled object produces the same status on every reconcile (no write).

@@ -44,6 +44,7 @@ pub struct ProvisioningKeySpec {
     /// Key algorithm. Only `Ed25519` is supported. Immutable.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("algorithm is immutable"))]
+    #[schemars(transform = no_schema_default)]
     pub algorithm: Algorithm,
 
     /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
@@ -89,6 +90,13 @@ pub struct ProvisioningKeySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub compromised_keys: Vec<CompromisedKeyId>,
+}
+
+/// Drops the `default` schemars derives from `#[serde(default)]`: a schema default is written
+/// into the stored object, so a manifest that leaves the field out would differ from the live
+/// object (drift for Argo CD and Flux). The operator applies the default in code instead.
+fn no_schema_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 /// An RFC 7638 thumbprint (43 base64url characters).

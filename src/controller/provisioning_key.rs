@@ -1327,6 +1327,33 @@ pub fn desired_status(
             now_t.clone(),
         ),
     };
+    // Reconciling (kstatus): only while the spec has not been acted on yet, that is while a new
+    // ProvisioningKey has no key handed out. A rotation (scheduled, requested by a new
+    // `requestToken`, emergency) is reported by `Rotating`, never here.
+    let reconciling = if plan.blocked.is_none() && !(cur.is_some() && handed_out) {
+        condition(
+            &previous,
+            conditions::RECONCILING,
+            true,
+            rotation::reasons::MINTING,
+            "the first key is being minted and handed out",
+            generation,
+            now_t.clone(),
+        )
+    } else {
+        condition(
+            &previous,
+            conditions::RECONCILING,
+            false,
+            conditions::reasons::RECONCILED,
+            format!(
+                "generation {} has been acted on",
+                generation.unwrap_or_default()
+            ),
+            generation,
+            now_t.clone(),
+        )
+    };
     let rotating = match &plan.rotating {
         Some(why) => condition(
             &previous,
@@ -1410,7 +1437,7 @@ pub fn desired_status(
         next_rotation_at: plan.next_rotation_at.map(ts),
         token_refresh_at: plan.token_refresh_at.map(ts),
         observed_generation: generation,
-        conditions: vec![ready, rotating, stalled],
+        conditions: vec![ready, reconciling, rotating, stalled],
         history: obs
             .keys
             .iter()
@@ -1615,6 +1642,39 @@ async fn report_error(
     );
     status.conditions.retain(|c| c.type_ != conditions::READY);
     status.conditions.insert(0, ready);
+    if previous.observed_generation != generation {
+        // A new generation that could not be acted on: Reconciling (kstatus) until a reconcile
+        // succeeds; a name owned by someone else needs a human: Stalled.
+        let reconciling = condition(
+            &previous.conditions,
+            conditions::RECONCILING,
+            true,
+            conditions::reasons::RECONCILE_FAILED,
+            format!(
+                "generation {} is not applied yet: {error}",
+                generation.unwrap_or_default()
+            ),
+            generation,
+            Time(jiff_from(now)),
+        );
+        status
+            .conditions
+            .retain(|c| c.type_ != conditions::RECONCILING);
+        status.conditions.insert(1, reconciling);
+    }
+    if matches!(error, Error::NameTaken { .. }) {
+        let stalled = condition(
+            &previous.conditions,
+            conditions::STALLED,
+            true,
+            error.reason(),
+            error.to_string(),
+            generation,
+            Time(jiff_from(now)),
+        );
+        status.conditions.retain(|c| c.type_ != conditions::STALLED);
+        status.conditions.push(stalled);
+    }
     status.observed_generation = generation;
     let written = write_status(ctx, pk, &status).await?;
     let (ns, name) = object_key(pk)?;
@@ -1983,5 +2043,97 @@ mod tests {
             assert!(n[0].1.contains(part), "{part}: {n:?}");
         }
         assert!(notes(&mint, &r, None).is_empty());
+    }
+
+    /// kstatus: `Reconciling` only while a new key has nothing handed out; a rotation in flight
+    /// is `Rotating`, not `Reconciling`; a blocked spec is `Stalled`; every condition carries the
+    /// generation; a second reconcile of the same state writes the same status.
+    #[test]
+    fn kstatus_conditions() {
+        let now = DateTime::from_timestamp(2_000, 0).expect("valid");
+        let mut pk = ProvisioningKey::new("demo", Default::default());
+        pk.metadata.generation = Some(3);
+        let status = |pk: &ProvisioningKey, obs: &Observed, plan: &Plan| {
+            let s = desired_status(pk, obs, plan, now);
+            let c = |t: &str| {
+                let c = cond(&s, t).unwrap_or_else(|| panic!("no {t}"));
+                assert_eq!(c.observed_generation, Some(3), "{t}");
+                (c.status.clone(), c.reason.clone())
+            };
+            assert_eq!(s.observed_generation, Some(3));
+            (c("Ready"), c("Reconciling"), c("Rotating"), c("Stalled"))
+        };
+        let t = |s: &str, r: &str| (s.to_string(), r.to_string());
+        let plan = |p: rotation::Phase| Plan {
+            step: None,
+            phase: p,
+            blocked: None,
+            rotating: None,
+            stalled: None,
+            requeue_after: None,
+            next_rotation_at: None,
+            token_refresh_at: None,
+            unrecorded: Vec::new(),
+        };
+        let why = |reason: &'static str| rotation::Why {
+            reason,
+            message: "m".into(),
+        };
+
+        // A new key: nothing handed out yet.
+        let mut obs = read(Vec::new(), Vec::new()).observed;
+        let (ready, reconciling, _, stalled) = status(&pk, &obs, &plan(rotation::Phase::Pending));
+        assert_eq!(ready.0, "False");
+        assert_eq!(reconciling, t("True", "Minting"));
+        assert_eq!(stalled.0, "False");
+
+        // Handed out: Ready, not Reconciling; a rotation in flight changes neither.
+        obs.agent_secret = AgentSecretObs::Owned(rotation::AgentSecret {
+            kid: Some("kid2".into()),
+            ..Default::default()
+        });
+        let settled = status(&pk, &obs, &plan(rotation::Phase::Ready));
+        assert_eq!(settled.0, t("True", "KeyActive"));
+        assert_eq!(settled.1, t("False", "Reconciled"));
+        let mut rotating = plan(rotation::Phase::Publishing);
+        rotating.rotating = Some(why(rotation::reasons::PUBLISHING));
+        let (ready, reconciling, rot, stalled) = status(&pk, &obs, &rotating);
+        assert_eq!((ready, reconciling), (settled.0.clone(), settled.1.clone()));
+        assert_eq!(rot, t("True", "Publishing"));
+        assert_eq!(stalled.0, "False");
+
+        // A rotation past its confirmation timeout: Stalled, the key still Ready.
+        let mut late = plan(rotation::Phase::Stalled);
+        late.stalled = Some(why(rotation::reasons::ROTATION_STALLED));
+        let (ready, reconciling, _, stalled) = status(&pk, &obs, &late);
+        assert_eq!(ready.0, "True");
+        assert_eq!(reconciling.0, "False");
+        assert_eq!(stalled, t("True", "RotationStalled"));
+
+        // A name owned by someone else: not Ready, Stalled, not Reconciling.
+        let mut blocked = plan(rotation::Phase::Invalid);
+        blocked.blocked = Some(why(rotation::reasons::SECRET_NAME_TAKEN));
+        let (ready, reconciling, _, stalled) = status(&pk, &obs, &blocked);
+        assert_eq!(ready, t("False", "SecretNameTaken"));
+        assert_eq!(reconciling.0, "False");
+        assert_eq!(stalled, t("True", "SecretNameTaken"));
+
+        // Settled twice: the same status (no write).
+        pk.status = Some(desired_status(
+            &pk,
+            &obs,
+            &plan(rotation::Phase::Ready),
+            now,
+        ));
+        let later = now + chrono::Duration::seconds(60);
+        assert_eq!(
+            pk.status,
+            Some(desired_status(
+                &pk,
+                &obs,
+                &plan(rotation::Phase::Ready),
+                later
+            ))
+        );
     }
 }
