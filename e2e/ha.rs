@@ -228,22 +228,7 @@ async fn only_the_leader_writes_and_sigterm_hands_over_at_once() -> anyhow::Resu
     let before = bed.workloads_now().await?;
     let since = Instant::now();
     bed.request_rotation("after-handover").await?;
-    let k2 = bed.wait_handed_out(|k| k != k1).await?;
-    bed.wait_rotation_complete(&k1, &k2)
-        .await
-        .with_context(|| format!("b's output:\n{}", b.log_tail(30)))?;
-    let t = bed
-        .check_rotation(&Rotation {
-            old: k1.clone(),
-            new: k2.clone(),
-            new_seq: 2,
-            before,
-            since,
-            allowed_refusals: vec![],
-            publish_delay: Duration::from_secs(2),
-        })
-        .await?;
-    bed.say(format!("TIMING rotation by the new leader: {t}"));
+    finishes(&bed, &b, &k1, before, since).await?;
     ensure!(
         events_by(&bed, "op-a")
             .await?

@@ -214,15 +214,7 @@ spec:
 }
 
 fn template_kid(d: &Deployment) -> Option<String> {
-    d.spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(l::KEY_ID)
-        .cloned()
+    keyward::workload::Workload::Deployment(d.clone()).template_kid()
 }
 
 /// The pod template did not change, so no rollout started. (The generation may move: a

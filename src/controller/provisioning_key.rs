@@ -2064,17 +2064,7 @@ mod tests {
             (c("Ready"), c("Reconciling"), c("Rotating"), c("Stalled"))
         };
         let t = |s: &str, r: &str| (s.to_string(), r.to_string());
-        let plan = |p: rotation::Phase| Plan {
-            step: None,
-            phase: p,
-            blocked: None,
-            rotating: None,
-            stalled: None,
-            requeue_after: None,
-            next_rotation_at: None,
-            token_refresh_at: None,
-            unrecorded: Vec::new(),
-        };
+        let plan = Plan::new;
         let why = |reason: &'static str| rotation::Why {
             reason,
             message: "m".into(),

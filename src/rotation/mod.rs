@@ -367,7 +367,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn new(phase: Phase) -> Self {
+    /// A plan with no step: the object is in `phase` and nothing else is known yet.
+    pub fn new(phase: Phase) -> Self {
         Plan {
             step: None,
             phase,
