@@ -28,7 +28,7 @@ pub mod observe;
 pub mod schedule;
 
 pub use settings::{
-    Floors, LastGood, Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep,
+    DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, Floors, LastGood, Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep,
     valid_compromised,
 };
 
