@@ -344,7 +344,11 @@ struct VerifierArgs {
 async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> {
     use keyward::verifier;
     keyward::telemetry::init(&args.log_format);
-    let upstream = args.upstream.as_deref().map(verifier::Upstream::new).transpose()?;
+    let upstream = args
+        .upstream
+        .as_deref()
+        .map(verifier::Upstream::new)
+        .transpose()?;
     let policy = verifier::Policy {
         clock_skew: args.clock_skew,
         audience: args.audience,
@@ -355,7 +359,11 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
     let shared = std::sync::Arc::new(verifier::Shared::new(policy, use_log, upstream));
     let client = kube::Client::try_default().await?;
     let listener = tokio::net::TcpListener::bind(&args.address).await?;
-    let namespaces: Vec<String> = args.namespaces.into_iter().filter(|n| !n.is_empty()).collect();
+    let namespaces: Vec<String> = args
+        .namespaces
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect();
     info!(address = %listener.local_addr()?, namespaces = ?namespaces, clock_skew = ?args.clock_skew,
           upstream = ?args.upstream, "starting keyward verifier");
     verifier::run(client, namespaces, shared, listener, shutdown_signal()).await?;

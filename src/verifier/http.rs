@@ -198,7 +198,8 @@ async fn bundle_document(
     let Some((doc, age)) = found else {
         return (StatusCode::NOT_FOUND, "no such trust bundle\n").into_response();
     };
-    let etag = HeaderValue::from_str(&doc.etag).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+    let etag =
+        HeaderValue::from_str(&doc.etag).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
     let cache = HeaderValue::from_str(&cache_control(age))
         .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
     let mut res = if none_match(&headers, &doc.etag) {
@@ -251,7 +252,8 @@ async fn proxy(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let uri = match format!("{}{}", upstream.base.trim_end_matches('/'), path).parse::<http::Uri>() {
+    let uri = match format!("{}{}", upstream.base.trim_end_matches('/'), path).parse::<http::Uri>()
+    {
         Ok(u) => u,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };

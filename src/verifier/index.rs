@@ -98,7 +98,10 @@ impl Document {
 
 /// Strong ETag: the quoted base64url of the first 16 bytes of SHA-256 over the body.
 pub fn etag_of(body: &[u8]) -> String {
-    format!("\"{}\"", URL_SAFE_NO_PAD.encode(&Sha256::digest(body)[..16]))
+    format!(
+        "\"{}\"",
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(body)[..16])
+    )
 }
 
 /// A parsed trust-bundle ConfigMap.
@@ -220,9 +223,12 @@ impl Index {
         self.bundles.retain(|(ns, _), _| !in_scope(ns, scope));
         cms.iter()
             .filter_map(|cm| {
-                self.apply_bundle(cm)
-                    .err()
-                    .map(|e| (format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any()), e))
+                self.apply_bundle(cm).err().map(|e| {
+                    (
+                        format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any()),
+                        e,
+                    )
+                })
             })
             .collect()
     }
@@ -240,6 +246,9 @@ impl Index {
 
     /// Number of usable bundles (for the log and readiness detail).
     pub fn usable(&self) -> usize {
-        self.keys.keys().filter(|k| self.bundle(k).is_some()).count()
+        self.keys
+            .keys()
+            .filter(|k| self.bundle(k).is_some())
+            .count()
     }
 }

@@ -41,7 +41,9 @@ impl Upstream {
             .parse()
             .map_err(|_| format!("--upstream {base:?} is not a URL"))?;
         if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(format!("--upstream {base:?} must be http://host:port[/path]"));
+            return Err(format!(
+                "--upstream {base:?} must be http://host:port[/path]"
+            ));
         }
         Ok(Upstream {
             base: base.to_string(),

@@ -85,7 +85,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let (k1, k2, k3) = (KeyPair::generate(), KeyPair::generate(), KeyPair::generate());
+    let (k1, k2, k3) = (
+        KeyPair::generate(),
+        KeyPair::generate(),
+        KeyPair::generate(),
+    );
     let mut index = Index::default();
     index.apply_key(&pk("a", UID_A, json!({"rotation": {"publishDelay": "2m"}})));
     index.apply_key(&pk(
@@ -112,8 +116,8 @@ fn raw_token(header: serde_json::Value, claims: &TokenClaims, key: Option<&KeyPa
     let sig = match key {
         // Re-sign through a real token so the signature covers `input`.
         Some(k) => {
-            use ed25519_dalek::{Signer as _, SigningKey};
             use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+            use ed25519_dalek::{Signer as _, SigningKey};
             let sk = SigningKey::from_pkcs8_pem(&k.to_pkcs8_pem()).expect("pkcs8");
             URL_SAFE_NO_PAD.encode(sk.sign(input.as_bytes()).to_bytes())
         }
@@ -146,7 +150,12 @@ fn verification_table() {
 
     let cases: Vec<(&str, String, Option<&KeyRef>, Result<(&KeyRef, &str), &str>)> = vec![
         ("good token", good.clone(), None, Ok((&a, &kid1))),
-        ("good token, expected key", good.clone(), Some(&a), Ok((&a, &kid1))),
+        (
+            "good token, expected key",
+            good.clone(),
+            Some(&a),
+            Ok((&a, &kid1)),
+        ),
         ("custom aud and iss", good_b.clone(), None, Ok((&b, &kid3))),
         (
             "alg none",
@@ -156,19 +165,29 @@ fn verification_table() {
         ),
         (
             "alg HS256",
-            raw_token(json!({"alg": "HS256", "kid": kid1}), &claims("ns/a"), Some(&f.k1)),
+            raw_token(
+                json!({"alg": "HS256", "kid": kid1}),
+                &claims("ns/a"),
+                Some(&f.k1),
+            ),
             None,
             Err("UnsupportedAlgorithm"),
         ),
         (
             "alg RS256",
-            raw_token(json!({"alg": "RS256", "kid": kid1}), &claims("ns/a"), Some(&f.k1)),
+            raw_token(
+                json!({"alg": "RS256", "kid": kid1}),
+                &claims("ns/a"),
+                Some(&f.k1),
+            ),
             None,
             Err("UnsupportedAlgorithm"),
         ),
         (
             "unknown kid",
-            KeyPair::generate().sign_token(&claims("ns/a")).expect("sign"),
+            KeyPair::generate()
+                .sign_token(&claims("ns/a"))
+                .expect("sign"),
             None,
             Err("UnknownKeyId"),
         ),
@@ -180,55 +199,88 @@ fn verification_table() {
         ),
         (
             "expired",
-            with(TokenClaims { exp: NOW - 31, ..claims("ns/a") }),
+            with(TokenClaims {
+                exp: NOW - 31,
+                ..claims("ns/a")
+            }),
             None,
             Err("TokenExpired"),
         ),
         (
             "expired within skew",
-            with(TokenClaims { exp: NOW - 29, ..claims("ns/a") }),
+            with(TokenClaims {
+                exp: NOW - 29,
+                ..claims("ns/a")
+            }),
             None,
             Ok((&a, &kid1)),
         ),
         (
             "not yet valid, within skew",
-            with(TokenClaims { nbf: NOW + 29, ..claims("ns/a") }),
+            with(TokenClaims {
+                nbf: NOW + 29,
+                ..claims("ns/a")
+            }),
             None,
             Ok((&a, &kid1)),
         ),
         (
             "not yet valid, outside skew",
-            with(TokenClaims { nbf: NOW + 31, ..claims("ns/a") }),
+            with(TokenClaims {
+                nbf: NOW + 31,
+                ..claims("ns/a")
+            }),
             None,
             Err("TokenNotYetValid"),
         ),
         (
             "wrong aud",
-            with(TokenClaims { aud: "other".into(), ..claims("ns/a") }),
+            with(TokenClaims {
+                aud: "other".into(),
+                ..claims("ns/a")
+            }),
             None,
             Err("WrongAudience"),
         ),
         (
             "wrong iss",
-            with(TokenClaims { iss: "evil".into(), ..claims("ns/a") }),
+            with(TokenClaims {
+                iss: "evil".into(),
+                ..claims("ns/a")
+            }),
             None,
             Err("WrongIssuer"),
         ),
-        ("tampered signature", tamper(&good), None, Err("SignatureInvalid")),
+        (
+            "tampered signature",
+            tamper(&good),
+            None,
+            Err("SignatureInvalid"),
+        ),
         (
             "key A's token claiming key B",
             f.k1.sign_token(&b_claims).expect("sign"),
             None,
             Err("UnknownKeyId"),
         ),
-        ("key A's token where only B is accepted", good.clone(), Some(&b), Err("KeyNotAccepted")),
+        (
+            "key A's token where only B is accepted",
+            good.clone(),
+            Some(&b),
+            Err("KeyNotAccepted"),
+        ),
         (
             "key of no known bundle",
             with(claims("ns/c")),
             None,
             Err("UnknownKey"),
         ),
-        ("subject not a key", with(claims("a")), None, Err("BadSubject")),
+        (
+            "subject not a key",
+            with(claims("a")),
+            None,
+            Err("BadSubject"),
+        ),
         ("garbage", "not-a-jwt".into(), None, Err("InvalidToken")),
     ];
     for (name, token, expect, want) in cases {
@@ -240,8 +292,10 @@ fn verification_table() {
             (Err(e), Err(reason)) => {
                 assert_eq!(e.reason(), reason, "{name}: {e}");
                 let msg = e.to_string();
-                assert!(!msg.contains(&token) && !msg.contains(token.split('.').next().unwrap_or("")),
-                        "{name}: the error must not contain the token: {msg}");
+                assert!(
+                    !msg.contains(&token) && !msg.contains(token.split('.').next().unwrap_or("")),
+                    "{name}: the error must not contain the token: {msg}"
+                );
             }
             (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
         }
@@ -252,7 +306,11 @@ fn verification_table() {
 fn refusal_statuses() {
     assert_eq!(Refusal::MissingToken.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
-        Refusal::KeyNotAccepted { expected: "a".into(), actual: "b".into() }.status(),
+        Refusal::KeyNotAccepted {
+            expected: "a".into(),
+            actual: "b".into()
+        }
+        .status(),
         StatusCode::FORBIDDEN
     );
 }
@@ -261,12 +319,18 @@ fn refusal_statuses() {
 fn policy_flags_override_the_keys_aud_and_iss() {
     let f = fixture();
     let good = f.k1.sign_token(&claims("ns/a")).expect("sign");
-    let strict = Policy { audience: Some("bundles".into()), ..Policy::default() };
+    let strict = Policy {
+        audience: Some("bundles".into()),
+        ..Policy::default()
+    };
     assert_eq!(
         verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
         Err("WrongAudience")
     );
-    let strict = Policy { issuer: Some("https://kw.example".into()), ..Policy::default() };
+    let strict = Policy {
+        issuer: Some("https://kw.example".into()),
+        ..Policy::default()
+    };
     assert_eq!(
         verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
         Err("WrongIssuer")
@@ -280,13 +344,17 @@ fn a_bundle_is_used_only_for_the_key_that_owns_it() {
     // Labelled for `a` but owned by someone else (a forged ConfigMap).
     let mut index = Index::default();
     index.apply_key(&pk("a", UID_A, json!({})));
-    index.apply_bundle(&bundle("a", UID_B, &[&k], &[])).expect("parse");
+    index
+        .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
+        .expect("parse");
     assert_eq!(
         verify(&token, &index, None, NOW, &Policy::default()).map_err(|e| e.reason()),
         Err("UnknownKey")
     );
     // The right owner: accepted; the key deleted: unknown again.
-    index.apply_bundle(&bundle("a", UID_A, &[&k], &[])).expect("parse");
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
+        .expect("parse");
     assert!(verify(&token, &index, None, NOW, &Policy::default()).is_ok());
     index.delete_key(&pk("a", UID_A, json!({})));
     assert!(verify(&token, &index, None, NOW, &Policy::default()).is_err());
@@ -303,7 +371,10 @@ fn max_age_is_half_the_publish_delay_capped() {
         (s(3600), s(300), "public, max-age=300"),
     ] {
         assert_eq!(max_age(delay), want, "{delay:?}");
-        assert!(max_age(delay) * 2 <= delay, "a consumer must refetch before agents switch");
+        assert!(
+            max_age(delay) * 2 <= delay,
+            "a consumer must refetch before agents switch"
+        );
         assert_eq!(cache_control(max_age(delay)), header);
     }
 }
@@ -315,7 +386,10 @@ fn if_none_match_comparison() {
     assert_ne!(etag, etag_of(b"{ }"));
     let h = |v: &str| {
         let mut m = HeaderMap::new();
-        m.insert(header::IF_NONE_MATCH, HeaderValue::from_str(v).expect("value"));
+        m.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_str(v).expect("value"),
+        );
         m
     };
     assert!(none_match(&h(&etag), &etag));
@@ -335,15 +409,24 @@ fn shared(f: &Fixture, log: Arc<MemoryUseLog>) -> Arc<Shared> {
 /// A fresh token of `key` valid now (the router reads the real clock).
 fn live_token(key: &KeyPair, sub: &str) -> String {
     let now = chrono::Utc::now().timestamp();
-    key.sign_token(&TokenClaims { iat: now, nbf: now, exp: now + 600, ..claims(sub) })
-        .expect("sign")
+    key.sign_token(&TokenClaims {
+        iat: now,
+        nbf: now,
+        exp: now + 600,
+        ..claims(sub)
+    })
+    .expect("sign")
 }
 
 async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
     let res = app.clone().oneshot(req).await.expect("infallible");
     let (parts, body) = res.into_parts();
     let body = axum::body::to_bytes(body, 1 << 20).await.expect("body");
-    (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -368,8 +451,11 @@ async fn auth_request_shapes() {
     assert!(log.pods_seen(&key, &f.k1.key_id()).contains_key(POD));
 
     // No token: 401, a reason, WWW-Authenticate, no body.
-    let (status, headers, body) =
-        call(&app, Request::get("/auth").body(Body::empty()).expect("request")).await;
+    let (status, headers, body) = call(
+        &app,
+        Request::get("/auth").body(Body::empty()).expect("request"),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["x-keyward-reason"], "MissingToken");
     assert!(headers.contains_key("www-authenticate"));
@@ -388,7 +474,10 @@ async fn auth_request_shapes() {
     assert!(body.is_empty());
     for segment in revoked.split('.') {
         for v in headers.values() {
-            assert!(!v.to_str().unwrap_or("").contains(segment), "a header echoes the token");
+            assert!(
+                !v.to_str().unwrap_or("").contains(segment),
+                "a header echoes the token"
+            );
         }
     }
 
@@ -404,7 +493,10 @@ async fn auth_request_shapes() {
 
     // Key b's token with key a's default audience is refused.
     let req = Request::get("/auth")
-        .header("authorization", format!("Bearer {}", live_token(&f.k3, "ns/b")))
+        .header(
+            "authorization",
+            format!("Bearer {}", live_token(&f.k3, "ns/b")),
+        )
         .body(Body::empty())
         .expect("request");
     assert_eq!(call(&app, req).await.0, StatusCode::UNAUTHORIZED); // wrong aud for b
@@ -444,7 +536,10 @@ async fn ext_authz_shapes() {
         .header("authorization", "Basic dXNlcjpwYXNz")
         .body(Body::empty())
         .expect("request");
-    assert_eq!(call(&app, req).await.1["x-keyward-reason"], "MalformedAuthorization");
+    assert_eq!(
+        call(&app, req).await.1["x-keyward-reason"],
+        "MalformedAuthorization"
+    );
 }
 
 #[tokio::test]
@@ -453,7 +548,9 @@ async fn bundle_documents_with_etag_and_max_age() {
     let app = router(shared(&f, Arc::new(MemoryUseLog::new(100))));
     let (status, headers, body) = call(
         &app,
-        Request::get("/keys/ns/a/jwks.json").body(Body::empty()).expect("request"),
+        Request::get("/keys/ns/a/jwks.json")
+            .body(Body::empty())
+            .expect("request"),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -475,7 +572,9 @@ async fn bundle_documents_with_etag_and_max_age() {
 
     let (status, _, body) = call(
         &app,
-        Request::get("/keys/ns/a/revoked.json").body(Body::empty()).expect("request"),
+        Request::get("/keys/ns/a/revoked.json")
+            .body(Body::empty())
+            .expect("request"),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -483,20 +582,35 @@ async fn bundle_documents_with_etag_and_max_age() {
     assert_eq!(revoked, vec![f.k2.key_id()]);
 
     // Key b: default publishDelay (2m) too; unknown keys and documents: 404.
-    for path in ["/keys/ns/c/jwks.json", "/keys/other/a/jwks.json", "/keys/ns/a/private.pem"] {
-        let (status, _, _) = call(&app, Request::get(path).body(Body::empty()).expect("request")).await;
+    for path in [
+        "/keys/ns/c/jwks.json",
+        "/keys/other/a/jwks.json",
+        "/keys/ns/a/private.pem",
+    ] {
+        let (status, _, _) = call(
+            &app,
+            Request::get(path).body(Body::empty()).expect("request"),
+        )
+        .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
     }
 }
 
 #[tokio::test]
 async fn readiness_waits_for_the_first_lists() {
-    let s = Arc::new(Shared::new(Policy::default(), Arc::new(super::NoUseLog), None));
+    let s = Arc::new(Shared::new(
+        Policy::default(),
+        Arc::new(super::NoUseLog),
+        None,
+    ));
     s.expect_lists(2);
     let app = router(s.clone());
     let get = |p: &'static str| Request::get(p).body(Body::empty()).expect("request");
     assert_eq!(call(&app, get("/healthz")).await.0, StatusCode::OK);
-    assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        call(&app, get("/readyz")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     s.listed();
     s.listed();
     assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);

@@ -190,7 +190,10 @@ mod tests {
             150,
         ));
         assert!(log.pods_seen(&key, "kid-a").is_empty());
-        assert_eq!(log.last_used(&key, "kid-a").map(|t| t.timestamp()), Some(150));
+        assert_eq!(
+            log.last_used(&key, "kid-a").map(|t| t.timestamp()),
+            Some(150)
+        );
         log.record(used(Instance::Pod(UID.into()), 200));
         log.record(used(Instance::Pod(UID.into()), 120)); // out of order: keeps the latest
         let pods = log.pods_seen(&key, "kid-a");

@@ -103,12 +103,19 @@ async fn follow<K, S>(
             Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
             Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
             Ok(watcher::Event::InitDone) => {
-                replace(&shared, scope.as_deref(), &buffer.take().unwrap_or_default());
+                replace(
+                    &shared,
+                    scope.as_deref(),
+                    &buffer.take().unwrap_or_default(),
+                );
                 if !listed {
                     listed = true;
                     shared.listed();
                     let usable = shared.update(|i| i.usable());
-                    info!(scope = scope.as_deref().unwrap_or("all namespaces"), usable, "listed");
+                    info!(
+                        scope = scope.as_deref().unwrap_or("all namespaces"),
+                        usable, "listed"
+                    );
                 }
             }
             Ok(watcher::Event::Apply(o)) => apply(&shared, &o),
