@@ -240,7 +240,7 @@ impl Index {
         let bundle = self
             .bundles
             .get(&(key.namespace.clone(), params.trust_bundle.clone()))?;
-        (bundle.key_name == key.name && bundle.owner_uids.iter().any(|u| *u == params.uid))
+        (bundle.key_name == key.name && bundle.owner_uids.contains(&params.uid))
             .then_some((params, bundle))
     }
 

@@ -133,6 +133,9 @@ fn tamper(token: &str) -> String {
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// Accepted as (key, kid), or refused with a reason.
+type Want<'a> = Result<(&'a KeyRef, &'a str), &'static str>;
+
 #[test]
 fn verification_table() {
     let f = fixture();
@@ -148,7 +151,7 @@ fn verification_table() {
     let kid3 = f.k3.key_id();
     let policy = Policy::default(); // 30 s skew
 
-    let cases: Vec<(&str, String, Option<&KeyRef>, Result<(&KeyRef, &str), &str>)> = vec![
+    let cases: Vec<(&str, String, Option<&KeyRef>, Want<'_>)> = vec![
         ("good token", good.clone(), None, Ok((&a, &kid1))),
         (
             "good token, expected key",
