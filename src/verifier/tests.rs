@@ -631,3 +631,89 @@ fn use_log_is_a_trait_object() {
         at: chrono::Utc::now(),
     });
 }
+
+/// An upstream that echoes what it received: method, path, the headers the proxy controls,
+/// and the body.
+async fn echo_upstream() -> String {
+    use axum::extract::Request as AxumRequest;
+    let app = axum::Router::new().fallback(|req: AxumRequest| async move {
+        let (parts, body) = req.into_parts();
+        let h = |n: &str| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let head = format!(
+            "{} {} auth={} key={} kid={} |",
+            parts.method,
+            parts.uri,
+            h("authorization"),
+            h("x-keyward-key"),
+            h("x-keyward-kid"),
+        );
+        let body = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        format!("{head}{}", String::from_utf8_lossy(&body))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn reverse_proxy_forwards_only_verified_requests() {
+    let f = fixture();
+    let upstream = super::Upstream::new(&echo_upstream().await).expect("upstream");
+    let s = Shared::new(
+        Policy::default(),
+        Arc::new(MemoryUseLog::new(10)),
+        Some(upstream),
+    );
+    s.update(|i| *i = f.index.clone());
+    let app = router(Arc::new(s));
+    let token = live_token(&f.k1, "ns/a");
+
+    // Verified: forwarded with the body, the token removed, the key headers set (a forged
+    // client-sent X-Keyward-Key is dropped).
+    let req = Request::post("/v1/data/x?q=1")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-keyward-key", "ns/forged")
+        .body(Body::from("payload"))
+        .expect("request");
+    let (status, _, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        format!(
+            "POST /v1/data/x?q=1 auth=- key=ns/a kid={} |payload",
+            f.k1.key_id()
+        )
+    );
+
+    // Refused: never reaches the upstream.
+    let req = Request::get("/bundles/authz.tar.gz")
+        .header("authorization", format!("Bearer {}", tamper(&token)))
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-keyward-reason"], "SignatureInvalid");
+    assert!(body.is_empty());
+
+    // The verifier's own routes are not proxied.
+    let (status, _, _) = call(
+        &app,
+        Request::get("/healthz")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
