@@ -119,7 +119,7 @@ impl KeyError {
 
 /// Make an identifier from untrusted input safe to put in an error message / log line:
 /// at most 64 characters, control and non-ASCII characters escaped.
-fn sanitize_ident(s: &str) -> String {
+pub(crate) fn sanitize_ident(s: &str) -> String {
     const MAX: usize = 64;
     let mut out: String = s.chars().take(MAX).flat_map(char::escape_default).collect();
     if s.chars().nth(MAX).is_some() {

@@ -18,4 +18,5 @@ pub mod leader;
 pub mod metrics;
 pub mod rotation;
 pub mod telemetry;
+pub mod verifier;
 pub mod workload;

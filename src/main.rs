@@ -36,6 +36,9 @@ enum Command {
     },
     /// Run the operator (in-cluster config, or KUBECONFIG).
     Run(Box<RunArgs>),
+    /// Verify Keyward's bearer tokens over HTTP (nginx auth_request, Envoy ext_authz, reverse
+    /// proxy) and serve the trust bundles (docs/verifier.md).
+    Verifier(Box<VerifierArgs>),
     // The CLI for people (`keyward status`, `keyward rotate`): src/cli/.
     #[command(flatten)]
     Cli(keyward::cli::Command),
@@ -188,6 +191,13 @@ async fn main() -> std::process::ExitCode {
             }
         },
         Command::Cli(command) => keyward::cli::run(command).await,
+        Command::Verifier(args) => match verifier(*args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyward verifier: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(*args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
@@ -301,6 +311,63 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     servers.stop().await;
     res
+}
+
+// ---- `keyward verifier`: the flags and the wiring; the service is src/verifier/. ----
+
+#[derive(clap::Args)]
+struct VerifierArgs {
+    /// Namespaces whose trust bundles are watched (comma-separated); empty watches all.
+    #[arg(long, env = "KEYWARD_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Address to serve on (`host:port`; port 0 picks a free port, which is logged).
+    #[arg(long, env = "KEYWARD_VERIFIER_ADDRESS", default_value = "0.0.0.0:8443")]
+    address: String,
+    /// Clock skew allowed on a token's `nbf` and `exp`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    clock_skew: Duration,
+    /// Require this `aud` instead of each key's `spec.token.audience` (default `keyward`).
+    #[arg(long, env = "KEYWARD_VERIFIER_AUDIENCE")]
+    audience: Option<String>,
+    /// Require this `iss` instead of each key's `spec.token.issuer` (default `keyward`).
+    #[arg(long, env = "KEYWARD_VERIFIER_ISSUER")]
+    issuer: Option<String>,
+    /// Reverse-proxy mode: forward verified requests to this `http://host:port` (every path
+    /// except /auth, /ext_authz, /keys, /healthz and /readyz).
+    #[arg(long, env = "KEYWARD_VERIFIER_UPSTREAM")]
+    upstream: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use keyward::verifier;
+    keyward::telemetry::init(&args.log_format);
+    let upstream = args
+        .upstream
+        .as_deref()
+        .map(verifier::Upstream::new)
+        .transpose()?;
+    let policy = verifier::Policy {
+        clock_skew: args.clock_skew,
+        audience: args.audience,
+        issuer: args.issuer,
+    };
+    // Use is recorded in memory until reporting to the operator exists (issue 10, item 2).
+    let use_log = std::sync::Arc::new(verifier::MemoryUseLog::new(100_000));
+    let shared = std::sync::Arc::new(verifier::Shared::new(policy, use_log, upstream));
+    let client = kube::Client::try_default().await?;
+    let listener = tokio::net::TcpListener::bind(&args.address).await?;
+    let namespaces: Vec<String> = args
+        .namespaces
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect();
+    info!(address = %listener.local_addr()?, namespaces = ?namespaces, clock_skew = ?args.clock_skew,
+          upstream = ?args.upstream, "starting keyward verifier");
+    verifier::run(client, namespaces, shared, listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

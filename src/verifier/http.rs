@@ -1,0 +1,297 @@
+//! The verifier's HTTP surface, one router:
+//!
+//! * `GET /auth`: nginx `auth_request` (200 / 401 / 403, empty body);
+//! * `ANY /ext_authz/...`: Envoy `ext_authz` HTTP service with `path_prefix: /ext_authz`
+//!   (200 allows, anything else denies);
+//! * `GET /keys/<ns>/<name>/jwks.json` and `.../revoked.json`: the trust bundle, with
+//!   `Cache-Control: max-age` from the key's `publishDelay` and a strong `ETag`;
+//! * `GET /healthz`, `GET /readyz`;
+//! * everything else, with `--upstream`: verified, then forwarded (streaming) to the upstream.
+//!
+//! Allowed answers carry `X-Keyward-Key: <ns>/<name>` and `X-Keyward-Kid: <key id>`; refusals
+//! carry `X-Keyward-Reason` (a PascalCase reason) and never token or key bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use chrono::Utc;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::index::KeyRef;
+use super::use_log::{Instance, POD_UID_HEADER, Use};
+use super::verify::{self, Refusal, Verified};
+
+pub const KEY_HEADER: &str = "x-keyward-key";
+pub const KID_HEADER: &str = "x-keyward-kid";
+pub const REASON_HEADER: &str = "x-keyward-reason";
+/// Optional on a request: accept only tokens of this key (`<ns>/<name>`); can only narrow.
+pub const EXPECT_KEY_HEADER: &str = "x-keyward-expect-key";
+
+/// Longest `max-age` served, whatever the publishDelay: revocations reach consumers too.
+pub const MAX_AGE_CAP: Duration = Duration::from_secs(300);
+
+/// `max-age` for a key's bundle documents: half its `publishDelay`, whole seconds rounded
+/// down, at most [`MAX_AGE_CAP`]. A new key is in the bundle `publishDelay` before any agent
+/// holds it; a consumer that fetched just before it was published refetches within `max-age`,
+/// which leaves the other half for the verifier's watch lag and the consumer's own fetch.
+/// `0` (publishDelay under 2 s) is served as `no-cache`: revalidate every time.
+pub fn max_age(publish_delay: Duration) -> Duration {
+    Duration::from_secs((publish_delay / 2).as_secs()).min(MAX_AGE_CAP)
+}
+
+/// The `Cache-Control` value for `max_age`.
+pub fn cache_control(max_age: Duration) -> String {
+    match max_age.as_secs() {
+        0 => "no-cache".into(),
+        n => format!("public, max-age={n}"),
+    }
+}
+
+/// Whether an `If-None-Match` header matches `etag` (weak comparison, RFC 9110 13.1.2).
+pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || strip(t) == strip(etag))
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/auth", get(auth))
+        .route("/ext_authz", any(auth))
+        .route("/ext_authz/{*rest}", any(auth))
+        .route("/keys/{namespace}/{name}/{document}", get(bundle_document));
+    let router = if shared.upstream.is_some() {
+        router.fallback(proxy)
+    } else {
+        router
+    };
+    router.with_state(shared)
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "trust bundles not listed yet\n",
+        )
+            .into_response()
+    }
+}
+
+/// Verifies the request's bearer token and records the use.
+fn check(shared: &Shared, headers: &HeaderMap) -> Result<Verified, Refusal> {
+    let token = verify::bearer(headers.get(header::AUTHORIZATION))?;
+    let expect = match headers.get(EXPECT_KEY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(KeyRef::parse)
+                .ok_or(Refusal::BadSubject)?,
+        ),
+    };
+    let now = Utc::now();
+    let verified = {
+        let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
+        verify::verify(
+            token,
+            &index,
+            expect.as_ref(),
+            now.timestamp(),
+            &shared.policy,
+        )
+    };
+    match &verified {
+        Ok(v) => {
+            let instance = Instance::from_header(headers.get(POD_UID_HEADER));
+            debug!(key = %v.key, kid = %v.kid, pod = ?instance.pod_uid(), "token accepted");
+            shared.use_log.record(Use {
+                key: v.key.clone(),
+                kid: v.kid.clone(),
+                instance,
+                at: now,
+            });
+        }
+        Err(e) => info!(reason = e.reason(), error = %e, "token refused"),
+    }
+    verified
+}
+
+fn allowed_headers(v: &Verified) -> [(HeaderName, HeaderValue); 2] {
+    [
+        (
+            HeaderName::from_static(KEY_HEADER),
+            HeaderValue::from_str(&v.key.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+        ),
+        (
+            HeaderName::from_static(KID_HEADER),
+            HeaderValue::from_str(&v.kid).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+        ),
+    ]
+}
+
+/// A refusal: status, reason header, `WWW-Authenticate` on 401, an empty body.
+pub fn refusal_response(r: &Refusal) -> Response {
+    let mut res = r.status().into_response();
+    let h = res.headers_mut();
+    h.insert(
+        HeaderName::from_static(REASON_HEADER),
+        HeaderValue::from_static(r.reason()),
+    );
+    if r.status() == StatusCode::UNAUTHORIZED {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"keyward\", error=\"invalid_token\""),
+        );
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// nginx `auth_request` and Envoy `ext_authz`: 200 with the key headers, or a refusal.
+async fn auth(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match check(&shared, &headers) {
+        Ok(v) => {
+            let mut res = StatusCode::OK.into_response();
+            res.headers_mut().extend(allowed_headers(&v));
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        Err(r) => refusal_response(&r),
+    }
+}
+
+async fn bundle_document(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name, document)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let key = KeyRef::new(namespace, name);
+    let found = {
+        let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
+        index.bundle(&key).and_then(|(params, bundle)| {
+            let doc = match document.as_str() {
+                "jwks.json" => &bundle.jwks_doc,
+                "revoked.json" => &bundle.revoked_doc,
+                _ => return None,
+            };
+            Some((doc.clone(), max_age(params.publish_delay)))
+        })
+    };
+    let Some((doc, age)) = found else {
+        return (StatusCode::NOT_FOUND, "no such trust bundle\n").into_response();
+    };
+    let etag =
+        HeaderValue::from_str(&doc.etag).unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+    let cache = HeaderValue::from_str(&cache_control(age))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
+    let mut res = if none_match(&headers, &doc.etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut res = doc.body.into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        res
+    };
+    res.headers_mut().insert(header::ETAG, etag);
+    res.headers_mut().insert(header::CACHE_CONTROL, cache);
+    res
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy never passes on.
+fn drop_on_forward(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "authorization"
+    ) || name.as_str().starts_with("x-keyward-")
+}
+
+/// Reverse proxy: verified requests go to the upstream with the body streamed both ways, the
+/// bearer token removed and `X-Keyward-Key`/`-Kid` set (client-sent `X-Keyward-*` dropped);
+/// others get the refusal.
+async fn proxy(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let Some(upstream) = shared.upstream.as_ref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let verified = match check(&shared, req.headers()) {
+        Ok(v) => v,
+        Err(r) => return refusal_response(&r),
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let uri = match format!("{}{}", upstream.base.trim_end_matches('/'), path).parse::<http::Uri>()
+    {
+        Ok(u) => u,
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in parts.headers.iter() {
+        if !drop_on_forward(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.extend(allowed_headers(&verified));
+    parts.headers = headers;
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let forward = http::Request::from_parts(parts, body);
+    match upstream.client.request(forward).await {
+        Ok(res) => {
+            let (mut parts, body) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => {
+            warn!(error = %e, "upstream request failed");
+            (StatusCode::BAD_GATEWAY, "upstream unavailable\n").into_response()
+        }
+    }
+}
+
+/// Removes hop-by-hop headers of an upstream response.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for h in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(h);
+    }
+}

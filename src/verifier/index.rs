@@ -1,0 +1,254 @@
+//! What the verifier knows, fed by its watches and read by every request: the ProvisioningKeys
+//! (audience, issuer, publishDelay, the trust bundle's name and the key's UID) and the
+//! Keyward-labelled trust-bundle ConfigMaps. Plain data, no client: the watch loop in
+//! `watch.rs` applies events, the request handlers read.
+//!
+//! A bundle is used for key `<ns>/<name>` only when the ConfigMap is the one the key's spec
+//! names, is labelled with that key's name, and is controlled by that key (owner reference
+//! with the key's UID). A ConfigMap that someone else labels to look like a bundle is ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use sha2::{Digest as _, Sha256};
+
+use crate::api::ProvisioningKey;
+use crate::keys::Jwks;
+use crate::labels as l;
+use crate::rotation::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY};
+
+/// A ProvisioningKey by namespace and name: what a token's `sub` names (`<ns>/<name>`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl KeyRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        KeyRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `<namespace>/<name>` (both non-empty, one slash).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, name) = s.split_once('/')?;
+        (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| KeyRef::new(ns, name))
+    }
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the verifier takes from a ProvisioningKey's spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyParams {
+    pub uid: String,
+    pub audience: String,
+    pub issuer: String,
+    pub publish_delay: Duration,
+    pub trust_bundle: String,
+}
+
+impl KeyParams {
+    /// The key's parameters as the operator resolves them (defaults for unset fields; a
+    /// malformed `publishDelay`, which the operator refuses, counts as the default).
+    pub fn of(pk: &ProvisioningKey) -> Self {
+        let token = pk.spec.token.clone().unwrap_or_default();
+        let publish_delay = pk
+            .spec
+            .rotation
+            .as_ref()
+            .and_then(|r| r.publish_delay.as_deref())
+            .and_then(crate::rotation::parse_duration)
+            .unwrap_or(DEFAULT_PUBLISH_DELAY);
+        KeyParams {
+            uid: pk.metadata.uid.clone().unwrap_or_default(),
+            audience: token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+            issuer: token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.into()),
+            publish_delay,
+            trust_bundle: pk.trust_bundle_name(),
+        }
+    }
+}
+
+/// One document of a bundle as served: the ConfigMap's bytes and their strong ETag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Document {
+    pub body: String,
+    pub etag: String,
+}
+
+impl Document {
+    pub fn new(body: String) -> Self {
+        let etag = etag_of(body.as_bytes());
+        Document { body, etag }
+    }
+}
+
+/// Strong ETag: the quoted base64url of the first 16 bytes of SHA-256 over the body.
+pub fn etag_of(body: &[u8]) -> String {
+    format!(
+        "\"{}\"",
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(body)[..16])
+    )
+}
+
+/// A parsed trust-bundle ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bundle {
+    /// The `keyward.dev/provisioning-key` label.
+    pub key_name: String,
+    /// UIDs of the ProvisioningKeys that control it (owner references with `controller: true`).
+    pub owner_uids: Vec<String>,
+    pub jwks: Jwks,
+    pub revoked: Vec<String>,
+    pub jwks_doc: Document,
+    pub revoked_doc: Document,
+}
+
+/// Why a labelled ConfigMap is not a usable bundle (its name goes to the log, never its data).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error("has no keyward.dev/provisioning-key label")]
+    NoKeyLabel,
+    #[error("jwks.json is missing or is not a JWKS")]
+    Jwks,
+    #[error("revoked.json is not a list of key ids")]
+    Revoked,
+}
+
+impl Bundle {
+    pub fn parse(cm: &ConfigMap) -> Result<Self, BundleError> {
+        let key_name = cm
+            .labels()
+            .get(l::PROVISIONING_KEY)
+            .cloned()
+            .ok_or(BundleError::NoKeyLabel)?;
+        let data = cm.data.clone().unwrap_or_default();
+        let jwks_body = data.get(l::DATA_JWKS).cloned().ok_or(BundleError::Jwks)?;
+        let jwks: Jwks = serde_json::from_str(&jwks_body).map_err(|_| BundleError::Jwks)?;
+        let revoked_body = data
+            .get(l::DATA_REVOKED)
+            .cloned()
+            .unwrap_or_else(|| "[]".into());
+        let revoked: Vec<String> =
+            serde_json::from_str(&revoked_body).map_err(|_| BundleError::Revoked)?;
+        let owner_uids = cm
+            .owner_references()
+            .iter()
+            .filter(|o| o.kind == "ProvisioningKey" && o.controller == Some(true))
+            .map(|o| o.uid.clone())
+            .collect();
+        Ok(Bundle {
+            key_name,
+            owner_uids,
+            jwks,
+            revoked,
+            jwks_doc: Document::new(jwks_body),
+            revoked_doc: Document::new(revoked_body),
+        })
+    }
+}
+
+/// Everything the watches delivered. `None` namespace in a scope means all namespaces.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    keys: BTreeMap<KeyRef, KeyParams>,
+    /// By namespace and ConfigMap name.
+    bundles: BTreeMap<(String, String), Bundle>,
+}
+
+fn in_scope(ns: &str, scope: Option<&str>) -> bool {
+    scope.is_none_or(|s| s == ns)
+}
+
+impl Index {
+    pub fn apply_key(&mut self, pk: &ProvisioningKey) {
+        let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
+        self.keys.insert(key, KeyParams::of(pk));
+    }
+
+    pub fn delete_key(&mut self, pk: &ProvisioningKey) {
+        self.keys.remove(&KeyRef::new(
+            pk.namespace().unwrap_or_default(),
+            pk.name_any(),
+        ));
+    }
+
+    /// Replaces every key in `scope` with `pks` (a watch's re-list).
+    pub fn replace_keys(&mut self, scope: Option<&str>, pks: &[ProvisioningKey]) {
+        self.keys.retain(|k, _| !in_scope(&k.namespace, scope));
+        for pk in pks {
+            self.apply_key(pk);
+        }
+    }
+
+    /// Adds or replaces a bundle; an unusable one is removed, and the error says why.
+    pub fn apply_bundle(&mut self, cm: &ConfigMap) -> Result<(), BundleError> {
+        let at = (cm.namespace().unwrap_or_default(), cm.name_any());
+        match Bundle::parse(cm) {
+            Ok(b) => {
+                self.bundles.insert(at, b);
+                Ok(())
+            }
+            Err(e) => {
+                self.bundles.remove(&at);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn delete_bundle(&mut self, cm: &ConfigMap) {
+        self.bundles
+            .remove(&(cm.namespace().unwrap_or_default(), cm.name_any()));
+    }
+
+    /// Replaces every bundle in `scope` with `cms`; returns the errors of unusable ones.
+    pub fn replace_bundles(
+        &mut self,
+        scope: Option<&str>,
+        cms: &[ConfigMap],
+    ) -> Vec<(String, BundleError)> {
+        self.bundles.retain(|(ns, _), _| !in_scope(ns, scope));
+        cms.iter()
+            .filter_map(|cm| {
+                self.apply_bundle(cm).err().map(|e| {
+                    (
+                        format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any()),
+                        e,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The key's parameters and its bundle: the ConfigMap its spec names, labelled with its
+    /// name and controlled by it. `None` when either is unknown or they do not belong together.
+    pub fn bundle(&self, key: &KeyRef) -> Option<(&KeyParams, &Bundle)> {
+        let params = self.keys.get(key)?;
+        let bundle = self
+            .bundles
+            .get(&(key.namespace.clone(), params.trust_bundle.clone()))?;
+        (bundle.key_name == key.name && bundle.owner_uids.contains(&params.uid))
+            .then_some((params, bundle))
+    }
+
+    /// Number of usable bundles (for the log and readiness detail).
+    pub fn usable(&self) -> usize {
+        self.keys
+            .keys()
+            .filter(|k| self.bundle(k).is_some())
+            .count()
+    }
+}

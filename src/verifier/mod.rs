@@ -1,0 +1,112 @@
+//! `keyward verifier`: a small HTTP service that verifies the bearer tokens Keyward issues
+//! against the trust bundles it watches, for nginx `auth_request`, Envoy `ext_authz` or as a
+//! reverse proxy in front of a bundle server, and serves those bundles over HTTP.
+//!
+//! Layout: `index` (what the watches delivered, plain data), `verify` (the pure decision),
+//! `use_log` (recording use per key, key id and pod), `http` (the router), `watch` (the only
+//! part that holds a client).
+
+pub mod http;
+pub mod index;
+pub mod use_log;
+pub mod verify;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub use index::{Index, KeyRef};
+pub use use_log::{Instance, MemoryUseLog, NoUseLog, Use, UseLog};
+pub use verify::{DEFAULT_CLOCK_SKEW, Policy, Refusal, Verified};
+pub use watch::watch;
+
+/// The upstream of the reverse-proxy mode.
+pub struct Upstream {
+    /// `http://host:port[/prefix]`.
+    pub base: String,
+    pub client: Client<HttpConnector, axum::body::Body>,
+}
+
+impl Upstream {
+    /// Only plain `http://` upstreams (the verifier sits next to the bundle server).
+    pub fn new(base: &str) -> Result<Self, String> {
+        let uri: ::http::Uri = base
+            .parse()
+            .map_err(|_| format!("--upstream {base:?} is not a URL"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(format!(
+                "--upstream {base:?} must be http://host:port[/path]"
+            ));
+        }
+        Ok(Upstream {
+            base: base.to_string(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+}
+
+/// State shared by the watches and the handlers.
+pub struct Shared {
+    pub index: RwLock<Index>,
+    pub policy: Policy,
+    pub use_log: Arc<dyn UseLog>,
+    pub upstream: Option<Upstream>,
+    /// Watches that have not listed yet; ready at 0.
+    pending: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(policy: Policy, use_log: Arc<dyn UseLog>, upstream: Option<Upstream>) -> Self {
+        Shared {
+            index: RwLock::new(Index::default()),
+            policy,
+            use_log,
+            upstream,
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Ready once every watch has delivered its first complete list.
+    pub fn is_ready(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
+    pub(crate) fn expect_lists(&self, n: usize) {
+        self.pending.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn listed(&self) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Applies `f` to the index (a watch event).
+    pub fn update<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut index)
+    }
+}
+
+/// Runs the verifier: watches, then serves `listener` until `shutdown`.
+pub async fn run(
+    client: kube::Client,
+    namespaces: Vec<String>,
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let watches = tokio::spawn(watch(client, namespaces, shared.clone()));
+    let res = axum::serve(listener, http::router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    watches.abort();
+    res
+}

@@ -1,0 +1,719 @@
+//! Tables over the pure parts (verification, cache headers) and request -> response shapes of
+//! the router (tower `oneshot`, no network, no API server).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::json;
+use tower::ServiceExt as _;
+
+use super::http::{cache_control, max_age, none_match, router};
+use super::index::{Index, KeyRef, etag_of};
+use super::use_log::MemoryUseLog;
+use super::verify::{Policy, Refusal, verify};
+use super::{Shared, Use, UseLog};
+use crate::api::ProvisioningKey;
+use crate::keys::{Jwks, KeyPair, TokenClaims};
+
+const NOW: i64 = 1_800_000_000;
+const UID_A: &str = "11111111-1111-4111-8111-111111111111";
+const UID_B: &str = "22222222-2222-4222-8222-222222222222";
+const POD: &str = "3f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81";
+
+fn pk(name: &str, uid: &str, spec: serde_json::Value) -> ProvisioningKey {
+    serde_json::from_value(json!({
+        "apiVersion": "keyward.dev/v1alpha1",
+        "kind": "ProvisioningKey",
+        "metadata": {"name": name, "namespace": "ns", "uid": uid},
+        "spec": spec,
+    }))
+    .expect("ProvisioningKey")
+}
+
+fn bundle(pk_name: &str, owner_uid: &str, trusted: &[&KeyPair], revoked: &[String]) -> ConfigMap {
+    let jwks = Jwks {
+        keys: trusted.iter().map(|k| k.public_key().to_jwk()).collect(),
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": format!("{pk_name}-trust"),
+            "namespace": "ns",
+            "labels": {
+                "app.kubernetes.io/managed-by": "keyward",
+                "keyward.dev/provisioning-key": pk_name,
+                "keyward.dev/component": "trust-bundle",
+            },
+            "ownerReferences": [{
+                "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",
+                "name": pk_name, "uid": owner_uid, "controller": true,
+            }],
+        },
+        "data": {
+            "jwks.json": serde_json::to_string_pretty(&jwks).expect("jwks"),
+            "revoked.json": serde_json::to_string_pretty(revoked).expect("revoked"),
+        },
+    }))
+    .expect("ConfigMap")
+}
+
+fn claims(sub: &str) -> TokenClaims {
+    TokenClaims {
+        iss: "keyward".into(),
+        sub: sub.into(),
+        aud: "keyward".into(),
+        iat: NOW - 60,
+        nbf: NOW - 60,
+        exp: NOW + 3600,
+        jti: "j1".into(),
+    }
+}
+
+/// Two keys: `a` (ns/a) trusts `k1` (current) and `k2` (stale JWKS entry, but revoked);
+/// `b` (ns/b, custom audience and issuer) trusts `k3`.
+struct Fixture {
+    index: Index,
+    k1: KeyPair,
+    k2: KeyPair,
+    k3: KeyPair,
+}
+
+fn fixture() -> Fixture {
+    let (k1, k2, k3) = (
+        KeyPair::generate(),
+        KeyPair::generate(),
+        KeyPair::generate(),
+    );
+    let mut index = Index::default();
+    index.apply_key(&pk("a", UID_A, json!({"rotation": {"publishDelay": "2m"}})));
+    index.apply_key(&pk(
+        "b",
+        UID_B,
+        json!({"token": {"audience": "bundles", "issuer": "https://kw.example"}}),
+    ));
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k1, &k2], &[k2.key_id()]))
+        .expect("bundle a");
+    index
+        .apply_bundle(&bundle("b", UID_B, &[&k3], &[]))
+        .expect("bundle b");
+    Fixture { index, k1, k2, k3 }
+}
+
+/// A compact JWS with an arbitrary header, signed by `key` (or with an empty signature).
+fn raw_token(header: serde_json::Value, claims: &TokenClaims, key: Option<&KeyPair>) -> String {
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims"))
+    );
+    let sig = match key {
+        // Re-sign through a real token so the signature covers `input`.
+        Some(k) => {
+            use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+            use ed25519_dalek::{Signer as _, SigningKey};
+            let sk = SigningKey::from_pkcs8_pem(&k.to_pkcs8_pem()).expect("pkcs8");
+            URL_SAFE_NO_PAD.encode(sk.sign(input.as_bytes()).to_bytes())
+        }
+        None => String::new(),
+    };
+    format!("{input}.{sig}")
+}
+
+fn tamper(token: &str) -> String {
+    let (input, sig) = token.rsplit_once('.').expect("jws");
+    let mut bytes = URL_SAFE_NO_PAD.decode(sig).expect("sig");
+    bytes[0] ^= 1;
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Accepted as (key, kid), or refused with a reason.
+type Want<'a> = Result<(&'a KeyRef, &'a str), &'static str>;
+
+#[test]
+fn verification_table() {
+    let f = fixture();
+    let a = KeyRef::new("ns", "a");
+    let b = KeyRef::new("ns", "b");
+    let good = f.k1.sign_token(&claims("ns/a")).expect("sign");
+    let with = |c: TokenClaims| f.k1.sign_token(&c).expect("sign");
+    let mut b_claims = claims("ns/b");
+    b_claims.aud = "bundles".into();
+    b_claims.iss = "https://kw.example".into();
+    let good_b = f.k3.sign_token(&b_claims).expect("sign");
+    let kid1 = f.k1.key_id();
+    let kid3 = f.k3.key_id();
+    let policy = Policy::default(); // 30 s skew
+
+    let cases: Vec<(&str, String, Option<&KeyRef>, Want<'_>)> = vec![
+        ("good token", good.clone(), None, Ok((&a, &kid1))),
+        (
+            "good token, expected key",
+            good.clone(),
+            Some(&a),
+            Ok((&a, &kid1)),
+        ),
+        ("custom aud and iss", good_b.clone(), None, Ok((&b, &kid3))),
+        (
+            "alg none",
+            raw_token(json!({"alg": "none", "kid": kid1}), &claims("ns/a"), None),
+            None,
+            Err("UnsupportedAlgorithm"),
+        ),
+        (
+            "alg HS256",
+            raw_token(
+                json!({"alg": "HS256", "kid": kid1}),
+                &claims("ns/a"),
+                Some(&f.k1),
+            ),
+            None,
+            Err("UnsupportedAlgorithm"),
+        ),
+        (
+            "alg RS256",
+            raw_token(
+                json!({"alg": "RS256", "kid": kid1}),
+                &claims("ns/a"),
+                Some(&f.k1),
+            ),
+            None,
+            Err("UnsupportedAlgorithm"),
+        ),
+        (
+            "unknown kid",
+            KeyPair::generate()
+                .sign_token(&claims("ns/a"))
+                .expect("sign"),
+            None,
+            Err("UnknownKeyId"),
+        ),
+        (
+            "revoked kid still in a stale JWKS",
+            f.k2.sign_token(&claims("ns/a")).expect("sign"),
+            None,
+            Err("TokenRevoked"),
+        ),
+        (
+            "expired",
+            with(TokenClaims {
+                exp: NOW - 31,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenExpired"),
+        ),
+        (
+            "expired within skew",
+            with(TokenClaims {
+                exp: NOW - 29,
+                ..claims("ns/a")
+            }),
+            None,
+            Ok((&a, &kid1)),
+        ),
+        (
+            "not yet valid, within skew",
+            with(TokenClaims {
+                nbf: NOW + 29,
+                ..claims("ns/a")
+            }),
+            None,
+            Ok((&a, &kid1)),
+        ),
+        (
+            "not yet valid, outside skew",
+            with(TokenClaims {
+                nbf: NOW + 31,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenNotYetValid"),
+        ),
+        (
+            "wrong aud",
+            with(TokenClaims {
+                aud: "other".into(),
+                ..claims("ns/a")
+            }),
+            None,
+            Err("WrongAudience"),
+        ),
+        (
+            "wrong iss",
+            with(TokenClaims {
+                iss: "evil".into(),
+                ..claims("ns/a")
+            }),
+            None,
+            Err("WrongIssuer"),
+        ),
+        (
+            "tampered signature",
+            tamper(&good),
+            None,
+            Err("SignatureInvalid"),
+        ),
+        (
+            "key A's token claiming key B",
+            f.k1.sign_token(&b_claims).expect("sign"),
+            None,
+            Err("UnknownKeyId"),
+        ),
+        (
+            "key A's token where only B is accepted",
+            good.clone(),
+            Some(&b),
+            Err("KeyNotAccepted"),
+        ),
+        (
+            "key of no known bundle",
+            with(claims("ns/c")),
+            None,
+            Err("UnknownKey"),
+        ),
+        (
+            "subject not a key",
+            with(claims("a")),
+            None,
+            Err("BadSubject"),
+        ),
+        ("garbage", "not-a-jwt".into(), None, Err("InvalidToken")),
+    ];
+    for (name, token, expect, want) in cases {
+        let got = verify(&token, &f.index, expect, NOW, &policy);
+        match (got, want) {
+            (Ok(v), Ok((key, kid))) => {
+                assert_eq!((&v.key, v.kid.as_str()), (key, kid), "{name}");
+            }
+            (Err(e), Err(reason)) => {
+                assert_eq!(e.reason(), reason, "{name}: {e}");
+                let msg = e.to_string();
+                assert!(
+                    !msg.contains(&token) && !msg.contains(token.split('.').next().unwrap_or("")),
+                    "{name}: the error must not contain the token: {msg}"
+                );
+            }
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn refusal_statuses() {
+    assert_eq!(Refusal::MissingToken.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        Refusal::KeyNotAccepted {
+            expected: "a".into(),
+            actual: "b".into()
+        }
+        .status(),
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[test]
+fn policy_flags_override_the_keys_aud_and_iss() {
+    let f = fixture();
+    let good = f.k1.sign_token(&claims("ns/a")).expect("sign");
+    let strict = Policy {
+        audience: Some("bundles".into()),
+        ..Policy::default()
+    };
+    assert_eq!(
+        verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
+        Err("WrongAudience")
+    );
+    let strict = Policy {
+        issuer: Some("https://kw.example".into()),
+        ..Policy::default()
+    };
+    assert_eq!(
+        verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
+        Err("WrongIssuer")
+    );
+}
+
+#[test]
+fn a_bundle_is_used_only_for_the_key_that_owns_it() {
+    let k = KeyPair::generate();
+    let token = k.sign_token(&claims("ns/a")).expect("sign");
+    // Labelled for `a` but owned by someone else (a forged ConfigMap).
+    let mut index = Index::default();
+    index.apply_key(&pk("a", UID_A, json!({})));
+    index
+        .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
+        .expect("parse");
+    assert_eq!(
+        verify(&token, &index, None, NOW, &Policy::default()).map_err(|e| e.reason()),
+        Err("UnknownKey")
+    );
+    // The right owner: accepted; the key deleted: unknown again.
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
+        .expect("parse");
+    assert!(verify(&token, &index, None, NOW, &Policy::default()).is_ok());
+    index.delete_key(&pk("a", UID_A, json!({})));
+    assert!(verify(&token, &index, None, NOW, &Policy::default()).is_err());
+}
+
+#[test]
+fn max_age_is_half_the_publish_delay_capped() {
+    let s = Duration::from_secs;
+    for (delay, want, header) in [
+        (s(0), s(0), "no-cache"),
+        (s(1), s(0), "no-cache"),
+        (s(3), s(1), "public, max-age=1"),
+        (s(120), s(60), "public, max-age=60"),
+        (s(3600), s(300), "public, max-age=300"),
+    ] {
+        assert_eq!(max_age(delay), want, "{delay:?}");
+        assert!(
+            max_age(delay) * 2 <= delay,
+            "a consumer must refetch before agents switch"
+        );
+        assert_eq!(cache_control(max_age(delay)), header);
+    }
+}
+
+#[test]
+fn if_none_match_comparison() {
+    let etag = etag_of(b"{}");
+    assert!(etag.starts_with('"') && etag.ends_with('"'));
+    assert_ne!(etag, etag_of(b"{ }"));
+    let h = |v: &str| {
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_str(v).expect("value"),
+        );
+        m
+    };
+    assert!(none_match(&h(&etag), &etag));
+    assert!(none_match(&h(&format!("W/{etag}")), &etag));
+    assert!(none_match(&h(&format!("\"other\", {etag}")), &etag));
+    assert!(none_match(&h("*"), &etag));
+    assert!(!none_match(&h("\"other\""), &etag));
+    assert!(!none_match(&HeaderMap::new(), &etag));
+}
+
+fn shared(f: &Fixture, log: Arc<MemoryUseLog>) -> Arc<Shared> {
+    let s = Shared::new(Policy::default(), log, None);
+    s.update(|i| *i = f.index.clone());
+    Arc::new(s)
+}
+
+/// A fresh token of `key` valid now (the router reads the real clock).
+fn live_token(key: &KeyPair, sub: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    key.sign_token(&TokenClaims {
+        iat: now,
+        nbf: now,
+        exp: now + 600,
+        ..claims(sub)
+    })
+    .expect("sign")
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
+    let res = app.clone().oneshot(req).await.expect("infallible");
+    let (parts, body) = res.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20).await.expect("body");
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn auth_request_shapes() {
+    let f = fixture();
+    let log = Arc::new(MemoryUseLog::new(100));
+    let app = router(shared(&f, log.clone()));
+    let token = live_token(&f.k1, "ns/a");
+
+    // nginx auth_request: allowed, with the key headers and the pod recorded.
+    let req = Request::get("/auth")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-keyward-pod-uid", POD)
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-keyward-key"], "ns/a");
+    assert_eq!(headers["x-keyward-kid"], f.k1.key_id().as_str());
+    assert!(body.is_empty());
+    let key = KeyRef::new("ns", "a");
+    assert!(log.pods_seen(&key, &f.k1.key_id()).contains_key(POD));
+
+    // No token: 401, a reason, WWW-Authenticate, no body.
+    let (status, headers, body) = call(
+        &app,
+        Request::get("/auth").body(Body::empty()).expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-keyward-reason"], "MissingToken");
+    assert!(headers.contains_key("www-authenticate"));
+    assert!(body.is_empty());
+
+    // A revoked key: 401, and the response holds nothing of the token.
+    let revoked = live_token(&f.k2, "ns/a");
+    let req = Request::get("/auth")
+        .header("authorization", format!("Bearer {revoked}"))
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-keyward-reason"], "TokenRevoked");
+    assert!(!headers.contains_key("x-keyward-key"));
+    assert!(body.is_empty());
+    for segment in revoked.split('.') {
+        for v in headers.values() {
+            assert!(
+                !v.to_str().unwrap_or("").contains(segment),
+                "a header echoes the token"
+            );
+        }
+    }
+
+    // Authenticated, but this location accepts only ns/b: 403.
+    let req = Request::get("/auth")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-keyward-expect-key", "ns/b")
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, _) = call(&app, req).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers["x-keyward-reason"], "KeyNotAccepted");
+
+    // Key b's token with key a's default audience is refused.
+    let req = Request::get("/auth")
+        .header(
+            "authorization",
+            format!("Bearer {}", live_token(&f.k3, "ns/b")),
+        )
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(call(&app, req).await.0, StatusCode::UNAUTHORIZED); // wrong aud for b
+}
+
+#[tokio::test]
+async fn ext_authz_shapes() {
+    let f = fixture();
+    let app = router(shared(&f, Arc::new(MemoryUseLog::new(100))));
+    let token = live_token(&f.k1, "ns/a");
+    // Envoy's HTTP service: the original method and path under the prefix.
+    for (method, path) in [
+        ("GET", "/ext_authz/bundles/authz.tar.gz"),
+        ("POST", "/ext_authz/v1/data?x=1"),
+        ("GET", "/ext_authz"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .expect("request");
+        let (status, headers, _) = call(&app, req).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}");
+        assert_eq!(headers["x-keyward-key"], "ns/a");
+        assert_eq!(headers["x-keyward-kid"], f.k1.key_id().as_str());
+    }
+    let req = Request::get("/ext_authz/bundles/authz.tar.gz")
+        .header("authorization", format!("Bearer {}", tamper(&token)))
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-keyward-reason"], "SignatureInvalid");
+    assert!(body.is_empty());
+    let req = Request::get("/ext_authz/x")
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(
+        call(&app, req).await.1["x-keyward-reason"],
+        "MalformedAuthorization"
+    );
+}
+
+#[tokio::test]
+async fn bundle_documents_with_etag_and_max_age() {
+    let f = fixture();
+    let app = router(shared(&f, Arc::new(MemoryUseLog::new(100))));
+    let (status, headers, body) = call(
+        &app,
+        Request::get("/keys/ns/a/jwks.json")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "public, max-age=60"); // publishDelay 2m
+    assert_eq!(headers["content-type"], "application/json");
+    let jwks: Jwks = serde_json::from_str(&body).expect("a JWKS");
+    assert_eq!(jwks.key_ids(), vec![f.k1.key_id(), f.k2.key_id()]);
+    let etag = headers["etag"].clone();
+
+    let req = Request::get("/keys/ns/a/jwks.json")
+        .header("if-none-match", etag.clone())
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert_eq!(headers["etag"], etag);
+    assert_eq!(headers["cache-control"], "public, max-age=60");
+    assert!(body.is_empty());
+
+    let (status, _, body) = call(
+        &app,
+        Request::get("/keys/ns/a/revoked.json")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let revoked: Vec<String> = serde_json::from_str(&body).expect("a list");
+    assert_eq!(revoked, vec![f.k2.key_id()]);
+
+    // Key b: default publishDelay (2m) too; unknown keys and documents: 404.
+    for path in [
+        "/keys/ns/c/jwks.json",
+        "/keys/other/a/jwks.json",
+        "/keys/ns/a/private.pem",
+    ] {
+        let (status, _, _) = call(
+            &app,
+            Request::get(path).body(Body::empty()).expect("request"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_lists() {
+    let s = Arc::new(Shared::new(
+        Policy::default(),
+        Arc::new(super::NoUseLog),
+        None,
+    ));
+    s.expect_lists(2);
+    let app = router(s.clone());
+    let get = |p: &'static str| Request::get(p).body(Body::empty()).expect("request");
+    assert_eq!(call(&app, get("/healthz")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, get("/readyz")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    s.listed();
+    s.listed();
+    assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);
+    // Without --upstream, other paths are 404, not proxied.
+    assert_eq!(call(&app, get("/bundles/x")).await.0, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn use_log_is_a_trait_object() {
+    let log: Arc<dyn UseLog> = Arc::new(MemoryUseLog::new(1));
+    log.record(Use {
+        key: KeyRef::new("ns", "a"),
+        kid: "k".into(),
+        instance: super::Instance::Unattributed,
+        at: chrono::Utc::now(),
+    });
+}
+
+/// An upstream that echoes what it received: method, path, the headers the proxy controls,
+/// and the body.
+async fn echo_upstream() -> String {
+    use axum::extract::Request as AxumRequest;
+    let app = axum::Router::new().fallback(|req: AxumRequest| async move {
+        let (parts, body) = req.into_parts();
+        let h = |n: &str| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let head = format!(
+            "{} {} auth={} key={} kid={} |",
+            parts.method,
+            parts.uri,
+            h("authorization"),
+            h("x-keyward-key"),
+            h("x-keyward-kid"),
+        );
+        let body = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        format!("{head}{}", String::from_utf8_lossy(&body))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn reverse_proxy_forwards_only_verified_requests() {
+    let f = fixture();
+    let upstream = super::Upstream::new(&echo_upstream().await).expect("upstream");
+    let s = Shared::new(
+        Policy::default(),
+        Arc::new(MemoryUseLog::new(10)),
+        Some(upstream),
+    );
+    s.update(|i| *i = f.index.clone());
+    let app = router(Arc::new(s));
+    let token = live_token(&f.k1, "ns/a");
+
+    // Verified: forwarded with the body, the token removed, the key headers set (a forged
+    // client-sent X-Keyward-Key is dropped).
+    let req = Request::post("/v1/data/x?q=1")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-keyward-key", "ns/forged")
+        .body(Body::from("payload"))
+        .expect("request");
+    let (status, _, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        format!(
+            "POST /v1/data/x?q=1 auth=- key=ns/a kid={} |payload",
+            f.k1.key_id()
+        )
+    );
+
+    // Refused: never reaches the upstream.
+    let req = Request::get("/bundles/authz.tar.gz")
+        .header("authorization", format!("Bearer {}", tamper(&token)))
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-keyward-reason"], "SignatureInvalid");
+    assert!(body.is_empty());
+
+    // The verifier's own routes are not proxied.
+    let (status, _, _) = call(
+        &app,
+        Request::get("/healthz")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -1,0 +1,221 @@
+//! Recording use: which (ProvisioningKey, key id, agent instance) was seen, and when.
+//!
+//! Every accepted request is handed to a [`UseLog`]. The agent instance is the pod's UID, sent
+//! by the agent in `X-Keyward-Pod-UID` (OPA fills it from `${POD_UID}`, which the downward API
+//! sets; StatefulSets reuse pod names, never UIDs). An empty, malformed or placeholder header
+//! never counts as any pod: such a request is recorded as [`Instance::Unattributed`], which
+//! proves that the key id is in use but confirms no pod.
+//!
+//! Reporting to the operator (bounded writes, several replicas) is the next step; see
+//! docs/verifier.md.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use super::index::KeyRef;
+
+/// The header an agent puts its pod's UID in.
+pub const POD_UID_HEADER: &str = "x-keyward-pod-uid";
+
+/// Who presented a token.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Instance {
+    /// A pod, by its UID (canonical lowercase UUID).
+    Pod(String),
+    /// No usable pod UID: counts as use of the key id, never as any pod.
+    Unattributed,
+}
+
+impl Instance {
+    /// The instance named by an `X-Keyward-Pod-UID` header value. Only a UUID counts (pod UIDs
+    /// are UUIDs); anything else (absent, empty, `unknown`, an unsubstituted `${POD_UID}`,
+    /// several values) is [`Instance::Unattributed`].
+    pub fn from_header(value: Option<&http::HeaderValue>) -> Self {
+        value
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .and_then(|v| uuid::Uuid::try_parse(v).ok())
+            .filter(|u| !u.is_nil())
+            .map_or(Instance::Unattributed, |u| {
+                Instance::Pod(u.hyphenated().to_string())
+            })
+    }
+
+    pub fn pod_uid(&self) -> Option<&str> {
+        match self {
+            Instance::Pod(uid) => Some(uid),
+            Instance::Unattributed => None,
+        }
+    }
+}
+
+/// One accepted request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Use {
+    pub key: KeyRef,
+    pub kid: String,
+    pub instance: Instance,
+    pub at: DateTime<Utc>,
+}
+
+/// Called on each accepted request. Must not block (a handler calls it inline).
+pub trait UseLog: Send + Sync {
+    fn record(&self, used: Use);
+}
+
+/// Records nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoUseLog;
+
+impl UseLog for NoUseLog {
+    fn record(&self, _: Use) {}
+}
+
+/// Last time each (key, kid, instance) was seen, in memory, bounded: once `capacity` entries
+/// are held, new triples are counted as dropped (never evicting what is known, so a flood of
+/// made-up pod UIDs cannot erase a real pod's record). A reporter drains it later.
+#[derive(Debug)]
+pub struct MemoryUseLog {
+    capacity: usize,
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    last_seen: BTreeMap<(KeyRef, String, Instance), DateTime<Utc>>,
+    dropped: u64,
+}
+
+impl MemoryUseLog {
+    pub fn new(capacity: usize) -> Self {
+        MemoryUseLog {
+            capacity,
+            inner: Mutex::new(MemoryInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// When `kid` of `key` was last seen from anyone (attributed or not).
+    pub fn last_used(&self, key: &KeyRef, kid: &str) -> Option<DateTime<Utc>> {
+        self.lock()
+            .last_seen
+            .iter()
+            .filter(|((k, i, _), _)| k == key && i == kid)
+            .map(|(_, at)| *at)
+            .max()
+    }
+
+    /// The pods seen presenting `kid` of `key`, with when (unattributed use never appears).
+    pub fn pods_seen(&self, key: &KeyRef, kid: &str) -> BTreeMap<String, DateTime<Utc>> {
+        self.lock()
+            .last_seen
+            .iter()
+            .filter(|((k, i, _), _)| k == key && i == kid)
+            .filter_map(|((_, _, inst), at)| inst.pod_uid().map(|u| (u.to_string(), *at)))
+            .collect()
+    }
+
+    /// Triples not recorded because the log was full.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+}
+
+impl UseLog for MemoryUseLog {
+    fn record(&self, used: Use) {
+        let mut inner = self.lock();
+        let id = (used.key, used.kid, used.instance);
+        let full = inner.last_seen.len() >= self.capacity;
+        match inner.last_seen.get_mut(&id) {
+            Some(at) => *at = (*at).max(used.at),
+            None if full => inner.dropped += 1,
+            None => {
+                inner.last_seen.insert(id, used.at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const UID: &str = "3f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81";
+
+    #[test]
+    fn only_a_pod_uid_counts_as_a_pod() {
+        let cases: &[(Option<&str>, Option<&str>)] = &[
+            (Some(UID), Some(UID)),
+            (Some(&UID.to_uppercase()), Some(UID)),
+            (Some(&format!(" {UID} ")), Some(UID)),
+            (None, None),
+            (Some(""), None),
+            (Some("unknown"), None),
+            (Some("${POD_UID}"), None),
+            (Some("00000000-0000-0000-0000-000000000000"), None),
+            (Some(&format!("{UID},{UID}")), None),
+            (Some("web-0"), None),
+        ];
+        for (header, want) in cases {
+            let value = header.map(|h| HeaderValue::from_str(h).expect("header value"));
+            let got = Instance::from_header(value.as_ref());
+            assert_eq!(got.pod_uid(), *want, "header {header:?}");
+        }
+    }
+
+    fn used(instance: Instance, secs: i64) -> Use {
+        Use {
+            key: KeyRef::new("ns", "pk"),
+            kid: "kid-a".into(),
+            instance,
+            at: DateTime::from_timestamp(secs, 0).expect("time"),
+        }
+    }
+
+    #[test]
+    fn unattributed_use_counts_as_use_but_never_as_a_pod() {
+        let log = MemoryUseLog::new(10);
+        let key = KeyRef::new("ns", "pk");
+        log.record(used(Instance::from_header(None), 100));
+        log.record(used(
+            Instance::from_header(Some(&HeaderValue::from_static(""))),
+            150,
+        ));
+        assert!(log.pods_seen(&key, "kid-a").is_empty());
+        assert_eq!(
+            log.last_used(&key, "kid-a").map(|t| t.timestamp()),
+            Some(150)
+        );
+        log.record(used(Instance::Pod(UID.into()), 200));
+        log.record(used(Instance::Pod(UID.into()), 120)); // out of order: keeps the latest
+        let pods = log.pods_seen(&key, "kid-a");
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods.get(UID).map(|t| t.timestamp()), Some(200));
+        assert!(log.pods_seen(&key, "kid-b").is_empty());
+    }
+
+    #[test]
+    fn a_full_log_keeps_what_it_knows() {
+        let log = MemoryUseLog::new(1);
+        let key = KeyRef::new("ns", "pk");
+        log.record(used(Instance::Pod(UID.into()), 100));
+        log.record(used(
+            Instance::Pod("6f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81".into()),
+            110,
+        ));
+        log.record(used(Instance::Pod(UID.into()), 120));
+        assert_eq!(log.dropped(), 1);
+        assert_eq!(
+            log.pods_seen(&key, "kid-a").get(UID).map(|t| t.timestamp()),
+            Some(120)
+        );
+    }
+}
