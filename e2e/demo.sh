@@ -58,6 +58,10 @@ bed_pid=$!
 sleep 1
 say "4/4 applying examples/ (the key) and examples/agents/ (3 OPA pods and their PolicyAgent); operator log: /tmp/keyward-demo-operator.log"
 kubectl apply -f examples/ -f examples/agents/ >/dev/null
+# The example's rollout.minInterval (5m) would hold the demo's roll for 5 minutes after the first
+# one (the operator stamps the first key into the pod template): 10s here.
+kubectl patch policyagent opa --type merge -p '{"spec":{"rollout":{"minInterval":"10s"}}}' >/dev/null
+say "   (demo only: PolicyAgent opa's rollout.minInterval lowered from 5m to 10s)"
 
 kid() { kubectl get pk opa-agents -o jsonpath='{.status.currentKey.kid}' 2>/dev/null; }
 confirmed() { kubectl get policyagent opa -o jsonpath='{.status.confirmedKeyId}' 2>/dev/null; }
