@@ -3,10 +3,12 @@
 //! "An old provisioning key is revoked only on evidence that every agent connects with its
 //! successor, and a crash at any moment changes nothing about that."
 //!
-//! Each scenario runs in its own namespace with its own stand-in kubelet (OPA-like agents
-//! that download a bundle with the token of their mounted Secret, see
-//! `scenarios/opa_agent.rs`) and its own bundle server that verifies those tokens against the
-//! live trust bundle ConfigMap and logs every request (`scenarios/bundle_server.rs`).
+//! Each scenario runs in its own namespace with its own stand-in kubelet and its own bundle
+//! server. The promise scenarios run a real `opa run --server` per pod (built by `e2e/opa.sh`,
+//! see `keyward_testbed::OpaProcess`), which downloads its bundle with the token of its mounted
+//! Secret; the oracle scenario runs the in-process OPA-like agent (`scenarios/opa_agent.rs`).
+//! The bundle server verifies those tokens against the live trust bundle ConfigMap and logs
+//! every request (`scenarios/bundle_server.rs`).
 //!
 //! Run (the plane must be up: `bash e2e/cluster.sh up`, CRDs applied):
 //! `cargo test --features fault-injection --test e2e -- --nocapture --test-threads=2`
