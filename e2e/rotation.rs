@@ -3,10 +3,12 @@
 //! "An old provisioning key is revoked only on evidence that every agent connects with its
 //! successor, and a crash at any moment changes nothing about that."
 //!
-//! Each scenario runs in its own namespace with its own stand-in kubelet (OPA-like agents
-//! that download a bundle with the token of their mounted Secret, see
-//! `scenarios/opa_agent.rs`) and its own bundle server that verifies those tokens against the
-//! live trust bundle ConfigMap and logs every request (`scenarios/bundle_server.rs`).
+//! Each scenario runs in its own namespace with its own stand-in kubelet and its own bundle
+//! server. The promise scenarios run a real `opa run --server` per pod (built by `e2e/opa.sh`,
+//! see `keyward_testbed::OpaProcess`), which downloads its bundle with the token of its mounted
+//! Secret; the oracle scenario runs the in-process OPA-like agent (`scenarios/opa_agent.rs`).
+//! The bundle server verifies those tokens against the live trust bundle ConfigMap and logs
+//! every request (`scenarios/bundle_server.rs`).
 //!
 //! Run (the plane must be up: `bash e2e/cluster.sh up`, CRDs applied):
 //! `cargo test --features fault-injection --test e2e -- --nocapture --test-threads=2`
@@ -44,7 +46,7 @@ use serde_json::json;
 /// check of `check_rotation`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_then_manual_rotation_with_two_policy_agents() -> anyhow::Result<()> {
-    let bed = Bed::new("rotation").await;
+    let bed = Bed::real_opa("rotation").await;
     let op = InProcessOperator::start(&bed.ns).await;
     let k1 = bed
         .set_up(json!({
@@ -137,7 +139,7 @@ async fn scheduled_then_manual_rotation_with_two_policy_agents() -> anyhow::Resu
 /// Warning Event); once the server accepts the key, the rotation completes by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_rejecting_the_new_key_stalls_the_rotation_until_it_accepts() -> anyhow::Result<()> {
-    let bed = Bed::new("reject").await;
+    let bed = Bed::real_opa("reject").await;
     let op = InProcessOperator::start(&bed.ns).await;
     let k1 = bed
         .set_up(json!({ "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "6s" }))
@@ -242,7 +244,7 @@ async fn server_rejecting_the_new_key_stalls_the_rotation_until_it_accepts() -> 
 /// reads, about ten per second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compromised_key_is_revoked_at_once_and_replaced() -> anyhow::Result<()> {
-    let bed = Bed::new("breakglass").await;
+    let bed = Bed::real_opa("breakglass").await;
     let op = InProcessOperator::start(&bed.ns).await;
     let k1 = bed
         .set_up(json!({ "minInterval": "1s", "publishDelay": "60s", "confirmationTimeout": "2m" }))
@@ -356,7 +358,7 @@ async fn compromised_key_is_revoked_at_once_and_replaced() -> anyhow::Result<()>
 /// instead of the key id before rolling, and the workloads roll on every refresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_refresh_never_rolls_the_agents() -> anyhow::Result<()> {
-    let bed = Bed::new("refresh").await;
+    let bed = Bed::real_opa("refresh").await;
     let op = InProcessOperator::start(&bed.ns).await;
     let k1 = bed
         .set_up(json!({ "minInterval": "1s", "publishDelay": "1s" }))
@@ -625,7 +627,7 @@ mod crash {
     }
 
     pub async fn point(binary: &std::path::Path, point: &str) -> anyhow::Result<String> {
-        let bed = Bed::new(&format!("crash-{point}")).await;
+        let bed = Bed::real_opa(&format!("crash-{point}")).await;
         let spec = crash_spec(point);
         let mut armed =
             OperatorProcess::start(binary, &bed.ns, Some(&spec), bed.log_path("operator-1.log"))?;

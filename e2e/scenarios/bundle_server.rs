@@ -4,7 +4,9 @@
 //! against the CURRENT trust bundle ConfigMap, fetched from the API server on every request
 //! (a control plane that refreshes its JWKS instantly): `jwks.json` are the trusted keys,
 //! `revoked.json` the revoked key ids, and `aud` must be the expected audience. The answer is
-//! `200` with a small gzip body (`Content-Type: application/gzip`) or `401`.
+//! `200` with a real OPA bundle (`authz.tar.gz`: a `.manifest` with root `authz` and a
+//! one-rule policy, which `opa run` activates) and an `ETag`, `304` to an accepted request
+//! whose `If-None-Match` carries that ETag (OPA sends it), or `401`.
 //!
 //! Every request is logged in order with its arrival time, key id, pod, outcome and the trust
 //! bundle the decision was made with. The snapshot is what makes the log evidence: a request
@@ -26,16 +28,17 @@ use keyward::keys::{self, Jwks, KeyError};
 use keyward::labels as l;
 use kube::Api;
 
-/// Header the agents send with their pod's name.
-pub const POD_NAME: &str = "x-pod-name";
+/// Header the agents send with their pod's name (OPA: `${POD_NAME}` in its service headers).
+pub const POD_NAME: &str = keyward_testbed::POD_NAME_HEADER_OPA;
 /// Header the agents send with their pod's uid (a StatefulSet pod keeps its name across rolls).
-pub const POD_UID: &str = "x-pod-uid";
+pub const POD_UID: &str = keyward_testbed::POD_UID_HEADER;
 
-/// The bundle served: a gzip stream of nothing (OPA would get a tarball; any bytes do here).
-const BUNDLE: &[u8] = &[
-    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00,
-];
+/// The bundle served: a real OPA bundle (gzipped tar, mtime 0) with `.manifest`
+/// (`{"revision":"keyward-e2e","roots":["authz"]}`) and `authz/policy.rego`
+/// (`default allow := false`).
+pub const BUNDLE: &[u8] = include_bytes!("authz.tar.gz");
+/// The bundle's ETag (one bundle, one revision).
+pub const ETAG: &str = "\"keyward-e2e-1\"";
 
 /// Why a request was answered the way it was.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,7 +252,21 @@ async fn bundle(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response
         bundle: snapshot,
     });
     if accepted {
-        ([(header::CONTENT_TYPE, "application/gzip")], BUNDLE).into_response()
+        let unchanged = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == ETAG));
+        if unchanged {
+            return (StatusCode::NOT_MODIFIED, [(header::ETAG, ETAG)]).into_response();
+        }
+        (
+            [
+                (header::CONTENT_TYPE, "application/gzip"),
+                (header::ETAG, ETAG),
+            ],
+            BUNDLE,
+        )
+            .into_response()
     } else {
         let status = match outcome {
             Outcome::BundleUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

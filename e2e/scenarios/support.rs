@@ -24,7 +24,8 @@ use keyward::keys::Jwks;
 use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward_testbed::{
-    Kubelet, KubeletConfig, KubeletHandle, RunningPod, TestNamespace, eventually, wait_for,
+    Kubelet, KubeletConfig, KubeletHandle, OpaProcess, RunningPod, TestNamespace, eventually,
+    wait_for,
 };
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
@@ -493,28 +494,59 @@ impl Drop for Bed {
     }
 }
 
+/// What runs in the bed's agent pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agents {
+    /// The in-process OPA-like agent ([`OpaAgent`]): fast, health strictly tied to the last
+    /// download.
+    InProcess,
+    /// A real `opa run --server` per pod ([`keyward_testbed::OpaProcess`], built by
+    /// `e2e/opa.sh`), polling its bundle every second.
+    RealOpa,
+}
+
 impl Bed {
-    /// A fresh namespace with its bundle server, kubelet (OPA-like agents) and histories.
+    /// A fresh namespace with its bundle server, kubelet (in-process OPA-like agents) and
+    /// histories (used by `e2e/ha.rs`; `e2e/rotation.rs` runs real OPA).
+    #[allow(dead_code)]
     pub async fn new(label: &str) -> Self {
-        Self::with_secret_sync_delay(label, Duration::from_secs(2)).await
+        Self::with_options(label, Duration::from_secs(2), Agents::InProcess).await
+    }
+
+    /// As [`Bed::new`], with a real OPA process in every agent pod.
+    pub async fn real_opa(label: &str) -> Self {
+        Self::with_options(label, Duration::from_secs(2), Agents::RealOpa).await
     }
 
     /// As [`Bed::new`], with the kubelet refreshing Secret volumes of running pods after
     /// `delay` (the default is 2 s; a real kubelet takes up to a minute or two).
     pub async fn with_secret_sync_delay(label: &str, delay: Duration) -> Self {
+        Self::with_options(label, delay, Agents::InProcess).await
+    }
+
+    /// A bed with Secret volumes synced after `delay` and `mode` agents in the pods.
+    ///
+    /// # Panics
+    /// With `Agents::RealOpa`, when no `opa` binary can be had (`e2e/opa.sh` says why).
+    pub async fn with_options(label: &str, delay: Duration, mode: Agents) -> Self {
         keyward_testbed::init_tracing();
         let started = Instant::now();
         let namespace = TestNamespace::new(&format!("e2e-{label}")).await;
         let client = namespace.client();
         let ns = namespace.name().to_string();
         let server = BundleServer::start(namespace.api(), &format!("{PK}-trust"), AUDIENCE).await;
-        let kubelet = Kubelet::start(
-            client.clone(),
-            &ns,
-            KubeletConfig::default()
-                .with_agent(OpaAgent::new(server.url(), VOLUME))
-                .with_secret_sync_delay(delay),
-        );
+        let config = KubeletConfig::default().with_secret_sync_delay(delay);
+        let config = match mode {
+            Agents::InProcess => config.with_agent(OpaAgent::new(server.url(), VOLUME)),
+            Agents::RealOpa => {
+                let binary = tokio::task::spawn_blocking(keyward_testbed::opa_binary)
+                    .await
+                    .expect("locate opa")
+                    .unwrap_or_else(|e| panic!("no real OPA for the end-to-end tests: {e}"));
+                config.with_agent(OpaProcess::new(binary, server.url(), VOLUME))
+            }
+        };
+        let kubelet = Kubelet::start(client.clone(), &ns, config);
         let managed = || watcher::Config::default().labels(l::MANAGED_SELECTOR);
         let keys = History::new().watch(
             namespace.api::<Secret>(),
@@ -576,7 +608,7 @@ impl Bed {
             dir,
         };
         bed.say(format!(
-            "namespace {} ready, bundle server at {}",
+            "namespace {} ready, bundle server at {}, agents: {mode:?}",
             bed.ns,
             bed.server.url()
         ));

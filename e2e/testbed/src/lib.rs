@@ -12,12 +12,14 @@
 //!   ([`KubeletHandle::evict`], [`KubeletHandle::complete`], [`KubeletHandle::set_unknown`]);
 //!   and records the token each pod started with ([`KubeletHandle::token_at_start`]).
 //! - [`HttpAgent`]: the default agent, an HTTP server on `<pod IP>:8080`.
+//! - [`OpaProcess`]: a real `opa run --server` per pod (built by `e2e/opa.sh`, see [`opa_binary`]).
 
 mod agent;
 mod binary;
 mod env;
 mod kubelet;
 mod namespace;
+mod opa;
 mod wait;
 
 pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo, Termination};
@@ -27,4 +29,5 @@ pub use kubelet::{
     Kubelet, KubeletConfig, KubeletError, KubeletHandle, NODE_NAME, ReadinessHook, RunningPod,
 };
 pub use namespace::TestNamespace;
+pub use opa::{OPA_PORT, OpaProcess, POD_NAME_HEADER_OPA, POD_UID_HEADER, opa_binary};
 pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};
