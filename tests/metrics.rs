@@ -249,13 +249,7 @@ async fn the_binary_serves_metrics_and_probes_on_the_addresses_it_logs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
     let out = std::fs::File::create(&log).expect("log file");
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    use common::KillOnDrop;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["run", "--namespaces", ns.name(), "--log-format", "json"])
         .args(["--metrics-address", "127.0.0.1:0"])

@@ -1426,14 +1426,7 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
     let out = std::fs::File::create(&log).expect("log file");
-    /// Kills the operator if the test fails before it exits by itself.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    use common::KillOnDrop;
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["run", "--namespaces", ns.name()])
         .args([

@@ -312,3 +312,13 @@ pub fn data(s: &Secret, key: &str) -> Option<String> {
         .get(key)
         .map(|b| String::from_utf8(b.0.clone()).expect("UTF-8 Secret data"))
 }
+
+/// A spawned `keyward` process, killed (and reaped) if the test fails before it exits by itself.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
