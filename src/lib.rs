@@ -18,5 +18,6 @@ pub mod leader;
 pub mod metrics;
 pub mod rotation;
 pub mod telemetry;
+pub mod usage;
 pub mod verifier;
 pub mod workload;

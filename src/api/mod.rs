@@ -1,9 +1,11 @@
 //! Custom resource types (`keyward.dev/v1alpha1`). No client code lives here.
 
 pub mod conditions;
+pub mod key_usage;
 pub mod policy_agent;
 pub mod provisioning_key;
 
+pub use key_usage::{KeyUsageReport, KeyUsageReportSpec};
 pub use policy_agent::{PolicyAgent, PolicyAgentSpec, PolicyAgentStatus};
 pub use provisioning_key::{ProvisioningKey, ProvisioningKeySpec, ProvisioningKeyStatus};
 
@@ -21,7 +23,11 @@ pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![ProvisioningKey::crd(), PolicyAgent::crd()]
+    vec![
+        ProvisioningKey::crd(),
+        PolicyAgent::crd(),
+        KeyUsageReport::crd(),
+    ]
 }
 
 /// Renders the CRDs as one multi-document YAML stream, as committed under `crds/`.

@@ -1,0 +1,76 @@
+//! The `KeyUsageReport` custom resource: what one `keyward verifier` replica saw of one
+//! ProvisioningKey's key ids, written by that replica and read by the operator.
+//!
+//! Why its own kind (and not the ProvisioningKey's status, a ConfigMap or a Lease):
+//! - Evidence from another component gets its own object, so neither component can write the
+//!   other's fields, and RBAC keeps them apart: the verifier can create and patch
+//!   `keyusagereports` and nothing else (it never writes ProvisioningKeys, Secrets or the trust
+//!   bundle ConfigMaps; write access to ConfigMaps would let it edit a trust bundle).
+//! - One object per (replica, ProvisioningKey), in the key's namespace, owned by the key (so it
+//!   goes with it): each key's writes are its own (at most one per key per report interval,
+//!   never a read-modify-write of a shared object), and the size stays bounded (key ids x
+//!   capped pods) however many keys exist.
+//! - The replica's liveness and the time window it vouches for are not here: they are in one
+//!   `coordination.k8s.io` Lease per replica (see `crate::verifier::report`), renewed every
+//!   interval, as the kubelet separates its cheap heartbeat (a Lease) from its data (written
+//!   on change). A key nobody uses costs no write at all.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Most pods listed per key id (the most recently seen are kept).
+pub const MAX_PODS_PER_KID: usize = 256;
+
+/// Use of one ProvisioningKey's key ids seen by one verifier replica.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "keyward.dev",
+    version = "v1alpha1",
+    kind = "KeyUsageReport",
+    namespaced,
+    shortname = "kur",
+    category = "keyward",
+    printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.provisioningKey"}"#,
+    printcolumn = r#"{"name":"Replica","type":"string","jsonPath":".spec.replica"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUsageReportSpec {
+    /// The ProvisioningKey (same namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub provisioning_key: String,
+    /// The verifier replica that wrote this report (its `--replica-id`).
+    #[schemars(length(min = 1, max = 253))]
+    pub replica: String,
+    /// One entry per key id the replica accepted a token of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["kid"]))]
+    pub keys: Vec<KidUsage>,
+}
+
+/// Use of one key id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KidUsage {
+    pub kid: String,
+    /// The last accepted request with this key id (RFC 3339), from anyone, accurate to the
+    /// replica's report resolution (its Lease annotation `keyward.dev/report-resolution`).
+    pub last_used_at: String,
+    /// Pods (by UID, from `X-Keyward-Pod-UID`) seen with this key id, most recent first;
+    /// requests without a valid pod UID count above but never here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub pods: Vec<PodUsage>,
+    /// More pods were seen than are listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pods_truncated: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodUsage {
+    pub uid: String,
+    pub last_used_at: String,
+}
