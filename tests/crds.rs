@@ -114,7 +114,8 @@ fn committed_crds_match_the_types() {
         files,
         [
             "provisioningkeys.keyward.dev.yaml",
-            "policyagents.keyward.dev.yaml"
+            "policyagents.keyward.dev.yaml",
+            "keyusagereports.keyward.dev.yaml"
         ]
     );
     check_dir("crds", &generated);
