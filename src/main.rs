@@ -63,6 +63,11 @@ struct RunArgs {
     /// Namespaces to watch (comma-separated); empty watches all namespaces.
     #[arg(long, env = "KEYWARD_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
+    /// Namespace of the `keyward verifier` replicas' Leases, read to judge
+    /// `rotation.revokeWhenUnusedFor` (default: $POD_NAMESPACE, else the in-cluster service
+    /// account's namespace). Without it, keys that require that check hold their old key.
+    #[arg(long, env = "KEYWARD_VERIFIER_NAMESPACE")]
+    verifier_namespace: Option<String>,
     /// Smallest rotation.interval accepted.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     min_rotation_interval: Duration,
@@ -268,6 +273,10 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
         concurrency: args.concurrency.max(1),
         leader: None,
+        verifier_namespace: args
+            .verifier_namespace
+            .filter(|n| !n.is_empty())
+            .or_else(keyward::leader::default_namespace),
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),

@@ -126,6 +126,8 @@ pub struct KeyGauges {
     /// The `Ready` condition's status: `True`, `False` or `Unknown`.
     pub ready: &'static str,
     pub stalled: bool,
+    /// Stalled because `revokeWhenUnusedFor` cannot be judged (`VerifierSilent`).
+    pub verifier_silent: bool,
     /// PolicyAgents referencing the key, and those confirmed on its current key.
     pub agents_total: usize,
     pub agents_confirmed: usize,
@@ -147,6 +149,7 @@ struct Inner {
     key_next_rotation: Family<KeyLabels, Gauge>,
     key_ready: Family<KeyConditionLabels, Gauge>,
     rotation_stalled: Family<KeyLabels, Gauge>,
+    verifier_silent: Family<KeyLabels, Gauge>,
     agents_confirmed: Family<KeyLabels, Gauge>,
     agents_total: Family<KeyLabels, Gauge>,
     rotations: Family<RotationLabels, Counter>,
@@ -211,6 +214,12 @@ impl Metrics {
             "keyward_rotation_stalled",
             "1 while the key's Stalled condition is True (a rotation waits on agents past its deadline, or the spec cannot be served), else 0",
             rotation_stalled.clone(),
+        );
+        let verifier_silent = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "keyward_rotation_verifier_silent",
+            "1 while the key's old key is held because the keyward verifier replicas cannot vouch that it is unused (Stalled, reason VerifierSilent), else 0",
+            verifier_silent.clone(),
         );
         let agents_confirmed = Family::<KeyLabels, Gauge>::default();
         registry.register(
@@ -280,6 +289,7 @@ impl Metrics {
             key_next_rotation,
             key_ready,
             rotation_stalled,
+            verifier_silent,
             agents_confirmed,
             agents_total,
             rotations,
@@ -333,6 +343,9 @@ impl Metrics {
         m.rotation_stalled
             .get_or_create(&key)
             .set(i64::from(g.stalled));
+        m.verifier_silent
+            .get_or_create(&key)
+            .set(i64::from(g.verifier_silent));
         m.agents_total
             .get_or_create(&key)
             .set(i64::try_from(g.agents_total).unwrap_or(i64::MAX));
@@ -376,6 +389,7 @@ impl Metrics {
             &m.key_expiration,
             &m.key_next_rotation,
             &m.rotation_stalled,
+            &m.verifier_silent,
             &m.agents_confirmed,
             &m.agents_total,
         ] {
@@ -412,6 +426,7 @@ impl Metrics {
         m.key_next_rotation.clear();
         m.key_ready.clear();
         m.rotation_stalled.clear();
+        m.verifier_silent.clear();
         m.agents_confirmed.clear();
         m.agents_total.clear();
         self.keys().clear();
@@ -504,6 +519,7 @@ mod tests {
             next_rotation: Some(1_700_003_600),
             ready: "True",
             stalled: false,
+            verifier_silent: false,
             agents_total: 2,
             agents_confirmed: 1,
         }
@@ -638,10 +654,10 @@ mod tests {
                 .filter(|l| l.contains(&needle))
                 .count()
         };
-        assert_eq!(of(&m, "ns", "a"), 8);
+        assert_eq!(of(&m, "ns", "a"), 9);
         m.remove_key("ns", "a");
         assert_eq!(of(&m, "ns", "a"), 0);
-        assert_eq!(of(&m, "ns", "b"), 8);
+        assert_eq!(of(&m, "ns", "b"), 9);
         assert_eq!(m.key_count(), 2);
 
         m.set_key(
@@ -653,10 +669,10 @@ mod tests {
                 ..gauges()
             },
         );
-        assert_eq!(of(&m, "ns", "b"), 6, "no timestamp series without a value");
+        assert_eq!(of(&m, "ns", "b"), 7, "no timestamp series without a value");
 
         m.retain_keys(|ns, _| ns == "other");
-        assert_eq!((of(&m, "ns", "b"), of(&m, "other", "a")), (0, 8));
+        assert_eq!((of(&m, "ns", "b"), of(&m, "other", "a")), (0, 9));
         m.clear_keys();
         assert_eq!(m.key_count(), 0);
         assert!(

@@ -36,6 +36,8 @@ pub enum Algorithm {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.currentKey.kid"}"#,
+    printcolumn = r#"{"name":"Last Used","type":"string","jsonPath":".status.trustedKeys[?(@.state==\"Active\")].lastUsedAt"}"#,
+    printcolumn = r#"{"name":"Old Key Last Used","type":"string","jsonPath":".status.trustedKeys[?(@.state==\"Retiring\")].lastUsedAt"}"#,
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -163,6 +165,18 @@ pub struct RotationSpec {
     )]
     pub confirmation_timeout: Option<String>,
 
+    /// Revoke the old key only when, on top of the confirmations, nothing has used it for this
+    /// long (e.g. `5m`), as reported by every `keyward verifier` replica for the whole window.
+    /// A silent or restarted verifier never counts as "unused": the old key is held and the
+    /// rotation shows `Stalled` with reason `VerifierSilent`. Keys in `compromisedKeys` are
+    /// revoked at once regardless. Unset: no use check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub revoke_when_unused_for: Option<String>,
+
     /// Any new value requests one rotation (Git-friendly manual trigger). The value present
     /// when the first key is minted is consumed by that mint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +296,10 @@ pub struct TrustedKey {
     /// `Published`, `Active`, `Retiring`, or `Unrecorded` (trusted by the bundle, but its key
     /// Secret is gone or unreadable: it stays trusted until listed in `compromisedKeys`).
     pub state: String,
+    /// The last request a `keyward verifier` accepted with this key id (from any replica,
+    /// accurate to the replicas' report resolution). Absent: no verifier reported a use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

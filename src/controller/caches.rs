@@ -7,6 +7,7 @@
 //! | PolicyAgent | full, `managedFields` dropped | who references a key, who claims a workload |
 //! | Keyward-labelled Secrets | metadata only | which key Secrets (`<pk>-k<seq>`) exist |
 //! | Keyward-labelled ConfigMaps | metadata only (no store) | wake-ups only |
+//! | KeyUsageReports (verifier) | metadata only | which reports to GET; wake-ups |
 //! | Deployments, StatefulSets, DaemonSets | metadata only (no store) | wake-ups only |
 //!
 //! Key bytes are never cached: Secrets are watched as metadata, and their data is read by GET
@@ -33,6 +34,8 @@ pub struct ScopeCaches {
     pub namespace: Option<String>,
     pub agents: Store<PolicyAgent>,
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Usage reports of the verifier replicas (names only: their content is read by GET).
+    pub reports: Store<PartialObjectMeta<crate::api::KeyUsageReport>>,
     /// Set once each store has applied its first complete LIST (see [`Caches::ready`]).
     pub agents_ready: tokio::sync::watch::Receiver<bool>,
     pub secrets_ready: tokio::sync::watch::Receiver<bool>,
@@ -88,6 +91,23 @@ impl Caches {
                     .state()
                     .into_iter()
                     .filter(|pa| pa.namespace().as_deref() == Some(ns))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The names of the verifier usage reports of ProvisioningKey `pk` in `ns`.
+    pub fn report_names(&self, ns: &str, pk: &str) -> Vec<String> {
+        self.scope(ns)
+            .map(|s| {
+                s.reports
+                    .state()
+                    .into_iter()
+                    .filter(|m| {
+                        m.namespace().as_deref() == Some(ns)
+                            && m.labels().get(l::PROVISIONING_KEY).map(String::as_str) == Some(pk)
+                    })
+                    .map(|m| m.name_any())
                     .collect()
             })
             .unwrap_or_default()

@@ -49,6 +49,9 @@ pub struct OperatorConfig {
     /// Set when leader election is on ([`crate::leader::run`]): every write of the controllers
     /// is fenced by it, and the reconcilers check it before each irreversible write.
     pub leader: Option<crate::leader::LeaderHandle>,
+    /// Namespace of the verifier replicas' Leases (`crate::usage`); `None`: no replica can
+    /// vouch, so `revokeWhenUnusedFor` holds the old key (`VerifierSilent`).
+    pub verifier_namespace: Option<String>,
 }
 
 impl Default for OperatorConfig {
@@ -60,6 +63,7 @@ impl Default for OperatorConfig {
             instance: "keyward".into(),
             concurrency: 16,
             leader: None,
+            verifier_namespace: None,
         }
     }
 }
@@ -516,12 +520,15 @@ pub async fn run(
     for ns in &scopes {
         let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
         let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        let (reports, reports_writer) =
+            reflector::store::<PartialObjectMeta<crate::api::KeyUsageReport>>();
         let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
         let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
         caches.push(caches::ScopeCaches {
             namespace: ns.clone(),
             agents,
             secrets,
+            reports,
             agents_ready,
             secrets_ready,
         });
@@ -529,6 +536,7 @@ pub async fn run(
             ns.clone(),
             agents_writer,
             secrets_writer,
+            reports_writer,
             agents_ready_tx,
             secrets_ready_tx,
         ));
@@ -543,7 +551,7 @@ pub async fn run(
     // Running the controllers means leading (the only replica without leader election).
     obs.metrics.set_leader(true);
     let mut keys_ready = Vec::new();
-    for ((ns, agents_writer, secrets_writer, agents_ready, secrets_ready), cache) in
+    for ((ns, agents_writer, secrets_writer, reports_writer, agents_ready, secrets_ready), cache) in
         wiring.into_iter().zip(caches)
     {
         let stop = shutdown.clone();
@@ -559,7 +567,7 @@ pub async fn run(
         let (pk_tx, pk_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ProvisioningKey>>();
         let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
         let agents_store = cache.agents.clone();
-        let (to_pk, to_pa) = (pk_tx.clone(), pa_tx);
+        let (to_pk, to_pa) = (pk_tx.clone(), pa_tx.clone());
         let cm_tx = pk_tx.clone();
         let own_writes = ctx.own_writes.clone();
         runs.push(
@@ -597,7 +605,7 @@ pub async fn run(
             })
             .boxed(),
         );
-        let to_pk = pk_tx;
+        let to_pk = pk_tx.clone();
         runs.push(
             reflector(
                 agents_writer,
@@ -625,6 +633,39 @@ pub async fn run(
                         }
                     }
                     _ => {}
+                }
+                futures::future::ready(())
+            })
+            .boxed(),
+        );
+
+        // Verifier usage reports: names cached; a new or changed report wakes its key (status
+        // lastUsedAt, revokeWhenUnusedFor) and the PolicyAgents using that key (acknowledgement).
+        let (to_pk, to_pa, agents_store) = (pk_tx.clone(), pa_tx.clone(), cache.agents.clone());
+        runs.push(
+            reflector(
+                reports_writer,
+                watch(
+                    scoped::<PartialObjectMeta<crate::api::KeyUsageReport>>(&client, &ns),
+                    owned.clone(),
+                    slim,
+                    stop.clone(),
+                ),
+            )
+            .touched_objects()
+            .for_each(move |r| {
+                if let Ok(r) = r
+                    && let Some(ns) = r.metadata.namespace.clone()
+                    && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
+                {
+                    let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
+                    for pa in agents_store.state() {
+                        if pa.meta().namespace.as_deref() == Some(ns.as_str())
+                            && pa.spec.provisioning_key_ref.name == pk
+                        {
+                            let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
+                        }
+                    }
                 }
                 futures::future::ready(())
             })

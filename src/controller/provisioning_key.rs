@@ -151,6 +151,8 @@ struct Raw {
     agents: Vec<PolicyAgent>,
     /// Read only while a key is retiring.
     consumers: Option<ConsumerReads>,
+    /// Key use reported by the verifier replicas, see [`read_usage`].
+    usage: Option<rotation::UsageObs>,
 }
 
 /// What the revocation of a retiring key is decided on.
@@ -268,6 +270,13 @@ async fn read(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw> {
         get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
     }
     raw.agent_secret = secrets.get_opt(&names.secret_name).await?;
+    let decisive = observe::needs_consumers(&parsed)
+        && pk
+            .spec
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.revoke_when_unused_for.is_some());
+    raw.usage = read_usage(ctx, &ns, &name, decisive).await?;
     raw.agents = ctx
         .caches
         .agents(&ns)
@@ -275,6 +284,75 @@ async fn read(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw> {
         .map(|pa| (*pa).clone())
         .collect();
     Ok(raw)
+}
+
+/// Key use reported by the verifier replicas (`crate::usage`).
+/// - For status (`lastUsedAt`) only: the reports the metadata cache names, by GET; no report
+///   named, no request.
+/// - When it can justify a revocation (a key is retiring and the spec sets
+///   `revokeWhenUnusedFor`): the key's reports by a fresh label-selected LIST and the verifier
+///   Leases by a fresh LIST, so a report or a replica the caches have not delivered yet is never
+///   missed. A Lease LIST that fails is a reason to hold (`VerifierSilent`), never to revoke.
+async fn read_usage(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    decisive: bool,
+) -> Result<Option<rotation::UsageObs>> {
+    use crate::api::KeyUsageReport;
+    let api: Api<KeyUsageReport> = Api::namespaced(ctx.client.clone(), ns);
+    let reports = if decisive {
+        api.list(&ListParams::default().labels(&format!("{}={name}", l::PROVISIONING_KEY)))
+            .await?
+            .items
+    } else {
+        let names = ctx.caches.report_names(ns, name);
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let mut reports = Vec::new();
+        for n in names {
+            reports.extend(api.get_opt(&n).await?);
+        }
+        reports
+    };
+    let reports: Vec<KeyUsageReport> = reports
+        .into_iter()
+        .filter(|r| r.spec.provisioning_key == name)
+        .collect();
+    let now = Utc::now();
+    let coverage = if !decisive {
+        Err("verifier Leases not read".to_string())
+    } else {
+        match &ctx.config.verifier_namespace {
+            None => Err(
+                "the operator was started without --verifier-namespace, so no verifier replica \
+                 can vouch"
+                    .to_string(),
+            ),
+            Some(vns) => {
+                let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                    Api::namespaced(ctx.client.clone(), vns);
+                match leases
+                    .list(&ListParams::default().labels(crate::usage::LEASE_SELECTOR))
+                    .await
+                {
+                    Ok(list) => {
+                        let parsed: Vec<_> =
+                            list.items.iter().map(crate::usage::parse_lease).collect();
+                        crate::usage::coverage(&parsed, ns, now)
+                    }
+                    Err(e) => Err(format!(
+                        "the verifier Leases in namespace {vns} could not be read: {e}"
+                    )),
+                }
+            }
+        }
+    };
+    Ok(Some(rotation::UsageObs {
+        coverage,
+        key_use: crate::usage::key_use(&reports, now),
+    }))
 }
 
 async fn get_key_secret(
@@ -594,6 +672,7 @@ fn map(ctx: &Context, pk: &ProvisioningKey, raw: &Raw) -> Read {
         &ctx.config.floors,
     );
     mapped.observed.uncovered = consumers.uncovered.clone();
+    mapped.observed.usage = raw.usage.clone();
     for t in &mapped.secrets.tampered {
         tracing::warn!(pk = %pk.name_any(), secret = %t, "key Secret evidence repaired or ignored");
     }
@@ -622,6 +701,14 @@ fn key_ref(pk: &ProvisioningKey, seq: u32) -> ObjectReference {
 
 fn find(obs: &Observed, seq: u32) -> Option<&ObservedKey> {
     obs.keys.iter().find(|k| k.seq == seq)
+}
+
+/// When a verifier last reported `kid` used (status `trustedKeys[].lastUsedAt`).
+fn last_used(obs: &Observed, kid: &str) -> Option<String> {
+    obs.usage
+        .as_ref()
+        .and_then(|u| u.key_use.last_used.get(kid))
+        .map(|t| ts(*t))
 }
 
 /// Why a revocation was safe, for its audit note.
@@ -654,6 +741,17 @@ fn revocation_evidence(settings: &Settings, obs: &Observed, emergency: bool) -> 
             "overlap of {overlap} passed and no PolicyAgent references this key"
         )),
         _ => {}
+    }
+    if let (Some(window), Some(Ok(cov))) = (
+        settings.revoke_when_unused_for,
+        obs.usage.as_ref().map(|u| &u.coverage),
+    ) {
+        parts.push(format!(
+            "unused for {} as reported by verifier replica(s) {} (reports as of {})",
+            humantime::format_duration(window),
+            cov.replicas.join(", "),
+            ts(cov.as_of)
+        ));
     }
     parts.join("; ")
 }
@@ -1409,10 +1507,12 @@ pub fn desired_status(
             .map(|k| TrustedKey {
                 kid: k.kid.clone(),
                 state: k.state.display().to_string(),
+                last_used_at: last_used(obs, &k.kid),
             })
             .chain(plan.unrecorded.iter().map(|kid| TrustedKey {
                 kid: kid.clone(),
                 state: UNRECORDED.to_string(),
+                last_used_at: last_used(obs, kid),
             }))
             .collect(),
         uncovered_consumers: obs.uncovered.as_ref().filter(|u| !u.is_empty()).map(|u| {
@@ -1545,11 +1645,8 @@ async fn report(
             &regarding,
             Audit {
                 warning: true,
-                reason: if plan.blocked.is_some() {
-                    c.reason.as_str()
-                } else {
-                    reason::ROTATION_STALLED
-                },
+                // RotationStalled, VerifierSilent, or why the spec cannot be served.
+                reason: c.reason.as_str(),
                 action: "Reconcile",
                 note: c.message.clone(),
                 related: None,
@@ -1768,6 +1865,10 @@ fn key_gauges(status: &ProvisioningKeyStatus, obs: &Observed, plan: &Plan) -> Ke
             _ => "Unknown",
         },
         stalled: holds(conditions::STALLED) == Some("True"),
+        verifier_silent: plan
+            .stalled
+            .as_ref()
+            .is_some_and(|w| w.reason == rotation::reasons::VERIFIER_SILENT),
         agents_total: obs.consumers.len(),
         agents_confirmed: obs
             .consumers
@@ -1815,6 +1916,7 @@ mod tests {
                 agent_secret: AgentSecretObs::Missing,
                 consumers,
                 uncovered: Some(uncovered),
+                usage: None,
             },
             secrets: KeySecrets::default(),
             bundle_jwks: BTreeMap::new(),

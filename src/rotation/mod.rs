@@ -249,6 +249,17 @@ pub struct Observed {
     /// Consumers no PolicyAgent covers. `None` when the pods were not looked at (no key is
     /// retiring); a retiring key is never revoked on `None`.
     pub uncovered: Option<Vec<Uncovered>>,
+    /// Key use reported by the verifier replicas. `None` when not read; a key with
+    /// `revokeWhenUnusedFor` is never revoked on `None`.
+    pub usage: Option<UsageObs>,
+}
+
+/// Key use reported by the verifier replicas, see [`crate::usage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageObs {
+    /// What the replicas watching the key's namespace vouch for, or why they cannot.
+    pub coverage: Result<crate::usage::Covered, String>,
+    pub key_use: crate::usage::KeyUse,
 }
 
 /// Why the agent Secret is (re)written.
@@ -412,6 +423,10 @@ pub mod reasons {
     pub const REFUSED: &str = "RotationRefused";
     pub const UNCOVERED_CONSUMERS: &str = "UncoveredConsumers";
     pub const UNRECORDED_KEYS: &str = "UnrecordedTrustedKeys";
+    /// `revokeWhenUnusedFor` cannot be judged: no verifier replica, or one is silent.
+    pub const VERIFIER_SILENT: &str = "VerifierSilent";
+    /// `revokeWhenUnusedFor`: the old key is still in use.
+    pub const OLD_KEY_IN_USE: &str = "OldKeyInUse";
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -1094,6 +1109,12 @@ fn revocation(
         } else {
             Phase::Confirming
         };
+        if let Some(window) = settings.revoke_when_unused_for {
+            // On top of the evidence above: the control plane's word that nothing uses it.
+            if let Some(p) = unused_hold(p.clone(), window, obs, old, &queued, now) {
+                return finish(p, settings, obs, now);
+            }
+        }
         return Plan::new(phase).step(Step::Revoke {
             seq: old.seq,
             emergency: false,
@@ -1181,6 +1202,72 @@ fn revocation(
         }
     }
     finish(p, settings, obs, now)
+}
+
+/// `revokeWhenUnusedFor`: `None` when the verifier replicas vouch that nothing used the old key
+/// for the whole window; otherwise the plan that holds it. Silence is never evidence: no usage
+/// read, no replica, a silent replica or an unreadable Lease stall the rotation
+/// (`VerifierSilent`) and the old key stays trusted.
+fn unused_hold(
+    mut p: Plan,
+    window: Duration,
+    obs: &Observed,
+    old: &ObservedKey,
+    queued: &str,
+    now: DateTime<Utc>,
+) -> Option<Plan> {
+    use crate::usage::{Unused, unused_for};
+    let w = humantime::format_duration(window);
+    let verdict = match &obs.usage {
+        None => Unused::Silent("key use was not read".into()),
+        Some(u) => unused_for(window, &old.kid, &u.key_use, &u.coverage),
+    };
+    let message = |tail: String| format!("old key {} stays trusted: {tail}{queued}", old.kid);
+    match verdict {
+        Unused::Yes => return None,
+        Unused::InUse { last_used, until } => {
+            p.phase = Phase::Overlap;
+            p.rotating = Some(Why::new(
+                reasons::OLD_KEY_IN_USE,
+                message(format!(
+                    "last used at {} (revokeWhenUnusedFor {w}; unused at the earliest {})",
+                    ts_secs(last_used),
+                    ts_secs(until)
+                )),
+            ));
+            p.wake_at(until, now);
+        }
+        Unused::Warming { until } => {
+            p.phase = Phase::Overlap;
+            p.rotating = Some(Why::new(
+                reasons::OLD_KEY_IN_USE,
+                message(format!(
+                    "the verifier replicas have not yet vouched for a whole {w} window (a replica \
+                     started recently); unused at the earliest {}",
+                    ts_secs(until)
+                )),
+            ));
+            p.wake_at(until, now);
+        }
+        Unused::Silent(why) => {
+            p.phase = Phase::Stalled;
+            let m = message(format!(
+                "revokeWhenUnusedFor {w} needs every keyward verifier replica to report, and {why}"
+            ));
+            p.rotating = Some(Why::new(reasons::VERIFIER_SILENT, m.clone()));
+            p.stalled = Some(Why::new(reasons::VERIFIER_SILENT, m));
+        }
+    }
+    // Lease renewals wake nothing: look again while waiting on the replicas.
+    p.wake_at(add(now, USAGE_RECHECK), now);
+    Some(p)
+}
+
+/// How often a key waiting on reported use looks again (Lease renewals wake nothing).
+pub const USAGE_RECHECK: Duration = Duration::from_secs(10);
+
+fn ts_secs(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The distinct workloads of uncovered consumers, sorted.

@@ -677,6 +677,7 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
         agent_secret,
         consumers,
         uncovered,
+        usage: None,
     };
     Mapped {
         settings,

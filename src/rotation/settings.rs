@@ -112,6 +112,9 @@ pub struct Settings {
     pub publish_delay: Duration,
     pub overlap: Duration,
     pub confirmation_timeout: Duration,
+    /// `rotation.revokeWhenUnusedFor`: the old key is revoked only after a window this long in
+    /// which every verifier replica vouches that nothing used it.
+    pub revoke_when_unused_for: Option<Duration>,
     pub request_token: Option<String>,
     pub token_ttl: Duration,
     pub audience: String,
@@ -245,6 +248,14 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                     DEFAULT_CONFIRMATION_TIMEOUT,
                     Duration::ZERO,
                 ),
+                // A refused spec never loosens the use check: a malformed value holds the old
+                // key (as the longest window would) until the spec is fixed.
+                revoke_when_unused_for: pk
+                    .spec
+                    .rotation
+                    .as_ref()
+                    .and_then(|r| r.revoke_when_unused_for.as_ref())
+                    .map(|v| parse_duration(v).unwrap_or(Duration::MAX)),
                 request_token: pk
                     .spec
                     .rotation
@@ -438,6 +449,18 @@ impl Settings {
                 DEFAULT_CONFIRMATION_TIMEOUT,
                 Duration::ZERO,
             )?,
+            revoke_when_unused_for: rotation
+                .revoke_when_unused_for
+                .as_ref()
+                .map(|v| {
+                    duration(
+                        "rotation.revokeWhenUnusedFor",
+                        Some(v),
+                        Duration::ZERO,
+                        Duration::from_secs(1),
+                    )
+                })
+                .transpose()?,
             request_token: rotation.request_token,
             token_ttl: duration(
                 "token.ttl",

@@ -59,6 +59,7 @@ fn settings() -> Settings {
         publish_delay: secs(120),
         overlap: secs(600),
         confirmation_timeout: secs(900),
+        revoke_when_unused_for: None,
         request_token: None,
         token_ttl: secs(TTL),
         audience: "keyward".into(),
@@ -175,6 +176,7 @@ fn obs(keys: Vec<ObservedKey>) -> Observed {
         agent_secret,
         consumers: Vec::new(),
         uncovered: Some(Vec::new()),
+        usage: None,
     }
 }
 
@@ -207,6 +209,56 @@ fn with_obs(keys: Vec<ObservedKey>, f: impl FnOnce(&mut Observed)) -> Observed {
     o
 }
 
+/// A verifier replica that started `since` seconds ago and reported up to `watermark` seconds
+/// ago (lease 30 s, resolution 10 s, every namespace).
+fn replica(since: i64, watermark: i64) -> crate::usage::Replica {
+    crate::usage::Replica {
+        name: format!("v-{since}"),
+        since: ago(since),
+        watermark: ago(watermark),
+        lease_duration: secs(30),
+        namespaces: None,
+        resolution: secs(10),
+        stopped: false,
+    }
+}
+
+/// Reported use: these replicas, and each (seq, seconds ago) the last use of that key.
+fn usage(replicas: Vec<crate::usage::Replica>, used: &[(u32, i64)]) -> Option<UsageObs> {
+    let leases: Vec<Result<crate::usage::Replica, String>> = replicas.into_iter().map(Ok).collect();
+    let mut key_use = crate::usage::KeyUse::default();
+    for (seq, at) in used {
+        key_use.last_used.insert(kid(*seq), ago(*at));
+    }
+    Some(UsageObs {
+        coverage: crate::usage::coverage(&leases, "ns", now()),
+        key_use,
+    })
+}
+
+/// [`settings`] with `revokeWhenUnusedFor: 5m`.
+fn unused_5m() -> Settings {
+    with_settings(|s| s.revoke_when_unused_for = Some(secs(300)))
+}
+
+/// Key 1 retiring, key 2 active, every consumer confirmed on 2: revocable on the agents'
+/// evidence alone; `usage` decides the rest.
+fn confirmed_with(usage: Option<UsageObs>) -> Observed {
+    with_obs(
+        vec![
+            ObservedKey {
+                retired_at: Some(ago(60)),
+                ..key(1, Retiring)
+            },
+            key(2, Active),
+        ],
+        |o| {
+            o.consumers = vec![consumer("a", Some(2), Some(ago(30)))];
+            o.usage = usage;
+        },
+    )
+}
+
 fn compromised(seqs: &[u32]) -> BTreeSet<String> {
     seqs.iter().map(|s| kid(*s)).collect()
 }
@@ -231,6 +283,7 @@ enum Check {
     NextRotationAt(DateTime<Utc>),
     TokenRefreshAt(DateTime<Utc>),
     RotatingMentions(&'static str),
+    StalledBecause(&'static str),
 }
 
 impl Check {
@@ -251,6 +304,9 @@ impl Check {
                 .rotating
                 .as_ref()
                 .is_some_and(|w| w.message.contains(text)),
+            Check::StalledBecause(reason) => {
+                p.stalled.as_ref().is_some_and(|w| w.reason == *reason)
+            }
         };
         if ok {
             Ok(())
@@ -832,6 +888,124 @@ fn cases() -> Vec<Case> {
             }),
             Phase::Overlap,
         ),
+        // --- revokeWhenUnusedFor: the control plane's word ------------------------------------
+        case(
+            "unused-for: revoked when every replica vouches for the whole window",
+            unused_5m(),
+            confirmed_with(usage(vec![replica(3600, 5)], &[(1, 400), (2, 1)])),
+            Some(Revoke {
+                seq: 1,
+                emergency: false,
+            }),
+            Phase::Confirming,
+        ),
+        case(
+            "unused-for: held while the old key was used inside the window",
+            unused_5m(),
+            confirmed_with(usage(vec![replica(3600, 5)], &[(1, 30)])),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Rotating(reasons::OLD_KEY_IN_USE))
+        .check(Check::RotatingMentions("last used at"))
+        .check(Check::NotStalled)
+        .check(Check::Requeue(secs(10))),
+        case(
+            "unused-for: a use just before the window counts (resolution)",
+            unused_5m(),
+            confirmed_with(usage(vec![replica(3600, 5)], &[(1, 310)])),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Rotating(reasons::OLD_KEY_IN_USE)),
+        case(
+            "unused-for: a replica restarted inside the window is not yet evidence",
+            unused_5m(),
+            confirmed_with(usage(vec![replica(3600, 5), replica(100, 5)], &[])),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::RotatingMentions("not yet vouched"))
+        .check(Check::NotStalled),
+        case(
+            "unused-for: usage not read is never evidence (VerifierSilent)",
+            unused_5m(),
+            confirmed_with(None),
+            None,
+            Phase::Stalled,
+        )
+        .check(Check::StalledBecause(reasons::VERIFIER_SILENT))
+        .check(Check::Rotating(reasons::VERIFIER_SILENT)),
+        case(
+            "unused-for: no verifier replica is never evidence (VerifierSilent)",
+            unused_5m(),
+            confirmed_with(usage(vec![], &[])),
+            None,
+            Phase::Stalled,
+        )
+        .check(Check::StalledBecause(reasons::VERIFIER_SILENT))
+        .check(Check::RotatingMentions("no keyward verifier replica")),
+        case(
+            "unused-for: one silent replica holds it, however quiet the others",
+            unused_5m(),
+            confirmed_with(usage(vec![replica(3600, 5), replica(3600, 120)], &[])),
+            None,
+            Phase::Stalled,
+        )
+        .check(Check::StalledBecause(reasons::VERIFIER_SILENT))
+        .check(Check::RotatingMentions("silent: v-3600")),
+        case(
+            "unused-for: the agents' evidence still comes first",
+            unused_5m(),
+            with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+                o.consumers = vec![consumer("a", Some(1), Some(ago(10)))];
+                o.usage = usage(vec![replica(3600, 5)], &[]);
+            }),
+            None,
+            Phase::Confirming,
+        )
+        .check(Check::Rotating(reasons::CONFIRMING)),
+        case(
+            "unused-for: no consumers, overlap passed, still in use: held",
+            unused_5m(),
+            with_obs(
+                vec![
+                    ObservedKey {
+                        retired_at: Some(ago(600)),
+                        ..key(1, Retiring)
+                    },
+                    key(2, Active),
+                ],
+                |o| o.usage = usage(vec![replica(3600, 5)], &[(1, 20)]),
+            ),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::Rotating(reasons::OLD_KEY_IN_USE)),
+        case(
+            "unused-for: compromisedKeys overrides it (used now, verifier silent)",
+            with_settings(|s| {
+                s.compromised = compromised(&[1]);
+                s.revoke_when_unused_for = Some(secs(300));
+            }),
+            with_obs(
+                vec![
+                    key(1, Active),
+                    ObservedKey {
+                        trigger: Trigger::Compromised,
+                        published_at: Some(now()),
+                        ..key(2, Published)
+                    },
+                ],
+                |o| o.usage = usage(vec![replica(3600, 120)], &[(1, 0)]),
+            ),
+            Some(Revoke {
+                seq: 1,
+                emergency: true,
+            }),
+            Phase::Publishing,
+        )
+        .check(Check::Rotating(reasons::EMERGENCY)),
         // --- Revocation with consumers: evidence --------------------------------------------
         case(
             "no revocation while a consumer is confirmed on the old kid (overlap long past)",
@@ -2083,6 +2257,45 @@ fn table() {
     );
 }
 
+/// Whatever else the table's states show: with `revokeWhenUnusedFor` set and reported use that
+/// is not a whole quiet window (not read, no replica, a silent one, a restarted one, the old key
+/// in use now), no key is ever revoked except as compromised.
+#[test]
+fn unused_for_never_revokes_without_the_control_planes_word() {
+    let evidence: Vec<(&str, Option<UsageObs>)> = vec![
+        ("not read", None),
+        ("no replica", usage(vec![], &[])),
+        ("silent", usage(vec![replica(3600, 60)], &[])),
+        ("restarted", usage(vec![replica(60, 1)], &[])),
+        (
+            "in use",
+            usage(
+                vec![replica(3600, 1)],
+                &(0..12).map(|seq| (seq, 0)).collect::<Vec<_>>(),
+            ),
+        ),
+    ];
+    let mut checked = 0;
+    for c in cases() {
+        for (what, u) in &evidence {
+            let mut settings = c.settings.clone();
+            settings.revoke_when_unused_for = Some(secs(300));
+            let mut observed = c.observed.clone();
+            observed.usage = u.clone();
+            let p = plan(&settings, &observed, c.now);
+            if let Some(Step::Revoke { seq, emergency }) = p.step {
+                assert!(
+                    emergency,
+                    "case {:?} with use {what}: key {seq} revoked without the control plane's word",
+                    c.name
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 100);
+}
+
 #[test]
 fn table_case_names_are_unique() {
     let cases = cases();
@@ -2178,6 +2391,7 @@ fn resolve_defaults() {
             publish_delay: super::settings::DEFAULT_PUBLISH_DELAY,
             overlap: super::settings::DEFAULT_OVERLAP,
             confirmation_timeout: super::settings::DEFAULT_CONFIRMATION_TIMEOUT,
+            revoke_when_unused_for: None,
             request_token: None,
             token_ttl: super::settings::DEFAULT_TOKEN_TTL,
             audience: "keyward".into(),
@@ -2208,6 +2422,7 @@ fn resolve_explicit_values() {
             publish_delay: some("1m30s"),
             overlap: some("0.5h"),
             confirmation_timeout: some("5m"),
+            revoke_when_unused_for: some("5m"),
             request_token: some("r1"),
         }),
         token: Some(TokenSpec {
@@ -2231,6 +2446,7 @@ fn resolve_explicit_values() {
     assert_eq!(s.publish_delay, secs(90));
     assert_eq!(s.overlap, secs(1800));
     assert_eq!(s.confirmation_timeout, secs(300));
+    assert_eq!(s.revoke_when_unused_for, Some(secs(300)));
     assert_eq!(s.request_token.as_deref(), Some("r1"));
     assert_eq!(s.token_ttl, secs(600));
     assert_eq!((s.audience.as_str(), s.issuer.as_str()), ("cp", "me"));
@@ -2563,6 +2779,7 @@ impl Sim {
                 agent_secret: AgentSecretObs::Missing,
                 consumers: Vec::new(),
                 uncovered: Some(Vec::new()),
+                usage: None,
             },
             now: now(),
             ever_published: false,
