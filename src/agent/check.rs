@@ -18,8 +18,11 @@ pub struct Check {
     pub scheme: Scheme,
     pub timeout: Duration,
     pub period: Duration,
-    /// Required consecutive successes per pod; 0 in `RolloutOnly` mode.
+    /// Required consecutive successes per pod; 0 in `RolloutOnly` and `Acknowledgement` modes.
     pub success_threshold: u32,
+    /// Each pod must be acknowledged by a verifier (mode `Acknowledgement`, or
+    /// `requireAcknowledgement` with `Http`).
+    pub acknowledgement: bool,
     pub via: CheckVia,
     pub min_roll_interval: Duration,
 }
@@ -45,7 +48,13 @@ pub fn resolve_check(pa: &PolicyAgent) -> std::result::Result<Check, String> {
     let http = cc.http.clone();
     if mode == CheckMode::Http && http.is_none() {
         return Err(
-            "connectivityCheck.http is required unless connectivityCheck.mode is RolloutOnly"
+            "connectivityCheck.http is required when connectivityCheck.mode is Http (the default)"
+                .into(),
+        );
+    }
+    if mode != CheckMode::Http && cc.require_acknowledgement == Some(true) {
+        return Err(
+            "connectivityCheck.requireAcknowledgement applies to mode Http; use mode Acknowledgement for the acknowledgement alone"
                 .into(),
         );
     }
@@ -84,11 +93,13 @@ pub fn resolve_check(pa: &PolicyAgent) -> std::result::Result<Check, String> {
             http.period.as_ref(),
             DEFAULT_PERIOD,
         )?,
-        success_threshold: if mode == CheckMode::RolloutOnly {
-            0
-        } else {
+        success_threshold: if mode == CheckMode::Http {
             threshold
+        } else {
+            0
         },
+        acknowledgement: mode == CheckMode::Acknowledgement
+            || (mode == CheckMode::Http && cc.require_acknowledgement == Some(true)),
         via: http.via.unwrap_or_default(),
         min_roll_interval: dur(
             "rollout.minInterval",
@@ -108,9 +119,36 @@ mod tests {
         assert!(resolve_check(&pa).unwrap_err().contains("http is required"));
         pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
             mode: Some(CheckMode::RolloutOnly),
-            http: None,
+            ..Default::default()
         });
         assert_eq!(resolve_check(&pa).unwrap().success_threshold, 0);
+        assert!(!resolve_check(&pa).unwrap().acknowledgement);
+        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
+            mode: Some(CheckMode::Acknowledgement),
+            ..Default::default()
+        });
+        let c = resolve_check(&pa).unwrap();
+        assert_eq!((c.success_threshold, c.acknowledgement), (0, true));
+        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
+            mode: Some(CheckMode::RolloutOnly),
+            require_acknowledgement: Some(true),
+            ..Default::default()
+        });
+        assert!(
+            resolve_check(&pa)
+                .unwrap_err()
+                .contains("requireAcknowledgement")
+        );
+        pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
+            mode: None,
+            http: Some(crate::api::policy_agent::HttpCheck {
+                port: 8181,
+                ..Default::default()
+            }),
+            require_acknowledgement: Some(true),
+        });
+        let c = resolve_check(&pa).unwrap();
+        assert_eq!((c.success_threshold, c.acknowledgement), (2, true));
         pa.spec.connectivity_check = Some(crate::api::policy_agent::ConnectivityCheck {
             mode: None,
             http: Some(crate::api::policy_agent::HttpCheck {
@@ -118,6 +156,7 @@ mod tests {
                 timeout: Some("2 seconds".into()),
                 ..Default::default()
             }),
+            require_acknowledgement: None,
         });
         assert!(resolve_check(&pa).unwrap_err().contains("timeout"));
     }

@@ -196,6 +196,8 @@ pub struct PodObs {
     pub ready: bool,
     /// Consecutive successful connectivity checks since the pod started.
     pub successes: u32,
+    /// A verifier accepted a request from this pod (by UID) with the Secret's key id.
+    pub acknowledged: bool,
 }
 
 /// What a confirmation rests on: every live pod of the workload with this uid, created from
@@ -223,8 +225,10 @@ pub struct AgentInput {
     pub figures: Figures,
     /// The workload's pods that may hold a key (by owner references, evicted ones left out).
     pub pods: Vec<PodObs>,
-    /// Required consecutive successes per pod; 0 means rollout-only.
+    /// Required consecutive successes per pod; 0 means no HTTP check.
     pub success_threshold: u32,
+    /// Each pod must also be acknowledged by a verifier ([`PodObs::acknowledged`]).
+    pub require_ack: bool,
     /// When Keyward last rolled this workload.
     pub rolled_at: Option<DateTime<Utc>>,
     pub min_roll_interval: Duration,
@@ -287,6 +291,8 @@ pub mod reasons {
     pub const REVISION_UNKNOWN: &str = "RevisionUnknown";
     pub const PODS_NOT_ON_KEY: &str = "PodsNotOnKey";
     pub const CHECKS_PENDING: &str = "ConnectivityPending";
+    /// Pods on the key that no verifier has seen use it yet.
+    pub const ACK_PENDING: &str = "AcknowledgementPending";
     pub const CONFIRMED: &str = "Confirmed";
     /// `Ready=True` while agents confirmed on a key roll to its successor.
     pub const KEY_ROTATION: &str = "KeyRotationInProgress";
@@ -312,11 +318,7 @@ pub fn counts(input: &AgentInput) -> Counts {
     Counts {
         total: count(live.count()),
         on_key: count(on.len()),
-        confirmed: count(
-            on.iter()
-                .filter(|p| p.ready && p.successes >= input.success_threshold)
-                .count(),
-        ),
+        confirmed: count(on.iter().filter(|p| confirmed(input, p)).count()),
         terminating: count(input.pods.iter().filter(|p| p.terminating).count()),
         unknown: count(
             input
@@ -326,6 +328,12 @@ pub fn counts(input: &AgentInput) -> Counts {
                 .count(),
         ),
     }
+}
+
+/// A pod on the key passed what the PolicyAgent requires: ready, its HTTP checks, and the
+/// verifier's acknowledgement when required.
+fn confirmed(input: &AgentInput, p: &PodObs) -> bool {
+    p.ready && p.successes >= input.success_threshold && (!input.require_ack || p.acknowledged)
 }
 
 /// Pods whose connectivity is checked: ready pods of the current revision on the Secret's key,
@@ -434,6 +442,26 @@ fn pods(input: &AgentInput, c: &Counts) -> Option<Decision> {
             ),
             Some(Duration::from_secs(2)),
         ));
+    }
+    if input.require_ack {
+        let on: Vec<&PodObs> = input.pods.iter().filter(|p| on_key(input, p)).collect();
+        let acked = on.iter().filter(|p| p.acknowledged).count();
+        let checked = on
+            .iter()
+            .filter(|p| p.ready && p.successes >= input.success_threshold)
+            .count();
+        if checked == on.len() && acked < on.len() {
+            return Some(wait(
+                reasons::ACK_PENDING,
+                format!(
+                    "{acked} of {} pods acknowledged by the keyward verifier on key {kid} (a request \
+                     with this key id from the pod's UID)",
+                    on.len()
+                ),
+                // Reports wake the PolicyAgent; this is only a backstop.
+                Some(Duration::from_secs(15)),
+            ));
+        }
     }
     (c.confirmed < c.total).then(|| {
         wait(

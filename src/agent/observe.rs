@@ -190,6 +190,7 @@ pub fn observe(
             PodObs {
                 name: p.name_any(),
                 successes: successes(&uid, &secret_kid),
+                acknowledged: false,
                 uid,
                 kid: p.annotations().get(l::KEY_ID).cloned(),
                 revision: workload::pod_revision(w.kind(), p),
@@ -209,6 +210,7 @@ pub fn observe(
         figures,
         pods,
         success_threshold: check.success_threshold,
+        require_ack: check.acknowledgement,
         rolled_at: w.rolled_at(),
         min_roll_interval: check.min_roll_interval,
         roll_slot_free: objs.roll_slot_free,

@@ -203,6 +203,7 @@ fn pod(name: &str, kid: &str, successes: u32) -> PodObs {
         unknown: false,
         ready: true,
         successes,
+        acknowledged: false,
     }
 }
 
@@ -227,6 +228,7 @@ fn input(template: Option<&str>, pods: Vec<PodObs>) -> AgentInput {
         },
         pods,
         success_threshold: 2,
+        require_ack: false,
         rolled_at: None,
         min_roll_interval: Duration::ZERO,
         roll_slot_free: true,
@@ -382,6 +384,58 @@ fn confirmation_needs_every_criterion() {
             Err(reasons::PODS_NOT_ON_KEY),
         ),
         (
+            "acknowledgement required: checked pods wait for it",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 2), pod("b", "K2", 2)]);
+                i.require_ack = true;
+                i.pods[0].acknowledged = true;
+                i
+            },
+            Err(reasons::ACK_PENDING),
+        ),
+        (
+            "acknowledgement required: checks still come first",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 1)]);
+                i.require_ack = true;
+                i.pods[0].acknowledged = true;
+                i
+            },
+            Err(reasons::CHECKS_PENDING),
+        ),
+        (
+            "acknowledgement required: every pod checked and acknowledged",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 2), pod("b", "K2", 3)]);
+                i.require_ack = true;
+                i.pods.iter_mut().for_each(|p| p.acknowledged = true);
+                i
+            },
+            Ok("K2"),
+        ),
+        (
+            "acknowledgement mode alone (threshold 0): waits for it, then confirms",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
+                i.success_threshold = 0;
+                i.require_ack = true;
+                i
+            },
+            Err(reasons::ACK_PENDING),
+        ),
+        (
+            "acknowledgement mode alone: an acknowledged pod not ready is not confirmed",
+            {
+                let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
+                i.success_threshold = 0;
+                i.require_ack = true;
+                i.pods[0].acknowledged = true;
+                i.pods[0].ready = false;
+                i
+            },
+            Err(reasons::CHECKS_PENDING),
+        ),
+        (
             "rollout-only mode: threshold 0",
             {
                 let mut i = input(Some("K2"), vec![pod("a", "K2", 0)]);
@@ -470,9 +524,10 @@ mod properties {
             any::<bool>(),
             any::<bool>(),
             0u32..4,
+            any::<bool>(),
         )
             .prop_map(
-                |(kid, rev, terminating, unknown, ready, successes)| PodObs {
+                |(kid, rev, terminating, unknown, ready, successes, acknowledged)| PodObs {
                     name: "p".into(),
                     uid: "p".into(),
                     kid: kid.map(Into::into),
@@ -481,6 +536,7 @@ mod properties {
                     unknown,
                     ready,
                     successes,
+                    acknowledged,
                 },
             )
     }
@@ -501,9 +557,10 @@ mod properties {
             ],
             0u32..3,
             any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(template, revision, pods, desired, rollout, threshold, slot)| AgentInput {
+                |(template, revision, pods, desired, rollout, threshold, slot, ack)| AgentInput {
                     secret_kid: "K2".into(),
                     template_kid: template.map(Into::into),
                     workload_uid: "w1".into(),
@@ -515,6 +572,7 @@ mod properties {
                     },
                     pods,
                     success_threshold: threshold,
+                    require_ack: ack,
                     rolled_at: None,
                     min_roll_interval: Duration::ZERO,
                     roll_slot_free: slot,
@@ -540,7 +598,8 @@ mod properties {
                     prop_assert!(input.pods.iter().all(|p| !p.terminating && !p.unknown
                         && p.kid.as_deref() == Some("K2")
                         && p.revision == input.current_revision
-                        && p.ready && p.successes >= input.success_threshold));
+                        && p.ready && p.successes >= input.success_threshold
+                        && (!input.require_ack || p.acknowledged)));
                     prop_assert!(!input.pods.is_empty() || input.figures.desired == 0);
                 }
                 Decision::Roll { kid } => {

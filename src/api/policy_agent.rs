@@ -86,6 +86,9 @@ pub enum CheckMode {
     Http,
     /// Rollout completion only, for agents without a health endpoint.
     RolloutOnly,
+    /// The control plane's acknowledgement only: a `keyward verifier` accepted a request from
+    /// the pod (its UID in `X-Keyward-Pod-UID`) with the new key id. No HTTP check.
+    Acknowledgement,
 }
 
 #[derive(
@@ -121,6 +124,11 @@ pub struct ConnectivityCheck {
     /// The HTTP check; required when mode is `Http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCheck>,
+    /// With mode `Http`: also require the control plane's acknowledgement of each pod (see mode
+    /// `Acknowledgement`). The HTTP check passes with either key while both are trusted; the
+    /// acknowledgement proves which key the pod actually used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_acknowledgement: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

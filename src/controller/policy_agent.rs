@@ -319,6 +319,27 @@ async fn check_pods(ctx: &Context, ns: &str, reads: &Reads, input: &mut AgentInp
     }
 }
 
+/// The pods (UIDs) a verifier replica accepted a request from with key id `kid` of
+/// ProvisioningKey `pk`: the reports the metadata cache names, read by GET. A report the cache
+/// has not delivered yet only delays a confirmation (its event wakes this PolicyAgent).
+async fn acknowledged_pods(
+    ctx: &Context,
+    ns: &str,
+    pk: &str,
+    kid: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    let api: Api<crate::api::KeyUsageReport> = Api::namespaced(ctx.client.clone(), ns);
+    let mut reports = Vec::new();
+    for name in ctx.caches.report_names(ns, pk) {
+        reports.extend(api.get_opt(&name).await?);
+    }
+    reports.retain(|r| r.spec.provisioning_key == pk);
+    Ok(crate::usage::key_use(&reports, Utc::now())
+        .pods
+        .remove(kid)
+        .unwrap_or_default())
+}
+
 /// The reconcile entry point.
 pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action> {
     if pa.meta().deletion_timestamp.is_some() {
@@ -388,6 +409,18 @@ async fn evaluate(
         Err(refusal) => return Ok(Err(refusal)),
     };
     check_pods(ctx, ns, &reads, &mut input, &check).await;
+    if check.acknowledgement {
+        let acked = acknowledged_pods(
+            ctx,
+            ns,
+            &pa.spec.provisioning_key_ref.name,
+            &input.secret_kid,
+        )
+        .await?;
+        for p in &mut input.pods {
+            p.acknowledged = acked.contains(&p.uid);
+        }
+    }
     let decision = agent::decide(&input, now);
     let workload_rv = reads
         .workload
@@ -461,9 +494,13 @@ async fn report(
                     counts.total,
                     e.revision,
                     e.key_id,
-                    match input.map(|i| i.success_threshold) {
-                        Some(0) => "rollout only".to_string(),
-                        Some(n) => format!("{n} consecutive checks each"),
+                    match input.map(|i| (i.success_threshold, i.require_ack)) {
+                        Some((0, false)) => "rollout only".to_string(),
+                        Some((0, true)) => "each acknowledged by the keyward verifier".to_string(),
+                        Some((n, false)) => format!("{n} consecutive checks each"),
+                        Some((n, true)) => format!(
+                            "{n} consecutive checks each, each acknowledged by the keyward verifier"
+                        ),
                         None => String::new(),
                     }
                 ),
@@ -603,6 +640,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             period: DEFAULT_PERIOD,
             success_threshold: 2,
+            acknowledgement: false,
             via: CheckVia::ApiServerProxy,
             min_roll_interval: Duration::ZERO,
         };

@@ -24,6 +24,7 @@ fn check() -> Check {
         timeout: Duration::from_secs(1),
         period: Duration::from_secs(1),
         success_threshold: 0,
+        acknowledgement: false,
         via: Default::default(),
         min_roll_interval: Duration::ZERO,
     }
