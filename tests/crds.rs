@@ -339,7 +339,15 @@ fn status_subresource_and_printer_columns() {
     let expect = [
         (
             pk_crd(),
-            vec!["Ready", "Phase", "Key ID", "Next Rotation", "Age"],
+            vec![
+                "Ready",
+                "Phase",
+                "Key ID",
+                "Last Used",
+                "Old Key Last Used",
+                "Next Rotation",
+                "Age",
+            ],
         ),
         (
             pa_crd(),

@@ -36,8 +36,8 @@ pub enum Algorithm {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.currentKey.kid"}"#,
-    printcolumn = r#"{"name":"Last Used","type":"string","jsonPath":".status.trustedKeys[?(@.state==\"Active\")].lastUsedAt"}"#,
-    printcolumn = r#"{"name":"Old Key Last Used","type":"string","jsonPath":".status.trustedKeys[?(@.state==\"Retiring\")].lastUsedAt"}"#,
+    printcolumn = r#"{"name":"Last Used","type":"date","jsonPath":".status.trustedKeys[?(@.state==\"Active\")].lastUsedAt"}"#,
+    printcolumn = r#"{"name":"Old Key Last Used","type":"date","jsonPath":".status.trustedKeys[?(@.state==\"Retiring\")].lastUsedAt"}"#,
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
