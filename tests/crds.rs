@@ -412,6 +412,8 @@ fn status_subresource_and_printer_columns() {
             ".status.conditions[?(@.type==\"Ready\")].status",
             ".status.phase",
             ".status.currentKey.kid",
+            ".status.trustedKeys[?(@.state==\"Active\")].lastUsedAt",
+            ".status.trustedKeys[?(@.state==\"Retiring\")].lastUsedAt",
             ".status.nextRotationAt",
             ".metadata.creationTimestamp"
         ]
