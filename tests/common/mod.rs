@@ -46,15 +46,27 @@ impl Operator {
         writes: WriteCounter,
         obs: controller::Observability,
     ) -> Self {
+        Self::start_configured(namespace, floors, writes, obs, |_| {}).await
+    }
+
+    /// [`Operator::start_with`], with `adjust` applied to the configuration.
+    pub async fn start_configured(
+        namespace: &str,
+        floors: Floors,
+        writes: WriteCounter,
+        obs: controller::Observability,
+        adjust: impl FnOnce(&mut OperatorConfig),
+    ) -> Self {
         keyward_testbed::init_tracing();
         let client = controller::counting_client(kube_config().await, &writes)
             .expect("build the operator's counting client");
-        let config = OperatorConfig {
+        let mut config = OperatorConfig {
             namespaces: vec![namespace.to_string()],
             floors,
             instance: format!("test-{namespace}"),
             ..OperatorConfig::default()
         };
+        adjust(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             let _ = rx.await;

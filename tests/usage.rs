@@ -1,0 +1,309 @@
+//! `rotation.revokeWhenUnusedFor` against a real API server: the operator revokes an old key
+//! only on the verifier replicas' word (their Leases and KeyUsageReports, written here as a
+//! verifier replica would, see `keyward::usage`), and holds it, visibly, while they are silent
+//! or while something still uses it. The verifier process itself is tested in tests/verifier.rs
+//! and, with real OPA agents and nginx, in e2e/.
+
+#[allow(dead_code)]
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use keyward::api::ProvisioningKey;
+use keyward::api::key_usage::{KeyUsageReport, KeyUsageReportSpec, KidUsage};
+use keyward::controller::WriteCounter;
+use keyward::labels as l;
+use keyward::rotation::Floors;
+use keyward::usage;
+use keyward_testbed::TestNamespace;
+use kube::Api;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const WINDOW_SECS: i64 = 8;
+
+fn micro(t: DateTime<Utc>) -> MicroTime {
+    MicroTime(usage::chrono_to_jiff(t).expect("time"))
+}
+
+/// A stand-in verifier replica: its Lease, renewed every second (the watermark follows the
+/// clock), and its report for one key, written on demand.
+struct Replica {
+    leases: Api<Lease>,
+    name: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    async fn start(ns: &str, replica: &str, since: DateTime<Utc>) -> Self {
+        let leases: Api<Lease> =
+            Api::namespaced(kube::Client::try_default().await.expect("client"), ns);
+        let name = usage::lease_name(replica);
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(
+                    [
+                        (
+                            l::COMPONENT.to_string(),
+                            usage::COMPONENT_VERIFIER.to_string(),
+                        ),
+                        (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
+                    ]
+                    .into(),
+                ),
+                annotations: Some(
+                    [
+                        (usage::ANN_NAMESPACES.to_string(), "*".to_string()),
+                        (usage::ANN_RESOLUTION.to_string(), "1s".to_string()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(format!("{replica}/test")),
+                acquire_time: Some(micro(since)),
+                renew_time: Some(micro(Utc::now())),
+                lease_duration_seconds: Some(3),
+                ..Default::default()
+            }),
+        };
+        leases
+            .create(&PostParams::default(), &lease)
+            .await
+            .expect("create the replica's Lease");
+        let (api, n) = (leases.clone(), name.clone());
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let body = json!({ "spec": { "renewTime": micro(Utc::now()) } });
+                let _ = api
+                    .patch(&n, &PatchParams::default(), &Patch::Merge(&body))
+                    .await;
+            }
+        });
+        Replica {
+            leases,
+            name,
+            renew,
+        }
+    }
+
+    /// Stops renewing: the replica goes silent (its watermark stops).
+    fn silence(&self) {
+        self.renew.abort();
+    }
+
+    async fn delete(self) {
+        self.renew.abort();
+        let _ = self.leases.delete(&self.name, &Default::default()).await;
+    }
+}
+
+/// Writes replica `replica`'s report for key `pk`: `kid` last used at `at`.
+async fn report(ns: &TestNamespace, pk: &str, replica: &str, kid: &str, at: DateTime<Utc>) {
+    let reports: Api<KeyUsageReport> = ns.api();
+    let name = usage::report_name(pk, replica);
+    let mut r = KeyUsageReport::new(
+        &name,
+        KeyUsageReportSpec {
+            provisioning_key: pk.into(),
+            replica: replica.into(),
+            keys: vec![KidUsage {
+                kid: kid.into(),
+                last_used_at: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                pods: Vec::new(),
+                pods_truncated: false,
+            }],
+        },
+    );
+    r.metadata.labels = Some(
+        [
+            (l::MANAGED_BY.to_string(), l::MANAGED_BY_VALUE.to_string()),
+            (l::PROVISIONING_KEY.to_string(), pk.to_string()),
+            (usage::REPLICA_LABEL.to_string(), replica.to_string()),
+        ]
+        .into(),
+    );
+    reports
+        .patch(
+            &name,
+            &PatchParams::apply(usage::FIELD_MANAGER).force(),
+            &Patch::Apply(&r),
+        )
+        .await
+        .expect("write the usage report");
+}
+
+fn retiring_last_used(pk: &ProvisioningKey) -> Option<String> {
+    pk.status
+        .as_ref()?
+        .trusted_keys
+        .iter()
+        .find(|k| k.state == "Retiring")?
+        .last_used_at
+        .clone()
+}
+
+fn rotating_reason(pk: &ProvisioningKey) -> Option<String> {
+    condition(pk, "Rotating")
+        .filter(|c| c.status == "True")
+        .map(|c| c.reason.clone())
+}
+
+fn stalled_reason(pk: &ProvisioningKey) -> Option<String> {
+    condition(pk, "Stalled")
+        .filter(|c| c.status == "True")
+        .map(|c| c.reason.clone())
+}
+
+/// The old key outlives every hold: no replica (VerifierSilent, an Event); a replica that sees
+/// it used (OldKeyInUse, lastUsedAt in status); a replica gone silent (VerifierSilent again);
+/// and it is revoked only once a live replica has vouched for a whole quiet window, never
+/// earlier than the window after its last reported use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_key_is_revoked_only_on_the_verifiers_word() {
+    let ns = TestNamespace::new("kw-usage").await;
+    let op = Operator::start_configured(
+        ns.name(),
+        Floors::none(),
+        WriteCounter::default(),
+        keyward::controller::Observability::new(&WriteCounter::default()),
+        |c| c.verifier_namespace = Some(ns.name().to_string()),
+    )
+    .await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let spec = json!({ "rotation": {
+        "publishDelay": "1s", "overlap": "1s", "minInterval": "0s",
+        "revokeWhenUnusedFor": format!("{WINDOW_SECS}s"),
+    }});
+    create_pk(&pks, "pk", json!({}), spec).await;
+    let first = wait_pk(&pks, "pk", "settled on the first key", is_settled).await;
+    let old = first
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("a current key");
+
+    // 1. No verifier replica at all: held, Stalled VerifierSilent, with an Event.
+    merge(
+        &pks,
+        "pk",
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "pk", "held: no verifier replica", |pk| {
+        stalled_reason(pk).as_deref() == Some("VerifierSilent")
+    })
+    .await;
+    let message = condition(&pk, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&old) && message.contains("no keyward verifier replica"),
+        "{message}"
+    );
+    let events: Api<Event> = ns.api();
+    let silent_events = events
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("VerifierSilent"))
+        .count();
+    assert_eq!(silent_events, 1, "one VerifierSilent Event");
+
+    // 2. A replica that started long ago sees the old key used now: held, OldKeyInUse, and
+    //    status shows when it was last used.
+    let replica = Replica::start(ns.name(), "v-0", Utc::now() - chrono::Duration::hours(1)).await;
+    report(&ns, "pk", "v-0", &old, Utc::now()).await;
+    let pk = wait_pk(&pks, "pk", "held: old key in use", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+            && stalled_reason(pk).is_none()
+            && retiring_last_used(pk).is_some()
+    })
+    .await;
+    assert!(condition(&pk, "Rotating").is_some_and(|c| c.message.contains("last used at")));
+
+    // 3. The replica goes silent (its Lease stops advancing): held again, VerifierSilent,
+    //    naming the replica, even though nothing reported a use since.
+    // Reported to the second, as the report holds it.
+    let last_use = DateTime::from_timestamp(Utc::now().timestamp(), 0).expect("time");
+    report(&ns, "pk", "v-0", &old, last_use).await;
+    replica.silence();
+    let pk = wait_pk(&pks, "pk", "held: the replica went silent", |pk| {
+        stalled_reason(pk).as_deref() == Some("VerifierSilent")
+    })
+    .await;
+    let message = condition(&pk, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("v-0"), "{message}");
+    assert!(
+        pk.status
+            .as_ref()
+            .is_some_and(|s| s.trusted_keys.iter().any(|k| k.kid == old))
+    );
+
+    // 4. A live replica again (same id, a new incarnation that started now): the window starts
+    //    at its start, so the old key is revoked WINDOW after it, and never before the window
+    //    after the last reported use.
+    replica.delete().await;
+    let restarted = Utc::now();
+    let replica = Replica::start(ns.name(), "v-0", restarted).await;
+    let done = wait_obj(
+        &pks,
+        "pk",
+        "old key revoked",
+        Duration::from_secs(60),
+        |pk| {
+            pk.status
+                .as_ref()
+                .is_some_and(|s| s.revoked_keys.iter().any(|k| k.kid == old))
+        },
+    )
+    .await;
+    let revoked_at = done
+        .status
+        .as_ref()
+        .and_then(|s| s.revoked_keys.iter().find(|k| k.kid == old))
+        .and_then(|k| k.revoked_at.as_deref())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .expect("revokedAt");
+    let window = chrono::Duration::seconds(WINDOW_SECS);
+    assert!(
+        revoked_at >= restarted + window - chrono::Duration::seconds(1),
+        "revoked at {revoked_at}, but the replica only vouched since {restarted}"
+    );
+    assert!(
+        revoked_at >= last_use + window,
+        "revoked at {revoked_at}, within {WINDOW_SECS}s of the last use at {last_use}"
+    );
+    let revocations = events
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("KeyRevoked"))
+        .filter_map(|e| e.note)
+        .collect::<Vec<_>>();
+    assert!(
+        revocations
+            .iter()
+            .any(|n| n.contains("unused for") && n.contains("v-0")),
+        "the revocation's audit names the control plane's word: {revocations:?}"
+    );
+    replica.delete().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
