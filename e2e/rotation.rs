@@ -15,6 +15,7 @@
 //! Lines starting with `[e2e` are the scenarios' progress and timings.
 
 mod scenarios;
+mod verified;
 
 use std::time::{Duration, Instant};
 

@@ -220,6 +220,12 @@ pub struct InProcessOperator {
 
 impl InProcessOperator {
     pub async fn start(namespace: &str) -> Self {
+        Self::start_with_verifiers(namespace, None).await
+    }
+
+    /// As [`InProcessOperator::start`], reading the `keyward verifier` replicas' Leases in
+    /// `verifier_namespace` (`--verifier-namespace`).
+    pub async fn start_with_verifiers(namespace: &str, verifier_namespace: Option<&str>) -> Self {
         let writes = WriteCounter::default();
         let client = controller::counting_client(kube_config().await, &writes)
             .expect("the operator's client");
@@ -228,6 +234,7 @@ impl InProcessOperator {
             floors: Floors::none(),
             max_concurrent_rolls: 5,
             instance: format!("e2e-{namespace}"),
+            verifier_namespace: verifier_namespace.map(str::to_string),
             ..OperatorConfig::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -529,6 +536,27 @@ impl Bed {
     /// # Panics
     /// With `Agents::RealOpa`, when no `opa` binary can be had (`e2e/opa.sh` says why).
     pub async fn with_options(label: &str, delay: Duration, mode: Agents) -> Self {
+        Self::build(label, delay, mode, None).await
+    }
+
+    /// A bed whose real OPA agents download their bundle from `service_url` (e.g. nginx in
+    /// front of `keyward verifier`) instead of the bed's bundle server.
+    pub async fn real_opa_via(label: &str, service_url: String) -> Self {
+        Self::build(
+            label,
+            Duration::from_secs(2),
+            Agents::RealOpa,
+            Some(service_url),
+        )
+        .await
+    }
+
+    async fn build(
+        label: &str,
+        delay: Duration,
+        mode: Agents,
+        service_url: Option<String>,
+    ) -> Self {
         keyward_testbed::init_tracing();
         let started = Instant::now();
         let namespace = TestNamespace::new(&format!("e2e-{label}")).await;
@@ -543,7 +571,8 @@ impl Bed {
                     .await
                     .expect("locate opa")
                     .unwrap_or_else(|e| panic!("no real OPA for the end-to-end tests: {e}"));
-                config.with_agent(OpaProcess::new(binary, server.url(), VOLUME))
+                let url = service_url.clone().unwrap_or_else(|| server.url());
+                config.with_agent(OpaProcess::new(binary, url, VOLUME))
             }
         };
         let kubelet = Kubelet::start(client.clone(), &ns, config);
@@ -610,7 +639,7 @@ impl Bed {
         bed.say(format!(
             "namespace {} ready, bundle server at {}, agents: {mode:?}",
             bed.ns,
-            bed.server.url()
+            service_url.unwrap_or_else(|| bed.server.url())
         ));
         bed
     }
@@ -732,6 +761,14 @@ impl Bed {
 
     /// Creates the two workloads and a PolicyAgent for each.
     pub async fn create_agents(&self) -> anyhow::Result<()> {
+        self.create_agents_checked(json!({
+            "http": { "port": PORT, "successThreshold": 2, "period": "500ms" },
+        }))
+        .await
+    }
+
+    /// [`Bed::create_agents`] with `check` as the PolicyAgents' `connectivityCheck`.
+    pub async fn create_agents_checked(&self, check: Value) -> anyhow::Result<()> {
         self.create_workloads().await?;
         let pp = PostParams::default();
         for (kind, name) in [("Deployment", DEPLOY), ("StatefulSet", STS)] {
@@ -742,9 +779,7 @@ impl Bed {
                 "spec": {
                     "provisioningKeyRef": { "name": PK },
                     "workloadRef": { "kind": kind, "name": name },
-                    "connectivityCheck": {
-                        "http": { "port": PORT, "successThreshold": 2, "period": "500ms" },
-                    },
+                    "connectivityCheck": check,
                 },
             }));
             self.api::<PolicyAgent>()

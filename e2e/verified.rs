@@ -1,0 +1,423 @@
+//! End-to-end scenarios of revocation on the control plane's word: real OPA agents download
+//! their bundle from Debian's nginx, which asks a real `keyward verifier` process
+//! (`auth_request`); the verifier reports which pod used which key id to the operator.
+//!
+//! (f) A rotation confirmed by the control plane's acknowledgement: while the verifier is down,
+//!     the new pods run, but no PolicyAgent confirms them; once it is back and has seen each
+//!     pod download with the new key id, they confirm and the rotation completes.
+//! (g) A consumer outside any PolicyAgent (an OPA with a copied token) keeps using the old key:
+//!     `revokeWhenUnusedFor` holds the old key (status shows when it was last used) until that
+//!     consumer stops; then the verifier goes silent (SIGKILL) and the old key stays trusted,
+//!     visibly (`Stalled`, reason `VerifierSilent`, an Event); a restarted verifier vouches
+//!     from its restart on, and the old key is revoked one window after it, never earlier.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use chrono::{DateTime, Utc};
+use keyward::api::{KeyUsageReport, PolicyAgent, ProvisioningKey};
+use keyward_testbed::eventually;
+use kube::api::ListParams;
+use serde_json::json;
+
+use crate::scenarios::control_plane::{Nginx, Verifier, free_port};
+use crate::scenarios::support::{Bed, DEPLOY, InProcessOperator, PK, POLL, STS, TIMEOUT};
+
+const OPA_PORT: u16 = 8181;
+
+/// nginx and one verifier replica for a bed; the bed's agents download through nginx.
+async fn verified_bed(label: &str) -> anyhow::Result<(Bed, Nginx, Verifier, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("keyward-e2e-{label}-cp-"))
+        .tempdir()?;
+    let vport = free_port()?;
+    let nginx = Nginx::start(dir.path(), vport)?;
+    let bed = Bed::real_opa_via(label, nginx.url()).await;
+    let verifier = Verifier::start(&bed.ns, "v-0", vport, bed.log_path("verifier.log")).await?;
+    bed.say(format!(
+        "nginx at {} (auth_request -> keyward verifier on :{vport}, replica v-0)",
+        nginx.url()
+    ));
+    Ok((bed, nginx, verifier, dir))
+}
+
+/// The pods (UIDs) the verifier replicas reported using `kid`.
+async fn acknowledged(bed: &Bed, kid: &str) -> anyhow::Result<Vec<String>> {
+    let reports = bed
+        .api::<KeyUsageReport>()
+        .list(&ListParams::default())
+        .await?;
+    Ok(keyward::usage::key_use(&reports.items, Utc::now())
+        .pods
+        .remove(kid)
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
+fn confirmed_on(pa: &PolicyAgent) -> Option<String> {
+    pa.status.as_ref().and_then(|s| s.confirmed_key_id.clone())
+}
+
+fn condition(pk: &ProvisioningKey, type_: &str) -> Option<(String, String, String)> {
+    pk.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn revoked_at(pk: &ProvisioningKey, kid: &str) -> Option<DateTime<Utc>> {
+    pk.status
+        .as_ref()?
+        .revoked_keys
+        .iter()
+        .find(|k| k.kid == kid)?
+        .revoked_at
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// (f) See the module docs.
+///
+/// How to see it fail: make the PolicyAgent ignore the acknowledgement (in
+/// `src/agent/check.rs`, `acknowledgement: false`): the StatefulSet's PolicyAgent (mode
+/// `Acknowledgement`: no HTTP check) confirms the new key while the verifier is down, and step 2
+/// fails with "confirmed on the new key without any acknowledgement".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_confirmed_by_the_control_planes_acknowledgement() -> anyhow::Result<()> {
+    let (bed, _nginx, mut verifier, _dir) = verified_bed("ack").await?;
+    let op = InProcessOperator::start_with_verifiers(&bed.ns, Some(&bed.ns)).await;
+    bed.create_key(json!({
+        "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "2m",
+    }))
+    .await?;
+    let k1 = bed.wait_handed_out(|_| true).await?;
+    // The Deployment's agents: HTTP check and acknowledgement; the StatefulSet's: the
+    // acknowledgement alone.
+    bed.create_workloads().await?;
+    for (kind, name, check) in [
+        (
+            "Deployment",
+            DEPLOY,
+            json!({ "http": { "port": OPA_PORT, "successThreshold": 2, "period": "500ms" },
+                    "requireAcknowledgement": true }),
+        ),
+        ("StatefulSet", STS, json!({ "mode": "Acknowledgement" })),
+    ] {
+        let pa: PolicyAgent = serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent",
+            "metadata": { "name": name },
+            "spec": { "provisioningKeyRef": { "name": PK },
+                      "workloadRef": { "kind": kind, "name": name },
+                      "connectivityCheck": check },
+        }))?;
+        bed.api::<PolicyAgent>()
+            .create(&Default::default(), &pa)
+            .await
+            .with_context(|| format!("create PolicyAgent {name}"))?;
+    }
+    bed.wait_confirmed(&k1).await?;
+    let pods = bed.running_pods();
+    let acked = acknowledged(&bed, &k1).await?;
+    ensure!(
+        pods.iter().all(|p| acked.contains(&p.uid)),
+        "confirmed on {k1}, but the verifier acknowledged only {acked:?} of {:?}",
+        pods.iter().map(|p| &p.uid).collect::<Vec<_>>()
+    );
+    bed.say(format!(
+        "both PolicyAgents confirmed on {k1} by acknowledgement ({} pods)",
+        pods.len()
+    ));
+
+    // 1. The verifier goes down; a rotation rolls the agents to k2. Their downloads fail at
+    //    nginx (no verifier to ask), so nothing acknowledges them.
+    verifier.kill();
+    bed.request_rotation("1").await?;
+    let k2 = bed.wait_handed_out(|k| k != k1).await?;
+    let rolled = Instant::now();
+    eventually(
+        "every running pod on the new revision",
+        TIMEOUT,
+        POLL,
+        || async {
+            let pods = bed.running_pods();
+            let w = bed.workloads_now().await.ok()?;
+            (w.deploy_kid.as_deref() == Some(k2.as_str())
+                && w.sts_kid.as_deref() == Some(k2.as_str())
+                && pods.len() == 4
+                && bed
+                    .api::<k8s_openapi::api::core::v1::Pod>()
+                    .list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .iter()
+                    .all(|p| {
+                        p.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get("keyward.dev/key-id"))
+                            == Some(&k2)
+                    }))
+            .then_some(())
+        },
+    )
+    .await?;
+    bed.say(format!(
+        "rolled to {k2}, all pods on it ({:.1}s); verifier down: no acknowledgement",
+        rolled.elapsed().as_secs_f64()
+    ));
+
+    // 2. For 6 s with every pod on k2: no PolicyAgent confirms k2 (the rollout and the pods are
+    //    not the control plane's word), and the old key stays trusted.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        for name in [DEPLOY, STS] {
+            let pa = bed.api::<PolicyAgent>().get(name).await?;
+            if confirmed_on(&pa).as_deref() == Some(k2.as_str()) {
+                bail!(
+                    "{name} confirmed on the new key without any acknowledgement (verifier down)"
+                );
+            }
+        }
+        ensure!(
+            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
+            "old key revoked without the agents' acknowledgement"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let sts = bed.api::<PolicyAgent>().get(STS).await?;
+    let waiting = sts
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    bed.say(format!("held for 6 s; {STS} says: {waiting}"));
+
+    // 3. The verifier is back: each new pod's next download is acknowledged, the PolicyAgents
+    //    confirm, and the old key is revoked.
+    verifier.restart().await?;
+    bed.wait_rotation_complete(&k1, &k2).await?;
+    let pods = bed.running_pods();
+    let acked = acknowledged(&bed, &k2).await?;
+    ensure!(
+        pods.iter().all(|p| acked.contains(&p.uid)),
+        "confirmed on {k2}, but the verifier acknowledged only {acked:?}"
+    );
+    let confirms = bed.events("Normal", "AgentConfirmed").await?;
+    ensure!(
+        confirms.iter().any(|e| {
+            e.note.as_deref().is_some_and(|n| {
+                n.contains(&k2) && n.contains("acknowledged by the keyward verifier")
+            })
+        }),
+        "the confirmation Events name the acknowledgement"
+    );
+    bed.say(format!(
+        "rotation {k1} -> {k2} confirmed by acknowledgement and complete"
+    ));
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
+
+/// An OPA outside any PolicyAgent (outside the cluster, say), polling through nginx with a
+/// token copied from the agent Secret; it sends no pod UID.
+struct OutsideAgent(tokio::process::Child);
+
+impl OutsideAgent {
+    async fn start(bed: &Bed, url: &str, token: &str) -> anyhow::Result<Self> {
+        let binary = tokio::task::spawn_blocking(keyward_testbed::opa_binary).await??;
+        let dir = bed.log_path("outside");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("token"), token)?;
+        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let config = format!(
+            "services:\n  cp:\n    url: {}\n    credentials:\n      bearer:\n        token_path: {}\n\
+             bundles:\n  authz:\n    service: cp\n    resource: bundles/authz.tar.gz\n    polling:\n      min_delay_seconds: 1\n      max_delay_seconds: 1\n",
+            q(url),
+            q(&dir.join("token").to_string_lossy())
+        );
+        std::fs::write(dir.join("config.yaml"), config)?;
+        let log = std::fs::File::create(dir.join("opa.log"))?;
+        let child = tokio::process::Command::new(binary)
+            .args(["run", "--server", "--disable-telemetry"])
+            .args(["--addr", &format!("127.0.0.1:{}", free_port()?)])
+            .arg("--config-file")
+            .arg(dir.join("config.yaml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the outside OPA")?;
+        Ok(OutsideAgent(child))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.0.kill().await;
+    }
+}
+
+/// The last time nginx let a request with `kid` through (from its access log's `$msec`).
+fn last_accepted(nginx: &Nginx, kid: &str) -> Option<f64> {
+    nginx
+        .access_log()
+        .lines()
+        .filter(|l| l.contains(" 200 ") || l.contains(" 304 "))
+        .filter(|l| l.contains(&format!("kid={kid} ")))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+/// (g) See the module docs.
+///
+/// How to see it fail: take silence as "unused" (in `src/rotation/mod.rs`, `unused_hold`,
+/// `Unused::Yes | Unused::Silent(_) => return None`): with the verifier killed, the old key is
+/// revoked at once and step 3 fails with "old key revoked while the verifier was silent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Result<()> {
+    const WINDOW: i64 = 6;
+    let (bed, nginx, mut verifier, _dir) = verified_bed("unused").await?;
+    let op = InProcessOperator::start_with_verifiers(&bed.ns, Some(&bed.ns)).await;
+    let k1 = bed
+        .set_up(json!({
+            "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "2m",
+            "revokeWhenUnusedFor": format!("{WINDOW}s"),
+        }))
+        .await?;
+    let token = bed
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(PK)
+        .await?
+        .data
+        .and_then(|d| {
+            d.get("token")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        })
+        .context("the agent token")?;
+    let outside = OutsideAgent::start(&bed, &nginx.url(), &token).await?;
+    eventually(
+        "the outside OPA downloads with the old key",
+        TIMEOUT,
+        POLL,
+        || async {
+            last_accepted(&nginx, &k1).filter(|_| {
+                nginx
+                    .access_log()
+                    .lines()
+                    .any(|l| l.contains(&format!("kid={k1} pod=-")))
+            })
+        },
+    )
+    .await?;
+    bed.say("an OPA outside any PolicyAgent uses a copy of the old token");
+
+    // 1. Rotate: both PolicyAgents confirm k2, but the old key is held while in use.
+    bed.request_rotation("1").await?;
+    let k2 = bed.wait_handed_out(|k| k != k1).await?;
+    bed.wait_confirmed(&k2).await?;
+    let pk = eventually(
+        "held: old key in use, shown in status",
+        TIMEOUT,
+        POLL,
+        || async {
+            let pk = bed.key().await.ok()?;
+            let retiring = pk
+                .status
+                .as_ref()?
+                .trusted_keys
+                .iter()
+                .find(|k| k.kid == k1)?;
+            (retiring.last_used_at.is_some()
+                && condition(&pk, "Rotating").is_some_and(|c| c.1 == "OldKeyInUse"))
+            .then_some(pk)
+        },
+    )
+    .await?;
+    bed.say(format!(
+        "PolicyAgents confirmed on {k2}; old key held: {}",
+        condition(&pk, "Rotating").map(|c| c.2).unwrap_or_default()
+    ));
+    let held_until = Instant::now() + Duration::from_secs(2 * WINDOW as u64);
+    while Instant::now() < held_until {
+        ensure!(
+            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
+            "old key revoked while a consumer still used it"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let shown = bed.key().await?;
+    let shown = shown
+        .status
+        .as_ref()
+        .and_then(|s| s.trusted_keys.iter().find(|k| k.kid == k1))
+        .and_then(|k| k.last_used_at.clone())
+        .unwrap_or_default();
+    bed.say(format!(
+        "held for {}s past the window; old key last used at {shown}",
+        2 * WINDOW
+    ));
+
+    // 2. The consumer stops; 3. the verifier goes silent at once (SIGKILL): nothing may count
+    //    as "unused" now.
+    outside.stop().await;
+    let stopped = Utc::now();
+    verifier.kill();
+    let killed = Instant::now();
+    let pk = eventually("Stalled: VerifierSilent", TIMEOUT, POLL, || async {
+        let pk = bed.key().await.ok()?;
+        condition(&pk, "Stalled")
+            .is_some_and(|c| c.0 == "True" && c.1 == "VerifierSilent")
+            .then_some(pk)
+    })
+    .await?;
+    bed.say(format!(
+        "verifier killed; {:.1}s later: {}",
+        killed.elapsed().as_secs_f64(),
+        condition(&pk, "Stalled").map(|c| c.2).unwrap_or_default()
+    ));
+    bed.wait_events("Warning", "VerifierSilent").await?;
+    let silent_until = Instant::now() + Duration::from_secs(2 * WINDOW as u64);
+    while Instant::now() < silent_until {
+        ensure!(
+            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
+            "old key revoked while the verifier was silent"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // 4. A new incarnation vouches from its start: revoked one window after it, and after the
+    //    window since the consumer's last accepted request.
+    verifier.restart().await?;
+    let restarted = Utc::now();
+    bed.wait_rotation_complete(&k1, &k2).await?;
+    let pk = bed.key().await?;
+    let at = revoked_at(&pk, &k1).context("revokedAt of the old key")?;
+    let last = last_accepted(&nginx, &k1).context("the old key's last accepted request")?;
+    let last = DateTime::from_timestamp_millis((last * 1000.0) as i64).context("time")?;
+    let w = chrono::Duration::seconds(WINDOW);
+    ensure!(
+        at + chrono::Duration::seconds(1) >= restarted + w,
+        "revoked at {at}, before a whole window of the restarted verifier ({restarted})"
+    );
+    ensure!(
+        at + chrono::Duration::seconds(1) >= last + w,
+        "revoked at {at}, within the window after the last use at {last}"
+    );
+    ensure!(
+        last <= stopped + chrono::Duration::seconds(1),
+        "the old key was used after the consumer stopped"
+    );
+    bed.say(format!(
+        "old key revoked at {at}: last used {last}, verifier back at {restarted}, window {WINDOW}s"
+    ));
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
