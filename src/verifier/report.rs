@@ -357,8 +357,8 @@ pub fn desired_lease(
         usage::COMPONENT_VERIFIER.to_string(),
     );
     labels.insert(
-        "app.kubernetes.io/managed-by".to_string(),
-        "keyward".to_string(),
+        crate::labels::MANAGED_BY.to_string(),
+        crate::labels::MANAGED_BY_VALUE.to_string(),
     );
     (spec, annotations, labels)
 }
@@ -372,8 +372,8 @@ pub fn report_object(
 ) -> KeyUsageReport {
     let mut labels = BTreeMap::new();
     labels.insert(
-        "app.kubernetes.io/managed-by".to_string(),
-        "keyward".to_string(),
+        crate::labels::MANAGED_BY.to_string(),
+        crate::labels::MANAGED_BY_VALUE.to_string(),
     );
     labels.insert(
         crate::labels::PROVISIONING_KEY.to_string(),
