@@ -168,7 +168,7 @@ pub async fn run_reporting(
             server.abort();
             match reported {
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "stopping: the verifier Lease was lost");
+                    tracing::error!(reason = e.reason(), error = %e, "stopping: the verifier Lease was lost");
                     Err(e.into())
                 }
                 Ok(Ok(())) => Err("the reporter stopped unexpectedly".into()),

@@ -452,6 +452,15 @@ struct Reporter {
     writes: u64,
 }
 
+impl ReportError {
+    /// PascalCase reason, for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReportError::LeaseLost { .. } => "VerifierLeaseLost",
+        }
+    }
+}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
