@@ -348,11 +348,100 @@ struct VerifierArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Report key use to the operator (KeyUsageReports and this replica's Lease). On by default;
+    /// `--report=false` turns it off (then nothing is written and the operator sees no replica).
+    #[arg(long, env = "KEYWARD_VERIFIER_REPORT", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    report: bool,
+    /// Stable id of this replica (the chart passes the StatefulSet pod name); names its Lease
+    /// and reports. Default: $POD_NAME, else the host name.
+    #[arg(long, env = "POD_NAME")]
+    replica_id: Option<String>,
+    /// Namespace of this replica's Lease (`keyward-verifier-<replica-id>`); required while
+    /// reporting is on.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How often use is flushed and the Lease renewed; also the per-key write bound (at most
+    /// one report write per key per interval). The Lease lasts 3 intervals.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    report_interval: Duration,
+    /// A key id's reported lastUsedAt is refreshed when a use is at least this much newer (new
+    /// key ids and new pods are reported at the next interval regardless).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    report_resolution: Duration,
+    /// Most report writes per second of this replica (token bucket refill rate; > 0).
+    #[arg(long, default_value_t = 50.0, value_parser = parse_report_qps)]
+    report_qps: f32,
+    /// Most report writes back to back before --report-qps paces them (token bucket size).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    report_burst: u32,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)?;
+    keyward::rotation::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} must be a duration above 0"))
+}
+
+fn parse_report_qps(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(q) if q.is_finite() && q > 0.0 => Ok(q),
+        _ => Err(format!("{s:?} is not a write rate (a number > 0)")),
+    }
+}
+
+/// The host name (`$HOSTNAME`, else the kernel's), for `--replica-id`'s default.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+impl VerifierArgs {
+    /// The reporting settings, `None` with `--report=false`.
+    fn report_config(
+        &self,
+        namespaces: &[String],
+    ) -> Result<Option<keyward::verifier::ReportConfig>, String> {
+        if !self.report {
+            return Ok(None);
+        }
+        let lease_namespace = self
+            .lease_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or("reporting needs --lease-namespace (or POD_NAMESPACE); pass --report=false to run without it")?;
+        let replica = self
+            .replica_id
+            .clone()
+            .filter(|r| !r.is_empty())
+            .or_else(host_name)
+            .ok_or("reporting needs --replica-id (or POD_NAME, or a host name)")?;
+        Ok(Some(keyward::verifier::ReportConfig {
+            replica,
+            lease_namespace,
+            namespaces: namespaces.to_vec(),
+            interval: self.report_interval,
+            resolution: self.report_resolution,
+            qps: self.report_qps,
+            burst: self.report_burst,
+        }))
+    }
 }
 
 async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> {
     use keyward::verifier;
     keyward::telemetry::init(&args.log_format);
+    let namespaces: Vec<String> = args
+        .namespaces
+        .iter()
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .collect();
+    let report = args.report_config(&namespaces)?;
     let upstream = args
         .upstream
         .as_deref()
@@ -363,19 +452,28 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         audience: args.audience,
         issuer: args.issuer,
     };
-    // Use is recorded in memory until reporting to the operator exists (issue 10, item 2).
+    // Use is recorded in memory (bounded; new triples beyond the capacity are counted as
+    // dropped) and drained by the reporter every report interval.
     let use_log = std::sync::Arc::new(verifier::MemoryUseLog::new(100_000));
-    let shared = std::sync::Arc::new(verifier::Shared::new(policy, use_log, upstream));
+    let shared = std::sync::Arc::new(verifier::Shared::new(policy, use_log.clone(), upstream));
     let client = kube::Client::try_default().await?;
     let listener = tokio::net::TcpListener::bind(&args.address).await?;
-    let namespaces: Vec<String> = args
-        .namespaces
-        .into_iter()
-        .filter(|n| !n.is_empty())
-        .collect();
     info!(address = %listener.local_addr()?, namespaces = ?namespaces, clock_skew = ?args.clock_skew,
-          upstream = ?args.upstream, "starting keyward verifier");
-    verifier::run(client, namespaces, shared, listener, shutdown_signal()).await?;
+          upstream = ?args.upstream, report = report.is_some(), "starting keyward verifier");
+    match report {
+        Some(report) => verifier::run_reporting(
+            client,
+            namespaces,
+            shared,
+            use_log,
+            report,
+            listener,
+            shutdown_signal(),
+        )
+        .await
+        .map_err(|e| -> Box<dyn std::error::Error> { e })?,
+        None => verifier::run(client, namespaces, shared, listener, shutdown_signal()).await?,
+    }
     Ok(())
 }
 

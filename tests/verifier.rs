@@ -7,6 +7,12 @@
 //! agent Secret's token, serves jwks.json with an ETag (304 on `If-None-Match`) and
 //! `max-age` from publishDelay; after a break-glass rotation revokes the old key, it refuses
 //! the old token and accepts the new one.
+//!
+//! The reporting tests spawn the `keyward verifier` binary (reporting on): a flood of requests
+//! for one key makes at most one KeyUsageReport write per report interval and lists exactly
+//! the pods seen; the replica's Lease has its window and watermark, is marked stopped after
+//! SIGTERM, and is taken over (new window) by a restart; two processes with the same replica
+//! id never share it: the older exits non-zero.
 
 #[allow(dead_code)]
 mod common;
@@ -288,5 +294,357 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
 
     v.stop().await;
     op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---- Reporting: the `keyward verifier` binary writing KeyUsageReports and its Lease. ----
+
+use k8s_openapi::api::coordination::v1::Lease;
+use keyward::api::key_usage::KeyUsageReport;
+use keyward::usage;
+
+/// A spawned `keyward verifier` with reporting on, its base URL and log.
+struct Spawned {
+    child: KillOnDrop,
+    base: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    async fn start(namespace: &str, replica: &str, extra: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("verifier.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args([
+                "verifier",
+                "--namespaces",
+                namespace,
+                "--log-format",
+                "json",
+            ])
+            .args(["--address", &format!("127.0.0.1:{port}")])
+            .args(["--replica-id", replica, "--lease-namespace", namespace])
+            .args(extra)
+            .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .spawn()
+            .map(KillOnDrop)
+            .expect("start keyward verifier");
+        let v = Spawned {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        let base = v.base.clone();
+        eventually("the verifier ready", || async {
+            let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        v
+    }
+
+    fn read_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+    }
+
+    /// Waits for the process to exit (at most `within`).
+    async fn exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "no exit within {within:?}; log:\n{}",
+                self.read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A ProvisioningKey `name`, minted by an in-process operator (stopped afterwards): its UID and
+/// the agent Secret's token.
+async fn minted_key(ns: &TestNamespace, name: &str) -> (String, String) {
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(&pks, name, json!({}), json!({})).await;
+    let pk = wait_pk(&pks, name, "settled", is_settled).await;
+    let agent = secrets.get(name).await.expect("the agent Secret");
+    op.stop().await;
+    (
+        pk.metadata.uid.expect("uid"),
+        data(&agent, l::DATA_TOKEN).expect("token"),
+    )
+}
+
+fn lease_times(lease: &Lease) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let spec = lease.spec.as_ref().expect("spec");
+    (
+        usage::jiff_to_chrono(spec.acquire_time.as_ref().expect("acquireTime").0).expect("time"),
+        usage::jiff_to_chrono(spec.renew_time.as_ref().expect("renewTime").0).expect("time"),
+    )
+}
+
+fn holder(lease: &Lease) -> String {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default()
+}
+
+fn stopped(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(usage::ANN_STOPPED))
+        .is_some_and(|v| v == "true")
+}
+
+const PODS: [&str; 3] = [
+    "11111111-1111-4111-8111-111111111111",
+    "22222222-2222-4222-8222-222222222222",
+    "33333333-3333-4333-8333-333333333333",
+];
+
+/// ~2,000 accepted requests for one key over ~25 s from 3 pods and unattributed clients: at
+/// most one report write per 10 s interval (the object's generation counts spec changes; the
+/// resolution is 1 s, so every flush has something newer to write), exactly the 3 pods listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
+    let ns = TestNamespace::new("kw-vreport").await;
+    let (uid, token) = minted_key(&ns, "vk").await;
+    let mut v = Spawned::start(
+        ns.name(),
+        "flood-0",
+        &["--report-interval", "10s", "--report-resolution", "1s"],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = v.base.clone();
+    eventually("the token accepted", || async {
+        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    let mut accepted = 0u32;
+    let mut i = 0usize;
+    while started.elapsed() < Duration::from_secs(25) {
+        // Pods round-robin, and every fourth request without a usable pod UID.
+        let pod = match i % 4 {
+            3 => {
+                if i % 8 == 3 {
+                    ""
+                } else {
+                    "${POD_UID}"
+                }
+            }
+            n => PODS[n],
+        };
+        if auth(&http, &base, &token, pod).await.status() == 200 {
+            accepted += 1;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(9)).await;
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    assert!(accepted >= 1500, "only {accepted} requests accepted");
+
+    let reports: Api<KeyUsageReport> = ns.api();
+    let name = usage::report_name("vk", "flood-0");
+    let report = reports.get(&name).await.expect("the report");
+    let generation = report.metadata.generation.expect("generation");
+    eprintln!(
+        "{accepted} requests accepted in {flood_secs:.1} s; report generation (writes) {generation}"
+    );
+    // 25 s of traffic and the read: the intervals starting at t0, t0+10 and t0+20, plus one
+    // for the first write racing the read.
+    assert!(
+        (2..=4).contains(&generation),
+        "report written {generation} times for {accepted} requests in {flood_secs:.1} s"
+    );
+    assert_eq!(report.spec.provisioning_key, "vk");
+    assert_eq!(report.spec.replica, "flood-0");
+    assert_eq!(report.spec.keys.len(), 1);
+    let mut pods: Vec<&str> = report.spec.keys[0]
+        .pods
+        .iter()
+        .map(|p| p.uid.as_str())
+        .collect();
+    pods.sort();
+    assert_eq!(
+        pods,
+        PODS.to_vec(),
+        "exactly the 3 pods, no unattributed use"
+    );
+    assert!(!report.spec.keys[0].pods_truncated);
+    let last = keyward::controller::parse_ts(&report.spec.keys[0].last_used_at).expect("RFC 3339");
+    let age = chrono::Utc::now() - last;
+    assert!(age < chrono::Duration::seconds(15), "lastUsedAt {age} old");
+    let owner = &report.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ProvisioningKey", uid.as_str())
+    );
+    let labels = report.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get(usage::REPLICA_LABEL).map(String::as_str),
+        Some("flood-0")
+    );
+    let managers: Vec<String> = report
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, vec![usage::FIELD_MANAGER.to_string()]);
+
+    v.sigterm();
+    assert!(
+        v.exit(Duration::from_secs(15)).await.success(),
+        "log:\n{}",
+        v.read_log()
+    );
+    ns.cleanup().await;
+}
+
+/// The Lease: a window from the process start, a watermark that advances, `stopped` after
+/// SIGTERM; a restart takes it over with a new window; a second process with the same replica
+/// id takes it over too, and the older one exits non-zero instead of fighting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
+    let ns = TestNamespace::new("kw-vlease").await;
+    let (_, token) = minted_key(&ns, "vk").await;
+    let leases: Api<Lease> = ns.api();
+    let lease_name = usage::lease_name("lease-0");
+    let args = ["--report-interval", "2s"];
+
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut first = Spawned::start(ns.name(), "lease-0", &args).await;
+    let http = reqwest::Client::new();
+    let lease = wait_obj(&leases, &lease_name, "the Lease written", TIMEOUT, |_| true).await;
+    let (since1, renewed) = lease_times(&lease);
+    assert!(
+        since1 >= before && since1 <= chrono::Utc::now(),
+        "acquireTime {since1}"
+    );
+    assert!(
+        holder(&lease).starts_with("lease-0/"),
+        "holder {}",
+        holder(&lease)
+    );
+    assert!(!stopped(&lease));
+    let ann = lease.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        ann.get(usage::ANN_NAMESPACES).map(String::as_str),
+        Some(ns.name())
+    );
+    assert_eq!(
+        ann.get(usage::ANN_RESOLUTION).map(String::as_str),
+        Some("60s")
+    );
+    assert_eq!(
+        lease.spec.as_ref().and_then(|s| s.lease_duration_seconds),
+        Some(6)
+    );
+    let parsed = usage::parse_lease(&lease).expect("the operator can read it");
+    assert_eq!(parsed.name, "lease-0");
+    // The watermark advances with the flushes.
+    wait_obj(
+        &leases,
+        &lease_name,
+        "the watermark advanced",
+        TIMEOUT,
+        |l| lease_times(l).1 > renewed,
+    )
+    .await;
+    let base = first.base.clone();
+    eventually("the token accepted", || async {
+        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // SIGTERM: a final flush, exit 0, and the Lease marked stopped with a watermark at stop.
+    let term = chrono::Utc::now();
+    first.sigterm();
+    assert!(
+        first.exit(Duration::from_secs(15)).await.success(),
+        "log:\n{}",
+        first.read_log()
+    );
+    let lease = leases.get(&lease_name).await.expect("the Lease");
+    assert!(
+        stopped(&lease),
+        "stopped after a clean shutdown; log:\n{}",
+        first.read_log()
+    );
+    assert!(
+        lease_times(&lease).1 >= term,
+        "the final watermark covers every use"
+    );
+    let reports: Api<KeyUsageReport> = ns.api();
+    let report = reports
+        .get(&usage::report_name("vk", "lease-0"))
+        .await
+        .expect("the final flush wrote the report");
+    assert_eq!(report.spec.keys[0].pods[0].uid, PODS[0]);
+
+    // A restart with the same replica id: a new, later window, `stopped` removed.
+    let mut second = Spawned::start(ns.name(), "lease-0", &args).await;
+    let lease = wait_obj(&leases, &lease_name, "taken over", TIMEOUT, |l| {
+        lease_times(l).0 > since1 && !stopped(l)
+    })
+    .await;
+    let holder2 = holder(&lease);
+
+    // A second process with the same replica id: it takes the Lease over; the older one
+    // notices at its next renewal and exits non-zero.
+    let mut third = Spawned::start(ns.name(), "lease-0", &args).await;
+    let status = second.exit(Duration::from_secs(20)).await;
+    assert!(!status.success(), "the older process exits non-zero");
+    assert!(
+        second
+            .read_log()
+            .contains("another process runs with the same --replica-id"),
+        "log:\n{}",
+        second.read_log()
+    );
+    let lease = leases.get(&lease_name).await.expect("the Lease");
+    assert_ne!(holder(&lease), holder2);
+    assert!(
+        third.child.0.try_wait().expect("wait").is_none(),
+        "the newer one serves on"
+    );
+    third.sigterm();
+    assert!(
+        third.exit(Duration::from_secs(15)).await.success(),
+        "log:\n{}",
+        third.read_log()
+    );
     ns.cleanup().await;
 }

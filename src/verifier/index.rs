@@ -244,6 +244,17 @@ impl Index {
             .then_some((params, bundle))
     }
 
+    /// What the reporter needs of a key: its UID (for the report's owner reference) and whether
+    /// its bundle lists more than one key id (a rotation in flight). `None` when the key is
+    /// unknown (deleted, or not watched).
+    pub fn report_target(&self, key: &KeyRef) -> Option<(String, bool)> {
+        let params = self.keys.get(key)?;
+        let rotating = self
+            .bundle(key)
+            .is_some_and(|(_, bundle)| bundle.jwks.keys.len() > 1);
+        Some((params.uid.clone(), rotating))
+    }
+
     /// Number of usable bundles (for the log and readiness detail).
     pub fn usable(&self) -> usize {
         self.keys

@@ -3,11 +3,13 @@
 //! reverse proxy in front of a bundle server, and serves those bundles over HTTP.
 //!
 //! Layout: `index` (what the watches delivered, plain data), `verify` (the pure decision),
-//! `use_log` (recording use per key, key id and pod), `http` (the router), `watch` (the only
-//! part that holds a client).
+//! `use_log` (recording use per key, key id and pod), `http` (the router), `watch` (the
+//! watches), `report` (reporting use to the operator: a pure state and the driver that writes
+//! the reports and the replica's Lease). Only `watch` and `report`'s driver hold a client.
 
 pub mod http;
 pub mod index;
+pub mod report;
 pub mod use_log;
 pub mod verify;
 mod watch;
@@ -23,6 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub use index::{Index, KeyRef};
+pub use report::{ReportConfig, ReportError};
 pub use use_log::{Instance, MemoryUseLog, NoUseLog, Use, UseLog};
 pub use verify::{DEFAULT_CLOCK_SKEW, Policy, Refusal, Verified};
 pub use watch::watch;
@@ -107,6 +110,72 @@ pub async fn run(
     let res = axum::serve(listener, http::router(shared))
         .with_graceful_shutdown(shutdown)
         .await;
+    watches.abort();
+    res
+}
+
+/// Runs the verifier with reporting: watches, the reporter, and the server on `listener` until
+/// `shutdown`. Then the server stops accepting, the reporter flushes a last time and marks its
+/// Lease stopped (at most [`report::SHUTDOWN_BUDGET`]). Returns an error when the reporter lost
+/// its Lease to another process with the same replica id (the server is stopped at once).
+pub async fn run_reporting(
+    client: kube::Client,
+    namespaces: Vec<String>,
+    shared: Arc<Shared>,
+    log: Arc<MemoryUseLog>,
+    report: ReportConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let since = chrono::Utc::now();
+    let watches = tokio::spawn(watch(client.clone(), namespaces, shared.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut reporter = tokio::spawn(report::run(
+        client,
+        report,
+        shared.clone(),
+        log,
+        since,
+        stop_rx,
+    ));
+    let router = http::router(shared);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    let res: Result<(), Box<dyn std::error::Error + Send + Sync>> = tokio::select! {
+        served = &mut server => {
+            let _ = stop_tx.send(true);
+            let reported = tokio::time::timeout(
+                report::SHUTDOWN_BUDGET + std::time::Duration::from_secs(2),
+                &mut reporter,
+            )
+            .await;
+            match (served, reported) {
+                (Err(e), _) => Err(e.into()),
+                (Ok(Err(e)), _) => Err(e.into()),
+                (_, Ok(Ok(Err(e)))) => Err(e.into()),
+                (_, Ok(Err(e))) => Err(e.into()),
+                (_, Err(_)) => {
+                    reporter.abort();
+                    Err("the final usage report flush did not finish in time".into())
+                }
+                (Ok(Ok(())), Ok(Ok(Ok(())))) => Ok(()),
+            }
+        }
+        reported = &mut reporter => {
+            server.abort();
+            match reported {
+                Ok(Err(e)) => {
+                    tracing::error!(reason = e.reason(), error = %e, "stopping: the verifier Lease was lost");
+                    Err(e.into())
+                }
+                Ok(Ok(())) => Err("the reporter stopped unexpectedly".into()),
+                Err(e) => Err(e.into()),
+            }
+        }
+    };
     watches.abort();
     res
 }

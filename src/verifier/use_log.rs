@@ -6,8 +6,8 @@
 //! never counts as any pod: such a request is recorded as [`Instance::Unattributed`], which
 //! proves that the key id is in use but confirms no pod.
 //!
-//! Reporting to the operator (bounded writes, several replicas) is the next step; see
-//! docs/verifier.md.
+//! The reporter (`super::report`) drains the log every report interval and writes what changed
+//! to the operator; see docs/verifier.md.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -86,6 +86,10 @@ pub struct MemoryUseLog {
 struct MemoryInner {
     last_seen: BTreeMap<(KeyRef, String, Instance), DateTime<Utc>>,
     dropped: u64,
+    /// The time of the last [`MemoryUseLog::drain`]: a use recorded afterwards counts as at
+    /// least this late, so every use is either in a drain or at or after its time (a handler
+    /// reads the clock before it records).
+    drained_at: Option<DateTime<Utc>>,
 }
 
 impl MemoryUseLog {
@@ -126,18 +130,36 @@ impl MemoryUseLog {
     pub fn dropped(&self) -> u64 {
         self.lock().dropped
     }
+
+    /// Takes everything recorded so far, as of `now`: a use recorded after this call counts as
+    /// used at `now` or later (never earlier), so `now` can serve as a watermark. The capacity
+    /// then applies to what arrives until the next drain.
+    pub fn drain(&self, now: DateTime<Utc>) -> Vec<Use> {
+        let mut inner = self.lock();
+        inner.drained_at = Some(inner.drained_at.map_or(now, |d| d.max(now)));
+        std::mem::take(&mut inner.last_seen)
+            .into_iter()
+            .map(|((key, kid, instance), at)| Use {
+                key,
+                kid,
+                instance,
+                at,
+            })
+            .collect()
+    }
 }
 
 impl UseLog for MemoryUseLog {
     fn record(&self, used: Use) {
         let mut inner = self.lock();
+        let used_at = inner.drained_at.map_or(used.at, |d| used.at.max(d));
         let id = (used.key, used.kid, used.instance);
         let full = inner.last_seen.len() >= self.capacity;
         match inner.last_seen.get_mut(&id) {
-            Some(at) => *at = (*at).max(used.at),
+            Some(at) => *at = (*at).max(used_at),
             None if full => inner.dropped += 1,
             None => {
-                inner.last_seen.insert(id, used.at);
+                inner.last_seen.insert(id, used_at);
             }
         }
     }
@@ -216,6 +238,26 @@ mod tests {
         assert_eq!(
             log.pods_seen(&key, "kid-a").get(UID).map(|t| t.timestamp()),
             Some(120)
+        );
+    }
+
+    #[test]
+    fn a_drain_empties_the_log_and_later_uses_are_never_earlier_than_it() {
+        let log = MemoryUseLog::new(1);
+        log.record(used(Instance::Pod(UID.into()), 100));
+        log.record(used(Instance::Unattributed, 100)); // full: dropped
+        let drained = log.drain(DateTime::from_timestamp(130, 0).expect("time"));
+        assert_eq!(drained.len(), 1);
+        assert_eq!(log.dropped(), 1);
+        // The capacity applies again after a drain; a use stamped before the drain (its handler
+        // read the clock, then the drain ran) counts as at the drain.
+        log.record(used(Instance::Unattributed, 120));
+        let drained = log.drain(DateTime::from_timestamp(140, 0).expect("time"));
+        assert_eq!(drained.len(), 1);
+        assert_eq!(drained[0].at.timestamp(), 130);
+        assert!(
+            log.drain(DateTime::from_timestamp(150, 0).expect("time"))
+                .is_empty()
         );
     }
 }

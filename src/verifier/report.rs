@@ -1,0 +1,745 @@
+//! Reporting use to the operator, with bounded writes (see `crate::usage` for the objects and
+//! what they prove, and `crate::api::key_usage` for why these objects).
+//!
+//! - [`Reporting`] is the pure state (no client, no clock): per (key, key id) the true last use,
+//!   the pods, what was last written, and the first use no write covers yet. An entry is
+//!   *dirty* when a use is not covered: a new key id, a new pod for it (acknowledgement must be
+//!   prompt), or a use at least the resolution newer than the written `lastUsedAt`.
+//! - Every report interval the driver ([`run`]) drains the [`MemoryUseLog`], writes each key
+//!   with dirty entries whose last write is at least an interval old while a token bucket
+//!   allows (keys with a rotation in flight first), and renews the replica's Lease with the
+//!   watermark: the flush's start when nothing dirty is left, else the oldest uncovered use.
+//! - Bounds: per key at most one write per interval whatever the request rate; per replica at
+//!   most `--report-qps` writes per second (`--report-burst` back to back); one Lease renewal
+//!   (a read and a replace) per interval.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tracing::{debug, error, info, warn};
+
+use super::Shared;
+use super::index::KeyRef;
+use super::use_log::{MemoryUseLog, Use};
+use crate::api::key_usage::MAX_PODS_PER_KID;
+use crate::api::key_usage::{KeyUsageReport, KeyUsageReportSpec, KidUsage, PodUsage};
+use crate::usage;
+
+/// Most key ids listed in one report (the CRD's limit; the most recently used are kept).
+pub const MAX_KIDS_PER_REPORT: usize = 64;
+/// How long the final flush and Lease renewal at shutdown may take.
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// The pure state.
+
+/// What was last written for one key id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Written {
+    last_used: DateTime<Utc>,
+    pods: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug)]
+struct KidState {
+    /// The true last use (attributed or not).
+    last_used: DateTime<Utc>,
+    /// Pod UID -> its last use, at most [`MAX_PODS_PER_KID`] (the most recent kept).
+    pods: BTreeMap<String, DateTime<Utc>>,
+    truncated: bool,
+    written: Option<Written>,
+    /// The first use no write covers yet; `Some` = dirty.
+    first_unreported: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KeyState {
+    kids: BTreeMap<String, KidState>,
+    /// Start of the flush whose write of this key last succeeded.
+    last_write: Option<DateTime<Utc>>,
+}
+
+impl KeyState {
+    fn dirty(&self) -> bool {
+        self.kids.values().any(|k| k.first_unreported.is_some())
+    }
+
+    fn first_unreported(&self) -> Option<DateTime<Utc>> {
+        self.kids.values().filter_map(|k| k.first_unreported).min()
+    }
+}
+
+/// The reporting state of one replica (pure).
+#[derive(Clone, Debug)]
+pub struct Reporting {
+    resolution: Duration,
+    interval: Duration,
+    keys: BTreeMap<KeyRef, KeyState>,
+}
+
+/// A key the index knows: its UID, and whether its bundle lists more than one key id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub uid: String,
+    pub rotating: bool,
+}
+
+fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+impl Reporting {
+    pub fn new(interval: Duration, resolution: Duration) -> Self {
+        Reporting {
+            resolution,
+            interval,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// Takes in one use (from the log's drain).
+    pub fn absorb(&mut self, used: Use) {
+        let resolution = self.resolution;
+        let key = self.keys.entry(used.key).or_default();
+        let kid = key.kids.entry(used.kid).or_insert_with(|| KidState {
+            last_used: used.at,
+            pods: BTreeMap::new(),
+            truncated: false,
+            written: None,
+            first_unreported: None,
+        });
+        kid.last_used = kid.last_used.max(used.at);
+        let pod = used.instance.pod_uid().map(str::to_string);
+        if let Some(uid) = &pod {
+            let at = kid.pods.entry(uid.clone()).or_insert(used.at);
+            *at = (*at).max(used.at);
+            if kid.pods.len() > MAX_PODS_PER_KID {
+                kid.truncated = true;
+                if let Some(oldest) = kid
+                    .pods
+                    .iter()
+                    .min_by_key(|(uid, at)| (**at, (*uid).clone()))
+                    .map(|(uid, _)| uid.clone())
+                {
+                    kid.pods.remove(&oldest);
+                }
+            }
+        }
+        let covered = kid.written.as_ref().is_some_and(|w| {
+            add(w.last_used, resolution) > used.at
+                && pod.as_ref().is_none_or(|uid| w.pods.contains(uid))
+        });
+        if !covered {
+            kid.first_unreported = Some(kid.first_unreported.map_or(used.at, |f| f.min(used.at)));
+        }
+    }
+
+    /// Forgets keys the index no longer knows (their reports go with the key).
+    pub fn retain(&mut self, known: impl Fn(&KeyRef) -> bool) {
+        self.keys.retain(|k, _| known(k));
+    }
+
+    /// Every key held.
+    pub fn keys(&self) -> Vec<KeyRef> {
+        self.keys.keys().cloned().collect()
+    }
+
+    /// Keys with uses no write covers.
+    pub fn dirty_keys(&self) -> Vec<KeyRef> {
+        self.keys
+            .iter()
+            .filter(|(_, s)| s.dirty())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The keys to write in the flush starting at `now`, in order: dirty keys whose last write
+    /// is at least an interval old (any age when `ignore_interval`, at shutdown) and that the
+    /// index knows; rotations in flight first, then the oldest uncovered use first.
+    pub fn candidates(
+        &self,
+        now: DateTime<Utc>,
+        ignore_interval: bool,
+        target: impl Fn(&KeyRef) -> Option<Target>,
+    ) -> Vec<(KeyRef, Target)> {
+        let mut out: Vec<(KeyRef, Target, Option<DateTime<Utc>>)> = self
+            .keys
+            .iter()
+            .filter(|(_, s)| s.dirty())
+            .filter(|(_, s)| {
+                ignore_interval || s.last_write.is_none_or(|w| add(w, self.interval) <= now)
+            })
+            .filter_map(|(k, s)| target(k).map(|t| (k.clone(), t, s.first_unreported())))
+            .collect();
+        out.sort_by(|a, b| (!a.1.rotating, a.2, &a.0).cmp(&(!b.1.rotating, b.2, &b.0)));
+        out.into_iter().map(|(k, t, _)| (k, t)).collect()
+    }
+
+    /// The report of `key` as it stands (every key id, most recent first).
+    pub fn report(&self, key: &KeyRef) -> Vec<KidUsage> {
+        let Some(state) = self.keys.get(key) else {
+            return Vec::new();
+        };
+        let mut kids: Vec<(&String, &KidState)> = state.kids.iter().collect();
+        kids.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
+        kids.truncate(MAX_KIDS_PER_REPORT);
+        kids.sort_by(|a, b| a.0.cmp(b.0));
+        kids.into_iter()
+            .map(|(kid, s)| {
+                let mut pods: Vec<(&String, &DateTime<Utc>)> = s.pods.iter().collect();
+                pods.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                KidUsage {
+                    kid: kid.clone(),
+                    last_used_at: rfc3339(s.last_used),
+                    pods: pods
+                        .into_iter()
+                        .map(|(uid, at)| PodUsage {
+                            uid: uid.clone(),
+                            last_used_at: rfc3339(*at),
+                        })
+                        .collect(),
+                    pods_truncated: s.truncated,
+                }
+            })
+            .collect()
+    }
+
+    /// Records that the report of `key` as it stands was written in the flush started at `now`.
+    pub fn written(&mut self, key: &KeyRef, now: DateTime<Utc>) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        state.last_write = Some(now);
+        for kid in state.kids.values_mut() {
+            kid.written = Some(Written {
+                last_used: kid.last_used,
+                pods: kid.pods.keys().cloned().collect(),
+            });
+            kid.first_unreported = None;
+        }
+    }
+
+    /// The watermark after the flush started at `start` (every use absorbed is at or before
+    /// it): `start` when nothing dirty is left, else the oldest use no write covers.
+    pub fn watermark(&self, start: DateTime<Utc>) -> DateTime<Utc> {
+        self.keys
+            .values()
+            .filter_map(KeyState::first_unreported)
+            .min()
+            .map_or(start, |f| f.min(start))
+    }
+
+    /// Number of keys held (for the log).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A token bucket over the caller's clock: `rate` tokens per second, at most `burst`.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<DateTime<Utc>>,
+}
+
+impl Bucket {
+    pub fn new(rate: f32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Bucket {
+            rate: f64::from(rate).max(0.0),
+            burst,
+            tokens: burst,
+            at: None,
+        }
+    }
+
+    fn refill(&mut self, now: DateTime<Utc>) {
+        if let Some(at) = self.at
+            && now > at
+        {
+            let secs = (now - at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            self.tokens = (self.tokens + secs * self.rate).min(self.burst);
+        }
+        self.at = Some(self.at.map_or(now, |a| a.max(now)));
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: DateTime<Utc>) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until a token is available (zero if one is).
+    pub fn wait(&mut self, now: DateTime<Utc>) -> Duration {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else if self.rate <= 0.0 {
+            Duration::MAX
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+}
+
+/// A Go duration for the Lease annotation (`60s`, `1500ms`).
+pub fn go_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The desired Lease of this incarnation (holder, window start, watermark, annotations).
+pub fn desired_lease(
+    config: &ReportConfig,
+    holder: &str,
+    since: DateTime<Utc>,
+    watermark: DateTime<Utc>,
+    stopped: bool,
+) -> (
+    LeaseSpec,
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+) {
+    let secs = config.interval.as_secs().saturating_mul(3).max(1);
+    let spec = LeaseSpec {
+        holder_identity: Some(holder.to_string()),
+        acquire_time: usage::chrono_to_jiff(since).map(MicroTime),
+        renew_time: usage::chrono_to_jiff(watermark).map(MicroTime),
+        lease_duration_seconds: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
+        ..LeaseSpec::default()
+    };
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        usage::ANN_NAMESPACES.to_string(),
+        if config.namespaces.is_empty() {
+            "*".to_string()
+        } else {
+            config.namespaces.join(",")
+        },
+    );
+    annotations.insert(
+        usage::ANN_RESOLUTION.to_string(),
+        go_duration(config.resolution),
+    );
+    if stopped {
+        annotations.insert(usage::ANN_STOPPED.to_string(), "true".into());
+    }
+    let mut labels = BTreeMap::new();
+    labels.insert(
+        crate::labels::COMPONENT.to_string(),
+        usage::COMPONENT_VERIFIER.to_string(),
+    );
+    labels.insert(
+        crate::labels::MANAGED_BY.to_string(),
+        crate::labels::MANAGED_BY_VALUE.to_string(),
+    );
+    (spec, annotations, labels)
+}
+
+/// The report object of `replica` for `key` (server-side apply body).
+pub fn report_object(
+    replica: &str,
+    key: &KeyRef,
+    uid: &str,
+    keys: Vec<KidUsage>,
+) -> KeyUsageReport {
+    let mut labels = BTreeMap::new();
+    labels.insert(
+        crate::labels::MANAGED_BY.to_string(),
+        crate::labels::MANAGED_BY_VALUE.to_string(),
+    );
+    labels.insert(
+        crate::labels::PROVISIONING_KEY.to_string(),
+        key.name.clone(),
+    );
+    labels.insert(usage::REPLICA_LABEL.to_string(), replica.to_string());
+    let mut report = KeyUsageReport::new(
+        &usage::report_name(&key.name, replica),
+        KeyUsageReportSpec {
+            provisioning_key: key.name.clone(),
+            replica: replica.to_string(),
+            keys,
+        },
+    );
+    report.metadata = ObjectMeta {
+        name: Some(usage::report_name(&key.name, replica)),
+        namespace: Some(key.namespace.clone()),
+        labels: Some(labels),
+        owner_references: Some(vec![OwnerReference {
+            api_version: "keyward.dev/v1alpha1".into(),
+            kind: "ProvisioningKey".into(),
+            name: key.name.clone(),
+            uid: uid.to_string(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        }]),
+        ..ObjectMeta::default()
+    };
+    report
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver: the only part with a client.
+
+/// The reporting flags.
+#[derive(Clone, Debug)]
+pub struct ReportConfig {
+    /// `--replica-id`.
+    pub replica: String,
+    /// `--lease-namespace`.
+    pub lease_namespace: String,
+    /// The watched namespaces (empty: all), for the Lease annotation.
+    pub namespaces: Vec<String>,
+    pub interval: Duration,
+    pub resolution: Duration,
+    pub qps: f32,
+    pub burst: u32,
+}
+
+/// Why reporting stopped the process.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// Another process with the same `--replica-id` took the Lease over.
+    #[error(
+        "Lease {lease} is now held by {holder:?}, not this process ({me}): another process runs with the same --replica-id"
+    )]
+    LeaseLost {
+        lease: String,
+        holder: String,
+        me: String,
+    },
+}
+
+struct Reporter {
+    client: Client,
+    config: ReportConfig,
+    shared: Arc<Shared>,
+    log: Arc<MemoryUseLog>,
+    state: Reporting,
+    bucket: Bucket,
+    holder: String,
+    since: DateTime<Utc>,
+    /// The last watermark written (never moves backwards); `None` until the Lease is ours.
+    renewed: Option<DateTime<Utc>>,
+    failed_writes: u64,
+    writes: u64,
+}
+
+impl ReportError {
+    /// PascalCase reason, for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReportError::LeaseLost { .. } => "VerifierLeaseLost",
+        }
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+impl Reporter {
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.config.lease_namespace)
+    }
+
+    fn lease_name(&self) -> String {
+        usage::lease_name(&self.config.replica)
+    }
+
+    /// Drains the log and writes the dirty keys; returns the watermark.
+    async fn flush(&mut self, last: bool) -> DateTime<Utc> {
+        let start = Utc::now();
+        for used in self.log.drain(start) {
+            self.state.absorb(used);
+        }
+        let targets: BTreeMap<KeyRef, Target> = {
+            let index = self.shared.index.read().unwrap_or_else(|e| e.into_inner());
+            self.state
+                .keys()
+                .into_iter()
+                .filter_map(|k| {
+                    index
+                        .report_target(&k)
+                        .map(|(uid, rotating)| (k, Target { uid, rotating }))
+                })
+                .collect()
+        };
+        // Keys the index no longer knows are forgotten: their reports go with the key.
+        self.state.retain(|k| targets.contains_key(k));
+        let candidates = self
+            .state
+            .candidates(start, last, |k| targets.get(k).cloned());
+        // A flush spends at most 80 % of an interval waiting for tokens (the Lease is renewed
+        // after it), so the steady rate is --report-qps, not just the burst per interval.
+        let budget = add(start, self.config.interval.mul_f64(0.8));
+        for (key, target) in candidates {
+            if !last {
+                let now = Utc::now();
+                let wait = self.bucket.wait(now);
+                if add(now, wait) > budget {
+                    debug!("report rate limit reached; the rest stays dirty");
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                if !self.bucket.take(Utc::now()) {
+                    break;
+                }
+            }
+            let report = report_object(
+                &self.config.replica,
+                &key,
+                &target.uid,
+                self.state.report(&key),
+            );
+            let api: Api<KeyUsageReport> = Api::namespaced(self.client.clone(), &key.namespace);
+            let name = usage::report_name(&key.name, &self.config.replica);
+            let params = PatchParams::apply(usage::FIELD_MANAGER).force();
+            match api.patch(&name, &params, &Patch::Apply(&report)).await {
+                Ok(_) => {
+                    self.writes += 1;
+                    self.state.written(&key, start);
+                    debug!(key = %key, "usage report written");
+                }
+                Err(e) => {
+                    self.failed_writes += 1;
+                    warn!(key = %key, report = %name, error = %e, failed_writes = self.failed_writes,
+                          "usage report write failed; it stays dirty and holds the watermark back");
+                }
+            }
+        }
+        self.state.watermark(start)
+    }
+
+    /// Creates or takes over the Lease for this incarnation (new window, new holder).
+    async fn acquire(&mut self, watermark: DateTime<Utc>) -> Result<(), kube::Error> {
+        let api = self.leases();
+        let name = self.lease_name();
+        let watermark = watermark.max(self.since);
+        let (spec, annotations, labels) =
+            desired_lease(&self.config, &self.holder, self.since, watermark, false);
+        match api.get_opt(&name).await? {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(self.config.lease_namespace.clone()),
+                        annotations: Some(annotations),
+                        labels: Some(labels),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                api.create(&PostParams::default(), &lease).await?;
+            }
+            Some(mut lease) => {
+                let previous = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.clone())
+                    .unwrap_or_default();
+                let mut ann = lease.metadata.annotations.take().unwrap_or_default();
+                ann.remove(usage::ANN_STOPPED);
+                ann.extend(annotations);
+                let mut lab = lease.metadata.labels.take().unwrap_or_default();
+                lab.extend(labels);
+                lease.metadata.annotations = Some(ann);
+                lease.metadata.labels = Some(lab);
+                lease.spec = Some(spec);
+                api.replace(&name, &PostParams::default(), &lease).await?;
+                info!(lease = %name, previous = %previous, "verifier Lease taken over by a new incarnation");
+            }
+        }
+        self.renewed = Some(watermark);
+        info!(lease = %format!("{}/{name}", self.config.lease_namespace), holder = %self.holder,
+              since = %rfc3339(self.since), "verifier Lease acquired");
+        Ok(())
+    }
+
+    /// Reads the Lease and checks it is still this incarnation's. `Ok(None)` when it cannot be
+    /// read now (retried next interval); an error when another process holds it (or it is gone).
+    async fn read_own(&self) -> Result<Option<Lease>, ReportError> {
+        let name = self.lease_name();
+        let lease = match self.leases().get_opt(&name).await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                return Err(ReportError::LeaseLost {
+                    lease: name,
+                    holder: String::new(),
+                    me: self.holder.clone(),
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the verifier Lease; retrying next interval");
+                return Ok(None);
+            }
+        };
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        if holder != self.holder {
+            return Err(ReportError::LeaseLost {
+                lease: name,
+                holder,
+                me: self.holder.clone(),
+            });
+        }
+        Ok(Some(lease))
+    }
+
+    /// Checks the Lease (before writing reports, so a process that lost it writes none), then
+    /// flushes and renews the Lease with the watermark (never backwards), replacing the
+    /// version read. Before the Lease is first written, tries to acquire it instead.
+    async fn tick(&mut self, last: bool, stopping: bool) -> Result<bool, ReportError> {
+        let lease = match self.renewed {
+            Some(_) => self.read_own().await?,
+            None => None,
+        };
+        let watermark = self.flush(last).await;
+        let clean = self.state.dirty_keys().is_empty();
+        let Some(previous) = self.renewed else {
+            if let Err(e) = self.acquire(watermark).await {
+                warn!(error = %e, "cannot write the verifier Lease yet; retrying next interval");
+            }
+            return Ok(false);
+        };
+        let Some(mut lease) = lease else {
+            return Ok(false);
+        };
+        let watermark = watermark.max(previous);
+        let stopped = stopping && clean;
+        let (spec, annotations, _) =
+            desired_lease(&self.config, &self.holder, self.since, watermark, stopped);
+        let mut ann = lease.metadata.annotations.take().unwrap_or_default();
+        ann.remove(usage::ANN_STOPPED);
+        ann.extend(annotations);
+        lease.metadata.annotations = Some(ann);
+        lease.spec = Some(spec);
+        match self
+            .leases()
+            .replace(&self.lease_name(), &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                self.renewed = Some(watermark);
+                debug!(watermark = %rfc3339(watermark), stopped, "verifier Lease renewed");
+                Ok(stopped)
+            }
+            Err(e) if is_conflict(&e) => {
+                warn!("verifier Lease changed while renewing; checking again next interval");
+                Ok(false)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew the verifier Lease; retrying next interval");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ReportError> {
+        if let Err(e) = self.acquire(self.since).await {
+            warn!(error = %e, "cannot write the verifier Lease yet; serving and retrying every interval");
+        }
+        let mut next = add(Utc::now(), self.config.interval);
+        loop {
+            // Flush starts are at least an interval apart on the wall clock, which the
+            // per-key bound is judged by.
+            let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = tokio::time::sleep(wait + Duration::from_millis(1)) => {}
+                _ = stop.changed() => break,
+            }
+            next = add(Utc::now(), self.config.interval);
+            self.tick(false, false).await?;
+            debug!(
+                keys = self.state.len(),
+                writes = self.writes,
+                failed_writes = self.failed_writes,
+                dropped_uses = self.log.dropped(),
+                "report flush"
+            );
+        }
+        // Shutdown: the server no longer accepts; a final flush ignoring the bucket, then the
+        // Lease with watermark = now and `stopped` (only when everything is written).
+        let last = tokio::time::timeout(SHUTDOWN_BUDGET, self.tick(true, true)).await;
+        match last {
+            Ok(Ok(true)) => info!(
+                writes = self.writes,
+                failed_writes = self.failed_writes,
+                "final usage reports written; verifier Lease marked stopped"
+            ),
+            Ok(Ok(false)) => error!(
+                failed_writes = self.failed_writes,
+                "final usage reports or Lease not all written; the Lease is not marked stopped"
+            ),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => error!("final usage report flush timed out; the Lease is not marked stopped"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs the reporter until `stop` turns true (then flushes a last time and marks the Lease
+/// stopped). Returns an error when the Lease was taken over by another process.
+pub async fn run(
+    client: Client,
+    config: ReportConfig,
+    shared: Arc<Shared>,
+    log: Arc<MemoryUseLog>,
+    since: DateTime<Utc>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ReportError> {
+    let holder = format!("{}/{}", config.replica, uuid::Uuid::new_v4());
+    info!(replica = %config.replica, holder = %holder, lease_namespace = %config.lease_namespace,
+          interval = ?config.interval, resolution = ?config.resolution, qps = config.qps,
+          burst = config.burst, "reporting key use");
+    let reporter = Reporter {
+        client,
+        state: Reporting::new(config.interval, config.resolution),
+        bucket: Bucket::new(config.qps, config.burst),
+        config,
+        shared,
+        log,
+        holder,
+        since,
+        renewed: None,
+        failed_writes: 0,
+        writes: 0,
+    };
+    reporter.run(stop).await
+}
+
+#[cfg(test)]
+mod tests;

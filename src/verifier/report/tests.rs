@@ -1,0 +1,338 @@
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::verifier::use_log::{Instance, MemoryUseLog, Use, UseLog};
+
+const INTERVAL: Duration = Duration::from_secs(10);
+const RESOLUTION: Duration = Duration::from_secs(60);
+
+fn t(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("time")
+}
+
+fn t_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(1_800_000_000_000 + ms).expect("time")
+}
+
+fn key(name: &str) -> KeyRef {
+    KeyRef::new("ns", name)
+}
+
+fn pod(n: u32) -> Instance {
+    Instance::Pod(format!("00000000-0000-4000-8000-{n:012}"))
+}
+
+fn used(k: &str, kid: &str, instance: Instance, at: DateTime<Utc>) -> Use {
+    Use {
+        key: key(k),
+        kid: kid.into(),
+        instance,
+        at,
+    }
+}
+
+fn known(_: &KeyRef) -> Option<Target> {
+    Some(Target {
+        uid: "uid".into(),
+        rotating: false,
+    })
+}
+
+/// One flush as the driver runs it, without a bucket: the keys written, and the watermark.
+fn flush(
+    state: &mut Reporting,
+    log: &MemoryUseLog,
+    start: DateTime<Utc>,
+) -> (Vec<KeyRef>, DateTime<Utc>) {
+    for u in log.drain(start) {
+        state.absorb(u);
+    }
+    let keys: Vec<KeyRef> = state
+        .candidates(start, false, known)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for k in &keys {
+        state.written(k, start);
+    }
+    (keys, state.watermark(start))
+}
+
+#[test]
+fn a_flood_within_an_interval_makes_one_write() {
+    let log = MemoryUseLog::new(1000);
+    let mut state = Reporting::new(INTERVAL, Duration::ZERO); // every use newer than the report
+    let mut writes = 0;
+    // 10,000 requests for one key, one per millisecond, over 10 s; flushes every 10 s.
+    for i in 0..10_000 {
+        log.record(used("pk", "kid-a", pod(i % 3), t_ms(i64::from(i))));
+    }
+    let (keys, _) = flush(&mut state, &log, t(10));
+    writes += keys.len();
+    assert_eq!(writes, 1);
+    // The flood goes on; a flush every second (faster than the interval) writes at most
+    // once per interval.
+    for s in 11..=40 {
+        for i in 0..1000 {
+            log.record(used(
+                "pk",
+                "kid-a",
+                pod(i % 3),
+                t_ms(s * 1000 - 1000 + i64::from(i)),
+            ));
+        }
+        let (keys, _) = flush(&mut state, &log, t(s));
+        writes += keys.len();
+    }
+    // t=10 (first), then 20, 30, 40.
+    assert_eq!(writes, 4);
+}
+
+#[test]
+fn a_new_pod_or_key_id_makes_the_key_dirty_at_once_but_repeated_use_does_not() {
+    let log = MemoryUseLog::new(100);
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    log.record(used("pk", "kid-a", pod(1), t(1)));
+    assert_eq!(flush(&mut state, &log, t(10)).0, vec![key("pk")]);
+    // The same pod again, within the resolution: nothing to write, the watermark advances.
+    log.record(used("pk", "kid-a", pod(1), t(25)));
+    let (keys, watermark) = flush(&mut state, &log, t(30));
+    assert!(keys.is_empty());
+    assert_eq!(watermark, t(30));
+    // A new pod: written at the next flush.
+    log.record(used("pk", "kid-a", pod(2), t(31)));
+    assert!(state.dirty_keys().is_empty(), "not drained yet");
+    let (keys, watermark) = flush(&mut state, &log, t(40));
+    assert_eq!(keys, vec![key("pk")]);
+    assert_eq!(watermark, t(40));
+    let report = state.report(&key("pk"));
+    assert_eq!(report.len(), 1);
+    let uids: Vec<&str> = report[0].pods.iter().map(|p| p.uid.as_str()).collect();
+    assert_eq!(
+        uids,
+        vec![
+            "00000000-0000-4000-8000-000000000002",
+            "00000000-0000-4000-8000-000000000001"
+        ]
+    );
+    // A new key id.
+    log.record(used("pk", "kid-b", Instance::Unattributed, t(45)));
+    assert_eq!(flush(&mut state, &log, t(50)).0, vec![key("pk")]);
+    let report = state.report(&key("pk"));
+    assert_eq!(report.len(), 2);
+    assert!(
+        report[1].pods.is_empty(),
+        "unattributed use never counts as a pod"
+    );
+    assert_eq!(report[1].last_used_at, "2027-01-15T08:00:45Z");
+}
+
+#[test]
+fn last_used_at_is_refreshed_at_the_resolution() {
+    let log = MemoryUseLog::new(100);
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    log.record(used("pk", "kid-a", Instance::Unattributed, t(0)));
+    assert_eq!(flush(&mut state, &log, t(10)).0.len(), 1);
+    // 59 s newer than the reported use: covered.
+    log.record(used("pk", "kid-a", Instance::Unattributed, t(59)));
+    let (keys, watermark) = flush(&mut state, &log, t(60));
+    assert!(keys.is_empty());
+    assert_eq!(watermark, t(60));
+    // 60 s newer: dirty, written.
+    log.record(used("pk", "kid-a", Instance::Unattributed, t(60)));
+    let (keys, _) = flush(&mut state, &log, t(70));
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        state.report(&key("pk"))[0].last_used_at,
+        "2027-01-15T08:01:00Z"
+    );
+}
+
+#[test]
+fn the_watermark_never_passes_an_unreported_use() {
+    let log = MemoryUseLog::new(100);
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    log.record(used("a", "kid-a", pod(1), t(1)));
+    flush(&mut state, &log, t(5));
+    // A new pod at 7, then a flush at 9: the key was written at 5, so not again before 15;
+    // the watermark stays at the uncovered use.
+    log.record(used("a", "kid-a", pod(2), t(7)));
+    log.record(used("a", "kid-a", pod(3), t(8)));
+    let (keys, watermark) = flush(&mut state, &log, t(9));
+    assert!(keys.is_empty());
+    assert_eq!(watermark, t(7));
+    // Another key written meanwhile does not move it.
+    log.record(used("b", "kid-b", pod(1), t(10)));
+    let (keys, watermark) = flush(&mut state, &log, t(12));
+    assert_eq!(keys, vec![key("b")]);
+    assert_eq!(watermark, t(7));
+    let (keys, watermark) = flush(&mut state, &log, t(15));
+    assert_eq!(keys, vec![key("a")]);
+    assert_eq!(watermark, t(15));
+}
+
+#[test]
+fn a_failed_write_keeps_the_entry_dirty() {
+    let log = MemoryUseLog::new(100);
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    log.record(used("pk", "kid-a", pod(1), t(3)));
+    for u in log.drain(t(10)) {
+        state.absorb(u);
+    }
+    assert_eq!(state.candidates(t(10), false, known).len(), 1);
+    // The write failed: `written` is not called.
+    assert_eq!(state.watermark(t(10)), t(3));
+    assert_eq!(state.dirty_keys(), vec![key("pk")]);
+    // Retried at the next flush (no successful write yet, so no interval to wait).
+    assert_eq!(state.candidates(t(11), false, known).len(), 1);
+    state.written(&key("pk"), t(20));
+    assert_eq!(state.watermark(t(20)), t(20));
+}
+
+#[test]
+fn unknown_keys_are_skipped_and_forgotten() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    state.absorb(used("gone", "kid-a", pod(1), t(1)));
+    state.absorb(used("pk", "kid-a", pod(1), t(2)));
+    let only_pk = |k: &KeyRef| (k.name == "pk").then(|| known(k)).flatten();
+    let c = state.candidates(t(10), false, only_pk);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].0, key("pk"));
+    state.retain(|k| k.name == "pk");
+    assert_eq!(state.len(), 1);
+    assert_eq!(state.watermark(t(10)), t(2));
+}
+
+#[test]
+fn keys_with_a_rotation_in_flight_go_first_and_the_bucket_bounds_a_flush() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+        state.absorb(used(
+            name,
+            "kid",
+            pod(1),
+            t(i64::try_from(i).expect("small")),
+        ));
+    }
+    let target = |k: &KeyRef| {
+        Some(Target {
+            uid: format!("uid-{}", k.name),
+            rotating: k.name == "c" || k.name == "d",
+        })
+    };
+    let order: Vec<String> = state
+        .candidates(t(10), false, target)
+        .into_iter()
+        .map(|(k, _)| k.name)
+        .collect();
+    assert_eq!(order, vec!["c", "d", "a", "b"]);
+    // A bucket of 2 tokens at 1/s: two writes now, the rest stay dirty.
+    let mut bucket = Bucket::new(1.0, 2);
+    let mut written = Vec::new();
+    for (k, _) in state.candidates(t(10), false, target) {
+        if !bucket.take(t(10)) {
+            break;
+        }
+        written.push(k.name.clone());
+        state.written(&k, t(10));
+    }
+    assert_eq!(written, vec!["c", "d"]);
+    assert_eq!(state.watermark(t(10)), t(0));
+    assert_eq!(bucket.wait(t(10)), Duration::from_secs(1));
+    assert!(bucket.take(t(11)));
+    assert!(!bucket.take(t(11)));
+}
+
+#[test]
+fn the_bucket_refills_at_its_rate_up_to_its_burst() {
+    let mut b = Bucket::new(50.0, 100);
+    let n = (0..1000).filter(|_| b.take(t(0))).count();
+    assert_eq!(n, 100);
+    // One second later: 50 more, never more than the burst after a long pause.
+    let n = (0..1000).filter(|_| b.take(t(1))).count();
+    assert_eq!(n, 50);
+    let n = (0..1000).filter(|_| b.take(t(1000))).count();
+    assert_eq!(n, 100);
+}
+
+#[test]
+fn pods_are_capped_most_recent_kept_and_the_log_stays_bounded() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    let cap = u32::try_from(MAX_PODS_PER_KID).expect("small");
+    for i in 0..cap + 10 {
+        state.absorb(used("pk", "kid", pod(i), t(i64::from(i))));
+    }
+    let report = state.report(&key("pk"));
+    assert_eq!(report[0].pods.len(), MAX_PODS_PER_KID);
+    assert!(report[0].pods_truncated);
+    // Most recent first; the 10 oldest gone.
+    assert_eq!(report[0].pods[0].uid, pod(cap + 9).pod_uid().expect("pod"));
+    assert!(
+        report[0]
+            .pods
+            .iter()
+            .all(|p| p.uid != pod(9).pod_uid().expect("pod"))
+    );
+    // The log's capacity still applies between drains, and drops are counted.
+    let log = MemoryUseLog::new(5);
+    for i in 0..20 {
+        log.record(used("pk", "kid", pod(i), t(1)));
+    }
+    assert_eq!(log.dropped(), 15);
+    assert_eq!(log.drain(t(2)).len(), 5);
+}
+
+#[test]
+fn the_report_and_the_lease_say_what_the_operator_reads() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    state.absorb(used("pk", "kid-a", pod(1), t(1)));
+    let obj = report_object("verifier-0", &key("pk"), "uid-1", state.report(&key("pk")));
+    assert_eq!(obj.metadata.name.as_deref(), Some("pk.verifier-0"));
+    let owner = &obj.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ProvisioningKey", "uid-1")
+    );
+    assert_eq!(owner.controller, Some(false));
+    let labels = obj.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get(usage::REPLICA_LABEL).map(String::as_str),
+        Some("verifier-0")
+    );
+    assert_eq!(
+        labels
+            .get(crate::labels::PROVISIONING_KEY)
+            .map(String::as_str),
+        Some("pk")
+    );
+    assert_eq!(obj.spec.keys[0].kid, "kid-a");
+
+    let config = ReportConfig {
+        replica: "verifier-0".into(),
+        lease_namespace: "kw".into(),
+        namespaces: vec!["a".into(), "b".into()],
+        interval: INTERVAL,
+        resolution: Duration::from_millis(1500),
+        qps: 50.0,
+        burst: 100,
+    };
+    let (spec, ann, labels) = desired_lease(&config, "verifier-0/x", t(0), t(20), true);
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(usage::lease_name("verifier-0")),
+            annotations: Some(ann),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+    };
+    let parsed = usage::parse_lease(&lease).expect("the operator parses it");
+    assert_eq!(parsed.name, "verifier-0");
+    assert_eq!((parsed.since, parsed.watermark), (t(0), t(20)));
+    assert_eq!(parsed.lease_duration, Duration::from_secs(30));
+    assert_eq!(parsed.resolution, Duration::from_millis(1500));
+    assert!(parsed.stopped);
+    assert!(parsed.watches("a") && !parsed.watches("c"));
+}
