@@ -397,8 +397,14 @@ async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Re
     verifier.restart().await?;
     let restarted = Utc::now();
     bed.wait_rotation_complete(&k1, &k2).await?;
-    let pk = bed.key().await?;
-    let at = revoked_at(&pk, &k1).context("revokedAt of the old key")?;
+    // The status follows the revocation's write.
+    let at = eventually(
+        "status.revokedKeys lists the old key",
+        TIMEOUT,
+        POLL,
+        || async { revoked_at(&bed.key().await.ok()?, &k1) },
+    )
+    .await?;
     let last = last_accepted(&nginx, &k1).context("the old key's last accepted request")?;
     let last = DateTime::from_timestamp_millis((last * 1000.0) as i64).context("time")?;
     let w = chrono::Duration::seconds(WINDOW);

@@ -23,7 +23,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 kubectl create namespace "$NS" >/dev/null
 "$BIN" run --namespaces "$NS" --metrics-address 0 --health-address 0 >"$WORK/operator.log" 2>&1 &
 pids+=($!)
-"$BIN" verifier --namespaces "$NS" --address "127.0.0.1:$VPORT" >"$WORK/verifier.log" 2>&1 &
+"$BIN" verifier --namespaces "$NS" --address "127.0.0.1:$VPORT" --replica-id nginx-0 --lease-namespace "$NS" >"$WORK/verifier.log" 2>&1 &
 pids+=($!)
 kubectl -n "$NS" apply -f - >/dev/null <<YAML
 apiVersion: keyward.dev/v1alpha1
