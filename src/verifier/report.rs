@@ -475,8 +475,10 @@ impl Reporter {
     }
 
     /// Drains the log and writes the dirty keys; returns the watermark.
-    async fn flush(&mut self, last: bool) -> DateTime<Utc> {
-        let start = Utc::now();
+    /// `start` is the flush's scheduled start, taken before any request of this tick: the
+    /// per-key interval is judged between scheduled starts, so the latency of the Lease read
+    /// before the flush never makes a key skip an interval.
+    async fn flush(&mut self, last: bool, start: DateTime<Utc>) -> DateTime<Utc> {
         for used in self.log.drain(start) {
             self.state.absorb(used);
         }
@@ -619,12 +621,17 @@ impl Reporter {
     /// Checks the Lease (before writing reports, so a process that lost it writes none), then
     /// flushes and renews the Lease with the watermark (never backwards), replacing the
     /// version read. Before the Lease is first written, tries to acquire it instead.
-    async fn tick(&mut self, last: bool, stopping: bool) -> Result<bool, ReportError> {
+    async fn tick(
+        &mut self,
+        last: bool,
+        stopping: bool,
+        start: DateTime<Utc>,
+    ) -> Result<bool, ReportError> {
         let lease = match self.renewed {
             Some(_) => self.read_own().await?,
             None => None,
         };
-        let watermark = self.flush(last).await;
+        let watermark = self.flush(last, start).await;
         let clean = self.state.dirty_keys().is_empty();
         let Some(previous) = self.renewed else {
             if let Err(e) = self.acquire(watermark).await {
@@ -681,8 +688,10 @@ impl Reporter {
                 _ = tokio::time::sleep(wait + Duration::from_millis(1)) => {}
                 _ = stop.changed() => break,
             }
-            next = add(Utc::now(), self.config.interval);
-            self.tick(false, false).await?;
+            // The next start is an interval after this one's.
+            let start = Utc::now();
+            next = add(start, self.config.interval);
+            self.tick(false, false, start).await?;
             debug!(
                 keys = self.state.len(),
                 writes = self.writes,
@@ -693,7 +702,7 @@ impl Reporter {
         }
         // Shutdown: the server no longer accepts; a final flush ignoring the bucket, then the
         // Lease with watermark = now and `stopped` (only when everything is written).
-        let last = tokio::time::timeout(SHUTDOWN_BUDGET, self.tick(true, true)).await;
+        let last = tokio::time::timeout(SHUTDOWN_BUDGET, self.tick(true, true, Utc::now())).await;
         match last {
             Ok(Ok(true)) => info!(
                 writes = self.writes,
