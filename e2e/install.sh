@@ -363,6 +363,9 @@ verifier_args() { # ns statefulset
   done < <(kubectl -n "$ns" get statefulset "$sts" -o jsonpath='{range .spec.template.spec.containers[0].args[*]}{@}{"\n"}{end}')
 }
 
+# vdie LOG MESSAGE: fail with the last lines of the verifier's log.
+vdie() { tail -n 15 "$1" >&2 2>/dev/null || true; die "$2"; }
+
 VF_PID=""
 stop_verifier() {
   if [ -n "$VF_PID" ] && kill -0 "$VF_PID" 2>/dev/null; then
@@ -395,25 +398,25 @@ verifier_check() { # ns release keyns
     setsid "$BIN" verifier "${args[@]}" >"$log" 2>&1 &
   VF_PID=$!
   wait_for 30 "the verifier's address" grep -q 'starting keyward verifier' "$log" \
-    || die "the verifier did not start (log: $log)"
+    || vdie "$log" "the verifier did not start (log: $log)"
   addr=$(grep -m1 'starting keyward verifier' "$log" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
-  [ -n "$addr" ] || die "no listening address in $log"
-  wait_for 30 "the verifier ready" curl -fsS "http://$addr/readyz" || die "the verifier never became ready (log: $log)"
+  [ -n "$addr" ] || vdie "$log" "no listening address in $log"
+  wait_for 30 "the verifier ready" curl -fsS "http://$addr/readyz" || vdie "$log" "the verifier never became ready (log: $log)"
   token=$(kubectl -n "$keyns" get secret opa-agents-key -o jsonpath='{.data.token}' | base64 -d)
-  [ -n "$token" ] || die "$keyns: no agent token"
+  [ -n "$token" ] || vdie "$log" "$keyns: no agent token"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
     -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "http://$addr/auth")
-  [ "$code" = 200 ] || die "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
+  [ "$code" = 200 ] || vdie "$log" "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/keys/$keyns/opa-agents/jwks.json")
-  [ "$code" = 200 ] || die "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
+  [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
   if [ "$reporting" = 1 ]; then
     wait_for 30 "its usage Lease" sh -c "kubectl -n $ns get lease $lease -l keyward.dev/component=verifier -o name | grep -q ." \
-      || die "no usage Lease $ns/$lease labelled keyward.dev/component=verifier (log: $log)"
+      || vdie "$log" "no usage Lease $ns/$lease labelled keyward.dev/component=verifier (log: $log)"
     wait_for 40 "a KeyUsageReport" sh -c "kubectl -n $keyns get keyusagereports.keyward.dev -l keyward.dev/verifier-replica=$sts-0 -o name | grep -q ." \
-      || die "no KeyUsageReport of replica $sts-0 in $keyns (log: $log)"
+      || vdie "$log" "no KeyUsageReport of replica $sts-0 in $keyns (log: $log)"
     stop_verifier
     kubectl -n "$ns" get lease "$lease" -o jsonpath='{.metadata.annotations.keyward\.dev/stopped}' | grep -qx true \
-      || die "the Lease $ns/$lease is not marked stopped after SIGTERM (log: $log)"
+      || vdie "$log" "the Lease $ns/$lease is not marked stopped after SIGTERM (log: $log)"
     say "  usage Lease $ns/$lease written (and marked stopped on SIGTERM), KeyUsageReport in $keyns"
   fi
   stop_verifier
