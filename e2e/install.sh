@@ -410,7 +410,7 @@ verifier_check() { # ns release keyns
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/keys/$keyns/opa-agents/jwks.json")
   [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
   if [ "$reporting" = 1 ]; then
-    wait_for 30 "its usage Lease" sh -c "kubectl -n $ns get lease $lease -l keyward.dev/component=verifier -o name | grep -q ." \
+    wait_for 30 "its usage Lease" sh -c "kubectl -n $ns get lease $lease -o jsonpath='{.metadata.labels.keyward\\.dev/component}' | grep -qx verifier" \
       || vdie "$log" "no usage Lease $ns/$lease labelled keyward.dev/component=verifier (log: $log)"
     wait_for 40 "a KeyUsageReport" sh -c "kubectl -n $keyns get keyusagereports.keyward.dev -l keyward.dev/verifier-replica=$sts-0 -o name | grep -q ." \
       || vdie "$log" "no KeyUsageReport of replica $sts-0 in $keyns (log: $log)"
