@@ -264,6 +264,19 @@ impl OutsideAgent {
     }
 }
 
+/// Checks for `secs` seconds that key `kid` is never revoked.
+async fn still_trusted(bed: &Bed, kid: &str, secs: i64, when: &str) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(secs.unsigned_abs());
+    while Instant::now() < until {
+        ensure!(
+            bed.key_state(kid).await?.as_deref() != Some("revoked"),
+            "old key revoked {when}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
 /// The last time nginx let a request with `kid` through (from its access log's `$msec`).
 fn last_accepted(nginx: &Nginx, kid: &str) -> Option<f64> {
     nginx
@@ -344,14 +357,7 @@ async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Re
         "PolicyAgents confirmed on {k2}; old key held: {}",
         condition(&pk, "Rotating").map(|c| c.2).unwrap_or_default()
     ));
-    let held_until = Instant::now() + Duration::from_secs(2 * WINDOW as u64);
-    while Instant::now() < held_until {
-        ensure!(
-            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
-            "old key revoked while a consumer still used it"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    still_trusted(&bed, &k1, 2 * WINDOW, "while a consumer still used it").await?;
     let shown = bed.key().await?;
     let shown = shown
         .status
@@ -383,14 +389,7 @@ async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Re
         condition(&pk, "Stalled").map(|c| c.2).unwrap_or_default()
     ));
     bed.wait_events("Warning", "VerifierSilent").await?;
-    let silent_until = Instant::now() + Duration::from_secs(2 * WINDOW as u64);
-    while Instant::now() < silent_until {
-        ensure!(
-            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
-            "old key revoked while the verifier was silent"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    still_trusted(&bed, &k1, 2 * WINDOW, "while the verifier was silent").await?;
 
     // 4. A new incarnation vouches from its start: revoked one window after it, and after the
     //    window since the consumer's last accepted request.

@@ -248,19 +248,19 @@ async fn the_binary_serves_metrics_and_probes_on_the_addresses_it_logs() {
     let ns = TestNamespace::new("kw-metrics-bin").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    use common::KillOnDrop;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["run", "--namespaces", ns.name(), "--log-format", "json"])
-        .args(["--metrics-address", "127.0.0.1:0"])
-        .env("KEYWARD_HEALTH_ADDRESS", "127.0.0.1:0")
-        .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().expect("clone"))
-        .stderr(out)
-        .spawn()
-        .map(KillOnDrop)
-        .expect("start keyward");
+    let mut child = common::spawn_keyward(
+        &[
+            "run",
+            "--namespaces",
+            ns.name(),
+            "--log-format",
+            "json",
+            "--metrics-address",
+            "127.0.0.1:0",
+        ],
+        &[("KEYWARD_HEALTH_ADDRESS", "127.0.0.1:0")],
+        &log,
+    );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let bound = |message: &str| {
         read_log().lines().find_map(|line| {

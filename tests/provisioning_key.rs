@@ -1425,23 +1425,19 @@ async fn sigterm_shuts_the_operator_down_gracefully() {
     let ns = TestNamespace::new("kw-sigterm").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    use common::KillOnDrop;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["run", "--namespaces", ns.name()])
-        .args([
+    let mut child = spawn_keyward(
+        &[
+            "run",
+            "--namespaces",
+            ns.name(),
             "--metrics-address",
             "127.0.0.1:0",
             "--health-address",
             "127.0.0.1:0",
-        ])
-        .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().expect("clone"))
-        .stderr(out)
-        .spawn()
-        .map(KillOnDrop)
-        .expect("start keyward");
+        ],
+        &[],
+        &log,
+    );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     keyward_testbed::eventually(
         "the controllers started",

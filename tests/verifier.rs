@@ -319,25 +319,22 @@ impl Spawned {
             .port();
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("verifier.log");
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args([
-                "verifier",
-                "--namespaces",
-                namespace,
-                "--log-format",
-                "json",
-            ])
-            .args(["--address", &format!("127.0.0.1:{port}")])
-            .args(["--replica-id", replica, "--lease-namespace", namespace])
-            .args(extra)
-            .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().expect("clone"))
-            .stderr(out)
-            .spawn()
-            .map(KillOnDrop)
-            .expect("start keyward verifier");
+        let address = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "verifier",
+            "--namespaces",
+            namespace,
+            "--log-format",
+            "json",
+            "--address",
+            &address,
+            "--replica-id",
+            replica,
+            "--lease-namespace",
+            namespace,
+        ];
+        args.extend_from_slice(extra);
+        let child = spawn_keyward(&args, &[], &log);
         let v = Spawned {
             child,
             base: format!("http://127.0.0.1:{port}"),

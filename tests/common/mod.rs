@@ -328,6 +328,22 @@ pub fn data(s: &Secret, key: &str) -> Option<String> {
 /// A spawned `keyward` process, killed (and reaped) if the test fails before it exits by itself.
 pub struct KillOnDrop(pub std::process::Child);
 
+/// Starts the crate's `keyward` binary with `args` against the plane (`KUBECONFIG`), logging
+/// at info to the new file `log`, plus `env`; killed when dropped.
+pub fn spawn_keyward(args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> KillOnDrop {
+    let out = std::fs::File::create(log).expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .map(KillOnDrop)
+        .expect("start keyward")
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
