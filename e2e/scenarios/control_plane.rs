@@ -203,7 +203,8 @@ impl Verifier {
             .spawn()
             .context("start keyward verifier")?;
         self.proc = Some(Proc(child));
-        for _ in 0..150 {
+        // Generous: on a loaded 2-core machine the first LISTs can take a while.
+        for _ in 0..600 {
             if http_status(self.port, "/readyz").await == Some(200) {
                 return Ok(());
             }
