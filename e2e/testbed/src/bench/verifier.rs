@@ -639,6 +639,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             String::new()
         }
     ));
+    let (steady_plan, flood_plan) = (steady.clone(), flood.clone());
     let s_task = tokio::spawn(run_stream(
         steady,
         start,
@@ -912,9 +913,22 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             }
         }
     }
-    let complete = pods_per_key
-        .values()
-        .filter(|s| s.len() >= args.pods_per_key.min(3))
+    // The pod UIDs each key was sent with (both streams, every slot was sent).
+    let mut sent: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+    for (stream, used) in [(&steady_plan, true), (&flood_plan, do_flood)] {
+        if !used {
+            continue;
+        }
+        for j in 0..stream.slots() {
+            let slot = stream.slot(j);
+            sent.entry(fixture::key_name(slot.key))
+                .or_default()
+                .insert(pod_uid(slot.key, slot.pod));
+        }
+    }
+    let complete = sent
+        .iter()
+        .filter(|(k, want)| pods_per_key.get(*k).is_some_and(|got| want.is_subset(got)))
         .count();
     let pks: Api<DynamicObject> =
         Api::namespaced_with(admin.clone(), NS, &tracker::provisioning_keys());
@@ -932,7 +946,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         })
         .count();
     report.row(
-        "Afterwards: KeyUsageReports / keys with reports / keys whose reports list every pod UID sent / keys with status lastUsedAt",
+        "Afterwards (when the watermarks caught up): KeyUsageReports / keys with reports / keys whose reports list every pod UID sent to them / keys with status lastUsedAt",
         format!(
             "{} (expected {}) / {} / {complete} / {with_last_used} of {n}",
             all.len(),
