@@ -8,6 +8,12 @@
 #   bash e2e/bench.sh --spread             also N = 5000 spread over 50 namespaces
 #                                          (--spread-n N, --spread-ns K to change them)
 #   bash e2e/bench.sh --memory-10k         also N = 10,000 (cold start, agents, idle memory only)
+#   bash e2e/bench.sh --verifier           verifier reporting instead: N = 1,000 keys (--n to change),
+#                                          then R `keyward verifier` replicas (--verifiers R, default 2,
+#                                          as ServiceAccount keyward-system/keyward-verifier, ports
+#                                          27480..) under an /auth load (-- --rps 500 --duration 60
+#                                          --flood-keys 5 --flood-rps 2000 --flood-secs 20); reports
+#                                          KeyUsageReport and Lease writes, watermark lag, latency, RSS
 #   options: --label TEXT (names the run in the table), --operator-bin PATH (measure another
 #            build of keyward), --results FILE, --no-build, -- <extra keyward-bench arguments>
 #            (e.g. -- --timeout-per-key 0.3 --idle 60; `keyward-bench --help` lists them)
@@ -38,6 +44,9 @@ SPREAD=0
 SPREAD_N=5000
 SPREAD_NS=50
 MEM10K=0
+VERIFIER=0
+VERIFIERS=2
+N_GIVEN=0
 LABEL=""
 OPERATOR_BIN=""
 RESULTS=""
@@ -46,7 +55,9 @@ EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
-    --n) NS_LIST=$2; shift ;;
+    --n) NS_LIST=$2; N_GIVEN=1; shift ;;
+    --verifier) VERIFIER=1 ;;
+    --verifiers) VERIFIER=1; VERIFIERS=$2; shift ;;
     --spread) SPREAD=1 ;;
     --spread-n) SPREAD=1; SPREAD_N=$2; shift ;;
     --spread-ns) SPREAD=1; SPREAD_NS=$2; shift ;;
@@ -56,7 +67,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -68,6 +79,12 @@ export KEYWARD_ETCD_PORT=${KEYWARD_BENCH_ETCD_PORT:-24790}
 export KEYWARD_KCM_PORT=${KEYWARD_BENCH_KCM_PORT:-27257}
 DIR=$KEYWARD_CLUSTER_DIR
 OPERATOR_USER=system:serviceaccount:keyward-system:keyward
+VERIFIER_USER=system:serviceaccount:keyward-system:keyward-verifier
+AUDIT_USERS=$OPERATOR_USER
+if [ "$VERIFIER" = 1 ]; then
+  AUDIT_USERS="$OPERATOR_USER,$VERIFIER_USER"
+  [ "$N_GIVEN" = 1 ] || NS_LIST=1000
+fi
 TARGET=${KEYWARD_BENCH_TARGET:-$HOME/.cache/keyward/target-release}
 RESULTS=${RESULTS:-$DIR/results.md}
 mkdir -p "$DIR"
@@ -145,6 +162,20 @@ rules:
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list]
+- apiGroups: [keyward.dev]
+  resources: [keyusagereports]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: keyward-verifier-leases, namespace: keyward-system}
+rules: [{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [list, watch]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: keyward-verifier-leases, namespace: keyward-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keyward-verifier-leases}
+subjects: [{kind: ServiceAccount, name: keyward, namespace: keyward-system}]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
@@ -173,6 +204,51 @@ kind: RoleBinding
 metadata: {name: bench-writer, namespace: bench-w}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: bench-writer}
 subjects: [{kind: ServiceAccount, name: bench-probe, namespace: keyward-system}]
+YAML
+}
+
+# The verifier's ServiceAccount, as the chart grants it: read keys and trust bundles, write its
+# reports, create its Lease and get/update/patch only the Leases of replicas v-0 .. v-(R-1).
+verifier_rbac() {
+  local names="" i
+  for i in $(seq 0 $(( VERIFIERS - 1 ))); do names="$names${names:+, }keyward-verifier-v-$i"; done
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: keyward-verifier, namespace: keyward-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: keyward-verifier}
+rules:
+- apiGroups: [keyward.dev]
+  resources: [provisioningkeys]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch]
+- apiGroups: [keyward.dev]
+  resources: [keyusagereports]
+  verbs: [get, create, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: keyward-verifier}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: keyward-verifier}
+subjects: [{kind: ServiceAccount, name: keyward-verifier, namespace: keyward-system}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: keyward-verifier-lease, namespace: keyward-system}
+rules:
+- {apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}
+- {apiGroups: [coordination.k8s.io], resources: [leases], resourceNames: [$names], verbs: [get, update, patch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: keyward-verifier-lease, namespace: keyward-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keyward-verifier-lease}
+subjects: [{kind: ServiceAccount, name: keyward-verifier, namespace: keyward-system}]
 YAML
 }
 
@@ -211,11 +287,15 @@ run() {
   say "== N=$n over $namespaces namespace(s): fresh plane"
   plane_down
   rm -f "$DIR/audit.log"
-  KEYWARD_AUDIT_LOG=$DIR/audit.log KEYWARD_AUDIT_USERS=$OPERATOR_USER bash e2e/cluster.sh up
+  KEYWARD_AUDIT_LOG=$DIR/audit.log KEYWARD_AUDIT_USERS=$AUDIT_USERS bash e2e/cluster.sh up
   export KUBECONFIG=$DIR/admin.kubeconfig
   rbac
   sa_kubeconfig keyward "$DIR/operator.kubeconfig"
   sa_kubeconfig bench-probe "$DIR/probe.kubeconfig"
+  if [ "$VERIFIER" = 1 ]; then
+    verifier_rbac
+    sa_kubeconfig keyward-verifier "$DIR/verifier.kubeconfig"
+  fi
   if ! "$BENCH" --n "$n" --namespaces "$namespaces" \
       --operator-bin "$OPERATOR" --operator-kubeconfig "$DIR/operator.kubeconfig" \
       --probe-kubeconfig "$DIR/probe.kubeconfig" --audit-log "$DIR/audit.log" \
@@ -231,7 +311,13 @@ run() {
 # Everything below runs from one function, parsed whole before it starts: editing this file
 # while a long benchmark runs cannot change what the running script executes.
 main() {
-  if [ "$SMOKE" = 1 ]; then
+  if [ "$VERIFIER" = 1 ]; then
+    IFS=, read -r -a sizes <<<"$NS_LIST"
+    for n in ${sizes[@]+"${sizes[@]}"}; do
+      run "$n" 1 --verifier --verifiers "$VERIFIERS" --verifier-kubeconfig "$DIR/verifier.kubeconfig" \
+        --verifier-user "$VERIFIER_USER"
+    done
+  elif [ "$SMOKE" = 1 ]; then
     run 20 1 --unrelated 200 --w-sa 100 --policy-agents 4 --pa-keys 2 --herd 0 --idle 10
   else
     IFS=, read -r -a sizes <<<"$NS_LIST"

@@ -199,7 +199,10 @@ audit_args() {
     fi
   } >"$policy"
   mkdir -p "$(dirname "$KEYWARD_AUDIT_LOG")"
-  printf '%s\n' --audit-policy-file "$policy" --audit-log-path "$KEYWARD_AUDIT_LOG" --audit-log-format json --audit-log-maxsize 0
+  # --audit-log-maxsize is in MB; 0 does not mean "never rotate" but the rotation library's
+  # default of 100 MB, and a reader that follows the file by offset (keyward-bench) then misses
+  # everything after a rotation (N >= 5,000 writes more than 100 MB). 1,000,000 MB: never.
+  printf '%s\n' --audit-policy-file "$policy" --audit-log-path "$KEYWARD_AUDIT_LOG" --audit-log-format json --audit-log-maxsize 1000000
 }
 
 api_ready() { curl -sf --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --key "$DIR/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz"; }

@@ -33,6 +33,10 @@ pub struct Request {
     pub query: String,
     /// HTTP status code.
     pub code: i32,
+    /// Who sent it (the authenticated user).
+    pub user: String,
+    /// The object's name, for a request that names one.
+    pub name: Option<String>,
 }
 
 impl Request {
@@ -107,7 +111,7 @@ struct Status {
 /// The audit log, read incrementally; keeps the operator's requests in memory.
 pub struct AuditLog {
     path: PathBuf,
-    user: String,
+    users: Vec<String>,
     offset: u64,
     partial: Vec<u8>,
     seen: HashSet<String>,
@@ -117,9 +121,15 @@ pub struct AuditLog {
 impl AuditLog {
     /// A reader for `path`, keeping requests with a `keyward/` user agent or by `user`.
     pub fn new(path: PathBuf, user: &str) -> Self {
+        Self::with_users(path, &[user.to_string()])
+    }
+
+    /// A reader for `path`, keeping requests with a `keyward/` user agent or by one of `users`
+    /// (tell them apart by [`Request::user`]).
+    pub fn with_users(path: PathBuf, users: &[String]) -> Self {
         Self {
             path,
-            user: user.to_string(),
+            users: users.to_vec(),
             offset: 0,
             partial: Vec::new(),
             seen: HashSet::new(),
@@ -151,7 +161,9 @@ impl AuditLog {
             let Ok(line) = serde_json::from_slice::<Line>(line) else {
                 continue;
             };
-            if !(line.user_agent.starts_with("keyward/") || line.user.username == self.user) {
+            if !(line.user_agent.starts_with("keyward/")
+                || self.users.contains(&line.user.username))
+            {
                 continue;
             }
             // A watch has two events (ResponseStarted, ResponseComplete): count it once.
@@ -190,6 +202,7 @@ fn request(at: Timestamp, line: Line) -> Request {
         None => (line.request_uri.clone(), String::new()),
     };
     let code = line.response_status.map_or(0, |s| s.code);
+    let user = line.user.username;
     match line.object_ref {
         Some(o) if !o.resource.is_empty() => {
             let mut resource = o.resource;
@@ -214,6 +227,8 @@ fn request(at: Timestamp, line: Line) -> Request {
                 named: o.name.is_some(),
                 query: normalize_query(&query),
                 code,
+                user,
+                name: o.name,
             }
         }
         _ => Request {
@@ -224,6 +239,8 @@ fn request(at: Timestamp, line: Line) -> Request {
             named: false,
             query: normalize_query(&query),
             code,
+            user,
+            name: None,
         },
     }
 }

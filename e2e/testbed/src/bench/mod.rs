@@ -26,6 +26,7 @@ mod metrics;
 mod probe;
 mod process;
 mod tracker;
+mod verifier;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -133,6 +134,54 @@ pub struct Args {
     /// A label for the run (e.g. `before`, or a commit).
     #[arg(long, default_value = "")]
     label: String,
+    /// Verifier reporting instead of the phases above: N keys, then `keyward verifier`
+    /// replicas under an /auth load (see `bench/verifier.rs`; `bash e2e/bench.sh --verifier`).
+    #[arg(long)]
+    verifier: bool,
+    /// Verifier mode: number of `keyward verifier` replicas (`--replica-id v-<i>`).
+    #[arg(long, default_value_t = 2)]
+    verifiers: usize,
+    /// Verifier mode: kubeconfig the replicas run with (default: the admin's).
+    #[arg(long)]
+    verifier_kubeconfig: Option<PathBuf>,
+    /// Verifier mode: the user the replicas run as (their requests in the audit log).
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:keyward-system:keyward-verifier"
+    )]
+    verifier_user: String,
+    /// Verifier mode: the replicas' `--lease-namespace` (also the operator's
+    /// `KEYWARD_VERIFIER_NAMESPACE`).
+    #[arg(long, default_value = "keyward-system")]
+    lease_namespace: String,
+    /// Verifier mode: replica i listens on 127.0.0.1:<this + i>.
+    #[arg(long, default_value_t = 27480)]
+    verifier_port: u16,
+    /// Verifier mode: extra arguments for every replica (e.g. `--report-qps=20`).
+    #[arg(long, allow_hyphen_values = true)]
+    verifier_arg: Vec<String>,
+    /// Verifier mode: length of the /auth load, seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Verifier mode: steady /auth requests per second, spread over every key.
+    #[arg(long, default_value_t = 500.0)]
+    rps: f64,
+    /// Verifier mode: pod UIDs per key (`X-Keyward-Pod-UID`).
+    #[arg(long, default_value_t = 3)]
+    pods_per_key: usize,
+    /// Verifier mode: keys flooded in the middle of the load (0: no flood).
+    #[arg(long, default_value_t = 5)]
+    flood_keys: usize,
+    /// Verifier mode: requests per second of the flood, on top of the steady load.
+    #[arg(long, default_value_t = 2000.0)]
+    flood_rps: f64,
+    /// Verifier mode: length of the flood, seconds (centered in the load).
+    #[arg(long, default_value_t = 20)]
+    flood_secs: u64,
+    /// Verifier mode: concurrent connections of the load generator (each holds one
+    /// keep-alive connection per replica).
+    #[arg(long, default_value_t = 48)]
+    load_connections: usize,
 }
 
 impl Args {
@@ -292,7 +341,14 @@ pub async fn main() -> anyhow::Result<()> {
         args.min_free_gib,
         args.max_plane_gib,
     );
-    let outcome = run(&args, &mut report, &guard).await;
+    if args.verifier {
+        report.title = format!("Verifier reporting: {}", report.title);
+    }
+    let outcome = if args.verifier {
+        verifier::run(&args, &mut report, &guard).await
+    } else {
+        run(&args, &mut report, &guard).await
+    };
     let (api_mib, etcd_mib) = guard.peaks_mib();
     report.num("apiserver_peak_mib", api_mib);
     report.num("etcd_peak_mib", etcd_mib);
@@ -312,6 +368,7 @@ pub async fn main() -> anyhow::Result<()> {
         .json
         .insert("label".into(), args.label.clone().into());
     report.json.insert("ok".into(), outcome.is_ok().into());
+    report.json.insert("verifier".into(), args.verifier.into());
     let md = report.markdown();
     println!("{md}");
     let mut f = std::fs::OpenOptions::new()

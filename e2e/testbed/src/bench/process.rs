@@ -20,6 +20,18 @@ pub struct Operator {
 impl Operator {
     /// Starts `<bin> run` with `KUBECONFIG=kubeconfig`; samples its memory every 0.5 s.
     pub fn start(bin: &Path, kubeconfig: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin, &["run".to_string()], &[], kubeconfig, log)
+    }
+
+    /// Starts `<bin> <args>` with `KUBECONFIG=kubeconfig` and the extra environment `env`
+    /// (e.g. `keyward verifier ...`); samples its memory every 0.5 s.
+    pub fn start_with(
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        kubeconfig: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -28,18 +40,19 @@ impl Operator {
         let err = out.try_clone()?;
         let started = Timestamp::now();
         let child = Command::new(bin)
-            .arg("run")
+            .args(args)
             // Metrics and probes on ephemeral loopback ports: never the default 8080, where the
             // stand-in kubelet's agents listen on their pod IPs. Environment, not flags, so a
             // binary from before these flags (--operator-bin) still starts.
             .env("KEYWARD_METRICS_ADDRESS", "127.0.0.1:0")
             .env("KEYWARD_HEALTH_ADDRESS", "127.0.0.1:0")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("start {} run", bin.display()))?;
+            .with_context(|| format!("start {} {}", bin.display(), args.join(" ")))?;
         let pid = child.id();
         Ok(Self {
             child,
@@ -74,7 +87,7 @@ impl Operator {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        anyhow::bail!("the operator did not stop within {grace:?} of SIGTERM (killed)")
+        anyhow::bail!("the process did not stop within {grace:?} of SIGTERM (killed)")
     }
 }
 
