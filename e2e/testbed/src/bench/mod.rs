@@ -271,6 +271,33 @@ fn shapes_table(title: &str, requests: &[&audit::Request], per: usize, top: usiz
     s
 }
 
+/// Creates the probe ConfigMap `probe` in `namespace` (as admin) and starts the plain-GET
+/// probe on it (as the probe's client).
+async fn start_prober(
+    admin: &Client,
+    probe_client: &Client,
+    namespace: &str,
+) -> anyhow::Result<probe::Prober> {
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), namespace);
+    let probe_cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("probe".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some([("hello".to_string(), "world".to_string())].into()),
+        ..ConfigMap::default()
+    };
+    match cms.create(&PostParams::default(), &probe_cm).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e).context("create the probe ConfigMap"),
+    }
+    Ok(probe::Prober::start(
+        Api::namespaced(probe_client.clone(), namespace),
+        "probe",
+    ))
+}
+
 async fn client_from(path: &Path) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("read {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -404,24 +431,7 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
     all_ns.push(args.probe_namespace.clone());
     all_ns.push(args.w_namespace.clone());
     fixture::namespaces(&admin, &all_ns).await?;
-    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &args.probe_namespace);
-    let probe_cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("probe".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some([("hello".to_string(), "world".to_string())].into()),
-        ..ConfigMap::default()
-    };
-    match cms.create(&PostParams::default(), &probe_cm).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e).context("create the probe ConfigMap"),
-    }
-    let prober = probe::Prober::start(
-        Api::namespaced(probe_client.clone(), &args.probe_namespace),
-        "probe",
-    );
+    let prober = start_prober(&admin, &probe_client, &args.probe_namespace).await?;
     let mut audit = AuditLog::new(args.audit_log.clone(), &args.operator_user);
     let keys = Tracker::start(admin.clone(), &tracker::provisioning_keys());
     let agents = Tracker::start(admin.clone(), &tracker::policy_agents());

@@ -32,15 +32,15 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 
 use super::audit::{self, AuditLog};
 use super::process::Operator;
 use super::tracker::{self, Seen, Tracker};
-use super::{Args, Report, client_from, fixture, guard, metrics, mib, probe, say, secs};
+use super::{Args, Report, client_from, fixture, guard, metrics, mib, say, secs, start_prober};
 
 const NS: &str = "bench";
 
@@ -431,24 +431,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         ],
     )
     .await?;
-    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &args.probe_namespace);
-    let probe_cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("probe".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some([("hello".to_string(), "world".to_string())].into()),
-        ..ConfigMap::default()
-    };
-    match cms.create(&PostParams::default(), &probe_cm).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e).context("create the probe ConfigMap"),
-    }
-    let prober = probe::Prober::start(
-        Api::namespaced(probe_client.clone(), &args.probe_namespace),
-        "probe",
-    );
+    let prober = start_prober(&admin, &probe_client, &args.probe_namespace).await?;
     let op_user = args.operator_user.clone();
     let v_user = args.verifier_user.clone();
     let mut audit =
