@@ -298,6 +298,27 @@ async fn start_prober(
     ))
 }
 
+/// Records the API server's request latency between two scrapes as the row `title` and, with
+/// `key`, each verb's p99 as the figure `<key>_api_p99_<verb>_s`.
+fn api_latency(
+    report: &mut Report,
+    title: &str,
+    key: Option<&str>,
+    m0: &metrics::Snapshot,
+    m1: &metrics::Snapshot,
+) {
+    let (lat, rejected) = metrics::delta(m0, m1);
+    if let Some(key) = key {
+        for l in &lat {
+            report.num(
+                &format!("{key}_api_p99_{}_s", l.verb.to_lowercase()),
+                l.p99.secs(),
+            );
+        }
+    }
+    report.row(title, metrics::describe(&lat, rejected));
+}
+
 async fn client_from(path: &Path) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("read {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -577,16 +598,12 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
         "Cold start: plain GET of a ConfigMap every 100 ms (another ServiceAccount)",
         prober.describe(t0, t1),
     );
-    let (lat, rejected) = metrics::delta(&m0, &m1);
-    for l in &lat {
-        report.num(
-            &format!("cold_api_p99_{}_s", l.verb.to_lowercase()),
-            l.p99.secs(),
-        );
-    }
-    report.row(
+    api_latency(
+        report,
         "Cold start: API server request latency (all clients)",
-        metrics::describe(&lat, rejected),
+        Some("cold"),
+        &m0,
+        &m1,
     );
     report.row(
         "Cold start: operator RSS (max sampled)",
@@ -678,10 +695,12 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
         ),
         format!("{} / {}", mib(steady), mib(op.memory.peak_mib())),
     );
-    let (lat, rejected) = metrics::delta(&m0, &m1);
-    report.row(
+    api_latency(
+        report,
         "Idle: API server request latency (all clients)",
-        metrics::describe(&lat, rejected),
+        None,
+        &m0,
+        &m1,
     );
     if let Some(p) = op.memory.peak_mib() {
         report.num("rss_peak_mib", p);
@@ -806,10 +825,12 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
             rot_keys.len(),
             15,
         ));
-        let (lat, rejected) = metrics::delta(&m0, &m1);
-        report.row(
+        api_latency(
+            report,
             "Rotation: API server request latency (all clients)",
-            metrics::describe(&lat, rejected),
+            None,
+            &m0,
+            &m1,
         );
     }
 
@@ -892,10 +913,12 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
             ),
         );
         report.row("Herd: plain GET every 100 ms", prober.describe(t0, t1));
-        let (lat, rejected) = metrics::delta(&m0, &m1);
-        report.row(
+        api_latency(
+            report,
             "Herd: API server request latency (all clients)",
-            metrics::describe(&lat, rejected),
+            None,
+            &m0,
+            &m1,
         );
         report.extra.push_str(&shapes_table(
             &format!("Operator requests of the herd ({h} keys), by verb, resource and query:"),

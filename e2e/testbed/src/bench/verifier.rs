@@ -833,16 +833,12 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         n,
         10,
     ));
-    let (lat, rejected) = metrics::delta(&m0, &m1);
-    for l in &lat {
-        report.num(
-            &format!("load_api_p99_{}_s", l.verb.to_lowercase()),
-            l.p99.secs(),
-        );
-    }
-    report.row(
+    super::api_latency(
+        report,
         "API server request latency during the load (all clients)",
-        metrics::describe(&lat, rejected),
+        Some("load"),
+        &m0,
+        &m1,
     );
     report.row(
         "Plain GET of a ConfigMap every 100 ms during the load (another ServiceAccount)",
