@@ -147,6 +147,15 @@ where
     }
 }
 
+/// Waits until the verifier at `base` answers `/readyz` with 200 (every watch listed).
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    eventually("the verifier ready", || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+}
+
 async fn auth(http: &reqwest::Client, base: &str, token: &str, pod: &str) -> reqwest::Response {
     http.get(format!("{base}/auth"))
         .bearer_auth(token)
@@ -189,11 +198,7 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     let base = v.base.clone();
 
     // Ready once listed; the agent's token accepted, with the key headers.
-    eventually("readyz", || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    wait_ready(&http, &base).await;
     let res = eventually("the agent token accepted", || async {
         let r = auth(&http, &base, &token1, POD).await;
         (r.status() == 200).then_some(r)
@@ -341,13 +346,7 @@ impl Spawned {
             log,
             _dir: dir,
         };
-        let http = reqwest::Client::new();
-        let base = v.base.clone();
-        eventually("the verifier ready", || async {
-            let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        wait_ready(&reqwest::Client::new(), &v.base).await;
         v
     }
 
