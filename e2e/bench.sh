@@ -249,16 +249,12 @@ subjects: [{kind: ServiceAccount, name: keyward-verifier, namespace: keyward-sys
 YAML
 }
 
-# A kubeconfig with the token of the ServiceAccount's token Secret (1.20 creates one per SA).
+# A kubeconfig with a TokenRequest token of the ServiceAccount (what a pod gets), valid for
+# 48 hours: longer than any soak.
 sa_kubeconfig() { # sa file
-  local secret="" token i
-  for i in $(seq 150); do
-    secret=$(kubectl -n keyward-system get serviceaccount "$1" -o jsonpath='{.secrets[0].name}' 2>/dev/null || true)
-    [ -n "$secret" ] && break
-    sleep 0.2
-  done
-  [ -n "$secret" ] || { say "error: no token Secret for ServiceAccount $1"; return 1; }
-  token=$(kubectl -n keyward-system get secret "$secret" -o jsonpath='{.data.token}' | base64 -d)
+  local token
+  token=$(kubectl -n keyward-system create token "$1" --duration=48h) \
+    || { say "error: no token for ServiceAccount $1"; return 1; }
   # Only the owner may read a file holding a token (a subshell: the script's umask stays).
   (umask 077; cat >"$2") <<KC
 apiVersion: v1
@@ -285,7 +281,8 @@ run() {
   plane_down
   rm -f "$DIR/audit.log"
   KEYWARD_AUDIT_LOG=$DIR/audit.log KEYWARD_AUDIT_USERS=$AUDIT_USERS bash e2e/cluster.sh up
-  export KUBECONFIG=$DIR/admin.kubeconfig
+  # The plane's kubeconfig and its own kubectl first on PATH.
+  eval "$(bash e2e/cluster.sh env)"
   rbac
   sa_kubeconfig keyward "$DIR/operator.kubeconfig"
   sa_kubeconfig bench-probe "$DIR/probe.kubeconfig"

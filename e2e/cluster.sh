@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Keyward's local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager
-# (upstream v1.20.2, built once from Debian's `kubernetes` source package) on 127.0.0.1.
+# Keyward's local Kubernetes control plane: etcd + kube-apiserver + kube-controller-manager on
+# 127.0.0.1, built once from their Go modules (e2e/plane/go.mod pins k8s.io/kubernetes and
+# go.etcd.io/etcd; kubectl and etcdctl come from the same pins) and cached.
 #
 #   e2e/cluster.sh up       install what is missing, build once (cached), start the plane
 #   e2e/cluster.sh down     stop exactly the processes `up` started (by PID)
-#   e2e/cluster.sh env      print `export KUBECONFIG=...` for this plane
-#   e2e/cluster.sh status   show the processes and whether the API server is ready
+#   e2e/cluster.sh env      print `export KUBECONFIG=... PATH=<the plane's kubectl first>:...`
+#   e2e/cluster.sh status   show the processes, whether the API server is ready, and the client
+#                           and server versions actually used
+#   e2e/cluster.sh bin      print the directory of the cached binaries (and manifest.txt)
 #   e2e/cluster.sh ready    exit 0 if the API server answers /readyz, 1 otherwise (quiet)
 #   e2e/cluster.sh build    only install packages and build/cache the binaries
 #
 # Settings (environment):
 #   KEYWARD_CLUSTER_DIR   state directory (PKI, kubeconfig, logs, pids)  [/tmp/keyward-cluster]
-#   KEYWARD_CACHE         cache for the built binaries                   [~/.cache/keyward]
+#   KEYWARD_CACHE         cache for the built binaries, GOMODCACHE and GOCACHE [~/.cache/keyward]
+#   KEYWARD_PLANE_MODULE  the Go module that pins the plane's versions  [<repo>/e2e/plane]
+#                         (e2e/oldest-smoke.sh points it at the oldest supported release)
 #   KEYWARD_API_PORT      kube-apiserver secure port                     [26443]
 #   KEYWARD_ETCD_PORT     etcd client port (peer port is +1)             [23790]
 #   KEYWARD_KCM_PORT      kube-controller-manager secure port            [26257]
@@ -22,13 +27,11 @@
 # Several planes can run at once with different ports and directories.
 set -euo pipefail
 
-K8S_VERSION=1.20.2
-DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 DIR=${KEYWARD_CLUSTER_DIR:-/tmp/keyward-cluster}
 CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
-BIN=$CACHE/k8s-v$K8S_VERSION
+PLANE=${KEYWARD_PLANE_MODULE:-$HERE/plane}
 API_PORT=${KEYWARD_API_PORT:-26443}
 ETCD_PORT=${KEYWARD_ETCD_PORT:-23790}
 ETCD_PEER_PORT=$((ETCD_PORT + 1))
@@ -55,63 +58,109 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-runtime_deps() { apt_install etcd-server openssl curl ca-certificates; }
+runtime_deps() { apt_install openssl curl ca-certificates; }
+
+# The Go environment of the plane's build: the machine's own Go (go.mod names the oldest it
+# accepts), module and build caches under the cache directory, no cgo, go.sum as committed.
+go_env() {
+  export GOTOOLCHAIN=${GOTOOLCHAIN:-local} CGO_ENABLED=0
+  export GOMODCACHE=$CACHE/go/mod GOCACHE=$CACHE/go/build GOFLAGS="-mod=readonly -buildvcs=false"
+}
+
+# Which version of a module go.mod requires.
+module_version() { awk -v m="$1" '$1 == m && $2 ~ /^v/ {print $2; exit}' "$PLANE/go.mod"; }
+
+# The cache key: the pinned modules (go.mod, go.sum), our etcd main, this script's build recipe
+# and the Go version. Anything else that changes the binaries changes one of these.
+plane_hash() {
+  { cat "$PLANE/go.mod" "$PLANE/go.sum" "$PLANE/etcd/main.go"; sed -n '/^build() {/,/^}/p' "$0"; go version; } \
+    | sha256sum | cut -c1-12
+}
+
+K8S_VERSION=$(module_version k8s.io/kubernetes)
+K8S_VERSION=${K8S_VERSION#v}
+ETCD_VERSION=$(module_version go.etcd.io/etcd/server/v3)
+ETCD_VERSION=${ETCD_VERSION#v}
+[ -n "$K8S_VERSION" ] && [ -n "$ETCD_VERSION" ] || die "no k8s.io/kubernetes or etcd version in $PLANE/go.mod"
+
+# The directory of the cached binaries for this exact pin ($BIN); empty if go is missing.
+bin_dir() {
+  command -v go >/dev/null || return 0
+  go_env
+  echo "$CACHE/k8s-v$K8S_VERSION-$(plane_hash)"
+}
+
+# Runs one build step in the background, printing progress every 30 s; on failure, the last
+# lines of its log and one line naming the step.
+step() { # name log cmd...
+  local name=$1 log=$2; shift 2
+  local t0; t0=$(now)
+  say "$name"
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && say "  ... $name: $(elapsed "$t0") s"
+  done
+  if ! wait "$pid"; then
+    tail -n 30 "$log" >&2
+    die "plane build failed at step: $name (log: $log)"
+  fi
+  say "  done in $(elapsed "$t0") s"
+}
 
 build() {
   runtime_deps
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then
-    return 0
-  fi
+  command -v go >/dev/null || die "no go on PATH: the plane is built from Go modules with the machine's Go (>= $(awk '/^go /{print $2}' "$PLANE/go.mod"))"
+  go_env
+  BIN=$(bin_dir)
+  local want=(etcd etcdctl kube-apiserver kube-controller-manager kubectl)
+  local b ok=1
+  for b in "${want[@]}"; do [ -x "$BIN/$b" ] || ok=0; done
+  [ -f "$BIN/manifest.txt" ] || ok=0
+  [ "$ok" = 1 ] && return 0
   local t0; t0=$(now)
-  say "kube-apiserver/kube-controller-manager v$K8S_VERSION not cached in $BIN: building them once (about 5 minutes on 2 cores)"
-  apt_install golang-go make rsync golang-github-modern-go-reflect2-dev dpkg-dev xz-utils
-  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/keyward-k8s-build.XXXXXX")
-  # A private apt configuration with deb-src entries derived from the machine's own sources,
-  # so the system's apt setup stays untouched.
-  mkdir -p "$work/apt/lists/partial" "$work/apt/sources.list.d" "$work/src"
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -e "$f" ] || continue
-    sed -E 's/^Types:.*/Types: deb-src/' "$f" >"$work/apt/sources.list.d/$(basename "$f")"
+  say "Kubernetes v$K8S_VERSION and etcd v$ETCD_VERSION not cached in $BIN: building them once from Go modules"
+  say "(about 15-25 minutes on 2 cores when nothing is cached; module cache $GOMODCACHE, build cache $GOCACHE)"
+  mkdir -p "$GOMODCACHE" "$GOCACHE"
+  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/keyward-plane-build.XXXXXX")
+  step "1/3 downloading the modules go.sum pins" "$work/download.log" \
+    bash -c "cd '$PLANE' && go mod download && go mod verify"
+  say "  module cache: $(du -sh "$GOMODCACHE" | cut -f1)"
+  local minor=${K8S_VERSION#*.}; minor=${minor%%.*}
+  local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  local x=() pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    x+=("-X $pkg.gitVersion=v$K8S_VERSION" "-X $pkg.gitMajor=1" "-X $pkg.gitMinor=$minor"
+      "-X $pkg.gitTreeState=clean" "-X $pkg.buildDate=$date")
   done
-  if [ -s /etc/apt/sources.list ]; then
-    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"$work/apt/sources.list" || true
-  fi
-  touch "$work/apt/sources.list"
-  local aptopts=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o "Dir::Etc::SourceParts=$work/apt/sources.list.d" -o "Dir::State::Lists=$work/apt/lists")
-  say "fetching the source package kubernetes=$DEB_VERSION"
-  apt-get "${aptopts[@]}" update -qq >/dev/null
-  (cd "$work/src" && apt-get "${aptopts[@]}" source --download-only "kubernetes=$DEB_VERSION" >/dev/null)
-  local orig; orig=$(ls "$work"/src/kubernetes_*.orig.tar.* | head -n1)
-  [ -n "$orig" ] || die "no orig tarball downloaded"
-  say "unpacking $(basename "$orig")"
-  mkdir -p "$work/tree"
-  tar -xf "$orig" -C "$work/tree" --strip-components=1
-  say "patching vendored modern-go/reflect2 (v1.0.1 breaks on Go >= 1.18) with Debian's 1.0.2"
-  rm -f "$work"/tree/vendor/github.com/modern-go/reflect2/*.go "$work"/tree/vendor/github.com/modern-go/reflect2/*.s
-  cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go "$work/tree/vendor/github.com/modern-go/reflect2/"
-  cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.s "$work/tree/vendor/github.com/modern-go/reflect2/" 2>/dev/null || true
-  rm -f "$work"/tree/vendor/github.com/modern-go/reflect2/*_test.go
-  say "compiling (progress below every 30 s; log: $work/build.log)"
-  (
-    cd "$work/tree"
-    export CGO_ENABLED=0 GOFLAGS=-mod=vendor GOTOOLCHAIN=local GOPATH="$work/gopath" HOME="$work/home" GOCACHE="$work/gocache"
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" GOLDFLAGS="-s -w" >"$work/build.log" 2>&1
-  ) &
-  local pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 30
-    kill -0 "$pid" 2>/dev/null && say "  still compiling ($(elapsed "$t0") s; $(tail -n1 "$work/build.log" | cut -c1-100))"
-  done
-  if ! wait "$pid"; then
-    tail -n 30 "$work/build.log" >&2
-    die "build failed; see $work/build.log"
-  fi
-  mkdir -p "$BIN.tmp"
-  cp "$work/tree/_output/bin/kube-apiserver" "$work/tree/_output/bin/kube-controller-manager" "$BIN.tmp/"
+  mkdir -p "$work/bin"
+  step "2/3 compiling kube-apiserver, kube-controller-manager, kubectl, etcd, etcdctl" "$work/build.log" \
+    env LDFLAGS="-s -w ${x[*]}" OUT="$work/bin/" PLANE="$PLANE" bash -c 'cd "$PLANE" && go build -trimpath \
+      -ldflags="$LDFLAGS" -o "$OUT" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/etcdctl/v3 ./etcd'
+  step "3/3 checking the binaries' versions" "$work/check.log" bash -c "
+    set -e
+    '$work/bin/kube-apiserver' --version | grep -qx 'Kubernetes v$K8S_VERSION'
+    '$work/bin/kube-controller-manager' --version | grep -qx 'Kubernetes v$K8S_VERSION'
+    '$work/bin/kubectl' version --client -o json | grep -q '\"gitVersion\": \"v$K8S_VERSION\"'
+    '$work/bin/etcd' --version | grep -q 'etcd Version: $ETCD_VERSION'
+    '$work/bin/etcdctl' version | grep -q 'etcdctl version: $ETCD_VERSION'"
+  {
+    echo "# Keyward's local control plane, built by e2e/cluster.sh from e2e/plane/go.mod"
+    echo "kubernetes=v$K8S_VERSION"
+    echo "etcd=v$ETCD_VERSION"
+    echo "etcdctl=$(module_version go.etcd.io/etcd/etcdctl/v3)"
+    echo "go=$(go env GOVERSION)"
+    echo "go.sum.sha256=$(sha256sum "$PLANE/go.sum" | cut -d' ' -f1)"
+    echo "built=$date"
+    echo "build.seconds=$(elapsed "$t0")"
+    for b in "${want[@]}"; do echo "$b.sha256=$(sha256sum "$work/bin/$b" | cut -d' ' -f1)"; done
+  } >"$work/bin/manifest.txt"
+  rm -rf "$BIN.tmp" && mv "$work/bin" "$BIN.tmp"
   rm -rf "$BIN" && mv "$BIN.tmp" "$BIN"
   rm -rf "$work"
-  say "built and cached in $BIN in $(elapsed "$t0") s"
+  say "built and cached in $BIN in $(elapsed "$t0") s (manifest: $BIN/manifest.txt)"
 }
 
 pki() {
@@ -174,7 +223,8 @@ wait_for() { # what timeout-seconds cmd...
   local t0; t0=$(now)
   until "$@" >/dev/null 2>&1; do
     if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN{exit !(b-a>l)}'; then
-      die "$what not ready after ${limit}s"
+      [ -f "$DIR/$what.log" ] && tail -n 5 "$DIR/$what.log" | cut -c1-400 >&2
+      die "$what not ready after ${limit}s (log: $DIR/$what.log)"
     fi
     sleep 0.2
   done
@@ -217,7 +267,7 @@ up() {
   local data=/dev/shm/keyward-etcd-$ETCD_PORT
   [ -w /dev/shm ] || data=$DIR/etcd-data
   if ! running etcd; then rm -rf "$data"; fi
-  start etcd etcd --name keyward --data-dir "$data" \
+  start etcd "$BIN/etcd" --name keyward --data-dir "$data" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "keyward=http://127.0.0.1:$ETCD_PEER_PORT" --listen-metrics-urls "" \
@@ -229,29 +279,31 @@ up() {
   [ ${#audit[@]} -eq 0 ] || say "audit log: $KEYWARD_AUDIT_LOG (users: ${KEYWARD_AUDIT_USERS:-all})"
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$DIR/pki/sa.pub" \
     --service-account-signing-key-file "$DIR/pki/sa.key" --api-audiences https://kubernetes.default.svc \
+    --endpoint-reconciler-type none \
     --service-cluster-ip-range 127.100.0.0/24 --enable-admission-plugins NamespaceLifecycle,ServiceAccount \
     --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h \
     ${audit[@]+"${audit[@]}"}
   wait_for kube-apiserver 60 api_ready
   say "kube-apiserver ready on https://127.0.0.1:$API_PORT ($(elapsed "$t0") s)"
   if ls "$CRDS"/*.yaml >/dev/null 2>&1; then
-    # Client-side apply with --validate=false installs CRDs carrying CEL rules on 1.20 too
-    # (1.20 ignores x-kubernetes-validations; kubectl's own schema check and server-side apply reject them).
-    KUBECONFIG=$KUBECONFIG_FILE kubectl apply --validate=false -f "$CRDS" >/dev/null 2>&1
+    # A plain apply, validated by the server like any user's (CEL rules included).
+    KUBECONFIG=$KUBECONFIG_FILE "$BIN/kubectl" apply -f "$CRDS" >"$DIR/crds.log" 2>&1 \
+      || { cat "$DIR/crds.log" >&2; die "the API server refused the CRDs in $CRDS"; }
+    KUBECONFIG=$KUBECONFIG_FILE "$BIN/kubectl" wait --for condition=Established --timeout 30s -f "$CRDS" >/dev/null
     say "installed CRDs from $CRDS before the controller-manager (so its garbage collector knows them)"
   fi
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kcm.kubeconfig" --authentication-kubeconfig "$DIR/kcm.kubeconfig" --authorization-kubeconfig "$DIR/kcm.kubeconfig" \
     --use-service-account-credentials=true --service-account-private-key-file "$DIR/pki/sa.key" \
-    --root-ca-file "$DIR/pki/ca.crt" --leader-elect=false --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --port 0 \
-    --controllers '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-ttl' \
+    --root-ca-file "$DIR/pki/ca.crt" --leader-elect=false --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
+    --controllers '*,-node-ipam-controller,-node-lifecycle-controller,-persistentvolume-attach-detach-controller,-persistentvolume-binder-controller,-persistentvolume-expander-controller,-ttl-controller' \
     --kube-api-qps 200 --kube-api-burst 400
-  wait_for "default ServiceAccount" 60 env KUBECONFIG="$KUBECONFIG_FILE" kubectl get serviceaccount default -n default
+  wait_for "default ServiceAccount" 60 env KUBECONFIG="$KUBECONFIG_FILE" "$BIN/kubectl" get serviceaccount default -n default
   say "plane up in $(elapsed "$t0") s; use it with: export KUBECONFIG=$KUBECONFIG_FILE"
 }
 
@@ -278,14 +330,32 @@ status() {
   done
   if api_ready >/dev/null 2>&1; then echo "kube-apiserver: ready at https://127.0.0.1:$API_PORT"; else echo "kube-apiserver: not ready"; fi
   echo "KUBECONFIG=$KUBECONFIG_FILE"
+  BIN=$(bin_dir)
+  if [ -x "$BIN/kubectl" ]; then
+    echo "kubectl: $BIN/kubectl"
+    KUBECONFIG=$KUBECONFIG_FILE "$BIN/kubectl" version 2>/dev/null | sed 's/^/  /' || true
+    [ -f "$BIN/manifest.txt" ] && grep -E '^(kubernetes|etcd|go)=' "$BIN/manifest.txt" | sed 's/^/  manifest: /'
+  else
+    echo "kubectl: not built yet ($BIN)"
+  fi
+}
+
+# For `eval "$(e2e/cluster.sh env)"`: the plane's kubeconfig and its own kubectl first on PATH
+# (a machine may ship another kubectl, or none).
+print_env() {
+  BIN=$(bin_dir)
+  echo "export KUBECONFIG=$KUBECONFIG_FILE"
+  [ -n "$BIN" ] && echo "export PATH=$BIN:\$PATH KEYWARD_PLANE_BIN=$BIN"
+  return 0
 }
 
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  env) echo "export KUBECONFIG=$KUBECONFIG_FILE" ;;
+  env) print_env ;;
+  bin) bin_dir ;;
   status) status ;;
   ready) if [ -f "$DIR/pki/ca.crt" ] && api_ready >/dev/null 2>&1; then exit 0; else exit 1; fi ;;
   build) build ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -47,7 +47,7 @@ bash e2e/opa.sh build
 say "2/4 building keyward and the demo's kubelet (the first build takes several minutes; cargo shows its progress)"
 cargo build --bin keyward --example demo-bed
 say "3/4 installing CRDs, starting the operator and the stand-in kubelet"
-kubectl apply --validate=false -f crds/ >/dev/null
+kubectl apply -f crds/ >/dev/null
 # Demo floors: short enough to watch a whole rotation in a minute.
 "$target/debug/keyward" run --namespaces default \
   --min-rotation-interval 1m --min-min-interval 0s --min-overlap 0s \

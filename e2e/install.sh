@@ -100,21 +100,11 @@ can() {
 }
 CHECKS=0
 
-# A kubeconfig that authenticates as a ServiceAccount (token from `kubectl create token` where
-# the server has TokenRequest for it, else from the ServiceAccount's token Secret, which 1.20
-# creates automatically).
+# A kubeconfig that authenticates as a ServiceAccount, with a TokenRequest token (what a pod
+# gets) that outlasts the run.
 sa_kubeconfig() { # ns sa file
-  local ns=$1 sa=$2 file=$3 token="" secret="" i server ca
-  token=$(kubectl -n "$ns" create token "$sa" --duration=1h 2>/dev/null || true)
-  if [ -z "$token" ]; then
-    for i in $(seq 150); do
-      secret=$(kubectl -n "$ns" get serviceaccount "$sa" -o jsonpath='{.secrets[0].name}' 2>/dev/null || true)
-      [ -n "$secret" ] && break
-      sleep 0.2
-    done
-    [ -n "$secret" ] || die "no token for ServiceAccount $ns/$sa"
-    token=$(kubectl -n "$ns" get secret "$secret" -o jsonpath='{.data.token}' | base64 -d)
-  fi
+  local ns=$1 sa=$2 file=$3 token server ca
+  token=$(kubectl -n "$ns" create token "$sa" --duration=24h) || die "no token for ServiceAccount $ns/$sa"
   server=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.server}')
   ca=$(kubectl config view --minify --raw --flatten -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
   (umask 077; cat >"$file") <<KC
@@ -451,15 +441,7 @@ BIN=${KEYWARD_INSTALL_BIN:-$(bash e2e/build-image-binary.sh)}
 cp "$BIN" "$WORK/keyward" && BIN=$WORK/keyward
 SERVER_VERSION=$(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; v=json.load(sys.stdin)["serverVersion"]; print(v["gitVersion"].lstrip("v").split("-")[0])')
 SERVER_MINOR=$(cut -d. -f2 <<<"$SERVER_VERSION")
-HELM_FLAGS=()
-KUBECTL_VALIDATE=()
-if [ "$SERVER_MINOR" -lt 25 ]; then
-  # Below 1.25 the server's OpenAPI has no x-kubernetes-validations (CEL), which the CRDs carry:
-  # client-side validation would reject them. The server itself ignores the field.
-  HELM_FLAGS+=(--disable-openapi-validation)
-  KUBECTL_VALIDATE+=(--validate=false)
-fi
-say "server $SERVER_VERSION; helm install flags: ${HELM_FLAGS[*]:-(none)}"
+say "server $SERVER_VERSION"
 cleanup_namespaces
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +483,7 @@ for name, text in (("cluster", cluster), ("namespaced", nsd)):
                    "path: /healthz", "path: /readyz", "name: POD_NAME", "name: POD_NAMESPACE",
                    "--leader-elect=true", "replicas: 2", "limits:", "requests:"):
         assert needle in text, f"{name}: missing {needle!r}"
-    assert ("policy/v1beta1" in text) == (minor < 21), f"{name}: PodDisruptionBudget version"
+    assert "policy/v1beta1" not in text, f"{name}: PodDisruptionBudget version"
 assert "kind: ClusterRole\n" in cluster and "kind: ClusterRole\n" not in nsd
 assert "kind: CustomResourceDefinition" in cluster and "kind: CustomResourceDefinition" not in nsd
 assert cluster.count("helm.sh/resource-policy: keep") == 3  # ProvisioningKey, PolicyAgent, KeyUsageReport
@@ -570,8 +552,8 @@ step "helm template | kubectl apply --dry-run=server (both modes)"
 for ns in "$NS_CLUSTER" "$NS_NSD" "${WATCHED[@]}" "$UNWATCHED"; do kubectl create namespace "$ns" >/dev/null; done
 # The plane has no prometheus-operator CRDs: ServiceMonitor and PrometheusRule are render-only.
 "$HELM" template kwc "$CHART" -n "$NS_CLUSTER" --kube-version "$SERVER_VERSION" "${OPTIN[@]}" \
-  | kubectl apply --dry-run=server "${KUBECTL_VALIDATE[@]}" -f - >"$WORK/dry-cluster.txt"
-kubectl apply --dry-run=server "${KUBECTL_VALIDATE[@]}" -f "$WORK/nsd.yaml" >"$WORK/dry-nsd.txt"
+  | kubectl apply --dry-run=server -f - >"$WORK/dry-cluster.txt"
+kubectl apply --dry-run=server -f "$WORK/nsd.yaml" >"$WORK/dry-nsd.txt"
 say "  server dry run: $(wc -l <"$WORK/dry-cluster.txt") objects (cluster-wide), $(wc -l <"$WORK/dry-nsd.txt") (namespaced)"
 
 # ---------------------------------------------------------------------------------------------
@@ -584,12 +566,12 @@ for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports
     kubectl annotate crd "$crd" meta.helm.sh/release-name=kwc meta.helm.sh/release-namespace="$NS_CLUSTER" --overwrite >/dev/null
   fi
 done
-"$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${HELM_FLAGS[@]}" "${OPTIN[@]}" >"$WORK/install-kwc.txt"
+"$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${OPTIN[@]}" >"$WORK/install-kwc.txt"
 kubectl get crd provisioningkeys.keyward.dev -o jsonpath='{.metadata.annotations.helm\.sh/resource-policy}' | grep -qx keep \
   || die "CRD without helm.sh/resource-policy: keep"
 pdb_version=$("$HELM" get manifest kwc -n "$NS_CLUSTER" | grep -B0 -A1 '^apiVersion: policy/' | head -1)
 say "  installed; PodDisruptionBudget as $pdb_version"
-if [ "$SERVER_MINOR" -lt 21 ]; then [ "$pdb_version" = "apiVersion: policy/v1beta1" ] || die "PDB version on $SERVER_VERSION"; fi
+[ "$pdb_version" = "apiVersion: policy/v1" ] || die "PDB version on $SERVER_VERSION: $pdb_version"
 
 step "can-i, cluster-wide mode"
 U=$(sa_user "$NS_CLUSTER" kwc)
@@ -674,7 +656,7 @@ verifier_check "$NS_CLUSTER" kwc "$UNWATCHED"
 
 # ---------------------------------------------------------------------------------------------
 step "helm install, namespaced mode (release kwn, watchNamespaces ${WATCHED[*]})"
-"$HELM" install kwn "$CHART" -n "$NS_NSD" "${HELM_FLAGS[@]}" "${NSD_VALUES[@]}" >"$WORK/install-kwn.txt"
+"$HELM" install kwn "$CHART" -n "$NS_NSD" "${NSD_VALUES[@]}" >"$WORK/install-kwn.txt"
 [ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwn -o name)" ] \
   || die "namespaced mode created cluster-scoped RBAC"
 

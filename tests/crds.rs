@@ -1,5 +1,8 @@
-//! The committed CRDs match the types, the schema keeps what Kubernetes 1.20 enforces without
-//! CEL, and the CEL rules do what their messages say (evaluated client-side, no cluster needed).
+//! The committed CRDs match the types, the OpenAPI schema carries the plain validation
+//! (patterns, lengths, enums), and the CEL rules are in the schema. What the rules do is tested
+//! against the API server in `tests/cel.rs` (the one source of truth for their behaviour); only
+//! the `algorithm` rule is also evaluated here, client-side, because its field has one allowed
+//! value and the server's enum answers before the rule can.
 
 use std::path::Path;
 
@@ -273,7 +276,7 @@ fn changed_algorithm_is_rejected() {
 }
 
 // -------------------------------------------------------------------------------------------
-// What Kubernetes 1.20 enforces (OpenAPI schema, no CEL)
+// What the OpenAPI schema enforces (beside the CEL rules)
 // -------------------------------------------------------------------------------------------
 
 #[test]
@@ -437,8 +440,8 @@ fn walk<'a>(path: String, v: &'a Value, out: &mut Vec<(String, &'a Value)>) {
 
 #[test]
 fn no_null_in_any_enum() {
-    // Kubernetes 1.20 rejects a CRD whose enum lists null (schemars emits one for Option<enum>)
-    // with an unhelpful "must be of type string" error.
+    // An enum that lists null (schemars emits one for Option<enum>) is refused by older API
+    // servers with an unhelpful "must be of type string" error, and means nothing to a client.
     for crd in [pk_crd(), pa_crd()] {
         let mut nodes = Vec::new();
         walk(String::new(), &crd, &mut nodes);
@@ -513,36 +516,10 @@ fn schemas_are_structural() {
     }
 }
 
-/// `secretName` and `trustBundle.configMapName` cannot change on a live key: the operator
-/// refuses it on every version (and keeps serving the recorded names); from 1.25 the API server
-/// rejects it too.
-#[test]
-fn changed_names_are_rejected() {
-    let crd = pk_crd();
-    let validator = Validator::new();
-    let base = as_json(&pk(ProvisioningKeySpec::default()));
-    let with = |secret: &str, bundle: &str| {
-        let mut o = base.clone();
-        o["spec"]["secretName"] = json!(secret);
-        o["spec"]["trustBundle"] = json!({ "configMapName": bundle });
-        o
-    };
-    validator
-        .validate(schema(&crd), &with("a", "b"), Some(&with("a", "b")))
-        .expect("unchanged names pass");
-    for (new, message) in [
-        (with("other", "b"), "secretName is immutable"),
-        (with("a", "other"), "configMapName is immutable"),
-    ] {
-        let errors = validator
-            .validate(schema(&crd), &new, Some(&with("a", "b")))
-            .expect_err("a changed name must be rejected");
-        assert!(
-            errors.iter().any(|e| e.message == message),
-            "{message}: {errors}"
-        );
-    }
-}
+// `secretName` and `trustBundle.configMapName` cannot change on a live key: the API server
+// enforces those rules, tested there (tests/cel.rs, the one source of truth); the operator's
+// own refusal of a name set where none was (which the rules cannot see) is tested in
+// tests/provisioning_key.rs.
 
 /// No schema default anywhere: the API server would write it into the stored object, and a
 /// GitOps tool would see the live `.spec` differ from a manifest that leaves the field out.

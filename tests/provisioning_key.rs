@@ -1674,24 +1674,20 @@ async fn a_squatted_key_secret_name_is_reported_and_retried_with_backoff() {
     ns.cleanup().await;
 }
 
-/// `secretName` changed on a live key: refused (`NameImmutable`, the API server on 1.20 does not
-/// enforce the CEL rule), the recorded Secret keeps being served, nothing is written under the
-/// new name; changing it back makes the key Ready again.
+/// `secretName` set on a live key that had none (its default name is the key's name): the API
+/// server's CEL rule `self == oldSelf` cannot see that change (the old object has no value;
+/// `tests/cel.rs` shows a changed value is refused by the server), so the operator refuses it
+/// (`NameImmutable`), keeps serving the recorded Secret and writes nothing under the new name;
+/// removing the name again makes the key Ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
     let ns = TestNamespace::new("kw-rename").await;
     let pks: Api<ProvisioningKey> = ns.api();
     let secrets: Api<Secret> = ns.api();
     let op = Operator::start(ns.name(), Floors::none()).await;
-    create_pk(
-        &pks,
-        "rename",
-        json!({}),
-        json!({ "secretName": "agents-a" }),
-    )
-    .await;
+    create_pk(&pks, "rename", json!({}), json!({})).await;
     wait_pk(&pks, "rename", "settled", is_settled).await;
-    let (kid1, _) = token_exp(&secrets, "agents-a").await;
+    let (kid1, _) = token_exp(&secrets, "rename").await;
 
     merge(
         &pks,
@@ -1705,17 +1701,17 @@ async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
     .await;
     let msg = ready_message(&pk);
     assert!(
-        msg.contains("agents-a") && msg.contains("agents-b"),
+        msg.contains("rename") && msg.contains("agents-b"),
         "unclear message: {msg}"
     );
     // The recorded Secret is repaired if deleted meanwhile; the new name is never written.
     secrets
-        .delete("agents-a", &DeleteParams::default())
+        .delete("rename", &DeleteParams::default())
         .await
         .expect("delete the agent Secret");
     wait_obj(
         &secrets,
-        "agents-a",
+        "rename",
         "the agent Secret re-created under its recorded name",
         TIMEOUT,
         |s| data(s, l::DATA_KEY_ID).as_deref() == Some(kid1.as_str()),
@@ -1725,12 +1721,7 @@ async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
         secrets.get_opt("agents-b").await.expect("get").is_none(),
         "a Secret was written under the refused name"
     );
-    merge(
-        &pks,
-        "rename",
-        json!({ "spec": { "secretName": "agents-a" } }),
-    )
-    .await;
+    merge(&pks, "rename", json!({ "spec": { "secretName": null } })).await;
     wait_pk(&pks, "rename", "settled again", is_settled).await;
     op.stop().await;
     ns.cleanup().await;

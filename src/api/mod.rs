@@ -15,7 +15,7 @@ pub const GROUP: &str = "keyward.dev";
 pub const VERSION: &str = "v1alpha1";
 
 /// The regular expression a Go-style duration must match (`720h`, `1h30m`, `90s`, `500ms`).
-/// Kept in the OpenAPI schema so that Kubernetes 1.20 (no CEL) rejects malformed values too.
+/// Kept in the OpenAPI schema, so the API server rejects a malformed value with a plain message.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
 /// Every CRD Keyward serves, in install order.

@@ -50,8 +50,8 @@ pub struct ProvisioningKeySpec {
     pub algorithm: Algorithm,
 
     /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
-    /// Cannot change on a live key (the operator refuses it on every Kubernetes version; a CEL
-    /// rule rejects it at `kubectl apply` from 1.25).
+    /// Cannot change on a live key: the API server refuses a changed value (a CEL rule), and the
+    /// operator refuses a name set on a live key that had none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("secretName is immutable"))]
     #[schemars(

@@ -36,6 +36,9 @@ pub struct PodInfo {
     pub dir: PathBuf,
     /// Secret volumes: volume name -> directory holding one file per key.
     pub secret_dirs: BTreeMap<String, PathBuf>,
+    /// Projected volumes (the pod-bound ServiceAccount token of `kube-api-access-*`, and any
+    /// of the template's own): volume name -> directory holding one file per path.
+    pub projected_dirs: BTreeMap<String, PathBuf>,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
     /// Pod annotations (the pod template's annotations end up here).

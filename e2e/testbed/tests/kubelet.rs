@@ -467,3 +467,137 @@ async fn pods_of_any_workload_record_the_token_they_started_with() -> anyhow::Re
     .await;
     finish(ns, kubelet, outcome).await
 }
+
+/// The claims of a JWT, decoded without checking the signature (the TokenReview checks it).
+fn jwt_claims(token: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// As a real kubelet: a pod gets the ServiceAccount admission plugin's `kube-api-access-*`
+/// volume and its template's own projected token (with an audience), both pod-bound tokens
+/// from the TokenRequest API. The API server (TokenReview) says which pod a token belongs to,
+/// its claims name the pod, the node and a unique `jti`, and a token for another audience is
+/// not accepted for this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_read_projected_pod_bound_service_account_tokens() -> anyhow::Result<()> {
+    use k8s_openapi::api::authentication::v1::TokenReview;
+    init_tracing();
+    let ns = TestNamespace::new("kubelet-sa-token").await;
+    let seen: Arc<Mutex<BTreeMap<String, PodInfo>>> = Arc::default();
+    let agent = {
+        let seen = seen.clone();
+        move |info: PodInfo| {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(info.name.clone(), info);
+            std::future::pending::<()>().boxed()
+        }
+    };
+    // Bound to the test bed's Node, as a scheduler would, so the token carries node claims.
+    let kubelet = Kubelet::start(
+        ns.client(),
+        ns.name(),
+        KubeletConfig::default()
+            .with_agent(agent)
+            .with_grace_period(true),
+    );
+    let outcome = async {
+        let mut d = deployment("identity", 2, 1, None)?;
+        let spec = d
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut())
+            .context("pod spec")?;
+        spec.volumes = Some(vec![serde_json::from_value(json!({
+            "name": "identity",
+            "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "keyward-test", "expirationSeconds": 600, "path": "token"}},
+                {"downwardAPI": {"items": [{"path": "uid", "fieldRef": {"fieldPath": "metadata.uid"}}]}},
+            ]},
+        }))?]);
+        let pod = start(&ns, &d).await?;
+        let name = pod.name_any();
+        let uid = pod.uid().context("uid")?;
+        let info = seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .cloned()
+            .context("the agent did not start")?;
+        // The admission plugin's volume (API server audience, CA, namespace) and our own.
+        let api_access = info
+            .projected_dirs
+            .iter()
+            .find(|(v, _)| v.starts_with("kube-api-access-"))
+            .map(|(_, d)| d.clone())
+            .context(format!("no kube-api-access volume: {:?}", info.projected_dirs))?;
+        ensure!(std::fs::read_to_string(api_access.join("namespace"))? == ns.name());
+        ensure!(std::fs::read_to_string(api_access.join("ca.crt"))?.contains("BEGIN CERTIFICATE"));
+        let dir = info.projected_dirs.get("identity").context("no identity volume")?;
+        ensure!(std::fs::read_to_string(dir.join("uid"))? == uid);
+        let token = std::fs::read_to_string(dir.join("token"))?;
+
+        let claims = jwt_claims(&token)?;
+        let k8s = &claims["kubernetes.io"];
+        ensure!(claims["aud"] == json!(["keyward-test"]), "aud: {}", claims["aud"]);
+        ensure!(k8s["namespace"] == json!(ns.name()), "{k8s}");
+        ensure!(k8s["pod"]["name"] == json!(name) && k8s["pod"]["uid"] == json!(uid), "{k8s}");
+        ensure!(k8s["node"]["name"] == json!(NODE_NAME), "no node claim: {k8s}");
+        ensure!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()), "no jti: {claims}");
+        let exp = claims["exp"].as_i64().context("exp")? - claims["iat"].as_i64().context("iat")?;
+        ensure!(exp == 600, "lifetime {exp} s, wanted 600");
+        // The other pod's token is another token (its own jti and pod).
+        let other = seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|i| i.name != name)
+            .cloned()
+            .context("second pod")?;
+        let other_token =
+            std::fs::read_to_string(other.projected_dirs.get("identity").context("dir")?.join("token"))?;
+        let other_claims = jwt_claims(&other_token)?;
+        ensure!(other_claims["jti"] != claims["jti"]);
+        ensure!(other_claims["kubernetes.io"]["pod"]["name"] == json!(other.name));
+
+        // The API server vouches for it: authenticated, for this audience, as this pod.
+        let reviews: Api<TokenReview> = Api::all(ns.client());
+        let review = |token: String, audience: &str| {
+            serde_json::from_value::<TokenReview>(json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": {"token": token, "audiences": [audience]},
+            }))
+        };
+        let status = reviews
+            .create(&PostParams::default(), &review(token.clone(), "keyward-test")?)
+            .await?
+            .status
+            .context("no review status")?;
+        ensure!(status.authenticated == Some(true), "not authenticated: {:?}", status.error);
+        let user = status.user.context("no user")?;
+        ensure!(
+            user.username.as_deref()
+                == Some(format!("system:serviceaccount:{}:default", ns.name()).as_str())
+        );
+        let extra = user.extra.unwrap_or_default();
+        ensure!(
+            extra.get("authentication.kubernetes.io/pod-name") == Some(&vec![name.clone()]),
+            "{extra:?}"
+        );
+        ensure!(extra.get("authentication.kubernetes.io/pod-uid") == Some(&vec![uid.clone()]));
+        // Another audience: not accepted.
+        let status = reviews
+            .create(&PostParams::default(), &review(token, "someone-else")?)
+            .await?
+            .status
+            .context("no review status")?;
+        ensure!(status.authenticated != Some(true), "accepted for another audience");
+        Ok(())
+    }
+    .await;
+    finish(ns, kubelet, outcome).await
+}

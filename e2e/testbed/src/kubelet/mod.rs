@@ -3,7 +3,9 @@
 //!
 //! For every pod controlled by a ReplicaSet or a StatefulSet it does what a kubelet would:
 //! projects the pod's Secret volumes into files (keeping the pod pending while a required
-//! Secret is missing), starts the pod's agent ([`AgentFactory`]) on a unique loopback pod
+//! Secret is missing) and its projected volumes (pod-bound ServiceAccount tokens requested
+//! through the TokenRequest API with the source's audience, refreshed at 80 % of their
+//! lifetime; ConfigMap and Secret keys; downward-API fields), starts the pod's agent ([`AgentFactory`]) on a unique loopback pod
 //! IP, reports the pod `Running` and (per [`KubeletConfig::ready`]) `Ready` through
 //! `pods/status`, keeps Secret files in sync after [`KubeletConfig::secret_sync_delay`], and
 //! on deletion stops the agent, frees the IP, removes the pod's files and finalizes the
@@ -17,6 +19,7 @@
 //! periodic resync, so watch restarts and missed events are harmless.
 
 mod ip;
+mod projected;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -44,7 +48,10 @@ use tokio::task::JoinHandle;
 
 use crate::agent::{AgentFactory, PodInfo, Termination};
 use ip::{IpLease, IpPool};
-use volumes::{SecretVolume, project, secret_volumes, sync_dir};
+use projected::{ProjectedVolume, Source, projected_volumes};
+use volumes::{
+    Files, SecretVolume, project, project_keys, safe_relative, secret_volumes, sync_dir,
+};
 
 /// Decides whether a running pod is reported ready; evaluated on every resync, so it may
 /// change its answer over time (the kubelet then updates the pod's `Ready` condition).
@@ -218,6 +225,8 @@ pub struct RunningPod {
     pub dir: PathBuf,
     /// Secret volumes: volume name -> directory.
     pub secret_dirs: BTreeMap<String, PathBuf>,
+    /// Projected volumes (ServiceAccount tokens among them): volume name -> directory.
+    pub projected_dirs: BTreeMap<String, PathBuf>,
     /// Whether it was last reported ready.
     pub ready: bool,
     /// See [`KubeletHandle::token_at_start`].
@@ -253,6 +262,10 @@ struct PodState {
     lease: IpLease,
     dir: PathBuf,
     volumes: Vec<SecretVolume>,
+    /// Projected volumes, re-projected whole when a token in them is due for refresh.
+    projected: Vec<ProjectedVolume>,
+    /// When the earliest token of `projected` is due for refresh (`None`: no token).
+    token_refresh: Option<Timestamp>,
     /// Files written per volume (relative paths), to remove keys dropped from the Secret.
     written: BTreeMap<String, BTreeSet<PathBuf>>,
     started_at: Timestamp,
@@ -279,6 +292,13 @@ impl PodState {
 impl PodState {
     fn secret_dirs(&self) -> BTreeMap<String, PathBuf> {
         self.volumes
+            .iter()
+            .map(|v| (v.volume.clone(), self.dir.join(&v.volume)))
+            .collect()
+    }
+
+    fn projected_dirs(&self) -> BTreeMap<String, PathBuf> {
+        self.projected
             .iter()
             .map(|v| (v.volume.clone(), self.dir.join(&v.volume)))
             .collect()
@@ -346,7 +366,9 @@ impl Kubelet {
             nodes_api: Api::all(client.clone()),
             node_ready: false,
             pods_api: Api::namespaced(client.clone(), namespace),
-            secrets_api: Api::namespaced(client, namespace),
+            secrets_api: Api::namespaced(client.clone(), namespace),
+            service_accounts_api: Api::namespaced(client.clone(), namespace),
+            config_maps_api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             pods: pod_store,
             secrets: secret_store,
@@ -437,6 +459,7 @@ impl KubeletHandle {
                     ip: p.lease.ip(),
                     dir: p.dir.clone(),
                     secret_dirs: p.secret_dirs(),
+                    projected_dirs: p.projected_dirs(),
                     ready: p.reported_ready?,
                     token_at_start: p.token_at_start.clone(),
                     terminating: *p.terminating.borrow(),
@@ -518,6 +541,14 @@ impl Drop for KubeletHandle {
             task.abort();
         }
         lock(&self.shared).pods.clear();
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -665,6 +696,8 @@ struct Worker {
     node_ready: bool,
     pods_api: Api<Pod>,
     secrets_api: Api<Secret>,
+    service_accounts_api: Api<ServiceAccount>,
+    config_maps_api: Api<ConfigMap>,
     namespace: String,
     pods: Store<Pod>,
     secrets: Store<Secret>,
@@ -785,6 +818,7 @@ impl Worker {
                 }
                 self.finalize_deletion(pod).await;
             } else if tracked {
+                self.refresh_tokens(pod).await;
                 self.report(pod).await;
             } else if matches!(
                 pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -1015,6 +1049,20 @@ impl Worker {
                 }
             }
         }
+        let projected_vols = projected_volumes(pod);
+        let mut projected_files = Vec::with_capacity(projected_vols.len());
+        let mut token_refresh: Option<Timestamp> = None;
+        for vol in &projected_vols {
+            match self.project_volume(pod, vol).await {
+                Ok((files, refresh)) => {
+                    projected_files.push((vol.volume.clone(), files));
+                    token_refresh = earliest(token_refresh, refresh);
+                }
+                Err(why) => {
+                    return self.pending(pod, format!("volume {:?}: {why}", vol.volume));
+                }
+            }
+        }
         // A pod already running (reported by an earlier kubelet) keeps its IP if it can.
         let previous_ip = pod
             .status
@@ -1038,7 +1086,7 @@ impl Worker {
             .and_then(|(_, files)| files.get(Path::new("token")))
             .map(|(content, _)| String::from_utf8_lossy(content).into_owned());
         let mut written = BTreeMap::new();
-        for (volume, files) in &projected {
+        for (volume, files) in projected.iter().chain(&projected_files) {
             if let Err(e) = sync_dir(&dir.join(volume), files, &BTreeSet::new()) {
                 return self.pending(pod, format!("cannot write volume {volume:?}: {e}"));
             }
@@ -1054,6 +1102,8 @@ impl Worker {
             lease,
             dir: dir.clone(),
             volumes,
+            projected: projected_vols,
+            token_refresh,
             written,
             started_at: Timestamp::now(),
             reported_ready: None,
@@ -1070,6 +1120,7 @@ impl Worker {
                 ip,
                 dir: dir.clone(),
                 secret_dirs: state.secret_dirs(),
+                projected_dirs: state.projected_dirs(),
                 labels: pod.labels().clone(),
                 annotations: pod.annotations().clone(),
                 pod: pod.clone(),
@@ -1087,6 +1138,178 @@ impl Worker {
         }
         tracing::info!(namespace = %self.namespace, pod = %name, %ip, "pod started");
         self.report(pod).await;
+    }
+
+    /// The files of a projected volume of `pod`, and when its earliest token is due for
+    /// refresh. `Err` when a required source cannot be read or a token cannot be had.
+    async fn project_volume(
+        &self,
+        pod: &Pod,
+        vol: &ProjectedVolume,
+    ) -> Result<(Files, Option<Timestamp>), String> {
+        let mode = vol.default_mode.unwrap_or(0o644) as u32;
+        let mut files = Files::new();
+        let mut refresh = None;
+        for source in &vol.sources {
+            match source {
+                Source::Token {
+                    audience,
+                    expiration_seconds,
+                    path,
+                } => {
+                    let (token, due) = self
+                        .request_token(pod, audience.as_deref(), *expiration_seconds)
+                        .await?;
+                    files.insert(path.clone(), (token.into_bytes(), mode));
+                    refresh = earliest(refresh, Some(due));
+                }
+                Source::ConfigMap {
+                    name,
+                    items,
+                    optional,
+                } => {
+                    let data = match self.config_maps_api.get_opt(name).await {
+                        Ok(Some(cm)) => {
+                            let mut data: BTreeMap<String, Vec<u8>> = cm
+                                .data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.into_bytes()))
+                                .collect();
+                            for (k, v) in cm.binary_data.unwrap_or_default() {
+                                data.insert(k, v.0);
+                            }
+                            data
+                        }
+                        Ok(None) if *optional => continue,
+                        Ok(None) => return Err(format!("configmap {name:?} not found")),
+                        Err(e) => return Err(format!("cannot read configmap {name:?}: {e}")),
+                    };
+                    let what = format!("configmap {name:?}");
+                    files.extend(project_keys(
+                        &what,
+                        data,
+                        items.as_deref(),
+                        *optional,
+                        mode,
+                    )?);
+                }
+                Source::Secret {
+                    name,
+                    items,
+                    optional,
+                } => {
+                    let Some(secret) = self.secret(name) else {
+                        if *optional {
+                            continue;
+                        }
+                        return Err(format!("secret {name:?} not found"));
+                    };
+                    let data = secret
+                        .data
+                        .clone()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect();
+                    let what = format!("secret {name:?}");
+                    files.extend(project_keys(
+                        &what,
+                        data,
+                        items.as_deref(),
+                        *optional,
+                        mode,
+                    )?);
+                }
+                Source::Field { field_path, path } => {
+                    let value = projected::field_value(pod, field_path)
+                        .ok_or_else(|| format!("unsupported downward-API field {field_path:?}"))?;
+                    let path = safe_relative(&path.to_string_lossy())
+                        .ok_or_else(|| format!("bad path {path:?}"))?;
+                    files.insert(path, (value.into_bytes(), mode));
+                }
+            }
+        }
+        Ok((files, refresh))
+    }
+
+    /// A ServiceAccount token bound to `pod` from the TokenRequest API (as the kubelet
+    /// requests it: the pod's ServiceAccount, bound to the pod's name and uid), and when it
+    /// is due for refresh.
+    async fn request_token(
+        &self,
+        pod: &Pod,
+        audience: Option<&str>,
+        expiration_seconds: i64,
+    ) -> Result<(String, Timestamp), String> {
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        let body = projected::token_request(pod, audience, expiration_seconds);
+        let issued = Timestamp::now();
+        let response: TokenRequest = self
+            .service_accounts_api
+            .create_subresource("token", sa, &kube::api::PostParams::default(), &body)
+            .await
+            .map_err(|e| format!("TokenRequest for serviceaccount {sa:?} failed: {e}"))?;
+        let status = response
+            .status
+            .ok_or_else(|| format!("TokenRequest for serviceaccount {sa:?} has no status"))?;
+        Ok((
+            status.token,
+            projected::refresh_at(issued, status.expiration_timestamp.0),
+        ))
+    }
+
+    /// Re-projects the projected volumes of a running pod whose token is due for refresh.
+    async fn refresh_tokens(&mut self, pod: &Pod) {
+        let name = pod.name_any();
+        let (vols, dir) = {
+            let shared = lock(&self.shared);
+            let Some(st) = shared.pods.get(&name) else {
+                return;
+            };
+            match st.token_refresh {
+                Some(due) if Timestamp::now() >= due => (st.projected.clone(), st.dir.clone()),
+                _ => return,
+            }
+        };
+        let mut next = None;
+        let mut results = Vec::new();
+        for vol in &vols {
+            match self.project_volume(pod, vol).await {
+                Ok((files, refresh)) => {
+                    next = earliest(next, refresh);
+                    results.push((vol.volume.clone(), files));
+                }
+                Err(why) => {
+                    // As the kubelet: keep the old files and try again at the next pass.
+                    tracing::warn!(namespace = %self.namespace, pod = %name, volume = %vol.volume, "cannot refresh: {why}");
+                    return;
+                }
+            }
+        }
+        let mut shared = lock(&self.shared);
+        let Some(st) = shared.pods.get_mut(&name) else {
+            return;
+        };
+        for (volume, files) in results {
+            let previous = st.written.get(&volume).cloned().unwrap_or_default();
+            match sync_dir(&dir.join(&volume), &files, &previous) {
+                Ok(_) => {
+                    st.written.insert(volume, files.into_keys().collect());
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %self.namespace, pod = %name, %volume, "cannot write refreshed token: {e}");
+                    return;
+                }
+            }
+        }
+        st.token_refresh = next;
+        tracing::info!(namespace = %self.namespace, pod = %name, "projected ServiceAccount tokens refreshed");
     }
 
     /// Patches the pod's status if what it should say differs from what was last reported.

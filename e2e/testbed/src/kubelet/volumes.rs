@@ -38,7 +38,7 @@ pub(crate) fn secret_volumes(pod: &Pod) -> Vec<SecretVolume> {
 /// A file to project: content and mode.
 pub(crate) type Files = BTreeMap<PathBuf, (Vec<u8>, u32)>;
 
-fn safe_relative(p: &str) -> Option<PathBuf> {
+pub(crate) fn safe_relative(p: &str) -> Option<PathBuf> {
     let path = PathBuf::from(p);
     (!p.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))).then_some(path)
 }
@@ -55,27 +55,53 @@ pub(crate) fn project(vol: &SecretVolume, secret: Option<&Secret>) -> Result<Fil
             Err(format!("secret {:?} not found", vol.secret))
         };
     };
-    let data = secret.data.clone().unwrap_or_default();
+    let data = secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let what = format!("secret {:?}", vol.secret);
+    project_keys(
+        &what,
+        data,
+        vol.items.as_deref(),
+        vol.optional,
+        default_mode,
+    )
+}
+
+/// The files of a Secret's or ConfigMap's `data` (`what` names it in errors): every key, or
+/// only `items` at their paths (a missing key is an error unless `optional`), with
+/// `default_mode` or the item's `mode`.
+pub(crate) fn project_keys(
+    what: &str,
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&[KeyToPath]>,
+    optional: bool,
+    default_mode: u32,
+) -> Result<Files, String> {
     let mut files = Files::new();
-    match &vol.items {
+    match items {
         None => {
             for (key, value) in data {
                 let path = safe_relative(&key).ok_or_else(|| format!("bad key {key:?}"))?;
-                files.insert(path, (value.0, default_mode));
+                files.insert(path, (value, default_mode));
             }
         }
         Some(items) => {
             for item in items {
                 let Some(value) = data.get(&item.key) else {
-                    if vol.optional {
+                    if optional {
                         continue;
                     }
-                    return Err(format!("secret {:?} has no key {:?}", vol.secret, item.key));
+                    return Err(format!("{what} has no key {:?}", item.key));
                 };
                 let path =
                     safe_relative(&item.path).ok_or_else(|| format!("bad path {:?}", item.path))?;
                 let mode = item.mode.map_or(default_mode, |m| m as u32);
-                files.insert(path, (value.0.clone(), mode));
+                files.insert(path, (value.clone(), mode));
             }
         }
     }
