@@ -60,6 +60,26 @@ apt_install() {
 
 runtime_deps() { apt_install openssl curl ca-certificates; }
 
+# The oldest Go that go.mod accepts.
+go_wanted() { awk '/^go /{print $2; exit}' "$PLANE/go.mod"; }
+
+# Puts a Go at least as new as go.mod wants first on PATH: the one on PATH, else the machine's
+# /usr/local/go (a distribution's older golang-go may come first on some PATHs). False if none.
+find_go() {
+  local want c v; want=$(go_wanted)
+  for c in "$(command -v go 2>/dev/null)" /usr/local/go/bin/go; do
+    [ -n "$c" ] && [ -x "$c" ] || continue
+    v=$(GOTOOLCHAIN=local "$c" env GOVERSION 2>/dev/null) || continue
+    v=${v#go}
+    if [ "$(printf '%s\n%s\n' "$want" "$v" | sort -V | head -n1)" = "$want" ]; then
+      PATH=$(dirname "$c"):$PATH
+      export PATH
+      return 0
+    fi
+  done
+  return 1
+}
+
 # The Go environment of the plane's build: the machine's own Go (go.mod names the oldest it
 # accepts), module and build caches under the cache directory, no cgo, go.sum as committed.
 go_env() {
@@ -85,7 +105,7 @@ ETCD_VERSION=${ETCD_VERSION#v}
 
 # The directory of the cached binaries for this exact pin ($BIN); empty if go is missing.
 bin_dir() {
-  command -v go >/dev/null || return 0
+  find_go || return 0
   go_env
   echo "$CACHE/k8s-v$K8S_VERSION-$(plane_hash)"
 }
@@ -111,7 +131,7 @@ step() { # name log cmd...
 
 build() {
   runtime_deps
-  command -v go >/dev/null || die "no go on PATH: the plane is built from Go modules with the machine's Go (>= $(awk '/^go /{print $2}' "$PLANE/go.mod"))"
+  find_go || die "no Go $(go_wanted) or newer on PATH or in /usr/local/go: the plane is built from Go modules with the machine's Go"
   go_env
   BIN=$(bin_dir)
   local want=(etcd etcdctl kube-apiserver kube-controller-manager kubectl)

@@ -451,20 +451,20 @@ OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true -
        --set verifier.enabled=true --set verifier.podDisruptionBudget.enabled=true --set verifier.networkPolicy.enabled=true
        --set 'topologySpreadConstraints[0].maxSkew=1' --set 'topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname'
        --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway')
-"$HELM" lint --strict "$CHART" >/dev/null
-"$HELM" lint --strict "$CHART" "${NSD_VALUES[@]}" "${OPTIN[@]}" \
+"$HELM" lint --strict --kube-version "$SERVER_VERSION" "$CHART" >/dev/null
+"$HELM" lint --strict --kube-version "$SERVER_VERSION" "$CHART" "${NSD_VALUES[@]}" "${OPTIN[@]}" \
   --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >/dev/null
 # The schema refuses unknown keys and bad values; the chart refuses replicas without election.
 for bad in "replicaCount=x" "logFormat=xml" "unknownKey=1" "leaderElection.leaseDuration=15" \
            "crds.bogus=true" "watchNamespaces={Not_A_Namespace}" "verifier.bogus=1" "verifier.args.bogus=1" \
            "verifier.replicas=0" "verifier.reportInterval=10" "verifier.service.bogus=1" \
            "verifier.networkPolicy.bogus=1"; do
-  if "$HELM" template t "$CHART" --set "$bad" >/dev/null 2>&1; then die "values accepted: $bad"; fi
+  if "$HELM" template t "$CHART" --kube-version "$SERVER_VERSION" --set "$bad" >/dev/null 2>&1; then die "values accepted: $bad"; fi
 done
-if "$HELM" template t "$CHART" --set leaderElection.enabled=false >/dev/null 2>&1; then
+if "$HELM" template t "$CHART" --kube-version "$SERVER_VERSION" --set leaderElection.enabled=false >/dev/null 2>&1; then
   die "2 replicas without leader election rendered"
 fi
-"$HELM" template t "$CHART" --set leaderElection.enabled=false --set replicaCount=1 >/dev/null
+"$HELM" template t "$CHART" --kube-version "$SERVER_VERSION" --set leaderElection.enabled=false --set replicaCount=1 >/dev/null
 "$HELM" template kwc "$CHART" -n "$NS_CLUSTER" --kube-version "$SERVER_VERSION" "${OPTIN[@]}" \
   --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >"$WORK/cluster.yaml"
 "$HELM" template kwn "$CHART" -n "$NS_NSD" --kube-version "$SERVER_VERSION" "${NSD_VALUES[@]}" "${OPTIN[@]}" >"$WORK/nsd.yaml"
