@@ -141,7 +141,7 @@ build() {
   [ "$ok" = 1 ] && return 0
   local t0; t0=$(now)
   say "Kubernetes v$K8S_VERSION and etcd v$ETCD_VERSION not cached in $BIN: building them once from Go modules"
-  say "(about 15-25 minutes on 2 cores when nothing is cached; module cache $GOMODCACHE, build cache $GOCACHE)"
+  say "(about 8-13 minutes on 2 cores when nothing is cached; module cache $GOMODCACHE, build cache $GOCACHE)"
   mkdir -p "$GOMODCACHE" "$GOCACHE"
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/keyward-plane-build.XXXXXX")
   step "1/3 downloading the modules go.sum pins" "$work/download.log" \

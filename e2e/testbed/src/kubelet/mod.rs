@@ -50,7 +50,8 @@ use crate::agent::{AgentFactory, PodInfo, Termination};
 use ip::{IpLease, IpPool};
 use projected::{ProjectedVolume, Source, projected_volumes};
 use volumes::{
-    Files, SecretVolume, project, project_keys, safe_relative, secret_volumes, sync_dir,
+    Files, SecretVolume, project, project_keys, safe_relative, secret_data, secret_volumes,
+    sync_dir,
 };
 
 /// Decides whether a running pod is reported ready; evaluated on every resync, so it may
@@ -1167,52 +1168,25 @@ impl Worker {
                     name,
                     items,
                     optional,
-                } => {
-                    let data = match self.config_maps_api.get_opt(name).await {
-                        Ok(Some(cm)) => {
-                            let mut data: BTreeMap<String, Vec<u8>> = cm
-                                .data
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|(k, v)| (k, v.into_bytes()))
-                                .collect();
-                            for (k, v) in cm.binary_data.unwrap_or_default() {
-                                data.insert(k, v.0);
-                            }
-                            data
-                        }
-                        Ok(None) if *optional => continue,
-                        Ok(None) => return Err(format!("configmap {name:?} not found")),
-                        Err(e) => return Err(format!("cannot read configmap {name:?}: {e}")),
-                    };
-                    let what = format!("configmap {name:?}");
-                    files.extend(project_keys(
-                        &what,
-                        data,
-                        items.as_deref(),
-                        *optional,
-                        mode,
-                    )?);
                 }
-                Source::Secret {
+                | Source::Secret {
                     name,
                     items,
                     optional,
                 } => {
-                    let Some(secret) = self.secret(name) else {
+                    let (what, data) = if matches!(source, Source::ConfigMap { .. }) {
+                        let data = self.config_map_data(name).await?;
+                        (format!("configmap {name:?}"), data)
+                    } else {
+                        let data = self.secret(name).map(|s| secret_data(&s));
+                        (format!("secret {name:?}"), data)
+                    };
+                    let Some(data) = data else {
                         if *optional {
                             continue;
                         }
-                        return Err(format!("secret {name:?} not found"));
+                        return Err(format!("{what} not found"));
                     };
-                    let data = secret
-                        .data
-                        .clone()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect();
-                    let what = format!("secret {name:?}");
                     files.extend(project_keys(
                         &what,
                         data,
@@ -1231,6 +1205,30 @@ impl Worker {
             }
         }
         Ok((files, refresh))
+    }
+
+    /// The `data` and `binaryData` of ConfigMap `name` as bytes (`None`: no such ConfigMap).
+    async fn config_map_data(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+        let cm = self
+            .config_maps_api
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read configmap {name:?}: {e}"))?;
+        Ok(cm.map(|cm| {
+            let mut data: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            for (k, v) in cm.binary_data.unwrap_or_default() {
+                data.insert(k, v.0);
+            }
+            data
+        }))
     }
 
     /// A ServiceAccount token bound to `pod` from the TokenRequest API (as the kubelet

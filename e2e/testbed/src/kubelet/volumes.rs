@@ -55,21 +55,25 @@ pub(crate) fn project(vol: &SecretVolume, secret: Option<&Secret>) -> Result<Fil
             Err(format!("secret {:?} not found", vol.secret))
         };
     };
-    let data = secret
+    let what = format!("secret {:?}", vol.secret);
+    project_keys(
+        &what,
+        secret_data(secret),
+        vol.items.as_deref(),
+        vol.optional,
+        default_mode,
+    )
+}
+
+/// A Secret's `data`, as bytes.
+pub(crate) fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    secret
         .data
         .clone()
         .unwrap_or_default()
         .into_iter()
         .map(|(k, v)| (k, v.0))
-        .collect();
-    let what = format!("secret {:?}", vol.secret);
-    project_keys(
-        &what,
-        data,
-        vol.items.as_deref(),
-        vol.optional,
-        default_mode,
-    )
+        .collect()
 }
 
 /// The files of a Secret's or ConfigMap's `data` (`what` names it in errors): every key, or
