@@ -83,7 +83,7 @@ if wait_until "the agents confirmed on the first key" 120 first_confirmed; then
   wait_until "a new key" 120 new_current && new=$(kid) && say "new key $new published, handed out; the Deployment rolls"
   new_confirmed() { [ "$(confirmed)" = "$new" ]; }
   wait_until "the agents confirmed on the new key" 180 new_confirmed && say "CONFIRMED: every OPA pod downloaded its bundle with $new"
-  old_revoked() { kubectl get cm opa-agents-trust -o jsonpath='{.data.revoked\.json}' 2>/dev/null | grep -q "$old"; }
+  old_revoked() { kubectl get cm opa-agents-trust -o jsonpath='{.data.revoked\.json}' 2>/dev/null | grep -qF -- "$old"; }
   wait_until "the old key revoked" 120 old_revoked && say "REVOKED: $old is in the revoked list; the bundle server now refuses it"
   kubectl get pk,policyagent 2>/dev/null | sed 's/^/[demo] /'
 fi

@@ -193,7 +193,7 @@ wait_for() { # seconds description command...
 }
 
 pk_field() { kubectl -n "$1" get pk opa-agents -o jsonpath="$2" 2>/dev/null; }
-revoked() { pk_field "$1" '{.status.revokedKeys[*].kid}' | tr ' ' '\n' | grep -qx "$2"; }
+revoked() { pk_field "$1" '{.status.revokedKeys[*].kid}' | tr ' ' '\n' | grep -qxF -- "$2"; }
 
 # The sum of the samples of metric $2 in scrape file $1 whose labels include every k=v given
 # (empty when there is none).
@@ -325,7 +325,7 @@ rotation_scenario() { # ns log
   [ -n "$new" ] && [ "$new" != "$old" ] || die "$ns: no new current key"
   rolled=$(kubectl -n "$ns" get deployment opa -o jsonpath='{.spec.template.metadata.annotations.keyward\.dev/key-id}')
   [ "$rolled" = "$new" ] || die "$ns: Deployment opa carries key '$rolled', want $new"
-  kubectl -n "$ns" get secret opa-agents-key -o jsonpath='{.metadata.annotations.keyward\.dev/key-id}' | grep -qx "$new" \
+  kubectl -n "$ns" get secret opa-agents-key -o jsonpath='{.metadata.annotations.keyward\.dev/key-id}' | grep -qxF -- "$new" \
     || die "$ns: the agent Secret does not carry $new"
   kubectl -n "$ns" get events.events.k8s.io -o jsonpath='{.items[*].reason}' | tr ' ' '\n' | grep -qx KeyRevoked \
     || die "$ns: no KeyRevoked Event"
