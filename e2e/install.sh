@@ -395,7 +395,7 @@ verifier_check() { # ns release keyns
   token=$(kubectl -n "$keyns" get secret opa-agents-key -o jsonpath='{.data.token}' | base64 -d)
   [ -n "$token" ] || vdie "$log" "$keyns: no agent token"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
-    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "http://$addr/auth")
+    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "http://$addr/auth/$keyns/opa-agents")
   [ "$code" = 200 ] || vdie "$log" "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/keys/$keyns/opa-agents/jwks.json")
   [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"

@@ -21,7 +21,7 @@ use keyward_testbed::eventually;
 use kube::api::ListParams;
 use serde_json::json;
 
-use crate::scenarios::control_plane::{Nginx, Verifier, free_port};
+use crate::scenarios::control_plane::{self, Nginx, Verifier, free_port};
 use crate::scenarios::support::{Bed, DEPLOY, InProcessOperator, PK, POLL, STS, TIMEOUT};
 
 const OPA_PORT: u16 = 8181;
@@ -32,8 +32,12 @@ async fn verified_bed(label: &str) -> anyhow::Result<(Bed, Nginx, Verifier, temp
         .prefix(&format!("keyward-e2e-{label}-cp-"))
         .tempdir()?;
     let vport = free_port()?;
-    let nginx = Nginx::start(dir.path(), vport)?;
-    let bed = Bed::real_opa_via(label, nginx.url()).await;
+    let mut nport = free_port()?;
+    while nport == vport {
+        nport = free_port()?;
+    }
+    let bed = Bed::real_opa_via(label, control_plane::url(nport)).await;
+    let nginx = Nginx::start(dir.path(), nport, vport, &format!("{}/{PK}", bed.ns))?;
     let verifier = Verifier::start(&bed.ns, "v-0", vport, bed.log_path("verifier.log")).await?;
     bed.say(format!(
         "nginx at {} (auth_request -> keyward verifier on :{vport}, replica v-0)",

@@ -59,7 +59,8 @@ http {
     }
     location = /_keyward {
       internal;
-      proxy_pass http://127.0.0.1:$VPORT/auth;
+      # The route names the one key this location accepts: the client cannot change it.
+      proxy_pass http://127.0.0.1:$VPORT/auth/$NS/opa-bundles;
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
     }
@@ -85,4 +86,8 @@ sig=${TOKEN##*.}; first=${sig:0:1}; [[ $first == A ]] && flip=B || flip=A
 FORGED="${TOKEN%.*}.$flip${sig:1}"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $FORGED" "$url")
 [[ $code == 401 ]] || fail "forged token: $code"
-echo "ok: nginx auth_request with keyward verifier (200 with the agent token, key and kid logged; 401 without, 401 forged)"
+# Another key's genuine token (minted by hand with a key the verifier trusts for another
+# ProvisioningKey would need a second key; the unbound route shows the binding instead).
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$VPORT/auth")
+[[ $code == 403 ]] || fail "unbound /auth without --accept-any-key: $code (want 403)"
+echo "ok: nginx auth_request with keyward verifier (200 with the agent token, key and kid logged; 401 without, 401 forged; 403 unbound)"

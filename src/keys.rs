@@ -223,6 +223,7 @@ impl KeyPair {
             alg: JWS_ALG.to_owned(),
             typ: Some(JWT_TYP.to_owned()),
             kid: self.key_id(),
+            crit: None,
         };
         self.sign_compact(&header, claims)
     }
@@ -426,6 +427,10 @@ pub struct TokenHeader {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub typ: Option<String>,
     pub kid: String,
+    /// RFC 7515 4.1.11: extensions the recipient must understand. Keyward understands none, so
+    /// a token that carries `crit` at all is refused (read only to refuse it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub crit: Option<serde_json::Value>,
 }
 
 /// The three segments of a compact JWS, with header and claims decoded.
@@ -498,6 +503,9 @@ pub fn verify_token(
         .is_some_and(|t| !t.eq_ignore_ascii_case(JWT_TYP))
     {
         return Err(KeyError::InvalidToken("typ must be JWT"));
+    }
+    if header.crit.is_some() {
+        return Err(KeyError::InvalidToken("crit is not supported"));
     }
     let is_revoked = revoked.contains(&header.kid);
     let Some(jwk) = trusted.find(&header.kid) else {
@@ -905,6 +913,7 @@ mod tests {
                 alg: alg.into(),
                 typ: Some("JWT".into()),
                 kid: key.key_id(),
+                crit: None,
             };
             let token = key.sign_compact(&header, &claims()).unwrap();
             let err = verify_token(&token, &jwks(&[&key]), &[], NOW, 0).unwrap_err();
@@ -980,6 +989,7 @@ mod tests {
             alg: JWS_ALG.into(),
             typ: Some("at+jwt".into()),
             kid: key.key_id(),
+            crit: None,
         };
         let token = key.sign_compact(&typ, &claims()).unwrap();
         assert_eq!(
@@ -987,6 +997,17 @@ mod tests {
                 .unwrap_err()
                 .reason(),
             "InvalidToken"
+        );
+        let crit = TokenHeader {
+            typ: Some(JWT_TYP.into()),
+            crit: Some(serde_json::json!(["exp"])),
+            ..typ.clone()
+        };
+        let token = key.sign_compact(&crit, &claims()).unwrap();
+        assert_eq!(
+            verify_token(&token, &set, &[], NOW, 0).unwrap_err(),
+            KeyError::InvalidToken("crit is not supported"),
+            "a critical extension is refused even when the signature verifies"
         );
         let no_typ = TokenHeader { typ: None, ..typ };
         let token = key.sign_compact(&no_typ, &claims()).unwrap();
@@ -1000,6 +1021,7 @@ mod tests {
             alg: JWS_ALG.into(),
             typ: None,
             kid: format!("evil\n{}", "x".repeat(500)),
+            crit: None,
         };
         let token = key.sign_compact(&header, &claims()).unwrap();
         let err = verify_token(&token, &Jwks::default(), &[], NOW, 0).unwrap_err();
@@ -1086,6 +1108,7 @@ mod tests {
                 alg: JWS_ALG.into(),
                 typ: Some(JWT_TYP.into()),
                 kid: b.key_id(),
+                crit: None,
             };
             let forged = a.sign_compact(&header, &claims()).unwrap();
             prop_assert_eq!(

@@ -364,7 +364,10 @@ pub struct Elector {
 /// Whether a candidate may take the Lease: it is free (no holder), ours, or its holder has not
 /// renewed it for a whole lease duration as measured by the observer's own clock since the
 /// observed resourceVersion changed. `lease_seconds` is the holder's declared duration (ours
-/// when it declared none).
+/// when it declared none), honoured up to twice ours: anyone who may create Leases in the
+/// namespace can squat the name with `leaseDurationSeconds: 2147483647` and never renew, and
+/// must not stall the operator for longer than that (replicas of one release declare the same
+/// duration; twice covers a rolling change of it).
 pub fn may_acquire(
     holder: &str,
     me: &str,
@@ -378,7 +381,8 @@ pub fn may_acquire(
     }
     let duration = lease_seconds
         .and_then(|s| u64::try_from(s).ok())
-        .map_or(fallback, Duration::from_secs);
+        .map_or(fallback, Duration::from_secs)
+        .min(fallback.saturating_mul(2));
     now.saturating_duration_since(observed_at) >= duration
 }
 
@@ -850,6 +854,17 @@ mod tests {
         // The holder's declared duration counts, ours only when it declared none.
         assert!(!may_acquire("other", "me", t0, Some(30), d, later(20)));
         assert!(may_acquire("other", "me", t0, None, d, later(15)));
+        // A squatter's huge duration is honoured only up to twice ours (issue 18).
+        assert!(!may_acquire(
+            "squat",
+            "me",
+            t0,
+            Some(i32::MAX),
+            d,
+            later(29)
+        ));
+        assert!(may_acquire("squat", "me", t0, Some(i32::MAX), d, later(30)));
+        assert!(may_acquire("other", "me", t0, Some(30), d, later(30)));
     }
 
     #[tokio::test]

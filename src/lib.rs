@@ -12,6 +12,7 @@ pub mod client;
 pub mod controller;
 pub mod fault;
 pub mod http;
+pub mod hygiene;
 pub mod keys;
 pub mod labels;
 pub mod leader;

@@ -244,6 +244,7 @@ fn write_files(dir: &std::path::Path, files: Vec<(String, String)>) -> std::io::
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     keyward::telemetry::init(&args.log_format);
+    forbid_core_dumps();
     let election = args.leader_election.config()?;
     let config = kube::Config::infer().await?;
     let writes = RequestStats::default();
@@ -342,9 +343,32 @@ struct VerifierArgs {
     #[arg(long, env = "KEYWARD_VERIFIER_ISSUER")]
     issuer: Option<String>,
     /// Reverse-proxy mode: forward verified requests to this `http://host:port` (every path
-    /// except /auth, /ext_authz, /keys, /healthz and /readyz).
+    /// except /auth, /authz, /ext_authz, /keys, /metrics, /healthz and /readyz). Needs
+    /// --bind-key (or --accept-any-key).
     #[arg(long, env = "KEYWARD_VERIFIER_UPSTREAM")]
     upstream: Option<String>,
+    /// Reverse-proxy mode: the one ProvisioningKey (`<namespace>/<name>`) whose tokens reach the
+    /// upstream.
+    #[arg(long, env = "KEYWARD_VERIFIER_BIND_KEY", value_parser = parse_key_ref)]
+    bind_key: Option<keyward::verifier::KeyRef>,
+    /// Let the unbound routes (`/auth`, `/ext_authz`, and the proxy without --bind-key) accept
+    /// a token of ANY watched ProvisioningKey. Off: they refuse (403 `Unbound`), and each
+    /// route names its key (`/auth/<ns>/<name>`, `/authz/<ns>/<name>`). Turn it on only when
+    /// every key the verifier watches may reach every route.
+    #[arg(long, env = "KEYWARD_VERIFIER_ACCEPT_ANY_KEY", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    accept_any_key: bool,
+    /// How long the upstream may take to answer a proxied request (then 504).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    upstream_timeout: Duration,
+    /// Most client connections open at once; one over it is closed at once (and counted).
+    #[arg(long, default_value_t = keyward::verifier::serve::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// A request's headers must arrive within this after the connection opens or goes idle;
+    /// idle keep-alive connections are closed after it too.
+    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
+    header_read_timeout: Duration,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -382,6 +406,11 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     keyward::rotation::parse_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{s:?} must be a duration above 0"))
+}
+
+fn parse_key_ref(s: &str) -> Result<keyward::verifier::KeyRef, String> {
+    keyward::verifier::KeyRef::parse(s)
+        .ok_or_else(|| format!("{s:?} is not <namespace>/<name> of a ProvisioningKey"))
 }
 
 fn parse_report_qps(s: &str) -> Result<f32, String> {
@@ -435,6 +464,7 @@ impl VerifierArgs {
 async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> {
     use keyward::verifier;
     keyward::telemetry::init(&args.log_format);
+    forbid_core_dumps();
     let namespaces: Vec<String> = args
         .namespaces
         .iter()
@@ -446,16 +476,38 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         .upstream
         .as_deref()
         .map(verifier::Upstream::new)
-        .transpose()?;
+        .transpose()?
+        .map(|u| verifier::Upstream {
+            timeout: args.upstream_timeout,
+            ..u
+        });
+    if args.bind_key.is_some() && upstream.is_none() {
+        return Err("--bind-key binds the reverse proxy: it needs --upstream".into());
+    }
+    if args.accept_any_key {
+        tracing::warn!(
+            "--accept-any-key: /auth, /ext_authz and the proxy accept a token of any watched ProvisioningKey"
+        );
+    }
     let policy = verifier::Policy {
         clock_skew: args.clock_skew,
         audience: args.audience,
         issuer: args.issuer,
+        ..verifier::Policy::default()
     };
     // Use is recorded in memory (bounded; new triples beyond the capacity are counted as
     // dropped) and drained by the reporter every report interval.
     let use_log = std::sync::Arc::new(verifier::MemoryUseLog::new(100_000));
-    let shared = std::sync::Arc::new(verifier::Shared::new(policy, use_log.clone(), upstream));
+    let limits = verifier::Limits {
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: args.header_read_timeout,
+    };
+    let shared = std::sync::Arc::new(
+        verifier::Shared::new(policy, use_log.clone(), upstream)
+            .accepting_any_key(args.accept_any_key)
+            .bound_to(args.bind_key.clone())
+            .with_limits(limits),
+    );
     let client = kube::Client::try_default().await?;
     let listener = tokio::net::TcpListener::bind(&args.address).await?;
     info!(address = %listener.local_addr()?, namespaces = ?namespaces, clock_skew = ?args.clock_skew,
@@ -475,6 +527,15 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         None => verifier::run(client, namespaces, shared, listener, shutdown_signal()).await?,
     }
     Ok(())
+}
+
+/// Core dumps off for the operator and the verifier (they hold key material); a failure is
+/// logged, not fatal.
+fn forbid_core_dumps() {
+    match keyward::hygiene::forbid_core_dumps() {
+        Ok(()) => tracing::debug!("core dumps off (RLIMIT_CORE 0, not dumpable)"),
+        Err(e) => tracing::warn!(error = %e, "could not turn core dumps off"),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -253,6 +253,11 @@ fn verifier_statefulset_args_parse_with_the_binary() {
             "--audience" => "policies".into(),
             "--issuer" => "https://keyward.example".into(),
             "--upstream" => "http://127.0.0.1:8181".into(),
+            "--upstream-timeout" => s(&v["args"]["upstreamTimeout"]),
+            "--bind-key" => "policies/opa-bundles".into(),
+            "--accept-any-key" => "true".into(),
+            "--max-connections" => s(&v["args"]["maxConnections"]),
+            "--header-read-timeout" => s(&v["args"]["headerReadTimeout"]),
             "--log-format" => s(&values["logFormat"]),
             other => panic!("verifier-statefulset.yaml passes {other}: add it to this test"),
         }

@@ -156,13 +156,19 @@ async fn wait_ready(http: &reqwest::Client, base: &str) {
     .await;
 }
 
+/// `GET /auth/<the key the token names>`: the route nginx is configured to ask for that key.
 async fn auth(http: &reqwest::Client, base: &str, token: &str, pod: &str) -> reqwest::Response {
-    http.get(format!("{base}/auth"))
+    let (_, claims) = keyward::keys::decode_token_unverified(token).expect("a token");
+    auth_at(http, &format!("{base}/auth/{}", claims.sub), token, pod).await
+}
+
+async fn auth_at(http: &reqwest::Client, url: &str, token: &str, pod: &str) -> reqwest::Response {
+    http.get(url)
         .bearer_auth(token)
         .header("x-keyward-pod-uid", pod)
         .send()
         .await
-        .expect("GET /auth")
+        .expect("GET /auth/...")
 }
 
 fn header(res: &reqwest::Response, name: &str) -> String {
@@ -300,6 +306,67 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     v.stop().await;
     op.stop().await;
     ns.cleanup().await;
+}
+
+/// Issue 18, finding 1: a token of namespace A's key is not accepted on namespace B's route,
+/// nor on the unbound `/auth`, with both keys watched by one verifier (before: 200 on both).
+#[tokio::test]
+async fn a_token_passes_only_the_route_bound_to_its_key() {
+    let ns_a = TestNamespace::new("kw-bind-a").await;
+    let ns_b = TestNamespace::new("kw-bind-b").await;
+    let (_, token_a) = minted_key(&ns_a, "bundles").await;
+    let (_, token_b) = minted_key(&ns_b, "bundles").await;
+
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let shared = Arc::new(Shared::new(
+        Policy::default(),
+        Arc::new(MemoryUseLog::new(100)),
+        None,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(verifier::run(
+        client,
+        vec![ns_a.name().to_string(), ns_b.name().to_string()],
+        shared,
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let http = reqwest::Client::new();
+    wait_ready(&http, &base).await;
+    let route_a = format!("{base}/auth/{}/bundles", ns_a.name());
+    let route_b = format!("{base}/auth/{}/bundles", ns_b.name());
+    eventually("both tokens accepted on their own routes", || async {
+        let a = auth_at(&http, &route_a, &token_a, POD).await.status() == 200;
+        let b = auth_at(&http, &route_b, &token_b, POD).await.status() == 200;
+        (a && b).then_some(())
+    })
+    .await;
+    for (url, token) in [(&route_b, &token_a), (&route_a, &token_b)] {
+        let res = auth_at(&http, url, token, POD).await;
+        assert_eq!(res.status(), 403, "{url}");
+        assert_eq!(header(&res, "x-keyward-reason"), "KeyNotAccepted");
+        // Envoy's shape for the same binding.
+        let envoy = url.replacen("/auth/", "/authz/", 1) + "/bundles/authz.tar.gz";
+        assert_eq!(auth_at(&http, &envoy, token, POD).await.status(), 403);
+    }
+    for url in [
+        format!("{base}/auth"),
+        format!("{base}/ext_authz/{}/bundles/x", ns_b.name()),
+    ] {
+        let res = auth_at(&http, &url, &token_a, POD).await;
+        assert_eq!(res.status(), 403, "{url}");
+        assert_eq!(header(&res, "x-keyward-reason"), "Unbound");
+    }
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    ns_a.cleanup().await;
+    ns_b.cleanup().await;
 }
 
 // ---- Reporting: the `keyward verifier` binary writing KeyUsageReports and its Lease. ----
@@ -642,5 +709,154 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
         "log:\n{}",
         third.read_log()
     );
+    ns.cleanup().await;
+}
+
+/// Issue 18, finding 8: the `keyward verifier` binary as an edge. A client that sends half a
+/// request head is cut off after `--header-read-timeout`; past `--max-connections` a new
+/// connection is closed at once; two `Authorization` headers and a `crit` header are refused;
+/// a refused token's claims never reach the log; core dumps are off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_binary_holds_as_an_edge() {
+    use std::io::{Read as _, Write as _};
+    let ns = TestNamespace::new("kw-edge").await;
+    let (_, token) = minted_key(&ns, "edge").await;
+    let v = Spawned::start(
+        ns.name(),
+        "edge-0",
+        &[
+            "--report=false",
+            "--header-read-timeout",
+            "1s",
+            "--max-connections",
+            "8",
+        ],
+    )
+    .await;
+    let addr = v.base.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::new();
+    let route = format!("{}/auth/{}/edge", v.base, ns.name());
+    eventually("the token accepted", || async {
+        (auth_at(&http, &route, &token, POD).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Slowloris: half a head, then silence. Cut off after about a second.
+    let slow = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .expect("write");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let started = Instant::now();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap_or(0);
+            (n, started.elapsed())
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(slow.0, 0, "closed without an answer");
+    assert!(
+        slow.1 < Duration::from_secs(5),
+        "cut off after {:?}",
+        slow.1
+    );
+
+    // The connection cap: 8 held open, the 9th closed at once; a slot frees when one closes.
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let over = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut buf = [0u8; 64];
+            s.read(&mut buf).unwrap_or(0)
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(over, 0, "the connection over the cap gets no answer");
+    drop(held);
+    eventually("a slot free again", || async {
+        (http
+            .get(format!("{}/healthz", v.base))
+            .send()
+            .await
+            .ok()?
+            .status()
+            == 200)
+            .then_some(())
+    })
+    .await;
+
+    // Two Authorization headers, one of them good: refused.
+    let res = http
+        .get(&route)
+        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", "Bearer x")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(res.status(), 401);
+    assert_eq!(header(&res, "x-keyward-reason"), "DuplicateAuthorization");
+
+    // A forged token whose claims carry a log-injection payload: refused, and none of it is
+    // in the log (refusals are logged by reason only).
+    let forger = KeyPair::generate();
+    let now = chrono::Utc::now().timestamp();
+    let forged = forger
+        .sign_token(&TokenClaims {
+            iss: "keyward".into(),
+            sub: format!(
+                "{}/edge\n{{\"level\":\"INFO\",\"fields\":{{\"message\":\"INJECTED-LINE\"}}}}",
+                ns.name()
+            ),
+            aud: "keyward".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 60,
+            jti: "INJECTED-JTI".into(),
+        })
+        .expect("sign");
+    let res = auth_at(&http, &route, &forged, POD).await;
+    assert_eq!(res.status(), 401);
+    let metrics = http
+        .get(format!("{}/metrics", v.base))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains(r#"keyward_verifier_decisions_total{result="refused",reason="DuplicateAuthorization"} 1"#),
+        "{metrics}"
+    );
+    let log = v.read_log();
+    assert!(
+        !log.contains("INJECTED"),
+        "unverified claims in the log:\n{log}"
+    );
+
+    // No core dumps: RLIMIT_CORE is 0.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", v.child.0.id()))
+        .expect("/proc/<pid>/limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    assert!(
+        core.split_whitespace().skip(4).take(2).all(|n| n == "0"),
+        "{core}"
+    );
+    drop(v);
     ns.cleanup().await;
 }

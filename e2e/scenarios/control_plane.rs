@@ -63,8 +63,14 @@ impl Drop for Proc {
     }
 }
 
+/// The service URL of nginx on `port`.
+pub fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
 /// nginx on a loopback port: `/bundles/authz.tar.gz` (the test bundle, a static file with its
-/// ETag) behind `auth_request` to the verifier's `/auth`.
+/// ETag) behind `auth_request` to the verifier's `/auth/<ns>/<name>`: the location accepts only
+/// the tokens of the ProvisioningKey `key` (`<ns>/<name>`).
 pub struct Nginx {
     dir: PathBuf,
     pub port: u16,
@@ -72,7 +78,7 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(dir: &Path, verifier_port: u16) -> anyhow::Result<Self> {
+    pub fn start(dir: &Path, port: u16, verifier_port: u16, key: &str) -> anyhow::Result<Self> {
         let binary = nginx_binary()?;
         let dir = dir.join("nginx");
         for d in ["srv/bundles", "logs", "tmp"] {
@@ -84,7 +90,6 @@ impl Nginx {
             .arg(&dir)
             .status();
         std::fs::write(dir.join("srv/bundles/authz.tar.gz"), BUNDLE)?;
-        let port = free_port()?;
         let d = dir.display();
         let conf = format!(
             r#"pid {d}/nginx.pid;
@@ -105,7 +110,7 @@ http {{
     }}
     location = /_keyward {{
       internal;
-      proxy_pass http://127.0.0.1:{verifier_port}/auth;
+      proxy_pass http://127.0.0.1:{verifier_port}/auth/{key};
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
     }}
@@ -135,7 +140,7 @@ http {{
 
     /// The service URL agents use.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        url(self.port)
     }
 
     /// nginx's access log: `<msec> <addr> "<request>" <status> key=<ns/name> kid=<kid>

@@ -1301,17 +1301,19 @@ async fn hand_out(
         Some(pair) => pair,
         // Otherwise read once, here, the only step that needs the private key.
         None => {
-            let key_secret = secrets.get(&key_name).await?;
+            let mut key_secret = secrets.get(&key_name).await?;
             let private = key_secret
                 .data
                 .as_ref()
                 .and_then(|d| d.get(l::DATA_PRIVATE_KEY))
-                .map(|b| Zeroizing::new(String::from_utf8_lossy(&b.0).into_owned()))
-                .ok_or_else(|| Error::KeySecret {
-                    name: key_name.clone(),
-                    message: "has no private key".into(),
-                })?;
+                .map(|b| Zeroizing::new(String::from_utf8_lossy(&b.0).into_owned()));
+            // The decoded data map holds the private key: wipe it, not just drop it.
+            wipe(&mut key_secret);
             drop(key_secret);
+            let private = private.ok_or_else(|| Error::KeySecret {
+                name: key_name.clone(),
+                message: "has no private key".into(),
+            })?;
             KeyPair::from_pkcs8_pem(&private)?
         }
     };
@@ -1733,7 +1735,7 @@ async fn report_error(
         conditions::READY,
         false,
         error.reason(),
-        error.to_string(),
+        error.public_message(),
         generation,
         Time(jiff_from(now)),
     );
@@ -1748,8 +1750,9 @@ async fn report_error(
             true,
             conditions::reasons::RECONCILE_FAILED,
             format!(
-                "generation {} is not applied yet: {error}",
-                generation.unwrap_or_default()
+                "generation {} is not applied yet: {}",
+                generation.unwrap_or_default(),
+                error.public_message()
             ),
             generation,
             Time(jiff_from(now)),
@@ -1765,7 +1768,7 @@ async fn report_error(
             conditions::STALLED,
             true,
             error.reason(),
-            error.to_string(),
+            error.public_message(),
             generation,
             Time(jiff_from(now)),
         );
@@ -1786,7 +1789,7 @@ async fn report_error(
                     warning: true,
                     reason: error.reason(),
                     action: "Reconcile",
-                    note: error.to_string(),
+                    note: error.public_message(),
                     related: None,
                 },
             )

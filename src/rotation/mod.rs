@@ -28,8 +28,8 @@ pub mod observe;
 pub mod schedule;
 
 pub use settings::{
-    DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, Floors, LastGood, Names, Refusal,
-    Settings, SpecError, names, parse_duration, resolve_or_keep, valid_compromised,
+    DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
+    Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep, valid_compromised,
 };
 
 /// How many revoked key Secrets are kept (their public half and timestamps, for audit and the

@@ -1,8 +1,13 @@
 //! The verifier's HTTP surface, one router:
 //!
-//! * `GET /auth`: nginx `auth_request` (200 / 401 / 403, empty body);
-//! * `ANY /ext_authz/...`: Envoy `ext_authz` HTTP service with `path_prefix: /ext_authz`
-//!   (200 allows, anything else denies);
+//! * `GET /auth/<ns>/<name>`: nginx `auth_request` for the routes of one ProvisioningKey
+//!   (200 / 401 / 403, empty body);
+//! * `ANY /authz/<ns>/<name>/...`: Envoy `ext_authz` HTTP service with
+//!   `path_prefix: /authz/<ns>/<name>` (200 allows, anything else denies);
+//! * `GET /auth` and `ANY /ext_authz/...`: the same without a binding, refused (403 `Unbound`)
+//!   unless the verifier was started with `--accept-any-key`. A new route prefix, not
+//!   `/ext_authz/<ns>/<name>`: behind an old `path_prefix: /ext_authz` the client's own path
+//!   would follow the prefix and could name any key;
 //! * `GET /keys/<ns>/<name>/jwks.json` and `.../revoked.json`: the trust bundle, with
 //!   `Cache-Control: max-age` from the key's `publishDelay` and a strong `ETag`;
 //! * `GET /healthz`, `GET /readyz`;
@@ -21,18 +26,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use chrono::Utc;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::Shared;
 use super::index::KeyRef;
 use super::use_log::{Instance, POD_UID_HEADER, Use};
-use super::verify::{self, Refusal, Verified};
+use super::verify::{self, Binding, Refusal, Verified};
 
 pub const KEY_HEADER: &str = "x-keyward-key";
 pub const KID_HEADER: &str = "x-keyward-kid";
 pub const REASON_HEADER: &str = "x-keyward-reason";
-/// Optional on a request: accept only tokens of this key (`<ns>/<name>`); can only narrow.
-pub const EXPECT_KEY_HEADER: &str = "x-keyward-expect-key";
 
 /// Longest `max-age` served, whatever the publishDelay: revocations reach consumers too.
 pub const MAX_AGE_CAP: Duration = Duration::from_secs(300);
@@ -69,9 +72,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/auth", get(auth))
-        .route("/ext_authz", any(auth))
-        .route("/ext_authz/{*rest}", any(auth))
+        .route("/metrics", get(metrics))
+        .route("/auth", get(auth_unbound))
+        .route("/ext_authz", any(auth_unbound))
+        .route("/ext_authz/{*rest}", any(auth_unbound))
+        .route("/auth/{namespace}/{name}", get(auth_bound))
+        .route("/authz/{namespace}/{name}", any(auth_bound))
+        .route("/authz/{namespace}/{name}/", any(auth_bound))
+        .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound_rest))
         .route("/keys/{namespace}/{name}/{document}", get(bundle_document));
     let router = if shared.upstream.is_some() {
         router.fallback(proxy)
@@ -93,33 +101,33 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-/// Verifies the request's bearer token and records the use.
-fn check(shared: &Shared, headers: &HeaderMap) -> Result<Verified, Refusal> {
-    let token = verify::bearer(headers.get(header::AUTHORIZATION))?;
-    let expect = match headers.get(EXPECT_KEY_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(KeyRef::parse)
-                .ok_or(Refusal::BadSubject)?,
-        ),
-    };
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.stats.encode() {
+        Ok(body) => {
+            let mut res = body.into_response();
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            res
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Verifies the request's bearer token for `binding` and records the use. Refusals are logged
+/// by reason only: the rest of a refused token is unverified input.
+fn check(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Result<Verified, Refusal> {
     let now = Utc::now();
-    let verified = {
+    let verified = verify::bearer(headers).and_then(|token| {
         let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
-        verify::verify(
-            token,
-            &index,
-            expect.as_ref(),
-            now.timestamp(),
-            &shared.policy,
-        )
-    };
+        verify::verify(token, &index, binding, now.timestamp(), &shared.policy)
+    });
     match &verified {
         Ok(v) => {
             let instance = Instance::from_header(headers.get(POD_UID_HEADER));
             debug!(key = %v.key, kid = %v.kid, pod = ?instance.pod_uid(), "token accepted");
+            shared.stats.allowed();
             shared.use_log.record(Use {
                 key: v.key.clone(),
                 kid: v.kid.clone(),
@@ -127,9 +135,21 @@ fn check(shared: &Shared, headers: &HeaderMap) -> Result<Verified, Refusal> {
                 at: now,
             });
         }
-        Err(e) => info!(reason = e.reason(), error = %e, "token refused"),
+        Err(e) => {
+            shared.stats.refused(e.reason());
+            debug!(reason = e.reason(), "token refused");
+        }
     }
     verified
+}
+
+/// The binding of an unbound route: any key with `--accept-any-key`, else none.
+fn unbound(shared: &Shared) -> Result<Binding, Refusal> {
+    if shared.accept_any_key {
+        Ok(Binding::AnyKey)
+    } else {
+        Err(Refusal::Unbound)
+    }
 }
 
 fn allowed_headers(v: &Verified) -> [(HeaderName, HeaderValue); 2] {
@@ -164,9 +184,46 @@ pub fn refusal_response(r: &Refusal) -> Response {
     res
 }
 
+/// `/auth` and `/ext_authz/...`: refused unless `--accept-any-key`.
+async fn auth_unbound(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match unbound(&shared) {
+        Ok(binding) => auth(&shared, &headers, &binding),
+        Err(r) => {
+            shared.stats.refused(r.reason());
+            refusal_response(&r)
+        }
+    }
+}
+
+/// `/auth/<ns>/<name>` and `/authz/<ns>/<name>`.
+async fn auth_bound(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    auth(
+        &shared,
+        &headers,
+        &Binding::Key(KeyRef::new(namespace, name)),
+    )
+}
+
+/// `/authz/<ns>/<name>/<the client's path>`: Envoy appends the request's path to the prefix.
+async fn auth_bound_rest(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name, _rest)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    auth(
+        &shared,
+        &headers,
+        &Binding::Key(KeyRef::new(namespace, name)),
+    )
+}
+
 /// nginx `auth_request` and Envoy `ext_authz`: 200 with the key headers, or a refusal.
-async fn auth(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    match check(&shared, &headers) {
+fn auth(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Response {
+    match check(shared, headers, binding) {
         Ok(v) => {
             let mut res = StatusCode::OK.into_response();
             res.headers_mut().extend(allowed_headers(&v));
@@ -242,9 +299,17 @@ async fn proxy(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let Some(upstream) = shared.upstream.as_ref() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let verified = match check(&shared, req.headers()) {
+    let verified = match shared
+        .proxy_binding()
+        .and_then(|binding| check(&shared, req.headers(), &binding))
+    {
         Ok(v) => v,
-        Err(r) => return refusal_response(&r),
+        Err(r) => {
+            if r == Refusal::Unbound {
+                shared.stats.refused(r.reason());
+            }
+            return refusal_response(&r);
+        }
     };
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -268,13 +333,18 @@ async fn proxy(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let forward = http::Request::from_parts(parts, body);
-    match upstream.client.request(forward).await {
-        Ok(res) => {
+    match tokio::time::timeout(upstream.timeout, upstream.client.request(forward)).await {
+        Err(_) => {
+            shared.stats.upstream_timeout();
+            warn!(timeout = ?upstream.timeout, "upstream did not answer in time");
+            (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n").into_response()
+        }
+        Ok(Ok(res)) => {
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!(error = %e, "upstream request failed");
             (StatusCode::BAD_GATEWAY, "upstream unavailable\n").into_response()
         }

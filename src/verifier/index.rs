@@ -20,7 +20,7 @@ use sha2::{Digest as _, Sha256};
 use crate::api::ProvisioningKey;
 use crate::keys::Jwks;
 use crate::labels as l;
-use crate::rotation::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY};
+use crate::rotation::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL};
 
 /// A ProvisioningKey by namespace and name: what a token's `sub` names (`<ns>/<name>`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,6 +58,9 @@ pub struct KeyParams {
     pub issuer: String,
     pub publish_delay: Duration,
     pub trust_bundle: String,
+    /// The longest `spec.token.ttl` this process has seen for the key (same UID): a token
+    /// signed before the ttl was lowered still lives as long as it was issued for.
+    pub max_ttl: Duration,
 }
 
 impl KeyParams {
@@ -72,12 +75,18 @@ impl KeyParams {
             .and_then(|r| r.publish_delay.as_deref())
             .and_then(crate::rotation::parse_duration)
             .unwrap_or(DEFAULT_PUBLISH_DELAY);
+        let ttl = token
+            .ttl
+            .as_deref()
+            .and_then(crate::rotation::parse_duration)
+            .unwrap_or(DEFAULT_TOKEN_TTL);
         KeyParams {
             uid: pk.metadata.uid.clone().unwrap_or_default(),
             audience: token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
             issuer: token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.into()),
             publish_delay,
             trust_bundle: pk.trust_bundle_name(),
+            max_ttl: ttl,
         }
     }
 }
@@ -176,7 +185,11 @@ fn in_scope(ns: &str, scope: Option<&str>) -> bool {
 impl Index {
     pub fn apply_key(&mut self, pk: &ProvisioningKey) {
         let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
-        self.keys.insert(key, KeyParams::of(pk));
+        let mut params = KeyParams::of(pk);
+        if let Some(old) = self.keys.get(&key).filter(|old| old.uid == params.uid) {
+            params.max_ttl = params.max_ttl.max(old.max_ttl);
+        }
+        self.keys.insert(key, params);
     }
 
     pub fn delete_key(&mut self, pk: &ProvisioningKey) {
@@ -188,9 +201,18 @@ impl Index {
 
     /// Replaces every key in `scope` with `pks` (a watch's re-list).
     pub fn replace_keys(&mut self, scope: Option<&str>, pks: &[ProvisioningKey]) {
-        self.keys.retain(|k, _| !in_scope(&k.namespace, scope));
+        let old = std::mem::take(&mut self.keys);
+        let (gone, kept): (BTreeMap<_, _>, BTreeMap<_, _>) = old
+            .into_iter()
+            .partition(|(k, _)| in_scope(&k.namespace, scope));
+        self.keys = kept;
         for pk in pks {
-            self.apply_key(pk);
+            let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
+            let mut params = KeyParams::of(pk);
+            if let Some(old) = gone.get(&key).filter(|old| old.uid == params.uid) {
+                params.max_ttl = params.max_ttl.max(old.max_ttl);
+            }
+            self.keys.insert(key, params);
         }
     }
 

@@ -10,6 +10,8 @@
 pub mod http;
 pub mod index;
 pub mod report;
+pub mod serve;
+pub mod stats;
 pub mod use_log;
 pub mod verify;
 mod watch;
@@ -26,8 +28,10 @@ use hyper_util::rt::TokioExecutor;
 
 pub use index::{Index, KeyRef};
 pub use report::{ReportConfig, ReportError};
+pub use serve::Limits;
+pub use stats::Stats;
 pub use use_log::{Instance, MemoryUseLog, NoUseLog, Use, UseLog};
-pub use verify::{DEFAULT_CLOCK_SKEW, Policy, Refusal, Verified};
+pub use verify::{Binding, DEFAULT_CLOCK_SKEW, MAX_TOKEN_TTL, Policy, Refusal, Verified};
 pub use watch::watch;
 
 /// The upstream of the reverse-proxy mode.
@@ -35,7 +39,14 @@ pub struct Upstream {
     /// `http://host:port[/prefix]`.
     pub base: String,
     pub client: Client<HttpConnector, axum::body::Body>,
+    /// How long the upstream may take to answer (its response head); then 504.
+    pub timeout: std::time::Duration,
 }
+
+/// Default of `--upstream-timeout`.
+pub const DEFAULT_UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long connecting to the upstream may take.
+pub const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Upstream {
     /// Only plain `http://` upstreams (the verifier sits next to the bundle server).
@@ -48,9 +59,13 @@ impl Upstream {
                 "--upstream {base:?} must be http://host:port[/path]"
             ));
         }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
         Ok(Upstream {
             base: base.to_string(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: DEFAULT_UPSTREAM_TIMEOUT,
         })
     }
 }
@@ -61,6 +76,14 @@ pub struct Shared {
     pub policy: Policy,
     pub use_log: Arc<dyn UseLog>,
     pub upstream: Option<Upstream>,
+    /// `--accept-any-key`: unbound routes (`/auth`, `/ext_authz`, the proxy without
+    /// `--bind-key`) accept any watched key's token instead of refusing.
+    pub accept_any_key: bool,
+    /// `--bind-key`: the one key the reverse proxy accepts.
+    pub bind_key: Option<KeyRef>,
+    pub stats: Arc<Stats>,
+    /// The server's connection limits.
+    pub limits: Limits,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -72,7 +95,39 @@ impl Shared {
             policy,
             use_log,
             upstream,
+            accept_any_key: false,
+            bind_key: None,
+            stats: Arc::new(Stats::default()),
+            limits: Limits::default(),
             pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Unbound routes accept any watched key (`--accept-any-key`).
+    pub fn accepting_any_key(mut self, yes: bool) -> Self {
+        self.accept_any_key = yes;
+        self
+    }
+
+    /// The server's connection limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The reverse proxy accepts only `key` (`--bind-key`).
+    pub fn bound_to(mut self, key: Option<KeyRef>) -> Self {
+        self.bind_key = key;
+        self
+    }
+
+    /// What the reverse proxy accepts: its `--bind-key`, else any key with `--accept-any-key`,
+    /// else nothing.
+    pub fn proxy_binding(&self) -> Result<Binding, Refusal> {
+        match (&self.bind_key, self.accept_any_key) {
+            (Some(key), _) => Ok(Binding::Key(key.clone())),
+            (None, true) => Ok(Binding::AnyKey),
+            (None, false) => Err(Refusal::Unbound),
         }
     }
 
@@ -107,9 +162,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let watches = tokio::spawn(watch(client, namespaces, shared.clone()));
-    let res = axum::serve(listener, http::router(shared))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let (stats, limits) = (shared.stats.clone(), shared.limits);
+    let res = serve::serve(listener, http::router(shared), limits, stats, shutdown).await;
     watches.abort();
     res
 }
@@ -138,12 +192,9 @@ pub async fn run_reporting(
         since,
         stop_rx,
     ));
+    let (stats, limits) = (shared.stats.clone(), shared.limits);
     let router = http::router(shared);
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let mut server = tokio::spawn(serve::serve(listener, router, limits, stats, shutdown));
     let res: Result<(), Box<dyn std::error::Error + Send + Sync>> = tokio::select! {
         served = &mut server => {
             let _ = stop_tx.send(true);

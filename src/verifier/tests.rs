@@ -15,7 +15,7 @@ use tower::ServiceExt as _;
 use super::http::{cache_control, max_age, none_match, router};
 use super::index::{Index, KeyRef, etag_of};
 use super::use_log::MemoryUseLog;
-use super::verify::{Policy, Refusal, verify};
+use super::verify::{Binding, Policy, Refusal, verify};
 use super::{Shared, Use, UseLog};
 use crate::api::ProvisioningKey;
 use crate::keys::{Jwks, KeyPair, TokenClaims};
@@ -70,7 +70,7 @@ fn claims(sub: &str) -> TokenClaims {
         aud: "keyward".into(),
         iat: NOW - 60,
         nbf: NOW - 60,
-        exp: NOW + 3600,
+        exp: NOW + 3000,
         jti: "j1".into(),
     }
 }
@@ -285,9 +285,66 @@ fn verification_table() {
             Err("BadSubject"),
         ),
         ("garbage", "not-a-jwt".into(), None, Err("InvalidToken")),
+        (
+            "issued in the future, beyond the skew",
+            with(TokenClaims {
+                iat: NOW + 31,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenIssuedInFuture"),
+        ),
+        (
+            "issued in the future, within the skew",
+            with(TokenClaims {
+                iat: NOW + 29,
+                ..claims("ns/a")
+            }),
+            None,
+            Ok((&a, &kid1)),
+        ),
+        (
+            "lifetime is the key's ttl (1h) plus the skew",
+            with(TokenClaims {
+                iat: NOW - 60,
+                exp: NOW - 60 + 3600 + 30,
+                ..claims("ns/a")
+            }),
+            None,
+            Ok((&a, &kid1)),
+        ),
+        (
+            "lifetime longer than the key's ttl plus the skew",
+            with(TokenClaims {
+                iat: NOW - 60,
+                exp: NOW - 60 + 3600 + 31,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenLifetimeTooLong"),
+        ),
+        (
+            "exp = i64::MAX",
+            with(TokenClaims {
+                exp: i64::MAX,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenLifetimeTooLong"),
+        ),
+        (
+            "iat = i64::MIN, exp in range",
+            with(TokenClaims {
+                iat: i64::MIN,
+                ..claims("ns/a")
+            }),
+            None,
+            Err("TokenLifetimeTooLong"),
+        ),
     ];
     for (name, token, expect, want) in cases {
-        let got = verify(&token, &f.index, expect, NOW, &policy);
+        let binding = expect.map_or(Binding::AnyKey, |k| Binding::Key(k.clone()));
+        let got = verify(&token, &f.index, &binding, NOW, &policy);
         match (got, want) {
             (Ok(v), Ok((key, kid))) => {
                 assert_eq!((&v.key, v.kid.as_str()), (key, kid), "{name}");
@@ -311,10 +368,72 @@ fn refusal_statuses() {
     assert_eq!(
         Refusal::KeyNotAccepted {
             expected: "a".into(),
-            actual: "b".into()
         }
         .status(),
         StatusCode::FORBIDDEN
+    );
+    assert_eq!(Refusal::Unbound.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        Refusal::DuplicateAuthorization.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[test]
+fn a_lowered_ttl_keeps_tokens_issued_under_the_longer_one() {
+    let k = KeyPair::generate();
+    let mut index = Index::default();
+    let key = |ttl: &str| pk("a", UID_A, json!({"token": {"ttl": ttl}}));
+    index.apply_key(&key("2h"));
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
+        .expect("parse");
+    let two_hours = k
+        .sign_token(&TokenClaims {
+            iat: NOW - 60,
+            exp: NOW - 60 + 7200,
+            ..claims("ns/a")
+        })
+        .expect("sign");
+    let ok = |index: &Index| verify(&two_hours, index, &Binding::AnyKey, NOW, &Policy::default());
+    assert!(ok(&index).is_ok());
+    // Lowered to 10m: the token issued for 2h still lives (the longest ttl seen), also across
+    // a re-list; a new key of the same name (another UID) starts from its own ttl.
+    index.apply_key(&key("10m"));
+    assert!(ok(&index).is_ok());
+    index.replace_keys(Some("ns"), &[key("10m")]);
+    assert!(ok(&index).is_ok());
+    index.apply_key(&pk("a", UID_B, json!({"token": {"ttl": "10m"}})));
+    index
+        .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
+        .expect("parse");
+    assert_eq!(
+        ok(&index).map_err(|e| e.reason()),
+        Err("TokenLifetimeTooLong")
+    );
+    // Whatever the spec says, no token lives past the ceiling.
+    let mut index = Index::default();
+    index.apply_key(&key("1000h"));
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
+        .expect("parse");
+    let day_and_more = k
+        .sign_token(&TokenClaims {
+            iat: NOW - 60,
+            exp: NOW - 60 + 24 * 3600 + 31,
+            ..claims("ns/a")
+        })
+        .expect("sign");
+    assert_eq!(
+        verify(
+            &day_and_more,
+            &index,
+            &Binding::AnyKey,
+            NOW,
+            &Policy::default()
+        )
+        .map_err(|e| e.reason()),
+        Err("TokenLifetimeTooLong")
     );
 }
 
@@ -327,7 +446,7 @@ fn policy_flags_override_the_keys_aud_and_iss() {
         ..Policy::default()
     };
     assert_eq!(
-        verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
+        verify(&good, &f.index, &Binding::AnyKey, NOW, &strict).map_err(|e| e.reason()),
         Err("WrongAudience")
     );
     let strict = Policy {
@@ -335,7 +454,7 @@ fn policy_flags_override_the_keys_aud_and_iss() {
         ..Policy::default()
     };
     assert_eq!(
-        verify(&good, &f.index, None, NOW, &strict).map_err(|e| e.reason()),
+        verify(&good, &f.index, &Binding::AnyKey, NOW, &strict).map_err(|e| e.reason()),
         Err("WrongIssuer")
     );
 }
@@ -351,16 +470,16 @@ fn a_bundle_is_used_only_for_the_key_that_owns_it() {
         .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
         .expect("parse");
     assert_eq!(
-        verify(&token, &index, None, NOW, &Policy::default()).map_err(|e| e.reason()),
+        verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).map_err(|e| e.reason()),
         Err("UnknownKey")
     );
     // The right owner: accepted; the key deleted: unknown again.
     index
         .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
         .expect("parse");
-    assert!(verify(&token, &index, None, NOW, &Policy::default()).is_ok());
+    assert!(verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).is_ok());
     index.delete_key(&pk("a", UID_A, json!({})));
-    assert!(verify(&token, &index, None, NOW, &Policy::default()).is_err());
+    assert!(verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).is_err());
 }
 
 #[test]
@@ -432,19 +551,28 @@ async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, HeaderMap,
     )
 }
 
+fn get_with(path: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut req = Request::get(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Body::empty()).expect("request")
+}
+
 #[tokio::test]
 async fn auth_request_shapes() {
     let f = fixture();
     let log = Arc::new(MemoryUseLog::new(100));
     let app = router(shared(&f, log.clone()));
     let token = live_token(&f.k1, "ns/a");
+    let bearer = format!("Bearer {token}");
 
-    // nginx auth_request: allowed, with the key headers and the pod recorded.
-    let req = Request::get("/auth")
-        .header("authorization", format!("Bearer {token}"))
-        .header("x-keyward-pod-uid", POD)
-        .body(Body::empty())
-        .expect("request");
+    // nginx auth_request on the key's own route: allowed, with the key headers and the pod
+    // recorded.
+    let req = get_with(
+        "/auth/ns/a",
+        &[("authorization", &bearer), ("x-keyward-pod-uid", POD)],
+    );
     let (status, headers, body) = call(&app, req).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-keyward-key"], "ns/a");
@@ -454,11 +582,7 @@ async fn auth_request_shapes() {
     assert!(log.pods_seen(&key, &f.k1.key_id()).contains_key(POD));
 
     // No token: 401, a reason, WWW-Authenticate, no body.
-    let (status, headers, body) = call(
-        &app,
-        Request::get("/auth").body(Body::empty()).expect("request"),
-    )
-    .await;
+    let (status, headers, body) = call(&app, get_with("/auth/ns/a", &[])).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["x-keyward-reason"], "MissingToken");
     assert!(headers.contains_key("www-authenticate"));
@@ -466,10 +590,10 @@ async fn auth_request_shapes() {
 
     // A revoked key: 401, and the response holds nothing of the token.
     let revoked = live_token(&f.k2, "ns/a");
-    let req = Request::get("/auth")
-        .header("authorization", format!("Bearer {revoked}"))
-        .body(Body::empty())
-        .expect("request");
+    let req = get_with(
+        "/auth/ns/a",
+        &[("authorization", &format!("Bearer {revoked}"))],
+    );
     let (status, headers, body) = call(&app, req).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["x-keyward-reason"], "TokenRevoked");
@@ -484,25 +608,61 @@ async fn auth_request_shapes() {
         }
     }
 
-    // Authenticated, but this location accepts only ns/b: 403.
-    let req = Request::get("/auth")
-        .header("authorization", format!("Bearer {token}"))
-        .header("x-keyward-expect-key", "ns/b")
-        .body(Body::empty())
-        .expect("request");
-    let (status, headers, _) = call(&app, req).await;
+    // A genuine token of key a on key b's route: 403, whatever the client adds (the old
+    // X-Keyward-Expect-Key header is not read, so it can neither narrow nor widen).
+    for extra in [None, Some("ns/a"), Some("ns/b")] {
+        let mut h = vec![("authorization", bearer.as_str())];
+        if let Some(e) = extra {
+            h.push(("x-keyward-expect-key", e));
+        }
+        let (status, headers, _) = call(&app, get_with("/auth/ns/b", &h)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{extra:?}");
+        assert_eq!(headers["x-keyward-reason"], "KeyNotAccepted");
+    }
+
+    // The unbound /auth refuses every token (403 Unbound) without --accept-any-key.
+    let (status, headers, _) = call(&app, get_with("/auth", &[("authorization", &bearer)])).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(headers["x-keyward-reason"], "KeyNotAccepted");
+    assert_eq!(headers["x-keyward-reason"], "Unbound");
+
+    // Two Authorization headers: refused, even if one of them is good.
+    for pair in [[bearer.as_str(), "Bearer x"], ["Bearer x", bearer.as_str()]] {
+        let req = get_with(
+            "/auth/ns/a",
+            &[("authorization", pair[0]), ("authorization", pair[1])],
+        );
+        let (status, headers, _) = call(&app, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers["x-keyward-reason"], "DuplicateAuthorization");
+    }
 
     // Key b's token with key a's default audience is refused.
-    let req = Request::get("/auth")
-        .header(
+    let req = get_with(
+        "/auth/ns/b",
+        &[(
             "authorization",
-            format!("Bearer {}", live_token(&f.k3, "ns/b")),
-        )
-        .body(Body::empty())
-        .expect("request");
+            &format!("Bearer {}", live_token(&f.k3, "ns/b")),
+        )],
+    );
     assert_eq!(call(&app, req).await.0, StatusCode::UNAUTHORIZED); // wrong aud for b
+}
+
+#[tokio::test]
+async fn accept_any_key_opens_the_unbound_routes() {
+    let f = fixture();
+    let s = Shared::new(Policy::default(), Arc::new(MemoryUseLog::new(10)), None)
+        .accepting_any_key(true);
+    s.update(|i| *i = f.index.clone());
+    let app = router(Arc::new(s));
+    let bearer = format!("Bearer {}", live_token(&f.k1, "ns/a"));
+    for path in ["/auth", "/ext_authz", "/ext_authz/x/y"] {
+        let (status, headers, _) = call(&app, get_with(path, &[("authorization", &bearer)])).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(headers["x-keyward-key"], "ns/a");
+    }
+    // A bound route stays bound.
+    let (status, _, _) = call(&app, get_with("/auth/ns/b", &[("authorization", &bearer)])).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
@@ -510,11 +670,12 @@ async fn ext_authz_shapes() {
     let f = fixture();
     let app = router(shared(&f, Arc::new(MemoryUseLog::new(100))));
     let token = live_token(&f.k1, "ns/a");
-    // Envoy's HTTP service: the original method and path under the prefix.
+    // Envoy's HTTP service with path_prefix /authz/ns/a: the original method and path follow.
     for (method, path) in [
-        ("GET", "/ext_authz/bundles/authz.tar.gz"),
-        ("POST", "/ext_authz/v1/data?x=1"),
-        ("GET", "/ext_authz"),
+        ("GET", "/authz/ns/a/bundles/authz.tar.gz"),
+        ("POST", "/authz/ns/a/v1/data?x=1"),
+        ("GET", "/authz/ns/a"),
+        ("GET", "/authz/ns/a/"),
     ] {
         let req = Request::builder()
             .method(method)
@@ -527,22 +688,59 @@ async fn ext_authz_shapes() {
         assert_eq!(headers["x-keyward-key"], "ns/a");
         assert_eq!(headers["x-keyward-kid"], f.k1.key_id().as_str());
     }
-    let req = Request::get("/ext_authz/bundles/authz.tar.gz")
-        .header("authorization", format!("Bearer {}", tamper(&token)))
-        .body(Body::empty())
-        .expect("request");
+    // Key b's route, and the old unbound prefix, whatever path the client chose after it
+    // (behind `path_prefix: /ext_authz` the client's path could name any key).
+    for (path, reason) in [
+        ("/authz/ns/b/bundles/authz.tar.gz", "KeyNotAccepted"),
+        ("/ext_authz/bundles/authz.tar.gz", "Unbound"),
+        ("/ext_authz/ns/a/bundles/authz.tar.gz", "Unbound"),
+        ("/ext_authz", "Unbound"),
+    ] {
+        let req = get_with(path, &[("authorization", &format!("Bearer {token}"))]);
+        let (status, headers, _) = call(&app, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(headers["x-keyward-reason"], reason, "{path}");
+    }
+    let req = get_with(
+        "/authz/ns/a/bundles/authz.tar.gz",
+        &[("authorization", &format!("Bearer {}", tamper(&token)))],
+    );
     let (status, headers, body) = call(&app, req).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["x-keyward-reason"], "SignatureInvalid");
     assert!(body.is_empty());
-    let req = Request::get("/ext_authz/x")
-        .header("authorization", "Basic dXNlcjpwYXNz")
-        .body(Body::empty())
-        .expect("request");
+    let req = get_with("/authz/ns/a/x", &[("authorization", "Basic dXNlcjpwYXNz")]);
     assert_eq!(
         call(&app, req).await.1["x-keyward-reason"],
         "MalformedAuthorization"
     );
+}
+
+#[tokio::test]
+async fn decisions_are_counted_by_reason() {
+    let f = fixture();
+    let s = shared(&f, Arc::new(MemoryUseLog::new(10)));
+    let app = router(s.clone());
+    let bearer = format!("Bearer {}", live_token(&f.k1, "ns/a"));
+    call(&app, get_with("/auth/ns/a", &[("authorization", &bearer)])).await;
+    call(&app, get_with("/auth", &[("authorization", &bearer)])).await;
+    call(&app, get_with("/auth/ns/a", &[])).await;
+    assert_eq!(s.stats.decisions("allowed", ""), 1);
+    assert_eq!(s.stats.decisions("refused", "Unbound"), 1);
+    assert_eq!(s.stats.decisions("refused", "MissingToken"), 1);
+    let (status, headers, body) = call(&app, get_with("/metrics", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    assert!(
+        body.contains(r#"keyward_verifier_decisions_total{result="refused",reason="Unbound"} 1"#),
+        "{body}"
+    );
+    assert!(!body.contains(&f.k1.key_id()), "no key id in metrics");
 }
 
 #[tokio::test]
@@ -675,10 +873,32 @@ async fn reverse_proxy_forwards_only_verified_requests() {
         Policy::default(),
         Arc::new(MemoryUseLog::new(10)),
         Some(upstream),
-    );
+    )
+    .bound_to(Some(KeyRef::new("ns", "a")));
     s.update(|i| *i = f.index.clone());
     let app = router(Arc::new(s));
     let token = live_token(&f.k1, "ns/a");
+
+    // Another key's genuine token: 403, never forwarded.
+    let mut b_claims = claims("ns/b");
+    let now = chrono::Utc::now().timestamp();
+    b_claims.aud = "bundles".into();
+    b_claims.iss = "https://kw.example".into();
+    b_claims.iat = now;
+    b_claims.nbf = now;
+    b_claims.exp = now + 600;
+    let token_b = f.k3.sign_token(&b_claims).expect("sign");
+    let (status, headers, body) = call(
+        &app,
+        get_with(
+            "/v1/data/x",
+            &[("authorization", &format!("Bearer {token_b}"))],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers["x-keyward-reason"], "KeyNotAccepted");
+    assert!(body.is_empty());
 
     // Verified: forwarded with the body, the token removed, the key headers set (a forged
     // client-sent X-Keyward-Key is dropped).
@@ -716,4 +936,59 @@ async fn reverse_proxy_forwards_only_verified_requests() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_unbound_reverse_proxy_refuses() {
+    let f = fixture();
+    let upstream = super::Upstream::new(&echo_upstream().await).expect("upstream");
+    let s = Shared::new(
+        Policy::default(),
+        Arc::new(MemoryUseLog::new(10)),
+        Some(upstream),
+    );
+    s.update(|i| *i = f.index.clone());
+    let app = router(Arc::new(s));
+    let bearer = format!("Bearer {}", live_token(&f.k1, "ns/a"));
+    let (status, headers, body) =
+        call(&app, get_with("/v1/data/x", &[("authorization", &bearer)])).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers["x-keyward-reason"], "Unbound");
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn a_silent_upstream_gets_504() {
+    let f = fixture();
+    // An upstream that accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            open.push(s);
+        }
+    });
+    let upstream = super::Upstream {
+        timeout: Duration::from_millis(300),
+        ..super::Upstream::new(&format!("http://{addr}")).expect("upstream")
+    };
+    let s = Arc::new(
+        Shared::new(
+            Policy::default(),
+            Arc::new(MemoryUseLog::new(10)),
+            Some(upstream),
+        )
+        .bound_to(Some(KeyRef::new("ns", "a"))),
+    );
+    s.update(|i| *i = f.index.clone());
+    let app = router(s.clone());
+    let bearer = format!("Bearer {}", live_token(&f.k1, "ns/a"));
+    let started = std::time::Instant::now();
+    let (status, _, _) = call(&app, get_with("/v1/data/x", &[("authorization", &bearer)])).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    held.abort();
 }

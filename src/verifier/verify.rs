@@ -16,6 +16,9 @@ pub struct Policy {
     pub audience: Option<String>,
     /// Require this `iss` instead of the key's `spec.token.issuer` (default `keyward`).
     pub issuer: Option<String>,
+    /// No token lives longer than this (`exp - iat`), whatever a key's `spec.token.ttl` says:
+    /// the CRD's ceiling on `ttl`.
+    pub max_token_ttl: Duration,
 }
 
 impl Default for Policy {
@@ -24,12 +27,29 @@ impl Default for Policy {
             clock_skew: DEFAULT_CLOCK_SKEW,
             audience: None,
             issuer: None,
+            max_token_ttl: MAX_TOKEN_TTL,
         }
     }
 }
 
 /// Default of `--clock-skew`.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
+
+/// The ceiling on a token's lifetime (`exp - iat`) whatever the key's ttl: the CRD's ceiling on
+/// `spec.token.ttl`.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Which key a route accepts. The binding comes from the route the proxy is configured to ask
+/// (`/auth/<ns>/<name>`, `/authz/<ns>/<name>/...`, `--bind-key`), never from anything the client
+/// sends: the client reaches the verifier only through that configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// Only tokens of this key.
+    Key(KeyRef),
+    /// Tokens of any watched key (an unbound route of a verifier started with
+    /// `--accept-any-key`).
+    AnyKey,
+}
 
 /// An accepted token: which key, which key id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,8 +77,18 @@ pub enum Refusal {
     WrongAudience(String),
     #[error("token issuer does not match what ProvisioningKey {0} issues")]
     WrongIssuer(String),
-    #[error("token of ProvisioningKey {actual} is not accepted here (expected {expected})")]
-    KeyNotAccepted { expected: String, actual: String },
+    #[error("a token of another ProvisioningKey than {expected}, the one this route accepts")]
+    KeyNotAccepted { expected: String },
+    #[error(
+        "this route accepts no key: use /auth/<namespace>/<name> or /authz/<namespace>/<name>, or start the verifier with --accept-any-key"
+    )]
+    Unbound,
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
+    #[error("token issued in the future (iat beyond now plus the allowed clock skew)")]
+    IssuedInFuture,
+    #[error("token lifetime (exp - iat) is longer than its key's ttl")]
+    LifetimeTooLong,
 }
 
 impl Refusal {
@@ -73,21 +103,30 @@ impl Refusal {
             Refusal::WrongAudience(_) => "WrongAudience",
             Refusal::WrongIssuer(_) => "WrongIssuer",
             Refusal::KeyNotAccepted { .. } => "KeyNotAccepted",
+            Refusal::Unbound => "Unbound",
+            Refusal::DuplicateAuthorization => "DuplicateAuthorization",
+            Refusal::IssuedInFuture => "TokenIssuedInFuture",
+            Refusal::LifetimeTooLong => "TokenLifetimeTooLong",
         }
     }
 
     /// 401 (not authenticated) or 403 (authenticated, not accepted here).
     pub fn status(&self) -> http::StatusCode {
         match self {
-            Refusal::KeyNotAccepted { .. } => http::StatusCode::FORBIDDEN,
+            Refusal::KeyNotAccepted { .. } | Refusal::Unbound => http::StatusCode::FORBIDDEN,
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header value.
-pub fn bearer(header: Option<&http::HeaderValue>) -> Result<&str, Refusal> {
-    let value = header.ok_or(Refusal::MissingToken)?;
+/// The token of the request's one `Authorization: Bearer <token>` header (two or more
+/// `Authorization` headers are refused: proxies and the verifier could read different ones).
+pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Refusal> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(Refusal::MissingToken)?;
+    if values.next().is_some() {
+        return Err(Refusal::DuplicateAuthorization);
+    }
     let value = value
         .to_str()
         .map_err(|_| Refusal::MalformedAuthorization)?;
@@ -106,13 +145,17 @@ pub fn bearer(header: Option<&http::HeaderValue>) -> Result<&str, Refusal> {
 /// 2. `sub` names a key whose bundle is known;
 /// 3. the `kid` is in that bundle's JWKS, the signature verifies, the `kid` is not revoked
 ///    (a revoked kid is refused even if a stale JWKS still lists it);
-/// 4. `nbf - skew <= now < exp + skew`;
+/// 4. `nbf - skew <= now < exp + skew`, `iat <= now + skew`, and `exp - iat` at most the key's
+///    ttl (the longest this process has seen for it, at most [`Policy::max_token_ttl`]) plus skew;
 /// 5. `aud` and `iss` are what the key issues (or what the policy requires);
-/// 6. when `expect` is given, the key is that one (else 403).
+/// 6. the key is the one the route is bound to (else 403).
+///
+/// The refusal's message may name the key of a token whose signature did not verify: log its
+/// reason, never the message.
 pub fn verify(
     token: &str,
     index: &Index,
-    expect: Option<&KeyRef>,
+    binding: &Binding,
     now: i64,
     policy: &Policy,
 ) -> Result<Verified, Refusal> {
@@ -128,6 +171,14 @@ pub fn verify(
         .ok_or_else(|| Refusal::UnknownKey(key.to_string()))?;
     let skew = i64::try_from(policy.clock_skew.as_secs()).unwrap_or(i64::MAX / 2);
     let (header, claims) = keys::verify_token(token, &bundle.jwks, &bundle.revoked, now, skew)?;
+    if claims.iat > now.saturating_add(skew) {
+        return Err(Refusal::IssuedInFuture);
+    }
+    let ttl = params.max_ttl.min(policy.max_token_ttl);
+    let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+    if claims.exp.saturating_sub(claims.iat) > ttl.saturating_add(skew) {
+        return Err(Refusal::LifetimeTooLong);
+    }
     let audience = policy.audience.as_deref().unwrap_or(&params.audience);
     if claims.aud != audience {
         return Err(Refusal::WrongAudience(key.to_string()));
@@ -136,12 +187,11 @@ pub fn verify(
     if claims.iss != issuer {
         return Err(Refusal::WrongIssuer(key.to_string()));
     }
-    if let Some(expected) = expect
+    if let Binding::Key(expected) = binding
         && *expected != key
     {
         return Err(Refusal::KeyNotAccepted {
             expected: expected.to_string(),
-            actual: key.to_string(),
         });
     }
     Ok(Verified {

@@ -178,7 +178,12 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
-/// One `/auth` request; `Ok(None)` is a 200, `Ok(Some(reason))` a refusal.
+/// The verifier route bound to key `i` (what nginx would be configured to ask for it).
+fn route(i: usize) -> String {
+    format!("/auth/{NS}/{}", fixture::key_name(i))
+}
+
+/// One `/auth/<ns>/<name>` request; `Ok(None)` is a 200, `Ok(Some(reason))` a refusal.
 async fn auth(
     sender: &mut Sender,
     token: &str,
@@ -244,7 +249,8 @@ async fn run_stream(
                 }
                 let result = match conn.as_mut() {
                     Some(s) => {
-                        auth(s, &tokens[slot.key], &pod_uid(slot.key, slot.pod), "/auth").await
+                        let route = route(slot.key);
+                        auth(s, &tokens[slot.key], &pod_uid(slot.key, slot.pod), &route).await
                     }
                     None => Err(anyhow::anyhow!("connect failed")),
                 };
@@ -578,7 +584,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     // Every replica accepts a token before the load starts (a refusal names its reason).
     for (i, addr) in addrs.iter().enumerate() {
         let mut s = connect(*addr).await?;
-        if let Some(reason) = auth(&mut s, &tokens[0], &pod_uid(0, 0), "/auth").await? {
+        if let Some(reason) = auth(&mut s, &tokens[0], &pod_uid(0, 0), &route(0)).await? {
             anyhow::bail!("verifier v-{i} refused key 0's token: {reason}");
         }
     }

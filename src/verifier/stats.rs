@@ -1,0 +1,119 @@
+//! The verifier's own metrics, served on `/metrics`: decisions by result and reason, and the
+//! connection limits at work. Every label value is a `&'static str` from a fixed list; no key,
+//! key id, token or client input becomes a label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    result: &'static str,
+    reason: &'static str,
+}
+
+/// Counters and gauges of one verifier process.
+pub struct Stats {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    open_connections: Gauge,
+    connections_refused: Counter,
+    upstream_timeouts: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "keyward_verifier_decisions",
+            "Token decisions of this verifier, by result (allowed, refused) and reason (the X-Keyward-Reason of a refusal; empty when allowed)",
+            decisions.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "keyward_verifier_open_connections",
+            "Client connections this verifier holds open",
+            open_connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "keyward_verifier_connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
+        let upstream_timeouts = Counter::default();
+        registry.register(
+            "keyward_verifier_upstream_timeouts",
+            "Proxied requests answered 504 because the upstream did not answer within --upstream-timeout",
+            upstream_timeouts.clone(),
+        );
+        Stats {
+            registry,
+            decisions,
+            open_connections,
+            connections_refused,
+            upstream_timeouts,
+        }
+    }
+}
+
+impl Stats {
+    pub fn allowed(&self) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                result: "allowed",
+                reason: "",
+            })
+            .inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                result: "refused",
+                reason,
+            })
+            .inc();
+    }
+
+    /// How many decisions of `result` and `reason` were counted (tests and the hostile corpus).
+    pub fn decisions(&self, result: &'static str, reason: &'static str) -> u64 {
+        self.decisions
+            .get_or_create(&DecisionLabels { result, reason })
+            .get()
+    }
+
+    pub fn connection_opened(&self) {
+        self.open_connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.open_connections.dec();
+    }
+
+    pub fn open_connections(&self) -> i64 {
+        self.open_connections.get()
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.get()
+    }
+
+    pub fn upstream_timeout(&self) {
+        self.upstream_timeouts.inc();
+    }
+
+    /// Prometheus text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
