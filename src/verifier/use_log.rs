@@ -74,8 +74,11 @@ impl UseLog for NoUseLog {
 }
 
 /// Last time each (key, kid, instance) was seen, in memory, bounded: once `capacity` entries
-/// are held, new triples are counted as dropped (never evicting what is known, so a flood of
-/// made-up pod UIDs cannot erase a real pod's record). A reporter drains it later.
+/// are held, a new triple loses its pod (counted as dropped) but never its use: it is recorded
+/// as unattributed use of the key id. Nothing known is evicted, so a flood of made-up pod UIDs
+/// cannot erase a real pod's record; and a full log can never make a used key id look unused
+/// (the unattributed entries beyond `capacity` are one per verified (key, kid), bounded by the
+/// key ids the trust bundles list, not by client input). A reporter drains it later.
 #[derive(Debug)]
 pub struct MemoryUseLog {
     capacity: usize,
@@ -157,7 +160,15 @@ impl UseLog for MemoryUseLog {
         let full = inner.last_seen.len() >= self.capacity;
         match inner.last_seen.get_mut(&id) {
             Some(at) => *at = (*at).max(used_at),
-            None if full => inner.dropped += 1,
+            None if full => {
+                inner.dropped += 1;
+                let (key, kid, _) = id;
+                inner
+                    .last_seen
+                    .entry((key, kid, Instance::Unattributed))
+                    .and_modify(|at| *at = (*at).max(used_at))
+                    .or_insert(used_at);
+            }
             None => {
                 inner.last_seen.insert(id, used_at);
             }
@@ -241,13 +252,45 @@ mod tests {
         );
     }
 
+    /// Issue 18, finding 4: past the capacity a use loses its pod, never its key id.
+    #[test]
+    fn a_full_log_never_loses_a_key_ids_use() {
+        let log = MemoryUseLog::new(100);
+        let key = KeyRef::new("ns", "pk");
+        for i in 0..100u128 {
+            let uid = uuid::Uuid::from_u128(i + 1).hyphenated().to_string();
+            log.record(used(Instance::Pod(uid), 100));
+        }
+        // A flood of made-up pods on another key id: every use of it is still recorded.
+        for i in 0..10_000u128 {
+            let uid = uuid::Uuid::from_u128(1_000_000 + i)
+                .hyphenated()
+                .to_string();
+            log.record(Use {
+                kid: "kid-old".into(),
+                ..used(Instance::Pod(uid), 200 + (i as i64 % 7))
+            });
+        }
+        assert_eq!(log.dropped(), 10_000);
+        assert_eq!(
+            log.last_used(&key, "kid-old").map(|t| t.timestamp()),
+            Some(206)
+        );
+        assert!(log.pods_seen(&key, "kid-old").is_empty());
+        let drained = log.drain(DateTime::from_timestamp(300, 0).expect("time"));
+        assert_eq!(drained.len(), 101, "100 pods, and one unattributed use");
+    }
+
     #[test]
     fn a_drain_empties_the_log_and_later_uses_are_never_earlier_than_it() {
         let log = MemoryUseLog::new(1);
         log.record(used(Instance::Pod(UID.into()), 100));
-        log.record(used(Instance::Unattributed, 100)); // full: dropped
+        log.record(used(
+            Instance::Pod("6f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81".into()),
+            100,
+        )); // full: kept as unattributed use
         let drained = log.drain(DateTime::from_timestamp(130, 0).expect("time"));
-        assert_eq!(drained.len(), 1);
+        assert_eq!(drained.len(), 2);
         assert_eq!(log.dropped(), 1);
         // The capacity applies again after a drain; a use stamped before the drain (its handler
         // read the clock, then the drain ran) counts as at the drain.
