@@ -16,6 +16,8 @@
 
 #[allow(dead_code)]
 mod common;
+/// The hostile corpus (`tests/hostile/cases.jsonl`) against the real binary.
+mod hostile;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
