@@ -182,6 +182,12 @@ pub struct Args {
     /// keep-alive connection per replica).
     #[arg(long, default_value_t = 48)]
     load_connections: usize,
+    /// Verifier mode: client connections held open and silent on the replicas during the load
+    /// (each re-opened when the verifier's header-read timeout closes it). With N > 0 the
+    /// steady load first runs alone as the baseline, then again while they are held, and the
+    /// two p99s are compared.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
 }
 
 impl Args {

@@ -121,6 +121,18 @@ impl Outcome {
         self.ok + self.refused.values().sum::<usize>() + self.errors
     }
 
+    /// The `p` quantile of the latencies, ms.
+    fn quantile(&mut self, p: f64) -> f64 {
+        self.latencies_us.sort_unstable();
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
+            .clamp(1, self.latencies_us.len())
+            - 1;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+
     fn describe(&mut self, target: f64) -> String {
         self.latencies_us.sort_unstable();
         let q = |p: f64| -> f64 {
@@ -176,6 +188,66 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
         let _ = conn.await;
     });
     Ok(sender)
+}
+
+/// Silent connections held open on the replicas: each task connects, sends nothing, and
+/// connects again when the verifier closes it (its header-read timeout).
+struct IdleConnections {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    reopened: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl IdleConnections {
+    fn hold(n: usize, addrs: Arc<Vec<SocketAddr>>) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let open = Arc::new(AtomicUsize::new(0));
+        let reopened = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..n)
+            .map(|i| {
+                let (addrs, open, reopened) = (addrs.clone(), open.clone(), reopened.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let addr = addrs[i % addrs.len()];
+                    let mut first = true;
+                    loop {
+                        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        };
+                        if !first {
+                            reopened.fetch_add(1, Ordering::Relaxed);
+                        }
+                        first = false;
+                        open.fetch_add(1, Ordering::Relaxed);
+                        let mut buf = [0u8; 256];
+                        // Returns when the verifier closes the connection.
+                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        IdleConnections {
+            tasks,
+            open,
+            reopened,
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reopened(&self) -> usize {
+        self.reopened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// The verifier route bound to key `i` (what nginx would be configured to ask for it).
@@ -589,6 +661,45 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         }
     }
 
+    // With idle connections: the steady load alone first (the baseline), then the same load
+    // while `--idle-connections` silent connections are held on the replicas.
+    let mut idle = None;
+    if args.idle_connections > 0 {
+        let baseline = Stream {
+            rate: args.rps,
+            secs: args.duration as f64,
+            keys: Arc::new((0..n).collect()),
+            replicas: r,
+            pods: args.pods_per_key,
+        };
+        say(&format!(
+            "baseline: {:.0} req/s over {n} keys for {} s, no idle connections",
+            args.rps, args.duration
+        ));
+        let start = tokio::time::Instant::now() + Duration::from_millis(200);
+        let mut base = run_stream(
+            baseline,
+            start,
+            args.load_connections,
+            addrs.clone(),
+            tokens.clone(),
+        )
+        .await;
+        let p99 = base.quantile(0.99);
+        report.row(
+            "Baseline: steady /auth alone (no idle connections)".to_string(),
+            base.describe(args.rps),
+        );
+        report.num("auth_p99_baseline_ms", p99);
+        idle = Some((IdleConnections::hold(args.idle_connections, addrs.clone()), p99));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        say(&format!(
+            "holding {} idle connections: {} open",
+            args.idle_connections,
+            idle.as_ref().map_or(0, |(h, _)| h.open())
+        ));
+    }
+
     // The load.
     let dur = args.duration as f64;
     let steady = Stream {
@@ -650,6 +761,20 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         Some(t) => Some(t.await?),
         None => None,
     };
+    if let Some((held, base_p99)) = idle.take() {
+        let p99 = s_out.quantile(0.99);
+        let (open, reopened) = (held.open(), held.reopened());
+        held.stop();
+        report.row(
+            format!("Idle connections held during the load: {}", args.idle_connections),
+            format!(
+                "{open} open at the end, {reopened} re-opened after the verifier closed them; steady /auth p99 {p99:.2} ms vs baseline {base_p99:.2} ms = {:.2}x",
+                if base_p99 > 0.0 { p99 / base_p99 } else { 0.0 }
+            ),
+        );
+        report.num("auth_p99_idle_ms", p99);
+        report.num("idle_connections_reopened", reopened as f64);
+    }
     let t_load1 = Timestamp::now();
     let m1 = metrics::scrape(&admin).await?;
     guard::check()?;
