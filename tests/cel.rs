@@ -2,13 +2,16 @@
 //! rule in `crds/` has a test here that an object breaking it is refused with the rule's
 //! message, and that the same object without the break is accepted. This is the one source of
 //! truth for the rules' behaviour; `tests/crds.rs` only checks that each rule is in the schema
-//! (and, for `algorithm`, which has one allowed value, evaluates it client-side).
+//! (and, for `algorithm`, which has one allowed value, evaluates it client-side). The rules
+//! the operator checks too (ceilings, names) are also checked here to give the same answer as
+//! `Settings::resolve` on the same values.
 //!
 //! Needs the local plane (`bash e2e/cluster.sh up`).
 
 use std::collections::BTreeSet;
 
 use keyward::api::{self, ProvisioningKey, limits};
+use keyward::rotation::{Floors, Settings, SpecError};
 use keyward_testbed::TestNamespace;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -386,5 +389,119 @@ async fn the_server_refuses_a_name_longer_than_63_characters() {
     patch_spec(&pks, &"a".repeat(63), json!({ "suspend": true }))
         .await
         .expect("an update");
+    ns.cleanup().await;
+}
+
+/// The API server (CEL and pattern) and the operator (`Settings::resolve`) give the same answer
+/// on durations near and far beyond each ceiling, and on malformed ones. Floors aside: the
+/// server knows none (they are operator flags).
+#[tokio::test]
+async fn the_server_and_the_operator_agree_on_durations() {
+    let ns = TestNamespace::new("kw-cel-agree").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    create(&pks, "agree", json!({})).await;
+    let (mut disagreements, mut refused) = (Vec::new(), 0);
+    for c in limits::CEILINGS {
+        let h = c.hours;
+        let values = [
+            format!("{h}h"),
+            format!("{}m", h * 60),
+            format!("{}s", h * 3600),
+            format!("{}ms", h * 3_600_000),
+            format!("{}h", h + 1),
+            format!("{}m", h * 60 + 1),
+            format!("{}s", h * 3600 + 1),
+            format!("{}ms", h * 3_600_000 + 1),
+            format!("{h}h0.001s"),
+            format!("{}.5h", h - 1),
+            format!("{}h59m59.999s", h - 1),
+            "1h".to_string(),
+            "0s".to_string(),
+            "99999h".to_string(),
+            "100000h".to_string(),
+            "9999999m".to_string(),
+            "999999999s".to_string(),
+            "1000000000000s".to_string(),
+            "99999999999999999999h".to_string(),
+            "1e12s".to_string(),
+            "1d".to_string(),
+        ];
+        for v in values {
+            let spec = with_duration(c.field, &v);
+            let server = patch_spec(&pks, "agree", spec.clone()).await;
+            let server_accepts = match &server {
+                Ok(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 422 => false,
+                Err(e) => panic!("{} = {v}: {e}", c.field),
+            };
+            let pk: ProvisioningKey = serde_json::from_value(json!({
+                "apiVersion": "keyward.dev/v1alpha1",
+                "kind": "ProvisioningKey",
+                "metadata": { "name": "agree" },
+                "spec": spec,
+            }))
+            .expect("a ProvisioningKey");
+            let operator = Settings::resolve(&pk, &Floors::none());
+            let operator_accepts = !matches!(
+                operator,
+                Err(SpecError::AboveCeiling { .. } | SpecError::MalformedDuration { .. })
+            );
+            if server_accepts != operator_accepts {
+                disagreements.push(format!(
+                    "{} = {v}: server {server:?}, operator {operator:?}",
+                    c.field
+                ));
+            }
+            refused += usize::from(!server_accepts);
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    // 13 of the 21 values of each field are above its ceiling or malformed.
+    assert_eq!(refused, 13 * limits::CEILINGS.len());
+    ns.cleanup().await;
+}
+
+/// The same for the creation rules on names: the server refuses on creation exactly the names
+/// the operator refuses.
+#[tokio::test]
+async fn the_server_and_the_operator_agree_on_names() {
+    let ns = TestNamespace::new("kw-cel-agree-names").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let long = "a".repeat(63);
+    let too_long = "a".repeat(64);
+    let cases: Vec<(&str, Value)> = vec![
+        ("a-k2", json!({})),
+        ("b-k0001", json!({})),
+        ("c-k", json!({})),
+        ("d-kx", json!({})),
+        ("opa-k8s", json!({})),
+        ("e-k-k3", json!({})),
+        ("f", json!({ "secretName": "f-k1" })),
+        ("g", json!({ "secretName": "g-k1a" })),
+        ("h-k1", json!({ "secretName": "agents-h" })),
+        (long.as_str(), json!({})),
+        (too_long.as_str(), json!({})),
+    ];
+    let mut disagreements = Vec::new();
+    for (name, spec) in cases {
+        let server = try_create(&pks, name, spec.clone()).await;
+        let server_accepts = match &server {
+            Ok(_) => true,
+            Err(kube::Error::Api(s)) if s.code == 422 => false,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let pk: ProvisioningKey = serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1",
+            "kind": "ProvisioningKey",
+            "metadata": { "name": name },
+            "spec": spec,
+        }))
+        .expect("a ProvisioningKey");
+        let operator = Settings::resolve(&pk, &Floors::none());
+        if server_accepts != operator.is_ok() {
+            disagreements.push(format!("{name}: server {server:?}, operator {operator:?}"));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
     ns.cleanup().await;
 }
