@@ -83,7 +83,8 @@ impl Ceiling {
         format!("{}h", self.hours)
     }
 
-    /// The message of the CEL rule, and the core of the operator's refusal.
+    /// The message of the CEL rule (the operator's refusal, `SpecError::AboveCeiling`, names
+    /// the same field and bound, and the value).
     pub fn message(&self) -> String {
         format!("{} must be at most {}", self.field, self.go())
     }
