@@ -80,6 +80,70 @@ pub fn user_metadata(template: &BTreeMap<String, String>) -> BTreeMap<String, St
         .collect()
 }
 
+/// Keys Keyward sets itself on the objects it creates: everything under `keyward.dev/`, and
+/// [`MANAGED_BY`]. A `secretTemplate` may not set them.
+pub fn is_reserved(key: &str) -> bool {
+    key.starts_with("keyward.dev/") || key == MANAGED_BY
+}
+
+/// Whether `s` is a DNS-1123 subdomain (lowercase alphanumerics, `-` and `.`, starting and ending
+/// with an alphanumeric, at most 253 characters), as a key prefix must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// Whether `s` is 1 to 63 characters of `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`.
+fn is_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// Checks a label or annotation key as the API server does (a qualified name: an optional
+/// DNS-subdomain prefix and `/`, then a name of at most 63 characters); the error says why not.
+pub fn qualified_name(key: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix
+        && !is_dns_subdomain(prefix)
+    {
+        return Err(
+            "the prefix before '/' must be a DNS subdomain (lowercase alphanumerics, '-' and '.', at most 253 characters)",
+        );
+    }
+    if !is_name_part(name) {
+        return Err(
+            "the name must be 1 to 63 characters of alphanumerics, '-', '_' and '.', starting and ending with an alphanumeric, with at most one '/' before it",
+        );
+    }
+    Ok(())
+}
+
+/// Checks a label value as the API server does (empty, or a name of at most 63 characters).
+pub fn label_value(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() || is_name_part(value) {
+        Ok(())
+    } else {
+        Err(
+            "a label value must be empty or 1 to 63 characters of alphanumerics, '-', '_' and '.', starting and ending with an alphanumeric",
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +163,58 @@ mod tests {
         .collect();
         let kept = user_metadata(&t);
         assert_eq!(kept.keys().collect::<Vec<_>>(), vec!["team"]);
+    }
+
+    #[test]
+    fn keys_and_values_as_the_api_server_checks_them() {
+        let long = "a".repeat(63);
+        let too_long = "a".repeat(64);
+        let ok_prefix = format!("{}.io/x", "a".repeat(250));
+        let long_prefix = format!("{}.io/x", "a".repeat(251));
+        for (key, ok) in [
+            ("team", true),
+            ("app.kubernetes.io/part-of", true),
+            ("example.com/Team_Name.v1", true),
+            ("A", true),
+            (long.as_str(), true),
+            (too_long.as_str(), false),
+            ("", false),
+            ("-team", false),
+            ("team-", false),
+            ("te am", false),
+            ("a/b/c", false),
+            ("/team", false),
+            ("Example.com/team", false),
+            ("example..com/team", false),
+            ("-example.com/team", false),
+            ("example.com/", false),
+            (ok_prefix.as_str(), true),
+            (long_prefix.as_str(), false),
+            ("équipe", false),
+        ] {
+            assert_eq!(qualified_name(key).is_ok(), ok, "{key:?}");
+        }
+        for (value, ok) in [
+            ("", true),
+            ("payments", true),
+            ("v1.2_3-x", true),
+            (long.as_str(), true),
+            (too_long.as_str(), false),
+            ("-x", false),
+            ("x.", false),
+            ("a/b", false),
+            ("a b", false),
+        ] {
+            assert_eq!(label_value(value).is_ok(), ok, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_keys() {
+        assert!(is_reserved("keyward.dev/key-id"));
+        assert!(is_reserved("keyward.dev/anything"));
+        assert!(is_reserved(MANAGED_BY));
+        assert!(!is_reserved("app.kubernetes.io/part-of"));
+        assert!(!is_reserved("sub.keyward.dev/x"));
     }
 }

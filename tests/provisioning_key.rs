@@ -1674,13 +1674,14 @@ async fn a_squatted_key_secret_name_is_reported_and_retried_with_backoff() {
     ns.cleanup().await;
 }
 
-/// `secretName` set on a live key that had none (its default name is the key's name): the API
-/// server's CEL rule `self == oldSelf` cannot see that change (the old object has no value;
-/// `tests/cel.rs` shows a changed value is refused by the server), so the operator refuses it
-/// (`NameImmutable`), keeps serving the recorded Secret and writes nothing under the new name;
-/// removing the name again makes the key Ready again.
+/// `secretName` set on a live key that had none (its default name is the key's name) is refused
+/// by the API server: a CEL rule at the root compares the effective names (`tests/cel.rs`).
+/// Writing the default names explicitly, as a GitOps tool that renders defaults does, is no
+/// change: the server accepts it and the operator agrees (the key stays Ready on the same
+/// Secret, no `NameImmutable`). The operator's own refusal of a changed name, for an object
+/// that reached it without the rule, is unit-tested (`an_explicit_default_name_is_no_change`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
+async fn a_name_changed_on_a_live_key_is_refused_and_the_default_may_be_written() {
     let ns = TestNamespace::new("kw-rename").await;
     let pks: Api<ProvisioningKey> = ns.api();
     let secrets: Api<Secret> = ns.api();
@@ -1689,40 +1690,156 @@ async fn a_name_changed_on_a_live_key_is_refused_and_the_old_name_served() {
     wait_pk(&pks, "rename", "settled", is_settled).await;
     let (kid1, _) = token_exp(&secrets, "rename").await;
 
-    merge(
+    let refused = pks
+        .patch(
+            "rename",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "secretName": "agents-b" } })),
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(
+                s.message.contains("secretName is immutable"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("a name set on a live key was not refused: {other:?}"),
+    }
+
+    let pk = merge(
         &pks,
         "rename",
-        json!({ "spec": { "secretName": "agents-b" } }),
+        json!({ "spec": { "secretName": "rename", "trustBundle": { "configMapName": "rename-trust" } } }),
     )
     .await;
-    let pk = wait_pk(&pks, "rename", "Ready=False NameImmutable", |pk| {
-        not_ready_because(pk, "NameImmutable")
+    let generation = pk.metadata.generation;
+    let pk = wait_pk(&pks, "rename", "settled on the explicit defaults", |pk| {
+        is_settled(pk) && pk.status.as_ref().and_then(|s| s.observed_generation) == generation
     })
     .await;
-    let msg = ready_message(&pk);
-    assert!(
-        msg.contains("rename") && msg.contains("agents-b"),
-        "unclear message: {msg}"
-    );
-    // The recorded Secret is repaired if deleted meanwhile; the new name is never written.
-    secrets
-        .delete("rename", &DeleteParams::default())
-        .await
-        .expect("delete the agent Secret");
-    wait_obj(
-        &secrets,
-        "rename",
-        "the agent Secret re-created under its recorded name",
-        TIMEOUT,
-        |s| data(s, l::DATA_KEY_ID).as_deref() == Some(kid1.as_str()),
-    )
-    .await;
+    assert!(!not_ready_because(&pk, "NameImmutable"));
+    let (kid, _) = token_exp(&secrets, "rename").await;
+    assert_eq!(kid, kid1, "the key changed");
     assert!(
         secrets.get_opt("agents-b").await.expect("get").is_none(),
         "a Secret was written under the refused name"
     );
-    merge(&pks, "rename", json!({ "spec": { "secretName": null } })).await;
+    merge(
+        &pks,
+        "rename",
+        json!({ "spec": { "secretName": null, "trustBundle": null } }),
+    )
+    .await;
     wait_pk(&pks, "rename", "settled again", is_settled).await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+/// Issue 18: an invalid `secretTemplate` (here a key Keyward owns and a label value the API
+/// server refuses) made every write of the agent Secret fail with 422, in a loop, until the
+/// token expired. Now the key reports `Ready=False InvalidSpec` naming the entry, refuses new
+/// rotations, and keeps refreshing the token with the template's valid entries only: not one
+/// 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_secret_template_keeps_serving_the_current_key() {
+    use keyward::client::ResponseCode;
+    let ns = TestNamespace::new("kw-template").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let writes = keyward::controller::WriteCounter::default();
+    let obs = keyward::controller::Observability::new(&writes);
+    let op = Operator::start_with(ns.name(), Floors::none(), writes.clone(), obs).await;
+    let refusals = |w: &keyward::controller::WriteCounter| -> u64 {
+        w.responses()
+            .iter()
+            .filter(|((_, code), _)| *code == ResponseCode::Status(422))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    create_pk(
+        &pks,
+        "tmpl",
+        json!({}),
+        json!({ "token": { "ttl": "6s" }, "secretTemplate": { "labels": { "team": "a" } } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "tmpl", "settled", is_settled).await;
+    let kid1 = pk
+        .status
+        .and_then(|s| s.current_key)
+        .map(|k| k.kid)
+        .expect("a current key");
+    let before = refusals(&writes);
+
+    merge(
+        &pks,
+        "tmpl",
+        json!({ "spec": { "secretTemplate": { "labels": {
+            "team": "b",
+            "tier": "not a label value!",
+            "keyward.dev/provisioning-key": "other",
+        } } } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "tmpl", "Ready=False InvalidSpec", |pk| {
+        not_ready_because(pk, "InvalidSpec")
+    })
+    .await;
+    let msg = ready_message(&pk);
+    assert!(
+        msg.contains("secretTemplate.labels")
+            && msg.contains("keyward.dev/provisioning-key")
+            && msg.contains("still served"),
+        "unclear message: {msg}"
+    );
+
+    // Two token lifetimes later the agents still hold a valid token of the same key, and the
+    // agent Secret carries the template's valid entries only.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let (kid, exp) = token_exp(&secrets, "tmpl").await;
+    let now = chrono::Utc::now().timestamp();
+    assert_eq!(kid, kid1, "the key changed while the spec was refused");
+    assert!(
+        exp > now,
+        "the agents' token expired {} s ago while the template was refused",
+        now - exp
+    );
+    let agent = secrets.get("tmpl").await.expect("the agent Secret");
+    assert_eq!(
+        agent.labels().get(l::PROVISIONING_KEY).map(String::as_str),
+        Some("tmpl"),
+        "the template overwrote Keyward's label"
+    );
+    assert_eq!(agent.labels().get("team").map(String::as_str), Some("b"));
+    assert!(!agent.labels().contains_key("tier"));
+    assert_eq!(
+        refusals(&writes) - before,
+        0,
+        "writes refused with 422 while the template was invalid: {:?}",
+        writes.responses()
+    );
+    assert_eq!(
+        key_secrets(&secrets, "tmpl").await.len(),
+        1,
+        "a rotation started"
+    );
+    let pk = pks.get("tmpl").await.expect("the key");
+    assert!(not_ready_because(&pk, "InvalidSpec"), "no longer reported");
+
+    // Fixing the template makes it Ready again.
+    merge(
+        &pks,
+        "tmpl",
+        json!({ "spec": { "secretTemplate": { "labels": {
+            "tier": null,
+            "keyward.dev/provisioning-key": null,
+        } } } }),
+    )
+    .await;
+    wait_pk(&pks, "tmpl", "settled again", is_settled).await;
     op.stop().await;
     ns.cleanup().await;
 }

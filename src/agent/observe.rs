@@ -56,7 +56,7 @@ impl Refusal {
     /// The PascalCase reason of `Ready=False` and of the Warning Event.
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::InvalidSpec(_) => "InvalidSpec",
+            Refusal::InvalidSpec(_) => crate::api::conditions::reasons::INVALID_SPEC,
             Refusal::WorkloadClaimed { .. } => "WorkloadClaimed",
             Refusal::ProvisioningKeyNotFound { .. } => "ProvisioningKeyNotFound",
             Refusal::KeyNotHandedOut { .. } => "KeyNotHandedOut",

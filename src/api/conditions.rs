@@ -24,6 +24,9 @@ pub mod reasons {
     pub const RECONCILED: &str = "Reconciled";
     /// `Reconciling=True`: a new generation whose reconcile failed (the error is in `Ready`).
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    /// `Ready=False`: the spec breaks a rule (a malformed or out-of-range value, an invalid
+    /// name or `secretTemplate`).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
 }
 
 /// Builds a condition, keeping `lastTransitionTime` of `previous` when the status did not change,

@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod key_usage;
+pub mod limits;
 pub mod policy_agent;
 pub mod provisioning_key;
 

@@ -9,6 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use super::limits;
+
 /// The only supported key algorithm.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
@@ -39,7 +41,11 @@ pub enum Algorithm {
     printcolumn = r#"{"name":"Last Used","type":"date","jsonPath":".status.trustedKeys[?(@.state==\"Active\")].lastUsedAt"}"#,
     printcolumn = r#"{"name":"Old Key Last Used","type":"date","jsonPath":".status.trustedKeys[?(@.state==\"Retiring\")].lastUsedAt"}"#,
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = limits::secret_name_immutable(),
+    validation = limits::config_map_name_immutable(),
+    validation = limits::name_length(),
+    validation = limits::secret_name_unlike_a_key_secret()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningKeySpec {
@@ -50,10 +56,12 @@ pub struct ProvisioningKeySpec {
     pub algorithm: Algorithm,
 
     /// Name of the agent Secret that workloads mount (default: the ProvisioningKey's name).
-    /// Cannot change on a live key: the API server refuses a changed value (a CEL rule), and the
-    /// operator refuses a name set on a live key that had none.
+    /// Cannot change on a live key: the API server (a CEL rule at the root, comparing the
+    /// effective names, so setting the default explicitly passes) and the operator refuse a
+    /// change, including a name set on a live key that had none. Must not end in `-k<digits>`
+    /// (key Secrets are named `<ProvisioningKey name>-k<sequence>`); a ProvisioningKey whose
+    /// own name ends so needs a `secretName`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("secretName is immutable"))]
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -61,7 +69,10 @@ pub struct ProvisioningKeySpec {
     pub secret_name: Option<String>,
 
     /// Labels and annotations for the agent Secret. Argo CD and Flux tracking metadata is never
-    /// copied, so the generated Secret is not mistaken for a synced one.
+    /// copied, so the generated Secret is not mistaken for a synced one. Keys must be valid
+    /// Kubernetes label and annotation keys, label values valid label values, the annotations
+    /// at most 255 KiB in all; keys under `keyward.dev/` and `app.kubernetes.io/managed-by` are
+    /// Keyward's own and refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_template: Option<SecretTemplate>,
 
@@ -117,30 +128,34 @@ pub struct SecretTemplate {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationSpec {
     /// Rotate this long after the current key was activated (Go duration, e.g. `720h`), or up
     /// to a tenth of it (at most 10 minutes) earlier, by an offset fixed per key so keys created
-    /// together do not all rotate at once; never later. Unset: rotate only on request. Must be at least the operator's `--min-rotation-interval`.
+    /// together do not all rotate at once; never later. Unset: rotate only on request. Must be
+    /// at least the operator's `--min-rotation-interval` and at most `8784h` (366 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::INTERVAL.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub interval: Option<String>,
 
-    /// Debounce: no new key is minted sooner than this after the previous one (default `1m`).
-    /// Requests inside the window are delayed, never dropped.
+    /// Debounce: no new key is minted sooner than this after the previous one (default `1m`,
+    /// at most `720h`). Requests inside the window are delayed, never dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::MIN_INTERVAL.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub min_interval: Option<String>,
 
-    /// How long a new key is trusted before agents get it (default `2m`).
+    /// How long a new key is trusted before agents get it (default `2m`, at most `24h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::PUBLISH_DELAY.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
@@ -148,8 +163,9 @@ pub struct RotationSpec {
     pub publish_delay: Option<String>,
 
     /// How long the old key stays trusted after a rotation when no PolicyAgent references this
-    /// key (default `10m`).
+    /// key (default `10m`, at most `720h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::OVERLAP.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
@@ -157,8 +173,9 @@ pub struct RotationSpec {
     pub overlap: Option<String>,
 
     /// How long, from the roll, agents may take to confirm the new key before the rotation is
-    /// reported `Stalled` (default `15m`). The old key stays trusted either way.
+    /// reported `Stalled` (default `15m`, at most `720h`). The old key stays trusted either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::CONFIRMATION_TIMEOUT.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
@@ -169,8 +186,9 @@ pub struct RotationSpec {
     /// long (e.g. `5m`), as reported by every `keyward verifier` replica for the whole window.
     /// A silent or restarted verifier never counts as "unused": the old key is held and the
     /// rotation shows `Stalled` with reason `VerifierSilent`. Keys in `compromisedKeys` are
-    /// revoked at once regardless. Unset: no use check.
+    /// revoked at once regardless. Unset: no use check. At most `720h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::REVOKE_WHEN_UNUSED_FOR.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
@@ -184,7 +202,7 @@ pub struct RotationSpec {
     pub request_token: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenSpec {
     /// `aud` claim of the token (default: `keyward`).
@@ -192,9 +210,10 @@ pub struct TokenSpec {
     #[schemars(length(min = 1, max = 256))]
     pub audience: Option<String>,
 
-    /// Token lifetime (default `1h`); tokens are re-issued at 40-50 % of it (an offset fixed
-    /// per key spreads the refreshes of keys created together).
+    /// Token lifetime (default `1h`, at most `24h`); tokens are re-issued at 40-50 % of it (an
+    /// offset fixed per key spreads the refreshes of keys created together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::TOKEN_TTL.rule())]
     #[schemars(
         length(max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
@@ -212,9 +231,8 @@ pub struct TokenSpec {
 pub struct TrustBundleSpec {
     /// ConfigMap that receives the JWKS (default `<name>-trust`). It belongs to this
     /// ProvisioningKey alone; naming another object's ConfigMap is an error. Cannot change on a
-    /// live key.
+    /// live key (a CEL rule at the root compares the effective names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("configMapName is immutable"))]
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")

@@ -368,9 +368,10 @@ pub fn agent_annotations(
     ann
 }
 
-/// The user's `secretTemplate` labels and annotations.
+/// The user's `secretTemplate` labels and annotations: its valid entries only, so an invalid
+/// template (refused with `InvalidSpec`) never makes the agent Secret's writes fail.
 pub fn template(pk: &ProvisioningKey) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-    let t = pk.spec.secret_template.clone().unwrap_or_default();
+    let t = super::settings::usable_template(&pk.spec.secret_template.clone().unwrap_or_default());
     (t.labels, t.annotations)
 }
 

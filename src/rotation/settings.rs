@@ -1,13 +1,18 @@
 //! The spec resolved into the values the planner uses: defaults applied, durations parsed and
-//! checked against the operator's floors. Every schema rule is enforced here as well, so that an
-//! object that reached the API server without them (older Kubernetes, no CEL) is reported with
-//! `Ready=False` and never acted on.
+//! checked against the operator's floors and the ceilings of `api::limits`, names and
+//! `secretTemplate` checked as the API server would check the objects made from them. Every
+//! schema rule (CEL included, from the same constants) is enforced here as well, so that an
+//! object that reached the API server without them (older Kubernetes, no CEL, stored before a
+//! rule existed) is reported with `Ready=False` and never acted on.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::api::provisioning_key::ProvisioningKey;
+use crate::api::conditions::reasons;
+use crate::api::limits::{self, Ceiling};
+use crate::api::provisioning_key::{ProvisioningKey, SecretTemplate};
+use crate::labels as l;
 
 /// Lower bounds on durations: operator flags with safe defaults, so tests and demos can lower them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +79,12 @@ pub enum SpecError {
         value: String,
         floor: String,
     },
+    #[error("{field}: {value} is above the ceiling of {ceiling}")]
+    AboveCeiling {
+        field: &'static str,
+        value: String,
+        ceiling: String,
+    },
     #[error("{field}: {message}")]
     Invalid {
         field: &'static str,
@@ -95,7 +106,7 @@ impl SpecError {
         match self {
             SpecError::MalformedDuration { .. } => "MalformedDuration",
             SpecError::BelowFloor { .. } => "BelowFloor",
-            SpecError::Invalid { .. } => "InvalidSpec",
+            SpecError::AboveCeiling { .. } | SpecError::Invalid { .. } => reasons::INVALID_SPEC,
             SpecError::NameChanged { .. } => "NameImmutable",
         }
     }
@@ -284,12 +295,16 @@ fn uid(pk: &ProvisioningKey) -> String {
     pk.metadata.uid.clone().unwrap_or_default()
 }
 
+/// A duration field: `default` (raised to the floor) when unset, else the value, which must be
+/// well formed, at least `floor` and at most the field's [`Ceiling`] (the same constant the
+/// CRD's CEL rule is generated from).
 fn duration(
-    field: &'static str,
+    ceiling: Ceiling,
     value: Option<&String>,
     default: Duration,
     floor: Duration,
 ) -> Result<Duration, SpecError> {
+    let field = ceiling.field;
     let Some(value) = value else {
         return Ok(default.max(floor));
     };
@@ -302,6 +317,13 @@ fn duration(
             field,
             value: value.clone(),
             floor: humantime::format_duration(floor).to_string(),
+        });
+    }
+    if parsed > ceiling.duration() {
+        return Err(SpecError::AboveCeiling {
+            field,
+            value: value.clone(),
+            ceiling: ceiling.go(),
         });
     }
     Ok(parsed)
@@ -381,6 +403,133 @@ fn dns_name(field: &'static str, value: &str) -> Result<(), SpecError> {
     }
 }
 
+/// The ProvisioningKey's name is a label value on everything it owns: at most 63 characters
+/// (the CRD refuses a longer name on creation, [`limits::name_length`]).
+fn object_name(pk: &ProvisioningKey) -> Result<(), SpecError> {
+    let name = pk.metadata.name.as_deref().unwrap_or_default();
+    if name.len() > limits::MAX_NAME_LENGTH {
+        return Err(SpecError::Invalid {
+            field: "metadata.name",
+            message: format!(
+                "{} characters; at most {} (the name is a label value on the objects Keyward creates): create the key under a shorter name",
+                name.len(),
+                limits::MAX_NAME_LENGTH
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An agent Secret named `<something>-k<digits>` could take a key Secret's name (the agent
+/// Secret of key `a-k2` blocks key `a`'s second mint); the CRD refuses it on creation
+/// ([`limits::secret_name_unlike_a_key_secret`]).
+fn secret_name_unlike_a_key_secret(
+    pk: &ProvisioningKey,
+    secret_name: &str,
+) -> Result<(), SpecError> {
+    if !limits::is_key_secret_like(secret_name) {
+        return Ok(());
+    }
+    let how = if pk.spec.secret_name.is_some() {
+        "choose another spec.secretName (a live key cannot change it: create a new ProvisioningKey)"
+    } else {
+        "the ProvisioningKey's name is the default; set spec.secretName to another name (on a live key, which cannot change its name, create a new ProvisioningKey)"
+    };
+    Err(SpecError::Invalid {
+        field: "secretName",
+        message: format!(
+            "the agent Secret's name {secret_name:?} ends in -k<digits>, the form of key Secret names (<ProvisioningKey name>-k<sequence>), and could take another key's Secret name: {how}"
+        ),
+    })
+}
+
+/// Kubernetes' limit on all the annotations of one object is 256 KiB; the template may use all
+/// of it but 1 KiB, which is left for Keyward's own annotations on the agent Secret.
+pub const MAX_TEMPLATE_ANNOTATIONS_BYTES: usize = 255 * 1024;
+
+/// Why a `secretTemplate` key (with its value, for a label) would be refused by the API server
+/// or would overwrite Keyward's own metadata; `None` when it is fine.
+fn template_entry_problem(key: &str, label_value: Option<&str>) -> Option<String> {
+    if l::is_reserved(key) {
+        return Some(format!(
+            "{key:?} is Keyward's own (keys under keyward.dev/ and {} are set by the operator)",
+            l::MANAGED_BY
+        ));
+    }
+    if let Err(why) = l::qualified_name(key) {
+        return Some(format!("{key:?} is not a valid key: {why}"));
+    }
+    match label_value.map(l::label_value) {
+        Some(Err(why)) => Some(format!(
+            "the value of {key:?} is not a valid label value: {why}"
+        )),
+        _ => None,
+    }
+}
+
+fn annotations_size(annotations: &std::collections::BTreeMap<String, String>) -> usize {
+    annotations.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// Checks `secretTemplate` as the API server would check the agent Secret's metadata, so an
+/// invalid template is reported (`InvalidSpec`) instead of failing every write of the Secret.
+fn secret_template(t: &SecretTemplate) -> Result<(), SpecError> {
+    for (k, v) in &t.labels {
+        if let Some(problem) = template_entry_problem(k, Some(v)) {
+            return Err(SpecError::Invalid {
+                field: "secretTemplate.labels",
+                message: problem,
+            });
+        }
+    }
+    for k in t.annotations.keys() {
+        if let Some(problem) = template_entry_problem(k, None) {
+            return Err(SpecError::Invalid {
+                field: "secretTemplate.annotations",
+                message: problem,
+            });
+        }
+    }
+    let size = annotations_size(&t.annotations);
+    if size > MAX_TEMPLATE_ANNOTATIONS_BYTES {
+        return Err(SpecError::Invalid {
+            field: "secretTemplate.annotations",
+            message: format!(
+                "{size} bytes in all; at most {MAX_TEMPLATE_ANNOTATIONS_BYTES} (Kubernetes allows 256 KiB of annotations per object, 1 KiB is kept for Keyward's own)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The part of `secretTemplate` that is written to the agent Secret: the valid entries only, and
+/// no annotation at all when they are too large together. For a valid template this is the
+/// template; for an invalid one (refused with `InvalidSpec`) the agent Secret is still written,
+/// with its token refreshed, instead of failing every write with 422.
+pub fn usable_template(t: &SecretTemplate) -> SecretTemplate {
+    let labels = t
+        .labels
+        .iter()
+        .filter(|(k, v)| template_entry_problem(k, Some(v)).is_none())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let annotations = t
+        .annotations
+        .iter()
+        .filter(|(k, _)| template_entry_problem(k, None).is_none())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let annotations = if annotations_size(&annotations) > MAX_TEMPLATE_ANNOTATIONS_BYTES {
+        Default::default()
+    } else {
+        annotations
+    };
+    SecretTemplate {
+        labels,
+        annotations,
+    }
+}
+
 impl Settings {
     /// Resolve and validate a ProvisioningKey's spec.
     pub fn resolve(pk: &ProvisioningKey, floors: &Floors) -> Result<Settings, SpecError> {
@@ -390,7 +539,7 @@ impl Settings {
         let interval = match &rotation.interval {
             None => None,
             Some(_) => Some(duration(
-                "rotation.interval",
+                limits::INTERVAL,
                 rotation.interval.as_ref(),
                 Duration::ZERO,
                 floors.interval,
@@ -398,8 +547,13 @@ impl Settings {
         };
         let secret_name = pk.secret_name();
         let trust_bundle_name = pk.trust_bundle_name();
+        object_name(pk)?;
         dns_name("secretName", &secret_name)?;
         dns_name("trustBundle.configMapName", &trust_bundle_name)?;
+        secret_name_unlike_a_key_secret(pk, &secret_name)?;
+        if let Some(t) = &spec.secret_template {
+            secret_template(t)?;
+        }
         let compromised: BTreeSet<String> =
             spec.compromised_keys.iter().map(|k| k.0.clone()).collect();
         if let Some(bad) = compromised.iter().find(|k| !is_key_id(k)) {
@@ -426,25 +580,25 @@ impl Settings {
             include_private_key: spec.include_private_key.unwrap_or(false),
             interval,
             min_interval: duration(
-                "rotation.minInterval",
+                limits::MIN_INTERVAL,
                 rotation.min_interval.as_ref(),
                 DEFAULT_MIN_INTERVAL,
                 floors.min_interval,
             )?,
             publish_delay: duration(
-                "rotation.publishDelay",
+                limits::PUBLISH_DELAY,
                 rotation.publish_delay.as_ref(),
                 DEFAULT_PUBLISH_DELAY,
                 floors.publish_delay,
             )?,
             overlap: duration(
-                "rotation.overlap",
+                limits::OVERLAP,
                 rotation.overlap.as_ref(),
                 DEFAULT_OVERLAP,
                 floors.overlap,
             )?,
             confirmation_timeout: duration(
-                "rotation.confirmationTimeout",
+                limits::CONFIRMATION_TIMEOUT,
                 rotation.confirmation_timeout.as_ref(),
                 DEFAULT_CONFIRMATION_TIMEOUT,
                 Duration::ZERO,
@@ -454,7 +608,7 @@ impl Settings {
                 .as_ref()
                 .map(|v| {
                     duration(
-                        "rotation.revokeWhenUnusedFor",
+                        limits::REVOKE_WHEN_UNUSED_FOR,
                         Some(v),
                         Duration::ZERO,
                         Duration::from_secs(1),
@@ -463,7 +617,7 @@ impl Settings {
                 .transpose()?,
             request_token: rotation.request_token,
             token_ttl: duration(
-                "token.ttl",
+                limits::TOKEN_TTL,
                 token.ttl.as_ref(),
                 DEFAULT_TOKEN_TTL,
                 floors.token_ttl,

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use super::KeyState::{Active, Pending, Published, Retiring, Revoked};
 use super::*;
 use crate::api::provisioning_key::{
-    CompromisedKeyId, ProvisioningKey, ProvisioningKeySpec, RotationSpec, TokenSpec,
-    TrustBundleSpec,
+    CompromisedKeyId, ProvisioningKey, ProvisioningKeySpec, RotationSpec, SecretTemplate,
+    TokenSpec, TrustBundleSpec,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -2629,6 +2629,170 @@ fn resolve_errors() {
             "trustBundle.configMapName",
         ),
         (
+            "interval above its ceiling",
+            rotation(|r| r.interval = some("8785h")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.interval",
+        ),
+        (
+            "minInterval above its ceiling",
+            rotation(|r| r.min_interval = some("721h")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.minInterval",
+        ),
+        (
+            "publishDelay above its ceiling",
+            rotation(|r| r.publish_delay = some("24h1s")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.publishDelay",
+        ),
+        (
+            "overlap of 10^12 seconds",
+            rotation(|r| r.overlap = some("1000000000000s")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.overlap",
+        ),
+        (
+            "confirmationTimeout in days",
+            rotation(|r| r.confirmation_timeout = some("30d")),
+            Floors::none(),
+            "MalformedDuration",
+            "rotation.confirmationTimeout",
+        ),
+        (
+            "confirmationTimeout above its ceiling",
+            rotation(|r| r.confirmation_timeout = some("720h0.001s")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.confirmationTimeout",
+        ),
+        (
+            "revokeWhenUnusedFor above its ceiling",
+            rotation(|r| r.revoke_when_unused_for = some("100000h")),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.revokeWhenUnusedFor",
+        ),
+        (
+            "ttl above its ceiling",
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    ttl: some("25h"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Floors::none(),
+            "InvalidSpec",
+            "token.ttl",
+        ),
+        (
+            "ttl written as 1e12s",
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    ttl: some("1e12s"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Floors::none(),
+            "MalformedDuration",
+            "token.ttl",
+        ),
+        (
+            "secretName of a key Secret's form",
+            ProvisioningKeySpec {
+                secret_name: some("demo-k2"),
+                ..Default::default()
+            },
+            Floors::none(),
+            "InvalidSpec",
+            "secretName",
+        ),
+        (
+            "secretName of another key's key Secret",
+            ProvisioningKeySpec {
+                secret_name: some("other-k17"),
+                ..Default::default()
+            },
+            Floors::none(),
+            "InvalidSpec",
+            "secretName",
+        ),
+        (
+            "reserved template label",
+            template(&[("keyward.dev/key-id", "forged")], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "managed-by template label",
+            template(&[("app.kubernetes.io/managed-by", "me")], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "invalid template label key",
+            template(&[("team name", "a")], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "invalid template label prefix",
+            template(&[("Example.com/team", "a")], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "invalid template label value",
+            template(&[("team", "pay ments")], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "template label value too long",
+            template(&[("team", &"a".repeat(64))], &[]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.labels",
+        ),
+        (
+            "invalid template annotation key",
+            template(&[], &[("a/b/c", "x")]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.annotations",
+        ),
+        (
+            "reserved template annotation",
+            template(&[], &[("keyward.dev/handed-out-at", "x")]),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.annotations",
+        ),
+        (
+            "template annotations too large",
+            template(
+                &[],
+                &[
+                    ("a.example/one", &"x".repeat(128 * 1024)),
+                    ("a.example/two", &"x".repeat(128 * 1024)),
+                ],
+            ),
+            Floors::none(),
+            "InvalidSpec",
+            "secretTemplate.annotations",
+        ),
+        (
             "empty audience",
             ProvisioningKeySpec {
                 token: Some(TokenSpec {
@@ -2652,6 +2816,7 @@ fn resolve_errors() {
                 let got_field = match &e {
                     SpecError::MalformedDuration { field, .. }
                     | SpecError::BelowFloor { field, .. }
+                    | SpecError::AboveCeiling { field, .. }
                     | SpecError::Invalid { field, .. }
                     | SpecError::NameChanged { field, .. } => *field,
                 };
@@ -2668,6 +2833,232 @@ fn resolve_errors() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn template(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ProvisioningKeySpec {
+    let map = |kv: &[(&str, &str)]| {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    ProvisioningKeySpec {
+        secret_template: Some(SecretTemplate {
+            labels: map(labels),
+            annotations: map(annotations),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Names the operator refuses that a spec cannot express: the ProvisioningKey's own name (a
+/// label value, at most 63 characters) and a default agent Secret name of a key Secret's form.
+#[test]
+fn resolve_refuses_names() {
+    let named = |name: &str, spec: ProvisioningKeySpec| ProvisioningKey::new(name, spec);
+    /// The refusal expected: the field the message starts with, and words it contains.
+    type Refused<'a> = Option<(&'a str, &'a str)>;
+    let cases: Vec<(&str, ProvisioningKey, Refused)> = vec![
+        (
+            "63 characters",
+            named(&"a".repeat(63), Default::default()),
+            None,
+        ),
+        (
+            "64 characters",
+            named(&"a".repeat(64), Default::default()),
+            Some(("metadata.name", "at most 63")),
+        ),
+        (
+            "own name of a key Secret's form",
+            named("a-k2", Default::default()),
+            Some(("secretName", "set spec.secretName")),
+        ),
+        (
+            "own name of a key Secret's form, with a secretName",
+            named(
+                "a-k2",
+                ProvisioningKeySpec {
+                    secret_name: some("agents-a"),
+                    ..Default::default()
+                },
+            ),
+            None,
+        ),
+        (
+            "k8s is not a sequence",
+            named("opa-k8s", Default::default()),
+            None,
+        ),
+    ];
+    for (what, pk, expected) in cases {
+        match (Settings::resolve(&pk, &Floors::none()), expected) {
+            (Ok(_), None) => {}
+            (Err(e), Some((field, words))) => {
+                assert_eq!(e.reason(), "InvalidSpec", "{what}: {e}");
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with(field) && msg.contains(words),
+                    "{what}: {msg}"
+                );
+            }
+            (got, want) => panic!("{what}: expected {want:?}, got {got:?}"),
+        }
+    }
+}
+
+/// The ceilings: exactly at each is accepted, just above is `InvalidSpec` naming the field, the
+/// value and the ceiling (the same constants the CRD's CEL rules are generated from).
+#[test]
+fn resolve_ceilings() {
+    use crate::api::limits;
+    let with = |field: &str, value: &str| -> ProvisioningKeySpec {
+        let v = some(value);
+        match field {
+            "token.ttl" => ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    ttl: v,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "rotation.interval" => rotation(|r| r.interval = v),
+            "rotation.minInterval" => rotation(|r| r.min_interval = v),
+            "rotation.publishDelay" => rotation(|r| r.publish_delay = v),
+            "rotation.overlap" => rotation(|r| r.overlap = v),
+            "rotation.confirmationTimeout" => rotation(|r| r.confirmation_timeout = v),
+            "rotation.revokeWhenUnusedFor" => rotation(|r| r.revoke_when_unused_for = v),
+            other => panic!("no field {other}"),
+        }
+    };
+    for c in limits::CEILINGS {
+        let at = format!("{}h", c.hours);
+        Settings::resolve(&pk(with(c.field, &at)), &Floors::none())
+            .unwrap_or_else(|e| panic!("{}: {at} refused: {e}", c.field));
+        let minutes = format!("{}m", c.hours * 60 - 1);
+        Settings::resolve(&pk(with(c.field, &minutes)), &Floors::none())
+            .unwrap_or_else(|e| panic!("{}: {minutes} refused: {e}", c.field));
+        for above in [format!("{}h1s", c.hours), "1000000000000s".to_string()] {
+            let e = Settings::resolve(&pk(with(c.field, &above)), &Floors::none())
+                .expect_err("above the ceiling");
+            assert_eq!(
+                e,
+                SpecError::AboveCeiling {
+                    field: c.field,
+                    value: above.clone(),
+                    ceiling: at.clone(),
+                }
+            );
+            assert_eq!(e.reason(), "InvalidSpec");
+            assert_eq!(
+                e.to_string(),
+                format!("{}: {above} is above the ceiling of {at}", c.field)
+            );
+        }
+    }
+}
+
+/// An invalid `secretTemplate` is refused, and what the agent Secret gets meanwhile is its valid
+/// part only (so its writes never fail with 422); a valid template is copied whole.
+#[test]
+fn usable_template_keeps_the_valid_entries() {
+    use super::settings::usable_template;
+    let spec = template(
+        &[
+            ("team", "payments"),
+            ("bad key", "x"),
+            ("tier", "bad value"),
+            ("keyward.dev/x", "y"),
+        ],
+        &[
+            ("team.example/contact", "a@b"),
+            ("a/b/c", "x"),
+            ("keyward.dev/key-id", "forged"),
+        ],
+    );
+    let t = spec.secret_template.clone().unwrap_or_default();
+    let kept = usable_template(&t);
+    assert_eq!(kept.labels.keys().collect::<Vec<_>>(), ["team"]);
+    assert_eq!(
+        kept.annotations.keys().collect::<Vec<_>>(),
+        ["team.example/contact"]
+    );
+    let valid = template(
+        &[("team", "payments"), ("empty", "")],
+        &[("note", "any value at all")],
+    );
+    let t = valid.secret_template.clone().unwrap_or_default();
+    assert_eq!(usable_template(&t), t);
+    Settings::resolve(&pk(valid), &Floors::none()).expect("a valid template");
+    // Too large together: no user annotation at all.
+    let big = template(
+        &[("team", "payments")],
+        &[
+            ("a.example/one", &"x".repeat(200 * 1024)),
+            ("a.example/two", &"x".repeat(100 * 1024)),
+        ],
+    );
+    let kept = usable_template(&big.secret_template.clone().unwrap_or_default());
+    assert!(kept.annotations.is_empty());
+    assert_eq!(kept.labels.len(), 1);
+}
+
+/// A refused template goes through `resolve_or_keep` like every refusal: the key keeps being
+/// served with the last good settings, `Ready=False InvalidSpec`.
+#[test]
+fn an_invalid_template_keeps_the_last_good_settings() {
+    let last = LastGood {
+        names: Some(Names {
+            secret_name: "demo".into(),
+            trust_bundle_name: "demo-trust".into(),
+        }),
+        token_ttl: Some(secs(600)),
+        ..Default::default()
+    };
+    let s = resolve_or_keep(
+        &pk(template(&[("keyward.dev/provisioning-key", "other")], &[])),
+        &Floors::none(),
+        &last,
+    );
+    let refused = s.refused.expect("refused");
+    assert_eq!(refused.reason, "InvalidSpec");
+    assert!(
+        refused.message.contains("secretTemplate.labels")
+            && refused.message.contains("keyward.dev/provisioning-key")
+            && refused.message.contains("still served"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(s.token_ttl, secs(600));
+    assert_eq!(s.secret_name, "demo");
+}
+
+/// Writing a default name explicitly on a live key is no change: the recorded names are the
+/// effective ones. Setting another name is refused (`NameImmutable`).
+#[test]
+fn an_explicit_default_name_is_no_change() {
+    let last = LastGood {
+        names: Some(Names {
+            secret_name: "demo".into(),
+            trust_bundle_name: "demo-trust".into(),
+        }),
+        ..Default::default()
+    };
+    let explicit = ProvisioningKeySpec {
+        secret_name: some("demo"),
+        trust_bundle: Some(TrustBundleSpec {
+            config_map_name: some("demo-trust"),
+        }),
+        ..Default::default()
+    };
+    let s = resolve_or_keep(&pk(explicit), &Floors::none(), &last);
+    assert_eq!(s.refused, None);
+    let other = ProvisioningKeySpec {
+        secret_name: some("agents"),
+        ..Default::default()
+    };
+    let s = resolve_or_keep(&pk(other), &Floors::none(), &last);
+    assert_eq!(s.refused.map(|r| r.reason), Some("NameImmutable"));
+    assert_eq!(s.secret_name, "demo");
 }
 
 #[test]
