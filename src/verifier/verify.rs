@@ -37,7 +37,7 @@ pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
 
 /// The ceiling on a token's lifetime (`exp - iat`) whatever the key's ttl: the CRD's ceiling on
 /// `spec.token.ttl`.
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TOKEN_TTL: Duration = crate::api::limits::TOKEN_TTL.duration();
 
 /// Which key a route accepts. The binding comes from the route the proxy is configured to ask
 /// (`/auth/<ns>/<name>`, `/authz/<ns>/<name>/...`, `--bind-key`), never from anything the client

@@ -691,7 +691,10 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             base.describe(args.rps),
         );
         report.num("auth_p99_baseline_ms", p99);
-        idle = Some((IdleConnections::hold(args.idle_connections, addrs.clone()), p99));
+        idle = Some((
+            IdleConnections::hold(args.idle_connections, addrs.clone()),
+            p99,
+        ));
         tokio::time::sleep(Duration::from_secs(2)).await;
         say(&format!(
             "holding {} idle connections: {} open",
