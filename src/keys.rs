@@ -141,6 +141,14 @@ impl KeyPair {
         }
     }
 
+    /// The key of a given 32-byte seed: for fixtures and fuzz corpora only (a real key comes
+    /// from [`KeyPair::generate`]).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        KeyPair {
+            signing: SigningKey::from_bytes(seed),
+        }
+    }
+
     /// Parse an unencrypted PKCS#8 (`-----BEGIN PRIVATE KEY-----`) Ed25519 key, v1 or v2.
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
         // `SecretDocument` zeroizes the decoded DER on drop.
@@ -229,7 +237,11 @@ impl KeyPair {
     }
 
     /// Sign an arbitrary header and claims (the header is not checked against this key).
-    fn sign_compact(&self, header: &TokenHeader, claims: &TokenClaims) -> Result<String, KeyError> {
+    pub(crate) fn sign_compact(
+        &self,
+        header: &TokenHeader,
+        claims: &TokenClaims,
+    ) -> Result<String, KeyError> {
         let header_json = serde_json::to_vec(header)
             .map_err(|_| KeyError::Serialization("token header is not serializable"))?;
         let claims_json = serde_json::to_vec(claims)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod fault;
+pub mod fuzzing;
 pub mod http;
 pub mod hygiene;
 pub mod keys;

@@ -1,0 +1,5 @@
+#![no_main]
+//! `keyward::fuzzing::spec` under libFuzzer.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| keyward::fuzzing::spec(data));
