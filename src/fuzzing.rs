@@ -16,8 +16,11 @@ use crate::keys::{Jwks, KeyPair, PublicKey};
 use crate::rotation::{Floors, Settings};
 use crate::verifier::{Binding, Index, KeyRef, Policy, verify::verify};
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("token", token),
     ("bundle", bundle),
     ("report", report),
