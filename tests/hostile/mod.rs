@@ -326,7 +326,7 @@ fn nginx_binary() -> String {
 }
 
 /// nginx with one location per binding: `/a/` (key a), `/b/` (key b), `/u/` (unbound `/auth`).
-fn start_nginx(dir: &std::path::Path, port: u16, vport: u16, ns: &str) -> Nginx {
+fn start_nginx(dir: &std::path::Path, port: u16, vport: u16, ns: &str, legacy: bool) -> Nginx {
     let d = dir.join("nginx");
     for sub in ["srv/a", "srv/b", "srv/u", "logs", "tmp"] {
         std::fs::create_dir_all(d.join(sub)).expect("dirs");
@@ -342,6 +342,7 @@ fn start_nginx(dir: &std::path::Path, port: u16, vport: u16, ns: &str) -> Nginx 
         ("b", format!("/auth/{ns}/b")),
         ("u", "/auth".to_string()),
     ] {
+        let route = if legacy { "/auth".to_string() } else { route };
         locations.push_str(&format!(
             r#"
     location /{loc}/ {{
@@ -503,41 +504,42 @@ async fn the_hostile_corpus_gets_its_verdicts() {
     let dir = tempfile::tempdir().expect("temp dir");
     let echo = echo_upstream().await;
     let (vport, pa, pb, nport) = (free_port(), free_port(), free_port(), free_port());
+    // A binary from before route binding (no --bind-key) is run as it was deployed then: every
+    // location asks the unbound /auth or /ext_authz, the proxy has no binding.
+    let help = Command::new(keyward_bin())
+        .args(["verifier", "--help"])
+        .output()
+        .expect("keyward verifier --help");
+    let legacy = !String::from_utf8_lossy(&help.stdout).contains("--bind-key");
+    if legacy {
+        println!("legacy routes: {} has no --bind-key", keyward_bin());
+    }
     let _v = spawn_verifier(&n, vport, &[], &dir.path().join("v.log"));
     let upstream = format!("http://127.0.0.1:{echo}");
-    let _pa = spawn_verifier(
-        &n,
-        pa,
-        &[
-            "--upstream".into(),
-            upstream.clone(),
-            "--bind-key".into(),
-            format!("{n}/a"),
-        ],
-        &dir.path().join("pa.log"),
-    );
-    let _pb = spawn_verifier(
-        &n,
-        pb,
-        &[
-            "--upstream".into(),
-            upstream,
-            "--bind-key".into(),
-            format!("{n}/b"),
-        ],
-        &dir.path().join("pb.log"),
-    );
+    let proxy_args = |key: &str| -> Vec<String> {
+        let mut a = vec!["--upstream".to_string(), upstream.clone()];
+        if !legacy {
+            a.extend(["--bind-key".to_string(), format!("{n}/{key}")]);
+        }
+        a
+    };
+    let _pa = spawn_verifier(&n, pa, &proxy_args("a"), &dir.path().join("pa.log"));
+    let _pb = spawn_verifier(&n, pb, &proxy_args("b"), &dir.path().join("pb.log"));
     for port in [vport, pa, pb] {
         wait_http(&format!("http://127.0.0.1:{port}/readyz"), "the verifier").await;
     }
-    let _nginx = start_nginx(dir.path(), nport, vport, &n);
+    let _nginx = start_nginx(dir.path(), nport, vport, &n, legacy);
     let http = reqwest::Client::new();
     // The good token passes everywhere before the corpus starts (watches caught up).
     let now = chrono::Utc::now().timestamp();
     let (good, _) = token(&cases[0], &n, &s, now);
     for url in [
         format!("http://127.0.0.1:{nport}/a/bundle"),
-        format!("http://127.0.0.1:{vport}/authz/{n}/a/x"),
+        if legacy {
+            format!("http://127.0.0.1:{vport}/ext_authz/x")
+        } else {
+            format!("http://127.0.0.1:{vport}/authz/{n}/a/x")
+        },
         format!("http://127.0.0.1:{pa}/x"),
     ] {
         let start = Instant::now();
@@ -566,6 +568,9 @@ async fn the_hostile_corpus_gets_its_verdicts() {
             ("nginx", "other") => format!("http://127.0.0.1:{nport}/b/bundle"),
             ("nginx", "unbound") => format!("http://127.0.0.1:{nport}/u/bundle"),
             ("nginx", _) => format!("http://127.0.0.1:{nport}/a/bundle"),
+            ("authz", "other" | "own") if legacy => {
+                format!("http://127.0.0.1:{vport}/ext_authz/bundles/x")
+            }
             ("authz", "other") => format!("http://127.0.0.1:{vport}/authz/{n}/b/bundles/x"),
             ("authz", "unbound") => format!("http://127.0.0.1:{vport}/ext_authz/bundles/x"),
             ("authz", "trick") => format!("http://127.0.0.1:{vport}/ext_authz/{n}/a/bundles/x"),
