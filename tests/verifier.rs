@@ -96,6 +96,10 @@ struct Running {
 
 impl Running {
     async fn start(namespace: &str) -> Self {
+        Self::watching(&[namespace]).await
+    }
+
+    async fn watching(namespaces: &[&str]) -> Self {
         let client = kube::Client::try_from(kube_config().await).expect("client");
         let log = Arc::new(MemoryUseLog::new(1000));
         let shared = Arc::new(Shared::new(Policy::default(), log.clone(), None));
@@ -106,7 +110,7 @@ impl Running {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(verifier::run(
             client,
-            vec![namespace.to_string()],
+            namespaces.iter().map(|n| n.to_string()).collect(),
             shared,
             listener,
             async move {
@@ -319,26 +323,8 @@ async fn a_token_passes_only_the_route_bound_to_its_key() {
     let (_, token_a) = minted_key(&ns_a, "bundles").await;
     let (_, token_b) = minted_key(&ns_b, "bundles").await;
 
-    let client = kube::Client::try_from(kube_config().await).expect("client");
-    let shared = Arc::new(Shared::new(
-        Policy::default(),
-        Arc::new(MemoryUseLog::new(100)),
-        None,
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(verifier::run(
-        client,
-        vec![ns_a.name().to_string(), ns_b.name().to_string()],
-        shared,
-        listener,
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let v = Running::watching(&[ns_a.name(), ns_b.name()]).await;
+    let base = v.base.clone();
     let http = reqwest::Client::new();
     wait_ready(&http, &base).await;
     let route_a = format!("{base}/auth/{}/bundles", ns_a.name());
@@ -365,8 +351,7 @@ async fn a_token_passes_only_the_route_bound_to_its_key() {
         assert_eq!(res.status(), 403, "{url}");
         assert_eq!(header(&res, "x-keyward-reason"), "Unbound");
     }
-    let _ = tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    v.stop().await;
     ns_a.cleanup().await;
     ns_b.cleanup().await;
 }

@@ -79,7 +79,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/auth/{namespace}/{name}", get(auth_bound))
         .route("/authz/{namespace}/{name}", any(auth_bound))
         .route("/authz/{namespace}/{name}/", any(auth_bound))
-        .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound_rest))
+        .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound))
         .route("/keys/{namespace}/{name}/{document}", get(bundle_document));
     let router = if shared.upstream.is_some() {
         router.fallback(proxy)
@@ -195,29 +195,18 @@ async fn auth_unbound(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> 
     }
 }
 
-/// `/auth/<ns>/<name>` and `/authz/<ns>/<name>`.
+/// `/auth/<ns>/<name>` and `/authz/<ns>/<name>[/<the client's path>]` (Envoy appends the
+/// request's path to the prefix): the binding is the route's `namespace` and `name`.
 async fn auth_bound(
     State(shared): State<Arc<Shared>>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path(route): Path<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    let part = |k: &str| route.get(k).cloned().unwrap_or_default();
     auth(
         &shared,
         &headers,
-        &Binding::Key(KeyRef::new(namespace, name)),
-    )
-}
-
-/// `/authz/<ns>/<name>/<the client's path>`: Envoy appends the request's path to the prefix.
-async fn auth_bound_rest(
-    State(shared): State<Arc<Shared>>,
-    Path((namespace, name, _rest)): Path<(String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    auth(
-        &shared,
-        &headers,
-        &Binding::Key(KeyRef::new(namespace, name)),
+        &Binding::Key(KeyRef::new(part("namespace"), part("name"))),
     )
 }
 

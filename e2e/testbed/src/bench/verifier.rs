@@ -134,16 +134,7 @@ impl Outcome {
     }
 
     fn describe(&mut self, target: f64) -> String {
-        self.latencies_us.sort_unstable();
-        let q = |p: f64| -> f64 {
-            if self.latencies_us.is_empty() {
-                return 0.0;
-            }
-            let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
-                .clamp(1, self.latencies_us.len())
-                - 1;
-            f64::from(self.latencies_us[i]) / 1000.0
-        };
+        let (p50, p99, max) = (self.quantile(0.5), self.quantile(0.99), self.quantile(1.0));
         let span = match (self.first, self.last) {
             (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
             _ => 0.0,
@@ -171,9 +162,9 @@ impl Outcome {
             self.late,
             self.ok,
             self.errors,
-            q(0.5),
-            q(0.99),
-            q(1.0),
+            p50,
+            p99,
+            max,
         )
     }
 }
