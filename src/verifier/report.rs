@@ -75,6 +75,9 @@ impl KeyState {
     }
 }
 
+/// A bundle's key ids.
+type KeyIds = BTreeSet<String>;
+
 /// The reporting state of one replica (pure).
 #[derive(Clone, Debug)]
 pub struct Reporting {
@@ -150,6 +153,28 @@ impl Reporting {
     /// Forgets keys the index no longer knows (their reports go with the key).
     pub fn retain(&mut self, known: impl Fn(&KeyRef) -> bool) {
         self.keys.retain(|k, _| known(k));
+    }
+
+    /// Forgets the key ids of `key` that its trust bundle no longer lists (`trusted`), once
+    /// nothing of theirs is left to write and their last use is older than the longest
+    /// `revokeWhenUnusedFor` (the CRD's ceiling): without this the set grows by one key id per
+    /// rotation for the life of the process. The horizon keeps the evidence of a key id that
+    /// someone with ConfigMap rights removes from the bundle for a moment (the operator puts it
+    /// back), so its recorded use cannot vanish from the reports and make it look unused.
+    pub fn retain_kids(&mut self, key: &KeyRef, trusted: &BTreeSet<String>, now: DateTime<Utc>) {
+        let horizon = crate::api::limits::REVOKE_WHEN_UNUSED_FOR.duration();
+        if let Some(state) = self.keys.get_mut(key) {
+            state.kids.retain(|kid, s| {
+                trusted.contains(kid)
+                    || s.first_unreported.is_some()
+                    || add(s.last_used, horizon) > now
+            });
+        }
+    }
+
+    /// How many key ids of `key` are held.
+    pub fn kid_count(&self, key: &KeyRef) -> usize {
+        self.keys.get(key).map_or(0, |s| s.kids.len())
     }
 
     /// Every key held.
@@ -482,20 +507,34 @@ impl Reporter {
         for used in self.log.drain(start) {
             self.state.absorb(used);
         }
-        let targets: BTreeMap<KeyRef, Target> = {
+        let (targets, trusted): (BTreeMap<KeyRef, Target>, Vec<(KeyRef, KeyIds)>) = {
             let index = self.shared.index.read().unwrap_or_else(|e| e.into_inner());
-            self.state
-                .keys()
-                .into_iter()
+            let keys = self.state.keys();
+            let targets = keys
+                .iter()
                 .filter_map(|k| {
                     index
-                        .report_target(&k)
-                        .map(|(uid, rotating)| (k, Target { uid, rotating }))
+                        .report_target(k)
+                        .map(|(uid, rotating)| (k.clone(), Target { uid, rotating }))
                 })
-                .collect()
+                .collect();
+            let trusted = keys
+                .iter()
+                .filter_map(|k| {
+                    index
+                        .bundle(k)
+                        .map(|(_, b)| (k.clone(), b.jwks.key_ids().into_iter().collect()))
+                })
+                .collect();
+            (targets, trusted)
         };
-        // Keys the index no longer knows are forgotten: their reports go with the key.
+        // Keys the index no longer knows are forgotten: their reports go with the key. Key ids
+        // their bundle no longer lists are forgotten once written and long unused (a key whose
+        // bundle is not known right now keeps them all).
         self.state.retain(|k| targets.contains_key(k));
+        for (key, kids) in &trusted {
+            self.state.retain_kids(key, kids, start);
+        }
         let candidates = self
             .state
             .candidates(start, last, |k| targets.get(k).cloned());

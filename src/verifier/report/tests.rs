@@ -285,6 +285,56 @@ fn pods_are_capped_most_recent_kept_and_the_log_stays_bounded() {
     assert_eq!(log.drain(t(2)).len(), 6);
 }
 
+/// Issue 18, finding 8: the key id set is bounded by the bundle and the longest
+/// `revokeWhenUnusedFor`, not by the process's life.
+#[test]
+fn key_ids_the_bundle_dropped_are_forgotten_once_written_and_long_unused() {
+    let horizon = i64::try_from(
+        crate::api::limits::REVOKE_WHEN_UNUSED_FOR
+            .duration()
+            .as_secs(),
+    )
+    .expect("small");
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    state.absorb(used("pk", "k1", pod(1), t(1)));
+    state.absorb(used("pk", "k2", pod(1), t(2)));
+    let trusted: std::collections::BTreeSet<String> = ["k2".to_string()].into();
+    // k1 is dirty: kept until written; written but used within the horizon: kept (someone
+    // who removes it from the bundle for a moment cannot erase its use).
+    state.retain_kids(&key("pk"), &trusted, t(3));
+    assert_eq!(state.report(&key("pk")).len(), 2);
+    state.written(&key("pk"), t(3));
+    state.retain_kids(&key("pk"), &trusted, t(horizon));
+    assert_eq!(state.report(&key("pk")).len(), 2);
+    // Past the horizon: forgotten.
+    state.retain_kids(&key("pk"), &trusted, t(2 + horizon));
+    let report = state.report(&key("pk"));
+    assert_eq!(
+        report.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(),
+        vec!["k2"]
+    );
+    // A new use of a forgotten key id (a stale view) is absorbed and reported again.
+    state.absorb(used("pk", "k1", pod(1), t(3 + horizon)));
+    assert_eq!(state.report(&key("pk")).len(), 2);
+    // Rotation after rotation, the set stays at what the bundle lists plus the horizon.
+    let hour = 3600;
+    for i in 0..2000 {
+        let kid = format!("r{i}");
+        let at = t(10 + horizon + i * hour);
+        state.absorb(used("pk", &kid, pod(1), at));
+        state.written(&key("pk"), at);
+        let trusted: std::collections::BTreeSet<String> = [kid].into();
+        state.retain_kids(&key("pk"), &trusted, at);
+    }
+    let held = state.report(&key("pk")).len();
+    assert!(held <= 64, "{held}"); // the report's own cap
+    assert!(
+        state.kid_count(&key("pk")) <= 721,
+        "{}",
+        state.kid_count(&key("pk"))
+    );
+}
+
 #[test]
 fn the_report_and_the_lease_say_what_the_operator_reads() {
     let mut state = Reporting::new(INTERVAL, RESOLUTION);
