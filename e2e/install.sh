@@ -331,6 +331,26 @@ rotation_scenario() { # ns log
     || die "$ns: no KeyRevoked Event"
   metrics_during_rotation after "$ns" "$log"
   say "  $ns: rotated $old -> $new, old key revoked, Deployment rolled, in $(( $(date +%s) - t0 )) s"
+  trust_record_check "$ns" "$new" "$old"
+}
+
+# The trust record the operator (as the chart's ServiceAccount) wrote lists the new key id and
+# not the revoked one; the chart's ValidatingAdmissionPolicy refuses anyone else who writes it,
+# even a member of system:masters (RBAC does not stop them; the policy does).
+trust_record_check() { # ns new old
+  local ns=$1 new=$2 old=$3 record out
+  record=$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.metadata.annotations.keyward\.dev/trust-record}')
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); assert sys.argv[2] in r["kids"] and sys.argv[3] not in r["kids"], r' \
+    "$record" "$new" "$old" || die "$ns: trust record '$record' does not list $new alone"
+  for attempt in "keyward.dev/trust-record={}" "keyward.dev/trust-record-"; do
+    if out=$(kubectl -n "$ns" annotate pk opa-agents "$attempt" --overwrite --as=mallory --as-group=system:masters 2>&1); then
+      die "$ns: the trust record policy let mallory write '$attempt'"
+    fi
+    grep -q "only the Keyward operator may write" <<<"$out" || die "$ns: '$attempt' refused for another reason: $out"
+  done
+  [ "$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.metadata.annotations.keyward\.dev/trust-record}')" = "$record" ] \
+    || die "$ns: the trust record changed"
+  say "  $ns: trust record lists $new; the policy refused mallory's writes"
 }
 
 # The verifier's arguments, as the chart's StatefulSet passes them, for a run outside the cluster
@@ -566,7 +586,11 @@ for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports
     kubectl annotate crd "$crd" meta.helm.sh/release-name=kwc meta.helm.sh/release-namespace="$NS_CLUSTER" --overwrite >/dev/null
   fi
 done
-"$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${OPTIN[@]}" >"$WORK/install-kwc.txt"
+# kwn's operator writes the trust records in the namespaces kwn watches, so kwc's trust-record
+# policy must not cover them (two releases never cover the same namespace).
+"$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${OPTIN[@]}" --set-json \
+  "trustRecordPolicy.namespaceSelector={\"matchExpressions\":[{\"key\":\"kubernetes.io/metadata.name\",\"operator\":\"NotIn\",\"values\":[\"${WATCHED[0]}\",\"${WATCHED[1]}\"]}]}" \
+  >"$WORK/install-kwc.txt"
 kubectl get crd provisioningkeys.keyward.dev -o jsonpath='{.metadata.annotations.helm\.sh/resource-policy}' | grep -qx keep \
   || die "CRD without helm.sh/resource-policy: keep"
 pdb_version=$("$HELM" get manifest kwc -n "$NS_CLUSTER" | grep -B0 -A1 '^apiVersion: policy/' | head -1)
@@ -587,7 +611,8 @@ can yes "$U" create events.events.k8s.io -n "$UNWATCHED"
 can yes "$U" update leases.coordination.k8s.io/keyward -n "$NS_CLUSTER"
 can no "$U" update secrets -n "$UNWATCHED"
 can no "$U" delete configmaps -n "$UNWATCHED"
-can no "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"
+can yes "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"   # the trust record annotation (the policy keeps it the operator's)
+can no "$U" update provisioningkeys.keyward.dev -n "$UNWATCHED"
 can no "$U" create provisioningkeys.keyward.dev -n "$UNWATCHED"
 can no "$U" delete pods -n "$UNWATCHED"
 can no "$U" create pods --subresource=exec -n "$UNWATCHED"
@@ -741,6 +766,8 @@ done
   || die "cluster RBAC left after uninstall"
 [ -z "$(kubectl get role,rolebinding -A -l 'app.kubernetes.io/instance in (kwc,kwn)' -o name)" ] \
   || die "Roles left after uninstall"
+[ -z "$(kubectl get validatingadmissionpolicies,validatingadmissionpolicybindings -l 'app.kubernetes.io/instance in (kwc,kwn)' -o name)" ] \
+  || die "trust-record policy left after uninstall"
 say "  CRDs, ProvisioningKeys, agent Secrets and trust bundles are still there; RBAC is gone"
 
 step "done"

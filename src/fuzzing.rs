@@ -39,15 +39,22 @@ fn index() -> &'static Index {
     static INDEX: OnceLock<Index> = OnceLock::new();
     INDEX.get_or_init(|| {
         let mut index = Index::default();
+        let key = fixed_key();
+        let record = crate::trust_record::TrustRecord {
+            bundle: "a-trust".into(),
+            aud: "keyward".into(),
+            iss: "keyward".into(),
+            kids: [(key.public_key().key_id(), 3600)].into(),
+        };
         let pk: Result<ProvisioningKey, _> = serde_json::from_value(serde_json::json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",
-            "metadata": {"name": "a", "namespace": "ns", "uid": "11111111-1111-4111-8111-111111111111"},
+            "metadata": {"name": "a", "namespace": "ns", "uid": "11111111-1111-4111-8111-111111111111",
+                "annotations": {crate::trust_record::ANNOTATION: record.render()}},
             "spec": {},
         }));
         if let Ok(pk) = pk {
             index.apply_key(&pk);
         }
-        let key = fixed_key();
         let jwks = Jwks {
             keys: vec![key.public_key().to_jwk()],
         };

@@ -20,6 +20,7 @@ pub mod leader;
 pub mod metrics;
 pub mod rotation;
 pub mod telemetry;
+pub mod trust_record;
 pub mod usage;
 pub mod verifier;
 pub mod workload;

@@ -154,6 +154,7 @@ struct Inner {
     agents_total: Family<KeyLabels, Gauge>,
     rotations: Family<RotationLabels, Counter>,
     revocations: Family<KindLabels, Counter>,
+    bundle_tampered: Counter,
     rollouts: Family<KindLabels, Counter>,
     reconciles: Family<ControllerLabels, Counter>,
     reconcile_errors: Family<ErrorLabels, Counter>,
@@ -245,6 +246,12 @@ impl Metrics {
             "Keys revoked, by kind (normal: after the evidence that no agent needs it; emergency: listed in spec.compromisedKeys)",
             revocations.clone(),
         );
+        let bundle_tampered = Counter::default();
+        registry.register(
+            "keyward_bundle_tampered",
+            "Trust bundles rewritten because they trusted a key id the operator never recorded (a JWK injected into the ConfigMap; the verifier never trusted it)",
+            bundle_tampered.clone(),
+        );
         let rollouts = Family::<KindLabels, Counter>::default();
         registry.register(
             "keyward_rollouts_triggered",
@@ -294,6 +301,7 @@ impl Metrics {
             agents_total,
             rotations,
             revocations,
+            bundle_tampered,
             rollouts,
             reconciles,
             reconcile_errors,
@@ -460,6 +468,10 @@ impl Metrics {
                 kind: if emergency { "emergency" } else { "normal" },
             })
             .inc();
+    }
+
+    pub fn bundle_tampered(&self) {
+        self.0.bundle_tampered.inc();
     }
 
     pub fn rollout_triggered(&self, kind: WorkloadKind) {

@@ -652,6 +652,15 @@ impl World {
         let Ok((header, claims)) = keyward::keys::decode_token_unverified(token) else {
             return false;
         };
+        // As the verifier decides: the bundle lists the key id and so does the trust record of
+        // the ProvisioningKey the bundle belongs to.
+        let recorded = |cm: &ConfigMap| {
+            label(&cm.metadata, l::PROVISIONING_KEY)
+                .and_then(|pk| self.store.get::<ProvisioningKey>(pk))
+                .and_then(keyward::trust_record::TrustRecord::of)
+                .and_then(Result::ok)
+                .is_some_and(|r| r.has(&header.kid))
+        };
         let trusted = self.store.list::<ConfigMap>().into_iter().any(|cm| {
             cm.metadata
                 .labels
@@ -659,6 +668,7 @@ impl World {
                 .and_then(|ls| ls.get(l::COMPONENT))
                 .is_some_and(|c| c == l::COMPONENT_TRUST_BUNDLE)
                 && trust_bundle_kids(cm).contains(&header.kid)
+                && recorded(cm)
         });
         trusted && claims.exp > self.now.timestamp()
     }
@@ -2381,6 +2391,22 @@ fn apply_pk(
         Step::MarkPublished { seq } => {
             transition(w, view, &name, refs, *seq, KeyState::Published, &[], false)
         }
+        // Server-side apply of the one annotation, with the uid as precondition.
+        Step::WriteRecord { record } => {
+            let mut current = w
+                .store
+                .get::<ProvisioningKey>(&name)
+                .cloned()
+                .ok_or(WriteError::NotFound)?;
+            current.metadata.resource_version = None;
+            current.metadata.uid = Some(uid.clone());
+            current
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(keyward::trust_record::ANNOTATION.into(), record.render());
+            w.update(current)
+        }
         Step::WriteBundle { trusted, revoked } => {
             let cm = desired::trust_bundle(
                 pk,
@@ -2493,6 +2519,12 @@ impl KeywardOperator {
         let mut wrote = false;
         for _ in 0..MAX_STEPS {
             let view = w.view();
+            // The controller keeps the trust record it wrote; the model reads it back.
+            let pk = view
+                .get::<ProvisioningKey>(pk_name)
+                .filter(|p| p.metadata.uid == pk.metadata.uid)
+                .cloned()
+                .unwrap_or_else(|| pk.clone());
             let read = pk_read(&view, &pk);
             let plan = keyward::rotation::plan(&read.mapped.settings, &read.mapped.observed, now);
             let Some(step) = plan.step else {

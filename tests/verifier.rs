@@ -275,13 +275,14 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     let kid2 = data(&agent, l::DATA_KEY_ID).expect("key id");
     let token2 = data(&agent, l::DATA_TOKEN).expect("token");
 
-    // The old token refused as revoked (still unexpired), the new one accepted.
-    let res = eventually("the old token refused", || async {
+    // The old token refused as revoked (still unexpired), the new one accepted. (It is refused
+    // as `KeyNotRecorded` from the moment it leaves the trust record, before the bundle lists
+    // it as revoked.)
+    let res = eventually("the old token refused as revoked", || async {
         let r = auth(&http, &base, &token1, POD).await;
-        (r.status() == 401).then_some(r)
+        (r.status() == 401 && header(&r, "x-keyward-reason") == "TokenRevoked").then_some(r)
     })
     .await;
-    assert_eq!(header(&res, "x-keyward-reason"), "TokenRevoked");
     assert!(res.text().await.expect("body").is_empty());
     let res = auth(&http, &base, &token2, POD).await;
     assert_eq!(res.status(), 200);
@@ -845,5 +846,358 @@ async fn the_verifier_binary_holds_as_an_edge() {
         "{core}"
     );
     drop(v);
+    ns.cleanup().await;
+}
+
+// ---- Issue 18, finding 2: injected keys. ----
+
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use keyward::trust_record::{self, TrustRecord};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+
+/// A client that acts as `user` (impersonation by the admin identity of the plane).
+async fn client_as(user: &str) -> kube::Client {
+    let mut cfg = kube_config().await;
+    cfg.auth_info.impersonate = Some(user.to_string());
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// The plane's admin username (the identity the in-process operator runs as).
+async fn own_username() -> String {
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let review: k8s_openapi::api::authentication::v1::SelfSubjectReview = client
+        .request(
+            http::Request::post("/apis/authentication.k8s.io/v1/selfsubjectreviews")
+                .header("content-type", "application/json")
+                .body(
+                    serde_json::to_vec(&json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "SelfSubjectReview",
+                    }))
+                    .expect("body"),
+                )
+                .expect("request"),
+        )
+        .await
+        .expect("SelfSubjectReview");
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .expect("a username")
+}
+
+/// Installs the trust-record policy (the chart's rule) for `ns`, with the operator's identity
+/// as the only writer; returns its name for the cleanup.
+async fn install_trust_record_policy(ns: &str) -> String {
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let name = format!("keyward-trust-record-{ns}");
+    let (policy, binding) = trust_record::policy_objects(&name, &[own_username().await], Some(ns));
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).expect("policy"),
+        )
+        .await
+        .expect("create the policy");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+    name
+}
+
+async fn remove_trust_record_policy(name: &str) {
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client)
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// A tenant with ConfigMap rights in `ns` (and patch on ProvisioningKeys, to show the policy,
+/// not RBAC, stops the record write), but no Secret and no status rights.
+async fn grant_configmap_rights(ns: &TestNamespace, user: &str) {
+    let roles: Api<Role> = ns.api();
+    let bindings: Api<RoleBinding> = ns.api();
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "configmap-editor"},
+                "rules": [
+                    {"apiGroups": [""], "resources": ["configmaps"],
+                     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                    {"apiGroups": ["keyward.dev"], "resources": ["provisioningkeys"],
+                     "verbs": ["get", "list", "watch", "update", "patch"]},
+                ],
+            }))
+            .expect("role"),
+        )
+        .await
+        .expect("create the role");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "configmap-editor"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-editor"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+}
+
+fn record_of(pk: &ProvisioningKey) -> TrustRecord {
+    TrustRecord::of(pk)
+        .expect("a trust record")
+        .expect("a readable trust record")
+}
+
+/// Issue 18, finding 2 (before: 98 of 98 forged tokens passed, and the JWKS endpoint served
+/// the injected key). A tenant who may patch the trust-bundle ConfigMap adds a JWK of their
+/// own: no token of it passes, the JWKS endpoint never serves it, the operator restores the
+/// bundle within a reconcile with a `BundleTampered` Warning and a metric, and the tenant cannot
+/// write the trust record (the ValidatingAdmissionPolicy refuses them). Wiping the status
+/// refuses no legitimate token, nor does a whole rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
+    let ns = TestNamespace::new("kw-inject").await;
+    let policy = install_trust_record_policy(ns.name()).await;
+    grant_configmap_rights(&ns, "mallory").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(
+        &pks,
+        "tk",
+        json!({}),
+        // No PolicyAgent: the old key is revoked once its last token expired, so a short ttl.
+        json!({ "rotation": { "publishDelay": "2s", "overlap": "2s" }, "token": { "ttl": "20s" } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "tk", "settled", is_settled).await;
+    let record = record_of(&pk);
+    let agent = secrets.get("tk").await.expect("the agent Secret");
+    let (kid1, token1) = (
+        data(&agent, l::DATA_KEY_ID).expect("key id"),
+        data(&agent, l::DATA_TOKEN).expect("token"),
+    );
+    assert_eq!(record.kids.keys().collect::<Vec<_>>(), vec![&kid1]);
+
+    let v = Running::start(ns.name()).await;
+    let http = reqwest::Client::new();
+    let route = format!("{}/auth/{}/tk", v.base, ns.name());
+    let jwks_url = format!("{}/keys/{}/tk/jwks.json", v.base, ns.name());
+    wait_ready(&http, &v.base).await;
+    eventually("the agent token accepted", || async {
+        (auth_at(&http, &route, &token1, POD).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Mallory adds her own JWK to the bundle, and signs a token with the record's claims.
+    let mallory = client_as("mallory").await;
+    let cms: Api<ConfigMap> = Api::namespaced(mallory.clone(), ns.name());
+    let cm = cms.get("tk-trust").await.expect("mallory reads the bundle");
+    let mut jwks: Jwks = serde_json::from_str(&cm.data.expect("data")[l::DATA_JWKS]).expect("jwks");
+    let evil = KeyPair::generate();
+    jwks.keys.push(evil.public_key().to_jwk());
+    cms.patch(
+        "tk-trust",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({ "data": { l::DATA_JWKS: serde_json::to_string(&jwks).expect("json") } }),
+        ),
+    )
+    .await
+    .expect("mallory may patch the ConfigMap");
+    let now = chrono::Utc::now().timestamp();
+    let forged = evil
+        .sign_token(&TokenClaims {
+            iss: record.iss.clone(),
+            sub: format!("{}/tk", ns.name()),
+            aud: record.aud.clone(),
+            iat: now,
+            nbf: now,
+            exp: now + 600,
+            jti: "forged".into(),
+        })
+        .expect("sign");
+    // Whether the verifier has seen the injection or the restored bundle, the forged token
+    // never passes, and the JWKS endpoint never lists the injected key.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut tries = 0;
+    while Instant::now() < deadline {
+        let res = auth_at(&http, &route, &forged, POD).await;
+        assert_eq!(res.status(), 401, "a forged token passed");
+        let served: Jwks = serde_json::from_str(
+            &http
+                .get(&jwks_url)
+                .send()
+                .await
+                .expect("GET")
+                .text()
+                .await
+                .expect("body"),
+        )
+        .expect("jwks");
+        assert!(!served.key_ids().contains(&evil.public_key().key_id()));
+        assert_eq!(auth_at(&http, &route, &token1, POD).await.status(), 200);
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tries > 10);
+    // Restored by the operator, with a Warning and a metric.
+    let cms_admin: Api<ConfigMap> = ns.api();
+    wait_obj(
+        &cms_admin,
+        "tk-trust",
+        "the bundle restored",
+        TIMEOUT,
+        |cm| {
+            let jwks: Option<Jwks> = cm
+                .data
+                .as_ref()
+                .and_then(|d| serde_json::from_str(&d[l::DATA_JWKS]).ok());
+            jwks.is_some_and(|j| j.key_ids() == vec![kid1.clone()])
+        },
+    )
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    eventually("a BundleTampered Warning", || async {
+        let list = events.list(&Default::default()).await.expect("events");
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("BundleTampered"))
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter(|e| {
+                e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains(&evil.public_key().key_id()))
+            })
+    })
+    .await;
+    let metrics = op.observability().metrics.encode();
+    let tampered = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_bundle_tampered_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(tampered.is_some_and(|n| n >= 1.0), "{metrics}");
+
+    // Mallory cannot write the record: not add her key id, not remove the record.
+    let mallory_pks: Api<ProvisioningKey> = Api::namespaced(mallory, ns.name());
+    let mut tampered = record.clone();
+    tampered.kids.insert(evil.public_key().key_id(), 600);
+    for body in [
+        json!({ "metadata": { "annotations": { trust_record::ANNOTATION: tampered.render() } } }),
+        json!({ "metadata": { "annotations": { trust_record::ANNOTATION: null } } }),
+    ] {
+        let err = eventually("the policy in force", || async {
+            mallory_pks
+                .patch("tk", &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .err()
+        })
+        .await;
+        assert!(
+            err.to_string()
+                .contains("only the Keyward operator may write"),
+            "{err}"
+        );
+    }
+    assert_eq!(record_of(&pks.get("tk").await.expect("pk")), record);
+
+    // Status is not evidence: wiped, and no legitimate token is refused.
+    pks.patch_status(
+        "tk",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": null })),
+    )
+    .await
+    .expect("wipe the status");
+    for _ in 0..10 {
+        assert_eq!(auth_at(&http, &route, &token1, POD).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A whole rotation: every token the agent Secret holds passes at every look, and so does
+    // the newest token of the old key until it expires or the key is revoked.
+    merge(
+        &pks,
+        "tk",
+        json!({ "metadata": { "annotations": { l::ROTATE: "inject-test" } } }),
+    )
+    .await;
+    let k1 = key_secret_name("tk", 1);
+    let k1_revoked = || async {
+        secrets
+            .get(&k1)
+            .await
+            .map(|s| state(&s) == "revoked")
+            .unwrap_or(true)
+    };
+    let exp_of = |t: &str| {
+        keyward::keys::decode_token_unverified(t)
+            .map(|(_, c)| c.exp)
+            .unwrap_or(0)
+    };
+    let mut old_token = token1.clone();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut looks = 0;
+    loop {
+        let agent = secrets.get("tk").await.expect("agent Secret");
+        let (kid, token) = (
+            data(&agent, l::DATA_KEY_ID).expect("kid"),
+            data(&agent, l::DATA_TOKEN).expect("token"),
+        );
+        if kid == kid1 {
+            old_token = token.clone();
+        }
+        let res = auth_at(&http, &route, &token, POD).await;
+        assert_eq!(
+            res.status(),
+            200,
+            "the agent Secret's token refused: {}",
+            header(&res, "x-keyward-reason")
+        );
+        let revoked = k1_revoked().await;
+        if !revoked && exp_of(&old_token) > chrono::Utc::now().timestamp() + 1 {
+            let res = auth_at(&http, &route, &old_token, POD).await;
+            assert!(
+                res.status() == 200 || k1_revoked().await,
+                "the old key's live token refused before its revocation: {}",
+                header(&res, "x-keyward-reason")
+            );
+        }
+        looks += 1;
+        if revoked && kid != kid1 && is_settled(&pks.get("tk").await.expect("pk")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotation did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(looks > 3, "{looks}");
+    let record = record_of(&pks.get("tk").await.expect("pk"));
+    assert!(
+        !record.has(&kid1),
+        "the revoked key id left the record: {record:?}"
+    );
+
+    v.stop().await;
+    op.stop().await;
+    remove_trust_record_policy(&policy).await;
     ns.cleanup().await;
 }

@@ -28,6 +28,7 @@ pub mod reason {
     pub const KEY_SECRET_REPAIRED: &str = "KeySecretRepaired";
     pub const TOKEN_REFRESHED: &str = "TokenRefreshed";
     pub const TRUST_BUNDLE_UPDATED: &str = "TrustBundleUpdated";
+    pub const BUNDLE_TAMPERED: &str = crate::rotation::reasons::BUNDLE_TAMPERED;
     pub const EMERGENCY_REVOCATION: &str = "EmergencyRevocation";
     pub const ROTATION_STALLED: &str = "RotationStalled";
     pub const ROLLOUT_TRIGGERED: &str = "RolloutTriggered";

@@ -36,6 +36,7 @@ use crate::rotation::{
     self, AgentSecretObs, HandOutReason, KeyState, Observed, ObservedKey, Plan, Settings, Step,
     Trigger,
 };
+use crate::trust_record::{self, TrustRecord};
 use crate::workload::{Lineage, Workload};
 
 /// Most writes one reconcile makes before it yields to other objects.
@@ -153,6 +154,8 @@ struct Raw {
     consumers: Option<ConsumerReads>,
     /// Key use reported by the verifier replicas, see [`read_usage`].
     usage: Option<rotation::UsageObs>,
+    /// The trust record this reconcile wrote (the ProvisioningKey it was given predates it).
+    record: Option<TrustRecord>,
 }
 
 /// What the revocation of a retiring key is decided on.
@@ -172,6 +175,8 @@ enum Written {
     KeySecretGone(u32),
     Bundle(Box<ConfigMap>),
     AgentSecret(Box<Secret>),
+    /// The trust record as written on the ProvisioningKey.
+    Record(Box<TrustRecord>),
 }
 
 impl Written {
@@ -179,7 +184,9 @@ impl Written {
         match self {
             Written::KeySecret(_, s) | Written::AgentSecret(s) => own.wrote(&s.metadata),
             Written::Bundle(cm) => own.wrote(&cm.metadata),
-            Written::Nothing | Written::KeySecretGone(_) => {}
+            // Not remembered: the ProvisioningKey's watch event of it wakes one reconcile that
+            // writes nothing (and `ns/name` would collide with an agent Secret of the same name).
+            Written::Nothing | Written::KeySecretGone(_) | Written::Record(_) => {}
         }
     }
 }
@@ -202,6 +209,7 @@ impl Raw {
                 self.key_secrets.remove(&seq);
             }
             Written::Bundle(cm) => self.bundle = Some(*cm),
+            Written::Record(r) => self.record = Some(*r),
             Written::AgentSecret(s) => {
                 if let Some(old) = self.agent_secret.as_mut() {
                     wipe(old);
@@ -673,6 +681,9 @@ fn map(ctx: &Context, pk: &ProvisioningKey, raw: &Raw) -> Read {
     );
     mapped.observed.uncovered = consumers.uncovered.clone();
     mapped.observed.usage = raw.usage.clone();
+    if let Some(r) = &raw.record {
+        mapped.observed.record = Some(r.clone());
+    }
     for t in &mapped.secrets.tampered {
         tracing::warn!(pk = %pk.name_any(), secret = %t, "key Secret evidence repaired or ignored");
     }
@@ -838,7 +849,26 @@ fn step_audits(
             }
             facts
         }
-        Step::MarkPublished { .. } | Step::WriteBundle { .. } | Step::Prune { .. } => Vec::new(),
+        Step::MarkPublished { .. } | Step::Prune { .. } => Vec::new(),
+        Step::WriteBundle { .. } => {
+            let injected = rotation::bundle_target(settings, obs).injected;
+            if injected.is_empty() {
+                return Vec::new();
+            }
+            vec![Audit {
+                warning: true,
+                reason: reason::BUNDLE_TAMPERED,
+                action: "Publish",
+                note: format!(
+                    "trust bundle {} trusted key id(s) {} that this operator never minted (not in the trust record); removed. The verifier never trusted them. Someone who may write the ConfigMap added them: check who (audit log)",
+                    settings.trust_bundle_name,
+                    injected.join(", ")
+                ),
+                related: None,
+            }]
+        }
+        // Recorded as it happens by the KeyMinted, KeyRevoked and EmergencyRevocation Events.
+        Step::WriteRecord { .. } => Vec::new(),
         Step::RecordPublished { seq } => key(*seq)
             .map(|k| {
                 fact(
@@ -1026,6 +1056,11 @@ async fn apply(
             written =
                 transition(&secrets, &name, refs, *seq, KeyState::Published, &[], false).await?;
             fault::after("mark-published");
+        }
+        Step::WriteRecord { record } => {
+            written = Written::Record(Box::new(write_record(ctx, pk, record).await?));
+            fault::after("record");
+            info!(pk = %name, kids = ?record.kids.keys().collect::<Vec<_>>(), "trust record written");
         }
         Step::WriteBundle { trusted, revoked } => {
             let cm = desired::trust_bundle(
@@ -1280,6 +1315,37 @@ pub async fn write_bundle(
             )
             .await?),
     }
+}
+
+/// Writes the trust record: server-side apply of that one annotation, with the
+/// ProvisioningKey's UID as a precondition (a key deleted and created again under the same name
+/// answers 409 instead of getting the old key's record).
+async fn write_record(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    record: &TrustRecord,
+) -> Result<TrustRecord> {
+    let (ns, name) = object_key(pk)?;
+    let pks: Api<ProvisioningKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = json!({
+        "apiVersion": ProvisioningKey::api_version(&()),
+        "kind": ProvisioningKey::kind(&()),
+        "metadata": {
+            "name": name,
+            "uid": uid_of(pk),
+            "annotations": { trust_record::ANNOTATION: record.render() },
+        },
+    });
+    let written = pks
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(TrustRecord::of(&written)
+        .and_then(|r| r.ok())
+        .unwrap_or_else(|| record.clone()))
 }
 
 /// Writes the agent Secret for key `seq`: key id, public key, a fresh token, and the private key
@@ -1808,6 +1874,7 @@ async fn report_error(
 enum Counted {
     Rotation(Trigger, RotationResult),
     Revocation { emergency: bool },
+    BundleTampered,
 }
 
 impl Counted {
@@ -1815,6 +1882,7 @@ impl Counted {
         match self {
             Counted::Rotation(trigger, result) => metrics.rotation(trigger, result),
             Counted::Revocation { emergency } => metrics.revocation(emergency),
+            Counted::BundleTampered => metrics.bundle_tampered(),
         }
     }
 }
@@ -1842,6 +1910,13 @@ fn step_counts(read: &Read, step: &Step, minted: bool) -> Vec<Counted> {
                 counts.push(Counted::Rotation(cur.trigger, RotationResult::Completed));
             }
             counts
+        }
+        Step::WriteBundle { .. }
+            if !rotation::bundle_target(&read.settings, obs)
+                .injected
+                .is_empty() =>
+        {
+            vec![Counted::BundleTampered]
         }
         _ => Vec::new(),
     }
@@ -1920,6 +1995,7 @@ mod tests {
                 consumers,
                 uncovered: Some(uncovered),
                 usage: None,
+                record: None,
             },
             secrets: KeySecrets::default(),
             bundle_jwks: BTreeMap::new(),

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::trust_record::TrustRecord;
+
 pub mod desired;
 pub mod observe;
 pub mod schedule;
@@ -252,6 +254,9 @@ pub struct Observed {
     /// Key use reported by the verifier replicas. `None` when not read; a key with
     /// `revokeWhenUnusedFor` is never revoked on `None`.
     pub usage: Option<UsageObs>,
+    /// The trust record on the ProvisioningKey (see [`crate::trust_record`]): `None` when it has
+    /// none yet; an unreadable one counts as recording nothing.
+    pub record: Option<TrustRecord>,
 }
 
 /// Key use reported by the verifier replicas, see [`crate::usage`].
@@ -290,6 +295,9 @@ pub enum Step {
     },
     /// Label the key `published` (before it is written into the trust bundle).
     MarkPublished { seq: u32 },
+    /// Write the trust record (the key ids the operator minted, and the claims it signs with)
+    /// before anything is published or handed out under it.
+    WriteRecord { record: TrustRecord },
     /// Write the trust bundle from the key Secrets.
     WriteBundle {
         trusted: Vec<String>,
@@ -375,6 +383,9 @@ pub struct Plan {
     pub token_refresh_at: Option<DateTime<Utc>>,
     /// Trusted key ids that no key Secret accounts for (reported with a Warning).
     pub unrecorded: Vec<String>,
+    /// Key ids the bundle trusts that the operator never recorded: injected by someone who may
+    /// write the ConfigMap. The bundle is rewritten without them (`BundleTampered`).
+    pub injected: Vec<String>,
 }
 
 impl Plan {
@@ -390,6 +401,7 @@ impl Plan {
             next_rotation_at: None,
             token_refresh_at: None,
             unrecorded: Vec::new(),
+            injected: Vec::new(),
         }
     }
 
@@ -423,6 +435,8 @@ pub mod reasons {
     pub const REFUSED: &str = "RotationRefused";
     pub const UNCOVERED_CONSUMERS: &str = "UncoveredConsumers";
     pub const UNRECORDED_KEYS: &str = "UnrecordedTrustedKeys";
+    /// The trust bundle trusted a key id the operator never recorded; it was removed.
+    pub const BUNDLE_TAMPERED: &str = "BundleTampered";
     /// `revokeWhenUnusedFor` cannot be judged: no verifier replica, or one is silent.
     pub const VERIFIER_SILENT: &str = "VerifierSilent";
     /// `revokeWhenUnusedFor`: the old key is still in use.
@@ -464,9 +478,12 @@ pub struct BundleTarget {
     /// list that are not trusted (a pruned key stays listed), bounded.
     pub revoked: Vec<String>,
     /// Key ids the bundle trusts that no key Secret accounts for (a key Secret deleted or its
-    /// labels edited). Only the revocation path removes a trusted key, so they stay trusted,
-    /// unless listed in `compromisedKeys`.
+    /// labels edited) but the trust record lists: the operator minted them. Only the revocation
+    /// path removes a trusted key, so they stay trusted, unless listed in `compromisedKeys`.
     pub unrecorded: Vec<String>,
+    /// Key ids the bundle trusts that neither a key Secret nor the trust record accounts for:
+    /// never minted by the operator. They are dropped.
+    pub injected: Vec<String>,
     /// The highest sequence number ever minted.
     pub last_seq: u32,
 }
@@ -493,10 +510,16 @@ pub fn bundle_target(settings: &Settings, obs: &Observed) -> BundleTarget {
         _ => (&[][..], &[][..], 0),
     };
     let known = |kid: &String| keys.iter().any(|k| &k.kid == kid);
+    let recorded = |kid: &String| obs.record.as_ref().is_some_and(|r| r.has(kid));
     let mut unrecorded = Vec::new();
+    let mut injected = Vec::new();
     for kid in bundle_kids.iter().filter(|k| !known(k)) {
         if settings.compromised.contains(kid) {
             revoked.push(kid.clone());
+        } else if !recorded(kid) {
+            if !injected.contains(kid) {
+                injected.push(kid.clone());
+            }
         } else if !unrecorded.contains(kid) {
             unrecorded.push(kid.clone());
         }
@@ -514,12 +537,74 @@ pub fn bundle_target(settings: &Settings, obs: &Observed) -> BundleTarget {
         trusted,
         revoked,
         unrecorded,
+        injected,
         last_seq: keys
             .iter()
             .map(|k| k.seq)
             .max()
             .unwrap_or(0)
             .max(bundle_seq),
+    }
+}
+
+/// The trust record the evidence calls for: every key id minted and not revoked (nor listed as
+/// compromised), and every recorded one whose key Secret was lost while the bundle still
+/// trusts it; each with the longest token lifetime it signed (never lowered: a token issued
+/// before the ttl was lowered lives as long as it was issued for). The names and claims are the
+/// settings the operator signs with (the last good ones when the spec is refused).
+pub fn desired_record(settings: &Settings, obs: &Observed) -> TrustRecord {
+    let prev = obs.record.as_ref();
+    let before = |kid: &str| prev.and_then(|r| r.kids.get(kid)).copied().unwrap_or(0);
+    let ttl = settings.token_ttl.as_secs();
+    // The lifetime of the token the agent Secret holds now (a ttl lowered since it was issued).
+    let held = match &obs.agent_secret {
+        AgentSecretObs::Owned(a) => match (&a.kid, a.token_iat, a.token_exp) {
+            (Some(kid), Some(iat), Some(exp)) if exp > iat => Some((
+                kid.as_str(),
+                u64::try_from(exp - iat)
+                    .unwrap_or(0)
+                    .min(crate::api::limits::TOKEN_TTL.duration().as_secs()),
+            )),
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut kids = std::collections::BTreeMap::new();
+    for k in obs
+        .keys
+        .iter()
+        .filter(|k| k.state != KeyState::Revoked && !settings.compromised.contains(&k.kid))
+    {
+        let held = held.filter(|(kid, _)| *kid == k.kid).map_or(0, |(_, t)| t);
+        kids.insert(k.kid.clone(), before(&k.kid).max(ttl).max(held));
+    }
+    if let (Some(r), BundleObs::Owned { kids: listed, .. }) = (prev, &obs.bundle) {
+        for kid in listed {
+            if let Some(t) = r.kids.get(kid)
+                && !kids.contains_key(kid)
+                && !settings.compromised.contains(kid)
+                && !obs.keys.iter().any(|k| &k.kid == kid)
+            {
+                kids.insert(kid.clone(), *t);
+            }
+        }
+    }
+    TrustRecord {
+        bundle: settings.trust_bundle_name.clone(),
+        aud: settings.audience.clone(),
+        iss: settings.issuer.clone(),
+        kids,
+    }
+}
+
+/// The record to write, when the one on the ProvisioningKey differs from what the evidence
+/// calls for. A key that has none and nothing to record writes none.
+fn record_to_write(settings: &Settings, obs: &Observed) -> Option<TrustRecord> {
+    let want = desired_record(settings, obs);
+    match &obs.record {
+        None if want.kids.is_empty() => None,
+        Some(have) if *have == want => None,
+        _ => Some(want),
     }
 }
 
@@ -634,6 +719,11 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     if p.blocked.is_some() && current(&obs.keys).is_none() && p.step.is_none() {
         p.phase = Phase::Invalid;
     }
+    // The trust record comes before any other write: a key id is recorded before the bundle
+    // publishes it and before a token of it is handed out; a revoked one leaves it first.
+    if let Some(record) = record_to_write(settings, obs) {
+        p.step = Some(Step::WriteRecord { record });
+    }
     p
 }
 
@@ -692,6 +782,7 @@ fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
                 revoked: target.revoked,
             });
             p.unrecorded = target.unrecorded;
+            p.injected = target.injected;
             return p;
         }
     } else if obs.bundle == BundleObs::Missing {

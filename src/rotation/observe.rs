@@ -679,6 +679,7 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
         consumers,
         uncovered,
         usage: None,
+        record: crate::trust_record::TrustRecord::of(pk).map(Result::unwrap_or_default),
     };
     Mapped {
         settings,

@@ -177,7 +177,31 @@ fn obs(keys: Vec<ObservedKey>) -> Observed {
         consumers: Vec::new(),
         uncovered: Some(Vec::new()),
         usage: None,
+        record: None,
     }
+}
+
+/// `o` with the trust record the operator keeps, unless it has one: every key id the bundle
+/// trusts (but a compromised one) and every minted one recorded. Most tests are about
+/// everything else; the record's own tests set it, and the simulator starts without one.
+fn recorded(settings: &Settings, o: &Observed) -> Observed {
+    let mut o = o.clone();
+    if o.record.is_none() {
+        let mut prev = TrustRecord::default();
+        if let BundleObs::Owned { kids, .. } = &o.bundle {
+            for k in kids {
+                prev.kids.insert(k.clone(), settings.token_ttl.as_secs());
+            }
+        }
+        o.record = Some(prev);
+        o.record = Some(desired_record(settings, &o));
+    }
+    o
+}
+
+/// The planner on [`recorded`] evidence.
+fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    super::plan(settings, &recorded(settings, obs), now)
 }
 
 fn bundle(kids: &[u32], revoked: &[u32]) -> BundleObs {
@@ -3171,6 +3195,7 @@ impl Sim {
                 consumers: Vec::new(),
                 uncovered: Some(Vec::new()),
                 usage: None,
+                record: None,
             },
             now: now(),
             ever_published: false,
@@ -3227,8 +3252,8 @@ impl Sim {
 
     /// Plans, twice: the planner must be deterministic.
     fn plan(&self) -> SimResult<Plan> {
-        let p = plan(&self.settings, &self.obs, self.now);
-        let again = plan(&self.settings, &self.obs, self.now);
+        let p = super::plan(&self.settings, &self.obs, self.now);
+        let again = super::plan(&self.settings, &self.obs, self.now);
         ensure!(
             p == again,
             "{}",
@@ -3393,9 +3418,36 @@ impl Sim {
                 );
                 k.state = KeyState::Published;
             }
+            Step::WriteRecord { record } => {
+                // (r) A key id leaves the record only once its key is revoked or listed as
+                // compromised (or it is no longer in the bundle).
+                let listed = |kid: &String| matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.contains(kid));
+                for kid in self.obs.record.iter().flat_map(|r| r.kids.keys()) {
+                    if record.has(kid) || self.settings.compromised.contains(kid) || !listed(kid) {
+                        continue;
+                    }
+                    let state = before.iter().find(|k| &k.kid == kid).map(|k| k.state);
+                    ensure!(
+                        state == Some(KeyState::Revoked),
+                        "WriteRecord dropped key id {kid} in state {state:?} while the bundle trusts it"
+                    );
+                }
+                self.obs.record = Some(record.clone());
+            }
             Step::WriteBundle { trusted, revoked } => {
                 // (c) Once a key was published, the bundle always trusts at least one key.
                 ensure!(!trusted.is_empty(), "WriteBundle with no trusted key");
+                // (r) The bundle trusts only recorded key ids (a compromised one left the
+                // record first, and leaves the bundle at its revocation).
+                for kid in trusted
+                    .iter()
+                    .filter(|k| !self.settings.compromised.contains(*k))
+                {
+                    ensure!(
+                        self.obs.record.as_ref().is_some_and(|r| r.has(kid)),
+                        "WriteBundle trusts {kid}, which the trust record does not list"
+                    );
+                }
                 let target = bundle_target(&self.settings, &self.obs);
                 ensure!(
                     trusted.clone() == desired_bundle(&before).0
@@ -3486,6 +3538,17 @@ impl Sim {
                 ensure!(
                     changes == (*reason == HandOutReason::NewKey),
                     "HandOut {reason:?} with old kid {old_kid:?}"
+                );
+                // (r) A token is handed out only for a recorded key id, with a lifetime the
+                // record covers.
+                ensure!(
+                    self.obs
+                        .record
+                        .as_ref()
+                        .and_then(|r| r.kids.get(&cur.kid))
+                        .is_some_and(|t| *t >= self.settings.token_ttl.as_secs()),
+                    "HandOut of key {seq} whose key id the trust record does not cover: {:?}",
+                    self.obs.record
                 );
                 // (h) A key reaches the agent Secret only while the bundle lists it (the state
                 // of a key created active says nothing about the bundle).
@@ -3731,6 +3794,15 @@ impl Sim {
             "agent Secret does not hold the current key"
         );
         ensure!(
+            self.obs
+                .record
+                .as_ref()
+                .map(|r| r.kids.keys().cloned().collect::<BTreeSet<_>>())
+                == Some(desired_bundle(keys).0.into_iter().collect()),
+            "the trust record does not list exactly the trusted key ids: {:?}",
+            self.obs.record
+        );
+        ensure!(
             keys.iter().filter(|k| k.state == KeyState::Active).count() == 1,
             "more than one active key"
         );
@@ -3759,7 +3831,7 @@ impl Sim {
             }
             None => chrono::Duration::days(400),
         };
-        let early = plan(&self.settings, &self.obs, self.now + horizon);
+        let early = super::plan(&self.settings, &self.obs, self.now + horizon);
         ensure!(
             early.step.is_none(),
             "{:?} due at {horizon} but requeue_after is {:?}",
@@ -3875,6 +3947,19 @@ fn started(settings: Settings) -> Sim {
     sim
 }
 
+/// The trust record of the simulator's settings listing these keys (token ttl each).
+fn sim_record(settings: &Settings, seqs: &[u32]) -> TrustRecord {
+    TrustRecord {
+        bundle: settings.trust_bundle_name.clone(),
+        aud: settings.audience.clone(),
+        iss: settings.issuer.clone(),
+        kids: seqs
+            .iter()
+            .map(|s| (kid(*s), settings.token_ttl.as_secs()))
+            .collect(),
+    }
+}
+
 fn run(sim: &mut Sim, f: impl FnOnce(&mut Sim) -> SimResult) {
     f(sim).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -3887,13 +3972,18 @@ fn scenario_first_key() {
         .iter()
         .map(|(_, s)| match s {
             Step::Mint { active: true, .. } => "Mint(active)",
+            Step::WriteRecord { .. } => "WriteRecord",
             Step::WriteBundle { .. } => "WriteBundle",
             Step::HandOut { .. } => "HandOut",
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    // Three writes: the key Secret created active, the trust bundle, the agent Secret.
-    assert_eq!(kinds, ["Mint(active)", "WriteBundle", "HandOut"]);
+    // Four writes: the key Secret created active, the trust record, the trust bundle, the
+    // agent Secret.
+    assert_eq!(
+        kinds,
+        ["Mint(active)", "WriteRecord", "WriteBundle", "HandOut"]
+    );
     assert_eq!(
         sim.obs.keys[0].consumed_request_token.as_deref(),
         Some("r1")
@@ -4055,12 +4145,20 @@ fn scenario_compromise() {
         assert_eq!(
             steps,
             [
+                // The compromised key id leaves the trust record first: the verifier refuses
+                // it from this write on.
+                Step::WriteRecord {
+                    record: sim_record(&sim.settings, &[])
+                },
                 Step::Mint {
                     seq: 2,
                     trigger: Trigger::Compromised,
                     consumed_request_token: None,
                     consumed_annotation: None,
                     active: false,
+                },
+                Step::WriteRecord {
+                    record: sim_record(&sim.settings, &[2])
                 },
                 Step::MarkPublished { seq: 2 },
                 Step::WriteBundle {
@@ -4554,4 +4652,147 @@ proptest! {
         prop_assert!(10 * (t - iat) >= 4 * ttl - 10, "earlier than 40% of the life");
         prop_assert_eq!(schedule::token_refresh_at(&s, iat, exp).map(|d| d.timestamp()), Some(t));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trust record (issue "The trust boundary", part 2)
+// ---------------------------------------------------------------------------------------------
+
+/// Evidence of a settled key 2 (key 1 revoked) with this record on the ProvisioningKey.
+fn with_record(kids: &[u32], bundle_kids: &[u32]) -> Observed {
+    with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+        o.bundle = bundle(bundle_kids, &[1]);
+        o.record = Some(sim_record(&settings(), kids));
+    })
+}
+
+#[test]
+fn a_settled_key_with_its_record_writes_nothing() {
+    let p = super::plan(&settings(), &with_record(&[2], &[2]), now());
+    assert_eq!(p.step, None);
+    assert!(p.injected.is_empty());
+}
+
+#[test]
+fn an_injected_key_id_leaves_the_bundle_and_is_reported() {
+    let mut o = with_record(&[2], &[2]);
+    let BundleObs::Owned { kids, .. } = &mut o.bundle else {
+        unreachable!()
+    };
+    kids.push(kid(9));
+    let p = super::plan(&settings(), &o, now());
+    assert_eq!(
+        p.step,
+        Some(Step::WriteBundle {
+            trusted: vec![kid(2)],
+            revoked: vec![kid(1)],
+        })
+    );
+    assert_eq!(p.injected, vec![kid(9)]);
+    assert_eq!(bundle_target(&settings(), &o).injected, vec![kid(9)]);
+}
+
+#[test]
+fn a_recorded_key_id_whose_secret_was_lost_stays_trusted_and_recorded() {
+    // Key 1's Secret is gone, but the record lists it: the operator minted it.
+    let mut o = with_obs(vec![key(2, Active)], |o| {
+        o.bundle = bundle(&[1, 2], &[]);
+    });
+    o.record = Some(sim_record(&settings(), &[1, 2]));
+    let p = super::plan(&settings(), &o, now());
+    assert!(!matches!(p.step, Some(Step::WriteRecord { .. })), "{p:?}");
+    let target = bundle_target(&settings(), &o);
+    assert_eq!(target.unrecorded, vec![kid(1)]);
+    assert!(target.injected.is_empty());
+    assert_eq!(
+        desired_record(&settings(), &o),
+        sim_record(&settings(), &[1, 2])
+    );
+    // Never recorded: the same key id is dropped.
+    o.record = Some(sim_record(&settings(), &[2]));
+    assert_eq!(bundle_target(&settings(), &o).injected, vec![kid(1)]);
+    assert_eq!(
+        desired_record(&settings(), &o),
+        sim_record(&settings(), &[2])
+    );
+}
+
+#[test]
+fn a_key_without_a_record_gets_one_from_its_key_secrets_first() {
+    // After an upgrade: no record yet. The minted key ids are recorded before anything else;
+    // a bundle entry no key Secret accounts for was never recorded and is not adopted.
+    let mut o = with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+        o.bundle = bundle(&[1, 2, 7], &[]);
+    });
+    o.record = None;
+    let p = super::plan(&settings(), &o, now());
+    assert_eq!(
+        p.step,
+        Some(Step::WriteRecord {
+            record: sim_record(&settings(), &[1, 2])
+        })
+    );
+    o.record = Some(sim_record(&settings(), &[1, 2]));
+    assert_eq!(bundle_target(&settings(), &o).injected, vec![kid(7)]);
+}
+
+#[test]
+fn the_record_keeps_the_longest_lifetime_a_key_id_signed() {
+    let mut o = with_record(&[2], &[2]);
+    let mut s = settings();
+    s.token_ttl = secs(600);
+    // Lowered from 3600 s: the record keeps 3600 (tokens issued before still live that long).
+    assert_eq!(desired_record(&s, &o).kids[&kid(2)], TTL);
+    // Raised: recorded before a token of that lifetime is handed out.
+    s.token_ttl = secs(7200);
+    let p = super::plan(&s, &o, now());
+    assert_eq!(
+        p.step,
+        Some(Step::WriteRecord {
+            record: sim_record(&s, &[2])
+        })
+    );
+    // The token the agent Secret holds counts too (a record lost with a long-lived token out).
+    o.record = Some(TrustRecord::default());
+    if let AgentSecretObs::Owned(a) = &mut o.agent_secret {
+        a.token_iat = Some(now().timestamp());
+        a.token_exp = Some(now().timestamp() + 5000);
+    }
+    assert_eq!(desired_record(&settings(), &o).kids[&kid(2)], 5000);
+}
+
+#[test]
+fn a_compromised_key_id_leaves_the_record_at_once() {
+    let o = with_obs(vec![key(1, Retiring), key(2, Active)], |o| {
+        o.record = Some(sim_record(&settings(), &[1, 2]));
+    });
+    let s = with_settings(|s| {
+        s.compromised.insert(kid(1));
+    });
+    assert_eq!(
+        super::plan(&s, &o, now()).step,
+        Some(Step::WriteRecord {
+            record: sim_record(&s, &[2])
+        })
+    );
+}
+
+#[test]
+fn the_record_carries_the_names_and_claims_the_operator_signs_with() {
+    let o = with_record(&[2], &[2]);
+    let s = with_settings(|s| {
+        s.audience = "keyward:ns/demo".into();
+        s.issuer = "https://issuer".into();
+    });
+    let Some(Step::WriteRecord { record }) = super::plan(&s, &o, now()).step else {
+        panic!("no record write");
+    };
+    assert_eq!(
+        (
+            record.bundle.as_str(),
+            record.aud.as_str(),
+            record.iss.as_str()
+        ),
+        ("demo-trust", "keyward:ns/demo", "https://issuer")
+    );
 }

@@ -29,9 +29,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::index::KeyRef;
+use super::index::{Bundle, Document, KeyParams, KeyRef};
 use super::use_log::{Instance, POD_UID_HEADER, Use};
 use super::verify::{self, Binding, Refusal, Verified};
+use crate::keys::Jwks;
 
 pub const KEY_HEADER: &str = "x-keyward-key";
 pub const KID_HEADER: &str = "x-keyward-kid";
@@ -224,6 +225,29 @@ fn auth(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Response {
     }
 }
 
+/// The bundle's JWKS as served: the ConfigMap's own bytes when the trust record lists every key
+/// id in it (always, unless someone wrote the ConfigMap), else only the recorded entries.
+fn trusted_jwks(params: &KeyParams, bundle: &Bundle) -> Document {
+    if bundle
+        .jwks
+        .keys
+        .iter()
+        .all(|k| k.kid.as_deref().is_some_and(|kid| params.trusts(kid)))
+    {
+        return bundle.jwks_doc.clone();
+    }
+    let jwks = Jwks {
+        keys: bundle
+            .jwks
+            .keys
+            .iter()
+            .filter(|k| k.kid.as_deref().is_some_and(|kid| params.trusts(kid)))
+            .cloned()
+            .collect(),
+    };
+    Document::new(serde_json::to_string_pretty(&jwks).unwrap_or_else(|_| "{\"keys\":[]}".into()))
+}
+
 async fn bundle_document(
     State(shared): State<Arc<Shared>>,
     Path((namespace, name, document)): Path<(String, String, String)>,
@@ -234,11 +258,11 @@ async fn bundle_document(
         let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
         index.bundle(&key).and_then(|(params, bundle)| {
             let doc = match document.as_str() {
-                "jwks.json" => &bundle.jwks_doc,
-                "revoked.json" => &bundle.revoked_doc,
+                "jwks.json" => trusted_jwks(params, bundle),
+                "revoked.json" => bundle.revoked_doc.clone(),
                 _ => return None,
             };
-            Some((doc.clone(), max_age(params.publish_delay)))
+            Some((doc, max_age(params.publish_delay)))
         })
     };
     let Some((doc, age)) = found else {

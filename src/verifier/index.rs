@@ -3,9 +3,12 @@
 //! Keyward-labelled trust-bundle ConfigMaps. Plain data, no client: the watch loop in
 //! `watch.rs` applies events, the request handlers read.
 //!
-//! A bundle is used for key `<ns>/<name>` only when the ConfigMap is the one the key's spec
-//! names, is labelled with that key's name, and is controlled by that key (owner reference
-//! with the key's UID). A ConfigMap that someone else labels to look like a bundle is ignored.
+//! A bundle is used for key `<ns>/<name>` only when the ConfigMap is the one the key's trust
+//! record names, is labelled with that key's name, and is controlled by that key (owner
+//! reference with the key's UID). A ConfigMap that someone else labels to look like a bundle is
+//! ignored. Of a bundle, only the key ids the trust record lists are trusted
+//! ([`crate::trust_record`]): anyone who may patch the ConfigMap can add a JWK, nobody but the
+//! operator can add its key id to the record.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +23,8 @@ use sha2::{Digest as _, Sha256};
 use crate::api::ProvisioningKey;
 use crate::keys::Jwks;
 use crate::labels as l;
-use crate::rotation::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL};
+use crate::rotation::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY};
+use crate::trust_record::TrustRecord;
 
 /// A ProvisioningKey by namespace and name: what a token's `sub` names (`<ns>/<name>`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,7 +54,9 @@ impl fmt::Display for KeyRef {
     }
 }
 
-/// What the verifier takes from a ProvisioningKey's spec.
+/// What the verifier takes from a ProvisioningKey: its trust record (the key ids the operator
+/// minted, the bundle name, `aud` and `iss` it signs with, each key id's longest token
+/// lifetime), and `publishDelay` from the spec (only a cache lifetime).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyParams {
     pub uid: String,
@@ -58,14 +64,17 @@ pub struct KeyParams {
     pub issuer: String,
     pub publish_delay: Duration,
     pub trust_bundle: String,
-    /// The longest `spec.token.ttl` this process has seen for the key (same UID): a token
-    /// signed before the ttl was lowered still lives as long as it was issued for.
-    pub max_ttl: Duration,
+    /// The recorded key ids, each with the longest token lifetime (seconds) the operator signed
+    /// with it. Empty when the key has no readable record: nothing of it is trusted.
+    pub kids: BTreeMap<String, u64>,
+    /// Whether the key has a readable trust record.
+    pub recorded: bool,
 }
 
 impl KeyParams {
-    /// The key's parameters as the operator resolves them (defaults for unset fields; a
-    /// malformed `publishDelay`, which the operator refuses, counts as the default).
+    /// The key's parameters: the trust record's, or (no readable record yet: the operator has
+    /// not reconciled it since an upgrade) the spec's names with no key id trusted. A malformed
+    /// `publishDelay`, which the operator refuses, counts as the default.
     pub fn of(pk: &ProvisioningKey) -> Self {
         let token = pk.spec.token.clone().unwrap_or_default();
         let publish_delay = pk
@@ -75,19 +84,37 @@ impl KeyParams {
             .and_then(|r| r.publish_delay.as_deref())
             .and_then(crate::rotation::parse_duration)
             .unwrap_or(DEFAULT_PUBLISH_DELAY);
-        let ttl = token
-            .ttl
-            .as_deref()
-            .and_then(crate::rotation::parse_duration)
-            .unwrap_or(DEFAULT_TOKEN_TTL);
-        KeyParams {
-            uid: pk.metadata.uid.clone().unwrap_or_default(),
-            audience: token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
-            issuer: token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.into()),
-            publish_delay,
-            trust_bundle: pk.trust_bundle_name(),
-            max_ttl: ttl,
+        let uid = pk.metadata.uid.clone().unwrap_or_default();
+        match TrustRecord::of(pk) {
+            Some(Ok(r)) => KeyParams {
+                uid,
+                audience: r.aud,
+                issuer: r.iss,
+                publish_delay,
+                trust_bundle: r.bundle,
+                kids: r.kids,
+                recorded: true,
+            },
+            _ => KeyParams {
+                uid,
+                audience: token.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+                issuer: token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.into()),
+                publish_delay,
+                trust_bundle: pk.trust_bundle_name(),
+                kids: BTreeMap::new(),
+                recorded: false,
+            },
         }
+    }
+
+    /// Whether the record lists `kid`.
+    pub fn trusts(&self, kid: &str) -> bool {
+        self.kids.contains_key(kid)
+    }
+
+    /// The longest lifetime a token of `kid` may have (`exp - iat`), as recorded.
+    pub fn ttl_of(&self, kid: &str) -> Duration {
+        Duration::from_secs(self.kids.get(kid).copied().unwrap_or(0))
     }
 }
 
@@ -185,11 +212,7 @@ fn in_scope(ns: &str, scope: Option<&str>) -> bool {
 impl Index {
     pub fn apply_key(&mut self, pk: &ProvisioningKey) {
         let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
-        let mut params = KeyParams::of(pk);
-        if let Some(old) = self.keys.get(&key).filter(|old| old.uid == params.uid) {
-            params.max_ttl = params.max_ttl.max(old.max_ttl);
-        }
-        self.keys.insert(key, params);
+        self.keys.insert(key, KeyParams::of(pk));
     }
 
     pub fn delete_key(&mut self, pk: &ProvisioningKey) {
@@ -201,18 +224,10 @@ impl Index {
 
     /// Replaces every key in `scope` with `pks` (a watch's re-list).
     pub fn replace_keys(&mut self, scope: Option<&str>, pks: &[ProvisioningKey]) {
-        let old = std::mem::take(&mut self.keys);
-        let (gone, kept): (BTreeMap<_, _>, BTreeMap<_, _>) = old
-            .into_iter()
-            .partition(|(k, _)| in_scope(&k.namespace, scope));
-        self.keys = kept;
+        self.keys.retain(|k, _| !in_scope(&k.namespace, scope));
         for pk in pks {
             let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
-            let mut params = KeyParams::of(pk);
-            if let Some(old) = gone.get(&key).filter(|old| old.uid == params.uid) {
-                params.max_ttl = params.max_ttl.max(old.max_ttl);
-            }
-            self.keys.insert(key, params);
+            self.keys.insert(key, KeyParams::of(pk));
         }
     }
 
@@ -255,8 +270,9 @@ impl Index {
             .collect()
     }
 
-    /// The key's parameters and its bundle: the ConfigMap its spec names, labelled with its
+    /// The key's parameters and its bundle: the ConfigMap its record names, labelled with its
     /// name and controlled by it. `None` when either is unknown or they do not belong together.
+    /// The bundle is as written in the ConfigMap: trust only what [`KeyParams::trusts`] too.
     pub fn bundle(&self, key: &KeyRef) -> Option<(&KeyParams, &Bundle)> {
         let params = self.keys.get(key)?;
         let bundle = self
@@ -271,10 +287,22 @@ impl Index {
     /// unknown (deleted, or not watched).
     pub fn report_target(&self, key: &KeyRef) -> Option<(String, bool)> {
         let params = self.keys.get(key)?;
-        let rotating = self
-            .bundle(key)
-            .is_some_and(|(_, bundle)| bundle.jwks.keys.len() > 1);
+        let rotating = self.trusted_kids(key).is_some_and(|kids| kids.len() > 1);
         Some((params.uid.clone(), rotating))
+    }
+
+    /// The key ids the verifier trusts for `key`: those its bundle lists and its record too, in
+    /// the bundle's order. `None` when the key or its bundle is unknown.
+    pub fn trusted_kids(&self, key: &KeyRef) -> Option<Vec<String>> {
+        let (params, bundle) = self.bundle(key)?;
+        Some(
+            bundle
+                .jwks
+                .key_ids()
+                .into_iter()
+                .filter(|k| params.trusts(k))
+                .collect(),
+        )
     }
 
     /// Number of usable bundles (for the log and readiness detail).

@@ -522,8 +522,8 @@ impl Reporter {
                 .iter()
                 .filter_map(|k| {
                     index
-                        .bundle(k)
-                        .map(|(_, b)| (k.clone(), b.jwks.key_ids().into_iter().collect()))
+                        .trusted_kids(k)
+                        .map(|kids| (k.clone(), kids.into_iter().collect()))
                 })
                 .collect();
             (targets, trusted)

@@ -19,17 +19,44 @@ use super::verify::{Binding, Policy, Refusal, verify};
 use super::{Shared, Use, UseLog};
 use crate::api::ProvisioningKey;
 use crate::keys::{Jwks, KeyPair, TokenClaims};
+use crate::trust_record::TrustRecord;
 
 const NOW: i64 = 1_800_000_000;
 const UID_A: &str = "11111111-1111-4111-8111-111111111111";
 const UID_B: &str = "22222222-2222-4222-8222-222222222222";
 const POD: &str = "3f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81";
 
-fn pk(name: &str, uid: &str, spec: serde_json::Value) -> ProvisioningKey {
+/// A ProvisioningKey whose trust record lists `recorded` (each with the spec's token ttl, 1h
+/// by default), with the spec's (or the default) bundle name, audience and issuer.
+fn pk(name: &str, uid: &str, spec: serde_json::Value, recorded: &[&KeyPair]) -> ProvisioningKey {
+    let ttl = spec["token"]["ttl"]
+        .as_str()
+        .and_then(crate::rotation::parse_duration)
+        .map_or(3600, |d| d.as_secs());
+    let text = |v: &serde_json::Value, default: &str| v.as_str().unwrap_or(default).to_string();
+    let record = TrustRecord {
+        bundle: format!("{name}-trust"),
+        aud: text(&spec["token"]["audience"], "keyward"),
+        iss: text(&spec["token"]["issuer"], "keyward"),
+        kids: recorded
+            .iter()
+            .map(|k| (k.public_key().key_id(), ttl))
+            .collect(),
+    };
+    unrecorded_pk(name, uid, spec, Some(record.render()))
+}
+
+fn unrecorded_pk(
+    name: &str,
+    uid: &str,
+    spec: serde_json::Value,
+    record: Option<String>,
+) -> ProvisioningKey {
+    let annotations = record.map_or(json!({}), |r| json!({ crate::trust_record::ANNOTATION: r }));
     serde_json::from_value(json!({
         "apiVersion": "keyward.dev/v1alpha1",
         "kind": "ProvisioningKey",
-        "metadata": {"name": name, "namespace": "ns", "uid": uid},
+        "metadata": {"name": name, "namespace": "ns", "uid": uid, "annotations": annotations},
         "spec": spec,
     }))
     .expect("ProvisioningKey")
@@ -91,11 +118,18 @@ fn fixture() -> Fixture {
         KeyPair::generate(),
     );
     let mut index = Index::default();
-    index.apply_key(&pk("a", UID_A, json!({"rotation": {"publishDelay": "2m"}})));
+    // k2 is revoked: the operator removed it from the record before listing it as revoked.
+    index.apply_key(&pk(
+        "a",
+        UID_A,
+        json!({"rotation": {"publishDelay": "2m"}}),
+        &[&k1],
+    ));
     index.apply_key(&pk(
         "b",
         UID_B,
         json!({"token": {"audience": "bundles", "issuer": "https://kw.example"}}),
+        &[&k3],
     ));
     index
         .apply_bundle(&bundle("a", UID_A, &[&k1, &k2], &[k2.key_id()]))
@@ -380,10 +414,12 @@ fn refusal_statuses() {
 }
 
 #[test]
-fn a_lowered_ttl_keeps_tokens_issued_under_the_longer_one() {
+fn a_tokens_lifetime_is_checked_against_the_recorded_one() {
     let k = KeyPair::generate();
     let mut index = Index::default();
-    let key = |ttl: &str| pk("a", UID_A, json!({"token": {"ttl": ttl}}));
+    // The record says how long a token of this key id may live (the operator keeps the
+    // longest it ever signed with; the spec's ttl is not read).
+    let key = |ttl: &str| pk("a", UID_A, json!({"token": {"ttl": ttl}}), &[&k]);
     index.apply_key(&key("2h"));
     index
         .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
@@ -397,26 +433,13 @@ fn a_lowered_ttl_keeps_tokens_issued_under_the_longer_one() {
         .expect("sign");
     let ok = |index: &Index| verify(&two_hours, index, &Binding::AnyKey, NOW, &Policy::default());
     assert!(ok(&index).is_ok());
-    // Lowered to 10m: the token issued for 2h still lives (the longest ttl seen), also across
-    // a re-list; a new key of the same name (another UID) starts from its own ttl.
-    index.apply_key(&key("10m"));
-    assert!(ok(&index).is_ok());
     index.replace_keys(Some("ns"), &[key("10m")]);
-    assert!(ok(&index).is_ok());
-    index.apply_key(&pk("a", UID_B, json!({"token": {"ttl": "10m"}})));
-    index
-        .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
-        .expect("parse");
     assert_eq!(
         ok(&index).map_err(|e| e.reason()),
         Err("TokenLifetimeTooLong")
     );
-    // Whatever the spec says, no token lives past the ceiling.
-    let mut index = Index::default();
+    // Whatever the record says, no token lives past the ceiling.
     index.apply_key(&key("1000h"));
-    index
-        .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
-        .expect("parse");
     let day_and_more = k
         .sign_token(&TokenClaims {
             iat: NOW - 60,
@@ -435,6 +458,61 @@ fn a_lowered_ttl_keeps_tokens_issued_under_the_longer_one() {
         .map_err(|e| e.reason()),
         Err("TokenLifetimeTooLong")
     );
+}
+
+#[test]
+fn only_recorded_key_ids_are_trusted_whatever_the_bundle_says() {
+    let (k1, injected) = (KeyPair::generate(), KeyPair::generate());
+    let mut index = Index::default();
+    index.apply_key(&pk("a", UID_A, json!({}), &[&k1]));
+    // Someone who may patch the ConfigMap adds a JWK of their own, and lists the live key
+    // as revoked.
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k1, &injected], &[k1.key_id()]))
+        .expect("parse");
+    let forged = injected.sign_token(&claims("ns/a")).expect("sign");
+    let good = k1.sign_token(&claims("ns/a")).expect("sign");
+    let check = |t: &str, index: &Index| {
+        verify(
+            t,
+            index,
+            &Binding::Key(KeyRef::new("ns", "a")),
+            NOW,
+            &Policy::default(),
+        )
+        .map(|v| v.kid)
+        .map_err(|e| e.reason())
+    };
+    assert_eq!(check(&forged, &index), Err("KeyNotRecorded"));
+    assert_eq!(check(&good, &index), Ok(k1.key_id()));
+    assert_eq!(
+        index.trusted_kids(&KeyRef::new("ns", "a")),
+        Some(vec![k1.key_id()])
+    );
+    // No record (the operator has not reconciled the key since an upgrade), or an unreadable
+    // one: nothing of the key is trusted.
+    for record in [None, Some("{not json".to_string())] {
+        index.apply_key(&unrecorded_pk("a", UID_A, json!({}), record));
+        assert!(check(&good, &index).is_err());
+        assert_eq!(check(&forged, &index), Err("KeyNotRecorded"));
+    }
+}
+
+#[tokio::test]
+async fn the_jwks_endpoint_serves_only_recorded_keys() {
+    let (k1, injected) = (KeyPair::generate(), KeyPair::generate());
+    let mut index = Index::default();
+    index.apply_key(&pk("a", UID_A, json!({}), &[&k1]));
+    index
+        .apply_bundle(&bundle("a", UID_A, &[&k1, &injected], &[]))
+        .expect("parse");
+    let s = Shared::new(Policy::default(), Arc::new(MemoryUseLog::new(10)), None);
+    s.update(|i| *i = index);
+    let app = router(Arc::new(s));
+    let (status, _, body) = call(&app, get_with("/keys/ns/a/jwks.json", &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    let jwks: Jwks = serde_json::from_str(&body).expect("jwks");
+    assert_eq!(jwks.key_ids(), vec![k1.key_id()]);
 }
 
 #[test]
@@ -465,7 +543,7 @@ fn a_bundle_is_used_only_for_the_key_that_owns_it() {
     let token = k.sign_token(&claims("ns/a")).expect("sign");
     // Labelled for `a` but owned by someone else (a forged ConfigMap).
     let mut index = Index::default();
-    index.apply_key(&pk("a", UID_A, json!({})));
+    index.apply_key(&pk("a", UID_A, json!({}), &[&k]));
     index
         .apply_bundle(&bundle("a", UID_B, &[&k], &[]))
         .expect("parse");
@@ -478,7 +556,7 @@ fn a_bundle_is_used_only_for_the_key_that_owns_it() {
         .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
         .expect("parse");
     assert!(verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).is_ok());
-    index.delete_key(&pk("a", UID_A, json!({})));
+    index.delete_key(&pk("a", UID_A, json!({}), &[]));
     assert!(verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).is_err());
 }
 
@@ -758,7 +836,8 @@ async fn bundle_documents_with_etag_and_max_age() {
     assert_eq!(headers["cache-control"], "public, max-age=60"); // publishDelay 2m
     assert_eq!(headers["content-type"], "application/json");
     let jwks: Jwks = serde_json::from_str(&body).expect("a JWKS");
-    assert_eq!(jwks.key_ids(), vec![f.k1.key_id(), f.k2.key_id()]);
+    // k2 is still in the ConfigMap's JWKS, but no longer in the trust record: not served.
+    assert_eq!(jwks.key_ids(), vec![f.k1.key_id()]);
     let etag = headers["etag"].clone();
 
     let req = Request::get("/keys/ns/a/jwks.json")

@@ -89,6 +89,10 @@ pub enum Refusal {
     IssuedInFuture,
     #[error("token lifetime (exp - iat) is longer than its key's ttl")]
     LifetimeTooLong,
+    #[error(
+        "the key id is not in the trust record of ProvisioningKey {0}: the operator never minted it"
+    )]
+    KeyNotRecorded(String),
 }
 
 impl Refusal {
@@ -107,6 +111,7 @@ impl Refusal {
             Refusal::DuplicateAuthorization => "DuplicateAuthorization",
             Refusal::IssuedInFuture => "TokenIssuedInFuture",
             Refusal::LifetimeTooLong => "TokenLifetimeTooLong",
+            Refusal::KeyNotRecorded(_) => "KeyNotRecorded",
         }
     }
 
@@ -144,10 +149,11 @@ pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Refusal> {
 /// 1. `alg` is EdDSA (`none`, HS*, RS*, ... are refused before anything else is read);
 /// 2. `sub` names a key whose bundle is known;
 /// 3. the `kid` is in that bundle's JWKS, the signature verifies, the `kid` is not revoked
-///    (a revoked kid is refused even if a stale JWKS still lists it);
-/// 4. `nbf - skew <= now < exp + skew`, `iat <= now + skew`, and `exp - iat` at most the key's
-///    ttl (the longest this process has seen for it, at most [`Policy::max_token_ttl`]) plus skew;
-/// 5. `aud` and `iss` are what the key issues (or what the policy requires);
+///    (a revoked kid is refused even if a stale JWKS still lists it), and the key's trust
+///    record lists the `kid` (a JWK injected into the ConfigMap is never trusted);
+/// 4. `nbf - skew <= now < exp + skew`, `iat <= now + skew`, and `exp - iat` at most the
+///    lifetime recorded for the `kid` (at most [`Policy::max_token_ttl`]) plus skew;
+/// 5. `aud` and `iss` are what the record says the key issues (or what the policy requires);
 /// 6. the key is the one the route is bound to (else 403).
 ///
 /// The refusal's message may name the key of a token whose signature did not verify: log its
@@ -170,11 +176,23 @@ pub fn verify(
         .bundle(&key)
         .ok_or_else(|| Refusal::UnknownKey(key.to_string()))?;
     let skew = i64::try_from(policy.clock_skew.as_secs()).unwrap_or(i64::MAX / 2);
-    let (header, claims) = keys::verify_token(token, &bundle.jwks, &bundle.revoked, now, skew)?;
+    // A revoked entry of a key id the record still lists is not the operator's (it removes a
+    // key id from the record before it lists it as revoked): ignored, so that nobody who can
+    // write the ConfigMap can deny a live key.
+    let revoked: Vec<String> = bundle
+        .revoked
+        .iter()
+        .filter(|k| !params.trusts(k))
+        .cloned()
+        .collect();
+    let (header, claims) = keys::verify_token(token, &bundle.jwks, &revoked, now, skew)?;
+    if !params.trusts(&header.kid) {
+        return Err(Refusal::KeyNotRecorded(key.to_string()));
+    }
     if claims.iat > now.saturating_add(skew) {
         return Err(Refusal::IssuedInFuture);
     }
-    let ttl = params.max_ttl.min(policy.max_token_ttl);
+    let ttl = params.ttl_of(&header.kid).min(policy.max_token_ttl);
     let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
     if claims.exp.saturating_sub(claims.iat) > ttl.saturating_add(skew) {
         return Err(Refusal::LifetimeTooLong);

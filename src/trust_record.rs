@@ -1,0 +1,225 @@
+//! The trust record: which key ids the operator minted for a ProvisioningKey, and the names and
+//! claims it signs with. It is the only evidence the verifier trusts a key id on.
+//!
+//! It lives in one annotation on the ProvisioningKey itself ([`ANNOTATION`]):
+//! - only the operator's identity may create, change or remove it, enforced by the API server
+//!   with the ValidatingAdmissionPolicy the chart installs ([`POLICY_RULE`]); anyone who may
+//!   patch the trust-bundle ConfigMap can add a JWK there, but cannot add its key id here;
+//! - it is metadata, not status: a status wipe or a backup and restore keeps it;
+//! - the operator writes it before it publishes or hands out a new key id, and removes a key id
+//!   only once that key is revoked, so every token it hands out passes.
+//!
+//! The verifier trusts a key id only when the bundle lists it **and** the record does, and
+//! checks `aud`, `iss` and a token's lifetime against the record, never against the current
+//! spec (which the operator may have refused).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::ProvisioningKey;
+
+/// The annotation on the ProvisioningKey that holds the record (compact JSON).
+pub const ANNOTATION: &str = "keyward.dev/trust-record";
+
+/// Largest record read (the API server caps all annotations at 256 KiB; a record of a few keys
+/// is a few hundred bytes).
+pub const MAX_LEN: usize = 16 * 1024;
+
+/// Most key ids in one record (a key has at most a current, a retiring and a pending key, plus
+/// a few whose key Secret was lost).
+pub const MAX_KIDS: usize = 32;
+
+/// The record. Serialized with sorted keys (a `BTreeMap`), so the same record is the same
+/// string and a settled key writes nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustRecord {
+    /// The trust-bundle ConfigMap's name (it never changes on a live key).
+    pub bundle: String,
+    /// `aud` of the tokens the operator hands out.
+    pub aud: String,
+    /// `iss` of the tokens the operator hands out.
+    pub iss: String,
+    /// Key id to the longest token lifetime (`exp - iat`, seconds) the operator signed with it.
+    pub kids: BTreeMap<String, u64>,
+}
+
+/// Why a record could not be read (the verifier then trusts nothing of that key; the operator
+/// writes a fresh one).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("the trust record is longer than {MAX_LEN} bytes")]
+    TooLong,
+    #[error("the trust record is not valid JSON of the expected shape")]
+    Malformed,
+    #[error("the trust record lists more than {MAX_KIDS} key ids")]
+    TooManyKids,
+}
+
+impl TrustRecord {
+    /// Parses an annotation value.
+    pub fn parse(s: &str) -> Result<Self, RecordError> {
+        if s.len() > MAX_LEN {
+            return Err(RecordError::TooLong);
+        }
+        let r: TrustRecord = serde_json::from_str(s).map_err(|_| RecordError::Malformed)?;
+        if r.kids.len() > MAX_KIDS {
+            return Err(RecordError::TooManyKids);
+        }
+        Ok(r)
+    }
+
+    /// The record on `pk`: `None` when it has none (never reconciled by a version that writes
+    /// one), `Some(Err)` when it is unreadable.
+    pub fn of(pk: &ProvisioningKey) -> Option<Result<Self, RecordError>> {
+        pk.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION))
+            .map(|s| Self::parse(s))
+    }
+
+    /// The annotation value.
+    pub fn render(&self) -> String {
+        // Serializing a struct of strings and a map of string to integer cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn has(&self, kid: &str) -> bool {
+        self.kids.contains_key(kid)
+    }
+}
+
+/// The CEL rule of the ValidatingAdmissionPolicy that keeps the record the operator's own. The
+/// policy's match condition exempts the operator's identity (and any extra writer configured,
+/// such as a restore tool); for everyone else, a create must not set the annotation and an
+/// update must leave it as it was (added, changed and removed are all refused). The chart's
+/// template `trust-record-policy.yaml` carries this text verbatim (a test checks it).
+pub const POLICY_RULE: &str = "request.operation == 'CREATE' ? !(has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) : ((has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) ? object.metadata.annotations['keyward.dev/trust-record'] : '') == ((has(oldObject.metadata.annotations) && 'keyward.dev/trust-record' in oldObject.metadata.annotations) ? oldObject.metadata.annotations['keyward.dev/trust-record'] : '')";
+
+/// The policy's message to a refused writer.
+pub const POLICY_MESSAGE: &str = "only the Keyward operator may write the keyward.dev/trust-record annotation (it is the evidence of which key ids the operator minted)";
+
+/// The ValidatingAdmissionPolicy and its binding, as objects (tests install them; the chart has
+/// its own template with the same rule). `writers` are the usernames exempt from the rule; the
+/// binding covers `namespace` only, or every namespace.
+pub fn policy_objects(
+    name: &str,
+    writers: &[String],
+    namespace: Option<&str>,
+) -> (serde_json::Value, serde_json::Value) {
+    let quoted: Vec<String> = writers
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    let policy = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": { "name": name },
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [{
+                    "apiGroups": ["keyward.dev"],
+                    "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "resources": ["provisioningkeys"],
+                }],
+            },
+            "matchConditions": [{
+                "name": "not-the-operator",
+                "expression": format!("!(request.userInfo.username in [{}])", quoted.join(", ")),
+            }],
+            "validations": [{
+                "expression": POLICY_RULE,
+                "message": POLICY_MESSAGE,
+                "reason": "Forbidden",
+            }],
+        },
+    });
+    let mut binding = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": { "name": name },
+        "spec": { "policyName": name, "validationActions": ["Deny"] },
+    });
+    if let Some(ns) = namespace {
+        binding["spec"]["matchResources"] = serde_json::json!({
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": ns } },
+        });
+    }
+    (policy, binding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TrustRecord {
+        TrustRecord {
+            bundle: "b".into(),
+            aud: "a".into(),
+            iss: "i".into(),
+            kids: [("k2".to_string(), 3600), ("k1".to_string(), 600)].into(),
+        }
+    }
+
+    #[test]
+    fn renders_sorted_and_parses_back() {
+        let r = record();
+        let s = r.render();
+        assert_eq!(
+            s,
+            r#"{"bundle":"b","aud":"a","iss":"i","kids":{"k1":600,"k2":3600}}"#
+        );
+        assert_eq!(TrustRecord::parse(&s), Ok(r));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_trust() {
+        assert_eq!(TrustRecord::parse("{"), Err(RecordError::Malformed));
+        assert_eq!(
+            TrustRecord::parse(r#"{"bundle":"b","aud":"a","iss":"i","kids":{"k":-1}}"#),
+            Err(RecordError::Malformed)
+        );
+        assert_eq!(
+            TrustRecord::parse(&" ".repeat(MAX_LEN + 1)),
+            Err(RecordError::TooLong)
+        );
+        let many = TrustRecord {
+            kids: (0..=MAX_KIDS).map(|i| (format!("k{i}"), 1)).collect(),
+            ..record()
+        };
+        assert_eq!(
+            TrustRecord::parse(&many.render()),
+            Err(RecordError::TooManyKids)
+        );
+    }
+
+    #[test]
+    fn the_chart_carries_the_rule_verbatim() {
+        let chart = include_str!("../charts/keyward/templates/trust-record-policy.yaml");
+        assert!(
+            chart.contains(POLICY_RULE),
+            "charts/keyward/templates/trust-record-policy.yaml does not carry trust_record::POLICY_RULE"
+        );
+        assert!(chart.contains(POLICY_MESSAGE));
+    }
+
+    #[test]
+    fn writers_are_quoted_as_cel_strings() {
+        let (p, b) = policy_objects(
+            "p",
+            &["system:serviceaccount:a:b".into(), "x'y".into()],
+            Some("ns"),
+        );
+        assert_eq!(
+            b["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "ns"
+        );
+        assert_eq!(
+            p["spec"]["matchConditions"][0]["expression"],
+            r"!(request.userInfo.username in ['system:serviceaccount:a:b', 'x\'y'])"
+        );
+    }
+}
