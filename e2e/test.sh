@@ -10,6 +10,10 @@ say() { printf '[test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 say "a real OPA for the end-to-end scenarios (built once from Debian's packages, cached)"
 bash e2e/opa.sh build
+# Named explicitly: the testbed's fallback path is compiled in, and a build cached from another
+# checkout location would look for e2e/opa.sh there.
+KEYWARD_OPA=$(bash e2e/opa.sh path)
+export KEYWARD_OPA
 say "Debian's nginx (the end-to-end control plane: auth_request to keyward verifier)"
 export PATH=$PATH:/usr/sbin
 if ! command -v nginx >/dev/null; then

@@ -563,11 +563,11 @@ async fn settled_key_makes_zero_writes() {
     )
     .await;
     wait_pk(&pks, "calm", "settled", is_settled).await;
-    // The first key's writes: key Secret (created active), trust bundle, agent Secret, the
-    // KeyMinted and KeyHandedOut Events, the status. Every later reconcile writes nothing
-    // (below), so no write of the first key can arrive after this count.
+    // The first key's writes: key Secret (created active), trust record, trust bundle, agent
+    // Secret, the KeyMinted and KeyHandedOut Events, the status. Every later reconcile writes
+    // nothing (below), so no write of the first key can arrive after this count.
     let before = op.writes();
-    assert_eq!(before, 6, "writes of the first key");
+    assert_eq!(before, 7, "writes of the first key");
 
     // Provoke reconciles without a spec change, from the test's own (uncounted) client: the
     // ProvisioningKey's watch, the owned agent Secret, key Secret and trust bundle each

@@ -119,8 +119,9 @@ async fn one_key_costs_no_namespace_wide_list_among_2000_unrelated_secrets() {
         "namespace-wide LISTs on the first key's path: {:?}",
         lists(&first)
     );
+    // Key Secret, trust record, trust bundle, agent Secret, two audit Events, status.
     assert!(
-        stats.writes() <= 6,
+        stats.writes() <= 7,
         "the first key took {} writes",
         stats.writes()
     );

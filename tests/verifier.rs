@@ -249,7 +249,9 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     assert_eq!(res.status(), 404);
 
     // Interop: the agent Secret's real token against the served JWKS, in jsonwebtoken.
-    let claims = jsonwebtoken_verify(&token1, &jwks1, "keyward", "keyward")
+    // A key created without `token.audience` issues its own: `keyward:<ns>/<name>`.
+    let aud = format!("keyward:{}/vk", ns.name());
+    let claims = jsonwebtoken_verify(&token1, &jwks1, &aud, "keyward")
         .expect("jsonwebtoken accepts the agent Secret's token");
     assert_eq!(claims["sub"], format!("{}/vk", ns.name()));
 

@@ -31,7 +31,8 @@ pub mod schedule;
 
 pub use settings::{
     DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
-    Names, Refusal, Settings, SpecError, names, parse_duration, resolve_or_keep, valid_compromised,
+    Names, Refusal, Settings, SpecError, default_audience, names, parse_duration, resolve_or_keep,
+    valid_compromised,
 };
 
 /// How many revoked key Secrets are kept (their public half and timestamps, for audit and the

@@ -343,6 +343,7 @@ pub fn last_good(secrets: &KeySecrets, agent_secret: Option<&Secret>, uid: &str)
             .map(Duration::from_secs),
         audience: token.as_ref().map(|(_, c)| c.aud.clone()),
         issuer: token.as_ref().map(|(_, c)| c.iss.clone()),
+        recorded_audience: None,
     }
 }
 
@@ -648,7 +649,11 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
     let uid = uid_of(pk);
     let secrets = key_secrets(pk, objs.key_secrets);
     let agent_secret = objs.agent_secret;
-    let settings = super::resolve_or_keep(pk, floors, &last_good(&secrets, agent_secret, &uid));
+    let mut last = last_good(&secrets, agent_secret, &uid);
+    last.recorded_audience = crate::trust_record::TrustRecord::of(pk)
+        .and_then(Result::ok)
+        .map(|r| r.aud);
+    let settings = super::resolve_or_keep(pk, floors, &last);
     let (bundle, bundle_jwks) = match objs.bundle {
         None => (BundleObs::Missing, BTreeMap::new()),
         Some(cm) if !controlled_by(cm.meta(), &uid) => (BundleObs::Foreign, BTreeMap::new()),

@@ -65,7 +65,19 @@ pub const DEFAULT_PUBLISH_DELAY: Duration = Duration::from_secs(120);
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
 pub const DEFAULT_CONFIRMATION_TIMEOUT: Duration = Duration::from_secs(900);
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The audience of a key created before audiences became per key (and still issued by such a
+/// key while its spec leaves `token.audience` unset), and the verifier's fallback.
 pub const DEFAULT_AUDIENCE: &str = "keyward";
+
+/// The audience a new key issues when its spec leaves `token.audience` unset: unique per key,
+/// so a token of one key never carries another's audience.
+pub fn default_audience(pk: &ProvisioningKey) -> String {
+    format!(
+        "keyward:{}/{}",
+        pk.metadata.namespace.as_deref().unwrap_or_default(),
+        pk.metadata.name.as_deref().unwrap_or_default()
+    )
+}
 pub const DEFAULT_ISSUER: &str = "keyward";
 
 /// A spec the operator refuses to act on.
@@ -180,6 +192,18 @@ pub struct LastGood {
     pub token_ttl: Option<Duration>,
     pub audience: Option<String>,
     pub issuer: Option<String>,
+    /// `aud` of the trust record (what the verifier checks now).
+    pub recorded_audience: Option<String>,
+}
+
+impl LastGood {
+    /// The audience a key whose spec leaves `token.audience` unset keeps: the one it already
+    /// issues (recorded, else in the agent Secret's token). `None` for a new key.
+    fn kept_audience(&self) -> Option<String> {
+        self.recorded_audience
+            .clone()
+            .or_else(|| self.audience.clone())
+    }
 }
 
 /// The valid entries of `compromisedKeys` (break-glass never waits for a typo elsewhere, nor
@@ -232,9 +256,22 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
             None
         }
     });
+    // An unset audience: a new key gets its own (`keyward:<ns>/<name>`); a key that already
+    // issues one keeps it (keys from before audiences were per key keep `keyward`, so an
+    // upgrade refuses no token).
+    let unset_audience = pk.spec.token.as_ref().is_none_or(|t| t.audience.is_none());
+    let kept = last.kept_audience().filter(|_| unset_audience);
     match (Settings::resolve(pk, floors), name_change) {
-        (Ok(s), None) => s,
+        (Ok(mut s), None) => {
+            if let Some(a) = kept {
+                s.audience = a;
+            }
+            s
+        }
         (Ok(mut s), Some(e)) => {
+            if let Some(a) = kept {
+                s.audience = a;
+            }
             s.secret_name = names.secret_name;
             s.trust_bundle_name = names.trust_bundle_name;
             s.refused = Some(Refusal::from(&e));
@@ -276,7 +313,8 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                 audience: last
                     .audience
                     .clone()
-                    .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string()),
+                    .or_else(|| last.recorded_audience.clone())
+                    .unwrap_or_else(|| default_audience(pk)),
                 issuer: last
                     .issuer
                     .clone()
@@ -564,9 +602,7 @@ impl Settings {
                 ),
             });
         }
-        let audience = token
-            .audience
-            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
+        let audience = token.audience.unwrap_or_else(|| default_audience(pk));
         let issuer = token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.to_string());
         if audience.is_empty() || issuer.is_empty() {
             return Err(SpecError::Invalid {

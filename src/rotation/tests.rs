@@ -2418,7 +2418,7 @@ fn resolve_defaults() {
             revoke_when_unused_for: None,
             request_token: None,
             token_ttl: super::settings::DEFAULT_TOKEN_TTL,
-            audience: "keyward".into(),
+            audience: "keyward:/demo".into(), // per key (no namespace here)
             issuer: "keyward".into(),
             suspend: false,
             compromised: BTreeSet::new(),
@@ -4794,5 +4794,45 @@ fn the_record_carries_the_names_and_claims_the_operator_signs_with() {
             record.iss.as_str()
         ),
         ("demo-trust", "keyward:ns/demo", "https://issuer")
+    );
+}
+
+/// Issue 18 part 1: a key created without `token.audience` issues its own audience,
+/// `keyward:<ns>/<name>`; a key that already issues one keeps it (an upgrade refuses no token);
+/// an audience in the spec always wins.
+#[test]
+fn the_default_audience_is_per_key_and_sticks_to_a_live_key() {
+    let mut new = pk(ProvisioningKeySpec::default());
+    new.metadata.namespace = Some("team-a".into());
+    let s = resolve_or_keep(&new, &Floors::none(), &LastGood::default());
+    assert_eq!(s.audience, "keyward:team-a/demo");
+    // Minted before audiences were per key: its token and record say `keyward`.
+    for last in [
+        LastGood {
+            audience: Some(DEFAULT_AUDIENCE.into()),
+            ..Default::default()
+        },
+        LastGood {
+            recorded_audience: Some(DEFAULT_AUDIENCE.into()),
+            ..Default::default()
+        },
+    ] {
+        assert_eq!(
+            resolve_or_keep(&new, &Floors::none(), &last).audience,
+            "keyward"
+        );
+    }
+    let mut explicit = new.clone();
+    explicit.spec.token = Some(TokenSpec {
+        audience: some("bundles"),
+        ..Default::default()
+    });
+    let last = LastGood {
+        recorded_audience: Some(DEFAULT_AUDIENCE.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        resolve_or_keep(&explicit, &Floors::none(), &last).audience,
+        "bundles"
     );
 }

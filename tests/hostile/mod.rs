@@ -437,7 +437,9 @@ async fn the_hostile_corpus_gets_its_verdicts() {
             &pks,
             name,
             json!({}),
-            json!({ "rotation": { "publishDelay": "1s" } }),
+            // One audience for both keys (the corpus's tokens carry it): what separates them
+            // is the route binding and the trust record.
+            json!({ "rotation": { "publishDelay": "1s" }, "token": { "audience": "keyward" } }),
         )
         .await;
         wait_pk(&pks, name, "settled", is_settled).await;
@@ -487,7 +489,11 @@ async fn the_hostile_corpus_gets_its_verdicts() {
         kid: kids,
     };
 
-    // Finding 2: a user with ConfigMap patch rights adds a JWK to key a's bundle.
+    // Finding 2: a user with ConfigMap patch rights adds a JWK to key a's bundle. The operator
+    // is stopped first, so that the injection stays for the whole corpus (a running operator
+    // removes it within a reconcile: tests/verifier.rs covers that); the verifier alone must
+    // refuse it.
+    op.stop().await;
     let bundle = cms.get("a-trust").await.expect("a's bundle");
     let mut jwks: Jwks =
         serde_json::from_str(&bundle.data.as_ref().expect("data")[l::DATA_JWKS]).expect("jwks");
@@ -655,7 +661,6 @@ async fn the_hostile_corpus_gets_its_verdicts() {
     for f in &failures {
         println!("FAILED {f}");
     }
-    op.stop().await;
     assert!(
         failures.is_empty(),
         "{} cases did not get their verdict",
