@@ -364,6 +364,7 @@ verifier_args() { # ns statefulset
     [ -n "$arg" ] || continue
     arg=${arg//\$(POD_NAME)/$sts-0}
     arg=${arg//\$(POD_NAMESPACE)/$ns}
+    arg=${arg//$VERIFIER_TLS_MOUNT\//$WORK/$sts-tls/}
     flag=${arg%%=*}
     if ! grep -Eq -- "(^|[[:space:],])$flag([[:space:]=,]|$)" <<<"$help"; then
       say "  (this binary's \`keyward verifier\` has no $flag yet: left out)"
@@ -371,6 +372,44 @@ verifier_args() { # ns statefulset
     fi
     if [ "$flag" = --address ]; then echo "--address=127.0.0.1:0"; else echo "$arg"; fi
   done < <(kubectl -n "$ns" get statefulset "$sts" -o jsonpath='{range .spec.template.spec.containers[0].args[*]}{@}{"\n"}{end}')
+}
+
+# The chart's mount path of the verifier's TLS Secret.
+VERIFIER_TLS_MOUNT=/etc/keyward/tls
+
+# A CA and the verifier's serving certificate (its Service's names and 127.0.0.1), as the
+# kubernetes.io/tls Secret the chart mounts by default (<release>-keyward-verifier-tls); the CA
+# stays in $WORK/<release>-verifier-ca.crt for the clients.
+verifier_tls_secret() { # ns release
+  local ns=$1 release=$2 svc=$2-keyward-verifier d=$WORK/$2-pki
+  mkdir -p "$d"
+  { openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj "/CN=$release verifier CA" -keyout "$d/ca.key" -out "$WORK/$release-verifier-ca.crt" &&
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$svc.$ns.svc" \
+      -keyout "$d/tls.key" -out "$d/tls.csr" &&
+    printf 'subjectAltName=DNS:%s,DNS:%s.%s,DNS:%s.%s.svc,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
+      "$svc" "$svc" "$ns" "$svc" "$ns" >"$d/tls.ext" &&
+    openssl x509 -req -in "$d/tls.csr" -CA "$WORK/$release-verifier-ca.crt" -CAkey "$d/ca.key" \
+      -CAcreateserial -days 2 -extfile "$d/tls.ext" -out "$d/tls.crt"; } >"$d/openssl.log" 2>&1 \
+    || die "openssl: $(tail -3 "$d/openssl.log")"
+  kubectl -n "$ns" create secret tls "$svc-tls" --cert="$d/tls.crt" --key="$d/tls.key" >/dev/null
+}
+
+# The kubelet's part for a run outside the cluster: the files of the Secret the StatefulSet
+# mounts, in $WORK/<sts>-tls (verifier_args points --tls-*-file there). Sets VF_TLS_SECRET to
+# the Secret's name, empty when the StatefulSet mounts none (plain HTTP).
+verifier_tls_volume() { # ns statefulset
+  local ns=$1 sts=$2 secret f
+  VF_TLS_SECRET=""
+  secret=$(kubectl -n "$ns" get statefulset "$sts" -o jsonpath='{.spec.template.spec.volumes[?(@.name=="tls")].secret.secretName}')
+  [ -n "$secret" ] || return 0
+  rm -rf "$WORK/$sts-tls" && mkdir -p "$WORK/$sts-tls"
+  for f in tls.crt tls.key; do
+    kubectl -n "$ns" get secret "$secret" -o jsonpath="{.data.${f//./\\.}}" | base64 -d >"$WORK/$sts-tls/$f"
+    [ -s "$WORK/$sts-tls/$f" ] || die "Secret $ns/$secret has no $f"
+  done
+  chmod 600 "$WORK/$sts-tls/tls.key"
+  VF_TLS_SECRET=$secret
 }
 
 # vdie LOG MESSAGE: fail with the last lines of the verifier's log.
@@ -402,6 +441,9 @@ verifier_check() { # ns release keyns
   else
     say "  SKIPPED (Lease part): this binary's \`keyward verifier\` has no --lease-namespace (the reporter is not merged): no usage Lease or report is checked"
   fi
+  local secret base curl_tls=()
+  verifier_tls_volume "$ns" "$sts"
+  secret=$VF_TLS_SECRET
   mapfile -t args < <(verifier_args "$ns" "$sts")
   say "verifier as $(verifier_user "$ns" "$release"): keyward verifier ${args[*]}"
   KUBECONFIG=$WORK/$release-verifier.kubeconfig POD_NAME=$sts-0 POD_NAMESPACE=$ns \
@@ -411,13 +453,29 @@ verifier_check() { # ns release keyns
     || vdie "$log" "the verifier did not start (log: $log)"
   addr=$(grep -m1 'starting keyward verifier' "$log" | grep -Eo '127\.0\.0\.1:[0-9]+' | head -1 || true)
   [ -n "$addr" ] || vdie "$log" "no listening address in $log"
-  wait_for 30 "the verifier ready" curl -fsS "http://$addr/readyz" || vdie "$log" "the verifier never became ready (log: $log)"
+  if [ -n "$secret" ]; then
+    # TLS from the mounted Secret: reach it by its Service name, trusting only the CA.
+    grep -m1 'starting keyward verifier' "$log" | grep -Eq 'scheme"?[=:]"?https' || vdie "$log" "the verifier does not say it serves https"
+    curl_tls=(--cacert "$WORK/$release-verifier-ca.crt" --resolve "$sts.$ns.svc:${addr##*:}:127.0.0.1")
+    base=https://$sts.$ns.svc:${addr##*:}
+  else
+    grep -m1 'starting keyward verifier' "$log" | grep -Eq 'scheme"?[=:]"?http([^s]|$)' || vdie "$log" "the verifier does not say it serves plain http"
+    base=http://$addr
+  fi
+  wait_for 30 "the verifier ready" curl -fsS "${curl_tls[@]}" "$base/readyz" || vdie "$log" "the verifier never became ready (log: $log)"
+  if [ -n "$secret" ]; then
+    code=$(curl -s -o /dev/null -w '%{http_code}' "${curl_tls[@]}" "$base/healthz")
+    [ "$code" = 200 ] || vdie "$log" "GET $base/healthz with the CA: $code"
+    code=$(curl -s -o /dev/null -w '%{http_code}' --resolve "$sts.$ns.svc:${addr##*:}:127.0.0.1" "$base/healthz" || true)
+    [ "$code" = 000 ] || vdie "$log" "GET $base/healthz trusting the system CAs only: $code (want a failed handshake)"
+    say "  TLS from Secret $ns/$secret: /healthz over https with the CA, refused without it"
+  fi
   token=$(kubectl -n "$keyns" get secret opa-agents-key -o jsonpath='{.data.token}' | base64 -d)
   [ -n "$token" ] || vdie "$log" "$keyns: no agent token"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
-    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "http://$addr/auth/$keyns/opa-agents")
+    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "${curl_tls[@]}" "$base/auth/$keyns/opa-agents")
   [ "$code" = 200 ] || vdie "$log" "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
-  code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/keys/$keyns/opa-agents/jwks.json")
+  code=$(curl -s -o /dev/null -w '%{http_code}' "${curl_tls[@]}" "$base/keys/$keyns/opa-agents/jwks.json")
   [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
   if [ "$reporting" = 1 ]; then
     wait_for 30 "its usage Lease" sh -c "kubectl -n $ns get lease $lease -o jsonpath='{.metadata.labels.keyward\\.dev/component}' | grep -qx verifier" \
@@ -466,7 +524,9 @@ cleanup_namespaces
 
 # ---------------------------------------------------------------------------------------------
 step "helm lint and render checks"
-NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false --set verifier.enabled=true)
+# kwn's verifier serves plain HTTP (verifier.tls.enabled=false -> --plain-http); kwc's serves TLS.
+NSD_VALUES=(--set "watchNamespaces={${WATCHED[0]},${WATCHED[1]}}" --set crds.enabled=false --set verifier.enabled=true
+            --set verifier.tls.enabled=false)
 OPTIN=(--set podDisruptionBudget.enabled=true --set networkPolicy.enabled=true --set grafanaDashboard.enabled=true
        --set verifier.enabled=true --set verifier.podDisruptionBudget.enabled=true --set verifier.networkPolicy.enabled=true
        --set 'topologySpreadConstraints[0].maxSkew=1' --set 'topologySpreadConstraints[0].topologyKey=kubernetes.io/hostname'
@@ -536,6 +596,17 @@ for name, text, release, ns in (("cluster", cluster, "kwc", "kwi-system"), ("nam
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
     assert sc["seccompProfile"]["type"] == "RuntimeDefault" and psc["seccompProfile"]["type"] == "RuntimeDefault", name
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # TLS (kwc, the default) from the mounted Secret; kwn sets verifier.tls.enabled=false.
+    tls = name == "cluster"
+    scheme = "HTTPS" if tls else "HTTP"
+    assert c["livenessProbe"]["httpGet"]["scheme"] == scheme and c["readinessProbe"]["httpGet"]["scheme"] == scheme, name
+    assert ("--tls-cert-file=/etc/keyward/tls/tls.crt" in args and "--tls-key-file=/etc/keyward/tls/tls.key" in args) == tls, args
+    assert ("--plain-http=true" in args) == (not tls), args
+    if tls:
+        assert pod["volumes"] == [{"name": "tls", "secret": {"secretName": f"{sts_name}-tls"}}], pod["volumes"]
+        assert c["volumeMounts"] == [{"name": "tls", "mountPath": "/etc/keyward/tls", "readOnly": True}], c["volumeMounts"]
+    else:
+        assert "volumes" not in pod and "volumeMounts" not in c, name
     assert c["ports"] == [{"name": "http", "containerPort": 8443, "protocol": "TCP"}], c["ports"]
     assert c["resources"]["limits"] and c["resources"]["requests"], name
     svcs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
@@ -563,6 +634,27 @@ for name, text, release, ns in (("cluster", cluster, "kwc", "kwi-system"), ("nam
     assert (any(r["kind"] == "ClusterRole" for r in roles)) == (name == "cluster"), f"{name}: verifier RBAC mode"
 print(f"[install] render checks passed", file=sys.stderr)
 PY
+# verifier.tls.certManager: a cert-manager.io/v1 Certificate writing the Secret the StatefulSet
+# mounts (render only: the plane has no cert-manager).
+"$HELM" template kwc "$CHART" -n "$NS_CLUSTER" --kube-version "$SERVER_VERSION" --set verifier.enabled=true \
+  --set verifier.tls.certManager.enabled=true --set verifier.tls.certManager.issuerRef.kind=ClusterIssuer \
+  --set verifier.tls.certManager.issuerRef.name=internal-ca >"$WORK/cert-manager.yaml"
+python3 - "$WORK/cert-manager.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cert = [d for d in docs if d["kind"] == "Certificate"]
+assert len(cert) == 1 and cert[0]["apiVersion"] == "cert-manager.io/v1", cert
+spec = cert[0]["spec"]
+sts = [d for d in docs if d["kind"] == "StatefulSet"][0]
+assert sts["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == spec["secretName"], spec
+assert spec["issuerRef"] == {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}, spec
+assert "kwc-keyward-verifier.kwi-system.svc" in spec["dnsNames"], spec["dnsNames"]
+PY
+if "$HELM" template t "$CHART" --kube-version "$SERVER_VERSION" --set verifier.enabled=true \
+     --set verifier.tls.certManager.enabled=true >/dev/null 2>&1; then
+  die "verifier.tls.certManager without issuerRef.name rendered"
+fi
+
 # The PrometheusRule embeds the promtool-tested rules file line for line.
 grep -q 'alert: KeywardRotationStalled' "$WORK/cluster.yaml" || die "PrometheusRule lacks the alerts"
 grep -q 'honorLabels: true' "$WORK/cluster.yaml" || die "ServiceMonitor without honorLabels"
@@ -586,6 +678,7 @@ for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports
     kubectl annotate crd "$crd" meta.helm.sh/release-name=kwc meta.helm.sh/release-namespace="$NS_CLUSTER" --overwrite >/dev/null
   fi
 done
+verifier_tls_secret "$NS_CLUSTER" kwc
 # kwn's operator writes the trust records in the namespaces kwn watches, so kwc's trust-record
 # policy must not cover them (two releases never cover the same namespace).
 "$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${OPTIN[@]}" --set-json \

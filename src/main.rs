@@ -369,6 +369,18 @@ struct VerifierArgs {
     /// idle keep-alive connections are closed after it too.
     #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
     header_read_timeout: Duration,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); re-read when the file changes
+    /// (a Secret volume's update included). Needs --tls-key-file.
+    #[arg(long, env = "KEYWARD_VERIFIER_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert-file; re-read with it.
+    #[arg(long, env = "KEYWARD_VERIFIER_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// Serve plain HTTP instead of TLS: only for a sidecar on loopback, or tests. Without it and
+    /// without --tls-cert-file/--tls-key-file the verifier refuses to start.
+    #[arg(long, env = "KEYWARD_VERIFIER_PLAIN_HTTP", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    plain_http: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -463,8 +475,22 @@ impl VerifierArgs {
 
 async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> {
     use keyward::verifier;
+    let mode = verifier::tls::Mode::from_flags(
+        args.tls_cert_file.as_deref(),
+        args.tls_key_file.as_deref(),
+        args.plain_http,
+    )?;
     keyward::telemetry::init(&args.log_format);
     forbid_core_dumps();
+    let tls = match &mode {
+        verifier::tls::Mode::Tls { cert, key } => Some(verifier::tls::acceptor(cert, key)?.0),
+        verifier::tls::Mode::PlainHttp => {
+            tracing::warn!(
+                "--plain-http: serving plain HTTP (tokens cross the network unencrypted unless this is loopback)"
+            );
+            None
+        }
+    };
     let namespaces: Vec<String> = args
         .namespaces
         .iter()
@@ -506,11 +532,12 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         verifier::Shared::new(policy, use_log.clone(), upstream)
             .accepting_any_key(args.accept_any_key)
             .bound_to(args.bind_key.clone())
-            .with_limits(limits),
+            .with_limits(limits)
+            .with_tls(tls),
     );
     let client = kube::Client::try_default().await?;
     let listener = tokio::net::TcpListener::bind(&args.address).await?;
-    info!(address = %listener.local_addr()?, namespaces = ?namespaces, clock_skew = ?args.clock_skew,
+    info!(address = %listener.local_addr()?, scheme = mode.scheme(), namespaces = ?namespaces, clock_skew = ?args.clock_skew,
           upstream = ?args.upstream, report = report.is_some(), "starting keyward verifier");
     match report {
         Some(report) => verifier::run_reporting(

@@ -259,6 +259,9 @@ fn verifier_statefulset_args_parse_with_the_binary() {
             "--max-connections" => s(&v["args"]["maxConnections"]),
             "--header-read-timeout" => s(&v["args"]["headerReadTimeout"]),
             "--log-format" => s(&values["logFormat"]),
+            "--tls-cert-file" => "/etc/keyward/tls/tls.crt".into(),
+            "--tls-key-file" => "/etc/keyward/tls/tls.key".into(),
+            "--plain-http" => "true".into(),
             other => panic!("verifier-statefulset.yaml passes {other}: add it to this test"),
         }
     };

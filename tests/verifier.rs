@@ -384,6 +384,7 @@ impl Spawned {
         let address = format!("127.0.0.1:{port}");
         let mut args = vec![
             "verifier",
+            "--plain-http",
             "--namespaces",
             namespace,
             "--log-format",

@@ -192,7 +192,7 @@ impl Verifier {
             .append(true)
             .open(&self.log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(["verifier", "--namespaces", &self.namespace])
+            .args(["verifier", "--plain-http", "--namespaces", &self.namespace])
             .args(["--address", &format!("127.0.0.1:{}", self.port)])
             .args([
                 "--replica-id",

@@ -1,6 +1,8 @@
 //! `keyward verifier`: a small HTTP service that verifies the bearer tokens Keyward issues
 //! against the trust bundles it watches, for nginx `auth_request`, Envoy `ext_authz` or as a
-//! reverse proxy in front of a bundle server, and serves those bundles over HTTP.
+//! reverse proxy in front of a bundle server, and serves those bundles over HTTP. It serves
+//! HTTPS with `--tls-cert-file`/`--tls-key-file` (`tls`: rustls, files re-read on change), or
+//! plain HTTP only with `--plain-http`.
 //!
 //! Layout: `index` (what the watches delivered, plain data), `verify` (the pure decision),
 //! `use_log` (recording use per key, key id and pod), `http` (the router), `watch` (the
@@ -12,6 +14,7 @@ pub mod index;
 pub mod report;
 pub mod serve;
 pub mod stats;
+pub mod tls;
 pub mod use_log;
 pub mod verify;
 mod watch;
@@ -84,6 +87,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// The server's connection limits.
     pub limits: Limits,
+    /// TLS (`--tls-cert-file`); `None` serves plain HTTP (`--plain-http`, in-process tests).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -99,6 +104,7 @@ impl Shared {
             bind_key: None,
             stats: Arc::new(Stats::default()),
             limits: Limits::default(),
+            tls: None,
             pending: AtomicUsize::new(0),
         }
     }
@@ -112,6 +118,12 @@ impl Shared {
     /// The server's connection limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Serve over TLS with `acceptor` (`None`: plain HTTP).
+    pub fn with_tls(mut self, acceptor: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        self.tls = acceptor;
         self
     }
 
@@ -162,8 +174,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let watches = tokio::spawn(watch(client, namespaces, shared.clone()));
-    let (stats, limits) = (shared.stats.clone(), shared.limits);
-    let res = serve::serve(listener, http::router(shared), limits, stats, shutdown).await;
+    let (stats, limits, tls) = (shared.stats.clone(), shared.limits, shared.tls.clone());
+    let res = serve::serve(listener, http::router(shared), limits, stats, tls, shutdown).await;
     watches.abort();
     res
 }
@@ -192,9 +204,9 @@ pub async fn run_reporting(
         since,
         stop_rx,
     ));
-    let (stats, limits) = (shared.stats.clone(), shared.limits);
+    let (stats, limits, tls) = (shared.stats.clone(), shared.limits, shared.tls.clone());
     let router = http::router(shared);
-    let mut server = tokio::spawn(serve::serve(listener, router, limits, stats, shutdown));
+    let mut server = tokio::spawn(serve::serve(listener, router, limits, stats, tls, shutdown));
     let res: Result<(), Box<dyn std::error::Error + Send + Sync>> = tokio::select! {
         served = &mut server => {
             let _ = stop_tx.send(true);

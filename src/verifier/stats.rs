@@ -21,6 +21,12 @@ pub struct Stats {
     open_connections: Gauge,
     connections_refused: Counter,
     upstream_timeouts: Counter,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    reason: &'static str,
 }
 
 impl Default for Stats {
@@ -50,8 +56,15 @@ impl Default for Stats {
             "Proxied requests answered 504 because the upstream did not answer within --upstream-timeout",
             upstream_timeouts.clone(),
         );
+        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "keyward_verifier_tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout: not done within --header-read-timeout; error: refused by the client or the server)",
+            tls_handshake_failures.clone(),
+        );
         Stats {
             registry,
+            tls_handshake_failures,
             decisions,
             open_connections,
             connections_refused,
@@ -104,6 +117,20 @@ impl Stats {
 
     pub fn connections_refused(&self) -> u64 {
         self.connections_refused.get()
+    }
+
+    /// A TLS handshake failed; `reason` is `timeout` or `error`.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels { reason })
+            .inc();
+    }
+
+    /// How many TLS handshakes failed for `reason`.
+    pub fn tls_handshake_failures(&self, reason: &'static str) -> u64 {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels { reason })
+            .get()
     }
 
     pub fn upstream_timeout(&self) {

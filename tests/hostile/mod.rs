@@ -284,6 +284,12 @@ fn keyward_bin() -> String {
 /// A `keyward verifier` process (the binary under test) on `port`.
 fn spawn_verifier(ns: &str, port: u16, extra: &[String], log: &std::path::Path) -> KillOnDrop {
     let out = std::fs::File::create(log).expect("log");
+    // Plain HTTP: a binary from before TLS has no --plain-http (and serves plain HTTP anyway).
+    let help = Command::new(keyward_bin())
+        .args(["verifier", "--help"])
+        .output()
+        .expect("keyward verifier --help");
+    let plain = String::from_utf8_lossy(&help.stdout).contains("--plain-http");
     Command::new(keyward_bin())
         .args([
             "verifier",
@@ -293,6 +299,7 @@ fn spawn_verifier(ns: &str, port: u16, extra: &[String], log: &std::path::Path) 
             "--address",
         ])
         .arg(format!("127.0.0.1:{port}"))
+        .args(plain.then_some("--plain-http"))
         .args(extra)
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
         .env("RUST_LOG", "info")

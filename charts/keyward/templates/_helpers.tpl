@@ -72,6 +72,18 @@ stays within 63. */}}
 {{- printf "%s-verifier" (include "keyward.fullname" .) | trunc 52 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The Secret (kubernetes.io/tls) the verifier mounts: verifier.tls.secretName, else <verifier fullname>-tls. */}}
+{{- define "keyward.verifier.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "keyward.verifier.fullname" .)) .Values.verifier.tls.secretName }}
+{{- end }}
+
+{{/* The verifier's DNS names (its Service's), for a cert-manager Certificate without dnsNames. */}}
+{{- define "keyward.verifier.dnsNames" -}}
+{{- $svc := include "keyward.verifier.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- toYaml (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
+{{- end }}
+
 {{/* Labels on the verifier's objects. */}}
 {{- define "keyward.verifier.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}

@@ -563,6 +563,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         let _ = std::fs::remove_file(&vlog);
         let mut vargs: Vec<String> = [
             "verifier",
+            "--plain-http",
             "--namespaces",
             NS,
             "--replica-id",
