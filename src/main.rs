@@ -369,6 +369,10 @@ struct VerifierArgs {
     /// idle keep-alive connections are closed after it too.
     #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
     header_read_timeout: Duration,
+    /// The verifier goes not ready when a watch of ProvisioningKeys or trust bundles has been
+    /// failing for longer than this (its view of revocations can no longer be confirmed).
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    max_staleness: Duration,
     /// Serve HTTPS with this PEM certificate chain (leaf first); re-read when the file changes
     /// (a Secret volume's update included). Needs --tls-key-file.
     #[arg(long, env = "KEYWARD_VERIFIER_TLS_CERT_FILE")]
@@ -533,6 +537,7 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
             .accepting_any_key(args.accept_any_key)
             .bound_to(args.bind_key.clone())
             .with_limits(limits)
+            .with_max_staleness(args.max_staleness)
             .with_tls(tls),
     );
     let client = kube::Client::try_default().await?;

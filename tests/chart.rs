@@ -258,6 +258,7 @@ fn verifier_statefulset_args_parse_with_the_binary() {
             "--accept-any-key" => "true".into(),
             "--max-connections" => s(&v["args"]["maxConnections"]),
             "--header-read-timeout" => s(&v["args"]["headerReadTimeout"]),
+            "--max-staleness" => s(&v["args"]["maxStaleness"]),
             "--log-format" => s(&values["logFormat"]),
             "--tls-cert-file" => "/etc/keyward/tls/tls.crt".into(),
             "--tls-key-file" => "/etc/keyward/tls/tls.key".into(),

@@ -2989,10 +2989,34 @@ mod tests {
         let now = w.now;
         w.create(key_secret("pk", 1, &k1, "active"))
             .expect("create");
+        record(&mut w, &[&k1]);
         w.create(bundle(&[&k1])).expect("create");
         w.create(agent_secret(&k1, now)).expect("create");
         settle(&mut w, 6);
         (w, k1)
+    }
+
+    /// The trust record the operator would have written for these keys.
+    fn record(w: &mut World, keys: &[&KeyPair]) {
+        let record = keyward::trust_record::TrustRecord {
+            bundle: "pk-trust".into(),
+            aud: "keyward".into(),
+            iss: "keyward".into(),
+            kids: keys
+                .iter()
+                .map(|k| (k.public_key().key_id(), 3600))
+                .collect(),
+        };
+        let mut pk = w
+            .store
+            .get::<ProvisioningKey>("pk")
+            .cloned()
+            .expect("the ProvisioningKey");
+        pk.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(keyward::trust_record::ANNOTATION.into(), record.render());
+        w.update(pk).expect("record");
     }
 
     /// Hands out k2 (trusted along k1), as a rotation would.
@@ -3001,6 +3025,7 @@ mod tests {
         let now = w.now;
         w.create(key_secret("pk", 2, &k2, "active"))
             .expect("create");
+        record(w, &[k1, &k2]);
         w.update(bundle(&[k1, &k2])).expect("bundle");
         w.update(agent_secret(&k2, now)).expect("agent secret");
         w.update(key_secret("pk", 1, k1, "retiring"))
@@ -3753,9 +3778,10 @@ mod tests {
         });
     }
 
-    /// The first key takes three writes (key Secret created active, trust bundle, agent
-    /// Secret), and an operator crashing after any of them resumes from evidence: the bundle is
-    /// written before any hand-out, no second key is minted, nothing is violated.
+    /// The first key takes four writes (key Secret created active, trust record, trust bundle,
+    /// agent Secret), and an operator crashing after any of them resumes from evidence: the
+    /// record is written before the bundle, the bundle before any hand-out, no second key is
+    /// minted, nothing is violated.
     #[test]
     fn first_key_takes_three_writes_and_resumes_after_each() {
         let fresh = || {
@@ -3767,9 +3793,9 @@ mod tests {
         let mut op = KeywardOperator::default();
         let now = w.now;
         assert_eq!(op.reconcile_pk(&mut w, "pk", now), Ok(true));
-        assert_eq!(w.writes, 3, "writes of the first key");
+        assert_eq!(w.writes, 4, "writes of the first key");
         assert_eq!(key_states(&w), vec![("pk-k1".into(), "active".into())]);
-        for budget in 0..3u32 {
+        for budget in 0..4u32 {
             let mut w = fresh();
             let mut op = KeywardOperator::default();
             w.write_budget = Some(budget);
@@ -3779,22 +3805,29 @@ mod tests {
             let keys = key_states(&w);
             let bundle = w.store.get::<ConfigMap>("pk-trust").map(trust_bundle_kids);
             let agent = w.store.get::<Secret>("pk").cloned();
+            let recorded = w
+                .store
+                .get::<ProvisioningKey>("pk")
+                .and_then(keyward::trust_record::TrustRecord::of)
+                .is_some();
             match budget {
-                0 => assert!(keys.is_empty() && bundle.is_none() && agent.is_none()),
+                0 => assert!(keys.is_empty() && bundle.is_none() && agent.is_none() && !recorded),
                 1 => assert!(
                     keys == vec![("pk-k1".into(), "active".into())]
+                        && !recorded
                         && bundle.is_none()
                         && agent.is_none(),
                     "{keys:?} {bundle:?}"
                 ),
-                _ => assert!(bundle.is_some_and(|b| b.len() == 1) && agent.is_none()),
+                2 => assert!(recorded && bundle.is_none() && agent.is_none()),
+                _ => assert!(recorded && bundle.is_some_and(|b| b.len() == 1) && agent.is_none()),
             }
             w.write_budget = None;
             op.restart();
             w.apply(&Event::Advance { secs: 5 });
             let now = w.now;
             assert_eq!(op.reconcile_pk(&mut w, "pk", now), Ok(true));
-            assert_eq!(w.writes, 3, "crash after {budget} writes: writes in all");
+            assert_eq!(w.writes, 4, "crash after {budget} writes: writes in all");
             assert_eq!(key_states(&w), vec![("pk-k1".into(), "active".into())]);
             let kid = secret_text(
                 w.store.get::<Secret>("pk").expect("agent Secret"),

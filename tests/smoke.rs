@@ -241,12 +241,21 @@ async fn deployment_template_change_rolls_out_a_new_replicaset() -> anyhow::Resu
                 == Some("1")
         );
     }
-    let running: BTreeSet<String> = kubelet.running_pods().into_iter().map(|p| p.name).collect();
+    // The kubelet stops a deleted pod's process a moment after the API server forgets it.
     let current: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
-    ensure!(
-        running == current,
-        "kubelet runs {running:?}, API has {current:?}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: BTreeSet<String> =
+            kubelet.running_pods().into_iter().map(|p| p.name).collect();
+        if running == current {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "kubelet runs {running:?}, API has {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     kubelet.shutdown().await;
     ns.cleanup().await;
     eprintln!(

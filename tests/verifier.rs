@@ -1204,3 +1204,170 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
     remove_trust_record_policy(&policy).await;
     ns.cleanup().await;
 }
+
+// ---- Issue 18 part 9: a stale view is visible. ----
+
+/// A TCP forwarder to the API server that the test can cut (every connection dropped, new
+/// ones refused by closing them at once) and restore.
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn to(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            let mut cut_rx = cut_rx;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        if *cut_rx.borrow() {
+                            continue; // dropped: closed at once
+                        }
+                        let upstream = upstream.clone();
+                        conns.spawn(async move {
+                            if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            }
+                        });
+                    }
+                    changed = cut_rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if *cut_rx.borrow() {
+                            conns.abort_all();
+                        }
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Cuttable { addr, cut, task }
+    }
+}
+
+/// Issue 18 part 9: when the verifier's watches fail for longer than `--max-staleness`, it goes
+/// not ready (with the reason) and `keyward_verifier_view_unconfirmed_seconds` shows how long;
+/// when the API server is back, the watches list afresh, so a revocation made meanwhile is
+/// seen, and it is ready again. (Before: a failed watch kept the verifier ready, silently.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_that_cannot_confirm_its_view_goes_not_ready_and_lists_again() {
+    let ns = TestNamespace::new("kw-stale").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(&pks, "sk", json!({}), json!({})).await;
+    wait_pk(&pks, "sk", "settled", is_settled).await;
+    let agent = secrets.get("sk").await.expect("the agent Secret");
+    let (kid1, token1) = (
+        data(&agent, l::DATA_KEY_ID).expect("key id"),
+        data(&agent, l::DATA_TOKEN).expect("token"),
+    );
+
+    // The verifier reaches the API server only through the forwarder.
+    let mut config = kube_config().await;
+    let api = config.cluster_url.clone();
+    let upstream = format!(
+        "{}:{}",
+        api.host().expect("host"),
+        api.port_u16().unwrap_or(443)
+    );
+    let proxy = Cuttable::to(upstream).await;
+    config.cluster_url = format!("https://{}", proxy.addr).parse().expect("url");
+    let client = kube::Client::try_from(config).expect("client");
+    let shared = Arc::new(
+        Shared::new(Policy::default(), Arc::new(MemoryUseLog::new(10)), None)
+            .with_max_staleness(Duration::from_secs(2)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(verifier::run(
+        client,
+        vec![ns.name().to_string()],
+        shared,
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let http = reqwest::Client::new();
+    let route = format!("{base}/auth/{}/sk", ns.name());
+    wait_ready(&http, &base).await;
+    eventually("the agent token accepted", || async {
+        (auth_at(&http, &route, &token1, POD).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Cut: not ready past the bound, with the reason, and the gauge says how long.
+    let _ = proxy.cut.send(true);
+    let cut_at = Instant::now();
+    let body = eventually("not ready", || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 503).then_some(r.text().await.ok()?)
+    })
+    .await;
+    assert!(
+        cut_at.elapsed() >= Duration::from_secs(2),
+        "not ready before the bound"
+    );
+    assert!(body.contains("unconfirmed"), "{body}");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let unconfirmed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_verifier_view_unconfirmed_seconds "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(unconfirmed.is_some_and(|s| s >= 2.0), "{metrics}");
+
+    // Meanwhile the key is compromised: the operator revokes it (the verifier cannot see it).
+    merge(
+        &pks,
+        "sk",
+        json!({ "spec": { "compromisedKeys": [kid1.clone()] } }),
+    )
+    .await;
+    wait_obj(
+        &secrets,
+        &key_secret_name("sk", 1),
+        "k1 revoked",
+        TIMEOUT,
+        |s| state(s) == "revoked",
+    )
+    .await;
+
+    // Restored: the watches list again, the revocation is seen, ready again.
+    let _ = proxy.cut.send(false);
+    eventually("ready again", || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    eventually("the revoked key's token refused", || async {
+        (auth_at(&http, &route, &token1, POD).await.status() == 401).then_some(())
+    })
+    .await;
+
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    proxy.task.abort();
+    op.stop().await;
+    ns.cleanup().await;
+}

@@ -91,18 +91,32 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    let unconfirmed = shared.freshness.unconfirmed_for(std::time::Instant::now());
+    if !shared.has_listed() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "trust bundles not listed yet\n",
         )
             .into_response()
+    } else if unconfirmed > shared.freshness.max_staleness {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the view of keys and trust bundles is unconfirmed for {} s (a watch is failing; --max-staleness {} s)\n",
+                unconfirmed.as_secs(),
+                shared.freshness.max_staleness.as_secs()
+            ),
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared
+        .stats
+        .view_unconfirmed(shared.freshness.unconfirmed_for(std::time::Instant::now()));
     match shared.stats.encode() {
         Ok(body) => {
             let mut res = body.into_response();

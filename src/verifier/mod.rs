@@ -9,6 +9,7 @@
 //! watches), `report` (reporting use to the operator: a pure state and the driver that writes
 //! the reports and the replica's Lease). Only `watch` and `report`'s driver hold a client.
 
+pub mod fresh;
 pub mod http;
 pub mod index;
 pub mod report;
@@ -89,6 +90,8 @@ pub struct Shared {
     pub limits: Limits,
     /// TLS (`--tls-cert-file`); `None` serves plain HTTP (`--plain-http`, in-process tests).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether the watches' view is confirmed (`--max-staleness`).
+    pub freshness: fresh::Freshness,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -105,6 +108,7 @@ impl Shared {
             stats: Arc::new(Stats::default()),
             limits: Limits::default(),
             tls: None,
+            freshness: fresh::Freshness::default(),
             pending: AtomicUsize::new(0),
         }
     }
@@ -127,6 +131,13 @@ impl Shared {
         self
     }
 
+    /// A view unconfirmed for longer than `max_staleness` makes the verifier not ready
+    /// (`--max-staleness`).
+    pub fn with_max_staleness(mut self, max_staleness: std::time::Duration) -> Self {
+        self.freshness = fresh::Freshness::new(max_staleness);
+        self
+    }
+
     /// The reverse proxy accepts only `key` (`--bind-key`).
     pub fn bound_to(mut self, key: Option<KeyRef>) -> Self {
         self.bind_key = key;
@@ -143,8 +154,14 @@ impl Shared {
         }
     }
 
-    /// Ready once every watch has delivered its first complete list.
+    /// Ready once every watch has delivered its first complete list, and while no watch has
+    /// gone unconfirmed for longer than `--max-staleness`.
     pub fn is_ready(&self) -> bool {
+        self.has_listed() && !self.freshness.is_stale(std::time::Instant::now())
+    }
+
+    /// Every watch has delivered its first complete list.
+    pub fn has_listed(&self) -> bool {
         self.pending.load(Ordering::Acquire) == 0
     }
 

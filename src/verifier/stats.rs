@@ -22,6 +22,7 @@ pub struct Stats {
     connections_refused: Counter,
     upstream_timeouts: Counter,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    view_unconfirmed: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,8 +63,15 @@ impl Default for Stats {
             "TLS handshakes that failed, by reason (timeout: not done within --header-read-timeout; error: refused by the client or the server)",
             tls_handshake_failures.clone(),
         );
+        let view_unconfirmed = Gauge::default();
+        registry.register(
+            "keyward_verifier_view_unconfirmed_seconds",
+            "How long a watch of ProvisioningKeys or trust bundles has been failing (0 while every watch is confirmed); over --max-staleness the verifier is not ready",
+            view_unconfirmed.clone(),
+        );
         Stats {
             registry,
+            view_unconfirmed,
             tls_handshake_failures,
             decisions,
             open_connections,
@@ -74,6 +82,12 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Sets `keyward_verifier_view_unconfirmed_seconds`.
+    pub fn view_unconfirmed(&self, d: std::time::Duration) {
+        self.view_unconfirmed
+            .set(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    }
+
     pub fn allowed(&self) {
         self.decisions
             .get_or_create(&DecisionLabels {

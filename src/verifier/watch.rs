@@ -1,13 +1,16 @@
 //! The watches feeding the index: ProvisioningKeys (spec: audience, issuer, publishDelay,
 //! bundle name; metadata: UID) and the Keyward-labelled trust-bundle ConfigMaps (labels,
 //! owner references and data), in each watched namespace or all. A re-list replaces what the
-//! index holds for that scope, so objects deleted while the watch was down disappear.
+//! index holds for that scope, so objects deleted while the watch was down disappear. A failed
+//! watch is rebuilt and lists again (see `fresh`).
 
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
@@ -41,6 +44,10 @@ where
     }
 }
 
+/// First and longest wait before a failed watch is rebuilt.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Runs every watch until the task is dropped.
 pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>) {
     let mut tasks = Vec::new();
@@ -48,10 +55,11 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
     let cms = apis::<ConfigMap>(&client, &namespaces);
     shared.expect_lists(pks.len() + cms.len());
     for (scope, api) in pks {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let slot = shared.freshness.register();
         tasks.push(tokio::spawn(follow(
-            stream,
+            move || watcher(api.clone(), watcher::Config::default()),
             scope,
+            slot,
             shared.clone(),
             |s: &Shared, scope, objs: &[ProvisioningKey]| s.update(|i| i.replace_keys(scope, objs)),
             |s: &Shared, pk: &ProvisioningKey| s.update(|i| i.apply_key(pk)),
@@ -59,11 +67,16 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
         )));
     }
     for (scope, api) in cms {
-        let config = watcher::Config::default().labels(&bundle_selector());
-        let stream = watcher(api, config).default_backoff();
+        let slot = shared.freshness.register();
         tasks.push(tokio::spawn(follow(
-            stream,
+            move || {
+                watcher(
+                    api.clone(),
+                    watcher::Config::default().labels(&bundle_selector()),
+                )
+            },
             scope,
+            slot,
             shared.clone(),
             |s: &Shared, scope, objs: &[ConfigMap]| {
                 for (cm, e) in s.update(|i| i.replace_bundles(scope, objs)) {
@@ -84,9 +97,13 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
     }
 }
 
+/// Follows one watch. After an error the watch is dropped and built again (after a capped,
+/// jittered backoff), so that it lists afresh: a view is confirmed only by a complete list or
+/// by an event, never assumed after a silent re-watch.
 async fn follow<K, S>(
-    stream: S,
+    make: impl Fn() -> S,
     scope: Option<String>,
+    slot: usize,
     shared: Arc<Shared>,
     replace: impl Fn(&Shared, Option<&str>, &[K]),
     apply: impl Fn(&Shared, &K),
@@ -95,32 +112,57 @@ async fn follow<K, S>(
     K: Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
-    futures::pin_mut!(stream);
-    let mut buffer: Option<Vec<K>> = None;
     let mut listed = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
-            Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
-            Ok(watcher::Event::InitDone) => {
-                replace(
-                    &shared,
-                    scope.as_deref(),
-                    &buffer.take().unwrap_or_default(),
-                );
-                if !listed {
-                    listed = true;
-                    shared.listed();
-                    let usable = shared.update(|i| i.usable());
-                    info!(
-                        scope = scope.as_deref().unwrap_or("all namespaces"),
-                        usable, "listed"
+    let mut retry = RETRY_FIRST;
+    loop {
+        let stream = make();
+        futures::pin_mut!(stream);
+        let mut buffer: Option<Vec<K>> = None;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
+                Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
+                Ok(watcher::Event::InitDone) => {
+                    replace(
+                        &shared,
+                        scope.as_deref(),
+                        &buffer.take().unwrap_or_default(),
                     );
+                    shared.freshness.confirmed(slot);
+                    retry = RETRY_FIRST;
+                    if !listed {
+                        listed = true;
+                        shared.listed();
+                        let usable = shared.update(|i| i.usable());
+                        info!(
+                            scope = scope.as_deref().unwrap_or("all namespaces"),
+                            usable, "listed"
+                        );
+                    }
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    apply(&shared, &o);
+                    shared.freshness.confirmed(slot);
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    delete(&shared, &o);
+                    shared.freshness.confirmed(slot);
+                }
+                Err(e) => {
+                    shared.freshness.failed(slot, Instant::now());
+                    warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "watch failed; listing again");
+                    break;
                 }
             }
-            Ok(watcher::Event::Apply(o)) => apply(&shared, &o),
-            Ok(watcher::Event::Delete(o)) => delete(&shared, &o),
-            Err(e) => warn!(error = %e, "watch failed; retrying with backoff"),
         }
+        tokio::time::sleep(jittered(retry)).await;
+        retry = (retry * 2).min(RETRY_MAX);
     }
+}
+
+/// `d` plus up to a quarter of it, at random.
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng as _;
+    let quarter = u64::try_from(d.as_millis() / 4).unwrap_or(0);
+    d + Duration::from_millis(rand::thread_rng().gen_range(0..=quarter))
 }
