@@ -125,9 +125,16 @@ pub fn spec(data: &[u8]) {
     if let Ok(pk) = serde_json::from_slice::<ProvisioningKey>(data) {
         let _ = Settings::resolve(&pk, &Floors::default());
         let _ = Settings::resolve(&pk, &Floors::none());
+        // The trust record as the verifier and the operator read it.
+        let _ = crate::verifier::index::KeyParams::of(&pk);
+        let _ = crate::trust_record::TrustRecord::of(&pk);
     }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = crate::rotation::parse_duration(text);
+        if let Ok(r) = crate::trust_record::TrustRecord::parse(text) {
+            // What parses renders back to the same record.
+            assert_eq!(crate::trust_record::TrustRecord::parse(&r.render()), Ok(r));
+        }
     }
 }
 
@@ -301,6 +308,16 @@ mod tests {
             r#"{"apiVersion":"keyward.dev/v1alpha1","kind":"ProvisioningKey","metadata":{"name":"a-k2"},"spec":{"secretTemplate":{"labels":{"keyward.dev/x":"y","bad key":"v"}},"rotation":{"interval":"1h-5m","overlap":"1000000000000s","publishDelay":"99999999999999999999h"},"token":{"ttl":"0.0000000001ns","audience":""}}}"#,
         );
         write("spec", "duration", "1h30m0.5s");
+        write(
+            "spec",
+            "record",
+            r#"{"bundle":"a-trust","aud":"keyward:ns/a","iss":"keyward","kids":{"qChiL7uNopOAIpjVfVDVvz5opx3DYnHS5PDU3h_-xcY":3600}}"#,
+        );
+        write(
+            "spec",
+            "recorded-key",
+            r#"{"apiVersion":"keyward.dev/v1alpha1","kind":"ProvisioningKey","metadata":{"name":"a","namespace":"ns","uid":"u","annotations":{"keyward.dev/trust-record":"{\"bundle\":\"a-trust\",\"aud\":\"x\",\"iss\":\"y\",\"kids\":{\"k\":99999999999}}"}},"spec":{}}"#,
+        );
     }
 
     #[test]
