@@ -61,6 +61,7 @@ impl Replica {
                     [
                         (usage::ANN_NAMESPACES.to_string(), "*".to_string()),
                         (usage::ANN_RESOLUTION.to_string(), "1s".to_string()),
+                        (usage::ANN_REPORTS.to_string(), "{}".to_string()),
                     ]
                     .into(),
                 ),
@@ -95,6 +96,17 @@ impl Replica {
         }
     }
 
+    /// Lists, in the Lease, this replica's report of `pk` in `ns` at write `seq` (as a replica
+    /// does at the renewal after the write).
+    async fn list(&self, ns: &str, pk: &str, seq: u64) {
+        let reports = usage::reports_annotation(&[(usage::report_key(ns, pk), seq)].into());
+        let body = json!({ "metadata": { "annotations": { usage::ANN_REPORTS: reports } } });
+        self.leases
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .expect("list the report in the Lease");
+    }
+
     /// Stops renewing: the replica goes silent (its watermark stops).
     fn silence(&self) {
         self.renew.abort();
@@ -108,6 +120,18 @@ impl Replica {
 
 /// Writes replica `replica`'s report for key `pk`: `kid` last used at `at`.
 async fn report(ns: &TestNamespace, pk: &str, replica: &str, kid: &str, at: DateTime<Utc>) {
+    numbered_report(ns, pk, replica, kid, at, None).await;
+}
+
+/// [`report`], as write number `seq` (annotation `keyward.dev/report-seq`).
+async fn numbered_report(
+    ns: &TestNamespace,
+    pk: &str,
+    replica: &str,
+    kid: &str,
+    at: DateTime<Utc>,
+    seq: Option<u64>,
+) {
     let reports: Api<KeyUsageReport> = ns.api();
     let name = usage::report_name(pk, replica);
     let mut r = KeyUsageReport::new(
@@ -131,6 +155,10 @@ async fn report(ns: &TestNamespace, pk: &str, replica: &str, kid: &str, at: Date
         ]
         .into(),
     );
+    if let Some(seq) = seq {
+        r.metadata.annotations =
+            Some([(usage::ANN_REPORT_SEQ.to_string(), seq.to_string())].into());
+    }
     reports
         .patch(
             &name,
@@ -303,6 +331,116 @@ async fn the_old_key_is_revoked_only_on_the_verifiers_word() {
             .any(|n| n.contains("unused for") && n.contains("v-0")),
         "the revocation's audit names the control plane's word: {revocations:?}"
     );
+    replica.delete().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+fn revoked(pk: &ProvisioningKey, kid: &str) -> bool {
+    pk.status
+        .as_ref()
+        .is_some_and(|s| s.revoked_keys.iter().any(|k| k.kid == kid))
+}
+
+/// A ProvisioningKey with `revokeWhenUnusedFor`, settled, then rotated: its old key id.
+async fn rotated(pks: &Api<ProvisioningKey>) -> String {
+    let spec = json!({ "rotation": {
+        "publishDelay": "1s", "overlap": "1s", "minInterval": "0s",
+        "revokeWhenUnusedFor": format!("{WINDOW_SECS}s"),
+    }});
+    create_pk(pks, "pk", json!({}), spec).await;
+    let first = wait_pk(pks, "pk", "settled on the first key", is_settled).await;
+    let old = first
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("a current key");
+    merge(
+        pks,
+        "pk",
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    old
+}
+
+fn operator_for(ns: &TestNamespace) -> impl std::future::Future<Output = Operator> + '_ {
+    Operator::start_configured(
+        ns.name(),
+        Floors::none(),
+        WriteCounter::default(),
+        keyward::controller::Observability::new(&WriteCounter::default()),
+        |c| c.verifier_namespace = Some(ns.name().to_string()),
+    )
+}
+
+/// Issue 18, finding 4: a report the replica's Lease lists, deleted while the operator is down,
+/// is not evidence of silence after the restart: the old key counts as used now and stays
+/// trusted for far longer than the window. Once the replica writes the report again (a newer
+/// write, listed), the key is revoked on its word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_report_is_never_evidence_of_silence_even_across_a_restart() {
+    let ns = TestNamespace::new("kw-usage-del").await;
+    let op = operator_for(&ns).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let replica = Replica::start(ns.name(), "v-0", Utc::now() - chrono::Duration::hours(1)).await;
+    let old = rotated(&pks).await;
+    // The replica sees the old key used now: report write 1, then listed in its Lease.
+    numbered_report(&ns, "pk", "v-0", &old, Utc::now(), Some(1)).await;
+    replica.list(ns.name(), "pk", 1).await;
+    wait_pk(&pks, "pk", "held: old key in use", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+            && condition(pk, "Rotating").is_some_and(|c| c.message.contains("last used at"))
+    })
+    .await;
+
+    // The operator stops; the report is deleted; the operator starts again.
+    op.stop().await;
+    let reports: Api<KeyUsageReport> = ns.api();
+    reports
+        .delete(&usage::report_name("pk", "v-0"), &Default::default())
+        .await
+        .expect("delete the report");
+    let deleted = Utc::now();
+    let op = operator_for(&ns).await;
+    let pk = wait_pk(&pks, "pk", "held: the listed report is missing", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+            && condition(pk, "Rotating").is_some_and(|c| c.message.contains("missing"))
+    })
+    .await;
+    assert!(!revoked(&pk, &old));
+    // Without the list, the last use would be gone and the key revoked a window after the
+    // replica's start (long past): wait two windows and more.
+    expect_never(
+        &pks,
+        "pk",
+        "the old key revoked although its report was deleted",
+        Duration::from_secs(u64::try_from(2 * WINDOW_SECS + 4).expect("small")),
+        |pk: Option<&ProvisioningKey>| pk.is_some_and(|pk| revoked(pk, &old)),
+    )
+    .await;
+
+    // The replica writes the report again (write 2, then listed): revoked on its word, no
+    // earlier than a window after the deletion was last judged.
+    numbered_report(
+        &ns,
+        "pk",
+        "v-0",
+        &old,
+        deleted - chrono::Duration::hours(1),
+        Some(2),
+    )
+    .await;
+    replica.list(ns.name(), "pk", 2).await;
+    wait_obj(
+        &pks,
+        "pk",
+        "old key revoked once the report is back",
+        Duration::from_secs(60),
+        |pk| revoked(pk, &old),
+    )
+    .await;
     replica.delete().await;
     op.stop().await;
     ns.cleanup().await;

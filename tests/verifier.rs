@@ -667,14 +667,29 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
         .await
         .expect("the final flush wrote the report");
     assert_eq!(report.spec.keys[0].pods[0].uid, PODS[0]);
+    // Issue 18, finding 4: the report carries its write number, and the Lease (renewed after
+    // the write) lists it with that number.
+    let seq = usage::report_seq(&report).expect("the report is numbered");
+    let listed = usage::parse_lease(&lease).expect("parses").reports;
+    assert_eq!(
+        listed.get(&usage::report_key(ns.name(), "vk")),
+        Some(&seq),
+        "{listed:?}"
+    );
 
-    // A restart with the same replica id: a new, later window, `stopped` removed.
+    // A restart with the same replica id: a new, later window, `stopped` removed, and the
+    // previous incarnation's list carried over (its report is still evidence).
     let mut second = Spawned::start(ns.name(), "lease-0", &args).await;
     let lease = wait_obj(&leases, &lease_name, "taken over", TIMEOUT, |l| {
         lease_times(l).0 > since1 && !stopped(l)
     })
     .await;
     let holder2 = holder(&lease);
+    assert_eq!(
+        usage::parse_lease(&lease).expect("parses").reports,
+        listed,
+        "carried over"
+    );
 
     // A second process with the same replica id: it takes the Lease over; the older one
     // notices at its next renewal and exits non-zero.
