@@ -366,12 +366,24 @@ async fn rotated(pks: &Api<ProvisioningKey>) -> String {
 }
 
 fn operator_for(ns: &TestNamespace) -> impl std::future::Future<Output = Operator> + '_ {
+    operator_expecting(ns, &[])
+}
+
+/// The operator, started with `--verifier-replicas` = `replicas`.
+fn operator_expecting<'a>(
+    ns: &'a TestNamespace,
+    replicas: &[&str],
+) -> impl std::future::Future<Output = Operator> + 'a {
+    let replicas: Vec<String> = replicas.iter().map(|r| r.to_string()).collect();
     Operator::start_configured(
         ns.name(),
         Floors::none(),
         WriteCounter::default(),
         keyward::controller::Observability::new(&WriteCounter::default()),
-        |c| c.verifier_namespace = Some(ns.name().to_string()),
+        move |c| {
+            c.verifier_namespace = Some(ns.name().to_string());
+            c.verifier_replicas = replicas;
+        },
     )
 }
 
@@ -442,6 +454,82 @@ async fn a_deleted_report_is_never_evidence_of_silence_even_across_a_restart() {
     )
     .await;
     replica.delete().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+/// Issue 18, finding 4 (the measured attack): the serving replica v-0 saw the old key used; its
+/// report and its Lease are deleted, and the other replica v-1 saw nothing. With
+/// `--verifier-replicas v-0,v-1` the missing Lease holds the key (`VerifierSilent`, naming
+/// v-0) instead of leaving v-1 to vouch alone; a new v-0 incarnation then vouches for a whole
+/// window before the key goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_of_an_expected_replica_holds_the_old_key() {
+    let ns = TestNamespace::new("kw-usage-lease").await;
+    let op = operator_expecting(&ns, &["v-0", "v-1"]).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let long_ago = Utc::now() - chrono::Duration::hours(1);
+    let serving = Replica::start(ns.name(), "v-0", long_ago).await;
+    let quiet = Replica::start(ns.name(), "v-1", long_ago).await;
+    let old = rotated(&pks).await;
+    numbered_report(&ns, "pk", "v-0", &old, Utc::now(), Some(1)).await;
+    serving.list(ns.name(), "pk", 1).await;
+    wait_pk(&pks, "pk", "held: old key in use", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+    })
+    .await;
+
+    let reports: Api<KeyUsageReport> = ns.api();
+    reports
+        .delete(&usage::report_name("pk", "v-0"), &Default::default())
+        .await
+        .expect("delete the report");
+    serving.delete().await;
+    let pk = wait_pk(&pks, "pk", "held: an expected replica has no Lease", |pk| {
+        stalled_reason(pk).as_deref() == Some("VerifierSilent")
+    })
+    .await;
+    let message = condition(&pk, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("without a Lease") && message.contains("v-0"),
+        "{message}"
+    );
+    expect_never(
+        &pks,
+        "pk",
+        "the old key revoked on the word of the replica that saw nothing",
+        Duration::from_secs(u64::try_from(2 * WINDOW_SECS + 4).expect("small")),
+        |pk: Option<&ProvisioningKey>| pk.is_some_and(|pk| revoked(pk, &old)),
+    )
+    .await;
+
+    // v-0 comes back (a new incarnation, its window starting now): revoked a window later.
+    let restarted = Utc::now();
+    let serving = Replica::start(ns.name(), "v-0", restarted).await;
+    let done = wait_obj(
+        &pks,
+        "pk",
+        "old key revoked once v-0 vouches again",
+        Duration::from_secs(60),
+        |pk| revoked(pk, &old),
+    )
+    .await;
+    let revoked_at = done
+        .status
+        .as_ref()
+        .and_then(|s| s.revoked_keys.iter().find(|k| k.kid == old))
+        .and_then(|k| k.revoked_at.as_deref())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .expect("revokedAt");
+    assert!(
+        revoked_at >= restarted + chrono::Duration::seconds(WINDOW_SECS - 1),
+        "revoked at {revoked_at}, v-0 vouched only since {restarted}"
+    );
+    serving.delete().await;
+    quiet.delete().await;
     op.stop().await;
     ns.cleanup().await;
 }

@@ -287,6 +287,66 @@ fn missing_stale_or_incomplete_reports_count_as_used_now() {
     }
 }
 
+/// `--verifier-replicas`: an expected replica without a Lease means the use cannot be judged,
+/// so deleting a Lease never shrinks the coverage; without the list, the Leases that exist are
+/// the replicas (and deleting one does shrink it).
+#[test]
+fn expected_replicas_must_each_have_a_lease() {
+    let expected = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut stopped = replica("b", 0, 100);
+    stopped.stopped = true;
+    let cases: Vec<(&str, Vec<Replica>, Vec<String>, &str)> = vec![
+        (
+            "no list, one Lease",
+            vec![replica("a", 0, 995)],
+            vec![],
+            "yes",
+        ),
+        (
+            "every expected replica has a Lease",
+            vec![replica("a", 0, 995), replica("b", 0, 995)],
+            expected(&["a", "b"]),
+            "yes",
+        ),
+        (
+            "an expected replica's Lease is gone (deleted)",
+            vec![replica("a", 0, 995)],
+            expected(&["a", "b"]),
+            "silent",
+        ),
+        ("no Lease at all", vec![], expected(&["a"]), "silent"),
+        (
+            "an expected replica stopped cleanly",
+            vec![replica("a", 0, 995), stopped],
+            expected(&["a", "b"]),
+            "yes",
+        ),
+        (
+            "an extra replica beyond the list still has to vouch",
+            vec![replica("a", 0, 995), replica("c", 0, 900)],
+            expected(&["a"]),
+            "silent",
+        ),
+    ];
+    for (name, replicas, expected, want) in cases {
+        let leases: Vec<Result<Replica, String>> = replicas.into_iter().map(Ok).collect();
+        let cov = coverage(&leases, &expected, "ns", t(1000));
+        let got = match unused_for(W, "old", &KeyUse::default(), &cov) {
+            Unused::Yes => "yes",
+            Unused::Silent(_) => "silent",
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(got, want, "{name}: {cov:?}");
+    }
+    let cov = coverage(
+        &[Ok(replica("a", 0, 995))],
+        &expected(&["a", "b"]),
+        "ns",
+        t(1000),
+    );
+    assert!(cov.is_err_and(|m| m.contains("without a Lease") && m.contains('b')));
+}
+
 /// The Lease's list is required: a Lease without it (or with an unreadable one) vouches for
 /// nothing, so removing the annotation cannot hide a deleted report.
 #[test]
