@@ -494,5 +494,7 @@ fn sub(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+pub mod write_policy;
+
 #[cfg(test)]
 mod tests;

@@ -533,3 +533,263 @@ async fn a_deleted_lease_of_an_expected_replica_holds_the_old_key() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+// ---- Issue 18, finding 4: each verifier pod writes only its own evidence. ----
+
+/// A client acting as the ServiceAccount `sa` of `ns` from pod `pod` (impersonation with the
+/// extra a pod-bound token carries), or from no pod at all.
+async fn client_as_pod(ns: &str, sa: &str, pod: Option<&str>) -> kube::Client {
+    let mut cfg = kube_config().await;
+    cfg.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{sa}"));
+    cfg.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".into(),
+    ]);
+    cfg.auth_info.impersonate_user_extra = pod.map(|p| {
+        [(
+            "authentication.kubernetes.io/pod-name".to_string(),
+            vec![p.to_string()],
+        )]
+        .into()
+    });
+    kube::Client::try_from(cfg).expect("client")
+}
+
+fn test_lease(name: &str) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("x".into()),
+            ..Default::default()
+        }),
+    }
+}
+
+fn test_report(name: &str, label: &str, replica: &str) -> KeyUsageReport {
+    let mut r = KeyUsageReport::new(
+        name,
+        KeyUsageReportSpec {
+            provisioning_key: "pk".into(),
+            replica: replica.into(),
+            keys: Vec::new(),
+        },
+    );
+    r.metadata.labels = Some([(usage::REPLICA_LABEL.to_string(), label.to_string())].into());
+    r
+}
+
+fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
+    match res {
+        // Refused by the policy (its message), not by RBAC or validation.
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("keyward verifier") => {}
+        other => panic!("{what}: expected the policy's refusal, got {other:?}"),
+    }
+}
+
+/// The chart's ValidatingAdmissionPolicy (`keyward::usage::write_policy`), installed for a
+/// test ServiceAccount: as pod v-0 it writes its own Lease and report, and nothing of v-1's,
+/// nor a Lease of another name (the operator's leader Lease), nor anything without a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_pod_writes_only_its_own_reports_and_lease() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use keyward::usage::write_policy;
+
+    let ns = TestNamespace::new("kw-usage-vap").await;
+    let user = format!("system:serviceaccount:{}:verifier", ns.name());
+    let admin = kube::Client::try_from(kube_config().await).expect("client");
+    let roles: Api<Role> = ns.api();
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "verifier"},
+                "rules": [
+                    {"apiGroups": ["keyward.dev"], "resources": ["keyusagereports"],
+                     "verbs": ["get", "create", "update", "patch", "delete"]},
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                     "verbs": ["get", "create", "update", "patch", "delete"]},
+                ],
+            }))
+            .expect("role"),
+        )
+        .await
+        .expect("create the role");
+    let bindings: Api<RoleBinding> = ns.api();
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "verifier"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "verifier"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+    let name = format!("keyward-verifier-writes-{}", ns.name());
+    let (policy, binding) = write_policy::policy_objects(&name, &user);
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(admin.clone());
+    let pbindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).expect("policy"),
+        )
+        .await
+        .expect("create the policy");
+    pbindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("create the policy binding");
+
+    let v0 = client_as_pod(ns.name(), "verifier", Some("v-0")).await;
+    let v0_leases: Api<Lease> = Api::namespaced(v0.clone(), ns.name());
+    let v0_reports: Api<KeyUsageReport> = Api::namespaced(v0.clone(), ns.name());
+    // The policy takes effect once the API server has loaded it: wait for the first refusal.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match v0_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 403 => break,
+            Ok(_) => {
+                let _ = Api::<Lease>::namespaced(admin.clone(), ns.name())
+                    .delete("keyward-verifier-v-1", &Default::default())
+                    .await;
+            }
+            Err(e) => panic!("creating a Lease: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Its own Lease and report: allowed (create, update, server-side apply, delete).
+    v0_leases
+        .create(&PostParams::default(), &test_lease("keyward-verifier-v-0"))
+        .await
+        .expect("v-0 creates its own Lease");
+    let mut own = v0_leases.get("keyward-verifier-v-0").await.expect("get");
+    own.spec
+        .get_or_insert_with(Default::default)
+        .holder_identity = Some("y".into());
+    v0_leases
+        .replace("keyward-verifier-v-0", &PostParams::default(), &own)
+        .await
+        .expect("v-0 renews its own Lease");
+    let apply = PatchParams::apply(usage::FIELD_MANAGER).force();
+    v0_reports
+        .patch(
+            "pk.v-0",
+            &apply,
+            &Patch::Apply(&test_report("pk.v-0", "v-0", "v-0")),
+        )
+        .await
+        .expect("v-0 writes its own report");
+
+    // Another replica's Lease, another name (the operator's leader Lease): refused.
+    forbidden(
+        "v-0 creates v-1's Lease",
+        v0_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+            .await,
+    );
+    forbidden(
+        "v-0 creates the leader Lease",
+        v0_leases
+            .create(&PostParams::default(), &test_lease("keyward"))
+            .await,
+    );
+    // Another replica's report (by label or by spec.replica), or relabelling its own: refused.
+    forbidden(
+        "v-0 writes v-1's report",
+        v0_reports
+            .patch(
+                "pk.v-1",
+                &apply,
+                &Patch::Apply(&test_report("pk.v-1", "v-1", "v-1")),
+            )
+            .await,
+    );
+    forbidden(
+        "v-0 writes a report in v-1's name",
+        v0_reports
+            .patch(
+                "pk.x",
+                &apply,
+                &Patch::Apply(&test_report("pk.x", "v-0", "v-1")),
+            )
+            .await,
+    );
+    // v-1's report and Lease, written by their owner (here the admin): v-0 may not change or
+    // delete them.
+    let admin_reports: Api<KeyUsageReport> = Api::namespaced(admin.clone(), ns.name());
+    admin_reports
+        .patch(
+            "pk.v-1",
+            &apply,
+            &Patch::Apply(&test_report("pk.v-1", "v-1", "v-1")),
+        )
+        .await
+        .expect("the admin writes v-1's report");
+    Api::<Lease>::namespaced(admin.clone(), ns.name())
+        .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+        .await
+        .expect("the admin writes v-1's Lease");
+    forbidden(
+        "v-0 deletes v-1's report",
+        v0_reports.delete("pk.v-1", &Default::default()).await,
+    );
+    forbidden(
+        "v-0 relabels v-1's report as its own",
+        v0_reports
+            .patch(
+                "pk.v-1",
+                &apply,
+                &Patch::Apply(&test_report("pk.v-1", "v-0", "v-0")),
+            )
+            .await,
+    );
+    forbidden(
+        "v-0 deletes v-1's Lease",
+        v0_leases
+            .delete("keyward-verifier-v-1", &Default::default())
+            .await,
+    );
+    // Without a pod (a token not bound to one): nothing, not even its "own" Lease.
+    let podless = client_as_pod(ns.name(), "verifier", None).await;
+    let podless_leases: Api<Lease> = Api::namespaced(podless, ns.name());
+    forbidden(
+        "a pod-less token writes a Lease",
+        podless_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-0"))
+            .await,
+    );
+    // v-0 may still delete its own objects.
+    v0_reports
+        .delete("pk.v-0", &Default::default())
+        .await
+        .expect("v-0 deletes its own report");
+    v0_leases
+        .delete("keyward-verifier-v-0", &Default::default())
+        .await
+        .expect("v-0 deletes its own Lease");
+
+    let _ = pbindings.delete(&name, &Default::default()).await;
+    let _ = policies.delete(&name, &Default::default()).await;
+    ns.cleanup().await;
+}
