@@ -718,6 +718,43 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
     ns.cleanup().await;
 }
 
+/// `--report=false` (a sidecar verifier): it verifies, but writes no Lease and no report, so
+/// it never counts as a replica (the operator neither waits on it nor takes its word).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_without_reporting_writes_no_lease_and_no_report() {
+    let ns = TestNamespace::new("kw-vnoreport").await;
+    let (_, token) = minted_key(&ns, "vk").await;
+    let mut v = Spawned::start(
+        ns.name(),
+        "sidecar-0",
+        &["--report=false", "--report-interval", "1s"],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = v.base.clone();
+    eventually("the token accepted", || async {
+        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+    })
+    .await;
+    // Several report intervals of use, then a clean stop (a reporter would flush at stop).
+    for _ in 0..30 {
+        assert_eq!(auth(&http, &base, &token, PODS[1]).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    v.sigterm();
+    assert!(
+        v.exit(Duration::from_secs(15)).await.success(),
+        "log:\n{}",
+        v.read_log()
+    );
+    let leases: Api<Lease> = ns.api();
+    let reports: Api<KeyUsageReport> = ns.api();
+    let lp = kube::api::ListParams::default();
+    assert!(leases.list(&lp).await.expect("leases").items.is_empty());
+    assert!(reports.list(&lp).await.expect("reports").items.is_empty());
+    ns.cleanup().await;
+}
+
 /// Issue 18, finding 8: the `keyward verifier` binary as an edge. A client that sends half a
 /// request head is cut off after `--header-read-timeout`; past `--max-connections` a new
 /// connection is closed at once; two `Authorization` headers and a `crit` header are refused;
