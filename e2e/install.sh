@@ -570,11 +570,14 @@ import re, sys
 cluster, nsd, minor = open(sys.argv[1]).read(), open(sys.argv[2]).read(), int(sys.argv[3])
 for name, text in (("cluster", cluster), ("namespaced", nsd)):
     lines = text.splitlines()
-    # Every RBAC rule says why it is there: the line before each rule is a comment.
-    rules = [i for i, l in enumerate(lines) if re.match(r"^\s*- apiGroups:", l)]
+    # Every RBAC rule says why it is there: the line before each rule is a comment (only in Roles
+    # and ClusterRoles: an admission policy's resourceRules are not grants).
+    rbac = "\n---\n".join(d for d in text.split("\n---\n") if re.search(r"^kind: (Cluster)?Role$", d, re.M))
+    rbac_lines = rbac.splitlines()
+    rules = [i for i, l in enumerate(rbac_lines) if re.match(r"^\s*- apiGroups:", l)]
     assert rules, name
     for i in rules:
-        assert lines[i - 1].lstrip().startswith("#"), f"{name}: rule without a comment: {lines[i]}"
+        assert rbac_lines[i - 1].lstrip().startswith("#"), f"{name}: rule without a comment: {rbac_lines[i]}"
     for needle in ("runAsNonRoot: true", "runAsUser: 65532", "readOnlyRootFilesystem: true",
                    "allowPrivilegeEscalation: false", "- ALL", "type: RuntimeDefault",
                    "path: /healthz", "path: /readyz", "name: POD_NAME", "name: POD_NAMESPACE",
