@@ -102,9 +102,16 @@ CHECKS=0
 
 # A kubeconfig that authenticates as a ServiceAccount, with a TokenRequest token (what a pod
 # gets) that outlasts the run.
-sa_kubeconfig() { # ns sa file
-  local ns=$1 sa=$2 file=$3 token server ca
-  token=$(kubectl -n "$ns" create token "$sa" --duration=24h) || die "no token for ServiceAccount $ns/$sa"
+sa_kubeconfig() { # ns sa file [pod]
+  local ns=$1 sa=$2 file=$3 pod=${4:-} token server ca uid bound=()
+  if [ -n "$pod" ]; then
+    # A token bound to the pod, as the kubelet mounts it: it carries the pod's name, which the
+    # chart's verifier write policy requires (each pod writes only its own reports and Lease).
+    wait_for 60 "pod $ns/$pod" kubectl -n "$ns" get pod "$pod" || die "no pod $ns/$pod to bind a token to"
+    uid=$(kubectl -n "$ns" get pod "$pod" -o jsonpath='{.metadata.uid}')
+    bound=(--bound-object-kind Pod --bound-object-name "$pod" --bound-object-uid "$uid")
+  fi
+  token=$(kubectl -n "$ns" create token "$sa" --duration=24h "${bound[@]}") || die "no token for ServiceAccount $ns/$sa"
   server=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.server}')
   ca=$(kubectl config view --minify --raw --flatten -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
   (umask 077; cat >"$file") <<KC
@@ -434,7 +441,7 @@ verifier_check() { # ns release keyns
   local ns=$1 release=$2 keyns=$3 sts=$2-keyward-verifier log=$WORK/verifier-$2.log args addr token code
   local help lease=keyward-verifier-$2-keyward-verifier-0 reporting=0 t0
   t0=$(date +%s)
-  sa_kubeconfig "$ns" "$sts" "$WORK/$release-verifier.kubeconfig"
+  sa_kubeconfig "$ns" "$sts" "$WORK/$release-verifier.kubeconfig" "$sts-0"
   help=$("$BIN" verifier --help)
   if grep -Eq -- '(^|[[:space:]])--lease-namespace([[:space:]=,]|$)' <<<"$help"; then
     reporting=1
@@ -486,6 +493,16 @@ verifier_check() { # ns release keyns
     kubectl -n "$ns" get lease "$lease" -o jsonpath='{.metadata.annotations.keyward\.dev/stopped}' | grep -qx true \
       || vdie "$log" "the Lease $ns/$lease is not marked stopped after SIGTERM (log: $log)"
     say "  usage Lease $ns/$lease written (and marked stopped on SIGTERM), KeyUsageReport in $keyns"
+    # The write policy: as $sts-0, the Lease of replica 1 and the leader Lease are refused.
+    local other out
+    for other in "keyward-verifier-$sts-1" keyward; do
+      out=$(printf 'apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: %s, namespace: %s}\nspec: {holderIdentity: x}\n' "$other" "$ns" \
+        | KUBECONFIG=$WORK/$release-verifier.kubeconfig kubectl create -f - 2>&1) \
+        && die "the verifier's token (pod $sts-0) created Lease $ns/$other"
+      grep -q "keyward verifier replica may write only its own Lease" <<<"$out" \
+        || die "creating Lease $ns/$other as pod $sts-0 failed, but not by the write policy: $out"
+    done
+    say "  write policy: pod $sts-0 may not write Lease $ns/keyward-verifier-$sts-1 nor the leader Lease"
   fi
   stop_verifier
   no_forbidden "$log"
@@ -553,11 +570,14 @@ import re, sys
 cluster, nsd, minor = open(sys.argv[1]).read(), open(sys.argv[2]).read(), int(sys.argv[3])
 for name, text in (("cluster", cluster), ("namespaced", nsd)):
     lines = text.splitlines()
-    # Every RBAC rule says why it is there: the line before each rule is a comment.
-    rules = [i for i, l in enumerate(lines) if re.match(r"^\s*- apiGroups:", l)]
+    # Every RBAC rule says why it is there: the line before each rule is a comment (only in Roles
+    # and ClusterRoles: an admission policy's resourceRules are not grants).
+    rbac = "\n---\n".join(d for d in text.split("\n---\n") if re.search(r"^kind: (Cluster)?Role$", d, re.M))
+    rbac_lines = rbac.splitlines()
+    rules = [i for i, l in enumerate(rbac_lines) if re.match(r"^\s*- apiGroups:", l)]
     assert rules, name
     for i in rules:
-        assert lines[i - 1].lstrip().startswith("#"), f"{name}: rule without a comment: {lines[i]}"
+        assert rbac_lines[i - 1].lstrip().startswith("#"), f"{name}: rule without a comment: {rbac_lines[i]}"
     for needle in ("runAsNonRoot: true", "runAsUser: 65532", "readOnlyRootFilesystem: true",
                    "allowPrivilegeEscalation: false", "- ALL", "type: RuntimeDefault",
                    "path: /healthz", "path: /readyz", "name: POD_NAME", "name: POD_NAMESPACE",

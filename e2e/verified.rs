@@ -52,12 +52,14 @@ async fn acknowledged(bed: &Bed, kid: &str) -> anyhow::Result<Vec<String>> {
         .api::<KeyUsageReport>()
         .list(&ListParams::default())
         .await?;
-    Ok(keyward::usage::key_use(&reports.items, Utc::now())
-        .pods
-        .remove(kid)
-        .unwrap_or_default()
-        .into_iter()
-        .collect())
+    Ok(
+        keyward::usage::key_use(&reports.items, &[], &bed.ns, PK, Utc::now())
+            .pods
+            .remove(kid)
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    )
 }
 
 fn confirmed_on(pa: &PolicyAgent) -> Option<String> {

@@ -112,11 +112,12 @@ pub fn bundle(data: &[u8]) {
 /// A KeyUsageReport (what a verifier replica wrote) and a verifier Lease.
 pub fn report(data: &[u8]) {
     if let Ok(r) = serde_json::from_slice::<KeyUsageReport>(data) {
-        let _ = crate::usage::key_use(std::slice::from_ref(&r), now());
+        let _ = crate::usage::key_use(std::slice::from_ref(&r), &[], "ns", "pk", now());
     }
     if let Ok(lease) = serde_json::from_slice::<Lease>(data) {
-        let parsed = crate::usage::parse_lease(&lease);
-        let _ = crate::usage::coverage(&[parsed], "ns", now());
+        let parsed = [crate::usage::parse_lease(&lease)];
+        let _ = crate::usage::coverage(&parsed, &[], "ns", now());
+        let _ = crate::usage::key_use(&[], &parsed, "ns", "pk", now());
     }
 }
 
@@ -274,7 +275,8 @@ mod tests {
             &serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": "keyward-verifier-v-0", "namespace": "keyward-system",
-                    "annotations": {crate::usage::ANN_NAMESPACES: "ns,other", crate::usage::ANN_RESOLUTION: "60s"}},
+                    "annotations": {crate::usage::ANN_NAMESPACES: "ns,other", crate::usage::ANN_RESOLUTION: "60s",
+                        crate::usage::ANN_REPORTS: r#"{"ns/pk":3}"#}},
                 "spec": {"holderIdentity": "v-0", "leaseDurationSeconds": 30,
                     "acquireTime": "2027-01-15T07:00:00.000000Z", "renewTime": "2027-01-15T08:00:00.000000Z"},
             })

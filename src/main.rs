@@ -68,6 +68,13 @@ struct RunArgs {
     /// account's namespace). Without it, keys that require that check hold their old key.
     #[arg(long, env = "KEYWARD_VERIFIER_NAMESPACE")]
     verifier_namespace: Option<String>,
+    /// The `keyward verifier` replicas that must each vouch for `revokeWhenUnusedFor`
+    /// (comma-separated replica ids, e.g. `keyward-verifier-0,keyward-verifier-1`; the chart
+    /// passes the StatefulSet's pod names). A listed replica without a Lease holds every such
+    /// key (`VerifierSilent`). Empty: the replicas are whichever Leases exist, so deleting a
+    /// replica's Lease removes it from the coverage.
+    #[arg(long, env = "KEYWARD_VERIFIER_REPLICAS", value_delimiter = ',')]
+    verifier_replicas: Vec<String>,
     /// Smallest rotation.interval accepted.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     min_rotation_interval: Duration,
@@ -278,6 +285,12 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             .verifier_namespace
             .filter(|n| !n.is_empty())
             .or_else(keyward::leader::default_namespace),
+        verifier_replicas: args
+            .verifier_replicas
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),

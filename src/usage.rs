@@ -11,13 +11,29 @@
 //!     to the stated resolution. A replica whose writes are throttled or failing does not
 //!     advance it.
 //!   - `leaseDurationSeconds`: a replica whose watermark is older than this is silent.
-//!   - annotations: the namespaces it watches, its report resolution, and `stopped` once it
-//!     shut down cleanly (final flush written, no request accepted after the watermark).
+//!   - annotations: the namespaces it watches, its report resolution, `stopped` once it
+//!     shut down cleanly (final flush written, no request accepted after the watermark), and
+//!     [`ANN_REPORTS`]: every report it has written that may still matter, each with the
+//!     sequence number of its last write (see below).
 //!
 //! Silence is never evidence: "unused for W" needs every replica that watches the key's
 //! namespace (and is not cleanly stopped) to vouch, without a gap, for the whole window
 //! `[T - W, T]`, where `T` is the oldest watermark; and the key id's last reported use (plus
 //! the resolution) must fall before the window.
+//!
+//! Absence is never evidence either (issue 18, finding 4). A report can be deleted, or replaced
+//! by an older copy, by anyone who may write reports; so a replica numbers its report writes
+//! (annotation [`ANN_REPORT_SEQ`] on the report, increasing per replica) and, only after a
+//! report is written, lists it in its Lease with that number. A key whose report a Lease lists
+//! but which is missing, carries a lower number, or that the Lease could not list (the list
+//! overflowed), and a key id a report had to leave out (more key ids than a report holds,
+//! [`ANN_KEYS_TRUNCATED`]), count as used at the time of the evaluation: never as unused. All
+//! of it is read from API objects, so an operator restart changes nothing.
+//!
+//! Which replicas must vouch: with `--verifier-replicas` (the chart passes the StatefulSet's
+//! pod names), every listed replica needs a Lease, so deleting one never shrinks coverage
+//! (`VerifierSilent`). Without it, the replicas are whichever Leases exist, and deleting a
+//! replica's Lease removes it from the coverage (documented in docs/security.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -40,6 +56,22 @@ pub const ANN_NAMESPACES: &str = "keyward.dev/namespaces";
 pub const ANN_RESOLUTION: &str = "keyward.dev/report-resolution";
 /// Lease annotation `"true"`: the replica stopped cleanly after its final flush.
 pub const ANN_STOPPED: &str = "keyward.dev/stopped";
+/// Lease annotation: compact JSON `{"<namespace>/<ProvisioningKey>": <seq>, ...}`, the reports
+/// the replica has written and the sequence number of the last write of each. Bounded by
+/// [`MAX_REPORTS_BYTES`]; what does not fit is dropped and [`ANN_REPORTS_OVERFLOW`] set.
+pub const ANN_REPORTS: &str = "keyward.dev/reports";
+/// Lease annotation `"true"`: [`ANN_REPORTS`] could not list every report of the replica, so a
+/// key it does not list may have a report that is missing: every such key counts as used.
+pub const ANN_REPORTS_OVERFLOW: &str = "keyward.dev/reports-overflow";
+/// Most bytes of [`ANN_REPORTS`] (annotations of an object total at most 256 KiB).
+pub const MAX_REPORTS_BYTES: usize = 128 * 1024;
+/// Report annotation: the sequence number of this write of the report (decimal), increasing
+/// per replica across its writes (and its restarts: a new incarnation starts above what its
+/// Lease listed).
+pub const ANN_REPORT_SEQ: &str = "keyward.dev/report-seq";
+/// Report annotation `"true"`: the replica saw more key ids than the report lists, so a key id
+/// it does not list counts as used.
+pub const ANN_KEYS_TRUNCATED: &str = "keyward.dev/keys-truncated";
 /// Label on reports: the replica that wrote it.
 pub const REPLICA_LABEL: &str = "keyward.dev/verifier-replica";
 /// Field manager of everything the verifier writes.
@@ -80,6 +112,33 @@ pub struct Replica {
     pub namespaces: Option<BTreeSet<String>>,
     pub resolution: Duration,
     pub stopped: bool,
+    /// [`ANN_REPORTS`]: `<namespace>/<ProvisioningKey>` -> the seq of its last report write.
+    pub reports: BTreeMap<String, u64>,
+    /// [`ANN_REPORTS_OVERFLOW`].
+    pub reports_overflow: bool,
+}
+
+/// The key of [`Replica::reports`] for ProvisioningKey `pk` in `namespace`.
+pub fn report_key(namespace: &str, pk: &str) -> String {
+    format!("{namespace}/{pk}")
+}
+
+/// [`ANN_REPORTS`] as written: compact JSON.
+pub fn reports_annotation(reports: &BTreeMap<String, u64>) -> String {
+    serde_json::to_string(reports).unwrap_or_else(|_| "{}".into())
+}
+
+/// The sequence number of a report's write ([`ANN_REPORT_SEQ`]); `None` when absent or
+/// unreadable.
+pub fn report_seq(report: &KeyUsageReport) -> Option<u64> {
+    report
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANN_REPORT_SEQ)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Replica {
@@ -128,6 +187,17 @@ pub fn parse_lease(lease: &Lease) -> Result<Replica, String> {
         .get(ANN_RESOLUTION)
         .and_then(|r| crate::rotation::parse_duration(r))
         .ok_or_else(|| format!("verifier Lease {name} has no valid {ANN_RESOLUTION}"))?;
+    // A Lease without the list cannot prove that no report was deleted: it vouches for nothing
+    // (a verifier older than this operator, or someone removed it).
+    let reports: BTreeMap<String, u64> = match ann.get(ANN_REPORTS) {
+        None => {
+            return Err(format!(
+                "verifier Lease {name} has no {ANN_REPORTS} (a verifier older than the operator?)"
+            ));
+        }
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| format!("verifier Lease {name} has an unreadable {ANN_REPORTS}: {e}"))?,
+    };
     Ok(Replica {
         name: name
             .strip_prefix(LEASE_PREFIX)
@@ -139,6 +209,8 @@ pub fn parse_lease(lease: &Lease) -> Result<Replica, String> {
         namespaces,
         resolution,
         stopped: ann.get(ANN_STOPPED).is_some_and(|v| v == "true"),
+        reports,
+        reports_overflow: ann.get(ANN_REPORTS_OVERFLOW).is_some_and(|v| v == "true"),
     })
 }
 
@@ -156,12 +228,31 @@ pub struct Covered {
 }
 
 /// The coverage of `namespace` at `now`, or why there is none (the `VerifierSilent` message).
-/// `leases` holds every verifier Lease as parsed (errors included).
+/// `leases` holds every verifier Lease as parsed (errors included); `expected` the replicas
+/// that must have one (`--verifier-replicas`; empty: whichever Leases exist).
 pub fn coverage(
     leases: &[Result<Replica, String>],
+    expected: &[String],
     namespace: &str,
     now: DateTime<Utc>,
 ) -> Result<Covered, String> {
+    let mut missing: Vec<&str> = expected
+        .iter()
+        .filter(|e| {
+            !leases
+                .iter()
+                .any(|l| l.as_ref().is_ok_and(|r| &r.name == *e))
+        })
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        missing.dedup();
+        return Err(format!(
+            "expected verifier replica(s) without a Lease (deleted, or not started yet): {}",
+            missing.join(", ")
+        ));
+    }
     let mut live = Vec::new();
     for lease in leases {
         match lease {
@@ -213,13 +304,108 @@ pub fn coverage(
 pub struct KeyUse {
     pub last_used: BTreeMap<String, DateTime<Utc>>,
     pub pods: BTreeMap<String, BTreeSet<String>>,
+    /// A report is missing or stale: every key id counts as used at this time, and why.
+    pub all_used: Option<Doubt>,
+    /// A report had to leave key ids out: every key id it does not list (in
+    /// [`KeyUse::last_used`]) counts as used at this time, and why.
+    pub unlisted_used: Option<Doubt>,
 }
 
-/// Merges the reports of every replica (stopped ones included: what they saw still counts).
-/// Entries with an unreadable time are kept as used "now" (never as unused).
-pub fn key_use(reports: &[KeyUsageReport], now: DateTime<Utc>) -> KeyUse {
+/// Evidence that cannot be trusted, so use is assumed at `at` (the evaluation time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doubt {
+    pub at: DateTime<Utc>,
+    pub why: String,
+}
+
+impl KeyUse {
+    /// Why `kid`'s use cannot be ruled out, if the reports cannot be trusted for it.
+    pub fn doubt(&self, kid: &str) -> Option<&Doubt> {
+        self.all_used.as_ref().or_else(|| {
+            self.unlisted_used
+                .as_ref()
+                .filter(|_| !self.last_used.contains_key(kid))
+        })
+    }
+
+    fn doubt_all(&mut self, at: DateTime<Utc>, why: String) {
+        if self.all_used.is_none() {
+            self.all_used = Some(Doubt { at, why });
+        }
+    }
+}
+
+/// Merges the reports of every replica (stopped ones included: what they saw still counts)
+/// for ProvisioningKey `pk` in `namespace`, and checks them against what the replicas' Leases
+/// list (`leases`, as parsed; unreadable ones are for [`coverage`] to refuse). Entries with an
+/// unreadable time are kept as used "now" (never as unused); a report a Lease lists that is
+/// missing or older than listed, a Lease whose list overflowed, and a report that left key ids
+/// out make the key ids concerned used "now" ([`KeyUse::doubt`]).
+pub fn key_use(
+    reports: &[KeyUsageReport],
+    leases: &[Result<Replica, String>],
+    namespace: &str,
+    pk: &str,
+    now: DateTime<Utc>,
+) -> KeyUse {
     let mut out = KeyUse::default();
+    let listed_as = report_key(namespace, pk);
+    for replica in leases.iter().filter_map(|l| l.as_ref().ok()) {
+        let name = report_name(pk, &replica.name);
+        let Some(&want) = replica.reports.get(&listed_as) else {
+            if replica.reports_overflow && replica.watches(namespace) {
+                out.doubt_all(
+                    now,
+                    format!(
+                        "verifier replica {}'s Lease could not list all its reports, so a \
+                         deleted report {namespace}/{name} would go unnoticed",
+                        replica.name
+                    ),
+                );
+            }
+            continue;
+        };
+        let found = reports.iter().find(|r| {
+            r.metadata.name.as_deref() == Some(name.as_str()) && r.spec.replica == replica.name
+        });
+        match found.map(report_seq) {
+            None => out.doubt_all(
+                now,
+                format!(
+                    "report {namespace}/{name}, which verifier replica {}'s Lease lists (write \
+                     {want}), is missing (deleted?)",
+                    replica.name
+                ),
+            ),
+            Some(seq) if seq.is_none_or(|s| s < want) => out.doubt_all(
+                now,
+                format!(
+                    "report {namespace}/{name} is write {} but verifier replica {}'s Lease lists \
+                     write {want} (replaced by an older copy?)",
+                    seq.map_or_else(|| "(unnumbered)".to_string(), |s| s.to_string()),
+                    replica.name
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
     for r in reports {
+        let truncated = r
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANN_KEYS_TRUNCATED))
+            .is_some_and(|v| v == "true");
+        if truncated && out.unlisted_used.is_none() {
+            out.unlisted_used = Some(Doubt {
+                at: now,
+                why: format!(
+                    "report {namespace}/{} of verifier replica {} could not list every key id",
+                    r.metadata.name.as_deref().unwrap_or_default(),
+                    r.spec.replica
+                ),
+            });
+        }
         for k in &r.spec.keys {
             let at = crate::rotation::observe::parse_ts(&k.last_used_at).unwrap_or(now);
             let e = out.last_used.entry(k.kid.clone()).or_insert(at);
@@ -243,6 +429,9 @@ pub enum Unused {
     },
     /// The replicas have not vouched for long enough yet (a replica started at `since`).
     Warming { until: DateTime<Utc> },
+    /// The reports cannot be trusted for this key id (one is missing, stale or incomplete):
+    /// counted as used at the evaluation time, so unused at `until` at the earliest.
+    Unproven { why: String, until: DateTime<Utc> },
     /// No replica, or one is silent: never evidence.
     Silent(String),
 }
@@ -262,6 +451,12 @@ pub fn unused_for(
     if cov.since > start {
         return Unused::Warming {
             until: add(cov.since, window),
+        };
+    }
+    if let Some(d) = usage.doubt(kid) {
+        return Unused::Unproven {
+            why: d.why.clone(),
+            until: add(add(d.at.max(cov.as_of), cov.resolution), window),
         };
     }
     if let Some(last) = usage.last_used.get(kid)
@@ -298,6 +493,8 @@ fn sub(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .and_then(|d| t.checked_sub_signed(d))
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
+
+pub mod write_policy;
 
 #[cfg(test)]
 mod tests;

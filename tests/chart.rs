@@ -211,6 +211,12 @@ fn verifier_lease_names_match_the_usage_lease_prefix() {
         keyward::usage::lease_name("kw-keyward-verifier-0"),
         "keyward-verifier-kw-keyward-verifier-0"
     );
+    // The operator's --verifier-replicas: the same pod names (the replica ids).
+    assert!(helpers.contains("(printf \"%s-%d\" $sts $i)"));
+    assert!(
+        read("charts/keyward/templates/deployment.yaml")
+            .contains("- --verifier-replicas={{ include \"keyward.verifier.replicaIds\" . }}")
+    );
     let sts = read("charts/keyward/templates/verifier-statefulset.yaml");
     assert!(sts.contains("- --replica-id=$(POD_NAME)\n"));
     assert!(sts.contains("- --lease-namespace=$(POD_NAMESPACE)\n"));

@@ -61,6 +61,7 @@ impl Replica {
                     [
                         (usage::ANN_NAMESPACES.to_string(), "*".to_string()),
                         (usage::ANN_RESOLUTION.to_string(), "1s".to_string()),
+                        (usage::ANN_REPORTS.to_string(), "{}".to_string()),
                     ]
                     .into(),
                 ),
@@ -95,6 +96,17 @@ impl Replica {
         }
     }
 
+    /// Lists, in the Lease, this replica's report of `pk` in `ns` at write `seq` (as a replica
+    /// does at the renewal after the write).
+    async fn list(&self, ns: &str, pk: &str, seq: u64) {
+        let reports = usage::reports_annotation(&[(usage::report_key(ns, pk), seq)].into());
+        let body = json!({ "metadata": { "annotations": { usage::ANN_REPORTS: reports } } });
+        self.leases
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .expect("list the report in the Lease");
+    }
+
     /// Stops renewing: the replica goes silent (its watermark stops).
     fn silence(&self) {
         self.renew.abort();
@@ -108,6 +120,18 @@ impl Replica {
 
 /// Writes replica `replica`'s report for key `pk`: `kid` last used at `at`.
 async fn report(ns: &TestNamespace, pk: &str, replica: &str, kid: &str, at: DateTime<Utc>) {
+    numbered_report(ns, pk, replica, kid, at, None).await;
+}
+
+/// [`report`], as write number `seq` (annotation `keyward.dev/report-seq`).
+async fn numbered_report(
+    ns: &TestNamespace,
+    pk: &str,
+    replica: &str,
+    kid: &str,
+    at: DateTime<Utc>,
+    seq: Option<u64>,
+) {
     let reports: Api<KeyUsageReport> = ns.api();
     let name = usage::report_name(pk, replica);
     let mut r = KeyUsageReport::new(
@@ -131,6 +155,10 @@ async fn report(ns: &TestNamespace, pk: &str, replica: &str, kid: &str, at: Date
         ]
         .into(),
     );
+    if let Some(seq) = seq {
+        r.metadata.annotations =
+            Some([(usage::ANN_REPORT_SEQ.to_string(), seq.to_string())].into());
+    }
     reports
         .patch(
             &name,
@@ -305,5 +333,463 @@ async fn the_old_key_is_revoked_only_on_the_verifiers_word() {
     );
     replica.delete().await;
     op.stop().await;
+    ns.cleanup().await;
+}
+
+fn revoked(pk: &ProvisioningKey, kid: &str) -> bool {
+    pk.status
+        .as_ref()
+        .is_some_and(|s| s.revoked_keys.iter().any(|k| k.kid == kid))
+}
+
+/// A ProvisioningKey with `revokeWhenUnusedFor`, settled, then rotated: its old key id.
+async fn rotated(pks: &Api<ProvisioningKey>) -> String {
+    let spec = json!({ "rotation": {
+        "publishDelay": "1s", "overlap": "1s", "minInterval": "0s",
+        "revokeWhenUnusedFor": format!("{WINDOW_SECS}s"),
+    }});
+    create_pk(pks, "pk", json!({}), spec).await;
+    let first = wait_pk(pks, "pk", "settled on the first key", is_settled).await;
+    let old = first
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("a current key");
+    merge(
+        pks,
+        "pk",
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    old
+}
+
+fn operator_for(ns: &TestNamespace) -> impl std::future::Future<Output = Operator> + '_ {
+    operator_expecting(ns, &[])
+}
+
+/// The operator, started with `--verifier-replicas` = `replicas`.
+fn operator_expecting<'a>(
+    ns: &'a TestNamespace,
+    replicas: &[&str],
+) -> impl std::future::Future<Output = Operator> + 'a {
+    let replicas: Vec<String> = replicas.iter().map(|r| r.to_string()).collect();
+    Operator::start_configured(
+        ns.name(),
+        Floors::none(),
+        WriteCounter::default(),
+        keyward::controller::Observability::new(&WriteCounter::default()),
+        move |c| {
+            c.verifier_namespace = Some(ns.name().to_string());
+            c.verifier_replicas = replicas;
+        },
+    )
+}
+
+/// Issue 18, finding 4: a report the replica's Lease lists, deleted while the operator is down,
+/// is not evidence of silence after the restart: the old key counts as used now and stays
+/// trusted for far longer than the window. Once the replica writes the report again (a newer
+/// write, listed), the key is revoked on its word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_report_is_never_evidence_of_silence_even_across_a_restart() {
+    let ns = TestNamespace::new("kw-usage-del").await;
+    let op = operator_for(&ns).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let replica = Replica::start(ns.name(), "v-0", Utc::now() - chrono::Duration::hours(1)).await;
+    let old = rotated(&pks).await;
+    // The replica sees the old key used now: report write 1, then listed in its Lease.
+    numbered_report(&ns, "pk", "v-0", &old, Utc::now(), Some(1)).await;
+    replica.list(ns.name(), "pk", 1).await;
+    wait_pk(&pks, "pk", "held: old key in use", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+            && condition(pk, "Rotating").is_some_and(|c| c.message.contains("last used at"))
+    })
+    .await;
+
+    // The operator stops; the report is deleted; the operator starts again.
+    op.stop().await;
+    let reports: Api<KeyUsageReport> = ns.api();
+    reports
+        .delete(&usage::report_name("pk", "v-0"), &Default::default())
+        .await
+        .expect("delete the report");
+    let deleted = Utc::now();
+    let op = operator_for(&ns).await;
+    let pk = wait_pk(&pks, "pk", "held: the listed report is missing", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+            && condition(pk, "Rotating").is_some_and(|c| c.message.contains("missing"))
+    })
+    .await;
+    assert!(!revoked(&pk, &old));
+    // Without the list, the last use would be gone and the key revoked a window after the
+    // replica's start (long past): wait two windows and more.
+    expect_never(
+        &pks,
+        "pk",
+        "the old key revoked although its report was deleted",
+        Duration::from_secs(u64::try_from(2 * WINDOW_SECS + 4).expect("small")),
+        |pk: Option<&ProvisioningKey>| pk.is_some_and(|pk| revoked(pk, &old)),
+    )
+    .await;
+
+    // The replica writes the report again (write 2, then listed): revoked on its word, no
+    // earlier than a window after the deletion was last judged.
+    numbered_report(
+        &ns,
+        "pk",
+        "v-0",
+        &old,
+        deleted - chrono::Duration::hours(1),
+        Some(2),
+    )
+    .await;
+    replica.list(ns.name(), "pk", 2).await;
+    wait_obj(
+        &pks,
+        "pk",
+        "old key revoked once the report is back",
+        Duration::from_secs(60),
+        |pk| revoked(pk, &old),
+    )
+    .await;
+    replica.delete().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+/// Issue 18, finding 4 (the measured attack): the serving replica v-0 saw the old key used; its
+/// report and its Lease are deleted, and the other replica v-1 saw nothing. With
+/// `--verifier-replicas v-0,v-1` the missing Lease holds the key (`VerifierSilent`, naming
+/// v-0) instead of leaving v-1 to vouch alone; a new v-0 incarnation then vouches for a whole
+/// window before the key goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_of_an_expected_replica_holds_the_old_key() {
+    let ns = TestNamespace::new("kw-usage-lease").await;
+    let op = operator_expecting(&ns, &["v-0", "v-1"]).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let long_ago = Utc::now() - chrono::Duration::hours(1);
+    let serving = Replica::start(ns.name(), "v-0", long_ago).await;
+    let quiet = Replica::start(ns.name(), "v-1", long_ago).await;
+    let old = rotated(&pks).await;
+    numbered_report(&ns, "pk", "v-0", &old, Utc::now(), Some(1)).await;
+    serving.list(ns.name(), "pk", 1).await;
+    wait_pk(&pks, "pk", "held: old key in use", |pk| {
+        rotating_reason(pk).as_deref() == Some("OldKeyInUse")
+    })
+    .await;
+
+    let reports: Api<KeyUsageReport> = ns.api();
+    reports
+        .delete(&usage::report_name("pk", "v-0"), &Default::default())
+        .await
+        .expect("delete the report");
+    serving.delete().await;
+    let pk = wait_pk(&pks, "pk", "held: an expected replica has no Lease", |pk| {
+        stalled_reason(pk).as_deref() == Some("VerifierSilent")
+    })
+    .await;
+    let message = condition(&pk, "Stalled")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("without a Lease") && message.contains("v-0"),
+        "{message}"
+    );
+    expect_never(
+        &pks,
+        "pk",
+        "the old key revoked on the word of the replica that saw nothing",
+        Duration::from_secs(u64::try_from(2 * WINDOW_SECS + 4).expect("small")),
+        |pk: Option<&ProvisioningKey>| pk.is_some_and(|pk| revoked(pk, &old)),
+    )
+    .await;
+
+    // v-0 comes back (a new incarnation, its window starting now): revoked a window later.
+    let restarted = Utc::now();
+    let serving = Replica::start(ns.name(), "v-0", restarted).await;
+    let done = wait_obj(
+        &pks,
+        "pk",
+        "old key revoked once v-0 vouches again",
+        Duration::from_secs(60),
+        |pk| revoked(pk, &old),
+    )
+    .await;
+    let revoked_at = done
+        .status
+        .as_ref()
+        .and_then(|s| s.revoked_keys.iter().find(|k| k.kid == old))
+        .and_then(|k| k.revoked_at.as_deref())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .expect("revokedAt");
+    assert!(
+        revoked_at >= restarted + chrono::Duration::seconds(WINDOW_SECS - 1),
+        "revoked at {revoked_at}, v-0 vouched only since {restarted}"
+    );
+    serving.delete().await;
+    quiet.delete().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+// ---- Issue 18, finding 4: each verifier pod writes only its own evidence. ----
+
+/// A client acting as the ServiceAccount `sa` of `ns` from pod `pod` (impersonation with the
+/// extra a pod-bound token carries), or from no pod at all.
+async fn client_as_pod(ns: &str, sa: &str, pod: Option<&str>) -> kube::Client {
+    let mut cfg = kube_config().await;
+    cfg.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{sa}"));
+    cfg.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".into(),
+    ]);
+    cfg.auth_info.impersonate_user_extra = pod.map(|p| {
+        [(
+            "authentication.kubernetes.io/pod-name".to_string(),
+            vec![p.to_string()],
+        )]
+        .into()
+    });
+    kube::Client::try_from(cfg).expect("client")
+}
+
+fn test_lease(name: &str) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("x".into()),
+            ..Default::default()
+        }),
+    }
+}
+
+fn test_report(name: &str, label: &str, replica: &str) -> KeyUsageReport {
+    let mut r = KeyUsageReport::new(
+        name,
+        KeyUsageReportSpec {
+            provisioning_key: "pk".into(),
+            replica: replica.into(),
+            keys: Vec::new(),
+        },
+    );
+    r.metadata.labels = Some([(usage::REPLICA_LABEL.to_string(), label.to_string())].into());
+    r
+}
+
+fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
+    match res {
+        // Refused by the policy (its message), not by RBAC or validation.
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("keyward verifier") => {}
+        other => panic!("{what}: expected the policy's refusal, got {other:?}"),
+    }
+}
+
+/// The chart's ValidatingAdmissionPolicy (`keyward::usage::write_policy`), installed for a
+/// test ServiceAccount: as pod v-0 it writes its own Lease and report, and nothing of v-1's,
+/// nor a Lease of another name (the operator's leader Lease), nor anything without a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_pod_writes_only_its_own_reports_and_lease() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use keyward::usage::write_policy;
+
+    let ns = TestNamespace::new("kw-usage-vap").await;
+    let user = format!("system:serviceaccount:{}:verifier", ns.name());
+    let admin = kube::Client::try_from(kube_config().await).expect("client");
+    let roles: Api<Role> = ns.api();
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "verifier"},
+                "rules": [
+                    {"apiGroups": ["keyward.dev"], "resources": ["keyusagereports"],
+                     "verbs": ["get", "create", "update", "patch", "delete"]},
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                     "verbs": ["get", "create", "update", "patch", "delete"]},
+                ],
+            }))
+            .expect("role"),
+        )
+        .await
+        .expect("create the role");
+    let bindings: Api<RoleBinding> = ns.api();
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "verifier"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "verifier"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+    let name = format!("keyward-verifier-writes-{}", ns.name());
+    let (policy, binding) = write_policy::policy_objects(&name, &user);
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(admin.clone());
+    let pbindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).expect("policy"),
+        )
+        .await
+        .expect("create the policy");
+    pbindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("create the policy binding");
+
+    let v0 = client_as_pod(ns.name(), "verifier", Some("v-0")).await;
+    let v0_leases: Api<Lease> = Api::namespaced(v0.clone(), ns.name());
+    let v0_reports: Api<KeyUsageReport> = Api::namespaced(v0.clone(), ns.name());
+    // The policy takes effect once the API server has loaded it: wait for the first refusal.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match v0_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 403 => break,
+            Ok(_) => {
+                let _ = Api::<Lease>::namespaced(admin.clone(), ns.name())
+                    .delete("keyward-verifier-v-1", &Default::default())
+                    .await;
+            }
+            Err(e) => panic!("creating a Lease: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Its own Lease and report: allowed (create, update, server-side apply, delete).
+    v0_leases
+        .create(&PostParams::default(), &test_lease("keyward-verifier-v-0"))
+        .await
+        .expect("v-0 creates its own Lease");
+    let mut own = v0_leases.get("keyward-verifier-v-0").await.expect("get");
+    own.spec
+        .get_or_insert_with(Default::default)
+        .holder_identity = Some("y".into());
+    v0_leases
+        .replace("keyward-verifier-v-0", &PostParams::default(), &own)
+        .await
+        .expect("v-0 renews its own Lease");
+    let apply = PatchParams::apply(usage::FIELD_MANAGER).force();
+    v0_reports
+        .patch(
+            "pk.v-0",
+            &apply,
+            &Patch::Apply(&test_report("pk.v-0", "v-0", "v-0")),
+        )
+        .await
+        .expect("v-0 writes its own report");
+
+    // Another replica's Lease, another name (the operator's leader Lease): refused.
+    forbidden(
+        "v-0 creates v-1's Lease",
+        v0_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+            .await,
+    );
+    forbidden(
+        "v-0 creates the leader Lease",
+        v0_leases
+            .create(&PostParams::default(), &test_lease("keyward"))
+            .await,
+    );
+    // Another replica's report (by label or by spec.replica), or relabelling its own: refused.
+    forbidden(
+        "v-0 writes v-1's report",
+        v0_reports
+            .patch(
+                "pk.v-1",
+                &apply,
+                &Patch::Apply(&test_report("pk.v-1", "v-1", "v-1")),
+            )
+            .await,
+    );
+    forbidden(
+        "v-0 writes a report in v-1's name",
+        v0_reports
+            .patch(
+                "pk.x",
+                &apply,
+                &Patch::Apply(&test_report("pk.x", "v-0", "v-1")),
+            )
+            .await,
+    );
+    // v-1's report and Lease, written by their owner (here the admin): v-0 may not change or
+    // delete them.
+    let admin_reports: Api<KeyUsageReport> = Api::namespaced(admin.clone(), ns.name());
+    admin_reports
+        .patch(
+            "pk.v-1",
+            &apply,
+            &Patch::Apply(&test_report("pk.v-1", "v-1", "v-1")),
+        )
+        .await
+        .expect("the admin writes v-1's report");
+    Api::<Lease>::namespaced(admin.clone(), ns.name())
+        .create(&PostParams::default(), &test_lease("keyward-verifier-v-1"))
+        .await
+        .expect("the admin writes v-1's Lease");
+    forbidden(
+        "v-0 deletes v-1's report",
+        v0_reports.delete("pk.v-1", &Default::default()).await,
+    );
+    forbidden(
+        "v-0 relabels v-1's report as its own",
+        v0_reports
+            .patch(
+                "pk.v-1",
+                &apply,
+                &Patch::Apply(&test_report("pk.v-1", "v-0", "v-0")),
+            )
+            .await,
+    );
+    forbidden(
+        "v-0 deletes v-1's Lease",
+        v0_leases
+            .delete("keyward-verifier-v-1", &Default::default())
+            .await,
+    );
+    // Without a pod (a token not bound to one): nothing, not even its "own" Lease.
+    let podless = client_as_pod(ns.name(), "verifier", None).await;
+    let podless_leases: Api<Lease> = Api::namespaced(podless, ns.name());
+    forbidden(
+        "a pod-less token writes a Lease",
+        podless_leases
+            .create(&PostParams::default(), &test_lease("keyward-verifier-v-0"))
+            .await,
+    );
+    // v-0 may still delete its own objects.
+    v0_reports
+        .delete("pk.v-0", &Default::default())
+        .await
+        .expect("v-0 deletes its own report");
+    v0_leases
+        .delete("keyward-verifier-v-0", &Default::default())
+        .await
+        .expect("v-0 deletes its own Lease");
+
+    let _ = pbindings.delete(&name, &Default::default()).await;
+    let _ = policies.delete(&name, &Default::default()).await;
     ns.cleanup().await;
 }

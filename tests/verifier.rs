@@ -667,14 +667,29 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
         .await
         .expect("the final flush wrote the report");
     assert_eq!(report.spec.keys[0].pods[0].uid, PODS[0]);
+    // Issue 18, finding 4: the report carries its write number, and the Lease (renewed after
+    // the write) lists it with that number.
+    let seq = usage::report_seq(&report).expect("the report is numbered");
+    let listed = usage::parse_lease(&lease).expect("parses").reports;
+    assert_eq!(
+        listed.get(&usage::report_key(ns.name(), "vk")),
+        Some(&seq),
+        "{listed:?}"
+    );
 
-    // A restart with the same replica id: a new, later window, `stopped` removed.
+    // A restart with the same replica id: a new, later window, `stopped` removed, and the
+    // previous incarnation's list carried over (its report is still evidence).
     let mut second = Spawned::start(ns.name(), "lease-0", &args).await;
     let lease = wait_obj(&leases, &lease_name, "taken over", TIMEOUT, |l| {
         lease_times(l).0 > since1 && !stopped(l)
     })
     .await;
     let holder2 = holder(&lease);
+    assert_eq!(
+        usage::parse_lease(&lease).expect("parses").reports,
+        listed,
+        "carried over"
+    );
 
     // A second process with the same replica id: it takes the Lease over; the older one
     // notices at its next renewal and exits non-zero.
@@ -700,6 +715,43 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
         "log:\n{}",
         third.read_log()
     );
+    ns.cleanup().await;
+}
+
+/// `--report=false` (a sidecar verifier): it verifies, but writes no Lease and no report, so
+/// it never counts as a replica (the operator neither waits on it nor takes its word).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_without_reporting_writes_no_lease_and_no_report() {
+    let ns = TestNamespace::new("kw-vnoreport").await;
+    let (_, token) = minted_key(&ns, "vk").await;
+    let mut v = Spawned::start(
+        ns.name(),
+        "sidecar-0",
+        &["--report=false", "--report-interval", "1s"],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = v.base.clone();
+    eventually("the token accepted", || async {
+        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+    })
+    .await;
+    // Several report intervals of use, then a clean stop (a reporter would flush at stop).
+    for _ in 0..30 {
+        assert_eq!(auth(&http, &base, &token, PODS[1]).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    v.sigterm();
+    assert!(
+        v.exit(Duration::from_secs(15)).await.success(),
+        "log:\n{}",
+        v.read_log()
+    );
+    let leases: Api<Lease> = ns.api();
+    let reports: Api<KeyUsageReport> = ns.api();
+    let lp = kube::api::ListParams::default();
+    assert!(leases.list(&lp).await.expect("leases").items.is_empty());
+    assert!(reports.list(&lp).await.expect("reports").items.is_empty());
     ns.cleanup().await;
 }
 

@@ -52,6 +52,9 @@ pub struct OperatorConfig {
     /// Namespace of the verifier replicas' Leases (`crate::usage`); `None`: no replica can
     /// vouch, so `revokeWhenUnusedFor` holds the old key (`VerifierSilent`).
     pub verifier_namespace: Option<String>,
+    /// The verifier replicas that must each have a Lease (`--verifier-replicas`); empty: the
+    /// replicas are whichever Leases exist, so deleting a Lease shrinks the coverage.
+    pub verifier_replicas: Vec<String>,
 }
 
 impl Default for OperatorConfig {
@@ -64,6 +67,7 @@ impl Default for OperatorConfig {
             concurrency: 16,
             leader: None,
             verifier_namespace: None,
+            verifier_replicas: Vec::new(),
         }
     }
 }

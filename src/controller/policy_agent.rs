@@ -334,7 +334,7 @@ async fn acknowledged_pods(
         reports.extend(api.get_opt(&name).await?);
     }
     reports.retain(|r| r.spec.provisioning_key == pk);
-    Ok(crate::usage::key_use(&reports, Utc::now())
+    Ok(crate::usage::key_use(&reports, &[], ns, pk, Utc::now())
         .pods
         .remove(kid)
         .unwrap_or_default())

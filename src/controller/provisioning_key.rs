@@ -329,7 +329,9 @@ async fn read_usage(
         .filter(|r| r.spec.provisioning_key == name)
         .collect();
     let now = Utc::now();
-    let coverage = if !decisive {
+    // The verifier Leases: what each replica vouches for, and which reports it has written (a
+    // listed report that is missing or older counts as use now, see `crate::usage`).
+    let leases: Result<Vec<Result<crate::usage::Replica, String>>, String> = if !decisive {
         Err("verifier Leases not read".to_string())
     } else {
         match &ctx.config.verifier_namespace {
@@ -339,17 +341,13 @@ async fn read_usage(
                     .to_string(),
             ),
             Some(vns) => {
-                let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                let api: Api<k8s_openapi::api::coordination::v1::Lease> =
                     Api::namespaced(ctx.client.clone(), vns);
-                match leases
+                match api
                     .list(&ListParams::default().labels(crate::usage::LEASE_SELECTOR))
                     .await
                 {
-                    Ok(list) => {
-                        let parsed: Vec<_> =
-                            list.items.iter().map(crate::usage::parse_lease).collect();
-                        crate::usage::coverage(&parsed, ns, now)
-                    }
+                    Ok(list) => Ok(list.items.iter().map(crate::usage::parse_lease).collect()),
                     Err(e) => Err(format!(
                         "the verifier Leases in namespace {vns} could not be read: {e}"
                     )),
@@ -357,9 +355,16 @@ async fn read_usage(
             }
         }
     };
+    let (coverage, parsed) = match leases {
+        Ok(parsed) => (
+            crate::usage::coverage(&parsed, &ctx.config.verifier_replicas, ns, now),
+            parsed,
+        ),
+        Err(why) => (Err(why), Vec::new()),
+    };
     Ok(Some(rotation::UsageObs {
         coverage,
-        key_use: crate::usage::key_use(&reports, now),
+        key_use: crate::usage::key_use(&reports, &parsed, ns, name, now),
     }))
 }
 

@@ -1341,6 +1341,18 @@ fn unused_hold(
             ));
             p.wake_at(until, now);
         }
+        Unused::Unproven { why, until } => {
+            p.phase = Phase::Overlap;
+            p.rotating = Some(Why::new(
+                reasons::OLD_KEY_IN_USE,
+                message(format!(
+                    "its use cannot be ruled out, so it counts as used now: {why} \
+                     (revokeWhenUnusedFor {w}; unused at the earliest {})",
+                    ts_secs(until)
+                )),
+            ));
+            p.wake_at(until, now);
+        }
         Unused::Silent(why) => {
             p.phase = Phase::Stalled;
             let m = message(format!(

@@ -244,6 +244,8 @@ fn replica(since: i64, watermark: i64) -> crate::usage::Replica {
         namespaces: None,
         resolution: secs(10),
         stopped: false,
+        reports: Default::default(),
+        reports_overflow: false,
     }
 }
 
@@ -255,7 +257,7 @@ fn usage(replicas: Vec<crate::usage::Replica>, used: &[(u32, i64)]) -> Option<Us
         key_use.last_used.insert(kid(*seq), ago(*at));
     }
     Some(UsageObs {
-        coverage: crate::usage::coverage(&leases, "ns", now()),
+        coverage: crate::usage::coverage(&leases, &[], "ns", now()),
         key_use,
     })
 }

@@ -15,7 +15,23 @@ fn replica(name: &str, since: i64, watermark: i64) -> Replica {
         namespaces: None,
         resolution: Duration::from_secs(10),
         stopped: false,
+        reports: BTreeMap::new(),
+        reports_overflow: false,
     }
+}
+
+/// [`replica`] whose Lease lists its report of `pk` in `ns` at write `seq`.
+fn listing(mut r: Replica, seq: u64) -> Replica {
+    r.reports.insert(report_key("ns", "pk"), seq);
+    r
+}
+
+/// [`report`] numbered `seq` (and `truncated`: it left key ids out).
+fn numbered(mut r: KeyUsageReport, seq: u64, truncated: bool) -> KeyUsageReport {
+    let ann = r.metadata.annotations.get_or_insert_with(Default::default);
+    ann.insert(ANN_REPORT_SEQ.into(), seq.to_string());
+    ann.insert(ANN_KEYS_TRUNCATED.into(), truncated.to_string());
+    r
 }
 
 fn report(replica: &str, kid: &str, at: i64, pods: &[&str]) -> KeyUsageReport {
@@ -49,10 +65,10 @@ fn unused_verdicts() {
     stopped.stopped = true;
     let mut elsewhere = replica("b", 900, 990);
     elsewhere.namespaces = Some(["other".to_string()].into());
-    let used_at_600 = key_use(&[report("a", "old", 600, &[])], t(1000));
-    let used_at_700 = key_use(&[report("a", "old", 700, &[])], t(1000));
-    let used_at_690 = key_use(&[report("a", "old", 690, &[])], t(1000));
-    let used_at_675_by_b = key_use(&[report("b", "old", 675, &[])], t(0));
+    let used_at_600 = key_use(&[report("a", "old", 600, &[])], &[], "ns", "pk", t(1000));
+    let used_at_700 = key_use(&[report("a", "old", 700, &[])], &[], "ns", "pk", t(1000));
+    let used_at_690 = key_use(&[report("a", "old", 690, &[])], &[], "ns", "pk", t(1000));
+    let used_at_675_by_b = key_use(&[report("b", "old", 675, &[])], &[], "ns", "pk", t(0));
     let never = KeyUse::default();
     #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, Vec<Result<Replica, String>>, &KeyUse, i64, &str)> = vec![
@@ -136,15 +152,233 @@ fn unused_verdicts() {
         ),
     ];
     for (name, leases, usage, now, want) in cases {
-        let cov = coverage(&leases, "ns", t(now));
+        let cov = coverage(&leases, &[], "ns", t(now));
         let got = match unused_for(W, "old", usage, &cov) {
             Unused::Yes => "yes",
             Unused::InUse { .. } => "in-use",
             Unused::Warming { .. } => "warming",
+            Unused::Unproven { .. } => "unproven",
             Unused::Silent(_) => "silent",
         };
         assert_eq!(got, want, "{name}: {cov:?}");
     }
+}
+
+/// Issue 18, finding 4: a report that a Lease lists but that is missing, older than listed
+/// or unnumbered, a Lease whose list overflowed, and a report that left key ids out, make the
+/// key ids concerned used at the evaluation time: never unused. Everything else as before.
+#[test]
+fn missing_stale_or_incomplete_reports_count_as_used_now() {
+    // Replica a: quiet for the window (watermark 995, started at 0); "old" last used at 600.
+    let quiet = |seq: u64, trunc: bool| numbered(report("a", "old", 600, &[]), seq, trunc);
+    let other_kid = |seq: u64, trunc: bool| numbered(report("a", "other", 600, &[]), seq, trunc);
+    let mut overflowed = replica("a", 0, 995);
+    overflowed.reports_overflow = true;
+    let mut overflowed_elsewhere = overflowed.clone();
+    overflowed_elsewhere.namespaces = Some(["other".to_string()].into());
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, Vec<Replica>, Vec<KeyUsageReport>, &str)> = vec![
+        (
+            "listed and present at the listed write",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![quiet(3, false)],
+            "yes",
+        ),
+        (
+            "present at a later write than listed (the Lease is renewed after)",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![quiet(4, false)],
+            "yes",
+        ),
+        (
+            "listed but missing (deleted)",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![],
+            "unproven",
+        ),
+        (
+            "listed, present at an older write (replaced by an older copy)",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![quiet(2, false)],
+            "unproven",
+        ),
+        (
+            "listed, present but unnumbered",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![report("a", "old", 600, &[])],
+            "unproven",
+        ),
+        (
+            "listed by a stopped replica, missing",
+            {
+                let mut b = listing(replica("b", 0, 100), 1);
+                b.stopped = true;
+                vec![replica("a", 0, 995), b]
+            },
+            vec![],
+            "unproven",
+        ),
+        (
+            "another replica's report missing",
+            vec![replica("a", 0, 995), listing(replica("b", 0, 995), 9)],
+            vec![quiet(1, false)],
+            "unproven",
+        ),
+        (
+            "not listed, nothing reported",
+            vec![replica("a", 0, 995)],
+            vec![],
+            "yes",
+        ),
+        (
+            "the Lease's list overflowed and does not list the key",
+            vec![overflowed.clone()],
+            vec![],
+            "unproven",
+        ),
+        (
+            "the Lease's list overflowed but lists the key",
+            vec![listing(overflowed, 3)],
+            vec![quiet(3, false)],
+            "yes",
+        ),
+        (
+            "an overflowed list of a replica watching another namespace",
+            vec![replica("a", 0, 995), overflowed_elsewhere],
+            vec![],
+            "yes",
+        ),
+        (
+            "a report that left key ids out, the key id not listed",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![other_kid(3, true)],
+            "unproven",
+        ),
+        (
+            "a report that left key ids out, the key id listed",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![quiet(3, true)],
+            "yes",
+        ),
+        (
+            "a report that lists every key id, the key id absent",
+            vec![listing(replica("a", 0, 995), 3)],
+            vec![other_kid(3, false)],
+            "yes",
+        ),
+    ];
+    for (name, replicas, reports, want) in cases {
+        let leases: Vec<Result<Replica, String>> = replicas.into_iter().map(Ok).collect();
+        let usage = key_use(&reports, &leases, "ns", "pk", t(1000));
+        let cov = coverage(&leases, &[], "ns", t(1000));
+        let verdict = unused_for(W, "old", &usage, &cov);
+        let got = match &verdict {
+            Unused::Yes => "yes",
+            Unused::InUse { .. } => "in-use",
+            Unused::Warming { .. } => "warming",
+            Unused::Unproven { .. } => "unproven",
+            Unused::Silent(_) => "silent",
+        };
+        assert_eq!(got, want, "{name}: {verdict:?}");
+        if let Unused::Unproven { until, .. } = verdict {
+            // Used "now" (the evaluation time): unused a whole window after it at the earliest.
+            assert!(until >= t(1000) + chrono::Duration::seconds(300), "{name}");
+        }
+    }
+}
+
+/// `--verifier-replicas`: an expected replica without a Lease means the use cannot be judged,
+/// so deleting a Lease never shrinks the coverage; without the list, the Leases that exist are
+/// the replicas (and deleting one does shrink it).
+#[test]
+fn expected_replicas_must_each_have_a_lease() {
+    let expected = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut stopped = replica("b", 0, 100);
+    stopped.stopped = true;
+    let cases: Vec<(&str, Vec<Replica>, Vec<String>, &str)> = vec![
+        (
+            "no list, one Lease",
+            vec![replica("a", 0, 995)],
+            vec![],
+            "yes",
+        ),
+        (
+            "every expected replica has a Lease",
+            vec![replica("a", 0, 995), replica("b", 0, 995)],
+            expected(&["a", "b"]),
+            "yes",
+        ),
+        (
+            "an expected replica's Lease is gone (deleted)",
+            vec![replica("a", 0, 995)],
+            expected(&["a", "b"]),
+            "silent",
+        ),
+        ("no Lease at all", vec![], expected(&["a"]), "silent"),
+        (
+            "an expected replica stopped cleanly",
+            vec![replica("a", 0, 995), stopped],
+            expected(&["a", "b"]),
+            "yes",
+        ),
+        (
+            "an extra replica beyond the list still has to vouch",
+            vec![replica("a", 0, 995), replica("c", 0, 900)],
+            expected(&["a"]),
+            "silent",
+        ),
+    ];
+    for (name, replicas, expected, want) in cases {
+        let leases: Vec<Result<Replica, String>> = replicas.into_iter().map(Ok).collect();
+        let cov = coverage(&leases, &expected, "ns", t(1000));
+        let got = match unused_for(W, "old", &KeyUse::default(), &cov) {
+            Unused::Yes => "yes",
+            Unused::Silent(_) => "silent",
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(got, want, "{name}: {cov:?}");
+    }
+    let cov = coverage(
+        &[Ok(replica("a", 0, 995))],
+        &expected(&["a", "b"]),
+        "ns",
+        t(1000),
+    );
+    assert!(cov.is_err_and(|m| m.contains("without a Lease") && m.contains('b')));
+}
+
+/// The Lease's list is required: a Lease without it (or with an unreadable one) vouches for
+/// nothing, so removing the annotation cannot hide a deleted report.
+#[test]
+fn a_lease_without_its_report_list_vouches_for_nothing() {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    let lease = |reports: Option<&str>| {
+        let mut ann = BTreeMap::from([
+            (ANN_NAMESPACES.to_string(), "*".to_string()),
+            (ANN_RESOLUTION.to_string(), "10s".to_string()),
+        ]);
+        if let Some(r) = reports {
+            ann.insert(ANN_REPORTS.to_string(), r.to_string());
+        }
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name("a")),
+                annotations: Some(ann),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                acquire_time: chrono_to_jiff(t(0)).map(MicroTime),
+                renew_time: chrono_to_jiff(t(995)).map(MicroTime),
+                lease_duration_seconds: Some(30),
+                ..LeaseSpec::default()
+            }),
+        }
+    };
+    assert!(parse_lease(&lease(None)).is_err());
+    assert!(parse_lease(&lease(Some("not json"))).is_err());
+    let parsed = parse_lease(&lease(Some(r#"{"ns/pk":4}"#))).expect("parses");
+    assert_eq!(parsed.reports.get("ns/pk"), Some(&4));
 }
 
 #[test]
@@ -164,6 +398,9 @@ fn merged_pods_and_times() {
             report("a", "k1", 100, &["p1"]),
             report("b", "k1", 200, &["p2"]),
         ],
+        &[],
+        "ns",
+        "pk",
         t(0),
     );
     assert_eq!(u.last_used["k1"], t(200));
@@ -198,9 +435,9 @@ proptest! {
                 reports.push(report(&r.name, "old", at - 9, &[]));
             }
         }
-        let usage = key_use(&reports, t(now));
         let leases: Vec<Result<Replica, String>> = rs.iter().cloned().map(Ok).collect();
-        let cov = coverage(&leases, "ns", t(now));
+        let usage = key_use(&reports, &leases, "ns", "pk", t(now));
+        let cov = coverage(&leases, &[], "ns", t(now));
         if unused_for(W, "old", &usage, &cov) == Unused::Yes {
             let c = cov.expect("covered");
             let start = c.as_of - chrono::Duration::seconds(300);

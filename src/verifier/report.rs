@@ -9,6 +9,14 @@
 //!   with dirty entries whose last write is at least an interval old while a token bucket
 //!   allows (keys with a rotation in flight first), and renews the replica's Lease with the
 //!   watermark: the flush's start when nothing dirty is left, else the oldest uncovered use.
+//! - Every report write carries the next sequence number of the replica (annotation
+//!   `keyward.dev/report-seq`); once written, the key is listed with it in the Lease
+//!   (`keyward.dev/reports`) at the renewal that follows, so the operator sees a listed report
+//!   that goes missing or older (see `crate::usage`). The list keeps a key until its last
+//!   reported use is older than the longest `revokeWhenUnusedFor` (then its report cannot
+//!   hold anything back), survives restarts (a new incarnation carries the previous list over
+//!   and numbers above it), and is bounded (`keyward.dev/reports-overflow` when it is not
+//!   whole).
 //! - Bounds: per key at most one write per interval whatever the request rate; per replica at
 //!   most `--report-qps` writes per second (`--report-burst` back to back); one Lease renewal
 //!   (a read and a replace) per interval.
@@ -78,12 +86,31 @@ impl KeyState {
 /// A bundle's key ids.
 type KeyIds = BTreeSet<String>;
 
+/// A report the Lease lists: the seq of its last write, and the last use it reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Listed {
+    seq: u64,
+    last_used: DateTime<Utc>,
+}
+
+/// The Lease's list of reports ([`usage::ANN_REPORTS`]) as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub reports: BTreeMap<String, u64>,
+    /// Not every report fits ([`usage::ANN_REPORTS_OVERFLOW`]).
+    pub overflow: bool,
+}
+
 /// The reporting state of one replica (pure).
 #[derive(Clone, Debug)]
 pub struct Reporting {
     resolution: Duration,
     interval: Duration,
     keys: BTreeMap<KeyRef, KeyState>,
+    /// The seq of the last successful report write.
+    seq: u64,
+    /// Reports written (by this incarnation or carried over), for the Lease.
+    listed: BTreeMap<KeyRef, Listed>,
 }
 
 /// A key the index knows: its UID, and whether its bundle lists more than one key id.
@@ -110,7 +137,62 @@ impl Reporting {
             resolution,
             interval,
             keys: BTreeMap::new(),
+            seq: 0,
+            listed: BTreeMap::new(),
         }
+    }
+
+    /// The seq the next report write carries.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.saturating_add(1)
+    }
+
+    /// Takes over the list of a previous incarnation's Lease (its reports are still evidence:
+    /// their deletion must still be seen), numbering the next writes above it. Entries are
+    /// kept until the horizon counted from `now` (their last use is not known).
+    pub fn carry_over(&mut self, previous: &BTreeMap<String, u64>, now: DateTime<Utc>) {
+        for (listed, seq) in previous {
+            let Some(key) = KeyRef::parse(listed) else {
+                continue;
+            };
+            self.seq = self.seq.max(*seq);
+            self.listed.entry(key).or_insert(Listed {
+                seq: *seq,
+                last_used: now,
+            });
+        }
+    }
+
+    /// The Lease's list at `now`: every report written whose last reported use is within the
+    /// longest `revokeWhenUnusedFor` (older ones cannot hold a key back, so are dropped for
+    /// good), at most [`usage::MAX_REPORTS_BYTES`] of JSON (the most recently used kept, and
+    /// `overflow` set when something had to go).
+    pub fn listing(&mut self, now: DateTime<Utc>) -> Listing {
+        let horizon = crate::api::limits::REVOKE_WHEN_UNUSED_FOR.duration() + self.resolution;
+        self.listed.retain(|_, l| add(l.last_used, horizon) > now);
+        let mut entries: Vec<(&KeyRef, &Listed)> = self.listed.iter().collect();
+        entries.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
+        let mut out = Listing::default();
+        // `{}` plus, per entry, `"<key>":<seq>,`.
+        let mut bytes = 2;
+        for (key, l) in entries {
+            let name = usage::report_key(&key.namespace, &key.name);
+            let len = usage::reports_annotation(&BTreeMap::from([(name.clone(), l.seq)])).len() - 1;
+            if bytes + len > usage::MAX_REPORTS_BYTES {
+                out.overflow = true;
+                continue;
+            }
+            bytes += len;
+            out.reports.insert(name, l.seq);
+        }
+        out
+    }
+
+    /// Whether the report of `key` leaves key ids out ([`MAX_KIDS_PER_REPORT`]).
+    pub fn keys_truncated(&self, key: &KeyRef) -> bool {
+        self.keys
+            .get(key)
+            .is_some_and(|s| s.kids.len() > MAX_KIDS_PER_REPORT)
     }
 
     /// Takes in one use (from the log's drain).
@@ -242,11 +324,26 @@ impl Reporting {
             .collect()
     }
 
-    /// Records that the report of `key` as it stands was written in the flush started at `now`.
+    /// Records that the report of `key` as it stands was written, with [`Reporting::next_seq`],
+    /// in the flush started at `now`.
     pub fn written(&mut self, key: &KeyRef, now: DateTime<Utc>) {
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
+        self.seq = self.seq.saturating_add(1);
+        let last_used = state
+            .kids
+            .values()
+            .map(|k| k.last_used)
+            .max()
+            .unwrap_or(now);
+        self.listed.insert(
+            key.clone(),
+            Listed {
+                seq: self.seq,
+                last_used,
+            },
+        );
         state.last_write = Some(now);
         for kid in state.kids.values_mut() {
             kid.written = Some(Written {
@@ -347,6 +444,7 @@ pub fn desired_lease(
     since: DateTime<Utc>,
     watermark: DateTime<Utc>,
     stopped: bool,
+    listing: &Listing,
 ) -> (
     LeaseSpec,
     BTreeMap<String, String>,
@@ -376,6 +474,13 @@ pub fn desired_lease(
     if stopped {
         annotations.insert(usage::ANN_STOPPED.to_string(), "true".into());
     }
+    annotations.insert(
+        usage::ANN_REPORTS.to_string(),
+        usage::reports_annotation(&listing.reports),
+    );
+    if listing.overflow {
+        annotations.insert(usage::ANN_REPORTS_OVERFLOW.to_string(), "true".into());
+    }
     let mut labels = BTreeMap::new();
     labels.insert(
         crate::labels::COMPONENT.to_string(),
@@ -388,13 +493,22 @@ pub fn desired_lease(
     (spec, annotations, labels)
 }
 
-/// The report object of `replica` for `key` (server-side apply body).
+/// The report object of `replica` for `key` (server-side apply body), write number `seq`.
 pub fn report_object(
     replica: &str,
     key: &KeyRef,
     uid: &str,
     keys: Vec<KidUsage>,
+    seq: u64,
+    keys_truncated: bool,
 ) -> KeyUsageReport {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(usage::ANN_REPORT_SEQ.to_string(), seq.to_string());
+    // Always present, so a later write that lists every key id clears it (server-side apply).
+    annotations.insert(
+        usage::ANN_KEYS_TRUNCATED.to_string(),
+        keys_truncated.to_string(),
+    );
     let mut labels = BTreeMap::new();
     labels.insert(
         crate::labels::MANAGED_BY.to_string(),
@@ -417,6 +531,7 @@ pub fn report_object(
         name: Some(usage::report_name(&key.name, replica)),
         namespace: Some(key.namespace.clone()),
         labels: Some(labels),
+        annotations: Some(annotations),
         owner_references: Some(vec![OwnerReference {
             api_version: "keyward.dev/v1alpha1".into(),
             kind: "ProvisioningKey".into(),
@@ -559,6 +674,8 @@ impl Reporter {
                 &key,
                 &target.uid,
                 self.state.report(&key),
+                self.state.next_seq(),
+                self.state.keys_truncated(&key),
             );
             let api: Api<KeyUsageReport> = Api::namespaced(self.client.clone(), &key.namespace);
             let name = usage::report_name(&key.name, &self.config.replica);
@@ -584,9 +701,27 @@ impl Reporter {
         let api = self.leases();
         let name = self.lease_name();
         let watermark = watermark.max(self.since);
-        let (spec, annotations, labels) =
-            desired_lease(&self.config, &self.holder, self.since, watermark, false);
-        match api.get_opt(&name).await? {
+        let existing = api.get_opt(&name).await?;
+        // The previous incarnation's reports stay evidence: keep listing them.
+        if let Some(previous) = existing.as_ref().and_then(|l| {
+            l.metadata
+                .annotations
+                .as_ref()?
+                .get(usage::ANN_REPORTS)
+                .and_then(|j| serde_json::from_str::<BTreeMap<String, u64>>(j).ok())
+        }) {
+            self.state.carry_over(&previous, self.since);
+        }
+        let listing = self.state.listing(Utc::now());
+        let (spec, annotations, labels) = desired_lease(
+            &self.config,
+            &self.holder,
+            self.since,
+            watermark,
+            false,
+            &listing,
+        );
+        match existing {
             None => {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -608,6 +743,7 @@ impl Reporter {
                     .unwrap_or_default();
                 let mut ann = lease.metadata.annotations.take().unwrap_or_default();
                 ann.remove(usage::ANN_STOPPED);
+                ann.remove(usage::ANN_REPORTS_OVERFLOW);
                 ann.extend(annotations);
                 let mut lab = lease.metadata.labels.take().unwrap_or_default();
                 lab.extend(labels);
@@ -683,10 +819,18 @@ impl Reporter {
         };
         let watermark = watermark.max(previous);
         let stopped = stopping && clean;
-        let (spec, annotations, _) =
-            desired_lease(&self.config, &self.holder, self.since, watermark, stopped);
+        let listing = self.state.listing(start);
+        let (spec, annotations, _) = desired_lease(
+            &self.config,
+            &self.holder,
+            self.since,
+            watermark,
+            stopped,
+            &listing,
+        );
         let mut ann = lease.metadata.annotations.take().unwrap_or_default();
         ann.remove(usage::ANN_STOPPED);
+        ann.remove(usage::ANN_REPORTS_OVERFLOW);
         ann.extend(annotations);
         lease.metadata.annotations = Some(ann);
         lease.spec = Some(spec);

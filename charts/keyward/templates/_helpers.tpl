@@ -112,6 +112,18 @@ app.kubernetes.io/component: verifier
 {{- end }}
 {{- end }}
 
+{{/* The verifier's replica ids (its pod names, <statefulset>-<i> for each ordinal),
+comma-separated: the operator's --verifier-replicas, so a deleted Lease holds a key instead of
+shrinking the coverage. */}}
+{{- define "keyward.verifier.replicaIds" -}}
+{{- $sts := include "keyward.verifier.fullname" . }}
+{{- $ids := list }}
+{{- range $i := until (int .Values.verifier.replicas) }}
+{{- $ids = append $ids (printf "%s-%d" $sts $i) }}
+{{- end }}
+{{- $ids | join "," }}
+{{- end }}
+
 {{/* The usage Leases the verifier's pods write, one per StatefulSet ordinal, as a JSON list:
 keyward-verifier-<statefulset>-<i> (src/usage.rs lease_name of the replica id = pod name). */}}
 {{- define "keyward.verifier.leaseNames" -}}

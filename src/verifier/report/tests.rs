@@ -339,7 +339,15 @@ fn key_ids_the_bundle_dropped_are_forgotten_once_written_and_long_unused() {
 fn the_report_and_the_lease_say_what_the_operator_reads() {
     let mut state = Reporting::new(INTERVAL, RESOLUTION);
     state.absorb(used("pk", "kid-a", pod(1), t(1)));
-    let obj = report_object("verifier-0", &key("pk"), "uid-1", state.report(&key("pk")));
+    let obj = report_object(
+        "verifier-0",
+        &key("pk"),
+        "uid-1",
+        state.report(&key("pk")),
+        7,
+        false,
+    );
+    assert_eq!(usage::report_seq(&obj), Some(7));
     assert_eq!(obj.metadata.name.as_deref(), Some("pk.verifier-0"));
     let owner = &obj.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(
@@ -369,7 +377,11 @@ fn the_report_and_the_lease_say_what_the_operator_reads() {
         qps: 50.0,
         burst: 100,
     };
-    let (spec, ann, labels) = desired_lease(&config, "verifier-0/x", t(0), t(20), true);
+    let listing = Listing {
+        reports: BTreeMap::from([("ns/pk".to_string(), 7)]),
+        overflow: false,
+    };
+    let (spec, ann, labels) = desired_lease(&config, "verifier-0/x", t(0), t(20), true, &listing);
     let lease = Lease {
         metadata: ObjectMeta {
             name: Some(usage::lease_name("verifier-0")),
@@ -386,4 +398,92 @@ fn the_report_and_the_lease_say_what_the_operator_reads() {
     assert_eq!(parsed.resolution, Duration::from_millis(1500));
     assert!(parsed.stopped);
     assert!(parsed.watches("a") && !parsed.watches("c"));
+    assert_eq!(parsed.reports, listing.reports);
+    assert!(!parsed.reports_overflow);
+}
+
+/// Issue 18, finding 4: each write is numbered, the Lease lists what was written (with the
+/// number) only once written, a restart carries the list over and numbers above it, a key is
+/// listed until its last use is older than the longest window, and the list is bounded.
+#[test]
+fn the_lease_lists_each_written_report_with_its_write_number() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    state.absorb(used("a", "kid", pod(1), t(1)));
+    state.absorb(used("b", "kid", pod(1), t(1)));
+    assert_eq!(state.next_seq(), 1);
+    // Not written yet: not listed.
+    assert!(state.listing(t(2)).reports.is_empty());
+    state.written(&key("a"), t(10));
+    state.written(&key("b"), t(10));
+    let l = state.listing(t(11));
+    assert_eq!(
+        l.reports,
+        BTreeMap::from([("ns/a".to_string(), 1), ("ns/b".to_string(), 2)])
+    );
+    assert!(!l.overflow);
+    state.absorb(used("a", "kid", pod(2), t(20)));
+    assert_eq!(state.next_seq(), 3);
+    state.written(&key("a"), t(20));
+    assert_eq!(state.listing(t(21)).reports.get("ns/a"), Some(&3));
+
+    // A new incarnation: the previous list is carried over and numbered above.
+    let mut next = Reporting::new(INTERVAL, RESOLUTION);
+    next.carry_over(&state.listing(t(30)).reports, t(30));
+    assert_eq!(next.next_seq(), 4);
+    assert_eq!(next.listing(t(31)).reports, state.listing(t(31)).reports);
+
+    // Dropped once the last reported use is older than the longest window (plus resolution).
+    let horizon = crate::api::limits::REVOKE_WHEN_UNUSED_FOR.duration() + RESOLUTION;
+    let l = state.listing(add(t(1), horizon));
+    assert_eq!(l.reports.keys().collect::<Vec<_>>(), ["ns/a"]);
+    assert!(state.listing(add(t(20), horizon)).reports.is_empty());
+}
+
+#[test]
+fn the_lease_list_is_bounded_and_says_when_it_overflowed() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    let long = "k".repeat(200);
+    let n = usage::MAX_REPORTS_BYTES / 200 + 10;
+    for i in 0..n {
+        let name = format!("{long}{i}");
+        state.absorb(used(
+            &name,
+            "kid",
+            pod(1),
+            t(i64::try_from(i).expect("small")),
+        ));
+        state.written(&key(&name), t(10_000));
+    }
+    let l = state.listing(t(10_001));
+    assert!(l.overflow);
+    assert!(usage::reports_annotation(&l.reports).len() <= usage::MAX_REPORTS_BYTES);
+    // The most recently used are kept.
+    assert!(l.reports.contains_key(&format!("ns/{long}{}", n - 1)));
+    assert!(!l.reports.contains_key(&format!("ns/{long}0")));
+}
+
+#[test]
+fn a_report_with_more_key_ids_than_it_holds_says_so() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    for i in 0..MAX_KIDS_PER_REPORT {
+        state.absorb(used(
+            "pk",
+            &format!("kid-{i}"),
+            Instance::Unattributed,
+            t(1),
+        ));
+    }
+    assert!(!state.keys_truncated(&key("pk")));
+    state.absorb(used("pk", "one-more", Instance::Unattributed, t(2)));
+    assert!(state.keys_truncated(&key("pk")));
+    assert_eq!(state.report(&key("pk")).len(), MAX_KIDS_PER_REPORT);
+    let obj = report_object("v-0", &key("pk"), "uid", state.report(&key("pk")), 1, true);
+    assert_eq!(
+        obj.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(usage::ANN_KEYS_TRUNCATED))
+            .map(String::as_str),
+        Some("true")
+    );
 }

@@ -1,0 +1,105 @@
+//! The ValidatingAdmissionPolicy that keeps each `keyward verifier` replica to its own usage
+//! evidence (issue 18, finding 4): a request of the verifier's ServiceAccount that creates,
+//! changes or deletes a KeyUsageReport or a Lease must come from a pod (a bound token carries
+//! `authentication.kubernetes.io/pod-name`), and the object must be that pod's: a report
+//! labelled (and `spec.replica`) with the pod's name, a Lease named
+//! `keyward-verifier-<pod name>`. So a compromised replica can neither overwrite another
+//! replica's reports nor write another replica's Lease or the operator's leader Lease.
+//!
+//! The chart's template `verifier-write-policy.yaml` carries these expressions verbatim (a test
+//! checks it); [`policy_objects`] builds the same policy for tests.
+
+/// The variable `podName`: the requesting pod's name, or `''` when the request carries none
+/// (or more than one).
+pub const POD_NAME_VARIABLE: &str = "has(request.userInfo.extra) && 'authentication.kubernetes.io/pod-name' in request.userInfo.extra && size(request.userInfo.extra['authentication.kubernetes.io/pod-name']) == 1 ? request.userInfo.extra['authentication.kubernetes.io/pod-name'][0] : ''";
+
+/// The request comes from a pod.
+pub const RULE_FROM_A_POD: &str = "variables.podName != ''";
+pub const MESSAGE_FROM_A_POD: &str = "the keyward verifier writes usage evidence only with its pod's bound ServiceAccount token (no pod name in the request)";
+
+/// A Lease is the pod's own (`keyward-verifier-<pod>`, see `crate::usage::lease_name`).
+pub const RULE_OWN_LEASE: &str = "request.resource.resource != 'leases' || (request.operation == 'DELETE' ? oldObject : object).metadata.name == 'keyward-verifier-' + variables.podName";
+pub const MESSAGE_OWN_LEASE: &str =
+    "a keyward verifier replica may write only its own Lease, keyward-verifier-<its pod name>";
+
+/// A report is the pod's own, before and after (label `keyward.dev/verifier-replica` and
+/// `spec.replica`).
+pub const RULE_OWN_REPORT: &str = "request.resource.resource != 'keyusagereports' || ((request.operation == 'CREATE' || (has(oldObject.metadata.labels) && 'keyward.dev/verifier-replica' in oldObject.metadata.labels && oldObject.metadata.labels['keyward.dev/verifier-replica'] == variables.podName)) && (request.operation == 'DELETE' || (has(object.metadata.labels) && 'keyward.dev/verifier-replica' in object.metadata.labels && object.metadata.labels['keyward.dev/verifier-replica'] == variables.podName && object.spec.replica == variables.podName)))";
+pub const MESSAGE_OWN_REPORT: &str = "a keyward verifier replica may write only its own KeyUsageReports (label keyward.dev/verifier-replica and spec.replica = its pod name)";
+
+/// Every expression the chart must carry verbatim.
+pub const EXPRESSIONS: [&str; 7] = [
+    POD_NAME_VARIABLE,
+    RULE_FROM_A_POD,
+    MESSAGE_FROM_A_POD,
+    RULE_OWN_LEASE,
+    MESSAGE_OWN_LEASE,
+    RULE_OWN_REPORT,
+    MESSAGE_OWN_REPORT,
+];
+
+/// The policy and its binding (cluster-wide: the match condition limits it to `username`, the
+/// verifier's ServiceAccount), as the chart renders them.
+pub fn policy_objects(name: &str, username: &str) -> (serde_json::Value, serde_json::Value) {
+    let user = username.replace('\\', "\\\\").replace('\'', "\\'");
+    let policy = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": { "name": name },
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["keyward.dev"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": ["keyusagereports"],
+                    },
+                    {
+                        "apiGroups": ["coordination.k8s.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": ["leases"],
+                    },
+                ],
+            },
+            "matchConditions": [{
+                "name": "the-verifier",
+                "expression": format!("request.userInfo.username == '{user}'"),
+            }],
+            "variables": [{ "name": "podName", "expression": POD_NAME_VARIABLE }],
+            "validations": [
+                { "expression": RULE_FROM_A_POD, "message": MESSAGE_FROM_A_POD, "reason": "Forbidden" },
+                { "expression": RULE_OWN_LEASE, "message": MESSAGE_OWN_LEASE, "reason": "Forbidden" },
+                { "expression": RULE_OWN_REPORT, "message": MESSAGE_OWN_REPORT, "reason": "Forbidden" },
+            ],
+        },
+    });
+    let binding = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": { "name": name },
+        "spec": { "policyName": name, "validationActions": ["Deny"] },
+    });
+    (policy, binding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_carries_the_rules_verbatim() {
+        let chart = include_str!("../../charts/keyward/templates/verifier-write-policy.yaml");
+        for e in EXPRESSIONS {
+            assert!(
+                chart.contains(e),
+                "charts/keyward/templates/verifier-write-policy.yaml does not carry {e}"
+            );
+        }
+        // The names the rules hard-code are the ones the code uses.
+        assert!(RULE_OWN_LEASE.contains(&format!("'{}'", crate::usage::LEASE_PREFIX)));
+        assert!(RULE_OWN_REPORT.contains(&format!("'{}'", crate::usage::REPLICA_LABEL)));
+    }
+}
