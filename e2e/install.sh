@@ -503,6 +503,17 @@ verifier_check() { # ns release keyns
         || die "creating Lease $ns/$other as pod $sts-0 failed, but not by the write policy: $out"
     done
     say "  write policy: pod $sts-0 may not write Lease $ns/keyward-verifier-$sts-1 nor the leader Lease"
+    # The evidence policy: nobody else edits or deletes the evidence, not even system:masters.
+    local report
+    report=$(kubectl -n "$keyns" get keyusagereports.keyward.dev -l "keyward.dev/verifier-replica=$sts-0" -o name | head -1)
+    for attempt in "annotate -n $keyns $report x=1" "delete -n $keyns $report" "annotate -n $ns lease/$lease x=1" "delete -n $ns lease/$lease"; do
+      # shellcheck disable=SC2086
+      out=$(kubectl $attempt --as=mallory --as-group=system:masters 2>&1) \
+        && die "mallory could $attempt"
+      grep -q "usage evidence (KeyUsageReports and keyward-verifier-\* Leases) is written only by" <<<"$out" \
+        || die "'$attempt' as mallory failed, but not by the evidence policy: $out"
+    done
+    say "  evidence policy: system:masters may neither edit nor delete $report nor Lease $ns/$lease"
   fi
   stop_verifier
   no_forbidden "$log"
@@ -699,10 +710,13 @@ for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports
   fi
 done
 verifier_tls_secret "$NS_CLUSTER" kwc
-# kwn's operator writes the trust records in the namespaces kwn watches, so kwc's trust-record
-# policy must not cover them (two releases never cover the same namespace).
+# kwn's operator writes the trust records in the namespaces kwn watches, and kwn's verifier its
+# usage evidence there and in kwn's namespace, so kwc's policies must not cover them (two
+# releases never cover the same namespace).
 "$HELM" install kwc "$CHART" -n "$NS_CLUSTER" "${OPTIN[@]}" --set-json \
   "trustRecordPolicy.namespaceSelector={\"matchExpressions\":[{\"key\":\"kubernetes.io/metadata.name\",\"operator\":\"NotIn\",\"values\":[\"${WATCHED[0]}\",\"${WATCHED[1]}\"]}]}" \
+  --set-json \
+  "verifier.evidencePolicy.namespaceSelector={\"matchExpressions\":[{\"key\":\"kubernetes.io/metadata.name\",\"operator\":\"NotIn\",\"values\":[\"${WATCHED[0]}\",\"${WATCHED[1]}\",\"$NS_NSD\"]}]}" \
   >"$WORK/install-kwc.txt"
 kubectl get crd provisioningkeys.keyward.dev -o jsonpath='{.metadata.annotations.helm\.sh/resource-policy}' | grep -qx keep \
   || die "CRD without helm.sh/resource-policy: keep"

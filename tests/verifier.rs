@@ -1423,3 +1423,133 @@ async fn a_verifier_that_cannot_confirm_its_view_goes_not_ready_and_lists_again(
     op.stop().await;
     ns.cleanup().await;
 }
+
+// ---- Issue 18, finding 4: usage evidence edited in place. ----
+
+/// With the chart's evidence policy, nobody but the verifier's pods (and the control plane's
+/// collectors) may create, change or delete usage evidence: an admin (`system:masters`, which
+/// RBAC does not stop) can neither lower a report's `lastUsedAt` nor delete it, nor write a
+/// `keyward-verifier-*` Lease; other Leases are untouched, and the garbage collector still
+/// deletes a deleted key's reports. (Before: a patch of `lastUsedAt` was accepted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_evidence_is_written_only_by_the_verifier() {
+    use keyward::usage::write_policy;
+    let ns = TestNamespace::new("kw-evidence").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let reports: Api<KeyUsageReport> = ns.api();
+    let leases: Api<Lease> = ns.api();
+    let pk = pks
+        .create(
+            &PostParams::default(),
+            &provisioning_key("ek", json!({}), json!({})),
+        )
+        .await
+        .expect("create the key");
+    let report: KeyUsageReport = serde_json::from_value(json!({
+        "apiVersion": "keyward.dev/v1alpha1",
+        "kind": "KeyUsageReport",
+        "metadata": {
+            "name": "ek-v-0",
+            "labels": { "keyward.dev/verifier-replica": "v-0" },
+            "ownerReferences": [{
+                "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",
+                "name": "ek", "uid": pk.metadata.uid.clone().expect("uid"),
+            }],
+        },
+        "spec": {
+            "provisioningKey": "ek",
+            "replica": "v-0",
+            "keys": [{ "kid": "k", "lastUsedAt": "2026-12-05T08:00:00Z" }],
+        },
+    }))
+    .expect("report");
+    reports
+        .create(&PostParams::default(), &report)
+        .await
+        .expect("create the report before the policy");
+
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let name = format!("keyward-evidence-{}", ns.name());
+    let (policy, binding) = write_policy::evidence_policy_objects(&name, &[], Some(ns.name()));
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).expect("policy"),
+        )
+        .await
+        .expect("create the policy");
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+
+    let refused = |e: Option<kube::Error>| {
+        e.is_some_and(|e| e.to_string().contains(write_policy::EVIDENCE_MESSAGE))
+    };
+    // A harmless probe until the policy is in force (it takes a moment to load).
+    let probe = json!({ "metadata": { "annotations": { "probe": "1" } } });
+    let err = eventually("the policy in force", || async {
+        reports
+            .patch("ek-v-0", &PatchParams::default(), &Patch::Merge(&probe))
+            .await
+            .err()
+    })
+    .await;
+    assert!(refused(Some(err)), "the probe");
+    let older =
+        json!({ "spec": { "keys": [{ "kid": "k", "lastUsedAt": "2020-01-01T00:00:00Z" }] } });
+    let err = reports
+        .patch("ek-v-0", &PatchParams::default(), &Patch::Merge(&older))
+        .await
+        .err();
+    assert!(refused(err), "patch of lastUsedAt");
+    assert!(refused(
+        reports
+            .delete("ek-v-0", &DeleteParams::default())
+            .await
+            .err()
+    ));
+    let lease = |name: &str| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "holderIdentity": "x" },
+        }))
+        .expect("lease")
+    };
+    assert!(refused(
+        leases
+            .create(&PostParams::default(), &lease("keyward-verifier-v-0"))
+            .await
+            .err()
+    ));
+    leases
+        .create(&PostParams::default(), &lease("someone-else"))
+        .await
+        .expect("other Leases are not evidence");
+    let report = reports.get("ek-v-0").await.expect("report");
+    assert_eq!(report.spec.keys[0].last_used_at, "2026-12-05T08:00:00Z");
+
+    // The key deleted: the garbage collector still removes its report.
+    pks.delete("ek", &DeleteParams::default())
+        .await
+        .expect("delete the key");
+    eventually("the report collected", || async {
+        reports
+            .get_opt("ek-v-0")
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await;
+
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client)
+        .delete(&name, &DeleteParams::default())
+        .await;
+    ns.cleanup().await;
+}

@@ -27,8 +27,90 @@ pub const MESSAGE_OWN_LEASE: &str =
 pub const RULE_OWN_REPORT: &str = "request.resource.resource != 'keyusagereports' || ((request.operation == 'CREATE' || (has(oldObject.metadata.labels) && 'keyward.dev/verifier-replica' in oldObject.metadata.labels && oldObject.metadata.labels['keyward.dev/verifier-replica'] == variables.podName)) && (request.operation == 'DELETE' || (has(object.metadata.labels) && 'keyward.dev/verifier-replica' in object.metadata.labels && object.metadata.labels['keyward.dev/verifier-replica'] == variables.podName && object.spec.replica == variables.podName)))";
 pub const MESSAGE_OWN_REPORT: &str = "a keyward verifier replica may write only its own KeyUsageReports (label keyward.dev/verifier-replica and spec.replica = its pod name)";
 
+/// The second policy, for everyone else: usage evidence (every KeyUsageReport, every Lease
+/// named `keyward-verifier-*`) is not theirs to create, change or delete. Without it, whoever
+/// may patch a report could lower its `lastUsedAt` and raise its sequence number, and whoever
+/// may update a Lease (the aggregated `edit` role may) could rewrite its list or watermark. The
+/// verifier's ServiceAccount (held to its own pod's objects by the policy above), the control
+/// plane's garbage and namespace collectors (a deleted key's reports, a deleted namespace) and
+/// the configured extra writers are exempt.
+pub const EVIDENCE_MATCH: &str =
+    "request.resource.resource != 'leases' || request.name.startsWith('keyward-verifier-')";
+pub const EVIDENCE_RULE: &str = "false";
+pub const EVIDENCE_MESSAGE: &str = "usage evidence (KeyUsageReports and keyward-verifier-* Leases) is written only by the keyward verifier's pods";
+
+/// The control plane's identities that delete evidence with its owner or its namespace.
+pub const CONTROL_PLANE_WRITERS: [&str; 3] = [
+    "system:serviceaccount:kube-system:generic-garbage-collector",
+    "system:serviceaccount:kube-system:namespace-controller",
+    "system:kube-controller-manager",
+];
+
+/// The evidence policy and its binding (`namespace`: only that namespace), for tests; the
+/// chart renders the same from `verifier-write-policy.yaml`.
+pub fn evidence_policy_objects(
+    name: &str,
+    writers: &[String],
+    namespace: Option<&str>,
+) -> (serde_json::Value, serde_json::Value) {
+    let quoted: Vec<String> = CONTROL_PLANE_WRITERS
+        .iter()
+        .map(|w| w.to_string())
+        .chain(writers.iter().cloned())
+        .map(|w| format!("'{}'", w.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    let policy = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": { "name": name },
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["keyward.dev"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": ["keyusagereports"],
+                    },
+                    {
+                        "apiGroups": ["coordination.k8s.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": ["leases"],
+                    },
+                ],
+            },
+            "matchConditions": [
+                { "name": "usage-evidence", "expression": EVIDENCE_MATCH },
+                {
+                    "name": "not-a-writer",
+                    "expression": format!("!(request.userInfo.username in [{}])", quoted.join(", ")),
+                },
+            ],
+            "validations": [
+                { "expression": EVIDENCE_RULE, "message": EVIDENCE_MESSAGE, "reason": "Forbidden" },
+            ],
+        },
+    });
+    let mut binding = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": { "name": name },
+        "spec": { "policyName": name, "validationActions": ["Deny"] },
+    });
+    if let Some(ns) = namespace {
+        binding["spec"]["matchResources"] = serde_json::json!({
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": ns } },
+        });
+    }
+    (policy, binding)
+}
+
 /// Every expression the chart must carry verbatim.
-pub const EXPRESSIONS: [&str; 7] = [
+pub const EXPRESSIONS: [&str; 9] = [
+    EVIDENCE_MATCH,
+    EVIDENCE_MESSAGE,
     POD_NAME_VARIABLE,
     RULE_FROM_A_POD,
     MESSAGE_FROM_A_POD,
