@@ -5,6 +5,7 @@
 //! The code follows one pipeline per resource: observe (reads) -> decide (pure) -> apply
 //! (idempotent writes) -> report (status, Events, logs).
 
+pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod cli;

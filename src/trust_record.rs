@@ -108,47 +108,26 @@ pub fn policy_objects(
     writers: &[String],
     namespace: Option<&str>,
 ) -> (serde_json::Value, serde_json::Value) {
-    let quoted: Vec<String> = writers
-        .iter()
-        .map(|w| format!("'{}'", w.replace('\\', "\\\\").replace('\'', "\\'")))
-        .collect();
-    let policy = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": { "name": name },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [{
-                    "apiGroups": ["keyward.dev"],
-                    "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": ["provisioningkeys"],
-                }],
-            },
-            "matchConditions": [{
-                "name": "not-the-operator",
-                "expression": format!("!(request.userInfo.username in [{}])", quoted.join(", ")),
-            }],
-            "validations": [{
-                "expression": POLICY_RULE,
-                "message": POLICY_MESSAGE,
-                "reason": "Forbidden",
-            }],
-        },
-    });
-    let mut binding = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": { "name": name },
-        "spec": { "policyName": name, "validationActions": ["Deny"] },
-    });
-    if let Some(ns) = namespace {
-        binding["spec"]["matchResources"] = serde_json::json!({
-            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": ns } },
-        });
-    }
-    (policy, binding)
+    use crate::admission;
+    let policy = admission::policy(
+        name,
+        serde_json::json!([{
+            "apiGroups": ["keyward.dev"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": ["provisioningkeys"],
+        }]),
+        serde_json::json!([{
+            "name": "not-the-operator",
+            "expression": format!(
+                "!(request.userInfo.username in [{}])",
+                admission::cel_strings(writers)
+            ),
+        }]),
+        None,
+        serde_json::json!([{ "expression": POLICY_RULE, "message": POLICY_MESSAGE, "reason": "Forbidden" }]),
+    );
+    (policy, admission::binding(name, namespace))
 }
 
 #[cfg(test)]

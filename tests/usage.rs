@@ -595,9 +595,6 @@ fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
 /// nor a Lease of another name (the operator's leader Lease), nor anything without a pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verifier_pod_writes_only_its_own_reports_and_lease() {
-    use k8s_openapi::api::admissionregistration::v1::{
-        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    };
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use keyward::usage::write_policy;
 
@@ -635,23 +632,7 @@ async fn a_verifier_pod_writes_only_its_own_reports_and_lease() {
         .await
         .expect("create the binding");
     let name = format!("keyward-verifier-writes-{}", ns.name());
-    let (policy, binding) = write_policy::policy_objects(&name, &user);
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(admin.clone());
-    let pbindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin.clone());
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(policy).expect("policy"),
-        )
-        .await
-        .expect("create the policy");
-    pbindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(binding).expect("binding"),
-        )
-        .await
-        .expect("create the policy binding");
+    install_admission_policy(write_policy::policy_objects(&name, &user)).await;
 
     let v0 = client_as_pod(ns.name(), "verifier", Some("v-0")).await;
     let v0_leases: Api<Lease> = Api::namespaced(v0.clone(), ns.name());
@@ -789,7 +770,6 @@ async fn a_verifier_pod_writes_only_its_own_reports_and_lease() {
         .await
         .expect("v-0 deletes its own Lease");
 
-    let _ = pbindings.delete(&name, &Default::default()).await;
-    let _ = policies.delete(&name, &Default::default()).await;
+    remove_admission_policy(&name).await;
     ns.cleanup().await;
 }

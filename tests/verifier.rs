@@ -137,6 +137,25 @@ impl Running {
     }
 }
 
+/// Lists key `name`'s first key id `kid` as compromised and waits until the operator revoked
+/// its key Secret.
+async fn compromise_first_key(
+    pks: &Api<ProvisioningKey>,
+    secrets: &Api<Secret>,
+    name: &str,
+    kid: &str,
+) {
+    merge(pks, name, json!({ "spec": { "compromisedKeys": [kid] } })).await;
+    wait_obj(
+        secrets,
+        &key_secret_name(name, 1),
+        "k1 revoked",
+        TIMEOUT,
+        |s| state(s) == "revoked",
+    )
+    .await;
+}
+
 /// Polls `f` every 200 ms until it returns `Some`, at most `TIMEOUT`.
 async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
@@ -256,20 +275,7 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     assert_eq!(claims["sub"], format!("{}/vk", ns.name()));
 
     // Break-glass rotation: the successor handed out, the old key revoked.
-    merge(
-        &pks,
-        "vk",
-        json!({ "spec": { "compromisedKeys": [kid1.clone()] } }),
-    )
-    .await;
-    wait_obj(
-        &secrets,
-        &key_secret_name("vk", 1),
-        "k1 revoked",
-        TIMEOUT,
-        |s| state(s) == "revoked",
-    )
-    .await;
+    compromise_first_key(&pks, &secrets, "vk", &kid1).await;
     let agent = wait_obj(&secrets, "vk", "the successor handed out", TIMEOUT, |s| {
         data(s, l::DATA_KEY_ID).is_some_and(|k| k != kid1)
     })
@@ -906,9 +912,6 @@ async fn the_verifier_binary_holds_as_an_edge() {
 
 // ---- Issue 18, finding 2: injected keys. ----
 
-use k8s_openapi::api::admissionregistration::v1::{
-    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use keyward::trust_record::{self, TrustRecord};
@@ -949,36 +952,14 @@ async fn own_username() -> String {
 /// Installs the trust-record policy (the chart's rule) for `ns`, with the operator's identity
 /// as the only writer; returns its name for the cleanup.
 async fn install_trust_record_policy(ns: &str) -> String {
-    let client = kube::Client::try_from(kube_config().await).expect("client");
     let name = format!("keyward-trust-record-{ns}");
-    let (policy, binding) = trust_record::policy_objects(&name, &[own_username().await], Some(ns));
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
-    policies
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(policy).expect("policy"),
-        )
-        .await
-        .expect("create the policy");
-    bindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(binding).expect("binding"),
-        )
-        .await
-        .expect("create the binding");
+    install_admission_policy(trust_record::policy_objects(
+        &name,
+        &[own_username().await],
+        Some(ns),
+    ))
+    .await;
     name
-}
-
-async fn remove_trust_record_policy(name: &str) {
-    let client = kube::Client::try_from(kube_config().await).expect("client");
-    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .delete(name, &DeleteParams::default())
-        .await;
-    let _ = Api::<ValidatingAdmissionPolicy>::all(client)
-        .delete(name, &DeleteParams::default())
-        .await;
 }
 
 /// A tenant with ConfigMap rights in `ns` (and patch on ProvisioningKeys, to show the policy,
@@ -1253,7 +1234,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
 
     v.stop().await;
     op.stop().await;
-    remove_trust_record_policy(&policy).await;
+    remove_admission_policy(&policy).await;
     ns.cleanup().await;
 }
 
@@ -1390,20 +1371,7 @@ async fn a_verifier_that_cannot_confirm_its_view_goes_not_ready_and_lists_again(
     assert!(unconfirmed.is_some_and(|s| s >= 2.0), "{metrics}");
 
     // Meanwhile the key is compromised: the operator revokes it (the verifier cannot see it).
-    merge(
-        &pks,
-        "sk",
-        json!({ "spec": { "compromisedKeys": [kid1.clone()] } }),
-    )
-    .await;
-    wait_obj(
-        &secrets,
-        &key_secret_name("sk", 1),
-        "k1 revoked",
-        TIMEOUT,
-        |s| state(s) == "revoked",
-    )
-    .await;
+    compromise_first_key(&pks, &secrets, "sk", &kid1).await;
 
     // Restored: the watches list again, the revocation is seen, ready again.
     let _ = proxy.cut.send(false);
@@ -1468,23 +1436,13 @@ async fn usage_evidence_is_written_only_by_the_verifier() {
         .await
         .expect("create the report before the policy");
 
-    let client = kube::Client::try_from(kube_config().await).expect("client");
     let name = format!("keyward-evidence-{}", ns.name());
-    let (policy, binding) = write_policy::evidence_policy_objects(&name, &[], Some(ns.name()));
-    Api::<ValidatingAdmissionPolicy>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(policy).expect("policy"),
-        )
-        .await
-        .expect("create the policy");
-    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(binding).expect("binding"),
-        )
-        .await
-        .expect("create the binding");
+    install_admission_policy(write_policy::evidence_policy_objects(
+        &name,
+        &[],
+        Some(ns.name()),
+    ))
+    .await;
 
     let refused = |e: Option<kube::Error>| {
         e.is_some_and(|e| e.to_string().contains(write_policy::EVIDENCE_MESSAGE))
@@ -1545,11 +1503,6 @@ async fn usage_evidence_is_written_only_by_the_verifier() {
     })
     .await;
 
-    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .delete(&name, &DeleteParams::default())
-        .await;
-    let _ = Api::<ValidatingAdmissionPolicy>::all(client)
-        .delete(&name, &DeleteParams::default())
-        .await;
+    remove_admission_policy(&name).await;
     ns.cleanup().await;
 }

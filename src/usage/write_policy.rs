@@ -53,58 +53,48 @@ pub fn evidence_policy_objects(
     writers: &[String],
     namespace: Option<&str>,
 ) -> (serde_json::Value, serde_json::Value) {
-    let quoted: Vec<String> = CONTROL_PLANE_WRITERS
+    use crate::admission;
+    let writers = CONTROL_PLANE_WRITERS
         .iter()
         .map(|w| w.to_string())
-        .chain(writers.iter().cloned())
-        .map(|w| format!("'{}'", w.replace('\\', "\\\\").replace('\'', "\\'")))
-        .collect();
-    let policy = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": { "name": name },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": ["keyward.dev"],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE", "DELETE"],
-                        "resources": ["keyusagereports"],
-                    },
-                    {
-                        "apiGroups": ["coordination.k8s.io"],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE", "DELETE"],
-                        "resources": ["leases"],
-                    },
-                ],
+        .chain(writers.iter().cloned());
+    let policy = admission::policy(
+        name,
+        evidence_resources(),
+        serde_json::json!([
+            { "name": "usage-evidence", "expression": EVIDENCE_MATCH },
+            {
+                "name": "not-a-writer",
+                "expression": format!(
+                    "!(request.userInfo.username in [{}])",
+                    admission::cel_strings(writers)
+                ),
             },
-            "matchConditions": [
-                { "name": "usage-evidence", "expression": EVIDENCE_MATCH },
-                {
-                    "name": "not-a-writer",
-                    "expression": format!("!(request.userInfo.username in [{}])", quoted.join(", ")),
-                },
-            ],
-            "validations": [
-                { "expression": EVIDENCE_RULE, "message": EVIDENCE_MESSAGE, "reason": "Forbidden" },
-            ],
+        ]),
+        None,
+        serde_json::json!([
+            { "expression": EVIDENCE_RULE, "message": EVIDENCE_MESSAGE, "reason": "Forbidden" },
+        ]),
+    );
+    (policy, admission::binding(name, namespace))
+}
+
+/// KeyUsageReports and Leases: created, changed, deleted.
+fn evidence_resources() -> serde_json::Value {
+    serde_json::json!([
+        {
+            "apiGroups": ["keyward.dev"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE", "DELETE"],
+            "resources": ["keyusagereports"],
         },
-    });
-    let mut binding = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": { "name": name },
-        "spec": { "policyName": name, "validationActions": ["Deny"] },
-    });
-    if let Some(ns) = namespace {
-        binding["spec"]["matchResources"] = serde_json::json!({
-            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": ns } },
-        });
-    }
-    (policy, binding)
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE", "DELETE"],
+            "resources": ["leases"],
+        },
+    ])
 }
 
 /// Every expression the chart must carry verbatim.
@@ -123,48 +113,22 @@ pub const EXPRESSIONS: [&str; 9] = [
 /// The policy and its binding (cluster-wide: the match condition limits it to `username`, the
 /// verifier's ServiceAccount), as the chart renders them.
 pub fn policy_objects(name: &str, username: &str) -> (serde_json::Value, serde_json::Value) {
-    let user = username.replace('\\', "\\\\").replace('\'', "\\'");
-    let policy = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": { "name": name },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": ["keyward.dev"],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE", "DELETE"],
-                        "resources": ["keyusagereports"],
-                    },
-                    {
-                        "apiGroups": ["coordination.k8s.io"],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE", "DELETE"],
-                        "resources": ["leases"],
-                    },
-                ],
-            },
-            "matchConditions": [{
-                "name": "the-verifier",
-                "expression": format!("request.userInfo.username == '{user}'"),
-            }],
-            "variables": [{ "name": "podName", "expression": POD_NAME_VARIABLE }],
-            "validations": [
-                { "expression": RULE_FROM_A_POD, "message": MESSAGE_FROM_A_POD, "reason": "Forbidden" },
-                { "expression": RULE_OWN_LEASE, "message": MESSAGE_OWN_LEASE, "reason": "Forbidden" },
-                { "expression": RULE_OWN_REPORT, "message": MESSAGE_OWN_REPORT, "reason": "Forbidden" },
-            ],
-        },
-    });
-    let binding = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": { "name": name },
-        "spec": { "policyName": name, "validationActions": ["Deny"] },
-    });
-    (policy, binding)
+    use crate::admission;
+    let policy = admission::policy(
+        name,
+        evidence_resources(),
+        serde_json::json!([{
+            "name": "the-verifier",
+            "expression": format!("request.userInfo.username == {}", admission::cel_strings([username])),
+        }]),
+        Some(serde_json::json!([{ "name": "podName", "expression": POD_NAME_VARIABLE }])),
+        serde_json::json!([
+            { "expression": RULE_FROM_A_POD, "message": MESSAGE_FROM_A_POD, "reason": "Forbidden" },
+            { "expression": RULE_OWN_LEASE, "message": MESSAGE_OWN_LEASE, "reason": "Forbidden" },
+            { "expression": RULE_OWN_REPORT, "message": MESSAGE_OWN_REPORT, "reason": "Forbidden" },
+        ]),
+    );
+    (policy, admission::binding(name, None))
 }
 
 #[cfg(test)]

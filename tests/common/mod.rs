@@ -350,3 +350,43 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Installs a ValidatingAdmissionPolicy and its binding (objects as `keyward::admission`
+/// builds them); remove them with [`remove_admission_policy`] and the policy's name.
+#[allow(dead_code)]
+pub async fn install_admission_policy((policy, binding): (Value, Value)) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(policy).expect("a policy"),
+        )
+        .await
+        .expect("create the policy");
+    Api::<ValidatingAdmissionPolicyBinding>::all(client)
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(binding).expect("a binding"),
+        )
+        .await
+        .expect("create the policy binding");
+}
+
+/// Removes the policy `name` and its binding (of the same name); missing ones are fine.
+#[allow(dead_code)]
+pub async fn remove_admission_policy(name: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let client = kube::Client::try_from(kube_config().await).expect("client");
+    let dp = kube::api::DeleteParams::default();
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client)
+        .delete(name, &dp)
+        .await;
+}
