@@ -428,6 +428,17 @@ struct VerifierArgs {
     /// Most report writes back to back before --report-qps paces them (token bucket size).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     report_burst: u32,
+    /// Attribute requests to pods by the pod-bound ServiceAccount token in
+    /// `X-Keyward-Pod-Token` (checked with TokenReview: needs RBAC `create` on
+    /// `tokenreviews`). `--review-pod-tokens=false`: no request names a pod (acknowledgements
+    /// then never confirm; use another check mode).
+    #[arg(long, env = "KEYWARD_VERIFIER_REVIEW_POD_TOKENS", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    review_pod_tokens: bool,
+    /// The audience a pod token must be for (its projected volume's `audience`).
+    #[arg(long, env = "KEYWARD_VERIFIER_POD_TOKEN_AUDIENCE",
+          default_value = keyward::verifier::pod_identity::DEFAULT_AUDIENCE)]
+    pod_token_audience: String,
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -545,18 +556,24 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,
     };
-    let shared = std::sync::Arc::new(
-        verifier::Shared::new(policy, use_log.clone(), upstream)
-            .accepting_any_key(args.accept_any_key)
-            .bound_to(args.bind_key.clone())
-            .with_limits(limits)
-            .with_max_staleness(args.max_staleness)
-            .with_tls(tls),
-    );
     let client = kube::Client::try_default().await?;
+    let mut shared = verifier::Shared::new(policy, use_log.clone(), upstream)
+        .accepting_any_key(args.accept_any_key)
+        .bound_to(args.bind_key.clone())
+        .with_limits(limits)
+        .with_max_staleness(args.max_staleness)
+        .with_tls(tls);
+    // Pods are attributed only when their use is reported.
+    if args.review_pod_tokens && report.is_some() {
+        shared = shared.with_pod_identity(
+            std::sync::Arc::new(verifier::pod_identity::ApiReviewer(client.clone())),
+            &args.pod_token_audience,
+        );
+    }
+    let shared = std::sync::Arc::new(shared);
     let listener = tokio::net::TcpListener::bind(&args.address).await?;
     info!(address = %listener.local_addr()?, scheme = mode.scheme(), namespaces = ?namespaces, clock_skew = ?args.clock_skew,
-          upstream = ?args.upstream, report = report.is_some(), "starting keyward verifier");
+          upstream = ?args.upstream, report = report.is_some(), pod_tokens = shared.pods.is_some(), "starting keyward verifier");
     match report {
         Some(report) => verifier::run_reporting(
             client,

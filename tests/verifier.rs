@@ -102,7 +102,12 @@ impl Running {
     async fn watching(namespaces: &[&str]) -> Self {
         let client = kube::Client::try_from(kube_config().await).expect("client");
         let log = Arc::new(MemoryUseLog::new(1000));
-        let shared = Arc::new(Shared::new(Policy::default(), log.clone(), None));
+        let shared = Arc::new(
+            Shared::new(Policy::default(), log.clone(), None).with_pod_identity(
+                Arc::new(verifier::pod_identity::ApiReviewer(client.clone())),
+                verifier::pod_identity::DEFAULT_AUDIENCE,
+            ),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -181,19 +186,35 @@ async fn wait_ready(http: &reqwest::Client, base: &str) {
     .await;
 }
 
-/// `GET /auth/<the key the token names>`: the route nginx is configured to ask for that key.
-async fn auth(http: &reqwest::Client, base: &str, token: &str, pod: &str) -> reqwest::Response {
+/// `GET /auth/<the key the token names>`: the route nginx is configured to ask for that key,
+/// with `pod_token` (unless empty) in `X-Keyward-Pod-Token`.
+async fn auth(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    pod_token: &str,
+) -> reqwest::Response {
     let (_, claims) = keyward::keys::decode_token_unverified(token).expect("a token");
-    auth_at(http, &format!("{base}/auth/{}", claims.sub), token, pod).await
+    auth_at(
+        http,
+        &format!("{base}/auth/{}", claims.sub),
+        token,
+        pod_token,
+    )
+    .await
 }
 
-async fn auth_at(http: &reqwest::Client, url: &str, token: &str, pod: &str) -> reqwest::Response {
-    http.get(url)
-        .bearer_auth(token)
-        .header("x-keyward-pod-uid", pod)
-        .send()
-        .await
-        .expect("GET /auth/...")
+async fn auth_at(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    pod_token: &str,
+) -> reqwest::Response {
+    let mut req = http.get(url).bearer_auth(token);
+    if !pod_token.is_empty() {
+        req = req.header(verifier::pod_identity::POD_TOKEN_HEADER, pod_token);
+    }
+    req.send().await.expect("GET /auth/...")
 }
 
 fn header(res: &reqwest::Response, name: &str) -> String {
@@ -204,7 +225,8 @@ fn header(res: &reqwest::Response, name: &str) -> String {
         .to_string()
 }
 
-const POD: &str = "3f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81";
+/// No pod token: the request counts as use of its key id, attributed to no pod.
+const NO_POD: &str = "";
 
 #[tokio::test]
 async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoked_key() {
@@ -227,21 +249,26 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     let v = Running::start(ns.name()).await;
     let http = reqwest::Client::new();
     let base = v.base.clone();
+    let (pod, pod_token) = pod_with_token(&ns, "agent-0", "keyward").await;
 
-    // Ready once listed; the agent's token accepted, with the key headers.
+    // Ready once listed; the agent's token accepted, with the key headers, and its use
+    // recorded for its pod once the API server vouched for the pod token.
     wait_ready(&http, &base).await;
     let res = eventually("the agent token accepted", || async {
-        let r = auth(&http, &base, &token1, POD).await;
+        let r = auth(&http, &base, &token1, &pod_token).await;
         (r.status() == 200).then_some(r)
     })
     .await;
     assert_eq!(header(&res, "x-keyward-key"), format!("{}/vk", ns.name()));
     assert_eq!(header(&res, "x-keyward-kid"), kid1);
     let key = KeyRef::new(ns.name(), "vk");
-    assert!(
-        v.log.pods_seen(&key, &kid1).contains_key(POD),
-        "use recorded for the pod"
-    );
+    eventually("use recorded for the pod", || async {
+        v.log
+            .pods_seen(&key, &kid1)
+            .contains_key(&pod)
+            .then_some(())
+    })
+    .await;
 
     // The bundle over HTTP: max-age = publishDelay / 2, strong ETag, 304 on If-None-Match.
     let jwks_url = format!("{base}/keys/{}/vk/jwks.json", ns.name());
@@ -287,12 +314,12 @@ async fn verifier_accepts_the_agent_token_serves_the_bundle_and_refuses_a_revoke
     // as `KeyNotRecorded` from the moment it leaves the trust record, before the bundle lists
     // it as revoked.)
     let res = eventually("the old token refused as revoked", || async {
-        let r = auth(&http, &base, &token1, POD).await;
+        let r = auth(&http, &base, &token1, NO_POD).await;
         (r.status() == 401 && header(&r, "x-keyward-reason") == "TokenRevoked").then_some(r)
     })
     .await;
     assert!(res.text().await.expect("body").is_empty());
-    let res = auth(&http, &base, &token2, POD).await;
+    let res = auth(&http, &base, &token2, NO_POD).await;
     assert_eq!(res.status(), 200);
     assert_eq!(header(&res, "x-keyward-kid"), kid2);
 
@@ -339,24 +366,24 @@ async fn a_token_passes_only_the_route_bound_to_its_key() {
     let route_a = format!("{base}/auth/{}/bundles", ns_a.name());
     let route_b = format!("{base}/auth/{}/bundles", ns_b.name());
     eventually("both tokens accepted on their own routes", || async {
-        let a = auth_at(&http, &route_a, &token_a, POD).await.status() == 200;
-        let b = auth_at(&http, &route_b, &token_b, POD).await.status() == 200;
+        let a = auth_at(&http, &route_a, &token_a, NO_POD).await.status() == 200;
+        let b = auth_at(&http, &route_b, &token_b, NO_POD).await.status() == 200;
         (a && b).then_some(())
     })
     .await;
     for (url, token) in [(&route_b, &token_a), (&route_a, &token_b)] {
-        let res = auth_at(&http, url, token, POD).await;
+        let res = auth_at(&http, url, token, NO_POD).await;
         assert_eq!(res.status(), 403, "{url}");
         assert_eq!(header(&res, "x-keyward-reason"), "KeyNotAccepted");
         // Envoy's shape for the same binding.
         let envoy = url.replacen("/auth/", "/authz/", 1) + "/bundles/authz.tar.gz";
-        assert_eq!(auth_at(&http, &envoy, token, POD).await.status(), 403);
+        assert_eq!(auth_at(&http, &envoy, token, NO_POD).await.status(), 403);
     }
     for url in [
         format!("{base}/auth"),
         format!("{base}/ext_authz/{}/bundles/x", ns_b.name()),
     ] {
-        let res = auth_at(&http, &url, &token_a, POD).await;
+        let res = auth_at(&http, &url, &token_a, NO_POD).await;
         assert_eq!(res.status(), 403, "{url}");
         assert_eq!(header(&res, "x-keyward-reason"), "Unbound");
     }
@@ -484,12 +511,6 @@ fn stopped(lease: &Lease) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-const PODS: [&str; 3] = [
-    "11111111-1111-4111-8111-111111111111",
-    "22222222-2222-4222-8222-222222222222",
-    "33333333-3333-4333-8333-333333333333",
-];
-
 /// ~2,000 accepted requests for one key over ~25 s from 3 pods and unattributed clients: at
 /// most one report write per 10 s interval (the object's generation counts spec changes; the
 /// resolution is 1 s, so every flush has something newer to write), exactly the 3 pods listed.
@@ -497,6 +518,13 @@ const PODS: [&str; 3] = [
 async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
     let ns = TestNamespace::new("kw-vreport").await;
     let (uid, token) = minted_key(&ns, "vk").await;
+    let mut pod_uids = Vec::new();
+    let mut pod_tokens = Vec::new();
+    for i in 0..3 {
+        let (pod, pod_token) = pod_with_token(&ns, &format!("agent-{i}"), "keyward").await;
+        pod_uids.push(pod);
+        pod_tokens.push(pod_token);
+    }
     let mut v = Spawned::start(
         ns.name(),
         "flood-0",
@@ -506,7 +534,7 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
     let http = reqwest::Client::new();
     let base = v.base.clone();
     eventually("the token accepted", || async {
-        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+        (auth(&http, &base, &token, &pod_tokens[0]).await.status() == 200).then_some(())
     })
     .await;
 
@@ -514,16 +542,17 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
     let mut accepted = 0u32;
     let mut i = 0usize;
     while started.elapsed() < Duration::from_secs(25) {
-        // Pods round-robin, and every fourth request without a usable pod UID.
+        // Pods round-robin, and every fourth request without a usable pod token (none, or one
+        // the API server refuses).
         let pod = match i % 4 {
             3 => {
                 if i % 8 == 3 {
                     ""
                 } else {
-                    "${POD_UID}"
+                    "${POD_TOKEN}"
                 }
             }
-            n => PODS[n],
+            n => pod_tokens[n].as_str(),
         };
         if auth(&http, &base, &token, pod).await.status() == 200 {
             accepted += 1;
@@ -558,7 +587,11 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
     pods.sort();
     assert_eq!(
         pods,
-        PODS.to_vec(),
+        {
+            let mut want: Vec<&str> = pod_uids.iter().map(String::as_str).collect();
+            want.sort();
+            want
+        },
         "exactly the 3 pods, no unattributed use"
     );
     assert!(!report.spec.keys[0].pods_truncated);
@@ -600,6 +633,7 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
 async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
     let ns = TestNamespace::new("kw-vlease").await;
     let (_, token) = minted_key(&ns, "vk").await;
+    let (pod, pod_token) = pod_with_token(&ns, "agent-0", "keyward").await;
     let leases: Api<Lease> = ns.api();
     let lease_name = usage::lease_name("lease-0");
     let args = ["--report-interval", "2s"];
@@ -645,9 +679,11 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
     .await;
     let base = first.base.clone();
     eventually("the token accepted", || async {
-        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+        (auth(&http, &base, &token, &pod_token).await.status() == 200).then_some(())
     })
     .await;
+    // The pod token's review (in the background, a few ms) records the pod's use.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // SIGTERM: a final flush, exit 0, and the Lease marked stopped with a watermark at stop.
     let term = chrono::Utc::now();
@@ -672,7 +708,7 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
         .get(&usage::report_name("vk", "lease-0"))
         .await
         .expect("the final flush wrote the report");
-    assert_eq!(report.spec.keys[0].pods[0].uid, PODS[0]);
+    assert_eq!(report.spec.keys[0].pods[0].uid, pod);
     // Issue 18, finding 4: the report carries its write number, and the Lease (renewed after
     // the write) lists it with that number.
     let seq = usage::report_seq(&report).expect("the report is numbered");
@@ -730,6 +766,7 @@ async fn the_replica_lease_vouches_for_a_window_and_is_never_shared() {
 async fn a_verifier_without_reporting_writes_no_lease_and_no_report() {
     let ns = TestNamespace::new("kw-vnoreport").await;
     let (_, token) = minted_key(&ns, "vk").await;
+    let (_, pod_token) = pod_with_token(&ns, "agent-0", "keyward").await;
     let mut v = Spawned::start(
         ns.name(),
         "sidecar-0",
@@ -739,12 +776,12 @@ async fn a_verifier_without_reporting_writes_no_lease_and_no_report() {
     let http = reqwest::Client::new();
     let base = v.base.clone();
     eventually("the token accepted", || async {
-        (auth(&http, &base, &token, PODS[0]).await.status() == 200).then_some(())
+        (auth(&http, &base, &token, &pod_token).await.status() == 200).then_some(())
     })
     .await;
     // Several report intervals of use, then a clean stop (a reporter would flush at stop).
     for _ in 0..30 {
-        assert_eq!(auth(&http, &base, &token, PODS[1]).await.status(), 200);
+        assert_eq!(auth(&http, &base, &token, &pod_token).await.status(), 200);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     v.sigterm();
@@ -786,7 +823,7 @@ async fn the_verifier_binary_holds_as_an_edge() {
     let http = reqwest::Client::new();
     let route = format!("{}/auth/{}/edge", v.base, ns.name());
     eventually("the token accepted", || async {
-        (auth_at(&http, &route, &token, POD).await.status() == 200).then_some(())
+        (auth_at(&http, &route, &token, NO_POD).await.status() == 200).then_some(())
     })
     .await;
 
@@ -875,7 +912,7 @@ async fn the_verifier_binary_holds_as_an_edge() {
             jti: "INJECTED-JTI".into(),
         })
         .expect("sign");
-    let res = auth_at(&http, &route, &forged, POD).await;
+    let res = auth_at(&http, &route, &forged, NO_POD).await;
     assert_eq!(res.status(), 401);
     let metrics = http
         .get(format!("{}/metrics", v.base))
@@ -1040,7 +1077,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
     let jwks_url = format!("{}/keys/{}/tk/jwks.json", v.base, ns.name());
     wait_ready(&http, &v.base).await;
     eventually("the agent token accepted", || async {
-        (auth_at(&http, &route, &token1, POD).await.status() == 200).then_some(())
+        (auth_at(&http, &route, &token1, NO_POD).await.status() == 200).then_some(())
     })
     .await;
 
@@ -1077,7 +1114,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut tries = 0;
     while Instant::now() < deadline {
-        let res = auth_at(&http, &route, &forged, POD).await;
+        let res = auth_at(&http, &route, &forged, NO_POD).await;
         assert_eq!(res.status(), 401, "a forged token passed");
         let served: Jwks = serde_json::from_str(
             &http
@@ -1091,7 +1128,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
         )
         .expect("jwks");
         assert!(!served.key_ids().contains(&evil.public_key().key_id()));
-        assert_eq!(auth_at(&http, &route, &token1, POD).await.status(), 200);
+        assert_eq!(auth_at(&http, &route, &token1, NO_POD).await.status(), 200);
         tries += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1165,7 +1202,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
     .await
     .expect("wipe the status");
     for _ in 0..10 {
-        assert_eq!(auth_at(&http, &route, &token1, POD).await.status(), 200);
+        assert_eq!(auth_at(&http, &route, &token1, NO_POD).await.status(), 200);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -1202,7 +1239,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
         if kid == kid1 {
             old_token = token.clone();
         }
-        let res = auth_at(&http, &route, &token, POD).await;
+        let res = auth_at(&http, &route, &token, NO_POD).await;
         assert_eq!(
             res.status(),
             200,
@@ -1211,7 +1248,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
         );
         let revoked = k1_revoked().await;
         if !revoked && exp_of(&old_token) > chrono::Utc::now().timestamp() + 1 {
-            let res = auth_at(&http, &route, &old_token, POD).await;
+            let res = auth_at(&http, &route, &old_token, NO_POD).await;
             assert!(
                 res.status() == 200 || k1_revoked().await,
                 "the old key's live token refused before its revocation: {}",
@@ -1339,7 +1376,7 @@ async fn a_verifier_that_cannot_confirm_its_view_goes_not_ready_and_lists_again(
     let route = format!("{base}/auth/{}/sk", ns.name());
     wait_ready(&http, &base).await;
     eventually("the agent token accepted", || async {
-        (auth_at(&http, &route, &token1, POD).await.status() == 200).then_some(())
+        (auth_at(&http, &route, &token1, NO_POD).await.status() == 200).then_some(())
     })
     .await;
 
@@ -1381,7 +1418,7 @@ async fn a_verifier_that_cannot_confirm_its_view_goes_not_ready_and_lists_again(
     })
     .await;
     eventually("the revoked key's token refused", || async {
-        (auth_at(&http, &route, &token1, POD).await.status() == 401).then_some(())
+        (auth_at(&http, &route, &token1, NO_POD).await.status() == 401).then_some(())
     })
     .await;
 
@@ -1505,4 +1542,187 @@ async fn usage_evidence_is_written_only_by_the_verifier() {
 
     remove_admission_policy(&name).await;
     ns.cleanup().await;
+}
+
+/// Issue 18, finding 5: acknowledgements tied to the pod, not to a header. Before, the pod UID
+/// was the client's `X-Keyward-Pod-UID`, so any pod holding the shared agent token could
+/// confirm any other pod (a rotation was confirmed 1.8 s after one pod sent another's UID).
+/// Now only a pod-bound ServiceAccount token for the `keyward` audience, vouched for by the API
+/// server, names a pod. Pod a's agent tries every way to acknowledge for pod b, with b's UID
+/// in hand: the old header, an unsigned token claiming b, a token bound to b for the API
+/// server's audience that a tenant (mallory, who may create ServiceAccount tokens) minted, and
+/// a keyward token bound to b, which the pod-token policy refuses to mint for anyone but a
+/// kubelet. A pod of another namespace does not count either. The report lists pod a only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_acknowledges_only_itself() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let ns = TestNamespace::new("kw-vpodack").await;
+    let other = TestNamespace::new("kw-vpodack-other").await;
+    let (_, token) = minted_key(&ns, "vk").await;
+    // The chart's pod-token policy, with the test harness as the kubelet stand-in.
+    let policy = format!("keyward-pod-token-{}", ns.name());
+    install_admission_policy(verifier::pod_identity::minting_policy_objects(
+        &policy,
+        verifier::pod_identity::DEFAULT_AUDIENCE,
+        &[own_username().await],
+        Some(ns.name()),
+    ))
+    .await;
+    let (pod_a, token_a) = pod_with_token(&ns, "agent-a", "keyward").await;
+    let (pod_b, _) = pod_with_token(&ns, "agent-b", "").await;
+    let (pod_c, token_c) = pod_with_token(&other, "agent-c", "keyward").await;
+
+    // mallory may create ServiceAccount tokens in the namespace (as `edit`-like roles may).
+    let roles: Api<Role> = ns.api();
+    let bindings: Api<RoleBinding> = ns.api();
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "token-minter"},
+                "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}],
+            }))
+            .expect("role"),
+        )
+        .await
+        .expect("create the role");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "token-minter"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "token-minter"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}],
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("create the binding");
+    let mallory: Api<ServiceAccount> = Api::namespaced(client_as("mallory").await, ns.name());
+    // A keyward token bound to pod b: refused by the policy (RBAC allowed it).
+    let refused = eventually("mallory refused a keyward-audience token", || async {
+        match request_pod_token(&mallory, "agent-b", &pod_b, "keyward").await {
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 403 => {
+                e.message.contains("only kubelets").then_some(e)
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            // The policy may take a moment to reach the admission chain: retry.
+            Ok(_) => None,
+        }
+    })
+    .await;
+    eprintln!(
+        "mallory's keyward token for pod b: refused, {}",
+        refused.message
+    );
+    // A token bound to pod b for the API server's audience: minted, but not for keyward.
+    let b_api_token = request_pod_token(&mallory, "agent-b", &pod_b, "")
+        .await
+        .expect("a token for the API server's audience");
+    // An unsigned token that claims pod b.
+    let b64 = |v: serde_json::Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let forged = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none"})),
+        b64(json!({
+            "aud": ["keyward"], "sub": "system:serviceaccount:x:agent",
+            "kubernetes.io": {"namespace": ns.name(), "pod": {"name": "agent-b", "uid": pod_b}}
+        }))
+    );
+
+    let v = Spawned::start(
+        ns.name(),
+        "ack-0",
+        &["--report-interval", "1s", "--report-resolution", "1s"],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let base = v.base.clone();
+    let attempts: [(&str, &str); 5] = [
+        ("pod a's own token", &token_a),
+        ("b's API-audience token", &b_api_token),
+        ("an unsigned token claiming b", &forged),
+        ("another namespace's pod", &token_c),
+        ("garbage", "${POD_TOKEN}"),
+    ];
+    for round in 0..5 {
+        for (what, pod_token) in attempts {
+            let res = http
+                .get(format!("{base}/auth/{}/vk", ns.name()))
+                .bearer_auth(&token)
+                .header(verifier::pod_identity::POD_TOKEN_HEADER, pod_token)
+                // The old header, naming pod b: never read.
+                .header("x-keyward-pod-uid", &pod_b)
+                .send()
+                .await
+                .expect("GET /auth");
+            assert_eq!(
+                res.status(),
+                200,
+                "{what}, round {round}: the key token is valid"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Two report intervals after the last request, the report lists exactly pod a.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reports: Api<KeyUsageReport> = ns.api();
+    let report = reports
+        .get(&usage::report_name("vk", "ack-0"))
+        .await
+        .expect("the report");
+    let listed: Vec<&str> = report.spec.keys[0]
+        .pods
+        .iter()
+        .map(|p| p.uid.as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        vec![pod_a.as_str()],
+        "only pod a, never b ({pod_b}) or c ({pod_c})"
+    );
+    // Each distinct token reviewed once, whatever the number of requests.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let count = |result: &str| -> u64 {
+        let prefix = format!("keyward_verifier_pod_token_reviews_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "pod token reviews: pod {}, unauthenticated {}, other_namespace {}",
+        count("pod"),
+        count("unauthenticated"),
+        count("other_namespace")
+    );
+    assert_eq!(
+        count("pod"),
+        2,
+        "pod a and pod c (of another namespace), once each"
+    );
+    assert_eq!(
+        count("unauthenticated"),
+        3,
+        "b's API token, the forgery, garbage: once each"
+    );
+    assert!(
+        count("other_namespace") >= 4,
+        "pod c refused for this key on every request after its review"
+    );
+
+    remove_admission_policy(&policy).await;
+    ns.cleanup().await;
+    other.cleanup().await;
 }

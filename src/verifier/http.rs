@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use super::index::{Bundle, Document, KeyParams, KeyRef};
-use super::use_log::{Instance, POD_UID_HEADER, Use};
+use super::pod_identity::POD_TOKEN_HEADER;
+use super::use_log::{Instance, Use};
 use super::verify::{self, Binding, Refusal, Verified};
 use crate::keys::Jwks;
 
@@ -140,7 +141,17 @@ fn check(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Result<Veri
     });
     match &verified {
         Ok(v) => {
-            let instance = Instance::from_header(headers.get(POD_UID_HEADER));
+            // The pod only from a pod token the API server vouches for (never from a header the
+            // client chose).
+            let instance = shared.pods.as_ref().map_or(Instance::Unattributed, |p| {
+                p.attribute(
+                    headers.get(POD_TOKEN_HEADER),
+                    &v.key,
+                    &v.kid,
+                    now,
+                    &shared.use_log,
+                )
+            });
             debug!(key = %v.key, kid = %v.kid, pod = ?instance.pod_uid(), "token accepted");
             shared.stats.allowed();
             shared.use_log.record(Use {

@@ -12,6 +12,7 @@
 pub mod fresh;
 pub mod http;
 pub mod index;
+pub mod pod_identity;
 pub mod report;
 pub mod serve;
 pub mod stats;
@@ -92,6 +93,9 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Whether the watches' view is confirmed (`--max-staleness`).
     pub freshness: fresh::Freshness,
+    /// Attributes accepted requests to pods by their pod token (`None`: no request is
+    /// attributed to any pod).
+    pub pods: Option<Arc<pod_identity::PodIdentity>>,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -109,8 +113,23 @@ impl Shared {
             limits: Limits::default(),
             tls: None,
             freshness: fresh::Freshness::default(),
+            pods: None,
             pending: AtomicUsize::new(0),
         }
+    }
+
+    /// Attributes requests to pods by their pod token, reviewed by `reviewer` for `audience`.
+    pub fn with_pod_identity(
+        mut self,
+        reviewer: Arc<dyn pod_identity::Reviewer>,
+        audience: &str,
+    ) -> Self {
+        self.pods = Some(Arc::new(pod_identity::PodIdentity::new(
+            reviewer,
+            audience,
+            self.stats.clone(),
+        )));
+        self
     }
 
     /// Unbound routes accept any watched key (`--accept-any-key`).

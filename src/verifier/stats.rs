@@ -23,6 +23,12 @@ pub struct Stats {
     upstream_timeouts: Counter,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     view_unconfirmed: Gauge,
+    pod_token_reviews: Family<ReviewLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReviewLabels {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,8 +75,15 @@ impl Default for Stats {
             "How long a watch of ProvisioningKeys or trust bundles has been failing (0 while every watch is confirmed); over --max-staleness the verifier is not ready",
             view_unconfirmed.clone(),
         );
+        let pod_token_reviews = Family::<ReviewLabels, Counter>::default();
+        registry.register(
+            "keyward_verifier_pod_token_reviews",
+            "Pod tokens (X-Keyward-Pod-Token) by outcome: pod (the API server named a pod), unauthenticated, not_pod_bound, error (the review failed, e.g. no RBAC), busy (not reviewed: too many in flight or the cache full), other_namespace (a pod used a key of another namespace; not attributed)",
+            pod_token_reviews.clone(),
+        );
         Stats {
             registry,
+            pod_token_reviews,
             view_unconfirmed,
             tls_handshake_failures,
             decisions,
@@ -144,6 +157,20 @@ impl Stats {
     pub fn tls_handshake_failures(&self, reason: &'static str) -> u64 {
         self.tls_handshake_failures
             .get_or_create(&HandshakeLabels { reason })
+            .get()
+    }
+
+    /// A pod token's outcome (`result` from a fixed list, see the metric's help).
+    pub fn pod_token_review(&self, result: &'static str) {
+        self.pod_token_reviews
+            .get_or_create(&ReviewLabels { result })
+            .inc();
+    }
+
+    /// How many pod tokens had outcome `result`.
+    pub fn pod_token_reviews(&self, result: &'static str) -> u64 {
+        self.pod_token_reviews
+            .get_or_create(&ReviewLabels { result })
             .get()
     }
 

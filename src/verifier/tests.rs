@@ -645,8 +645,9 @@ async fn auth_request_shapes() {
     let token = live_token(&f.k1, "ns/a");
     let bearer = format!("Bearer {token}");
 
-    // nginx auth_request on the key's own route: allowed, with the key headers and the pod
-    // recorded.
+    // nginx auth_request on the key's own route: allowed, with the key headers. A pod UID the
+    // client names (the old X-Keyward-Pod-UID) is not read: only a pod token the API server
+    // vouches for names a pod.
     let req = get_with(
         "/auth/ns/a",
         &[("authorization", &bearer), ("x-keyward-pod-uid", POD)],
@@ -657,7 +658,40 @@ async fn auth_request_shapes() {
     assert_eq!(headers["x-keyward-kid"], f.k1.key_id().as_str());
     assert!(body.is_empty());
     let key = KeyRef::new("ns", "a");
+    assert!(log.pods_seen(&key, &f.k1.key_id()).is_empty());
+
+    // With a pod token the reviewer knows, the pod is recorded (once the review is back).
+    let reviewer = Arc::new(super::pod_identity::testing::Table::new([(
+        "pod-token",
+        super::pod_identity::testing::status(
+            "system:serviceaccount:ns:agent",
+            &[POD],
+            &["keyward"],
+            true,
+        ),
+    )]));
+    let with_pods = {
+        let s = Shared::new(Policy::default(), log.clone(), None)
+            .with_pod_identity(reviewer.clone(), super::pod_identity::DEFAULT_AUDIENCE);
+        s.update(|i| *i = f.index.clone());
+        router(Arc::new(s))
+    };
+    let req = get_with(
+        "/auth/ns/a",
+        &[
+            ("authorization", &bearer),
+            ("x-keyward-pod-token", "pod-token"),
+        ],
+    );
+    assert_eq!(call(&with_pods, req).await.0, StatusCode::OK);
+    for _ in 0..100 {
+        if !log.pods_seen(&key, &f.k1.key_id()).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(log.pods_seen(&key, &f.k1.key_id()).contains_key(POD));
+    assert_eq!(reviewer.reviews(), 1);
 
     // No token: 401, a reason, WWW-Authenticate, no body.
     let (status, headers, body) = call(&app, get_with("/auth/ns/a", &[])).await;

@@ -1,10 +1,10 @@
 //! Recording use: which (ProvisioningKey, key id, agent instance) was seen, and when.
 //!
-//! Every accepted request is handed to a [`UseLog`]. The agent instance is the pod's UID, sent
-//! by the agent in `X-Keyward-Pod-UID` (OPA fills it from `${POD_UID}`, which the downward API
-//! sets; StatefulSets reuse pod names, never UIDs). An empty, malformed or placeholder header
-//! never counts as any pod: such a request is recorded as [`Instance::Unattributed`], which
-//! proves that the key id is in use but confirms no pod.
+//! Every accepted request is handed to a [`UseLog`]. The agent instance is the pod's UID, taken
+//! from the pod-bound ServiceAccount token the API server vouched for (`super::pod_identity`;
+//! StatefulSets reuse pod names, never UIDs), never from a header the client chose. A request
+//! without such a token is recorded as [`Instance::Unattributed`], which proves that the key
+//! id is in use but confirms no pod.
 //!
 //! The reporter (`super::report`) drains the log every report interval and writes what changed
 //! to the operator; see docs/verifier.md.
@@ -16,9 +16,6 @@ use chrono::{DateTime, Utc};
 
 use super::index::KeyRef;
 
-/// The header an agent puts its pod's UID in.
-pub const POD_UID_HEADER: &str = "x-keyward-pod-uid";
-
 /// Who presented a token.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Instance {
@@ -29,20 +26,6 @@ pub enum Instance {
 }
 
 impl Instance {
-    /// The instance named by an `X-Keyward-Pod-UID` header value. Only a UUID counts (pod UIDs
-    /// are UUIDs); anything else (absent, empty, `unknown`, an unsubstituted `${POD_UID}`,
-    /// several values) is [`Instance::Unattributed`].
-    pub fn from_header(value: Option<&http::HeaderValue>) -> Self {
-        value
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .and_then(|v| uuid::Uuid::try_parse(v).ok())
-            .filter(|u| !u.is_nil())
-            .map_or(Instance::Unattributed, |u| {
-                Instance::Pod(u.hyphenated().to_string())
-            })
-    }
-
     pub fn pod_uid(&self) -> Option<&str> {
         match self {
             Instance::Pod(uid) => Some(uid),
@@ -179,30 +162,8 @@ impl UseLog for MemoryUseLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     const UID: &str = "3f1c1a52-9d0e-4a53-8a3e-0c2f5b6a7d81";
-
-    #[test]
-    fn only_a_pod_uid_counts_as_a_pod() {
-        let cases: &[(Option<&str>, Option<&str>)] = &[
-            (Some(UID), Some(UID)),
-            (Some(&UID.to_uppercase()), Some(UID)),
-            (Some(&format!(" {UID} ")), Some(UID)),
-            (None, None),
-            (Some(""), None),
-            (Some("unknown"), None),
-            (Some("${POD_UID}"), None),
-            (Some("00000000-0000-0000-0000-000000000000"), None),
-            (Some(&format!("{UID},{UID}")), None),
-            (Some("web-0"), None),
-        ];
-        for (header, want) in cases {
-            let value = header.map(|h| HeaderValue::from_str(h).expect("header value"));
-            let got = Instance::from_header(value.as_ref());
-            assert_eq!(got.pod_uid(), *want, "header {header:?}");
-        }
-    }
 
     fn used(instance: Instance, secs: i64) -> Use {
         Use {
@@ -217,11 +178,8 @@ mod tests {
     fn unattributed_use_counts_as_use_but_never_as_a_pod() {
         let log = MemoryUseLog::new(10);
         let key = KeyRef::new("ns", "pk");
-        log.record(used(Instance::from_header(None), 100));
-        log.record(used(
-            Instance::from_header(Some(&HeaderValue::from_static(""))),
-            150,
-        ));
+        log.record(used(Instance::Unattributed, 100));
+        log.record(used(Instance::Unattributed, 150));
         assert!(log.pods_seen(&key, "kid-a").is_empty());
         assert_eq!(
             log.last_used(&key, "kid-a").map(|t| t.timestamp()),

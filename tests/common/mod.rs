@@ -390,3 +390,80 @@ pub async fn remove_admission_policy(name: &str) {
         .delete(name, &dp)
         .await;
 }
+
+/// A pod of ServiceAccount `agent` in `ns` (never scheduled: nothing runs it) and a
+/// ServiceAccount token bound to it for `audience` (empty: the API server's own), as the
+/// kubelet projects one: (pod UID, token).
+#[allow(dead_code)]
+pub async fn pod_with_token(
+    ns: &keyward_testbed::TestNamespace,
+    pod: &str,
+    audience: &str,
+) -> (String, String) {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let sas: Api<ServiceAccount> = ns.api();
+    match sas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "agent" } })).expect("sa"),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("create ServiceAccount agent: {e}"),
+    }
+    let pods: Api<Pod> = ns.api();
+    let created = match pods.get_opt(pod).await.expect("get pod") {
+        Some(p) => p,
+        None => pods
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": { "name": pod },
+                    "spec": {
+                        "serviceAccountName": "agent",
+                        "automountServiceAccountToken": false,
+                        "containers": [{ "name": "agent", "image": "agent.invalid/none" }],
+                    },
+                }))
+                .expect("pod"),
+            )
+            .await
+            .expect("create pod"),
+    };
+    let uid = created.uid().expect("uid");
+    let token = request_pod_token(&sas, pod, &uid, audience)
+        .await
+        .expect("TokenRequest");
+    (uid, token)
+}
+
+/// A TokenRequest for ServiceAccount `agent`, bound to pod `pod` (`uid`), through `sas` (whose
+/// client says who asks).
+#[allow(dead_code)]
+pub async fn request_pod_token(
+    sas: &Api<k8s_openapi::api::core::v1::ServiceAccount>,
+    pod: &str,
+    uid: &str,
+    audience: &str,
+) -> Result<String, kube::Error> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    let audiences: Vec<&str> = if audience.is_empty() {
+        vec![]
+    } else {
+        vec![audience]
+    };
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": audiences,
+            "expirationSeconds": 3600,
+            "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid },
+        },
+    }))
+    .expect("token request");
+    let got = sas
+        .create_token_request("agent", &PostParams::default(), &request)
+        .await?;
+    Ok(got.status.map(|s| s.token).unwrap_or_default())
+}
