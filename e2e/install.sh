@@ -480,8 +480,19 @@ verifier_check() { # ns release keyns
   token=$(kubectl -n "$keyns" get secret opa-agents-key -o jsonpath='{.data.token}' | base64 -d)
   [ -n "$token" ] || vdie "$log" "$keyns: no agent token"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
-    -H "X-Keyward-Pod-UID: 00000000-0000-4000-8000-000000000001" "${curl_tls[@]}" "$base/auth/$keyns/opa-agents")
+    -H "X-Keyward-Pod-Token: not-a-token" "${curl_tls[@]}" "$base/auth/$keyns/opa-agents")
   [ "$code" = 200 ] || vdie "$log" "the verifier answered $code to the agent token of $keyns/opa-agents (log: $log)"
+  # Pods are named only by pod tokens (issue 18, finding 5): the verifier may review them, and
+  # only kubelets may mint one for the keyward audience (the chart's pod-token policy), not
+  # even the plane's admin; other audiences are untouched.
+  can yes "$(verifier_user "$ns" "$release")" create tokenreviews.authentication.k8s.io
+  local minted
+  if minted=$(kubectl -n "$keyns" create token default --audience keyward 2>&1); then
+    vdie "$log" "$keyns: the pod-token policy let the admin mint a keyward-audience token"
+  fi
+  grep -q "only kubelets may request" <<<"$minted" || vdie "$log" "$keyns: keyward-audience token refused for another reason: $minted"
+  kubectl -n "$keyns" create token default >/dev/null || vdie "$log" "$keyns: a token for the API server's audience was refused"
+  say "  pod tokens: the verifier may review them; the admin was refused a keyward-audience token"
   code=$(curl -s -o /dev/null -w '%{http_code}' "${curl_tls[@]}" "$base/keys/$keyns/opa-agents/jwks.json")
   [ "$code" = 200 ] || vdie "$log" "GET /keys/$keyns/opa-agents/jwks.json: $code (log: $log)"
   if [ "$reporting" = 1 ]; then
@@ -595,7 +606,11 @@ for name, text in (("cluster", cluster), ("namespaced", nsd)):
                    "--leader-elect=true", "replicas: 2", "limits:", "requests:"):
         assert needle in text, f"{name}: missing {needle!r}"
     assert "policy/v1beta1" not in text, f"{name}: PodDisruptionBudget version"
-assert "kind: ClusterRole\n" in cluster and "kind: ClusterRole\n" not in nsd
+assert "kind: ClusterRole\n" in cluster
+# Namespaced mode: no cluster-scoped grant but the verifier's create on tokenreviews (cluster-
+# scoped by nature; verifier.podTokens.review=false drops it).
+nsd_cluster_roles = [d for d in nsd.split("\n---\n") if re.search(r"^kind: ClusterRole(Binding)?$", d, re.M)]
+assert len(nsd_cluster_roles) == 2 and all("-verifier-tokenreview\n" in d for d in nsd_cluster_roles), nsd_cluster_roles
 assert "kind: CustomResourceDefinition" in cluster and "kind: CustomResourceDefinition" not in nsd
 assert cluster.count("helm.sh/resource-policy: keep") == 3  # ProvisioningKey, PolicyAgent, KeyUsageReport
 assert "--namespaces=kwi-a,kwi-b" in nsd and "--namespaces" not in cluster
@@ -650,6 +665,10 @@ for name, text, release, ns in (("cluster", cluster, "kwc", "kwi-system"), ("nam
              and d["metadata"]["labels"]["app.kubernetes.io/component"] == "verifier"]
     assert roles, name
     want_leases = [f"keyward-verifier-{sts_name}-0", f"keyward-verifier-{sts_name}-1"]
+    review = [r for r in roles if r["metadata"]["name"].endswith("-verifier-tokenreview")]
+    assert len(review) == 1 and review[0]["kind"] == "ClusterRole", f"{name}: the tokenreview grant"
+    assert review[0]["rules"] == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}], review
+    roles = [r for r in roles if r not in review]
     for r in roles:
         for rule in r["rules"]:
             for res in rule["resources"]:
@@ -809,8 +828,8 @@ verifier_check "$NS_CLUSTER" kwc "$UNWATCHED"
 # ---------------------------------------------------------------------------------------------
 step "helm install, namespaced mode (release kwn, watchNamespaces ${WATCHED[*]})"
 "$HELM" install kwn "$CHART" -n "$NS_NSD" "${NSD_VALUES[@]}" >"$WORK/install-kwn.txt"
-[ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwn -o name)" ] \
-  || die "namespaced mode created cluster-scoped RBAC"
+[ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwn -o name | grep -v -- '-verifier-tokenreview$')" ] \
+  || die "namespaced mode created cluster-scoped RBAC (other than the verifier's tokenreview grant)"
 
 step "can-i, namespaced mode"
 U=$(sa_user "$NS_NSD" kwn)
@@ -889,7 +908,7 @@ for ns in "$UNWATCHED" "${WATCHED[0]}"; do
   kubectl -n "$ns" get secret opa-agents-key >/dev/null || die "$ns: agent Secret gone"
   kubectl -n "$ns" get configmap opa-agents-trust >/dev/null || die "$ns: trust bundle gone"
 done
-[ -z "$(kubectl get clusterrole,clusterrolebinding -l app.kubernetes.io/instance=kwc -o name)" ] \
+[ -z "$(kubectl get clusterrole,clusterrolebinding -l 'app.kubernetes.io/instance in (kwc,kwn)' -o name)" ] \
   || die "cluster RBAC left after uninstall"
 [ -z "$(kubectl get role,rolebinding -A -l 'app.kubernetes.io/instance in (kwc,kwn)' -o name)" ] \
   || die "Roles left after uninstall"

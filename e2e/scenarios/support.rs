@@ -47,6 +47,8 @@ pub const PK: &str = "opa-agents";
 pub const AUDIENCE: &str = "bundle-service";
 /// The pod volume holding the agent Secret.
 pub const VOLUME: &str = "keyward";
+/// The projected volume with the pod's ServiceAccount token for the keyward audience.
+pub const POD_TOKEN_VOLUME: &str = "keyward-pod-token";
 /// The two workloads and their PolicyAgents (same names).
 pub const DEPLOY: &str = "opa-deploy";
 pub const STS: &str = "opa-sts";
@@ -571,8 +573,21 @@ impl Bed {
                     .await
                     .expect("locate opa")
                     .unwrap_or_else(|e| panic!("no real OPA for the end-to-end tests: {e}"));
-                let url = service_url.clone().unwrap_or_else(|| server.url());
-                config.with_agent(OpaProcess::new(binary, url, VOLUME))
+                let opa = match service_url.clone() {
+                    // Through the control plane (nginx and the verifier): each pod's OPA
+                    // downloads through `keyward agent-proxy`, which adds the pod's token, so
+                    // the verifier can tell which pod acknowledged a key.
+                    Some(url) => OpaProcess::new(binary, url, VOLUME).with_agent_proxy(
+                        keyward_testbed::AgentProxy {
+                            binary: env!("CARGO_BIN_EXE_keyward").into(),
+                            volume: POD_TOKEN_VOLUME.into(),
+                            path: "pod-token".into(),
+                            port: 8182,
+                        },
+                    ),
+                    None => OpaProcess::new(binary, server.url(), VOLUME),
+                };
+                config.with_agent(opa)
             }
         };
         let kubelet = Kubelet::start(client.clone(), &ns, config);
@@ -717,9 +732,17 @@ impl Bed {
                     "name": "opa",
                     "image": "openpolicyagent/opa:e2e",
                     "ports": [{ "containerPort": PORT }],
-                    "volumeMounts": [{ "name": VOLUME, "mountPath": "/var/run/keyward", "readOnly": true }],
+                    "volumeMounts": [
+                        { "name": VOLUME, "mountPath": "/var/run/keyward", "readOnly": true },
+                        { "name": POD_TOKEN_VOLUME, "mountPath": "/var/run/secrets/keyward", "readOnly": true },
+                    ],
                 }],
-                "volumes": [{ "name": VOLUME, "secret": { "secretName": PK } }],
+                "volumes": [
+                    { "name": VOLUME, "secret": { "secretName": PK } },
+                    // The pod's token for the verifier (docs/agent-proxy.md).
+                    { "name": POD_TOKEN_VOLUME, "projected": { "sources": [{ "serviceAccountToken": {
+                        "audience": "keyward", "expirationSeconds": 3600, "path": "pod-token" } }] } },
+                ],
             },
         })
     }

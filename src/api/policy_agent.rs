@@ -86,8 +86,9 @@ pub enum CheckMode {
     Http,
     /// Rollout completion only, for agents without a health endpoint.
     RolloutOnly,
-    /// The control plane's acknowledgement only: a `keyward verifier` accepted a request from
-    /// the pod (its UID in `X-Keyward-Pod-UID`) with the new key id. No HTTP check.
+    /// The control plane's acknowledgement only: a `keyward verifier` accepted a request with
+    /// the new key id and the pod's own pod-bound ServiceAccount token (audience `keyward`,
+    /// in `X-Keyward-Pod-Token`, see docs/agent-proxy.md). No HTTP check.
     Acknowledgement,
 }
 

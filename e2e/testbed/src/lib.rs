@@ -29,5 +29,5 @@ pub use kubelet::{
     Kubelet, KubeletConfig, KubeletError, KubeletHandle, NODE_NAME, ReadinessHook, RunningPod,
 };
 pub use namespace::TestNamespace;
-pub use opa::{OPA_PORT, OpaProcess, POD_NAME_HEADER_OPA, POD_UID_HEADER, opa_binary};
+pub use opa::{AgentProxy, OPA_PORT, OpaProcess, POD_NAME_HEADER_OPA, POD_UID_HEADER, opa_binary};
 pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};

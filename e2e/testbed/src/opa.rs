@@ -77,6 +77,21 @@ pub struct OpaProcess {
     resource: String,
     port: u16,
     polling_seconds: u32,
+    agent_proxy: Option<AgentProxy>,
+}
+
+/// `keyward agent-proxy` next to OPA in each pod (docs/agent-proxy.md): OPA downloads through
+/// it, and it adds the pod's projected ServiceAccount token (`X-Keyward-Pod-Token`).
+#[derive(Clone, Debug)]
+pub struct AgentProxy {
+    /// The `keyward` binary.
+    pub binary: PathBuf,
+    /// The projected volume holding the pod token.
+    pub volume: String,
+    /// The token's path in that volume.
+    pub path: String,
+    /// The proxy's port on the pod's IP.
+    pub port: u16,
 }
 
 impl OpaProcess {
@@ -94,7 +109,15 @@ impl OpaProcess {
             resource: "bundles/authz.tar.gz".into(),
             port: OPA_PORT,
             polling_seconds: 1,
+            agent_proxy: None,
         }
+    }
+
+    /// Runs `proxy` in each pod, and points OPA at it instead of the service.
+    #[must_use]
+    pub fn with_agent_proxy(mut self, proxy: AgentProxy) -> Self {
+        self.agent_proxy = Some(proxy);
+        self
     }
 
     /// Sets the bundle's resource path on the service (default `bundles/authz.tar.gz`).
@@ -114,13 +137,17 @@ impl OpaProcess {
     /// OPA's configuration for one pod (YAML). `${POD_NAME}` / `${POD_UID}` are left for OPA
     /// to substitute from its environment.
     pub fn config(&self, token_path: &Path) -> String {
+        self.config_for(&self.service_url, token_path)
+    }
+
+    fn config_for(&self, service_url: &str, token_path: &Path) -> String {
         // JSON strings are valid YAML scalars: paths and URLs need no further quoting.
         let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
         format!(
             "services:\n  control-plane:\n    url: {url}\n    headers:\n      X-Keyward-Pod-UID: \"${{POD_UID}}\"\n      X-Keyward-Pod-Name: \"${{POD_NAME}}\"\n    credentials:\n      bearer:\n        token_path: {token}\n\
              bundles:\n  authz:\n    service: control-plane\n    resource: {resource}\n    polling:\n      min_delay_seconds: {p}\n      max_delay_seconds: {p}\n\
              labels:\n  pod: \"${{POD_NAME}}\"\n  pod_uid: \"${{POD_UID}}\"\n",
-            url = q(&self.service_url),
+            url = q(service_url),
             token = q(&token_path.to_string_lossy()),
             resource = q(&self.resource),
             p = self.polling_seconds,
@@ -141,32 +168,74 @@ impl AgentFactory for OpaProcess {
         let config_path = pod.dir.join("opa-config.yaml");
         let log_path = pod.dir.join("opa.log");
         let addr = format!("{}:{}", pod.ip, self.port);
-        let spawned = std::fs::write(&config_path, self.config(&secret_dir.join("token")))
-            .and_then(|()| std::fs::File::create(&log_path))
-            .and_then(|log| {
-                tokio::process::Command::new(&self.binary)
-                    .args(["run", "--server", "--disable-telemetry", "--addr", &addr])
-                    .arg("--config-file")
-                    .arg(&config_path)
-                    .args(["--log-level", "info", "--shutdown-grace-period", "1"])
-                    .env("POD_NAME", &pod.name)
-                    .env("POD_UID", &pod.uid)
-                    .env("POD_NAMESPACE", &pod.namespace)
-                    .env_remove("HTTP_PROXY")
-                    .env_remove("HTTPS_PROXY")
-                    .env_remove("http_proxy")
-                    .env_remove("https_proxy")
+        // The sidecar first, so OPA's first download finds it.
+        let mut sidecar = None;
+        let mut service_url = self.service_url.clone();
+        if let Some(proxy) = &self.agent_proxy {
+            let Some(token_dir) = pod.projected_dirs.get(&proxy.volume) else {
+                tracing::error!(pod = %pod.name, volume = %proxy.volume, "no projected volume for the pod token");
+                return async {}.boxed();
+            };
+            let listen = format!("{}:{}", pod.ip, proxy.port);
+            let spawned = std::fs::File::create(pod.dir.join("agent-proxy.log")).and_then(|log| {
+                tokio::process::Command::new(&proxy.binary)
+                    .args([
+                        "agent-proxy",
+                        "--listen",
+                        &listen,
+                        "--upstream",
+                        &self.service_url,
+                    ])
+                    .arg("--pod-token-file")
+                    .arg(token_dir.join(&proxy.path))
+                    .env("RUST_LOG", "info")
                     .current_dir(&pod.dir)
                     .stdin(Stdio::null())
                     .stdout(log.try_clone()?)
                     .stderr(log)
-                    // Aborting the pod's task drops the child: SIGKILL, by its own pid.
                     .kill_on_drop(true)
                     .spawn()
             });
+            match spawned {
+                Ok(child) => sidecar = Some(child),
+                Err(e) => {
+                    tracing::error!(pod = %pod.name, "cannot start keyward agent-proxy: {e}");
+                    return async {}.boxed();
+                }
+            }
+            service_url = format!("http://{listen}");
+        }
+        let spawned = std::fs::write(
+            &config_path,
+            self.config_for(&service_url, &secret_dir.join("token")),
+        )
+        .and_then(|()| std::fs::File::create(&log_path))
+        .and_then(|log| {
+            tokio::process::Command::new(&self.binary)
+                .args(["run", "--server", "--disable-telemetry", "--addr", &addr])
+                .arg("--config-file")
+                .arg(&config_path)
+                .args(["--log-level", "info", "--shutdown-grace-period", "1"])
+                .env("POD_NAME", &pod.name)
+                .env("POD_UID", &pod.uid)
+                .env("POD_NAMESPACE", &pod.namespace)
+                .env_remove("HTTP_PROXY")
+                .env_remove("HTTPS_PROXY")
+                .env_remove("http_proxy")
+                .env_remove("https_proxy")
+                .current_dir(&pod.dir)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                // Aborting the pod's task drops the child: SIGKILL, by its own pid.
+                .kill_on_drop(true)
+                .spawn()
+        });
         let mut termination = pod.termination.clone();
         let name = pod.name.clone();
         async move {
+            // Dropped (killed) with the pod's task, like OPA.
+            let _sidecar = sidecar;
             let mut child = match spawned {
                 Ok(c) => c,
                 Err(e) => {
