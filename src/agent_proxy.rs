@@ -226,7 +226,9 @@ struct Warned {
 }
 
 impl Misses {
-    fn record(&self, path: &Path, problem: TokenProblem, now: Instant) {
+    /// Counts one miss; warns unless a warning went out less than [`WARN_EVERY`] before `now`.
+    /// Returns whether it warned.
+    fn record(&self, path: &Path, problem: TokenProblem, now: Instant) -> bool {
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         warned.since += 1;
@@ -234,7 +236,7 @@ impl Misses {
             .at
             .is_some_and(|at| now.duration_since(at) < WARN_EVERY)
         {
-            return;
+            return false;
         }
         warn!(
             file = %path.display(),
@@ -247,6 +249,7 @@ impl Misses {
             at: Some(now),
             since: 0,
         };
+        true
     }
 }
 
@@ -466,3 +469,6 @@ impl HttpBody for SyncBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
