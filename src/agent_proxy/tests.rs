@@ -303,7 +303,8 @@ async fn without_a_usable_file_the_request_is_still_forwarded() {
 async fn token_file_problems_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("pod-token");
-    let cases: [(Option<Vec<u8>>, Result<&str, TokenProblem>); 6] = [
+    type Case = (Option<Vec<u8>>, Result<&'static str, TokenProblem>);
+    let cases: [Case; 6] = [
         (
             None,
             Err(TokenProblem::Unreadable(std::io::ErrorKind::NotFound)),
