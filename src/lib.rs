@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod agent_proxy;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -39,6 +39,9 @@ enum Command {
     /// Verify Keyward's bearer tokens over HTTP (nginx auth_request, Envoy ext_authz, reverse
     /// proxy) and serve the trust bundles (docs/verifier.md).
     Verifier(Box<VerifierArgs>),
+    /// Loopback sidecar for a policy agent: forwards its requests to the control plane with
+    /// the pod's projected ServiceAccount token added (docs/agent-proxy.md).
+    AgentProxy(Box<AgentProxyArgs>),
     // The CLI for people (`keyward status`, `keyward rotate`): src/cli/.
     #[command(flatten)]
     Cli(keyward::cli::Command),
@@ -207,6 +210,13 @@ async fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keyward verifier: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::AgentProxy(args) => match agent_proxy(*args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyward agent-proxy: {e}");
                 std::process::ExitCode::FAILURE
             }
         },
@@ -591,8 +601,58 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
     Ok(())
 }
 
-/// Core dumps off for the operator and the verifier (they hold key material); a failure is
-/// logged, not fatal.
+// ---- `keyward agent-proxy`: the flags and the wiring; the proxy is src/agent_proxy.rs. ----
+
+#[derive(clap::Args)]
+struct AgentProxyArgs {
+    /// Address to listen on, `ip:port`; only loopback (127.0.0.0/8 or ::1) is accepted.
+    #[arg(long, default_value = keyward::agent_proxy::DEFAULT_LISTEN)]
+    listen: String,
+    /// The control plane's base URL (`http://` or `https://`); a request for `/a/b?c` goes to
+    /// `<upstream>/a/b?c`.
+    #[arg(long)]
+    upstream: String,
+    /// Trust only the CAs in this PEM file for an https upstream (default: the web roots).
+    #[arg(long)]
+    upstream_ca_file: Option<PathBuf>,
+    /// The pod's projected ServiceAccount token (audience `keyward`), re-read on every request.
+    #[arg(long, default_value = keyward::agent_proxy::DEFAULT_POD_TOKEN_FILE)]
+    pod_token_file: PathBuf,
+    /// How long the upstream may take to answer (its response head; also each read of its
+    /// body); then 504.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    upstream_timeout: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+async fn agent_proxy(args: AgentProxyArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use keyward::agent_proxy::{self, Proxy, Settings};
+    let settings = Settings::new(
+        &args.listen,
+        &args.upstream,
+        args.upstream_ca_file,
+        args.pod_token_file,
+        args.upstream_timeout,
+    )?;
+    keyward::telemetry::init(&args.log_format);
+    forbid_core_dumps();
+    let proxy = std::sync::Arc::new(Proxy::new(&settings)?);
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    info!(address = %listener.local_addr()?, upstream = %settings.upstream,
+          pod_token_file = %settings.pod_token_file.display(),
+          upstream_timeout = ?settings.upstream_timeout, "starting keyward agent-proxy");
+    if let Err(problem) = proxy.check_token().await {
+        tracing::warn!(file = %settings.pod_token_file.display(), reason = problem.reason(),
+            "the pod token file is not usable yet: requests are forwarded without it until it is");
+    }
+    agent_proxy::run(listener, proxy, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Core dumps off for the operator, the verifier and the agent proxy (they hold key material
+/// or the pod's token); a failure is logged, not fatal.
 fn forbid_core_dumps() {
     match keyward::hygiene::forbid_core_dumps() {
         Ok(()) => tracing::debug!("core dumps off (RLIMIT_CORE 0, not dumpable)"),
