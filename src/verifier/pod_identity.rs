@@ -30,8 +30,8 @@ use super::index::KeyRef;
 use super::stats::Stats;
 use super::use_log::{Instance, Use, UseLog};
 
-/// The header carrying the pod-bound ServiceAccount token.
-pub const POD_TOKEN_HEADER: &str = "x-keyward-pod-token";
+/// The header carrying the pod-bound ServiceAccount token (set by `keyward agent-proxy`).
+pub use crate::agent_proxy::POD_TOKEN_HEADER;
 /// Default of `--pod-token-audience`.
 pub const DEFAULT_AUDIENCE: &str = "keyward";
 /// The user's extra that names the pod a ServiceAccount token is bound to.
