@@ -455,7 +455,7 @@ fn pods(input: &AgentInput, c: &Counts) -> Option<Decision> {
                 reasons::ACK_PENDING,
                 format!(
                     "{acked} of {} pods acknowledged by the keyward verifier on key {kid} (a request \
-                     with this key id from the pod's UID)",
+                     with this key id and the pod's own pod token)",
                     on.len()
                 ),
                 // Reports wake the PolicyAgent; this is only a backstop.
