@@ -119,6 +119,14 @@ case("Bearer twice", "headers", 0, 401, "InvalidToken", auth="raw:Bearer Bearer 
 case("forged X-Keyward-Key on the request", "headers", 0, 200, headers=[["x-keyward-key", "$ns/b"], ["x-keyward-kid", "forged"]], check_echo=True, modes=["proxy"])
 case("a pod UID header that is not a UUID", "headers", 0, 200, headers=[["x-keyward-pod-uid", "../../x; 00000000-0000-4000-8000-000000000001"]], modes=["authz", "proxy"])
 
+# Forged acknowledgements (finding 5): the key token decides the verdict; a pod is named only by
+# a pod token the API server vouches for (tests/verifier.rs::a_pod_acknowledges_only_itself), so
+# none of these names a pod, and none may break the request.
+case("another pod's UID in the old header", "forged-ack", 5, 200, headers=[["x-keyward-pod-uid", "22222222-2222-4222-8222-222222222222"]], modes=["authz", "proxy"])
+case("an unsigned pod token claiming a pod", "forged-ack", 5, 200, headers=[["x-keyward-pod-token", "eyJhbGciOiJub25lIn0.eyJrdWJlcm5ldGVzLmlvIjp7InBvZCI6eyJ1aWQiOiIyMjIyMjIyMi0yMjIyLTQyMjItODIyMi0yMjIyMjIyMjIyMjIifX19."]], modes=["authz", "proxy"])
+case("an oversize pod token", "forged-ack", 5, 200, headers=[["x-keyward-pod-token", "x" * 9000]], modes=["authz", "proxy"])
+case("two pod token headers", "forged-ack", 5, 200, headers=[["x-keyward-pod-token", "a.b.c"], ["x-keyward-pod-token", "d.e.f"]], modes=["authz", "proxy"])
+
 cases = []
 for s in specs:
     modes = s.pop("modes")
