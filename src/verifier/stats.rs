@@ -23,12 +23,25 @@ pub struct Stats {
     upstream_timeouts: Counter,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     view_unconfirmed: Gauge,
+    pods_dropped: Family<DroppedLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     reason: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedLabels {
+    stage: &'static str,
+}
+
+/// `stage` of `keyward_verifier_pods_dropped`: the use log was full between two report flushes,
+/// so the use was kept without its pod.
+pub const DROPPED_USE_LOG: &str = "use_log";
+/// `stage` of `keyward_verifier_pods_dropped`: a key id held the most pods the reporter keeps
+/// in memory, so the oldest were evicted and its report says `podsTruncated`.
+pub const DROPPED_REPORT_BOUND: &str = "report_bound";
 
 impl Default for Stats {
     fn default() -> Self {
@@ -69,8 +82,15 @@ impl Default for Stats {
             "How long a watch of ProvisioningKeys or trust bundles has been failing (0 while every watch is confirmed); over --max-staleness the verifier is not ready",
             view_unconfirmed.clone(),
         );
+        let pods_dropped = Family::<DroppedLabels, Counter>::default();
+        registry.register(
+            "keyward_verifier_pods_dropped",
+            "Pod attributions of accepted requests this verifier could not report, by stage (use_log: the use log was full between flushes, the use was reported without its pod; report_bound: a key id held 65,536 pods, the oldest were evicted and the report says podsTruncated)",
+            pods_dropped.clone(),
+        );
         Stats {
             registry,
+            pods_dropped,
             view_unconfirmed,
             tls_handshake_failures,
             decisions,
@@ -144,6 +164,25 @@ impl Stats {
     pub fn tls_handshake_failures(&self, reason: &'static str) -> u64 {
         self.tls_handshake_failures
             .get_or_create(&HandshakeLabels { reason })
+            .get()
+    }
+
+    /// Raises `keyward_verifier_pods_dropped{stage}` to `total` (a running total kept by the
+    /// use log or the reporter; never lowered).
+    pub fn pods_dropped(&self, stage: &'static str, total: u64) {
+        let c = self
+            .pods_dropped
+            .get_or_create(&DroppedLabels { stage });
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    /// `keyward_verifier_pods_dropped{stage}`.
+    pub fn pods_dropped_total(&self, stage: &'static str) -> u64 {
+        self.pods_dropped
+            .get_or_create(&DroppedLabels { stage })
             .get()
     }
 
