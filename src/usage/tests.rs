@@ -400,7 +400,8 @@ fn report_names_are_unique_and_valid() {
                 !l.is_empty()
                     && !l.starts_with('-')
                     && !l.ends_with('-')
-                    && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             })
     };
     let mut names = BTreeSet::new();
@@ -504,7 +505,11 @@ fn pages_merge_and_a_missing_or_older_page_is_doubt() {
     // page 3, so missing.
     let mut moved = reports.clone();
     moved[2].spec.page = 2;
-    assert!(key_use(&moved, &leases, "ns", "pk", t(1000)).doubt("k1").is_some());
+    assert!(
+        key_use(&moved, &leases, "ns", "pk", t(1000))
+            .doubt("k1")
+            .is_some()
+    );
 
     // A superseded page (the report shrank) lists nothing even if it still had content.
     let (small, lease) = paged(100, 8);

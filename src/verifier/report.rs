@@ -44,8 +44,8 @@ use tracing::{debug, error, info, warn};
 use super::Shared;
 use super::index::KeyRef;
 use super::use_log::{MemoryUseLog, Use};
-use crate::api::key_usage::{MAX_PAGES, MAX_PODS_PER_KID};
 use crate::api::key_usage::{KeyUsageReport, KeyUsageReportSpec, KidUsage, PodUsage};
+use crate::api::key_usage::{MAX_PAGES, MAX_PODS_PER_KID};
 use crate::usage;
 
 /// Most key ids listed in one report (the CRD's limit; the most recently used are kept).
@@ -813,8 +813,14 @@ impl Reporter {
             let count = pages.len();
             let mut ok = true;
             for page in pages {
-                let report =
-                    report_object(&self.config.replica, &key, &target.uid, page, seq, keys_truncated);
+                let report = report_object(
+                    &self.config.replica,
+                    &key,
+                    &target.uid,
+                    page,
+                    seq,
+                    keys_truncated,
+                );
                 let name = report.metadata.name.clone().unwrap_or_default();
                 match api.patch(&name, &params, &Patch::Apply(&report)).await {
                     Ok(_) => self.writes += 1,

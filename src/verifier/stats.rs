@@ -170,9 +170,7 @@ impl Stats {
     /// Raises `keyward_verifier_pods_dropped{stage}` to `total` (a running total kept by the
     /// use log or the reporter; never lowered).
     pub fn pods_dropped(&self, stage: &'static str, total: u64) {
-        let c = self
-            .pods_dropped
-            .get_or_create(&DroppedLabels { stage });
+        let c = self.pods_dropped.get_or_create(&DroppedLabels { stage });
         let now = c.get();
         if total > now {
             c.inc_by(total - now);

@@ -273,11 +273,23 @@ fn a_report_pages_past_the_per_object_cap_and_never_drops_a_pod() {
     let mut seen = std::collections::BTreeMap::new();
     for (n, p) in (1..).zip(&pages) {
         assert_eq!((p.page, p.pages), (n, 4));
-        let kid = p.keys.iter().find(|k| k.kid == "kid").expect("kid on every page");
+        let kid = p
+            .keys
+            .iter()
+            .find(|k| k.kid == "kid")
+            .expect("kid on every page");
         assert!(kid.pods.len() <= MAX_PODS_PER_KID);
         assert!(!kid.pods_truncated);
-        assert_eq!(kid.last_used_at, rfc3339(t(999)), "page {n} understates use");
-        let other = p.keys.iter().find(|k| k.kid == "other").expect("other on every page");
+        assert_eq!(
+            kid.last_used_at,
+            rfc3339(t(999)),
+            "page {n} understates use"
+        );
+        let other = p
+            .keys
+            .iter()
+            .find(|k| k.kid == "other")
+            .expect("other on every page");
         assert_eq!(other.last_used_at, rfc3339(t(5)));
         for pod in &kid.pods {
             *seen.entry(pod.uid.clone()).or_insert(0) += 1;
