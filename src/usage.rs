@@ -30,6 +30,15 @@
 //! [`ANN_KEYS_TRUNCATED`]), count as used at the time of the evaluation: never as unused. All
 //! of it is read from API objects, so an operator restart changes nothing.
 //!
+//! No pod is dropped for want of room either. A report with more pods per key id than one
+//! object holds is split into pages ([`report_page_name`]): every page repeats each key id's
+//! `lastUsedAt` (so any page alone never understates use) and carries its share of the pods;
+//! all pages are written with the same number and each is listed in the Lease
+//! ([`page_key`]), so a missing or older page is doubt like a missing report. Only a replica's
+//! memory bound (65,536 pods per key id) truncates a pod list, and says so (`podsTruncated`,
+//! [`KeyUse::pods_truncated`]): pods are positive evidence only, so a pod absent from a
+//! truncated list is unknown, never "not seen" ([`KeyUse::pod_seen`]).
+//!
 //! Which replicas must vouch: with `--verifier-replicas` (the chart passes the StatefulSet's
 //! pod names), every listed replica needs a Lease, so deleting one never shrinks coverage
 //! (`VerifierSilent`). Without it, the replicas are whichever Leases exist, and deleting a
@@ -56,9 +65,11 @@ pub const ANN_NAMESPACES: &str = "keyward.dev/namespaces";
 pub const ANN_RESOLUTION: &str = "keyward.dev/report-resolution";
 /// Lease annotation `"true"`: the replica stopped cleanly after its final flush.
 pub const ANN_STOPPED: &str = "keyward.dev/stopped";
-/// Lease annotation: compact JSON `{"<namespace>/<ProvisioningKey>": <seq>, ...}`, the reports
-/// the replica has written and the sequence number of the last write of each. Bounded by
-/// [`MAX_REPORTS_BYTES`]; what does not fit is dropped and [`ANN_REPORTS_OVERFLOW`] set.
+/// Lease annotation: compact JSON `{"<namespace>/<ProvisioningKey>": <seq>,
+/// "<namespace>/<ProvisioningKey>#2": <seq>, ...}`, the reports the replica has written, one
+/// entry per page (page 1 without a suffix, see [`page_key`]), and the sequence number of the
+/// last write of each. Bounded by [`MAX_REPORTS_BYTES`] (a key's pages fit together or not at
+/// all); what does not fit is dropped and [`ANN_REPORTS_OVERFLOW`] set.
 pub const ANN_REPORTS: &str = "keyward.dev/reports";
 /// Lease annotation `"true"`: [`ANN_REPORTS`] could not list every report of the replica, so a
 /// key it does not list may have a report that is missing: every such key counts as used.
@@ -82,10 +93,29 @@ pub fn lease_name(replica: &str) -> String {
     format!("{LEASE_PREFIX}{replica}")
 }
 
-/// Name of the report of `replica` for ProvisioningKey `pk`: `<pk>.<replica>`, or, when that
-/// exceeds 253 characters, a prefix of it and a hash of the whole (still unique per pair).
+/// Name of the report of `replica` for ProvisioningKey `pk` (its page 1): `<pk>.<replica>`, or,
+/// when that exceeds 253 characters, a prefix of it and a hash of the whole (still unique per
+/// pair).
 pub fn report_name(pk: &str, replica: &str) -> String {
-    let full = format!("{pk}.{replica}");
+    fit_name(format!("{pk}.{replica}"))
+}
+
+/// Name of page `page` of the report of `replica` for ProvisioningKey `pk`: page 1 is
+/// [`report_name`], page n > 1 `<pk>.<replica>.p<n>` (shortened like [`report_name`]). A name
+/// another pair could also produce (a key named `<pk>.<replica>` and a replica named `p<n>`)
+/// only ever fails safe: [`key_use`] takes an object for a page only when its `spec` names the
+/// key, the replica and the page, so the other writer's object reads as missing (doubt).
+pub fn report_page_name(pk: &str, replica: &str, page: u32) -> String {
+    if page <= 1 {
+        report_name(pk, replica)
+    } else {
+        fit_name(format!("{pk}.{replica}.p{page}"))
+    }
+}
+
+/// `full` when it is a valid length for an object name, else a prefix of it and a hash of the
+/// whole.
+fn fit_name(full: String) -> String {
     if full.len() <= 253 {
         return full;
     }
@@ -112,15 +142,37 @@ pub struct Replica {
     pub namespaces: Option<BTreeSet<String>>,
     pub resolution: Duration,
     pub stopped: bool,
-    /// [`ANN_REPORTS`]: `<namespace>/<ProvisioningKey>` -> the seq of its last report write.
+    /// [`ANN_REPORTS`]: `<namespace>/<ProvisioningKey>` (page 1) and
+    /// `<namespace>/<ProvisioningKey>#<n>` (page n, see [`page_key`]) -> the seq of the last
+    /// write of that page.
     pub reports: BTreeMap<String, u64>,
     /// [`ANN_REPORTS_OVERFLOW`].
     pub reports_overflow: bool,
 }
 
-/// The key of [`Replica::reports`] for ProvisioningKey `pk` in `namespace`.
+/// The key of [`Replica::reports`] for ProvisioningKey `pk` in `namespace` (its page 1).
 pub fn report_key(namespace: &str, pk: &str) -> String {
     format!("{namespace}/{pk}")
+}
+
+/// The key of [`Replica::reports`] for page `page` of the report of `pk` in `namespace`: page
+/// 1 is [`report_key`], page n > 1 `<namespace>/<pk>#<n>` (`#` is in no object name, so it
+/// never collides with another key's entry).
+pub fn page_key(namespace: &str, pk: &str, page: u32) -> String {
+    if page <= 1 {
+        report_key(namespace, pk)
+    } else {
+        format!("{namespace}/{pk}#{page}")
+    }
+}
+
+/// Splits an entry of [`Replica::reports`] into its [`report_key`] and page (1 without a
+/// `#<n>` suffix); `None` for a malformed page suffix.
+pub fn parse_page_key(entry: &str) -> Option<(&str, u32)> {
+    match entry.split_once('#') {
+        None => Some((entry, 1)),
+        Some((base, n)) => n.parse().ok().filter(|n| *n > 1).map(|n| (base, n)),
+    }
 }
 
 /// [`ANN_REPORTS`] as written: compact JSON.
@@ -309,6 +361,10 @@ pub struct KeyUse {
     /// A report had to leave key ids out: every key id it does not list (in
     /// [`KeyUse::last_used`]) counts as used at this time, and why.
     pub unlisted_used: Option<Doubt>,
+    /// Key ids whose pods a replica could not all hold (`podsTruncated`): a pod missing from
+    /// [`KeyUse::pods`] may still have used them. Pods are positive evidence only (see
+    /// [`KeyUse::pod_seen`]).
+    pub pods_truncated: BTreeSet<String>,
 }
 
 /// Evidence that cannot be trusted, so use is assumed at `at` (the evaluation time).
@@ -328,6 +384,20 @@ impl KeyUse {
         })
     }
 
+    /// Whether a replica saw pod `uid` use `kid`: `Some(true)` when a report lists it,
+    /// `Some(false)` when no report lists it and every pod list of `kid` is whole, `None` when
+    /// it is not listed but a list of `kid` was truncated (unknown). An acknowledgement needs
+    /// `Some(true)`: absence from a truncated list proves nothing either way.
+    pub fn pod_seen(&self, kid: &str, uid: &str) -> Option<bool> {
+        if self.pods.get(kid).is_some_and(|p| p.contains(uid)) {
+            Some(true)
+        } else if self.pods_truncated.contains(kid) {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
     fn doubt_all(&mut self, at: DateTime<Utc>, why: String) {
         if self.all_used.is_none() {
             self.all_used = Some(Doubt { at, why });
@@ -335,12 +405,13 @@ impl KeyUse {
     }
 }
 
-/// Merges the reports of every replica (stopped ones included: what they saw still counts)
-/// for ProvisioningKey `pk` in `namespace`, and checks them against what the replicas' Leases
-/// list (`leases`, as parsed; unreadable ones are for [`coverage`] to refuse). Entries with an
-/// unreadable time are kept as used "now" (never as unused); a report a Lease lists that is
-/// missing or older than listed, a Lease whose list overflowed, and a report that left key ids
-/// out make the key ids concerned used "now" ([`KeyUse::doubt`]).
+/// Merges the reports of every replica (stopped ones included: what they saw still counts),
+/// every page of each, for ProvisioningKey `pk` in `namespace`, and checks them against what
+/// the replicas' Leases list (`leases`, as parsed; unreadable ones are for [`coverage`] to
+/// refuse). Entries with an unreadable time are kept as used "now" (never as unused); a report
+/// page a Lease lists that is missing or older than listed, a Lease whose list overflowed, and
+/// a report that left key ids out make the key ids concerned used "now" ([`KeyUse::doubt`]). A
+/// key id whose pods a replica could not all hold is in [`KeyUse::pods_truncated`].
 pub fn key_use(
     reports: &[KeyUsageReport],
     leases: &[Result<Replica, String>],
@@ -351,45 +422,74 @@ pub fn key_use(
     let mut out = KeyUse::default();
     let listed_as = report_key(namespace, pk);
     for replica in leases.iter().filter_map(|l| l.as_ref().ok()) {
-        let name = report_name(pk, &replica.name);
-        let Some(&want) = replica.reports.get(&listed_as) else {
+        // Page 1 under the key's entry, page n under `<entry>#<n>`.
+        let prefix = format!("{listed_as}#");
+        let listed: Vec<(u32, u64)> = replica
+            .reports
+            .get(&listed_as)
+            .map(|seq| (1, *seq))
+            .into_iter()
+            .chain(
+                replica
+                    .reports
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter_map(|(k, seq)| {
+                        parse_page_key(k)
+                            .filter(|(base, _)| *base == listed_as)
+                            .map(|(_, page)| (page, *seq))
+                    }),
+            )
+            .collect();
+        if listed.is_empty() {
             if replica.reports_overflow && replica.watches(namespace) {
                 out.doubt_all(
                     now,
                     format!(
                         "verifier replica {}'s Lease could not list all its reports, so a \
-                         deleted report {namespace}/{name} would go unnoticed",
-                        replica.name
+                         deleted report {namespace}/{} would go unnoticed",
+                        replica.name,
+                        report_name(pk, &replica.name)
                     ),
                 );
             }
             continue;
-        };
-        let found = reports.iter().find(|r| {
-            r.metadata.name.as_deref() == Some(name.as_str()) && r.spec.replica == replica.name
-        });
-        match found.map(report_seq) {
-            None => out.doubt_all(
-                now,
-                format!(
-                    "report {namespace}/{name}, which verifier replica {}'s Lease lists (write \
-                     {want}), is missing (deleted?)",
-                    replica.name
+        }
+        for (page, want) in listed {
+            let name = report_page_name(pk, &replica.name, page);
+            let found = reports.iter().find(|r| {
+                r.metadata.name.as_deref() == Some(name.as_str())
+                    && r.spec.replica == replica.name
+                    && r.spec.provisioning_key == pk
+                    && r.spec.page == page
+            });
+            match found.map(report_seq) {
+                None => out.doubt_all(
+                    now,
+                    format!(
+                        "report {namespace}/{name}, which verifier replica {}'s Lease lists \
+                         (write {want}), is missing (deleted?)",
+                        replica.name
+                    ),
                 ),
-            ),
-            Some(seq) if seq.is_none_or(|s| s < want) => out.doubt_all(
-                now,
-                format!(
-                    "report {namespace}/{name} is write {} but verifier replica {}'s Lease lists \
-                     write {want} (replaced by an older copy?)",
-                    seq.map_or_else(|| "(unnumbered)".to_string(), |s| s.to_string()),
-                    replica.name
+                Some(seq) if seq.is_none_or(|s| s < want) => out.doubt_all(
+                    now,
+                    format!(
+                        "report {namespace}/{name} is write {} but verifier replica {}'s Lease \
+                         lists write {want} (replaced by an older copy?)",
+                        seq.map_or_else(|| "(unnumbered)".to_string(), |s| s.to_string()),
+                        replica.name
+                    ),
                 ),
-            ),
-            Some(_) => {}
+                Some(_) => {}
+            }
         }
     }
     for r in reports {
+        // A superseded page (the report shrank after it was written) lists nothing.
+        if r.spec.page > r.spec.pages {
+            continue;
+        }
         let truncated = r
             .metadata
             .annotations
@@ -412,6 +512,9 @@ pub fn key_use(
             *e = (*e).max(at);
             let pods = out.pods.entry(k.kid.clone()).or_default();
             pods.extend(k.pods.iter().map(|p| p.uid.clone()));
+            if k.pods_truncated {
+                out.pods_truncated.insert(k.kid.clone());
+            }
         }
     }
     out

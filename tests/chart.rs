@@ -269,6 +269,11 @@ fn verifier_statefulset_args_parse_with_the_binary() {
             "--tls-cert-file" => "/etc/keyward/tls/tls.crt".into(),
             "--tls-key-file" => "/etc/keyward/tls/tls.key".into(),
             "--plain-http" => "true".into(),
+            "--review-pod-tokens" => match &v["podTokens"]["review"] {
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                other => panic!("verifier.podTokens.review: {other:?}"),
+            },
+            "--pod-token-audience" => s(&v["podTokens"]["audience"]),
             other => panic!("verifier-statefulset.yaml passes {other}: add it to this test"),
         }
     };

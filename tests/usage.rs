@@ -139,6 +139,8 @@ async fn numbered_report(
         KeyUsageReportSpec {
             provisioning_key: pk.into(),
             replica: replica.into(),
+            page: 1,
+            pages: 1,
             keys: vec![KidUsage {
                 kid: kid.into(),
                 last_used_at: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -575,6 +577,8 @@ fn test_report(name: &str, label: &str, replica: &str) -> KeyUsageReport {
         KeyUsageReportSpec {
             provisioning_key: "pk".into(),
             replica: replica.into(),
+            page: 1,
+            pages: 1,
             keys: Vec::new(),
         },
     );

@@ -17,7 +17,7 @@ use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::audit::{self, Audit, reason};
 use super::{Context, Error, FIELD_MANAGER, Result, ts_start};
@@ -319,25 +319,31 @@ async fn check_pods(ctx: &Context, ns: &str, reads: &Reads, input: &mut AgentInp
     }
 }
 
-/// The pods (UIDs) a verifier replica accepted a request from with key id `kid` of
-/// ProvisioningKey `pk`: the reports the metadata cache names, read by GET. A report the cache
-/// has not delivered yet only delays a confirmation (its event wakes this PolicyAgent).
-async fn acknowledged_pods(
-    ctx: &Context,
-    ns: &str,
-    pk: &str,
-    kid: &str,
-) -> Result<std::collections::BTreeSet<String>> {
+/// What the verifier replicas saw of ProvisioningKey `pk` (every page of every report): the
+/// reports the metadata cache names, read by GET. A report the cache has not delivered yet only
+/// delays a confirmation (its event wakes this PolicyAgent). Only positive evidence
+/// acknowledges a pod ([`crate::usage::KeyUse::pod_seen`]).
+async fn acknowledgements(ctx: &Context, ns: &str, pk: &str) -> Result<crate::usage::KeyUse> {
     let api: Api<crate::api::KeyUsageReport> = Api::namespaced(ctx.client.clone(), ns);
     let mut reports = Vec::new();
     for name in ctx.caches.report_names(ns, pk) {
         reports.extend(api.get_opt(&name).await?);
     }
     reports.retain(|r| r.spec.provisioning_key == pk);
-    Ok(crate::usage::key_use(&reports, &[], ns, pk, Utc::now())
-        .pods
-        .remove(kid)
-        .unwrap_or_default())
+    Ok(crate::usage::key_use(&reports, &[], ns, pk, Utc::now()))
+}
+
+/// Marks each pod acknowledged when a report lists it on the Secret's key id. A pod missing
+/// from a truncated list is unknown, so not acknowledged (the confirmation waits for positive
+/// evidence); returns how many pods are unknown that way.
+fn acknowledge(kid: &str, pods: &mut [agent::PodObs], seen: &crate::usage::KeyUse) -> usize {
+    let mut unknown = 0;
+    for p in pods {
+        let s = seen.pod_seen(kid, &p.uid);
+        p.acknowledged = s == Some(true);
+        unknown += usize::from(s.is_none());
+    }
+    unknown
 }
 
 /// The reconcile entry point.
@@ -410,15 +416,12 @@ async fn evaluate(
     };
     check_pods(ctx, ns, &reads, &mut input, &check).await;
     if check.acknowledgement {
-        let acked = acknowledged_pods(
-            ctx,
-            ns,
-            &pa.spec.provisioning_key_ref.name,
-            &input.secret_kid,
-        )
-        .await?;
-        for p in &mut input.pods {
-            p.acknowledged = acked.contains(&p.uid);
+        let seen = acknowledgements(ctx, ns, &pa.spec.provisioning_key_ref.name).await?;
+        let unknown = acknowledge(&input.secret_kid, &mut input.pods, &seen);
+        if unknown > 0 {
+            warn!(pa = %pa.name_any(), kid = %input.secret_kid, unknown,
+                  "a verifier's pod list for this key id is truncated (podsTruncated): pods it \
+                   does not list count as not acknowledged yet");
         }
     }
     let decision = agent::decide(&input, now);
@@ -570,6 +573,41 @@ fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::Objec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only positive evidence acknowledges a pod: a pod a report lists is acknowledged; one
+    /// missing from a whole list is not; one missing from a truncated list (`podsTruncated`)
+    /// is not either, and is counted as unknown (the confirmation waits, never guesses).
+    #[test]
+    fn only_a_listed_pod_is_acknowledged_and_a_truncated_list_is_counted() {
+        let pod = |uid: &str| agent::PodObs {
+            name: uid.into(),
+            uid: uid.into(),
+            kid: Some("k2".into()),
+            revision: None,
+            terminating: false,
+            unknown: false,
+            ready: true,
+            successes: 0,
+            acknowledged: true,
+        };
+        let mut seen = crate::usage::KeyUse::default();
+        seen.pods.insert("k2".into(), ["a".to_string()].into());
+        let mut pods = vec![pod("a"), pod("b")];
+        assert_eq!(acknowledge("k2", &mut pods, &seen), 0);
+        assert_eq!(
+            pods.iter().map(|p| p.acknowledged).collect::<Vec<_>>(),
+            [true, false]
+        );
+        seen.pods_truncated.insert("k2".into());
+        assert_eq!(acknowledge("k2", &mut pods, &seen), 1);
+        assert_eq!(
+            pods.iter().map(|p| p.acknowledged).collect::<Vec<_>>(),
+            [true, false]
+        );
+        // Another key id's truncation says nothing about this one.
+        assert_eq!(acknowledge("k3", &mut pods, &seen), 0);
+        assert!(pods.iter().all(|p| !p.acknowledged));
+    }
 
     #[test]
     fn proxy_and_pod_urls() {

@@ -40,6 +40,8 @@ fn report(replica: &str, kid: &str, at: i64, pods: &[&str]) -> KeyUsageReport {
         KeyUsageReportSpec {
             provisioning_key: "pk".into(),
             replica: replica.into(),
+            page: 1,
+            pages: 1,
             keys: vec![KidUsage {
                 kid: kid.into(),
                 last_used_at: crate::rotation::observe::ts(t(at)),
@@ -384,11 +386,155 @@ fn a_lease_without_its_report_list_vouches_for_nothing() {
 #[test]
 fn report_names_are_unique_and_valid() {
     assert_eq!(report_name("pk", "verifier-0"), "pk.verifier-0");
+    assert_eq!(report_page_name("pk", "verifier-0", 1), "pk.verifier-0");
+    assert_eq!(report_page_name("pk", "verifier-0", 2), "pk.verifier-0.p2");
     let long = "p".repeat(250);
     let a = report_name(&long, "verifier-0");
     let b = report_name(&long, "verifier-1");
     assert!(a.len() <= 253 && b.len() <= 253);
     assert_ne!(a, b);
+    // Every page of every pair, short and long names: valid DNS subdomains, all distinct.
+    let valid = |n: &str| {
+        n.len() <= 253
+            && n.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    };
+    let mut names = BTreeSet::new();
+    for pk in ["pk", long.as_str(), &"a.b-".repeat(60)] {
+        let pk = pk.trim_end_matches(['.', '-']);
+        for replica in ["verifier-0", "verifier-1"] {
+            for page in [1, 2, 3, 10, 256] {
+                let n = report_page_name(pk, replica, page);
+                assert!(valid(&n), "{n}");
+                assert!(names.insert(n.clone()), "{n} twice");
+            }
+        }
+    }
+    // Lease entries of pages never collide with another key's, and parse back.
+    assert_eq!(page_key("ns", "pk", 1), "ns/pk");
+    assert_eq!(page_key("ns", "pk", 3), "ns/pk#3");
+    assert_eq!(parse_page_key("ns/pk#3"), Some(("ns/pk", 3)));
+    assert_eq!(parse_page_key("ns/pk"), Some(("ns/pk", 1)));
+    assert_eq!(parse_page_key("ns/pk#1"), None);
+    assert_eq!(parse_page_key("ns/pk#x"), None);
+}
+
+/// The reports of one replica for `pk`, as the verifier writes them (`n` pods on kid `k1`,
+/// write `seq`), and its Lease listing them.
+fn paged(n: u32, seq: u64) -> (Vec<KeyUsageReport>, Replica) {
+    use crate::verifier::report::{Reporting, report_object};
+    use crate::verifier::{Instance, KeyRef, Use};
+    let key = KeyRef::new("ns", "pk");
+    let mut state = Reporting::new(Duration::from_secs(10), Duration::from_secs(10));
+    for _ in 1..seq {
+        state.absorb(Use {
+            key: KeyRef::new("ns", "earlier"),
+            kid: "k".into(),
+            instance: Instance::Unattributed,
+            at: t(0),
+        });
+        state.written(&KeyRef::new("ns", "earlier"), t(0));
+    }
+    for i in 0..n {
+        state.absorb(Use {
+            key: key.clone(),
+            kid: "k1".into(),
+            instance: Instance::Pod(format!("00000000-0000-4000-8000-{i:012}")),
+            at: t(i64::from(i % 500)),
+        });
+    }
+    assert_eq!(state.next_seq(), seq);
+    let reports = state
+        .pages(&key)
+        .into_iter()
+        .map(|p| report_object("a", &key, "uid", p, seq, false))
+        .collect();
+    state.written(&key, t(600));
+    let mut r = replica("a", 0, 995);
+    r.reports = state
+        .listing(t(601))
+        .reports
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("ns/pk"))
+        .collect();
+    (reports, r)
+}
+
+/// Pages merge: 1,000 pods over 4 pages all reach `KeyUse::pods`, and the key id's last use
+/// is the newest of them. A page the Lease lists that is missing or older is doubt, like a
+/// missing report; a superseded page adds nothing.
+#[test]
+fn pages_merge_and_a_missing_or_older_page_is_doubt() {
+    let (reports, lease) = paged(1000, 7);
+    assert_eq!(reports.len(), 4);
+    assert_eq!(lease.reports.len(), 4);
+    assert_eq!(lease.reports.get("ns/pk#3"), Some(&7));
+    let leases = vec![Ok(lease.clone())];
+    let cov = coverage(&leases, &[], "ns", t(1000));
+    let u = key_use(&reports, &leases, "ns", "pk", t(1000));
+    assert_eq!(u.all_used, None);
+    assert_eq!(u.pods["k1"].len(), 1000);
+    assert_eq!(u.last_used["k1"], t(499));
+    assert!(u.pods_truncated.is_empty());
+    assert_eq!(unused_for(W, "k1", &u, &cov), Unused::Yes);
+
+    // Page 3 missing (deleted): the key id counts as used now.
+    let without: Vec<KeyUsageReport> = reports
+        .iter()
+        .filter(|r| r.spec.page != 3)
+        .cloned()
+        .collect();
+    let u = key_use(&without, &leases, "ns", "pk", t(1000));
+    let doubt = u.doubt("k1").expect("doubt");
+    assert!(doubt.why.contains("pk.a.p3"), "{}", doubt.why);
+    assert!(matches!(
+        unused_for(W, "k1", &u, &cov),
+        Unused::Unproven { .. }
+    ));
+    // Page 3 an older copy: the same.
+    let mut older = reports.clone();
+    older[2] = numbered(older[2].clone(), 6, false);
+    let u = key_use(&older, &leases, "ns", "pk", t(1000));
+    assert!(u.doubt("k1").is_some());
+    // Page 3 replaced by another object under its name (another page, another replica): not
+    // page 3, so missing.
+    let mut moved = reports.clone();
+    moved[2].spec.page = 2;
+    assert!(
+        key_use(&moved, &leases, "ns", "pk", t(1000))
+            .doubt("k1")
+            .is_some()
+    );
+
+    // A superseded page (the report shrank) lists nothing even if it still had content.
+    let (small, lease) = paged(100, 8);
+    let mut stale = reports[3].clone();
+    stale.spec.pages = 1;
+    let mut all = small.clone();
+    all.push(stale);
+    let u = key_use(&all, &[Ok(lease)], "ns", "pk", t(1000));
+    assert_eq!(u.all_used, None);
+    assert_eq!(u.pods["k1"].len(), 100);
+}
+
+/// `podsTruncated` reaches [`KeyUse`], and a pod a truncated list does not name is unknown,
+/// never "not seen".
+#[test]
+fn a_truncated_pod_list_reaches_key_use() {
+    let mut r = report("a", "k1", 100, &["p1"]);
+    r.spec.keys[0].pods_truncated = true;
+    let u = key_use(&[r, report("b", "k2", 100, &["p2"])], &[], "ns", "pk", t(0));
+    assert_eq!(u.pods_truncated, BTreeSet::from(["k1".to_string()]));
+    assert_eq!(u.pod_seen("k1", "p1"), Some(true));
+    assert_eq!(u.pod_seen("k1", "p9"), None);
+    assert_eq!(u.pod_seen("k2", "p2"), Some(true));
+    assert_eq!(u.pod_seen("k2", "p9"), Some(false));
+    assert_eq!(u.pod_seen("k3", "p9"), Some(false));
 }
 
 #[test]

@@ -9,17 +9,26 @@
 //!   with dirty entries whose last write is at least an interval old while a token bucket
 //!   allows (keys with a rotation in flight first), and renews the replica's Lease with the
 //!   watermark: the flush's start when nothing dirty is left, else the oldest uncovered use.
+//! - A key's report is one or more pages ([`paginate`]): each page lists every key id with its
+//!   `lastUsedAt` and at most [`MAX_PODS_PER_KID`] of its pods, so no pod is left out for want
+//!   of room. Pages beyond the first are objects of their own (`crate::usage::report_page_name`).
+//!   When a report shrinks, its surplus pages are rewritten empty (superseded) in the same
+//!   flush, so no page outlives what it says (the verifier may not delete reports).
 //! - Every report write carries the next sequence number of the replica (annotation
-//!   `keyward.dev/report-seq`); once written, the key is listed with it in the Lease
-//!   (`keyward.dev/reports`) at the renewal that follows, so the operator sees a listed report
-//!   that goes missing or older (see `crate::usage`). The list keeps a key until its last
+//!   `keyward.dev/report-seq`), the same on every page of one write; once every page is
+//!   written, the key is listed with it in the Lease (`keyward.dev/reports`, one entry per
+//!   page) at the renewal that follows, so the operator sees a listed page that goes missing or
+//!   older (see `crate::usage`). The list keeps a key until its last
 //!   reported use is older than the longest `revokeWhenUnusedFor` (then its report cannot
 //!   hold anything back), survives restarts (a new incarnation carries the previous list over
 //!   and numbers above it), and is bounded (`keyward.dev/reports-overflow` when it is not
 //!   whole).
-//! - Bounds: per key at most one write per interval whatever the request rate; per replica at
-//!   most `--report-qps` writes per second (`--report-burst` back to back); one Lease renewal
-//!   (a read and a replace) per interval.
+//! - Bounds: per key at most one write (of its pages) per interval whatever the request rate;
+//!   per replica at most `--report-qps` object writes per second on average (`--report-burst`
+//!   back to back; a key's pages are written together, the bucket going into debt for all but
+//!   the first); one Lease renewal (a read and a replace) per interval. Per key id at most
+//!   [`MAX_PODS_HELD_PER_KID`] pods in memory (the most recent kept, `podsTruncated` past it,
+//!   and every pod evicted counted in `keyward_verifier_pods_dropped_total`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,12 +44,16 @@ use tracing::{debug, error, info, warn};
 use super::Shared;
 use super::index::KeyRef;
 use super::use_log::{MemoryUseLog, Use};
-use crate::api::key_usage::MAX_PODS_PER_KID;
 use crate::api::key_usage::{KeyUsageReport, KeyUsageReportSpec, KidUsage, PodUsage};
+use crate::api::key_usage::{MAX_PAGES, MAX_PODS_PER_KID};
 use crate::usage;
 
 /// Most key ids listed in one report (the CRD's limit; the most recently used are kept).
 pub const MAX_KIDS_PER_REPORT: usize = 64;
+/// Most pods held per key id (the most recently seen kept; past it the key id's report says
+/// `podsTruncated`): a memory bound, not a report bound, as pod UIDs come from verified pod
+/// tokens and so number the real pods. [`MAX_PAGES`] pages of [`MAX_PODS_PER_KID`].
+pub const MAX_PODS_HELD_PER_KID: usize = MAX_PAGES as usize * MAX_PODS_PER_KID;
 /// How long the final flush and Lease renewal at shutdown may take.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
 
@@ -58,8 +71,9 @@ struct Written {
 struct KidState {
     /// The true last use (attributed or not).
     last_used: DateTime<Utc>,
-    /// Pod UID -> its last use, at most [`MAX_PODS_PER_KID`] (the most recent kept).
+    /// Pod UID -> its last use, at most [`MAX_PODS_HELD_PER_KID`] (the most recent kept).
     pods: BTreeMap<String, DateTime<Utc>>,
+    /// Pods were evicted past [`MAX_PODS_HELD_PER_KID`].
     truncated: bool,
     written: Option<Written>,
     /// The first use no write covers yet; `Some` = dirty.
@@ -71,6 +85,8 @@ struct KeyState {
     kids: BTreeMap<String, KidState>,
     /// Start of the flush whose write of this key last succeeded.
     last_write: Option<DateTime<Utc>>,
+    /// Pages of that write (0: none yet).
+    pages_written: u32,
 }
 
 impl KeyState {
@@ -86,11 +102,53 @@ impl KeyState {
 /// A bundle's key ids.
 type KeyIds = BTreeSet<String>;
 
-/// A report the Lease lists: the seq of its last write, and the last use it reported.
+/// A report the Lease lists: the seq of its last write, the last use it reported, and its
+/// pages (each listed with the seq).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Listed {
     seq: u64,
     last_used: DateTime<Utc>,
+    pages: u32,
+}
+
+/// One page of a key's report to write: `page` of `pages`, and its key ids (empty for a
+/// superseded page, `page > pages`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub page: u32,
+    pub pages: u32,
+    pub keys: Vec<KidUsage>,
+}
+
+/// Splits a report (key ids with all their pods, most recent first) into pages of at most
+/// [`MAX_PODS_PER_KID`] pods per key id: page n holds each key id's pods
+/// `[(n-1) * MAX, n * MAX)`, and every page lists every key id with its `lastUsedAt` and
+/// `podsTruncated`. Always at least one page; every pod on exactly one.
+pub fn paginate(keys: &[KidUsage]) -> Vec<Vec<KidUsage>> {
+    let pages = keys
+        .iter()
+        .map(|k| k.pods.len().div_ceil(MAX_PODS_PER_KID))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    (0..pages)
+        .map(|n| {
+            keys.iter()
+                .map(|k| KidUsage {
+                    kid: k.kid.clone(),
+                    last_used_at: k.last_used_at.clone(),
+                    pods: k
+                        .pods
+                        .iter()
+                        .skip(n * MAX_PODS_PER_KID)
+                        .take(MAX_PODS_PER_KID)
+                        .cloned()
+                        .collect(),
+                    pods_truncated: k.pods_truncated,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The Lease's list of reports ([`usage::ANN_REPORTS`]) as written.
@@ -111,6 +169,8 @@ pub struct Reporting {
     seq: u64,
     /// Reports written (by this incarnation or carried over), for the Lease.
     listed: BTreeMap<KeyRef, Listed>,
+    /// Pods evicted past [`MAX_PODS_HELD_PER_KID`] (for the metric).
+    evicted: u64,
 }
 
 /// A key the index knows: its UID, and whether its bundle lists more than one key id.
@@ -139,7 +199,13 @@ impl Reporting {
             keys: BTreeMap::new(),
             seq: 0,
             listed: BTreeMap::new(),
+            evicted: 0,
         }
+    }
+
+    /// Pods evicted so far because a key id held [`MAX_PODS_HELD_PER_KID`].
+    pub fn pods_evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// The seq the next report write carries.
@@ -152,14 +218,19 @@ impl Reporting {
     /// kept until the horizon counted from `now` (their last use is not known).
     pub fn carry_over(&mut self, previous: &BTreeMap<String, u64>, now: DateTime<Utc>) {
         for (listed, seq) in previous {
-            let Some(key) = KeyRef::parse(listed) else {
+            let Some((key, page)) = usage::parse_page_key(listed)
+                .and_then(|(base, page)| KeyRef::parse(base).map(|k| (k, page)))
+            else {
                 continue;
             };
             self.seq = self.seq.max(*seq);
-            self.listed.entry(key).or_insert(Listed {
+            let entry = self.listed.entry(key).or_insert(Listed {
                 seq: *seq,
                 last_used: now,
+                pages: page,
             });
+            entry.seq = entry.seq.min(*seq);
+            entry.pages = entry.pages.max(page);
         }
     }
 
@@ -173,17 +244,19 @@ impl Reporting {
         let mut entries: Vec<(&KeyRef, &Listed)> = self.listed.iter().collect();
         entries.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
         let mut out = Listing::default();
-        // `{}` plus, per entry, `"<key>":<seq>,`.
+        // `{}` plus, per entry, `"<key>":<seq>,`. A key's pages fit together or not at all.
         let mut bytes = 2;
         for (key, l) in entries {
-            let name = usage::report_key(&key.namespace, &key.name);
-            let len = usage::reports_annotation(&BTreeMap::from([(name.clone(), l.seq)])).len() - 1;
+            let pages: BTreeMap<String, u64> = (1..=l.pages.max(1))
+                .map(|p| (usage::page_key(&key.namespace, &key.name, p), l.seq))
+                .collect();
+            let len = usage::reports_annotation(&pages).len() - 1;
             if bytes + len > usage::MAX_REPORTS_BYTES {
                 out.overflow = true;
                 continue;
             }
             bytes += len;
-            out.reports.insert(name, l.seq);
+            out.reports.extend(pages);
         }
         out
     }
@@ -211,16 +284,19 @@ impl Reporting {
         if let Some(uid) = &pod {
             let at = kid.pods.entry(uid.clone()).or_insert(used.at);
             *at = (*at).max(used.at);
-            if kid.pods.len() > MAX_PODS_PER_KID {
+            if kid.pods.len() > MAX_PODS_HELD_PER_KID {
+                // Evict the oldest in bulk (a 64th of the bound), so a key id at the bound
+                // costs one sort per 1,024 new pods, not one per use.
                 kid.truncated = true;
-                if let Some(oldest) = kid
-                    .pods
-                    .iter()
-                    .min_by_key(|(uid, at)| (**at, (*uid).clone()))
-                    .map(|(uid, _)| uid.clone())
-                {
-                    kid.pods.remove(&oldest);
+                let keep = MAX_PODS_HELD_PER_KID - MAX_PODS_HELD_PER_KID / 64;
+                let mut by_age: Vec<(DateTime<Utc>, String)> =
+                    kid.pods.iter().map(|(u, at)| (*at, u.clone())).collect();
+                let evict = by_age.len().saturating_sub(keep);
+                by_age.select_nth_unstable(evict.saturating_sub(1));
+                for (_, uid) in by_age.into_iter().take(evict) {
+                    kid.pods.remove(&uid);
                 }
+                self.evicted = self.evicted.saturating_add(evict as u64);
             }
         }
         let covered = kid.written.as_ref().is_some_and(|w| {
@@ -324,9 +400,38 @@ impl Reporting {
             .collect()
     }
 
-    /// Records that the report of `key` as it stands was written, with [`Reporting::next_seq`],
-    /// in the flush started at `now`.
+    /// The pages of the report of `key` as it stands ([`paginate`] of [`Reporting::report`]),
+    /// then, empty, the pages a previous write had beyond them (superseded: rewritten so no
+    /// stale page is left saying more than the report does now).
+    pub fn pages(&self, key: &KeyRef) -> Vec<Page> {
+        let pages = paginate(&self.report(key));
+        let total = u32::try_from(pages.len()).unwrap_or(MAX_PAGES);
+        let before = self
+            .keys
+            .get(key)
+            .map_or(0, |s| s.pages_written)
+            .max(self.listed.get(key).map_or(0, |l| l.pages));
+        let mut out: Vec<Page> = (1..)
+            .zip(pages)
+            .map(|(page, keys)| Page {
+                page,
+                pages: total,
+                keys,
+            })
+            .collect();
+        out.extend((total + 1..=before).map(|page| Page {
+            page,
+            pages: total,
+            keys: Vec::new(),
+        }));
+        out
+    }
+
+    /// Records that the report of `key` as it stands was written, every page of
+    /// [`Reporting::pages`], with [`Reporting::next_seq`], in the flush started at `now`.
     pub fn written(&mut self, key: &KeyRef, now: DateTime<Utc>) {
+        let pages = paginate(&self.report(key)).len();
+        let pages = u32::try_from(pages).unwrap_or(MAX_PAGES);
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
@@ -342,9 +447,11 @@ impl Reporting {
             Listed {
                 seq: self.seq,
                 last_used,
+                pages,
             },
         );
         state.last_write = Some(now);
+        state.pages_written = pages;
         for kid in state.kids.values_mut() {
             kid.written = Some(Written {
                 last_used: kid.last_used,
@@ -402,6 +509,13 @@ impl Bucket {
             self.tokens = (self.tokens + secs * self.rate).min(self.burst);
         }
         self.at = Some(self.at.map_or(now, |a| a.max(now)));
+    }
+
+    /// Takes `n` more tokens at once, going into debt if need be (the pages of a key after its
+    /// first: a key's pages are written together, and later writes wait the debt off).
+    pub fn charge(&mut self, now: DateTime<Utc>, n: u32) {
+        self.refill(now);
+        self.tokens -= f64::from(n);
     }
 
     /// Takes one token if there is one.
@@ -493,21 +607,24 @@ pub fn desired_lease(
     (spec, annotations, labels)
 }
 
-/// The report object of `replica` for `key` (server-side apply body), write number `seq`.
+/// Page `page` of the report object of `replica` for `key` (server-side apply body), write
+/// number `seq`.
 pub fn report_object(
     replica: &str,
     key: &KeyRef,
     uid: &str,
-    keys: Vec<KidUsage>,
+    page: Page,
     seq: u64,
     keys_truncated: bool,
 ) -> KeyUsageReport {
+    let name = usage::report_page_name(&key.name, replica, page.page);
     let mut annotations = BTreeMap::new();
     annotations.insert(usage::ANN_REPORT_SEQ.to_string(), seq.to_string());
     // Always present, so a later write that lists every key id clears it (server-side apply).
+    // A superseded page lists nothing, so leaves nothing out.
     annotations.insert(
         usage::ANN_KEYS_TRUNCATED.to_string(),
-        keys_truncated.to_string(),
+        (keys_truncated && page.page <= page.pages).to_string(),
     );
     let mut labels = BTreeMap::new();
     labels.insert(
@@ -520,15 +637,17 @@ pub fn report_object(
     );
     labels.insert(usage::REPLICA_LABEL.to_string(), replica.to_string());
     let mut report = KeyUsageReport::new(
-        &usage::report_name(&key.name, replica),
+        &name,
         KeyUsageReportSpec {
             provisioning_key: key.name.clone(),
             replica: replica.to_string(),
-            keys,
+            page: page.page,
+            pages: page.pages,
+            keys: page.keys,
         },
     );
     report.metadata = ObjectMeta {
-        name: Some(usage::report_name(&key.name, replica)),
+        name: Some(name),
         namespace: Some(key.namespace.clone()),
         labels: Some(labels),
         annotations: Some(annotations),
@@ -606,6 +725,17 @@ fn is_conflict(e: &kube::Error) -> bool {
 }
 
 impl Reporter {
+    /// Every pod use dropped so far, as metrics: by the use log (full between flushes: the use
+    /// is kept, unattributed) and by the per-key-id bound here (`podsTruncated`).
+    fn record_drops(&self) {
+        let stats = &self.shared.stats;
+        stats.pods_dropped(super::stats::DROPPED_USE_LOG, self.log.dropped());
+        stats.pods_dropped(
+            super::stats::DROPPED_REPORT_BOUND,
+            self.state.pods_evicted(),
+        );
+    }
+
     fn leases(&self) -> Api<Lease> {
         Api::namespaced(self.client.clone(), &self.config.lease_namespace)
     }
@@ -657,6 +787,7 @@ impl Reporter {
         // after it), so the steady rate is --report-qps, not just the burst per interval.
         let budget = add(start, self.config.interval.mul_f64(0.8));
         for (key, target) in candidates {
+            let pages = self.state.pages(&key);
             if !last {
                 let now = Utc::now();
                 let wait = self.bucket.wait(now);
@@ -665,34 +796,49 @@ impl Reporter {
                     break;
                 }
                 tokio::time::sleep(wait).await;
-                if !self.bucket.take(Utc::now()) {
+                let now = Utc::now();
+                if !self.bucket.take(now) {
                     break;
                 }
+                let more = u32::try_from(pages.len().saturating_sub(1)).unwrap_or(u32::MAX);
+                self.bucket.charge(now, more);
             }
-            let report = report_object(
-                &self.config.replica,
-                &key,
-                &target.uid,
-                self.state.report(&key),
-                self.state.next_seq(),
-                self.state.keys_truncated(&key),
-            );
+            // Every page with the same seq; the key counts as written (and its pages are
+            // listed) only once all are. A page that fails leaves the others at the new seq,
+            // which is never below what the Lease lists, and the next flush writes them again.
+            let seq = self.state.next_seq();
+            let keys_truncated = self.state.keys_truncated(&key);
             let api: Api<KeyUsageReport> = Api::namespaced(self.client.clone(), &key.namespace);
-            let name = usage::report_name(&key.name, &self.config.replica);
             let params = PatchParams::apply(usage::FIELD_MANAGER).force();
-            match api.patch(&name, &params, &Patch::Apply(&report)).await {
-                Ok(_) => {
-                    self.writes += 1;
-                    self.state.written(&key, start);
-                    debug!(key = %key, "usage report written");
+            let count = pages.len();
+            let mut ok = true;
+            for page in pages {
+                let report = report_object(
+                    &self.config.replica,
+                    &key,
+                    &target.uid,
+                    page,
+                    seq,
+                    keys_truncated,
+                );
+                let name = report.metadata.name.clone().unwrap_or_default();
+                match api.patch(&name, &params, &Patch::Apply(&report)).await {
+                    Ok(_) => self.writes += 1,
+                    Err(e) => {
+                        self.failed_writes += 1;
+                        warn!(key = %key, report = %name, error = %e, failed_writes = self.failed_writes,
+                              "usage report write failed; it stays dirty and holds the watermark back");
+                        ok = false;
+                        break;
+                    }
                 }
-                Err(e) => {
-                    self.failed_writes += 1;
-                    warn!(key = %key, report = %name, error = %e, failed_writes = self.failed_writes,
-                          "usage report write failed; it stays dirty and holds the watermark back");
-                }
+            }
+            if ok {
+                self.state.written(&key, start);
+                debug!(key = %key, pages = count, "usage report written");
             }
         }
+        self.record_drops();
         self.state.watermark(start)
     }
 
@@ -880,6 +1026,7 @@ impl Reporter {
                 writes = self.writes,
                 failed_writes = self.failed_writes,
                 dropped_uses = self.log.dropped(),
+                pods_evicted = self.state.pods_evicted(),
                 "report flush"
             );
         }

@@ -24,6 +24,7 @@ pub struct Stats {
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     view_unconfirmed: Gauge,
     pod_token_reviews: Family<ReviewLabels, Counter>,
+    pods_dropped: Family<DroppedLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +36,18 @@ struct ReviewLabels {
 struct HandshakeLabels {
     reason: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedLabels {
+    stage: &'static str,
+}
+
+/// `stage` of `keyward_verifier_pods_dropped`: the use log was full between two report flushes,
+/// so the use was kept without its pod.
+pub const DROPPED_USE_LOG: &str = "use_log";
+/// `stage` of `keyward_verifier_pods_dropped`: a key id held the most pods the reporter keeps
+/// in memory, so the oldest were evicted and its report says `podsTruncated`.
+pub const DROPPED_REPORT_BOUND: &str = "report_bound";
 
 impl Default for Stats {
     fn default() -> Self {
@@ -81,9 +94,16 @@ impl Default for Stats {
             "Pod tokens (X-Keyward-Pod-Token) by outcome: pod (the API server named a pod), unauthenticated, not_pod_bound, error (the review failed, e.g. no RBAC), busy (not reviewed: too many in flight or the cache full), other_namespace (a pod used a key of another namespace; not attributed)",
             pod_token_reviews.clone(),
         );
+        let pods_dropped = Family::<DroppedLabels, Counter>::default();
+        registry.register(
+            "keyward_verifier_pods_dropped",
+            "Pod attributions of accepted requests this verifier could not report, by stage (use_log: the use log was full between flushes, the use was reported without its pod; report_bound: a key id held 65,536 pods, the oldest were evicted and the report says podsTruncated)",
+            pods_dropped.clone(),
+        );
         Stats {
             registry,
             pod_token_reviews,
+            pods_dropped,
             view_unconfirmed,
             tls_handshake_failures,
             decisions,
@@ -171,6 +191,23 @@ impl Stats {
     pub fn pod_token_reviews(&self, result: &'static str) -> u64 {
         self.pod_token_reviews
             .get_or_create(&ReviewLabels { result })
+            .get()
+    }
+
+    /// Raises `keyward_verifier_pods_dropped{stage}` to `total` (a running total kept by the
+    /// use log or the reporter; never lowered).
+    pub fn pods_dropped(&self, stage: &'static str, total: u64) {
+        let c = self.pods_dropped.get_or_create(&DroppedLabels { stage });
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    /// `keyward_verifier_pods_dropped{stage}`.
+    pub fn pods_dropped_total(&self, stage: &'static str) -> u64 {
+        self.pods_dropped
+            .get_or_create(&DroppedLabels { stage })
             .get()
     }
 

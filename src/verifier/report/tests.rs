@@ -257,24 +257,143 @@ fn the_bucket_refills_at_its_rate_up_to_its_burst() {
     assert_eq!(n, 100);
 }
 
+/// Finding "past 256 UIDs acknowledgements are truncated": the report pages instead. 1,000
+/// pods on one key id make 4 pages of at most 256 pods each, every UID on exactly one page, and
+/// every page repeats the key id's `lastUsedAt`; shrinking to 100 pods rewrites pages 2-4 empty
+/// (superseded) in the same write, and the Lease lists each page with the write's number.
 #[test]
-fn pods_are_capped_most_recent_kept_and_the_log_stays_bounded() {
+fn a_report_pages_past_the_per_object_cap_and_never_drops_a_pod() {
     let mut state = Reporting::new(INTERVAL, RESOLUTION);
-    let cap = u32::try_from(MAX_PODS_PER_KID).expect("small");
-    for i in 0..cap + 10 {
+    for i in 0..1000 {
+        state.absorb(used("pk", "kid", pod(i), t(i64::from(i))));
+    }
+    state.absorb(used("pk", "other", Instance::Unattributed, t(5)));
+    let pages = state.pages(&key("pk"));
+    assert_eq!(pages.len(), 4);
+    let mut seen = std::collections::BTreeMap::new();
+    for (n, p) in (1..).zip(&pages) {
+        assert_eq!((p.page, p.pages), (n, 4));
+        let kid = p
+            .keys
+            .iter()
+            .find(|k| k.kid == "kid")
+            .expect("kid on every page");
+        assert!(kid.pods.len() <= MAX_PODS_PER_KID);
+        assert!(!kid.pods_truncated);
+        assert_eq!(
+            kid.last_used_at,
+            rfc3339(t(999)),
+            "page {n} understates use"
+        );
+        let other = p
+            .keys
+            .iter()
+            .find(|k| k.kid == "other")
+            .expect("other on every page");
+        assert_eq!(other.last_used_at, rfc3339(t(5)));
+        for pod in &kid.pods {
+            *seen.entry(pod.uid.clone()).or_insert(0) += 1;
+        }
+        // Every page is a valid object of its own.
+        let obj = report_object("verifier-0", &key("pk"), "uid", p.clone(), 3, false);
+        assert_eq!(
+            obj.metadata.name.as_deref(),
+            Some(usage::report_page_name("pk", "verifier-0", n).as_str())
+        );
+        assert_eq!(usage::report_seq(&obj), Some(3));
+    }
+    assert_eq!(seen.len(), 1000, "every UID on some page");
+    assert!(seen.values().all(|c| *c == 1), "every UID on one page only");
+    assert_eq!(pages[3].keys[0].pods.len(), 1000 - 3 * MAX_PODS_PER_KID);
+    // Most recent first: page 1 holds the newest.
+    assert_eq!(
+        pages[0].keys[0].pods[0].uid,
+        pod(999).pod_uid().expect("pod")
+    );
+
+    // Written: the Lease lists every page with the write's number.
+    assert_eq!(state.next_seq(), 1);
+    state.written(&key("pk"), t(1000));
+    let listed = state.listing(t(1001)).reports;
+    assert_eq!(
+        listed,
+        BTreeMap::from([
+            ("ns/pk".to_string(), 1),
+            ("ns/pk#2".to_string(), 1),
+            ("ns/pk#3".to_string(), 1),
+            ("ns/pk#4".to_string(), 1),
+        ])
+    );
+
+    // Shrinks to 100 pods (the others gone from memory, as after a restart that carried the
+    // list over): one page, and pages 2-4 rewritten empty, superseded, with the same write.
+    let mut next = Reporting::new(INTERVAL, RESOLUTION);
+    next.carry_over(&listed, t(2000));
+    for i in 0..100 {
+        next.absorb(used("pk", "kid", pod(i), t(2000)));
+    }
+    let pages = next.pages(&key("pk"));
+    assert_eq!(
+        pages.iter().map(|p| (p.page, p.pages)).collect::<Vec<_>>(),
+        [(1, 1), (2, 1), (3, 1), (4, 1)]
+    );
+    assert_eq!(pages[0].keys[0].pods.len(), 100);
+    assert!(pages[1..].iter().all(|p| p.keys.is_empty()));
+    let superseded = report_object("verifier-0", &key("pk"), "uid", pages[1].clone(), 2, true);
+    assert_eq!(
+        superseded
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(usage::ANN_KEYS_TRUNCATED))
+            .map(String::as_str),
+        Some("false"),
+        "a superseded page lists nothing, so leaves nothing out"
+    );
+    assert_eq!(next.next_seq(), 2);
+    next.written(&key("pk"), t(2000));
+    assert_eq!(
+        next.listing(t(2001)).reports,
+        BTreeMap::from([("ns/pk".to_string(), 2)])
+    );
+    // Superseded once: the next write is one page only.
+    next.absorb(used("pk", "kid", pod(5000), t(2010)));
+    assert_eq!(next.pages(&key("pk")).len(), 1);
+}
+
+#[test]
+fn pods_are_held_up_to_the_memory_bound_most_recent_kept_and_the_log_stays_bounded() {
+    let mut state = Reporting::new(INTERVAL, RESOLUTION);
+    let cap = u32::try_from(MAX_PODS_HELD_PER_KID).expect("small");
+    // Far past the per-page cap: nothing is dropped.
+    for i in 0..1000 {
+        state.absorb(used("pk", "kid", pod(i), t(0)));
+    }
+    assert_eq!(state.report(&key("pk"))[0].pods.len(), 1000);
+    assert!(!state.report(&key("pk"))[0].pods_truncated);
+    assert_eq!(state.pods_evicted(), 0);
+    // Past the memory bound: the oldest are evicted, counted, and the report says so on
+    // every page.
+    for i in 1000..=cap {
         state.absorb(used("pk", "kid", pod(i), t(i64::from(i))));
     }
     let report = state.report(&key("pk"));
-    assert_eq!(report[0].pods.len(), MAX_PODS_PER_KID);
+    assert!(report[0].pods.len() <= MAX_PODS_HELD_PER_KID);
     assert!(report[0].pods_truncated);
-    // Most recent first; the 10 oldest gone.
-    assert_eq!(report[0].pods[0].uid, pod(cap + 9).pod_uid().expect("pod"));
+    let evicted = u64::try_from(MAX_PODS_HELD_PER_KID + 1 - report[0].pods.len()).expect("small");
+    assert_eq!(state.pods_evicted(), evicted);
+    assert_eq!(report[0].pods[0].uid, pod(cap).pod_uid().expect("pod"));
     assert!(
         report[0]
             .pods
             .iter()
-            .all(|p| p.uid != pod(9).pod_uid().expect("pod"))
+            .all(|p| p.uid != pod(999).pod_uid().expect("pod")),
+        "the oldest go first"
     );
+    let pages = state.pages(&key("pk"));
+    assert_eq!(pages.len(), report[0].pods.len().div_ceil(MAX_PODS_PER_KID));
+    assert!(pages.len() <= MAX_PAGES as usize);
+    assert!(pages.iter().all(|p| p.keys[0].pods_truncated));
     // The log's capacity still applies between drains, and drops are counted: past it a use
     // loses its pod but not its key id (one unattributed entry per key id).
     let log = MemoryUseLog::new(5);
@@ -283,6 +402,42 @@ fn pods_are_capped_most_recent_kept_and_the_log_stays_bounded() {
     }
     assert_eq!(log.dropped(), 15);
     assert_eq!(log.drain(t(2)).len(), 6);
+}
+
+/// Both kinds of dropped pod are metrics, so none is silent.
+#[test]
+fn dropped_pods_are_counted_as_metrics() {
+    let stats = crate::verifier::Stats::default();
+    stats.pods_dropped(crate::verifier::stats::DROPPED_USE_LOG, 15);
+    stats.pods_dropped(crate::verifier::stats::DROPPED_USE_LOG, 15);
+    stats.pods_dropped(crate::verifier::stats::DROPPED_REPORT_BOUND, 3);
+    assert_eq!(
+        stats.pods_dropped_total(crate::verifier::stats::DROPPED_USE_LOG),
+        15
+    );
+    let text = stats.encode().expect("encode");
+    assert!(
+        text.contains(r#"keyward_verifier_pods_dropped_total{stage="use_log"} 15"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"keyward_verifier_pods_dropped_total{stage="report_bound"} 3"#),
+        "{text}"
+    );
+}
+
+/// A key's pages go to the bucket together: the first takes a token, the rest go into debt
+/// that later writes wait off, so the average stays at the rate.
+#[test]
+fn a_keys_pages_are_charged_to_the_bucket() {
+    let mut b = Bucket::new(2.0, 2);
+    assert!(b.take(t(0)));
+    b.charge(t(0), 3);
+    // 2 - 1 - 3 = -2 tokens: 3 to earn back at 2/s before the next write.
+    assert!(!b.take(t(0)));
+    assert_eq!(b.wait(t(0)), Duration::from_millis(1500));
+    assert!(!b.take(t_ms(1499)));
+    assert!(b.take(t_ms(1500)));
 }
 
 /// Issue 18, finding 8: the key id set is bounded by the bundle and the longest
@@ -339,14 +494,8 @@ fn key_ids_the_bundle_dropped_are_forgotten_once_written_and_long_unused() {
 fn the_report_and_the_lease_say_what_the_operator_reads() {
     let mut state = Reporting::new(INTERVAL, RESOLUTION);
     state.absorb(used("pk", "kid-a", pod(1), t(1)));
-    let obj = report_object(
-        "verifier-0",
-        &key("pk"),
-        "uid-1",
-        state.report(&key("pk")),
-        7,
-        false,
-    );
+    let page = state.pages(&key("pk")).remove(0);
+    let obj = report_object("verifier-0", &key("pk"), "uid-1", page, 7, false);
     assert_eq!(usage::report_seq(&obj), Some(7));
     assert_eq!(obj.metadata.name.as_deref(), Some("pk.verifier-0"));
     let owner = &obj.metadata.owner_references.as_ref().expect("owner")[0];
@@ -477,7 +626,8 @@ fn a_report_with_more_key_ids_than_it_holds_says_so() {
     state.absorb(used("pk", "one-more", Instance::Unattributed, t(2)));
     assert!(state.keys_truncated(&key("pk")));
     assert_eq!(state.report(&key("pk")).len(), MAX_KIDS_PER_REPORT);
-    let obj = report_object("v-0", &key("pk"), "uid", state.report(&key("pk")), 1, true);
+    let page = state.pages(&key("pk")).remove(0);
+    let obj = report_object("v-0", &key("pk"), "uid", page, 1, true);
     assert_eq!(
         obj.metadata
             .annotations
