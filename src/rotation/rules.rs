@@ -276,7 +276,7 @@ fn activate(c: &mut Ctx<'_>) -> Option<Plan> {
     let cur = current(keys);
     let newest = keys.iter().rev().find(|k| k.state == KeyState::Published)?;
     let published_at = newest.published_at?;
-    if !cur.is_none_or(|c| newest.seq > c.seq) {
+    if cur.is_some_and(|c| newest.seq <= c.seq) {
         return None;
     }
     // `break_glass` revoked any compromised current key, so an emergency activation is one with
