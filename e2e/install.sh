@@ -721,7 +721,7 @@ say "  server dry run: $(wc -l <"$WORK/dry-cluster.txt") objects (cluster-wide),
 # ---------------------------------------------------------------------------------------------
 step "helm install, cluster-wide mode (release kwc)"
 # CRDs applied before with kubectl (e2e/cluster.sh does) are adopted by the release, as a user
-# moving to the chart would do (README, "Upgrading the CRDs").
+# moving to the chart would do (docs/install.md, "Upgrading the CRDs").
 for crd in provisioningkeys.keyward.dev policyagents.keyward.dev keyusagereports.keyward.dev; do
   if kubectl get crd "$crd" >/dev/null 2>&1; then
     kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null

@@ -38,8 +38,8 @@ use zeroize::Zeroizing;
 use crate::verifier::serve::{self, Limits};
 use crate::verifier::stats::Stats;
 
-/// The header that carries the pod's projected ServiceAccount token to the verifier.
-pub const POD_TOKEN_HEADER: &str = "x-keyward-pod-token";
+/// The header the proxy sets (the verifier's; it owns the protocol).
+pub use crate::verifier::pod_identity::POD_TOKEN_HEADER;
 /// Default of `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8182";
 /// Default of `--pod-token-file`: where the example's projected volume puts the token.

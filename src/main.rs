@@ -332,7 +332,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                     retry_period = ?election.retry_period,
                     "leader election on"
                 );
-                keyward::leader::run(client, op, writes, obs, election, shutdown_signal())
+                keyward::operator::run(client, op, writes, obs, election, shutdown_signal())
                     .await
                     .map_err(Into::into)
             }

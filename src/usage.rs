@@ -237,7 +237,7 @@ pub fn parse_lease(lease: &Lease) -> Result<Replica, String> {
     };
     let resolution = ann
         .get(ANN_RESOLUTION)
-        .and_then(|r| crate::rotation::parse_duration(r))
+        .and_then(|r| crate::time::parse_duration(r))
         .ok_or_else(|| format!("verifier Lease {name} has no valid {ANN_RESOLUTION}"))?;
     // A Lease without the list cannot prove that no report was deleted: it vouches for nothing
     // (a verifier older than this operator, or someone removed it).
@@ -507,7 +507,7 @@ pub fn key_use(
             });
         }
         for k in &r.spec.keys {
-            let at = crate::rotation::observe::parse_ts(&k.last_used_at).unwrap_or(now);
+            let at = crate::time::parse_ts(&k.last_used_at).unwrap_or(now);
             let e = out.last_used.entry(k.kid.clone()).or_insert(at);
             *e = (*e).max(at);
             let pods = out.pods.entry(k.kid.clone()).or_default();

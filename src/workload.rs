@@ -21,9 +21,11 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 
-use crate::agent::{Figures, Rollout};
 use crate::api::policy_agent::WorkloadKind;
 use crate::labels as l;
+
+pub mod rollout;
+pub use rollout::{Figures, Rollout};
 
 /// Label of a Deployment's ReplicaSets and pods: the hash of the pod template.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -97,9 +99,9 @@ impl Workload {
     /// The rollout judged by the criteria of the workload's kind.
     pub fn rollout(&self) -> (Rollout, Figures) {
         match self {
-            Workload::Deployment(d) => crate::agent::deployment(d),
-            Workload::StatefulSet(s) => crate::agent::stateful_set(s),
-            Workload::DaemonSet(d) => crate::agent::daemon_set(d),
+            Workload::Deployment(d) => rollout::deployment(d),
+            Workload::StatefulSet(s) => rollout::stateful_set(s),
+            Workload::DaemonSet(d) => rollout::daemon_set(d),
         }
     }
 

@@ -1,9 +1,9 @@
 use super::*;
 use chrono::TimeZone;
 use k8s_openapi::api::apps::v1::{
-    DaemonSetSpec, DaemonSetStatus, DaemonSetUpdateStrategy, DeploymentCondition, DeploymentSpec,
-    DeploymentStatus, RollingUpdateStatefulSetStrategy, StatefulSetSpec, StatefulSetStatus,
-    StatefulSetUpdateStrategy,
+    DaemonSet, DaemonSetSpec, DaemonSetStatus, DaemonSetUpdateStrategy, Deployment,
+    DeploymentCondition, DeploymentSpec, DeploymentStatus, RollingUpdateStatefulSetStrategy,
+    StatefulSet, StatefulSetSpec, StatefulSetStatus, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 

@@ -46,7 +46,7 @@ pub struct OperatorConfig {
     pub instance: String,
     /// Most reconciles running at once per controller (at least 1).
     pub concurrency: u16,
-    /// Set when leader election is on ([`crate::leader::run`]): every write of the controllers
+    /// Set when leader election is on (`operator::run`): every write of the controllers
     /// is fenced by it, and the reconcilers check it before each irreversible write.
     pub leader: Option<crate::leader::LeaderHandle>,
     /// Namespace of the verifier replicas' Leases (`crate::usage`); `None`: no replica can

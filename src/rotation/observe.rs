@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -99,29 +99,7 @@ pub struct Mapped {
     pub bundle_jwks: BTreeMap<String, Jwk>,
 }
 
-/// Formats a timestamp the way Keyward stores it (RFC 3339, seconds, `Z`).
-pub fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Formats the start of a wait (`published-at`, `retired-at`, `rolled-at`, ...) rounded UP to the
-/// whole second, so that a wait measured from the stored value is never shorter than asked
-/// (truncating would let `publishDelay: 2s` end after 1.0 s).
-pub fn ts_start(t: DateTime<Utc>) -> String {
-    let rounded = if t.timestamp_subsec_nanos() > 0 {
-        DateTime::from_timestamp(t.timestamp().saturating_add(1), 0).unwrap_or(t)
-    } else {
-        t
-    };
-    ts(rounded)
-}
-
-/// Parses a timestamp as Keyward stores it (RFC 3339).
-pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
+pub use crate::time::{parse_ts, ts, ts_start};
 
 /// Whether `meta` names the object with `uid` as its controller.
 pub fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {

@@ -6,7 +6,6 @@
 //! rule existed) is reported with `Ready=False` and never acted on.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::api::conditions::reasons;
@@ -367,55 +366,8 @@ fn duration(
     Ok(parsed)
 }
 
-/// Parses a Go-style duration (`720h`, `1h30m`, `500ms`) from user input; `None` when malformed.
-/// The one entry point for every duration in a spec or a flag: it never panics.
-pub fn parse_duration(value: &str) -> Option<Duration> {
-    Some(value)
-        .filter(|v| well_formed(v))
-        .and_then(|v| kube::core::Duration::from_str(v).ok())
-        .filter(|d| !d.is_negative())
-        .map(Into::into)
-}
-
-/// Whether `value` matches [`crate::api::DURATION_PATTERN`] (one or more `<digits>[.<digits>]<unit>`)
-/// and is at most about 30,000 years. kube's parser accepts more (`""`, `0`, `+5m`) and panics on
-/// a negative component (`1h-5m`) or on overflow (`99999999999999999999h`, which the schema
-/// pattern allows), so it only sees values that pass this check.
-fn well_formed(value: &str) -> bool {
-    const UNITS: [(&str, f64); 7] = [
-        ("ns", 1e-9),
-        ("us", 1e-6),
-        ("µs", 1e-6),
-        ("ms", 1e-3),
-        ("s", 1.0),
-        ("m", 60.0),
-        ("h", 3600.0),
-    ];
-    let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (mut rest, mut total) = (value, 0f64);
-    while !rest.is_empty() {
-        let mut len = digits(rest);
-        if len == 0 {
-            return false;
-        }
-        if let Some(frac) = rest[len..].strip_prefix('.') {
-            match digits(frac) {
-                0 => return false,
-                n => len += 1 + n,
-            }
-        }
-        let Ok(number) = rest[..len].parse::<f64>() else {
-            return false;
-        };
-        rest = &rest[len..];
-        let Some((unit, scale)) = UNITS.iter().find(|(u, _)| rest.starts_with(u)) else {
-            return false;
-        };
-        rest = &rest[unit.len()..];
-        total += number * scale;
-    }
-    !value.is_empty() && total.is_finite() && total <= 1e12
-}
+/// Parses a Go-style duration (see [`crate::time::parse_duration`]).
+pub use crate::time::parse_duration;
 
 fn dns_name(field: &'static str, value: &str) -> Result<(), SpecError> {
     let ok = !value.is_empty()

@@ -44,12 +44,12 @@ fn report(replica: &str, kid: &str, at: i64, pods: &[&str]) -> KeyUsageReport {
             pages: 1,
             keys: vec![KidUsage {
                 kid: kid.into(),
-                last_used_at: crate::rotation::observe::ts(t(at)),
+                last_used_at: crate::time::ts(t(at)),
                 pods: pods
                     .iter()
                     .map(|u| PodUsage {
                         uid: (*u).into(),
-                        last_used_at: crate::rotation::observe::ts(t(at)),
+                        last_used_at: crate::time::ts(t(at)),
                     })
                     .collect(),
                 pods_truncated: false,

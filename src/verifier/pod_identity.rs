@@ -31,7 +31,7 @@ use super::stats::Stats;
 use super::use_log::{Instance, Use, UseLog};
 
 /// The header carrying the pod-bound ServiceAccount token (set by `keyward agent-proxy`).
-pub use crate::agent_proxy::POD_TOKEN_HEADER;
+pub const POD_TOKEN_HEADER: &str = "x-keyward-pod-token";
 /// Default of `--pod-token-audience`.
 pub const DEFAULT_AUDIENCE: &str = "keyward";
 /// The user's extra that names the pod a ServiceAccount token is bound to.
