@@ -332,7 +332,12 @@ pub struct KillOnDrop(pub std::process::Child);
 /// at info to the new file `log`, plus `env`; killed when dropped.
 pub fn spawn_keyward(args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> KillOnDrop {
     let out = std::fs::File::create(log).expect("log file");
-    std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+    // `KEYWARD_BIN_UNDER_TEST`: run another build (an older commit's, to show a test failing
+    // before a fix); default: this build's binary.
+    let bin = std::env::var_os("KEYWARD_BIN_UNDER_TEST")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyward").into());
+    std::process::Command::new(bin)
         .args(args)
         .envs(env.iter().copied())
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
