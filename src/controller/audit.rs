@@ -18,21 +18,21 @@ use super::Context;
 
 /// Event reasons (PascalCase), shared with conditions and metrics.
 pub mod reason {
-    pub const KEY_MINTED: &str = "KeyMinted";
-    pub const KEY_PUBLISHED: &str = "KeyPublished";
-    pub const KEY_ACTIVATED: &str = "KeyActivated";
-    pub const KEY_HANDED_OUT: &str = "KeyHandedOut";
-    pub const KEY_RETIRING: &str = "KeyRetiring";
-    pub const KEY_REVOKED: &str = "KeyRevoked";
-    pub const KEY_PRUNED: &str = "KeyPruned";
-    pub const KEY_SECRET_REPAIRED: &str = "KeySecretRepaired";
-    pub const TOKEN_REFRESHED: &str = "TokenRefreshed";
-    pub const TRUST_BUNDLE_UPDATED: &str = "TrustBundleUpdated";
-    pub const BUNDLE_TAMPERED: &str = crate::rotation::reasons::BUNDLE_TAMPERED;
-    pub const EMERGENCY_REVOCATION: &str = "EmergencyRevocation";
-    pub const ROTATION_STALLED: &str = "RotationStalled";
-    pub const ROLLOUT_TRIGGERED: &str = "RolloutTriggered";
-    pub const AGENT_CONFIRMED: &str = "AgentConfirmed";
+    use crate::reason::Reason;
+
+    pub const KEY_MINTED: &str = Reason::KeyMinted.as_str();
+    pub const KEY_PUBLISHED: &str = Reason::KeyPublished.as_str();
+    pub const KEY_ACTIVATED: &str = Reason::KeyActivated.as_str();
+    pub const KEY_HANDED_OUT: &str = Reason::KeyHandedOut.as_str();
+    pub const KEY_RETIRING: &str = Reason::KeyRetiring.as_str();
+    pub const KEY_REVOKED: &str = Reason::KeyRevoked.as_str();
+    pub const KEY_SECRET_REPAIRED: &str = Reason::KeySecretRepaired.as_str();
+    pub const TOKEN_REFRESHED: &str = Reason::TokenRefreshed.as_str();
+    pub const BUNDLE_TAMPERED: &str = Reason::BundleTampered.as_str();
+    pub const EMERGENCY_REVOCATION: &str = Reason::EmergencyRevocation.as_str();
+    pub const ROTATION_STALLED: &str = Reason::RotationStalled.as_str();
+    pub const ROLLOUT_TRIGGERED: &str = Reason::RolloutTriggered.as_str();
+    pub const AGENT_CONFIRMED: &str = Reason::AgentConfirmed.as_str();
 }
 
 /// One audited fact.
