@@ -55,6 +55,8 @@ pub struct OperatorConfig {
     /// The verifier replicas that must each have a Lease (`--verifier-replicas`); empty: the
     /// replicas are whichever Leases exist, so deleting a Lease shrinks the coverage.
     pub verifier_replicas: Vec<String>,
+    /// Where decisions take `now` from (the wall clock; a manual clock in tests).
+    pub clock: crate::time::SharedClock,
 }
 
 impl Default for OperatorConfig {
@@ -68,6 +70,7 @@ impl Default for OperatorConfig {
             leader: None,
             verifier_namespace: None,
             verifier_replicas: Vec::new(),
+            clock: crate::time::SharedClock::default(),
         }
     }
 }
@@ -172,9 +175,9 @@ impl Context {
         }
     }
 
-    /// The clock, read once per reconcile and passed down.
+    /// The clock ([`OperatorConfig::clock`]), read once per reconcile and passed down.
     pub fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        self.config.clock.now()
     }
 }
 

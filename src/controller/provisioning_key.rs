@@ -328,7 +328,7 @@ async fn read_usage(
         .into_iter()
         .filter(|r| r.spec.provisioning_key == name)
         .collect();
-    let now = Utc::now();
+    let now = ctx.now();
     // The verifier Leases: what each replica vouches for, and which reports it has written (a
     // listed report that is missing or older counts as use now, see `crate::usage`).
     let leases: Result<Vec<Result<crate::usage::Replica, String>>, String> = if !decisive {
