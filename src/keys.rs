@@ -6,9 +6,9 @@
 //! * private key bytes never appear in `Debug`/`Display` output or in [`KeyError`] messages;
 //!   [`KeyPair`] and [`PublicKey`] print only their key id;
 //! * private PEM output is returned as [`Zeroizing<String>`], and every intermediate buffer
-//!   that holds the seed or its encoding is zeroized. The PKCS#8 document is assembled by hand
-//!   (instead of through `pkcs8::KeypairBytes`, whose `zeroize` feature is not enabled in
-//!   this build) so that no unzeroized copy is left behind;
+//!   that holds the seed or its encoding is zeroized: the documents are the `pkcs8` and `spki`
+//!   crates' types (`SecretDocument` zeroizes), not `pkcs8::KeypairBytes` (whose `zeroize`
+//!   feature is not enabled in this build, and whose encoder would embed the public key);
 //! * the PKCS#8 output is the RFC 8410 v1 form (no embedded public key), byte-for-byte what
 //!   `openssl genpkey -algorithm ed25519` writes, for the widest interoperability. Both v1
 //!   and v2 (with public key, which must then match the seed) are accepted on input;
@@ -19,14 +19,15 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use ed25519_dalek::pkcs8::spki::DecodePublicKey as _;
-use ed25519_dalek::pkcs8::{ALGORITHM_OID, PrivateKeyInfo, SecretDocument};
+use ed25519_dalek::pkcs8::ALGORITHM_OID;
 use ed25519_dalek::{
     PUBLIC_KEY_LENGTH, SECRET_KEY_LENGTH, Signature, Signer as _, SigningKey, VerifyingKey,
 };
+use pkcs8::{LineEnding, PrivateKeyInfo, SecretDocument};
 use rand::rngs::OsRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use spki::{AlgorithmIdentifierRef, DecodePublicKey as _, EncodePublicKey as _};
 use zeroize::Zeroizing;
 
 /// JWS `alg` value for Ed25519 signatures (RFC 8037).
@@ -43,21 +44,6 @@ pub const JWT_TYP: &str = "JWT";
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 const PRIVATE_PEM_LABEL: &str = "PRIVATE KEY";
-
-/// DER prefix of an RFC 8410 PKCS#8 v1 Ed25519 private key; the 32-byte seed follows.
-/// `SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32) } }`
-const PKCS8_V1_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
-const PKCS8_V1_LEN: usize = PKCS8_V1_PREFIX.len() + SECRET_KEY_LENGTH;
-/// base64 (with padding) length of the 48-byte PKCS#8 document: 48 / 3 * 4.
-const PKCS8_V1_B64_LEN: usize = PKCS8_V1_LEN / 3 * 4;
-
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte public key follows.
-/// `SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING (0 unused bits) }`
-const SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
 
 /// Errors of this module. Messages never contain key bytes; identifiers taken from untrusted
 /// input (a token's `kid`, `alg`) are truncated and escaped before they are stored.
@@ -187,30 +173,28 @@ impl KeyPair {
         Ok(KeyPair { signing })
     }
 
-    /// Encode as an RFC 8410 PKCS#8 v1 PEM (`-----BEGIN PRIVATE KEY-----`), LF line endings.
+    /// Encode as an RFC 8410 PKCS#8 v1 PEM (`-----BEGIN PRIVATE KEY-----`), LF line endings,
+    /// through the `pkcs8` crate's types: a `PrivateKeyInfo` without the public key (v1, what
+    /// openssl writes; `ed25519-dalek`'s own encoder embeds the public key, v2), encoded into a
+    /// `SecretDocument` (zeroized on drop) and written as PEM into a `Zeroizing<String>`. The
+    /// only other copy of the seed is the inner OCTET STRING, in a zeroized buffer.
     pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
-        let mut der = Zeroizing::new([0u8; PKCS8_V1_LEN]);
-        der[..PKCS8_V1_PREFIX.len()].copy_from_slice(&PKCS8_V1_PREFIX);
-        der[PKCS8_V1_PREFIX.len()..].copy_from_slice(self.signing.as_bytes());
-
-        // `encode_slice` writes straight into our zeroized buffer (no internal copies).
-        let mut b64 = Zeroizing::new([0u8; PKCS8_V1_B64_LEN]);
-        let written = STANDARD
-            .encode_slice(&der[..], &mut b64[..])
-            // Infallible: 48 input bytes always encode to exactly 64 bytes, the buffer size.
-            .expect("base64 buffer sized for the fixed-length PKCS#8 document");
-
-        let begin = "-----BEGIN PRIVATE KEY-----\n";
-        let end = "\n-----END PRIVATE KEY-----\n";
-        // Exact capacity: the string never reallocates, so no unzeroized copy is left behind.
-        let mut pem = Zeroizing::new(String::with_capacity(begin.len() + written + end.len()));
-        pem.push_str(begin);
-        // 64 characters fit on a single PEM line.
-        for &byte in &b64[..written] {
-            pem.push(char::from(byte));
-        }
-        pem.push_str(end);
-        pem
+        // RFC 8410: the private key is an OCTET STRING (04 20 <seed>) inside PKCS#8's.
+        let mut inner = Zeroizing::new([0u8; 2 + SECRET_KEY_LENGTH]);
+        inner[..2].copy_from_slice(&[0x04, 0x20]);
+        inner[2..].copy_from_slice(self.signing.as_bytes());
+        let info = PrivateKeyInfo {
+            algorithm: AlgorithmIdentifierRef {
+                oid: ALGORITHM_OID,
+                parameters: None,
+            },
+            private_key: &inner[..],
+            public_key: None,
+        };
+        SecretDocument::encode_msg(&info)
+            .and_then(|doc| doc.to_pem(PRIVATE_PEM_LABEL, LineEnding::LF))
+            // Infallible: a fixed 48-byte structure whose every field is valid.
+            .expect("a PKCS#8 v1 Ed25519 document always encodes")
     }
 
     /// The public half of this key.
@@ -305,16 +289,13 @@ impl PublicKey {
         )
     }
 
-    /// Encode as a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), LF line endings.
+    /// Encode as a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), LF line endings,
+    /// through the `spki` crate's encoder (`EncodePublicKey`).
     pub fn to_spki_pem(&self) -> String {
-        let mut der = Vec::with_capacity(SPKI_PREFIX.len() + PUBLIC_KEY_LENGTH);
-        der.extend_from_slice(&SPKI_PREFIX);
-        der.extend_from_slice(self.key.as_bytes());
-        // 44 DER bytes encode to 60 base64 characters: a single PEM line.
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            STANDARD.encode(der)
-        )
+        self.key
+            .to_public_key_pem(LineEnding::LF)
+            // Infallible: a fixed 44-byte structure.
+            .expect("an Ed25519 SubjectPublicKeyInfo always encodes")
     }
 
     /// Parse a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`) holding an Ed25519 key.
