@@ -1,4 +1,5 @@
 use super::*;
+use base64::engine::general_purpose::STANDARD;
 use proptest::prelude::*;
 
 /// RFC 8037 appendix A.1 private key `d` (the seed) and A.3 thumbprint.
