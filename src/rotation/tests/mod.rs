@@ -19,7 +19,8 @@ use crate::api::provisioning_key::{
     TokenSpec, TrustBundleSpec,
 };
 
-// The tables, in the chain's order, then `plan`'s overrides.
+// One table per rule of the chain, and `plan`'s overrides ([`TABLES`] lists them in the chain's
+// order).
 mod activate;
 mod break_glass;
 mod confirm_hold_revoke;

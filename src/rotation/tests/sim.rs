@@ -590,6 +590,7 @@ impl Sim {
     }
 }
 
+// Declared after `ensure!`, which they use.
 mod invariants;
 mod properties;
 mod scenarios;
