@@ -6,6 +6,12 @@ pub mod policy_agent;
 pub mod provisioning_key;
 pub mod workloads;
 
+mod backoff;
+mod error;
+
+pub use backoff::{Backoff, object_key};
+pub use error::{Error, MAX_PUBLIC_MESSAGE, Result, bounded, unquoted};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,149 +187,6 @@ impl Context {
 /// Timestamps as Keyward stores them (RFC 3339, seconds, `Z`); wait starts rounded up.
 pub use crate::rotation::observe::{parse_ts, ts, ts_start};
 
-/// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("key Secret {name} is unusable: {message}")]
-    KeySecret { name: String, message: String },
-    #[error("key material: {0}")]
-    Key(#[from] crate::keys::KeyError),
-    #[error("object has no namespace or name")]
-    MissingObjectKey,
-    #[error(
-        "{kind} {name} exists and is not owned by this ProvisioningKey; Keyward will not write it (delete or rename it; retrying with backoff)"
-    )]
-    NameTaken { kind: &'static str, name: String },
-    #[error("not the leader: this replica does not hold the leader election Lease; not writing")]
-    NotLeading,
-}
-
-impl Error {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "KubeApiError",
-            Error::KeySecret { .. } => "KeySecretUnusable",
-            Error::Key(e) => e.reason(),
-            Error::MissingObjectKey => "MissingObjectKey",
-            Error::NameTaken { .. } => "NameTaken",
-            Error::NotLeading => "NotLeading",
-        }
-    }
-
-    /// The error as it may appear in status and Events: an API server's message is bounded and
-    /// loses every quoted value (a 422 quotes the values it refused, which may be anything a
-    /// spec or a Secret held), other errors are bounded. The log keeps [`Display`].
-    pub fn public_message(&self) -> String {
-        match self {
-            Error::Kube(kube::Error::Api(e)) => bounded(&format!(
-                "Kubernetes API request failed: {} {}: {}",
-                e.code,
-                e.reason,
-                unquoted(&e.message)
-            )),
-            other => bounded(&other.to_string()),
-        }
-    }
-
-    /// Whether the error belongs in the object's `Ready` condition. An optimistic-concurrency
-    /// conflict (409 on an update) is routine: it is retried, not reported.
-    pub fn reportable(&self) -> bool {
-        !matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
-            && !matches!(self, Error::NotLeading)
-            && !matches!(self, Error::Kube(kube::Error::Service(e)) if e.is::<crate::leader::NotLeading>())
-    }
-}
-
-/// Most characters of an error message written to status or an Event.
-pub const MAX_PUBLIC_MESSAGE: usize = 256;
-
-/// `message` cut at [`MAX_PUBLIC_MESSAGE`] characters (with an ellipsis), control characters
-/// replaced.
-pub fn bounded(message: &str) -> String {
-    let mut out: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_PUBLIC_MESSAGE)
-        .collect();
-    if message.chars().nth(MAX_PUBLIC_MESSAGE).is_some() {
-        out.push('…');
-    }
-    out
-}
-
-/// `message` with every double-quoted part replaced by `"…"`.
-pub fn unquoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len().min(1024));
-    let mut inside = false;
-    let mut escaped = false;
-    for c in message.chars() {
-        if inside {
-            match (escaped, c) {
-                (false, '\\') => escaped = true,
-                (false, '"') => {
-                    inside = false;
-                    out.push_str("…\"");
-                }
-                _ => escaped = false,
-            }
-        } else {
-            out.push(c);
-            if c == '"' {
-                inside = true;
-            }
-        }
-    }
-    if inside {
-        out.push('…');
-    }
-    out
-}
-
-/// Per-object retry backoff: exponential from [`Backoff::BASE`], capped at [`Backoff::CAP`],
-/// jittered (75-125 %), reset by a successful reconcile (or after a quiet period).
-#[derive(Default)]
-pub struct Backoff {
-    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
-}
-
-impl Backoff {
-    pub const BASE: Duration = Duration::from_millis(500);
-    /// Well under half the smallest token ttl, so a failing write never delays a token refresh
-    /// past the token's expiry.
-    pub const CAP: Duration = Duration::from_secs(60);
-
-    /// The delay before retry number `failures` (1-based), without jitter.
-    pub fn delay(failures: u32) -> Duration {
-        Self::BASE
-            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-            .min(Self::CAP)
-    }
-
-    /// Records a failure of `key` and returns the jittered delay before its retry.
-    pub fn fail(&self, key: &str) -> Duration {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = f
-            .entry(key.to_string())
-            .or_insert((0, std::time::Instant::now()));
-        if entry.1.elapsed() > Self::CAP * 4 {
-            entry.0 = 0;
-        }
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = std::time::Instant::now();
-        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0.75..1.25);
-        Self::delay(entry.0).mul_f64(jitter)
-    }
-
-    pub fn reset(&self, key: &str) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        f.remove(key);
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
 async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::Result<T, E>) {
     match res {
         Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
@@ -342,22 +205,6 @@ async fn timed(
     ctx.metrics
         .reconciled(kind, start.elapsed(), res.as_ref().err().map(Error::reason));
     res
-}
-
-/// The backoff key of an object.
-pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    ObjectRef::from_obj(obj).to_string()
-}
-
-fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
-    let key = object_key(&*obj);
-    let delay = ctx.backoff.fail(&key);
-    warn!(object = %key, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
-    Action::requeue(delay)
 }
 
 /// Checks that the CRDs are installed, so a missing one is reported once, clearly, at startup
@@ -794,7 +641,7 @@ pub async fn run(
                         provisioning_key::reconcile(pk, ctx),
                     )
                 },
-                error_policy,
+                backoff::error_policy,
                 ctx.clone(),
             )
             .for_each(log_result);
@@ -829,7 +676,7 @@ pub async fn run(
                         policy_agent::reconcile(pa, ctx),
                     )
                 },
-                error_policy,
+                backoff::error_policy,
                 ctx.clone(),
             )
             .for_each(log_result);
@@ -904,55 +751,6 @@ fn key_gauges_follow_watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_error_text_in_status_is_bounded_and_unquoted() {
-        let e = Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
-            message: format!(
-                "Secret \"opa\" is invalid: metadata.labels: Invalid value: \"{}\": must be 63 characters or less",
-                "sEcReT-VaLuE".repeat(40)
-            ),
-            reason: "Invalid".into(),
-            code: 422,
-            ..kube::core::Status::default()
-        })));
-        let m = e.public_message();
-        assert!(!m.contains("sEcReT"), "{m}");
-        assert!(!m.contains("opa"), "{m}");
-        assert!(
-            m.starts_with("Kubernetes API request failed: 422 Invalid: Secret \"…\" is invalid"),
-            "{m}"
-        );
-        assert!(m.chars().count() <= MAX_PUBLIC_MESSAGE + 1);
-        let long = Error::KeySecret {
-            name: "k".into(),
-            message: "x\n".repeat(500),
-        };
-        let m = long.public_message();
-        assert_eq!(m.chars().count(), MAX_PUBLIC_MESSAGE + 1);
-        assert!(!m.contains('\n'));
-        assert_eq!(unquoted(r#"a "b\"c" d "e"#), r#"a "…" d "…"#);
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(Backoff::delay(1), Duration::from_millis(500));
-        assert_eq!(Backoff::delay(2), Duration::from_secs(1));
-        assert_eq!(Backoff::delay(5), Duration::from_secs(8));
-        assert_eq!(Backoff::delay(8), Backoff::CAP);
-        assert_eq!(Backoff::delay(u32::MAX), Backoff::CAP);
-        let b = Backoff::default();
-        let delays: Vec<Duration> = (0..10).map(|_| b.fail("ns/pk")).collect();
-        for (n, d) in delays.iter().enumerate() {
-            let base = Backoff::delay(u32::try_from(n).unwrap() + 1);
-            assert!(
-                *d >= base.mul_f64(0.75) && *d <= base.mul_f64(1.25),
-                "retry {n}: {d:?} outside the jitter of {base:?}"
-            );
-        }
-        b.reset("ns/pk");
-        assert!(b.fail("ns/pk") <= Backoff::BASE.mul_f64(1.25));
-    }
 
     /// A missing CRD is named at startup (the API server answers 404 for its resource).
     #[tokio::test]
