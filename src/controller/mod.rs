@@ -8,6 +8,7 @@ pub mod workloads;
 
 mod backoff;
 mod error;
+mod wiring;
 
 pub use backoff::{Backoff, object_key};
 pub use error::{Error, MAX_PUBLIC_MESSAGE, Result, bounded, unquoted};
@@ -16,23 +17,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::utils::Predicate;
-use kube::runtime::{WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use futures::FutureExt;
+use kube::Client;
 use tracing::{info, warn};
 
-use crate::api::policy_agent::WorkloadKind;
 use crate::api::{PolicyAgent, ProvisioningKey};
 use crate::http::Health;
-use crate::labels;
-use crate::metrics::{ControllerKind, Metrics};
+use crate::metrics::Metrics;
 use crate::rotation::Floors;
+use wiring::scoped;
 
 /// How long a graceful shutdown waits for in-flight reconciles.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
@@ -187,26 +180,6 @@ impl Context {
 /// Timestamps as Keyward stores them (RFC 3339, seconds, `Z`); wait starts rounded up.
 pub use crate::rotation::observe::{parse_ts, ts, ts_start};
 
-async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::Result<T, E>) {
-    match res {
-        Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
-        Err(e) => tracing::debug!(error = %e, "reconcile error"),
-    }
-}
-
-/// Runs one reconcile and records it in the metrics (count, duration, error reason).
-async fn timed(
-    kind: ControllerKind,
-    ctx: Arc<Context>,
-    reconcile: impl std::future::Future<Output = Result<Action>>,
-) -> Result<Action> {
-    let start = std::time::Instant::now();
-    let res = reconcile.await;
-    ctx.metrics
-        .reconciled(kind, start.elapsed(), res.as_ref().err().map(Error::reason));
-    res
-}
-
 /// Checks that the CRDs are installed, so a missing one is reported once, clearly, at startup
 /// instead of as a bare `404 page not found` on every reconcile.
 pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), String> {
@@ -254,143 +227,6 @@ pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), Str
     Ok(())
 }
 
-/// An `Api` for one namespace, or for all.
-fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as Resource>::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
-/// Maps a workload (its metadata) to the PolicyAgents that name it.
-fn workload_mapper<K: Resource>(
-    store: &Store<PolicyAgent>,
-    kind: WorkloadKind,
-) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
-    let store = store.clone();
-    move |w: PartialObjectMeta<K>| {
-        let ns = w.metadata.namespace.clone();
-        let name = w.metadata.name.clone();
-        store
-            .state()
-            .into_iter()
-            .filter(|pa| {
-                pa.meta().namespace == ns
-                    && pa.spec.workload_ref.kind == kind
-                    && Some(&pa.spec.workload_ref.name) == name.as_ref()
-            })
-            .map(|pa| ObjectRef::from_obj(&*pa))
-            .collect()
-    }
-}
-
-/// The ProvisioningKey controlling a labelled Secret or ConfigMap.
-fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
-    let ns = s.metadata.namespace.as_deref()?;
-    s.metadata
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true) && o.kind == "ProvisioningKey")
-        .map(|o| ObjectRef::new(&o.name).within(ns))
-}
-
-/// The PolicyAgents using an agent Secret (by its ProvisioningKey label).
-fn agents_of_secret(
-    store: &Store<PolicyAgent>,
-    s: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<PolicyAgent>> {
-    if s.labels().get(labels::COMPONENT).map(String::as_str) != Some(labels::COMPONENT_AGENT_SECRET)
-    {
-        return Vec::new();
-    }
-    let ns = s.metadata.namespace.clone();
-    let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
-    store
-        .state()
-        .into_iter()
-        .filter(|pa| {
-            pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
-        })
-        .map(|pa| ObjectRef::from_obj(&*pa))
-        .collect()
-}
-
-/// Drops what no decision reads from a cache before an object is cached: `managedFields` and
-/// kubectl's `last-applied-configuration` (often the largest parts of an object).
-fn slim<K: Resource>(obj: &mut K) {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// A cached ProvisioningKey is only a trigger and its spec: status is always read fresh (by
-/// `get_status`) before it is compared or written, so it is not kept.
-fn slim_pk(pk: &mut ProvisioningKey) {
-    slim(pk);
-    pk.status = None;
-}
-
-/// A cached labelled Secret only tells which key Secrets exist (name, labels, owner) and
-/// which key id each holds.
-fn slim_secret(s: &mut PartialObjectMeta<Secret>) {
-    slim(s);
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.retain(|k, _| k == labels::KEY_ID);
-    }
-}
-
-/// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
-/// `shutdown`.
-fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    trim: fn(&mut K),
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    watcher::watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .take_until(shutdown)
-}
-
-/// Changes of one workload kind, as metadata (a wake-up: the reconcile reads the workload by
-/// GET).
-fn workload_changes<K>(
-    client: &Client,
-    ns: &Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-    K::DynamicType: Default,
-{
-    watch(
-        scoped::<PartialObjectMeta<K>>(client, ns),
-        watcher::Config::default(),
-        slim,
-        shutdown,
-    )
-    .touched_objects()
-}
-
-/// Buffer of a shared watch stream (events a slow subscriber may lag behind).
-const SHARED_BUFFER: usize = 1024;
-
 /// Runs the controllers (one set per watched namespace, or one for all) until `shutdown`
 /// resolves; in-flight reconciles finish first.
 ///
@@ -425,33 +261,7 @@ pub async fn run(
     let shutdown = Box::pin(shutdown).shared();
     let controller_config =
         kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1));
-    let mut runs = Vec::new();
-    let mut caches = Vec::new();
-    let mut wiring = Vec::new();
-    for ns in &scopes {
-        let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
-        let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
-        let (reports, reports_writer) =
-            reflector::store::<PartialObjectMeta<crate::api::KeyUsageReport>>();
-        let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
-        let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
-        caches.push(caches::ScopeCaches {
-            namespace: ns.clone(),
-            agents,
-            secrets,
-            reports,
-            agents_ready,
-            secrets_ready,
-        });
-        wiring.push((
-            ns.clone(),
-            agents_writer,
-            secrets_writer,
-            reports_writer,
-            agents_ready_tx,
-            secrets_ready_tx,
-        ));
-    }
+    let (caches, writers): (Vec<_>, Vec<_>) = scopes.iter().map(wiring::scope_caches).unzip();
     let ctx = Context::with_caches(
         client.clone(),
         config.clone(),
@@ -461,226 +271,22 @@ pub async fn run(
     );
     // Running the controllers means leading (the only replica without leader election).
     obs.metrics.set_leader(true);
+    let mut runs = Vec::new();
     let mut keys_ready = Vec::new();
-    for ((ns, agents_writer, secrets_writer, reports_writer, agents_ready, secrets_ready), cache) in
-        wiring.into_iter().zip(caches)
-    {
-        let stop = shutdown.clone();
-        // Only Keyward-labelled Secrets and ConfigMaps are watched, never every Secret.
-        let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-        let Some(agents_sub) = agents_writer.subscribe() else {
-            tracing::error!("shared PolicyAgent stream unavailable");
+    for (ns, scope) in scopes.iter().zip(writers.into_iter().zip(caches)) {
+        let wired = wiring::scope(
+            &client,
+            ns,
+            &ctx,
+            scope,
+            shutdown.clone(),
+            &controller_config,
+        );
+        let Some((scope_runs, ready)) = wired else {
             return;
         };
-        // Wake-ups routed by hand, because they include deletions (a deleted agent Secret is
-        // re-created; a deleted PolicyAgent no longer holds back a revocation), which shared
-        // subscriptions do not carry.
-        let (pk_tx, pk_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ProvisioningKey>>();
-        let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
-        let agents_store = cache.agents.clone();
-        let (to_pk, to_pa) = (pk_tx.clone(), pa_tx.clone());
-        let cm_tx = pk_tx.clone();
-        let own_writes = ctx.own_writes.clone();
-        runs.push(
-            reflector(
-                secrets_writer,
-                watch(
-                    scoped::<PartialObjectMeta<Secret>>(&client, &ns),
-                    owned.clone(),
-                    slim_secret,
-                    stop.clone(),
-                ),
-            )
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::InitDone) => {
-                        secrets_ready.send_replace(true);
-                    }
-                    Ok(
-                        watcher::Event::Apply(s)
-                        | watcher::Event::InitApply(s)
-                        | watcher::Event::Delete(s),
-                    ) => {
-                        if let Some(pk) = owner_pk(&s)
-                            && !own_writes.echo(&s.metadata)
-                        {
-                            let _ = to_pk.unbounded_send(pk);
-                        }
-                        for pa in agents_of_secret(&agents_store, &s) {
-                            let _ = to_pa.unbounded_send(pa);
-                        }
-                    }
-                    _ => {}
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-        let to_pk = pk_tx.clone();
-        runs.push(
-            reflector(
-                agents_writer,
-                watch(
-                    scoped::<PolicyAgent>(&client, &ns),
-                    watcher::Config::default(),
-                    slim,
-                    stop.clone(),
-                ),
-            )
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::InitDone) => {
-                        agents_ready.send_replace(true);
-                    }
-                    Ok(
-                        watcher::Event::Apply(pa)
-                        | watcher::Event::InitApply(pa)
-                        | watcher::Event::Delete(pa),
-                    ) => {
-                        if let Some(ns) = pa.meta().namespace.clone() {
-                            let _ = to_pk.unbounded_send(
-                                ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-
-        // Verifier usage reports: names cached; a new or changed report wakes its key (status
-        // lastUsedAt, revokeWhenUnusedFor) and the PolicyAgents using that key (acknowledgement).
-        let (to_pk, to_pa, agents_store) = (pk_tx.clone(), pa_tx.clone(), cache.agents.clone());
-        runs.push(
-            reflector(
-                reports_writer,
-                watch(
-                    scoped::<PartialObjectMeta<crate::api::KeyUsageReport>>(&client, &ns),
-                    owned.clone(),
-                    slim,
-                    stop.clone(),
-                ),
-            )
-            .touched_objects()
-            .for_each(move |r| {
-                if let Ok(r) = r
-                    && let Some(ns) = r.metadata.namespace.clone()
-                    && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
-                {
-                    let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
-                    for pa in agents_store.state() {
-                        if pa.meta().namespace.as_deref() == Some(ns.as_str())
-                            && pa.spec.provisioning_key_ref.name == pk
-                        {
-                            let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
-                        }
-                    }
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-
-        // Trust bundles (labelled ConfigMaps): wake-ups only, no store.
-        let (to_pk, own_writes_cm) = (cm_tx, ctx.own_writes.clone());
-        runs.push(
-            watch(
-                scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
-                owned.clone(),
-                slim,
-                stop.clone(),
-            )
-            .touched_objects()
-            .for_each(move |cm| {
-                if let Ok(cm) = cm
-                    && let Some(pk) = owner_pk(&cm)
-                    && !own_writes_cm.echo(&cm.metadata)
-                {
-                    let _ = to_pk.unbounded_send(pk);
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-        let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
-        let (pk_ready, pk_ready_rx) = tokio::sync::watch::channel(false);
-        keys_ready.push(pk_ready_rx);
-        let pk_stream = reflector(
-            pk_writer,
-            watch(
-                scoped::<ProvisioningKey>(&client, &ns),
-                watcher::Config::default(),
-                slim_pk,
-                stop.clone(),
-            ),
-        )
-        .inspect(key_gauges_follow_watch(
-            ctx.metrics.clone(),
-            pk_store.clone(),
-            ns.clone(),
-            pk_ready,
-        ))
-        .applied_objects()
-        // A ProvisioningKey is reconciled when its spec (generation) or annotations (a rotation
-        // request) change, not on its own status writes.
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations),
-            Default::default(),
-        );
-        let keys = Controller::for_stream(pk_stream, pk_store)
-            .with_config(controller_config.clone())
-            .reconcile_on(pk_rx)
-            .graceful_shutdown_on(shutdown.clone())
-            .run(
-                |pk, ctx| {
-                    timed(
-                        ControllerKind::ProvisioningKey,
-                        ctx.clone(),
-                        provisioning_key::reconcile(pk, ctx),
-                    )
-                },
-                backoff::error_policy,
-                ctx.clone(),
-            )
-            .for_each(log_result);
-        runs.push(keys.boxed());
-
-        let store = cache.agents.clone();
-        let agents = Controller::for_shared_stream(agents_sub, cache.agents.clone())
-            .with_config(controller_config.clone())
-            // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
-            .reconcile_on(pa_rx)
-            // A workload that changes (rollout progress, scaling, someone else's edit) wakes
-            // the PolicyAgent naming it. Metadata suffices: every change bumps its
-            // resourceVersion, and the reconcile reads the workload itself by GET.
-            .watches_stream(
-                workload_changes::<Deployment>(&client, &ns, stop.clone()),
-                workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
-            )
-            .watches_stream(
-                workload_changes::<StatefulSet>(&client, &ns, stop.clone()),
-                workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
-            )
-            .watches_stream(
-                workload_changes::<DaemonSet>(&client, &ns, stop.clone()),
-                workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
-            )
-            .graceful_shutdown_on(shutdown.clone())
-            .run(
-                |pa, ctx| {
-                    timed(
-                        ControllerKind::PolicyAgent,
-                        ctx.clone(),
-                        policy_agent::reconcile(pa, ctx),
-                    )
-                },
-                backoff::error_policy,
-                ctx.clone(),
-            )
-            .for_each(log_result);
-        runs.push(agents.boxed());
+        runs.extend(scope_runs);
+        keys_ready.push(ready);
     }
     // Ready once every watch stream has delivered its first complete list.
     let (synced_ctx, health, stop) = (ctx.clone(), obs.health.clone(), shutdown.clone());
@@ -717,35 +323,6 @@ pub async fn run(
     obs.metrics.set_leader(false);
     obs.metrics.clear_keys();
     info!("keyward controllers stopped");
-}
-
-/// Per-key gauges follow the ProvisioningKey watch of one scope: a deleted key's series are
-/// removed, and after each complete list (a relist after a watch error included) the series of
-/// keys the list no longer has. Also reports the list's completion (`ready`).
-fn key_gauges_follow_watch(
-    metrics: Metrics,
-    store: Store<ProvisioningKey>,
-    scope: Option<String>,
-    ready: tokio::sync::watch::Sender<bool>,
-) -> impl FnMut(&Result<watcher::Event<ProvisioningKey>, watcher::Error>) {
-    move |ev| match ev {
-        Ok(watcher::Event::Delete(pk)) => {
-            if let (Some(ns), Some(name)) =
-                (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
-            {
-                metrics.remove_key(ns, name);
-            }
-        }
-        Ok(watcher::Event::InitDone) => {
-            // The reflector has applied the list before the event gets here.
-            metrics.retain_keys(|ns, name| {
-                scope.as_deref().is_some_and(|s| s != ns)
-                    || store.get(&ObjectRef::new(name).within(ns)).is_some()
-            });
-            ready.send_replace(true);
-        }
-        _ => {}
-    }
 }
 
 #[cfg(test)]
