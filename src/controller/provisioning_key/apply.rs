@@ -395,7 +395,7 @@ async fn write_record(t: &Target<'_>, record: &TrustRecord) -> Result<TrustRecor
     });
     let written = pks
         .patch(
-            &name,
+            name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&body),
         )
