@@ -97,7 +97,7 @@ pub struct Context {
     pub backoff: Backoff,
     /// Watch caches (what to read) and this process's own writes.
     pub caches: caches::Caches,
-    /// Consumer scans done per rotation (see `provisioning_key::scan_consumers`).
+    /// Consumer scans done per rotation (see `provisioning_key::read::scan_consumers`).
     pub scans: provisioning_key::Scans,
     /// This process's own writes, so their watch events do not wake the reconcile again.
     pub own_writes: caches::OwnWrites,
