@@ -16,34 +16,8 @@ use tracing::{info, warn};
 
 use super::Context;
 
-/// Event reasons (PascalCase), shared with conditions and metrics.
-pub mod reason {
-    use crate::reason::Reason;
-
-    pub const KEY_MINTED: &str = Reason::KeyMinted.as_str();
-    pub const KEY_PUBLISHED: &str = Reason::KeyPublished.as_str();
-    pub const KEY_ACTIVATED: &str = Reason::KeyActivated.as_str();
-    pub const KEY_HANDED_OUT: &str = Reason::KeyHandedOut.as_str();
-    pub const KEY_RETIRING: &str = Reason::KeyRetiring.as_str();
-    pub const KEY_REVOKED: &str = Reason::KeyRevoked.as_str();
-    pub const KEY_SECRET_REPAIRED: &str = Reason::KeySecretRepaired.as_str();
-    pub const TOKEN_REFRESHED: &str = Reason::TokenRefreshed.as_str();
-    pub const BUNDLE_TAMPERED: &str = Reason::BundleTampered.as_str();
-    pub const EMERGENCY_REVOCATION: &str = Reason::EmergencyRevocation.as_str();
-    pub const ROTATION_STALLED: &str = Reason::RotationStalled.as_str();
-    pub const ROLLOUT_TRIGGERED: &str = Reason::RolloutTriggered.as_str();
-    pub const AGENT_CONFIRMED: &str = Reason::AgentConfirmed.as_str();
-}
-
-/// One audited fact.
-pub struct Audit<'a> {
-    pub warning: bool,
-    pub reason: &'a str,
-    pub action: &'a str,
-    pub note: String,
-    /// The object the fact is about besides the regarding one (for a key: its Secret).
-    pub related: Option<ObjectReference>,
-}
+/// The Event reasons and the audited fact are pure (decided in `rotation::outcome`).
+pub use crate::rotation::outcome::{Audit, reason};
 
 /// Publishes the Event and writes the log line. An Event that cannot be published is logged and
 /// never fails the reconcile.

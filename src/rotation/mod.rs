@@ -29,7 +29,9 @@ use crate::trust_record::TrustRecord;
 
 pub mod desired;
 pub mod observe;
+pub mod outcome;
 pub mod schedule;
+pub mod snapshot;
 
 pub use settings::{
     DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
