@@ -2163,11 +2163,6 @@ pub struct KeywardOperator {
     pub forge_confirmations: bool,
 }
 
-/// What one ProvisioningKey reconcile read, mapped.
-struct PkRead {
-    mapped: keyward::rotation::observe::Mapped,
-}
-
 fn fetch_workload(
     view: &Store,
     kind: keyward::api::policy_agent::WorkloadKind,
@@ -2187,7 +2182,7 @@ fn all_of<T: Typed>(s: &Store) -> Vec<T> {
 }
 
 /// `observe` of the ProvisioningKey controller, on the view.
-fn pk_read(view: &Store, pk: &ProvisioningKey) -> PkRead {
+fn pk_read(view: &Store, pk: &ProvisioningKey) -> keyward::rotation::snapshot::Read {
     use keyward::rotation::observe;
     let name = name_of(&pk.metadata);
     let key_secrets: Vec<Secret> = view
@@ -2251,254 +2246,114 @@ fn pk_read(view: &Store, pk: &ProvisioningKey) -> PkRead {
         },
         &model_floors(),
     );
-    PkRead { mapped }
-}
-
-/// Creates `obj`, or replaces the stored one (server-side apply with force: an upsert).
-fn upsert<T: Typed>(w: &mut World, obj: T) -> Result<(), WriteError> {
-    match w.update(obj.clone()) {
-        Err(WriteError::NotFound) => w.create(obj).map(|_| ()),
-        other => other,
+    // The resourceVersions read are the preconditions of the bundle's and agent Secret's writes.
+    keyward::rotation::snapshot::Read {
+        settings: mapped.settings,
+        observed: mapped.observed,
+        secrets: mapped.secrets,
+        bundle_jwks: mapped.bundle_jwks,
+        bundle_rv: bundle.and_then(|c| c.metadata.resource_version),
+        agent_secret_rv: agent_secret.and_then(|s| s.metadata.resource_version),
     }
 }
 
-/// `transition` of the ProvisioningKey controller: a merge patch of the key-state label and
-/// annotations (and the private key's removal) with the observed resourceVersion.
-#[allow(clippy::too_many_arguments)]
-fn transition(
-    w: &mut World,
-    view: &Store,
-    pk_name: &str,
-    refs: &BTreeMap<u32, keyward::rotation::observe::KeyRef>,
-    seq: u32,
-    state: keyward::rotation::KeyState,
-    annotations: &[(&str, String)],
-    drop_private: bool,
-) -> Result<(), WriteError> {
-    let name = keyward::controller::provisioning_key::key_secret_name(pk_name, seq);
-    let rv = refs
-        .get(&seq)
-        .map(|r| r.resource_version.clone())
-        .filter(|rv| !rv.is_empty());
-    let Some(mut s) = view.get::<Secret>(&name).cloned() else {
-        return Err(WriteError::NotFound);
-    };
-    if rv.is_some() && s.metadata.resource_version != rv {
-        return Err(WriteError::Conflict);
-    }
-    s.metadata
-        .labels
-        .get_or_insert_default()
-        .insert(l::KEY_STATE.into(), state.as_str().into());
-    let ann = s.metadata.annotations.get_or_insert_default();
-    for (k, v) in annotations {
-        ann.insert((*k).to_string(), v.clone());
-    }
-    if drop_private && let Some(d) = s.data.as_mut() {
-        d.remove(l::DATA_PRIVATE_KEY);
-    }
-    s.metadata.uid = None;
-    w.update(s)
-}
+/// The World as the in-memory executor's objects (`keyward::rotation::write::memory`): the
+/// executor reads the stored objects (the API server's, not the lagging view) and writes through
+/// the World's own create, update and delete, so its conflicts, write budget and crashes fire
+/// per write.
+struct Objects<'a>(&'a mut World);
 
-/// `hand_out` of the ProvisioningKey controller.
-fn hand_out(
-    w: &mut World,
-    view: &Store,
-    pk: &ProvisioningKey,
-    read: &PkRead,
-    seq: u32,
-    now: DateTime<Utc>,
-) -> Result<(), WriteError> {
-    use keyward::rotation::AgentSecretObs;
-    use kube::Resource;
-    let (settings, obs) = (&read.mapped.settings, &read.mapped.observed);
-    let name = name_of(&pk.metadata);
-    let key_name = keyward::controller::provisioning_key::key_secret_name(&name, seq);
-    let private = view
-        .get::<Secret>(&key_name)
-        .and_then(|s| secret_text(s, l::DATA_PRIVATE_KEY))
-        .ok_or(WriteError::NotFound)?;
-    let pair =
-        keyward::keys::KeyPair::from_pkcs8_pem(&private).map_err(|_| WriteError::Conflict)?;
-    let kid = pair.key_id();
-    if obs
-        .keys
-        .iter()
-        .find(|k| k.seq == seq)
-        .is_none_or(|k| k.kid != kid)
-    {
-        return Err(WriteError::Conflict);
+impl keyward::rotation::write::memory::Objects for Objects<'_> {
+    type Error = WriteError;
+
+    fn get(&self, kind: MemKind, name: &str) -> Option<Stored> {
+        let s = &self.0.store;
+        match kind {
+            MemKind::Secret => s.get::<Secret>(name).cloned().map(Stored::Secret),
+            MemKind::ConfigMap => s.get::<ConfigMap>(name).cloned().map(Stored::ConfigMap),
+            MemKind::ProvisioningKey => s
+                .get::<ProvisioningKey>(name)
+                .cloned()
+                .map(|pk| Stored::ProvisioningKey(Box::new(pk))),
+        }
     }
-    let owner = pk.controller_owner_ref(&()).ok_or(WriteError::Conflict)?;
-    let jti = format!("jti-{}-{}", now.timestamp(), w.writes);
-    let secret =
-        keyward::rotation::desired::agent_secret(pk, owner, settings, obs, &pair, now, jti)
-            .map_err(|_| WriteError::Conflict)?;
-    match &obs.agent_secret {
-        AgentSecretObs::Owned(_) => upsert(w, secret),
-        _ => w.create(secret).map(|_| ()),
+
+    fn create(&mut self, object: Stored) -> Result<(), WriteError> {
+        match object {
+            Stored::Secret(o) => self.0.create(o).map(|_| ()),
+            Stored::ConfigMap(o) => self.0.create(o).map(|_| ()),
+            Stored::ProvisioningKey(o) => self.0.create(*o).map(|_| ()),
+        }
+    }
+
+    fn update(&mut self, object: Stored) -> Result<(), WriteError> {
+        match object {
+            Stored::Secret(o) => self.0.update(o),
+            Stored::ConfigMap(o) => self.0.update(o),
+            Stored::ProvisioningKey(o) => self.0.update(*o),
+        }
+    }
+
+    fn delete(&mut self, kind: MemKind, name: &str, uid: &str) -> Result<(), WriteError> {
+        let kind = match kind {
+            MemKind::Secret => Kind::Secret,
+            MemKind::ConfigMap => Kind::ConfigMap,
+            MemKind::ProvisioningKey => Kind::ProvisioningKey,
+        };
+        self.0.delete(kind, name, Some(uid))
+    }
+
+    fn already_exists(e: &WriteError) -> bool {
+        *e == WriteError::AlreadyExists
+    }
+
+    fn not_found(e: &WriteError) -> bool {
+        *e == WriteError::NotFound
     }
 }
 
-/// `apply` of the ProvisioningKey controller: one write.
+use keyward::rotation::write::memory::{Kind as MemKind, Stored};
+
+/// `apply` of the ProvisioningKey controller: the write the step makes
+/// (`keyward::rotation::write::of`, the controller's own), by the in-memory executor.
 fn apply_pk(
     w: &mut World,
-    view: &Store,
     pk: &ProvisioningKey,
-    read: &PkRead,
+    read: &keyward::rotation::snapshot::Read,
     step: &keyward::rotation::Step,
     now: DateTime<Utc>,
 ) -> Result<(), WriteError> {
     use keyward::controller::provisioning_key::key_secret_name;
-    use keyward::controller::ts_start;
     use keyward::keys::KeyPair;
-    use keyward::rotation::desired;
-    use keyward::rotation::observe::controlled_by;
-    use keyward::rotation::{KeyState, Step};
-    use kube::Resource;
-    let (settings, obs, refs) = (
-        &read.mapped.settings,
-        &read.mapped.observed,
-        &read.mapped.secrets.refs,
-    );
-    let name = name_of(&pk.metadata);
-    let uid = uid_of(&pk.metadata);
-    let owner = pk.controller_owner_ref(&()).ok_or(WriteError::Conflict)?;
-    match step {
-        Step::Mint { seq, .. } => {
-            let Some(mint) = desired::MintOf::of(step) else {
-                return Err(WriteError::Conflict);
-            };
-            let key_name = key_secret_name(&name, *seq);
-            let secret = desired::key_secret(pk, owner, settings, mint, &KeyPair::generate(), now);
-            match w.create(secret) {
-                Ok(_) => Ok(()),
-                // Already minted: ours counts as done; someone else's stops the reconcile.
-                Err(WriteError::AlreadyExists) => {
-                    if view
-                        .get::<Secret>(&key_name)
-                        .is_some_and(|s| controlled_by(&s.metadata, &uid))
-                    {
-                        Ok(())
-                    } else {
-                        Err(WriteError::AlreadyExists)
-                    }
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Step::MarkPublished { seq } => {
-            transition(w, view, &name, refs, *seq, KeyState::Published, &[], false)
-        }
-        // Server-side apply of the one annotation, with the uid as precondition.
-        Step::WriteRecord { record } => {
-            let mut current = w
-                .store
-                .get::<ProvisioningKey>(&name)
-                .cloned()
-                .ok_or(WriteError::NotFound)?;
-            current.metadata.resource_version = None;
-            current.metadata.uid = Some(uid.clone());
-            current
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(keyward::trust_record::ANNOTATION.into(), record.render());
-            w.update(current)
-        }
-        Step::WriteBundle { trusted, revoked } => {
-            let cm = desired::trust_bundle(
-                pk,
-                owner,
-                settings,
-                obs,
-                refs,
-                &read.mapped.bundle_jwks,
-                trusted,
-                revoked,
-            )
-            .map_err(|_| WriteError::Conflict)?;
-            upsert(w, cm)
-        }
-        Step::RecordPublished { seq } => transition(
-            w,
-            view,
-            &name,
-            refs,
-            *seq,
-            KeyState::Published,
-            &[(l::PUBLISHED_AT, ts_start(now))],
-            false,
-        ),
-        Step::Activate { seq, .. } => transition(
-            w,
-            view,
-            &name,
-            refs,
-            *seq,
-            KeyState::Active,
-            &[(l::ACTIVATED_AT, ts_start(now))],
-            false,
-        ),
-        Step::Retire { seq } => transition(
-            w,
-            view,
-            &name,
-            refs,
-            *seq,
-            KeyState::Retiring,
-            &keyward::rotation::desired::retire_annotations(obs, *seq, now),
-            false,
-        ),
-        Step::HandOut { seq, .. } => hand_out(w, view, pk, read, *seq, now),
-        Step::Revoke { seq, .. } => transition(
-            w,
-            view,
-            &name,
-            refs,
-            *seq,
-            KeyState::Revoked,
-            &[(l::REVOKED_AT, ts_start(now))],
-            true,
-        ),
-        Step::Repair { seq } => {
-            // As the controller: labels and annotations restored from the evidence.
-            let Some(k) = obs.keys.iter().find(|k| k.seq == *seq) else {
-                return Ok(());
-            };
-            let key_name = key_secret_name(&name, *seq);
-            let rv = refs.get(seq).map(|r| r.resource_version.clone());
-            let Some(mut s) = view.get::<Secret>(&key_name).cloned() else {
-                return Err(WriteError::NotFound);
-            };
-            if rv.is_some() && s.metadata.resource_version != rv {
-                return Err(WriteError::Conflict);
-            }
-            let labels = s.metadata.labels.get_or_insert_default();
-            for (key, value) in [
-                (l::MANAGED_BY, l::MANAGED_BY_VALUE.to_string()),
-                (l::PROVISIONING_KEY, name.clone()),
-                (l::COMPONENT, l::COMPONENT_KEY.to_string()),
-                (l::KEY_STATE, k.state.as_str().to_string()),
-                (l::KEY_SEQ, seq.to_string()),
-            ] {
-                labels.insert(key.to_string(), value);
-            }
-            let ann = s.metadata.annotations.get_or_insert_default();
-            ann.insert(l::KEY_ID.to_string(), k.kid.clone());
-            ann.insert(l::FINGERPRINT.to_string(), k.fingerprint.clone());
-            s.metadata.uid = None;
-            w.update(s)
-        }
-        Step::Prune { seq } => {
-            let key_name = key_secret_name(&name, *seq);
-            let uid = view.get::<Secret>(&key_name).map(|s| uid_of(&s.metadata));
-            match w.delete(Kind::Secret, &key_name, uid.as_deref()) {
-                Err(WriteError::NotFound) => Ok(()),
-                other => other,
-            }
-        }
+    use keyward::rotation::write::{self, KeyNeed, memory};
+    // The key the step needs: a new one, or the stored one (a fresh read, as the controller's).
+    let key = match write::key_need(step) {
+        Some(KeyNeed::New) => Some(KeyPair::generate()),
+        Some(KeyNeed::Stored(seq)) => w
+            .store
+            .get::<Secret>(&key_secret_name(&name_of(&pk.metadata), seq))
+            .and_then(|s| secret_text(s, l::DATA_PRIVATE_KEY))
+            .map(|p| KeyPair::from_pkcs8_pem(&p).map_err(|_| WriteError::Conflict))
+            .transpose()?,
+        None => None,
+    };
+    let jti = format!("jti-{}-{}", now.timestamp(), w.writes);
+    let inputs = write::Inputs {
+        pk,
+        read,
+        now,
+        key: key.as_ref(),
+        jti: &jti,
+    };
+    let Some(write) = write::of(step, &inputs).map_err(|_| WriteError::Conflict)? else {
+        return Ok(());
+    };
+    match memory::execute(&mut Objects(w), write) {
+        Ok(_) => Ok(()),
+        Err(memory::Error::Store(e)) => Err(e),
+        Err(memory::Error::Conflict) => Err(WriteError::Conflict),
+        Err(memory::Error::NotFound) => Err(WriteError::NotFound),
+        Err(memory::Error::NameTaken(_)) => Err(WriteError::AlreadyExists),
     }
 }
 
@@ -2526,11 +2381,11 @@ impl KeywardOperator {
                 .cloned()
                 .unwrap_or_else(|| pk.clone());
             let read = pk_read(&view, &pk);
-            let plan = keyward::rotation::plan(&read.mapped.settings, &read.mapped.observed, now);
+            let plan = keyward::rotation::plan(&read.settings, &read.observed, now);
             let Some(step) = plan.step else {
                 return Ok(wrote);
             };
-            match apply_pk(w, &view, &pk, &read, &step, now) {
+            match apply_pk(w, &pk, &read, &step, now) {
                 Ok(()) => wrote = true,
                 Err(WriteError::Crashed) => return Err(WriteError::Crashed),
                 Err(_) => return Ok(wrote),

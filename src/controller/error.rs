@@ -19,6 +19,17 @@ pub enum Error {
     NotLeading,
 }
 
+impl From<crate::rotation::write::Error> for Error {
+    fn from(e: crate::rotation::write::Error) -> Self {
+        use crate::rotation::write::Error as W;
+        match e {
+            W::MissingObjectKey => Error::MissingObjectKey,
+            W::KeySecret { name, message } => Error::KeySecret { name, message },
+            W::Key(e) => Error::Key(e),
+        }
+    }
+}
+
 impl Error {
     pub fn reason(&self) -> &'static str {
         match self {

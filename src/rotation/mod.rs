@@ -32,6 +32,7 @@ pub mod observe;
 pub mod outcome;
 pub mod schedule;
 pub mod snapshot;
+pub mod write;
 
 pub use settings::{
     DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
