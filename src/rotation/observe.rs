@@ -632,16 +632,8 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
         .and_then(Result::ok)
         .map(|r| r.aud);
     let settings = super::resolve_or_keep(pk, floors, &last);
-    let (bundle, bundle_jwks) = match objs.bundle {
-        None => (BundleObs::Missing, BTreeMap::new()),
-        Some(cm) if !controlled_by(cm.meta(), &uid) => (BundleObs::Foreign, BTreeMap::new()),
-        Some(cm) => bundle(cm),
-    };
-    let agent_secret = match agent_secret {
-        None => AgentSecretObs::Missing,
-        Some(s) if !controlled_by(s.meta(), &uid) => AgentSecretObs::Foreign,
-        Some(s) => AgentSecretObs::Owned(inspect_agent_secret(s, pk, &settings, &secrets)),
-    };
+    let (bundle, bundle_jwks, agent_secret) =
+        bundle_and_agent(pk, &settings, &secrets, objs.bundle, agent_secret);
     let name = pk.name_any();
     let consumers = consumers(&name, objs.agents, objs.workloads, objs.lineage);
     let uncovered = objs.pods.map(|pods| {
@@ -670,6 +662,28 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
         secrets,
         bundle_jwks,
     }
+}
+
+/// The trust bundle (with its JWKs by key id) and the agent Secret, parsed under `settings`.
+pub fn bundle_and_agent(
+    pk: &ProvisioningKey,
+    settings: &super::Settings,
+    secrets: &KeySecrets,
+    bundle_cm: Option<&ConfigMap>,
+    agent_secret: Option<&Secret>,
+) -> (BundleObs, BTreeMap<String, Jwk>, AgentSecretObs) {
+    let uid = uid_of(pk);
+    let (bundle, bundle_jwks) = match bundle_cm {
+        None => (BundleObs::Missing, BTreeMap::new()),
+        Some(cm) if !controlled_by(cm.meta(), &uid) => (BundleObs::Foreign, BTreeMap::new()),
+        Some(cm) => bundle(cm),
+    };
+    let agent_secret = match agent_secret {
+        None => AgentSecretObs::Missing,
+        Some(s) if !controlled_by(s.meta(), &uid) => AgentSecretObs::Foreign,
+        Some(s) => AgentSecretObs::Owned(inspect_agent_secret(s, pk, settings, secrets)),
+    };
+    (bundle, bundle_jwks, agent_secret)
 }
 
 /// Whether the decision needs the workloads and pods (a key is retiring: its revocation is

@@ -39,6 +39,7 @@ mod resolve_limits;
 mod sim;
 mod timing;
 mod trust_record;
+mod writes;
 
 // ---------------------------------------------------------------------------------------------
 // Builders
@@ -67,9 +68,27 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// A fake key id for `seq` (43 base64url characters, like an RFC 7638 thumbprint).
+/// The key of sequence number `seq` in these tests: derived from `seq`, so tables and the
+/// simulator name the same key ids.
+fn key_pair(seq: u32) -> crate::keys::KeyPair {
+    let mut seed = [7u8; 32];
+    seed[..4].copy_from_slice(&seq.to_be_bytes());
+    crate::keys::KeyPair::from_seed(&seed)
+}
+
+/// The RFC 7638 key id of [`key_pair`]`(seq)`.
 fn kid(seq: u32) -> String {
-    format!("{:A>43}", format!("kid{seq}"))
+    thread_local! {
+        static KIDS: std::cell::RefCell<BTreeMap<u32, String>> = const {
+            std::cell::RefCell::new(BTreeMap::new())
+        };
+    }
+    KIDS.with(|k| {
+        k.borrow_mut()
+            .entry(seq)
+            .or_insert_with(|| key_pair(seq).key_id())
+            .clone()
+    })
 }
 
 /// Resolved settings with short durations: minInterval 1m, publishDelay 2m, overlap 10m,

@@ -1,16 +1,31 @@
-//! A small simulator: an in-memory model of the evidence the controller observes, every planned
-//! step applied to it the way the controller would apply it, and the safety invariants checked
-//! after each (`invariants`). Scenario runs (`scenarios`) and property tests on random histories
-//! (`properties`) drive it.
+//! A small simulator: the objects of one ProvisioningKey (`store`), every planned step written
+//! to them by the controller's own write (`rotation::write::of`) through the in-memory executor
+//! (`rotation::write::memory`), the evidence parsed back by the controller's own observe, and
+//! the safety invariants checked after each step (`invariants`). Scenario runs (`scenarios`)
+//! and property tests on random histories (`properties`) drive it. The consumers, the rotate
+//! annotation and the settings are the simulator's own: they stand for other controllers and
+//! for the user.
 
 use super::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+use crate::labels as l;
+use crate::rotation::observe;
+use crate::rotation::snapshot::Read;
+use crate::rotation::write::{self, KeyNeed, memory};
 
 /// An in-memory model of the evidence the controller observes. Every planned step is applied
 /// the way the controller would apply it, and the safety invariants are checked after each.
 #[derive(Clone, Debug)]
 struct Sim {
     settings: Settings,
+    /// The evidence: keys, bundle, agent Secret and record parsed from `store` after each write;
+    /// the rest set by the simulation.
     obs: Observed,
+    /// The ProvisioningKey "demo" and the objects it owns.
+    pk: ProvisioningKey,
+    store: store::Store,
     now: DateTime<Utc>,
     /// Some key was recorded as published in the trust bundle.
     ever_published: bool,
@@ -38,8 +53,15 @@ macro_rules! ensure {
 
 impl Sim {
     fn new(settings: Settings) -> Self {
+        let mut pk = ProvisioningKey::new("demo", Default::default());
+        pk.metadata.namespace = Some("ns".into());
+        pk.metadata.uid = Some("sim-uid".into());
+        let mut store = store::Store::default();
+        store.put_pk(pk.clone());
         Sim {
             settings,
+            pk,
+            store,
             obs: Observed {
                 keys: Vec::new(),
                 rotate_annotation: None,
@@ -59,6 +81,86 @@ impl Sim {
             log: Vec::new(),
             counter: 0,
         }
+    }
+
+    /// The key Secrets of "demo" as stored.
+    fn key_secrets(&self) -> observe::KeySecrets {
+        let secrets: Vec<Secret> = self
+            .store
+            .secrets()
+            .into_iter()
+            .filter(|s| {
+                s.labels().get(l::PROVISIONING_KEY).map(String::as_str) == Some("demo")
+                    && s.labels().get(l::COMPONENT).map(String::as_str) == Some(l::COMPONENT_KEY)
+            })
+            .collect();
+        observe::key_secrets(&self.pk, &secrets)
+    }
+
+    /// What the controller would read now.
+    fn read(&self) -> Read {
+        let secrets = self.key_secrets();
+        let cm = self.store.config_map(&self.settings.trust_bundle_name);
+        let agent = self.store.secret(&self.settings.secret_name);
+        let (_, bundle_jwks, _) =
+            observe::bundle_and_agent(&self.pk, &self.settings, &secrets, cm, agent);
+        Read {
+            settings: self.settings.clone(),
+            observed: self.obs.clone(),
+            secrets,
+            bundle_jwks,
+            bundle_rv: cm.and_then(|c| c.resource_version()),
+            agent_secret_rv: agent.and_then(|s| s.resource_version()),
+        }
+    }
+
+    /// Parses the evidence back from the objects, as the controller's observe does.
+    fn sync(&mut self) {
+        if let Some(pk) = self.store.pk("demo") {
+            self.pk = pk;
+        }
+        let secrets = self.key_secrets();
+        let cm = self.store.config_map(&self.settings.trust_bundle_name);
+        let agent = self.store.secret(&self.settings.secret_name);
+        let (bundle, _, agent_secret) =
+            observe::bundle_and_agent(&self.pk, &self.settings, &secrets, cm, agent);
+        self.obs.keys = secrets.keys;
+        self.obs.bundle = bundle;
+        self.obs.agent_secret = agent_secret;
+        self.obs.record = TrustRecord::of(&self.pk).map(Result::unwrap_or_default);
+    }
+
+    /// Writes `step` to the objects: the controller's write, by the in-memory executor.
+    fn write(&mut self, step: &Step) -> SimResult {
+        let key = match write::key_need(step) {
+            Some(KeyNeed::New) => match step {
+                Step::Mint { seq, .. } => Some(key_pair(*seq)),
+                _ => None,
+            },
+            Some(KeyNeed::Stored(seq)) => self
+                .store
+                .secret(&crate::rotation::desired::key_secret_name("demo", seq))
+                .and_then(|s| s.data.as_ref()?.get(l::DATA_PRIVATE_KEY).cloned())
+                .map(|pem| crate::keys::KeyPair::from_pkcs8_pem(&String::from_utf8_lossy(&pem.0)))
+                .transpose()
+                .map_err(|e| format!("stored private key: {e}"))?,
+            None => None,
+        };
+        let read = self.read();
+        let jti = format!("jti-{}", self.counter);
+        let inputs = write::Inputs {
+            pk: &self.pk,
+            read: &read,
+            now: self.now,
+            key: key.as_ref(),
+            jti: &jti,
+        };
+        let Some(w) = write::of(step, &inputs).map_err(|e| format!("no write: {e}"))? else {
+            return Ok(());
+        };
+        memory::execute(&mut self.store, w).map_err(|e| format!("write refused: {e:?}"))?;
+        self.sync();
+        Ok(())
     }
 
     fn fail(&self, message: String) -> String {
@@ -84,14 +186,6 @@ impl Sim {
         self.obs
             .keys
             .iter()
-            .find(|k| k.seq == seq)
-            .ok_or_else(|| format!("no key {seq}"))
-    }
-
-    fn key_mut(&mut self, seq: u32) -> SimResult<&mut ObservedKey> {
-        self.obs
-            .keys
-            .iter_mut()
             .find(|k| k.seq == seq)
             .ok_or_else(|| format!("no key {seq}"))
     }
@@ -234,42 +328,20 @@ impl Sim {
                 }
                 // As `desired::key_secret`: a key created active records its publication and
                 // activation at its creation.
-                let at = active.then_some(now);
                 if *active {
                     self.ever_published = true;
                     self.ever_activated = true;
                     self.activated_emergency.insert(*seq, false);
                 }
-                self.obs.keys.push(ObservedKey {
-                    seq: *seq,
-                    kid: kid(*seq),
-                    fingerprint: format!("fp{seq}"),
-                    state: if *active {
-                        KeyState::Active
-                    } else {
-                        KeyState::Pending
-                    },
-                    trigger: *trigger,
-                    consumed_request_token: consumed_request_token.clone(),
-                    consumed_annotation: consumed_annotation.clone(),
-                    created_at: now,
-                    published_at: at,
-                    activated_at: at,
-                    retired_at: None,
-                    revoked_at: None,
-                    has_private_key: true,
-                    last_token_exp: None,
-                    edited: None,
-                });
+                let _ = (consumed_request_token, consumed_annotation);
             }
             Step::MarkPublished { seq } => {
-                let k = self.key_mut(*seq)?;
+                let k = self.key(*seq)?;
                 ensure!(
                     k.state == KeyState::Pending,
                     "MarkPublished of a {:?} key",
                     k.state
                 );
-                k.state = KeyState::Published;
             }
             Step::WriteRecord { record } => {
                 // (r) A key id leaves the record only once its key is revoked or listed as
@@ -285,7 +357,6 @@ impl Sim {
                         "WriteRecord dropped key id {kid} in state {state:?} while the bundle trusts it"
                     );
                 }
-                self.obs.record = Some(record.clone());
             }
             Step::WriteBundle { trusted, revoked } => {
                 // (c) Once a key was published, the bundle always trusts at least one key.
@@ -308,11 +379,6 @@ impl Sim {
                             == (target.trusted.clone(), target.revoked.clone()),
                     "WriteBundle is not the desired bundle"
                 );
-                self.obs.bundle = BundleObs::Owned {
-                    kids: trusted.clone(),
-                    revoked: revoked.clone(),
-                    last_seq: target.last_seq,
-                };
             }
             Step::RecordPublished { seq } => {
                 let in_bundle = matches!(&self.obs.bundle, BundleObs::Owned { kids, .. } if kids.contains(&kid(*seq)));
@@ -320,21 +386,20 @@ impl Sim {
                     in_bundle,
                     "RecordPublished of key {seq} that is not in the bundle"
                 );
-                let k = self.key_mut(*seq)?;
+                let k = self.key(*seq)?;
                 ensure!(
                     k.state == KeyState::Published,
                     "RecordPublished of a {:?} key",
                     k.state
                 );
                 ensure!(k.published_at.is_none(), "RecordPublished twice");
-                k.published_at = Some(now);
                 self.ever_published = true;
             }
             Step::Activate { seq, emergency } => {
                 let ever_activated = self.ever_activated;
                 let compromised_listed = !self.settings.compromised.is_empty();
                 let no_current = cur_before.is_none();
-                let k = self.key_mut(*seq)?;
+                let k = self.key(*seq)?.clone();
                 ensure!(
                     k.state == KeyState::Published,
                     "Activate of a {:?} key",
@@ -359,8 +424,6 @@ impl Sim {
                         "emergency activation without a compromised current key"
                     );
                 }
-                k.state = KeyState::Active;
-                k.activated_at = Some(now);
                 self.ever_activated = true;
                 self.activated_emergency.insert(*seq, *emergency);
             }
@@ -370,14 +433,12 @@ impl Sim {
                     *seq < cur.seq,
                     "Retire of key {seq} that is not older than the current key"
                 );
-                let k = self.key_mut(*seq)?;
+                let k = self.key(*seq)?;
                 ensure!(
                     matches!(k.state, KeyState::Active | KeyState::Published),
                     "Retire of a {:?} key",
                     k.state
                 );
-                k.state = KeyState::Retiring;
-                k.retired_at = Some(now);
             }
             Step::HandOut { seq, reason } => {
                 let cur = cur_before.as_ref().ok_or("HandOut without a current key")?;
@@ -423,22 +484,6 @@ impl Sim {
                         (now - published_at).num_seconds()
                     );
                 }
-                let iat = now.timestamp();
-                let handed_out_at = match &self.obs.agent_secret {
-                    AgentSecretObs::Owned(s) if !changes => s.handed_out_at.or(Some(now)),
-                    _ => Some(now),
-                };
-                self.obs.agent_secret = AgentSecretObs::Owned(AgentSecret {
-                    kid: Some(cur.kid.clone()),
-                    token_iat: Some(iat),
-                    token_exp: Some(iat + self.settings.token_ttl.as_secs() as i64),
-                    token_claims_match: true,
-                    has_private_key: self.settings.include_private_key,
-                    metadata_matches: true,
-                    handed_out_at,
-                    token_audience: Some(self.settings.audience.clone()),
-                    token_issuer: Some(self.settings.issuer.clone()),
-                });
                 if changes {
                     // The PolicyAgent controller rolls every workload to the new key.
                     for c in &mut self.obs.consumers {
@@ -492,10 +537,6 @@ impl Sim {
                         );
                     }
                 }
-                let k = self.key_mut(*seq)?;
-                k.state = KeyState::Revoked;
-                k.revoked_at = Some(now);
-                k.has_private_key = false;
             }
             Step::Prune { seq } => {
                 let revoked: Vec<u32> = before
@@ -513,17 +554,16 @@ impl Sim {
                     "Prune of key {seq}, oldest revoked is {:?}",
                     revoked.first()
                 );
-                self.obs.keys.retain(|k| k.seq != *seq);
             }
             Step::Repair { seq } => {
-                let k = self.key_mut(*seq)?;
+                let k = self.key(*seq)?;
                 ensure!(
                     k.edited.is_some(),
                     "Repair of key {seq} that was not edited"
                 );
-                k.edited = None;
             }
         }
+        self.write(step)?;
         self.check_transition(&before, step)?;
         self.check_state()
     }
@@ -594,3 +634,4 @@ impl Sim {
 mod invariants;
 mod properties;
 mod scenarios;
+mod store;

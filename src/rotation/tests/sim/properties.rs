@@ -141,14 +141,20 @@ impl Sim {
             }
             Event::Suspend(b) => self.settings.suspend = *b,
             Event::TamperAgentSecret => {
-                if let AgentSecretObs::Owned(a) = &mut self.obs.agent_secret {
-                    a.metadata_matches = false;
-                }
+                let name = self.settings.secret_name.clone();
+                self.store.edit_secret(&name, |s| s.metadata.labels = None);
             }
-            Event::DeleteAgentSecret => self.obs.agent_secret = AgentSecretObs::Missing,
-            Event::DeleteBundle => self.obs.bundle = BundleObs::Missing,
+            Event::DeleteAgentSecret => {
+                let name = self.settings.secret_name.clone();
+                self.store.remove(memory::Kind::Secret, &name);
+            }
+            Event::DeleteBundle => {
+                let name = self.settings.trust_bundle_name.clone();
+                self.store.remove(memory::Kind::ConfigMap, &name);
+            }
             Event::Crash(_) => {}
         }
+        self.sync();
         match budget {
             // Crashed: only some steps happen before the next event.
             Some(n) => {
