@@ -23,6 +23,7 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+pub mod reason;
 pub mod rotation;
 pub mod telemetry;
 pub mod time;

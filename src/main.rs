@@ -301,6 +301,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty())
             .collect(),
+        clock: keyward::time::SharedClock::default(),
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),

@@ -75,27 +75,9 @@ struct RequestLabels {
     code: String,
 }
 
-/// The outcome of a rotation recorded in `keyward_rotations_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RotationResult {
-    /// A new key was minted (its Secret created) for the trigger.
-    Started,
-    /// The last key the new one superseded was revoked: every agent confirmed the new key (or,
-    /// for `Compromised`, the compromised keys were revoked at once).
-    Completed,
-    /// The rotation became `Stalled` (agents did not confirm the new key in time).
-    Stalled,
-}
-
-impl RotationResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RotationResult::Started => "started",
-            RotationResult::Completed => "completed",
-            RotationResult::Stalled => "stalled",
-        }
-    }
-}
+/// The outcome of a rotation and the per-key gauges are decided with the rest of a reconcile's
+/// outcome (pure, in `rotation::outcome`); the registry only records them.
+pub use crate::rotation::outcome::{KeyGauges, RotationResult};
 
 /// The controllers, as the `controller` label names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,23 +97,6 @@ impl ControllerKind {
 
 /// The `condition` label values of `keyward_key_ready_status`.
 pub const CONDITION_VALUES: [&str; 3] = ["True", "False", "Unknown"];
-
-/// What the report step of a ProvisioningKey reconcile knows about the key, for its gauges.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KeyGauges {
-    /// `exp` (Unix seconds) of the token in the agent Secret, if it holds one.
-    pub token_expiration: Option<i64>,
-    /// When the next scheduled rotation is due (Unix seconds), if one is scheduled.
-    pub next_rotation: Option<i64>,
-    /// The `Ready` condition's status: `True`, `False` or `Unknown`.
-    pub ready: &'static str,
-    pub stalled: bool,
-    /// Stalled because `revokeWhenUnusedFor` cannot be judged (`VerifierSilent`).
-    pub verifier_silent: bool,
-    /// PolicyAgents referencing the key, and those confirmed on its current key.
-    pub agents_total: usize,
-    pub agents_confirmed: usize,
-}
 
 /// The operator's metrics. Cheap to clone (one `Arc`); clones share the registry.
 #[derive(Clone)]

@@ -80,3 +80,92 @@ pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
+
+/// Where decisions take `now` from: the wall clock in the process, a [`ManualClock`] in tests
+/// that are not about real time. The controllers read it once per reconcile and pass `now`
+/// down; nothing that decides reads the wall clock itself.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that moves only when told (tests).
+#[derive(Debug)]
+pub struct ManualClock(std::sync::Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn new(at: DateTime<Utc>) -> Self {
+        ManualClock(std::sync::Mutex::new(at))
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *t = chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| t.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    }
+
+    /// Sets the clock to `at`.
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A shared clock for configuration structs (cloneable, printable).
+#[derive(Clone)]
+pub struct SharedClock(pub std::sync::Arc<dyn Clock>);
+
+impl SharedClock {
+    pub fn now(&self) -> DateTime<Utc> {
+        self.0.now()
+    }
+}
+
+impl Default for SharedClock {
+    fn default() -> Self {
+        SharedClock(std::sync::Arc::new(SystemClock))
+    }
+}
+
+impl std::fmt::Debug for SharedClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedClock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manual_clock_moves_only_when_told() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let c = std::sync::Arc::new(ManualClock::new(t0));
+        let shared = SharedClock(c.clone());
+        assert_eq!(shared.now(), t0);
+        c.advance(Duration::from_secs(90));
+        assert_eq!(shared.now().timestamp(), 1_800_000_090);
+        c.set(t0);
+        assert_eq!(c.now(), t0);
+        c.advance(Duration::MAX);
+        assert_eq!(c.now(), DateTime::<Utc>::MAX_UTC);
+        assert!(SharedClock::default().now() > t0 - chrono::Duration::days(3650));
+    }
+}

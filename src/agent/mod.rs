@@ -122,17 +122,19 @@ pub struct Counts {
 }
 
 pub mod reasons {
-    pub const ROLL_DELAYED: &str = "RolloutDelayed";
-    pub const ROLL_QUEUED: &str = "RolloutQueued";
-    pub const ROLLING: &str = "RolloutInProgress";
-    pub const REVISION_UNKNOWN: &str = "RevisionUnknown";
-    pub const PODS_NOT_ON_KEY: &str = "PodsNotOnKey";
-    pub const CHECKS_PENDING: &str = "ConnectivityPending";
+    use crate::reason::Reason;
+
+    pub const ROLL_DELAYED: &str = Reason::RolloutDelayed.as_str();
+    pub const ROLL_QUEUED: &str = Reason::RolloutQueued.as_str();
+    pub const ROLLING: &str = Reason::RolloutInProgress.as_str();
+    pub const REVISION_UNKNOWN: &str = Reason::RevisionUnknown.as_str();
+    pub const PODS_NOT_ON_KEY: &str = Reason::PodsNotOnKey.as_str();
+    pub const CHECKS_PENDING: &str = Reason::ConnectivityPending.as_str();
     /// Pods on the key that no verifier has seen use it yet.
-    pub const ACK_PENDING: &str = "AcknowledgementPending";
-    pub const CONFIRMED: &str = "Confirmed";
+    pub const ACK_PENDING: &str = Reason::AcknowledgementPending.as_str();
+    pub const CONFIRMED: &str = Reason::Confirmed.as_str();
     /// `Ready=True` while agents confirmed on a key roll to its successor.
-    pub const KEY_ROTATION: &str = "KeyRotationInProgress";
+    pub const KEY_ROTATION: &str = Reason::KeyRotationInProgress.as_str();
 }
 
 fn count(n: usize) -> i32 {

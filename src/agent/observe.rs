@@ -9,6 +9,7 @@ use super::{AgentInput, Evidence, PodObs};
 use crate::api::ProvisioningKey;
 use crate::api::policy_agent::{PolicyAgent, PolicyAgentStatus};
 use crate::labels as l;
+use crate::reason::Reason;
 use crate::workload::{self, Lineage, Workload};
 
 /// The raw objects one PolicyAgent decision is made on.
@@ -57,10 +58,10 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::InvalidSpec(_) => crate::api::conditions::reasons::INVALID_SPEC,
-            Refusal::WorkloadClaimed { .. } => "WorkloadClaimed",
-            Refusal::ProvisioningKeyNotFound { .. } => "ProvisioningKeyNotFound",
-            Refusal::KeyNotHandedOut { .. } => "KeyNotHandedOut",
-            Refusal::WorkloadNotFound { .. } => "WorkloadNotFound",
+            Refusal::WorkloadClaimed { .. } => Reason::WorkloadClaimed.as_str(),
+            Refusal::ProvisioningKeyNotFound { .. } => Reason::ProvisioningKeyNotFound.as_str(),
+            Refusal::KeyNotHandedOut { .. } => Reason::KeyNotHandedOut.as_str(),
+            Refusal::WorkloadNotFound { .. } => Reason::WorkloadNotFound.as_str(),
         }
     }
 

@@ -20,13 +20,15 @@ pub const CONNECTED: &str = "Connected";
 
 /// Reasons of the kstatus conditions when nothing is going on.
 pub mod reasons {
+    use crate::reason::Reason;
+
     /// `Reconciling=False`: the current generation has been acted on.
-    pub const RECONCILED: &str = "Reconciled";
+    pub const RECONCILED: &str = Reason::Reconciled.as_str();
     /// `Reconciling=True`: a new generation whose reconcile failed (the error is in `Ready`).
-    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    pub const RECONCILE_FAILED: &str = Reason::ReconcileFailed.as_str();
     /// `Ready=False`: the spec breaks a rule (a malformed or out-of-range value, an invalid
     /// name or `secretTemplate`).
-    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const INVALID_SPEC: &str = Reason::InvalidSpec.as_str();
 }
 
 /// Builds a condition, keeping `lastTransitionTime` of `previous` when the status did not change,

@@ -16,34 +16,8 @@ use tracing::{info, warn};
 
 use super::Context;
 
-/// Event reasons (PascalCase), shared with conditions and metrics.
-pub mod reason {
-    pub const KEY_MINTED: &str = "KeyMinted";
-    pub const KEY_PUBLISHED: &str = "KeyPublished";
-    pub const KEY_ACTIVATED: &str = "KeyActivated";
-    pub const KEY_HANDED_OUT: &str = "KeyHandedOut";
-    pub const KEY_RETIRING: &str = "KeyRetiring";
-    pub const KEY_REVOKED: &str = "KeyRevoked";
-    pub const KEY_PRUNED: &str = "KeyPruned";
-    pub const KEY_SECRET_REPAIRED: &str = "KeySecretRepaired";
-    pub const TOKEN_REFRESHED: &str = "TokenRefreshed";
-    pub const TRUST_BUNDLE_UPDATED: &str = "TrustBundleUpdated";
-    pub const BUNDLE_TAMPERED: &str = crate::rotation::reasons::BUNDLE_TAMPERED;
-    pub const EMERGENCY_REVOCATION: &str = "EmergencyRevocation";
-    pub const ROTATION_STALLED: &str = "RotationStalled";
-    pub const ROLLOUT_TRIGGERED: &str = "RolloutTriggered";
-    pub const AGENT_CONFIRMED: &str = "AgentConfirmed";
-}
-
-/// One audited fact.
-pub struct Audit<'a> {
-    pub warning: bool,
-    pub reason: &'a str,
-    pub action: &'a str,
-    pub note: String,
-    /// The object the fact is about besides the regarding one (for a key: its Secret).
-    pub related: Option<ObjectReference>,
-}
+/// The Event reasons and the audited fact are pure (decided in `rotation::outcome`).
+pub use crate::rotation::outcome::{Audit, reason};
 
 /// Publishes the Event and writes the log line. An Event that cannot be published is logged and
 /// never fails the reconcile.

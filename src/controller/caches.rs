@@ -14,7 +14,7 @@
 //! at the step that needs it. Unlabelled Secrets (Helm records, tokens, TLS) are never watched.
 //!
 //! A cache is only ever used to decide *what to read*, never as the evidence for an
-//! irreversible write: see `provisioning_key::observe` for each read's consistency argument.
+//! irreversible write: see `provisioning_key::read` for each read's consistency argument.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

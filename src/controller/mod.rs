@@ -6,27 +6,26 @@ pub mod policy_agent;
 pub mod provisioning_key;
 pub mod workloads;
 
+mod backoff;
+mod error;
+mod wiring;
+
+pub use backoff::{Backoff, object_key};
+pub use error::{Error, MAX_PUBLIC_MESSAGE, Result, bounded, unquoted};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::utils::Predicate;
-use kube::runtime::{WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use futures::FutureExt;
+use kube::Client;
 use tracing::{info, warn};
 
-use crate::api::policy_agent::WorkloadKind;
 use crate::api::{PolicyAgent, ProvisioningKey};
 use crate::http::Health;
-use crate::labels;
-use crate::metrics::{ControllerKind, Metrics};
+use crate::metrics::Metrics;
 use crate::rotation::Floors;
+use wiring::scoped;
 
 /// How long a graceful shutdown waits for in-flight reconciles.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
@@ -55,6 +54,8 @@ pub struct OperatorConfig {
     /// The verifier replicas that must each have a Lease (`--verifier-replicas`); empty: the
     /// replicas are whichever Leases exist, so deleting a Lease shrinks the coverage.
     pub verifier_replicas: Vec<String>,
+    /// Where decisions take `now` from (the wall clock; a manual clock in tests).
+    pub clock: crate::time::SharedClock,
 }
 
 impl Default for OperatorConfig {
@@ -68,6 +69,7 @@ impl Default for OperatorConfig {
             leader: None,
             verifier_namespace: None,
             verifier_replicas: Vec::new(),
+            clock: crate::time::SharedClock::default(),
         }
     }
 }
@@ -98,7 +100,7 @@ pub struct Context {
     pub backoff: Backoff,
     /// Watch caches (what to read) and this process's own writes.
     pub caches: caches::Caches,
-    /// Consumer scans done per rotation (see `provisioning_key::scan_consumers`).
+    /// Consumer scans done per rotation (see `provisioning_key::read::scan_consumers`).
     pub scans: provisioning_key::Scans,
     /// This process's own writes, so their watch events do not wake the reconcile again.
     pub own_writes: caches::OwnWrites,
@@ -172,193 +174,14 @@ impl Context {
         }
     }
 
-    /// The clock, read once per reconcile and passed down.
+    /// The clock ([`OperatorConfig::clock`]), read once per reconcile and passed down.
     pub fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        self.config.clock.now()
     }
 }
 
 /// Timestamps as Keyward stores them (RFC 3339, seconds, `Z`); wait starts rounded up.
 pub use crate::rotation::observe::{parse_ts, ts, ts_start};
-
-/// Errors of a reconcile. Each variant has a PascalCase reason for Warning Events and metrics.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("key Secret {name} is unusable: {message}")]
-    KeySecret { name: String, message: String },
-    #[error("key material: {0}")]
-    Key(#[from] crate::keys::KeyError),
-    #[error("object has no namespace or name")]
-    MissingObjectKey,
-    #[error(
-        "{kind} {name} exists and is not owned by this ProvisioningKey; Keyward will not write it (delete or rename it; retrying with backoff)"
-    )]
-    NameTaken { kind: &'static str, name: String },
-    #[error("not the leader: this replica does not hold the leader election Lease; not writing")]
-    NotLeading,
-}
-
-impl Error {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "KubeApiError",
-            Error::KeySecret { .. } => "KeySecretUnusable",
-            Error::Key(e) => e.reason(),
-            Error::MissingObjectKey => "MissingObjectKey",
-            Error::NameTaken { .. } => "NameTaken",
-            Error::NotLeading => "NotLeading",
-        }
-    }
-
-    /// The error as it may appear in status and Events: an API server's message is bounded and
-    /// loses every quoted value (a 422 quotes the values it refused, which may be anything a
-    /// spec or a Secret held), other errors are bounded. The log keeps [`Display`].
-    pub fn public_message(&self) -> String {
-        match self {
-            Error::Kube(kube::Error::Api(e)) => bounded(&format!(
-                "Kubernetes API request failed: {} {}: {}",
-                e.code,
-                e.reason,
-                unquoted(&e.message)
-            )),
-            other => bounded(&other.to_string()),
-        }
-    }
-
-    /// Whether the error belongs in the object's `Ready` condition. An optimistic-concurrency
-    /// conflict (409 on an update) is routine: it is retried, not reported.
-    pub fn reportable(&self) -> bool {
-        !matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
-            && !matches!(self, Error::NotLeading)
-            && !matches!(self, Error::Kube(kube::Error::Service(e)) if e.is::<crate::leader::NotLeading>())
-    }
-}
-
-/// Most characters of an error message written to status or an Event.
-pub const MAX_PUBLIC_MESSAGE: usize = 256;
-
-/// `message` cut at [`MAX_PUBLIC_MESSAGE`] characters (with an ellipsis), control characters
-/// replaced.
-pub fn bounded(message: &str) -> String {
-    let mut out: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_PUBLIC_MESSAGE)
-        .collect();
-    if message.chars().nth(MAX_PUBLIC_MESSAGE).is_some() {
-        out.push('…');
-    }
-    out
-}
-
-/// `message` with every double-quoted part replaced by `"…"`.
-pub fn unquoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len().min(1024));
-    let mut inside = false;
-    let mut escaped = false;
-    for c in message.chars() {
-        if inside {
-            match (escaped, c) {
-                (false, '\\') => escaped = true,
-                (false, '"') => {
-                    inside = false;
-                    out.push_str("…\"");
-                }
-                _ => escaped = false,
-            }
-        } else {
-            out.push(c);
-            if c == '"' {
-                inside = true;
-            }
-        }
-    }
-    if inside {
-        out.push('…');
-    }
-    out
-}
-
-/// Per-object retry backoff: exponential from [`Backoff::BASE`], capped at [`Backoff::CAP`],
-/// jittered (75-125 %), reset by a successful reconcile (or after a quiet period).
-#[derive(Default)]
-pub struct Backoff {
-    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
-}
-
-impl Backoff {
-    pub const BASE: Duration = Duration::from_millis(500);
-    /// Well under half the smallest token ttl, so a failing write never delays a token refresh
-    /// past the token's expiry.
-    pub const CAP: Duration = Duration::from_secs(60);
-
-    /// The delay before retry number `failures` (1-based), without jitter.
-    pub fn delay(failures: u32) -> Duration {
-        Self::BASE
-            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-            .min(Self::CAP)
-    }
-
-    /// Records a failure of `key` and returns the jittered delay before its retry.
-    pub fn fail(&self, key: &str) -> Duration {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = f
-            .entry(key.to_string())
-            .or_insert((0, std::time::Instant::now()));
-        if entry.1.elapsed() > Self::CAP * 4 {
-            entry.0 = 0;
-        }
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = std::time::Instant::now();
-        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0.75..1.25);
-        Self::delay(entry.0).mul_f64(jitter)
-    }
-
-    pub fn reset(&self, key: &str) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        f.remove(key);
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::Result<T, E>) {
-    match res {
-        Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
-        Err(e) => tracing::debug!(error = %e, "reconcile error"),
-    }
-}
-
-/// Runs one reconcile and records it in the metrics (count, duration, error reason).
-async fn timed(
-    kind: ControllerKind,
-    ctx: Arc<Context>,
-    reconcile: impl std::future::Future<Output = Result<Action>>,
-) -> Result<Action> {
-    let start = std::time::Instant::now();
-    let res = reconcile.await;
-    ctx.metrics
-        .reconciled(kind, start.elapsed(), res.as_ref().err().map(Error::reason));
-    res
-}
-
-/// The backoff key of an object.
-pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    ObjectRef::from_obj(obj).to_string()
-}
-
-fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
-    let key = object_key(&*obj);
-    let delay = ctx.backoff.fail(&key);
-    warn!(object = %key, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
-    Action::requeue(delay)
-}
 
 /// Checks that the CRDs are installed, so a missing one is reported once, clearly, at startup
 /// instead of as a bare `404 page not found` on every reconcile.
@@ -407,143 +230,6 @@ pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), Str
     Ok(())
 }
 
-/// An `Api` for one namespace, or for all.
-fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as Resource>::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
-/// Maps a workload (its metadata) to the PolicyAgents that name it.
-fn workload_mapper<K: Resource>(
-    store: &Store<PolicyAgent>,
-    kind: WorkloadKind,
-) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
-    let store = store.clone();
-    move |w: PartialObjectMeta<K>| {
-        let ns = w.metadata.namespace.clone();
-        let name = w.metadata.name.clone();
-        store
-            .state()
-            .into_iter()
-            .filter(|pa| {
-                pa.meta().namespace == ns
-                    && pa.spec.workload_ref.kind == kind
-                    && Some(&pa.spec.workload_ref.name) == name.as_ref()
-            })
-            .map(|pa| ObjectRef::from_obj(&*pa))
-            .collect()
-    }
-}
-
-/// The ProvisioningKey controlling a labelled Secret or ConfigMap.
-fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
-    let ns = s.metadata.namespace.as_deref()?;
-    s.metadata
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true) && o.kind == "ProvisioningKey")
-        .map(|o| ObjectRef::new(&o.name).within(ns))
-}
-
-/// The PolicyAgents using an agent Secret (by its ProvisioningKey label).
-fn agents_of_secret(
-    store: &Store<PolicyAgent>,
-    s: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<PolicyAgent>> {
-    if s.labels().get(labels::COMPONENT).map(String::as_str) != Some(labels::COMPONENT_AGENT_SECRET)
-    {
-        return Vec::new();
-    }
-    let ns = s.metadata.namespace.clone();
-    let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
-    store
-        .state()
-        .into_iter()
-        .filter(|pa| {
-            pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
-        })
-        .map(|pa| ObjectRef::from_obj(&*pa))
-        .collect()
-}
-
-/// Drops what no decision reads from a cache before an object is cached: `managedFields` and
-/// kubectl's `last-applied-configuration` (often the largest parts of an object).
-fn slim<K: Resource>(obj: &mut K) {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// A cached ProvisioningKey is only a trigger and its spec: status is always read fresh (by
-/// `get_status`) before it is compared or written, so it is not kept.
-fn slim_pk(pk: &mut ProvisioningKey) {
-    slim(pk);
-    pk.status = None;
-}
-
-/// A cached labelled Secret only tells which key Secrets exist (name, labels, owner) and
-/// which key id each holds.
-fn slim_secret(s: &mut PartialObjectMeta<Secret>) {
-    slim(s);
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.retain(|k, _| k == labels::KEY_ID);
-    }
-}
-
-/// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
-/// `shutdown`.
-fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    trim: fn(&mut K),
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    watcher::watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .take_until(shutdown)
-}
-
-/// Changes of one workload kind, as metadata (a wake-up: the reconcile reads the workload by
-/// GET).
-fn workload_changes<K>(
-    client: &Client,
-    ns: &Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-    K::DynamicType: Default,
-{
-    watch(
-        scoped::<PartialObjectMeta<K>>(client, ns),
-        watcher::Config::default(),
-        slim,
-        shutdown,
-    )
-    .touched_objects()
-}
-
-/// Buffer of a shared watch stream (events a slow subscriber may lag behind).
-const SHARED_BUFFER: usize = 1024;
-
 /// Runs the controllers (one set per watched namespace, or one for all) until `shutdown`
 /// resolves; in-flight reconciles finish first.
 ///
@@ -578,33 +264,7 @@ pub async fn run(
     let shutdown = Box::pin(shutdown).shared();
     let controller_config =
         kube::runtime::controller::Config::default().concurrency(config.concurrency.max(1));
-    let mut runs = Vec::new();
-    let mut caches = Vec::new();
-    let mut wiring = Vec::new();
-    for ns in &scopes {
-        let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
-        let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
-        let (reports, reports_writer) =
-            reflector::store::<PartialObjectMeta<crate::api::KeyUsageReport>>();
-        let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
-        let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
-        caches.push(caches::ScopeCaches {
-            namespace: ns.clone(),
-            agents,
-            secrets,
-            reports,
-            agents_ready,
-            secrets_ready,
-        });
-        wiring.push((
-            ns.clone(),
-            agents_writer,
-            secrets_writer,
-            reports_writer,
-            agents_ready_tx,
-            secrets_ready_tx,
-        ));
-    }
+    let (caches, writers): (Vec<_>, Vec<_>) = scopes.iter().map(wiring::scope_caches).unzip();
     let ctx = Context::with_caches(
         client.clone(),
         config.clone(),
@@ -614,226 +274,22 @@ pub async fn run(
     );
     // Running the controllers means leading (the only replica without leader election).
     obs.metrics.set_leader(true);
+    let mut runs = Vec::new();
     let mut keys_ready = Vec::new();
-    for ((ns, agents_writer, secrets_writer, reports_writer, agents_ready, secrets_ready), cache) in
-        wiring.into_iter().zip(caches)
-    {
-        let stop = shutdown.clone();
-        // Only Keyward-labelled Secrets and ConfigMaps are watched, never every Secret.
-        let owned = watcher::Config::default().labels(labels::MANAGED_SELECTOR);
-        let Some(agents_sub) = agents_writer.subscribe() else {
-            tracing::error!("shared PolicyAgent stream unavailable");
+    for (ns, scope) in scopes.iter().zip(writers.into_iter().zip(caches)) {
+        let wired = wiring::scope(
+            &client,
+            ns,
+            &ctx,
+            scope,
+            shutdown.clone(),
+            &controller_config,
+        );
+        let Some((scope_runs, ready)) = wired else {
             return;
         };
-        // Wake-ups routed by hand, because they include deletions (a deleted agent Secret is
-        // re-created; a deleted PolicyAgent no longer holds back a revocation), which shared
-        // subscriptions do not carry.
-        let (pk_tx, pk_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ProvisioningKey>>();
-        let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
-        let agents_store = cache.agents.clone();
-        let (to_pk, to_pa) = (pk_tx.clone(), pa_tx.clone());
-        let cm_tx = pk_tx.clone();
-        let own_writes = ctx.own_writes.clone();
-        runs.push(
-            reflector(
-                secrets_writer,
-                watch(
-                    scoped::<PartialObjectMeta<Secret>>(&client, &ns),
-                    owned.clone(),
-                    slim_secret,
-                    stop.clone(),
-                ),
-            )
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::InitDone) => {
-                        secrets_ready.send_replace(true);
-                    }
-                    Ok(
-                        watcher::Event::Apply(s)
-                        | watcher::Event::InitApply(s)
-                        | watcher::Event::Delete(s),
-                    ) => {
-                        if let Some(pk) = owner_pk(&s)
-                            && !own_writes.echo(&s.metadata)
-                        {
-                            let _ = to_pk.unbounded_send(pk);
-                        }
-                        for pa in agents_of_secret(&agents_store, &s) {
-                            let _ = to_pa.unbounded_send(pa);
-                        }
-                    }
-                    _ => {}
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-        let to_pk = pk_tx.clone();
-        runs.push(
-            reflector(
-                agents_writer,
-                watch(
-                    scoped::<PolicyAgent>(&client, &ns),
-                    watcher::Config::default(),
-                    slim,
-                    stop.clone(),
-                ),
-            )
-            .for_each(move |ev| {
-                match ev {
-                    Ok(watcher::Event::InitDone) => {
-                        agents_ready.send_replace(true);
-                    }
-                    Ok(
-                        watcher::Event::Apply(pa)
-                        | watcher::Event::InitApply(pa)
-                        | watcher::Event::Delete(pa),
-                    ) => {
-                        if let Some(ns) = pa.meta().namespace.clone() {
-                            let _ = to_pk.unbounded_send(
-                                ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-
-        // Verifier usage reports: names cached; a new or changed report wakes its key (status
-        // lastUsedAt, revokeWhenUnusedFor) and the PolicyAgents using that key (acknowledgement).
-        let (to_pk, to_pa, agents_store) = (pk_tx.clone(), pa_tx.clone(), cache.agents.clone());
-        runs.push(
-            reflector(
-                reports_writer,
-                watch(
-                    scoped::<PartialObjectMeta<crate::api::KeyUsageReport>>(&client, &ns),
-                    owned.clone(),
-                    slim,
-                    stop.clone(),
-                ),
-            )
-            .touched_objects()
-            .for_each(move |r| {
-                if let Ok(r) = r
-                    && let Some(ns) = r.metadata.namespace.clone()
-                    && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
-                {
-                    let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
-                    for pa in agents_store.state() {
-                        if pa.meta().namespace.as_deref() == Some(ns.as_str())
-                            && pa.spec.provisioning_key_ref.name == pk
-                        {
-                            let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
-                        }
-                    }
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-
-        // Trust bundles (labelled ConfigMaps): wake-ups only, no store.
-        let (to_pk, own_writes_cm) = (cm_tx, ctx.own_writes.clone());
-        runs.push(
-            watch(
-                scoped::<PartialObjectMeta<ConfigMap>>(&client, &ns),
-                owned.clone(),
-                slim,
-                stop.clone(),
-            )
-            .touched_objects()
-            .for_each(move |cm| {
-                if let Ok(cm) = cm
-                    && let Some(pk) = owner_pk(&cm)
-                    && !own_writes_cm.echo(&cm.metadata)
-                {
-                    let _ = to_pk.unbounded_send(pk);
-                }
-                futures::future::ready(())
-            })
-            .boxed(),
-        );
-        let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
-        let (pk_ready, pk_ready_rx) = tokio::sync::watch::channel(false);
-        keys_ready.push(pk_ready_rx);
-        let pk_stream = reflector(
-            pk_writer,
-            watch(
-                scoped::<ProvisioningKey>(&client, &ns),
-                watcher::Config::default(),
-                slim_pk,
-                stop.clone(),
-            ),
-        )
-        .inspect(key_gauges_follow_watch(
-            ctx.metrics.clone(),
-            pk_store.clone(),
-            ns.clone(),
-            pk_ready,
-        ))
-        .applied_objects()
-        // A ProvisioningKey is reconciled when its spec (generation) or annotations (a rotation
-        // request) change, not on its own status writes.
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations),
-            Default::default(),
-        );
-        let keys = Controller::for_stream(pk_stream, pk_store)
-            .with_config(controller_config.clone())
-            .reconcile_on(pk_rx)
-            .graceful_shutdown_on(shutdown.clone())
-            .run(
-                |pk, ctx| {
-                    timed(
-                        ControllerKind::ProvisioningKey,
-                        ctx.clone(),
-                        provisioning_key::reconcile(pk, ctx),
-                    )
-                },
-                error_policy,
-                ctx.clone(),
-            )
-            .for_each(log_result);
-        runs.push(keys.boxed());
-
-        let store = cache.agents.clone();
-        let agents = Controller::for_shared_stream(agents_sub, cache.agents.clone())
-            .with_config(controller_config.clone())
-            // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
-            .reconcile_on(pa_rx)
-            // A workload that changes (rollout progress, scaling, someone else's edit) wakes
-            // the PolicyAgent naming it. Metadata suffices: every change bumps its
-            // resourceVersion, and the reconcile reads the workload itself by GET.
-            .watches_stream(
-                workload_changes::<Deployment>(&client, &ns, stop.clone()),
-                workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
-            )
-            .watches_stream(
-                workload_changes::<StatefulSet>(&client, &ns, stop.clone()),
-                workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
-            )
-            .watches_stream(
-                workload_changes::<DaemonSet>(&client, &ns, stop.clone()),
-                workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
-            )
-            .graceful_shutdown_on(shutdown.clone())
-            .run(
-                |pa, ctx| {
-                    timed(
-                        ControllerKind::PolicyAgent,
-                        ctx.clone(),
-                        policy_agent::reconcile(pa, ctx),
-                    )
-                },
-                error_policy,
-                ctx.clone(),
-            )
-            .for_each(log_result);
-        runs.push(agents.boxed());
+        runs.extend(scope_runs);
+        keys_ready.push(ready);
     }
     // Ready once every watch stream has delivered its first complete list.
     let (synced_ctx, health, stop) = (ctx.clone(), obs.health.clone(), shutdown.clone());
@@ -872,87 +328,9 @@ pub async fn run(
     info!("keyward controllers stopped");
 }
 
-/// Per-key gauges follow the ProvisioningKey watch of one scope: a deleted key's series are
-/// removed, and after each complete list (a relist after a watch error included) the series of
-/// keys the list no longer has. Also reports the list's completion (`ready`).
-fn key_gauges_follow_watch(
-    metrics: Metrics,
-    store: Store<ProvisioningKey>,
-    scope: Option<String>,
-    ready: tokio::sync::watch::Sender<bool>,
-) -> impl FnMut(&Result<watcher::Event<ProvisioningKey>, watcher::Error>) {
-    move |ev| match ev {
-        Ok(watcher::Event::Delete(pk)) => {
-            if let (Some(ns), Some(name)) =
-                (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
-            {
-                metrics.remove_key(ns, name);
-            }
-        }
-        Ok(watcher::Event::InitDone) => {
-            // The reflector has applied the list before the event gets here.
-            metrics.retain_keys(|ns, name| {
-                scope.as_deref().is_some_and(|s| s != ns)
-                    || store.get(&ObjectRef::new(name).within(ns)).is_some()
-            });
-            ready.send_replace(true);
-        }
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_error_text_in_status_is_bounded_and_unquoted() {
-        let e = Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
-            message: format!(
-                "Secret \"opa\" is invalid: metadata.labels: Invalid value: \"{}\": must be 63 characters or less",
-                "sEcReT-VaLuE".repeat(40)
-            ),
-            reason: "Invalid".into(),
-            code: 422,
-            ..kube::core::Status::default()
-        })));
-        let m = e.public_message();
-        assert!(!m.contains("sEcReT"), "{m}");
-        assert!(!m.contains("opa"), "{m}");
-        assert!(
-            m.starts_with("Kubernetes API request failed: 422 Invalid: Secret \"…\" is invalid"),
-            "{m}"
-        );
-        assert!(m.chars().count() <= MAX_PUBLIC_MESSAGE + 1);
-        let long = Error::KeySecret {
-            name: "k".into(),
-            message: "x\n".repeat(500),
-        };
-        let m = long.public_message();
-        assert_eq!(m.chars().count(), MAX_PUBLIC_MESSAGE + 1);
-        assert!(!m.contains('\n'));
-        assert_eq!(unquoted(r#"a "b\"c" d "e"#), r#"a "…" d "…"#);
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(Backoff::delay(1), Duration::from_millis(500));
-        assert_eq!(Backoff::delay(2), Duration::from_secs(1));
-        assert_eq!(Backoff::delay(5), Duration::from_secs(8));
-        assert_eq!(Backoff::delay(8), Backoff::CAP);
-        assert_eq!(Backoff::delay(u32::MAX), Backoff::CAP);
-        let b = Backoff::default();
-        let delays: Vec<Duration> = (0..10).map(|_| b.fail("ns/pk")).collect();
-        for (n, d) in delays.iter().enumerate() {
-            let base = Backoff::delay(u32::try_from(n).unwrap() + 1);
-            assert!(
-                *d >= base.mul_f64(0.75) && *d <= base.mul_f64(1.25),
-                "retry {n}: {d:?} outside the jitter of {base:?}"
-            );
-        }
-        b.reset("ns/pk");
-        assert!(b.fail("ns/pk") <= Backoff::BASE.mul_f64(1.25));
-    }
 
     /// A missing CRD is named at startup (the API server answers 404 for its resource).
     #[tokio::test]

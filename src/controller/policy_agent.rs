@@ -330,7 +330,7 @@ async fn acknowledgements(ctx: &Context, ns: &str, pk: &str) -> Result<crate::us
         reports.extend(api.get_opt(&name).await?);
     }
     reports.retain(|r| r.spec.provisioning_key == pk);
-    Ok(crate::usage::key_use(&reports, &[], ns, pk, Utc::now()))
+    Ok(crate::usage::key_use(&reports, &[], ns, pk, ctx.now()))
 }
 
 /// Marks each pod acknowledged when a report lists it on the Secret's key id. A pod missing

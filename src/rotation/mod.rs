@@ -29,7 +29,9 @@ use crate::trust_record::TrustRecord;
 
 pub mod desired;
 pub mod observe;
+pub mod outcome;
 pub mod schedule;
+pub mod snapshot;
 
 pub use settings::{
     DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
@@ -424,26 +426,28 @@ impl Plan {
 
 /// Reasons shared by conditions, Events and metrics.
 pub mod reasons {
-    pub const KEY_ACTIVE: &str = "KeyActive";
-    pub const MINTING: &str = "Minting";
-    pub const PUBLISHING: &str = "Publishing";
-    pub const CONFIRMING: &str = "AwaitingConfirmation";
-    pub const OVERLAP: &str = "Overlap";
-    pub const ROTATION_STALLED: &str = "RotationStalled";
-    pub const SUSPENDED: &str = "Suspended";
-    pub const IDLE: &str = "Idle";
-    pub const SECRET_NAME_TAKEN: &str = "SecretNameTaken";
-    pub const TRUST_BUNDLE_NAME_TAKEN: &str = "TrustBundleNameTaken";
-    pub const EMERGENCY: &str = "EmergencyRevocation";
-    pub const REFUSED: &str = "RotationRefused";
-    pub const UNCOVERED_CONSUMERS: &str = "UncoveredConsumers";
-    pub const UNRECORDED_KEYS: &str = "UnrecordedTrustedKeys";
+    use crate::reason::Reason;
+
+    pub const KEY_ACTIVE: &str = Reason::KeyActive.as_str();
+    pub const MINTING: &str = Reason::Minting.as_str();
+    pub const PUBLISHING: &str = Reason::Publishing.as_str();
+    pub const CONFIRMING: &str = Reason::AwaitingConfirmation.as_str();
+    pub const OVERLAP: &str = Reason::Overlap.as_str();
+    pub const ROTATION_STALLED: &str = Reason::RotationStalled.as_str();
+    pub const SUSPENDED: &str = Reason::Suspended.as_str();
+    pub const IDLE: &str = Reason::Idle.as_str();
+    pub const SECRET_NAME_TAKEN: &str = Reason::SecretNameTaken.as_str();
+    pub const TRUST_BUNDLE_NAME_TAKEN: &str = Reason::TrustBundleNameTaken.as_str();
+    pub const EMERGENCY: &str = Reason::EmergencyRevocation.as_str();
+    pub const REFUSED: &str = Reason::RotationRefused.as_str();
+    pub const UNCOVERED_CONSUMERS: &str = Reason::UncoveredConsumers.as_str();
+    pub const UNRECORDED_KEYS: &str = Reason::UnrecordedTrustedKeys.as_str();
     /// The trust bundle trusted a key id the operator never recorded; it was removed.
-    pub const BUNDLE_TAMPERED: &str = "BundleTampered";
+    pub const BUNDLE_TAMPERED: &str = Reason::BundleTampered.as_str();
     /// `revokeWhenUnusedFor` cannot be judged: no verifier replica, or one is silent.
-    pub const VERIFIER_SILENT: &str = "VerifierSilent";
+    pub const VERIFIER_SILENT: &str = Reason::VerifierSilent.as_str();
     /// `revokeWhenUnusedFor`: the old key is still in use.
-    pub const OLD_KEY_IN_USE: &str = "OldKeyInUse";
+    pub const OLD_KEY_IN_USE: &str = Reason::OldKeyInUse.as_str();
 }
 
 fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {

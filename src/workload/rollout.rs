@@ -3,6 +3,8 @@
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 
+use crate::reason::Reason;
+
 /// A workload's rollout, judged by the criteria of its kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rollout {
@@ -52,7 +54,7 @@ pub fn deployment(d: &Deployment) -> (Rollout, Figures) {
     if spec.paused == Some(true) {
         return (
             Rollout::Stalled {
-                reason: "DeploymentPaused",
+                reason: Reason::DeploymentPaused.as_str(),
                 message: "the Deployment is paused; resume it to roll the agents".into(),
             },
             f,
@@ -63,11 +65,11 @@ pub fn deployment(d: &Deployment) -> (Rollout, Figures) {
         .as_ref()
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
         && c.status == "False"
-        && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        && c.reason.as_deref() == Some(Reason::ProgressDeadlineExceeded.as_str())
     {
         return (
             Rollout::Failed {
-                reason: "ProgressDeadlineExceeded",
+                reason: Reason::ProgressDeadlineExceeded.as_str(),
                 message: c
                     .message
                     .clone()
@@ -105,7 +107,7 @@ pub fn stateful_set(s: &StatefulSet) -> (Rollout, Figures) {
     let strategy = spec.update_strategy.clone().unwrap_or_default();
     if strategy.type_.as_deref() == Some("OnDelete") {
         return (
-            Rollout::Stalled { reason: "OnDeleteStrategy", message: "the StatefulSet uses updateStrategy OnDelete; its pods must be deleted to pick up the new key".into() },
+            Rollout::Stalled { reason: Reason::OnDeleteStrategy.as_str(), message: "the StatefulSet uses updateStrategy OnDelete; its pods must be deleted to pick up the new key".into() },
             f,
         );
     }
@@ -116,7 +118,7 @@ pub fn stateful_set(s: &StatefulSet) -> (Rollout, Figures) {
     {
         return (
             Rollout::Stalled {
-                reason: "Partitioned",
+                reason: Reason::Partitioned.as_str(),
                 message: format!(
                     "the StatefulSet's rollingUpdate.partition is {p}; pods below it keep the old key"
                 ),
@@ -151,7 +153,7 @@ pub fn daemon_set(d: &DaemonSet) -> (Rollout, Figures) {
     };
     if spec.update_strategy.and_then(|s| s.type_).as_deref() == Some("OnDelete") {
         return (
-            Rollout::Stalled { reason: "OnDeleteStrategy", message: "the DaemonSet uses updateStrategy OnDelete; its pods must be deleted to pick up the new key".into() },
+            Rollout::Stalled { reason: Reason::OnDeleteStrategy.as_str(), message: "the DaemonSet uses updateStrategy OnDelete; its pods must be deleted to pick up the new key".into() },
             f,
         );
     }

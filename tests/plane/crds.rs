@@ -519,7 +519,7 @@ fn schemas_are_structural() {
 // `secretName` and `trustBundle.configMapName` cannot change on a live key, from unset to set
 // included: the API server enforces those rules (at the root, on effective names), tested there
 // (tests/plane/cel.rs, the one source of truth); the operator's own refusal, for an object that
-// reached it without the rules, is unit-tested in src/rotation/tests.rs.
+// reached it without the rules, is unit-tested in src/rotation/tests/resolve_limits.rs.
 
 /// No schema default anywhere: the API server would write it into the stored object, and a
 /// GitOps tool would see the live `.spec` differ from a manifest that leaves the field out.

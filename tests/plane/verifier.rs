@@ -1007,21 +1007,29 @@ async fn install_trust_record_policy(ns: &str) -> String {
 /// A tenant with ConfigMap rights in `ns` (and patch on ProvisioningKeys, to show the policy,
 /// not RBAC, stops the record write), but no Secret and no status rights.
 async fn grant_configmap_rights(ns: &TestNamespace, user: &str) {
+    grant(
+        ns,
+        "configmap-editor",
+        user,
+        json!([
+            {"apiGroups": [""], "resources": ["configmaps"],
+             "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+            {"apiGroups": ["keyward.dev"], "resources": ["provisioningkeys"],
+             "verbs": ["get", "list", "watch", "update", "patch"]},
+        ]),
+    )
+    .await;
+}
+
+/// A Role `name` with `rules` in `ns`, bound to `user`.
+async fn grant(ns: &TestNamespace, name: &str, user: &str, rules: serde_json::Value) {
     let roles: Api<Role> = ns.api();
     let bindings: Api<RoleBinding> = ns.api();
     roles
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "configmap-editor"},
-                "rules": [
-                    {"apiGroups": [""], "resources": ["configmaps"],
-                     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-                    {"apiGroups": ["keyward.dev"], "resources": ["provisioningkeys"],
-                     "verbs": ["get", "list", "watch", "update", "patch"]},
-                ],
-            }))
-            .expect("role"),
+            &serde_json::from_value(json!({ "metadata": {"name": name}, "rules": rules }))
+                .expect("role"),
         )
         .await
         .expect("create the role");
@@ -1029,8 +1037,8 @@ async fn grant_configmap_rights(ns: &TestNamespace, user: &str) {
         .create(
             &PostParams::default(),
             &serde_json::from_value(json!({
-                "metadata": {"name": "configmap-editor"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-editor"},
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
             }))
             .expect("binding"),
@@ -1578,31 +1586,13 @@ async fn a_pod_acknowledges_only_itself() {
     let (pod_c, token_c) = pod_with_token(&other, "agent-c", "keyward").await;
 
     // mallory may create ServiceAccount tokens in the namespace (as `edit`-like roles may).
-    let roles: Api<Role> = ns.api();
-    let bindings: Api<RoleBinding> = ns.api();
-    roles
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "token-minter"},
-                "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}],
-            }))
-            .expect("role"),
-        )
-        .await
-        .expect("create the role");
-    bindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "token-minter"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "token-minter"},
-                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}],
-            }))
-            .expect("binding"),
-        )
-        .await
-        .expect("create the binding");
+    grant(
+        &ns,
+        "token-minter",
+        "mallory",
+        json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]),
+    )
+    .await;
     let mallory: Api<ServiceAccount> = Api::namespaced(client_as("mallory").await, ns.name());
     // A keyward token bound to pod b: refused by the policy (RBAC allowed it).
     let refused = eventually("mallory refused a keyward-audience token", || async {

@@ -1,0 +1,101 @@
+//! ProvisioningKey reconcile: read (fresh reads, one snapshot) -> plan (pure) -> apply (one
+//! write) -> repeat, then report status and Events.
+//!
+//! | phase   | module                                              | client |
+//! |---------|-----------------------------------------------------|--------|
+//! | read    | [`read`]: one snapshot of fresh reads               | reads  |
+//! | map     | `rotation::snapshot`: the planner's input           | none   |
+//! | plan    | `rotation::plan`: the next step                     | none   |
+//! | apply   | [`apply`]: one write per step kind                  | writes |
+//! | outcome | `rotation::outcome`: status, Events, counts, gauges | none   |
+//! | report  | [`report`]: writes status, Events, metrics          | writes |
+
+mod apply;
+mod read;
+mod report;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use tracing::debug;
+
+use super::{Context, Error, Result};
+use crate::api::provisioning_key::ProvisioningKey;
+use crate::keys::KeyPair;
+use crate::rotation::{self, Step};
+
+pub use crate::rotation::desired::{KEY_SECRET_TYPE, key_secret_name};
+pub use crate::rotation::outcome::desired_status;
+pub use apply::{transition_key_secret, write_bundle};
+pub use read::{SCAN_DELAY, Scan, Scans};
+
+/// Most writes one reconcile makes before it yields to other objects.
+const MAX_STEPS_PER_RECONCILE: usize = 12;
+
+fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
+    Ok((
+        pk.namespace().ok_or(Error::MissingObjectKey)?,
+        pk.meta().name.clone().ok_or(Error::MissingObjectKey)?,
+    ))
+}
+
+/// The reconcile entry point. A failed reconcile reports its error in the `Ready` condition
+/// (not only in the log) and is retried with backoff by the controller's error policy.
+pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Action> {
+    if pk.meta().deletion_timestamp.is_some() {
+        // Owned objects are garbage-collected through their owner references.
+        if let Ok((ns, name)) = object_key(&pk) {
+            ctx.metrics.remove_key(&ns, &name);
+        }
+        return Ok(Action::await_change());
+    }
+    let now = ctx.now();
+    match run_steps(&ctx, &pk, now).await {
+        Ok(action) => {
+            ctx.backoff.reset(&super::object_key(&*pk));
+            Ok(action)
+        }
+        Err(e) => {
+            if e.reportable()
+                && let Err(report_err) = report::error(&ctx, &pk, &e, now).await
+            {
+                debug!(error = %report_err, "could not report the error in status");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> Result<Action> {
+    let mut raw = read::snapshot(ctx, pk).await?;
+    let mut fresh: Option<(u32, KeyPair)> = None;
+    for _ in 0..MAX_STEPS_PER_RECONCILE {
+        read::consumers_when_needed(ctx, pk, &mut raw, now).await?;
+        let read = read::map(ctx, pk, &raw);
+        let plan = rotation::plan(&read.settings, &read.observed, now);
+        let Some(step) = &plan.step else {
+            report::status_and_events(ctx, pk, &read, &plan, now).await?;
+            return Ok(plan
+                .requeue_after
+                .map_or_else(Action::await_change, Action::requeue));
+        };
+        let (mut minted, written) = apply::step(ctx, pk, &read, step, now, &mut fresh).await?;
+        if let (Some(m), Step::Mint { seq, .. }) = (minted.as_mut(), step) {
+            fresh = m.pair.take().map(|p| (*seq, p));
+        }
+        apply::remember(&written, &ctx.own_writes);
+        raw.absorb(written);
+        if let Step::Revoke { seq, .. } = step {
+            ctx.scans.forget(&uid_of(pk), *seq);
+        }
+        report::applied(ctx, pk, &read, step, minted.as_ref()).await;
+    }
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+fn uid_of(pk: &ProvisioningKey) -> String {
+    pk.meta().uid.clone().unwrap_or_default()
+}

@@ -1,0 +1,568 @@
+//! The wiring of the controllers: per watched scope, the watches that fill the caches and
+//! route wake-ups (including deletions, which shared subscriptions do not carry), and the two
+//! controllers that run the reconciles.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::watch::{Receiver, Sender};
+
+use super::caches::{OwnWrites, ScopeCaches};
+use super::{Context, Error, Result, backoff, policy_agent, provisioning_key};
+use crate::api::policy_agent::WorkloadKind;
+use crate::api::{KeyUsageReport, PolicyAgent, ProvisioningKey};
+use crate::labels;
+use crate::metrics::{ControllerKind, Metrics};
+
+/// One future of the running operator (a watch or a controller).
+pub(super) type Run = BoxFuture<'static, ()>;
+
+/// The writers of one scope's caches, and the senders of their readiness.
+pub(super) struct ScopeWriters {
+    agents: Writer<PolicyAgent>,
+    secrets: Writer<PartialObjectMeta<Secret>>,
+    reports: Writer<PartialObjectMeta<KeyUsageReport>>,
+    agents_ready: Sender<bool>,
+    secrets_ready: Sender<bool>,
+}
+
+/// One scope's caches (what the reconciles read) and their writers (what its watches fill).
+pub(super) fn scope_caches(ns: &Option<String>) -> (ScopeCaches, ScopeWriters) {
+    let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
+    let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let (reports, reports_writer) = reflector::store::<PartialObjectMeta<KeyUsageReport>>();
+    let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
+    let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
+    let caches = ScopeCaches {
+        namespace: ns.clone(),
+        agents,
+        secrets,
+        reports,
+        agents_ready,
+        secrets_ready,
+    };
+    let writers = ScopeWriters {
+        agents: agents_writer,
+        secrets: secrets_writer,
+        reports: reports_writer,
+        agents_ready: agents_ready_tx,
+        secrets_ready: secrets_ready_tx,
+    };
+    (caches, writers)
+}
+
+/// What every watch of one scope is wired with.
+struct Scope<S> {
+    client: Client,
+    ns: Option<String>,
+    /// The shutdown signal (shared): every watch ends, every controller drains, on it.
+    stop: S,
+    /// Only Keyward-labelled Secrets and ConfigMaps are watched, never every Secret.
+    owned: watcher::Config,
+    /// Wake-ups routed by hand, because they include deletions (a deleted agent Secret is
+    /// re-created; a deleted PolicyAgent no longer holds back a revocation), which shared
+    /// subscriptions do not carry.
+    to_pk: UnboundedSender<ObjectRef<ProvisioningKey>>,
+    to_pa: UnboundedSender<ObjectRef<PolicyAgent>>,
+}
+
+/// Wires one scope: its watches and its two controllers, in the order they are run. Also
+/// returns the receiver of the ProvisioningKey list's completion; `None` when the shared
+/// PolicyAgent stream is unavailable.
+pub(super) fn scope<S>(
+    client: &Client,
+    ns: &Option<String>,
+    ctx: &Arc<Context>,
+    (writers, cache): (ScopeWriters, ScopeCaches),
+    stop: S,
+    config: &controller::Config,
+) -> Option<(Vec<Run>, Receiver<bool>)>
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let Some(agents_sub) = writers.agents.subscribe() else {
+        tracing::error!("shared PolicyAgent stream unavailable");
+        return None;
+    };
+    let (pk_tx, pk_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ProvisioningKey>>();
+    let (pa_tx, pa_rx) = futures::channel::mpsc::unbounded::<ObjectRef<PolicyAgent>>();
+    let sc = Scope {
+        client: client.clone(),
+        ns: ns.clone(),
+        stop,
+        owned: watcher::Config::default().labels(labels::MANAGED_SELECTOR),
+        to_pk: pk_tx,
+        to_pa: pa_tx,
+    };
+    let own_writes = ctx.own_writes.clone();
+    let mut runs = vec![
+        labelled_secrets(
+            &sc,
+            writers.secrets,
+            writers.secrets_ready,
+            cache.agents.clone(),
+            own_writes.clone(),
+        ),
+        policy_agents(&sc, writers.agents, writers.agents_ready),
+        usage_reports(&sc, writers.reports, cache.agents.clone()),
+        trust_bundles(&sc, own_writes),
+    ];
+    let (keys, keys_ready) = key_controller(&sc, ctx, pk_rx, config);
+    runs.push(keys);
+    runs.push(agent_controller(
+        &sc,
+        ctx,
+        (agents_sub, cache.agents.clone()),
+        pa_rx,
+        config,
+    ));
+    Some((runs, keys_ready))
+}
+
+/// Labelled Secrets, cached as metadata: a change wakes the ProvisioningKey controlling the
+/// Secret (unless it is this process's own write) and the PolicyAgents using it.
+fn labelled_secrets<S>(
+    sc: &Scope<S>,
+    writer: Writer<PartialObjectMeta<Secret>>,
+    ready: Sender<bool>,
+    agents_store: Store<PolicyAgent>,
+    own_writes: OwnWrites,
+) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
+    reflector(
+        writer,
+        watch(
+            scoped::<PartialObjectMeta<Secret>>(&sc.client, &sc.ns),
+            sc.owned.clone(),
+            slim_secret,
+            sc.stop.clone(),
+        ),
+    )
+    .for_each(move |ev| {
+        match ev {
+            Ok(watcher::Event::InitDone) => {
+                ready.send_replace(true);
+            }
+            Ok(
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s),
+            ) => {
+                if let Some(pk) = owner_pk(&s)
+                    && !own_writes.echo(&s.metadata)
+                {
+                    let _ = to_pk.unbounded_send(pk);
+                }
+                for pa in agents_of_secret(&agents_store, &s) {
+                    let _ = to_pa.unbounded_send(pa);
+                }
+            }
+            _ => {}
+        }
+        futures::future::ready(())
+    })
+    .boxed()
+}
+
+/// PolicyAgents, cached in full (the stream is shared with their controller): a change wakes
+/// the ProvisioningKey it references.
+fn policy_agents<S>(sc: &Scope<S>, writer: Writer<PolicyAgent>, ready: Sender<bool>) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let to_pk = sc.to_pk.clone();
+    reflector(
+        writer,
+        watch(
+            scoped::<PolicyAgent>(&sc.client, &sc.ns),
+            watcher::Config::default(),
+            slim,
+            sc.stop.clone(),
+        ),
+    )
+    .for_each(move |ev| {
+        match ev {
+            Ok(watcher::Event::InitDone) => {
+                ready.send_replace(true);
+            }
+            Ok(
+                watcher::Event::Apply(pa)
+                | watcher::Event::InitApply(pa)
+                | watcher::Event::Delete(pa),
+            ) => {
+                if let Some(ns) = pa.meta().namespace.clone() {
+                    let _ = to_pk.unbounded_send(
+                        ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
+                    );
+                }
+            }
+            _ => {}
+        }
+        futures::future::ready(())
+    })
+    .boxed()
+}
+
+/// Verifier usage reports: names cached; a new or changed report wakes its key (status
+/// lastUsedAt, revokeWhenUnusedFor) and the PolicyAgents using that key (acknowledgement).
+fn usage_reports<S>(
+    sc: &Scope<S>,
+    writer: Writer<PartialObjectMeta<KeyUsageReport>>,
+    agents_store: Store<PolicyAgent>,
+) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
+    reflector(
+        writer,
+        watch(
+            scoped::<PartialObjectMeta<KeyUsageReport>>(&sc.client, &sc.ns),
+            sc.owned.clone(),
+            slim,
+            sc.stop.clone(),
+        ),
+    )
+    .touched_objects()
+    .for_each(move |r| {
+        if let Ok(r) = r
+            && let Some(ns) = r.metadata.namespace.clone()
+            && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
+        {
+            let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
+            for pa in agents_store.state() {
+                if pa.meta().namespace.as_deref() == Some(ns.as_str())
+                    && pa.spec.provisioning_key_ref.name == pk
+                {
+                    let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
+                }
+            }
+        }
+        futures::future::ready(())
+    })
+    .boxed()
+}
+
+/// Trust bundles (labelled ConfigMaps): wake-ups only, no store.
+fn trust_bundles<S>(sc: &Scope<S>, own_writes: OwnWrites) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let to_pk = sc.to_pk.clone();
+    watch(
+        scoped::<PartialObjectMeta<ConfigMap>>(&sc.client, &sc.ns),
+        sc.owned.clone(),
+        slim,
+        sc.stop.clone(),
+    )
+    .touched_objects()
+    .for_each(move |cm| {
+        if let Ok(cm) = cm
+            && let Some(pk) = owner_pk(&cm)
+            && !own_writes.echo(&cm.metadata)
+        {
+            let _ = to_pk.unbounded_send(pk);
+        }
+        futures::future::ready(())
+    })
+    .boxed()
+}
+
+/// The ProvisioningKey controller of one scope, and the receiver of its list's completion.
+fn key_controller<S>(
+    sc: &Scope<S>,
+    ctx: &Arc<Context>,
+    wake: UnboundedReceiver<ObjectRef<ProvisioningKey>>,
+    config: &controller::Config,
+) -> (Run, Receiver<bool>)
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let (pk_store, pk_writer) = reflector::store::<ProvisioningKey>();
+    let (pk_ready, pk_ready_rx) = tokio::sync::watch::channel(false);
+    let pk_stream = reflector(
+        pk_writer,
+        watch(
+            scoped::<ProvisioningKey>(&sc.client, &sc.ns),
+            watcher::Config::default(),
+            slim_pk,
+            sc.stop.clone(),
+        ),
+    )
+    .inspect(key_gauges_follow_watch(
+        ctx.metrics.clone(),
+        pk_store.clone(),
+        sc.ns.clone(),
+        pk_ready,
+    ))
+    .applied_objects()
+    // A ProvisioningKey is reconciled when its spec (generation) or annotations (a rotation
+    // request) change, not on its own status writes.
+    .predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
+    let keys = Controller::for_stream(pk_stream, pk_store)
+        .with_config(config.clone())
+        .reconcile_on(wake)
+        .graceful_shutdown_on(sc.stop.clone())
+        .run(
+            |pk, ctx| {
+                timed(
+                    ControllerKind::ProvisioningKey,
+                    ctx.clone(),
+                    provisioning_key::reconcile(pk, ctx),
+                )
+            },
+            backoff::error_policy,
+            ctx.clone(),
+        )
+        .for_each(log_result);
+    (keys.boxed(), pk_ready_rx)
+}
+
+/// The PolicyAgent controller of one scope, on the shared PolicyAgent stream.
+fn agent_controller<S>(
+    sc: &Scope<S>,
+    ctx: &Arc<Context>,
+    (agents_sub, store): (reflector::ReflectHandle<PolicyAgent>, Store<PolicyAgent>),
+    wake: UnboundedReceiver<ObjectRef<PolicyAgent>>,
+    config: &controller::Config,
+) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let (client, ns, stop) = (&sc.client, &sc.ns, &sc.stop);
+    Controller::for_shared_stream(agents_sub, store.clone())
+        .with_config(config.clone())
+        // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
+        .reconcile_on(wake)
+        // A workload that changes (rollout progress, scaling, someone else's edit) wakes
+        // the PolicyAgent naming it. Metadata suffices: every change bumps its
+        // resourceVersion, and the reconcile reads the workload itself by GET.
+        .watches_stream(
+            workload_changes::<Deployment>(client, ns, stop.clone()),
+            workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
+        )
+        .watches_stream(
+            workload_changes::<StatefulSet>(client, ns, stop.clone()),
+            workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
+        )
+        .watches_stream(
+            workload_changes::<DaemonSet>(client, ns, stop.clone()),
+            workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
+        )
+        .graceful_shutdown_on(stop.clone())
+        .run(
+            |pa, ctx| {
+                timed(
+                    ControllerKind::PolicyAgent,
+                    ctx.clone(),
+                    policy_agent::reconcile(pa, ctx),
+                )
+            },
+            backoff::error_policy,
+            ctx.clone(),
+        )
+        .for_each(log_result)
+        .boxed()
+}
+
+async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(res: std::result::Result<T, E>) {
+    match res {
+        Ok(obj) => tracing::debug!(object = ?obj, "reconciled"),
+        Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    }
+}
+
+/// Runs one reconcile and records it in the metrics (count, duration, error reason).
+async fn timed(
+    kind: ControllerKind,
+    ctx: Arc<Context>,
+    reconcile: impl std::future::Future<Output = Result<Action>>,
+) -> Result<Action> {
+    let start = std::time::Instant::now();
+    let res = reconcile.await;
+    ctx.metrics
+        .reconciled(kind, start.elapsed(), res.as_ref().err().map(Error::reason));
+    res
+}
+
+/// An `Api` for one namespace, or for all.
+pub(super) fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Maps a workload (its metadata) to the PolicyAgents that name it.
+fn workload_mapper<K: Resource>(
+    store: &Store<PolicyAgent>,
+    kind: WorkloadKind,
+) -> impl Fn(PartialObjectMeta<K>) -> Vec<ObjectRef<PolicyAgent>> + Send + Sync + Clone + 'static {
+    let store = store.clone();
+    move |w: PartialObjectMeta<K>| {
+        let ns = w.metadata.namespace.clone();
+        let name = w.metadata.name.clone();
+        store
+            .state()
+            .into_iter()
+            .filter(|pa| {
+                pa.meta().namespace == ns
+                    && pa.spec.workload_ref.kind == kind
+                    && Some(&pa.spec.workload_ref.name) == name.as_ref()
+            })
+            .map(|pa| ObjectRef::from_obj(&*pa))
+            .collect()
+    }
+}
+
+/// The ProvisioningKey controlling a labelled Secret or ConfigMap.
+fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
+    let ns = s.metadata.namespace.as_deref()?;
+    s.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "ProvisioningKey")
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+}
+
+/// The PolicyAgents using an agent Secret (by its ProvisioningKey label).
+fn agents_of_secret(
+    store: &Store<PolicyAgent>,
+    s: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<PolicyAgent>> {
+    if s.labels().get(labels::COMPONENT).map(String::as_str) != Some(labels::COMPONENT_AGENT_SECRET)
+    {
+        return Vec::new();
+    }
+    let ns = s.metadata.namespace.clone();
+    let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
+    store
+        .state()
+        .into_iter()
+        .filter(|pa| {
+            pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
+        })
+        .map(|pa| ObjectRef::from_obj(&*pa))
+        .collect()
+}
+
+/// Drops what no decision reads from a cache before an object is cached: `managedFields` and
+/// kubectl's `last-applied-configuration` (often the largest parts of an object).
+fn slim<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A cached ProvisioningKey is only a trigger and its spec: status is always read fresh (by
+/// `get_status`) before it is compared or written, so it is not kept.
+fn slim_pk(pk: &mut ProvisioningKey) {
+    slim(pk);
+    pk.status = None;
+}
+
+/// A cached labelled Secret only tells which key Secrets exist (name, labels, owner) and
+/// which key id each holds.
+fn slim_secret(s: &mut PartialObjectMeta<Secret>) {
+    slim(s);
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == labels::KEY_ID);
+    }
+}
+
+/// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
+/// `shutdown`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .take_until(shutdown)
+}
+
+/// Changes of one workload kind, as metadata (a wake-up: the reconcile reads the workload by
+/// GET).
+fn workload_changes<K>(
+    client: &Client,
+    ns: &Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    watch(
+        scoped::<PartialObjectMeta<K>>(client, ns),
+        watcher::Config::default(),
+        slim,
+        shutdown,
+    )
+    .touched_objects()
+}
+
+/// Buffer of a shared watch stream (events a slow subscriber may lag behind).
+pub(super) const SHARED_BUFFER: usize = 1024;
+
+/// Per-key gauges follow the ProvisioningKey watch of one scope: a deleted key's series are
+/// removed, and after each complete list (a relist after a watch error included) the series of
+/// keys the list no longer has. Also reports the list's completion (`ready`).
+fn key_gauges_follow_watch(
+    metrics: Metrics,
+    store: Store<ProvisioningKey>,
+    scope: Option<String>,
+    ready: tokio::sync::watch::Sender<bool>,
+) -> impl FnMut(&Result<watcher::Event<ProvisioningKey>, watcher::Error>) {
+    move |ev| match ev {
+        Ok(watcher::Event::Delete(pk)) => {
+            if let (Some(ns), Some(name)) =
+                (pk.meta().namespace.as_deref(), pk.meta().name.as_deref())
+            {
+                metrics.remove_key(ns, name);
+            }
+        }
+        Ok(watcher::Event::InitDone) => {
+            // The reflector has applied the list before the event gets here.
+            metrics.retain_keys(|ns, name| {
+                scope.as_deref().is_some_and(|s| s != ns)
+                    || store.get(&ObjectRef::new(name).within(ns)).is_some()
+            });
+            ready.send_replace(true);
+        }
+        _ => {}
+    }
+}
