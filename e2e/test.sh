@@ -36,5 +36,9 @@ eval "$(bash e2e/cluster.sh env)"
 say "kubectl $(kubectl version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])') against $(kubectl version -o json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
 # CRDs may have changed since the plane started.
 kubectl apply -f crds/ >/dev/null
+# Test threads per binary (libtest's default is one per core): the tests mostly wait on the API
+# server, OPA and nginx. In the `plane` binary (tests/plane/) at most KEYWARD_PLANE_TESTS (default
+# 4) of them use the plane at once, whatever this is.
+export RUST_TEST_THREADS=${RUST_TEST_THREADS:-6}
 # --no-fail-fast: one failing test binary does not hide the results of the others.
 cargo test --workspace --features fault-injection --no-fail-fast "$@"

@@ -1,7 +1,7 @@
 -- Argo CD health check for keyward.dev ProvisioningKey and PolicyAgent.
 -- Reads the kstatus conditions the operator writes (Ready, Reconciling, Stalled) and
 -- status.observedGeneration. Written for Argo CD's Lua 5.1 interpreter (gopher-lua); tested on
--- statuses captured from a real API server (tests/gitops.rs).
+-- statuses captured from a real API server (tests/plane/gitops.rs).
 --   Degraded:    Stalled=True (a human must act: invalid spec, name taken, rotation stalled).
 --   Progressing: the operator has not observed the current generation yet, Reconciling=True
 --                (a new spec not acted on yet), or Ready is not True for another reason.

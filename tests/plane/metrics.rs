@@ -4,21 +4,17 @@
 //! watch caches synced, then 200; `/healthz` is 200 throughout. The last test runs the real
 //! binary, which logs the addresses it bound.
 
-#[allow(dead_code)]
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use k8s_openapi::api::core::v1::Secret;
 use keyward::api::ProvisioningKey;
 use keyward::controller::{Observability, WriteCounter};
 use keyward::http::Servers;
 use keyward::labels as l;
 use keyward::rotation::Floors;
-use keyward_testbed::TestNamespace;
 use kube::Api;
 use kube::api::DeleteParams;
 use serde_json::json;
@@ -248,7 +244,7 @@ async fn the_binary_serves_metrics_and_probes_on_the_addresses_it_logs() {
     let ns = TestNamespace::new("kw-metrics-bin").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("keyward.log");
-    let mut child = common::spawn_keyward(
+    let mut child = crate::common::spawn_keyward(
         &[
             "run",
             "--namespaces",

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::TestNamespace;
 use anyhow::{Context, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use keyward_testbed::{
-    HttpAgent, Kubelet, KubeletConfig, POD_NAME_HEADER, TestNamespace, conditions, eventually,
-    init_tracing, wait_for,
+    HttpAgent, Kubelet, KubeletConfig, POD_NAME_HEADER, conditions, eventually, init_tracing,
+    wait_for,
 };
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::Condition;

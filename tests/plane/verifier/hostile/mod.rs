@@ -1,4 +1,4 @@
-//! The hostile corpus (`tests/hostile/cases.jsonl`, written by `tests/hostile/gen.py`): forged,
+//! The hostile corpus (`tests/plane/verifier/hostile/cases.jsonl`, written by `tests/plane/verifier/hostile/gen.py`): forged,
 //! malformed, cross-key and cross-route tokens, time tricks, revoked and injected keys and
 //! header tricks, each with its expected verdict, run against a real `keyward verifier`
 //! process on the local plane in three shapes:
@@ -13,7 +13,7 @@
 //! forge what a key holder could. It prints counts per tag and fails on any case that does not
 //! get its verdict, except cases marked `open` (findings not fixed yet), which are counted.
 //!
-//! Any binary: `KEYWARD_HOSTILE_BIN=/path/to/keyward cargo test --test verifier hostile -- --nocapture`
+//! Any binary: `KEYWARD_HOSTILE_BIN=/path/to/keyward cargo test --test plane verifier::hostile -- --nocapture`
 //! runs the corpus against another build (an older one shows the verdicts before a fix).
 //! Needs the local plane (`bash e2e/cluster.sh up`) and nginx (`/usr/sbin/nginx`).
 
@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::common::*;
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::pkcs8::DecodePrivateKey as _;
@@ -33,7 +33,6 @@ use keyward::controller::provisioning_key::key_secret_name;
 use keyward::keys::{Jwks, KeyPair};
 use keyward::labels as l;
 use keyward::rotation::Floors;
-use keyward_testbed::TestNamespace;
 use kube::Api;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -79,9 +78,12 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hostile/cases.jsonl");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/plane/verifier/hostile/cases.jsonl"
+    );
     std::fs::read_to_string(path)
-        .expect("tests/hostile/cases.jsonl")
+        .expect("tests/plane/verifier/hostile/cases.jsonl")
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad case {l}: {e}")))
@@ -498,7 +500,7 @@ async fn the_hostile_corpus_gets_its_verdicts() {
 
     // Finding 2: a user with ConfigMap patch rights adds a JWK to key a's bundle. The operator
     // is stopped first, so that the injection stays for the whole corpus (a running operator
-    // removes it within a reconcile: tests/verifier.rs covers that); the verifier alone must
+    // removes it within a reconcile: tests/plane/verifier.rs covers that); the verifier alone must
     // refuse it.
     op.stop().await;
     let bundle = cms.get("a-trust").await.expect("a's bundle");

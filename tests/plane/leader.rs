@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::common::TestNamespace;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -12,7 +13,6 @@ use keyward::controller::provisioning_key::{transition_key_secret, write_bundle}
 use keyward::labels as l;
 use keyward::leader::{Elector, LeaderElectionConfig, Outcome, Role};
 use keyward::rotation::KeyState;
-use keyward_testbed::TestNamespace;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, ResourceExt};
 use serde_json::json;

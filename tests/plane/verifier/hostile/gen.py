@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes cases.jsonl: the hostile corpus of `keyward verifier` (tests/hostile.rs runs it).
+"""Writes cases.jsonl: the hostile corpus of `keyward verifier` (tests/plane/verifier/hostile/mod.rs runs it).
 
 Each spec below becomes one case per mode it applies to (nginx auth_request, Envoy ext_authz
 shape, reverse proxy). Fields of a case (all but id, tag, finding, mode, want optional):
@@ -18,7 +18,7 @@ shape, reverse proxy). Fields of a case (all but id, tag, finding, mode, want op
   want     expected status (want_nginx: where nginx answers itself); reason: expected X-Keyward-Reason (checked where the mode passes it on)
   open     true when the case shows a finding not fixed yet: it is counted, not failed
 Placeholders: $ns, $kid (the signer's key id), $kid_a, $kid_b, $kid_att, $now, $now+N, $now-N, $token.
-Run `python3 tests/hostile/gen.py` after editing, and commit both files.
+Run `python3 tests/plane/verifier/hostile/gen.py` after editing, and commit both files.
 """
 import json, os
 
@@ -120,7 +120,7 @@ case("forged X-Keyward-Key on the request", "headers", 0, 200, headers=[["x-keyw
 case("a pod UID header that is not a UUID", "headers", 0, 200, headers=[["x-keyward-pod-uid", "../../x; 00000000-0000-4000-8000-000000000001"]], modes=["authz", "proxy"])
 
 # Forged acknowledgements (finding 5): the key token decides the verdict; a pod is named only by
-# a pod token the API server vouches for (tests/verifier.rs::a_pod_acknowledges_only_itself), so
+# a pod token the API server vouches for (tests/plane/verifier.rs::a_pod_acknowledges_only_itself), so
 # none of these names a pod, and none may break the request.
 case("another pod's UID in the old header", "forged-ack", 5, 200, headers=[["x-keyward-pod-uid", "22222222-2222-4222-8222-222222222222"]], modes=["authz", "proxy"])
 case("an unsigned pod token claiming a pod", "forged-ack", 5, 200, headers=[["x-keyward-pod-token", "eyJhbGciOiJub25lIn0.eyJrdWJlcm5ldGVzLmlvIjp7InBvZCI6eyJ1aWQiOiIyMjIyMjIyMi0yMjIyLTQyMjItODIyMi0yMjIyMjIyMjIyMjIifX19."]], modes=["authz", "proxy"])

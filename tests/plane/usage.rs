@@ -1,16 +1,13 @@
 //! `rotation.revokeWhenUnusedFor` against a real API server: the operator revokes an old key
 //! only on the verifier replicas' word (their Leases and KeyUsageReports, written here as a
 //! verifier replica would, see `keyward::usage`), and holds it, visibly, while they are silent
-//! or while something still uses it. The verifier process itself is tested in tests/verifier.rs
+//! or while something still uses it. The verifier process itself is tested in tests/plane/verifier.rs
 //! and, with real OPA agents and nginx, in e2e/.
-
-#[allow(dead_code)]
-mod common;
 
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, Utc};
-use common::*;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -20,7 +17,6 @@ use keyward::controller::WriteCounter;
 use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward::usage;
-use keyward_testbed::TestNamespace;
 use kube::Api;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;

@@ -9,13 +9,10 @@
 //! the count once the operator is up) and the consumer scan, a pod LIST at most once per
 //! rotation. Needs the local control plane (`e2e/cluster.sh up`).
 
-#[allow(dead_code)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -23,7 +20,6 @@ use keyward::api::ProvisioningKey;
 use keyward::client::{RequestKey, RequestTable};
 use keyward::labels as l;
 use keyward::rotation::Floors;
-use keyward_testbed::TestNamespace;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! The CRDs' CEL rules (`x-kubernetes-validations`), enforced by the API server itself: every
 //! rule in `crds/` has a test here that an object breaking it is refused with the rule's
 //! message, and that the same object without the break is accepted. This is the one source of
-//! truth for the rules' behaviour; `tests/crds.rs` only checks that each rule is in the schema
+//! truth for the rules' behaviour; `tests/plane/crds.rs` only checks that each rule is in the schema
 //! (and, for `algorithm`, which has one allowed value, evaluates it client-side). The rules
 //! the operator checks too (ceilings, names) are also checked here to give the same answer as
 //! `Settings::resolve` on the same values.
@@ -10,9 +10,9 @@
 
 use std::collections::BTreeSet;
 
+use crate::common::TestNamespace;
 use keyward::api::{self, ProvisioningKey, limits};
 use keyward::rotation::{Floors, Settings, SpecError};
-use keyward_testbed::TestNamespace;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -203,7 +203,7 @@ async fn the_server_refuses_a_changed_name() {
 
 /// `algorithm` has one allowed value (`Ed25519`), so a change is refused by the enum before a
 /// transition rule could tell: the server still refuses it, and an unchanged value passes.
-/// The rule itself is evaluated client-side in `tests/crds.rs` (`changed_algorithm_is_rejected`).
+/// The rule itself is evaluated client-side in `tests/plane/crds.rs` (`changed_algorithm_is_rejected`).
 #[tokio::test]
 async fn the_server_refuses_a_changed_algorithm() {
     let ns = TestNamespace::new("kw-cel-alg").await;

@@ -1,6 +1,6 @@
 //! The committed CRDs match the types, the OpenAPI schema carries the plain validation
 //! (patterns, lengths, enums), and the CEL rules are in the schema. What the rules do is tested
-//! against the API server in `tests/cel.rs` (the one source of truth for their behaviour); only
+//! against the API server in `tests/plane/cel.rs` (the one source of truth for their behaviour); only
 //! the `algorithm` rule is also evaluated here, client-side, because its field has one allowed
 //! value and the server's enum answers before the rule can.
 
@@ -518,12 +518,12 @@ fn schemas_are_structural() {
 
 // `secretName` and `trustBundle.configMapName` cannot change on a live key, from unset to set
 // included: the API server enforces those rules (at the root, on effective names), tested there
-// (tests/cel.rs, the one source of truth); the operator's own refusal, for an object that
+// (tests/plane/cel.rs, the one source of truth); the operator's own refusal, for an object that
 // reached it without the rules, is unit-tested in src/rotation/tests/resolve_limits.rs.
 
 /// No schema default anywhere: the API server would write it into the stored object, and a
 /// GitOps tool would see the live `.spec` differ from a manifest that leaves the field out.
-/// Defaults are applied by the operator in code (see tests/gitops.rs for the live check).
+/// Defaults are applied by the operator in code (see tests/plane/gitops.rs for the live check).
 #[test]
 fn no_schema_defaults() {
     fn walk(v: &serde_json::Value, path: &str, found: &mut Vec<String>) {

@@ -8,17 +8,13 @@
 //! Waits are watch-based with timeouts; the only plain sleeps are where a test must let time
 //! pass to show that nothing happens.
 
-// The shared helpers serve several test crates; not all of them are used here.
-#[allow(dead_code)]
-mod common;
-
 use std::collections::BTreeSet;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
@@ -28,7 +24,7 @@ use keyward::controller::provisioning_key::key_secret_name;
 use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward_testbed::conditions::{deployment_rolled_out, statefulset_rolled_out};
-use keyward_testbed::{Kubelet, KubeletConfig, KubeletHandle, TestNamespace};
+use keyward_testbed::{Kubelet, KubeletConfig, KubeletHandle};
 use keyward_testbed::{wait_for, wait_for_deleted};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};

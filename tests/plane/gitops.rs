@@ -13,12 +13,9 @@
 //! Each test has its own namespace, stand-in kubelet and in-process operator. `kubectl` (on the
 //! PATH, with the plane's `KUBECONFIG`) plays the GitOps controllers.
 
-#[allow(dead_code)]
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
@@ -26,7 +23,7 @@ use keyward::api::{PolicyAgent, ProvisioningKey};
 use keyward::labels as l;
 use keyward::rotation::Floors;
 use keyward_testbed::conditions::deployment_rolled_out;
-use keyward_testbed::{Kubelet, KubeletConfig, KubeletHandle, TestNamespace, wait_for};
+use keyward_testbed::{Kubelet, KubeletConfig, KubeletHandle, wait_for};
 use kube::api::ListParams;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -601,7 +598,7 @@ async fn gitops_examples_live_spec_equals_manifest() {
 // The Argo CD health check, evaluated with Lua 5.4 (mlua) on statuses the operator wrote. The
 // script sticks to what Argo CD's Lua 5.1 (gopher-lua) understands.
 
-const HEALTH_LUA: &str = include_str!("../docs/gitops/health.lua");
+const HEALTH_LUA: &str = include_str!("../../docs/gitops/health.lua");
 
 /// Runs the health check on `obj` (a resource as JSON); returns (status, message).
 fn health(obj: &Value) -> (String, String) {

@@ -1,7 +1,10 @@
-//! Helpers shared by the ProvisioningKey integration tests (`tests/provisioning_key.rs`):
-//! an in-process operator watching one namespace through a counting client, object builders,
-//! watch-based waits on ProvisioningKey status and readers for key Secrets.
+//! The shared fixture of the `plane` test binary: a namespace per test that also holds one of a
+//! bounded number of plane slots ([`TestNamespace`]), an in-process operator watching one
+//! namespace through a counting client, object builders, watch-based waits on ProvisioningKey
+//! status and readers for key Secrets.
 
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -21,6 +24,88 @@ use serde_json::{Value, json};
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use keyward_testbed::kube_config;
+
+/// Plane tests of this process that may hold the API server at once: `KEYWARD_PLANE_TESTS`
+/// (default 4). All modules run in one binary, so without a bound `--test-threads` alone would
+/// decide how many operators, kubelets and verifiers share the one plane.
+fn plane_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+        let n = std::env::var("KEYWARD_PLANE_TESTS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(4);
+        tokio::sync::Semaphore::new(n)
+    });
+    &SLOTS
+}
+
+/// One of the [`plane_slots`], held for as long as a test uses the plane.
+pub struct PlaneSlot {
+    _permit: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// Waits (first come, first served) for a plane slot. [`TestNamespace::new`] takes one; call
+/// this directly only in a plane test without a namespace.
+pub async fn plane_slot() -> PlaneSlot {
+    PlaneSlot {
+        _permit: plane_slots()
+            .acquire()
+            .await
+            .expect("the plane semaphore is never closed"),
+    }
+}
+
+/// A namespace for one test (`keyward_testbed::TestNamespace`, which it dereferences to) that
+/// holds a plane slot until it is cleaned up or dropped: every test that creates a namespace
+/// waits for a slot first. A second namespace of the same test comes from
+/// [`TestNamespace::another`] and shares the slot (taking a second one could wait forever).
+pub struct TestNamespace {
+    // Field order: the namespace is deleted (on drop too) before the slot is given back.
+    ns: keyward_testbed::TestNamespace,
+    _slot: Arc<PlaneSlot>,
+}
+
+impl TestNamespace {
+    /// Waits for a plane slot, then creates the namespace (`keyward_testbed::TestNamespace::new`).
+    pub async fn new(prefix: &str) -> Self {
+        let slot = Arc::new(plane_slot().await);
+        Self {
+            ns: keyward_testbed::TestNamespace::new(prefix).await,
+            _slot: slot,
+        }
+    }
+
+    /// [`TestNamespace::new`] with a given client.
+    pub async fn with_client(client: kube::Client, prefix: &str) -> Self {
+        let slot = Arc::new(plane_slot().await);
+        Self {
+            ns: keyward_testbed::TestNamespace::with_client(client, prefix).await,
+            _slot: slot,
+        }
+    }
+
+    /// Another namespace for the same test, in the same plane slot.
+    pub async fn another(&self, prefix: &str) -> Self {
+        Self {
+            ns: keyward_testbed::TestNamespace::new(prefix).await,
+            _slot: Arc::clone(&self._slot),
+        }
+    }
+
+    /// Deletes the namespace (`keyward_testbed::TestNamespace::cleanup`), then frees the slot.
+    pub async fn cleanup(self) {
+        self.ns.cleanup().await;
+    }
+}
+
+impl Deref for TestNamespace {
+    type Target = keyward_testbed::TestNamespace;
+
+    fn deref(&self) -> &Self::Target {
+        &self.ns
+    }
+}
 
 /// The operator, started in-process as a Tokio task that watches one namespace only, with a
 /// client that counts its mutating requests. Call [`Operator::stop`] at the end of the test
@@ -88,13 +173,11 @@ impl Operator {
 
     /// Mutating requests the operator sent so far.
     /// Every request the operator sent so far, by verb, resource and query.
-    #[allow(dead_code)]
     pub fn requests(&self) -> &WriteCounter {
         &self.writes
     }
 
     /// The operator's metrics and readiness (what its HTTP endpoints serve).
-    #[allow(dead_code)]
     pub fn observability(&self) -> &controller::Observability {
         &self.obs
     }
@@ -358,7 +441,6 @@ impl Drop for KillOnDrop {
 
 /// Installs a ValidatingAdmissionPolicy and its binding (objects as `keyward::admission`
 /// builds them); remove them with [`remove_admission_policy`] and the policy's name.
-#[allow(dead_code)]
 pub async fn install_admission_policy((policy, binding): (Value, Value)) {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
@@ -381,7 +463,6 @@ pub async fn install_admission_policy((policy, binding): (Value, Value)) {
 }
 
 /// Removes the policy `name` and its binding (of the same name); missing ones are fine.
-#[allow(dead_code)]
 pub async fn remove_admission_policy(name: &str) {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
@@ -399,7 +480,6 @@ pub async fn remove_admission_policy(name: &str) {
 /// A pod of ServiceAccount `agent` in `ns` (never scheduled: nothing runs it) and a
 /// ServiceAccount token bound to it for `audience` (empty: the API server's own), as the
 /// kubelet projects one: (pod UID, token).
-#[allow(dead_code)]
 pub async fn pod_with_token(
     ns: &keyward_testbed::TestNamespace,
     pod: &str,
@@ -446,7 +526,6 @@ pub async fn pod_with_token(
 
 /// A TokenRequest for ServiceAccount `agent`, bound to pod `pod` (`uid`), through `sas` (whose
 /// client says who asks).
-#[allow(dead_code)]
 pub async fn request_pod_token(
     sas: &Api<k8s_openapi::api::core::v1::ServiceAccount>,
     pod: &str,

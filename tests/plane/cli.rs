@@ -6,17 +6,14 @@
 //! `rotate_requests_through_the_annotation_and_status_shows_it`; exit 0 for a key that is not
 //! Ready fails `status_exits_3_for_a_key_that_is_not_ready`.
 
-#[allow(dead_code)]
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::Secret;
 use keyward::api::ProvisioningKey;
 use keyward::labels as l;
 use keyward::rotation::Floors;
-use keyward_testbed::{TestNamespace, kubeconfig_path};
+use keyward_testbed::kubeconfig_path;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};

@@ -13,15 +13,13 @@
 //! publishDelay fails the crash tests; not consuming the creation-time trigger value fails
 //! `manual_triggers_rotate_exactly_once`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use keyward::api::ProvisioningKey;
@@ -29,7 +27,7 @@ use keyward::controller::provisioning_key::key_secret_name;
 use keyward::keys::{Jwks, TokenClaims, TokenHeader};
 use keyward::labels as l;
 use keyward::rotation::Floors;
-use keyward_testbed::{TestNamespace, conditions::is_created, wait_for_deleted};
+use keyward_testbed::{conditions::is_created, wait_for_deleted};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject};
 use kube::{Api, ResourceExt};
@@ -1675,7 +1673,7 @@ async fn a_squatted_key_secret_name_is_reported_and_retried_with_backoff() {
 }
 
 /// `secretName` set on a live key that had none (its default name is the key's name) is refused
-/// by the API server: a CEL rule at the root compares the effective names (`tests/cel.rs`).
+/// by the API server: a CEL rule at the root compares the effective names (`tests/plane/cel.rs`).
 /// Writing the default names explicitly, as a GitOps tool that renders defaults does, is no
 /// change: the server accepts it and the operator agrees (the key stays Ready on the same
 /// Secret, no `NameImmutable`). The operator's own refusal of a changed name, for an object

@@ -28,7 +28,7 @@
 //!    completes.
 //!
 //! Case count: `KEYWARD_MODEL_CASES` (default 64, as in CI). A long run:
-//! `KEYWARD_MODEL_CASES=10000 cargo test --release --test model`.
+//! `KEYWARD_MODEL_CASES=10000 cargo test --release --test plane model::`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -167,18 +167,12 @@ impl Object {
     }
 }
 
-/// The operator's view of the namespace, one list per kind (by name).
+/// Workloads and pods of the operator's view of the namespace (by name), owned.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub provisioning_keys: Vec<ProvisioningKey>,
-    pub policy_agents: Vec<PolicyAgent>,
     pub deployments: Vec<Deployment>,
     pub stateful_sets: Vec<StatefulSet>,
-    pub replica_sets: Vec<ReplicaSet>,
-    pub revisions: Vec<ControllerRevision>,
     pub pods: Vec<Pod>,
-    pub secrets: Vec<Secret>,
-    pub config_maps: Vec<ConfigMap>,
 }
 
 /// Objects by kind and name (one namespace).
@@ -217,14 +211,6 @@ impl Store {
 
     pub fn keys(&self) -> Vec<(Kind, String)> {
         self.objects.keys().cloned().collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.objects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
     }
 }
 
@@ -530,23 +516,17 @@ impl World {
         view
     }
 
-    /// The operator's view as owned lists per kind, for mapping functions that take slices
-    /// (`AgentObjects { agents, pods, lineage: Lineage { replica_sets, revisions }, .. }`).
+    /// Workloads and pods of the operator's view as owned lists, for the functions that take
+    /// slices.
     pub fn snapshot(&self) -> Snapshot {
         let view = self.view();
         fn all<T: Typed>(s: &Store) -> Vec<T> {
             s.list::<T>().into_iter().cloned().collect()
         }
         Snapshot {
-            provisioning_keys: all(&view),
-            policy_agents: all(&view),
             deployments: all(&view),
             stateful_sets: all(&view),
-            replica_sets: all(&view),
-            revisions: all(&view),
             pods: all(&view),
-            secrets: all(&view),
-            config_maps: all(&view),
         }
     }
 
@@ -1437,14 +1417,6 @@ pub fn policy_agent(name: &str, pk: &str, kind: &str, workload: &str) -> PolicyA
     }))
     .expect("a valid PolicyAgent")
 }
-
-/// Workloads of the model: (kind, name). `bystander` mounts the agent Secret but no
-/// PolicyAgent references it at the start.
-pub const WORKLOADS: [(&str, &str); 3] = [
-    ("Deployment", "agents"),
-    ("StatefulSet", "stateful"),
-    ("Deployment", "bystander"),
-];
 
 /// The starting world: ProvisioningKey `pk`, two PolicyAgents, three workloads mounting the
 /// agent Secret `pk` (which the operator creates), controllers run once.
