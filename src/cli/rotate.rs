@@ -140,6 +140,30 @@ pub fn rotated_from(pk: &ProvisioningKey, previous: Option<&str>) -> bool {
 
 pub async fn run(args: RotateArgs) -> Result<u8, CliError> {
     let (client, namespace) = super::connect(&args.target).await?;
+    let (keys, mut failed) = selected(&args, &client, &namespace).await?;
+    let (mut done, request_failed) = request(&args, &client, &keys).await;
+    failed |= request_failed;
+    let (wait_failed, late) = wait(&args, &client, &mut done).await;
+    failed |= wait_failed;
+    if !matches!(args.output, Output::Table | Output::Wide) {
+        print!("{}", super::encode(&done, args.output)?);
+    }
+    Ok(if failed {
+        EXIT_ERROR
+    } else if late {
+        EXIT_NOT_READY
+    } else {
+        EXIT_OK
+    })
+}
+
+/// The ProvisioningKeys named (or all of them), and whether one named was missing.
+async fn selected(
+    args: &RotateArgs,
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<(Vec<ProvisioningKey>, bool), CliError> {
+    let namespace = namespace.to_string();
     let api_for = |ns: &str| Api::<ProvisioningKey>::namespaced(client.clone(), ns);
     let mut failed = false;
     let mut keys: Vec<ProvisioningKey> = vec![];
@@ -176,8 +200,19 @@ pub async fn run(args: RotateArgs) -> Result<u8, CliError> {
         }
     }
 
+    Ok((keys, failed))
+}
+
+/// Asks each key for a rotation; what was asked, and whether a request failed.
+async fn request(
+    args: &RotateArgs,
+    client: &kube::Client,
+    keys: &[ProvisioningKey],
+) -> (Vec<Requested>, bool) {
+    let api_for = |ns: &str| Api::<ProvisioningKey>::namespaced(client.clone(), ns);
+    let mut failed = false;
     let mut done: Vec<Requested> = vec![];
-    for pk in &keys {
+    for pk in keys {
         let ns = pk.namespace().unwrap_or_default();
         let name = pk.name_any();
         let value = request_value(Utc::now());
@@ -228,10 +263,18 @@ pub async fn run(args: RotateArgs) -> Result<u8, CliError> {
         }
     }
 
+    (done, failed)
+}
+
+/// With `--wait`, waits for each requested key to rotate: whether watching failed, and whether
+/// a key did not rotate in time.
+async fn wait(args: &RotateArgs, client: &kube::Client, done: &mut [Requested]) -> (bool, bool) {
+    let api_for = |ns: &str| Api::<ProvisioningKey>::namespaced(client.clone(), ns);
+    let mut failed = false;
     let mut late = false;
     if args.wait && !done.is_empty() {
         let deadline = tokio::time::Instant::now() + args.timeout;
-        for r in &mut done {
+        for r in done.iter_mut() {
             let api = api_for(&r.namespace);
             let previous = r.previous_key.clone();
             let cond = move |o: Option<&ProvisioningKey>| {
@@ -295,14 +338,5 @@ pub async fn run(args: RotateArgs) -> Result<u8, CliError> {
         }
     }
 
-    if !matches!(args.output, Output::Table | Output::Wide) {
-        print!("{}", super::encode(&done, args.output)?);
-    }
-    Ok(if failed {
-        EXIT_ERROR
-    } else if late {
-        EXIT_NOT_READY
-    } else {
-        EXIT_OK
-    })
+    (failed, late)
 }

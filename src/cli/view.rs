@@ -457,6 +457,15 @@ pub fn keys_table(keys: &[KeySummary], namespaces: bool, wide: bool, now: DateTi
 
 /// The detailed view of one key (`keyward status <name>`).
 pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
+    let mut out = fields_text(d, now);
+    agents_text(d, &mut out);
+    conditions_text(d, now, &mut out);
+    history_text(d, now, &mut out);
+    out
+}
+
+/// The key's fields, one per line.
+fn fields_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
     let s = &d.summary;
     let mut out = String::new();
     let mut field = |label: &str, value: String| {
@@ -541,6 +550,12 @@ pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
         field("Attention", dash(s.unhealthy_reason.clone()));
     }
 
+    out
+}
+
+/// The PolicyAgents of the key, as a table.
+fn agents_text(d: &KeyDetail, out: &mut String) {
+    let s = &d.summary;
     out.push_str(&format!(
         "\nAgents: {}\n",
         if d.agent_list.is_empty() {
@@ -588,7 +603,10 @@ pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
             &rows,
         )));
     }
+}
 
+/// The key's conditions, as a table.
+fn conditions_text(d: &KeyDetail, now: DateTime<Utc>, out: &mut String) {
     out.push_str("\nConditions:\n");
     if d.conditions.is_empty() {
         out.push_str("  none yet\n");
@@ -611,7 +629,10 @@ pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
             &rows,
         )));
     }
+}
 
+/// The key's history, newest first.
+fn history_text(d: &KeyDetail, now: DateTime<Utc>, out: &mut String) {
     if !d.history.is_empty() {
         out.push_str("\nHistory (newest first):\n");
         let when = |t: &Option<String>| t.as_deref().map_or_else(|| "-".into(), |t| ago(t, now));
@@ -643,7 +664,6 @@ pub fn detail_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
             &rows,
         )));
     }
-    out
 }
 
 fn indent(text: &str) -> String {

@@ -148,36 +148,53 @@ pub(super) fn revocation(
         ),
     ));
     if !waiting.is_empty() {
-        // confirmationTimeout counts from the roll (or from the retirement when the agent
-        // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
-        // minInterval, the concurrent-roll cap) shows as its own reason, never as a stall.
-        let started = waiting
-            .iter()
-            .filter(|c| !c.roll_delayed())
-            .map(|c| {
-                c.rolled_at
-                    .filter(|r| *r >= retired_at)
-                    .unwrap_or(retired_at)
-            })
-            .min();
-        let deadline = started.map(|s| add(s, settings.confirmation_timeout));
-        if deadline.is_some_and(|d| now >= d) {
-            p.phase = Phase::Stalled;
-            p.stalled = Some(Why::new(
-                reasons::ROTATION_STALLED,
-                format!(
-                    "agents not confirmed on {} within {}: {}; old key {} stays trusted{queued}",
-                    cur.kid,
-                    humantime::format_duration(settings.confirmation_timeout),
-                    names.join(", "),
-                    old.kid
-                ),
-            ));
-        } else if let Some(deadline) = deadline {
-            p.wake_at(deadline, now);
-        }
+        stall_or_wake(&mut p, settings, cur, old, &waiting, &names, &queued, now);
     }
     finish(p, settings, obs, now)
+}
+
+/// While agents are waiting: the rotation stalls once `confirmationTimeout` has passed since
+/// their roll; until then it wakes at that deadline.
+#[allow(clippy::too_many_arguments)]
+fn stall_or_wake(
+    p: &mut Plan,
+    settings: &Settings,
+    cur: &ObservedKey,
+    old: &ObservedKey,
+    waiting: &[&Consumer],
+    names: &[String],
+    queued: &str,
+    now: DateTime<Utc>,
+) {
+    let retired_at = old.retired_at.unwrap_or(now);
+    // confirmationTimeout counts from the roll (or from the retirement when the agent
+    // cannot roll, e.g. its workload is missing). A roll that is only delayed (rollout
+    // minInterval, the concurrent-roll cap) shows as its own reason, never as a stall.
+    let started = waiting
+        .iter()
+        .filter(|c| !c.roll_delayed())
+        .map(|c| {
+            c.rolled_at
+                .filter(|r| *r >= retired_at)
+                .unwrap_or(retired_at)
+        })
+        .min();
+    let deadline = started.map(|s| add(s, settings.confirmation_timeout));
+    if deadline.is_some_and(|d| now >= d) {
+        p.phase = Phase::Stalled;
+        p.stalled = Some(Why::new(
+            reasons::ROTATION_STALLED,
+            format!(
+                "agents not confirmed on {} within {}: {}; old key {} stays trusted{queued}",
+                cur.kid,
+                humantime::format_duration(settings.confirmation_timeout),
+                names.join(", "),
+                old.kid
+            ),
+        ));
+    } else if let Some(deadline) = deadline {
+        p.wake_at(deadline, now);
+    }
 }
 
 /// `revokeWhenUnusedFor`: `None` when the verifier replicas vouch that nothing used the old key
