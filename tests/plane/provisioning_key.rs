@@ -1976,3 +1976,101 @@ async fn tampered_key_secrets_never_drop_a_trusted_key() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Time the test steers: a manual clock in the operator instead of a wait.
+
+/// An hour-long `publishDelay` and `overlap`, on the operator's clock: the rotation publishes
+/// the new key and holds it (not active, not handed out) while the clock is short of the delay,
+/// activates and hands it out only once the clock passes it, and revokes the old key only after
+/// the overlap. The test moves a `ManualClock` and pokes the key (an unrelated annotation) instead of
+/// waiting two hours; nothing in it is about real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_delay_and_overlap_hold_on_the_operators_clock() {
+    use keyward::time::{ManualClock, SharedClock};
+    let ns = TestNamespace::new("kw-clock").await;
+    let clock = std::sync::Arc::new(ManualClock::new(chrono::Utc::now()));
+    let shared = SharedClock(clock.clone());
+    let writes = keyward::controller::WriteCounter::default();
+    let obs = keyward::controller::Observability::new(&writes);
+    let op = Operator::start_configured(ns.name(), Floors::none(), writes, obs, move |c| {
+        c.clock = shared
+    })
+    .await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let rotation =
+        json!({ "rotation": { "publishDelay": "1h", "overlap": "1h", "minInterval": "0s" } });
+    create_pk(&pks, "slow", json!({}), rotation).await;
+    let first = wait_pk(&pks, "slow", "settled on the first key", is_settled).await;
+    let kid1 = first
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|c| c.kid.clone())
+        .expect("a current key");
+    let agent_kid = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(l::DATA_KEY_ID))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let poke =
+        |n: u32| json!({ "metadata": { "annotations": { "example.com/poke": n.to_string() } } });
+
+    merge(
+        &pks,
+        "slow",
+        json!({ "metadata": { "annotations": { l::ROTATE: "now" } } }),
+    )
+    .await;
+    // Timestamps are kept to the second: the request is taken on the operator's next second.
+    clock.advance(Duration::from_secs(1));
+    let k2 = key_secret_name("slow", 2);
+    let published = wait_obj(&secrets, &k2, "the new key published", TIMEOUT, |s| {
+        annotation(s, l::PUBLISHED_AT).is_some()
+    })
+    .await;
+    let kid2 = kid(&published);
+
+    // 59 minutes on the operator's clock: still held.
+    clock.advance(Duration::from_secs(59 * 60));
+    merge(&pks, "slow", poke(1)).await;
+    expect_never(
+        &secrets,
+        &k2,
+        "activation before publishDelay on the operator's clock",
+        Duration::from_secs(3),
+        |s: Option<&Secret>| s.is_some_and(|s| state(s) != "published"),
+    )
+    .await;
+    let agent = secrets.get("slow").await.expect("agent Secret");
+    assert_eq!(agent_kid(&agent).as_deref(), Some(kid1.as_str()));
+
+    // Past the delay: activated and handed out; the old key is held for the overlap.
+    clock.advance(Duration::from_secs(2 * 60));
+    merge(&pks, "slow", poke(2)).await;
+    wait_obj(&secrets, "slow", "the new key handed out", TIMEOUT, |s| {
+        agent_kid(s).as_deref() == Some(kid2.as_str())
+    })
+    .await;
+    let k1 = key_secret_name("slow", 1);
+    expect_never(
+        &secrets,
+        &k1,
+        "revocation before the overlap on the operator's clock",
+        Duration::from_secs(3),
+        |s: Option<&Secret>| s.is_some_and(|s| state(s) == "revoked"),
+    )
+    .await;
+
+    // Past the overlap: the old key is revoked.
+    clock.advance(Duration::from_secs(61 * 60));
+    merge(&pks, "slow", poke(3)).await;
+    wait_pk(&pks, "slow", "rotation to k2 complete", |pk| {
+        rotated_to(pk, &kid2, &[&kid1])
+    })
+    .await;
+    op.stop().await;
+    ns.cleanup().await;
+}
