@@ -5,11 +5,12 @@
 //!   leadership, so an API server outage or a lost Lease never restarts the pod.
 //! - `/readyz` answers 200 when the watch caches have synced and this replica leads, or when
 //!   it is a standby that has read the Lease within the lease duration (see [`Role`]); 503
-//!   with a one-line reason otherwise.
+//!   with a one-line reason otherwise, also while the process waits for the API server or for
+//!   its CRDs at startup.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -62,6 +63,9 @@ pub struct Health(Arc<HealthInner>);
 struct HealthInner {
     synced: AtomicBool,
     role: AtomicU8,
+    /// Why the process cannot start its controllers yet (the API server out of reach, a CRD
+    /// missing, a request refused).
+    waiting: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -84,14 +88,29 @@ impl Health {
         Role::from_u8(self.0.role.load(Ordering::SeqCst))
     }
 
+    /// Set while the process waits at startup for the API server or its CRDs: `/readyz`
+    /// answers 503 with `why`. `None` once it can start.
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.0.waiting.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
     /// `Ok` with a one-line description when ready, `Err` with the reason when not.
-    pub fn readiness(&self) -> Result<&'static str, &'static str> {
+    pub fn readiness(&self) -> Result<String, String> {
+        if let Some(why) = self
+            .0
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(format!("waiting at startup: {why}"));
+        }
         match self.role() {
-            Role::Single | Role::Leader if self.synced() => Ok("ok: caches synced"),
-            Role::Single | Role::Leader => Err("caches not synced yet"),
-            Role::Standby => Ok("ok: standby, the Lease was read within the lease duration"),
+            Role::Single | Role::Leader if self.synced() => Ok("ok: caches synced".into()),
+            Role::Single | Role::Leader => Err("caches not synced yet".into()),
+            Role::Standby => Ok("ok: standby, the Lease was read within the lease duration".into()),
             Role::Electing => {
-                Err("leader election has not read the Lease within the lease duration")
+                Err("leader election has not read the Lease within the lease duration".into())
             }
         }
     }
@@ -235,7 +254,7 @@ mod tests {
     fn readiness_follows_sync_and_role() {
         let h = Health::default();
         assert_eq!(h.role(), Role::Single);
-        assert_eq!(h.readiness(), Err("caches not synced yet"));
+        assert_eq!(h.readiness(), Err("caches not synced yet".to_string()));
         h.set_synced(true);
         assert!(h.readiness().is_ok());
         h.set_role(Role::Electing);
@@ -246,6 +265,19 @@ mod tests {
         h.set_role(Role::Leader);
         assert!(h.readiness().is_err());
         h.set_synced(true);
+        assert!(h.readiness().is_ok());
+        // Waiting at startup (the API server out of reach) is never ready, whatever else holds.
+        h.set_waiting(Some(
+            "cannot list provisioningkeys.keyward.dev: connection refused".into(),
+        ));
+        assert_eq!(
+            h.readiness(),
+            Err(
+                "waiting at startup: cannot list provisioningkeys.keyward.dev: connection refused"
+                    .to_string()
+            )
+        );
+        h.set_waiting(None);
         assert!(h.readiness().is_ok());
     }
 

@@ -321,9 +321,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         obs.health.clone(),
     )
     .await?;
-    let res = match controller::preflight(&client, &op.namespaces).await {
-        Err(e) => Err(e.into()),
-        Ok(()) => match election {
+    // Never exits for the API server's absence: waits (live, not ready) until it answers.
+    let started = tokio::select! {
+        () = controller::await_api(&client, &op.namespaces, &obs.health) => true,
+        () = shutdown_signal() => false,
+    };
+    let res = match started {
+        false => Ok(()),
+        true => match election {
             Some(election) => {
                 info!(
                     lease = %format!("{}/{}", election.namespace, election.name),

@@ -230,6 +230,49 @@ pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), Str
     Ok(())
 }
 
+/// The longest wait between two startup checks of the API server ([`await_api`]): a returning
+/// API server is used within this (plus jitter) and the watches' first sync.
+pub const STARTUP_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Waits, without ever giving up, until the API server answers and serves both CRDs in every
+/// watched scope ([`preflight`]). The process never exits for the API server's absence: a
+/// crash loop would only add the kubelet's growing restart delay to the outage. Meanwhile
+/// `/healthz` stays live and `/readyz` answers 503 with the reason; each new reason is logged
+/// once (a missing CRD or a refusal with its one-line remedy). Retries with capped, jittered
+/// exponential backoff: 200 ms doubling to [`STARTUP_RETRY_MAX`], each wait ±20 %.
+pub async fn await_api(client: &Client, namespaces: &[String], health: &Health) {
+    let mut delay = Duration::from_millis(200);
+    let mut last: Option<String> = None;
+    loop {
+        match preflight(client, namespaces).await {
+            Ok(()) => {
+                health.set_waiting(None);
+                if last.is_some() {
+                    info!(
+                        "the API server answers and the CRDs are served: starting the controllers"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                if last.as_deref() != Some(e.as_str()) {
+                    tracing::error!("{e} (not ready; retrying until it answers)");
+                }
+                health.set_waiting(Some(e.clone()));
+                last = Some(e);
+            }
+        }
+        tokio::time::sleep(jittered(delay)).await;
+        delay = (delay * 2).min(STARTUP_RETRY_MAX);
+    }
+}
+
+/// `d` ±20 %.
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng as _;
+    d.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+}
+
 /// Runs the controllers (one set per watched namespace, or one for all) until `shutdown`
 /// resolves; in-flight reconciles finish first.
 ///
@@ -243,9 +286,10 @@ pub async fn run(
     obs: Observability,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    if let Err(e) = preflight(&client, &config.namespaces).await {
-        tracing::error!("{e}");
-        return;
+    let mut shutdown = Box::pin(shutdown);
+    tokio::select! {
+        () = await_api(&client, &config.namespaces, &obs.health) => {}
+        () = &mut shutdown => return,
     }
     // Under leader election every write goes through the fence (see `crate::leader`).
     let client = match &config.leader {

@@ -24,6 +24,7 @@ mod policy_agent;
 mod provisioning_key;
 mod request_cost;
 mod smoke;
+mod startup;
 mod usage;
 mod verifier;
 
