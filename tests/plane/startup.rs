@@ -77,7 +77,11 @@ async fn started_without_the_api_server_it_waits_live_then_reconciles() {
     let health_port = free_port();
     let log = dir.path().join("keyward.log");
     let out = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+    // `KEYWARD_BIN_UNDER_TEST`: another build (an older commit's, to show the test failing).
+    let bin = std::env::var_os("KEYWARD_BIN_UNDER_TEST")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyward").into());
+    let child = Command::new(bin)
         .args(["run", "--namespaces", ns.name()])
         .args(["--health-address", &format!("127.0.0.1:{health_port}")])
         .args(["--metrics-address", "127.0.0.1:0"])
@@ -132,6 +136,10 @@ async fn started_without_the_api_server_it_waits_live_then_reconciles() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "after the API server answered: ready in {:?}",
+        back.elapsed()
+    );
     let secrets: Api<Secret> = ns.api();
     wait_obj(
         &secrets,
@@ -142,6 +150,7 @@ async fn started_without_the_api_server_it_waits_live_then_reconciles() {
     )
     .await;
     let reconciled = back.elapsed();
+    eprintln!("after the API server answered: reconciled in {reconciled:?}");
     assert!(
         reconciled < Duration::from_secs(10),
         "first reconcile {reconciled:?} after the API server answered"
