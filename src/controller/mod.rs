@@ -98,6 +98,8 @@ pub struct Context {
     pub http: reqwest::Client,
     /// Retry backoff per object.
     pub backoff: Backoff,
+    /// Whether the API server answers the watches, and the news of its return.
+    pub outage: Arc<backoff::Outage>,
     /// Watch caches (what to read) and this process's own writes.
     pub caches: caches::Caches,
     /// Consumer scans done per rotation (see `provisioning_key::read::scan_consumers`).
@@ -158,6 +160,7 @@ impl Context {
             agents: policy_agent::AgentState::default(),
             http,
             backoff: Backoff::default(),
+            outage: Arc::default(),
             caches,
             scans: provisioning_key::Scans::default(),
             own_writes: caches::OwnWrites::default(),

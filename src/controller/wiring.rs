@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch::{Receiver, Sender};
 
+use super::backoff::{Outage, WatchBackoff};
 use super::caches::{OwnWrites, ScopeCaches};
 use super::{Context, Error, Result, backoff, policy_agent, provisioning_key};
 use crate::api::policy_agent::WorkloadKind;
@@ -76,6 +77,8 @@ struct Scope<S> {
     /// subscriptions do not carry.
     to_pk: UnboundedSender<ObjectRef<ProvisioningKey>>,
     to_pa: UnboundedSender<ObjectRef<PolicyAgent>>,
+    /// Whether the API server answers (every watch reports to it).
+    outage: Arc<Outage>,
 }
 
 /// Wires one scope: its watches and its two controllers, in the order they are run. Also
@@ -105,6 +108,7 @@ where
         owned: watcher::Config::default().labels(labels::MANAGED_SELECTOR),
         to_pk: pk_tx,
         to_pa: pa_tx,
+        outage: ctx.outage.clone(),
     };
     let own_writes = ctx.own_writes.clone();
     let mut runs = vec![
@@ -119,6 +123,7 @@ where
         usage_reports(&sc, writers.reports, cache.agents.clone()),
         trust_bundles(&sc, own_writes),
     ];
+    runs.push(recovery(&sc, ctx));
     let (keys, keys_ready) = key_controller(&sc, ctx, pk_rx, config);
     runs.push(keys);
     runs.push(agent_controller(
@@ -151,6 +156,7 @@ where
             sc.owned.clone(),
             slim_secret,
             sc.stop.clone(),
+            sc.outage.clone(),
         ),
     )
     .for_each(move |ev| {
@@ -191,6 +197,7 @@ where
             watcher::Config::default(),
             slim,
             sc.stop.clone(),
+            sc.outage.clone(),
         ),
     )
     .for_each(move |ev| {
@@ -234,6 +241,7 @@ where
             sc.owned.clone(),
             slim,
             sc.stop.clone(),
+            sc.outage.clone(),
         ),
     )
     .touched_objects()
@@ -267,6 +275,7 @@ where
         sc.owned.clone(),
         slim,
         sc.stop.clone(),
+        sc.outage.clone(),
     )
     .touched_objects()
     .for_each(move |cm| {
@@ -300,6 +309,7 @@ where
             watcher::Config::default(),
             slim_pk,
             sc.stop.clone(),
+            sc.outage.clone(),
         ),
     )
     .inspect(key_gauges_follow_watch(
@@ -334,6 +344,51 @@ where
     (keys.boxed(), pk_ready_rx)
 }
 
+/// After an outage (the first watch event after a watch failed): clears every object's backoff
+/// and requeues this scope's objects whose reconcile failed, at once, instead of letting each
+/// wait out its pending retry delay (up to a minute).
+fn recovery<S>(sc: &Scope<S>, ctx: &Arc<Context>) -> Run
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let mut back = ctx.outage.subscribe();
+    let (ctx, ns, stop) = (ctx.clone(), sc.ns.clone(), sc.stop.clone());
+    let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
+    async move {
+        let requeue = async move {
+            loop {
+                match back.recv().await {
+                    Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+                let failed = ctx.backoff.recover(&ns);
+                tracing::info!(namespace = ?ns, requeued = failed.len(), "requeueing the objects whose reconcile failed during the outage");
+                for f in failed {
+                    let ns = f.namespace.as_deref();
+                    if f.kind == ProvisioningKey::kind(&()) {
+                        let r = ObjectRef::<ProvisioningKey>::new(&f.name);
+                        let _ = to_pk.unbounded_send(match ns {
+                            Some(n) => r.within(n),
+                            None => r,
+                        });
+                    } else if f.kind == PolicyAgent::kind(&()) {
+                        let r = ObjectRef::<PolicyAgent>::new(&f.name);
+                        let _ = to_pa.unbounded_send(match ns {
+                            Some(n) => r.within(n),
+                            None => r,
+                        });
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = requeue => {}
+            () = stop => {}
+        }
+    }
+    .boxed()
+}
+
 /// The PolicyAgent controller of one scope, on the shared PolicyAgent stream.
 fn agent_controller<S>(
     sc: &Scope<S>,
@@ -354,15 +409,15 @@ where
         // the PolicyAgent naming it. Metadata suffices: every change bumps its
         // resourceVersion, and the reconcile reads the workload itself by GET.
         .watches_stream(
-            workload_changes::<Deployment>(client, ns, stop.clone()),
+            workload_changes::<Deployment>(client, ns, stop.clone(), sc.outage.clone()),
             workload_mapper::<Deployment>(&store, WorkloadKind::Deployment),
         )
         .watches_stream(
-            workload_changes::<StatefulSet>(client, ns, stop.clone()),
+            workload_changes::<StatefulSet>(client, ns, stop.clone(), sc.outage.clone()),
             workload_mapper::<StatefulSet>(&store, WorkloadKind::StatefulSet),
         )
         .watches_stream(
-            workload_changes::<DaemonSet>(client, ns, stop.clone()),
+            workload_changes::<DaemonSet>(client, ns, stop.clone(), sc.outage.clone()),
             workload_mapper::<DaemonSet>(&store, WorkloadKind::DaemonSet),
         )
         .graceful_shutdown_on(stop.clone())
@@ -500,12 +555,15 @@ fn watch<K>(
     config: watcher::Config,
     trim: fn(&mut K),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    outage: Arc<Outage>,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     watcher::watcher(api, config)
-        .default_backoff()
+        // Every failure and every event tells whether the API server answers (see `Outage`).
+        .inspect(move |r| outage.observe(r.is_ok()))
+        .backoff(WatchBackoff::default())
         .modify(trim)
         .take_until(shutdown)
 }
@@ -516,6 +574,7 @@ fn workload_changes<K>(
     client: &Client,
     ns: &Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    outage: Arc<Outage>,
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -531,6 +590,7 @@ where
         watcher::Config::default(),
         slim,
         shutdown,
+        outage,
     )
     .touched_objects()
 }
