@@ -42,6 +42,17 @@ impl Error {
         }
     }
 
+    /// The API server was out of reach or could not serve: no answer at all, a 5xx, or a 429
+    /// (API Priority and Fairness). Not a refusal of this request (4xx).
+    pub fn unreachable(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.code >= 500 || s.code == 429,
+            Error::Kube(kube::Error::Service(e)) => !e.is::<crate::leader::NotLeading>(),
+            Error::Kube(kube::Error::HyperError(_) | kube::Error::ReadEvents(_)) => true,
+            _ => false,
+        }
+    }
+
     /// The error as it may appear in status and Events: an API server's message is bounded and
     /// loses every quoted value (a 422 quotes the values it refused, which may be anything a
     /// spec or a Secret held), other errors are bounded. The log keeps [`Display`].

@@ -338,6 +338,17 @@ pub async fn run(
         runs.extend(scope_runs);
         keys_ready.push(ready);
     }
+    // The API server's return after an outage is noticed within about a second.
+    let (probe_ctx, stop) = (ctx.clone(), shutdown.clone());
+    runs.push(
+        async move {
+            tokio::select! {
+                () = probe_ctx.outage.probe(&probe_ctx.client) => {}
+                _ = stop => {}
+            }
+        }
+        .boxed(),
+    );
     // Ready once every watch stream has delivered its first complete list.
     let (synced_ctx, health, stop) = (ctx.clone(), obs.health.clone(), shutdown.clone());
     runs.push(

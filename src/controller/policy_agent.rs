@@ -65,6 +65,19 @@ impl AgentState {
             .map_or(0, |p| p.successes)
     }
 
+    /// Starts the count of a pod this process has no record of at `successes`.
+    fn carry(&self, uid: &str, kid: &str, successes: u32) {
+        let mut probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        probes.entry(uid.to_string()).or_insert(Probe {
+            kid: kid.to_string(),
+            successes,
+            // Due at once: the carried count still needs a check of its own.
+            last: Instant::now()
+                .checked_sub(STALE_AFTER / 2)
+                .unwrap_or_else(Instant::now),
+        });
+    }
+
     fn due(&self, uid: &str, period: Duration) -> bool {
         let probes = self.probes.lock().unwrap_or_else(|e| e.into_inner());
         probes.get(uid).is_none_or(|p| p.last.elapsed() >= period)
@@ -295,8 +308,16 @@ async fn read(ctx: &Context, ns: &str, pa: &PolicyAgent) -> Result<Reads> {
 
 /// Checks the pods that are due (at most once per period each) and refreshes the input's
 /// success counts from the recorded evidence.
-async fn check_pods(ctx: &Context, ns: &str, reads: &Reads, input: &mut AgentInput, check: &Check) {
+async fn check_pods(
+    ctx: &Context,
+    ns: &str,
+    pa: &PolicyAgent,
+    reads: &Reads,
+    input: &mut AgentInput,
+    check: &Check,
+) {
     if check.mode == CheckMode::Http {
+        carry_over(ctx, pa, reads, input);
         let due: Vec<&Pod> = agent::probe_targets(input)
             .into_iter()
             .filter(|p| ctx.agents.due(&p.uid, check.period))
@@ -316,6 +337,45 @@ async fn check_pods(ctx: &Context, ns: &str, reads: &Reads, input: &mut AgentInp
     ctx.agents.forget_stale();
     for p in &mut input.pods {
         p.successes = ctx.agents.successes(&p.uid, &input.secret_kid);
+    }
+}
+
+/// After a restart the check counts, kept in memory, are gone. A pod that the recorded
+/// confirmation covered starts one check short of the threshold instead of at zero: the check
+/// made now keeps it confirmed, a failed one drops it to zero as always. So a warm restart
+/// writes no status (before: `Connected` went to pending and back, two writes per agent).
+/// Covered means: the confirmation still stands for this workload uid and revision, it is on
+/// the Secret's key, and the pod runs that revision and key and existed when it was
+/// confirmed. The status is the operator's own (only it may write `policyagents/status`).
+fn carry_over(ctx: &Context, pa: &PolicyAgent, reads: &Reads, input: &AgentInput) {
+    let Some(evidence) = input.standing().filter(|e| e.key_id == input.secret_kid) else {
+        return;
+    };
+    if input.current_revision.as_deref() != Some(evidence.revision.as_str()) {
+        return;
+    }
+    let Some(confirmed_at) = pa
+        .status
+        .as_ref()
+        .and_then(|s| s.confirmed_at.as_deref())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    else {
+        return;
+    };
+    let carried = input.success_threshold.saturating_sub(1);
+    for p in &input.pods {
+        let existed = reads
+            .pods
+            .iter()
+            .find(|pod| pod.uid().as_deref() == Some(p.uid.as_str()))
+            .and_then(|pod| pod.metadata.creation_timestamp.as_ref())
+            .is_some_and(|t| t.0.as_second() <= confirmed_at.timestamp());
+        if existed
+            && p.kid.as_deref() == Some(evidence.key_id.as_str())
+            && p.revision.as_deref() == Some(evidence.revision.as_str())
+        {
+            ctx.agents.carry(&p.uid, &evidence.key_id, carried);
+        }
     }
 }
 
@@ -414,7 +474,7 @@ async fn evaluate(
         Ok(input) => input,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    check_pods(ctx, ns, &reads, &mut input, &check).await;
+    check_pods(ctx, ns, pa, &reads, &mut input, &check).await;
     if check.acknowledgement {
         let seen = acknowledgements(ctx, ns, &pa.spec.provisioning_key_ref.name).await?;
         let unknown = acknowledge(&input.secret_kid, &mut input.pods, &seen);

@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch::{Receiver, Sender};
 
-use super::backoff::{Outage, WatchBackoff};
+use super::backoff::Outage;
 use super::caches::{OwnWrites, ScopeCaches};
 use super::{Context, Error, Result, backoff, policy_agent, provisioning_key};
 use crate::api::policy_agent::WorkloadKind;
@@ -327,6 +327,7 @@ where
     );
     let keys = Controller::for_stream(pk_stream, pk_store)
         .with_config(config.clone())
+        .trigger_backoff(backoff::NoPause)
         .reconcile_on(wake)
         .graceful_shutdown_on(sc.stop.clone())
         .run(
@@ -403,6 +404,7 @@ where
     let (client, ns, stop) = (&sc.client, &sc.ns, &sc.stop);
     Controller::for_shared_stream(agents_sub, store.clone())
         .with_config(config.clone())
+        .trigger_backoff(backoff::NoPause)
         // An agent Secret that changes (a new key handed out) wakes the PolicyAgents using it.
         .reconcile_on(wake)
         // A workload that changes (rollout progress, scaling, someone else's edit) wakes
@@ -560,10 +562,8 @@ fn watch<K>(
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher::watcher(api, config)
-        // Every failure and every event tells whether the API server answers (see `Outage`).
-        .inspect(move |r| outage.observe(r.is_ok()))
-        .backoff(WatchBackoff::default())
+    // Every failure and every event tells whether the API server answers (see `Outage`).
+    backoff::watch_backoff(watcher::watcher(api, config), outage)
         .modify(trim)
         .take_until(shutdown)
 }

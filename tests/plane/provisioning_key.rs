@@ -562,10 +562,10 @@ async fn settled_key_makes_zero_writes() {
     .await;
     wait_pk(&pks, "calm", "settled", is_settled).await;
     // The first key's writes: key Secret (created active), trust record, trust bundle, agent
-    // Secret, the KeyMinted and KeyHandedOut Events, the status. Every later reconcile writes
-    // nothing (below), so no write of the first key can arrive after this count.
+    // Secret, one KeyMinted Event (minted and handed out), the status. Every later reconcile
+    // writes nothing (below), so no write of the first key can arrive after this count.
     let before = op.writes();
-    assert_eq!(before, 7, "writes of the first key");
+    assert_eq!(before, 6, "writes of the first key");
 
     // Provoke reconciles without a spec change, from the test's own (uncounted) client: the
     // ProvisioningKey's watch, the owned agent Secret, key Secret and trust bundle each
@@ -1387,13 +1387,35 @@ async fn every_transition_of_every_key_is_its_own_event() {
             .map(|e| e.note.clone().unwrap_or_default())
             .collect()
     };
-    // The first key is created active: KeyMinted and KeyHandedOut, no KeyPublished or
-    // KeyActivated (no such write of its own).
+    // The first key is created active and handed out in the same reconcile: one KeyMinted
+    // Event that records both (action MintAndHandOut), no KeyPublished or KeyActivated (no such
+    // write of its own), no KeyHandedOut of its own.
+    let first = all
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("KeyMinted"))
+        .find(|e| {
+            e.note
+                .as_deref()
+                .is_some_and(|n| n.contains(kids[0].as_str()))
+        })
+        .expect("the first key's KeyMinted Event");
+    assert_eq!(
+        first.action.as_deref(),
+        Some("MintAndHandOut"),
+        "{first:#?}"
+    );
+    assert!(
+        first
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("handed out: Secret audited now carries")),
+        "{first:#?}"
+    );
     for (reason, expected) in [
         ("KeyMinted", &kids[..]),
         ("KeyPublished", &kids[1..]),
         ("KeyActivated", &kids[1..]),
-        ("KeyHandedOut", &kids[..]),
+        ("KeyHandedOut", &kids[1..]),
         ("KeyRevoked", &kids[..2]),
     ] {
         let notes = notes(reason);

@@ -149,7 +149,10 @@ fn spawn_run(
             "0s",
         ])
         .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,kube=off")
+        .env(
+            "RUST_LOG",
+            std::env::var("KEYWARD_TEST_RUST_LOG").unwrap_or_else(|_| "info,kube=off".into()),
+        )
         .stdout(out.try_clone().expect("clone"))
         .stderr(out)
         .stdin(Stdio::null())
@@ -210,7 +213,8 @@ async fn an_outage_mid_rotation_is_recovered_within_seconds() {
         &secrets,
         "r",
         "the new key handed out after the outage",
-        Duration::from_secs(30),
+        // Long enough to see a slow recovery, which the assertion below then shows with the log.
+        Duration::from_secs(120),
         |s| {
             s.data
                 .as_ref()
@@ -223,6 +227,9 @@ async fn an_outage_mid_rotation_is_recovered_within_seconds() {
     eprintln!(
         "outage of {outage:?} mid-rotation: the rotation went on {recovered:?} after the API server answered"
     );
+    if std::env::var_os("KEYWARD_TEST_SHOW_LOG").is_some() {
+        eprintln!("{}", show_log());
+    }
     assert!(
         recovered < Duration::from_secs(10),
         "the rotation went on only {recovered:?} after the API server answered:\n{}",

@@ -25,6 +25,7 @@ use tracing::debug;
 use super::{Context, Error, Result};
 use crate::api::provisioning_key::ProvisioningKey;
 use crate::keys::KeyPair;
+use crate::rotation::outcome::Trail;
 use crate::rotation::{self, Step};
 
 pub use crate::rotation::desired::{KEY_SECRET_TYPE, key_secret_name};
@@ -53,7 +54,11 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
     let now = ctx.now();
-    match run_steps(&ctx, &pk, now).await {
+    let mut trail = Trail::default();
+    let result = run_steps(&ctx, &pk, now, &mut trail).await;
+    // An Event held for a hand-out that did not come is recorded, however the reconcile ended.
+    report::record(&ctx, &pk, trail.finish()).await;
+    match result {
         Ok(action) => {
             ctx.backoff.reset(&super::object_key(&*pk));
             Ok(action)
@@ -69,7 +74,12 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
     }
 }
 
-async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> Result<Action> {
+async fn run_steps(
+    ctx: &Context,
+    pk: &ProvisioningKey,
+    now: DateTime<Utc>,
+    trail: &mut Trail,
+) -> Result<Action> {
     let mut raw = read::snapshot(ctx, pk).await?;
     let mut fresh: Option<(u32, KeyPair)> = None;
     for _ in 0..MAX_STEPS_PER_RECONCILE {
@@ -91,7 +101,7 @@ async fn run_steps(ctx: &Context, pk: &ProvisioningKey, now: DateTime<Utc>) -> R
         if let Step::Revoke { seq, .. } = step {
             ctx.scans.forget(&uid_of(pk), *seq);
         }
-        report::applied(ctx, pk, &read, step, minted.as_ref()).await;
+        report::applied(ctx, pk, &read, step, minted.as_ref(), trail).await;
     }
     Ok(Action::requeue(Duration::from_millis(200)))
 }

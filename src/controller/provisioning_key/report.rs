@@ -14,25 +14,37 @@ use crate::api::conditions;
 use crate::api::provisioning_key::{ProvisioningKey, ProvisioningKeyStatus};
 use crate::metrics::{Metrics, RotationResult};
 use crate::rotation::outcome::{
-    self, Counted, Minted, cond, desired_status, key_gauges, step_audits, step_counts,
+    self, Counted, Minted, Trail, cond, desired_status, key_gauges, step_audits, step_counts,
 };
 use crate::rotation::snapshot::Read;
 use crate::rotation::{Plan, Step};
 
-/// Records an applied step: its audit Events, then its counters.
+/// Records an applied step: its audit Events (through the reconcile's `trail`, which may hold
+/// a first key's Event for its hand-out), then its counters.
 pub(super) async fn applied(
     ctx: &Context,
     pk: &ProvisioningKey,
     read: &Read,
     step: &Step,
     minted: Option<&Minted>,
+    trail: &mut Trail,
 ) {
-    let regarding = pk.object_ref(&());
-    for fact in step_audits(pk, read, step, minted) {
-        audit::record(ctx, &regarding, fact).await;
-    }
+    record(
+        ctx,
+        pk,
+        trail.after(step, step_audits(pk, read, step, minted)),
+    )
+    .await;
     for count in step_counts(read, step, minted.is_some()) {
         record_count(&ctx.metrics, count);
+    }
+}
+
+/// Records audit Events about `pk`.
+pub(super) async fn record(ctx: &Context, pk: &ProvisioningKey, facts: Vec<Audit<'_>>) {
+    let regarding = pk.object_ref(&());
+    for fact in facts {
+        audit::record(ctx, &regarding, fact).await;
     }
 }
 

@@ -112,20 +112,77 @@ pub fn step_audits(
     }
 }
 
-/// A key minted (nothing new when the key Secret already existed, minted before a crash: then
-/// there is no `Minted`).
+/// The audit Events of one reconcile, in the order of its steps. A first key's `KeyMinted` is
+/// held until the reconcile hands that key out, and the two facts become one Event: a new key
+/// costs one audit Event, not two. Each Event still states only facts that hold when it is
+/// recorded:
+/// - the hand-out may be held back (the agent Secret's or the bundle's name taken, a key
+///   listed as compromised first) or fail: then the `KeyMinted` Event is recorded alone, at the
+///   next audited step or when the reconcile ends, successful or not ([`Trail::finish`]);
+/// - any other audited step recorded in between flushes it first, so Events keep their order;
+/// - a hand-out in a later reconcile (a restart, re-creating a deleted agent Secret) keeps its
+///   own `KeyHandedOut` Event.
 ///
-/// A first key created active records two Events, KeyMinted here and KeyHandedOut at the
-/// hand-out (down from four: no KeyPublished or KeyActivated, since those transitions are no
-/// longer writes of their own). Two, not one, because:
-/// - each Event states a fact that holds when it is recorded. The hand-out is a later write
-///   that may be held back (the agent Secret's or bundle's name taken, a key listed as
-///   compromised first) or interrupted by a crash; a mint Event claiming it would be false
-///   then, and a hand-out Event alone would leave a private key that came into existence
-///   without any record;
-/// - the hand-out Event cannot be left out for the first key only: from evidence, a first
-///   hand-out is indistinguishable from re-creating a deleted agent Secret, which must stay
-///   audited.
+/// A process killed between a write and its Event loses that Event, with or without the hold;
+/// the hold widens that window from one request to the few writes of one reconcile.
+#[derive(Default)]
+pub struct Trail {
+    held: Option<(u32, Audit<'static>)>,
+}
+
+impl Trail {
+    /// The Events to record now, after `step` was applied and described by `audits`
+    /// ([`step_audits`]).
+    pub fn after(&mut self, step: &Step, audits: Vec<Audit<'static>>) -> Vec<Audit<'static>> {
+        let mut now = Vec::new();
+        if let Step::HandOut {
+            seq,
+            reason: HandOutReason::NewKey,
+        } = step
+            && self.held.as_ref().is_some_and(|(held, _)| held == seq)
+            && let Some((_, mut minted)) = self.held.take()
+        {
+            for a in audits {
+                if a.reason == reason::KEY_HANDED_OUT {
+                    minted.action = "MintAndHandOut";
+                    minted.note = format!("{}; handed out: {}", minted.note, a.note);
+                } else {
+                    now.push(a);
+                }
+            }
+            now.insert(0, minted);
+            return now;
+        }
+        if !audits.is_empty() {
+            now.extend(self.finish());
+        }
+        match step {
+            Step::Mint {
+                seq,
+                active: true,
+                trigger,
+                ..
+            } if *trigger != Trigger::Compromised
+                && audits.len() == 1
+                && audits.iter().all(|a| a.reason == reason::KEY_MINTED) =>
+            {
+                now.extend(self.finish());
+                self.held = audits.into_iter().next().map(|a| (*seq, a));
+            }
+            _ => now.extend(audits),
+        }
+        now
+    }
+
+    /// The Event still held: recorded when the reconcile ends, however it ends.
+    pub fn finish(&mut self) -> Vec<Audit<'static>> {
+        self.held.take().map(|(_, a)| a).into_iter().collect()
+    }
+}
+
+/// A key minted (nothing new when the key Secret already existed, minted before a crash: then
+/// there is no `Minted`). A first key created active shares its Event with its hand-out
+/// ([`Trail`]).
 fn mint(
     f: &Facts<'_>,
     seq: u32,

@@ -19,7 +19,9 @@ use super::{KeyState, Observed, ObservedKey};
 use crate::api::provisioning_key::{ProvisioningKey, ProvisioningKeyStatus};
 use crate::keys::KeyPair;
 
-pub use audit::{Audit, ReportFacts, reason, report_facts, revocation_evidence, step_audits};
+pub use audit::{
+    Audit, ReportFacts, Trail, reason, report_facts, revocation_evidence, step_audits,
+};
 pub use counts::{Counted, KeyGauges, RotationResult, key_gauges, step_counts};
 pub use status::{desired_status, failed_status};
 

@@ -275,6 +275,111 @@ fn first_key_created_active_is_minted_once() {
     assert!(notes(&mint, &r, None).is_empty());
 }
 
+/// The trail of one reconcile: a first key's mint and hand-out are one Event; a mint whose
+/// hand-out does not follow keeps its own Event, recorded before any later one or at the end.
+#[test]
+fn a_first_key_costs_one_audit_event() {
+    let r = read(Vec::new(), Vec::new());
+    let pk = ProvisioningKey::new("demo", Default::default());
+    let mint = |seq: u32, active: bool, trigger: Trigger| Step::Mint {
+        seq,
+        trigger,
+        consumed_request_token: None,
+        consumed_annotation: None,
+        active,
+    };
+    let minted = Minted {
+        pair: None,
+        kid: "kid2".into(),
+        fingerprint: "SHA256:fp2".into(),
+    };
+    let hand_out = |seq: u32, reason: HandOutReason| Step::HandOut { seq, reason };
+    let bundle = Step::WriteBundle {
+        trusted: vec![],
+        revoked: vec![],
+    };
+    let revoke = Step::Revoke {
+        seq: 1,
+        emergency: false,
+    };
+    // Each row: the steps of one reconcile (the first key is seq 2 in this fixture), and the
+    // reasons recorded after each step, then at the end.
+    // (name, steps, reasons after each step, reasons at the end)
+    type Row<'a> = (&'a str, Vec<Step>, Vec<Vec<&'a str>>, Vec<&'a str>);
+    let rows: Vec<Row> = vec![
+        (
+            "mint, record, bundle, hand-out: one Event at the hand-out",
+            vec![
+                mint(2, true, Trigger::Initial),
+                Step::WriteRecord {
+                    record: Default::default(),
+                },
+                bundle.clone(),
+                hand_out(2, HandOutReason::NewKey),
+            ],
+            vec![vec![], vec![], vec![], vec!["KeyMinted"]],
+            vec![],
+        ),
+        (
+            "the hand-out never comes: the mint's Event at the end",
+            vec![mint(2, true, Trigger::Initial), bundle.clone()],
+            vec![vec![], vec![]],
+            vec!["KeyMinted"],
+        ),
+        (
+            "another audited step in between: the mint's Event first, in order",
+            vec![mint(2, true, Trigger::Initial), revoke.clone()],
+            vec![vec![], vec!["KeyMinted", "KeyRevoked"]],
+            vec![],
+        ),
+        (
+            "a token refresh is not the first hand-out",
+            vec![
+                mint(2, true, Trigger::Initial),
+                hand_out(2, HandOutReason::TokenRefresh),
+            ],
+            vec![vec![], vec!["KeyMinted", "TokenRefreshed"]],
+            vec![],
+        ),
+        (
+            "a successor (not created active) is never held",
+            vec![mint(2, false, Trigger::Interval)],
+            vec![vec!["KeyMinted"]],
+            vec![],
+        ),
+        (
+            "a compromise's mint is never held",
+            vec![mint(2, true, Trigger::Compromised)],
+            vec![vec!["KeyMinted", "EmergencyRevocation"]],
+            vec![],
+        ),
+        (
+            "a hand-out in a later reconcile has its own Event",
+            vec![hand_out(2, HandOutReason::NewKey)],
+            vec![vec!["KeyHandedOut"]],
+            vec![],
+        ),
+    ];
+    for (name, steps, after, end) in rows {
+        let mut trail = Trail::default();
+        for (step, want) in steps.iter().zip(after) {
+            let m = matches!(step, Step::Mint { .. }).then_some(&minted);
+            let got = trail.after(step, step_audits(&pk, &r, step, m));
+            let reasons: Vec<&str> = got.iter().map(|a| a.reason).collect();
+            assert_eq!(reasons, want, "{name}: after {step:?}");
+            if let Some(one) = got.iter().find(|a| a.action == "MintAndHandOut") {
+                assert!(
+                    one.note.contains("kid2") && one.note.contains("Secret demo now carries"),
+                    "{name}: {}",
+                    one.note
+                );
+            }
+        }
+        let reasons: Vec<&str> = trail.finish().iter().map(|a| a.reason).collect();
+        assert_eq!(reasons, end, "{name}: at the end");
+    }
+}
+
 /// kstatus: `Reconciling` only while a new key has nothing handed out; a rotation in flight
 /// is `Rotating`, not `Reconciling`; a blocked spec is `Stalled`; every condition carries the
 /// generation; a second reconcile of the same state writes the same status.
