@@ -245,42 +245,11 @@ async fn started_without_the_api_server_it_waits_live_then_reconciles() {
     let ns = TestNamespace::new("kw-startup").await;
     let dir = tempfile::tempdir().expect("temp dir");
     // The plane's kubeconfig, pointed at a loopback port where nothing listens yet.
-    let plane = std::fs::read_to_string(keyward_testbed::kubeconfig_path()).expect("kubeconfig");
-    let server = plane
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .expect("a server in the kubeconfig")
-        .to_string();
-    let upstream = server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_string();
     let api_port = free_port();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        plane.replace(&server, &format!("https://127.0.0.1:{api_port}")),
-    )
-    .expect("write kubeconfig");
+    let (kubeconfig, upstream) = kubeconfig_via(api_port, dir.path());
     let health_port = free_port();
     let log = dir.path().join("keyward.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    // `KEYWARD_BIN_UNDER_TEST`: another build (an older commit's, to show the test failing).
-    let bin = std::env::var_os("KEYWARD_BIN_UNDER_TEST")
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyward").into());
-    let child = Command::new(bin)
-        .args(["run", "--namespaces", ns.name()])
-        .args(["--health-address", &format!("127.0.0.1:{health_port}")])
-        .args(["--metrics-address", "127.0.0.1:0"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,kube=off")
-        .stdout(out.try_clone().expect("clone"))
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start keyward");
-    let mut child = KillOnDrop(child);
+    let mut child = spawn_run(ns.name(), &kubeconfig, health_port, &log);
     let show_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Out of reach for 3 s: still running, live, not ready, and it says why.
