@@ -42,11 +42,11 @@ impl Error {
         }
     }
 
-    /// The API server was out of reach or could not serve: no answer at all, a 5xx, or a 429
-    /// (API Priority and Fairness). Not a refusal of this request (4xx).
+    /// The API server gave no answer at all (connection refused or dropped, a timeout). An
+    /// answer, even a 5xx or a 429, is not an outage: such an object keeps its own backoff
+    /// (announcing a return for it would clear that backoff about once a second).
     pub fn unreachable(&self) -> bool {
         match self {
-            Error::Kube(kube::Error::Api(s)) => s.code >= 500 || s.code == 429,
             Error::Kube(kube::Error::Service(e)) => !e.is::<crate::leader::NotLeading>(),
             Error::Kube(kube::Error::HyperError(_) | kube::Error::ReadEvents(_)) => true,
             _ => false,
@@ -155,5 +155,25 @@ mod tests {
         assert_eq!(m.chars().count(), MAX_PUBLIC_MESSAGE + 1);
         assert!(!m.contains('\n'));
         assert_eq!(unquoted(r#"a "b\"c" d "e"#), r#"a "…" d "…"#);
+    }
+
+    /// Only no answer at all is an outage: an answer (5xx, 429, 4xx) or a refusal by the
+    /// leader fence keeps the object's own backoff.
+    #[test]
+    fn only_no_answer_is_an_outage() {
+        let status = |code: u16| {
+            Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..kube::core::Status::default()
+            })))
+        };
+        for code in [403, 409, 429, 500, 503] {
+            assert!(!status(code).unreachable(), "{code}");
+        }
+        let refused: tower::BoxError = "client error (Connect)".into();
+        assert!(Error::Kube(kube::Error::Service(refused)).unreachable());
+        let fenced: tower::BoxError = Box::new(crate::leader::NotLeading);
+        assert!(!Error::Kube(kube::Error::Service(fenced)).unreachable());
+        assert!(!Error::MissingObjectKey.unreachable());
     }
 }
