@@ -135,7 +135,13 @@ impl Outage {
             let period =
                 Self::PROBE.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2));
             tokio::time::sleep(period).await;
-            if self.failing() && client.apiserver_version().await.is_ok() {
+            // Bounded: an API server that hangs (stopped, not gone) must not hold the probe for
+            // the client's read timeout (minutes) once it answers again.
+            if self.failing()
+                && tokio::time::timeout(Self::PROBE * 2, client.apiserver_version())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
                 self.observe(true);
             }
         }
@@ -216,12 +222,6 @@ impl Iterator for WatchBackoff {
             .min(Self::CAP);
         self.attempt = self.attempt.saturating_add(1);
         Some(d.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2)))
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -316,16 +316,13 @@ mod tests {
     }
 
     #[test]
-    fn watch_backoff_is_capped_and_resets() {
-        use kube::runtime::utils::Backoff as _;
+    fn watch_backoff_is_capped() {
         let mut w = WatchBackoff::default();
         let first = w.next().unwrap_or_default();
         assert!(first >= Duration::from_millis(160) && first <= Duration::from_millis(240));
         let later: Vec<Duration> = (0..20).filter_map(|_| w.next()).collect();
         assert!(later.iter().all(|d| *d <= WatchBackoff::CAP.mul_f64(1.2)));
         assert!(later[later.len() - 1] >= WatchBackoff::CAP.mul_f64(0.8));
-        w.reset();
-        assert!(w.next().is_some_and(|d| d <= Duration::from_millis(240)));
     }
 
     #[test]
@@ -373,7 +370,7 @@ mod tests {
     async fn a_failed_watch_waits_out_its_backoff() {
         use futures::StreamExt as _;
         let outage = Arc::new(Outage::default());
-        let items = futures::stream::iter([Err(()), Err(()), Ok(1u32)]);
+        let items = futures::stream::iter([Err(()), Err(()), Ok(1u32), Err(()), Ok(2)]);
         let mut watch = Box::pin(watch_backoff(items, outage));
         let start = tokio::time::Instant::now();
         assert_eq!(watch.next().await, Some(Err(())));
@@ -383,6 +380,15 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(480) && waited <= Duration::from_millis(720),
             "waited {waited:?}, not 200 ms + 400 ms ±20 %"
+        );
+        // An event resets it: the next failure waits 200 ms again, not 800 ms.
+        let start = tokio::time::Instant::now();
+        assert_eq!(watch.next().await, Some(Err(())));
+        assert_eq!(watch.next().await, Some(Ok(2)));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(160) && waited <= Duration::from_millis(240),
+            "waited {waited:?} after an event, not 200 ms ±20 %"
         );
     }
 }

@@ -163,7 +163,8 @@ fn spawn_run(
 
 /// An outage of the API server in the middle of a rotation (`KEYWARD_TEST_OUTAGE_SECS`, 5 s by
 /// default; the long form measures 30 s and 120 s): the rotation goes on within 10 s of the
-/// API server's return.
+/// API server's return. To see why it was slow: `KEYWARD_TEST_SHOW_LOG=1` prints the operator's
+/// log, at the level `KEYWARD_TEST_RUST_LOG` sets (default `info,kube=off`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_mid_rotation_is_recovered_within_seconds() {
     let outage = std::env::var("KEYWARD_TEST_OUTAGE_SECS")
