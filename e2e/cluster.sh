@@ -11,6 +11,10 @@
 #   e2e/cluster.sh bin      print the directory of the cached binaries (and manifest.txt)
 #   e2e/cluster.sh ready    exit 0 if the API server answers /readyz, 1 otherwise (quiet)
 #   e2e/cluster.sh build    only install packages and build/cache the binaries
+#   e2e/cluster.sh apiserver-kill   SIGKILL the API server (faults: e2e/faults.sh)
+#   e2e/cluster.sh apiserver-start  start it again with the same flags, wait until ready
+#   e2e/cluster.sh etcd-compact     compact etcd at its current revision (prints it): every
+#                           watch resumed after an API server restart then gets 410 Gone
 #
 # Settings (environment):
 #   KEYWARD_CLUSTER_DIR   state directory (PKI, kubeconfig, logs, pids)  [/tmp/keyward-cluster]
@@ -277,6 +281,24 @@ audit_args() {
 
 api_ready() { curl -sf --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --key "$DIR/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz"; }
 
+# The API server with this plane's flags (used by `up`, and by `apiserver-start` after a fault).
+start_apiserver() {
+  local audit=()
+  mapfile -t audit < <(audit_args)
+  [ ${#audit[@]} -eq 0 ] || say "audit log: $KEYWARD_AUDIT_LOG (users: ${KEYWARD_AUDIT_USERS:-all})"
+  start kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
+    --client-ca-file "$DIR/pki/ca.crt" --authorization-mode Node,RBAC \
+    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$DIR/pki/sa.pub" \
+    --service-account-signing-key-file "$DIR/pki/sa.key" --api-audiences https://kubernetes.default.svc \
+    --endpoint-reconciler-type none \
+    --service-cluster-ip-range 127.100.0.0/24 --enable-admission-plugins NamespaceLifecycle,ServiceAccount \
+    --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h \
+    ${audit[@]+"${audit[@]}"}
+}
+
 up() {
   local t0; t0=$(now)
   build
@@ -294,20 +316,7 @@ up() {
     --quota-backend-bytes 4294967296 --log-level warn
   echo "$data" >"$DIR/etcd.data"
   wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
-  local audit=()
-  mapfile -t audit < <(audit_args)
-  [ ${#audit[@]} -eq 0 ] || say "audit log: $KEYWARD_AUDIT_LOG (users: ${KEYWARD_AUDIT_USERS:-all})"
-  start kube-apiserver "$BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
-    --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
-    --client-ca-file "$DIR/pki/ca.crt" --authorization-mode Node,RBAC \
-    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$DIR/pki/sa.pub" \
-    --service-account-signing-key-file "$DIR/pki/sa.key" --api-audiences https://kubernetes.default.svc \
-    --endpoint-reconciler-type none \
-    --service-cluster-ip-range 127.100.0.0/24 --enable-admission-plugins NamespaceLifecycle,ServiceAccount \
-    --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h \
-    ${audit[@]+"${audit[@]}"}
+  start_apiserver
   wait_for kube-apiserver 60 api_ready
   say "kube-apiserver ready on https://127.0.0.1:$API_PORT ($(elapsed "$t0") s)"
   if ls "$CRDS"/*.yaml >/dev/null 2>&1; then
@@ -369,6 +378,35 @@ print_env() {
   return 0
 }
 
+# Faults for e2e/faults.rs: the API server killed (SIGKILL, as a crash) and started again with
+# the same flags, and etcd compacted to its current revision (so every watch resumed from an
+# older resourceVersion gets 410 Gone once the API server's watch cache is rebuilt).
+apiserver_kill() {
+  running kube-apiserver || { say "kube-apiserver is not running"; return 0; }
+  local pid; pid=$(cat "$DIR/kube-apiserver.pid")
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$DIR/kube-apiserver.pid"
+  say "killed kube-apiserver (pid $pid)"
+}
+
+apiserver_start() {
+  BIN=$(bin_dir)
+  local t0; t0=$(now)
+  start_apiserver
+  wait_for kube-apiserver 60 api_ready
+  say "kube-apiserver ready again ($(elapsed "$t0") s)"
+}
+
+etcd_compact() {
+  BIN=$(bin_dir)
+  local ep="http://127.0.0.1:$ETCD_PORT" rev
+  rev=$("$BIN/etcdctl" --endpoints "$ep" endpoint status -w json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Status"]["header"]["revision"])')
+  "$BIN/etcdctl" --endpoints "$ep" compact "$rev" --physical >/dev/null
+  say "etcd compacted at revision $rev"
+  echo "$rev"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
@@ -377,5 +415,8 @@ case "${1:-}" in
   status) status ;;
   ready) if [ -f "$DIR/pki/ca.crt" ] && api_ready >/dev/null 2>&1; then exit 0; else exit 1; fi ;;
   build) build ;;
-  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  apiserver-kill) apiserver_kill ;;
+  apiserver-start) apiserver_start ;;
+  etcd-compact) etcd_compact ;;
+  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

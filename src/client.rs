@@ -13,8 +13,9 @@ use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::time::ApiClock;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -59,17 +60,52 @@ impl ClientOptions {
 
 /// Builds the operator's client from `config`: kube's default stack plus [`KeywardLayer`].
 pub fn build(
-    mut config: kube::Config,
+    config: kube::Config,
     opts: &ClientOptions,
     stats: &RequestStats,
 ) -> Result<kube::Client, kube::Error> {
+    stack(config, KeywardLayer::new(opts, stats))
+}
+
+/// As [`build`], and every response's `Date` header keeps `clock` on the API server's time
+/// (see [`ApiClock`]).
+pub fn build_with_clock(
+    config: kube::Config,
+    opts: &ClientOptions,
+    stats: &RequestStats,
+    clock: Arc<ApiClock>,
+) -> Result<kube::Client, kube::Error> {
+    stack(config, KeywardLayer::new(opts, stats).with_clock(clock))
+}
+
+/// How a 429 (API Priority and Fairness), 503 or 504 is retried inside one request: kube's
+/// policy, honouring the server's `Retry-After` when it asks for longer, but with delays of
+/// 100 ms doubling to at most 4 s (jittered) and 8 retries. kube's default grows to 1,000 s over
+/// 15 retries, so under APF one request could wait minutes while its object's own backoff and
+/// the outage recovery (`controller::backoff`) wait for it.
+pub fn retry_policy() -> kube::client::retry::RetryPolicy {
+    kube::client::retry::RetryPolicy::new(
+        Duration::from_millis(100),
+        Duration::from_secs(4),
+        8,
+        true,
+    )
+    .unwrap_or_else(|_| kube::client::retry::RetryPolicy::server_retry())
+}
+
+fn stack(mut config: kube::Config, layer: KeywardLayer) -> Result<kube::Client, kube::Error> {
     // kube adds `config.headers` with `HeaderMap::extend`, which appends: a User-Agent there
     // would travel next to ours. Dropping it makes ours the only one on the wire.
     config
         .headers
         .retain(|(name, _)| name != http::header::USER_AGENT);
+    // Our retry policy instead of kube's default one (see [`retry_policy`]), inside our layer:
+    // a request is counted once, with its final answer.
+    config.default_retry = false;
     Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&KeywardLayer::new(opts, stats))
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
+        .with_layer(&tower::retry::RetryLayer::new(retry_policy()))
+        .with_layer(&layer)
         .build())
 }
 
@@ -468,6 +504,7 @@ fn limiter(opts: &ClientOptions) -> Option<Arc<Limiter>> {
 pub struct KeywardLayer {
     stats: RequestStats,
     limiter: Option<Arc<Limiter>>,
+    clock: Option<Arc<ApiClock>>,
 }
 
 impl KeywardLayer {
@@ -475,7 +512,14 @@ impl KeywardLayer {
         KeywardLayer {
             stats: stats.clone(),
             limiter: limiter(opts),
+            clock: None,
         }
+    }
+
+    /// Every response's `Date` header re-anchors `clock` when it strays ([`ApiClock`]).
+    pub fn with_clock(mut self, clock: Arc<ApiClock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 }
 
@@ -486,6 +530,7 @@ impl<S> tower::Layer<S> for KeywardLayer {
             inner,
             stats: self.stats.clone(),
             limiter: self.limiter.clone(),
+            clock: self.clock.clone(),
             gate: Gate::Idle,
         }
     }
@@ -504,6 +549,7 @@ pub struct KeywardService<S> {
     inner: S,
     stats: RequestStats,
     limiter: Option<Arc<Limiter>>,
+    clock: Option<Arc<ApiClock>>,
     gate: Gate,
 }
 
@@ -557,6 +603,7 @@ where
         ResponseFuture {
             inner: Box::pin(self.inner.call(req)),
             stats: self.stats.clone(),
+            clock: self.clock.clone(),
             verb,
         }
     }
@@ -567,6 +614,7 @@ where
 pub struct ResponseFuture<F> {
     inner: Pin<Box<F>>,
     stats: RequestStats,
+    clock: Option<Arc<ApiClock>>,
     verb: Verb,
 }
 
@@ -582,6 +630,24 @@ where
             Ok(r) => ResponseCode::Status(r.status().as_u16()),
             Err(_) => ResponseCode::Error,
         };
+        if let (Some(clock), Ok(r)) = (&self.clock, &res) {
+            let date = r
+                .headers()
+                .get(http::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::time::parse_http_date);
+            if let Some(moved) = date.and_then(|d| clock.observe_date(d, Instant::now())) {
+                // Re-anchoring by up to a few seconds is the Date header's own resolution at
+                // start; more means the local clock and the API server's disagree.
+                if moved.num_seconds().abs() >= 5 {
+                    tracing::warn!(
+                        moved_seconds = moved.num_seconds(),
+                        local_skew_seconds = clock.local_skew().num_seconds(),
+                        "the local wall clock disagrees with the API server's; keyward keeps the API server's time"
+                    );
+                }
+            }
+        }
         self.stats.record_response(self.verb, code);
         Poll::Ready(res)
     }

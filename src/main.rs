@@ -265,13 +265,17 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let election = args.leader_election.config()?;
     let config = kube::Config::infer().await?;
     let writes = RequestStats::default();
-    let client = client::build(
+    // The API server's time, carried by the monotonic clock: a jump of the local wall clock
+    // moves no token time and no deadline (see `ApiClock`).
+    let clock = std::sync::Arc::new(keyward::time::ApiClock::new());
+    let client = client::build_with_clock(
         config,
         &ClientOptions {
             qps: args.kube_api_qps,
             burst: args.kube_api_burst,
         },
         &writes,
+        clock.clone(),
     )?;
     let op = OperatorConfig {
         namespaces: args
@@ -301,7 +305,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty())
             .collect(),
-        clock: keyward::time::SharedClock::default(),
+        clock: keyward::time::SharedClock(clock),
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),

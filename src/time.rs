@@ -98,6 +98,96 @@ impl Clock for SystemClock {
     }
 }
 
+/// The operator's clock: the API server's time, carried forward by the monotonic clock.
+///
+/// The local wall clock can jump (an NTP step, a VM restored from a snapshot, a bad RTC), and
+/// every timed decision Keyward makes (token `nbf`/`exp`, overlaps, timeouts, schedules) would
+/// jump with it: an hour forward issues tokens that verifiers refuse as not yet valid and
+/// times out rollouts; an hour back issues tokens that are already expired. So after start the
+/// wall clock is read only to report skew. Time is an anchor (a wall time at a monotonic
+/// instant) plus the monotonic time since; the anchor starts at the local wall clock and
+/// follows the API server, the cluster's reference for every timestamp Keyward writes: each
+/// response's `Date` header ([`ApiClock::observe_date`]) re-anchors the clock when it falls
+/// outside the window that header allows.
+#[derive(Debug)]
+pub struct ApiClock {
+    anchor: std::sync::Mutex<(DateTime<Utc>, std::time::Instant)>,
+}
+
+/// A `Date` header has whole seconds and is stamped before the response travels: the server's
+/// time at receipt lies in `[date, date + 1 s + latency]`. An estimate that far outside (or
+/// further) is re-anchored to `date + 0.5 s`.
+const DATE_BEHIND: chrono::Duration = chrono::Duration::seconds(1);
+const DATE_AHEAD: chrono::Duration = chrono::Duration::seconds(2);
+
+/// Where to re-anchor an `estimate` of the server's time at receipt given the response's
+/// `date`, or `None` when the estimate is consistent with it.
+pub fn reanchor(estimate: DateTime<Utc>, date: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    (estimate < date - DATE_BEHIND || estimate > date + DATE_AHEAD)
+        .then(|| date + chrono::Duration::milliseconds(500))
+}
+
+impl ApiClock {
+    /// Anchored at the local wall clock now.
+    pub fn new() -> Self {
+        Self::anchored(Utc::now(), std::time::Instant::now())
+    }
+
+    pub fn anchored(wall: DateTime<Utc>, at: std::time::Instant) -> Self {
+        ApiClock {
+            anchor: std::sync::Mutex::new((wall, at)),
+        }
+    }
+
+    /// The time at monotonic instant `at`.
+    pub fn at(&self, at: std::time::Instant) -> DateTime<Utc> {
+        let (wall, anchor) = *self.anchor.lock().unwrap_or_else(|e| e.into_inner());
+        let since = if at >= anchor {
+            chrono::Duration::from_std(at - anchor).unwrap_or(chrono::Duration::MAX)
+        } else {
+            -chrono::Duration::from_std(anchor - at).unwrap_or(chrono::Duration::MAX)
+        };
+        wall.checked_add_signed(since).unwrap_or(wall)
+    }
+
+    /// A response's `Date` (the server's clock), received at `received`. Returns how far the
+    /// clock moved (positive: forward) when it was re-anchored.
+    pub fn observe_date(
+        &self,
+        date: DateTime<Utc>,
+        received: std::time::Instant,
+    ) -> Option<chrono::Duration> {
+        let estimate = self.at(received);
+        let to = reanchor(estimate, date)?;
+        *self.anchor.lock().unwrap_or_else(|e| e.into_inner()) = (to, received);
+        Some(to - estimate)
+    }
+
+    /// The local wall clock minus this clock (positive: the local clock is ahead).
+    pub fn local_skew(&self) -> chrono::Duration {
+        Utc::now() - self.now()
+    }
+}
+
+impl Default for ApiClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ApiClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.at(std::time::Instant::now())
+    }
+}
+
+/// Parses an HTTP `Date` header (IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn parse_http_date(v: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc2822(v)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// A clock that moves only when told (tests).
 #[derive(Debug)]
 pub struct ManualClock(std::sync::Mutex<DateTime<Utc>>);
@@ -167,5 +257,56 @@ mod tests {
         c.advance(Duration::MAX);
         assert_eq!(c.now(), DateTime::<Utc>::MAX_UTC);
         assert!(SharedClock::default().now() > t0 - chrono::Duration::days(3650));
+    }
+
+    #[test]
+    fn the_api_clock_follows_the_monotonic_clock_and_the_servers_date_only() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let i0 = std::time::Instant::now();
+        let c = ApiClock::anchored(t0, i0);
+        let at = |s: u64| i0 + Duration::from_secs(s);
+        assert_eq!(c.at(at(90)).timestamp(), 1_800_000_090);
+        // A Date consistent with the estimate (whole seconds, stamped before the response
+        // travelled) moves nothing.
+        for (received, date) in [(90, 90), (90, 89), (90, 88), (90, 91)] {
+            let d = t0 + chrono::Duration::seconds(date - 90 + 90);
+            assert_eq!(c.observe_date(d, at(received)), None, "date {date}");
+        }
+        assert_eq!(c.at(at(90)).timestamp(), 1_800_000_090);
+        // The server is an hour ahead of the anchor (the local clock was an hour behind at
+        // start): the clock follows it, from that instant on.
+        let server = t0 + chrono::Duration::seconds(3600 + 100);
+        let moved = c.observe_date(server, at(100)).expect("re-anchored");
+        assert_eq!(moved.num_milliseconds(), 3_600_500);
+        assert_eq!(c.at(at(100)), server + chrono::Duration::milliseconds(500));
+        assert_eq!(
+            c.at(at(160)),
+            server + chrono::Duration::milliseconds(60_500)
+        );
+        // And back.
+        let moved = c
+            .observe_date(t0 + chrono::Duration::seconds(200), at(200))
+            .expect("re-anchored");
+        assert!(moved < -chrono::Duration::seconds(3599));
+        // Instants before the anchor are in its past.
+        assert!(c.at(i0) < c.at(at(200)));
+    }
+
+    #[test]
+    fn reanchor_window_and_http_dates() {
+        let d = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let ms = chrono::Duration::milliseconds;
+        assert_eq!(reanchor(d, d), None);
+        assert_eq!(reanchor(d + ms(2000), d), None);
+        assert_eq!(reanchor(d - ms(1000), d), None);
+        assert_eq!(reanchor(d + ms(2001), d), Some(d + ms(500)));
+        assert_eq!(reanchor(d - ms(1001), d), Some(d + ms(500)));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").map(|t| t.timestamp()),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date("yesterday"), None);
+        // The wall clock is only read for the skew, which is small here.
+        assert!(ApiClock::new().local_skew().num_seconds().abs() < 5);
     }
 }

@@ -120,14 +120,26 @@ impl<T: Clone + PartialEq + Send + 'static> History<T> {
     {
         let changes = self.changes.clone();
         self.tasks.push(tokio::spawn(async move {
-            let mut events = pin!(watcher::watcher(api, config).default_backoff());
+            let mut events =
+                pin!(watcher::watcher(api, config).backoff(keyward_testbed::BedBackoff::new()));
+            let mut failing = false;
             while let Some(ev) = events.next().await {
                 let (obj, deleted) = match ev {
-                    Ok(Event::Apply(o) | Event::InitApply(o)) => (o, false),
+                    Ok(Event::Apply(o) | Event::InitApply(o)) => {
+                        failing = false;
+                        (o, false)
+                    }
                     Ok(Event::Delete(o)) => (o, true),
-                    Ok(_) => continue,
+                    Ok(_) => {
+                        failing = false;
+                        continue;
+                    }
                     Err(e) => {
-                        eprintln!("[e2e] history watch error (retrying): {e}");
+                        // Once per streak: an API server outage fails every retry.
+                        if !failing {
+                            eprintln!("[e2e] history watch error (retrying): {e}");
+                        }
+                        failing = true;
                         continue;
                     }
                 };

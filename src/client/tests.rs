@@ -455,3 +455,70 @@ async fn qps_zero_disables_limiting() {
     assert!(limiter(&ClientOptions::unlimited()).is_none());
     assert!(limiter(&ClientOptions::default()).is_some());
 }
+
+/// A 429 with `Retry-After: 1` (API Priority and Fairness) is retried inside the request, after
+/// the second the server asked for, and counted once with its final answer. The response's
+/// `Date` keeps the API clock on the server's time.
+#[tokio::test]
+async fn a_429_is_retried_after_the_servers_retry_after() {
+    let calls = Arc::new(Mutex::new(0u32));
+    let counter = calls.clone();
+    let app = axum::Router::new().fallback(move |_req: axum::extract::Request| {
+        let counter = counter.clone();
+        async move {
+            let n = {
+                let mut c = counter.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+            if n == 1 {
+                (
+                    http::StatusCode::TOO_MANY_REQUESTS,
+                    [
+                        (http::header::RETRY_AFTER, "1"),
+                        (http::header::DATE, date),
+                        (http::header::CONTENT_TYPE, "application/json"),
+                    ],
+                    r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"TooManyRequests","code":429}"#,
+                )
+            } else {
+                (
+                    http::StatusCode::OK,
+                    [
+                        (http::header::RETRY_AFTER, "0"),
+                        (http::header::DATE, date),
+                        (http::header::CONTENT_TYPE, "application/json"),
+                    ],
+                    r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","namespace":"ns"}}"#,
+                )
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let stats = RequestStats::default();
+    let clock = Arc::new(crate::time::ApiClock::new());
+    let client =
+        build_with_clock(config, &ClientOptions::unlimited(), &stats, clock.clone()).unwrap();
+    let t0 = std::time::Instant::now();
+    Api::<ConfigMap>::namespaced(client, "ns")
+        .get("x")
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(*calls.lock().unwrap(), 2);
+    assert!(took >= Duration::from_millis(950), "retried after {took:?}");
+    assert!(took < Duration::from_secs(4), "retried after {took:?}");
+    assert_eq!(stats.total(), 1);
+    assert_eq!(
+        stats
+            .responses()
+            .get(&(Verb::Get, ResponseCode::Status(200))),
+        Some(&1)
+    );
+    use crate::time::Clock as _;
+    assert_eq!(clock.now().timestamp() / 60, 784_111_777 / 60);
+}

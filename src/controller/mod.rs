@@ -216,7 +216,7 @@ pub async fn preflight(client: &Client, namespaces: &[String]) -> Result<(), Str
                 Ok(()) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     return Err(format!(
-                        "the CustomResourceDefinition {crd} is not installed: install it with `kubectl apply --server-side -f crds/` (or `keyward crds | kubectl apply --server-side -f -`), then restart keyward"
+                        "the CustomResourceDefinition {crd} is not installed: install it with `kubectl apply --server-side -f crds/` (or `keyward crds | kubectl apply --server-side -f -`); keyward picks it up without a restart"
                     ));
                 }
                 Err(e) => {

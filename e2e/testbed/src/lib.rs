@@ -30,4 +30,4 @@ pub use kubelet::{
 };
 pub use namespace::TestNamespace;
 pub use opa::{AgentProxy, OPA_PORT, OpaProcess, POD_NAME_HEADER_OPA, POD_UID_HEADER, opa_binary};
-pub use wait::{WaitError, conditions, eventually, wait_for, wait_for_deleted};
+pub use wait::{BedBackoff, WaitError, conditions, eventually, wait_for, wait_for_deleted};

@@ -242,3 +242,40 @@ pub mod conditions {
         }
     }
 }
+
+/// The test bed's watch backoff: 100 ms doubling to 1 s, reset by the next event. kube's
+/// default grows to 30 s, so after an API server outage the bed itself (its kubelet, its
+/// histories) could lag the operator by many seconds and blur what the fault suite measures.
+#[derive(Clone, Debug)]
+pub struct BedBackoff(Duration);
+
+impl BedBackoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        BedBackoff(Self::MIN)
+    }
+}
+
+impl Default for BedBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iterator for BedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        Some(d)
+    }
+}
+
+impl kube::runtime::utils::Backoff for BedBackoff {
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+}

@@ -82,7 +82,13 @@ async fn run_steps(
 ) -> Result<Action> {
     let mut raw = read::snapshot(ctx, pk).await?;
     let mut fresh: Option<(u32, KeyPair)> = None;
+    let mut now = now;
     for _ in 0..MAX_STEPS_PER_RECONCILE {
+        // Each step decides and stamps with the time it runs at, not the reconcile's start: a
+        // write slowed down by the API server (429s retried, a latency spike) must not let the
+        // next step stamp "published at" before the bundle held the key, which would shorten
+        // publishDelay by the delay (found by e2e/faults.rs, APF 429s).
+        now = now.max(ctx.now());
         read::consumers_when_needed(ctx, pk, &mut raw, now).await?;
         let read = read::map(ctx, pk, &raw);
         let plan = rotation::plan(&read.settings, &read.observed, now);

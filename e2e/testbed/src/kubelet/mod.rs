@@ -726,12 +726,12 @@ impl Worker {
             pod_writer,
             watcher::watcher(self.pods_api.clone(), watcher::Config::default()),
         )
-        .default_backoff();
+        .backoff(crate::BedBackoff::new());
         let secret_events = reflector::reflector(
             secret_writer,
             watcher::watcher(self.secrets_api.clone(), watcher::Config::default()),
         )
-        .default_backoff();
+        .backoff(crate::BedBackoff::new());
         let mut pod_events = pin!(pod_events);
         let mut secret_events = pin!(secret_events);
         let mut secret_timers: FuturesUnordered<BoxFuture<'static, String>> =
