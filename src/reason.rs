@@ -28,6 +28,7 @@ pub enum Reason {
     UnrecordedTrustedKeys,
     BundleTampered,
     VerifierSilent,
+    VerifierBehind,
     OldKeyInUse,
     // kstatus conditions of both kinds.
     Reconciled,
@@ -68,7 +69,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 47] = [
+    pub const ALL: [Reason; 48] = [
         Reason::KeyActive,
         Reason::Minting,
         Reason::Publishing,
@@ -85,6 +86,7 @@ impl Reason {
         Reason::UnrecordedTrustedKeys,
         Reason::BundleTampered,
         Reason::VerifierSilent,
+        Reason::VerifierBehind,
         Reason::OldKeyInUse,
         Reason::Reconciled,
         Reason::ReconcileFailed,
@@ -137,6 +139,7 @@ impl Reason {
             Reason::UnrecordedTrustedKeys => "UnrecordedTrustedKeys",
             Reason::BundleTampered => "BundleTampered",
             Reason::VerifierSilent => "VerifierSilent",
+            Reason::VerifierBehind => "VerifierBehind",
             Reason::OldKeyInUse => "OldKeyInUse",
             Reason::Reconciled => "Reconciled",
             Reason::ReconcileFailed => "ReconcileFailed",

@@ -63,6 +63,15 @@ pub const ANN_NAMESPACES: &str = "keyward.dev/namespaces";
 /// Lease annotation: the report resolution (Go duration): a key id's `lastUsedAt` is refreshed
 /// when a use is at least this much newer than the reported one.
 pub const ANN_RESOLUTION: &str = "keyward.dev/report-resolution";
+/// Lease annotation: when the replica last renewed its Lease (RFC 3339), whether or not its
+/// reports caught up. Separate from the watermark (`renewTime`): a replica that is alive but
+/// behind (a burst of new keys, its writes throttled) renews this while its watermark waits,
+/// and the operator says `VerifierBehind` instead of `VerifierSilent`. Either way revocation
+/// waits: only the watermark is evidence.
+pub const ANN_HEARTBEAT: &str = "keyward.dev/heartbeat";
+/// Lease annotation: how many reports the replica still has to write (decimal), as of
+/// [`ANN_HEARTBEAT`].
+pub const ANN_PENDING: &str = "keyward.dev/pending-reports";
 /// Lease annotation `"true"`: the replica stopped cleanly after its final flush.
 pub const ANN_STOPPED: &str = "keyward.dev/stopped";
 /// Lease annotation: compact JSON `{"<namespace>/<ProvisioningKey>": <seq>,
@@ -148,6 +157,10 @@ pub struct Replica {
     pub reports: BTreeMap<String, u64>,
     /// [`ANN_REPORTS_OVERFLOW`].
     pub reports_overflow: bool,
+    /// [`ANN_HEARTBEAT`]: `None` from a verifier older than this operator.
+    pub heartbeat: Option<DateTime<Utc>>,
+    /// [`ANN_PENDING`].
+    pub pending: u64,
 }
 
 /// The key of [`Replica::reports`] for ProvisioningKey `pk` in `namespace` (its page 1).
@@ -263,7 +276,38 @@ pub fn parse_lease(lease: &Lease) -> Result<Replica, String> {
         stopped: ann.get(ANN_STOPPED).is_some_and(|v| v == "true"),
         reports,
         reports_overflow: ann.get(ANN_REPORTS_OVERFLOW).is_some_and(|v| v == "true"),
+        heartbeat: ann
+            .get(ANN_HEARTBEAT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        pending: ann
+            .get(ANN_PENDING)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
     })
+}
+
+/// Why the replicas cannot vouch for a namespace now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoCoverage {
+    /// The message (names the replicas and what is wrong with each).
+    pub why: String,
+    /// Every replica that cannot vouch is alive and renewing, only behind with its reports
+    /// (`VerifierBehind`); `false`: at least one is silent, missing or unreadable
+    /// (`VerifierSilent`).
+    pub behind: bool,
+}
+
+impl NoCoverage {
+    fn silent(why: String) -> Self {
+        NoCoverage { why, behind: false }
+    }
+}
+
+impl std::fmt::Display for NoCoverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// What the replicas watching a namespace vouch for together.
@@ -279,7 +323,8 @@ pub struct Covered {
     pub replicas: Vec<String>,
 }
 
-/// The coverage of `namespace` at `now`, or why there is none (the `VerifierSilent` message).
+/// The coverage of `namespace` at `now`, or why there is none (the `VerifierSilent` or
+/// `VerifierBehind` message).
 /// `leases` holds every verifier Lease as parsed (errors included); `expected` the replicas
 /// that must have one (`--verifier-replicas`; empty: whichever Leases exist).
 pub fn coverage(
@@ -287,7 +332,7 @@ pub fn coverage(
     expected: &[String],
     namespace: &str,
     now: DateTime<Utc>,
-) -> Result<Covered, String> {
+) -> Result<Covered, NoCoverage> {
     let mut missing: Vec<&str> = expected
         .iter()
         .filter(|e| {
@@ -300,39 +345,68 @@ pub fn coverage(
     if !missing.is_empty() {
         missing.sort_unstable();
         missing.dedup();
-        return Err(format!(
+        return Err(NoCoverage::silent(format!(
             "expected verifier replica(s) without a Lease (deleted, or not started yet): {}",
             missing.join(", ")
-        ));
+        )));
     }
     let mut live = Vec::new();
     for lease in leases {
         match lease {
-            Err(e) => return Err(e.clone()),
+            Err(e) => return Err(NoCoverage::silent(e.clone())),
             Ok(r) if r.stopped || !r.watches(namespace) => {}
             Ok(r) => live.push(r),
         }
     }
     if live.is_empty() {
-        return Err(format!(
+        return Err(NoCoverage::silent(format!(
             "no keyward verifier replica reports use in namespace {namespace}"
-        ));
+        )));
     }
     let mut silent = Vec::new();
+    let mut behind = Vec::new();
+    let secs = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for r in &live {
         let deadline = add(r.watermark, r.lease_duration);
-        if now > deadline {
+        if now <= deadline {
+            continue;
+        }
+        // Alive (renewed within its lease duration) but its reports have not caught up.
+        let alive = r
+            .heartbeat
+            .is_some_and(|h| h <= now + chrono::Duration::seconds(5) && now <= add(h, r.lease_duration));
+        if alive {
+            behind.push(format!(
+                "{} ({} reports pending; reports cover up to {})",
+                r.name,
+                r.pending,
+                secs(r.watermark)
+            ));
+        } else {
             silent.push(format!(
                 "{} (last report covers up to {})",
                 r.name,
-                r.watermark
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                secs(r.watermark)
             ));
         }
     }
     if !silent.is_empty() {
         silent.sort();
-        return Err(format!("verifier replica(s) silent: {}", silent.join(", ")));
+        silent.extend(behind.iter().map(|b| format!("{b}, behind")));
+        return Err(NoCoverage::silent(format!(
+            "verifier replica(s) silent: {}",
+            silent.join(", ")
+        )));
+    }
+    if !behind.is_empty() {
+        behind.sort();
+        return Err(NoCoverage {
+            why: format!(
+                "verifier replica(s) alive but behind with their reports: {}",
+                behind.join(", ")
+            ),
+            behind: true,
+        });
     }
     let as_of = live.iter().map(|r| r.watermark).min().unwrap_or(now);
     let since = live.iter().map(|r| r.since).max().unwrap_or(now);
@@ -537,6 +611,8 @@ pub enum Unused {
     Unproven { why: String, until: DateTime<Utc> },
     /// No replica, or one is silent: never evidence.
     Silent(String),
+    /// Every replica is alive but one is behind with its reports (a burst): not evidence yet.
+    Behind(String),
 }
 
 /// Whether `kid` was unused for `window`, as of the replicas' watermark.
@@ -544,11 +620,12 @@ pub fn unused_for(
     window: Duration,
     kid: &str,
     usage: &KeyUse,
-    coverage: &Result<Covered, String>,
+    coverage: &Result<Covered, NoCoverage>,
 ) -> Unused {
     let cov = match coverage {
         Ok(c) => c,
-        Err(why) => return Unused::Silent(why.clone()),
+        Err(n) if n.behind => return Unused::Behind(n.why.clone()),
+        Err(n) => return Unused::Silent(n.why.clone()),
     };
     let start = sub(cov.as_of, window);
     if cov.since > start {

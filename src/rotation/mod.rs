@@ -269,7 +269,7 @@ pub struct Observed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageObs {
     /// What the replicas watching the key's namespace vouch for, or why they cannot.
-    pub coverage: Result<crate::usage::Covered, String>,
+    pub coverage: Result<crate::usage::Covered, crate::usage::NoCoverage>,
     pub key_use: crate::usage::KeyUse,
 }
 
@@ -447,6 +447,9 @@ pub mod reasons {
     pub const BUNDLE_TAMPERED: &str = Reason::BundleTampered.as_str();
     /// `revokeWhenUnusedFor` cannot be judged: no verifier replica, or one is silent.
     pub const VERIFIER_SILENT: &str = Reason::VerifierSilent.as_str();
+    /// `revokeWhenUnusedFor` cannot be judged yet: a verifier replica is alive but behind with
+    /// its reports (a burst of keys); the old key stays trusted meanwhile.
+    pub const VERIFIER_BEHIND: &str = Reason::VerifierBehind.as_str();
     /// `revokeWhenUnusedFor`: the old key is still in use.
     pub const OLD_KEY_IN_USE: &str = Reason::OldKeyInUse.as_str();
 }

@@ -254,6 +254,17 @@ fn unused_hold(
             ));
             p.wake_at(until, now);
         }
+        Unused::Behind(why) => {
+            // Not an alarm: the replica renews its Lease and is catching up.
+            p.phase = Phase::Overlap;
+            p.rotating = Some(Why::new(
+                reasons::VERIFIER_BEHIND,
+                message(format!(
+                    "revokeWhenUnusedFor {w} waits until every keyward verifier replica has \
+                     reported: {why}"
+                )),
+            ));
+        }
         Unused::Silent(why) => {
             p.phase = Phase::Stalled;
             let m = message(format!(

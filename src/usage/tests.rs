@@ -17,6 +17,8 @@ fn replica(name: &str, since: i64, watermark: i64) -> Replica {
         stopped: false,
         reports: BTreeMap::new(),
         reports_overflow: false,
+        heartbeat: None,
+        pending: 0,
     }
 }
 
@@ -161,6 +163,7 @@ fn unused_verdicts() {
             Unused::Warming { .. } => "warming",
             Unused::Unproven { .. } => "unproven",
             Unused::Silent(_) => "silent",
+            Unused::Behind(_) => "behind",
         };
         assert_eq!(got, want, "{name}: {cov:?}");
     }
@@ -280,6 +283,7 @@ fn missing_stale_or_incomplete_reports_count_as_used_now() {
             Unused::Warming { .. } => "warming",
             Unused::Unproven { .. } => "unproven",
             Unused::Silent(_) => "silent",
+            Unused::Behind(_) => "behind",
         };
         assert_eq!(got, want, "{name}: {verdict:?}");
         if let Unused::Unproven { until, .. } = verdict {
@@ -346,7 +350,50 @@ fn expected_replicas_must_each_have_a_lease() {
         "ns",
         t(1000),
     );
-    assert!(cov.is_err_and(|m| m.contains("without a Lease") && m.contains('b')));
+    assert!(cov.is_err_and(|m| m.why.contains("without a Lease") && m.why.contains('b') && !m.behind));
+}
+
+/// Issue 20, part 3: a replica whose watermark is past its lease duration but whose heartbeat
+/// is fresh is behind, not silent; one whose heartbeat is old too (or absent, an older
+/// verifier) is silent; a silent replica wins over a behind one. Neither is evidence.
+#[test]
+fn a_replica_alive_but_behind_is_not_silent() {
+    let behind = |name: &str, heartbeat: Option<i64>, pending: u64| {
+        let mut r = replica(name, 0, 900);
+        r.heartbeat = heartbeat.map(t);
+        r.pending = pending;
+        r
+    };
+    let cases: Vec<(&str, Vec<Replica>, Option<bool>)> = vec![
+        ("fresh watermark", vec![replica("a", 0, 995)], None),
+        ("behind, heartbeat 5 s ago", vec![behind("a", Some(995), 700)], Some(true)),
+        ("heartbeat older than the lease", vec![behind("a", Some(960), 700)], Some(false)),
+        ("no heartbeat (older verifier)", vec![behind("a", None, 0)], Some(false)),
+        ("a heartbeat from the future", vec![behind("a", Some(2000), 1)], Some(false)),
+        (
+            "one silent, one behind",
+            vec![behind("a", Some(995), 3), behind("b", None, 0)],
+            Some(false),
+        ),
+        (
+            "one fine, one behind",
+            vec![replica("a", 0, 995), behind("b", Some(999), 12)],
+            Some(true),
+        ),
+    ];
+    for (name, replicas, want) in cases {
+        let leases: Vec<Result<Replica, String>> = replicas.into_iter().map(Ok).collect();
+        let cov = coverage(&leases, &[], "ns", t(1000));
+        assert_eq!(cov.as_ref().err().map(|n| n.behind), want, "{name}: {cov:?}");
+        let verdict = unused_for(W, "old", &KeyUse::default(), &cov);
+        match want {
+            Some(true) => {
+                assert!(matches!(verdict, Unused::Behind(ref m) if m.contains("pending")), "{name}: {verdict:?}");
+            }
+            Some(false) => assert!(matches!(verdict, Unused::Silent(_)), "{name}: {verdict:?}"),
+            None => {}
+        }
+    }
 }
 
 /// The Lease's list is required: a Lease without it (or with an unreadable one) vouches for

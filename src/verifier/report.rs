@@ -607,6 +607,16 @@ pub fn desired_lease(
     (spec, annotations, labels)
 }
 
+/// Adds the heartbeat to a Lease's annotations: alive at `at`, with `pending` reports still to
+/// write ([`usage::ANN_HEARTBEAT`], [`usage::ANN_PENDING`]).
+pub fn heartbeat(annotations: &mut BTreeMap<String, String>, at: DateTime<Utc>, pending: usize) {
+    annotations.insert(
+        usage::ANN_HEARTBEAT.to_string(),
+        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    );
+    annotations.insert(usage::ANN_PENDING.to_string(), pending.to_string());
+}
+
 /// Page `page` of the report object of `replica` for `key` (server-side apply body), write
 /// number `seq`.
 pub fn report_object(

@@ -180,7 +180,13 @@ async fn read_usage(
             crate::usage::coverage(&parsed, &ctx.config.verifier_replicas, ns, now),
             parsed,
         ),
-        Err(why) => (Err(why), Vec::new()),
+        Err(why) => (
+            Err(crate::usage::NoCoverage {
+                why,
+                behind: false,
+            }),
+            Vec::new(),
+        ),
     };
     Ok(Some(rotation::UsageObs {
         coverage,

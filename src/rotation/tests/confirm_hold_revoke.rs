@@ -120,6 +120,25 @@ pub(super) fn cases() -> Vec<Case> {
         .check(Check::RotatingMentions("silent: v-3600")),
         case(
             RULE,
+            "unused-for: a replica alive but behind holds it without an alarm (VerifierBehind)",
+            unused_5m(),
+            confirmed_with(usage(
+                vec![replica(3600, 5), {
+                    let mut r = replica(3600, 120);
+                    r.heartbeat = Some(ago(3));
+                    r.pending = 640;
+                    r
+                }],
+                &[],
+            )),
+            None,
+            Phase::Overlap,
+        )
+        .check(Check::NotStalled)
+        .check(Check::Rotating(reasons::VERIFIER_BEHIND))
+        .check(Check::RotatingMentions("640 reports pending")),
+        case(
+            RULE,
             "unused-for: the agents' evidence still comes first",
             unused_5m(),
             with_obs(vec![key(1, Retiring), key(2, Active)], |o| {

@@ -290,6 +290,8 @@ fn replica(since: i64, watermark: i64) -> crate::usage::Replica {
         stopped: false,
         reports: Default::default(),
         reports_overflow: false,
+        heartbeat: None,
+        pending: 0,
     }
 }
 

@@ -33,6 +33,18 @@ pub enum ReportError {
     },
 }
 
+/// Report writes one replica keeps in flight at once.
+const REPORT_WRITES_IN_FLIGHT: usize = 8;
+
+/// A finished write of one key's report pages.
+struct Written {
+    key: KeyRef,
+    /// Pages written.
+    pages: u64,
+    /// The page that failed and why.
+    failed: Option<(String, String)>,
+}
+
 struct Reporter {
     client: Client,
     config: ReportConfig,
@@ -123,8 +135,21 @@ impl Reporter {
         // A flush spends at most 80 % of an interval waiting for tokens (the Lease is renewed
         // after it), so the steady rate is --report-qps, not just the burst per interval.
         let budget = add(start, self.config.interval.mul_f64(0.8));
+        // Writes go out concurrently (at most REPORT_WRITES_IN_FLIGHT), still paced by the
+        // token bucket: one replica's steady rate is --report-qps whatever the API server's
+        // latency, where serial writes managed only 1/latency per second. Backpressure: a full
+        // set of writes in flight waits for one to finish before the next token is spent.
+        let mut inflight: tokio::task::JoinSet<Written> = tokio::task::JoinSet::new();
         for (key, target) in candidates {
             let pages = self.state.pages(&key);
+            while inflight.len() >= REPORT_WRITES_IN_FLIGHT {
+                if let Some(done) = inflight.join_next().await {
+                    self.written(done, start);
+                }
+            }
+            while let Some(done) = inflight.try_join_next() {
+                self.written(done, start);
+            }
             if !last {
                 let now = Utc::now();
                 let wait = self.bucket.wait(now);
@@ -145,38 +170,68 @@ impl Reporter {
             // which is never below what the Lease lists, and the next flush writes them again.
             let seq = self.state.next_seq();
             let keys_truncated = self.state.keys_truncated(&key);
+            let reports: Vec<KeyUsageReport> = pages
+                .into_iter()
+                .map(|page| {
+                    report_object(
+                        &self.config.replica,
+                        &key,
+                        &target.uid,
+                        page,
+                        seq,
+                        keys_truncated,
+                    )
+                })
+                .collect();
             let api: Api<KeyUsageReport> = Api::namespaced(self.client.clone(), &key.namespace);
-            let params = PatchParams::apply(usage::FIELD_MANAGER).force();
-            let count = pages.len();
-            let mut ok = true;
-            for page in pages {
-                let report = report_object(
-                    &self.config.replica,
-                    &key,
-                    &target.uid,
-                    page,
-                    seq,
-                    keys_truncated,
-                );
-                let name = report.metadata.name.clone().unwrap_or_default();
-                match api.patch(&name, &params, &Patch::Apply(&report)).await {
-                    Ok(_) => self.writes += 1,
-                    Err(e) => {
-                        self.failed_writes += 1;
-                        warn!(key = %key, report = %name, error = %e, failed_writes = self.failed_writes,
-                              "usage report write failed; it stays dirty and holds the watermark back");
-                        ok = false;
-                        break;
+            inflight.spawn(async move {
+                let params = PatchParams::apply(usage::FIELD_MANAGER).force();
+                let mut pages = 0;
+                for report in &reports {
+                    let name = report.metadata.name.clone().unwrap_or_default();
+                    if let Err(e) = api.patch(&name, &params, &Patch::Apply(report)).await {
+                        return Written {
+                            key,
+                            pages,
+                            failed: Some((name, e.to_string())),
+                        };
                     }
+                    pages += 1;
                 }
-            }
-            if ok {
-                self.state.written(&key, start);
-                debug!(key = %key, pages = count, "usage report written");
-            }
+                Written {
+                    key,
+                    pages,
+                    failed: None,
+                }
+            });
+        }
+        while let Some(done) = inflight.join_next().await {
+            self.written(done, start);
         }
         self.record_drops();
         self.state.watermark(start)
+    }
+
+    /// Books a finished report write: its pages count as writes; a key counts as written (at
+    /// `start`) only when all its pages are.
+    fn written(&mut self, done: Result<Written, tokio::task::JoinError>, start: DateTime<Utc>) {
+        let Ok(done) = done else {
+            self.failed_writes += 1;
+            warn!("a usage report write task failed; its key stays dirty");
+            return;
+        };
+        self.writes += done.pages;
+        match done.failed {
+            None => {
+                self.state.written(&done.key, start);
+                debug!(key = %done.key, pages = done.pages, "usage report written");
+            }
+            Some((report, error)) => {
+                self.failed_writes += 1;
+                warn!(key = %done.key, report = %report, error = %error, failed_writes = self.failed_writes,
+                      "usage report write failed; it stays dirty and holds the watermark back");
+            }
+        }
     }
 
     /// Creates or takes over the Lease for this incarnation (new window, new holder).
@@ -196,7 +251,7 @@ impl Reporter {
             self.state.carry_over(&previous, self.since);
         }
         let listing = self.state.listing(Utc::now());
-        let (spec, annotations, labels) = desired_lease(
+        let (spec, mut annotations, labels) = desired_lease(
             &self.config,
             &self.holder,
             self.since,
@@ -204,6 +259,7 @@ impl Reporter {
             false,
             &listing,
         );
+        heartbeat(&mut annotations, Utc::now(), self.state.dirty_keys().len());
         match existing {
             None => {
                 let lease = Lease {
@@ -303,7 +359,7 @@ impl Reporter {
         let watermark = watermark.max(previous);
         let stopped = stopping && clean;
         let listing = self.state.listing(start);
-        let (spec, annotations, _) = desired_lease(
+        let (spec, mut annotations, _) = desired_lease(
             &self.config,
             &self.holder,
             self.since,
@@ -311,6 +367,9 @@ impl Reporter {
             stopped,
             &listing,
         );
+        // Renewed every interval even while reports lag: the heartbeat says the replica is
+        // alive, the pending count how far behind; the watermark above stays the evidence.
+        heartbeat(&mut annotations, Utc::now(), self.state.dirty_keys().len());
         let mut ann = lease.metadata.annotations.take().unwrap_or_default();
         ann.remove(usage::ANN_STOPPED);
         ann.remove(usage::ANN_REPORTS_OVERFLOW);
