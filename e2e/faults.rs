@@ -37,7 +37,7 @@ use keyward::api::{PolicyAgent, ProvisioningKey};
 use keyward::labels as l;
 use keyward_testbed::eventually;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Resource};
+use kube::{Api, Resource, ResourceExt as _};
 use rand::{Rng as _, SeedableRng as _};
 use scenarios::support::{
     Bed, DEPLOY, OperatorProcess, PK, Rotation, STS, Workloads, private_operator_binary, secs,
@@ -557,13 +557,39 @@ async fn apiserver_stopped_mid_rotation() -> anyhow::Result<()> {
     s.done().await
 }
 
-/// The API server killed (SIGKILL) mid-rotation and started again after the outage.
+/// The API server killed (SIGKILL) right after a rotation was requested with
+/// `keyward rotate --wait` (before the new key is handed out), and started again after the
+/// outage. The CLI waits the outage out and exits 0 once the new key is handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the API server: runs on a plane of its own, `bash e2e/faults.sh`"]
 async fn apiserver_killed_mid_rotation() -> anyhow::Result<()> {
     let mut s = Scenario::start("faults-kill").await?;
     let mut plane = PlaneGuard::new();
-    let (before, since) = s.in_flight("apikill").await?;
+    let before = s.bed.workloads_now().await?;
+    let since = Instant::now();
+    let cli_out = s.bed.log_path("rotate.log");
+    let mut cli = Command::new(&s.bin)
+        .args(["rotate", "-n", &s.bed.ns, PK, "--wait", "--timeout", "3m"])
+        .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
+        .stdout(std::fs::File::create(&cli_out)?)
+        .stderr(std::fs::File::create(s.bed.log_path("rotate.err"))?)
+        .spawn()
+        .context("run keyward rotate --wait")?;
+    // Requested (the annotation is on the key), not handed out yet (publishDelay is 2 s).
+    let pks = s.bed.api::<ProvisioningKey>();
+    eventually(
+        "the rotation requested by the CLI",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            let pks = pks.clone();
+            async move {
+                let pk = pks.get(PK).await.ok()?;
+                pk.annotations().contains_key(l::ROTATE).then_some(())
+            }
+        },
+    )
+    .await?;
     plane.kill()?;
     s.bed
         .say(format!("API server killed; down for {:?}", outage()));
@@ -572,6 +598,17 @@ async fn apiserver_killed_mid_rotation() -> anyhow::Result<()> {
     s.bed.say("API server ready again");
     s.probe_first_reconcile(back).await?;
     s.finish(before, since, Some(back)).await?;
+    let status = tokio::task::spawn_blocking(move || cli.wait()).await??;
+    let said = std::fs::read_to_string(&cli_out)?;
+    let err = std::fs::read_to_string(s.bed.log_path("rotate.err"))?;
+    ensure!(
+        status.success() && said.contains("rotated"),
+        "keyward rotate --wait did not wait out the outage: {status}; stdout: {said}; stderr: {err}"
+    );
+    s.bed.say(format!(
+        "keyward rotate --wait waited the outage out: {}",
+        said.trim()
+    ));
     s.done().await
 }
 

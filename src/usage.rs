@@ -372,9 +372,9 @@ pub fn coverage(
             continue;
         }
         // Alive (renewed within its lease duration) but its reports have not caught up.
-        let alive = r
-            .heartbeat
-            .is_some_and(|h| h <= now + chrono::Duration::seconds(5) && now <= add(h, r.lease_duration));
+        let alive = r.heartbeat.is_some_and(|h| {
+            h <= now + chrono::Duration::seconds(5) && now <= add(h, r.lease_duration)
+        });
         if alive {
             behind.push(format!(
                 "{} ({} reports pending; reports cover up to {})",

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -266,6 +265,45 @@ async fn request(
     (done, failed)
 }
 
+/// Watches ProvisioningKey `name` until `cond` holds; `Ok(None)` when it is deleted. An API
+/// server that stops answering is waited out (the operator's watch backoff: 200 ms doubling to
+/// 4 s, jittered), so only `--timeout` ends the wait: a restart of the API server mid-rotation
+/// does not fail `keyward rotate --wait`. Said once on stderr.
+async fn await_rotated(
+    api: Api<ProvisioningKey>,
+    name: &str,
+    cond: impl Fn(Option<&ProvisioningKey>) -> bool,
+) -> Result<Option<ProvisioningKey>, kube::runtime::watcher::Error> {
+    use futures::StreamExt as _;
+    let outage = std::sync::Arc::new(crate::controller::backoff::Outage::default());
+    let watch = kube::runtime::watcher::watch_object(api, name);
+    let mut events = std::pin::pin!(crate::controller::backoff::watch_backoff(watch, outage));
+    let mut seen = false;
+    let mut told = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(obj) => {
+                if cond(obj.as_ref()) {
+                    return Ok(obj);
+                }
+                match obj {
+                    Some(_) => seen = true,
+                    None if seen => return Ok(None),
+                    None => {}
+                }
+            }
+            Err(e) if !told => {
+                told = true;
+                eprintln!(
+                    "keyward rotate: the API server does not answer ({e}); still waiting (--timeout)"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(None)
+}
+
 /// With `--wait`, waits for each requested key to rotate: whether watching failed, and whether
 /// a key did not rotate in time.
 async fn wait(args: &RotateArgs, client: &kube::Client, done: &mut [Requested]) -> (bool, bool) {
@@ -280,8 +318,7 @@ async fn wait(args: &RotateArgs, client: &kube::Client, done: &mut [Requested]) 
             let cond = move |o: Option<&ProvisioningKey>| {
                 o.is_some_and(|pk| rotated_from(pk, previous.as_deref()))
             };
-            match tokio::time::timeout_at(deadline, await_condition(api.clone(), &r.name, cond))
-                .await
+            match tokio::time::timeout_at(deadline, await_rotated(api.clone(), &r.name, cond)).await
             {
                 Ok(Ok(Some(pk))) => {
                     r.new_key = pk

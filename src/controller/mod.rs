@@ -6,7 +6,7 @@ pub mod policy_agent;
 pub mod provisioning_key;
 pub mod workloads;
 
-mod backoff;
+pub(crate) mod backoff;
 mod error;
 mod wiring;
 

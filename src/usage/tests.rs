@@ -350,7 +350,9 @@ fn expected_replicas_must_each_have_a_lease() {
         "ns",
         t(1000),
     );
-    assert!(cov.is_err_and(|m| m.why.contains("without a Lease") && m.why.contains('b') && !m.behind));
+    assert!(
+        cov.is_err_and(|m| m.why.contains("without a Lease") && m.why.contains('b') && !m.behind)
+    );
 }
 
 /// Issue 20, part 3: a replica whose watermark is past its lease duration but whose heartbeat
@@ -366,10 +368,26 @@ fn a_replica_alive_but_behind_is_not_silent() {
     };
     let cases: Vec<(&str, Vec<Replica>, Option<bool>)> = vec![
         ("fresh watermark", vec![replica("a", 0, 995)], None),
-        ("behind, heartbeat 5 s ago", vec![behind("a", Some(995), 700)], Some(true)),
-        ("heartbeat older than the lease", vec![behind("a", Some(960), 700)], Some(false)),
-        ("no heartbeat (older verifier)", vec![behind("a", None, 0)], Some(false)),
-        ("a heartbeat from the future", vec![behind("a", Some(2000), 1)], Some(false)),
+        (
+            "behind, heartbeat 5 s ago",
+            vec![behind("a", Some(995), 700)],
+            Some(true),
+        ),
+        (
+            "heartbeat older than the lease",
+            vec![behind("a", Some(960), 700)],
+            Some(false),
+        ),
+        (
+            "no heartbeat (older verifier)",
+            vec![behind("a", None, 0)],
+            Some(false),
+        ),
+        (
+            "a heartbeat from the future",
+            vec![behind("a", Some(2000), 1)],
+            Some(false),
+        ),
         (
             "one silent, one behind",
             vec![behind("a", Some(995), 3), behind("b", None, 0)],
@@ -384,11 +402,18 @@ fn a_replica_alive_but_behind_is_not_silent() {
     for (name, replicas, want) in cases {
         let leases: Vec<Result<Replica, String>> = replicas.into_iter().map(Ok).collect();
         let cov = coverage(&leases, &[], "ns", t(1000));
-        assert_eq!(cov.as_ref().err().map(|n| n.behind), want, "{name}: {cov:?}");
+        assert_eq!(
+            cov.as_ref().err().map(|n| n.behind),
+            want,
+            "{name}: {cov:?}"
+        );
         let verdict = unused_for(W, "old", &KeyUse::default(), &cov);
         match want {
             Some(true) => {
-                assert!(matches!(verdict, Unused::Behind(ref m) if m.contains("pending")), "{name}: {verdict:?}");
+                assert!(
+                    matches!(verdict, Unused::Behind(ref m) if m.contains("pending")),
+                    "{name}: {verdict:?}"
+                );
             }
             Some(false) => assert!(matches!(verdict, Unused::Silent(_)), "{name}: {verdict:?}"),
             None => {}

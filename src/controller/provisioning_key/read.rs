@@ -181,10 +181,7 @@ async fn read_usage(
             parsed,
         ),
         Err(why) => (
-            Err(crate::usage::NoCoverage {
-                why,
-                behind: false,
-            }),
+            Err(crate::usage::NoCoverage { why, behind: false }),
             Vec::new(),
         ),
     };
