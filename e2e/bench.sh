@@ -14,6 +14,11 @@
 #                                          27480..) under an /auth load (-- --rps 500 --duration 60
 #                                          --flood-keys 5 --flood-rps 2000 --flood-secs 20); reports
 #                                          KeyUsageReport and Lease writes, watermark lag, latency, RSS
+#   bash e2e/bench.sh soak                the soak (issue 20): N = 200 keys rotating every 60 s (floors
+#                                          lowered by the operator's flags), 20 PolicyAgents x 2 pods,
+#                                          2 verifier replicas (revokeWhenUnusedFor 20 s), for 60 min
+#                                          (--minutes M, --n N); prints RSS, open watches, rotations
+#                                          and violations every minute
 #   options: --label TEXT (names the run in the table), --operator-bin PATH (measure another
 #            build of keyward), --results FILE, --no-build, -- <extra keyward-bench arguments>
 #            (e.g. -- --timeout-per-key 0.3 --idle 60; `keyward-bench --help` lists them)
@@ -46,6 +51,8 @@ SPREAD_NS=50
 MEM10K=0
 VERIFIER=0
 VERIFIERS=2
+SOAK=0
+MINUTES=60
 N_GIVEN=0
 LABEL=""
 OPERATOR_BIN=""
@@ -55,6 +62,8 @@ EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
+    soak|--soak) SOAK=1; VERIFIER=1 ;;
+    --minutes) MINUTES=$2; shift ;;
     --n) NS_LIST=$2; N_GIVEN=1; shift ;;
     --verifier) VERIFIER=1 ;;
     --verifiers) VERIFIER=1; VERIFIERS=$2; shift ;;
@@ -67,7 +76,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -305,7 +314,12 @@ run() {
 # Everything below runs from one function, parsed whole before it starts: editing this file
 # while a long benchmark runs cannot change what the running script executes.
 main() {
-  if [ "$VERIFIER" = 1 ]; then
+  if [ "$SOAK" = 1 ]; then
+    [ "$N_GIVEN" = 1 ] || NS_LIST=200
+    run "$NS_LIST" 1 --soak-minutes "$MINUTES" --policy-agents 20 --replicas 2 \
+      --verifiers "$VERIFIERS" --verifier-kubeconfig "$DIR/verifier.kubeconfig" \
+      --verifier-user "$VERIFIER_USER"
+  elif [ "$VERIFIER" = 1 ]; then
     IFS=, read -r -a sizes <<<"$NS_LIST"
     for n in ${sizes[@]+"${sizes[@]}"}; do
       run "$n" 1 --verifier --verifiers "$VERIFIERS" --verifier-kubeconfig "$DIR/verifier.kubeconfig" \

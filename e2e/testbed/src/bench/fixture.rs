@@ -133,6 +133,17 @@ pub async fn keys(
     indices: impl Iterator<Item = usize>,
     concurrency: usize,
 ) -> anyhow::Result<()> {
+    keys_with(client, namespaces, indices, concurrency, &key_spec()).await
+}
+
+/// As [`keys`], each with `spec`.
+pub async fn keys_with(
+    client: &Client,
+    namespaces: &[String],
+    indices: impl Iterator<Item = usize>,
+    concurrency: usize,
+    spec: &serde_json::Value,
+) -> anyhow::Result<()> {
     let ar = tracker::provisioning_keys();
     futures::stream::iter(indices.map(|i| {
         let ns = &namespaces[i % namespaces.len()];
@@ -143,7 +154,7 @@ pub async fn keys(
                 "apiVersion": "keyward.dev/v1alpha1",
                 "kind": "ProvisioningKey",
                 "metadata": { "name": name },
-                "spec": key_spec(),
+                "spec": spec,
             }))?;
             api.create(&PostParams::default(), &obj)
                 .await

@@ -25,6 +25,7 @@ mod guard;
 mod metrics;
 mod probe;
 mod process;
+mod soak;
 mod tracker;
 mod verifier;
 
@@ -188,6 +189,11 @@ pub struct Args {
     /// two p99s are compared.
     #[arg(long, default_value_t = 0)]
     idle_connections: usize,
+    /// The soak instead of the phases above (`bash e2e/bench.sh soak`): N keys rotating every
+    /// 60 s, `--policy-agents` PolicyAgents (one per key), `--verifiers` replicas, for this
+    /// many minutes (see `bench/soak.rs`); 0: no soak.
+    #[arg(long, default_value_t = 0)]
+    soak_minutes: u64,
 }
 
 impl Args {
@@ -398,7 +404,12 @@ pub async fn main() -> anyhow::Result<()> {
     if args.verifier {
         report.title = format!("Verifier reporting: {}", report.title);
     }
-    let outcome = if args.verifier {
+    if args.soak_minutes > 0 {
+        report.title = format!("Soak, {} min: {}", args.soak_minutes, report.title);
+    }
+    let outcome = if args.soak_minutes > 0 {
+        soak::run(&args, &mut report, &guard).await
+    } else if args.verifier {
         verifier::run(&args, &mut report, &guard).await
     } else {
         run(&args, &mut report, &guard).await

@@ -350,11 +350,79 @@ async fn run_stream(
     all
 }
 
+/// Starts `args.verifiers` `keyward verifier` replicas (`v-<i>`, reporting, plain HTTP on
+/// `args.verifier_port + i`) watching `namespace`, waits until each is ready (watches listed)
+/// and has written its Lease. Logs go to `<out>/verifier-v-<i>-<tag>.log`.
+pub(super) async fn start_replicas(
+    args: &Args,
+    namespace: &str,
+    tag: &str,
+    admin: &kube::Client,
+) -> anyhow::Result<(Vec<Operator>, Vec<SocketAddr>)> {
+    let r = args.verifiers;
+    let v_kubeconfig = args
+        .verifier_kubeconfig
+        .clone()
+        .or_else(|| std::env::var_os("KUBECONFIG").map(Into::into))
+        .context("no kubeconfig for the verifiers (--verifier-kubeconfig or KUBECONFIG)")?;
+    let addrs: Vec<SocketAddr> = (0..r)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], args.verifier_port + i as u16)))
+        .collect();
+    let mut replicas = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let vlog = args.out.join(format!("verifier-v-{i}-{tag}.log"));
+        let _ = std::fs::remove_file(&vlog);
+        let mut vargs: Vec<String> = [
+            "verifier",
+            "--plain-http",
+            "--namespaces",
+            namespace,
+            "--replica-id",
+            &format!("v-{i}"),
+            "--lease-namespace",
+            &args.lease_namespace,
+            "--address",
+            &addr.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        vargs.extend(args.verifier_arg.iter().cloned());
+        let p = Operator::start_with(&args.operator_bin, &vargs, &[], &v_kubeconfig, &vlog)?;
+        say(&format!(
+            "verifier v-{i} started (pid {}) on {addr}, log {}",
+            p.pid,
+            vlog.display()
+        ));
+        replicas.push(p);
+    }
+    for addr in &addrs {
+        wait_ready(*addr, Duration::from_secs(120)).await?;
+    }
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &args.lease_namespace);
+    let t_limit = Instant::now();
+    loop {
+        if leases_now(&leases).await?.len() >= r {
+            break;
+        }
+        anyhow::ensure!(
+            t_limit.elapsed() < Duration::from_secs(60),
+            "the verifier Leases were not all written within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok((replicas, addrs))
+}
+
 /// A replica's Lease as sampled.
 #[derive(Clone, Debug)]
 struct LeaseSample {
     at: Timestamp,
     watermark: Option<Timestamp>,
+    /// `keyward.dev/heartbeat`: renewed every interval even while reports lag.
+    heartbeat: Option<Timestamp>,
+    /// `keyward.dev/pending-reports`.
+    pending: u64,
     duration_s: i64,
     stopped: bool,
 }
@@ -368,11 +436,19 @@ fn parse_lease(l: &Lease) -> (String, LeaseSample) {
         .as_ref()
         .and_then(|a| a.get("keyward.dev/stopped"))
         .is_some_and(|v| v == "true");
+    let ann = l.metadata.annotations.clone().unwrap_or_default();
     (
         name,
         LeaseSample {
             at: Timestamp::now(),
             watermark: spec.renew_time.map(|t| t.0),
+            heartbeat: ann
+                .get("keyward.dev/heartbeat")
+                .and_then(|t| t.parse::<Timestamp>().ok()),
+            pending: ann
+                .get("keyward.dev/pending-reports")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
             duration_s: i64::from(spec.lease_duration_seconds.unwrap_or(0)),
             stopped,
         },
@@ -549,58 +625,9 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
 
     // The replicas.
     let r = args.verifiers;
-    let v_kubeconfig = args
-        .verifier_kubeconfig
-        .clone()
-        .or_else(|| std::env::var_os("KUBECONFIG").map(Into::into))
-        .context("no kubeconfig for the verifiers (--verifier-kubeconfig or KUBECONFIG)")?;
-    let addrs: Vec<SocketAddr> = (0..r)
-        .map(|i| SocketAddr::from(([127, 0, 0, 1], args.verifier_port + i as u16)))
-        .collect();
-    let mut replicas = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let vlog = args.out.join(format!("verifier-v-{i}-n{n}.log"));
-        let _ = std::fs::remove_file(&vlog);
-        let mut vargs: Vec<String> = [
-            "verifier",
-            "--plain-http",
-            "--namespaces",
-            NS,
-            "--replica-id",
-            &format!("v-{i}"),
-            "--lease-namespace",
-            &args.lease_namespace,
-            "--address",
-            &addr.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        vargs.extend(args.verifier_arg.iter().cloned());
-        let p = Operator::start_with(&args.operator_bin, &vargs, &[], &v_kubeconfig, &vlog)?;
-        say(&format!(
-            "verifier v-{i} started (pid {}) on {addr}, log {}",
-            p.pid,
-            vlog.display()
-        ));
-        replicas.push(p);
-    }
     let t_v = Timestamp::now();
-    for addr in &addrs {
-        wait_ready(*addr, Duration::from_secs(120)).await?;
-    }
+    let (mut replicas, addrs) = start_replicas(args, NS, &format!("n{n}"), &admin).await?;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &args.lease_namespace);
-    let t_limit = Instant::now();
-    loop {
-        if leases_now(&leases).await?.len() >= r {
-            break;
-        }
-        anyhow::ensure!(
-            t_limit.elapsed() < Duration::from_secs(60),
-            "the verifier Leases were not all written within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
     report.row(
         format!("Verifiers: {r} replicas started until ready (watches listed) and Leases written"),
         format!(
@@ -838,11 +865,30 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             .collect();
         let max = lags.iter().copied().fold(0.0_f64, f64::max);
         let dur = v.iter().map(|s| s.duration_s).max().unwrap_or(0);
-        let silent = lags.iter().filter(|l| **l > dur as f64).count();
+        // As the operator reads it (`usage::coverage`): past the lease duration, a replica
+        // with a fresh heartbeat is behind (VerifierBehind), one without is silent.
+        let (mut behind, mut silent, mut pending) = (0, 0, 0);
+        for (s, lag) in v.iter().zip(&lags) {
+            if *lag <= dur as f64 {
+                continue;
+            }
+            let alive = s.heartbeat.is_some_and(|h| secs(h, s.at) <= dur as f64);
+            if alive {
+                behind += 1;
+                pending = pending.max(s.pending);
+            } else {
+                silent += 1;
+            }
+        }
         silent_any |= silent > 0;
         lag_rows.push(format!(
-            "{name}: max {max:.1} s over {} samples (lease {dur} s){}",
+            "{name}: max {max:.1} s over {} samples (lease {dur} s){}{}",
             v.len(),
+            if behind > 0 {
+                format!(", behind in {behind} samples (at most {pending} reports pending)")
+            } else {
+                String::new()
+            },
             if silent > 0 {
                 format!(", SILENT in {silent} samples")
             } else {
