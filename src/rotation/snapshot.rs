@@ -44,6 +44,10 @@ pub struct ConsumerReads {
     pub revisions: Vec<ControllerRevision>,
     /// Pods using the agent Secret that no PolicyAgent covers; `None` until scanned.
     pub uncovered: Option<Vec<Uncovered>>,
+    /// The scan saw pods using the agent Secret that are terminating: its result is about to
+    /// change, so it was not kept, and the key is looked at again soon (nothing else wakes it:
+    /// pods are not watched).
+    pub settling: bool,
 }
 
 /// The object a step wrote, as the API server returned it.

@@ -74,6 +74,9 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
     }
 }
 
+/// How soon a key whose consumer scan saw terminating pods is looked at again.
+const SETTLING_RECHECK: Duration = Duration::from_secs(3);
+
 async fn run_steps(
     ctx: &Context,
     pk: &ProvisioningKey,
@@ -94,9 +97,14 @@ async fn run_steps(
         let plan = rotation::plan(&read.settings, &read.observed, now);
         let Some(step) = &plan.step else {
             report::status_and_events(ctx, pk, &read, &plan, now).await?;
-            return Ok(plan
-                .requeue_after
-                .map_or_else(Action::await_change, Action::requeue));
+            // Terminating pods in the consumer scan: look again once they are gone.
+            let settling = raw.consumers.as_ref().is_some_and(|c| c.settling);
+            let requeue = match (plan.requeue_after, settling) {
+                (Some(d), true) => Some(d.min(SETTLING_RECHECK)),
+                (None, true) => Some(SETTLING_RECHECK),
+                (d, false) => d,
+            };
+            return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
         };
         let (mut minted, written) = apply::step(ctx, pk, &read, step, now, &mut fresh).await?;
         if let (Some(m), Step::Mint { seq, .. }) = (minted.as_mut(), step) {

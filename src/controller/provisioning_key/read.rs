@@ -319,7 +319,9 @@ async fn read_consumers(
         }
         out.workloads.push(w);
     }
-    out.uncovered = scan_consumers(ctx, pk, raw, &out, now).await?;
+    let (uncovered, settling) = scan_consumers(ctx, pk, raw, &out, now).await?;
+    out.uncovered = uncovered;
+    out.settling = settling;
     Ok(out)
 }
 
@@ -335,24 +337,29 @@ async fn read_consumers(
 /// changes (read by name, see [`owners_changed`]) is the namespace listed again, so scaling a
 /// stray workload down still lets the revocation go ahead on the PolicyAgents' evidence. A
 /// restart of the operator scans again.
+///
+/// A scan that sees terminating pods using the Secret is not remembered, and says so
+/// (`settling`): those pods are about to go, but their workload (already scaled down or
+/// rolled) may not change again to wake a new scan, so the old key would wait for the time
+/// fallback on pods that no longer exist.
 async fn scan_consumers(
     ctx: &Context,
     pk: &ProvisioningKey,
     raw: &Raw,
     reads: &ConsumerReads,
     now: DateTime<Utc>,
-) -> Result<Option<Vec<Uncovered>>> {
+) -> Result<(Option<Vec<Uncovered>>, bool)> {
     let (ns, name) = object_key(pk)?;
     let uid = uid_of(pk);
     let parsed = observe::key_secrets(pk, &raw.key_secret_list());
     let Some(old) = parsed.keys.iter().find(|k| k.state == KeyState::Retiring) else {
-        return Ok(None);
+        return Ok((None, false));
     };
     if let Some(scan) = ctx.scans.get(&uid, old.seq) {
         // Pods are not watched. Their workloads are read by name instead (cheap): only when one
         // of them changed (scaled down, rolled, deleted) is the namespace scanned again.
         if !owners_changed(ctx, &ns, &scan.owners).await? {
-            return Ok(Some(scan.uncovered));
+            return Ok((Some(scan.uncovered), false));
         }
     }
     let names = observe::names(pk, &parsed);
@@ -364,10 +371,10 @@ async fn scan_consumers(
         _ => None,
     };
     let Some(handed_out) = handed_out else {
-        return Ok(None);
+        return Ok((None, false));
     };
     if now < handed_out + chrono::Duration::from_std(SCAN_DELAY).unwrap_or_default() {
-        return Ok(None);
+        return Ok((None, false));
     }
     let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default())
@@ -409,16 +416,21 @@ async fn scan_consumers(
     for (owner, rv) in &mut owners {
         *rv = owner_version(ctx, &ns, owner).await?;
     }
-    info!(pk = %name, seq = old.seq, uncovered = found.len(), "consumer scan");
-    ctx.scans.put(
-        &uid,
-        old.seq,
-        Scan {
-            uncovered: found.clone(),
-            owners,
-        },
-    );
-    Ok(Some(found))
+    // Only while uncovered consumers hold the key back does their going away matter.
+    let settling =
+        !found.is_empty() && pods.iter().any(|p| p.metadata.deletion_timestamp.is_some());
+    info!(pk = %name, seq = old.seq, uncovered = found.len(), settling, "consumer scan");
+    if !settling {
+        ctx.scans.put(
+            &uid,
+            old.seq,
+            Scan {
+                uncovered: found.clone(),
+                owners,
+            },
+        );
+    }
+    Ok((Some(found), settling))
 }
 
 /// Whether any workload that ran uncovered pods at the last scan changed since.
