@@ -199,6 +199,45 @@ async fn sample(admin: &kube::Client) -> anyhow::Result<Sample> {
     Ok(out)
 }
 
+/// The verifier replicas as the operator reads them now: `(behind, silent)` replica names. A
+/// replica whose watermark (`renewTime`) is older than its lease duration is behind when its
+/// heartbeat is fresh, silent otherwise.
+async fn replicas_state(
+    admin: &kube::Client,
+    ns: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
+    let now = Timestamp::now();
+    let (mut behind, mut silent) = (Vec::new(), Vec::new());
+    for l in leases
+        .list(&ListParams::default().labels("keyward.dev/component=verifier"))
+        .await?
+        .items
+    {
+        let name = l.metadata.name.clone().unwrap_or_default();
+        let spec = l.spec.clone().unwrap_or_default();
+        let dur = f64::from(spec.lease_duration_seconds.unwrap_or(0));
+        let lag =
+            |t: Option<Timestamp>| t.map_or(f64::INFINITY, |t| now.duration_since(t).as_secs_f64());
+        if lag(spec.renew_time.map(|t| t.0)) <= dur {
+            continue;
+        }
+        let heartbeat = l
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("keyward.dev/heartbeat"))
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        if lag(heartbeat) <= dur {
+            behind.push(name);
+        } else {
+            silent.push(name);
+        }
+    }
+    Ok((behind, silent))
+}
+
 pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::Result<()> {
     let minutes = args.soak_minutes;
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
@@ -307,6 +346,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     let mut first_seqs: Option<u32> = None;
     let mut rotations = 0u32;
     let mut not_ready = 0usize;
+    let mut behind_minutes = 0usize;
     for minute in 1..=minutes {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let mut this: Vec<String> = Vec::new();
@@ -320,6 +360,13 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         }
         let s = sample(&admin).await.context("read the namespace")?;
         this.extend(s.violations.iter().cloned());
+        let (behind, silent) = replicas_state(&admin, &args.lease_namespace).await?;
+        for v in &silent {
+            this.push(format!(
+                "verifier Lease {v} is silent (watermark and heartbeat stale)"
+            ));
+        }
+        behind_minutes += usize::from(!behind.is_empty());
         for (pk, kids) in &s.trusted {
             let seen = ever_trusted.entry(pk.clone()).or_default();
             let gone = left.entry(pk.clone()).or_default();
@@ -401,6 +448,10 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             "{rotations} ({:.1} per key per minute); not Ready at the end: {not_ready}",
             rotations as f64 / args.n as f64 / (minutes.saturating_sub(1).max(1)) as f64
         ),
+    );
+    report.row(
+        "Minutes with a verifier replica behind (alive, reports lagging)",
+        behind_minutes.to_string(),
     );
     report.row(
         "Violations",
