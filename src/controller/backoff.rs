@@ -180,7 +180,12 @@ where
                 while back.try_recv().is_ok() {}
                 tokio::select! {
                     () = tokio::time::sleep(d) => {}
-                    _ = back.recv() => {}
+                    _ = back.recv() => {
+                        // The API server answers again: a watch that still fails right after
+                        // (a restarted API server warming its caches) retries from 200 ms, not
+                        // from where the outage left its backoff (up to 4 s).
+                        backoff = WatchBackoff::default();
+                    }
                 }
             }
             let item = stream.next().await?;
@@ -362,6 +367,32 @@ mod tests {
         assert!(
             waited < Duration::from_millis(200),
             "waited {waited:?} for a retry the announcement should have cut short"
+        );
+    }
+
+    /// After the announcement a watch that fails again (a restarted API server still warming
+    /// up) retries after 200 ms, not after the 3.2 s its backoff had reached.
+    #[tokio::test(start_paused = true)]
+    async fn the_announcement_resets_the_watch_backoff() {
+        use futures::StreamExt as _;
+        let outage = Arc::new(Outage::default());
+        let items = futures::stream::iter([Err(()), Err(()), Err(()), Err(()), Err(()), Ok(1u32)]);
+        let mut watch = Box::pin(watch_backoff(items, outage.clone()));
+        for _ in 0..4 {
+            assert_eq!(watch.next().await, Some(Err(())));
+        }
+        let announcer = outage.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            announcer.observe(true);
+        });
+        assert_eq!(watch.next().await, Some(Err(())));
+        let start = tokio::time::Instant::now();
+        assert_eq!(watch.next().await, Some(Ok(1)));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(160) && waited <= Duration::from_millis(240),
+            "waited {waited:?} after the announcement, not 200 ms ±20 %"
         );
     }
 
