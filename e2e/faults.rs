@@ -130,6 +130,20 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The last `n` lines of a plane component's log (for failure messages).
+fn plane_log_tail(component: &str, n: usize) -> String {
+    let Ok(dir) = plane_dir() else {
+        return String::new();
+    };
+    let text = std::fs::read_to_string(dir.join(format!("{component}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.chars().take(300).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn apiserver_pid() -> anyhow::Result<u32> {
     let path = plane_dir()?.join("kube-apiserver.pid");
     std::fs::read_to_string(&path)
@@ -395,6 +409,30 @@ impl Scenario {
             .wait_handed_out(|k| k != old)
             .await
             .with_context(|| format!("the operator's output:\n{}", self.op.log_tail(30)))?;
+        if back.is_some() {
+            // After an API server restart the rolls wait on kube-controller-manager, whose
+            // informers back off (client-go: up to 30 s) while the restarted API server warms
+            // up: give the agents' confirmation longer than the bed's usual minute.
+            let bed = &self.bed;
+            let kid = new.clone();
+            eventually(
+                "both PolicyAgents confirmed after the fault",
+                Duration::from_secs(150),
+                Duration::from_millis(200),
+                || {
+                    let kid = kid.clone();
+                    async move { (bed.confirmed_count(&kid).await.ok()? == 2).then_some(()) }
+                },
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "the operator's output:\n{}\nkube-controller-manager's last lines:\n{}",
+                    self.op.log_tail(30),
+                    plane_log_tail("kube-controller-manager", 8)
+                )
+            })?;
+        }
         self.bed
             .wait_rotation_complete(&old, &new)
             .await
