@@ -312,22 +312,10 @@ impl Scenario {
     /// published, handed out, and the rolls and confirmations are in flight.
     async fn in_flight(&self, label: &str) -> anyhow::Result<(Workloads, Instant)> {
         let (before, since) = self.request(label).await?;
-        let seq = self.seq;
-        let bed = &self.bed;
-        eventually(
-            "old key retiring",
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            || async move {
-                bed.key_secrets()
-                    .await
-                    .ok()
-                    .filter(|k| k.iter().any(|k| k.seq == seq && k.state == "retiring"))
-                    .map(|_| ())
-            },
-        )
-        .await
-        .with_context(|| format!("the operator's output:\n{}", self.op.log_tail(30)))?;
+        self.bed
+            .wait_retiring(self.seq)
+            .await
+            .with_context(|| format!("the operator's output:\n{}", self.op.log_tail(30)))?;
         Ok((before, since))
     }
 

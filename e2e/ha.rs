@@ -281,20 +281,9 @@ async fn rotation_in_flight(
     let before = bed.workloads_now().await?;
     let since = Instant::now();
     bed.request_rotation("mid-rotation").await?;
-    eventually(
-        "old key retiring",
-        Duration::from_secs(60),
-        Duration::from_millis(50),
-        || async move {
-            bed.key_secrets()
-                .await
-                .ok()
-                .filter(|k| k.iter().any(|k| k.seq == 1 && k.state == "retiring"))
-                .map(|_| ())
-        },
-    )
-    .await
-    .with_context(|| format!("a's output:\n{}", a.log_tail(30)))?;
+    bed.wait_retiring(1)
+        .await
+        .with_context(|| format!("a's output:\n{}", a.log_tail(30)))?;
     Ok((before, since))
 }
 

@@ -332,17 +332,8 @@ impl OperatorProcess {
             "127.0.0.1:0",
             "--health-address",
             "127.0.0.1:0",
-            "--min-rotation-interval",
-            "0s",
-            "--min-min-interval",
-            "0s",
-            "--min-overlap",
-            "0s",
-            "--min-token-ttl",
-            "1s",
-            "--min-publish-delay",
-            "0s",
         ])
+        .args(keyward_testbed::LOWERED_FLOORS)
         .env("KUBECONFIG", keyward_testbed::kubeconfig_path())
         .env("RUST_LOG", "info,kube=warn")
         .env("NO_COLOR", "1")
@@ -1021,6 +1012,25 @@ impl Bed {
                 .flatten()
                 .filter(|k| pred(k))
         })
+        .await
+    }
+
+    /// Waits until key Secret `seq` is retiring: its successor is current and handed out, and
+    /// the rolls and confirmations are in flight.
+    #[allow(dead_code)] // used by e2e/ha.rs and e2e/faults.rs, not by e2e/rotation.rs
+    pub async fn wait_retiring(&self, seq: u32) -> anyhow::Result<()> {
+        eventually(
+            "old key retiring",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async move {
+                self.key_secrets()
+                    .await
+                    .ok()
+                    .filter(|k| k.iter().any(|k| k.seq == seq && k.state == "retiring"))
+                    .map(|_| ())
+            },
+        )
         .await
     }
 

@@ -31,3 +31,18 @@ pub use kubelet::{
 pub use namespace::TestNamespace;
 pub use opa::{AgentProxy, OPA_PORT, OpaProcess, POD_NAME_HEADER_OPA, POD_UID_HEADER, opa_binary};
 pub use wait::{BedBackoff, WaitError, conditions, eventually, wait_for, wait_for_deleted};
+
+/// `keyward run` flags that lower every interval floor, so tests and the soak may use rotation
+/// intervals of seconds (see `keyward run --help`).
+pub const LOWERED_FLOORS: [&str; 10] = [
+    "--min-rotation-interval",
+    "0s",
+    "--min-min-interval",
+    "0s",
+    "--min-overlap",
+    "0s",
+    "--min-token-ttl",
+    "1s",
+    "--min-publish-delay",
+    "0s",
+];

@@ -283,6 +283,34 @@ fn shapes_table(title: &str, requests: &[&audit::Request], per: usize, top: usiz
     s
 }
 
+/// Starts the operator under test (`<operator-bin> <run_args>`, its log at `log`, started
+/// afresh) as the operator's ServiceAccount, and hands its pid to the memory guard.
+fn start_operator(
+    args: &Args,
+    guard: &guard::Guard,
+    log: &Path,
+    run_args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<Operator> {
+    let _ = std::fs::remove_file(log);
+    let op = Operator::start_with(
+        &args.operator_bin,
+        run_args,
+        env,
+        &args.operator_kubeconfig,
+        log,
+    )?;
+    guard
+        .operator
+        .store(op.pid, std::sync::atomic::Ordering::Relaxed);
+    say(&format!(
+        "operator started (pid {}), log {}",
+        op.pid,
+        log.display()
+    ));
+    Ok(op)
+}
+
 /// Creates the probe ConfigMap `probe` in `namespace` (as admin) and starts the plain-GET
 /// probe on it (as the probe's client).
 async fn start_prober(
@@ -476,16 +504,7 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
 
     // The operator, idle, before anything exists.
     let log = args.out.join(format!("operator-n{}.log", args.n));
-    let _ = std::fs::remove_file(&log);
-    let mut op = Operator::start(&args.operator_bin, &args.operator_kubeconfig, &log)?;
-    guard
-        .operator
-        .store(op.pid, std::sync::atomic::Ordering::Relaxed);
-    say(&format!(
-        "operator started (pid {}), log {}",
-        op.pid,
-        log.display()
-    ));
+    let mut op = start_operator(args, guard, &log, &["run".to_string()], &[])?;
     let t_up = Instant::now();
     loop {
         audit.refresh()?;

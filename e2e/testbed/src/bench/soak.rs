@@ -29,7 +29,6 @@ use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use serde_json::json;
 
-use super::process::Operator;
 use super::{Args, Report, fixture, guard, say};
 
 const NS: &str = "bench-soak";
@@ -246,41 +245,20 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
 
     // The operator: floors lowered so a 60 s interval is legal, reading the verifier Leases.
     let log = args.out.join(format!("operator-soak-n{}.log", args.n));
-    let _ = std::fs::remove_file(&log);
-    let op_args: Vec<String> = [
-        "run",
-        "--min-rotation-interval",
-        "0s",
-        "--min-min-interval",
-        "0s",
-        "--min-overlap",
-        "0s",
-        "--min-token-ttl",
-        "1s",
-        "--min-publish-delay",
-        "0s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut op = Operator::start_with(
-        &args.operator_bin,
+    let op_args: Vec<String> = std::iter::once("run")
+        .chain(keyward_testbed::LOWERED_FLOORS)
+        .map(String::from)
+        .collect();
+    let mut op = super::start_operator(
+        args,
+        guard,
+        &log,
         &op_args,
         &[(
             "KEYWARD_VERIFIER_NAMESPACE".to_string(),
             args.lease_namespace.clone(),
         )],
-        &args.operator_kubeconfig,
-        &log,
     )?;
-    guard
-        .operator
-        .store(op.pid, std::sync::atomic::Ordering::Relaxed);
-    say(&format!(
-        "operator started (pid {}), log {}",
-        op.pid,
-        log.display()
-    ));
 
     // The keys, the agents, the replicas.
     let spec = json!({

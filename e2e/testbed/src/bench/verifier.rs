@@ -40,7 +40,10 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use super::audit::{self, AuditLog};
 use super::process::Operator;
 use super::tracker::{self, Seen, Tracker};
-use super::{Args, Report, client_from, fixture, guard, metrics, mib, say, secs, start_prober};
+use super::{
+    Args, Report, client_from, fixture, guard, metrics, mib, say, secs, start_operator,
+    start_prober,
+};
 
 const NS: &str = "bench";
 
@@ -585,25 +588,16 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
 
     // The operator, reading the verifier Leases where the replicas write them.
     let log = args.out.join(format!("operator-verifier-n{}.log", args.n));
-    let _ = std::fs::remove_file(&log);
-    let mut op = Operator::start_with(
-        &args.operator_bin,
+    let mut op = start_operator(
+        args,
+        guard,
+        &log,
         &["run".to_string()],
         &[(
             "KEYWARD_VERIFIER_NAMESPACE".to_string(),
             args.lease_namespace.clone(),
         )],
-        &args.operator_kubeconfig,
-        &log,
     )?;
-    guard
-        .operator
-        .store(op.pid, std::sync::atomic::Ordering::Relaxed);
-    say(&format!(
-        "operator started (pid {}), log {}",
-        op.pid,
-        log.display()
-    ));
 
     // Cold start.
     let n = args.n;
