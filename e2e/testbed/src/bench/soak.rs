@@ -8,7 +8,8 @@
 //! API server, the rotations so far, and the violations of the promise it sees in a full read
 //! of the namespace:
 //! - a trust bundle that is missing or empty, or trusts a key id it also lists as revoked;
-//! - a ProvisioningKey with more than one key Secret in state `active`;
+//! - a ProvisioningKey with more than one key Secret in state `active` in two reads a minute
+//!   apart (one read can fall between an activation's two writes; those are counted);
 //! - an agent Secret whose token is expired, not yet valid, or signed by a key id its bundle
 //!   does not trust;
 //! - a key id that left a bundle and came back;
@@ -86,6 +87,8 @@ struct Sample {
     seqs: BTreeMap<String, u32>,
     /// Trusted key ids per ProvisioningKey.
     trusted: BTreeMap<String, BTreeSet<String>>,
+    /// ProvisioningKeys with more than one key Secret in state `active` in this read.
+    two_active: BTreeSet<String>,
     violations: Vec<String>,
 }
 
@@ -148,12 +151,13 @@ async fn sample(admin: &kube::Client) -> anyhow::Result<Sample> {
             *active.entry(pk.to_string()).or_default() += 1;
         }
     }
-    for (pk, n) in &active {
-        if *n > 1 {
-            out.violations
-                .push(format!("{pk} has {n} key Secrets in state active"));
-        }
-    }
+    // Activation is two writes (the new key made active, then the old one retiring), so one
+    // read can fall between them; only a key seen so in two reads a minute apart is stuck.
+    out.two_active = active
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(pk, _)| pk)
+        .collect();
     let agents = secrets
         .list(&ListParams::default().labels("keyward.dev/component=agent-secret"))
         .await?;
@@ -325,6 +329,8 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     let mut rotations = 0u32;
     let mut not_ready = 0usize;
     let mut behind_minutes = 0usize;
+    let mut two_active_before: BTreeSet<String> = BTreeSet::new();
+    let mut between_writes = 0usize;
     for minute in 1..=minutes {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let mut this: Vec<String> = Vec::new();
@@ -338,6 +344,13 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         }
         let s = sample(&admin).await.context("read the namespace")?;
         this.extend(s.violations.iter().cloned());
+        for pk in s.two_active.intersection(&two_active_before) {
+            this.push(format!(
+                "{pk} has two key Secrets in state active, a minute apart"
+            ));
+        }
+        between_writes += s.two_active.difference(&two_active_before).count();
+        two_active_before = s.two_active.clone();
         let (behind, silent) = replicas_state(&admin, &args.lease_namespace).await?;
         for v in &silent {
             this.push(format!(
@@ -426,6 +439,10 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             "{rotations} ({:.1} per key per minute); not Ready at the end: {not_ready}",
             rotations as f64 / args.n as f64 / (minutes.saturating_sub(1).max(1)) as f64
         ),
+    );
+    report.row(
+        "Reads that fell between an activation's two writes (two keys active once, not again a minute later)",
+        between_writes.to_string(),
     );
     report.row(
         "Minutes with a verifier replica behind (alive, reports lagging)",
