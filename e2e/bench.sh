@@ -14,6 +14,13 @@
 #                                          27480..) under an /auth load (-- --rps 500 --duration 60
 #                                          --flood-keys 5 --flood-rps 2000 --flood-secs 20); reports
 #                                          KeyUsageReport and Lease writes, watermark lag, latency, RSS
+#   bash e2e/bench.sh full                every figure of issue "Faults of the control plane" in one run
+#                                          per N (default N = 1000,10000; --n to change): the phases
+#                                          above, then the verifier phase on the same keys (report lag
+#                                          in the burst of N keys, R = --verifiers replicas), then API
+#                                          server outages of 5, 30 and 120 s (--outages LIST; recovery:
+#                                          the first reconcile and a backlog of 100 new keys), and a
+#                                          table of the issue's goals against this run's figures
 #   bash e2e/bench.sh soak                the soak (issue 20): N = 200 keys rotating every 60 s (floors
 #                                          lowered by the operator's flags), 20 PolicyAgents x 2 pods,
 #                                          2 verifier replicas (revokeWhenUnusedFor 20 s), for 60 min
@@ -52,6 +59,8 @@ MEM10K=0
 VERIFIER=0
 VERIFIERS=2
 SOAK=0
+FULL=0
+OUTAGES=5,30,120
 MINUTES=60
 N_GIVEN=0
 LABEL=""
@@ -63,6 +72,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     soak|--soak) SOAK=1; VERIFIER=1 ;;
+    full|--full) FULL=1; VERIFIER=1 ;;
+    --outages) OUTAGES=$2; shift ;;
     --minutes) MINUTES=$2; shift ;;
     --n) NS_LIST=$2; N_GIVEN=1; shift ;;
     --verifier) VERIFIER=1 ;;
@@ -76,7 +87,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,48p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -94,6 +105,7 @@ if [ "$VERIFIER" = 1 ]; then
   AUDIT_USERS="$OPERATOR_USER,$VERIFIER_USER"
   [ "$N_GIVEN" = 1 ] || NS_LIST=1000
 fi
+if [ "$FULL" = 1 ] && [ "$N_GIVEN" = 0 ]; then NS_LIST=1000,10000; fi
 TARGET=${KEYWARD_BENCH_TARGET:-$HOME/.cache/keyward/target-release}
 RESULTS=${RESULTS:-$DIR/results.md}
 mkdir -p "$DIR"
@@ -289,7 +301,10 @@ run() {
   say "== N=$n over $namespaces namespace(s): fresh plane"
   plane_down
   rm -f "$DIR/audit.log"
-  KEYWARD_AUDIT_LOG=$DIR/audit.log KEYWARD_AUDIT_USERS=$AUDIT_USERS bash e2e/cluster.sh up
+  # Exported: the outage phase restarts the API server with `e2e/cluster.sh apiserver-start`,
+  # which must keep writing the same audit log.
+  export KEYWARD_AUDIT_LOG=$DIR/audit.log KEYWARD_AUDIT_USERS=$AUDIT_USERS
+  bash e2e/cluster.sh up
   # The plane's kubeconfig and its own kubectl first on PATH.
   eval "$(bash e2e/cluster.sh env)"
   rbac
@@ -319,6 +334,12 @@ main() {
     run "$NS_LIST" 1 --soak-minutes "$MINUTES" --policy-agents 20 --replicas 2 \
       --verifiers "$VERIFIERS" --verifier-kubeconfig "$DIR/verifier.kubeconfig" \
       --verifier-user "$VERIFIER_USER"
+  elif [ "$FULL" = 1 ]; then
+    IFS=, read -r -a sizes <<<"$NS_LIST"
+    for n in ${sizes[@]+"${sizes[@]}"}; do
+      run "$n" 1 --reports --outages "$OUTAGES" --verifiers "$VERIFIERS" \
+        --verifier-kubeconfig "$DIR/verifier.kubeconfig" --verifier-user "$VERIFIER_USER"
+    done
   elif [ "$VERIFIER" = 1 ]; then
     IFS=, read -r -a sizes <<<"$NS_LIST"
     for n in ${sizes[@]+"${sizes[@]}"}; do

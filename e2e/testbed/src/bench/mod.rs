@@ -23,6 +23,7 @@ mod audit;
 mod fixture;
 mod guard;
 mod metrics;
+mod outage;
 mod probe;
 mod process;
 mod soak;
@@ -93,6 +94,18 @@ pub struct Args {
     /// Phases to skip: restart, agents, rotation, herd.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
+    /// After the phases above, the verifier phase on the same keys (`bench/verifier.rs`:
+    /// `--verifiers` replicas, the `/auth` load, report lag in the burst of N keys); the
+    /// operator then reads the replicas' Leases (`KEYWARD_VERIFIER_NAMESPACE`).
+    #[arg(long)]
+    reports: bool,
+    /// After that, API server outages of these lengths, seconds (`bench/outage.rs`), e.g.
+    /// `5,30,120`; empty: none.
+    #[arg(long, value_delimiter = ',')]
+    outages: Vec<u64>,
+    /// Keys created at once when the API server returns from each outage (the backlog).
+    #[arg(long, default_value_t = 100)]
+    outage_backlog: usize,
     /// The operator binary (`keyward`).
     #[arg(long)]
     operator_bin: PathBuf,
@@ -218,6 +231,106 @@ fn plus(t: Timestamp, s: f64) -> Timestamp {
 
 fn mib(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".into(), |m| format!("{m:.1} MiB"))
+}
+
+/// The figures of issue "Faults of the control plane" against its goals, as one table at the
+/// end of the report (from the figures the phases recorded; a phase that did not run shows
+/// "not measured").
+fn goals(report: &mut Report) {
+    let get = |k: &str| report.json.get(k).and_then(serde_json::Value::as_f64);
+    let n = report.json.get("n").and_then(serde_json::Value::as_f64);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut add = |what: &str,
+                   goal: String,
+                   figure: Option<f64>,
+                   fmt: &dyn Fn(f64) -> String,
+                   ok: &dyn Fn(f64) -> bool| {
+        rows.push(match figure {
+            Some(v) => (
+                what.to_string(),
+                goal,
+                format!("{} ({})", fmt(v), verdict(ok(v))),
+            ),
+            None => (what.to_string(), goal, "not measured".to_string()),
+        });
+    };
+    add(
+        "Writes per new key (cold start, audit log)",
+        "<= 5 (4 objects + 1 audit Event)".into(),
+        get("cold_writes_per_key"),
+        &|v| format!("{v:.2}"),
+        &|v| v <= 5.0,
+    );
+    add(
+        "Cold start as a ratio to W/3",
+        ">= 0.5".into(),
+        get("ratio_w3"),
+        &|v| format!("{v:.2}"),
+        &|v| v >= 0.5,
+    );
+    add(
+        "Warm restart: writes",
+        "0".into(),
+        get("restart_writes"),
+        &|v| format!("{v:.0}"),
+        &|v| v == 0.0,
+    );
+    let rss_goal = n.map(|n| 20.0 + 6.0 * n / 1024.0);
+    add(
+        "Operator RSS, steady (idle median)",
+        rss_goal.map_or_else(
+            || "20 MiB + 6 KiB per key".to_string(),
+            |g| format!("<= {g:.1} MiB (20 MiB + 6 KiB per key)"),
+        ),
+        get("rss_steady_mib"),
+        &|v| format!("{v:.1} MiB"),
+        &|v| rss_goal.is_some_and(|g| v <= g),
+    );
+    let silent = report
+        .json
+        .get("silent")
+        .and_then(serde_json::Value::as_bool);
+    add(
+        "Report lag in the burst (max watermark lag, any replica)",
+        "never silent (behind is reported as VerifierBehind)".into(),
+        get("report_lag_max_s"),
+        &|v| {
+            format!(
+                "{v:.1} s, {}",
+                if silent == Some(true) {
+                    "a replica went SILENT"
+                } else {
+                    "never silent"
+                }
+            )
+        },
+        &|_| silent == Some(false),
+    );
+    add(
+        "Report drain after the load (all uses written)",
+        "-".into(),
+        get("report_drain_s"),
+        &|v| format!("{v:.1} s"),
+        &|_| true,
+    );
+    for len in [5, 30, 120] {
+        add(
+            &format!("Recovery after a {len} s outage: first reconcile"),
+            "<= 10 s".into(),
+            get(&format!("recovery_{len}s_first_s")),
+            &|v| format!("{v:.2} s"),
+            &|v| v <= 10.0,
+        );
+    }
+    let mut s = String::from(
+        "\nThe goals of issue \"Faults of the control plane\" in this run:\n\n| Figure | Goal | This run |\n|---|---|---|\n",
+    );
+    for (a, b, c) in rows {
+        let _ = writeln!(s, "| {a} | {b} | {c} |");
+    }
+    say(&s);
+    report.extra.push_str(&s);
 }
 
 /// The table being built.
@@ -481,6 +594,11 @@ pub async fn main() -> anyhow::Result<()> {
 
 async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
+    anyhow::ensure!(
+        !args.reports || args.namespaces == 1,
+        "--reports needs the keys in one namespace"
+    );
+    report.json.insert("n".into(), args.n.into());
     let admin = keyward_testbed::client().await;
     let probe_client = match &args.probe_kubeconfig {
         Some(p) => client_from(p).await?,
@@ -504,7 +622,15 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
 
     // The operator, idle, before anything exists.
     let log = args.out.join(format!("operator-n{}.log", args.n));
-    let mut op = start_operator(args, guard, &log, &["run".to_string()], &[])?;
+    let env = if args.reports {
+        vec![(
+            "KEYWARD_VERIFIER_NAMESPACE".to_string(),
+            args.lease_namespace.clone(),
+        )]
+    } else {
+        Vec::new()
+    };
+    let mut op = start_operator(args, guard, &log, &["run".to_string()], &env)?;
     let t_up = Instant::now();
     loop {
         audit.refresh()?;
@@ -963,6 +1089,41 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
             15,
         ));
     }
+
+    // 8. The verifier phase: report lag in a burst of N keys.
+    if args.reports {
+        let mut both = AuditLog::with_users(
+            args.audit_log.clone(),
+            &[args.operator_user.clone(), args.verifier_user.clone()],
+        );
+        let caught = verifier::burst(
+            args,
+            report,
+            &admin,
+            &namespaces[0],
+            &mut both,
+            &prober,
+            &op,
+        )
+        .await?;
+        anyhow::ensure!(caught, "the verifiers' watermarks did not catch up");
+    }
+
+    // 9. API server outages.
+    if !args.outages.is_empty() {
+        outage::run(
+            args,
+            report,
+            &admin,
+            &namespaces[0],
+            &mut audit,
+            &mut op,
+            &keys,
+            (rate > 0.0).then_some(rate),
+        )
+        .await?;
+    }
+    goals(report);
 
     // Whole run. The operator stops first: the API server logs a watch when it ends.
     let peak = op.memory.peak_mib();

@@ -617,10 +617,33 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         format!("{n} keys in {:.1} s", secs(t0, t1)),
     );
 
+    let caught = burst(args, report, &admin, NS, &mut audit, &prober, &op).await?;
+    let _ = op.stop(Duration::from_secs(30)).await;
+    anyhow::ensure!(caught, "the watermarks did not catch up");
+    Ok(())
+}
+
+/// The verifier phase on keys that exist and are Ready: R replicas start, the `/auth` load
+/// (every key's agent token, so every (replica, key) has a report to write: the burst), the
+/// drain until every replica's watermark passed the end of the load, and what the API server,
+/// the replicas and the operator did meanwhile. `audit` must follow the operator's and the
+/// verifiers' users. Returns whether the watermarks caught up.
+pub(super) async fn burst(
+    args: &Args,
+    report: &mut Report,
+    admin: &kube::Client,
+    ns: &str,
+    audit: &mut AuditLog,
+    prober: &super::probe::Prober,
+    op: &Operator,
+) -> anyhow::Result<bool> {
+    let n = args.n;
+    let op_user = args.operator_user.clone();
+    let v_user = args.verifier_user.clone();
     // The replicas.
     let r = args.verifiers;
     let t_v = Timestamp::now();
-    let (mut replicas, addrs) = start_replicas(args, NS, &format!("n{n}"), &admin).await?;
+    let (mut replicas, addrs) = start_replicas(args, ns, &format!("n{n}"), admin).await?;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &args.lease_namespace);
     report.row(
         format!("Verifiers: {r} replicas started until ready (watches listed) and Leases written"),
@@ -636,7 +659,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     );
 
     // The tokens, by key index.
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let list = secrets
         .list(&ListParams::default().labels("keyward.dev/component=agent-secret"))
         .await?;
@@ -738,7 +761,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     };
     let do_flood = !flood_keys.is_empty() && args.flood_rps > 0.0 && flood_secs > 0.0;
     let watch = LeaseWatch::start(leases.clone());
-    let m0 = metrics::scrape(&admin).await?;
+    let m0 = metrics::scrape(admin).await?;
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let t_load0 = super::plus(Timestamp::now(), 0.2);
     let flood_offset = (dur - flood_secs) / 2.0;
@@ -792,7 +815,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         report.num("idle_connections_reopened", reopened as f64);
     }
     let t_load1 = Timestamp::now();
-    let m1 = metrics::scrape(&admin).await?;
+    let m1 = metrics::scrape(admin).await?;
     guard::check()?;
     report.row(
         format!(
@@ -833,6 +856,9 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let t_end = caught.unwrap_or_else(Timestamp::now);
+    if let Some(t) = caught {
+        report.num("report_drain_s", secs(t_load1, t));
+    }
     report.row(
         "Drain: end of the load until every replica's watermark passed it (all uses written)",
         match caught {
@@ -846,6 +872,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     // Watermark lag per replica during the load and the drain.
     let mut lag_rows = Vec::new();
     let mut silent_any = false;
+    let (mut lag_max, mut behind_all) = (0.0_f64, 0usize);
     let mut by_lease: BTreeMap<String, Vec<LeaseSample>> = BTreeMap::new();
     for (name, s) in samples {
         if s.at >= t_load0 && s.at <= t_end {
@@ -875,6 +902,8 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
             }
         }
         silent_any |= silent > 0;
+        lag_max = lag_max.max(max);
+        behind_all += behind;
         lag_rows.push(format!(
             "{name}: max {max:.1} s over {} samples (lease {dur} s){}{}",
             v.len(),
@@ -903,6 +932,8 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         ),
     );
     report.json.insert("silent".into(), silent_any.into());
+    report.num("report_lag_max_s", lag_max);
+    report.num("report_behind_samples", behind_all as f64);
 
     // What the API server recorded.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1038,7 +1069,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
     // What the operator and the reports say afterwards.
     let reports: Api<DynamicObject> = Api::namespaced_with(
         admin.clone(),
-        NS,
+        ns,
         &ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("keyward.dev", "v1alpha1", "KeyUsageReport"),
             "keyusagereports",
@@ -1076,7 +1107,7 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         .filter(|(k, want)| pods_per_key.get(*k).is_some_and(|got| want.is_subset(got)))
         .count();
     let pks: Api<DynamicObject> =
-        Api::namespaced_with(admin.clone(), NS, &tracker::provisioning_keys());
+        Api::namespaced_with(admin.clone(), ns, &tracker::provisioning_keys());
     let with_last_used = pks
         .list(&ListParams::default())
         .await?
@@ -1114,7 +1145,5 @@ pub async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyh
         "Verifiers stopped (SIGTERM): Leases marked stopped",
         format!("{stopped} of {r}, {:.1} s", secs(t_stop, Timestamp::now())),
     );
-    let _ = op.stop(Duration::from_secs(30)).await;
-    anyhow::ensure!(caught.is_some(), "the watermarks did not catch up");
-    Ok(())
+    Ok(caught.is_some())
 }
