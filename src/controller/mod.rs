@@ -106,6 +106,10 @@ pub struct Context {
     pub scans: provisioning_key::Scans,
     /// This process's own writes, so their watch events do not wake the reconcile again.
     pub own_writes: caches::OwnWrites,
+    /// This process's own trust-record writes on ProvisioningKeys (apart from `own_writes`:
+    /// an agent Secret may have the ProvisioningKey's name), whose watch events would
+    /// otherwise pass the annotations predicate and wake a second reconcile of each new key.
+    pub own_records: caches::OwnWrites,
     /// Prometheus metrics (counters where events happen, per-key gauges at report).
     pub metrics: Metrics,
 }
@@ -164,6 +168,7 @@ impl Context {
             caches,
             scans: provisioning_key::Scans::default(),
             own_writes: caches::OwnWrites::default(),
+            own_records: caches::OwnWrites::default(),
             metrics,
         })
     }

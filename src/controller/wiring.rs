@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
@@ -324,7 +324,13 @@ where
     .predicate_filter(
         predicates::generation.combine(predicates::annotations),
         Default::default(),
-    );
+    )
+    // Nor on the echo of its own trust-record write: the reconcile that wrote it goes on. The
+    // predicate has seen the new annotations first, so the next event compares against them.
+    .try_filter({
+        let own = ctx.own_records.clone();
+        move |pk| futures::future::ready(!own.echo(pk.meta()))
+    });
     let keys = Controller::for_stream(pk_stream, pk_store)
         .with_config(config.clone())
         .trigger_backoff(backoff::NoPause)

@@ -98,6 +98,8 @@ pub(super) async fn step(
             return Ok((Some(minted), Written::KeySecret(*seq, Box::new(s))));
         }
         (Step::WriteRecord { record }, Done::ProvisioningKey(written)) => {
+            // Its watch event is the echo of this write: the reconcile goes on from here.
+            ctx.own_records.wrote(written.meta());
             fault::after("record");
             info!(pk = %name, kids = ?record.kids.keys().collect::<Vec<_>>(), "trust record written");
             let r = TrustRecord::of(&written)
@@ -160,8 +162,7 @@ pub(super) fn remember(written: &Written, own: &OwnWrites) {
     match written {
         Written::KeySecret(_, s) | Written::AgentSecret(s) => own.wrote(&s.metadata),
         Written::Bundle(cm) => own.wrote(&cm.metadata),
-        // Not remembered: the ProvisioningKey's watch event of it wakes one reconcile that
-        // writes nothing (and `ns/name` would collide with an agent Secret of the same name).
+        // The trust record is remembered where it is written (`Context::own_records`).
         Written::Nothing | Written::KeySecretGone(_) | Written::Record(_) => {}
     }
 }

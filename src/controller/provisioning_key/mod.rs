@@ -96,7 +96,7 @@ async fn run_steps(
         let read = read::map(ctx, pk, &raw);
         let plan = rotation::plan(&read.settings, &read.observed, now);
         let Some(step) = &plan.step else {
-            report::status_and_events(ctx, pk, &read, &plan, now).await?;
+            report::status_and_events(ctx, pk, &read, &plan, now, raw.never_reconciled).await?;
             // Terminating pods in the consumer scan: look again once they are gone.
             let settling = raw.consumers.as_ref().is_some_and(|c| c.settling);
             let requeue = match (plan.requeue_after, settling) {

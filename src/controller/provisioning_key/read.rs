@@ -81,12 +81,27 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let mut raw = Raw::default();
-    for seq in ctx.caches.key_seqs(&ns, &name, &uid) {
+    let seqs = ctx.caches.key_seqs(&ns, &name, &uid);
+    // A ProvisioningKey never reconciled: no key Secret (cached or minted here), no trust
+    // record, no status. Its first status is written without reading it again (see
+    // `report::status_and_events`). Its bundle and agent Secret are still read (both answer
+    // 404, unless someone else took the name): a taken name must stop the mint, not a create
+    // after it (`invalid_input_is_reported_and_nothing_is_overwritten`). The two reads go out
+    // together.
+    raw.never_reconciled = seqs.is_empty()
+        && crate::trust_record::TrustRecord::of(pk).is_none()
+        && pk.status.is_none();
+    for seq in seqs {
         get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
     }
     let parsed = observe::key_secrets(pk, &raw.key_secret_list());
     let names = observe::names(pk, &parsed);
-    raw.bundle = cms.get_opt(&names.trust_bundle_name).await?;
+    let (bundle, agent_secret) = tokio::join!(
+        cms.get_opt(&names.trust_bundle_name),
+        secrets.get_opt(&names.secret_name)
+    );
+    raw.bundle = bundle?;
+    raw.agent_secret = agent_secret?;
     let last_seq = raw
         .bundle
         .as_ref()
@@ -97,7 +112,6 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
         // The newest published key, even if its labels were edited out of the cache's selector.
         get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
     }
-    raw.agent_secret = secrets.get_opt(&names.secret_name).await?;
     let decisive = observe::needs_consumers(&parsed)
         && pk
             .spec

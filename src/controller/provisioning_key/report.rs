@@ -102,9 +102,16 @@ pub(super) async fn status_and_events(
     read: &Read,
     plan: &Plan,
     now: DateTime<Utc>,
+    never_reconciled: bool,
 ) -> Result<()> {
     let obs = &read.observed;
-    let pk = &with_fresh_status(ctx, pk).await?;
+    // A key this reconcile took from nothing has no status of ours to be stale about: its
+    // first status is written without reading it again (one GET per new key).
+    let pk = &if never_reconciled {
+        pk.clone()
+    } else {
+        with_fresh_status(ctx, pk).await?
+    };
     let mut status = desired_status(pk, obs, plan, now);
     let previous = pk.status.clone().unwrap_or_default();
     // Uncovered consumers are only seen while a key is retiring; between rotations the last
