@@ -149,6 +149,7 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
+    let mut relist = Relist::new(writer.as_reader());
     reflector(
         writer,
         watch(
@@ -160,23 +161,20 @@ where
         ),
     )
     .for_each(move |ev| {
-        match ev {
-            Ok(watcher::Event::InitDone) => {
+        if let Ok(ev) = ev {
+            if matches!(ev, watcher::Event::InitDone) {
                 ready.send_replace(true);
             }
-            Ok(
-                watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s),
-            ) => {
-                if let Some(pk) = owner_pk(&s)
+            relist.touched(&ev, |s| {
+                if let Some(pk) = owner_pk(s)
                     && !own_writes.echo(&s.metadata)
                 {
                     let _ = to_pk.unbounded_send(pk);
                 }
-                for pa in agents_of_secret(&agents_store, &s) {
+                for pa in agents_of_secret(&agents_store, s) {
                     let _ = to_pa.unbounded_send(pa);
                 }
-            }
-            _ => {}
+            });
         }
         futures::future::ready(())
     })
@@ -190,6 +188,7 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let to_pk = sc.to_pk.clone();
+    let mut relist = Relist::new(writer.as_reader());
     reflector(
         writer,
         watch(
@@ -201,22 +200,17 @@ where
         ),
     )
     .for_each(move |ev| {
-        match ev {
-            Ok(watcher::Event::InitDone) => {
+        if let Ok(ev) = ev {
+            if matches!(ev, watcher::Event::InitDone) {
                 ready.send_replace(true);
             }
-            Ok(
-                watcher::Event::Apply(pa)
-                | watcher::Event::InitApply(pa)
-                | watcher::Event::Delete(pa),
-            ) => {
+            relist.touched(&ev, |pa| {
                 if let Some(ns) = pa.meta().namespace.clone() {
                     let _ = to_pk.unbounded_send(
                         ObjectRef::new(&pa.spec.provisioning_key_ref.name).within(&ns),
                     );
                 }
-            }
-            _ => {}
+            });
         }
         futures::future::ready(())
     })
@@ -234,6 +228,7 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
+    let mut relist = Relist::new(writer.as_reader());
     reflector(
         writer,
         watch(
@@ -244,20 +239,22 @@ where
             sc.outage.clone(),
         ),
     )
-    .touched_objects()
-    .for_each(move |r| {
-        if let Ok(r) = r
-            && let Some(ns) = r.metadata.namespace.clone()
-            && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
-        {
-            let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
-            for pa in agents_store.state() {
-                if pa.meta().namespace.as_deref() == Some(ns.as_str())
-                    && pa.spec.provisioning_key_ref.name == pk
+    .for_each(move |ev| {
+        if let Ok(ev) = ev {
+            relist.touched(&ev, |r| {
+                if let Some(ns) = r.metadata.namespace.clone()
+                    && let Some(pk) = r.labels().get(labels::PROVISIONING_KEY).cloned()
                 {
-                    let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
+                    let _ = to_pk.unbounded_send(ObjectRef::new(&pk).within(&ns));
+                    for pa in agents_store.state() {
+                        if pa.meta().namespace.as_deref() == Some(ns.as_str())
+                            && pa.spec.provisioning_key_ref.name == pk
+                        {
+                            let _ = to_pa.unbounded_send(ObjectRef::from_obj(&*pa));
+                        }
+                    }
                 }
-            }
+            });
         }
         futures::future::ready(())
     })
@@ -270,6 +267,7 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let to_pk = sc.to_pk.clone();
+    let mut versions = BundleVersions::default();
     watch(
         scoped::<PartialObjectMeta<ConfigMap>>(&sc.client, &sc.ns),
         sc.owned.clone(),
@@ -277,13 +275,13 @@ where
         sc.stop.clone(),
         sc.outage.clone(),
     )
-    .touched_objects()
-    .for_each(move |cm| {
-        if let Ok(cm) = cm
-            && let Some(pk) = owner_pk(&cm)
-            && !own_writes.echo(&cm.metadata)
-        {
-            let _ = to_pk.unbounded_send(pk);
+    .for_each(move |ev| {
+        if let Ok(ev) = ev {
+            for (pk, meta) in versions.touched(&ev) {
+                if meta.is_none_or(|m| !own_writes.echo(m)) {
+                    let _ = to_pk.unbounded_send(pk);
+                }
+            }
         }
         futures::future::ready(())
     })
@@ -499,6 +497,146 @@ fn workload_mapper<K: Resource>(
 }
 
 /// The ProvisioningKey controlling a labelled Secret or ConfigMap.
+/// What a secondary watch's event wakes, across relists. After a watch restart (an API server
+/// restart, a 410) the watcher lists every object again. An object listed at the
+/// resourceVersion the cache already holds did not change while the watch was down: it wakes
+/// nothing (a relist used to wake every ProvisioningKey, so after an outage a thousand
+/// reconciles queued ahead of the first key that needed one). An object the cache held that
+/// the relist no longer lists was deleted meanwhile: it wakes its owners, as a delete does.
+///
+/// `touched` runs after the reflector applied the event: during a relist, kube-runtime's store
+/// still serves the previous list (the new one is buffered until `InitDone`).
+pub(crate) struct Relist<K: Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash,
+{
+    cache: Store<K>,
+    /// The objects the cache held when the relist began.
+    before: Option<Vec<Arc<K>>>,
+}
+
+impl<K> Relist<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    pub(crate) fn new(cache: Store<K>) -> Self {
+        Relist {
+            cache,
+            before: None,
+        }
+    }
+
+    /// Calls `wake` with each object whose owners event `ev` must wake.
+    pub(crate) fn touched(&mut self, ev: &watcher::Event<K>, mut wake: impl FnMut(&K)) {
+        match ev {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => wake(o),
+            watcher::Event::Init => self.before = Some(self.cache.state()),
+            watcher::Event::InitApply(o) => {
+                let rv = o.meta().resource_version.as_ref();
+                let held = self.cache.get(&ObjectRef::from_obj(o));
+                if rv.is_none() || held.is_none_or(|h| h.meta().resource_version.as_ref() != rv) {
+                    wake(o);
+                }
+            }
+            watcher::Event::InitDone => {
+                for o in self.before.take().unwrap_or_default() {
+                    if self.cache.get(&ObjectRef::from_obj(&*o)).is_none() {
+                        wake(&o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`Relist`] for the trust bundles, which have no cache: the resourceVersion and owning
+/// ProvisioningKey of each, by namespace/name (about 100 bytes a key).
+#[derive(Default)]
+struct BundleVersions {
+    seen: std::collections::HashMap<String, (String, ObjectRef<ProvisioningKey>)>,
+    /// Names listed so far by the relist in progress.
+    relisted: Option<std::collections::HashSet<String>>,
+}
+
+impl BundleVersions {
+    /// The keys event `ev` wakes, each with the bundle's metadata when the event carries it
+    /// (for the own-write check).
+    fn touched<'e>(
+        &mut self,
+        ev: &'e watcher::Event<PartialObjectMeta<ConfigMap>>,
+    ) -> Vec<(
+        ObjectRef<ProvisioningKey>,
+        Option<&'e kube::core::ObjectMeta>,
+    )> {
+        let key = |m: &PartialObjectMeta<ConfigMap>| {
+            format!(
+                "{}/{}",
+                m.metadata.namespace.as_deref().unwrap_or(""),
+                m.name_any()
+            )
+        };
+        match ev {
+            watcher::Event::Apply(cm) => self.record(key(cm), cm),
+            watcher::Event::Delete(cm) => {
+                self.seen.remove(&key(cm));
+                owner_pk(cm)
+                    .map(|pk| vec![(pk, Some(&cm.metadata))])
+                    .unwrap_or_default()
+            }
+            watcher::Event::Init => {
+                self.relisted = Some(std::collections::HashSet::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(cm) => {
+                let k = key(cm);
+                if let Some(r) = self.relisted.as_mut() {
+                    r.insert(k.clone());
+                }
+                let rv = cm.metadata.resource_version.clone();
+                if rv.is_some() && self.seen.get(&k).map(|(v, _)| Some(v)) == Some(rv.as_ref()) {
+                    return Vec::new();
+                }
+                self.record(k, cm)
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relisted.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .seen
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                gone.into_iter()
+                    .filter_map(|k| self.seen.remove(&k))
+                    .map(|(_, pk)| (pk, None))
+                    .collect()
+            }
+        }
+    }
+
+    fn record<'e>(
+        &mut self,
+        k: String,
+        cm: &'e PartialObjectMeta<ConfigMap>,
+    ) -> Vec<(
+        ObjectRef<ProvisioningKey>,
+        Option<&'e kube::core::ObjectMeta>,
+    )> {
+        let Some(pk) = owner_pk(cm) else {
+            return Vec::new();
+        };
+        self.seen.insert(
+            k,
+            (
+                cm.metadata.resource_version.clone().unwrap_or_default(),
+                pk.clone(),
+            ),
+        );
+        vec![(pk, Some(&cm.metadata))]
+    }
+}
+
 fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
     let ns = s.metadata.namespace.as_deref()?;
     s.metadata
@@ -630,5 +768,135 @@ fn key_gauges_follow_watch(
             ready.send_replace(true);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use kube::api::ObjectMeta;
+
+    fn secret(name: &str, rv: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(rv.into()),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "keyward.dev/v1alpha1".into(),
+                    kind: "ProvisioningKey".into(),
+                    name: format!("pk-{name}"),
+                    uid: "u".into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    fn bundle(name: &str, rv: &str) -> PartialObjectMeta<ConfigMap> {
+        let s = secret(name, rv);
+        PartialObjectMeta {
+            types: None,
+            metadata: s.metadata,
+            _phantom: Default::default(),
+        }
+    }
+
+    /// Feeds `events` through a store and a [`Relist`] as the reflector does (store first);
+    /// the names woken, in order.
+    fn run(
+        writer: &mut Writer<PartialObjectMeta<Secret>>,
+        relist: &mut Relist<PartialObjectMeta<Secret>>,
+        events: Vec<watcher::Event<PartialObjectMeta<Secret>>>,
+    ) -> Vec<String> {
+        let mut woken = Vec::new();
+        for ev in events {
+            writer.apply_watcher_event(&ev);
+            relist.touched(&ev, |s| woken.push(s.name_any()));
+        }
+        woken
+    }
+
+    fn list(
+        objs: Vec<PartialObjectMeta<Secret>>,
+    ) -> Vec<watcher::Event<PartialObjectMeta<Secret>>> {
+        let mut evs = vec![watcher::Event::Init];
+        evs.extend(objs.into_iter().map(watcher::Event::InitApply));
+        evs.push(watcher::Event::InitDone);
+        evs
+    }
+
+    #[test]
+    fn a_relist_wakes_only_what_changed_appeared_or_vanished_meanwhile() {
+        let mut writer = Writer::<PartialObjectMeta<Secret>>::default();
+        let mut relist = Relist::new(writer.as_reader());
+        // The first list wakes everything.
+        let first = run(
+            &mut writer,
+            &mut relist,
+            list(vec![secret("a", "1"), secret("b", "2"), secret("c", "3")]),
+        );
+        assert_eq!(first, ["a", "b", "c"]);
+        // Live events wake as before.
+        let live = run(
+            &mut writer,
+            &mut relist,
+            vec![watcher::Event::Apply(secret("a", "4"))],
+        );
+        assert_eq!(live, ["a"]);
+        // After a watch restart: `a` unchanged, `b` changed, `c` deleted meanwhile, `d` new.
+        let again = run(
+            &mut writer,
+            &mut relist,
+            list(vec![secret("a", "4"), secret("b", "5"), secret("d", "6")]),
+        );
+        assert_eq!(again, ["b", "d", "c"]);
+        // The cache holds the new list; a second identical relist wakes nothing.
+        let idle = run(
+            &mut writer,
+            &mut relist,
+            list(vec![secret("a", "4"), secret("b", "5"), secret("d", "6")]),
+        );
+        assert!(idle.is_empty(), "{idle:?}");
+        // An object without a resourceVersion is never taken for unchanged.
+        let mut no_rv = secret("a", "4");
+        no_rv.metadata.resource_version = None;
+        let woken = run(
+            &mut writer,
+            &mut relist,
+            list(vec![no_rv, secret("b", "5"), secret("d", "6")]),
+        );
+        assert_eq!(woken, ["a"]);
+    }
+
+    #[test]
+    fn a_bundle_relist_wakes_only_the_keys_whose_bundle_changed_or_vanished() {
+        let mut v = BundleVersions::default();
+        let names = |evs: Vec<watcher::Event<PartialObjectMeta<ConfigMap>>>,
+                     v: &mut BundleVersions| {
+            evs.iter()
+                .flat_map(|e| v.touched(e).into_iter().map(|(pk, _)| pk.name))
+                .collect::<Vec<_>>()
+        };
+        let list = |objs: Vec<PartialObjectMeta<ConfigMap>>| {
+            let mut evs = vec![watcher::Event::Init];
+            evs.extend(objs.into_iter().map(watcher::Event::InitApply));
+            evs.push(watcher::Event::InitDone);
+            evs
+        };
+        let first = names(list(vec![bundle("a", "1"), bundle("b", "2")]), &mut v);
+        assert_eq!(first, ["pk-a", "pk-b"]);
+        let again = names(list(vec![bundle("a", "1")]), &mut v);
+        assert_eq!(again, ["pk-b"], "b vanished; a unchanged");
+        let changed = names(list(vec![bundle("a", "7")]), &mut v);
+        assert_eq!(changed, ["pk-a"]);
+        let live = names(vec![watcher::Event::Delete(bundle("a", "8"))], &mut v);
+        assert_eq!(live, ["pk-a"]);
+        assert!(v.seen.is_empty());
     }
 }

@@ -35,8 +35,8 @@ pub struct Raw {
     /// The trust record this reconcile wrote (the ProvisioningKey it was given predates it).
     pub record: Option<TrustRecord>,
     /// The ProvisioningKey had never been reconciled when this snapshot was read (no key
-    /// Secret, no trust record, no status): its bundle and agent Secret were not read, and its
-    /// first status is written without reading the status again.
+    /// Secret, no trust record): when the reconcile mints its first key, its first status is
+    /// written without reading the status again.
     pub never_reconciled: bool,
 }
 

@@ -538,7 +538,11 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
     let started = Instant::now();
     let mut accepted = 0u32;
     let mut i = 0usize;
-    while started.elapsed() < Duration::from_secs(25) {
+    // At least 25 s and 1,500 accepted requests (a machine busy with other work serves fewer
+    // per second: the flood then lasts longer, up to 2 minutes, rather than failing).
+    while started.elapsed() < Duration::from_secs(25)
+        || (accepted < 1500 && started.elapsed() < Duration::from_secs(120))
+    {
         // Pods round-robin, and every fourth request without a usable pod token (none, or one
         // the API server refuses).
         let pod = match i % 4 {
@@ -568,9 +572,10 @@ async fn a_flood_of_requests_makes_at_most_one_report_write_per_interval() {
         "{accepted} requests accepted in {flood_secs:.1} s; report generation (writes) {generation}"
     );
     // 25 s of traffic and the read: the intervals starting at t0, t0+10 and t0+20, plus one
-    // for the first write racing the read.
+    // for the first write racing the read (one more per 10 s when the flood ran longer).
+    let most = (flood_secs / 10.0).floor() as i64 + 2;
     assert!(
-        (2..=4).contains(&generation),
+        (2..=most).contains(&generation),
         "report written {generation} times for {accepted} requests in {flood_secs:.1} s"
     );
     assert_eq!(report.spec.provisioning_key, "vk");

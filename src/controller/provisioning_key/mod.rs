@@ -86,6 +86,7 @@ async fn run_steps(
     let mut raw = read::snapshot(ctx, pk).await?;
     let mut fresh: Option<(u32, KeyPair)> = None;
     let mut now = now;
+    let mut stepped = false;
     for _ in 0..MAX_STEPS_PER_RECONCILE {
         // Each step decides and stamps with the time it runs at, not the reconcile's start: a
         // write slowed down by the API server (429s retried, a latency spike) must not let the
@@ -96,7 +97,10 @@ async fn run_steps(
         let read = read::map(ctx, pk, &raw);
         let plan = rotation::plan(&read.settings, &read.observed, now);
         let Some(step) = &plan.step else {
-            report::status_and_events(ctx, pk, &read, &plan, now, raw.never_reconciled).await?;
+            // A key this reconcile took from nothing (its first key minted here) has no status
+            // of ours to be stale about; any other reads its status again first.
+            let first = raw.never_reconciled && stepped;
+            report::status_and_events(ctx, pk, &read, &plan, now, first).await?;
             // Terminating pods in the consumer scan: look again once they are gone.
             let settling = raw.consumers.as_ref().is_some_and(|c| c.settling);
             let requeue = match (plan.requeue_after, settling) {
@@ -111,6 +115,7 @@ async fn run_steps(
             fresh = m.pair.take().map(|p| (*seq, p));
         }
         apply::remember(&written, &ctx.own_writes);
+        stepped = true;
         raw.absorb(written);
         if let Step::Revoke { seq, .. } = step {
             ctx.scans.forget(&uid_of(pk), *seq);

@@ -83,14 +83,12 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
     let mut raw = Raw::default();
     let seqs = ctx.caches.key_seqs(&ns, &name, &uid);
     // A ProvisioningKey never reconciled: no key Secret (cached or minted here), no trust
-    // record, no status. Its first status is written without reading it again (see
-    // `report::status_and_events`). Its bundle and agent Secret are still read (both answer
+    // record (the cached copy carries no status). When this reconcile mints its first key, its
+    // first status is written without reading it again (see `report::status_and_events`). Its bundle and agent Secret are still read (both answer
     // 404, unless someone else took the name): a taken name must stop the mint, not a create
     // after it (`invalid_input_is_reported_and_nothing_is_overwritten`). The two reads go out
     // together.
-    raw.never_reconciled = seqs.is_empty()
-        && crate::trust_record::TrustRecord::of(pk).is_none()
-        && pk.status.is_none();
+    raw.never_reconciled = seqs.is_empty() && crate::trust_record::TrustRecord::of(pk).is_none();
     for seq in seqs {
         get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
     }

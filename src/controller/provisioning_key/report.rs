@@ -102,12 +102,12 @@ pub(super) async fn status_and_events(
     read: &Read,
     plan: &Plan,
     now: DateTime<Utc>,
-    never_reconciled: bool,
+    first_status: bool,
 ) -> Result<()> {
     let obs = &read.observed;
     // A key this reconcile took from nothing has no status of ours to be stale about: its
     // first status is written without reading it again (one GET per new key).
-    let pk = &if never_reconciled {
+    let pk = &if first_status {
         pk.clone()
     } else {
         with_fresh_status(ctx, pk).await?
