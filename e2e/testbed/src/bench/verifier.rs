@@ -9,8 +9,10 @@
 //! 3. The load: every key's agent token (Secret data `token`) is read; for `--duration`
 //!    seconds `--rps` requests per second go to `/auth`, spread over every key, round-robin
 //!    over the replicas, with `X-Keyward-Pod-UID` one of `--pods-per-key` UUIDs per key (so
-//!    every key visits every replica and pod); in the middle, `--flood-keys` keys get
-//!    `--flood-rps` more for `--flood-secs`.
+//!    every key visits every replica and pod; since issue 18 the verifier ignores that header
+//!    and names pods only by a pod-bound token, which this load does not send, so the reports
+//!    list no pods); in the middle, `--flood-keys` keys get `--flood-rps` more for
+//!    `--flood-secs`.
 //! 4. Until every replica's Lease watermark has passed the end of the load (all uses written).
 //!
 //! Reported: requests/s achieved and `/auth` latency (client side: from the request being sent
@@ -1122,7 +1124,7 @@ pub(super) async fn burst(
         })
         .count();
     report.row(
-        "Afterwards (when the watermarks caught up): KeyUsageReports / keys with reports / keys whose reports list every pod UID sent to them / keys with status lastUsedAt",
+        "Afterwards (when the watermarks caught up): KeyUsageReports / keys with reports / keys whose reports list every pod UID sent to them (0 since issue 18: the verifier names a pod only by its pod-bound token, which this load does not send, so reports list no pods) / keys with status lastUsedAt",
         format!(
             "{} (expected {}) / {} / {complete} / {with_last_used} of {n}",
             all.len(),
