@@ -89,17 +89,35 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
     // after it (`invalid_input_is_reported_and_nothing_is_overwritten`). The two reads go out
     // together.
     raw.never_reconciled = seqs.is_empty() && crate::trust_record::TrustRecord::of(pk).is_none();
-    for seq in seqs {
-        get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
+    // The key Secrets all at once (a rotation holds two or three).
+    let got = futures::future::try_join_all(
+        seqs.iter()
+            .map(|&seq| secrets.get_opt(&key_secret_name(&name, seq))),
+    )
+    .await?;
+    for (seq, s) in seqs.into_iter().zip(got) {
+        match s {
+            Some(s) => raw.insert_key_secret(seq, s),
+            None => ctx.caches.gone(&uid, seq),
+        }
     }
     let parsed = observe::key_secrets(pk, &raw.key_secret_list());
     let names = observe::names(pk, &parsed);
-    let (bundle, agent_secret) = tokio::join!(
+    let decisive = observe::needs_consumers(&parsed)
+        && pk
+            .spec
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.revoke_when_unused_for.is_some());
+    // The bundle, the agent Secret and the usage reports go out together: one round trip.
+    let (bundle, agent_secret, usage) = tokio::join!(
         cms.get_opt(&names.trust_bundle_name),
-        secrets.get_opt(&names.secret_name)
+        secrets.get_opt(&names.secret_name),
+        read_usage(ctx, &ns, &name, decisive)
     );
     raw.bundle = bundle?;
     raw.agent_secret = agent_secret?;
+    raw.usage = usage?;
     let last_seq = raw
         .bundle
         .as_ref()
@@ -110,13 +128,6 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
         // The newest published key, even if its labels were edited out of the cache's selector.
         get_key_secret(ctx, &secrets, &name, &uid, seq, &mut raw).await?;
     }
-    let decisive = observe::needs_consumers(&parsed)
-        && pk
-            .spec
-            .rotation
-            .as_ref()
-            .is_some_and(|r| r.revoke_when_unused_for.is_some());
-    raw.usage = read_usage(ctx, &ns, &name, decisive).await?;
     raw.agents = ctx
         .caches
         .agents(&ns)
@@ -150,11 +161,13 @@ async fn read_usage(
         if names.is_empty() {
             return Ok(None);
         }
-        let mut reports = Vec::new();
-        for n in names {
-            reports.extend(api.get_opt(&n).await?);
-        }
-        reports
+        // One GET per replica's report, all at once: a reconcile waits one round trip, not one
+        // per replica (at 10,000 keys the serial reads left the operator behind the reports).
+        futures::future::try_join_all(names.iter().map(|n| api.get_opt(n)))
+            .await?
+            .into_iter()
+            .flatten()
+            .collect()
     };
     let reports: Vec<KeyUsageReport> = reports
         .into_iter()
