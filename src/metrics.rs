@@ -9,8 +9,13 @@
 //! Per-key gauges exist only while this replica runs the controllers (the leader):
 //! [`Metrics::clear_keys`] drops them all when leadership is lost, and a deleted key's series
 //! are removed ([`Metrics::remove_key`]), so a standby never doubles an alert.
+//!
+//! The per-key gauges are kept as one small [`KeySeries`] per key and written out at scrape time
+//! (as cert-manager computes its timestamps), in the exposition label families would give: a
+//! family per metric, with its HELP and TYPE, each series labelled `namespace` and `name`. Label
+//! families held about ten series a key, each with its own copy of both labels.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
@@ -21,7 +26,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
@@ -33,18 +38,22 @@ use crate::rotation::Trigger;
 /// `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// A ProvisioningKey (never its key id).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-pub struct KeyLabels {
-    pub namespace: String,
-    pub name: String,
+/// The labels of a per-key series: a ProvisioningKey (never its key id).
+fn key_labels<'a>(namespace: &'a str, name: &'a str) -> [(&'static str, &'a str); 2] {
+    [("namespace", namespace), ("name", name)]
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KeyConditionLabels {
-    namespace: String,
-    name: String,
+/// The labels of a `keyward_key_ready_status` series.
+fn key_condition_labels<'a>(
+    namespace: &'a str,
+    name: &'a str,
     condition: &'static str,
+) -> [(&'static str, &'a str); 3] {
+    [
+        ("namespace", namespace),
+        ("name", name),
+        ("condition", condition),
+    ]
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,13 +119,8 @@ impl std::fmt::Debug for Metrics {
 
 struct Inner {
     registry: Registry,
-    key_expiration: Family<KeyLabels, Gauge>,
-    key_next_rotation: Family<KeyLabels, Gauge>,
-    key_ready: Family<KeyConditionLabels, Gauge>,
-    rotation_stalled: Family<KeyLabels, Gauge>,
-    verifier_silent: Family<KeyLabels, Gauge>,
-    agents_confirmed: Family<KeyLabels, Gauge>,
-    agents_total: Family<KeyLabels, Gauge>,
+    /// The per-key gauges (shared with the registry's [`PerKey`] collector).
+    keys: Arc<Mutex<KeyMap>>,
     rotations: Family<RotationLabels, Counter>,
     revocations: Family<KindLabels, Counter>,
     bundle_tampered: Counter,
@@ -125,8 +129,130 @@ struct Inner {
     reconcile_errors: Family<ErrorLabels, Counter>,
     reconcile_duration: Family<ControllerLabels, Histogram>,
     leader: Gauge<i64, AtomicI64>,
-    /// The keys that have per-key series.
-    keys: Mutex<BTreeSet<KeyLabels>>,
+}
+
+/// The per-key gauges of one key, as its reconcile last set them: 72 bytes (a map entry with
+/// the key's name, about 0.2 KiB), where label families held ten series, each with its own
+/// copy of the labels and its own `Arc` (about 1.7 KiB a key; both estimated from the types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeySeries {
+    /// `keyward_key_expiration_timestamp_seconds`, when set.
+    token_expiration: Option<i64>,
+    /// `keyward_key_next_rotation_timestamp_seconds`, when set.
+    next_rotation: Option<i64>,
+    /// `keyward_key_ready_status`: the condition that holds, from [`CONDITION_VALUES`].
+    ready: &'static str,
+    /// The gauges only [`Metrics::set_key`] sets (`set_key_ready` alone leaves them absent).
+    state: Option<KeyState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyState {
+    stalled: bool,
+    verifier_silent: bool,
+    agents_confirmed: i64,
+    agents_total: i64,
+}
+
+/// Namespace -> name -> the key's gauges.
+type KeyMap = BTreeMap<String, BTreeMap<String, KeySeries>>;
+
+/// The per-key gauges, in registration order: name, HELP (with the `.` that
+/// [`Registry::register`] appends), and the key's series (`None`: absent).
+type PerKeyGauge = (&'static str, &'static str, fn(&KeySeries) -> Option<i64>);
+
+const PER_KEY_GAUGES: [PerKeyGauge; 6] = [
+    (
+        "keyward_key_expiration_timestamp_seconds",
+        "Expiry (Unix seconds) of the token in the key's agent Secret; absent while the Secret holds no token.",
+        |k| k.token_expiration,
+    ),
+    (
+        "keyward_key_next_rotation_timestamp_seconds",
+        "When the key's next scheduled rotation is due (Unix seconds); absent when none is scheduled (suspended, or a rotation in flight).",
+        |k| k.next_rotation,
+    ),
+    (
+        "keyward_rotation_stalled",
+        "1 while the key's Stalled condition is True (a rotation waits on agents past its deadline, or the spec cannot be served), else 0.",
+        |k| k.state.map(|s| i64::from(s.stalled)),
+    ),
+    (
+        "keyward_rotation_verifier_silent",
+        "1 while the key's old key is held because the keyward verifier replicas cannot vouch that it is unused (Stalled, reason VerifierSilent), else 0.",
+        |k| k.state.map(|s| i64::from(s.verifier_silent)),
+    ),
+    (
+        "keyward_agents_confirmed",
+        "PolicyAgents referencing the key that are confirmed on its current key.",
+        |k| k.state.map(|s| s.agents_confirmed),
+    ),
+    (
+        "keyward_agents_total",
+        "PolicyAgents referencing the key.",
+        |k| k.state.map(|s| s.agents_total),
+    ),
+];
+
+const KEY_READY: (&str, &str) = (
+    "keyward_key_ready_status",
+    "The key's Ready condition: one series per condition (True, False, Unknown), the one that holds is 1.",
+);
+
+/// Writes the per-key gauges at scrape time. A metric without any series is left out (HELP and
+/// TYPE included), as the registry leaves out an empty family.
+#[derive(Debug)]
+struct PerKey(Arc<Mutex<KeyMap>>);
+
+impl Collector for PerKey {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let all = || {
+            keys.iter()
+                .flat_map(|(ns, names)| names.iter().map(move |(name, k)| (ns, name, k)))
+        };
+        let [expiration, next_rotation, rest @ ..] = &PER_KEY_GAUGES;
+        for (metric, help, value) in [expiration, next_rotation] {
+            encode_gauge(&mut encoder, metric, help, all(), value)?;
+        }
+        // `keyward_key_ready_status` third, as it was registered.
+        let (metric, help) = KEY_READY;
+        if !keys.is_empty() {
+            let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Gauge)?;
+            for (namespace, name, k) in all() {
+                for condition in CONDITION_VALUES {
+                    let labels = key_condition_labels(namespace, name, condition);
+                    ConstGauge::new(i64::from(condition == k.ready))
+                        .encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (metric, help, value) in rest {
+            encode_gauge(&mut encoder, metric, help, all(), value)?;
+        }
+        Ok(())
+    }
+}
+
+/// One per-key gauge: a series for each key where `value` has one.
+fn encode_gauge<'k>(
+    encoder: &mut DescriptorEncoder,
+    metric: &str,
+    help: &str,
+    keys: impl Iterator<Item = (&'k String, &'k String, &'k KeySeries)>,
+    value: &fn(&KeySeries) -> Option<i64>,
+) -> Result<(), std::fmt::Error> {
+    let mut series = keys
+        .filter_map(|(ns, name, k)| value(k).map(|v| (ns, name, v)))
+        .peekable();
+    if series.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Gauge)?;
+    for (namespace, name, v) in series {
+        ConstGauge::new(v).encode(family.encode_family(&key_labels(namespace, name))?)?;
+    }
+    Ok(())
 }
 
 /// Exports the client's response counts at scrape time (`keyward_kube_requests_total`).
@@ -157,48 +283,7 @@ impl Metrics {
     /// [`RequestStats`]).
     pub fn new(requests: &RequestStats) -> Self {
         let mut registry = Registry::default();
-        let key_expiration = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_key_expiration_timestamp_seconds",
-            "Expiry (Unix seconds) of the token in the key's agent Secret; absent while the Secret holds no token",
-            key_expiration.clone(),
-        );
-        let key_next_rotation = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_key_next_rotation_timestamp_seconds",
-            "When the key's next scheduled rotation is due (Unix seconds); absent when none is scheduled (suspended, or a rotation in flight)",
-            key_next_rotation.clone(),
-        );
-        let key_ready = Family::<KeyConditionLabels, Gauge>::default();
-        registry.register(
-            "keyward_key_ready_status",
-            "The key's Ready condition: one series per condition (True, False, Unknown), the one that holds is 1",
-            key_ready.clone(),
-        );
-        let rotation_stalled = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_rotation_stalled",
-            "1 while the key's Stalled condition is True (a rotation waits on agents past its deadline, or the spec cannot be served), else 0",
-            rotation_stalled.clone(),
-        );
-        let verifier_silent = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_rotation_verifier_silent",
-            "1 while the key's old key is held because the keyward verifier replicas cannot vouch that it is unused (Stalled, reason VerifierSilent), else 0",
-            verifier_silent.clone(),
-        );
-        let agents_confirmed = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_agents_confirmed",
-            "PolicyAgents referencing the key that are confirmed on its current key",
-            agents_confirmed.clone(),
-        );
-        let agents_total = Family::<KeyLabels, Gauge>::default();
-        registry.register(
-            "keyward_agents_total",
-            "PolicyAgents referencing the key",
-            agents_total.clone(),
-        );
+        let keys = Arc::new(Mutex::new(KeyMap::new()));
         let rotations = Family::<RotationLabels, Counter>::default();
         registry.register(
             "keyward_rotations",
@@ -254,16 +339,11 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        registry.register_collector(Box::new(PerKey(keys.clone())));
         registry.register_collector(Box::new(KubeRequests(requests.clone())));
         Metrics(Arc::new(Inner {
             registry,
-            key_expiration,
-            key_next_rotation,
-            key_ready,
-            rotation_stalled,
-            verifier_silent,
-            agents_confirmed,
-            agents_total,
+            keys,
             rotations,
             revocations,
             bundle_tampered,
@@ -272,7 +352,6 @@ impl Metrics {
             reconcile_errors,
             reconcile_duration,
             leader,
-            keys: Mutex::default(),
         }))
     }
 
@@ -291,126 +370,80 @@ impl Metrics {
 
     /// Sets the gauges of key `namespace/name` from what its reconcile reported.
     pub fn set_key(&self, namespace: &str, name: &str, g: &KeyGauges) {
-        let key = KeyLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        let m = &self.0;
-        match g.token_expiration {
-            Some(t) => {
-                m.key_expiration.get_or_create(&key).set(t);
-            }
-            None => {
-                m.key_expiration.remove(&key);
-            }
-        }
-        match g.next_rotation {
-            Some(t) => {
-                m.key_next_rotation.get_or_create(&key).set(t);
-            }
-            None => {
-                m.key_next_rotation.remove(&key);
-            }
-        }
-        self.set_key_ready(namespace, name, g.ready);
-        m.rotation_stalled
-            .get_or_create(&key)
-            .set(i64::from(g.stalled));
-        m.verifier_silent
-            .get_or_create(&key)
-            .set(i64::from(g.verifier_silent));
-        m.agents_total
-            .get_or_create(&key)
-            .set(i64::try_from(g.agents_total).unwrap_or(i64::MAX));
-        m.agents_confirmed
-            .get_or_create(&key)
-            .set(i64::try_from(g.agents_confirmed).unwrap_or(i64::MAX));
+        self.update_key(namespace, name, |k| {
+            k.token_expiration = g.token_expiration;
+            k.next_rotation = g.next_rotation;
+            k.ready = ready_condition(g.ready);
+            k.state = Some(KeyState {
+                stalled: g.stalled,
+                verifier_silent: g.verifier_silent,
+                agents_confirmed: i64::try_from(g.agents_confirmed).unwrap_or(i64::MAX),
+                agents_total: i64::try_from(g.agents_total).unwrap_or(i64::MAX),
+            });
+        });
     }
 
     /// Sets `keyward_key_ready_status` of a key: the series of `status` (`True`, `False` or
     /// `Unknown`; anything else counts as `Unknown`) is 1, the other two 0.
     pub fn set_key_ready(&self, namespace: &str, name: &str, status: &str) {
-        let status = if CONDITION_VALUES.contains(&status) {
-            status
-        } else {
-            "Unknown"
+        self.update_key(namespace, name, |k| k.ready = ready_condition(status));
+    }
+
+    /// Applies `update` to the gauges of key `namespace/name`, creating them (`Unknown`, no
+    /// other series) if it has none.
+    fn update_key(&self, namespace: &str, name: &str, update: impl FnOnce(&mut KeySeries)) {
+        let mut keys = self.keys();
+        let names = match keys.get_mut(namespace) {
+            Some(names) => names,
+            None => keys.entry(namespace.to_string()).or_default(),
         };
-        self.keys().insert(KeyLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        });
-        for condition in CONDITION_VALUES {
-            self.0
-                .key_ready
-                .get_or_create(&KeyConditionLabels {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    condition,
-                })
-                .set(i64::from(condition == status));
+        match names.get_mut(name) {
+            Some(k) => update(k),
+            None => {
+                let mut k = KeySeries {
+                    token_expiration: None,
+                    next_rotation: None,
+                    ready: "Unknown",
+                    state: None,
+                };
+                update(&mut k);
+                names.insert(name.to_string(), k);
+            }
         }
     }
 
     /// Drops every series of key `namespace/name` (the key was deleted).
     pub fn remove_key(&self, namespace: &str, name: &str) {
-        let key = KeyLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        let m = &self.0;
-        for family in [
-            &m.key_expiration,
-            &m.key_next_rotation,
-            &m.rotation_stalled,
-            &m.verifier_silent,
-            &m.agents_confirmed,
-            &m.agents_total,
-        ] {
-            family.remove(&key);
-        }
-        self.keys().remove(&key);
-        for condition in CONDITION_VALUES {
-            m.key_ready.remove(&KeyConditionLabels {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                condition,
-            });
+        let mut keys = self.keys();
+        if let Some(names) = keys.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                keys.remove(namespace);
+            }
         }
     }
 
     /// Drops the series of every key for which `keep(namespace, name)` is false (after a
     /// relist: keys deleted while the watch was down).
     pub fn retain_keys(&self, keep: impl Fn(&str, &str) -> bool) {
-        let gone: Vec<KeyLabels> = self
-            .keys()
-            .iter()
-            .filter(|k| !keep(&k.namespace, &k.name))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.remove_key(&k.namespace, &k.name);
-        }
+        let mut keys = self.keys();
+        keys.retain(|ns, names| {
+            names.retain(|name, _| keep(ns, name));
+            !names.is_empty()
+        });
     }
 
     /// Drops every per-key series (leadership lost: only the leader exports them).
     pub fn clear_keys(&self) {
-        let m = &self.0;
-        m.key_expiration.clear();
-        m.key_next_rotation.clear();
-        m.key_ready.clear();
-        m.rotation_stalled.clear();
-        m.verifier_silent.clear();
-        m.agents_confirmed.clear();
-        m.agents_total.clear();
         self.keys().clear();
     }
 
     /// The keys that have per-key series.
     pub fn key_count(&self) -> usize {
-        self.keys().len()
+        self.keys().values().map(BTreeMap::len).sum()
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, BTreeSet<KeyLabels>> {
+    fn keys(&self) -> std::sync::MutexGuard<'_, KeyMap> {
         self.0.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -478,6 +511,14 @@ impl Metrics {
     pub fn set_leader(&self, leading: bool) {
         self.0.leader.set(i64::from(leading));
     }
+}
+
+/// The condition of [`CONDITION_VALUES`] that `status` names (anything else: `Unknown`).
+fn ready_condition(status: &str) -> &'static str {
+    CONDITION_VALUES
+        .into_iter()
+        .find(|c| *c == status)
+        .unwrap_or("Unknown")
 }
 
 /// Reconcile duration buckets: 5 ms to about 41 s, doubling.
@@ -664,5 +705,192 @@ mod tests {
             m.encode()
                 .contains(r#"keyward_revocations_total{kind="normal"} 1"#)
         );
+    }
+
+    /// A key as a test sets it: namespace, name, gauges (`None`: only its ready status), ready
+    /// status.
+    type KeySet = (&'static str, &'static str, Option<KeyGauges>, &'static str);
+
+    /// The per-key families as label families (the registry before the per-key gauges were
+    /// written at scrape time), set with `keys`: the reference a scraper saw.
+    fn as_label_families(keys: &[KeySet]) -> String {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Key {
+            namespace: String,
+            name: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct KeyCondition {
+            namespace: String,
+            name: String,
+            condition: &'static str,
+        }
+        let mut registry = Registry::default();
+        let families: Vec<Family<Key, Gauge>> = (0..6).map(|_| Family::default()).collect();
+        let ready = Family::<KeyCondition, Gauge>::default();
+        let [exp, next, stalled, silent, confirmed, total] = &PER_KEY_GAUGES;
+        for (i, (metric, help, _)) in [exp, next].into_iter().enumerate() {
+            registry.register(*metric, help.trim_end_matches('.'), families[i].clone());
+        }
+        registry.register(
+            KEY_READY.0,
+            KEY_READY.1.trim_end_matches('.'),
+            ready.clone(),
+        );
+        for (i, (metric, help, _)) in [stalled, silent, confirmed, total].into_iter().enumerate() {
+            registry.register(*metric, help.trim_end_matches('.'), families[i + 2].clone());
+        }
+        for (ns, name, g, status) in keys {
+            let key = Key {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            };
+            if let Some(g) = g {
+                if let Some(t) = g.token_expiration {
+                    families[0].get_or_create(&key).set(t);
+                }
+                if let Some(t) = g.next_rotation {
+                    families[1].get_or_create(&key).set(t);
+                }
+                families[2].get_or_create(&key).set(i64::from(g.stalled));
+                families[3]
+                    .get_or_create(&key)
+                    .set(i64::from(g.verifier_silent));
+                families[4]
+                    .get_or_create(&key)
+                    .set(i64::try_from(g.agents_confirmed).unwrap_or(i64::MAX));
+                families[5]
+                    .get_or_create(&key)
+                    .set(i64::try_from(g.agents_total).unwrap_or(i64::MAX));
+            }
+            for condition in CONDITION_VALUES {
+                ready
+                    .get_or_create(&KeyCondition {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        condition,
+                    })
+                    .set(i64::from(condition == *status));
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .unwrap_or_else(|e| panic!("{e}"));
+        out
+    }
+
+    /// The per-key families of an exposition, in order: HELP, TYPE, then the samples sorted
+    /// (label families write theirs in hash order).
+    fn per_key_families(text: &str) -> Vec<Vec<String>> {
+        let per_key = |l: &str| {
+            PER_KEY_GAUGES
+                .iter()
+                .map(|(m, _, _)| *m)
+                .chain([KEY_READY.0])
+                .any(|m| {
+                    l.strip_prefix("# HELP ")
+                        .or(l.strip_prefix("# TYPE "))
+                        .unwrap_or(l)
+                        .split([' ', '{'])
+                        .next()
+                        == Some(m)
+                })
+        };
+        let mut out: Vec<Vec<String>> = Vec::new();
+        for l in text.lines().filter(|l| per_key(l)) {
+            if l.starts_with("# HELP ") {
+                out.push(Vec::new());
+            }
+            if let Some(f) = out.last_mut() {
+                f.push(l.to_string());
+            }
+        }
+        for f in &mut out {
+            f[2..].sort();
+        }
+        out
+    }
+
+    /// Per-key series written at scrape time read exactly as label families did: names, HELP
+    /// and TYPE lines, labels, values, and the same families absent.
+    #[test]
+    fn per_key_series_render_as_label_families_did() {
+        let no_timestamps = KeyGauges {
+            token_expiration: None,
+            next_rotation: None,
+            ready: "False",
+            stalled: true,
+            verifier_silent: true,
+            agents_total: usize::MAX,
+            ..gauges()
+        };
+        let cases: Vec<Vec<KeySet>> = vec![
+            vec![],
+            vec![("ns", "pk", Some(gauges()), "True")],
+            vec![("ns", "only-ready", None, "False")],
+            vec![
+                ("ns", "a", Some(gauges()), "True"),
+                ("ns", "b", Some(no_timestamps), "False"),
+                ("other", "a", None, "Unknown"),
+                ("ns", r#"quo"te"#, Some(gauges()), "True"),
+            ],
+        ];
+        for (keys, families) in cases.into_iter().zip([0, 7, 1, 7]) {
+            let m = Metrics::new(&RequestStats::default());
+            for (ns, name, g, status) in &keys {
+                match g {
+                    Some(g) => m.set_key(ns, name, g),
+                    None => m.set_key_ready(ns, name, status),
+                }
+            }
+            let now = m.encode();
+            let before = as_label_families(&keys);
+            assert_eq!(per_key_families(&now).len(), families, "{now}");
+            assert_eq!(
+                per_key_families(&now),
+                per_key_families(&before),
+                "{now}\n---\n{before}"
+            );
+        }
+    }
+
+    /// One key's series, written out exactly; gone once the key is removed.
+    #[test]
+    fn one_keys_series_then_none_once_removed() {
+        let m = Metrics::new(&RequestStats::default());
+        m.set_key("ns", "pk", &gauges());
+        let text = m.encode();
+        let expected = [
+            "# HELP keyward_key_expiration_timestamp_seconds Expiry (Unix seconds) of the token in the key's agent Secret; absent while the Secret holds no token.",
+            "# TYPE keyward_key_expiration_timestamp_seconds gauge",
+            r#"keyward_key_expiration_timestamp_seconds{namespace="ns",name="pk"} 1700000000"#,
+            "# HELP keyward_key_next_rotation_timestamp_seconds When the key's next scheduled rotation is due (Unix seconds); absent when none is scheduled (suspended, or a rotation in flight).",
+            "# TYPE keyward_key_next_rotation_timestamp_seconds gauge",
+            r#"keyward_key_next_rotation_timestamp_seconds{namespace="ns",name="pk"} 1700003600"#,
+            "# HELP keyward_key_ready_status The key's Ready condition: one series per condition (True, False, Unknown), the one that holds is 1.",
+            "# TYPE keyward_key_ready_status gauge",
+            r#"keyward_key_ready_status{namespace="ns",name="pk",condition="True"} 1"#,
+            r#"keyward_key_ready_status{namespace="ns",name="pk",condition="False"} 0"#,
+            r#"keyward_key_ready_status{namespace="ns",name="pk",condition="Unknown"} 0"#,
+            "# HELP keyward_rotation_stalled 1 while the key's Stalled condition is True (a rotation waits on agents past its deadline, or the spec cannot be served), else 0.",
+            "# TYPE keyward_rotation_stalled gauge",
+            r#"keyward_rotation_stalled{namespace="ns",name="pk"} 0"#,
+            "# HELP keyward_rotation_verifier_silent 1 while the key's old key is held because the keyward verifier replicas cannot vouch that it is unused (Stalled, reason VerifierSilent), else 0.",
+            "# TYPE keyward_rotation_verifier_silent gauge",
+            r#"keyward_rotation_verifier_silent{namespace="ns",name="pk"} 0"#,
+            "# HELP keyward_agents_confirmed PolicyAgents referencing the key that are confirmed on its current key.",
+            "# TYPE keyward_agents_confirmed gauge",
+            r#"keyward_agents_confirmed{namespace="ns",name="pk"} 1"#,
+            "# HELP keyward_agents_total PolicyAgents referencing the key.",
+            "# TYPE keyward_agents_total gauge",
+            r#"keyward_agents_total{namespace="ns",name="pk"} 2"#,
+        ]
+        .join("\n");
+        assert!(text.contains(&expected), "{text}");
+        m.remove_key("ns", "pk");
+        assert_eq!(m.key_count(), 0);
+        let text = m.encode();
+        assert!(!text.contains("keyward_key_"), "{text}");
+        assert!(!text.contains("keyward_agents_"), "{text}");
     }
 }

@@ -20,7 +20,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch::{Receiver, Sender};
 
 use super::backoff::Outage;
-use super::caches::{OwnWrites, ScopeCaches};
+use super::caches::{CachedSecret, OwnWrites, ScopeCaches, SecretCache, SecretRole, SecretWriter};
 use super::{Context, Error, Result, backoff, policy_agent, provisioning_key};
 use crate::api::policy_agent::WorkloadKind;
 use crate::api::{KeyUsageReport, PolicyAgent, ProvisioningKey};
@@ -33,7 +33,7 @@ pub(super) type Run = BoxFuture<'static, ()>;
 /// The writers of one scope's caches, and the senders of their readiness.
 pub(super) struct ScopeWriters {
     agents: Writer<PolicyAgent>,
-    secrets: Writer<PartialObjectMeta<Secret>>,
+    secrets: SecretWriter,
     reports: Writer<PartialObjectMeta<KeyUsageReport>>,
     agents_ready: Sender<bool>,
     secrets_ready: Sender<bool>,
@@ -42,7 +42,8 @@ pub(super) struct ScopeWriters {
 /// One scope's caches (what the reconciles read) and their writers (what its watches fill).
 pub(super) fn scope_caches(ns: &Option<String>) -> (ScopeCaches, ScopeWriters) {
     let (agents, agents_writer) = reflector::store_shared::<PolicyAgent>(SHARED_BUFFER);
-    let (secrets, secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secrets = SecretCache::default();
+    let secrets_writer = SecretWriter::new(secrets.clone());
     let (reports, reports_writer) = reflector::store::<PartialObjectMeta<KeyUsageReport>>();
     let (agents_ready_tx, agents_ready) = tokio::sync::watch::channel(false);
     let (secrets_ready_tx, secrets_ready) = tokio::sync::watch::channel(false);
@@ -136,11 +137,12 @@ where
     Some((runs, keys_ready))
 }
 
-/// Labelled Secrets, cached as metadata: a change wakes the ProvisioningKey controlling the
-/// Secret (unless it is this process's own write) and the PolicyAgents using it.
+/// Labelled Secrets, watched as metadata and cached as [`CachedSecret`]s: a change wakes the
+/// ProvisioningKey controlling the Secret (unless it is this process's own write) and the
+/// PolicyAgents using it; a relist wakes only what changed (see [`SecretWriter`]).
 fn labelled_secrets<S>(
     sc: &Scope<S>,
-    writer: Writer<PartialObjectMeta<Secret>>,
+    mut writer: SecretWriter,
     ready: Sender<bool>,
     agents_store: Store<PolicyAgent>,
     own_writes: OwnWrites,
@@ -149,32 +151,30 @@ where
     S: Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let (to_pk, to_pa) = (sc.to_pk.clone(), sc.to_pa.clone());
-    let mut relist = Relist::new(writer.as_reader());
-    reflector(
-        writer,
-        watch(
-            scoped::<PartialObjectMeta<Secret>>(&sc.client, &sc.ns),
-            sc.owned.clone(),
-            slim_secret,
-            sc.stop.clone(),
-            sc.outage.clone(),
-        ),
+    watch(
+        scoped::<PartialObjectMeta<Secret>>(&sc.client, &sc.ns),
+        sc.owned.clone(),
+        // The event is read into a `CachedSecret` and dropped: nothing to trim.
+        |_| {},
+        sc.stop.clone(),
+        sc.outage.clone(),
     )
     .for_each(move |ev| {
         if let Ok(ev) = ev {
-            if matches!(ev, watcher::Event::InitDone) {
-                ready.send_replace(true);
-            }
-            relist.touched(&ev, |s| {
-                if let Some(pk) = owner_pk(s)
-                    && !own_writes.echo(&s.metadata)
+            writer.apply(&ev, |ns, name, s| {
+                if let Some(pk) = s.owner_ref(ns)
+                    && !own_writes.echo_of(ns, name, s.resource_version.as_deref())
                 {
                     let _ = to_pk.unbounded_send(pk);
                 }
-                for pa in agents_of_secret(&agents_store, s) {
+                for pa in agents_of_secret(&agents_store, ns, s) {
                     let _ = to_pa.unbounded_send(pa);
                 }
             });
+            // After the list is swapped in, as the reflector's store did.
+            if matches!(ev, watcher::Event::InitDone) {
+                ready.send_replace(true);
+            }
         }
         futures::future::ready(())
     })
@@ -496,7 +496,6 @@ fn workload_mapper<K: Resource>(
     }
 }
 
-/// The ProvisioningKey controlling a labelled Secret or ConfigMap.
 /// What a secondary watch's event wakes, across relists. After a watch restart (an API server
 /// restart, a 410) the watcher lists every object again. An object listed at the
 /// resourceVersion the cache already holds did not change while the watch was down: it wakes
@@ -637,6 +636,7 @@ impl BundleVersions {
     }
 }
 
+/// The ProvisioningKey controlling a labelled ConfigMap.
 fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
     let ns = s.metadata.namespace.as_deref()?;
     s.metadata
@@ -647,22 +647,23 @@ fn owner_pk<K>(s: &PartialObjectMeta<K>) -> Option<ObjectRef<ProvisioningKey>> {
         .map(|o| ObjectRef::new(&o.name).within(ns))
 }
 
-/// The PolicyAgents using an agent Secret (by its ProvisioningKey label).
+/// The PolicyAgents using an agent Secret of namespace `ns` (by its ProvisioningKey label).
 fn agents_of_secret(
     store: &Store<PolicyAgent>,
-    s: &PartialObjectMeta<Secret>,
+    ns: &str,
+    s: &CachedSecret,
 ) -> Vec<ObjectRef<PolicyAgent>> {
-    if s.labels().get(labels::COMPONENT).map(String::as_str) != Some(labels::COMPONENT_AGENT_SECRET)
-    {
+    if s.role != SecretRole::AgentSecret {
         return Vec::new();
     }
-    let ns = s.metadata.namespace.clone();
-    let pk = s.labels().get(labels::PROVISIONING_KEY).cloned();
+    let Some(pk) = s.provisioning_key.as_deref() else {
+        return Vec::new();
+    };
     store
         .state()
         .into_iter()
         .filter(|pa| {
-            pa.meta().namespace == ns && Some(&pa.spec.provisioning_key_ref.name) == pk.as_ref()
+            pa.meta().namespace.as_deref() == Some(ns) && pa.spec.provisioning_key_ref.name == pk
         })
         .map(|pa| ObjectRef::from_obj(&*pa))
         .collect()
@@ -683,15 +684,6 @@ fn slim<K: Resource>(obj: &mut K) {
 fn slim_pk(pk: &mut ProvisioningKey) {
     slim(pk);
     pk.status = None;
-}
-
-/// A cached labelled Secret only tells which key Secrets exist (name, labels, owner) and
-/// which key id each holds.
-fn slim_secret(s: &mut PartialObjectMeta<Secret>) {
-    slim(s);
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.retain(|k, _| k == labels::KEY_ID);
-    }
 }
 
 /// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
@@ -872,6 +864,73 @@ mod tests {
             list(vec![no_rv, secret("b", "5"), secret("d", "6")]),
         );
         assert_eq!(woken, ["a"]);
+    }
+
+    /// The labelled-Secret cache keeps [`Relist`]'s semantics: the same events wake the same
+    /// Secrets, in the same order, as a kube store with a [`Relist`] over it.
+    #[test]
+    fn the_compact_secret_cache_wakes_what_a_relist_over_a_store_wakes() {
+        let mut store = Writer::<PartialObjectMeta<Secret>>::default();
+        let mut relist = Relist::new(store.as_reader());
+        let cache = SecretCache::default();
+        let mut compact = SecretWriter::new(cache.clone());
+        let mut no_rv = secret("a", "4");
+        no_rv.metadata.resource_version = None;
+        let steps = vec![
+            list(vec![secret("a", "1"), secret("b", "2"), secret("c", "3")]),
+            vec![watcher::Event::Apply(secret("a", "4"))],
+            list(vec![secret("a", "4"), secret("b", "5"), secret("d", "6")]),
+            list(vec![secret("a", "4"), secret("b", "5"), secret("d", "6")]),
+            list(vec![no_rv, secret("b", "5"), secret("d", "6")]),
+            vec![watcher::Event::Delete(secret("d", "7"))],
+        ];
+        let expected: [&[&str]; 6] = [
+            &["a", "b", "c"],
+            &["a"],
+            &["b", "d", "c"],
+            &[],
+            &["a"],
+            &["d"],
+        ];
+        for (events, expected) in steps.into_iter().zip(expected) {
+            let by_store = run(&mut store, &mut relist, events.clone());
+            let mut by_cache = Vec::new();
+            for ev in &events {
+                compact.apply(ev, |ns, name, s| {
+                    assert_eq!(ns, "ns");
+                    // Every one of these Secrets names its owner, as the store's would.
+                    assert_eq!(
+                        s.owner_ref(ns),
+                        Some(ObjectRef::new(&format!("pk-{name}")).within("ns"))
+                    );
+                    by_cache.push(name.to_string());
+                });
+            }
+            assert_eq!(by_store, expected);
+            assert_eq!(by_cache, expected);
+        }
+        assert_eq!(cache.len(), 2, "a and b; d deleted");
+    }
+
+    /// During a relist the cache serves the previous list; `InitDone` swaps the new one in.
+    #[test]
+    fn the_compact_secret_cache_swaps_a_relist_in_at_init_done() {
+        let cache = SecretCache::default();
+        let mut w = SecretWriter::new(cache.clone());
+        for ev in list(vec![secret("a", "1"), secret("b", "2")]) {
+            w.apply(&ev, |_, _, _| {});
+        }
+        w.apply(&watcher::Event::Init, |_, _, _| {});
+        w.apply(&watcher::Event::InitApply(secret("a", "3")), |_, _, _| {});
+        let rv = |name: &str| {
+            cache
+                .get("ns", name)
+                .and_then(|s| s.resource_version.map(String::from))
+        };
+        assert_eq!((rv("a"), rv("b")), (Some("1".into()), Some("2".into())));
+        w.apply(&watcher::Event::InitDone, |_, _, _| {});
+        assert_eq!((rv("a"), rv("b")), (Some("3".into()), None));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
