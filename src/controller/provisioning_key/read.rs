@@ -90,10 +90,11 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
     // together.
     raw.never_reconciled = seqs.is_empty() && crate::trust_record::TrustRecord::of(pk).is_none();
     // The key Secrets all at once (a rotation holds two or three).
-    let got = futures::future::try_join_all(
-        seqs.iter()
-            .map(|&seq| secrets.get_opt(&key_secret_name(&name, seq))),
-    )
+    let got = futures::future::try_join_all(seqs.iter().map(|&seq| {
+        let secrets = secrets.clone();
+        let secret = key_secret_name(&name, seq);
+        async move { secrets.get_opt(&secret).await }
+    }))
     .await?;
     for (seq, s) in seqs.into_iter().zip(got) {
         match s {
