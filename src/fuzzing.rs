@@ -45,6 +45,7 @@ fn index() -> &'static Index {
             aud: "keyward".into(),
             iss: "keyward".into(),
             kids: [(key.public_key().key_id(), 3600)].into(),
+            deactivated: Default::default(),
         };
         let pk: Result<ProvisioningKey, _> = serde_json::from_value(serde_json::json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",

@@ -32,7 +32,19 @@ pub const CREATED_AT: &str = "keyward.dev/created-at";
 pub const PUBLISHED_AT: &str = "keyward.dev/published-at";
 pub const ACTIVATED_AT: &str = "keyward.dev/activated-at";
 pub const RETIRED_AT: &str = "keyward.dev/retired-at";
+/// When the key was destroyed (its private key deleted); the name predates deactivation.
 pub const REVOKED_AT: &str = "keyward.dev/revoked-at";
+/// When the key was deactivated (out of the trusted set, private key kept).
+pub const DEACTIVATED_AT: &str = "keyward.dev/deactivated-at";
+/// When a deactivated key was put back into the trusted set.
+pub const REACTIVATED_AT: &str = "keyward.dev/reactivated-at";
+/// The `keyward.dev/reactivate` annotation value this key's reactivation consumed.
+pub const CONSUMED_REACTIVATE: &str = "keyward.dev/consumed-reactivate-annotation";
+/// Reactivation request on a ProvisioningKey: `<kid>` or `<kid>,<anything>` (a new value is a
+/// new request; `keyward reactivate` writes `<kid>,<time>`).
+pub const REACTIVATE: &str = "keyward.dev/reactivate";
+/// Why the key is reactivated (free text, shown in the audit Event; at most 256 characters).
+pub const REACTIVATE_REASON: &str = "keyward.dev/reactivate-reason";
 /// On a key Secret: the settings recorded at mint (JSON; names and durations).
 pub const SETTINGS: &str = "keyward.dev/settings";
 /// On a retiring key Secret: `exp` of the last token the key signed.

@@ -123,6 +123,7 @@ struct Inner {
     keys: Arc<Mutex<KeyMap>>,
     rotations: Family<RotationLabels, Counter>,
     revocations: Family<KindLabels, Counter>,
+    key_lifecycle: Family<KindLabels, Counter>,
     bundle_tampered: Counter,
     rollouts: Family<KindLabels, Counter>,
     reconciles: Family<ControllerLabels, Counter>,
@@ -296,6 +297,12 @@ impl Metrics {
             "Keys revoked, by kind (normal: after the evidence that no agent needs it; emergency: listed in spec.compromisedKeys)",
             revocations.clone(),
         );
+        let key_lifecycle = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "keyward_key_lifecycle",
+            "Key lifecycle transitions after the hand-out, by kind (deactivated: revoked reversibly, private key kept for retainDeactivatedFor; reactivated: a deactivated key put back into the trusted set; destroyed: private key deleted, for good)",
+            key_lifecycle.clone(),
+        );
         let bundle_tampered = Counter::default();
         registry.register(
             "keyward_bundle_tampered",
@@ -346,6 +353,7 @@ impl Metrics {
             keys,
             rotations,
             revocations,
+            key_lifecycle,
             bundle_tampered,
             rollouts,
             reconciles,
@@ -465,6 +473,13 @@ impl Metrics {
             .get_or_create(&KindLabels {
                 kind: if emergency { "emergency" } else { "normal" },
             })
+            .inc();
+    }
+
+    pub fn key_lifecycle(&self, kind: &'static str) {
+        self.0
+            .key_lifecycle
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

@@ -41,6 +41,9 @@ pub enum Reason {
     KeyHandedOut,
     KeyRetiring,
     KeyRevoked,
+    KeyDeactivated,
+    KeyReactivated,
+    KeyDestroyed,
     KeySecretRepaired,
     TokenRefreshed,
     // PolicyAgent Events.
@@ -69,7 +72,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 48] = [
+    pub const ALL: [Reason; 51] = [
         Reason::KeyActive,
         Reason::Minting,
         Reason::Publishing,
@@ -97,6 +100,9 @@ impl Reason {
         Reason::KeyHandedOut,
         Reason::KeyRetiring,
         Reason::KeyRevoked,
+        Reason::KeyDeactivated,
+        Reason::KeyReactivated,
+        Reason::KeyDestroyed,
         Reason::KeySecretRepaired,
         Reason::TokenRefreshed,
         Reason::RolloutTriggered,
@@ -150,6 +156,9 @@ impl Reason {
             Reason::KeyHandedOut => "KeyHandedOut",
             Reason::KeyRetiring => "KeyRetiring",
             Reason::KeyRevoked => "KeyRevoked",
+            Reason::KeyDeactivated => "KeyDeactivated",
+            Reason::KeyReactivated => "KeyReactivated",
+            Reason::KeyDestroyed => "KeyDestroyed",
             Reason::KeySecretRepaired => "KeySecretRepaired",
             Reason::TokenRefreshed => "TokenRefreshed",
             Reason::RolloutTriggered => "RolloutTriggered",

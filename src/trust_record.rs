@@ -42,6 +42,14 @@ pub struct TrustRecord {
     pub iss: String,
     /// Key id to the longest token lifetime (`exp - iat`, seconds) the operator signed with it.
     pub kids: BTreeMap<String, u64>,
+    /// Key ids revoked reversibly (deactivated: private key kept until `retainDeactivatedFor`
+    /// has passed), to the Unix time of their deactivation. Only the operator writes this, so
+    /// an edit of a key Secret's annotations cannot quietly put a deactivated key back into
+    /// the trusted set: only a reactivation request does. The verifier ignores it (a key id
+    /// here is never in `kids`). Absent when empty, so a record without deactivations renders
+    /// as it did before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deactivated: BTreeMap<String, i64>,
 }
 
 /// Why a record could not be read (the verifier then trusts nothing of that key; the operator
@@ -52,7 +60,7 @@ pub enum RecordError {
     TooLong,
     #[error("the trust record is not valid JSON of the expected shape")]
     Malformed,
-    #[error("the trust record lists more than {MAX_KIDS} key ids")]
+    #[error("the trust record lists more than {MAX_KIDS} key ids (trusted or deactivated)")]
     TooManyKids,
 }
 
@@ -63,7 +71,7 @@ impl TrustRecord {
             return Err(RecordError::TooLong);
         }
         let r: TrustRecord = serde_json::from_str(s).map_err(|_| RecordError::Malformed)?;
-        if r.kids.len() > MAX_KIDS {
+        if r.kids.len() > MAX_KIDS || r.deactivated.len() > MAX_KIDS {
             return Err(RecordError::TooManyKids);
         }
         Ok(r)
@@ -140,6 +148,7 @@ mod tests {
             aud: "a".into(),
             iss: "i".into(),
             kids: [("k2".to_string(), 3600), ("k1".to_string(), 600)].into(),
+            deactivated: Default::default(),
         }
     }
 
@@ -167,6 +176,7 @@ mod tests {
         );
         let many = TrustRecord {
             kids: (0..=MAX_KIDS).map(|i| (format!("k{i}"), 1)).collect(),
+            deactivated: Default::default(),
             ..record()
         };
         assert_eq!(

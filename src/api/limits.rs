@@ -37,6 +37,11 @@ pub const REVOKE_WHEN_UNUSED_FOR: Ceiling = Ceiling {
     field: "rotation.revokeWhenUnusedFor",
     hours: 720,
 };
+/// `rotation.retainDeactivatedFor`: a deactivated key is destroyed at most 30 days later.
+pub const RETAIN_DEACTIVATED_FOR: Ceiling = Ceiling {
+    field: "rotation.retainDeactivatedFor",
+    hours: 720,
+};
 /// `rotation.confirmationTimeout`: at most 30 days before a rotation is reported `Stalled`.
 pub const CONFIRMATION_TIMEOUT: Ceiling = Ceiling {
     field: "rotation.confirmationTimeout",
@@ -54,11 +59,12 @@ pub const INTERVAL: Ceiling = Ceiling {
 };
 
 /// Every ceiling, for tests and documentation.
-pub const CEILINGS: [Ceiling; 7] = [
+pub const CEILINGS: [Ceiling; 8] = [
     TOKEN_TTL,
     PUBLISH_DELAY,
     OVERLAP,
     REVOKE_WHEN_UNUSED_FOR,
+    RETAIN_DEACTIVATED_FOR,
     CONFIRMATION_TIMEOUT,
     MIN_INTERVAL,
     INTERVAL,

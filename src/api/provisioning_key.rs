@@ -195,6 +195,19 @@ pub struct RotationSpec {
     )]
     pub revoke_when_unused_for: Option<String>,
 
+    /// How long a revoked key is kept **deactivated** before it is destroyed (default `24h`, at
+    /// most `720h`; `0s` destroys it at once). A deactivated key is out of the trust bundle and
+    /// the trust record, so every verifier refuses it, but its key Secret keeps the private key:
+    /// `keyward reactivate` (or the `keyward.dev/reactivate` annotation) can put it back into
+    /// the trusted set until it is destroyed. Keys in `compromisedKeys` are destroyed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = limits::RETAIN_DEACTIVATED_FOR.rule())]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub retain_deactivated_for: Option<String>,
+
     /// Any new value requests one rotation (Git-friendly manual trigger). The value present
     /// when the first key is minted is consumed by that mint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,8 +337,21 @@ pub struct TrustedKey {
 #[serde(rename_all = "camelCase")]
 pub struct RevokedKey {
     pub kid: String,
+    /// `Deactivated` (every verifier refuses it; `keyward reactivate` can bring it back until
+    /// `destroyAt`) or `Destroyed` (private key deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// When it left the trusted set (its deactivation, or its destruction when it was never
+    /// deactivated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+    /// A deactivated key: when it will be destroyed (`retainDeactivatedFor` after its
+    /// deactivation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_at: Option<String>,
+    /// A destroyed key: when its private key was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -344,6 +370,12 @@ pub struct HistoryEntry {
     pub activated_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<String>,
+    /// When it was deactivated (the last time, if it was reactivated since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivated_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reactivated_at: Option<String>,
+    /// When it was destroyed (private key deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
 }

@@ -1,4 +1,4 @@
-//! `keyward status` and `keyward rotate`: the operator's CLI for people, in the spirit of
+//! `keyward status`, `keyward rotate` and `keyward reactivate`: the operator's CLI for people, in the spirit of
 //! `cmctl status` and `cmctl renew`.
 //!
 //! Layout: `status` and `rotate` each gather objects (reads), turn them into rows and text with
@@ -8,6 +8,7 @@
 //! Exit codes ([`EXIT_OK`], [`EXIT_ERROR`], [`EXIT_USAGE`], [`EXIT_NOT_READY`]) are part of the
 //! interface: scripts run `keyward status && deploy`.
 
+pub mod reactivate;
 pub mod rotate;
 pub mod status;
 pub mod view;
@@ -37,6 +38,10 @@ pub enum Command {
     /// Request a rotation of ProvisioningKeys (sets the keyward.dev/rotate annotation).
     #[command(after_help = rotate::AFTER_HELP)]
     Rotate(rotate::RotateArgs),
+    /// Put a deactivated key back into the trusted set (sets the keyward.dev/reactivate
+    /// annotation).
+    #[command(after_help = reactivate::AFTER_HELP)]
+    Reactivate(reactivate::ReactivateArgs),
 }
 
 /// Where to connect and which namespace: the flags `kubectl` users expect.
@@ -145,6 +150,7 @@ pub async fn run(command: Command) -> ExitCode {
     let (name, result) = match command {
         Command::Status(args) => ("status", status::run(args).await),
         Command::Rotate(args) => ("rotate", rotate::run(args).await),
+        Command::Reactivate(args) => ("reactivate", reactivate::run(args).await),
     };
     match result {
         Ok(code) => ExitCode::from(code),

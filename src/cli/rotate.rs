@@ -269,7 +269,7 @@ async fn request(
 /// server that stops answering is waited out (the operator's watch backoff: 200 ms doubling to
 /// 4 s, jittered), so only `--timeout` ends the wait: a restart of the API server mid-rotation
 /// does not fail `keyward rotate --wait`. Said once on stderr.
-async fn await_rotated(
+pub(super) async fn await_rotated(
     api: Api<ProvisioningKey>,
     name: &str,
     cond: impl Fn(Option<&ProvisioningKey>) -> bool,

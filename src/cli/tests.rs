@@ -455,3 +455,44 @@ fn cli_flags_parse() {
         assert_eq!(e.exit_code(), i32::from(super::EXIT_USAGE), "{args:?}");
     }
 }
+
+/// `keyward reactivate` refuses up front what the operator would refuse, from the key's spec
+/// and status, and sends one merge patch of annotations only.
+#[test]
+fn reactivate_refuses_what_cannot_come_back() {
+    use super::reactivate::{refusal, request_patch, trusted_again};
+    let pk: ProvisioningKey = serde_json::from_value(json!({
+        "apiVersion": "keyward.dev/v1alpha1",
+        "kind": "ProvisioningKey",
+        "metadata": {"name": "opa", "namespace": "payments"},
+        "spec": {"compromisedKeys": ["C".repeat(43)]},
+        "status": {
+            "trustedKeys": [{"kid": "cur", "state": "Active"}],
+            "revokedKeys": [
+                {"kid": "old", "state": "Deactivated", "destroyAt": "2026-12-07T10:00:00Z"},
+                {"kid": "gone", "state": "Destroyed"},
+                {"kid": "C".repeat(43), "state": "Deactivated"}
+            ]
+        }
+    }))
+    .expect("fixture");
+    assert_eq!(refusal(&pk, "old"), None);
+    let why = |kid: &str| refusal(&pk, kid).expect("refused");
+    assert!(why("cur").contains("still trusted"));
+    assert!(why("gone").contains("destroyed"));
+    assert!(why(&"C".repeat(43)).contains("compromisedKeys"));
+    assert!(why("never").contains("lists no revoked key never"));
+    assert_eq!(
+        request_patch("old,t", "INC-1"),
+        json!({"metadata": {"annotations": {
+            "keyward.dev/reactivate": "old,t",
+            "keyward.dev/reactivate-reason": "INC-1"
+        }}})
+    );
+    assert!(trusted_again(&pk, "cur") && !trusted_again(&pk, "old"));
+    let line = view::revoked_line(&pk.status.clone().expect("status").revoked_keys[0]);
+    assert_eq!(
+        line,
+        "old  Deactivated (reactivatable until 2026-12-07T10:00:00Z: keyward reactivate)"
+    );
+}

@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::conditions::{READY, STALLED};
-use crate::api::provisioning_key::{HistoryEntry, TrustedKey};
+use crate::api::provisioning_key::{HistoryEntry, RevokedKey, TrustedKey};
 use crate::api::{PolicyAgent, ProvisioningKey};
 
 /// What `status` reports about one key (also the `-o json|yaml` document). Key ids and
@@ -112,7 +112,7 @@ pub struct KeyDetail {
     pub agent_list: Vec<AgentSummary>,
     pub conditions: Vec<ConditionView>,
     pub history: Vec<HistoryEntry>,
-    pub revoked_keys: Vec<String>,
+    pub revoked_keys: Vec<RevokedKey>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_refresh_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -269,7 +269,7 @@ pub fn detail(pk: &ProvisioningKey, agents: &[PolicyAgent]) -> KeyDetail {
             })
             .collect(),
         history: status.history.clone(),
-        revoked_keys: status.revoked_keys.iter().map(|k| k.kid.clone()).collect(),
+        revoked_keys: status.revoked_keys.clone(),
         token_refresh_at: status.token_refresh_at.clone(),
         uncovered_consumers: status.uncovered_consumers.as_ref().map(|u| {
             if u.workloads.is_empty() {
@@ -544,13 +544,26 @@ fn fields_text(d: &KeyDetail, now: DateTime<Utc>) -> String {
         field("Uncovered pods", u.clone());
     }
     if !d.revoked_keys.is_empty() {
-        field("Revoked keys", d.revoked_keys.join("\n                "));
+        let lines: Vec<String> = d.revoked_keys.iter().map(revoked_line).collect();
+        field("Revoked keys", lines.join("\n                "));
     }
     if !s.healthy {
         field("Attention", dash(s.unhealthy_reason.clone()));
     }
 
     out
+}
+
+/// One revoked key: its id, state and, while deactivated, until when it can be reactivated.
+pub fn revoked_line(k: &RevokedKey) -> String {
+    match (k.state.as_deref(), &k.destroy_at) {
+        (Some("Deactivated"), Some(at)) => format!(
+            "{}  Deactivated (reactivatable until {at}: keyward reactivate)",
+            k.kid
+        ),
+        (Some(state), _) => format!("{}  {state}", k.kid),
+        (None, _) => k.kid.clone(),
+    }
 }
 
 /// The PolicyAgents of the key, as a table.

@@ -55,17 +55,22 @@ pub enum KeyState {
     Active,
     /// Superseded; still trusted until revocation is safe.
     Retiring,
-    /// No longer trusted; private key material deleted.
-    Revoked,
+    /// Revoked, reversibly: out of the trust bundle and the trust record (every verifier
+    /// refuses it), private key kept until `retainDeactivatedFor` has passed; it can be
+    /// reactivated until then.
+    Deactivated,
+    /// Revoked for good: no longer trusted, private key material deleted.
+    Destroyed,
 }
 
 impl KeyState {
-    pub const ALL: [KeyState; 5] = [
+    pub const ALL: [KeyState; 6] = [
         KeyState::Pending,
         KeyState::Published,
         KeyState::Active,
         KeyState::Retiring,
-        KeyState::Revoked,
+        KeyState::Deactivated,
+        KeyState::Destroyed,
     ];
 
     /// The label value.
@@ -75,7 +80,8 @@ impl KeyState {
             KeyState::Published => "published",
             KeyState::Active => "active",
             KeyState::Retiring => "retiring",
-            KeyState::Revoked => "revoked",
+            KeyState::Deactivated => "deactivated",
+            KeyState::Destroyed => "destroyed",
         }
     }
 
@@ -86,12 +92,22 @@ impl KeyState {
             KeyState::Published => "Published",
             KeyState::Active => "Active",
             KeyState::Retiring => "Retiring",
-            KeyState::Revoked => "Revoked",
+            KeyState::Deactivated => "Deactivated",
+            KeyState::Destroyed => "Destroyed",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
+        if s == "revoked" {
+            // The label written before revocation had two steps (private key deleted at once).
+            return Some(KeyState::Destroyed);
+        }
         Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether the key was revoked: deactivated or destroyed, refused by every verifier.
+    pub fn revoked(self) -> bool {
+        matches!(self, KeyState::Deactivated | KeyState::Destroyed)
     }
 
     /// Whether the control plane must accept this key now.
@@ -160,7 +176,12 @@ pub struct ObservedKey {
     pub published_at: Option<DateTime<Utc>>,
     pub activated_at: Option<DateTime<Utc>>,
     pub retired_at: Option<DateTime<Utc>>,
+    /// When the key was destroyed.
     pub revoked_at: Option<DateTime<Utc>>,
+    pub deactivated_at: Option<DateTime<Utc>>,
+    pub reactivated_at: Option<DateTime<Utc>>,
+    /// The `keyward.dev/reactivate` annotation value this key's last reactivation consumed.
+    pub consumed_reactivate: Option<String>,
     pub has_private_key: bool,
     /// `exp` of the last token this key signed, recorded when it retired.
     pub last_token_exp: Option<DateTime<Utc>>,
@@ -251,6 +272,8 @@ pub struct Observed {
     pub keys: Vec<ObservedKey>,
     /// The `keyward.dev/rotate` annotation on the ProvisioningKey.
     pub rotate_annotation: Option<String>,
+    /// The `keyward.dev/reactivate` annotation on the ProvisioningKey.
+    pub reactivate_annotation: Option<String>,
     pub bundle: BundleObs,
     pub agent_secret: AgentSecretObs,
     pub consumers: Vec<Consumer>,
@@ -317,9 +340,15 @@ pub enum Step {
     Retire { seq: u32 },
     /// Write the agent Secret for the current key.
     HandOut { seq: u32, reason: HandOutReason },
-    /// Revoke: state `revoked`, private key material deleted.
-    Revoke { seq: u32, emergency: bool },
-    /// Delete an old revoked key Secret beyond [`RETAIN_REVOKED`].
+    /// Revoke, reversibly: state `deactivated` (out of the trusted set), private key kept.
+    Deactivate { seq: u32 },
+    /// Revoke for good: state `destroyed`, private key material deleted. `emergency` for a key
+    /// listed in `compromisedKeys` (never deactivated first).
+    Destroy { seq: u32, emergency: bool },
+    /// Put a deactivated key back into the trusted set (state `retiring`), on the
+    /// `keyward.dev/reactivate` annotation whose value `request` this consumes.
+    Reactivate { seq: u32, request: String },
+    /// Delete an old destroyed key Secret beyond [`RETAIN_REVOKED`].
     Prune { seq: u32 },
     /// Restore the labels and annotations of a key Secret that someone edited (its state stays
     /// the one its evidence supports).
@@ -469,7 +498,7 @@ pub fn desired_bundle(keys: &[ObservedKey]) -> (Vec<String>, Vec<String>) {
         .collect();
     let revoked = keys
         .iter()
-        .filter(|k| k.state == KeyState::Revoked)
+        .filter(|k| k.state.revoked())
         .map(|k| k.kid.clone())
         .collect();
     (trusted, revoked)
@@ -584,7 +613,7 @@ pub fn desired_record(settings: &Settings, obs: &Observed) -> TrustRecord {
     for k in obs
         .keys
         .iter()
-        .filter(|k| k.state != KeyState::Revoked && !settings.compromised.contains(&k.kid))
+        .filter(|k| !k.state.revoked() && !settings.compromised.contains(&k.kid))
     {
         let held = held.filter(|(kid, _)| *kid == k.kid).map_or(0, |(_, t)| t);
         kids.insert(k.kid.clone(), before(&k.kid).max(ttl).max(held));
@@ -600,12 +629,64 @@ pub fn desired_record(settings: &Settings, obs: &Observed) -> TrustRecord {
             }
         }
     }
+    // Deactivated keys, with the time of their deactivation (the record's own, once written).
+    let deactivated = obs
+        .keys
+        .iter()
+        .filter(|k| k.state == KeyState::Deactivated && !settings.compromised.contains(&k.kid))
+        .map(|k| {
+            let at = prev
+                .and_then(|r| r.deactivated.get(&k.kid))
+                .copied()
+                .or(k.deactivated_at.map(|t| t.timestamp()))
+                .unwrap_or(0);
+            (k.kid.clone(), at)
+        })
+        .collect();
     TrustRecord {
         bundle: settings.trust_bundle_name.clone(),
         aud: settings.audience.clone(),
         iss: settings.issuer.clone(),
         kids,
+        deactivated,
     }
+}
+
+/// The key Secrets as the trust record vouches for them. A key the record holds deactivated
+/// is deactivated whatever its key Secret says (someone removed the annotation), unless the
+/// Secret shows the reactivation the ProvisioningKey's `keyward.dev/reactivate` annotation
+/// asks for now: then the record is behind the Secret, and is written next. `None` when the
+/// record and the Secrets agree.
+pub fn anchored(obs: &Observed) -> Option<Observed> {
+    let record = obs.record.as_ref()?;
+    if record.deactivated.is_empty() {
+        return None;
+    }
+    let lost = |k: &ObservedKey| {
+        let at = record.deactivated.get(&k.kid)?;
+        if k.state.revoked() {
+            return None;
+        }
+        let reactivated = k.reactivated_at.is_some_and(|r| r.timestamp() >= *at)
+            && k.consumed_reactivate.is_some()
+            && k.consumed_reactivate == obs.reactivate_annotation;
+        (!reactivated).then_some(*at)
+    };
+    if !obs.keys.iter().any(|k| lost(k).is_some()) {
+        return None;
+    }
+    let mut o = obs.clone();
+    for k in &mut o.keys {
+        if let Some(at) = lost(k) {
+            k.edited = Some(format!(
+                "the trust record holds it deactivated but the key Secret says {}",
+                k.state.as_str()
+            ));
+            k.state = KeyState::Deactivated;
+            k.deactivated_at = DateTime::from_timestamp(at, 0);
+        }
+    }
+    Some(o)
 }
 
 /// The record to write, when the one on the ProvisioningKey differs from what the evidence
@@ -665,6 +746,8 @@ fn requested(settings: &Settings, obs: &Observed, latest: &ObservedKey) -> Optio
 /// Liveness comes first: a name owned by someone else, or a refused spec, refuses only what is
 /// unsafe (writes to the foreign object, new rotations); the current key keeps being served.
 pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
+    let anchored_obs = anchored(obs);
+    let obs = anchored_obs.as_ref().unwrap_or(obs);
     let mut p = rules::decide(settings, obs, now);
     let mut dropped = false;
     if obs.agent_secret == AgentSecretObs::Foreign {

@@ -193,8 +193,11 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     // Each transition writes its label together with its timestamp (publication excepted: the
     // `published` label comes first, its time when the bundle is seen to contain the key), so
     // the timestamps tell the state; a label that disagrees was edited by someone else.
+    let (deactivated_at, reactivated_at) = (at(l::DEACTIVATED_AT), at(l::REACTIVATED_AT));
     let state = if !has_private_key && revoked_at.is_some() {
-        KeyState::Revoked
+        KeyState::Destroyed
+    } else if deactivated_at.is_some_and(|d| reactivated_at.is_none_or(|r| r < d)) {
+        KeyState::Deactivated
     } else if at(l::RETIRED_AT).is_some() {
         KeyState::Retiring
     } else if at(l::ACTIVATED_AT).is_some() {
@@ -207,7 +210,7 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     if labelled != Some(state) {
         tamper = Some(match labelled {
             None => "missing or malformed key-state label".to_string(),
-            Some(KeyState::Revoked) => "labelled revoked without a recorded revocation".into(),
+            Some(KeyState::Destroyed) => "labelled destroyed without a recorded destruction".into(),
             Some(l) => format!(
                 "labelled {} but its evidence says {}",
                 l.as_str(),
@@ -233,6 +236,9 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
             activated_at: at(l::ACTIVATED_AT),
             retired_at: at(l::RETIRED_AT),
             revoked_at,
+            deactivated_at,
+            reactivated_at,
+            consumed_reactivate: get(l::CONSUMED_REACTIVATE),
             has_private_key,
             last_token_exp: at(l::LAST_TOKEN_EXP),
             edited: tamper.clone(),
@@ -649,6 +655,7 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
     let observed = Observed {
         keys: secrets.keys.clone(),
         rotate_annotation: pk.annotations().get(l::ROTATE).cloned(),
+        reactivate_annotation: pk.annotations().get(l::REACTIVATE).cloned(),
         bundle,
         agent_secret,
         consumers,

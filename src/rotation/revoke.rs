@@ -78,7 +78,13 @@ pub(super) fn revocation(
         .iter()
         .filter(|c| c.confirmed_kid.as_deref() != Some(cur.kid.as_str()))
         .collect();
-    let needs_time = obs.consumers.is_empty() || !uncovered.is_empty();
+    // A reactivated key was brought back for a consumer that broke without it: whatever the
+    // confirmations say, it stays trusted another `overlap` from its reactivation.
+    if let Some(r) = old.reactivated_at {
+        time_due = time_due.max(add(r, settings.overlap));
+    }
+    let needs_time =
+        obs.consumers.is_empty() || !uncovered.is_empty() || old.reactivated_at.is_some();
     if waiting.is_empty() && (!needs_time || now >= time_due) {
         let phase = if obs.consumers.is_empty() {
             Phase::Overlap
@@ -91,10 +97,17 @@ pub(super) fn revocation(
                 return finish(p, settings, obs, now);
             }
         }
-        return Plan::new(phase).step(Step::Revoke {
-            seq: old.seq,
-            emergency: false,
-        });
+        // Revoked reversibly first (kept deactivated for `retainDeactivatedFor`), unless no
+        // retention is asked for.
+        let step = if settings.retain_deactivated_for.is_zero() {
+            Step::Destroy {
+                seq: old.seq,
+                emergency: false,
+            }
+        } else {
+            Step::Deactivate { seq: old.seq }
+        };
+        return Plan::new(phase).step(step);
     }
     let names: Vec<String> = waiting
         .iter()
@@ -112,7 +125,9 @@ pub(super) fn revocation(
         ));
     }
     if needs_time {
-        let why = if uncovered.is_empty() {
+        let why = if let Some(r) = old.reactivated_at.filter(|_| uncovered.is_empty()) {
+            format!("it was reactivated at {}", ts_secs(r))
+        } else if uncovered.is_empty() {
             "no PolicyAgent references this key".to_string()
         } else {
             format!(

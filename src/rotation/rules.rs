@@ -24,14 +24,24 @@ pub const RULES: &[(&str, &str, Rule)] = &[
         repair,
     ),
     (
+        "reactivate",
+        "a deactivated key named by a new keyward.dev/reactivate request goes back to retiring (trusted)",
+        reactivate,
+    ),
+    (
         "publish",
         "a minted key is labelled published, written into the trust bundle and recorded there",
         publish,
     ),
     (
         "break-glass",
-        "a key listed in compromisedKeys gets a successor at once, then is revoked without confirmation",
+        "a key listed in compromisedKeys gets a successor at once, then is destroyed without confirmation",
         break_glass,
+    ),
+    (
+        "destroy",
+        "a deactivated key is destroyed (private key deleted) once retainDeactivatedFor has passed",
+        destroy,
     ),
     (
         "activate",
@@ -55,12 +65,12 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ),
     (
         "confirm, hold, revoke",
-        "a retiring key is revoked only on evidence: confirmations, overlap, unused; stalled past confirmationTimeout",
+        "a retiring key is deactivated (or destroyed, with retainDeactivatedFor 0s) only on evidence: confirmations, overlap, unused; stalled past confirmationTimeout",
         revoke,
     ),
     (
         "prune",
-        "revoked key Secrets beyond the retention are deleted",
+        "destroyed key Secrets beyond the retention are deleted",
         prune,
     ),
     (
@@ -136,10 +146,100 @@ impl<'a> Ctx<'a> {
 /// Decide the next step: the first rule of [`RULES`] that decides.
 pub(super) fn decide(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
     let mut ctx = Ctx::new(settings, obs, now);
-    RULES
+    let mut p = RULES
         .iter()
         .find_map(|(_, _, rule)| rule(&mut ctx))
-        .unwrap_or_else(|| ctx.finish(Plan::new(Phase::Ready)))
+        .unwrap_or_else(|| ctx.finish(Plan::new(Phase::Ready)));
+    if p.step.is_none()
+        && let Some(at) = destroy_due(settings, obs).map(|(_, at)| at)
+    {
+        p.wake_at(at, now);
+    }
+    p
+}
+
+/// The `keyward.dev/reactivate` request's key id: the value up to its first comma.
+pub fn reactivate_kid(request: &str) -> &str {
+    request.split(',').next().unwrap_or_default().trim()
+}
+
+/// Why a reactivation request is not served, or `None` when it names a deactivated key that
+/// can go back (or one it already brought back). Pure, for the CLI and the status alike.
+pub fn reactivation_refused(settings: &Settings, obs: &Observed, request: &str) -> Option<String> {
+    let kid = reactivate_kid(request);
+    let Some(k) = obs.keys.iter().find(|k| k.kid == kid) else {
+        return Some(format!(
+            "no key Secret of this ProvisioningKey has key id {kid:?}"
+        ));
+    };
+    if k.consumed_reactivate.as_deref() == Some(request) {
+        return None;
+    }
+    if settings.compromised.contains(&k.kid) {
+        return Some(format!(
+            "key {kid} is listed in compromisedKeys and is never reactivated"
+        ));
+    }
+    match k.state {
+        KeyState::Deactivated if k.has_private_key => None,
+        KeyState::Deactivated | KeyState::Destroyed => Some(format!(
+            "key {kid} is destroyed (its private key is deleted); only a rotation brings a new key"
+        )),
+        s => Some(format!(
+            "key {kid} is {} (still trusted); nothing to reactivate",
+            s.as_str()
+        )),
+    }
+}
+
+/// Reactivation: a new `keyward.dev/reactivate` request naming a deactivated key that is not
+/// compromised and still has its private key puts it back to `retiring` (trusted again: the
+/// record and the bundle follow). Anything else is refused in status, never written.
+fn reactivate(c: &mut Ctx<'_>) -> Option<Plan> {
+    let request = c.obs.reactivate_annotation.as_ref()?;
+    if reactivation_refused(c.settings, c.obs, request).is_some() {
+        return None;
+    }
+    let kid = reactivate_kid(request);
+    let k = c.obs.keys.iter().find(|k| {
+        k.kid == kid
+            && k.state == KeyState::Deactivated
+            && k.consumed_reactivate.as_ref() != Some(request)
+    })?;
+    let mut p = Plan::new(Phase::Publishing).step(Step::Reactivate {
+        seq: k.seq,
+        request: request.clone(),
+    });
+    p.rotating = Some(Why::new(
+        reasons::PUBLISHING,
+        format!("reactivating key {kid}"),
+    ));
+    Some(p)
+}
+
+/// The deactivated key to destroy next and when it falls due (`retainDeactivatedFor` after its
+/// deactivation).
+fn destroy_due(settings: &Settings, obs: &Observed) -> Option<(u32, DateTime<Utc>)> {
+    obs.keys
+        .iter()
+        .filter(|k| k.state == KeyState::Deactivated)
+        .map(|k| {
+            let since = k.deactivated_at.or(k.retired_at).unwrap_or(k.created_at);
+            (k.seq, add(since, settings.retain_deactivated_for))
+        })
+        .min_by_key(|(_, at)| *at)
+}
+
+/// Destruction: a deactivated key whose retention has passed loses its private key for good.
+fn destroy(c: &mut Ctx<'_>) -> Option<Plan> {
+    let (seq, at) = destroy_due(c.settings, c.obs)?;
+    if c.now < at {
+        return None;
+    }
+    Some(Plan::new(Phase::Ready).step(Step::Destroy {
+        seq,
+        emergency: false,
+    }))
 }
 
 /// The first key: created already active when nothing is trusted and nobody holds a key.
@@ -168,7 +268,7 @@ fn publish(c: &mut Ctx<'_>) -> Option<Plan> {
     if let Some(k) = obs.keys.iter().find(|k| k.state == KeyState::Pending) {
         // A key compromised before it was ever trusted is revoked without being published.
         if settings.compromised.contains(&k.kid) {
-            return Some(Plan::new(Phase::Publishing).step(Step::Revoke {
+            return Some(Plan::new(Phase::Publishing).step(Step::Destroy {
                 seq: k.seq,
                 emergency: true,
             }));
@@ -226,7 +326,7 @@ fn break_glass(c: &mut Ctx<'_>) -> Option<Plan> {
     let compromised = |k: &&ObservedKey| settings.compromised.contains(&k.kid);
     if !keys
         .iter()
-        .filter(|k| k.state != KeyState::Revoked)
+        .filter(|k| k.state != KeyState::Destroyed)
         .any(|k| compromised(&k))
     {
         return None;
@@ -235,7 +335,7 @@ fn break_glass(c: &mut Ctx<'_>) -> Option<Plan> {
     let has_successor = keys
         .iter()
         .rev()
-        .any(|k| !matches!(k.state, KeyState::Retiring | KeyState::Revoked) && !compromised(&k));
+        .any(|k| !matches!(k.state, KeyState::Retiring) && !k.state.revoked() && !compromised(&k));
     if !has_successor {
         let latest = keys.last()?;
         let mut p = Plan::new(Phase::Publishing).step(c.mint_consuming(
@@ -254,8 +354,8 @@ fn break_glass(c: &mut Ctx<'_>) -> Option<Plan> {
     // now. The bundle keeps the successor.
     let k = keys
         .iter()
-        .find(|k| k.state != KeyState::Revoked && compromised(k))?;
-    let mut p = Plan::new(Phase::Publishing).step(Step::Revoke {
+        .find(|k| k.state != KeyState::Destroyed && compromised(k))?;
+    let mut p = Plan::new(Phase::Publishing).step(Step::Destroy {
         seq: k.seq,
         emergency: true,
     });
@@ -348,10 +448,7 @@ fn replace(c: &mut Ctx<'_>) -> Option<Plan> {
         p.unrecorded = c.unrecorded();
         return Some(p);
     }
-    if keys
-        .iter()
-        .any(|k| k.seq > cur.seq && k.state != KeyState::Revoked)
-    {
+    if keys.iter().any(|k| k.seq > cur.seq && !k.state.revoked()) {
         return None;
     }
     let mut p = Plan::new(Phase::Publishing).step(c.mint(Trigger::Replacement));
@@ -488,7 +585,7 @@ fn prune(c: &mut Ctx<'_>) -> Option<Plan> {
         .obs
         .keys
         .iter()
-        .filter(|k| k.state == KeyState::Revoked)
+        .filter(|k| k.state == KeyState::Destroyed)
         .collect();
     if revoked.len() <= RETAIN_REVOKED {
         return None;

@@ -63,6 +63,8 @@ pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_PUBLISH_DELAY: Duration = Duration::from_secs(120);
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
 pub const DEFAULT_CONFIRMATION_TIMEOUT: Duration = Duration::from_secs(900);
+/// `rotation.retainDeactivatedFor` when unset: a deactivated key can be reactivated for a day.
+pub const DEFAULT_RETAIN_DEACTIVATED_FOR: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// The audience of a key created before audiences became per key (and still issued by such a
 /// key while its spec leaves `token.audience` unset), and the verifier's fallback.
@@ -137,6 +139,10 @@ pub struct Settings {
     /// `rotation.revokeWhenUnusedFor`: the old key is revoked only after a window this long in
     /// which every verifier replica vouches that nothing used it.
     pub revoke_when_unused_for: Option<Duration>,
+    /// `rotation.retainDeactivatedFor`: how long a revoked key stays deactivated (out of the
+    /// trusted set, private key kept, reactivatable) before it is destroyed. Zero destroys it
+    /// at once.
+    pub retain_deactivated_for: Duration,
     pub request_token: Option<String>,
     pub token_ttl: Duration,
     pub audience: String,
@@ -303,6 +309,8 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                     .as_ref()
                     .and_then(|r| r.revoke_when_unused_for.as_ref())
                     .map(|v| parse_duration(v).unwrap_or(Duration::MAX)),
+                // Nor does it hasten destruction: a deactivated key is kept as long as allowed.
+                retain_deactivated_for: limits::RETAIN_DEACTIVATED_FOR.duration(),
                 request_token: pk
                     .spec
                     .rotation
@@ -603,6 +611,12 @@ impl Settings {
                     )
                 })
                 .transpose()?,
+            retain_deactivated_for: duration(
+                limits::RETAIN_DEACTIVATED_FOR,
+                rotation.retain_deactivated_for.as_ref(),
+                DEFAULT_RETAIN_DEACTIVATED_FOR,
+                Duration::ZERO,
+            )?,
             request_token: rotation.request_token,
             token_ttl: duration(
                 limits::TOKEN_TTL,

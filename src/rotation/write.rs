@@ -106,6 +106,8 @@ pub struct KeyPatch {
     pub resource_version: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Annotations removed (a reactivation removes `deactivated-at`).
+    pub remove_annotations: Vec<String>,
     pub drop_private: bool,
 }
 
@@ -119,6 +121,9 @@ impl KeyPatch {
                 "annotations": self.annotations,
             }
         });
+        for a in &self.remove_annotations {
+            body["metadata"]["annotations"][a.as_str()] = serde_json::Value::Null;
+        }
         if self.drop_private {
             body["data"] = serde_json::json!({ l::DATA_PRIVATE_KEY: null });
         }
@@ -131,6 +136,9 @@ impl KeyPatch {
         labels.extend(self.labels.clone());
         let annotations = s.metadata.annotations.get_or_insert_default();
         annotations.extend(self.annotations.clone());
+        for a in &self.remove_annotations {
+            annotations.remove(a);
+        }
         if self.drop_private
             && let Some(d) = s.data.as_mut()
             && let Some(mut v) = d.remove(l::DATA_PRIVATE_KEY)
@@ -189,7 +197,9 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
     let owner = pk
         .controller_owner_ref(&())
         .ok_or(Error::MissingObjectKey)?;
-    let obs = &read.observed;
+    // The key Secrets as the trust record vouches for them (a repair restores that view).
+    let anchored = super::anchored(&read.observed);
+    let obs = anchored.as_ref().unwrap_or(&read.observed);
     let state = |seq, state: KeyState, at: Option<&'static str>, drop_private| {
         let annotations = at.map(|a| (a, ts_start(now))).into_iter().collect();
         patch(&name, read, seq, state, annotations, drop_private).map(|p| Some(Write::Patch(p)))
@@ -218,8 +228,20 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
             return patch(&name, read, *seq, KeyState::Retiring, annotations, false)
                 .map(|p| Some(Write::Patch(p)));
         }
-        Step::Revoke { seq, .. } => {
-            return state(*seq, KeyState::Revoked, Some(l::REVOKED_AT), true);
+        Step::Deactivate { seq } => {
+            return state(*seq, KeyState::Deactivated, Some(l::DEACTIVATED_AT), false);
+        }
+        Step::Destroy { seq, .. } => {
+            return state(*seq, KeyState::Destroyed, Some(l::REVOKED_AT), true);
+        }
+        Step::Reactivate { seq, request } => {
+            let annotations = vec![
+                (l::REACTIVATED_AT, ts_start(now)),
+                (l::CONSUMED_REACTIVATE, request.clone()),
+            ];
+            let mut p = patch(&name, read, *seq, KeyState::Retiring, annotations, false)?;
+            p.remove_annotations.push(l::DEACTIVATED_AT.to_string());
+            return Ok(Some(Write::Patch(p)));
         }
         Step::WriteRecord { record } => Write::Annotate {
             name,
@@ -294,7 +316,13 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
             };
             // Only the metadata is restored; the state written is the one the key's evidence
             // supports.
-            let mut p = patch(&name, read, *seq, k.state, Vec::new(), false)?;
+            // A deactivation the trust record holds but the key Secret lost (its annotation
+            // removed) is written back, so the Secret's own evidence agrees again.
+            let restore = match (k.state, k.deactivated_at) {
+                (KeyState::Deactivated, Some(t)) => vec![(l::DEACTIVATED_AT, ts_start(t))],
+                _ => Vec::new(),
+            };
+            let mut p = patch(&name, read, *seq, k.state, restore, false)?;
             p.labels.extend([
                 (l::MANAGED_BY.into(), l::MANAGED_BY_VALUE.into()),
                 (l::PROVISIONING_KEY.into(), name.clone()),
@@ -332,6 +360,7 @@ fn patch(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+        remove_annotations: Vec::new(),
         drop_private,
     })
 }

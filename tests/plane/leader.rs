@@ -69,7 +69,7 @@ async fn stale_revocation_writes_get_409_and_revoke_nothing() {
         "pk",
         1,
         &stale,
-        KeyState::Revoked,
+        KeyState::Destroyed,
         &[(l::REVOKED_AT, "2025-01-01T00:00:00Z".to_string())],
         true,
     )
@@ -89,12 +89,12 @@ async fn stale_revocation_writes_get_409_and_revoke_nothing() {
     assert!(!now.annotations().contains_key(l::REVOKED_AT));
 
     // Without a resourceVersion nothing is written at all (never an unconditional revocation).
-    let res = transition_key_secret(&secrets, "pk", 1, "", KeyState::Revoked, &[], true).await;
+    let res = transition_key_secret(&secrets, "pk", 1, "", KeyState::Destroyed, &[], true).await;
     assert!(res.is_err(), "a revocation without a precondition was sent");
 
     // The fresh resourceVersion goes through (the precondition is what refused the stale one).
     let fresh = now.resource_version().expect("a resourceVersion");
-    let revoked = transition_key_secret(&secrets, "pk", 1, &fresh, KeyState::Revoked, &[], true)
+    let revoked = transition_key_secret(&secrets, "pk", 1, &fresh, KeyState::Destroyed, &[], true)
         .await
         .expect("a revocation on fresh evidence");
     assert_eq!(

@@ -2833,6 +2833,7 @@ mod tests {
                 .iter()
                 .map(|k| (k.public_key().key_id(), 3600))
                 .collect(),
+            deactivated: Default::default(),
         };
         let mut pk = w
             .store

@@ -75,7 +75,7 @@ pub(super) async fn step(
     // Under leader election, nothing is written unless this replica holds the Lease right now
     // (the client's fence checks again as the request is sent).
     ctx.ensure_leading()?;
-    if matches!(step, Step::Revoke { .. }) {
+    if matches!(step, Step::Destroy { .. } | Step::Deactivate { .. }) {
         fault::before("revoke");
     }
     let done = execute(ctx, &ns, w).await?;
@@ -128,7 +128,8 @@ pub(super) async fn step(
                 Step::RecordPublished { seq } => (*seq, "record-published"),
                 Step::Activate { seq, .. } => (*seq, "activate"),
                 Step::Retire { seq } => (*seq, "retire"),
-                Step::Revoke { seq, .. } => (*seq, "revoke"),
+                Step::Destroy { seq, .. } | Step::Deactivate { seq } => (*seq, "revoke"),
+                Step::Reactivate { seq, .. } => (*seq, "reactivate"),
                 _ => return Ok((None, Written::Nothing)),
             };
             fault::after(point);
@@ -329,6 +330,7 @@ pub async fn transition_key_secret(
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
+        remove_annotations: Vec::new(),
         drop_private,
     };
     send_patch(secrets, &p).await

@@ -117,7 +117,7 @@ async fn run_steps(
         apply::remember(&written, &ctx.own_writes);
         stepped = true;
         raw.absorb(written);
-        if let Step::Revoke { seq, .. } = step {
+        if let Step::Destroy { seq, .. } | Step::Deactivate { seq } = step {
             ctx.scans.forget(&uid_of(pk), *seq);
         }
         report::applied(ctx, pk, &read, step, minted.as_ref(), trail).await;

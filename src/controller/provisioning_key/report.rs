@@ -53,6 +53,7 @@ fn record_count(metrics: &Metrics, count: Counted) {
     match count {
         Counted::Rotation(trigger, result) => metrics.rotation(trigger, result),
         Counted::Revocation { emergency } => metrics.revocation(emergency),
+        Counted::Lifecycle(kind) => metrics.key_lifecycle(kind),
         Counted::BundleTampered => metrics.bundle_tampered(),
     }
 }
@@ -112,7 +113,7 @@ pub(super) async fn status_and_events(
     } else {
         with_fresh_status(ctx, pk).await?
     };
-    let mut status = desired_status(pk, obs, plan, now);
+    let mut status = desired_status(pk, &read.settings, obs, plan, now);
     let previous = pk.status.clone().unwrap_or_default();
     // Uncovered consumers are only seen while a key is retiring; between rotations the last
     // count is kept rather than flapping.

@@ -23,6 +23,9 @@ pub mod reason {
     pub const KEY_HANDED_OUT: &str = Reason::KeyHandedOut.as_str();
     pub const KEY_RETIRING: &str = Reason::KeyRetiring.as_str();
     pub const KEY_REVOKED: &str = Reason::KeyRevoked.as_str();
+    pub const KEY_DEACTIVATED: &str = Reason::KeyDeactivated.as_str();
+    pub const KEY_REACTIVATED: &str = Reason::KeyReactivated.as_str();
+    pub const KEY_DESTROYED: &str = Reason::KeyDestroyed.as_str();
     pub const KEY_SECRET_REPAIRED: &str = Reason::KeySecretRepaired.as_str();
     pub const TOKEN_REFRESHED: &str = Reason::TokenRefreshed.as_str();
     pub const BUNDLE_TAMPERED: &str = Reason::BundleTampered.as_str();
@@ -107,7 +110,9 @@ pub fn step_audits(
         }
         Step::Retire { seq } => f.about_key(*seq, |k| retiring(&f, *seq, k)),
         Step::HandOut { seq, reason: why } => vec![handed_out(&f, *seq, *why)],
-        Step::Revoke { seq, emergency } => f.about_key(*seq, |k| revoked(&f, *seq, k, *emergency)),
+        Step::Deactivate { seq } => f.about_key(*seq, |k| deactivated(&f, *seq, k)),
+        Step::Destroy { seq, emergency } => f.about_key(*seq, |k| revoked(&f, *seq, k, *emergency)),
+        Step::Reactivate { seq, .. } => f.about_key(*seq, |k| reactivated(&f, *seq, k)),
         Step::Repair { seq } => f.about_key(*seq, |k| repaired(&f, *seq, k)),
     }
 }
@@ -310,6 +315,22 @@ fn handed_out(f: &Facts<'_>, seq: u32, why: HandOutReason) -> Audit<'static> {
 }
 
 fn revoked(f: &Facts<'_>, seq: u32, k: &ObservedKey, emergency: bool) -> Audit<'static> {
+    if !emergency && k.state == rotation::KeyState::Deactivated {
+        // The end of a deactivated key's retention: its revocation was audited already.
+        return f.about(
+            false,
+            reason::KEY_DESTROYED,
+            "Destroy",
+            seq,
+            format!(
+                "destroyed key {} (fingerprint {}): deactivated since {} and retainDeactivatedFor {} has passed; private key deleted, it can no longer be reactivated",
+                k.kid,
+                k.fingerprint,
+                k.deactivated_at.map_or_else(|| "-".to_string(), ts),
+                humantime::format_duration(f.settings.retain_deactivated_for)
+            ),
+        );
+    }
     f.about(
         emergency,
         if emergency {
@@ -324,6 +345,59 @@ fn revoked(f: &Facts<'_>, seq: u32, k: &ObservedKey, emergency: bool) -> Audit<'
             k.kid,
             k.fingerprint,
             revocation_evidence(f.settings, f.obs, emergency)
+        ),
+    )
+}
+
+fn deactivated(f: &Facts<'_>, seq: u32, k: &ObservedKey) -> Audit<'static> {
+    f.about(
+        false,
+        reason::KEY_DEACTIVATED,
+        "Revoke",
+        seq,
+        format!(
+            "revoked key {} (fingerprint {}): deactivated, every verifier refuses it; private key kept for retainDeactivatedFor {} (keyward reactivate can bring it back until then); {}",
+            k.kid,
+            k.fingerprint,
+            humantime::format_duration(f.settings.retain_deactivated_for),
+            revocation_evidence(f.settings, f.obs, false)
+        ),
+    )
+}
+
+/// The reactivation's reason as given (`keyward.dev/reactivate-reason`): printable characters
+/// only, at most 256 of them.
+fn reactivate_reason(pk: &ProvisioningKey) -> String {
+    let given = pk
+        .annotations()
+        .get(crate::labels::REACTIVATE_REASON)
+        .map(String::as_str)
+        .unwrap_or("");
+    let clean: String = given
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(256)
+        .collect();
+    if clean.trim().is_empty() {
+        "no reason given".into()
+    } else {
+        clean
+    }
+}
+
+fn reactivated(f: &Facts<'_>, seq: u32, k: &ObservedKey) -> Audit<'static> {
+    f.about(
+        true,
+        reason::KEY_REACTIVATED,
+        "Reactivate",
+        seq,
+        format!(
+            "reactivated key {} (fingerprint {}), deactivated since {}: trusted again as a retiring key, for at least overlap {} (reason: {})",
+            k.kid,
+            k.fingerprint,
+            k.deactivated_at.map_or_else(|| "-".to_string(), ts),
+            humantime::format_duration(f.settings.overlap),
+            reactivate_reason(f.pk)
         ),
     )
 }

@@ -1,7 +1,7 @@
 //! Metrics, pure: what an applied step adds to the counters, and the per-key gauges a report
 //! sets (labels are the trigger, result and kind only, never a key id).
 
-use super::cond;
+use super::{cond, find};
 use crate::api::conditions;
 use crate::api::provisioning_key::ProvisioningKeyStatus;
 use crate::rotation::snapshot::Read;
@@ -50,7 +50,11 @@ pub struct KeyGauges {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counted {
     Rotation(Trigger, RotationResult),
-    Revocation { emergency: bool },
+    Revocation {
+        emergency: bool,
+    },
+    /// A key's lifecycle transition: `deactivated`, `reactivated` or `destroyed`.
+    Lifecycle(&'static str),
     BundleTampered,
 }
 
@@ -63,15 +67,34 @@ pub fn step_counts(read: &Read, step: &Step, minted: bool) -> Vec<Counted> {
         Step::Mint { trigger, .. } if minted => {
             vec![Counted::Rotation(*trigger, RotationResult::Started)]
         }
-        Step::Revoke { seq, emergency } => {
-            let mut counts = vec![Counted::Revocation {
-                emergency: *emergency,
-            }];
+        Step::Reactivate { .. } => vec![Counted::Lifecycle("reactivated")],
+        Step::Destroy {
+            emergency: false,
+            seq,
+        } if find(obs, *seq).is_some_and(|k| k.state == KeyState::Deactivated) => {
+            // Its revocation was counted when it was deactivated.
+            vec![Counted::Lifecycle("destroyed")]
+        }
+        Step::Deactivate { seq } | Step::Destroy { seq, .. } => {
+            let emergency = matches!(
+                step,
+                Step::Destroy {
+                    emergency: true,
+                    ..
+                }
+            );
+            let mut counts = vec![
+                Counted::Revocation { emergency },
+                Counted::Lifecycle(if matches!(step, Step::Deactivate { .. }) {
+                    "deactivated"
+                } else {
+                    "destroyed"
+                }),
+            ];
             let left = obs.keys.iter().any(|k| {
                 k.seq != *seq
                     && (k.state == KeyState::Retiring
-                        || (k.state != KeyState::Revoked
-                            && read.settings.compromised.contains(&k.kid)))
+                        || (!k.state.revoked() && read.settings.compromised.contains(&k.kid)))
             });
             if !left && let Some(cur) = rotation::current(&obs.keys).filter(|c| c.seq != *seq) {
                 counts.push(Counted::Rotation(cur.trigger, RotationResult::Completed));

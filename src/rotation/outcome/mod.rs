@@ -66,7 +66,10 @@ pub fn last_used(obs: &Observed, kid: &str) -> Option<String> {
 
 /// The newest key not revoked: the one a rotation in flight is about.
 pub fn in_flight(obs: &Observed) -> Option<&ObservedKey> {
-    obs.keys.iter().rev().find(|k| k.state != KeyState::Revoked)
+    obs.keys
+        .iter()
+        .rev()
+        .find(|k| k.state != KeyState::Destroyed)
 }
 
 /// The condition of type `t` in `s`.

@@ -44,6 +44,7 @@ impl Conds<'_> {
 /// The status a reconcile reports; pure, and the same on every reconcile of a settled object.
 pub fn desired_status(
     pk: &ProvisioningKey,
+    settings: &rotation::Settings,
     obs: &Observed,
     plan: &Plan,
     now: DateTime<Utc>,
@@ -67,7 +68,7 @@ pub fn desired_status(
         }),
         trusted_keys: trusted_keys(obs, plan),
         uncovered_consumers: uncovered_consumers(obs),
-        revoked_keys: revoked_keys(obs),
+        revoked_keys: revoked_keys(obs, settings),
         next_rotation_at: plan.next_rotation_at.map(ts),
         token_refresh_at: plan.token_refresh_at.map(ts),
         observed_generation: generation,
@@ -185,14 +186,28 @@ fn uncovered_consumers(obs: &Observed) -> Option<UncoveredConsumers> {
         })
 }
 
-fn revoked_keys(obs: &Observed) -> Vec<RevokedKey> {
+fn revoked_keys(obs: &Observed, settings: &rotation::Settings) -> Vec<RevokedKey> {
     obs.keys
         .iter()
         .rev()
-        .filter(|k| k.state == KeyState::Revoked)
-        .map(|k| RevokedKey {
-            kid: k.kid.clone(),
-            revoked_at: k.revoked_at.map(ts),
+        .filter(|k| k.state.revoked())
+        .map(|k| {
+            let deactivated = k.state == KeyState::Deactivated;
+            RevokedKey {
+                kid: k.kid.clone(),
+                state: Some(k.state.display().to_string()),
+                revoked_at: k.deactivated_at.or(k.revoked_at).map(ts),
+                destroy_at: k
+                    .deactivated_at
+                    .filter(|_| deactivated)
+                    .and_then(|t| {
+                        chrono::Duration::from_std(settings.retain_deactivated_for)
+                            .ok()
+                            .and_then(|d| t.checked_add_signed(d))
+                    })
+                    .map(ts),
+                destroyed_at: k.revoked_at.filter(|_| !deactivated).map(ts),
+            }
         })
         .collect()
 }
@@ -210,6 +225,8 @@ fn history(obs: &Observed) -> Vec<HistoryEntry> {
             published_at: k.published_at.map(ts),
             activated_at: k.activated_at.map(ts),
             retired_at: k.retired_at.map(ts),
+            deactivated_at: k.deactivated_at.map(ts),
+            reactivated_at: k.reactivated_at.map(ts),
             revoked_at: k.revoked_at.map(ts),
         })
         .collect()

@@ -29,6 +29,9 @@ fn read(uncovered: Vec<Uncovered>, consumers: Vec<rotation::Consumer>) -> Read {
         activated_at: Some(t(1_000)),
         retired_at: None,
         revoked_at: None,
+        deactivated_at: None,
+        reactivated_at: None,
+        consumed_reactivate: None,
         has_private_key: true,
         last_token_exp: None,
         edited: None,
@@ -39,6 +42,7 @@ fn read(uncovered: Vec<Uncovered>, consumers: Vec<rotation::Consumer>) -> Read {
         observed: Observed {
             keys: vec![key(1, KeyState::Retiring), key(2, KeyState::Active)],
             rotate_annotation: None,
+            reactivate_annotation: None,
             bundle: BundleObs::Missing,
             agent_secret: AgentSecretObs::Missing,
             consumers,
@@ -80,12 +84,13 @@ fn steps_count_rotations_and_revocations() {
         [Counted::Rotation(Trigger::RequestToken, Started)]
     );
     assert!(step_counts(&r, &mint, false).is_empty());
-    let revoke = |seq, emergency| Step::Revoke { seq, emergency };
+    let revoke = |seq, emergency| Step::Destroy { seq, emergency };
     // kid1 retiring, kid2 (trigger Interval) current: revoking kid1 completes the rotation.
     assert_eq!(
         step_counts(&r, &revoke(1, false), false),
         [
             Counted::Revocation { emergency: false },
+            Counted::Lifecycle("destroyed"),
             Counted::Rotation(Trigger::Interval, Completed)
         ]
     );
@@ -99,14 +104,18 @@ fn steps_count_rotations_and_revocations() {
     two.settings.compromised.insert("kid2".into());
     assert_eq!(
         step_counts(&two, &revoke(1, true), false),
-        [Counted::Revocation { emergency: true }]
+        [
+            Counted::Revocation { emergency: true },
+            Counted::Lifecycle("destroyed")
+        ]
     );
     // The last compromised key revoked completes the emergency rotation.
-    two.observed.keys[0].state = KeyState::Revoked;
+    two.observed.keys[0].state = KeyState::Destroyed;
     assert_eq!(
         step_counts(&two, &revoke(2, true), false),
         [
             Counted::Revocation { emergency: true },
+            Counted::Lifecycle("destroyed"),
             Counted::Rotation(Trigger::Compromised, Completed)
         ]
     );
@@ -150,7 +159,7 @@ fn key_gauges_follow_the_report() {
     let now = DateTime::from_timestamp(2_000, 0).expect("valid");
     let mut plan = rotation::plan(&r.settings, &r.observed, now);
     plan.next_rotation_at = DateTime::from_timestamp(9_000, 0);
-    let status = desired_status(&pk, &r.observed, &plan, now);
+    let status = desired_status(&pk, &r.settings, &r.observed, &plan, now);
     let g = key_gauges(&status, &r.observed, &plan);
     assert_eq!(g.token_expiration, Some(5_000));
     assert_eq!(g.next_rotation, Some(9_000));
@@ -208,7 +217,7 @@ fn steps_describe_their_audit() {
         reason: HandOutReason::TokenRefresh,
     };
     assert_eq!(notes(&refresh, &r, None)[0].0, "TokenRefreshed");
-    let revoke = Step::Revoke {
+    let revoke = Step::Destroy {
         seq: 1,
         emergency: false,
     };
@@ -298,7 +307,7 @@ fn a_first_key_costs_one_audit_event() {
         trusted: vec![],
         revoked: vec![],
     };
-    let revoke = Step::Revoke {
+    let revoke = Step::Destroy {
         seq: 1,
         emergency: false,
     };
@@ -389,7 +398,17 @@ fn kstatus_conditions() {
     let mut pk = ProvisioningKey::new("demo", Default::default());
     pk.metadata.generation = Some(3);
     let status = |pk: &ProvisioningKey, obs: &Observed, plan: &Plan| {
-        let s = desired_status(pk, obs, plan, now);
+        let s = desired_status(
+            pk,
+            &rotation::resolve_or_keep(
+                pk_default(),
+                &rotation::Floors::none(),
+                &Default::default(),
+            ),
+            obs,
+            plan,
+            now,
+        );
         let c = |t: &str| {
             let c = cond(&s, t).unwrap_or_else(|| panic!("no {t}"));
             assert_eq!(c.observed_generation, Some(3), "{t}");
@@ -446,6 +465,7 @@ fn kstatus_conditions() {
     // Settled twice: the same status (no write).
     pk.status = Some(desired_status(
         &pk,
+        &rotation::resolve_or_keep(pk_default(), &rotation::Floors::none(), &Default::default()),
         &obs,
         &plan(rotation::Phase::Ready),
         now,
@@ -455,9 +475,20 @@ fn kstatus_conditions() {
         pk.status,
         Some(desired_status(
             &pk,
+            &rotation::resolve_or_keep(
+                pk_default(),
+                &rotation::Floors::none(),
+                &Default::default()
+            ),
             &obs,
             &plan(rotation::Phase::Ready),
             later
         ))
     );
+}
+
+/// A ProvisioningKey with an empty spec (the settings of most status tests).
+fn pk_default() -> &'static ProvisioningKey {
+    static PK: std::sync::OnceLock<ProvisioningKey> = std::sync::OnceLock::new();
+    PK.get_or_init(|| ProvisioningKey::new("demo", Default::default()))
 }

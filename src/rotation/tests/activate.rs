@@ -89,7 +89,7 @@ pub(super) fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     ObservedKey {
                         trigger: Trigger::Compromised,
                         published_at: Some(now()),
@@ -110,7 +110,7 @@ pub(super) fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     ObservedKey {
                         published_at: Some(ago(10)),
                         ..key(2, Published)

@@ -46,7 +46,7 @@ pub(super) fn cases() -> Vec<Case> {
                 ],
                 |o| o.usage = usage(vec![replica(3600, 120)], &[(1, 0)]),
             ),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: true,
             }),
@@ -91,7 +91,7 @@ pub(super) fn cases() -> Vec<Case> {
                     ..key(2, Published)
                 },
             ]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: true,
             }),
@@ -113,7 +113,7 @@ pub(super) fn cases() -> Vec<Case> {
                 ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(10)))],
             ),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: true,
             }),
@@ -130,7 +130,7 @@ pub(super) fn cases() -> Vec<Case> {
                     ..key(2, Published)
                 },
             ]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: true,
             }),
@@ -164,7 +164,7 @@ pub(super) fn cases() -> Vec<Case> {
                 ],
                 |o| o.consumers = vec![consumer("a", Some(1), Some(ago(1)))],
             ),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: true,
             }),
@@ -181,7 +181,7 @@ pub(super) fn cases() -> Vec<Case> {
                     ..key(2, Published)
                 },
             ]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 2,
                 emergency: true,
             }),

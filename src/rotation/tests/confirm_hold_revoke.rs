@@ -39,7 +39,7 @@ pub(super) fn cases() -> Vec<Case> {
                 },
                 key(2, Active),
             ]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: false,
             }),
@@ -51,7 +51,7 @@ pub(super) fn cases() -> Vec<Case> {
             "unused-for: revoked when every replica vouches for the whole window",
             unused_5m(),
             confirmed_with(usage(vec![replica(3600, 5)], &[(1, 400), (2, 1)])),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: false,
             }),
@@ -216,7 +216,7 @@ pub(super) fn cases() -> Vec<Case> {
                     ]
                 },
             ),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: false,
             }),
@@ -351,7 +351,7 @@ pub(super) fn cases() -> Vec<Case> {
                 },
                 key(2, Active),
             ]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: false,
             }),
@@ -409,7 +409,7 @@ pub(super) fn cases() -> Vec<Case> {
                     workload: "Deployment/other".into(),
                 }]);
             }),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 1,
                 emergency: false,
             }),

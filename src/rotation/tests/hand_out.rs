@@ -240,7 +240,7 @@ pub(super) fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     ObservedKey {
                         trigger: Trigger::Compromised,
                         activated_at: Some(now()),

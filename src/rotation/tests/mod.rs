@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 
-use super::KeyState::{Active, Pending, Published, Retiring, Revoked};
+use super::KeyState::{Active, Deactivated, Destroyed, Pending, Published, Retiring};
 use super::*;
 use crate::api::provisioning_key::{
     CompromisedKeyId, ProvisioningKey, ProvisioningKeySpec, RotationSpec, SecretTemplate,
@@ -24,6 +24,7 @@ use crate::api::provisioning_key::{
 mod activate;
 mod break_glass;
 mod confirm_hold_revoke;
+mod deactivate;
 mod first_key;
 mod hand_out;
 mod overrides;
@@ -104,6 +105,9 @@ fn settings() -> Settings {
         overlap: secs(600),
         confirmation_timeout: secs(900),
         revoke_when_unused_for: None,
+        // Destroyed at once: the tables of the first revocation step predate deactivation;
+        // `deactivate.rs` has the rows of a retained key.
+        retain_deactivated_for: Duration::ZERO,
         request_token: None,
         token_ttl: secs(TTL),
         audience: "keyward".into(),
@@ -152,12 +156,19 @@ fn key(seq: u32, state: KeyState) -> ObservedKey {
         } else {
             None
         },
-        revoked_at: if state >= KeyState::Revoked {
+        revoked_at: if state == KeyState::Destroyed {
             plus(DAY + 1000)
         } else {
             None
         },
-        has_private_key: state != KeyState::Revoked,
+        deactivated_at: if state == KeyState::Deactivated {
+            plus(DAY + 1000)
+        } else {
+            None
+        },
+        reactivated_at: None,
+        consumed_reactivate: None,
+        has_private_key: state != KeyState::Destroyed,
         last_token_exp: None,
         edited: None,
     }
@@ -212,6 +223,7 @@ fn obs(keys: Vec<ObservedKey>) -> Observed {
     Observed {
         keys,
         rotate_annotation: None,
+        reactivate_annotation: None,
         bundle: BundleObs::Owned {
             kids,
             revoked,
@@ -391,6 +403,7 @@ fn sim_record(settings: &Settings, seqs: &[u32]) -> TrustRecord {
             .iter()
             .map(|s| (kid(*s), settings.token_ttl.as_secs()))
             .collect(),
+        deactivated: Default::default(),
     }
 }
 
@@ -499,6 +512,7 @@ const TABLES: &[fn() -> Vec<Case>] = &[
     hand_out::cases,
     confirm_hold_revoke::cases,
     prune::cases,
+    deactivate::cases,
     rotate::cases,
     overrides::cases,
 ];
@@ -603,7 +617,21 @@ fn unused_for_never_revokes_without_the_control_planes_word() {
             let mut observed = c.observed.clone();
             observed.usage = u.clone();
             let p = plan(&settings, &observed, c.now);
-            if let Some(Step::Revoke { seq, emergency }) = p.step {
+            let revocation = match p.step {
+                Some(Step::Deactivate { seq }) => Some((seq, false)),
+                // The end of a deactivated key's retention: it was revoked before.
+                Some(Step::Destroy { seq, .. })
+                    if c.observed
+                        .keys
+                        .iter()
+                        .any(|k| k.seq == seq && k.state == KeyState::Deactivated) =>
+                {
+                    None
+                }
+                Some(Step::Destroy { seq, emergency }) => Some((seq, emergency)),
+                _ => None,
+            };
+            if let Some((seq, emergency)) = revocation {
                 assert!(
                     emergency,
                     "case {:?} with use {what}: key {seq} revoked without the control plane's word",

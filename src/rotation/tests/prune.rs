@@ -15,7 +15,7 @@ pub(super) fn cases() -> Vec<Case> {
             "prune the oldest revoked key beyond RETAIN_REVOKED",
             s(),
             obs((1..=6)
-                .map(|s| key(s, Revoked))
+                .map(|s| key(s, Destroyed))
                 .chain([key(7, Active)])
                 .collect()),
             Some(Prune { seq: 1 }),

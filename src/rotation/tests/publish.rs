@@ -79,7 +79,7 @@ pub(super) fn cases() -> Vec<Case> {
             s(),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     key(2, Retiring),
                     key(3, Active),
                     ObservedKey {
@@ -99,7 +99,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "bundle mismatch in the revoked list only",
             s(),
-            with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+            with_obs(vec![key(1, Destroyed), key(2, Active)], |o| {
                 o.bundle = bundle(&[2], &[])
             }),
             Some(WriteBundle {
@@ -112,7 +112,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "bundle that still trusts a revoked key is rewritten",
             s(),
-            with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+            with_obs(vec![key(1, Destroyed), key(2, Active)], |o| {
                 o.bundle = bundle(&[1, 2], &[])
             }),
             Some(WriteBundle {
@@ -251,7 +251,7 @@ pub(super) fn cases() -> Vec<Case> {
             with_settings(|s| s.compromised = compromised(&[1])),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     ObservedKey {
                         trigger: Trigger::Compromised,
                         published_at: Some(now()),
@@ -274,7 +274,7 @@ pub(super) fn cases() -> Vec<Case> {
             "compromised pending key: revoked without ever being published",
             with_settings(|s| s.compromised = compromised(&[2])),
             obs(vec![key(1, Active), key(2, Pending)]),
-            Some(Revoke {
+            Some(Destroy {
                 seq: 2,
                 emergency: true,
             }),

@@ -15,7 +15,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "no key left to hand out: a new one is minted",
             s(),
-            with_obs(vec![key(1, Revoked)], |o| o.agent_secret = agent(&kid(1))),
+            with_obs(vec![key(1, Destroyed)], |o| o.agent_secret = agent(&kid(1))),
             Some(Mint {
                 seq: 2,
                 trigger: Trigger::Replacement,
@@ -30,7 +30,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "no current key left (its Secret deleted): a replacement is minted, the old id stays trusted",
             s(),
-            with_obs(vec![key(1, Revoked)], |o| {
+            with_obs(vec![key(1, Destroyed)], |o| {
                 o.bundle = BundleObs::Owned {
                     kids: vec![kid(2)],
                     revoked: vec![kid(1)],
@@ -53,7 +53,7 @@ pub(super) fn cases() -> Vec<Case> {
             s(),
             with_obs(
                 vec![
-                    key(1, Revoked),
+                    key(1, Destroyed),
                     ObservedKey {
                         published_at: Some(ago(30)),
                         ..key(3, Published)

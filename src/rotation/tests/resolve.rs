@@ -18,6 +18,7 @@ fn resolve_defaults() {
             overlap: crate::rotation::settings::DEFAULT_OVERLAP,
             confirmation_timeout: crate::rotation::settings::DEFAULT_CONFIRMATION_TIMEOUT,
             revoke_when_unused_for: None,
+            retain_deactivated_for: Duration::from_secs(24 * 3600),
             request_token: None,
             token_ttl: crate::rotation::settings::DEFAULT_TOKEN_TTL,
             audience: "keyward:/demo".into(), // per key (no namespace here)
@@ -49,6 +50,7 @@ fn resolve_explicit_values() {
             overlap: some("0.5h"),
             confirmation_timeout: some("5m"),
             revoke_when_unused_for: some("5m"),
+            retain_deactivated_for: some("1h"),
             request_token: some("r1"),
         }),
         token: Some(TokenSpec {
@@ -73,6 +75,7 @@ fn resolve_explicit_values() {
     assert_eq!(s.overlap, secs(1800));
     assert_eq!(s.confirmation_timeout, secs(300));
     assert_eq!(s.revoke_when_unused_for, Some(secs(300)));
+    assert_eq!(s.retain_deactivated_for, secs(3600));
     assert_eq!(s.request_token.as_deref(), Some("r1"));
     assert_eq!(s.token_ttl, secs(600));
     assert_eq!((s.audience.as_str(), s.issuer.as_str()), ("cp", "me"));

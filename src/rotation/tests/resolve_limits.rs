@@ -80,6 +80,7 @@ fn resolve_ceilings() {
             "rotation.overlap" => rotation(|r| r.overlap = v),
             "rotation.confirmationTimeout" => rotation(|r| r.confirmation_timeout = v),
             "rotation.revokeWhenUnusedFor" => rotation(|r| r.revoke_when_unused_for = v),
+            "rotation.retainDeactivatedFor" => rotation(|r| r.retain_deactivated_for = v),
             other => panic!("no field {other}"),
         }
     };

@@ -40,7 +40,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "steady state: nothing to do, wake up for the token refresh",
             s(),
-            obs(vec![key(1, Revoked), key(2, Active)]),
+            obs(vec![key(1, Destroyed), key(2, Active)]),
             None,
             Phase::Ready,
         )
@@ -72,7 +72,7 @@ pub(super) fn cases() -> Vec<Case> {
             obs(vec![
                 ObservedKey {
                     consumed_request_token: some("r1"),
-                    ..key(1, Revoked)
+                    ..key(1, Destroyed)
                 },
                 ObservedKey {
                     consumed_request_token: some("r2"),
@@ -121,7 +121,7 @@ pub(super) fn cases() -> Vec<Case> {
                 vec![
                     ObservedKey {
                         consumed_annotation: some("a1"),
-                        ..key(1, Revoked)
+                        ..key(1, Destroyed)
                     },
                     ObservedKey {
                         consumed_annotation: some("a2"),
@@ -152,7 +152,7 @@ pub(super) fn cases() -> Vec<Case> {
             "request made during a rotation is served after it completes",
             with_settings(|s| s.request_token = some("r3")),
             obs(vec![
-                key(1, Revoked),
+                key(1, Destroyed),
                 ObservedKey {
                     consumed_request_token: some("r2"),
                     ..key(2, Active)
@@ -176,7 +176,7 @@ pub(super) fn cases() -> Vec<Case> {
                 s.min_interval = secs(600);
             }),
             obs(vec![
-                key(1, Revoked),
+                key(1, Destroyed),
                 ObservedKey {
                     consumed_request_token: some("r2"),
                     created_at: ago(100),
@@ -197,7 +197,7 @@ pub(super) fn cases() -> Vec<Case> {
                 s.min_interval = secs(600);
             }),
             obs(vec![
-                key(1, Revoked),
+                key(1, Destroyed),
                 ObservedKey {
                     consumed_request_token: some("r2"),
                     created_at: ago(600),
@@ -297,7 +297,7 @@ pub(super) fn cases() -> Vec<Case> {
             RULE,
             "compromised key already revoked: nothing to do",
             with_settings(|s| s.compromised = compromised(&[1])),
-            obs(vec![key(1, Revoked), key(2, Active)]),
+            obs(vec![key(1, Destroyed), key(2, Active)]),
             None,
             Phase::Ready,
         ),
@@ -307,7 +307,7 @@ pub(super) fn cases() -> Vec<Case> {
             "RETAIN_REVOKED revoked keys are kept",
             s(),
             obs((1..=5)
-                .map(|s| key(s, Revoked))
+                .map(|s| key(s, Destroyed))
                 .chain([key(6, Active)])
                 .collect()),
             None,

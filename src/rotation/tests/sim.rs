@@ -65,6 +65,7 @@ impl Sim {
             obs: Observed {
                 keys: Vec::new(),
                 rotate_annotation: None,
+                reactivate_annotation: None,
                 bundle: BundleObs::Missing,
                 agent_secret: AgentSecretObs::Missing,
                 consumers: Vec::new(),
@@ -353,7 +354,7 @@ impl Sim {
                     }
                     let state = before.iter().find(|k| &k.kid == kid).map(|k| k.state);
                     ensure!(
-                        state == Some(KeyState::Revoked),
+                        state == Some(KeyState::Destroyed),
                         "WriteRecord dropped key id {kid} in state {state:?} while the bundle trusts it"
                     );
                 }
@@ -493,14 +494,68 @@ impl Sim {
                 }
                 self.handed_out.insert(cur.kid.clone());
             }
-            Step::Revoke { seq, emergency } => {
+            Step::Reactivate { seq, request } => {
+                let k = self.key(*seq)?.clone();
+                ensure!(
+                    k.state == KeyState::Deactivated && k.has_private_key,
+                    "Reactivate of a {:?} key",
+                    k.state
+                );
+                ensure!(
+                    !self.settings.compromised.contains(&k.kid),
+                    "Reactivate of a compromised key"
+                );
+                ensure!(
+                    self.obs.reactivate_annotation.as_ref() == Some(request)
+                        && rules::reactivate_kid(request) == k.kid,
+                    "Reactivate of {} on request {request:?}, annotation {:?}",
+                    k.kid,
+                    self.obs.reactivate_annotation
+                );
+            }
+            Step::Destroy {
+                seq,
+                emergency: false,
+            } if self.key(*seq)?.state == KeyState::Deactivated => {
+                let k = self.key(*seq)?.clone();
+                let since = k
+                    .deactivated_at
+                    .ok_or("deactivated key without deactivated_at")?;
+                let retain = chrono::Duration::from_std(self.settings.retain_deactivated_for)
+                    .expect("small");
+                ensure!(
+                    now >= since + retain,
+                    "Destroy {}s after deactivation, retainDeactivatedFor is {}s",
+                    (now - since).num_seconds(),
+                    retain.num_seconds()
+                );
+            }
+            Step::Deactivate { seq } | Step::Destroy { seq, .. } => {
+                let emergency = matches!(
+                    step,
+                    Step::Destroy {
+                        emergency: true,
+                        ..
+                    }
+                );
                 let kid_compromised = self.settings.compromised.contains(&kid(*seq));
                 ensure!(
-                    *emergency == kid_compromised,
+                    emergency == kid_compromised,
                     "Revoke emergency={emergency} of a key compromised={kid_compromised}"
                 );
+                ensure!(
+                    !matches!(
+                        step,
+                        Step::Destroy {
+                            emergency: false,
+                            ..
+                        }
+                    ) || self.settings.retain_deactivated_for.is_zero(),
+                    "a retiring key destroyed without being deactivated, retainDeactivatedFor {:?}",
+                    self.settings.retain_deactivated_for
+                );
                 let k = self.key(*seq)?.clone();
-                ensure!(k.state != KeyState::Revoked, "Revoke of a revoked key");
+                ensure!(k.state != KeyState::Destroyed, "Revoke of a revoked key");
                 if !emergency {
                     ensure!(
                         k.state == KeyState::Retiring,
@@ -517,7 +572,7 @@ impl Sim {
                         let retired_at = k.retired_at.ok_or("retiring key without retired_at")?;
                         ensure!(
                             now >= retired_at + overlap,
-                            "Revoke {}s after retirement, overlap is {}s",
+                            "Destroy {}s after retirement, overlap is {}s",
                             (now - retired_at).num_seconds(),
                             overlap.num_seconds()
                         );
@@ -541,7 +596,7 @@ impl Sim {
             Step::Prune { seq } => {
                 let revoked: Vec<u32> = before
                     .iter()
-                    .filter(|k| k.state == KeyState::Revoked)
+                    .filter(|k| k.state == KeyState::Destroyed)
                     .map(|k| k.seq)
                     .collect();
                 ensure!(
@@ -577,11 +632,11 @@ impl Sim {
         };
         let idle = keys
             .iter()
-            .all(|k| matches!(k.state, KeyState::Active | KeyState::Revoked));
+            .all(|k| matches!(k.state, KeyState::Active | KeyState::Destroyed));
         current(keys).is_some()
             && (idle || self.settings.interval.is_some())
             && keys.iter().all(|k| {
-                k.state == KeyState::Revoked || !self.settings.compromised.contains(&k.kid)
+                k.state == KeyState::Destroyed || !self.settings.compromised.contains(&k.kid)
             })
             && served(
                 &self.settings.request_token,

@@ -5,7 +5,7 @@ use super::*;
 
 /// Evidence of a settled key 2 (key 1 revoked) with this record on the ProvisioningKey.
 fn with_record(kids: &[u32], bundle_kids: &[u32]) -> Observed {
-    with_obs(vec![key(1, Revoked), key(2, Active)], |o| {
+    with_obs(vec![key(1, Destroyed), key(2, Active)], |o| {
         o.bundle = bundle(bundle_kids, &[1]);
         o.record = Some(sim_record(&settings(), kids));
     })

@@ -47,11 +47,16 @@ fn shape(w: &Write) -> String {
     match w {
         Write::Create { object, exists } => format!("create {} ({exists:?})", object.name()),
         Write::Patch(p) => format!(
-            "patch {} at {}: labels {:?}, annotations {:?}{}",
+            "patch {} at {}: labels {:?}, annotations {:?}{}{}",
             p.name,
             p.resource_version,
             p.labels,
             p.annotations.keys().collect::<Vec<_>>(),
+            if p.remove_annotations.is_empty() {
+                String::new()
+            } else {
+                format!(", removed {:?}", p.remove_annotations)
+            },
             if p.drop_private {
                 ", private key dropped"
             } else {
@@ -126,9 +131,15 @@ fn each_step_makes_one_write_with_its_precondition() {
         ("retire stamps the retirement and the last token's expiry",
             Step::Retire { seq: 1 }, None,
             format!("patch demo-k1 at 11: labels {}, annotations [\"{}\", \"{}\"]", state("retiring"), l::LAST_TOKEN_EXP, l::RETIRED_AT)),
-        ("revoke drops the private key",
-            Step::Revoke { seq: 1, emergency: false }, None,
-            format!("patch demo-k1 at 11: labels {}, annotations [\"{}\"], private key dropped", state("revoked"), l::REVOKED_AT)),
+        ("destroy drops the private key",
+            Step::Destroy { seq: 1, emergency: false }, None,
+            format!("patch demo-k1 at 11: labels {}, annotations [\"{}\"], private key dropped", state("destroyed"), l::REVOKED_AT)),
+        ("deactivate keeps the private key",
+            Step::Deactivate { seq: 1 }, None,
+            format!("patch demo-k1 at 11: labels {}, annotations [\"{}\"]", state("deactivated"), l::DEACTIVATED_AT)),
+        ("reactivate stamps it, records the request served, and removes the deactivation",
+            Step::Reactivate { seq: 1, request: "r".into() }, None,
+            format!("patch demo-k1 at 11: labels {}, annotations [\"{}\", \"{}\"], removed [\"{}\"]", state("retiring"), l::CONSUMED_REACTIVATE, l::REACTIVATED_AT, l::DEACTIVATED_AT)),
         ("prune deletes at the resourceVersion read",
             Step::Prune { seq: 1 }, None, "delete demo-k1 at 11".into()),
         ("the trust record is one annotation, at the key's uid",
@@ -179,6 +190,7 @@ fn a_key_patch_body_carries_its_precondition() {
         resource_version: "11".into(),
         labels: [(l::KEY_STATE.to_string(), "revoked".to_string())].into(),
         annotations: BTreeMap::new(),
+        remove_annotations: Vec::new(),
         drop_private: true,
     };
     let body = p.body();

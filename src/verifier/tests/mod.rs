@@ -51,6 +51,7 @@ fn pk(name: &str, uid: &str, spec: serde_json::Value, recorded: &[&KeyPair]) -> 
             .iter()
             .map(|k| (k.public_key().key_id(), ttl))
             .collect(),
+        deactivated: Default::default(),
     };
     unrecorded_pk(name, uid, spec, Some(record.render()))
 }

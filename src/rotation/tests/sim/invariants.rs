@@ -9,7 +9,7 @@ impl Sim {
             match self.obs.keys.iter().find(|k| k.seq == b.seq) {
                 None => ensure!(
                     matches!(step, Step::Prune { seq } if *seq == b.seq)
-                        && b.state == KeyState::Revoked,
+                        && b.state == KeyState::Destroyed,
                     "key {} disappeared",
                     b.seq
                 ),
@@ -74,7 +74,7 @@ impl Sim {
         //   at Mint).
         let count = |f: &dyn Fn(&ObservedKey) -> bool| keys.iter().filter(|k| f(k)).count();
         let trusted_or_pending = |k: &ObservedKey| {
-            k.state != KeyState::Revoked && !self.settings.compromised.contains(&k.kid)
+            k.state != KeyState::Destroyed && !self.settings.compromised.contains(&k.kid)
         };
         let incoming = count(&|k| {
             matches!(k.state, KeyState::Pending | KeyState::Published) && trusted_or_pending(k)
@@ -91,7 +91,7 @@ impl Sim {
         // Revoked keys hold no private key.
         ensure!(
             keys.iter()
-                .all(|k| k.state != KeyState::Revoked || !k.has_private_key),
+                .all(|k| k.state != KeyState::Destroyed || !k.has_private_key),
             "revoked key with private key"
         );
         // Keys are sorted by seq with unique kids.
@@ -139,17 +139,20 @@ impl Sim {
             "pending key at a fixed point"
         );
         ensure!(
-            keys.iter().all(
-                |k| k.state == KeyState::Revoked || !self.settings.compromised.contains(&k.kid)
-            ),
+            keys.iter()
+                .all(|k| k.state == KeyState::Destroyed
+                    || !self.settings.compromised.contains(&k.kid)),
             "compromised key still trusted at a fixed point"
         );
         // Once no rotation is in flight, old revoked keys are pruned.
         if keys
             .iter()
-            .all(|k| matches!(k.state, KeyState::Active | KeyState::Revoked))
+            .all(|k| matches!(k.state, KeyState::Active | KeyState::Destroyed))
         {
-            let revoked = keys.iter().filter(|k| k.state == KeyState::Revoked).count();
+            let revoked = keys
+                .iter()
+                .filter(|k| k.state == KeyState::Destroyed)
+                .count();
             ensure!(revoked <= RETAIN_REVOKED, "{revoked} revoked keys kept");
         }
         // Nothing becomes due before the requeue: planning just before it still does nothing.

@@ -134,7 +134,7 @@ impl Sim {
                     .keys
                     .iter()
                     .rev()
-                    .find(|k| k.state != KeyState::Revoked)
+                    .find(|k| k.state != KeyState::Destroyed)
                 {
                     self.settings.compromised.insert(k.kid.clone());
                 }

@@ -62,7 +62,7 @@ fn scenario_request_token_rotates_exactly_once() {
     });
     assert_eq!(
         sim.obs.keys.iter().map(|k| k.state).collect::<Vec<_>>(),
-        [KeyState::Revoked, KeyState::Active]
+        [KeyState::Destroyed, KeyState::Active]
     );
 }
 
@@ -114,7 +114,7 @@ fn scenario_request_during_rotation_is_served_after_it() {
     let (t_revoke, _) = sim
         .steps
         .iter()
-        .find(|(_, s)| matches!(s, Step::Revoke { seq: 1, .. }))
+        .find(|(_, s)| matches!(s, Step::Destroy { seq: 1, .. }))
         .expect("k1 revoked");
     assert!(t_revoke <= t3);
     assert_eq!(
@@ -172,7 +172,7 @@ fn scenario_consumers_gate_revocation() {
         // Both confirmed: revoked at once.
         sim.obs.consumers[1].confirmed_kid = Some(kid(2));
         let p = sim.settle()?;
-        assert_eq!(sim.key(1)?.state, KeyState::Revoked);
+        assert_eq!(sim.key(1)?.state, KeyState::Destroyed);
         assert_eq!(p.phase, Phase::Ready);
         Ok(())
     });
@@ -215,7 +215,7 @@ fn scenario_compromise() {
                     revoked: vec![]
                 },
                 Step::RecordPublished { seq: 2 },
-                Step::Revoke {
+                Step::Destroy {
                     seq: 1,
                     emergency: true
                 },
@@ -257,7 +257,7 @@ fn scenario_prune() {
         .obs
         .keys
         .iter()
-        .filter(|k| k.state == KeyState::Revoked)
+        .filter(|k| k.state == KeyState::Destroyed)
         .count();
     assert_eq!(revoked, RETAIN_REVOKED);
     assert!(
