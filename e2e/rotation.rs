@@ -274,7 +274,7 @@ async fn compromised_key_is_revoked_at_once_and_replaced() -> anyhow::Result<()>
         keys.iter()
             .map(|k| (k.seq, k.state.as_str()))
             .collect::<Vec<_>>()
-            == vec![(1, "revoked"), (2, "active")]
+            == vec![(1, "destroyed"), (2, "active")]
             && keys[1].kid == k2,
         "key Secrets: {keys:?}"
     );
@@ -283,7 +283,7 @@ async fn compromised_key_is_revoked_at_once_and_replaced() -> anyhow::Result<()>
         .first(since, |c| {
             c.value
                 .as_ref()
-                .is_some_and(|k| k.kid == k1 && k.state == "revoked")
+                .is_some_and(|k| k.kid == k1 && k.state == "destroyed")
         })
         .map(|c| c.at)
         .context("no revocation of the compromised key in the history")?;
@@ -617,7 +617,7 @@ mod crash {
             "confirm" => {
                 states == [(1, "retiring"), (2, "active")] && rolled == 2 && confirmed >= 1
             }
-            "revoke" => states == [(1, "revoked"), (2, "active")] && bundle.trusts(k1),
+            "revoke" => states == [(1, "deactivated"), (2, "active")] && bundle.trusts(k1),
             _ => false,
         };
         ensure!(

@@ -191,7 +191,10 @@ async fn rotation_confirmed_by_the_control_planes_acknowledgement() -> anyhow::R
             }
         }
         ensure!(
-            bed.key_state(&k1).await?.as_deref() != Some("revoked"),
+            bed.key_state(&k1)
+                .await?
+                .as_deref()
+                .is_none_or(|s| !matches!(s, "deactivated" | "destroyed")),
             "old key revoked without the agents' acknowledgement"
         );
         tokio::time::sleep(POLL).await;
@@ -275,7 +278,10 @@ async fn still_trusted(bed: &Bed, kid: &str, secs: i64, when: &str) -> anyhow::R
     let until = Instant::now() + Duration::from_secs(secs.unsigned_abs());
     while Instant::now() < until {
         ensure!(
-            bed.key_state(kid).await?.as_deref() != Some("revoked"),
+            bed.key_state(kid)
+                .await?
+                .as_deref()
+                .is_none_or(|s| !matches!(s, "deactivated" | "destroyed")),
             "old key revoked {when}"
         );
         tokio::time::sleep(POLL).await;

@@ -1065,7 +1065,7 @@ impl Bed {
             || async move {
                 let state = self.key_state(old).await.ok().flatten();
                 let bundle = self.trust_bundle().await.ok().flatten();
-                (state.as_deref() == Some("revoked")
+                (matches!(state.as_deref(), Some("deactivated" | "destroyed"))
                     && bundle.is_some_and(|b| b.trusts(new) && !b.trusts(old)))
                 .then_some(())
             },
@@ -1118,7 +1118,7 @@ impl Bed {
         );
         let old = keys.iter().find(|k| k.kid == r.old);
         ensure!(
-            old.is_some_and(|k| k.state == "revoked"),
+            old.is_some_and(|k| matches!(k.state.as_str(), "deactivated" | "destroyed")),
             "old key {} not revoked: {keys:?}",
             r.old
         );

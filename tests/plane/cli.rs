@@ -250,3 +250,72 @@ async fn status_exits_3_for_a_key_that_is_not_ready() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+/// `keyward reactivate` as a user runs it: refused with a clear message (exit 1) for a key id
+/// still trusted or unknown, then, once the rotation deactivated the old key, a request with
+/// `--wait` that returns when the key id is trusted again, and `status` listing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactivate_brings_a_deactivated_key_back_and_refuses_what_it_cannot() {
+    let ns = TestNamespace::new("kw-cli-reactivate").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let name = "billing";
+    create_pk(&pks, name, json!({}), quick_rotation()).await;
+    let settled = wait_pk(&pks, name, "settled on the first key", is_settled).await;
+    let kid1 = current_kid(&settled).expect("a current key");
+
+    let run = keyward(&["reactivate", "-n", ns.name(), name, &kid1, "--reason", "x"]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("is still trusted"), "{run}");
+    let run = keyward(&["reactivate", "-n", ns.name(), name, "nope", "--reason", "x"]).await;
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("lists no revoked key nope"), "{run}");
+    let run = keyward(&["reactivate", "-n", ns.name(), name, &kid1, "--reason", " "]).await;
+    assert_eq!(run.code, 2, "an empty reason is a usage error: {run}");
+
+    let run = keyward(&["rotate", "-n", ns.name(), name]).await;
+    assert_eq!(run.code, 0, "{run}");
+    wait_pk(&pks, name, "k1 deactivated", |pk| {
+        pk.status.as_ref().is_some_and(|s| {
+            s.revoked_keys
+                .iter()
+                .any(|k| k.kid == kid1 && k.state.as_deref() == Some("Deactivated"))
+        })
+    })
+    .await;
+    let run = keyward(&["status", "-n", ns.name(), name]).await;
+    assert!(
+        run.stdout
+            .contains(&format!("{kid1}  Deactivated (reactivatable until")),
+        "{run}"
+    );
+
+    let run = keyward(&[
+        "reactivate",
+        "-n",
+        ns.name(),
+        name,
+        &kid1,
+        "--reason",
+        "INC-9",
+        "--wait",
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    assert!(run.stdout.contains("is trusted again"), "{run}");
+    let pk = pks.get(name).await.expect("get");
+    assert!(
+        pk.annotations()
+            .get(l::REACTIVATE)
+            .is_some_and(|v| v.starts_with(&format!("{kid1},"))),
+        "the request annotation"
+    );
+    assert_eq!(
+        pk.annotations()
+            .get(l::REACTIVATE_REASON)
+            .map(String::as_str),
+        Some("INC-9")
+    );
+    drop(op);
+    ns.cleanup().await;
+}

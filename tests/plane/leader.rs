@@ -99,7 +99,7 @@ async fn stale_revocation_writes_get_409_and_revoke_nothing() {
         .expect("a revocation on fresh evidence");
     assert_eq!(
         revoked.labels().get(l::KEY_STATE).map(String::as_str),
-        Some("revoked")
+        Some("destroyed")
     );
 
     // Pruning on a stale resourceVersion: 409, the Secret stays.

@@ -1978,7 +1978,9 @@ pub fn check_after_write(w: &mut World) -> Vec<Violation> {
                 continue;
             };
             let state = label(&s.metadata, l::KEY_STATE).unwrap_or_default();
-            if state != "revoked" || w.ledger.revoked.contains(&name) {
+            if !matches!(state, "revoked" | "deactivated" | "destroyed")
+                || w.ledger.revoked.contains(&name)
+            {
                 continue;
             }
             w.ledger.revoked.insert(name.clone());

@@ -439,7 +439,7 @@ async fn rollout_only_agent_is_rolled_and_confirmed() {
         &key_secret_name(PK, 1),
         "old key revoked",
         TIMEOUT,
-        |s| state(s) == "revoked",
+        |s| state(s) == "deactivated",
     )
     .await;
     let pa = pas.get_status("opa-agents").await.expect("PolicyAgent");
@@ -462,7 +462,7 @@ async fn rollout_only_agent_is_rolled_and_confirmed() {
         .expect("history[0].confirmedAt");
     assert!(h[0].rolled_at.is_some(), "{h:?}");
     assert!(
-        at(&old, l::REVOKED_AT) >= confirmed_at,
+        at(&old, l::DEACTIVATED_AT) >= confirmed_at,
         "revoked-at precedes the confirmation"
     );
 
@@ -803,7 +803,7 @@ async fn paused_deployment_is_reported_stalled() {
         &key_secret_name(PK, 1),
         "the old key revoked while the Deployment is paused",
         Duration::from_secs(5),
-        |s: Option<&Secret>| s.is_none_or(|s| state(s) == "revoked"),
+        |s: Option<&Secret>| s.is_none_or(|s| state(s) == "deactivated"),
     )
     .await;
     let bundle = cms.get(&format!("{PK}-trust")).await.expect("trust bundle");
@@ -1210,7 +1210,7 @@ async fn rotation_held_by_a_paused_agent(bed: &Bed, extra: &[&str]) -> (String, 
     .await;
     assert_ne!(
         state(&secrets.get(&key_secret_name(PK, 1)).await.expect("key 1")),
-        "revoked"
+        "deactivated"
     );
     (kid1, kid2)
 }
@@ -1237,7 +1237,7 @@ async fn old_key_stays_while_unconfirmed(bed: &Bed, kid2: &str) {
         &key_secret_name(PK, 1),
         "the old key revoked while pods of the named workload run it",
         Duration::from_secs(4),
-        |s: Option<&Secret>| s.is_some_and(|s| state(s) == "revoked"),
+        |s: Option<&Secret>| s.is_some_and(|s| state(s) == "deactivated"),
     )
     .await;
 }
@@ -1466,12 +1466,12 @@ async fn uncovered_consumers_keep_the_old_key_until_its_last_token_expired() {
         &k1,
         "the old key revoked",
         Duration::from_secs(60),
-        |s| state(s) == "revoked",
+        |s| state(s) == "deactivated",
     )
     .await;
     let kid2 = agent_kid(&secrets).await;
     assert_ne!(kid1, kid2);
-    let revoked_at = at(&revoked, l::REVOKED_AT);
+    let revoked_at = at(&revoked, l::DEACTIVATED_AT);
     assert!(
         revoked_at.timestamp() >= claims.exp,
         "old key revoked at {revoked_at}, before the last token it signed expired ({})",
@@ -1535,10 +1535,10 @@ async fn a_policy_agent_deleted_mid_rotation_leaves_its_pods_covered_by_the_time
         &key_secret_name(PK, 1),
         "the old key revoked",
         Duration::from_secs(60),
-        |s| state(s) == "revoked",
+        |s| state(s) == "deactivated",
     )
     .await;
-    let revoked_at = at(&revoked, l::REVOKED_AT);
+    let revoked_at = at(&revoked, l::DEACTIVATED_AT);
     assert!(
         revoked_at.timestamp() >= claims.exp,
         "old key revoked at {revoked_at}, before the last token it signed expired ({}), while pods of Deployment opa still ran it",
@@ -1618,7 +1618,7 @@ async fn terminating_pods_hold_the_old_key_until_they_are_gone() {
         }
         assert_ne!(
             state,
-            "revoked",
+            "deactivated",
             "old key revoked while {} pod(s) that started with it still exist",
             present.len()
         );

@@ -361,7 +361,7 @@ async fn rotates_exactly_once(
         vec![1, 2],
         "{name}: exactly two key Secrets"
     );
-    assert_eq!(state(&keys[0]), "revoked");
+    assert_eq!(state(&keys[0]), "deactivated");
     assert_eq!(state(&keys[1]), "active");
 }
 
@@ -445,14 +445,15 @@ async fn interval_rotates_on_schedule() {
             new.name_any(),
             old.name_any()
         );
-        // Revoked, and not before the overlap.
-        assert_eq!(state(old), "revoked", "{}", old.name_any());
+        // Revoked (deactivated: out of the bundle, private key kept for
+        // retainDeactivatedFor), and not before the overlap.
+        assert_eq!(state(old), "deactivated", "{}", old.name_any());
         assert!(
-            data(old, l::DATA_PRIVATE_KEY).is_none(),
-            "{}: private key not deleted at revocation",
+            data(old, l::DATA_PRIVATE_KEY).is_some(),
+            "{}: private key deleted at deactivation",
             old.name_any()
         );
-        let held = at(old, l::REVOKED_AT) - at(old, l::RETIRED_AT);
+        let held = at(old, l::DEACTIVATED_AT) - at(old, l::RETIRED_AT);
         assert!(
             held >= chrono::Duration::seconds(1),
             "{} revoked {held} after retiring (overlap 1s)",
@@ -465,7 +466,7 @@ async fn interval_rotates_on_schedule() {
         status.next_rotation_at.is_some(),
         "nextRotationAt is reported"
     );
-    for (k, st) in [(k1, "Revoked"), (k2, "Revoked")] {
+    for (k, st) in [(k1, "Deactivated"), (k2, "Deactivated")] {
         let h = status
             .history
             .iter()
@@ -479,7 +480,11 @@ async fn interval_rotates_on_schedule() {
             });
         assert_eq!(h.state, st);
         assert_eq!(Some(h.trigger.clone()), annotation(k, l::TRIGGER));
-        assert_eq!(h.revoked_at, annotation(k, l::REVOKED_AT));
+        assert_eq!(h.deactivated_at, annotation(k, l::DEACTIVATED_AT));
+        assert_eq!(
+            h.revoked_at, None,
+            "not destroyed within retainDeactivatedFor"
+        );
         assert_eq!(h.activated_at, annotation(k, l::ACTIVATED_AT));
     }
     let positions: Vec<usize> = [k2, k1]
@@ -1090,7 +1095,7 @@ mod crash {
             "activate" => ("active", "active", true, true, false),
             "retire" => ("retiring", "active", true, true, false),
             "hand-out" => ("retiring", "active", true, true, true),
-            "revoke" => ("revoked", "active", true, true, true),
+            "revoke" => ("deactivated", "active", true, true, true),
             other => panic!("unknown point {other}"),
         };
         let s =
@@ -1131,12 +1136,12 @@ mod crash {
         let (k1, k2) = (&keys[0], &keys[1]);
         assert_eq!(
             (state(k1).as_str(), state(k2).as_str()),
-            ("revoked", "active")
+            ("deactivated", "active")
         );
         assert_eq!(kid(k2), kid2, "k2 is the key minted before the crash");
         assert!(
-            data(k1, l::DATA_PRIVATE_KEY).is_none(),
-            "revoked key keeps its private key"
+            data(k1, l::DATA_PRIVATE_KEY).is_some(),
+            "a deactivated key keeps its private key (retainDeactivatedFor)"
         );
         assert_eq!(annotation(k2, l::TRIGGER).as_deref(), Some("Annotation"));
         let agent = secrets.get("pk").await.expect("agent Secret");
@@ -1157,7 +1162,7 @@ mod crash {
             delay >= chrono::Duration::seconds(PUBLISH_DELAY),
             "publishDelay skipped after {spec}: {delay}"
         );
-        let held = at(k1, l::REVOKED_AT) - at(k1, l::RETIRED_AT);
+        let held = at(k1, l::DEACTIVATED_AT) - at(k1, l::RETIRED_AT);
         assert!(
             held >= chrono::Duration::seconds(OVERLAP),
             "revoked early after {spec}: {held}"
@@ -1589,9 +1594,9 @@ async fn a_spec_below_a_floor_keeps_serving_the_current_key() {
     wait_obj(
         &secrets,
         &key_secret_name("floor", 1),
-        "the compromised key revoked",
+        "the compromised key destroyed",
         TIMEOUT,
-        |s| state(s) == "revoked",
+        |s| state(s) == "destroyed",
     )
     .await;
     wait_obj(
@@ -1921,7 +1926,7 @@ async fn tampered_key_secrets_never_drop_a_trusted_key() {
     .await;
     let kid2 = kid(&k2);
     wait_obj(&secrets, "tamper-k1", "k1 revoked", TIMEOUT, |s| {
-        state(s) == "revoked"
+        state(s) == "deactivated"
     })
     .await;
 
@@ -2082,7 +2087,9 @@ async fn publish_delay_and_overlap_hold_on_the_operators_clock() {
         &k1,
         "revocation before the overlap on the operator's clock",
         Duration::from_secs(3),
-        |s: Option<&Secret>| s.is_some_and(|s| state(s) == "revoked"),
+        |s: Option<&Secret>| {
+            s.is_some_and(|s| matches!(state(s).as_str(), "deactivated" | "destroyed"))
+        },
     )
     .await;
 

@@ -153,7 +153,7 @@ async fn compromise_first_key(
         &key_secret_name(name, 1),
         "k1 revoked",
         TIMEOUT,
-        |s| state(s) == "revoked",
+        |s| state(s) == "destroyed",
     )
     .await;
 }
@@ -1237,7 +1237,7 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
         secrets
             .get(&k1)
             .await
-            .map(|s| state(&s) == "revoked")
+            .map(|s| state(&s) == "deactivated")
             .unwrap_or(true)
     };
     let exp_of = |t: &str| {
@@ -1725,4 +1725,201 @@ async fn a_pod_acknowledges_only_itself() {
     remove_admission_policy(&policy).await;
     ns.cleanup().await;
     other.cleanup().await;
+}
+
+/// A token signed with `pair` for key `name` in `ns` (the claims the operator signs with for a
+/// key created without `token`): what a consumer holding the key's private key
+/// (`includePrivateKey`) signs for itself.
+fn self_signed(pair: &KeyPair, ns: &str, name: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = TokenClaims {
+        iss: "keyward".into(),
+        sub: format!("{ns}/{name}"),
+        aud: format!("keyward:{ns}/{name}"),
+        iat: now,
+        nbf: now,
+        exp: now + 300,
+        jti: format!("consumer-{now}"),
+    };
+    pair.sign_token(&claims).expect("sign")
+}
+
+/// Revocation in two steps, against the real verifier (issue "The key's whole life", part 1).
+///
+/// A forgotten consumer copied the first key's private key (`includePrivateKey`) and signs its
+/// own tokens. The rotation deactivates that key: every verifier refuses it, but its key
+/// Secret keeps the private key. A tenant who edits the key Secret back to `retiring` does not
+/// bring it back: the trust record holds the deactivation, the operator repairs the Secret and
+/// the verifier never accepts the key meanwhile. A `keyward.dev/reactivate` request does bring
+/// it back, with no new rotation: the consumer works again, an audit Event carries the reason,
+/// and the key stays trusted `overlap` from its reactivation before it is deactivated again.
+/// With `retainDeactivatedFor: 0s` it is destroyed (private key deleted), and a request to
+/// reactivate it changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivated_key_is_refused_comes_back_on_request_and_is_destroyed_after_retention() {
+    use k8s_openapi::api::events::v1::Event;
+    let ns = TestNamespace::new("kw-lifecycle").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let events: Api<Event> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    create_pk(
+        &pks,
+        "life",
+        json!({}),
+        json!({
+            "includePrivateKey": true,
+            "rotation": { "publishDelay": "1s", "overlap": "3s", "minInterval": "0s",
+                          "retainDeactivatedFor": "1h" }
+        }),
+    )
+    .await;
+    wait_pk(&pks, "life", "settled", is_settled).await;
+    let agent = secrets.get("life").await.expect("the agent Secret");
+    let kid1 = data(&agent, l::DATA_KEY_ID).expect("key id");
+    let copied = KeyPair::from_pkcs8_pem(&data(&agent, l::DATA_PRIVATE_KEY).expect("private key"))
+        .expect("the copied private key");
+    let v = Running::start(ns.name()).await;
+    let http = reqwest::Client::new();
+    let base = v.base.clone();
+    wait_ready(&http, &base).await;
+    let consumer = || self_signed(&copied, ns.name(), "life");
+    eventually("the consumer's own token accepted", || async {
+        (auth(&http, &base, &consumer(), NO_POD).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // 1. A rotation: the old key is deactivated, not destroyed. The consumer breaks.
+    merge(
+        &pks,
+        "life",
+        json!({ "metadata": { "annotations": { l::ROTATE: "r1" } } }),
+    )
+    .await;
+    let k1 = key_secret_name("life", 1);
+    let old = wait_obj(&secrets, &k1, "k1 deactivated", TIMEOUT, |s| {
+        state(s) == "deactivated"
+    })
+    .await;
+    assert!(
+        data(&old, l::DATA_PRIVATE_KEY).is_some(),
+        "a deactivated key keeps its private key"
+    );
+    eventually("the consumer refused", || async {
+        (auth(&http, &base, &consumer(), NO_POD).await.status() == 401).then_some(())
+    })
+    .await;
+    let pk = wait_pk(&pks, "life", "status lists k1 deactivated", |pk| {
+        pk.status.as_ref().is_some_and(|s| {
+            s.revoked_keys.iter().any(|k| {
+                k.kid == kid1 && k.state.as_deref() == Some("Deactivated") && k.destroy_at.is_some()
+            })
+        })
+    })
+    .await;
+    let record = record_of(&pk);
+    assert!(!record.kids.contains_key(&kid1) && record.deactivated.contains_key(&kid1));
+
+    // 2. A tenant edits the key Secret back to retiring: repaired, never trusted meanwhile.
+    merge(
+        &secrets,
+        &k1,
+        json!({ "metadata": {
+            "labels": { l::KEY_STATE: "retiring" },
+            "annotations": { l::DEACTIVATED_AT: null }
+        } }),
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let r = auth(&http, &base, &consumer(), NO_POD).await;
+        assert_eq!(r.status(), 401, "the edited key was trusted again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_obj(&secrets, &k1, "k1 repaired", TIMEOUT, |s| {
+        state(s) == "deactivated" && annotation(s, l::DEACTIVATED_AT).is_some()
+    })
+    .await;
+
+    // 3. Reactivation on request: trusted again, no new key minted, an audited reason.
+    merge(
+        &pks,
+        "life",
+        json!({ "metadata": { "annotations": {
+            l::REACTIVATE: format!("{kid1},t1"),
+            l::REACTIVATE_REASON: "INC-7: billing still signs with the old key"
+        } } }),
+    )
+    .await;
+    eventually("the consumer accepted again", || async {
+        (auth(&http, &base, &consumer(), NO_POD).await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        key_secrets(&secrets, "life").await.len(),
+        2,
+        "reactivation minted no key"
+    );
+    let reactivated = events
+        .list(&Default::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("KeyReactivated"))
+        .expect("a KeyReactivated Event");
+    let note = reactivated.note.unwrap_or_default();
+    assert!(note.contains(&kid1) && note.contains("INC-7"), "{note}");
+
+    // 4. Another overlap from the reactivation, then deactivated again (the request, left in
+    //    place as GitOps would, is not served twice).
+    let again = wait_obj(&secrets, &k1, "k1 deactivated again", TIMEOUT, |s| {
+        state(s) == "deactivated"
+    })
+    .await;
+    let held = at(&again, l::DEACTIVATED_AT) - at(&again, l::REACTIVATED_AT);
+    assert!(
+        held >= chrono::Duration::seconds(3),
+        "deactivated again {held} after its reactivation (overlap 3s)"
+    );
+    eventually("the consumer refused again", || async {
+        (auth(&http, &base, &consumer(), NO_POD).await.status() == 401).then_some(())
+    })
+    .await;
+
+    // 5. No retention: destroyed, and a new request changes nothing.
+    merge(
+        &pks,
+        "life",
+        json!({ "spec": { "rotation": { "retainDeactivatedFor": "0s" } } }),
+    )
+    .await;
+    let gone = wait_obj(&secrets, &k1, "k1 destroyed", TIMEOUT, |s| {
+        state(s) == "destroyed"
+    })
+    .await;
+    assert!(data(&gone, l::DATA_PRIVATE_KEY).is_none());
+    merge(
+        &pks,
+        "life",
+        json!({ "metadata": { "annotations": { l::REACTIVATE: format!("{kid1},t2") } } }),
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(
+            auth(&http, &base, &consumer(), NO_POD).await.status(),
+            401,
+            "a destroyed key was trusted again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        state(&secrets.get(&k1).await.expect("k1")),
+        "destroyed",
+        "a destroyed key came back"
+    );
+    v.stop().await;
+    drop(op);
+    ns.cleanup().await;
 }
