@@ -575,6 +575,8 @@ mod tests {
         m.rotation(Trigger::Interval, RotationResult::Started);
         m.revocation(false);
         m.revocation(true);
+        m.key_lifecycle("deactivated");
+        m.key_lifecycle("reactivated");
         m.rollout_triggered(WorkloadKind::StatefulSet);
         m.reconciled(
             ControllerKind::ProvisioningKey,
@@ -597,6 +599,8 @@ mod tests {
             r#"keyward_rotations_total{trigger="Interval",result="started"} 1"#,
             r#"keyward_revocations_total{kind="normal"} 1"#,
             r#"keyward_revocations_total{kind="emergency"} 1"#,
+            r#"keyward_key_lifecycle_total{kind="deactivated"} 1"#,
+            r#"keyward_key_lifecycle_total{kind="reactivated"} 1"#,
             r#"keyward_rollouts_triggered_total{kind="StatefulSet"} 1"#,
             r#"keyward_reconcile_total{controller="provisioningkey"} 1"#,
             r#"keyward_reconcile_errors_total{controller="provisioningkey",reason="KubeApiError"} 1"#,

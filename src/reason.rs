@@ -41,7 +41,6 @@ pub enum Reason {
     KeyHandedOut,
     KeyRetiring,
     KeyRevoked,
-    KeyDeactivated,
     KeyReactivated,
     KeyDestroyed,
     KeySecretRepaired,
@@ -72,7 +71,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 51] = [
+    pub const ALL: [Reason; 50] = [
         Reason::KeyActive,
         Reason::Minting,
         Reason::Publishing,
@@ -100,7 +99,6 @@ impl Reason {
         Reason::KeyHandedOut,
         Reason::KeyRetiring,
         Reason::KeyRevoked,
-        Reason::KeyDeactivated,
         Reason::KeyReactivated,
         Reason::KeyDestroyed,
         Reason::KeySecretRepaired,
@@ -156,7 +154,6 @@ impl Reason {
             Reason::KeyHandedOut => "KeyHandedOut",
             Reason::KeyRetiring => "KeyRetiring",
             Reason::KeyRevoked => "KeyRevoked",
-            Reason::KeyDeactivated => "KeyDeactivated",
             Reason::KeyReactivated => "KeyReactivated",
             Reason::KeyDestroyed => "KeyDestroyed",
             Reason::KeySecretRepaired => "KeySecretRepaired",

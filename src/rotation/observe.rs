@@ -196,7 +196,9 @@ fn parse_key_secret(s: &Secret) -> Result<Parsed, String> {
     let (deactivated_at, reactivated_at) = (at(l::DEACTIVATED_AT), at(l::REACTIVATED_AT));
     let state = if !has_private_key && revoked_at.is_some() {
         KeyState::Destroyed
-    } else if deactivated_at.is_some_and(|d| reactivated_at.is_none_or(|r| r < d)) {
+    } else if deactivated_at.is_some() {
+        // A reactivation removes `deactivated-at` (and stamps `reactivated-at`), so its presence
+        // is a deactivation not undone since, even within the same second.
         KeyState::Deactivated
     } else if at(l::RETIRED_AT).is_some() {
         KeyState::Retiring

@@ -200,6 +200,18 @@ fn reactivate(c: &mut Ctx<'_>) -> Option<Plan> {
     if reactivation_refused(c.settings, c.obs, request).is_some() {
         return None;
     }
+    // One retiring key at a time: a request made while a rotation is in flight is served once
+    // it completes.
+    let keys = &c.obs.keys;
+    let in_flight = keys.iter().any(|k| {
+        matches!(
+            k.state,
+            KeyState::Pending | KeyState::Published | KeyState::Retiring
+        )
+    }) || keys.iter().filter(|k| k.state == KeyState::Active).count() > 1;
+    if in_flight {
+        return None;
+    }
     let kid = reactivate_kid(request);
     let k = c.obs.keys.iter().find(|k| {
         k.kid == kid

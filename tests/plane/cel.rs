@@ -80,6 +80,10 @@ fn tested() -> BTreeSet<(String, String)> {
             limits::REVOKE_WHEN_UNUSED_FOR,
         ),
         (
+            "spec.rotation.retainDeactivatedFor",
+            limits::RETAIN_DEACTIVATED_FOR,
+        ),
+        (
             "spec.rotation.confirmationTimeout",
             limits::CONFIRMATION_TIMEOUT,
         ),

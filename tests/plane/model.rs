@@ -3565,7 +3565,7 @@ mod tests {
         assert_eq!(
             key_states(&w),
             vec![
-                ("pk-k1".into(), "revoked".into()),
+                ("pk-k1".into(), "deactivated".into()),
                 ("pk-k2".into(), "active".into())
             ]
         );

@@ -23,7 +23,6 @@ pub mod reason {
     pub const KEY_HANDED_OUT: &str = Reason::KeyHandedOut.as_str();
     pub const KEY_RETIRING: &str = Reason::KeyRetiring.as_str();
     pub const KEY_REVOKED: &str = Reason::KeyRevoked.as_str();
-    pub const KEY_DEACTIVATED: &str = Reason::KeyDeactivated.as_str();
     pub const KEY_REACTIVATED: &str = Reason::KeyReactivated.as_str();
     pub const KEY_DESTROYED: &str = Reason::KeyDestroyed.as_str();
     pub const KEY_SECRET_REPAIRED: &str = Reason::KeySecretRepaired.as_str();
@@ -352,7 +351,8 @@ fn revoked(f: &Facts<'_>, seq: u32, k: &ObservedKey, emergency: bool) -> Audit<'
 fn deactivated(f: &Facts<'_>, seq: u32, k: &ObservedKey) -> Audit<'static> {
     f.about(
         false,
-        reason::KEY_DEACTIVATED,
+        // The revocation's Event keeps its reason: the key left the trusted set.
+        reason::KEY_REVOKED,
         "Revoke",
         seq,
         format!(

@@ -354,7 +354,7 @@ impl Sim {
                     }
                     let state = before.iter().find(|k| &k.kid == kid).map(|k| k.state);
                     ensure!(
-                        state == Some(KeyState::Destroyed),
+                        state.is_some_and(KeyState::revoked),
                         "WriteRecord dropped key id {kid} in state {state:?} while the bundle trusts it"
                     );
                 }
@@ -611,7 +611,14 @@ impl Sim {
                 );
             }
             Step::Repair { seq } => {
-                let k = self.key(*seq)?;
+                // Edited as the trust record sees it (a deactivation the Secret lost counts).
+                let anchored = crate::rotation::anchored(&self.obs);
+                let view = anchored.as_ref().unwrap_or(&self.obs);
+                let k = view
+                    .keys
+                    .iter()
+                    .find(|k| k.seq == *seq)
+                    .ok_or_else(|| format!("no key {seq}"))?;
                 ensure!(
                     k.edited.is_some(),
                     "Repair of key {seq} that was not edited"
@@ -630,9 +637,12 @@ impl Sim {
         let served = |wanted: &Option<String>, consumed: Option<&Option<String>>| {
             wanted.is_none() || consumed == Some(wanted)
         };
-        let idle = keys
-            .iter()
-            .all(|k| matches!(k.state, KeyState::Active | KeyState::Destroyed));
+        let idle = keys.iter().all(|k| {
+            matches!(
+                k.state,
+                KeyState::Active | KeyState::Deactivated | KeyState::Destroyed
+            )
+        });
         current(keys).is_some()
             && (idle || self.settings.interval.is_some())
             && keys.iter().all(|k| {

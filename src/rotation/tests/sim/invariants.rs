@@ -14,8 +14,12 @@ impl Sim {
                     b.seq
                 ),
                 Some(a) => {
+                    // The one way back: a reactivation request, from deactivated to retiring.
+                    let reactivated = matches!(step, Step::Reactivate { seq, .. } if *seq == b.seq)
+                        && b.state == KeyState::Deactivated
+                        && a.state == KeyState::Retiring;
                     ensure!(
-                        a.state >= b.state,
+                        a.state >= b.state || reactivated,
                         "key {} moved back from {:?} to {:?}",
                         b.seq,
                         b.state,
@@ -52,7 +56,10 @@ impl Sim {
 
     /// Invariants of the evidence after every step.
     pub(super) fn check_state(&self) -> SimResult {
-        let keys = &self.obs.keys;
+        // The key Secrets as the trust record vouches for them: a deactivated key someone edited
+        // back to `retiring` is still deactivated (and is repaired).
+        let anchored = crate::rotation::anchored(&self.obs);
+        let keys = &anchored.as_ref().unwrap_or(&self.obs).keys;
         // (c) Once published, the desired bundle (and the written one) never becomes empty.
         if self.ever_published {
             ensure!(

@@ -30,6 +30,12 @@ enum Event {
     DeleteBundle,
     /// The operator crashes after this many steps of the next event; it resumes from evidence.
     Crash(u8),
+    /// A new `keyward.dev/reactivate` request naming the newest deactivated key (or, with none,
+    /// the current key: refused).
+    Reactivate,
+    /// Someone edits the newest deactivated key Secret back to `retiring` (label, and the
+    /// `deactivated-at` annotation removed).
+    TamperDeactivated,
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -48,6 +54,8 @@ fn event() -> impl Strategy<Value = Event> {
         1 => Just(Event::DeleteAgentSecret),
         1 => Just(Event::DeleteBundle),
         2 => (0u8..6).prop_map(Event::Crash),
+        2 => Just(Event::Reactivate),
+        1 => Just(Event::TamperDeactivated),
     ]
 }
 
@@ -63,6 +71,8 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
         prop::option::of(Just("r0".to_string())),
         // Mostly a uid (jittered schedule), sometimes none (the times asked for).
         prop_oneof![3 => "[0-9a-f]{8}-[0-9a-f]{4}", 1 => Just(String::new())],
+        // retainDeactivatedFor: destroyed at once, or kept deactivated a while.
+        prop_oneof![1 => Just(0u64), 2 => 1u64..=7200],
     )
         .prop_map(
             |(
@@ -75,6 +85,7 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                 private,
                 token,
                 uid,
+                retain,
             )| {
                 Settings {
                     interval: interval.map(secs),
@@ -86,6 +97,7 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                     include_private_key: private,
                     request_token: token,
                     uid,
+                    retain_deactivated_for: secs(retain),
                     ..settings()
                 }
             },
@@ -153,6 +165,38 @@ impl Sim {
                 self.store.remove(memory::Kind::ConfigMap, &name);
             }
             Event::Crash(_) => {}
+            Event::Reactivate => {
+                let keys = &self.obs.keys;
+                let target = keys
+                    .iter()
+                    .rev()
+                    .find(|k| k.state == KeyState::Deactivated)
+                    .or_else(|| current(keys));
+                if let Some(k) = target {
+                    self.obs.reactivate_annotation = Some(format!("{},{n}", k.kid));
+                }
+            }
+            Event::TamperDeactivated => {
+                if let Some(k) = self
+                    .obs
+                    .keys
+                    .iter()
+                    .rev()
+                    .find(|k| k.state == KeyState::Deactivated)
+                {
+                    let name = crate::rotation::desired::key_secret_name("demo", k.seq);
+                    self.store.edit_secret(&name, |s| {
+                        s.metadata
+                            .labels
+                            .get_or_insert_default()
+                            .insert(l::KEY_STATE.into(), "retiring".into());
+                        s.metadata
+                            .annotations
+                            .get_or_insert_default()
+                            .remove(l::DEACTIVATED_AT);
+                    });
+                }
+            }
         }
         self.sync();
         match budget {
