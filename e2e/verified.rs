@@ -5,6 +5,8 @@
 //! (f) A rotation confirmed by the control plane's acknowledgement: while the verifier is down,
 //!     the new pods run, but no PolicyAgent confirms them; once it is back and has seen each
 //!     pod download with the new key id, they confirm and the rotation completes.
+//! (h) Deactivate, then reactivate: a forgotten OPA with a copied token is refused once the old key
+//!     is deactivated, and downloads again after `keyward reactivate`, with no new rotation.
 //! (g) A consumer outside any PolicyAgent (an OPA with a copied token) keeps using the old key:
 //!     `revokeWhenUnusedFor` holds the old key (status shows when it was last used) until that
 //!     consumer stops; then the verifier goes silent (SIGKILL) and the old key stays trusted,
@@ -434,6 +436,163 @@ async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Re
     bed.say(format!(
         "old key revoked at {at}: last used {last}, verifier back at {restarted}, window {WINDOW}s"
     ));
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
+
+/// Requests in nginx's access log from a consumer that sends no pod UID (the outside OPA),
+/// after `since` (Unix seconds): `(accepted with kid, refused)`.
+fn outside_requests(nginx: &Nginx, kid: &str, since: f64) -> (usize, usize) {
+    let log = nginx.access_log();
+    let after = log.lines().filter(|l| l.contains(" pod=-")).filter(|l| {
+        l.split_whitespace()
+            .next()
+            .and_then(|t| t.parse::<f64>().ok())
+            .is_some_and(|t| t >= since)
+    });
+    let (mut ok, mut refused) = (0, 0);
+    for l in after {
+        if (l.contains(" 200 ") || l.contains(" 304 ")) && l.contains(&format!("kid={kid} ")) {
+            ok += 1;
+        } else if l.contains(" 401 ") {
+            refused += 1;
+        }
+    }
+    (ok, refused)
+}
+
+fn unix_now() -> f64 {
+    Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+/// (h) Deactivate, then reactivate (issue "The key's whole life", part 1), with a real OPA that
+/// no PolicyAgent covers, downloading through nginx with a copy of the first key's token.
+///
+/// The rotation completes on the PolicyAgents' evidence and the old key is **deactivated**: the
+/// forgotten OPA's downloads are refused (401) by the real verifier behind nginx, though the key
+/// Secret keeps the private key. `keyward reactivate` (the built binary) puts the key back with
+/// a reason: the same OPA, with the same token, downloads again, and no key is minted. The key
+/// is deactivated again one `overlap` after its reactivation.
+///
+/// How to see it fail: make reactivation a no-op (in `src/rotation/rules.rs`, `reactivate`,
+/// return `None` first): the CLI's `--wait` times out (exit 3) and step 3 fails with
+/// "keyward reactivate: ... is not trusted again yet (--timeout)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_consumer_breaks_on_deactivation_and_recovers_on_reactivation()
+-> anyhow::Result<()> {
+    let (bed, nginx, verifier, _dir) = verified_bed("reactivate").await?;
+    let op = InProcessOperator::start(&bed.ns).await;
+    let k1 = bed
+        .set_up(json!({
+            "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "2m",
+            "overlap": "8s", "retainDeactivatedFor": "1h",
+        }))
+        .await?;
+    let token = bed
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get(PK)
+        .await?
+        .data
+        .and_then(|d| {
+            d.get("token")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        })
+        .context("the agent token")?;
+    let outside = OutsideAgent::start(&bed, &nginx.url(), &token).await?;
+    let t0 = unix_now();
+    eventually(
+        "the outside OPA downloads with the first key",
+        TIMEOUT,
+        POLL,
+        || async { (outside_requests(&nginx, &k1, t0).0 > 0).then_some(()) },
+    )
+    .await?;
+    bed.say("an OPA outside any PolicyAgent downloads with a copy of the first key's token");
+
+    // 1. Rotate: confirmed by the PolicyAgents, the old key deactivated (private key kept).
+    bed.request_rotation("1").await?;
+    let k2 = bed.wait_handed_out(|k| k != k1).await?;
+    bed.wait_confirmed(&k2).await?;
+    eventually("the old key deactivated", TIMEOUT, POLL, || async {
+        (bed.key_state(&k1).await.ok()?.as_deref() == Some("deactivated")).then_some(())
+    })
+    .await?;
+    let deactivated = unix_now();
+    let keys = bed.key_secrets().await?;
+    ensure!(keys.len() == 2, "key Secrets: {keys:?}");
+    // 2. The forgotten consumer breaks: refused by the verifier, several polls in a row.
+    eventually("the outside OPA refused", TIMEOUT, POLL, || async {
+        (outside_requests(&nginx, &k1, deactivated + 1.0).1 >= 3).then_some(())
+    })
+    .await?;
+    let (ok, refused) = outside_requests(&nginx, &k1, deactivated + 1.0);
+    ensure!(
+        ok == 0,
+        "the deactivated key was accepted {ok} times after its deactivation"
+    );
+    bed.say(format!(
+        "old key {k1} deactivated; the outside OPA is refused ({refused} downloads)"
+    ));
+
+    // 3. keyward reactivate, as a user runs it: the same OPA, same token, downloads again.
+    let kubeconfig = keyward_testbed::kubeconfig_path();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["reactivate", "-n", &bed.ns, PK, &k1])
+        .args([
+            "--reason",
+            "INC-42: an OPA outside the cluster still uses the old token",
+        ])
+        .args(["--wait", "--timeout", "60s", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .context("run keyward reactivate")?;
+    ensure!(
+        out.status.success(),
+        "keyward reactivate: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reactivated = unix_now();
+    eventually("the outside OPA downloads again", TIMEOUT, POLL, || async {
+        (outside_requests(&nginx, &k1, reactivated).0 > 0).then_some(())
+    })
+    .await
+    .context("the outside OPA never downloaded again after the reactivation")?;
+    ensure!(
+        bed.key_secrets().await?.len() == 2,
+        "reactivation minted a key"
+    );
+    let events = bed.wait_events("Warning", "KeyReactivated").await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| e.note.as_deref().is_some_and(|n| n.contains("INC-42"))),
+        "the KeyReactivated Event carries the reason: {events:?}"
+    );
+    bed.say(format!(
+        "reactivated {k1} by keyward reactivate: the outside OPA downloads again, no new key"
+    ));
+
+    // 4. One overlap later it is deactivated again (the consumer had that long to move).
+    eventually("deactivated again", TIMEOUT, POLL, || async {
+        (bed.key_state(&k1).await.ok()?.as_deref() == Some("deactivated")).then_some(())
+    })
+    .await?;
+    let again = unix_now();
+    ensure!(
+        again - reactivated >= 7.0,
+        "deactivated again {:.1}s after the reactivation (overlap 8s)",
+        again - reactivated
+    );
+    bed.say(format!(
+        "deactivated again {:.1}s after the reactivation",
+        again - reactivated
+    ));
+    outside.stop().await;
+    drop(verifier);
     op.stop().await;
     bed.finish().await;
     Ok(())
