@@ -46,6 +46,7 @@ fn index() -> &'static Index {
             iss: "keyward".into(),
             kids: [(key.public_key().key_id(), 3600)].into(),
             deactivated: Default::default(),
+            claims: Default::default(),
         };
         let pk: Result<ProvisioningKey, _> = serde_json::from_value(serde_json::json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",

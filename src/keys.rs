@@ -220,11 +220,38 @@ impl KeyPair {
         self.sign_compact(&header, claims)
     }
 
+    /// [`sign_token`](Self::sign_token) with static claims added beside the registered ones
+    /// (a name the registered claims use is never overwritten: the caller validated them).
+    pub fn sign_token_with(
+        &self,
+        claims: &TokenClaims,
+        extra: &std::collections::BTreeMap<String, String>,
+    ) -> Result<String, KeyError> {
+        if extra.is_empty() {
+            return self.sign_token(claims);
+        }
+        let header = TokenHeader {
+            alg: JWS_ALG.to_owned(),
+            typ: Some(JWT_TYP.to_owned()),
+            kid: self.key_id(),
+            crit: None,
+        };
+        let mut payload = serde_json::to_value(claims)
+            .map_err(|_| KeyError::Serialization("token claims are not serializable"))?;
+        if let Some(map) = payload.as_object_mut() {
+            for (k, v) in extra {
+                map.entry(k.clone())
+                    .or_insert_with(|| serde_json::Value::String(v.clone()));
+            }
+        }
+        self.sign_compact(&header, &payload)
+    }
+
     /// Sign an arbitrary header and claims (the header is not checked against this key).
     pub(crate) fn sign_compact(
         &self,
         header: &TokenHeader,
-        claims: &TokenClaims,
+        claims: &impl Serialize,
     ) -> Result<String, KeyError> {
         let header_json = serde_json::to_vec(header)
             .map_err(|_| KeyError::Serialization("token header is not serializable"))?;
@@ -461,6 +488,36 @@ fn parse_token(token: &str) -> Result<ParsedToken<'_>, KeyError> {
         signing_input,
         signature,
     })
+}
+
+/// The claims of `token` beyond the registered ones Keyward reads (`iss`, `sub`, `aud`, `iat`,
+/// `nbf`, `exp`, `jti`), WITHOUT verifying: call it only on a token whose signature was checked.
+pub fn custom_claims(token: &str) -> Result<serde_json::Map<String, serde_json::Value>, KeyError> {
+    let parsed = parse_token(token)?;
+    let claims_b64 = parsed
+        .signing_input
+        .split_once('.')
+        .map(|(_, c)| c)
+        .ok_or(BAD_SEGMENTS)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(claims_b64)
+        .map_err(|_| KeyError::InvalidToken("payload is not unpadded base64url"))?;
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&json)
+        .map_err(|_| KeyError::InvalidToken("payload is not a valid claims object"))?;
+    for registered in ["iss", "sub", "aud", "iat", "nbf", "exp", "jti"] {
+        map.remove(registered);
+    }
+    Ok(map)
+}
+
+/// Whether a claim value grants `want`: a string whose space-separated items include it (as
+/// OAuth's `scope`), or an array with it as an element.
+pub fn claim_grants(value: &serde_json::Value, want: &str) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.split(' ').any(|item| item == want),
+        serde_json::Value::Array(items) => items.iter().any(|i| i.as_str() == Some(want)),
+        _ => false,
+    }
 }
 
 /// Parse header and claims WITHOUT verifying (used to read `exp`/`kid` of a token we issued).

@@ -375,6 +375,13 @@ struct VerifierArgs {
     /// Require this `iss` instead of each key's `spec.token.issuer` (default `keyward`).
     #[arg(long, env = "KEYWARD_VERIFIER_ISSUER")]
     issuer: Option<String>,
+    /// Require a claim on every route, as `<name>=<value>` (repeatable), e.g.
+    /// `scope=bundles:read`: the token's claim must grant the value (a space-separated list
+    /// holding it, or an array with it) and so must its key's `spec.token.claims` as the trust
+    /// record holds them. Refused otherwise: 403 `ClaimMissing`. An nginx route can add its own
+    /// with `/auth/<ns>/<name>?require-claim=<name>=<value>`.
+    #[arg(long = "require-claim", value_name = "NAME=VALUE", value_parser = parse_required_claim)]
+    require_claim: Vec<keyward::verifier::RequiredClaim>,
     /// Reverse-proxy mode: forward verified requests to this `http://host:port` (every path
     /// except /auth, /authz, /ext_authz, /keys, /metrics, /healthz and /readyz). Needs
     /// --bind-key (or --accept-any-key).
@@ -466,6 +473,12 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     keyward::rotation::parse_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{s:?} must be a duration above 0"))
+}
+
+fn parse_required_claim(s: &str) -> Result<keyward::verifier::RequiredClaim, String> {
+    keyward::verifier::RequiredClaim::parse(s).ok_or_else(|| {
+        format!("{s:?} is not <name>=<value> (a claim name, then a value without spaces)")
+    })
 }
 
 fn parse_key_ref(s: &str) -> Result<keyward::verifier::KeyRef, String> {
@@ -567,6 +580,7 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         clock_skew: args.clock_skew,
         audience: args.audience,
         issuer: args.issuer,
+        required_claims: args.require_claim,
         ..verifier::Policy::default()
     };
     // Use is recorded in memory (bounded; new triples beyond the capacity are counted as

@@ -50,6 +50,11 @@ pub struct TrustRecord {
     /// as it did before.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub deactivated: BTreeMap<String, i64>,
+    /// The static claims (`spec.token.claims`) the operator signs into its tokens. A verifier
+    /// route that requires a claim checks it here as well as in the token, so an agent holding
+    /// the private key (`includePrivateKey`) cannot grant itself a scope. Absent when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<String, String>,
 }
 
 /// Why a record could not be read (the verifier then trusts nothing of that key; the operator
@@ -149,6 +154,7 @@ mod tests {
             iss: "i".into(),
             kids: [("k2".to_string(), 3600), ("k1".to_string(), 600)].into(),
             deactivated: Default::default(),
+            claims: Default::default(),
         }
     }
 
@@ -177,6 +183,7 @@ mod tests {
         let many = TrustRecord {
             kids: (0..=MAX_KIDS).map(|i| (format!("k{i}"), 1)).collect(),
             deactivated: Default::default(),
+            claims: Default::default(),
             ..record()
         };
         assert_eq!(

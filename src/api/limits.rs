@@ -107,6 +107,57 @@ impl Ceiling {
     }
 }
 
+/// Claim names `spec.token.claims` may not set: the registered JWT claims the operator signs
+/// itself (RFC 7519 4.1), JOSE header names, and claims with a meaning to OAuth and OpenID
+/// Connect verifiers (RFC 7800 `cnf`, RFC 8693 `act`/`may_act`, RFC 9068 `client_id`, OIDC's
+/// `azp`, `nonce`, `auth_time`, `at_hash`, `sid`). Reserved so a static claim never contradicts
+/// or impersonates what a verifier reads as identity or proof.
+pub const RESERVED_CLAIMS: [&str; 22] = [
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "alg",
+    "kid",
+    "typ",
+    "cty",
+    "crit",
+    "jku",
+    "jwk",
+    "cnf",
+    "act",
+    "may_act",
+    "client_id",
+    "azp",
+    "nonce",
+    "auth_time",
+    "sid",
+];
+/// Most static claims on a key's tokens.
+pub const MAX_CLAIMS: usize = 16;
+/// Longest value of a static claim (a token stays small: at most 16 KiB in all).
+pub const MAX_CLAIM_VALUE: usize = 512;
+/// A claim name: a letter, then letters, digits, `_`, `.`, `:` or `-`, at most 64 characters.
+pub const CLAIM_NAME_PATTERN: &str = r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$";
+/// Message of the rule on `spec.token.claims`.
+pub const CLAIMS_RESERVED: &str = "spec.token.claims must not set a reserved claim (iss, sub, aud, exp, nbf, iat, jti, alg, kid, typ, cty, crit, jku, jwk, cnf, act, may_act, client_id, azp, nonce, auth_time, sid), and each name must match ^[A-Za-z][A-Za-z0-9_.:-]{0,63}$";
+
+/// The CEL rule on `spec.token.claims`: no reserved name, every name well formed.
+pub fn claims_rule() -> Rule {
+    let reserved = RESERVED_CLAIMS
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Rule::new(format!(
+        "self.all(k, !(k in [{reserved}]) && k.matches(r'{CLAIM_NAME_PATTERN}'))"
+    ))
+    .message(CLAIMS_RESERVED)
+}
+
 /// Kubernetes' limit on a label value; a ProvisioningKey's name is one (the
 /// `keyward.dev/provisioning-key` label on the objects it owns).
 pub const MAX_NAME_LENGTH: usize = 63;

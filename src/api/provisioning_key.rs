@@ -237,6 +237,16 @@ pub struct TokenSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub issuer: Option<String>,
+
+    /// Static claims added to every token of this key (at most 16; values at most 512
+    /// characters), e.g. `scope: "bundles:read"` (space-separated values, as OAuth's `scope`).
+    /// A verifier route can require one (`--require-claim scope=bundles:read`). Registered JWT
+    /// claims and names with a meaning to OAuth and OpenID Connect are refused. A change is a
+    /// token refresh, never a rotation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = limits::claims_rule())]
+    #[schemars(extend("maxProperties" = 16), extend("additionalProperties" = {"type": "string", "maxLength": 512}))]
+    pub claims: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]

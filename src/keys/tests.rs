@@ -573,3 +573,43 @@ proptest! {
         prop_assert!(verify_token(&token, &jwks(&[&a]), &[], NOW, 0).is_ok());
     }
 }
+
+/// Static claims ride beside the registered ones, never over them, and are read back only as
+/// what they are; `claim_grants` reads space-separated strings and arrays.
+#[test]
+fn static_claims_are_signed_and_read_back() {
+    let pair = KeyPair::generate();
+    let claims = TokenClaims {
+        iss: "keyward".into(),
+        sub: "ns/pk".into(),
+        aud: "keyward".into(),
+        iat: 1,
+        nbf: 1,
+        exp: 100,
+        jti: "j".into(),
+    };
+    let extra = std::collections::BTreeMap::from([
+        ("scope".to_string(), "bundles:read metrics:read".to_string()),
+        ("tenant".to_string(), "a".to_string()),
+    ]);
+    let token = pair.sign_token_with(&claims, &extra).expect("sign");
+    let jwks = Jwks {
+        keys: vec![pair.public_key().to_jwk()],
+    };
+    let (_, got) = verify_token(&token, &jwks, &[], 50, 0).expect("verifies");
+    assert_eq!(got, claims, "the registered claims are untouched");
+    let custom = custom_claims(&token).expect("custom claims");
+    assert_eq!(custom.len(), 2);
+    assert!(claim_grants(&custom["scope"], "bundles:read"));
+    assert!(claim_grants(&custom["scope"], "metrics:read"));
+    assert!(!claim_grants(&custom["scope"], "bundles"));
+    assert!(!claim_grants(&serde_json::json!(7), "7"));
+    assert!(claim_grants(&serde_json::json!(["a", "b"]), "b"));
+    // No static claims: the same token as sign_token.
+    assert_eq!(
+        custom_claims(&pair.sign_token(&claims).expect("sign"))
+            .expect("read")
+            .len(),
+        0
+    );
+}

@@ -219,7 +219,7 @@ pub fn agent_secret(
         exp: iat + i64::try_from(settings.token_ttl.as_secs()).unwrap_or(i64::MAX / 2),
         jti,
     };
-    let token = pair.sign_token(&claims)?;
+    let token = pair.sign_token_with(&claims, &settings.claims)?;
     let (tl, ta) = template(pk);
     let mut data = BTreeMap::from([
         (

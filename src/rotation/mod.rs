@@ -36,8 +36,8 @@ pub mod write;
 
 pub use settings::{
     DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_PUBLISH_DELAY, DEFAULT_TOKEN_TTL, Floors, LastGood,
-    Names, Refusal, Settings, SpecError, default_audience, names, parse_duration, resolve_or_keep,
-    valid_compromised,
+    Names, Refusal, Settings, SpecError, claim_name, default_audience, names, parse_duration,
+    resolve_or_keep, valid_compromised,
 };
 
 /// How many revoked key Secrets are kept (their public half and timestamps, for audit and the
@@ -223,6 +223,9 @@ pub struct AgentSecret {
     pub token_exp: Option<i64>,
     /// Whether `iss`, `sub` and `aud` of the token match the spec.
     pub token_claims_match: bool,
+    /// Whether the token carries exactly the static claims of `spec.token.claims` (a change is
+    /// a token refresh).
+    pub static_claims_match: bool,
     pub has_private_key: bool,
     /// Whether labels, annotations and type match what Keyward would write.
     pub metadata_matches: bool,
@@ -649,6 +652,7 @@ pub fn desired_record(settings: &Settings, obs: &Observed) -> TrustRecord {
         iss: settings.issuer.clone(),
         kids,
         deactivated,
+        claims: settings.claims.clone(),
     }
 }
 

@@ -330,6 +330,7 @@ pub fn last_good(secrets: &KeySecrets, agent_secret: Option<&Secret>, uid: &str)
         audience: token.as_ref().map(|(_, c)| c.aud.clone()),
         issuer: token.as_ref().map(|(_, c)| c.iss.clone()),
         recorded_audience: None,
+        recorded_claims: None,
     }
 }
 
@@ -394,11 +395,23 @@ fn inspect_agent_secret(
             && c.aud == settings.audience
             && c.sub == format!("{ns}/{name}")
     });
+    // The static claims, read only from a token whose signature was checked above.
+    let static_claims_match = verified.is_some()
+        && text(s, l::DATA_TOKEN)
+            .and_then(|t| keys::custom_claims(&t).ok())
+            .is_some_and(|extra| {
+                extra.len() == settings.claims.len()
+                    && settings
+                        .claims
+                        .iter()
+                        .all(|(k, v)| extra.get(k).and_then(|x| x.as_str()) == Some(v.as_str()))
+            });
     AgentSecret {
         kid,
         token_iat: verified.as_ref().map(|(_, c)| c.iat),
         token_exp: verified.as_ref().map(|(_, c)| c.exp),
         token_claims_match,
+        static_claims_match,
         has_private_key: s
             .data
             .as_ref()
@@ -636,9 +649,9 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
     let secrets = key_secrets(pk, objs.key_secrets);
     let agent_secret = objs.agent_secret;
     let mut last = last_good(&secrets, agent_secret, &uid);
-    last.recorded_audience = crate::trust_record::TrustRecord::of(pk)
-        .and_then(Result::ok)
-        .map(|r| r.aud);
+    let record = crate::trust_record::TrustRecord::of(pk).and_then(Result::ok);
+    last.recorded_claims = record.as_ref().map(|r| r.claims.clone());
+    last.recorded_audience = record.map(|r| r.aud);
     let settings = super::resolve_or_keep(pk, floors, &last);
     let (bundle, bundle_jwks, agent_secret) =
         bundle_and_agent(pk, &settings, &secrets, objs.bundle, agent_secret);

@@ -511,7 +511,8 @@ fn hand_out(c: &mut Ctx<'_>) -> Option<Plan> {
                 || s.handed_out_at.is_none()
             {
                 Some(HandOutReason::Repair)
-            } else if refresh_at.is_none_or(|r| now >= r) {
+            } else if refresh_at.is_none_or(|r| now >= r) || !s.static_claims_match {
+                // Changed static claims are a refresh: same key, new token, nothing rolled.
                 Some(HandOutReason::TokenRefresh)
             } else {
                 None

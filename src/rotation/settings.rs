@@ -5,7 +5,7 @@
 //! object that reached the API server without them (older Kubernetes, no CEL, stored before a
 //! rule existed) is reported with `Ready=False` and never acted on.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::api::conditions::reasons;
@@ -143,6 +143,8 @@ pub struct Settings {
     /// trusted set, private key kept, reactivatable) before it is destroyed. Zero destroys it
     /// at once.
     pub retain_deactivated_for: Duration,
+    /// `token.claims`: static claims on every token (validated: no reserved name).
+    pub claims: BTreeMap<String, String>,
     pub request_token: Option<String>,
     pub token_ttl: Duration,
     pub audience: String,
@@ -199,6 +201,8 @@ pub struct LastGood {
     pub issuer: Option<String>,
     /// `aud` of the trust record (what the verifier checks now).
     pub recorded_audience: Option<String>,
+    /// The static claims of the trust record (kept while the spec is refused).
+    pub recorded_claims: Option<BTreeMap<String, String>>,
 }
 
 impl LastGood {
@@ -209,6 +213,41 @@ impl LastGood {
             .clone()
             .or_else(|| self.audience.clone())
     }
+}
+
+/// `token.claims`, checked as the CRD's rule does (the same constants), plus the size limits.
+fn claims(c: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, SpecError> {
+    let invalid = |message: String| SpecError::Invalid {
+        field: "token.claims",
+        message,
+    };
+    if c.len() > limits::MAX_CLAIMS {
+        return Err(invalid(format!(
+            "{} claims; at most {}",
+            c.len(),
+            limits::MAX_CLAIMS
+        )));
+    }
+    for (k, v) in c {
+        if limits::RESERVED_CLAIMS.contains(&k.as_str()) || !claim_name(k) {
+            return Err(invalid(limits::CLAIMS_RESERVED.to_string()));
+        }
+        if v.chars().count() > limits::MAX_CLAIM_VALUE {
+            return Err(invalid(format!(
+                "the value of {k:?} is longer than {} characters",
+                limits::MAX_CLAIM_VALUE
+            )));
+        }
+    }
+    Ok(c.clone())
+}
+
+/// [`limits::CLAIM_NAME_PATTERN`] without a regex engine.
+pub fn claim_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    k.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
 }
 
 /// The valid entries of `compromisedKeys` (break-glass never waits for a typo elsewhere, nor
@@ -311,6 +350,8 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                     .map(|v| parse_duration(v).unwrap_or(Duration::MAX)),
                 // Nor does it hasten destruction: a deactivated key is kept as long as allowed.
                 retain_deactivated_for: limits::RETAIN_DEACTIVATED_FOR.duration(),
+                // The claims the agents' tokens carry now: a refused spec changes no scope.
+                claims: last.recorded_claims.clone().unwrap_or_default(),
                 request_token: pk
                     .spec
                     .rotation
@@ -617,6 +658,7 @@ impl Settings {
                 DEFAULT_RETAIN_DEACTIVATED_FOR,
                 Duration::ZERO,
             )?,
+            claims: claims(&token.claims)?,
             request_token: rotation.request_token,
             token_ttl: duration(
                 limits::TOKEN_TTL,

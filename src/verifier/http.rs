@@ -32,7 +32,7 @@ use super::Shared;
 use super::index::{Bundle, Document, KeyParams, KeyRef};
 use super::pod_identity::POD_TOKEN_HEADER;
 use super::use_log::{Instance, Use};
-use super::verify::{self, Binding, Refusal, Verified};
+use super::verify::{self, Binding, Refusal, RequiredClaim, Verified};
 use crate::keys::Jwks;
 
 pub const KEY_HEADER: &str = "x-keyward-key";
@@ -78,7 +78,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/auth", get(auth_unbound))
         .route("/ext_authz", any(auth_unbound))
         .route("/ext_authz/{*rest}", any(auth_unbound))
-        .route("/auth/{namespace}/{name}", get(auth_bound))
+        .route("/auth/{namespace}/{name}", get(auth_route))
         .route("/authz/{namespace}/{name}", any(auth_bound))
         .route("/authz/{namespace}/{name}/", any(auth_bound))
         .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound))
@@ -133,11 +133,24 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 /// Verifies the request's bearer token for `binding` and records the use. Refusals are logged
 /// by reason only: the rest of a refused token is unverified input.
-fn check(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Result<Verified, Refusal> {
+fn check(
+    shared: &Shared,
+    headers: &HeaderMap,
+    binding: &Binding,
+    route_required: &[RequiredClaim],
+) -> Result<Verified, Refusal> {
     let now = Utc::now();
     let verified = verify::bearer(headers).and_then(|token| {
         let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
-        verify::verify(token, &index, binding, now.timestamp(), &shared.policy)
+        let v = verify::verify(token, &index, binding, now.timestamp(), &shared.policy)?;
+        let required: Vec<&RequiredClaim> = shared
+            .policy
+            .required_claims
+            .iter()
+            .chain(route_required)
+            .collect();
+        verify::require_claims(token, &index, &v.key, &required)?;
+        Ok(v)
     });
     match &verified {
         Ok(v) => {
@@ -236,9 +249,47 @@ async fn auth_bound(
     )
 }
 
+/// nginx `auth_request` on `/auth/<ns>/<name>`: the binding is the route's key, and the
+/// route's query may require claims (`?require-claim=scope=bundles:read`, repeatable). The
+/// query is the route's configuration: nginx's `auth_request` subrequest carries only the URI
+/// its `proxy_pass` names, never the client's query. (The Envoy prefix `/authz/...` ends in the
+/// client's own path and query, so it takes requirements only from `--require-claim`.) A
+/// malformed requirement refuses every request (403 `ClaimMissing`): a typo never opens a route.
+async fn auth_route(
+    State(shared): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut required = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        if k == "require-claim" {
+            required.push(RequiredClaim::parse(&v).unwrap_or(RequiredClaim {
+                name: "<malformed require-claim>".into(),
+                value: "-".into(),
+            }));
+        }
+    }
+    auth_with(
+        &shared,
+        &headers,
+        &Binding::Key(KeyRef::new(namespace, name)),
+        &required,
+    )
+}
+
 /// nginx `auth_request` and Envoy `ext_authz`: 200 with the key headers, or a refusal.
 fn auth(shared: &Shared, headers: &HeaderMap, binding: &Binding) -> Response {
-    match check(shared, headers, binding) {
+    auth_with(shared, headers, binding, &[])
+}
+
+fn auth_with(
+    shared: &Shared,
+    headers: &HeaderMap,
+    binding: &Binding,
+    required: &[RequiredClaim],
+) -> Response {
+    match check(shared, headers, binding, required) {
         Ok(v) => {
             let mut res = StatusCode::OK.into_response();
             res.headers_mut().extend(allowed_headers(&v));
@@ -339,7 +390,7 @@ async fn proxy(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     };
     let verified = match shared
         .proxy_binding()
-        .and_then(|binding| check(&shared, req.headers(), &binding))
+        .and_then(|binding| check(&shared, req.headers(), &binding, &[]))
     {
         Ok(v) => v,
         Err(r) => {

@@ -69,6 +69,8 @@ pub struct KeyParams {
     pub kids: BTreeMap<String, u64>,
     /// Whether the key has a readable trust record.
     pub recorded: bool,
+    /// The static claims the operator signs (`spec.token.claims`), as recorded.
+    pub claims: BTreeMap<String, String>,
 }
 
 impl KeyParams {
@@ -94,6 +96,7 @@ impl KeyParams {
                 trust_bundle: r.bundle,
                 kids: r.kids,
                 recorded: true,
+                claims: r.claims,
             },
             _ => KeyParams {
                 uid,
@@ -103,6 +106,7 @@ impl KeyParams {
                 trust_bundle: pk.trust_bundle_name(),
                 kids: BTreeMap::new(),
                 recorded: false,
+                claims: BTreeMap::new(),
             },
         }
     }

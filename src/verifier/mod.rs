@@ -36,7 +36,9 @@ pub use report::{ReportConfig, ReportError};
 pub use serve::Limits;
 pub use stats::Stats;
 pub use use_log::{Instance, MemoryUseLog, NoUseLog, Use, UseLog};
-pub use verify::{Binding, DEFAULT_CLOCK_SKEW, MAX_TOKEN_TTL, Policy, Refusal, Verified};
+pub use verify::{
+    Binding, DEFAULT_CLOCK_SKEW, MAX_TOKEN_TTL, Policy, Refusal, RequiredClaim, Verified,
+};
 pub use watch::watch;
 
 /// The upstream of the reverse-proxy mode.

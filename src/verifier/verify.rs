@@ -19,6 +19,37 @@ pub struct Policy {
     /// No token lives longer than this (`exp - iat`), whatever a key's `spec.token.ttl` says:
     /// the CRD's ceiling on `ttl`.
     pub max_token_ttl: Duration,
+    /// `--require-claim`: claims every route requires (on top of a route's own).
+    pub required_claims: Vec<RequiredClaim>,
+}
+
+/// A claim a route requires: the token's claim `name` must grant `value` (a space-separated
+/// string holding it, as OAuth's `scope`, or an array with it), and so must the key's trust
+/// record, so a consumer holding the private key cannot grant itself what the operator does not
+/// sign (`spec.token.claims`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequiredClaim {
+    pub name: String,
+    pub value: String,
+}
+
+impl RequiredClaim {
+    /// Parses `<name>=<value>` (a valid claim name; a value without spaces).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (name, value) = s.split_once('=')?;
+        (crate::rotation::claim_name(name) && !value.is_empty() && !value.contains(' ')).then(
+            || RequiredClaim {
+                name: name.to_string(),
+                value: value.to_string(),
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for RequiredClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.name, self.value)
+    }
 }
 
 impl Default for Policy {
@@ -28,6 +59,7 @@ impl Default for Policy {
             audience: None,
             issuer: None,
             max_token_ttl: MAX_TOKEN_TTL,
+            required_claims: Vec::new(),
         }
     }
 }
@@ -93,6 +125,10 @@ pub enum Refusal {
         "the key id is not in the trust record of ProvisioningKey {0}: the operator never minted it"
     )]
     KeyNotRecorded(String),
+    #[error(
+        "the route requires claim {0}, which the token or its key's trust record does not grant"
+    )]
+    ClaimMissing(String),
 }
 
 impl Refusal {
@@ -112,13 +148,16 @@ impl Refusal {
             Refusal::IssuedInFuture => "TokenIssuedInFuture",
             Refusal::LifetimeTooLong => "TokenLifetimeTooLong",
             Refusal::KeyNotRecorded(_) => "KeyNotRecorded",
+            Refusal::ClaimMissing(_) => "ClaimMissing",
         }
     }
 
     /// 401 (not authenticated) or 403 (authenticated, not accepted here).
     pub fn status(&self) -> http::StatusCode {
         match self {
-            Refusal::KeyNotAccepted { .. } | Refusal::Unbound => http::StatusCode::FORBIDDEN,
+            Refusal::KeyNotAccepted { .. } | Refusal::Unbound | Refusal::ClaimMissing(_) => {
+                http::StatusCode::FORBIDDEN
+            }
             _ => http::StatusCode::UNAUTHORIZED,
         }
     }
@@ -217,4 +256,34 @@ pub fn verify(
         kid: header.kid,
         exp: claims.exp,
     })
+}
+
+/// The claims `required` of a token [`verify`] accepted for `key`: each must be granted by the
+/// token and by the key's trust record (else 403 `ClaimMissing`, naming the first one missing).
+pub fn require_claims(
+    token: &str,
+    index: &Index,
+    key: &KeyRef,
+    required: &[&RequiredClaim],
+) -> Result<(), Refusal> {
+    if required.is_empty() {
+        return Ok(());
+    }
+    let recorded = index
+        .bundle(key)
+        .map(|(params, _)| params.claims.clone())
+        .unwrap_or_default();
+    let custom = keys::custom_claims(token)?;
+    for r in required {
+        let in_token = custom
+            .get(&r.name)
+            .is_some_and(|v| keys::claim_grants(v, &r.value));
+        let in_record = recorded
+            .get(&r.name)
+            .is_some_and(|v| v.split(' ').any(|item| item == r.value));
+        if !(in_token && in_record) {
+            return Err(Refusal::ClaimMissing(r.to_string()));
+        }
+    }
+    Ok(())
 }

@@ -67,6 +67,7 @@ fn tested() -> BTreeSet<(String, String)> {
         ("", limits::CONFIG_MAP_NAME_IMMUTABLE),
         ("", limits::NAME_TOO_LONG),
         ("", limits::SECRET_NAME_LIKE_A_KEY_SECRET),
+        ("spec.token.claims", limits::CLAIMS_RESERVED),
     ]
     .into_iter()
     .map(|(p, m)| (format!("{pk}:{p}"), m.to_string()))
@@ -507,5 +508,50 @@ async fn the_server_and_the_operator_agree_on_names() {
         }
     }
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+    ns.cleanup().await;
+}
+
+/// `spec.token.claims`: reserved names and malformed names are refused by the server with the
+/// rule's message; more than 16 claims or a value over 512 characters by the schema; a valid
+/// set is accepted (and the operator's own check, `Settings::resolve`, uses the same constants).
+#[tokio::test]
+async fn the_server_refuses_reserved_and_malformed_claims() {
+    let ns = TestNamespace::new("kw-cel-claims").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    create(&pks, "claims", json!({})).await;
+    let with = |claims: Value| json!({ "token": { "claims": claims } });
+    patch_spec(
+        &pks,
+        "claims",
+        with(json!({ "scope": "bundles:read", "tenant.id": "a" })),
+    )
+    .await
+    .expect("valid claims accepted");
+    for bad in limits::RESERVED_CLAIMS
+        .iter()
+        .map(|c| json!({ *c: "x" }))
+        .chain([
+            json!({ "my scope": "x" }),
+            json!({ "1st": "x" }),
+            json!({ "": "x" }),
+        ])
+    {
+        assert_refused_with(
+            patch_spec(&pks, "claims", with(bad.clone())).await,
+            limits::CLAIMS_RESERVED,
+        );
+    }
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("c{i}"), json!("x"))).collect();
+    assert!(
+        patch_spec(&pks, "claims", with(Value::Object(many)))
+            .await
+            .is_err()
+    );
+    assert!(
+        patch_spec(&pks, "claims", with(json!({ "scope": "x".repeat(513) })))
+            .await
+            .is_err()
+    );
     ns.cleanup().await;
 }

@@ -2836,6 +2836,7 @@ mod tests {
                 .map(|k| (k.public_key().key_id(), 3600))
                 .collect(),
             deactivated: Default::default(),
+            claims: Default::default(),
         };
         let mut pk = w
             .store

@@ -172,6 +172,19 @@ pub(super) fn cases() -> Vec<Case> {
         ),
         case(
             RULE,
+            "changed static claims (spec.token.claims) are a token refresh, not a repair",
+            s(),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| a.static_claims_match = false)
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::TokenRefresh,
+            }),
+            Phase::Ready,
+        ),
+        case(
+            RULE,
             "token refresh at half the ttl",
             s(),
             with_obs(vec![key(1, Active)], |o| {

@@ -108,6 +108,7 @@ fn settings() -> Settings {
         // Destroyed at once: the tables of the first revocation step predate deactivation;
         // `deactivate.rs` has the rows of a retained key.
         retain_deactivated_for: Duration::ZERO,
+        claims: BTreeMap::new(),
         request_token: None,
         token_ttl: secs(TTL),
         audience: "keyward".into(),
@@ -193,6 +194,7 @@ fn agent(kid: &str) -> AgentSecretObs {
         token_iat: Some(iat),
         token_exp: Some(iat + TTL as i64),
         token_claims_match: true,
+        static_claims_match: true,
         has_private_key: false,
         metadata_matches: true,
         handed_out_at: Some(ago(60)),
@@ -404,6 +406,7 @@ fn sim_record(settings: &Settings, seqs: &[u32]) -> TrustRecord {
             .map(|s| (kid(*s), settings.token_ttl.as_secs()))
             .collect(),
         deactivated: Default::default(),
+        claims: Default::default(),
     }
 }
 

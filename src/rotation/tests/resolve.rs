@@ -19,6 +19,7 @@ fn resolve_defaults() {
             confirmation_timeout: crate::rotation::settings::DEFAULT_CONFIRMATION_TIMEOUT,
             revoke_when_unused_for: None,
             retain_deactivated_for: Duration::from_secs(24 * 3600),
+            claims: Default::default(),
             request_token: None,
             token_ttl: crate::rotation::settings::DEFAULT_TOKEN_TTL,
             audience: "keyward:/demo".into(), // per key (no namespace here)
@@ -57,6 +58,7 @@ fn resolve_explicit_values() {
             audience: some("cp"),
             ttl: some("10m"),
             issuer: some("me"),
+            claims: [("scope".to_string(), "bundles:read".to_string())].into(),
         }),
         trust_bundle: Some(TrustBundleSpec {
             config_map_name: some("bundle"),
@@ -79,6 +81,10 @@ fn resolve_explicit_values() {
     assert_eq!(s.request_token.as_deref(), Some("r1"));
     assert_eq!(s.token_ttl, secs(600));
     assert_eq!((s.audience.as_str(), s.issuer.as_str()), ("cp", "me"));
+    assert_eq!(
+        s.claims.get("scope").map(String::as_str),
+        Some("bundles:read")
+    );
     assert!(s.suspend);
     assert_eq!(s.compromised, BTreeSet::from([good]));
 }
@@ -90,6 +96,32 @@ fn resolve_errors() {
         ..Default::default()
     };
     let cases: Vec<(&str, ProvisioningKeySpec, Floors, &str, &str)> = vec![
+        (
+            "a reserved claim",
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    claims: [("sub".to_string(), "someone-else".to_string())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Floors::none(),
+            "InvalidSpec",
+            "token.claims",
+        ),
+        (
+            "a claim name with a space",
+            ProvisioningKeySpec {
+                token: Some(TokenSpec {
+                    claims: [("my scope".to_string(), "x".to_string())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Floors::none(),
+            "InvalidSpec",
+            "token.claims",
+        ),
         (
             "words",
             rotation(|r| r.interval = some("10 minutes")),

@@ -52,6 +52,7 @@ fn pk(name: &str, uid: &str, spec: serde_json::Value, recorded: &[&KeyPair]) -> 
             .map(|k| (k.public_key().key_id(), ttl))
             .collect(),
         deactivated: Default::default(),
+        claims: Default::default(),
     };
     unrecorded_pk(name, uid, spec, Some(record.render()))
 }

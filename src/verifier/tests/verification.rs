@@ -379,3 +379,65 @@ fn a_bundle_is_used_only_for_the_key_that_owns_it() {
     index.delete_key(&pk("a", UID_A, json!({}), &[]));
     assert!(verify(&token, &index, &Binding::AnyKey, NOW, &Policy::default()).is_err());
 }
+
+/// A required claim passes only when the token grants it AND the key's trust record does: a
+/// consumer holding the private key (`includePrivateKey`) signs itself any claim it likes, but
+/// not the record, which only the operator writes. Refused as 403 `ClaimMissing`.
+#[test]
+fn a_required_claim_needs_the_token_and_the_trust_record() {
+    use crate::verifier::verify::{RequiredClaim, require_claims};
+    let k = KeyPair::generate();
+    let granted = |scope: &str| {
+        let extra = std::collections::BTreeMap::from([("scope".to_string(), scope.to_string())]);
+        k.sign_token_with(&claims("ns/a"), &extra).expect("sign")
+    };
+    let with_record_claims = |record_scope: Option<&str>| {
+        let mut p = pk("a", UID_A, json!({}), &[&k]);
+        let mut r = crate::trust_record::TrustRecord::of(&p)
+            .expect("record")
+            .expect("readable");
+        if let Some(s) = record_scope {
+            r.claims.insert("scope".into(), s.into());
+        }
+        p.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(crate::trust_record::ANNOTATION.into(), r.render());
+        let mut index = Index::default();
+        index.apply_key(&p);
+        index
+            .apply_bundle(&bundle("a", UID_A, &[&k], &[]))
+            .expect("parse");
+        index
+    };
+    let key = crate::verifier::KeyRef::new("ns", "a");
+    let read = RequiredClaim::parse("scope=bundles:read").expect("parses");
+    let check = |token: &str, index: &Index| {
+        verify(token, index, &Binding::AnyKey, NOW, &Policy::default()).expect("verifies");
+        require_claims(token, index, &key, &[&read]).map_err(|e| (e.reason(), e.status()))
+    };
+    let recorded = with_record_claims(Some("bundles:read metrics:read"));
+    assert_eq!(
+        check(&granted("metrics:read bundles:read"), &recorded),
+        Ok(())
+    );
+    let forbidden = Err(("ClaimMissing", http::StatusCode::FORBIDDEN));
+    assert_eq!(check(&granted("metrics:read"), &recorded), forbidden);
+    assert_eq!(
+        check(&k.sign_token(&claims("ns/a")).expect("sign"), &recorded),
+        forbidden
+    );
+    // Self-granted: the token says so, the record does not.
+    let unrecorded = with_record_claims(None);
+    assert_eq!(check(&granted("bundles:read"), &unrecorded), forbidden);
+    // Nothing required: nothing checked.
+    assert_eq!(
+        require_claims(&granted("x"), &unrecorded, &key, &[]),
+        Ok(())
+    );
+    // Parsing: a name and a value without spaces.
+    assert!(RequiredClaim::parse("scope").is_none());
+    assert!(RequiredClaim::parse("scope=").is_none());
+    assert!(RequiredClaim::parse("my scope=x").is_none());
+    assert!(RequiredClaim::parse("scope=a b").is_none());
+}
