@@ -5,6 +5,9 @@
 //! (f) A rotation confirmed by the control plane's acknowledgement: while the verifier is down,
 //!     the new pods run, but no PolicyAgent confirms them; once it is back and has seen each
 //!     pod download with the new key id, they confirm and the rotation completes.
+//! (i) Scoped tokens: an nginx route that requires `scope=bundles:read` lets the agents through
+//!     only while their key's `spec.token.claims` grants it; a change of the claims is a token
+//!     refresh (no new key, no roll), and the real OPA agents follow it.
 //! (h) Deactivate, then reactivate: a forgotten OPA with a copied token is refused once the old key
 //!     is deactivated, and downloads again after `keyward reactivate`, with no new rotation.
 //! (g) A consumer outside any PolicyAgent (an OPA with a copied token) keeps using the old key:
@@ -30,6 +33,15 @@ const OPA_PORT: u16 = 8181;
 
 /// nginx and one verifier replica for a bed; the bed's agents download through nginx.
 async fn verified_bed(label: &str) -> anyhow::Result<(Bed, Nginx, Verifier, tempfile::TempDir)> {
+    verified_bed_route(label, "").await
+}
+
+/// [`verified_bed`] whose nginx route adds `query` to its `auth_request` URI (a route's own
+/// requirements, e.g. `?require-claim=scope%3Dbundles%3Aread`).
+async fn verified_bed_route(
+    label: &str,
+    query: &str,
+) -> anyhow::Result<(Bed, Nginx, Verifier, tempfile::TempDir)> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("keyward-e2e-{label}-cp-"))
         .tempdir()?;
@@ -39,7 +51,7 @@ async fn verified_bed(label: &str) -> anyhow::Result<(Bed, Nginx, Verifier, temp
         nport = free_port()?;
     }
     let bed = Bed::real_opa_via(label, control_plane::url(nport)).await;
-    let nginx = Nginx::start(dir.path(), nport, vport, &format!("{}/{PK}", bed.ns))?;
+    let nginx = Nginx::start(dir.path(), nport, vport, &format!("{}/{PK}{query}", bed.ns))?;
     let verifier = Verifier::start(&bed.ns, "v-0", vport, bed.log_path("verifier.log")).await?;
     bed.say(format!(
         "nginx at {} (auth_request -> keyward verifier on :{vport}, replica v-0)",
@@ -592,6 +604,131 @@ async fn a_forgotten_consumer_breaks_on_deactivation_and_recovers_on_reactivatio
         again - reactivated
     ));
     outside.stop().await;
+    drop(verifier);
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
+
+/// Downloads through nginx after `since` (Unix seconds) by pods (requests that name a pod):
+/// `(allowed, refused with 403)`.
+fn pod_downloads(nginx: &Nginx, since: f64) -> (usize, usize) {
+    let log = nginx.access_log();
+    let mut out = (0, 0);
+    for l in log.lines().filter(|l| !l.contains(" pod=-")) {
+        let t = l
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse::<f64>().ok());
+        if t.is_none_or(|t| t < since) {
+            continue;
+        }
+        if l.contains(" 200 ") || l.contains(" 304 ") {
+            out.0 += 1;
+        } else if l.contains(" 403 ") {
+            out.1 += 1;
+        }
+    }
+    out
+}
+
+/// The verifier's count of `ClaimMissing` refusals (its /metrics).
+async fn claim_missing(verifier: &Verifier) -> anyhow::Result<f64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", verifier.port))
+        .await?
+        .text()
+        .await?;
+    Ok(body
+        .lines()
+        .find(|l| {
+            l.starts_with("keyward_verifier_decisions_total{")
+                && l.contains("reason=\"ClaimMissing\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// (i) Scoped tokens (issue "The key's whole life", part 7), with real OPA agents, Debian's nginx
+/// and the real verifier.
+///
+/// How to see it fail: sign no static claims (in `src/rotation/desired.rs`, `agent_secret`, call
+/// `sign_token` instead of `sign_token_with`): the agents are refused from the start and step 1
+/// fails with "the agents download with scope bundles:read".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_requiring_a_scope_follows_the_keys_claims_without_a_rotation() -> anyhow::Result<()>
+{
+    let (bed, nginx, verifier, _dir) =
+        verified_bed_route("scoped", "?require-claim=scope%3Dbundles%3Aread").await?;
+    let op = InProcessOperator::start(&bed.ns).await;
+    let scope = |s: &str| json!({ "token": { "claims": { "scope": s } } });
+    let k1 = bed
+        .set_up_with_claims(
+            json!({ "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "2m" }),
+            json!({ "scope": "bundles:read metrics:read" }),
+        )
+        .await?;
+    // 1. Granted: the agents download.
+    let t0 = unix_now();
+    eventually(
+        "the agents download with scope bundles:read",
+        TIMEOUT,
+        POLL,
+        || async { (pod_downloads(&nginx, t0).0 >= 2).then_some(()) },
+    )
+    .await?;
+    let before = bed.workloads_now().await?;
+    bed.say("agents download through a route that requires scope=bundles:read");
+
+    // 2. The scope taken away: a token refresh (same key, no roll), and the route refuses.
+    bed.patch_spec(scope("metrics:read")).await?;
+    let t1 = unix_now();
+    eventually(
+        "the agents refused (403 ClaimMissing)",
+        TIMEOUT,
+        POLL,
+        || async {
+            let refused = pod_downloads(&nginx, t1).1;
+            (refused >= 2 && claim_missing(&verifier).await.ok()? >= 2.0).then_some(())
+        },
+    )
+    .await?;
+    // Settle: no download allowed once the refresh reached every agent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t2 = unix_now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (allowed, refused) = pod_downloads(&nginx, t2);
+    ensure!(
+        allowed == 0 && refused > 0,
+        "after the scope was taken away: {allowed} allowed, {refused} refused"
+    );
+    let keys = bed.key_secrets().await?;
+    ensure!(
+        keys.len() == 1 && keys[0].kid == k1,
+        "a claims change minted a key: {keys:?}"
+    );
+    let after = bed.workloads_now().await?;
+    ensure!(
+        after.deploy_generation == before.deploy_generation
+            && after.sts_generation == before.sts_generation,
+        "a claims change rolled the workloads: {before:?} -> {after:?}"
+    );
+    bed.say(format!(
+        "scope taken away: refused ({refused} downloads, ClaimMissing {}), same key, nothing rolled",
+        claim_missing(&verifier).await?
+    ));
+
+    // 3. Granted again: the agents download again, still on the same key.
+    bed.patch_spec(scope("bundles:read")).await?;
+    let t3 = unix_now();
+    eventually("the agents download again", TIMEOUT, POLL, || async {
+        (pod_downloads(&nginx, t3).0 >= 2).then_some(())
+    })
+    .await?;
+    ensure!(
+        bed.key_secrets().await?.len() == 1,
+        "a claims change minted a key"
+    );
+    bed.say("scope granted again: the agents download, no rotation");
     drop(verifier);
     op.stop().await;
     bed.finish().await;

@@ -714,11 +714,20 @@ impl Bed {
 
     /// Creates the ProvisioningKey with `rotation` (and the audience the server expects).
     pub async fn create_key(&self, rotation: Value) -> anyhow::Result<()> {
+        self.create_key_with_claims(rotation, json!({})).await
+    }
+
+    /// [`Bed::create_key`] with static token claims (`spec.token.claims`).
+    pub async fn create_key_with_claims(
+        &self,
+        rotation: Value,
+        claims: Value,
+    ) -> anyhow::Result<()> {
         let pk: ProvisioningKey = from_json(json!({
             "apiVersion": "keyward.dev/v1alpha1",
             "kind": "ProvisioningKey",
             "metadata": { "name": PK },
-            "spec": { "rotation": rotation, "token": { "audience": AUDIENCE } },
+            "spec": { "rotation": rotation, "token": { "audience": AUDIENCE, "claims": claims } },
         }));
         self.api::<ProvisioningKey>()
             .create(&PostParams::default(), &pk)
@@ -819,7 +828,16 @@ impl Bed {
     /// Creates the key, waits for it to be handed out, creates the agents and waits until both
     /// PolicyAgents are confirmed on it. Returns the first key id.
     pub async fn set_up(&self, rotation: Value) -> anyhow::Result<String> {
-        self.create_key(rotation).await?;
+        self.set_up_with_claims(rotation, json!({})).await
+    }
+
+    /// [`Bed::set_up`] with static token claims (`spec.token.claims`).
+    pub async fn set_up_with_claims(
+        &self,
+        rotation: Value,
+        claims: Value,
+    ) -> anyhow::Result<String> {
+        self.create_key_with_claims(rotation, claims).await?;
         let kid = self.wait_handed_out(|_| true).await?;
         self.say(format!("first key {kid} handed out"));
         self.create_agents().await?;
