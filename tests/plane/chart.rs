@@ -258,6 +258,7 @@ fn verifier_statefulset_args_parse_with_the_binary() {
             "--clock-skew" => s(&v["args"]["clockSkew"]),
             "--audience" => "policies".into(),
             "--issuer" => "https://keyward.example".into(),
+            "--require-claim" => "scope=bundles:read".into(),
             "--upstream" => "http://127.0.0.1:8181".into(),
             "--upstream-timeout" => s(&v["args"]["upstreamTimeout"]),
             "--bind-key" => "policies/opa-bundles".into(),
