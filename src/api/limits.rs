@@ -142,6 +142,8 @@ pub const MAX_CLAIMS: usize = 16;
 pub const MAX_CLAIM_VALUE: usize = 512;
 /// A claim name: a letter, then letters, digits, `_`, `.`, `:` or `-`, at most 64 characters.
 pub const CLAIM_NAME_PATTERN: &str = r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$";
+/// Message of the rule on `spec.rotation.window`.
+pub const WINDOW_EMPTY: &str = "rotation.window: start and end must differ";
 /// Message of the rule on `spec.token.claims`.
 pub const CLAIMS_RESERVED: &str = "spec.token.claims must not set a reserved claim (iss, sub, aud, exp, nbf, iat, jti, alg, kid, typ, cty, crit, jku, jwk, cnf, act, may_act, client_id, azp, nonce, auth_time, sid), and each name must match ^[A-Za-z][A-Za-z0-9_.:-]{0,63}$";
 

@@ -208,11 +208,56 @@ pub struct RotationSpec {
     )]
     pub retain_deactivated_for: Option<String>,
 
+    /// When scheduled rotations (`interval`) may start: a daily span of local time on some days,
+    /// in an IANA time zone. A rotation that falls due outside the window waits for its next
+    /// opening, so a window can delay a rotation past `interval`. Requests (`requestToken`, the
+    /// rotate annotation) and `compromisedKeys` ignore it. A rotation that started inside the
+    /// window completes whenever its evidence allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<RotationWindow>,
+
     /// Any new value requests one rotation (Git-friendly manual trigger). The value present
     /// when the first key is minted is consumed by that mint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub request_token: Option<String>,
+}
+
+/// A rotation window: `start` to `end` local time (`HH:MM`) on `days`, in `timeZone`. When `end`
+/// is at or before `start` the window runs past midnight (`22:00` to `06:00`). Daylight saving:
+/// a skipped local time means the first instant after the gap, a repeated one its first
+/// occurrence.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.start != self.end").message(limits::WINDOW_EMPTY))]
+pub struct RotationWindow {
+    /// Days the window opens on (by the local date of `start`); empty: every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub days: Vec<Weekday>,
+    /// Opening time, `HH:MM` (24-hour), local to `timeZone`.
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// Closing time, `HH:MM`, exclusive.
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub end: String,
+    /// IANA time zone (`Europe/Berlin`, `America/New_York`); default `UTC`. The operator
+    /// carries the time-zone database in its binary; an unknown name is `InvalidSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+}
+
+/// A day of the week.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]

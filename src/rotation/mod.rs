@@ -32,6 +32,7 @@ pub mod observe;
 pub mod outcome;
 pub mod schedule;
 pub mod snapshot;
+pub mod window;
 pub mod write;
 
 pub use settings::{
@@ -846,7 +847,7 @@ fn finish(mut p: Plan, settings: &Settings, obs: &Observed, now: DateTime<Utc>) 
     if p.next_rotation_at.is_none()
         && let Some(c) = current(&obs.keys)
     {
-        p.next_rotation_at = schedule::rotation_due(settings, c);
+        p.next_rotation_at = schedule::rotation_start(settings, c, now);
     }
     if p.token_refresh_at.is_none()
         && let AgentSecretObs::Owned(AgentSecret {

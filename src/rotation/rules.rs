@@ -610,13 +610,15 @@ fn prune(c: &mut Ctx<'_>) -> Option<Plan> {
 }
 
 /// Start a rotation when one is due or requested. Due means `interval` after the current key
-/// became current, minus this key's offset (never later than asked). Always decides.
+/// became current, minus this key's offset (never later than asked), then, with a
+/// `rotation.window`, the window's next opening at or after both that and now (a window can
+/// delay a scheduled rotation, never hasten it). Requests ignore the window. Always decides.
 fn rotate(c: &mut Ctx<'_>) -> Option<Plan> {
     let (settings, obs, now) = (c.settings, c.obs, c.now);
     let cur = current(&obs.keys)?;
     let latest = obs.keys.last()?;
     let (mut p, _) = c.ready.take()?;
-    let scheduled = schedule::rotation_due(settings, cur);
+    let scheduled = schedule::rotation_start(settings, cur, now);
     p.next_rotation_at = scheduled;
     let trigger = match (requested(settings, obs, latest), scheduled) {
         (Some(t), _) => Some(t),

@@ -114,3 +114,20 @@ pub fn token_refresh_at(settings: &Settings, iat: i64, exp: i64) -> Option<DateT
         offset(&settings.uid, Purpose::TokenRefresh, life),
     ))
 }
+
+/// When a scheduled rotation may start: [`rotation_due`], then, with a `rotation.window`, the
+/// window's next opening at or after both it and `now`. While the window is open, a due
+/// rotation keeps its due time (already passed: it starts now), so the time shown in status
+/// does not move with `now`. A window can delay a scheduled rotation, never hasten it.
+pub fn rotation_start(
+    settings: &Settings,
+    cur: &ObservedKey,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let due = rotation_due(settings, cur)?;
+    match &settings.window {
+        None => Some(due),
+        Some(w) if w.contains(due.max(now)) => Some(due),
+        Some(w) => w.next_open(due.max(now)),
+    }
+}

@@ -145,6 +145,8 @@ pub struct Settings {
     pub retain_deactivated_for: Duration,
     /// `token.claims`: static claims on every token (validated: no reserved name).
     pub claims: BTreeMap<String, String>,
+    /// `rotation.window`: when a scheduled rotation may start.
+    pub window: Option<super::window::Window>,
     pub request_token: Option<String>,
     pub token_ttl: Duration,
     pub audience: String,
@@ -352,6 +354,8 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                 retain_deactivated_for: limits::RETAIN_DEACTIVATED_FOR.duration(),
                 // The claims the agents' tokens carry now: a refused spec changes no scope.
                 claims: last.recorded_claims.clone().unwrap_or_default(),
+                // No scheduled rotation while refused (`interval` is unset): no window either.
+                window: None,
                 request_token: pk
                     .spec
                     .rotation
@@ -659,6 +663,18 @@ impl Settings {
                 Duration::ZERO,
             )?,
             claims: claims(&token.claims)?,
+            window: rotation
+                .window
+                .as_ref()
+                .map(|w| {
+                    let days: Vec<String> = w.days.iter().map(|d| format!("{d:?}")).collect();
+                    super::window::Window::parse(&days, &w.start, &w.end, w.time_zone.as_deref())
+                })
+                .transpose()
+                .map_err(|e| SpecError::Invalid {
+                    field: "rotation.window",
+                    message: e.to_string(),
+                })?,
             request_token: rotation.request_token,
             token_ttl: duration(
                 limits::TOKEN_TTL,

@@ -68,6 +68,7 @@ fn tested() -> BTreeSet<(String, String)> {
         ("", limits::NAME_TOO_LONG),
         ("", limits::SECRET_NAME_LIKE_A_KEY_SECRET),
         ("spec.token.claims", limits::CLAIMS_RESERVED),
+        ("spec.rotation.window", limits::WINDOW_EMPTY),
     ]
     .into_iter()
     .map(|(p, m)| (format!("{pk}:{p}"), m.to_string()))
@@ -553,5 +554,45 @@ async fn the_server_refuses_reserved_and_malformed_claims() {
             .await
             .is_err()
     );
+    ns.cleanup().await;
+}
+
+/// `spec.rotation.window`: start equal to end is refused by the server; malformed times and
+/// unknown days by the schema; a valid window (overnight too) is accepted. An unknown time zone
+/// passes the server (CEL has no time-zone database) and is refused by the operator
+/// (`InvalidSpec`, `rotation::tests::resolve`).
+#[tokio::test]
+async fn the_server_refuses_an_empty_or_malformed_window() {
+    let ns = TestNamespace::new("kw-cel-window").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    create(&pks, "win", json!({})).await;
+    let with = |w: Value| json!({ "rotation": { "window": w } });
+    for ok in [
+        json!({ "days": ["Mon", "Fri"], "start": "09:00", "end": "17:00", "timeZone": "Europe/Berlin" }),
+        json!({ "start": "22:00", "end": "06:00" }),
+    ] {
+        patch_spec(&pks, "win", with(ok.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{ok} refused: {e}"));
+    }
+    assert_refused_with(
+        patch_spec(
+            &pks,
+            "win",
+            with(json!({ "start": "09:00", "end": "09:00" })),
+        )
+        .await,
+        limits::WINDOW_EMPTY,
+    );
+    for bad in [
+        json!({ "start": "9:00", "end": "17:00" }),
+        json!({ "start": "24:00", "end": "17:00" }),
+        json!({ "days": ["Monday"], "start": "09:00", "end": "17:00" }),
+    ] {
+        assert!(
+            patch_spec(&pks, "win", with(bad.clone())).await.is_err(),
+            "{bad} accepted"
+        );
+    }
     ns.cleanup().await;
 }

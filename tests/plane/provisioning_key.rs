@@ -2103,3 +2103,83 @@ async fn publish_delay_and_overlap_hold_on_the_operators_clock() {
     op.stop().await;
     ns.cleanup().await;
 }
+
+/// `rotation.window` on the real plane (issue "The key's whole life", part 4): a key whose
+/// 3-second interval has long passed does not rotate while its window is closed, and
+/// `status.nextRotationAt` shows the window's next opening; a request (the rotate annotation)
+/// ignores the window; once the window is open (edited to include now) the scheduled rotation
+/// starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_rotation_waits_for_its_window_and_a_request_does_not() {
+    let ns = TestNamespace::new("kw-window").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let hm = |t: chrono::DateTime<chrono::Utc>| t.format("%H:%M").to_string();
+    let now = chrono::Utc::now();
+    // Closed: opens in 10 minutes (UTC), for one minute.
+    let closed = json!({
+        "start": hm(now + chrono::Duration::minutes(10)),
+        "end": hm(now + chrono::Duration::minutes(11)),
+    });
+    create_pk(
+        &pks,
+        "win",
+        json!({}),
+        quick_rotation(json!({ "interval": "3s", "window": closed })),
+    )
+    .await;
+    let pk = wait_pk(&pks, "win", "settled", is_settled).await;
+    let next = pk
+        .status
+        .as_ref()
+        .and_then(|s| s.next_rotation_at.clone())
+        .expect("nextRotationAt");
+    let next = chrono::DateTime::parse_from_rfc3339(&next).expect("a time");
+    assert!(
+        next > now + chrono::Duration::minutes(9),
+        "nextRotationAt {next} is the window's opening, not the interval's due time"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        key_secrets(&secrets, "win").await.len(),
+        1,
+        "rotated outside its window"
+    );
+    // A request ignores the window.
+    merge(
+        &pks,
+        "win",
+        json!({ "metadata": { "annotations": { l::ROTATE: "asked" } } }),
+    )
+    .await;
+    wait_obj(
+        &secrets,
+        &key_secret_name("win", 2),
+        "requested key",
+        TIMEOUT,
+        |s| state(s) == "active",
+    )
+    .await;
+    // Open now: the scheduled rotation starts (the 3 s interval has passed by then).
+    let now = chrono::Utc::now();
+    merge(
+        &pks,
+        "win",
+        json!({ "spec": { "rotation": { "window": {
+            "start": hm(now - chrono::Duration::minutes(1)),
+            "end": hm(now + chrono::Duration::minutes(30)),
+        } } } }),
+    )
+    .await;
+    wait_obj(
+        &secrets,
+        &key_secret_name("win", 3),
+        "scheduled key",
+        TIMEOUT,
+        |s| annotation(s, l::TRIGGER).as_deref() == Some("Interval"),
+    )
+    .await;
+    drop(op);
+    ns.cleanup().await;
+}

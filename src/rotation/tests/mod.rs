@@ -109,6 +109,7 @@ fn settings() -> Settings {
         // `deactivate.rs` has the rows of a retained key.
         retain_deactivated_for: Duration::ZERO,
         claims: BTreeMap::new(),
+        window: None,
         request_token: None,
         token_ttl: secs(TTL),
         audience: "keyward".into(),

@@ -20,6 +20,7 @@ fn resolve_defaults() {
             revoke_when_unused_for: None,
             retain_deactivated_for: Duration::from_secs(24 * 3600),
             claims: Default::default(),
+            window: None,
             request_token: None,
             token_ttl: crate::rotation::settings::DEFAULT_TOKEN_TTL,
             audience: "keyward:/demo".into(), // per key (no namespace here)
@@ -52,6 +53,12 @@ fn resolve_explicit_values() {
             confirmation_timeout: some("5m"),
             revoke_when_unused_for: some("5m"),
             retain_deactivated_for: some("1h"),
+            window: Some(crate::api::provisioning_key::RotationWindow {
+                days: vec![crate::api::provisioning_key::Weekday::Mon],
+                start: "22:00".into(),
+                end: "02:00".into(),
+                time_zone: some("Europe/Berlin"),
+            }),
             request_token: some("r1"),
         }),
         token: Some(TokenSpec {
@@ -78,6 +85,11 @@ fn resolve_explicit_values() {
     assert_eq!(s.confirmation_timeout, secs(300));
     assert_eq!(s.revoke_when_unused_for, Some(secs(300)));
     assert_eq!(s.retain_deactivated_for, secs(3600));
+    let w = s.window.as_ref().expect("a window");
+    assert_eq!(
+        (w.days[0], w.days[1], w.tz),
+        (true, false, chrono_tz::Tz::Europe__Berlin)
+    );
     assert_eq!(s.request_token.as_deref(), Some("r1"));
     assert_eq!(s.token_ttl, secs(600));
     assert_eq!((s.audience.as_str(), s.issuer.as_str()), ("cp", "me"));
@@ -96,6 +108,20 @@ fn resolve_errors() {
         ..Default::default()
     };
     let cases: Vec<(&str, ProvisioningKeySpec, Floors, &str, &str)> = vec![
+        (
+            "an unknown time zone",
+            rotation(|r| {
+                r.window = Some(crate::api::provisioning_key::RotationWindow {
+                    start: "09:00".into(),
+                    end: "17:00".into(),
+                    time_zone: some("Europe/Atlantis"),
+                    ..Default::default()
+                })
+            }),
+            Floors::none(),
+            "InvalidSpec",
+            "rotation.window",
+        ),
         (
             "a reserved claim",
             ProvisioningKeySpec {

@@ -261,6 +261,75 @@ pub(super) fn cases() -> Vec<Case> {
         )
         .check(Check::Requeue(secs(1)))
         .check(Check::NextRotationAt(later(1))),
+        // --- rotation.window (now: Sunday 2025-06-01 12:00 UTC) -------------------------------
+        case(
+            RULE,
+            "window: a due rotation outside the window waits for its next opening",
+            with_settings(|s| {
+                s.interval = Some(secs(3600));
+                s.window = Some(office_hours());
+            }),
+            obs(vec![ObservedKey {
+                activated_at: Some(ago(7200)),
+                ..key(1, Active)
+            }]),
+            None,
+            Phase::Ready,
+        )
+        .check(Check::NextRotationAt(later(21 * 3600))),
+        case(
+            RULE,
+            "window: a due rotation inside the window starts",
+            with_settings(|s| {
+                s.interval = Some(secs(3600));
+                s.window = Some(window(&[], "11:00", "13:00"));
+            }),
+            obs(vec![ObservedKey {
+                activated_at: Some(ago(7200)),
+                ..key(1, Active)
+            }]),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::Interval,
+                consumed_request_token: None,
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            RULE,
+            "window: a requested rotation ignores it",
+            with_settings(|s| {
+                s.interval = Some(secs(3600));
+                s.window = Some(office_hours());
+                s.request_token = some("r2");
+            }),
+            obs(vec![key(1, Active)]),
+            Some(Mint {
+                seq: 2,
+                trigger: Trigger::RequestToken,
+                consumed_request_token: some("r2"),
+                consumed_annotation: None,
+                active: false,
+            }),
+            Phase::Publishing,
+        ),
+        case(
+            RULE,
+            "window: never earlier than interval, even inside the window",
+            with_settings(|s| {
+                s.interval = Some(secs(3600));
+                s.window = Some(window(&[], "11:00", "13:00"));
+            }),
+            obs(vec![ObservedKey {
+                activated_at: Some(ago(3000)),
+                ..key(1, Active)
+            }]),
+            None,
+            Phase::Ready,
+        )
+        .check(Check::NextRotationAt(later(600))),
         // --- suspend -----------------------------------------------------------------------------
         case(
             RULE,
@@ -373,4 +442,15 @@ pub(super) fn cases() -> Vec<Case> {
 #[test]
 fn table() {
     run_table(cases());
+}
+
+/// A window on `days` (every day when empty) from `start` to `end`, UTC.
+fn window(days: &[&str], start: &str, end: &str) -> crate::rotation::window::Window {
+    let days: Vec<String> = days.iter().map(|d| d.to_string()).collect();
+    crate::rotation::window::Window::parse(&days, start, end, None).expect("valid window")
+}
+
+/// Monday to Friday, 09:00 to 17:00 UTC.
+fn office_hours() -> crate::rotation::window::Window {
+    window(&["Mon", "Tue", "Wed", "Thu", "Fri"], "09:00", "17:00")
 }

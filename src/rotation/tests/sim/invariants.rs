@@ -189,11 +189,28 @@ impl Sim {
             let shown = p
                 .next_rotation_at
                 .ok_or("no nextRotationAt with an interval")?;
-            ensure!(
-                shown <= due && shown >= due - bound,
-                "nextRotationAt {shown} outside [{}, {due}]",
-                due - bound
-            );
+            match &self.settings.window {
+                None => ensure!(
+                    shown <= due && shown >= due - bound,
+                    "nextRotationAt {shown} outside [{}, {due}]",
+                    due - bound
+                ),
+                // A window only delays: to its first opening at or after the jittered due time
+                // and now, and never before the bound.
+                Some(w) => {
+                    let jittered = schedule::rotation_due(&self.settings, cur).ok_or("no due")?;
+                    let now = self.now;
+                    let ok = if shown > now {
+                        w.contains(shown) && Some(shown) == w.next_open(jittered.max(now))
+                    } else {
+                        shown == jittered && w.contains(now)
+                    };
+                    ensure!(
+                        ok && shown >= due - bound,
+                        "nextRotationAt {shown} is not the window's first opening after {jittered} and {now}"
+                    );
+                }
+            }
         }
         if let AgentSecretObs::Owned(AgentSecret {
             token_iat: Some(iat),

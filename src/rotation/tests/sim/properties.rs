@@ -73,6 +73,8 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
         prop_oneof![3 => "[0-9a-f]{8}-[0-9a-f]{4}", 1 => Just(String::new())],
         // retainDeactivatedFor: destroyed at once, or kept deactivated a while.
         prop_oneof![1 => Just(0u64), 2 => 1u64..=7200],
+        // Mostly no rotation window, sometimes a daily one (start minute, length in minutes).
+        prop_oneof![3 => Just(None), 1 => (0u32..1440, 1u32..1439).prop_map(Some)],
     )
         .prop_map(
             |(
@@ -86,6 +88,7 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                 token,
                 uid,
                 retain,
+                window,
             )| {
                 Settings {
                     interval: interval.map(secs),
@@ -98,6 +101,16 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                     request_token: token,
                     uid,
                     retain_deactivated_for: secs(retain),
+                    window: window.map(|(start, len)| {
+                        let hm = |m: u32| format!("{:02}:{:02}", m / 60 % 24, m % 60);
+                        crate::rotation::window::Window::parse(
+                            &[],
+                            &hm(start),
+                            &hm((start + len) % 1440),
+                            None,
+                        )
+                        .expect("a valid window")
+                    }),
                     ..settings()
                 }
             },
