@@ -133,7 +133,8 @@ pub struct SecretTemplate {
 pub struct RotationSpec {
     /// Rotate this long after the current key was activated (Go duration, e.g. `720h`), or up
     /// to a tenth of it (at most 10 minutes) earlier, by an offset fixed per key so keys created
-    /// together do not all rotate at once; never later. Unset: rotate only on request. Must be
+    /// together do not all rotate at once; never later, unless `window` is set: then the
+    /// rotation waits for the window's next opening. Unset: rotate only on request. Must be
     /// at least the operator's `--min-rotation-interval` and at most `8784h` (366 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = limits::INTERVAL.rule())]
