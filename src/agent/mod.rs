@@ -69,11 +69,21 @@ pub struct AgentInput {
     /// When Keyward last rolled this workload.
     pub rolled_at: Option<DateTime<Utc>>,
     pub min_roll_interval: Duration,
-    /// Whether the operator-wide cap on concurrent rolls leaves room for this workload.
-    pub roll_slot_free: bool,
+    /// Whether the caps on concurrent rolls leave room for this workload.
+    pub roll_slot: RollSlot,
     /// The confirmation recorded in status (confirmedKeyId, confirmedWorkloadUid,
     /// confirmedRevision), complete or absent.
     pub previous: Option<Evidence>,
+}
+
+/// Whether a workload may roll now: the operator-wide cap (`--max-concurrent-rolls`) and its
+/// ProvisioningKey's budget (`rotation.maxConcurrentRolls`) both leave room, or which is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RollSlot {
+    Free,
+    OperatorCap,
+    /// The key's budget, this many workloads, is taken by workloads rolling now.
+    KeyBudget(u32),
 }
 
 impl AgentInput {
@@ -223,10 +233,19 @@ fn roll(input: &AgentInput, now: DateTime<Utc>) -> Option<Decision> {
             ));
         }
     }
-    if !input.roll_slot_free {
+    let queued = match input.roll_slot {
+        RollSlot::Free => None,
+        RollSlot::OperatorCap => Some(
+            "the operator's cap on concurrent rolls (--max-concurrent-rolls) is reached".into(),
+        ),
+        RollSlot::KeyBudget(n) => Some(format!(
+            "{n} workload(s) of this ProvisioningKey are rolling, its rotation.maxConcurrentRolls"
+        )),
+    };
+    if let Some(why) = queued {
         return Some(wait(
             reasons::ROLL_QUEUED,
-            format!("roll to key {kid} queued: the operator's cap on concurrent rolls is reached"),
+            format!("roll to key {kid} queued: {why}"),
             Some(Duration::from_secs(5)),
         ));
     }

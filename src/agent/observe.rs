@@ -26,8 +26,8 @@ pub struct AgentObjects<'a> {
     pub lineage: Lineage<'a>,
     /// Pods of the namespace; may include unrelated ones.
     pub pods: &'a [Pod],
-    /// Whether the operator-wide cap on concurrent rolls leaves room for this workload.
-    pub roll_slot_free: bool,
+    /// Whether the caps on concurrent rolls leave room for this workload.
+    pub roll_slot: super::RollSlot,
 }
 
 /// Why a PolicyAgent does nothing but report: `Ready=False` with [`Refusal::reason`].
@@ -214,7 +214,7 @@ pub fn observe(
         require_ack: check.acknowledgement,
         rolled_at: w.rolled_at(),
         min_roll_interval: check.min_roll_interval,
-        roll_slot_free: objs.roll_slot_free,
+        roll_slot: objs.roll_slot,
         previous: recorded(pa.status.as_ref()),
     })
 }

@@ -410,7 +410,7 @@ mod tests {
             require_ack: false,
             rolled_at: None,
             min_roll_interval: Duration::ZERO,
-            roll_slot_free: true,
+            roll_slot: crate::agent::RollSlot::Free,
             previous,
         }
     }

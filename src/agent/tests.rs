@@ -231,7 +231,7 @@ fn input(template: Option<&str>, pods: Vec<PodObs>) -> AgentInput {
         require_ack: false,
         rolled_at: None,
         min_roll_interval: Duration::ZERO,
-        roll_slot_free: true,
+        roll_slot: crate::agent::RollSlot::Free,
         previous: Some(evidence("K1", "w1", "r1")),
     }
 }
@@ -274,8 +274,19 @@ fn roll_waits_for_min_interval_and_the_cap() {
         matches!(decide(&i, now()), Decision::Wait { reason: reasons::ROLL_DELAYED, retry_after: Some(d), .. } if d == Duration::from_secs(50))
     );
     let mut i = input(Some("K1"), vec![]);
-    i.roll_slot_free = false;
+    i.roll_slot = crate::agent::RollSlot::OperatorCap;
     assert!(waits(&decide(&i, now()), reasons::ROLL_QUEUED));
+    // The key's own budget queues it too, and says which cap it is.
+    i.roll_slot = crate::agent::RollSlot::KeyBudget(10);
+    match decide(&i, now()) {
+        Decision::Wait {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, reasons::ROLL_QUEUED);
+            assert!(message.contains("maxConcurrentRolls"), "{message}");
+        }
+        other => panic!("not queued: {other:?}"),
+    }
 }
 
 #[test]
@@ -575,7 +586,11 @@ mod properties {
                     require_ack: ack,
                     rolled_at: None,
                     min_roll_interval: Duration::ZERO,
-                    roll_slot_free: slot,
+                    roll_slot: if slot {
+                        crate::agent::RollSlot::Free
+                    } else {
+                        crate::agent::RollSlot::OperatorCap
+                    },
                     previous: None,
                 },
             )
@@ -605,7 +620,7 @@ mod properties {
                 Decision::Roll { kid } => {
                     prop_assert_eq!(kid.as_str(), "K2");
                     prop_assert_ne!(input.template_kid.as_deref(), Some("K2"));
-                    prop_assert!(input.roll_slot_free);
+                    prop_assert!(input.roll_slot == crate::agent::RollSlot::Free);
                 }
                 Decision::Wait { .. } => {}
             }

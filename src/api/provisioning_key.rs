@@ -217,6 +217,13 @@ pub struct RotationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<RotationWindow>,
 
+    /// At most this many workloads of this key's PolicyAgents roll at once (the others are
+    /// queued, `RolloutQueued`), beside the operator-wide `--max-concurrent-rolls`. The
+    /// rotation's confirmation waits for all of them. Unset: only the operator-wide cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_concurrent_rolls: Option<i32>,
+
     /// Any new value requests one rotation (Git-friendly manual trigger). The value present
     /// when the first key is minted is consumed by that mint.
     #[serde(default, skip_serializing_if = "Option::is_none")]

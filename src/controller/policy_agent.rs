@@ -26,7 +26,7 @@ pub use crate::agent::check::{
 };
 use crate::agent::observe::{self, AgentObjects, Refusal};
 use crate::agent::outcome::{self, Outcome};
-use crate::agent::{self, AgentInput, Decision, Rollout};
+use crate::agent::{self, AgentInput, Decision, RollSlot, Rollout};
 use crate::api::ProvisioningKey;
 use crate::api::conditions;
 use crate::api::policy_agent::{
@@ -46,7 +46,8 @@ const STALE_AFTER: Duration = Duration::from_secs(600);
 pub struct AgentState {
     probes: std::sync::Mutex<HashMap<String, Probe>>,
     /// Workloads rolled and not yet complete (the operator-wide cap on concurrent rolls).
-    rolling: std::sync::Mutex<BTreeMap<String, Instant>>,
+    /// Workloads rolling now: when the roll started, and their ProvisioningKey (`<ns>/<name>`).
+    rolling: std::sync::Mutex<BTreeMap<String, (Instant, String)>>,
 }
 
 #[derive(Clone, Debug)]
@@ -105,21 +106,42 @@ impl AgentState {
         probes.retain(|_, p| p.last.elapsed() < STALE_AFTER);
     }
 
-    fn slot_free(&self, key: &str, cap: usize) -> bool {
+    /// Whether workload `key`, of ProvisioningKey `pk` (`<ns>/<name>`), may roll now: under
+    /// the operator-wide `cap` and the key's `budget` (`rotation.maxConcurrentRolls`).
+    fn slot(&self, key: &str, cap: usize, pk: &str, budget: Option<u32>) -> RollSlot {
         let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
         // A roll whose workload or PolicyAgent went away (or that never completes, e.g. a paused
         // Deployment) gives its slot back after a while, so the cap cannot be exhausted by leaks.
-        rolling.retain(|_, since| since.elapsed() < STALE_AFTER);
-        rolling.contains_key(key) || rolling.len() < cap
+        rolling.retain(|_, (since, _)| since.elapsed() < STALE_AFTER);
+        if rolling.contains_key(key) {
+            return RollSlot::Free;
+        }
+        if rolling.len() >= cap {
+            return RollSlot::OperatorCap;
+        }
+        match budget {
+            Some(b) if rolling.values().filter(|(_, k)| k == pk).count() >= b as usize => {
+                RollSlot::KeyBudget(b)
+            }
+            _ => RollSlot::Free,
+        }
     }
 
-    fn set_rolling(&self, key: &str, on: bool) {
+    fn set_rolling(&self, key: &str, on: bool, pk: &str) {
         let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
         if on {
-            rolling.entry(key.to_string()).or_insert_with(Instant::now);
+            rolling
+                .entry(key.to_string())
+                .or_insert_with(|| (Instant::now(), pk.to_string()));
         } else {
             rolling.remove(key);
         }
+    }
+
+    /// How many workloads roll now (the benchmark's and the tests' view of the caps).
+    pub fn rolling_now(&self) -> usize {
+        let rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+        rolling.len()
     }
 }
 
@@ -235,7 +257,7 @@ struct Reads {
 }
 
 impl Reads {
-    fn objects<'a>(&'a self, pa: &'a PolicyAgent, roll_slot_free: bool) -> AgentObjects<'a> {
+    fn objects<'a>(&'a self, pa: &'a PolicyAgent, roll_slot: RollSlot) -> AgentObjects<'a> {
         AgentObjects {
             pa,
             agents: &self.agents,
@@ -247,7 +269,7 @@ impl Reads {
                 revisions: &self.revisions,
             },
             pods: &self.pods,
-            roll_slot_free,
+            roll_slot,
         }
     }
 
@@ -431,7 +453,8 @@ pub async fn reconcile(pa: Arc<PolicyAgent>, ctx: Arc<Context>) -> Result<Action
             // Apply: the only write besides status and Events.
             if let Decision::Roll { kid } = &decision {
                 roll(&ctx, &ns, &pa, kid, workload_rv, now).await?;
-                ctx.agents.set_rolling(&workload_key(&ns, &pa), true);
+                let pk = format!("{ns}/{}", pa.spec.provisioning_key_ref.name);
+                ctx.agents.set_rolling(&workload_key(&ns, &pa), true, &pk);
                 fault::after("roll");
                 info!(pa = %pa.name_any(), workload = %pa.spec.workload_ref.name, kid = %kid, "rolled workload");
             }
@@ -466,9 +489,19 @@ async fn evaluate(
         && w.template_kid() == secret_kid
         && w.rollout().0 == Rollout::Complete
     {
-        ctx.agents.set_rolling(&key, false);
+        ctx.agents.set_rolling(&key, false, "");
     }
-    let slot_free = ctx.agents.slot_free(&key, ctx.config.max_concurrent_rolls);
+    let pk_key = format!("{ns}/{}", pa.spec.provisioning_key_ref.name);
+    let budget = reads
+        .pk
+        .as_ref()
+        .and_then(|pk| pk.spec.rotation.as_ref())
+        .and_then(|r| r.max_concurrent_rolls)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0);
+    let slot_free = ctx
+        .agents
+        .slot(&key, ctx.config.max_concurrent_rolls, &pk_key, budget);
     let successes = |uid: &str, kid: &str| ctx.agents.successes(uid, kid);
     let mut input = match observe::observe(&reads.objects(pa, slot_free), &successes, &check) {
         Ok(input) => input,
@@ -633,6 +666,42 @@ fn workload_ref(pa: &PolicyAgent, ns: &str) -> k8s_openapi::api::core::v1::Objec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The operator-wide cap counts every rolling workload; a key's budget counts only its own;
+    /// a workload already rolling keeps its slot; a finished roll gives it back.
+    #[test]
+    fn roll_slots_follow_the_cap_and_the_keys_budget() {
+        let s = AgentState::default();
+        s.set_rolling("ns/Deployment/a1", true, "ns/a");
+        s.set_rolling("ns/Deployment/a2", true, "ns/a");
+        assert_eq!(
+            s.slot("ns/Deployment/a3", 5, "ns/a", Some(2)),
+            RollSlot::KeyBudget(2)
+        );
+        assert_eq!(
+            s.slot("ns/Deployment/a3", 5, "ns/a", Some(3)),
+            RollSlot::Free
+        );
+        assert_eq!(s.slot("ns/Deployment/a3", 5, "ns/a", None), RollSlot::Free);
+        assert_eq!(
+            s.slot("ns/Deployment/b1", 5, "ns/b", Some(1)),
+            RollSlot::Free
+        );
+        assert_eq!(
+            s.slot("ns/Deployment/a1", 2, "ns/a", Some(1)),
+            RollSlot::Free
+        );
+        assert_eq!(
+            s.slot("ns/Deployment/b1", 2, "ns/b", None),
+            RollSlot::OperatorCap
+        );
+        s.set_rolling("ns/Deployment/a1", false, "");
+        assert_eq!(
+            s.slot("ns/Deployment/a3", 5, "ns/a", Some(2)),
+            RollSlot::Free
+        );
+        assert_eq!(s.rolling_now(), 1);
+    }
 
     /// Only positive evidence acknowledges a pod: a pod a report lists is acknowledged; one
     /// missing from a whole list is not; one missing from a truncated list (`podsTruncated`)

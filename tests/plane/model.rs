@@ -2105,7 +2105,7 @@ pub trait Operator {
 // - Prune deletes with a uid precondition (the World offers no resourceVersion one).
 // - The ProvisioningKey status is not written: no decision reads it. PolicyAgent status is
 //   written without `history` (kept as it was).
-// - The cap on concurrent rolls is not modelled (`roll_slot_free: true`).
+// - The cap on concurrent rolls is not modelled (`roll_slot: RollSlot::Free`).
 // ---------------------------------------------------------------------------------------------
 
 /// Steps one ProvisioningKey reconcile makes at most (`MAX_STEPS_PER_RECONCILE`).
@@ -2437,7 +2437,7 @@ impl KeywardOperator {
                         revisions: &revisions,
                     },
                     pods: &pods,
-                    roll_slot_free: true,
+                    roll_slot: keyward::agent::RollSlot::Free,
                 },
                 &successes,
                 &check,

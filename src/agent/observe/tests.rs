@@ -153,7 +153,7 @@ impl World {
                 revisions: &[],
             },
             pods: &self.pods,
-            roll_slot_free: true,
+            roll_slot: crate::agent::RollSlot::Free,
         }
     }
 

@@ -53,6 +53,7 @@ fn resolve_explicit_values() {
             confirmation_timeout: some("5m"),
             revoke_when_unused_for: some("5m"),
             retain_deactivated_for: some("1h"),
+            max_concurrent_rolls: Some(10),
             window: Some(crate::api::provisioning_key::RotationWindow {
                 days: vec![crate::api::provisioning_key::Weekday::Mon],
                 start: "22:00".into(),
