@@ -76,6 +76,13 @@ pub struct Args {
     /// Keys the PolicyAgents use (agent i uses key i mod this).
     #[arg(long, default_value_t = 10)]
     pa_keys: usize,
+    /// Sets `rotation.maxConcurrentRolls` on the PolicyAgents' keys before their rotation, and
+    /// records the most workloads rolling at once during it; 0: no budget.
+    #[arg(long, default_value_t = 0)]
+    roll_budget: i32,
+    /// `keyward run --max-concurrent-rolls` (default: the operator's own default).
+    #[arg(long)]
+    max_concurrent_rolls: Option<usize>,
     /// Keys rotated at once in the herd phase (other than the agents' keys); 0 skips.
     #[arg(long, default_value_t = 1000)]
     herd: usize,
@@ -630,7 +637,11 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
     } else {
         Vec::new()
     };
-    let mut op = start_operator(args, guard, &log, &["run".to_string()], &env)?;
+    let mut run_args = vec!["run".to_string()];
+    if let Some(m) = args.max_concurrent_rolls {
+        run_args.push(format!("--max-concurrent-rolls={m}"));
+    }
+    let mut op = start_operator(args, guard, &log, &run_args, &env)?;
     let t_up = Instant::now();
     loop {
         audit.refresh()?;
@@ -931,6 +942,55 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
         };
         let old = current_kids(&keys, &rot_keys)?;
         wait_min_interval(&keys, &rot_keys).await?;
+        if args.roll_budget > 0 {
+            for (ns, name) in &rot_keys {
+                Api::<kube::api::DynamicObject>::namespaced_with(
+                    admin.clone(),
+                    ns,
+                    &tracker::provisioning_keys(),
+                )
+                .patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(serde_json::json!({
+                        "spec": { "rotation": { "maxConcurrentRolls": args.roll_budget } }
+                    })),
+                )
+                .await
+                .context("set the roll budget")?;
+            }
+        }
+        // The most workloads rolling at once (a rollout in progress: not observed, or fewer
+        // updated or available replicas than desired), sampled every 250 ms.
+        let most_rolling = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sampler = {
+            let (deployments, most) = (
+                Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(
+                    admin.clone(),
+                    &agents_ns,
+                ),
+                most_rolling.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(list) = deployments.list(&Default::default()).await {
+                        let rolling = list
+                            .items
+                            .iter()
+                            .filter(|d| {
+                                let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                                let st = d.status.clone().unwrap_or_default();
+                                st.observed_generation < d.metadata.generation
+                                    || st.updated_replicas.unwrap_or(0) < want
+                                    || st.available_replicas.unwrap_or(0) < want
+                            })
+                            .count();
+                        most.fetch_max(rolling, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
         let m0 = metrics::scrape(&admin).await?;
         let t0 = Timestamp::now();
         fixture::rotate(
@@ -967,7 +1027,29 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
             .iter()
             .filter(|r| r.is_write() && r.resource == "deployments.apps")
             .count();
+        sampler.abort();
+        let most = most_rolling.load(std::sync::atomic::Ordering::Relaxed);
         report.num("rotation_s", secs(t0, t1));
+        report.num("rotation_most_rolling", most as f64);
+        report.row(
+            format!(
+                "Rotation of {} PolicyAgents: most workloads rolling at once (sampled every 250 ms)",
+                pairs.len()
+            ),
+            format!(
+                "{most}{}",
+                if args.roll_budget > 0 {
+                    format!(
+                        " (rotation.maxConcurrentRolls {} on the key; --max-concurrent-rolls {})",
+                        args.roll_budget,
+                        args.max_concurrent_rolls
+                            .map_or("default 5".to_string(), |m| m.to_string())
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
         report.num(
             "rotation_writes",
             reqs.iter().filter(|r| r.is_write()).count() as f64,
