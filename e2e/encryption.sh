@@ -18,7 +18,7 @@
 #      with the plugin stopped the API server reports kms-providers unhealthy and, restarted,
 #      cannot read a Secret; with the plugin back it can
 #
-#   bash e2e/encryption.sh          about 1-2 minutes warm; one `[enc] ok: ...` line per check
+#   bash e2e/encryption.sh          about 80 s warm; one `[enc] ok: ...` line per check (25)
 #
 # Never prints key bytes: lengths, prefixes up to the key name, yes/no. Settings (environment):
 # KEYWARD_BIN (the keyward binary; default: `cargo build --features fault-injection --bin keyward`
@@ -241,6 +241,7 @@ key_state() { kubectl get secret -n "$NS" "$PK-k$1" -o jsonpath='{.metadata.labe
 rotate_and_check() { # seq prefix [kms key id]: request a rotation, wait for <pk>-k<seq> active
   local seq=$1 prefix=$2 before
   before=$(key_id)
+  say "requesting a rotation of $NS/$PK (annotation keyward.dev/rotate)"
   kubectl annotate pk -n "$NS" "$PK" keyward.dev/rotate="enc-$seq-$(date +%s)" --overwrite >/dev/null
   rotated() { [ "$(key_state "$seq")" = active ] && [ -n "$(key_id)" ] && [ "$(key_id)" != "$before" ]; }
   wait_until "$PK-k$seq active and the agent Secret on it" 90 rotated
@@ -276,7 +277,7 @@ spec:
     interval: 720h
     minInterval: 1s
     publishDelay: 0s
-    overlap: 30s
+    overlap: 5s                 # short, so the next rotation need not wait (one retiring key at a time)
   token:
     audience: bundle-service
     ttl: 1h
@@ -351,6 +352,10 @@ if err=$(kubectl get secret -n "$NS" "$PK" -o name 2>&1); then
   fail "the API server restarted without its KMS plugin still read $NS/$PK"
 fi
 printf '%s\n' "$err" >"$ENC/read-without-plugin.txt"
+case $err in
+  *StorageError*) ;; # no KMS state, no transformer: the storage layer cannot decrypt
+  *) fail "reading $NS/$PK without the plugin failed, but not in storage: $(head -n1 <<<"$err" | cut -c1-160)" ;;
+esac
 ok "API server restarted without the plugin: reading $NS/$PK fails ($(printf %s "$err" | head -n1 | cut -c1-90)...; whole error: $ENC/read-without-plugin.txt)"
 if kubectl get secrets -n "$NS" -o name >/dev/null 2>&1; then
   fail "the API server restarted without its KMS plugin still listed the Secrets of $NS"
