@@ -28,6 +28,9 @@
 #   KEYWARD_AUDIT_LOG     opt-in: the API server writes its audit log (JSON lines, Metadata level,
 #                         RequestReceived stage omitted) to this file (used by e2e/bench.sh) [off]
 #   KEYWARD_AUDIT_USERS   with KEYWARD_AUDIT_LOG: audit only these users (comma-separated)  [all]
+#   KEYWARD_APISERVER_EXTRA_ARGS  opt-in: more kube-apiserver flags, split on whitespace (no
+#                         quoting), appended to its command line by `up` and `apiserver-start`;
+#                         e.g. --encryption-provider-config=FILE (used by e2e/encryption.sh) [none]
 # Several planes can run at once with different ports and directories.
 set -euo pipefail
 
@@ -283,9 +286,11 @@ api_ready() { curl -sf --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --
 
 # The API server with this plane's flags (used by `up`, and by `apiserver-start` after a fault).
 start_apiserver() {
-  local audit=()
+  local audit=() extra=()
   mapfile -t audit < <(audit_args)
   [ ${#audit[@]} -eq 0 ] || say "audit log: $KEYWARD_AUDIT_LOG (users: ${KEYWARD_AUDIT_USERS:-all})"
+  [ -z "${KEYWARD_APISERVER_EXTRA_ARGS:-}" ] || read -r -a extra <<<"$KEYWARD_APISERVER_EXTRA_ARGS"
+  [ ${#extra[@]} -eq 0 ] || say "extra kube-apiserver flags: ${extra[*]}"
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
@@ -296,7 +301,7 @@ start_apiserver() {
     --endpoint-reconciler-type none \
     --service-cluster-ip-range 127.100.0.0/24 --enable-admission-plugins NamespaceLifecycle,ServiceAccount \
     --max-requests-inflight 1000 --max-mutating-requests-inflight 500 --event-ttl 2h \
-    ${audit[@]+"${audit[@]}"}
+    ${audit[@]+"${audit[@]}"} ${extra[@]+"${extra[@]}"}
 }
 
 up() {
@@ -418,5 +423,5 @@ case "${1:-}" in
   apiserver-kill) apiserver_kill ;;
   apiserver-start) apiserver_start ;;
   etcd-compact) etcd_compact ;;
-  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
