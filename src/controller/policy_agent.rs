@@ -109,6 +109,18 @@ impl AgentState {
     /// Whether workload `key`, of ProvisioningKey `pk` (`<ns>/<name>`), may roll now: under
     /// the operator-wide `cap` and the key's `budget` (`rotation.maxConcurrentRolls`).
     fn slot(&self, key: &str, cap: usize, pk: &str, budget: Option<u32>) -> RollSlot {
+        self.slot_taking(key, cap, pk, budget, false)
+    }
+
+    /// [`slot`](Self::slot); with `take`, a free slot is taken under the same lock.
+    fn slot_taking(
+        &self,
+        key: &str,
+        cap: usize,
+        pk: &str,
+        budget: Option<u32>,
+        take: bool,
+    ) -> RollSlot {
         let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
         // A roll whose workload or PolicyAgent went away (or that never completes, e.g. a paused
         // Deployment) gives its slot back after a while, so the cap cannot be exhausted by leaks.
@@ -123,8 +135,20 @@ impl AgentState {
             Some(b) if rolling.values().filter(|(_, k)| k == pk).count() >= b as usize => {
                 RollSlot::KeyBudget(b)
             }
-            _ => RollSlot::Free,
+            _ => {
+                if take {
+                    rolling.insert(key.to_string(), (Instant::now(), pk.to_string()));
+                }
+                RollSlot::Free
+            }
         }
+    }
+
+    /// [`slot`](Self::slot), and when it is free, takes it at once under the same lock: the
+    /// reconciles of a key's PolicyAgents run concurrently, and each must see the others' rolls
+    /// before its own write, not after.
+    fn reserve(&self, key: &str, cap: usize, pk: &str, budget: Option<u32>) -> RollSlot {
+        self.slot_taking(key, cap, pk, budget, true)
     }
 
     fn set_rolling(&self, key: &str, on: bool, pk: &str) {
@@ -517,7 +541,18 @@ async fn evaluate(
                    does not list count as not acknowledged yet");
         }
     }
-    let decision = agent::decide(&input, now);
+    let mut decision = agent::decide(&input, now);
+    if matches!(decision, Decision::Roll { .. }) {
+        // The slot seen above may have been taken meanwhile by another PolicyAgent's reconcile:
+        // take it now, or wait as queued.
+        let slot = ctx
+            .agents
+            .reserve(&key, ctx.config.max_concurrent_rolls, &pk_key, budget);
+        if slot != RollSlot::Free {
+            input.roll_slot = slot;
+            decision = agent::decide(&input, now);
+        }
+    }
     let workload_rv = reads
         .workload
         .as_ref()
