@@ -11,6 +11,7 @@
 pub mod reactivate;
 pub mod rotate;
 pub mod status;
+pub mod token;
 pub mod view;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ pub enum Command {
     /// annotation).
     #[command(after_help = reactivate::AFTER_HELP)]
     Reactivate(reactivate::ReactivateArgs),
+    /// Tokens for agents outside the cluster (`keyward token sync`).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// Where to connect and which namespace: the flags `kubectl` users expect.
@@ -151,6 +155,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Status(args) => ("status", status::run(args).await),
         Command::Rotate(args) => ("rotate", rotate::run(args).await),
         Command::Reactivate(args) => ("reactivate", reactivate::run(args).await),
+        Command::Token(command) => ("token sync", token::run(command).await),
     };
     match result {
         Ok(code) => ExitCode::from(code),

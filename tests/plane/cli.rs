@@ -319,3 +319,149 @@ async fn reactivate_brings_a_deactivated_key_back_and_refuses_what_it_cannot() {
     drop(op);
     ns.cleanup().await;
 }
+
+/// `keyward token sync` as an agent outside the cluster runs it: a plain process with a
+/// kubeconfig whose ServiceAccount may only `get` the one agent Secret. `--once` writes the token
+/// (mode 0600) and exits 0; a key it may not read exits 1 naming the refusal; the long-running
+/// form replaces the file atomically after a rotation, with the new key's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_sync_keeps_a_file_fresh_with_a_one_secret_kubeconfig() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use std::os::unix::fs::PermissionsExt as _;
+    let ns = TestNamespace::new("kw-cli-sync").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let mut spec = quick_rotation();
+    spec["token"] = json!({ "ttl": "40s" });
+    create_pk(&pks, "edge", json!({}), spec).await;
+    create_pk(&pks, "other", json!({}), quick_rotation()).await;
+    let settled = wait_pk(&pks, "edge", "settled", is_settled).await;
+    let kid1 = current_kid(&settled).expect("a current key");
+
+    // A ServiceAccount that may read the one Secret `edge`, and a kubeconfig with its token.
+    let sas: Api<ServiceAccount> = ns.api();
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({ "metadata": { "name": "sync" } })).expect("sa"),
+    )
+    .await
+    .expect("create the ServiceAccount");
+    ns.api::<Role>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": { "name": "sync" },
+            "rules": [{ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["edge"], "verbs": ["get"] }],
+        })).expect("role"))
+        .await
+        .expect("create the Role");
+    ns.api::<RoleBinding>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": { "name": "sync" },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sync" },
+            "subjects": [{ "kind": "ServiceAccount", "name": "sync", "namespace": ns.name() }],
+        })).expect("binding"))
+        .await
+        .expect("create the RoleBinding");
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } })).expect("request");
+    let sa_token = sas
+        .create_token_request("sync", &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest")
+        .status
+        .expect("status")
+        .token;
+    let dir = tempfile::tempdir().expect("dir");
+    let admin: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(kubeconfig_path()).expect("the admin kubeconfig"),
+    )
+    .expect("yaml");
+    let mut limited = admin.clone();
+    limited["users"] = json!([{ "name": "sync", "user": { "token": sa_token } }]);
+    if let Some(contexts) = limited["contexts"].as_array_mut() {
+        for c in contexts {
+            c["context"]["user"] = json!("sync");
+        }
+    }
+    let kubeconfig = dir.path().join("sync.kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&limited).expect("yaml")).expect("write");
+    let out = dir.path().join("token");
+    let sync = |key: &str, once: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
+        cmd.args(["token", "sync", "--key", &format!("{}/{key}", ns.name())])
+            .arg("--out")
+            .arg(&out)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env_remove("KUBECONFIG")
+            .kill_on_drop(true);
+        if once {
+            cmd.arg("--once");
+        }
+        cmd
+    };
+    let file_kid = || {
+        std::fs::read_to_string(&out)
+            .ok()
+            .and_then(|t| keyward::keys::decode_token_unverified(&t).ok())
+            .map(|(h, _)| h.kid)
+    };
+
+    // --once: written, 0600, the agent Secret's token.
+    let run = sync("edge", true).output().await.expect("run");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let agent = secrets.get("edge").await.expect("agent Secret");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("the token file"),
+        data(&agent, l::DATA_TOKEN).expect("token")
+    );
+    assert_eq!(file_kid().as_deref(), Some(kid1.as_str()));
+    let mode = std::fs::metadata(&out).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A key this kubeconfig may not read: exit 1, a clear message, the file untouched.
+    let run = sync("other", true).output().await.expect("run");
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("forbidden") || stderr.contains("Forbidden"),
+        "{stderr}"
+    );
+    assert_eq!(file_kid().as_deref(), Some(kid1.as_str()));
+
+    // Long-running: a rotation reaches the file.
+    let mut child = sync("edge", false).spawn().expect("spawn");
+    merge(
+        &pks,
+        "edge",
+        json!({ "metadata": { "annotations": { l::ROTATE: "sync-1" } } }),
+    )
+    .await;
+    let rotated = wait_pk(&pks, "edge", "rotated", |pk| {
+        is_settled(pk) && current_kid(pk).is_some_and(|k| k != kid1)
+    })
+    .await;
+    let kid2 = current_kid(&rotated).expect("the new key");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while file_kid().as_deref() != Some(kid2.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token file never carried the new key {kid2}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let stray: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".keyward-token-"))
+        .collect();
+    assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    let _ = child.kill().await;
+    drop(op);
+    ns.cleanup().await;
+}
