@@ -287,6 +287,19 @@ impl OutsideAgent {
     }
 }
 
+/// The token the agent Secret holds now (what an agent outside the cluster copies).
+async fn agent_token(bed: &Bed) -> anyhow::Result<String> {
+    bed.api::<k8s_openapi::api::core::v1::Secret>()
+        .get(PK)
+        .await?
+        .data
+        .and_then(|d| {
+            d.get("token")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        })
+        .context("the agent token")
+}
+
 /// Checks for `secs` seconds that key `kid` is never revoked.
 async fn still_trusted(bed: &Bed, kid: &str, secs: i64, when: &str) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(secs.unsigned_abs());
@@ -330,16 +343,7 @@ async fn uncovered_consumer_and_silent_verifier_hold_the_old_key() -> anyhow::Re
             "revokeWhenUnusedFor": format!("{WINDOW}s"),
         }))
         .await?;
-    let token = bed
-        .api::<k8s_openapi::api::core::v1::Secret>()
-        .get(PK)
-        .await?
-        .data
-        .and_then(|d| {
-            d.get("token")
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        })
-        .context("the agent token")?;
+    let token = agent_token(&bed).await?;
     let outside = OutsideAgent::start(&bed, &nginx.url(), &token).await?;
     eventually(
         "the outside OPA downloads with the old key",
@@ -501,16 +505,7 @@ async fn a_forgotten_consumer_breaks_on_deactivation_and_recovers_on_reactivatio
             "overlap": "8s", "retainDeactivatedFor": "1h",
         }))
         .await?;
-    let token = bed
-        .api::<k8s_openapi::api::core::v1::Secret>()
-        .get(PK)
-        .await?
-        .data
-        .and_then(|d| {
-            d.get("token")
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        })
-        .context("the agent token")?;
+    let token = agent_token(&bed).await?;
     let outside = OutsideAgent::start(&bed, &nginx.url(), &token).await?;
     let t0 = unix_now();
     eventually(

@@ -55,16 +55,11 @@ pub struct ReactivateArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits (Go-style duration).
-    #[arg(long, default_value = "2m", value_parser = parse_timeout, requires = "wait")]
+    #[arg(long, default_value = "2m", value_parser = super::rotate::parse_timeout, requires = "wait")]
     pub timeout: Duration,
     /// Output format (json and yaml describe the request).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    crate::rotation::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 30s, 5m, 1h)"))
 }
 
 fn parse_reason(s: &str) -> Result<String, String> {

@@ -58,7 +58,7 @@ pub struct RotateArgs {
     pub output: Output,
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_timeout(s: &str) -> Result<Duration, String> {
     crate::rotation::parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration (Go syntax: 30s, 5m, 1h)"))
 }
