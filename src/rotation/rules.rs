@@ -231,16 +231,30 @@ fn reactivate(c: &mut Ctx<'_>) -> Option<Plan> {
 
 /// The deactivated key to destroy next and when it falls due (`retainDeactivatedFor` after its
 /// deactivation).
+/// Beyond [`MAX_DEACTIVATED`] deactivated keys (frequent rotations with a long retention), the
+/// oldest is due at once: the trust record lists every deactivated key id and stays bounded.
 fn destroy_due(settings: &Settings, obs: &Observed) -> Option<(u32, DateTime<Utc>)> {
-    obs.keys
+    let deactivated: Vec<(u32, DateTime<Utc>)> = obs
+        .keys
         .iter()
         .filter(|k| k.state == KeyState::Deactivated)
         .map(|k| {
             let since = k.deactivated_at.or(k.retired_at).unwrap_or(k.created_at);
             (k.seq, add(since, settings.retain_deactivated_for))
         })
-        .min_by_key(|(_, at)| *at)
+        .collect();
+    if deactivated.len() > MAX_DEACTIVATED {
+        return deactivated
+            .iter()
+            .min_by_key(|(seq, _)| *seq)
+            .map(|(seq, _)| (*seq, DateTime::<Utc>::MIN_UTC));
+    }
+    deactivated.into_iter().min_by_key(|(_, at)| *at)
 }
+
+/// Most keys kept deactivated at once; the oldest beyond it is destroyed before its retention
+/// ends (its `KeyDestroyed` Event says so).
+pub const MAX_DEACTIVATED: usize = 10;
 
 /// Destruction: a deactivated key whose retention has passed loses its private key for good.
 fn destroy(c: &mut Ctx<'_>) -> Option<Plan> {

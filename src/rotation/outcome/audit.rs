@@ -322,11 +322,23 @@ fn revoked(f: &Facts<'_>, seq: u32, k: &ObservedKey, emergency: bool) -> Audit<'
             "Destroy",
             seq,
             format!(
-                "destroyed key {} (fingerprint {}): deactivated since {} and retainDeactivatedFor {} has passed; private key deleted, it can no longer be reactivated",
+                "destroyed key {} (fingerprint {}): deactivated since {} and {}; private key deleted, it can no longer be reactivated",
                 k.kid,
                 k.fingerprint,
                 k.deactivated_at.map_or_else(|| "-".to_string(), ts),
-                humantime::format_duration(f.settings.retain_deactivated_for)
+                if f.obs.keys.iter().filter(|k| k.state == rotation::KeyState::Deactivated).count()
+                    > rotation::rules::MAX_DEACTIVATED
+                {
+                    format!(
+                        "more than {} keys are deactivated (the oldest goes first)",
+                        rotation::rules::MAX_DEACTIVATED
+                    )
+                } else {
+                    format!(
+                        "retainDeactivatedFor {} has passed",
+                        humantime::format_duration(f.settings.retain_deactivated_for)
+                    )
+                }
             ),
         );
     }

@@ -125,6 +125,23 @@ pub(super) fn cases() -> Vec<Case> {
             }),
             Phase::Publishing,
         ),
+        case(
+            "destroy",
+            "more than MAX_DEACTIVATED deactivated keys: the oldest is destroyed early",
+            retained(),
+            obs((1..=11)
+                .map(|s| ObservedKey {
+                    deactivated_at: Some(ago(60)),
+                    ..key(s, Deactivated)
+                })
+                .chain([key(12, Active)])
+                .collect()),
+            Some(Destroy {
+                seq: 1,
+                emergency: false,
+            }),
+            Phase::Ready,
+        ),
         // --- Reactivation ----------------------------------------------------------------------
         case(
             "reactivate",

@@ -523,8 +523,15 @@ impl Sim {
                     .ok_or("deactivated key without deactivated_at")?;
                 let retain = chrono::Duration::from_std(self.settings.retain_deactivated_for)
                     .expect("small");
+                let deactivated: Vec<u32> = before
+                    .iter()
+                    .filter(|k| k.state == KeyState::Deactivated)
+                    .map(|k| k.seq)
+                    .collect();
+                let over_cap = deactivated.len() > crate::rotation::rules::MAX_DEACTIVATED
+                    && deactivated.first() == Some(seq);
                 ensure!(
-                    now >= since + retain,
+                    over_cap || now >= since + retain,
                     "Destroy {}s after deactivation, retainDeactivatedFor is {}s",
                     (now - since).num_seconds(),
                     retain.num_seconds()
