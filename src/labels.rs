@@ -43,6 +43,9 @@ pub const CONSUMED_REACTIVATE: &str = "keyward.dev/consumed-reactivate-annotatio
 /// Reactivation request on a ProvisioningKey: `<kid>` or `<kid>,<anything>` (a new value is a
 /// new request; `keyward reactivate` writes `<kid>,<time>`).
 pub const REACTIVATE: &str = "keyward.dev/reactivate";
+/// On a trust bundle exported by `keyward bundle export`: `<namespace>.<name>` of its key (a
+/// copy, never a live bundle: it carries no `managed-by` label and no owner).
+pub const EXPORTED_FROM: &str = "keyward.dev/exported-from";
 /// Why the key is reactivated (free text, shown in the audit Event; at most 256 characters).
 pub const REACTIVATE_REASON: &str = "keyward.dev/reactivate-reason";
 /// On a key Secret: the settings recorded at mint (JSON; names and durations).

@@ -8,6 +8,7 @@
 //! Exit codes ([`EXIT_OK`], [`EXIT_ERROR`], [`EXIT_USAGE`], [`EXIT_NOT_READY`]) are part of the
 //! interface: scripts run `keyward status && deploy`.
 
+pub mod bundle;
 pub mod reactivate;
 pub mod rotate;
 pub mod status;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Tokens for agents outside the cluster (`keyward token sync`).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Trust bundles for GitOps repositories and other clusters (`keyward bundle export`).
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 /// Where to connect and which namespace: the flags `kubectl` users expect.
@@ -156,6 +160,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Rotate(args) => ("rotate", rotate::run(args).await),
         Command::Reactivate(args) => ("reactivate", reactivate::run(args).await),
         Command::Token(command) => ("token sync", token::run(command).await),
+        Command::Bundle(command) => ("bundle export", bundle::run(command).await),
     };
     match result {
         Ok(code) => ExitCode::from(code),

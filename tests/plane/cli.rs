@@ -465,3 +465,84 @@ async fn token_sync_keeps_a_file_fresh_with_a_one_secret_kubeconfig() {
     drop(op);
     ns.cleanup().await;
 }
+
+/// `keyward bundle export` as a user runs it: the JWKS of the key's trusted key ids; a JWK
+/// someone injected into the bundle ConfigMap is not exported (the trust record does not list
+/// it); the ConfigMap form is a copy, labelled `keyward.dev/exported-from`, never `managed-by`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_export_writes_only_what_the_trust_record_lists() {
+    let ns = TestNamespace::new("kw-cli-export").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    create_pk(&pks, "exp", json!({}), quick_rotation()).await;
+    let settled = wait_pk(&pks, "exp", "settled", is_settled).await;
+    let kid1 = current_kid(&settled).expect("a current key");
+    let jwks = |run: &Run| -> Vec<String> {
+        let v: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"));
+        v["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .filter_map(|k| k["kid"].as_str().map(str::to_string))
+            .collect()
+    };
+    let run = keyward(&["bundle", "export", "-n", ns.name(), "exp"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(jwks(&run), vec![kid1.clone()]);
+
+    // A JWK injected into the ConfigMap (someone with ConfigMap rights): not exported.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
+    let mut cm = cms.get("exp-trust").await.expect("the bundle");
+    let forged = keyward::keys::KeyPair::generate().public_key().to_jwk();
+    let mut set: keyward::keys::Jwks =
+        serde_json::from_str(&cm.data.as_ref().expect("data")[l::DATA_JWKS]).expect("jwks");
+    set.keys.push(forged);
+    cm.data.get_or_insert_default().insert(
+        l::DATA_JWKS.into(),
+        serde_json::to_string(&set).expect("json"),
+    );
+    cm.metadata.managed_fields = None;
+    cms.replace("exp-trust", &PostParams::default(), &cm)
+        .await
+        .expect("inject a JWK");
+    let run = keyward(&["bundle", "export", "-n", ns.name(), "exp"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(
+        jwks(&run),
+        vec![kid1.clone()],
+        "the injected JWK was exported"
+    );
+
+    let run = keyward(&[
+        "bundle",
+        "export",
+        "-n",
+        ns.name(),
+        "exp",
+        "--format",
+        "configmap",
+        "--name",
+        "copy",
+        "--to-namespace",
+        "edge",
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{run}");
+    let cm: Value = serde_yaml::from_str(&run.stdout).expect("a ConfigMap manifest");
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["name"], "copy");
+    assert_eq!(cm["metadata"]["namespace"], "edge");
+    assert_eq!(
+        cm["metadata"]["labels"][l::EXPORTED_FROM],
+        format!("{}.exp", ns.name())
+    );
+    assert!(cm["metadata"]["labels"].get(l::MANAGED_BY).is_none());
+    let inner: Value =
+        serde_json::from_str(cm["data"][l::DATA_JWKS].as_str().expect("jwks.json")).expect("json");
+    assert_eq!(inner["keys"][0]["kid"], kid1.as_str());
+
+    let run = keyward(&["bundle", "export", "-n", ns.name(), "nope"]).await;
+    assert_eq!(run.code, 1, "{run}");
+    drop(op);
+    ns.cleanup().await;
+}
