@@ -266,3 +266,58 @@ fn scenario_prune() {
             .any(|(_, s)| matches!(s, Step::Prune { seq: 1 }))
     );
 }
+
+/// Deactivate, then destroy, on the simulator's objects: the rotation deactivates the old key
+/// (private key kept), `retainDeactivatedFor` later it is destroyed, and a key Secret labelled
+/// `revoked` by an earlier version reads as destroyed with no repair (an upgrade writes nothing).
+#[test]
+fn scenario_deactivate_then_destroy_and_the_legacy_label() {
+    let mut sim = started(with_settings(|s| {
+        s.request_token = some("r1");
+        s.retain_deactivated_for = secs(3600);
+    }));
+    run(&mut sim, |sim| {
+        sim.advance(secs(3600));
+        sim.settings.request_token = some("r2");
+        sim.drain()?;
+        let old = sim.key(1)?.clone();
+        ensure!(
+            old.state == KeyState::Deactivated && old.has_private_key,
+            "old key {:?}, private key {}",
+            old.state,
+            old.has_private_key
+        );
+        sim.advance(secs(3600));
+        sim.drain()?;
+        let old = sim.key(1)?.clone();
+        ensure!(
+            old.state == KeyState::Destroyed && !old.has_private_key,
+            "after the retention: {:?}",
+            old.state
+        );
+        // The label an earlier version wrote for a destroyed key.
+        let name = crate::rotation::desired::key_secret_name("demo", 1);
+        sim.store.edit_secret(&name, |s| {
+            s.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(l::KEY_STATE.into(), "revoked".into());
+        });
+        sim.sync();
+        let k = sim.key(1)?.clone();
+        ensure!(
+            k.state == KeyState::Destroyed && k.edited.is_none(),
+            "a legacy `revoked` label: {:?}, edited {:?}",
+            k.state,
+            k.edited
+        );
+        let before = sim.steps.len();
+        sim.settle()?;
+        ensure!(
+            sim.steps.len() == before,
+            "an upgrade wrote {:?}",
+            &sim.steps[before..]
+        );
+        Ok(())
+    });
+}
