@@ -153,6 +153,7 @@ struct KeyState {
     verifier_silent: bool,
     agents_confirmed: i64,
     agents_total: i64,
+    deactivated: i64,
 }
 
 /// Namespace -> name -> the key's gauges.
@@ -162,7 +163,7 @@ type KeyMap = BTreeMap<String, BTreeMap<String, KeySeries>>;
 /// [`Registry::register`] appends), and the key's series (`None`: absent).
 type PerKeyGauge = (&'static str, &'static str, fn(&KeySeries) -> Option<i64>);
 
-const PER_KEY_GAUGES: [PerKeyGauge; 6] = [
+const PER_KEY_GAUGES: [PerKeyGauge; 7] = [
     (
         "keyward_key_expiration_timestamp_seconds",
         "Expiry (Unix seconds) of the token in the key's agent Secret; absent while the Secret holds no token.",
@@ -192,6 +193,11 @@ const PER_KEY_GAUGES: [PerKeyGauge; 6] = [
         "keyward_agents_total",
         "PolicyAgents referencing the key.",
         |k| k.state.map(|s| s.agents_total),
+    ),
+    (
+        "keyward_keys_deactivated",
+        "The key's keys that are deactivated (refused everywhere, private key kept) and not yet destroyed: keyward reactivate can bring them back.",
+        |k| k.state.map(|s| s.deactivated),
     ),
 ];
 
@@ -387,6 +393,7 @@ impl Metrics {
                 verifier_silent: g.verifier_silent,
                 agents_confirmed: i64::try_from(g.agents_confirmed).unwrap_or(i64::MAX),
                 agents_total: i64::try_from(g.agents_total).unwrap_or(i64::MAX),
+                deactivated: i64::try_from(g.deactivated).unwrap_or(i64::MAX),
             });
         });
     }
@@ -555,6 +562,7 @@ mod tests {
             verifier_silent: false,
             agents_total: 2,
             agents_confirmed: 1,
+            deactivated: 1,
         }
     }
 
@@ -691,10 +699,10 @@ mod tests {
                 .filter(|l| l.contains(&needle))
                 .count()
         };
-        assert_eq!(of(&m, "ns", "a"), 9);
+        assert_eq!(of(&m, "ns", "a"), 10);
         m.remove_key("ns", "a");
         assert_eq!(of(&m, "ns", "a"), 0);
-        assert_eq!(of(&m, "ns", "b"), 9);
+        assert_eq!(of(&m, "ns", "b"), 10);
         assert_eq!(m.key_count(), 2);
 
         m.set_key(
@@ -706,10 +714,10 @@ mod tests {
                 ..gauges()
             },
         );
-        assert_eq!(of(&m, "ns", "b"), 7, "no timestamp series without a value");
+        assert_eq!(of(&m, "ns", "b"), 8, "no timestamp series without a value");
 
         m.retain_keys(|ns, _| ns == "other");
-        assert_eq!((of(&m, "ns", "b"), of(&m, "other", "a")), (0, 9));
+        assert_eq!((of(&m, "ns", "b"), of(&m, "other", "a")), (0, 10));
         m.clear_keys();
         assert_eq!(m.key_count(), 0);
         assert!(
@@ -745,9 +753,9 @@ mod tests {
             condition: &'static str,
         }
         let mut registry = Registry::default();
-        let families: Vec<Family<Key, Gauge>> = (0..6).map(|_| Family::default()).collect();
+        let families: Vec<Family<Key, Gauge>> = (0..7).map(|_| Family::default()).collect();
         let ready = Family::<KeyCondition, Gauge>::default();
-        let [exp, next, stalled, silent, confirmed, total] = &PER_KEY_GAUGES;
+        let [exp, next, stalled, silent, confirmed, total, deactivated] = &PER_KEY_GAUGES;
         for (i, (metric, help, _)) in [exp, next].into_iter().enumerate() {
             registry.register(*metric, help.trim_end_matches('.'), families[i].clone());
         }
@@ -756,7 +764,10 @@ mod tests {
             KEY_READY.1.trim_end_matches('.'),
             ready.clone(),
         );
-        for (i, (metric, help, _)) in [stalled, silent, confirmed, total].into_iter().enumerate() {
+        for (i, (metric, help, _)) in [stalled, silent, confirmed, total, deactivated]
+            .into_iter()
+            .enumerate()
+        {
             registry.register(*metric, help.trim_end_matches('.'), families[i + 2].clone());
         }
         for (ns, name, g, status) in keys {
@@ -781,6 +792,9 @@ mod tests {
                 families[5]
                     .get_or_create(&key)
                     .set(i64::try_from(g.agents_total).unwrap_or(i64::MAX));
+                families[6]
+                    .get_or_create(&key)
+                    .set(i64::try_from(g.deactivated).unwrap_or(i64::MAX));
             }
             for condition in CONDITION_VALUES {
                 ready
@@ -854,7 +868,7 @@ mod tests {
                 ("ns", r#"quo"te"#, Some(gauges()), "True"),
             ],
         ];
-        for (keys, families) in cases.into_iter().zip([0, 7, 1, 7]) {
+        for (keys, families) in cases.into_iter().zip([0, 8, 1, 8]) {
             let m = Metrics::new(&RequestStats::default());
             for (ns, name, g, status) in &keys {
                 match g {

@@ -44,6 +44,8 @@ pub struct KeyGauges {
     /// PolicyAgents referencing the key, and those confirmed on its current key.
     pub agents_total: usize,
     pub agents_confirmed: usize,
+    /// Keys deactivated and not yet destroyed (reactivatable).
+    pub deactivated: usize,
 }
 
 /// One counter increment.
@@ -137,6 +139,11 @@ pub fn key_gauges(status: &ProvisioningKeyStatus, obs: &Observed, plan: &Plan) -
             .consumers
             .iter()
             .filter(|c| cur.is_some_and(|k| c.confirmed_kid.as_deref() == Some(k.kid.as_str())))
+            .count(),
+        deactivated: obs
+            .keys
+            .iter()
+            .filter(|k| k.state == KeyState::Deactivated)
             .count(),
     }
 }
