@@ -435,6 +435,33 @@ impl OwnWrites {
         }
     }
 
+    /// Whether the object in hand predates our own last write of it: the watch cache has not
+    /// delivered that write yet. A remembered write the object has already passed (a later
+    /// resourceVersion: the echo was coalesced into a relist, or filtered out) is forgotten.
+    pub fn unseen(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+        let Some(key) = Self::key(meta) else {
+            return false;
+        };
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(held) = m.get(&key) else {
+            return false;
+        };
+        let have = meta.resource_version.as_deref();
+        if have == Some(held.as_str()) {
+            return false;
+        }
+        // resourceVersions are opaque, but the API server's are etcd revisions; where both parse,
+        // a newer object in hand means our write is already in it.
+        let newer = match (have.and_then(|r| r.parse::<u64>().ok()), held.parse::<u64>().ok()) {
+            (Some(have), Some(held)) => have > held,
+            _ => false,
+        };
+        if newer {
+            m.remove(&key);
+        }
+        !newer
+    }
+
     /// [`OwnWrites::echo`] of object `ns/name` at resourceVersion `rv`.
     pub fn echo_of(&self, ns: &str, name: &str, rv: Option<&str>) -> bool {
         let key = format!("{ns}/{name}");
@@ -566,5 +593,32 @@ mod tests {
         );
         assert_eq!(c.key_secret_with_kid("ns", "pk", "kid-4"), None);
         assert_eq!(c.key_secret_with_kid("ns", "other-pk", "kid-1"), None);
+    }
+
+    #[test]
+    fn an_object_older_than_our_own_write_is_unseen_until_the_watch_catches_up() {
+        let own = OwnWrites::default();
+        let at = |rv: &str| ObjectMeta {
+            name: Some("pk".into()),
+            namespace: Some("ns".into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        // Nothing written: nothing unseen.
+        assert!(!own.unseen(&at("5")));
+        own.wrote(&at("10"));
+        // The cache still holds the object before our write.
+        assert!(own.unseen(&at("9")));
+        assert!(own.unseen(&at("9")), "asking does not forget");
+        // The echo itself is seen, and stays remembered for the watch's echo filter.
+        assert!(!own.unseen(&at("10")));
+        assert!(own.echo(&at("10")));
+        // A later object (the echo coalesced into a relist) forgets the write.
+        own.wrote(&at("20"));
+        assert!(!own.unseen(&at("25")));
+        assert!(!own.unseen(&at("19")), "forgotten once passed");
+        // Opaque (non-numeric) versions: only equality counts.
+        own.wrote(&at("abc"));
+        assert!(own.unseen(&at("abd")));
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kube::runtime::controller::Action;
-use kube::{Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tracing::debug;
 
 use super::{Context, Error, Result};
@@ -53,6 +53,20 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
         }
         return Ok(Action::await_change());
     }
+    // The object comes from the watch cache. When it does not show our own last trust-record
+    // write yet (a reconcile woken by an owned object within milliseconds of that write), the
+    // plan would be made from the record before it and write it again: read it fresh instead.
+    let pk = if ctx.own_records.unseen(pk.meta()) {
+        let (ns, name) = object_key(&pk)?;
+        let api: Api<ProvisioningKey> = Api::namespaced(ctx.client.clone(), &ns);
+        match api.get_opt(&name).await? {
+            Some(fresh) => Arc::new(fresh),
+            // Deleted since: its owned objects are garbage-collected.
+            None => return Ok(Action::await_change()),
+        }
+    } else {
+        pk
+    };
     let now = ctx.now();
     let mut trail = Trail::default();
     let result = run_steps(&ctx, &pk, now, &mut trail).await;
