@@ -1,5 +1,7 @@
-//! Ed25519 key material: generation, PKCS#8 / SPKI PEM encoding, JWK / JWKS, key ids and
-//! compact JWS tokens (`alg: EdDSA`, RFC 8037).
+//! Key material: generation, PKCS#8 / SPKI PEM encoding, JWK / JWKS, key ids and compact JWS
+//! tokens. Ed25519 (`alg: EdDSA`, RFC 8037) by default; ECDSA P-256 (`alg: ES256`, RFC 7518)
+//! for clients that cannot sign EdDSA (OPA's OAuth2 client assertions, for one). A token's `alg`
+//! must be the one of the key its `kid` names: a key never verifies under another algorithm.
 //!
 //! Security rules enforced here:
 //!
@@ -32,6 +34,16 @@ use zeroize::Zeroizing;
 
 /// JWS `alg` value for Ed25519 signatures (RFC 8037).
 pub const JWS_ALG: &str = "EdDSA";
+/// JWS `alg` value for ECDSA P-256 signatures (RFC 7518).
+pub const JWS_ALG_ES256: &str = "ES256";
+/// JWK `kty` and `crv` of ECDSA P-256 keys (RFC 7518).
+pub const JWK_KTY_EC: &str = "EC";
+pub const JWK_CRV_P256: &str = "P-256";
+
+/// Whether `alg` is a JWS algorithm Keyward signs and verifies.
+pub fn supported_alg(alg: &str) -> bool {
+    alg == JWS_ALG || alg == JWS_ALG_ES256
+}
 /// JWK `kty` for Ed25519 keys (RFC 8037).
 pub const JWK_KTY: &str = "OKP";
 /// JWK `crv` for Ed25519 keys (RFC 8037).
@@ -61,8 +73,9 @@ pub enum KeyError {
     /// The token is not a well-formed compact JWS with our header and claims.
     #[error("invalid token: {0}")]
     InvalidToken(&'static str),
-    /// The token header names an algorithm other than `EdDSA`.
-    #[error("unsupported token algorithm {0} (only EdDSA is accepted)")]
+    /// The token header names an algorithm other than `EdDSA` and `ES256`, or not the one of
+    /// the key its `kid` names.
+    #[error("unsupported token algorithm {0} (EdDSA or ES256, the one of the signing key)")]
     UnsupportedAlgorithm(String),
     /// The signature does not verify under the key.
     #[error("signature verification failed")]
@@ -114,28 +127,83 @@ pub(crate) fn sanitize_ident(s: &str) -> String {
     out
 }
 
-/// An Ed25519 signing key. The seed is zeroized on drop (by `ed25519-dalek`).
-pub struct KeyPair {
-    signing: SigningKey,
+/// Which kind of key: the ProvisioningKey's `spec.algorithm`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kind {
+    #[default]
+    Ed25519,
+    EcdsaP256,
 }
 
+impl Kind {
+    /// The JWS `alg` of this kind's signatures.
+    pub fn alg(self) -> &'static str {
+        match self {
+            Kind::Ed25519 => JWS_ALG,
+            Kind::EcdsaP256 => JWS_ALG_ES256,
+        }
+    }
+}
+
+impl From<crate::api::provisioning_key::Algorithm> for Kind {
+    fn from(a: crate::api::provisioning_key::Algorithm) -> Self {
+        match a {
+            crate::api::provisioning_key::Algorithm::Ed25519 => Kind::Ed25519,
+            crate::api::provisioning_key::Algorithm::ECDSAP256 => Kind::EcdsaP256,
+        }
+    }
+}
+
+/// A signing key: Ed25519 (the seed is zeroized on drop by `ed25519-dalek`) or ECDSA P-256
+/// (the scalar is zeroized on drop by `elliptic-curve`).
+pub struct KeyPair {
+    signing: Signing,
+}
+
+enum Signing {
+    Ed25519(SigningKey),
+    P256(p256::ecdsa::SigningKey),
+}
+
+/// The DER OID of id-ecPublicKey (RFC 5480) and of the P-256 curve.
+const EC_PUBLIC_KEY_OID: pkcs8::ObjectIdentifier =
+    pkcs8::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+const P256_OID: pkcs8::ObjectIdentifier =
+    pkcs8::ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+
 impl KeyPair {
-    /// Generate a fresh key from the operating system's CSPRNG.
+    /// Generate a fresh Ed25519 key from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        KeyPair {
-            signing: SigningKey::generate(&mut OsRng),
+        Self::generate_kind(Kind::Ed25519)
+    }
+
+    /// Generate a fresh key of `kind` from the operating system's CSPRNG.
+    pub fn generate_kind(kind: Kind) -> Self {
+        let signing = match kind {
+            Kind::Ed25519 => Signing::Ed25519(SigningKey::generate(&mut OsRng)),
+            Kind::EcdsaP256 => Signing::P256(p256::ecdsa::SigningKey::random(&mut OsRng)),
+        };
+        KeyPair { signing }
+    }
+
+    /// Which kind of key this is.
+    pub fn kind(&self) -> Kind {
+        match self.signing {
+            Signing::Ed25519(_) => Kind::Ed25519,
+            Signing::P256(_) => Kind::EcdsaP256,
         }
     }
 
-    /// The key of a given 32-byte seed: for fixtures and fuzz corpora only (a real key comes
-    /// from [`KeyPair::generate`]).
+    /// The Ed25519 key of a given 32-byte seed: for fixtures and fuzz corpora only (a real key
+    /// comes from [`KeyPair::generate`]).
     pub fn from_seed(seed: &[u8; 32]) -> Self {
         KeyPair {
-            signing: SigningKey::from_bytes(seed),
+            signing: Signing::Ed25519(SigningKey::from_bytes(seed)),
         }
     }
 
-    /// Parse an unencrypted PKCS#8 (`-----BEGIN PRIVATE KEY-----`) Ed25519 key, v1 or v2.
+    /// Parse an unencrypted PKCS#8 (`-----BEGIN PRIVATE KEY-----`) key: Ed25519 (v1 or v2) or
+    /// ECDSA P-256.
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
         // `SecretDocument` zeroizes the decoded DER on drop.
         let (label, doc) = SecretDocument::from_pem(pem.trim())
@@ -147,8 +215,25 @@ impl KeyPair {
         }
         let info = PrivateKeyInfo::try_from(doc.as_bytes())
             .map_err(|_| KeyError::InvalidPrivateKey("malformed PKCS#8 structure"))?;
+        if info.algorithm.oid == EC_PUBLIC_KEY_OID {
+            let curve = info
+                .algorithm
+                .parameters_oid()
+                .map_err(|_| KeyError::InvalidPrivateKey("EC key without a named curve"))?;
+            if curve != P256_OID {
+                return Err(KeyError::InvalidPrivateKey("EC key not on the P-256 curve"));
+            }
+            use p256::pkcs8::DecodePrivateKey as _;
+            let key = p256::ecdsa::SigningKey::from_pkcs8_der(doc.as_bytes())
+                .map_err(|_| KeyError::InvalidPrivateKey("malformed P-256 private key"))?;
+            return Ok(KeyPair {
+                signing: Signing::P256(key),
+            });
+        }
         if info.algorithm.oid != ALGORITHM_OID {
-            return Err(KeyError::InvalidPrivateKey("not an Ed25519 key"));
+            return Err(KeyError::InvalidPrivateKey(
+                "neither an Ed25519 nor a P-256 key",
+            ));
         }
         if info.algorithm.parameters.is_some() {
             return Err(KeyError::InvalidPrivateKey(
@@ -170,19 +255,34 @@ impl KeyPair {
                 "embedded public key does not match the private key",
             ));
         }
-        Ok(KeyPair { signing })
+        Ok(KeyPair {
+            signing: Signing::Ed25519(signing),
+        })
     }
 
-    /// Encode as an RFC 8410 PKCS#8 v1 PEM (`-----BEGIN PRIVATE KEY-----`), LF line endings,
-    /// through the `pkcs8` crate's types: a `PrivateKeyInfo` without the public key (v1, what
-    /// openssl writes; `ed25519-dalek`'s own encoder embeds the public key, v2), encoded into a
-    /// `SecretDocument` (zeroized on drop) and written as PEM into a `Zeroizing<String>`. The
-    /// only other copy of the seed is the inner OCTET STRING, in a zeroized buffer.
+    /// Encode as a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), LF line endings.
+    ///
+    /// Ed25519: the RFC 8410 v1 form, through the `pkcs8` crate's types: a `PrivateKeyInfo`
+    /// without the public key (v1, what openssl writes; `ed25519-dalek`'s own encoder embeds the
+    /// public key, v2), encoded into a `SecretDocument` (zeroized on drop) and written as PEM
+    /// into a `Zeroizing<String>`. The only other copy of the seed is the inner OCTET STRING, in
+    /// a zeroized buffer. P-256: the `p256` crate's encoder (RFC 5915 inside PKCS#8, what
+    /// `openssl genpkey -algorithm EC` writes), also into a `Zeroizing<String>`.
     pub fn to_pkcs8_pem(&self) -> Zeroizing<String> {
+        let signing = match &self.signing {
+            Signing::Ed25519(k) => k,
+            Signing::P256(k) => {
+                use p256::pkcs8::EncodePrivateKey as _;
+                return k
+                    .to_pkcs8_pem(LineEnding::LF)
+                    // Infallible: a fixed structure whose every field is valid.
+                    .expect("a PKCS#8 P-256 document always encodes");
+            }
+        };
         // RFC 8410: the private key is an OCTET STRING (04 20 <seed>) inside PKCS#8's.
         let mut inner = Zeroizing::new([0u8; 2 + SECRET_KEY_LENGTH]);
         inner[..2].copy_from_slice(&[0x04, 0x20]);
-        inner[2..].copy_from_slice(self.signing.as_bytes());
+        inner[2..].copy_from_slice(signing.as_bytes());
         let info = PrivateKeyInfo {
             algorithm: AlgorithmIdentifierRef {
                 oid: ALGORITHM_OID,
@@ -199,9 +299,11 @@ impl KeyPair {
 
     /// The public half of this key.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey {
-            key: self.signing.verifying_key(),
-        }
+        let key = match &self.signing {
+            Signing::Ed25519(k) => Verifying::Ed25519(k.verifying_key()),
+            Signing::P256(k) => Verifying::P256(*k.verifying_key()),
+        };
+        PublicKey { key }
     }
 
     /// RFC 7638 JWK thumbprint of the public key.
@@ -209,15 +311,19 @@ impl KeyPair {
         self.public_key().key_id()
     }
 
-    /// Sign `claims` as a compact JWS with header `{"alg":"EdDSA","typ":"JWT","kid":<key id>}`.
+    /// Sign `claims` as a compact JWS with header `{"alg":<EdDSA|ES256>,"typ":"JWT","kid":<key id>}`.
     pub fn sign_token(&self, claims: &TokenClaims) -> Result<String, KeyError> {
-        let header = TokenHeader {
-            alg: JWS_ALG.to_owned(),
+        self.sign_compact(&self.header(), claims)
+    }
+
+    /// The JOSE header of this key's tokens.
+    pub fn header(&self) -> TokenHeader {
+        TokenHeader {
+            alg: self.kind().alg().to_owned(),
             typ: Some(JWT_TYP.to_owned()),
             kid: self.key_id(),
             crit: None,
-        };
-        self.sign_compact(&header, claims)
+        }
     }
 
     /// [`sign_token`](Self::sign_token) with static claims added beside the registered ones
@@ -230,12 +336,6 @@ impl KeyPair {
         if extra.is_empty() {
             return self.sign_token(claims);
         }
-        let header = TokenHeader {
-            alg: JWS_ALG.to_owned(),
-            typ: Some(JWT_TYP.to_owned()),
-            kid: self.key_id(),
-            crit: None,
-        };
         let mut payload = serde_json::to_value(claims)
             .map_err(|_| KeyError::Serialization("token claims are not serializable"))?;
         if let Some(map) = payload.as_object_mut() {
@@ -244,7 +344,7 @@ impl KeyPair {
                     .or_insert_with(|| serde_json::Value::String(v.clone()));
             }
         }
-        self.sign_compact(&header, &payload)
+        self.sign_compact(&self.header(), &payload)
     }
 
     /// Sign an arbitrary header and claims (the header is not checked against this key).
@@ -260,10 +360,23 @@ impl KeyPair {
         let mut token = URL_SAFE_NO_PAD.encode(header_json);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(claims_json, &mut token);
-        let signature = self.signing.sign(token.as_bytes());
+        let signature = self.sign_raw(token.as_bytes());
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
         Ok(token)
+    }
+
+    /// The raw JWS signature of `message`: 64 bytes, Ed25519's, or ES256's `r || s`
+    /// (deterministic, RFC 6979, low-S).
+    pub fn sign_raw(&self, message: &[u8]) -> Vec<u8> {
+        match &self.signing {
+            Signing::Ed25519(k) => k.sign(message).to_bytes().to_vec(),
+            Signing::P256(k) => {
+                let sig: p256::ecdsa::Signature = k.sign(message);
+                let sig = sig.normalize_s().unwrap_or(sig);
+                sig.to_bytes().to_vec()
+            }
+        }
     }
 }
 
@@ -275,10 +388,17 @@ impl fmt::Debug for KeyPair {
     }
 }
 
-/// An Ed25519 public key (never a small-order "weak" key).
+/// A public key: Ed25519 (never a small-order "weak" key) or ECDSA P-256 (a valid curve
+/// point, never the identity).
 #[derive(Clone, PartialEq, Eq)]
 pub struct PublicKey {
-    key: VerifyingKey,
+    key: Verifying,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Verifying {
+    Ed25519(VerifyingKey),
+    P256(p256::ecdsa::VerifyingKey),
 }
 
 impl PublicKey {
@@ -288,85 +408,165 @@ impl PublicKey {
         if key.is_weak() {
             return Err(KeyError::InvalidPublicKey("small-order (weak) Ed25519 key"));
         }
-        Ok(PublicKey { key })
+        Ok(PublicKey {
+            key: Verifying::Ed25519(key),
+        })
     }
 
-    /// base64url (no padding) of the raw 32-byte key: the JWK `x` member.
-    fn x(&self) -> String {
-        URL_SAFE_NO_PAD.encode(self.key.as_bytes())
+    /// Which kind of key this is.
+    pub fn kind(&self) -> Kind {
+        match self.key {
+            Verifying::Ed25519(_) => Kind::Ed25519,
+            Verifying::P256(_) => Kind::EcdsaP256,
+        }
     }
 
-    /// RFC 7638 JWK thumbprint: base64url-no-pad(SHA-256(`{"crv":"Ed25519","kty":"OKP","x":…}`)).
+    /// The raw public key: Ed25519's 32 bytes, or P-256's uncompressed SEC1 point (65 bytes).
+    fn raw(&self) -> Vec<u8> {
+        match &self.key {
+            Verifying::Ed25519(k) => k.as_bytes().to_vec(),
+            Verifying::P256(k) => k.to_encoded_point(false).as_bytes().to_vec(),
+        }
+    }
+
+    /// The JWK coordinates, base64url (no padding): `x` (Ed25519's raw key), and `y` for P-256.
+    fn coordinates(&self) -> (String, Option<String>) {
+        match &self.key {
+            Verifying::Ed25519(k) => (URL_SAFE_NO_PAD.encode(k.as_bytes()), None),
+            Verifying::P256(k) => {
+                let point = k.to_encoded_point(false);
+                let (x, y) = (point.x(), point.y());
+                (
+                    x.map(|x| URL_SAFE_NO_PAD.encode(x)).unwrap_or_default(),
+                    y.map(|y| URL_SAFE_NO_PAD.encode(y)),
+                )
+            }
+        }
+    }
+
+    /// RFC 7638 JWK thumbprint: base64url-no-pad(SHA-256) of the required members in
+    /// lexicographic order: `{"crv":"Ed25519","kty":"OKP","x":…}` or
+    /// `{"crv":"P-256","kty":"EC","x":…,"y":…}`.
     pub fn key_id(&self) -> String {
-        let canonical = format!(
-            r#"{{"crv":"{JWK_CRV}","kty":"{JWK_KTY}","x":"{}"}}"#,
-            self.x()
-        );
+        let canonical = match self.coordinates() {
+            (x, None) => format!(r#"{{"crv":"{JWK_CRV}","kty":"{JWK_KTY}","x":"{x}"}}"#),
+            (x, Some(y)) => {
+                format!(r#"{{"crv":"{JWK_CRV_P256}","kty":"{JWK_KTY_EC}","x":"{x}","y":"{y}"}}"#)
+            }
+        };
         URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
     }
 
-    /// `SHA256:` + unpadded standard base64 of SHA-256 over the raw 32-byte public key.
+    /// `SHA256:` + unpadded standard base64 of SHA-256 over the raw public key (Ed25519's 32
+    /// bytes, P-256's uncompressed point).
     ///
     /// This uses OpenSSH's *format*, but hashes the raw key rather than the SSH wire blob, so
     /// it is not the value `ssh-keygen -l` prints for the same key.
     pub fn fingerprint(&self) -> String {
         format!(
             "SHA256:{}",
-            STANDARD_NO_PAD.encode(Sha256::digest(self.key.as_bytes()))
+            STANDARD_NO_PAD.encode(Sha256::digest(self.raw()))
         )
     }
 
     /// Encode as a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), LF line endings,
     /// through the `spki` crate's encoder (`EncodePublicKey`).
     pub fn to_spki_pem(&self) -> String {
-        self.key
-            .to_public_key_pem(LineEnding::LF)
-            // Infallible: a fixed 44-byte structure.
-            .expect("an Ed25519 SubjectPublicKeyInfo always encodes")
+        match &self.key {
+            Verifying::Ed25519(k) => k.to_public_key_pem(LineEnding::LF),
+            Verifying::P256(k) => k.to_public_key_pem(LineEnding::LF),
+        }
+        // Infallible: a fixed structure.
+        .expect("a SubjectPublicKeyInfo always encodes")
     }
 
-    /// Parse a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`) holding an Ed25519 key.
+    /// Parse a SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`) holding an Ed25519 or a
+    /// P-256 key.
     pub fn from_spki_pem(pem: &str) -> Result<Self, KeyError> {
-        let key = VerifyingKey::from_public_key_pem(pem.trim())
-            .map_err(|_| KeyError::InvalidPublicKey("not an Ed25519 SubjectPublicKeyInfo PEM"))?;
-        Self::from_raw(key.as_bytes())
+        if let Ok(key) = VerifyingKey::from_public_key_pem(pem.trim()) {
+            return Self::from_raw(key.as_bytes());
+        }
+        let key = p256::ecdsa::VerifyingKey::from_public_key_pem(pem.trim()).map_err(|_| {
+            KeyError::InvalidPublicKey("not an Ed25519 or P-256 SubjectPublicKeyInfo PEM")
+        })?;
+        Ok(PublicKey {
+            key: Verifying::P256(key),
+        })
     }
 
-    /// The JWK (`kty` OKP, `crv` Ed25519, `x`, `kid` = thumbprint, `use` sig, `alg` EdDSA).
+    /// The JWK: `kty` OKP, `crv` Ed25519, `x` (or `kty` EC, `crv` P-256, `x`, `y`), `kid` =
+    /// thumbprint, `use` sig, `alg` EdDSA (or ES256).
     pub fn to_jwk(&self) -> Jwk {
+        let (x, y) = self.coordinates();
+        let (kty, crv) = match self.kind() {
+            Kind::Ed25519 => (JWK_KTY, JWK_CRV),
+            Kind::EcdsaP256 => (JWK_KTY_EC, JWK_CRV_P256),
+        };
         Jwk {
-            kty: JWK_KTY.to_owned(),
-            crv: JWK_CRV.to_owned(),
-            x: self.x(),
+            kty: kty.to_owned(),
+            crv: crv.to_owned(),
+            x,
+            y,
             kid: Some(self.key_id()),
             use_: Some(JWK_USE_SIG.to_owned()),
-            alg: Some(JWS_ALG.to_owned()),
+            alg: Some(self.kind().alg().to_owned()),
         }
     }
 
-    /// Parse an Ed25519 JWK. `use` and `alg`, if present, must be `sig` and `EdDSA`; `kid`, if
-    /// present, must equal the RFC 7638 thumbprint.
+    /// Parse an Ed25519 or P-256 JWK. `use` and `alg`, if present, must be `sig` and the key's
+    /// algorithm; `kid`, if present, must equal the RFC 7638 thumbprint.
     pub fn from_jwk(jwk: &Jwk) -> Result<Self, KeyError> {
-        if jwk.kty != JWK_KTY {
-            return Err(KeyError::InvalidPublicKey("JWK kty must be OKP"));
-        }
-        if jwk.crv != JWK_CRV {
-            return Err(KeyError::InvalidPublicKey("JWK crv must be Ed25519"));
-        }
+        let kind = match (jwk.kty.as_str(), jwk.crv.as_str()) {
+            (JWK_KTY, JWK_CRV) => Kind::Ed25519,
+            (JWK_KTY_EC, JWK_CRV_P256) => Kind::EcdsaP256,
+            (JWK_KTY, _) => return Err(KeyError::InvalidPublicKey("JWK crv must be Ed25519")),
+            (JWK_KTY_EC, _) => return Err(KeyError::InvalidPublicKey("JWK crv must be P-256")),
+            _ => return Err(KeyError::InvalidPublicKey("JWK kty must be OKP or EC")),
+        };
         if jwk.use_.as_deref().is_some_and(|u| u != JWK_USE_SIG) {
             return Err(KeyError::InvalidPublicKey("JWK use must be sig"));
         }
-        if jwk.alg.as_deref().is_some_and(|a| a != JWS_ALG) {
-            return Err(KeyError::InvalidPublicKey("JWK alg must be EdDSA"));
+        if jwk.alg.as_deref().is_some_and(|a| a != kind.alg()) {
+            return Err(KeyError::InvalidPublicKey(
+                "JWK alg must be EdDSA (OKP) or ES256 (EC)",
+            ));
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(jwk.x.as_bytes())
-            .map_err(|_| KeyError::InvalidPublicKey("JWK x is not unpadded base64url"))?;
-        let raw: [u8; PUBLIC_KEY_LENGTH] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyError::InvalidPublicKey("JWK x must be 32 bytes"))?;
-        let key = Self::from_raw(&raw)?;
+        let coordinate = |c: &str, len: usize, what: &'static str| {
+            URL_SAFE_NO_PAD
+                .decode(c.as_bytes())
+                .ok()
+                .filter(|b| b.len() == len)
+                .ok_or(KeyError::InvalidPublicKey(what))
+        };
+        let key = match kind {
+            Kind::Ed25519 => {
+                if jwk.y.is_some() {
+                    return Err(KeyError::InvalidPublicKey("an OKP JWK has no y"));
+                }
+                let raw = coordinate(&jwk.x, PUBLIC_KEY_LENGTH, "JWK x must be 32 bytes")?;
+                let mut bytes = [0u8; PUBLIC_KEY_LENGTH];
+                bytes.copy_from_slice(&raw);
+                Self::from_raw(&bytes)?
+            }
+            Kind::EcdsaP256 => {
+                let x = coordinate(&jwk.x, 32, "JWK x must be 32 bytes of base64url")?;
+                let y = jwk
+                    .y
+                    .as_deref()
+                    .ok_or(KeyError::InvalidPublicKey("an EC JWK needs y"))?;
+                let y = coordinate(y, 32, "JWK y must be 32 bytes of base64url")?;
+                let point = p256::EncodedPoint::from_affine_coordinates(
+                    p256::FieldBytes::from_slice(&x),
+                    p256::FieldBytes::from_slice(&y),
+                    false,
+                );
+                let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point)
+                    .map_err(|_| KeyError::InvalidPublicKey("not a valid P-256 point"))?;
+                PublicKey {
+                    key: Verifying::P256(key),
+                }
+            }
+        };
         if let Some(kid) = &jwk.kid {
             let actual = key.key_id();
             if *kid != actual {
@@ -379,12 +579,26 @@ impl PublicKey {
         Ok(key)
     }
 
-    /// Verify a raw Ed25519 signature (strict: rejects non-canonical signatures).
+    /// Verify a raw JWS signature: Ed25519 strictly (no non-canonical signatures), ES256 as
+    /// the 64-byte `r || s` of RFC 7518 (not DER).
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), KeyError> {
-        let signature = Signature::from_slice(signature).map_err(|_| KeyError::SignatureInvalid)?;
-        self.key
-            .verify_strict(message, &signature)
-            .map_err(|_| KeyError::SignatureInvalid)
+        match &self.key {
+            Verifying::Ed25519(k) => {
+                let signature =
+                    Signature::from_slice(signature).map_err(|_| KeyError::SignatureInvalid)?;
+                k.verify_strict(message, &signature)
+                    .map_err(|_| KeyError::SignatureInvalid)
+            }
+            Verifying::P256(k) => {
+                use p256::ecdsa::signature::Verifier as _;
+                // High-S signatures are accepted: Go's crypto/ecdsa (OPA) does not normalize S,
+                // and nothing here keys on signature bytes (replay is caught by `jti`).
+                let signature = p256::ecdsa::Signature::from_slice(signature)
+                    .map_err(|_| KeyError::SignatureInvalid)?;
+                k.verify(message, &signature)
+                    .map_err(|_| KeyError::SignatureInvalid)
+            }
+        }
     }
 }
 
@@ -396,12 +610,15 @@ impl fmt::Debug for PublicKey {
     }
 }
 
-/// An Ed25519 JSON Web Key (RFC 8037). Public keys only: there is deliberately no `d` member.
+/// A JSON Web Key: Ed25519 (RFC 8037) or P-256 (RFC 7518). Public keys only: there is
+/// deliberately no `d` member.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Jwk {
     pub kty: String,
     pub crv: String,
     pub x: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub y: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub kid: Option<String>,
     #[serde(rename = "use", skip_serializing_if = "Option::is_none", default)]
@@ -529,8 +746,9 @@ pub fn decode_token_unverified(token: &str) -> Result<(TokenHeader, TokenClaims)
 
 /// Verify a compact JWS against a JWKS and return its header and claims.
 ///
-/// Checks, in order: well-formedness; `alg` is `EdDSA` (and `typ`, if present, is `JWT`);
-/// if `kid` is in `trusted`, the JWK is valid and the signature verifies, then that `kid` is
+/// Checks, in order: well-formedness; `alg` is `EdDSA` or `ES256` (and `typ`, if present, is
+/// `JWT`); if `kid` is in `trusted`, the JWK is valid, of the token's `alg`, and the signature
+/// verifies, then that `kid` is
 /// not in `revoked`; if `kid` is not in `trusted`, the result is [`KeyError::TokenRevoked`]
 /// when it is in `revoked` and [`KeyError::UnknownKeyId`] otherwise (in both cases the
 /// signature could not be checked, so these errors do not prove the token is genuine); finally
@@ -544,7 +762,7 @@ pub fn verify_token(
 ) -> Result<(TokenHeader, TokenClaims), KeyError> {
     let parsed = parse_token(token)?;
     let header = &parsed.header;
-    if header.alg != JWS_ALG {
+    if !supported_alg(&header.alg) {
         return Err(KeyError::UnsupportedAlgorithm(sanitize_ident(&header.alg)));
     }
     if header
@@ -566,6 +784,10 @@ pub fn verify_token(
         });
     };
     let key = PublicKey::from_jwk(jwk)?;
+    // The algorithm is the key's, never the token's choice.
+    if key.kind().alg() != header.alg {
+        return Err(KeyError::UnsupportedAlgorithm(sanitize_ident(&header.alg)));
+    }
 
     let signature = URL_SAFE_NO_PAD
         .decode(parsed.signature)
@@ -591,6 +813,28 @@ pub fn verify_token(
         });
     }
     Ok((parsed.header, parsed.claims))
+}
+
+#[cfg(test)]
+impl KeyPair {
+    /// The Ed25519 signing key (tests of Ed25519 keys only).
+    fn ed(&self) -> &SigningKey {
+        match &self.signing {
+            Signing::Ed25519(k) => k,
+            Signing::P256(_) => panic!("not an Ed25519 key"),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PublicKey {
+    /// The Ed25519 verifying key (tests of Ed25519 keys only).
+    fn ed(&self) -> &VerifyingKey {
+        match &self.key {
+            Verifying::Ed25519(k) => k,
+            Verifying::P256(_) => panic!("not an Ed25519 key"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,13 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use super::limits;
 
-/// The only supported key algorithm.
+/// The key algorithm.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
 )]
 pub enum Algorithm {
+    /// Ed25519; tokens are signed `EdDSA`. The default.
     #[default]
     Ed25519,
+    /// ECDSA on the P-256 curve; tokens are signed `ES256`. For clients that cannot sign
+    /// EdDSA: OPA's OAuth2 client assertions (`tokenMode: ProofOfPossession`) accept only the
+    /// RSA, ECDSA and HMAC algorithms.
+    #[allow(clippy::upper_case_acronyms)]
+    ECDSAP256,
 }
 
 /// A provisioning key that policy agents use to prove who they are to a control plane.
@@ -49,7 +55,7 @@ pub enum Algorithm {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningKeySpec {
-    /// Key algorithm. Only `Ed25519` is supported. Immutable.
+    /// Key algorithm: `Ed25519` (default) or `ECDSAP256`. Immutable.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("algorithm is immutable"))]
     #[schemars(transform = no_schema_default)]

@@ -438,7 +438,10 @@ impl OwnWrites {
     /// Whether the object in hand predates our own last write of it: the watch cache has not
     /// delivered that write yet. A remembered write the object has already passed (a later
     /// resourceVersion: the echo was coalesced into a relist, or filtered out) is forgotten.
-    pub fn unseen(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    pub fn unseen(
+        &self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> bool {
         let Some(key) = Self::key(meta) else {
             return false;
         };
@@ -452,7 +455,10 @@ impl OwnWrites {
         }
         // resourceVersions are opaque, but the API server's are etcd revisions; where both parse,
         // a newer object in hand means our write is already in it.
-        let newer = match (have.and_then(|r| r.parse::<u64>().ok()), held.parse::<u64>().ok()) {
+        let newer = match (
+            have.and_then(|r| r.parse::<u64>().ok()),
+            held.parse::<u64>().ok(),
+        ) {
             (Some(have), Some(held)) => have > held,
             _ => false,
         };

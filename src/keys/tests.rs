@@ -12,7 +12,7 @@ const NOW: i64 = 1_700_000_000;
 
 fn from_seed(seed: &[u8; 32]) -> KeyPair {
     KeyPair {
-        signing: SigningKey::from_bytes(seed),
+        signing: Signing::Ed25519(SigningKey::from_bytes(seed)),
     }
 }
 
@@ -58,7 +58,7 @@ fn private_pem_round_trip() {
     assert!(pem.ends_with("\n-----END PRIVATE KEY-----\n"));
     let back = KeyPair::from_pkcs8_pem(&pem).unwrap();
     assert_eq!(back.key_id(), key.key_id());
-    assert_eq!(back.signing.to_bytes(), key.signing.to_bytes());
+    assert_eq!(back.ed().to_bytes(), key.ed().to_bytes());
     assert_eq!(*back.to_pkcs8_pem(), *pem);
     // CRLF and surrounding whitespace are tolerated.
     let crlf = format!("\n  {}  \n", pem.replace('\n', "\r\n"));
@@ -90,15 +90,15 @@ fn private_pem_accepts_v2_and_checks_embedded_public_key() {
     use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
     let key = KeyPair::generate();
     // ed25519-dalek writes v2 (with the public key).
-    let v2 = key.signing.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let v2 = key.ed().to_pkcs8_pem(LineEnding::LF).unwrap();
     assert_ne!(*v2, *key.to_pkcs8_pem());
     assert_eq!(KeyPair::from_pkcs8_pem(&v2).unwrap().key_id(), key.key_id());
 
     let other = KeyPair::generate();
     let mismatched = ed25519_dalek::pkcs8::KeypairBytes {
-        secret_key: key.signing.to_bytes(),
+        secret_key: key.ed().to_bytes(),
         public_key: Some(ed25519_dalek::pkcs8::PublicKeyBytes(
-            other.public_key().key.to_bytes(),
+            other.public_key().ed().to_bytes(),
         )),
     }
     .to_pkcs8_pem(LineEnding::LF)
@@ -142,7 +142,7 @@ fn public_pem_round_trip() {
     use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
     assert_eq!(
         key.public_key()
-            .key
+            .ed()
             .to_public_key_pem(LineEnding::LF)
             .unwrap(),
         pem
@@ -163,6 +163,7 @@ fn key_id_matches_rfc8037_vector() {
         kty: "OKP".into(),
         crv: "Ed25519".into(),
         x: RFC8037_X.into(),
+        y: None,
         kid: None,
         use_: None,
         alg: None,
@@ -180,7 +181,7 @@ fn rfc8037_signature_vector_verifies() {
         .unwrap();
     // Ed25519 is deterministic: we produce the same signature.
     assert_eq!(
-        key.signing.sign(signing_input.as_bytes()).to_bytes()[..],
+        key.ed().sign(signing_input.as_bytes()).to_bytes()[..],
         sig[..]
     );
     let err = key
@@ -488,7 +489,7 @@ fn untrusted_kid_is_sanitized_in_errors() {
 fn debug_output_never_contains_key_material() {
     let key = KeyPair::generate();
     let pem = key.to_pkcs8_pem();
-    let seed = key.signing.to_bytes();
+    let seed = key.ed().to_bytes();
     let debug = format!("{key:?} {:?} {key:#?}", key.public_key());
     assert_eq!(
         format!("{key:?}"),
@@ -612,4 +613,142 @@ fn static_claims_are_signed_and_read_back() {
             .len(),
         0
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ECDSA P-256 (ES256)
+
+/// A P-256 key as `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256` writes it,
+/// and its public key as `openssl pkey -pubout` prints it (a test fixture, no real key).
+const OPENSSL_P256: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgVNnJJ/WWFhMK29L4
+HT1SItpzcnJ8BJUMKdBqgp9FTfGhRANCAASyvtgbOnhegNBg9okALgFjdiokPahj
+bUqg2se33fMnlo0XVKejBVzmbtIVeqZEcyu4u+qGctkdRSVSe1Q6q4CJ
+-----END PRIVATE KEY-----
+";
+const OPENSSL_P256_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEsr7YGzp4XoDQYPaJAC4BY3YqJD2o
+Y21KoNrHt93zJ5aNF1SnowVc5m7SFXqmRHMruLvqhnLZHUUlUntUOquAiQ==
+-----END PUBLIC KEY-----
+";
+
+#[test]
+fn p256_keys_read_what_openssl_writes_and_round_trip() {
+    let key = KeyPair::from_pkcs8_pem(OPENSSL_P256).expect("openssl's P-256 key");
+    assert_eq!(key.kind(), Kind::EcdsaP256);
+    assert_eq!(key.public_key().to_spki_pem(), OPENSSL_P256_PUBLIC);
+    let back = KeyPair::from_pkcs8_pem(&key.to_pkcs8_pem()).expect("our own encoding");
+    assert_eq!(back.key_id(), key.key_id());
+    let public = PublicKey::from_spki_pem(OPENSSL_P256_PUBLIC).expect("spki");
+    assert_eq!(public.key_id(), key.key_id());
+    assert!(
+        !format!("{key:?}").contains("BEGIN"),
+        "Debug prints the kid only"
+    );
+    // A fresh key of each kind.
+    for kind in [Kind::Ed25519, Kind::EcdsaP256] {
+        let k = KeyPair::generate_kind(kind);
+        assert_eq!(k.kind(), kind);
+        let again = KeyPair::from_pkcs8_pem(&k.to_pkcs8_pem()).expect("round trip");
+        assert_eq!(again.key_id(), k.key_id());
+    }
+}
+
+#[test]
+fn p256_key_id_is_the_rfc7638_thumbprint_of_its_jwk() {
+    let key = KeyPair::from_pkcs8_pem(OPENSSL_P256).expect("key");
+    let jwk = key.public_key().to_jwk();
+    assert_eq!((jwk.kty.as_str(), jwk.crv.as_str()), ("EC", "P-256"));
+    assert_eq!(jwk.alg.as_deref(), Some("ES256"));
+    // RFC 7638: the required members, lexicographic order, no whitespace (serde_json's map is
+    // sorted), hashed with SHA-256.
+    let canonical = serde_json::json!({
+        "crv": jwk.crv, "kty": jwk.kty, "x": jwk.x, "y": jwk.y,
+    })
+    .to_string();
+    let want = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
+    assert_eq!(key.key_id(), want);
+    assert_eq!(jwk.kid.as_deref(), Some(want.as_str()));
+    let back = PublicKey::from_jwk(&jwk).expect("jwk");
+    assert_eq!(back, key.public_key());
+    // A point off the curve, a missing y, a wrong length and a mismatched alg are refused.
+    let mut off = jwk.clone();
+    off.kid = None;
+    off.y = Some(URL_SAFE_NO_PAD.encode([7u8; 32]));
+    assert!(PublicKey::from_jwk(&off).is_err());
+    let mut no_y = jwk.clone();
+    no_y.y = None;
+    assert!(PublicKey::from_jwk(&no_y).is_err());
+    let mut short = jwk.clone();
+    short.x = URL_SAFE_NO_PAD.encode([1u8; 31]);
+    assert!(PublicKey::from_jwk(&short).is_err());
+    let mut alg = jwk.clone();
+    alg.alg = Some("EdDSA".into());
+    assert!(PublicKey::from_jwk(&alg).is_err());
+}
+
+#[test]
+fn es256_tokens_verify_and_the_algorithm_is_the_keys_not_the_tokens() {
+    let ec = KeyPair::from_pkcs8_pem(OPENSSL_P256).expect("key");
+    let ed = rfc_key();
+    let set = jwks(&[&ec, &ed]);
+    let token = ec.sign_token(&claims()).expect("sign");
+    let (header, got) = verify_token(&token, &set, &[], NOW, 0).expect("verifies");
+    assert_eq!(header.alg, "ES256");
+    assert_eq!(got, claims());
+    // The signature is r || s, 64 bytes (RFC 7518 3.4), not DER.
+    let sig = token.rsplit('.').next().expect("sig");
+    assert_eq!(URL_SAFE_NO_PAD.decode(sig).expect("b64").len(), 64);
+    // An ES256 header on the Ed25519 key's kid, and EdDSA on the P-256 key's: refused before
+    // the signature is read.
+    let mut as_ed = ec.header();
+    as_ed.kid = ed.key_id();
+    let forged = ec.sign_compact(&as_ed, &claims()).expect("sign");
+    assert!(matches!(
+        verify_token(&forged, &set, &[], NOW, 0),
+        Err(KeyError::UnsupportedAlgorithm(_))
+    ));
+    let mut as_ec = ed.header();
+    as_ec.kid = ec.key_id();
+    let forged = ed.sign_compact(&as_ec, &claims()).expect("sign");
+    assert!(matches!(
+        verify_token(&forged, &set, &[], NOW, 0),
+        Err(KeyError::UnsupportedAlgorithm(_))
+    ));
+    // Another P-256 key's signature under this kid fails.
+    let other = KeyPair::generate_kind(Kind::EcdsaP256);
+    let forged = other.sign_compact(&ec.header(), &claims()).expect("sign");
+    assert_eq!(
+        verify_token(&forged, &set, &[], NOW, 0),
+        Err(KeyError::SignatureInvalid)
+    );
+}
+
+#[test]
+fn es256_high_s_signatures_verify_as_go_writes_them() {
+    // Go's crypto/ecdsa (OPA) does not normalize S: (r, n - s) of a valid signature is accepted.
+    let ec = KeyPair::from_pkcs8_pem(OPENSSL_P256).expect("key");
+    let token = ec.sign_token(&claims()).expect("sign");
+    let (input, sig) = token.rsplit_once('.').expect("parts");
+    let sig = p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(sig).expect("b64"))
+        .expect("sig");
+    let (r, s) = sig.split_scalars();
+    let high = p256::ecdsa::Signature::from_scalars(r, -*s).expect("high-S");
+    let flipped = format!("{input}.{}", URL_SAFE_NO_PAD.encode(high.to_bytes()));
+    assert!(verify_token(&flipped, &jwks(&[&ec]), &[], NOW, 0).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    #[test]
+    fn any_bit_flip_of_an_es256_token_is_refused(pos in 0usize..400, bit in 0u8..8) {
+        let ec = KeyPair::from_pkcs8_pem(OPENSSL_P256).expect("key");
+        let token = ec.sign_token(&claims()).expect("sign");
+        let mut bytes = token.clone().into_bytes();
+        let i = pos % bytes.len();
+        bytes[i] ^= 1 << bit;
+        if let Ok(t) = String::from_utf8(bytes) && t != token {
+            prop_assert!(verify_token(&t, &jwks(&[&ec]), &[], NOW, 0).is_err());
+        }
+    }
 }

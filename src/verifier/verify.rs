@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::keys::{self, JWS_ALG, KeyError};
+use crate::keys::{self, KeyError};
 
 use super::index::{Index, KeyRef};
 
@@ -185,7 +185,8 @@ pub fn bearer(headers: &http::HeaderMap) -> Result<&str, Refusal> {
 }
 
 /// Verifies `token` against the bundle of the ProvisioningKey its `sub` names:
-/// 1. `alg` is EdDSA (`none`, HS*, RS*, ... are refused before anything else is read);
+/// 1. `alg` is EdDSA or ES256 (`none`, HS*, RS*, ... are refused before anything else is read;
+///    the key the `kid` names must be of that algorithm);
 /// 2. `sub` names a key whose bundle is known;
 /// 3. the `kid` is in that bundle's JWKS, the signature verifies, the `kid` is not revoked
 ///    (a revoked kid is refused even if a stale JWKS still lists it), and the key's trust
@@ -207,7 +208,7 @@ pub fn verify(
     // Unverified read of header and claims only to find the bundle; nothing below trusts
     // them before `keys::verify_token` has checked the signature.
     let (header, claims) = keys::decode_token_unverified(token)?;
-    if header.alg != JWS_ALG {
+    if !keys::supported_alg(&header.alg) {
         return Err(KeyError::UnsupportedAlgorithm(keys::sanitize_ident(&header.alg)).into());
     }
     let key = KeyRef::parse(&claims.sub).ok_or(Refusal::BadSubject)?;

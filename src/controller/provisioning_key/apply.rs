@@ -54,7 +54,7 @@ pub(super) async fn step(
     // The key the write needs: a new one, or the stored one a hand-out signs with (read once,
     // here, the only step that needs a private key).
     let key = match write::key_need(step) {
-        Some(KeyNeed::New) => Some(KeyPair::generate()),
+        Some(KeyNeed::New) => Some(KeyPair::generate_kind(pk.spec.algorithm.into())),
         Some(KeyNeed::Stored(seq)) => match fresh.take().filter(|(s, _)| *s == seq) {
             Some((_, pair)) => Some(pair),
             None => read_private_key(ctx, &ns, &name, seq).await?,
