@@ -47,6 +47,7 @@ fn index() -> &'static Index {
             kids: [(key.public_key().key_id(), 3600)].into(),
             deactivated: Default::default(),
             claims: Default::default(),
+            pop: false,
         };
         let pk: Result<ProvisioningKey, _> = serde_json::from_value(serde_json::json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "ProvisioningKey",

@@ -815,6 +815,68 @@ pub fn verify_token(
     Ok((parsed.header, parsed.claims))
 }
 
+/// The JOSE header of a JWS that may carry no `kid` (a client assertion: OPA sends none).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct JoseHeader {
+    pub alg: String,
+    #[serde(default)]
+    pub typ: Option<String>,
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub crit: Option<serde_json::Value>,
+}
+
+/// The header of a compact JWS, WITHOUT verifying (to choose the key it must verify under).
+pub fn jose_header_unverified(token: &str) -> Result<JoseHeader, KeyError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(KeyError::InvalidToken("token is too long"));
+    }
+    let (header_b64, _) = token.split_once('.').ok_or(BAD_SEGMENTS)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(header_b64)
+        .map_err(|_| KeyError::InvalidToken("header is not unpadded base64url"))?;
+    serde_json::from_slice(&json)
+        .map_err(|_| KeyError::InvalidToken("header is not a valid JOSE header"))
+}
+
+/// Verifies a compact JWS's signature under `key` (its `alg` must be the key's; `typ`, if
+/// present, `JWT`; no `crit`) and returns its claims as a JSON object. No claim is checked:
+/// the caller checks the ones its protocol defines.
+pub fn verify_jws(
+    token: &str,
+    key: &PublicKey,
+) -> Result<serde_json::Map<String, serde_json::Value>, KeyError> {
+    let header = jose_header_unverified(token)?;
+    if !supported_alg(&header.alg) || key.kind().alg() != header.alg {
+        return Err(KeyError::UnsupportedAlgorithm(sanitize_ident(&header.alg)));
+    }
+    if header
+        .typ
+        .as_deref()
+        .is_some_and(|t| !t.eq_ignore_ascii_case(JWT_TYP))
+    {
+        return Err(KeyError::InvalidToken("typ must be JWT"));
+    }
+    if header.crit.is_some() {
+        return Err(KeyError::InvalidToken("crit is not supported"));
+    }
+    let (signing_input, signature) = token.rsplit_once('.').ok_or(BAD_SEGMENTS)?;
+    let (_, claims_b64) = signing_input.split_once('.').ok_or(BAD_SEGMENTS)?;
+    if claims_b64.contains('.') {
+        return Err(BAD_SEGMENTS);
+    }
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| KeyError::InvalidToken("signature is not unpadded base64url"))?;
+    key.verify(signing_input.as_bytes(), &signature)?;
+    let json = URL_SAFE_NO_PAD
+        .decode(claims_b64)
+        .map_err(|_| KeyError::InvalidToken("payload is not unpadded base64url"))?;
+    serde_json::from_slice(&json)
+        .map_err(|_| KeyError::InvalidToken("payload is not a valid claims object"))
+}
+
 #[cfg(test)]
 impl KeyPair {
     /// The Ed25519 signing key (tests of Ed25519 keys only).

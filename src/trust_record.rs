@@ -55,6 +55,11 @@ pub struct TrustRecord {
     /// the private key (`includePrivateKey`) cannot grant itself a scope. Absent when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub claims: BTreeMap<String, String>,
+    /// `spec.token.mode: ProofOfPossession`: the verifier refuses a bearer token signed by one
+    /// of these key ids, and accepts only access tokens its token endpoint issued against a
+    /// client assertion. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pop: bool,
 }
 
 /// Why a record could not be read (the verifier then trusts nothing of that key; the operator
@@ -155,6 +160,7 @@ mod tests {
             kids: [("k2".to_string(), 3600), ("k1".to_string(), 600)].into(),
             deactivated: Default::default(),
             claims: Default::default(),
+            pop: false,
         }
     }
 

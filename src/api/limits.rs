@@ -244,6 +244,18 @@ pub fn name_length() -> Rule {
     .optional_old_self(true)
 }
 
+/// `spec.token.mode: ProofOfPossession` needs `spec.includePrivateKey: true`: the agent signs
+/// its assertions with the key.
+pub fn proof_of_possession_needs_the_private_key() -> Rule {
+    Rule::new(
+        "!has(self.spec.token) || !has(self.spec.token.mode) || self.spec.token.mode != 'ProofOfPossession' || (has(self.spec.includePrivateKey) && self.spec.includePrivateKey)",
+    )
+    .message(POP_NEEDS_PRIVATE_KEY)
+}
+
+/// The message of [`proof_of_possession_needs_the_private_key`].
+pub const POP_NEEDS_PRIVATE_KEY: &str = "spec.token.mode ProofOfPossession needs spec.includePrivateKey: true (the agent signs its client assertions with the key)";
+
 /// The agent Secret's effective name is not of the form of a key Secret's (checked on
 /// creation; the name cannot change afterwards).
 pub fn secret_name_unlike_a_key_secret() -> Rule {

@@ -26,6 +26,21 @@ pub enum Algorithm {
     ECDSAP256,
 }
 
+/// How agents prove themselves with the key.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum TokenMode {
+    /// Agents send the signed token from the agent Secret (a bearer credential: whoever copies
+    /// it may use it until it expires). The default.
+    #[default]
+    Bearer,
+    /// Agents hold the private key (`includePrivateKey: true`) and sign a short-lived client
+    /// assertion (RFC 7523) for each access token they fetch from the verifier's token
+    /// endpoint; the verifier refuses a bearer token signed by the key itself.
+    ProofOfPossession,
+}
+
 /// A provisioning key that policy agents use to prove who they are to a control plane.
 ///
 /// Keyward mints an Ed25519 key into an operator-owned Secret, publishes its public key in a
@@ -51,7 +66,8 @@ pub enum Algorithm {
     validation = limits::secret_name_immutable(),
     validation = limits::config_map_name_immutable(),
     validation = limits::name_length(),
-    validation = limits::secret_name_unlike_a_key_secret()
+    validation = limits::secret_name_unlike_a_key_secret(),
+    validation = limits::proof_of_possession_needs_the_private_key()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningKeySpec {
@@ -306,6 +322,14 @@ pub struct TokenSpec {
     #[x_kube(validation = limits::claims_rule())]
     #[schemars(extend("maxProperties" = 16), extend("additionalProperties" = {"type": "string", "maxLength": 512}))]
     pub claims: BTreeMap<String, String>,
+
+    /// `Bearer` (default): agents send the token. `ProofOfPossession`: agents sign a client
+    /// assertion with the private key (needs `includePrivateKey: true`) at the verifier's
+    /// token endpoint, and the verifier refuses bearer tokens signed by the key itself. A
+    /// change is neither a rotation nor a roll: it takes effect in every verifier as the trust
+    /// record is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TokenMode>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]

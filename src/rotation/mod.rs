@@ -654,6 +654,7 @@ pub fn desired_record(settings: &Settings, obs: &Observed) -> TrustRecord {
         kids,
         deactivated,
         claims: settings.claims.clone(),
+        pop: settings.proof_of_possession,
     }
 }
 

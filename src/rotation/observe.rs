@@ -331,6 +331,7 @@ pub fn last_good(secrets: &KeySecrets, agent_secret: Option<&Secret>, uid: &str)
         issuer: token.as_ref().map(|(_, c)| c.iss.clone()),
         recorded_audience: None,
         recorded_claims: None,
+        recorded_pop: None,
     }
 }
 
@@ -651,6 +652,7 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
     let mut last = last_good(&secrets, agent_secret, &uid);
     let record = crate::trust_record::TrustRecord::of(pk).and_then(Result::ok);
     last.recorded_claims = record.as_ref().map(|r| r.claims.clone());
+    last.recorded_pop = record.as_ref().map(|r| r.pop);
     last.recorded_audience = record.map(|r| r.aud);
     let settings = super::resolve_or_keep(pk, floors, &last);
     let (bundle, bundle_jwks, agent_secret) =

@@ -131,6 +131,8 @@ pub struct Settings {
     pub secret_name: String,
     pub trust_bundle_name: String,
     pub include_private_key: bool,
+    /// `spec.token.mode: ProofOfPossession` (recorded in the trust record for the verifier).
+    pub proof_of_possession: bool,
     pub interval: Option<Duration>,
     pub min_interval: Duration,
     pub publish_delay: Duration,
@@ -205,6 +207,8 @@ pub struct LastGood {
     pub recorded_audience: Option<String>,
     /// The static claims of the trust record (kept while the spec is refused).
     pub recorded_claims: Option<BTreeMap<String, String>>,
+    /// Whether the trust record holds the key in proof-of-possession mode.
+    pub recorded_pop: Option<bool>,
 }
 
 impl LastGood {
@@ -329,6 +333,9 @@ pub fn resolve_or_keep(pk: &ProvisioningKey, floors: &Floors, last: &LastGood) -
                 secret_name: names.secret_name,
                 trust_bundle_name: names.trust_bundle_name,
                 include_private_key: pk.spec.include_private_key.unwrap_or(false),
+                // A refused spec never loosens the mode: proof of possession, once recorded or
+                // asked for, stays.
+                proof_of_possession: pk_asks_pop(pk) || last.recorded_pop.unwrap_or(false),
                 interval: None,
                 min_interval: or(last.min_interval, DEFAULT_MIN_INTERVAL, floors.min_interval),
                 publish_delay: or(
@@ -619,6 +626,7 @@ impl Settings {
             secret_name,
             trust_bundle_name,
             include_private_key: spec.include_private_key.unwrap_or(false),
+            proof_of_possession: pk_asks_pop(pk),
             interval,
             min_interval: duration(
                 limits::MIN_INTERVAL,
@@ -691,4 +699,10 @@ impl Settings {
             refused: None,
         })
     }
+}
+
+/// Whether the spec asks for `token.mode: ProofOfPossession`.
+fn pk_asks_pop(pk: &ProvisioningKey) -> bool {
+    pk.spec.token.as_ref().and_then(|t| t.mode)
+        == Some(crate::api::provisioning_key::TokenMode::ProofOfPossession)
 }

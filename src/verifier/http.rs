@@ -83,6 +83,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/authz/{namespace}/{name}/", any(auth_bound))
         .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound))
         .route("/keys/{namespace}/{name}/{document}", get(bundle_document));
+    let router = if shared.token_endpoint.is_some() {
+        router.route(super::oauth::PATH, axum::routing::post(token_endpoint))
+    } else {
+        router
+    };
     let router = if shared.upstream.is_some() {
         router.fallback(proxy)
     } else {
@@ -180,6 +185,80 @@ fn check(
         }
     }
     verified
+}
+
+/// Largest token request body read (a client assertion is well under 2 KiB).
+const MAX_TOKEN_REQUEST: usize = 16 * 1024;
+
+/// `POST /oauth2/token`: a client assertion in, an access token out (RFC 6749 4.4, RFC 7523).
+/// Answers carry `Cache-Control: no-store`; refusals are logged by their OAuth error code only.
+async fn token_endpoint(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    use super::oauth::OAuthError;
+    let Some(endpoint) = shared.token_endpoint.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let json = |status: StatusCode, body: String| {
+        let mut res = (status, body).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        res
+    };
+    let form_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        });
+    let refuse = |e: OAuthError| {
+        shared.stats.refused("TokenRequestRefused");
+        debug!(error = e.code, "token request refused");
+        json(e.status, e.body())
+    };
+    if !form_type {
+        return refuse(OAuthError {
+            code: "invalid_request",
+            description: "the body must be application/x-www-form-urlencoded".into(),
+            status: StatusCode::BAD_REQUEST,
+        });
+    }
+    let Ok(body) = axum::body::to_bytes(request.into_body(), MAX_TOKEN_REQUEST).await else {
+        return refuse(OAuthError {
+            code: "invalid_request",
+            description: format!("the body is longer than {MAX_TOKEN_REQUEST} bytes"),
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+        });
+    };
+    let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let now = Utc::now();
+    let skew = i64::try_from(shared.policy.clock_skew.as_secs()).unwrap_or(30);
+    let issued = {
+        let index = shared.index.read().unwrap_or_else(|e| e.into_inner());
+        endpoint.issue(&form, &index, now.timestamp(), skew)
+    };
+    match issued {
+        Ok(issued) => {
+            debug!(key = %issued.verified.key, kid = %issued.verified.kid, "access token issued");
+            shared.stats.allowed();
+            // The assertion is a use of the agent's key id, as a bearer token would be.
+            shared.use_log.record(Use {
+                key: issued.verified.key.clone(),
+                kid: issued.verified.kid.clone(),
+                instance: Instance::Unattributed,
+                at: now,
+            });
+            json(StatusCode::OK, issued.body())
+        }
+        Err(e) => refuse(e),
+    }
 }
 
 /// The binding of an unbound route: any key with `--accept-any-key`, else none.

@@ -71,6 +71,9 @@ pub struct KeyParams {
     pub recorded: bool,
     /// The static claims the operator signs (`spec.token.claims`), as recorded.
     pub claims: BTreeMap<String, String>,
+    /// `spec.token.mode: ProofOfPossession`, as recorded: bearer tokens signed by the key are
+    /// refused; only access tokens of the token endpoint pass.
+    pub pop: bool,
 }
 
 impl KeyParams {
@@ -97,6 +100,7 @@ impl KeyParams {
                 kids: r.kids,
                 recorded: true,
                 claims: r.claims,
+                pop: r.pop,
             },
             _ => KeyParams {
                 uid,
@@ -107,6 +111,7 @@ impl KeyParams {
                 kids: BTreeMap::new(),
                 recorded: false,
                 claims: BTreeMap::new(),
+                pop: false,
             },
         }
     }

@@ -12,6 +12,7 @@
 pub mod fresh;
 pub mod http;
 pub mod index;
+pub mod oauth;
 pub mod pod_identity;
 pub mod report;
 pub mod serve;
@@ -98,6 +99,8 @@ pub struct Shared {
     /// Attributes accepted requests to pods by their pod token (`None`: no request is
     /// attributed to any pod).
     pub pods: Option<Arc<pod_identity::PodIdentity>>,
+    /// The OAuth 2.0 token endpoint of proof-of-possession keys (`--token-endpoint-url`).
+    pub token_endpoint: Option<Arc<oauth::TokenEndpoint>>,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -116,8 +119,16 @@ impl Shared {
             tls: None,
             freshness: fresh::Freshness::default(),
             pods: None,
+            token_endpoint: None,
             pending: AtomicUsize::new(0),
         }
+    }
+
+    /// Serve the token endpoint of proof-of-possession keys, and accept its access tokens.
+    pub fn with_token_endpoint(mut self, endpoint: Option<oauth::TokenEndpoint>) -> Self {
+        self.policy.access = endpoint.as_ref().map(oauth::TokenEndpoint::access_policy);
+        self.token_endpoint = endpoint.map(Arc::new);
+        self
     }
 
     /// Attributes requests to pods by their pod token, reviewed by `reviewer` for `audience`.

@@ -21,6 +21,8 @@ pub struct Policy {
     pub max_token_ttl: Duration,
     /// `--require-claim`: claims every route requires (on top of a route's own).
     pub required_claims: Vec<RequiredClaim>,
+    /// The token endpoint's access tokens (`--token-endpoint-url`), accepted when set.
+    pub access: Option<super::oauth::AccessPolicy>,
 }
 
 /// A claim a route requires: the token's claim `name` must grant `value` (a space-separated
@@ -60,6 +62,7 @@ impl Default for Policy {
             issuer: None,
             max_token_ttl: MAX_TOKEN_TTL,
             required_claims: Vec::new(),
+            access: None,
         }
     }
 }
@@ -129,6 +132,10 @@ pub enum Refusal {
         "the route requires claim {0}, which the token or its key's trust record does not grant"
     )]
     ClaimMissing(String),
+    #[error(
+        "ProvisioningKey {0} is in proof-of-possession mode: a token it signed is not accepted, only an access token of the token endpoint"
+    )]
+    ProofOfPossessionRequired(String),
 }
 
 impl Refusal {
@@ -149,6 +156,7 @@ impl Refusal {
             Refusal::LifetimeTooLong => "TokenLifetimeTooLong",
             Refusal::KeyNotRecorded(_) => "KeyNotRecorded",
             Refusal::ClaimMissing(_) => "ClaimMissing",
+            Refusal::ProofOfPossessionRequired(_) => "ProofOfPossessionRequired",
         }
     }
 
@@ -211,6 +219,12 @@ pub fn verify(
     if !keys::supported_alg(&header.alg) {
         return Err(KeyError::UnsupportedAlgorithm(keys::sanitize_ident(&header.alg)).into());
     }
+    // An access token of the token endpoint: signed by the access-token signer's key.
+    if let Some(access) = &policy.access
+        && super::oauth::is_access_token(index, access, &header.kid)
+    {
+        return super::oauth::verify_access(token, index, binding, now, policy, access);
+    }
     let key = KeyRef::parse(&claims.sub).ok_or(Refusal::BadSubject)?;
     let (params, bundle) = index
         .bundle(&key)
@@ -251,6 +265,11 @@ pub fn verify(
         return Err(Refusal::KeyNotAccepted {
             expected: expected.to_string(),
         });
+    }
+    // Whoever holds the private key of a proof-of-possession key could sign a bearer token of
+    // their own: such a key's tokens pass only as the token endpoint's access tokens.
+    if params.pop {
+        return Err(Refusal::ProofOfPossessionRequired(key.to_string()));
     }
     Ok(Verified {
         key,

@@ -2837,6 +2837,7 @@ mod tests {
                 .collect(),
             deactivated: Default::default(),
             claims: Default::default(),
+            pop: false,
         };
         let mut pk = w
             .store

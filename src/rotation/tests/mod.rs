@@ -99,6 +99,7 @@ fn settings() -> Settings {
         secret_name: "demo".into(),
         trust_bundle_name: "demo-trust".into(),
         include_private_key: false,
+        proof_of_possession: false,
         interval: None,
         min_interval: secs(60),
         publish_delay: secs(120),
@@ -408,6 +409,7 @@ fn sim_record(settings: &Settings, seqs: &[u32]) -> TrustRecord {
             .collect(),
         deactivated: Default::default(),
         claims: Default::default(),
+        pop: false,
     }
 }
 

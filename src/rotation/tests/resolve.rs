@@ -12,6 +12,7 @@ fn resolve_defaults() {
             secret_name: "demo".into(),
             trust_bundle_name: "demo-trust".into(),
             include_private_key: false,
+            proof_of_possession: false,
             interval: None,
             min_interval: crate::rotation::settings::DEFAULT_MIN_INTERVAL,
             publish_delay: crate::rotation::settings::DEFAULT_PUBLISH_DELAY,
@@ -67,6 +68,7 @@ fn resolve_explicit_values() {
             ttl: some("10m"),
             issuer: some("me"),
             claims: [("scope".to_string(), "bundles:read".to_string())].into(),
+            mode: None,
         }),
         trust_bundle: Some(TrustBundleSpec {
             config_map_name: some("bundle"),

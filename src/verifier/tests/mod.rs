@@ -25,6 +25,7 @@ use crate::keys::{Jwks, KeyPair, TokenClaims};
 use crate::trust_record::TrustRecord;
 
 mod bundles;
+mod oauth;
 mod reverse_proxy;
 mod shapes;
 mod tls;
@@ -53,6 +54,7 @@ fn pk(name: &str, uid: &str, spec: serde_json::Value, recorded: &[&KeyPair]) -> 
             .collect(),
         deactivated: Default::default(),
         claims: Default::default(),
+        pop: false,
     };
     unrecorded_pk(name, uid, spec, Some(record.render()))
 }
