@@ -14,6 +14,7 @@
 //! `cargo test --features fault-injection --test e2e -- --nocapture --test-threads=2`
 //! Lines starting with `[e2e` are the scenarios' progress and timings.
 
+mod pop;
 mod scenarios;
 mod verified;
 

@@ -425,6 +425,25 @@ struct VerifierArgs {
     #[arg(long, env = "KEYWARD_VERIFIER_PLAIN_HTTP", num_args = 0..=1, default_value_t = false,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     plain_http: bool,
+    /// Serve the OAuth 2.0 token endpoint of proof-of-possession keys (`spec.token.mode:
+    /// ProofOfPossession`) at /oauth2/token, and accept its access tokens. The value is the
+    /// endpoint's URL as agents reach it (`https://<host>[:port]/oauth2/token`): the `aud` their
+    /// client assertions must carry, and the `iss` of the access tokens. Needs TLS,
+    /// --access-token-signer and --access-token-key-file.
+    #[arg(long, env = "KEYWARD_VERIFIER_TOKEN_ENDPOINT_URL")]
+    token_endpoint_url: Option<String>,
+    /// The ProvisioningKey (`<namespace>/<name>`, in a watched namespace) whose key signs the
+    /// access tokens: the operator mints and rotates it, and every replica verifies the access
+    /// tokens against its trust bundle.
+    #[arg(long, env = "KEYWARD_VERIFIER_ACCESS_TOKEN_SIGNER", value_parser = parse_key_ref)]
+    access_token_signer: Option<keyward::verifier::KeyRef>,
+    /// That key's private key: its agent Secret's `private-key.pem` (`includePrivateKey: true`),
+    /// mounted. Read on every token request, so a rotation needs no restart.
+    #[arg(long, env = "KEYWARD_VERIFIER_ACCESS_TOKEN_KEY_FILE")]
+    access_token_key_file: Option<PathBuf>,
+    /// Lifetime of an access token (at most 1h).
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    access_token_ttl: Duration,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -576,6 +595,33 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
             "--accept-any-key: /auth, /ext_authz and the proxy accept a token of any watched ProvisioningKey"
         );
     }
+    let token_endpoint = match (
+        args.token_endpoint_url,
+        args.access_token_signer,
+        args.access_token_key_file,
+    ) {
+        (None, None, None) => None,
+        (Some(url), Some(signer), Some(file)) => {
+            if !url.starts_with("https://") || url.parse::<::http::Uri>().is_err() {
+                return Err(format!("--token-endpoint-url {url:?} must be an https:// URL").into());
+            }
+            if matches!(mode, verifier::tls::Mode::PlainHttp) {
+                return Err("--token-endpoint-url needs TLS (--tls-cert-file, --tls-key-file): client assertions and access tokens never cross plain HTTP".into());
+            }
+            if args.access_token_ttl > verifier::oauth::MAX_ACCESS_TOKEN_TTL {
+                return Err("--access-token-ttl is at most 1h".into());
+            }
+            Some(verifier::oauth::TokenEndpoint::new(
+                url,
+                signer,
+                file,
+                args.access_token_ttl,
+            ))
+        }
+        _ => {
+            return Err("--token-endpoint-url, --access-token-signer and --access-token-key-file go together".into());
+        }
+    };
     let policy = verifier::Policy {
         clock_skew: args.clock_skew,
         audience: args.audience,
@@ -596,7 +642,8 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         .bound_to(args.bind_key.clone())
         .with_limits(limits)
         .with_max_staleness(args.max_staleness)
-        .with_tls(tls);
+        .with_tls(tls)
+        .with_token_endpoint(token_endpoint);
     // Pods are attributed only when their use is reported.
     if args.review_pod_tokens && report.is_some() {
         shared = shared.with_pod_identity(
