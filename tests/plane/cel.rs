@@ -69,6 +69,7 @@ fn tested() -> BTreeSet<(String, String)> {
         ("", limits::SECRET_NAME_LIKE_A_KEY_SECRET),
         ("spec.token.claims", limits::CLAIMS_RESERVED),
         ("spec.rotation.window", limits::WINDOW_EMPTY),
+        ("", limits::POP_NEEDS_PRIVATE_KEY),
     ]
     .into_iter()
     .map(|(p, m)| (format!("{pk}:{p}"), m.to_string()))
@@ -553,6 +554,56 @@ async fn the_server_refuses_reserved_and_malformed_claims() {
         patch_spec(&pks, "claims", with(json!({ "scope": "x".repeat(513) })))
             .await
             .is_err()
+    );
+    ns.cleanup().await;
+}
+
+/// `spec.token.mode: ProofOfPossession` needs `includePrivateKey: true`, on create and on every
+/// later change; unknown modes and algorithms are the schema's to refuse.
+#[tokio::test]
+async fn the_server_refuses_proof_of_possession_without_the_private_key() {
+    let ns = TestNamespace::new("kw-cel-pop").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let pop = json!({ "token": { "mode": "ProofOfPossession" } });
+    assert_refused_with(
+        try_create(&pks, "pop", pop.clone()).await,
+        limits::POP_NEEDS_PRIVATE_KEY,
+    );
+    assert_refused_with(
+        try_create(
+            &pks,
+            "pop",
+            json!({ "includePrivateKey": false, "token": { "mode": "ProofOfPossession" } }),
+        )
+        .await,
+        limits::POP_NEEDS_PRIVATE_KEY,
+    );
+    create(
+        &pks,
+        "pop",
+        json!({ "algorithm": "ECDSAP256", "includePrivateKey": true, "token": { "mode": "ProofOfPossession" } }),
+    )
+    .await;
+    // Nor may the private key be taken away from a live proof-of-possession key.
+    assert_refused_with(
+        patch_spec(&pks, "pop", json!({ "includePrivateKey": false })).await,
+        limits::POP_NEEDS_PRIVATE_KEY,
+    );
+    // An unknown mode or algorithm is the schema's to refuse.
+    assert!(
+        patch_spec(&pks, "pop", json!({ "token": { "mode": "Mutual" } }))
+            .await
+            .is_err()
+    );
+    assert!(
+        patch_spec(&pks, "pop", json!({ "algorithm": "RS256" }))
+            .await
+            .is_err()
+    );
+    // And the algorithm stays what it was minted with.
+    assert_refused_with(
+        patch_spec(&pks, "pop", json!({ "algorithm": "Ed25519" })).await,
+        "algorithm is immutable",
     );
     ns.cleanup().await;
 }

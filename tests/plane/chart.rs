@@ -275,6 +275,12 @@ fn verifier_statefulset_args_parse_with_the_binary() {
                 other => panic!("verifier.podTokens.review: {other:?}"),
             },
             "--pod-token-audience" => s(&v["podTokens"]["audience"]),
+            "--token-endpoint-url" => {
+                "https://kw-keyward-verifier.keyward-system.svc:8443/oauth2/token".into()
+            }
+            "--access-token-signer" => "keyward-system/kw-keyward-verifier-access-tokens".into(),
+            "--access-token-key-file" => "/etc/keyward/access-token-signer/private-key.pem".into(),
+            "--access-token-ttl" => s(&v["tokenEndpoint"]["accessTokenTtl"]),
             other => panic!("verifier-statefulset.yaml passes {other}: add it to this test"),
         }
     };

@@ -134,3 +134,21 @@ keyward-verifier-<statefulset>-<i> (src/usage.rs lease_name of the replica id = 
 {{- end }}
 {{- $names | toJson }}
 {{- end }}
+
+{{/*
+The ProvisioningKey whose key signs the token endpoint's access tokens (release namespace).
+*/}}
+{{- define "keyward.verifier.signerName" -}}
+{{- default (printf "%s-access-tokens" (include "keyward.verifier.fullname" .)) .Values.verifier.tokenEndpoint.signer.name -}}
+{{- end }}
+
+{{/*
+The token endpoint's URL: the value, else the verifier Service's cluster DNS name.
+*/}}
+{{- define "keyward.verifier.tokenEndpointUrl" -}}
+{{- if .Values.verifier.tokenEndpoint.url -}}
+{{- .Values.verifier.tokenEndpoint.url -}}
+{{- else -}}
+{{- printf "https://%s.%s.svc:%v/oauth2/token" (include "keyward.verifier.fullname" .) .Release.Namespace .Values.verifier.service.port -}}
+{{- end -}}
+{{- end }}
