@@ -9,14 +9,15 @@
 //! signed by a second ProvisioningKey the operator mints, whose private key the verifier reads
 //! from a file kept current the way a Secret volume is.
 //!
-//! Checked: OPA downloads; the bearer token of the agent Secret, signed by the very key, is
-//! refused (`ProofOfPossessionRequired`); an assertion signed by an independent JWT library
+//! Checked: OPA downloads; the agent Secret holds the key and no token, and a bearer token
+//! signed with the very key is refused (`ProofOfPossessionRequired`); an assertion signed by an independent JWT library
 //! (jsonwebtoken) is accepted once and refused when replayed; and the access-token signer
 //! rotates (its overlap longer than the access tokens live) while OPA keeps downloading with no
 //! gap.
 //!
 //! How to see it fail: let `/auth` accept the key's own tokens (in `src/verifier/verify.rs`,
-//! drop the `params.pop` refusal): step 2 fails with "the agent Secret's bearer token passed".
+//! drop the `params.pop` refusal): step 2 fails with "a bearer token signed with the
+//! proof-of-possession key passed".
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -189,6 +190,24 @@ fn assertion(pem: &str, key_ref: &str, aud: &str, jti: &str) -> anyhow::Result<S
     )?)
 }
 
+/// A bearer token (`iss` and `aud` the key's, as its trust record says; `sub` the key) signed with the agent's private key, as
+/// anyone holding the key could make one.
+fn self_signed_bearer(
+    pem: &str,
+    kid: &str,
+    key_ref: &str,
+    record: &keyward::trust_record::TrustRecord,
+) -> anyhow::Result<String> {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(body)?;
+    let key = jsonwebtoken::EncodingKey::from_ec_der(&der);
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"iss": record.iss, "sub": key_ref, "aud": record.aud, "iat": now, "nbf": now, "exp": now + 600, "jti": "self-made"});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opa_holding_the_key_proves_possession_and_its_bearer_token_is_refused()
 -> anyhow::Result<()> {
@@ -353,8 +372,20 @@ async fn an_opa_holding_the_key_proves_possession_and_its_bearer_token_is_refuse
         downloads().len()
     ));
 
-    // 2. The agent Secret's bearer token, signed by the very key: refused.
-    let bearer = item(&agent, "token").context("the agent Secret's token")?;
+    // 2. The agent Secret holds the key and no token; a bearer token signed with the very key,
+    // as its holder would make one: refused.
+    ensure!(
+        item(&agent, "token").is_none(),
+        "the agent Secret of a proof-of-possession key holds a token"
+    );
+    let kid = item(&agent, "key-id").context("the agent key id")?;
+    let record = keyward::trust_record::TrustRecord::of(&pks.get("agent").await?)
+        .context("a trust record")??;
+    ensure!(
+        record.pop,
+        "the trust record holds the key in proof-of-possession mode"
+    );
+    let bearer = self_signed_bearer(&agent_pem, &kid, &key_ref, &record)?;
     let r = https
         .get(format!("{base}/bundles/authz.tar.gz"))
         .bearer_auth(&bearer)
@@ -366,14 +397,16 @@ async fn an_opa_holding_the_key_proves_possession_and_its_bearer_token_is_refuse
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if r.status().is_success() {
-        bail!("the agent Secret's bearer token passed");
+        bail!("a bearer token signed with the proof-of-possession key passed");
     }
     ensure!(
         r.status() == 401 && reason.as_deref() == Some("ProofOfPossessionRequired"),
         "bearer token: {} {reason:?}",
         r.status()
     );
-    say("the key's own bearer token: 401 ProofOfPossessionRequired");
+    say(
+        "the agent Secret holds no token; a bearer token signed with the key: 401 ProofOfPossessionRequired",
+    );
 
     // 3. An assertion signed by an independent library: accepted once, refused replayed.
     let a = assertion(&agent_pem, &key_ref, &token_url, "jwt-lib-1")?;

@@ -219,7 +219,6 @@ pub fn agent_secret(
         exp: iat + i64::try_from(settings.token_ttl.as_secs()).unwrap_or(i64::MAX / 2),
         jti,
     };
-    let token = pair.sign_token_with(&claims, &settings.claims)?;
     let (tl, ta) = template(pk);
     let mut data = BTreeMap::from([
         (
@@ -230,8 +229,13 @@ pub fn agent_secret(
             l::DATA_PUBLIC_KEY.to_string(),
             ByteString(pair.public_key().to_spki_pem().into_bytes()),
         ),
-        (l::DATA_TOKEN.to_string(), ByteString(token.into_bytes())),
     ]);
+    // Proof of possession: the agent signs its own client assertions; a bearer token signed by
+    // the key would be a reusable credential (the verifier refuses it anyway).
+    if !settings.proof_of_possession {
+        let token = pair.sign_token_with(&claims, &settings.claims)?;
+        data.insert(l::DATA_TOKEN.to_string(), ByteString(token.into_bytes()));
+    }
     if settings.include_private_key {
         data.insert(
             l::DATA_PRIVATE_KEY.into(),

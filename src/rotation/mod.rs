@@ -228,6 +228,8 @@ pub struct AgentSecret {
     /// a token refresh).
     pub static_claims_match: bool,
     pub has_private_key: bool,
+    /// Whether it holds a token (a key in proof-of-possession mode hands out none).
+    pub has_token: bool,
     /// Whether labels, annotations and type match what Keyward would write.
     pub metadata_matches: bool,
     /// When this key id was first handed out in the Secret (kept across token refreshes).

@@ -417,6 +417,10 @@ fn inspect_agent_secret(
             .data
             .as_ref()
             .is_some_and(|d| d.contains_key(l::DATA_PRIVATE_KEY)),
+        has_token: s
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(l::DATA_TOKEN)),
         metadata_matches: labels_ok
             && ann_ok
             && content_ok

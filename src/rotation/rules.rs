@@ -511,6 +511,19 @@ fn hand_out(c: &mut Ctx<'_>) -> Option<Plan> {
     let (settings, obs, now) = (c.settings, c.obs, c.now);
     let cur = current(&obs.keys)?;
     let (token_refresh_at, handed_out_at) = match &obs.agent_secret {
+        AgentSecretObs::Owned(s)
+            if s.kid.as_deref() == Some(cur.kid.as_str()) && settings.proof_of_possession =>
+        {
+            // Proof of possession: the private key and no token; nothing to refresh.
+            if !s.has_private_key || s.has_token || !s.metadata_matches || s.handed_out_at.is_none()
+            {
+                return Some(Plan::new(Phase::Ready).step(Step::HandOut {
+                    seq: cur.seq,
+                    reason: HandOutReason::Repair,
+                }));
+            }
+            (None, s.handed_out_at.unwrap_or(now))
+        }
         AgentSecretObs::Owned(s) if s.kid.as_deref() == Some(cur.kid.as_str()) => {
             let refresh_at = match (s.token_iat, s.token_exp) {
                 // Re-issue at about half the token's life (a little earlier, by this key's

@@ -159,6 +159,61 @@ pub(super) fn cases() -> Vec<Case> {
         ),
         case(
             RULE,
+            "proof of possession: a token in the agent Secret is repaired away",
+            with_settings(|s| {
+                s.include_private_key = true;
+                s.proof_of_possession = true;
+            }),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| a.has_private_key = true)
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
+            Phase::Ready,
+        ),
+        case(
+            RULE,
+            "proof of possession: the private key and no token is settled, however old, with no refresh",
+            with_settings(|s| {
+                s.include_private_key = true;
+                s.proof_of_possession = true;
+            }),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| {
+                    a.has_private_key = true;
+                    a.has_token = false;
+                    a.token_iat = None;
+                    a.token_exp = None;
+                    a.token_claims_match = false;
+                    a.static_claims_match = false;
+                })
+            }),
+            None,
+            Phase::Ready,
+        ),
+        case(
+            RULE,
+            "back to bearer: an agent Secret without a token is repaired",
+            with_settings(|s| s.include_private_key = true),
+            with_obs(vec![key(1, Active)], |o| {
+                o.agent_secret = agent_with(&kid(1), |a| {
+                    a.has_private_key = true;
+                    a.has_token = false;
+                    a.token_iat = None;
+                    a.token_exp = None;
+                    a.token_claims_match = false;
+                })
+            }),
+            Some(HandOut {
+                seq: 1,
+                reason: HandOutReason::Repair,
+            }),
+            Phase::Ready,
+        ),
+        case(
+            RULE,
             "repair when token claims differ from the spec",
             s(),
             with_obs(vec![key(1, Active)], |o| {

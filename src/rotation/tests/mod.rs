@@ -198,6 +198,7 @@ fn agent(kid: &str) -> AgentSecretObs {
         token_claims_match: true,
         static_claims_match: true,
         has_private_key: false,
+        has_token: true,
         metadata_matches: true,
         handed_out_at: Some(ago(60)),
         token_audience: Some("keyward".into()),

@@ -75,6 +75,8 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
         prop_oneof![1 => Just(0u64), 2 => 1u64..=7200],
         // Mostly no rotation window, sometimes a daily one (start minute, length in minutes).
         prop_oneof![3 => Just(None), 1 => (0u32..1440, 1u32..1439).prop_map(Some)],
+        // Proof of possession (with the private key): no token in the agent Secret.
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -89,6 +91,7 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                 uid,
                 retain,
                 window,
+                pop,
             )| {
                 Settings {
                     interval: interval.map(secs),
@@ -97,7 +100,8 @@ fn sim_settings() -> impl Strategy<Value = Settings> {
                     overlap: secs(overlap),
                     confirmation_timeout: secs(timeout),
                     token_ttl: secs(ttl),
-                    include_private_key: private,
+                    include_private_key: private || pop,
+                    proof_of_possession: pop,
                     request_token: token,
                     uid,
                     retain_deactivated_for: secs(retain),
