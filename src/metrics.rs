@@ -499,6 +499,7 @@ impl Metrics {
             WorkloadKind::Deployment => "Deployment",
             WorkloadKind::StatefulSet => "StatefulSet",
             WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::ServiceAccount => "ServiceAccount",
         };
         self.0.rollouts.get_or_create(&KindLabels { kind }).inc();
     }

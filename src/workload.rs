@@ -233,6 +233,7 @@ pub fn pod_revision(kind: WorkloadKind, pod: &Pod) -> Option<String> {
     let key = match kind {
         WorkloadKind::Deployment => POD_TEMPLATE_HASH,
         WorkloadKind::StatefulSet | WorkloadKind::DaemonSet => CONTROLLER_REVISION_HASH,
+        WorkloadKind::ServiceAccount => return None,
     };
     label(&pod.metadata, key).cloned()
 }

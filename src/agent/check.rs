@@ -44,7 +44,19 @@ fn dur(
 /// The error is the message of `Ready=False` (`InvalidSpec`).
 pub fn resolve_check(pa: &PolicyAgent) -> std::result::Result<Check, String> {
     let cc = pa.spec.connectivity_check.clone().unwrap_or_default();
-    let mode = cc.mode.unwrap_or_default();
+    // An agent outside the cluster has no pod to check: the verifiers' acknowledgement alone.
+    let external =
+        pa.spec.workload_ref.kind == crate::api::policy_agent::WorkloadKind::ServiceAccount;
+    if external && cc.mode.is_some_and(|m| m != CheckMode::Acknowledgement) {
+        return Err(
+            "workloadRef.kind ServiceAccount (an agent outside the cluster) is confirmed by acknowledgement only: leave connectivityCheck.mode unset or set it to Acknowledgement"
+                .into(),
+        );
+    }
+    let mode = match cc.mode {
+        None if external => CheckMode::Acknowledgement,
+        m => m.unwrap_or_default(),
+    };
     let http = cc.http.clone();
     if mode == CheckMode::Http && http.is_none() {
         return Err(

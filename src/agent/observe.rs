@@ -1,7 +1,7 @@
 //! Raw objects to [`AgentInput`], pure: no client, no clock. The controller reads the objects
 //! (fresh), the model-based tests build them by hand; both map them here.
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::ResourceExt;
 
 use super::check::Check;
@@ -23,6 +23,9 @@ pub struct AgentObjects<'a> {
     pub agent_secret: Option<&'a Secret>,
     /// The workload named by `spec.workloadRef`, if it exists.
     pub workload: Option<&'a Workload>,
+    /// The ServiceAccount named by `spec.workloadRef` of kind `ServiceAccount` (an agent
+    /// outside the cluster), if it exists.
+    pub service_account: Option<&'a ServiceAccount>,
     pub lineage: Lineage<'a>,
     /// Pods of the namespace; may include unrelated ones.
     pub pods: &'a [Pod],
@@ -177,6 +180,21 @@ pub fn observe(
         name: wref.name.clone(),
         namespace: ns.clone(),
     };
+    if wref.kind == crate::api::policy_agent::WorkloadKind::ServiceAccount {
+        let sa = objs
+            .service_account
+            .filter(|s| s.name_any() == wref.name)
+            .ok_or_else(not_found)?;
+        let uid = sa.uid().ok_or_else(not_found)?;
+        return Ok(external(
+            pa,
+            &wref.name,
+            uid,
+            secret_kid,
+            objs.roll_slot,
+            check,
+        ));
+    }
     let w = objs
         .workload
         .filter(|w| w.kind() == wref.kind && w.name() == wref.name)
@@ -217,6 +235,47 @@ pub fn observe(
         roll_slot: objs.roll_slot,
         previous: recorded(pa.status.as_ref()),
     })
+}
+
+pub use crate::api::policy_agent::EXTERNAL_REVISION;
+
+/// The input of an agent outside the cluster, identified by its ServiceAccount (`uid`): one
+/// "pod", the consumer itself, that holds whatever the agent Secret carries (it reads the
+/// Secret, nothing is rolled) and is confirmed only by a verifier's acknowledgement of the
+/// ServiceAccount on that key id.
+fn external(
+    pa: &PolicyAgent,
+    name: &str,
+    uid: String,
+    secret_kid: String,
+    roll_slot: super::RollSlot,
+    check: &Check,
+) -> AgentInput {
+    AgentInput {
+        template_kid: Some(secret_kid.clone()),
+        workload_uid: uid.clone(),
+        current_revision: Some(EXTERNAL_REVISION.into()),
+        rollout: super::Rollout::Complete,
+        figures: super::Figures::default(),
+        pods: vec![PodObs {
+            name: format!("serviceaccount/{name}"),
+            uid,
+            kid: Some(secret_kid.clone()),
+            revision: Some(EXTERNAL_REVISION.into()),
+            terminating: false,
+            unknown: false,
+            ready: true,
+            successes: 0,
+            acknowledged: false,
+        }],
+        success_threshold: 0,
+        require_ack: true,
+        rolled_at: None,
+        min_roll_interval: check.min_roll_interval,
+        roll_slot,
+        previous: recorded(pa.status.as_ref()),
+        secret_kid,
+    }
 }
 
 #[cfg(test)]

@@ -57,7 +57,17 @@ pub enum WorkloadKind {
     Deployment,
     StatefulSet,
     DaemonSet,
+    /// An agent outside the cluster (a VM, a CI job) that has no pod: it is this
+    /// ServiceAccount. Nothing is rolled; it is confirmed when a `keyward verifier` accepted a
+    /// request with the agent Secret's key id and a token of this ServiceAccount for the
+    /// audience `keyward-consumer` (`keyward token sync --acknowledge-via`). The connectivity
+    /// check is always `Acknowledgement`.
+    ServiceAccount,
 }
+
+/// The `confirmedRevision` of an agent outside the cluster (`ServiceAccount`): it has no pod
+/// template.
+pub const EXTERNAL_REVISION: &str = "external";
 
 impl std::fmt::Display for WorkloadKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,6 +75,7 @@ impl std::fmt::Display for WorkloadKind {
             WorkloadKind::Deployment => "Deployment",
             WorkloadKind::StatefulSet => "StatefulSet",
             WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::ServiceAccount => "ServiceAccount",
         })
     }
 }

@@ -62,6 +62,20 @@ pub struct SyncArgs {
     /// The kubeconfig context to use.
     #[arg(long, value_name = "NAME")]
     pub context: Option<String>,
+    /// Register as a consumer of the key: after each new key id, acknowledge it to this
+    /// `keyward verifier` (`https://host:port`) with the token and a token of
+    /// `--service-account` (audience `keyward-consumer`), so that a PolicyAgent with
+    /// `workloadRef: {kind: ServiceAccount, name: <that account>}` is confirmed and the old key is
+    /// revoked only after this agent holds the new one. Needs `create` on
+    /// `serviceaccounts/token` for that account.
+    #[arg(long, value_name = "URL", requires = "service_account")]
+    pub acknowledge_via: Option<String>,
+    /// The ServiceAccount (in the key's namespace) this agent is, for `--acknowledge-via`.
+    #[arg(long, value_name = "NAME", requires = "acknowledge_via")]
+    pub service_account: Option<String>,
+    /// Trust only the CAs in this PEM file for `--acknowledge-via` (default: the web roots).
+    #[arg(long, value_name = "PATH")]
+    pub verifier_ca_file: Option<PathBuf>,
 }
 
 fn parse_key(s: &str) -> Result<(String, String), String> {
@@ -149,6 +163,105 @@ pub fn write_atomically(out: &Path, content: &str) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Acknowledges a key id to a verifier as the agent's ServiceAccount: one `/auth` request with
+/// the key's token and a fresh TokenRequest token (audience `keyward-consumer`, 10 minutes).
+struct Acknowledger {
+    accounts: Api<k8s_openapi::api::core::v1::ServiceAccount>,
+    account: String,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Acknowledger {
+    fn new(
+        client: kube::Client,
+        ns: &str,
+        key: &str,
+        account: &str,
+        base: &str,
+        ca: Option<&Path>,
+    ) -> Result<Self, CliError> {
+        let base = base.trim_end_matches('/');
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(CliError::Config(format!(
+                "--acknowledge-via {base:?} must be an http(s) URL"
+            )));
+        }
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                CliError::Config(format!("--verifier-ca-file {}: {e}", ca.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                CliError::Config(format!("--verifier-ca-file {}: {e}", ca.display()))
+            })?;
+            builder = builder.tls_built_in_root_certs(false);
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| CliError::Config(format!("an HTTP client: {e}")))?;
+        Ok(Acknowledger {
+            accounts: Api::namespaced(client, ns),
+            account: account.to_string(),
+            url: format!("{base}/auth/{ns}/{key}"),
+            http,
+        })
+    }
+
+    async fn acknowledge(&self, token: &str) -> Result<(), String> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![crate::verifier::pod_identity::CONSUMER_AUDIENCE.to_string()],
+                expiration_seconds: Some(600),
+                bound_object_ref: None,
+            },
+            ..TokenRequest::default()
+        };
+        let issued = self
+            .accounts
+            .create_token_request(&self.account, &Default::default(), &request)
+            .await
+            .map_err(|e| {
+                format!(
+                    "a token of ServiceAccount {}: {}",
+                    self.account,
+                    CliError::from(e)
+                )
+            })?;
+        let sa_token = issued
+            .status
+            .map(|s| s.token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("the TokenRequest for {} returned no token", self.account))?;
+        let res = self
+            .http
+            .get(&self.url)
+            .bearer_auth(token)
+            .header(
+                crate::verifier::pod_identity::CONSUMER_TOKEN_HEADER,
+                sa_token,
+            )
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.url))?;
+        if res.status().is_success() {
+            Ok(())
+        } else {
+            let reason = res
+                .headers()
+                .get("x-keyward-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            Err(format!("{} answered {} ({reason})", self.url, res.status()))
+        }
+    }
+}
+
 /// `d` plus up to a quarter of it, at random.
 fn jittered(d: Duration) -> Duration {
     use rand::Rng as _;
@@ -174,7 +287,19 @@ pub async fn run(command: TokenCommand) -> Result<u8, CliError> {
     let (client, ns) = super::connect(&target).await?;
     let want = format!("{}/{}", args.key.0, args.key.1);
     let name = args.secret.clone().unwrap_or_else(|| args.key.1.clone());
-    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let ack = match (&args.acknowledge_via, &args.service_account) {
+        (Some(url), Some(sa)) => Some(Acknowledger::new(
+            client,
+            &ns,
+            &args.key.1,
+            sa,
+            url,
+            args.verifier_ca_file.as_deref(),
+        )?),
+        _ => None,
+    };
+    let mut acked: Option<String> = None;
     let mut backoff = Duration::from_secs(1);
     loop {
         let now = chrono::Utc::now().timestamp();
@@ -206,10 +331,32 @@ pub async fn run(command: TokenCommand) -> Result<u8, CliError> {
                         }
                     }
                 }
+                if let Some(a) = &ack
+                    && acked.as_deref() != Some(kid.as_str())
+                {
+                    match a.acknowledge(&token).await {
+                        Ok(()) => {
+                            info!(kid = %kid, verifier = %a.url, "key id acknowledged");
+                            acked = Some(kid.clone());
+                        }
+                        Err(e) => {
+                            warn!(kid = %kid, error = %e, "could not acknowledge the key id; retrying");
+                            if args.once {
+                                eprintln!("keyward token sync: error: {e}");
+                                return Ok(EXIT_ERROR);
+                            }
+                        }
+                    }
+                }
                 if args.once {
                     return Ok(EXIT_OK);
                 }
-                tokio::time::sleep(next_check(exp, now)).await;
+                let wait = if ack.is_some() && acked.as_deref() != Some(kid.as_str()) {
+                    jittered(backoff.min(Duration::from_secs(5)))
+                } else {
+                    next_check(exp, now)
+                };
+                tokio::time::sleep(wait).await;
             }
             Err(why) => {
                 if args.once {

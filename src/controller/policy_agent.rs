@@ -249,6 +249,9 @@ async fn roll(
         WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
         WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
         WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+        // An agent outside the cluster has nothing to roll (never decided: its "template" is
+        // always the Secret's key).
+        WorkloadKind::ServiceAccount => return Ok(()),
     };
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -275,6 +278,7 @@ struct Reads {
     pk: Option<ProvisioningKey>,
     agent_secret: Option<Secret>,
     workload: Option<Workload>,
+    service_account: Option<k8s_openapi::api::core::v1::ServiceAccount>,
     replica_sets: Vec<ReplicaSet>,
     revisions: Vec<ControllerRevision>,
     pods: Vec<Pod>,
@@ -288,6 +292,7 @@ impl Reads {
             pk: self.pk.as_ref(),
             agent_secret: self.agent_secret.as_ref(),
             workload: self.workload.as_ref(),
+            service_account: self.service_account.as_ref(),
             lineage: Lineage {
                 replica_sets: &self.replica_sets,
                 revisions: &self.revisions,
@@ -337,6 +342,14 @@ async fn read(ctx: &Context, ns: &str, pa: &PolicyAgent) -> Result<Reads> {
         .get_opt(&pk.secret_name())
         .await?;
     let wl = &pa.spec.workload_ref;
+    if wl.kind == WorkloadKind::ServiceAccount {
+        // An agent outside the cluster: its ServiceAccount, nothing to list.
+        reads.service_account =
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(ctx.client.clone(), ns)
+                .get_opt(&wl.name)
+                .await?;
+        return Ok(reads);
+    }
     reads.workload = workloads::fetch(&ctx.client, ns, wl.kind, &wl.name).await?;
     let Some(w) = reads.workload.as_ref() else {
         return Ok(reads);

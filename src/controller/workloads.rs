@@ -43,6 +43,8 @@ pub async fn fetch(
             .get_opt(name)
             .await?
             .map(Workload::DaemonSet),
+        // Not a workload: an agent outside the cluster (see `agent::observe::external`).
+        WorkloadKind::ServiceAccount => None,
     })
 }
 

@@ -518,6 +518,18 @@ pub fn evidence(
         ));
     }
     let wl = &pa.spec.workload_ref;
+    if wl.kind == crate::api::policy_agent::WorkloadKind::ServiceAccount {
+        // An agent outside the cluster: nothing rolled, no template to carry the key; its
+        // confirmation is the verifiers' acknowledgement of the ServiceAccount on that key id,
+        // which the PolicyAgent controller checked (for the ServiceAccount's current uid).
+        return if status.confirmed_revision.as_deref()
+            == Some(crate::api::policy_agent::EXTERNAL_REVISION)
+        {
+            Ok(kid)
+        } else {
+            Err("not confirmed as an agent outside the cluster".into())
+        };
+    }
     let Some(w) = workload else {
         return Err(format!("{} {} not found", wl.kind, wl.name));
     };

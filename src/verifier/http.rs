@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use super::index::{Bundle, Document, KeyParams, KeyRef};
-use super::pod_identity::POD_TOKEN_HEADER;
+use super::pod_identity::{CONSUMER_TOKEN_HEADER, POD_TOKEN_HEADER, TokenKind};
 use super::use_log::{Instance, Use};
 use super::verify::{self, Binding, Refusal, RequiredClaim, Verified};
 use crate::keys::Jwks;
@@ -162,13 +162,24 @@ fn check(
             // The pod only from a pod token the API server vouches for (never from a header the
             // client chose).
             let instance = shared.pods.as_ref().map_or(Instance::Unattributed, |p| {
-                p.attribute(
+                match p.attribute(
                     headers.get(POD_TOKEN_HEADER),
                     &v.key,
                     &v.kid,
                     now,
                     &shared.use_log,
-                )
+                ) {
+                    // An agent outside the cluster names its ServiceAccount instead.
+                    Instance::Unattributed => p.attribute_as(
+                        TokenKind::Consumer,
+                        headers.get(CONSUMER_TOKEN_HEADER),
+                        &v.key,
+                        &v.kid,
+                        now,
+                        &shared.use_log,
+                    ),
+                    pod => pod,
+                }
             });
             debug!(key = %v.key, kid = %v.kid, pod = ?instance.pod_uid(), "token accepted");
             shared.stats.allowed();

@@ -14,6 +14,13 @@
 //! token to cause one.
 //!
 //! A pod token counts only for keys in the pod's own namespace.
+//!
+//! An agent outside the cluster has no pod: it is a ServiceAccount (a PolicyAgent with
+//! `workloadRef.kind: ServiceAccount`). It sends a token of that ServiceAccount for the audience
+//! `keyward-consumer` in `X-Keyward-Consumer-Token` (`keyward token sync --acknowledge-via`),
+//! reviewed the same way; the instance is the ServiceAccount's UID, from the review, and counts
+//! only for keys in the ServiceAccount's namespace. A separate header and audience: a pod token
+//! never names a ServiceAccount, and a consumer token never names a pod.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +39,11 @@ use super::use_log::{Instance, Use, UseLog};
 
 /// The header carrying the pod-bound ServiceAccount token (set by `keyward agent-proxy`).
 pub const POD_TOKEN_HEADER: &str = "x-keyward-pod-token";
+/// The header carrying an agent-outside-the-cluster's ServiceAccount token (set by
+/// `keyward token sync --acknowledge-via`).
+pub const CONSUMER_TOKEN_HEADER: &str = "x-keyward-consumer-token";
+/// The audience of those tokens.
+pub const CONSUMER_AUDIENCE: &str = "keyward-consumer";
 /// Default of `--pod-token-audience`.
 pub const DEFAULT_AUDIENCE: &str = "keyward";
 /// The user's extra that names the pod a ServiceAccount token is bound to.
@@ -166,6 +178,42 @@ pub fn pod_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAP
     })
 }
 
+/// The ServiceAccount of a TokenReview's status (pure): authenticated, for `audience`, a
+/// ServiceAccount (`system:serviceaccount:<namespace>:<name>`) whose UID (the review's
+/// `user.uid`) is a UUID. Bound or not to a pod: the identity is the ServiceAccount.
+pub fn service_account_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAPod> {
+    if status.authenticated != Some(true) || status.error.as_deref().is_some_and(|e| !e.is_empty())
+    {
+        return Err(NotAPod::Unauthenticated);
+    }
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == audience))
+    {
+        return Err(NotAPod::Unauthenticated);
+    }
+    let user = status.user.as_ref().ok_or(NotAPod::NotPodBound)?;
+    let namespace = user
+        .username
+        .as_deref()
+        .and_then(|u| u.strip_prefix("system:serviceaccount:"))
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .map(|(ns, _)| ns)
+        .ok_or(NotAPod::NotPodBound)?;
+    let uid = user
+        .uid
+        .as_deref()
+        .and_then(|u| uuid::Uuid::try_parse(u).ok())
+        .filter(|u| !u.is_nil())
+        .ok_or(NotAPod::NotPodBound)?;
+    Ok(PodId {
+        namespace: namespace.to_string(),
+        uid: uid.hyphenated().to_string(),
+    })
+}
+
 /// Asks the API server about a token.
 pub trait Reviewer: Send + Sync {
     /// The review's status; an error when the review itself failed (network, 403, ...): then
@@ -251,6 +299,16 @@ impl Cache {
     }
 }
 
+/// Which token a header carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A pod-bound ServiceAccount token (`X-Keyward-Pod-Token`): the instance is the pod.
+    Pod,
+    /// An agent outside the cluster's ServiceAccount token (`X-Keyward-Consumer-Token`): the
+    /// instance is the ServiceAccount.
+    Consumer,
+}
+
 /// Attributes accepted requests to pods.
 pub struct PodIdentity {
     reviewer: Arc<dyn Reviewer>,
@@ -289,6 +347,19 @@ impl PodIdentity {
         at: DateTime<Utc>,
         log: &Arc<dyn UseLog>,
     ) -> Instance {
+        self.attribute_as(TokenKind::Pod, header, key, kid, at, log)
+    }
+
+    /// [`PodIdentity::attribute`] for a token of `kind`.
+    pub fn attribute_as(
+        self: &Arc<Self>,
+        kind: TokenKind,
+        header: Option<&http::HeaderValue>,
+        key: &KeyRef,
+        kid: &str,
+        at: DateTime<Utc>,
+        log: &Arc<dyn UseLog>,
+    ) -> Instance {
         let Some(token) = header
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
@@ -296,7 +367,14 @@ impl PodIdentity {
         else {
             return Instance::Unattributed;
         };
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // The kind is part of the cache key: one token never gets the other kind's verdict.
+        let mut hasher = Sha256::new();
+        hasher.update(match kind {
+            TokenKind::Pod => b"pod\0".as_slice(),
+            TokenKind::Consumer => b"consumer\0".as_slice(),
+        });
+        hasher.update(token.as_bytes());
+        let digest: [u8; 32] = hasher.finalize().into();
         let now = Instant::now();
         {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -322,8 +400,12 @@ impl PodIdentity {
                 (key.clone(), kid.to_string(), log.clone(), token.to_string());
             tokio::spawn(async move {
                 let _permit = permit;
-                let reviewed = this.reviewer.review(token, this.audience.clone()).await;
-                if let Some(pod) = this.settle(digest, reviewed)
+                let audience = match kind {
+                    TokenKind::Pod => this.audience.clone(),
+                    TokenKind::Consumer => CONSUMER_AUDIENCE.to_string(),
+                };
+                let reviewed = this.reviewer.review(token, audience).await;
+                if let Some(pod) = this.settle(kind, digest, reviewed)
                     && let Instance::Pod(uid) = this.instance_for(&pod, &key)
                 {
                     log.record(Use {
@@ -350,13 +432,21 @@ impl PodIdentity {
     /// Caches a review's outcome; the pod, if any.
     fn settle(
         &self,
+        kind: TokenKind,
         digest: [u8; 32],
         reviewed: Result<TokenReviewStatus, String>,
     ) -> Option<PodId> {
         let now = Instant::now();
-        let (verdict, ttl, pod) = match reviewed.map(|s| pod_of(&s, &self.audience)) {
+        let identify = |s: &TokenReviewStatus| match kind {
+            TokenKind::Pod => pod_of(s, &self.audience),
+            TokenKind::Consumer => service_account_of(s, CONSUMER_AUDIENCE),
+        };
+        let (verdict, ttl, pod) = match reviewed.map(|s| identify(&s)) {
             Ok(Ok(pod)) => {
-                self.stats.pod_token_review("pod");
+                self.stats.pod_token_review(match kind {
+                    TokenKind::Pod => "pod",
+                    TokenKind::Consumer => "service_account",
+                });
                 debug!(pod = %pod.uid, "pod token reviewed");
                 (Verdict::Pod(pod.clone()), VERDICT_TTL, Some(pod))
             }
@@ -494,6 +584,64 @@ mod tests {
             minting_condition(&["ci".to_string()]),
             "!((request.userInfo.username.startsWith('system:node:') && 'system:nodes' in request.userInfo.groups) || request.userInfo.username in ['ci'])"
         );
+    }
+
+    #[test]
+    fn a_consumer_token_names_its_service_account_by_uid_and_nothing_else_does() {
+        use k8s_openapi::api::authentication::v1::UserInfo;
+        const SA_UID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+        let review =
+            |username: &str, uid: Option<&str>, audiences: &[&str], ok: bool| TokenReviewStatus {
+                authenticated: Some(ok),
+                audiences: Some(audiences.iter().map(|s| s.to_string()).collect()),
+                user: Some(UserInfo {
+                    username: Some(username.into()),
+                    uid: uid.map(str::to_string),
+                    ..UserInfo::default()
+                }),
+                error: None,
+            };
+        let sa = "system:serviceaccount:team-a:edge-agent";
+        assert_eq!(
+            service_account_of(
+                &review(sa, Some(SA_UID), &[CONSUMER_AUDIENCE], true),
+                CONSUMER_AUDIENCE
+            ),
+            Ok(PodId {
+                namespace: "team-a".into(),
+                uid: SA_UID.into()
+            })
+        );
+        let refused = [
+            // Not authenticated, or for another audience (a pod token, an API token).
+            review(sa, Some(SA_UID), &[CONSUMER_AUDIENCE], false),
+            review(sa, Some(SA_UID), &["keyward"], true),
+            review(sa, Some(SA_UID), &[], true),
+            // Not a ServiceAccount: a user or a node.
+            review("alice", Some(SA_UID), &[CONSUMER_AUDIENCE], true),
+            review("system:node:n1", Some(SA_UID), &[CONSUMER_AUDIENCE], true),
+            review(
+                "system:serviceaccount:team-a:",
+                Some(SA_UID),
+                &[CONSUMER_AUDIENCE],
+                true,
+            ),
+            // No UID, or not a UUID.
+            review(sa, None, &[CONSUMER_AUDIENCE], true),
+            review(sa, Some("edge-agent"), &[CONSUMER_AUDIENCE], true),
+            review(
+                sa,
+                Some("00000000-0000-0000-0000-000000000000"),
+                &[CONSUMER_AUDIENCE],
+                true,
+            ),
+        ];
+        for r in refused {
+            assert!(service_account_of(&r, CONSUMER_AUDIENCE).is_err(), "{r:?}");
+        }
+        // A consumer-audience token never names a pod, whatever its extras.
+        let bound = status(sa, &[UID], &[CONSUMER_AUDIENCE], true);
+        assert!(pod_of(&bound, DEFAULT_AUDIENCE).is_err());
     }
 
     #[test]

@@ -546,3 +546,260 @@ async fn bundle_export_writes_only_what_the_trust_record_lists() {
     drop(op);
     ns.cleanup().await;
 }
+
+/// A kubeconfig for `user` with `token`, on the plane's cluster (the admin kubeconfig's server
+/// and CA).
+fn kubeconfig_with_token(dir: &std::path::Path, user: &str, token: &str) -> std::path::PathBuf {
+    let admin: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(kubeconfig_path()).expect("the admin kubeconfig"),
+    )
+    .expect("yaml");
+    let mut limited = admin.clone();
+    limited["users"] = json!([{ "name": user, "user": { "token": token } }]);
+    if let Some(contexts) = limited["contexts"].as_array_mut() {
+        for c in contexts {
+            c["context"]["user"] = json!(user);
+        }
+    }
+    let path = dir.join(format!("{user}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&limited).expect("yaml")).expect("write");
+    path
+}
+
+/// An agent outside the cluster registered as a consumer (issue 21, part 3): a PolicyAgent with
+/// `workloadRef: {kind: ServiceAccount, name: edge-agent}`, and `keyward token sync
+/// --acknowledge-via` run as a plain process with that ServiceAccount's kubeconfig (get on the
+/// one agent Secret, create on its own `serviceaccounts/token`). It is confirmed by the real
+/// verifier's report of its ServiceAccount, never rolled. While it is stopped a rotation holds
+/// the old key, however long, and an impostor ServiceAccount acknowledging with the new token
+/// confirms nothing; restarted, it acknowledges the new key id and only then is the old key
+/// revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_outside_the_cluster_holds_the_old_key_until_it_acknowledges_the_new() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use keyward::api::PolicyAgent;
+    let ns = TestNamespace::new("kw-cli-consumer").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let pas: Api<PolicyAgent> = ns.api();
+    let sas: Api<ServiceAccount> = ns.api();
+    create_pk(&pks, "edge", json!({}), quick_rotation()).await;
+    let settled = wait_pk(&pks, "edge", "settled", is_settled).await;
+    let kid1 = current_kid(&settled).expect("a current key");
+    for name in ["edge-agent", "impostor"] {
+        sas.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": name } })).expect("sa"),
+        )
+        .await
+        .expect("create the ServiceAccount");
+    }
+    ns.api::<Role>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": { "name": "edge-agent" },
+            "rules": [
+                { "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["edge"], "verbs": ["get"] },
+                { "apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["edge-agent"], "verbs": ["create"] },
+            ],
+        })).expect("role"))
+        .await
+        .expect("create the Role");
+    ns.api::<RoleBinding>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": { "name": "edge-agent" },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "edge-agent" },
+            "subjects": [{ "kind": "ServiceAccount", "name": "edge-agent", "namespace": ns.name() }],
+        })).expect("binding"))
+        .await
+        .expect("create the RoleBinding");
+    pas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent",
+            "metadata": { "name": "outside" },
+            "spec": {
+                "provisioningKeyRef": { "name": "edge" },
+                "workloadRef": { "kind": "ServiceAccount", "name": "edge-agent" },
+            },
+        }))
+        .expect("pa"),
+    )
+    .await
+    .expect("create the PolicyAgent");
+    let token_for = |sa: &'static str, hours: i64| {
+        let sas = sas.clone();
+        async move {
+            let request: TokenRequest = serde_json::from_value(json!({
+                "spec": { "expirationSeconds": hours * 3600, "audiences": match sa {
+                    "impostor" => json!([keyward::verifier::pod_identity::CONSUMER_AUDIENCE]),
+                    _ => json!([]),
+                } }
+            }))
+            .expect("request");
+            sas.create_token_request(sa, &PostParams::default(), &request)
+                .await
+                .expect("TokenRequest")
+                .status
+                .expect("status")
+                .token
+        }
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig =
+        kubeconfig_with_token(dir.path(), "edge-agent", &token_for("edge-agent", 1).await);
+
+    // The real verifier, reporting every second, reviewing pod and consumer tokens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let vlog = dir.path().join("verifier.log");
+    let _verifier = spawn_keyward(
+        &[
+            "verifier",
+            "--plain-http",
+            "--namespaces",
+            ns.name(),
+            "--address",
+            &address,
+            "--replica-id",
+            "v-0",
+            "--lease-namespace",
+            ns.name(),
+            "--report-interval",
+            "1s",
+            "--report-resolution",
+            "1s",
+        ],
+        &[],
+        &vlog,
+    );
+    let base = format!("http://{address}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(std::time::Instant::now() < deadline, "verifier not ready");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = dir.path().join("token");
+    let sync = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["token", "sync", "--key", &format!("{}/edge", ns.name())])
+            .arg("--out")
+            .arg(&out)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "--acknowledge-via",
+                &base,
+                "--service-account",
+                "edge-agent",
+            ])
+            .env_remove("KUBECONFIG")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn keyward token sync")
+    };
+    let confirmed = |pa: &PolicyAgent| pa.status.as_ref().and_then(|s| s.confirmed_key_id.clone());
+    let wait_confirmed = |kid: String, what: &'static str| {
+        let pas = pas.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let pa = pas.get("outside").await.expect("get the PolicyAgent");
+                if confirmed(&pa).as_deref() == Some(kid.as_str()) {
+                    return pa;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: the PolicyAgent never confirmed {kid}: {:?}",
+                    pa.status
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    };
+
+    // 1. Registered: confirmed on the first key by its acknowledgement.
+    let mut child = sync();
+    let pa = wait_confirmed(kid1.clone(), "first key").await;
+    assert_eq!(
+        pa.status.as_ref().and_then(|s| s.rolled_at.clone()),
+        None,
+        "an agent outside the cluster is never rolled"
+    );
+    let _ = child.kill().await;
+
+    // 2. Stopped: a rotation holds the old key for it.
+    merge(
+        &pks,
+        "edge",
+        json!({ "metadata": { "annotations": { l::ROTATE: "outside-1" } } }),
+    )
+    .await;
+    let rotating = wait_pk(&pks, "edge", "the new key handed out", |pk| {
+        current_kid(pk).is_some_and(|k| k != kid1)
+    })
+    .await;
+    let kid2 = current_kid(&rotating).expect("the new key");
+    // An impostor ServiceAccount acknowledges with the new token: nothing confirmed.
+    let agent_token = {
+        let secrets: Api<Secret> = ns.api();
+        let s = secrets.get("edge").await.expect("agent Secret");
+        data(&s, l::DATA_TOKEN).expect("token")
+    };
+    let impostor = token_for("impostor", 1).await;
+    for _ in 0..3 {
+        let res = http
+            .get(format!("{base}/auth/{}/edge", ns.name()))
+            .bearer_auth(&agent_token)
+            .header(
+                keyward::verifier::pod_identity::CONSUMER_TOKEN_HEADER,
+                &impostor,
+            )
+            .send()
+            .await
+            .expect("GET /auth");
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    // Well beyond overlap (1s) and two report intervals: the old key is still trusted.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let pk = pks.get("edge").await.expect("get");
+    let record = keyward::trust_record::TrustRecord::of(&pk)
+        .expect("a record")
+        .expect("readable");
+    assert!(
+        record.has(&kid1),
+        "the old key was revoked while the outside agent had not acknowledged the new one"
+    );
+    let pa = pas.get("outside").await.expect("get");
+    assert_eq!(
+        confirmed(&pa).as_deref(),
+        Some(kid1.as_str()),
+        "the impostor confirmed nothing"
+    );
+
+    // 3. Restarted: it acknowledges the new key id, is confirmed, and only then the old key goes.
+    let mut child = sync();
+    wait_confirmed(kid2.clone(), "new key").await;
+    let revoked = wait_pk(&pks, "edge", "old key revoked", |pk| {
+        is_settled(pk)
+            && keyward::trust_record::TrustRecord::of(pk)
+                .and_then(Result::ok)
+                .is_some_and(|r| !r.has(&kid1) && r.has(&kid2))
+    })
+    .await;
+    assert_eq!(current_kid(&revoked).as_deref(), Some(kid2.as_str()));
+    let _ = child.kill().await;
+    drop(op);
+    ns.cleanup().await;
+}

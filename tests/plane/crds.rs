@@ -313,8 +313,10 @@ fn durations_have_the_pattern() {
 fn algorithm_is_an_enum() {
     let crd = pk_crd();
     let algorithm = prop(&crd, "spec.algorithm");
-    assert_eq!(algorithm["enum"], json!(["Ed25519"]));
+    assert_eq!(algorithm["enum"], json!(["Ed25519", "ECDSAP256"]));
     assert_eq!(algorithm["type"], json!("string"));
+    let mode = prop(&crd, "spec.token.mode");
+    assert_eq!(mode["enum"], json!(["Bearer", "ProofOfPossession"]));
 }
 
 #[test]

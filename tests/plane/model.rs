@@ -2147,7 +2147,7 @@ fn fetch_workload(
     match kind {
         K::Deployment => view.get::<Deployment>(name).cloned().map(W::Deployment),
         K::StatefulSet => view.get::<StatefulSet>(name).cloned().map(W::StatefulSet),
-        K::DaemonSet => None,
+        K::DaemonSet | K::ServiceAccount => None,
     }
 }
 
@@ -2432,6 +2432,7 @@ impl KeywardOperator {
                     pk: pk.as_ref(),
                     agent_secret: agent_secret.as_ref(),
                     workload: workload.as_ref(),
+                    service_account: None,
                     lineage: keyward::workload::Lineage {
                         replica_sets: &replica_sets,
                         revisions: &revisions,
@@ -2563,7 +2564,7 @@ fn roll(
             s.spec = Some(spec);
             w.update(s)
         }
-        K::DaemonSet => Err(WriteError::NotFound),
+        K::DaemonSet | K::ServiceAccount => Err(WriteError::NotFound),
     }
 }
 

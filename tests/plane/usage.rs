@@ -236,16 +236,25 @@ async fn the_old_key_is_revoked_only_on_the_verifiers_word() {
         message.contains(&old) && message.contains("no keyward verifier replica"),
         "{message}"
     );
+    // The Event is recorded right after the status that shows the stall: wait for it, then
+    // make sure it stays one.
     let events: Api<Event> = ns.api();
-    let silent_events = events
-        .list(&ListParams::default())
-        .await
-        .expect("list Events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("VerifierSilent"))
-        .count();
-    assert_eq!(silent_events, 1, "one VerifierSilent Event");
+    let silent = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .expect("list Events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("VerifierSilent"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while silent().await == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(silent().await, 1, "one VerifierSilent Event");
 
     // 2. A replica that started long ago sees the old key used now: held, OldKeyInUse, and
     //    status shows when it was last used.

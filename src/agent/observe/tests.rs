@@ -148,6 +148,7 @@ impl World {
             pk: Some(&self.pk),
             agent_secret: Some(&self.secret),
             workload: Some(&self.workload),
+            service_account: None,
             lineage: Lineage {
                 replica_sets: &self.replica_sets,
                 revisions: &[],
@@ -371,4 +372,63 @@ fn one_policy_agent_per_workload() {
     let refusal = w.decide().unwrap_err();
     assert_eq!(refusal.reason(), "WorkloadClaimed");
     assert!(refusal.to_string().contains("PolicyAgent zz"), "{refusal}");
+}
+
+/// An agent outside the cluster: its ServiceAccount stands for its one "pod". It is never
+/// rolled, confirmed only once a verifier acknowledged the ServiceAccount on the Secret's key
+/// id, and a missing ServiceAccount is reported like a missing workload.
+#[test]
+fn an_agent_outside_the_cluster_is_confirmed_by_acknowledgement_alone_and_never_rolled() {
+    let mut outside = pa("outside", "2026-01-01T00:00:00Z", "edge-agent", json!({}));
+    outside.spec.workload_ref.kind = crate::api::policy_agent::WorkloadKind::ServiceAccount;
+    let sa: ServiceAccount = from(json!({
+        "metadata": { "name": "edge-agent", "namespace": "ns", "uid": "sa-uid" },
+    }));
+    let (pk, secret) = (pk(), secret("pk-uid", "K2"));
+    let agents = vec![outside.clone()];
+    let objects = |sa: Option<&ServiceAccount>| {
+        observe(
+            &AgentObjects {
+                pa: &outside,
+                agents: &agents,
+                pk: Some(&pk),
+                agent_secret: Some(&secret),
+                workload: None,
+                service_account: sa,
+                lineage: Lineage {
+                    replica_sets: &[],
+                    revisions: &[],
+                },
+                pods: &[],
+                roll_slot: crate::agent::RollSlot::Free,
+            },
+            &|_, _| 0,
+            &Check {
+                acknowledgement: true,
+                ..check()
+            },
+        )
+    };
+    let now = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+    let mut input = objects(Some(&sa)).expect("input");
+    assert_eq!(input.workload_uid, "sa-uid");
+    assert_eq!(input.pods.len(), 1);
+    assert_eq!(input.pods[0].uid, "sa-uid");
+    // Not acknowledged: waits, and never rolls.
+    let waiting = decide(&input, now);
+    assert!(matches!(waiting, Decision::Wait { .. }), "{waiting:?}");
+    // Acknowledged on the Secret's key id: confirmed on it.
+    input.pods[0].acknowledged = true;
+    match decide(&input, now) {
+        Decision::Confirmed { evidence } => {
+            assert_eq!(evidence.key_id, "K2");
+            assert_eq!(evidence.workload_uid, "sa-uid");
+            assert_eq!(evidence.revision, EXTERNAL_REVISION);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        objects(None),
+        Err(Refusal::WorkloadNotFound { .. })
+    ));
 }

@@ -341,7 +341,7 @@ async fn read_consumers(
                 let (_, revisions) = workloads::lineage(&ctx.client, &ns, &w).await?;
                 out.revisions.extend(revisions);
             }
-            WorkloadKind::StatefulSet => {}
+            WorkloadKind::StatefulSet | WorkloadKind::ServiceAccount => {}
         }
         out.workloads.push(w);
     }
