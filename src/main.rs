@@ -441,6 +441,13 @@ struct VerifierArgs {
     /// mounted. Read on every token request, so a rotation needs no restart.
     #[arg(long, env = "KEYWARD_VERIFIER_ACCESS_TOKEN_KEY_FILE")]
     access_token_key_file: Option<PathBuf>,
+    /// Trust a bundle fetched from another cluster's JWKS URL (repeatable), on its own routes
+    /// `/auth-remote/<name>` and `/authz-remote/<name>/...`:
+    /// `name=N,url=https://.../keys/<ns>/<name>/jwks.json,ca=<pinned CA PEM>,sub=<ns>/<name>`
+    /// `[,aud=A][,iss=I][,interval=30s][,max-staleness=5m]`. Fetched over TLS trusting only that
+    /// CA; once the last good fetch is older than max-staleness its routes refuse every token.
+    #[arg(long = "remote-bundle", value_name = "SPEC", value_parser = parse_remote_bundle)]
+    remote_bundle: Vec<keyward::verifier::remote::RemoteSpec>,
     /// Lifetime of an access token (at most 1h).
     #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
     access_token_ttl: Duration,
@@ -492,6 +499,10 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     keyward::rotation::parse_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{s:?} must be a duration above 0"))
+}
+
+fn parse_remote_bundle(s: &str) -> Result<keyward::verifier::remote::RemoteSpec, String> {
+    keyward::verifier::remote::RemoteSpec::parse(s)
 }
 
 fn parse_required_claim(s: &str) -> Result<keyward::verifier::RequiredClaim, String> {
@@ -622,6 +633,14 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
             return Err("--token-endpoint-url, --access-token-signer and --access-token-key-file go together".into());
         }
     };
+    let remotes = args
+        .remote_bundle
+        .into_iter()
+        .map(|spec| verifier::remote::RemoteBundle::new(spec).map(std::sync::Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !remotes.is_empty() {
+        tokio::spawn(verifier::remote::keep_fresh(remotes.clone()));
+    }
     let policy = verifier::Policy {
         clock_skew: args.clock_skew,
         audience: args.audience,
@@ -643,7 +662,8 @@ async fn verifier(args: VerifierArgs) -> Result<(), Box<dyn std::error::Error>> 
         .with_limits(limits)
         .with_max_staleness(args.max_staleness)
         .with_tls(tls)
-        .with_token_endpoint(token_endpoint);
+        .with_token_endpoint(token_endpoint)
+        .with_remotes(remotes.clone());
     // Pods are attributed only when their use is reported.
     if args.review_pod_tokens && report.is_some() {
         shared = shared.with_pod_identity(

@@ -82,7 +82,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/authz/{namespace}/{name}", any(auth_bound))
         .route("/authz/{namespace}/{name}/", any(auth_bound))
         .route("/authz/{namespace}/{name}/{*rest}", any(auth_bound))
-        .route("/keys/{namespace}/{name}/{document}", get(bundle_document));
+        .route("/keys/{namespace}/{name}/{document}", get(bundle_document))
+        // Remote trust sources: their own prefixes (a namespace may be called "remote").
+        .route("/auth-remote/{name}", get(auth_remote))
+        .route("/authz-remote/{name}", any(auth_remote))
+        .route("/authz-remote/{name}/", any(auth_remote))
+        .route("/authz-remote/{name}/{*rest}", any(auth_remote));
     let router = if shared.token_endpoint.is_some() {
         router.route(super::oauth::PATH, axum::routing::post(token_endpoint))
     } else {
@@ -120,9 +125,13 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let now = std::time::Instant::now();
     shared
         .stats
-        .view_unconfirmed(shared.freshness.unconfirmed_for(std::time::Instant::now()));
+        .view_unconfirmed(shared.freshness.unconfirmed_for(now));
+    for (name, remote) in &shared.remotes {
+        shared.stats.remote_age(name, remote.age(now));
+    }
     match shared.stats.encode() {
         Ok(body) => {
             let mut res = body.into_response();
@@ -269,6 +278,44 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, request: Request) -> 
             json(StatusCode::OK, issued.body())
         }
         Err(e) => refuse(e),
+    }
+}
+
+/// `/auth-remote/<name>` and `/authz-remote/<name>/...`: a token of the remote bundle `name`
+/// (`--remote-bundle`), and nothing else. Its use is not reported (the remote cluster's
+/// operator never reads this cluster's reports). An unknown name is refused (403 `Unbound`).
+async fn auth_remote(
+    State(shared): State<Arc<Shared>>,
+    Path(route): Path<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let name = route.get("name").cloned().unwrap_or_default();
+    let verified = match shared.remotes.get(&name) {
+        None => Err(Refusal::Unbound),
+        Some(remote) => verify::bearer(&headers).and_then(|token| {
+            remote.verify(
+                token,
+                Utc::now().timestamp(),
+                std::time::Instant::now(),
+                &shared.policy,
+            )
+        }),
+    };
+    match verified {
+        Ok(v) => {
+            shared.stats.allowed();
+            debug!(remote = %name, key = %v.key, kid = %v.kid, "remote token accepted");
+            let mut res = StatusCode::OK.into_response();
+            res.headers_mut().extend(allowed_headers(&v));
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        Err(r) => {
+            shared.stats.refused(r.reason());
+            debug!(remote = %name, reason = r.reason(), "remote token refused");
+            refusal_response(&r)
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod http;
 pub mod index;
 pub mod oauth;
 pub mod pod_identity;
+pub mod remote;
 pub mod report;
 pub mod serve;
 pub mod stats;
@@ -101,6 +102,8 @@ pub struct Shared {
     pub pods: Option<Arc<pod_identity::PodIdentity>>,
     /// The OAuth 2.0 token endpoint of proof-of-possession keys (`--token-endpoint-url`).
     pub token_endpoint: Option<Arc<oauth::TokenEndpoint>>,
+    /// Remote trust sources (`--remote-bundle`), by name.
+    pub remotes: std::collections::BTreeMap<String, Arc<remote::RemoteBundle>>,
     /// Watches that have not listed yet; ready at 0.
     pending: AtomicUsize,
 }
@@ -120,8 +123,18 @@ impl Shared {
             freshness: fresh::Freshness::default(),
             pods: None,
             token_endpoint: None,
+            remotes: std::collections::BTreeMap::new(),
             pending: AtomicUsize::new(0),
         }
+    }
+
+    /// Trust these remote bundles, each on its own routes (`/auth-remote/<name>`).
+    pub fn with_remotes(mut self, remotes: Vec<Arc<remote::RemoteBundle>>) -> Self {
+        self.remotes = remotes
+            .into_iter()
+            .map(|r| (r.spec.name.clone(), r))
+            .collect();
+        self
     }
 
     /// Serve the token endpoint of proof-of-possession keys, and accept its access tokens.

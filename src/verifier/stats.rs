@@ -25,6 +25,12 @@ pub struct Stats {
     view_unconfirmed: Gauge,
     pod_token_reviews: Family<ReviewLabels, Counter>,
     pods_dropped: Family<DroppedLabels, Counter>,
+    remote_age: Family<RemoteLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteLabels {
+    name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,8 +106,15 @@ impl Default for Stats {
             "Pod attributions of accepted requests this verifier could not report, by stage (use_log: the use log was full between flushes, the use was reported without its pod; report_bound: a key id held 65,536 pods, the oldest were evicted and the report says podsTruncated)",
             pods_dropped.clone(),
         );
+        let remote_age = Family::<RemoteLabels, Gauge>::default();
+        registry.register(
+            "keyward_verifier_remote_bundle_age_seconds",
+            "Age of each remote bundle's last good fetch (--remote-bundle), by name; -1 when it was never fetched. Over its max-staleness its routes refuse every token",
+            remote_age.clone(),
+        );
         Stats {
             registry,
+            remote_age,
             pod_token_reviews,
             pods_dropped,
             view_unconfirmed,
@@ -115,6 +128,15 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Sets `keyward_verifier_remote_bundle_age_seconds{name}` (`None`: never fetched, -1).
+    pub fn remote_age(&self, name: &str, age: Option<std::time::Duration>) {
+        self.remote_age
+            .get_or_create(&RemoteLabels {
+                name: name.to_string(),
+            })
+            .set(age.map_or(-1, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+    }
+
     /// Sets `keyward_verifier_view_unconfirmed_seconds`.
     pub fn view_unconfirmed(&self, d: std::time::Duration) {
         self.view_unconfirmed

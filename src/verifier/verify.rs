@@ -136,6 +136,10 @@ pub enum Refusal {
         "ProvisioningKey {0} is in proof-of-possession mode: a token it signed is not accepted, only an access token of the token endpoint"
     )]
     ProofOfPossessionRequired(String),
+    #[error(
+        "remote bundle {0} is stale or was never fetched: its routes refuse every token until it is fetched again"
+    )]
+    RemoteBundleStale(String),
 }
 
 impl Refusal {
@@ -157,6 +161,7 @@ impl Refusal {
             Refusal::KeyNotRecorded(_) => "KeyNotRecorded",
             Refusal::ClaimMissing(_) => "ClaimMissing",
             Refusal::ProofOfPossessionRequired(_) => "ProofOfPossessionRequired",
+            Refusal::RemoteBundleStale(_) => "RemoteBundleStale",
         }
     }
 

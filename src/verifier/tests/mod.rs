@@ -26,6 +26,7 @@ use crate::trust_record::TrustRecord;
 
 mod bundles;
 mod oauth;
+mod remote;
 mod reverse_proxy;
 mod shapes;
 mod tls;
