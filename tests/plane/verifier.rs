@@ -1923,3 +1923,246 @@ async fn a_deactivated_key_is_refused_comes_back_on_request_and_is_destroyed_aft
     drop(op);
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A remote trust source: another cluster's verifier, fetched over TLS with a pinned CA.
+
+/// A CA and a server pair for 127.0.0.1 it signs (openssl CLI): `(ca, cert, key)`.
+fn tls_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=west-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "tls.crt",
+    ]);
+    (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"))
+}
+
+/// Two verifier binaries standing for two clusters (issue 21, part 5): "west" watches the key's
+/// namespace and serves its trust bundle over TLS; "east" watches nothing of it and trusts
+/// west's bundle as `--remote-bundle west` (pinned CA, 1 s interval, 3 s max-staleness). West's
+/// token passes on east's remote route only; after west rotates and revokes the old key, east
+/// refuses the old token within a fetch; with west gone, east refuses everything on that route
+/// once the bundle is stale (`RemoteBundleStale`), never sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_bundle_follows_the_other_clusters_revocations_and_fails_closed_when_stale() {
+    let ns = TestNamespace::new("kw-remote-west").await;
+    let elsewhere = ns.another("kw-remote-east").await;
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    create_pk(
+        &pks,
+        "a",
+        json!({}),
+        json!({ "rotation": { "publishDelay": "1s", "overlap": "1s", "minInterval": "0s", "retainDeactivatedFor": "0s" } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "a", "settled", is_settled).await;
+    let kid1 = pk
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("kid");
+    let token1 = data(
+        &secrets.get("a").await.expect("agent Secret"),
+        l::DATA_TOKEN,
+    )
+    .expect("token");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, crt, key) = tls_pair(dir.path());
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port()
+    };
+    let (west_port, east_port) = (free(), free());
+    let west_addr = format!("127.0.0.1:{west_port}");
+    let mut west = spawn_keyward(
+        &[
+            "verifier",
+            "--namespaces",
+            ns.name(),
+            "--report=false",
+            "--address",
+            &west_addr,
+            "--tls-cert-file",
+            crt.to_str().expect("path"),
+            "--tls-key-file",
+            key.to_str().expect("path"),
+        ],
+        &[],
+        &dir.path().join("west.log"),
+    );
+    let spec = format!(
+        "name=west,url=https://{west_addr}/keys/{}/a/jwks.json,ca={},sub={}/a,interval=1s,max-staleness=3s",
+        ns.name(),
+        ca.display(),
+        ns.name()
+    );
+    let east_addr = format!("127.0.0.1:{east_port}");
+    let _east = spawn_keyward(
+        &[
+            "verifier",
+            "--plain-http",
+            "--namespaces",
+            elsewhere.name(),
+            "--report=false",
+            "--address",
+            &east_addr,
+            "--remote-bundle",
+            &spec,
+        ],
+        &[],
+        &dir.path().join("east.log"),
+    );
+    let east = format!("http://{east_addr}");
+    let http = reqwest::Client::new();
+    wait_ready(&http, &east).await;
+    let at = |path: String, token: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(path).bearer_auth(token).send().await.expect("GET");
+            let reason = r
+                .headers()
+                .get("x-keyward-reason")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (r.status().as_u16(), reason)
+        }
+    };
+    let remote_route = format!("{east}/auth-remote/west");
+    eventually("east accepts west's token on the remote route", || async {
+        (at(remote_route.clone(), token1.clone()).await.0 == 200).then_some(())
+    })
+    .await;
+    // East never trusts it on a local route (it does not watch west's namespace).
+    assert_ne!(
+        at(format!("{east}/auth/{}/a", ns.name()), token1.clone())
+            .await
+            .0,
+        200
+    );
+
+    // West rotates; the old key is revoked there; east follows within a fetch.
+    merge(
+        &pks,
+        "a",
+        json!({ "metadata": { "annotations": { l::ROTATE: "remote-1" } } }),
+    )
+    .await;
+    let rotated = wait_pk(&pks, "a", "old key revoked", |pk| {
+        is_settled(pk)
+            && keyward::trust_record::TrustRecord::of(pk)
+                .and_then(Result::ok)
+                .is_some_and(|r| !r.has(&kid1))
+    })
+    .await;
+    let kid2 = rotated
+        .status
+        .as_ref()
+        .and_then(|s| s.current_key.as_ref())
+        .map(|k| k.kid.clone())
+        .expect("kid2");
+    assert_ne!(kid1, kid2);
+    let token2 = data(
+        &secrets.get("a").await.expect("agent Secret"),
+        l::DATA_TOKEN,
+    )
+    .expect("token");
+    eventually("east refuses the revoked key", || async {
+        (at(remote_route.clone(), token1.clone()).await.0 == 401).then_some(())
+    })
+    .await;
+    eventually("east accepts the new key", || async {
+        (at(remote_route.clone(), token2.clone()).await.0 == 200).then_some(())
+    })
+    .await;
+
+    // West goes away: east keeps its last good bundle up to max-staleness, then fails closed.
+    let _ = west.0.kill();
+    let _ = west.0.wait();
+    let gone = Instant::now();
+    let (status, reason) = loop {
+        let got = at(remote_route.clone(), token2.clone()).await;
+        if got.0 != 200 || gone.elapsed() > Duration::from_secs(20) {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((status, reason.as_str()), (401, "RemoteBundleStale"));
+    assert!(
+        gone.elapsed() >= Duration::from_secs(2),
+        "refused {:?} after west stopped: sooner than the 3 s max-staleness allows",
+        gone.elapsed()
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
