@@ -11,6 +11,7 @@ pub mod agent_proxy;
 pub mod api;
 #[cfg(test)]
 mod architecture;
+pub mod bundle_copy;
 pub mod cli;
 pub mod client;
 pub mod controller;

@@ -100,6 +100,11 @@ struct RunArgs {
     /// Most workloads rolled at once, so a rotation never becomes a restart storm.
     #[arg(long, default_value_t = 5)]
     max_concurrent_rolls: usize,
+    /// How often a ProvisioningKey with bundle copies (spec.trustBundle.namespaceSelector) is
+    /// looked at again: how long a newly labelled namespace waits for its copy, and an edited
+    /// copy stays edited (namespaces and copies are not watched).
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    bundle_copy_resync: Duration,
     /// Most reconciles running at once per controller (ProvisioningKeys, PolicyAgents);
     /// at least 1. Higher drains a large backlog sooner at the cost of more concurrent API
     /// requests (still bounded by --kube-api-qps and --kube-api-burst).
@@ -292,6 +297,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             clock_skew: args.max_clock_skew,
         },
         max_concurrent_rolls: args.max_concurrent_rolls.max(1),
+        copy_resync: args.bundle_copy_resync,
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "keyward".into()),
         concurrency: args.concurrency.max(1),
         leader: None,

@@ -344,6 +344,16 @@ pub struct TrustBundleSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub config_map_name: Option<String>,
+
+    /// Copy the bundle (its trusted key ids only) into every namespace whose labels match and
+    /// that accepts copies from this key's namespace (label
+    /// `accept-bundles.keyward.dev/<this namespace>: "true"` on the namespace), as a ConfigMap of
+    /// the same name labelled `keyward.dev/copy-of-uid`; kept in sync (within a minute of a
+    /// namespace's labels changing), and removed from a namespace that no longer matches and
+    /// when this key is deleted. A ConfigMap of that name that is not such a copy is never
+    /// overwritten. Unset: no copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// Observed state, derived from evidence (the key Secrets) on every reconcile.

@@ -56,6 +56,9 @@ pub struct OperatorConfig {
     pub verifier_replicas: Vec<String>,
     /// Where decisions take `now` from (the wall clock; a manual clock in tests).
     pub clock: crate::time::SharedClock,
+    /// How often a key with bundle copies (`spec.trustBundle.namespaceSelector`) is looked at
+    /// again: namespaces and copies are not watched (`--bundle-copy-resync`).
+    pub copy_resync: std::time::Duration,
 }
 
 impl Default for OperatorConfig {
@@ -70,6 +73,7 @@ impl Default for OperatorConfig {
             verifier_namespace: None,
             verifier_replicas: Vec::new(),
             clock: crate::time::SharedClock::default(),
+            copy_resync: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -2166,3 +2166,229 @@ async fn a_remote_bundle_follows_the_other_clusters_revocations_and_fails_closed
     op.stop().await;
     ns.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bundle copies in other namespaces (spec.trustBundle.namespaceSelector).
+
+/// `spec.trustBundle.namespaceSelector` (issue 21, part 5), on the real plane. Namespaces a and c
+/// match and accept copies from the key's namespace; b matches but does not accept (a tenant's
+/// selector alone never places a ConfigMap in another namespace); c already holds a ConfigMap
+/// of that name (never overwritten). The copy in a lists only recorded key ids (a JWK injected
+/// into the source is not copied), follows a rotation, is repaired after an edit, leaves a when
+/// a's labels stop matching, and the last copy goes with the key (its finalizer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_copies_follow_the_selector_and_the_trust_record_and_go_with_the_key() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use keyward::controller::WriteCounter;
+    use kube::ResourceExt as _;
+    let src = TestNamespace::new("kw-copy-src").await;
+    let (a, b, c) = (
+        src.another("kw-copy-a").await,
+        src.another("kw-copy-b").await,
+        src.another("kw-copy-c").await,
+    );
+    let namespaces: Api<Namespace> = Api::all(src.client());
+    let accept = keyward::bundle_copy::accept_label(src.name());
+    for (ns, accepts) in [(&a, true), (&b, false), (&c, true)] {
+        let mut labels = json!({ "team": "x" });
+        if accepts {
+            labels[&accept] = json!("true");
+        }
+        namespaces
+            .patch(
+                ns.name(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+            )
+            .await
+            .expect("label the namespace");
+    }
+    let foreign = json!({ "metadata": { "name": "pk-trust" }, "data": { "jwks.json": "{\"keys\":[]}", "owner": "team-c" } });
+    c.api::<ConfigMap>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(foreign).expect("cm"),
+        )
+        .await
+        .expect("c's own ConfigMap");
+    let watched = vec![
+        src.name().to_string(),
+        a.name().to_string(),
+        b.name().to_string(),
+        c.name().to_string(),
+    ];
+    let writes = WriteCounter::default();
+    let obs = keyward::controller::Observability::new(&writes);
+    let op = Operator::start_configured(src.name(), Floors::none(), writes, obs, |cfg| {
+        cfg.namespaces = watched;
+        cfg.copy_resync = Duration::from_secs(2);
+    })
+    .await;
+    let pks: Api<ProvisioningKey> = src.api();
+    create_pk(
+        &pks,
+        "pk",
+        json!({}),
+        json!({
+            "trustBundle": { "namespaceSelector": { "matchLabels": { "team": "x" } } },
+            "rotation": { "publishDelay": "1s", "overlap": "1s", "minInterval": "0s", "retainDeactivatedFor": "0s" },
+        }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "pk", "settled", is_settled).await;
+    let copy_kids = |ns: &TestNamespace| {
+        let api: Api<ConfigMap> = ns.api();
+        async move {
+            let cm = api.get_opt("pk-trust").await.expect("get")?;
+            let jwks: Jwks = serde_json::from_str(cm.data.as_ref()?.get("jwks.json")?).ok()?;
+            let ours = cm.labels().get(keyward::bundle_copy::COPY_OF_UID).is_some();
+            Some((ours, jwks.key_ids()))
+        }
+    };
+    let recorded = |pk: &ProvisioningKey| {
+        let mut k: Vec<String> = TrustRecord::of(pk)
+            .and_then(Result::ok)
+            .map(|r| r.kids.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    let kids1 = recorded(&pk);
+    eventually("a gets the copy", || async {
+        let (ours, mut kids) = copy_kids(&a).await?;
+        kids.sort();
+        (ours && kids == kids1).then_some(())
+    })
+    .await;
+    let pk = pks.get("pk").await.expect("get");
+    assert!(
+        pk.finalizers()
+            .iter()
+            .any(|f| f == keyward::bundle_copy::FINALIZER),
+        "the finalizer"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        copy_kids(&b).await,
+        None,
+        "b matches but does not accept: no copy"
+    );
+    let c_cm = c
+        .api::<ConfigMap>()
+        .get("pk-trust")
+        .await
+        .expect("c's ConfigMap");
+    assert_eq!(
+        c_cm.data
+            .as_ref()
+            .and_then(|d| d.get("owner"))
+            .map(String::as_str),
+        Some("team-c"),
+        "never overwritten"
+    );
+
+    // A JWK injected into the source is never copied; an edited copy is repaired.
+    let injected = KeyPair::generate();
+    let source: Api<ConfigMap> = src.api();
+    let cm = source.get("pk-trust").await.expect("source");
+    let mut jwks: Jwks =
+        serde_json::from_str(&cm.data.as_ref().expect("data")["jwks.json"]).expect("jwks");
+    jwks.keys.push(injected.public_key().to_jwk());
+    let a_jwks = jwks.clone();
+    source
+        .patch(
+            "pk-trust",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "data": { "jwks.json": serde_json::to_string(&jwks).expect("json") } }),
+            ),
+        )
+        .await
+        .expect("inject into the source");
+    a.api::<ConfigMap>()
+        .patch(
+            "pk-trust",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "data": { "jwks.json": serde_json::to_string(&a_jwks).expect("json") } }),
+            ),
+        )
+        .await
+        .expect("edit the copy");
+    eventually(
+        "the edited copy repaired, without the injected key",
+        || async {
+            let (_, mut kids) = copy_kids(&a).await?;
+            kids.sort();
+            (kids == kids1).then_some(())
+        },
+    )
+    .await;
+
+    // A rotation reaches the copy: the new key id appears, the revoked one leaves.
+    merge(
+        &pks,
+        "pk",
+        json!({ "metadata": { "annotations": { l::ROTATE: "copies-1" } } }),
+    )
+    .await;
+    let rotated = wait_pk(&pks, "pk", "rotated and the old key revoked", |pk| {
+        is_settled(pk) && recorded(pk).len() == 1 && recorded(pk) != kids1
+    })
+    .await;
+    let kids2 = recorded(&rotated);
+    eventually("the copy follows the rotation", || async {
+        let (_, mut kids) = copy_kids(&a).await?;
+        kids.sort();
+        (kids == kids2).then_some(())
+    })
+    .await;
+
+    // a stops matching: its copy goes. Then the key goes, and with it every copy.
+    namespaces
+        .patch(
+            a.name(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "team": "y" } } })),
+        )
+        .await
+        .expect("relabel a");
+    eventually("a's copy removed", || async {
+        copy_kids(&a).await.is_none().then_some(())
+    })
+    .await;
+    namespaces
+        .patch(
+            a.name(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "team": "x" } } })),
+        )
+        .await
+        .expect("relabel a back");
+    eventually("a's copy back", || async {
+        copy_kids(&a).await.map(|_| ())
+    })
+    .await;
+    pks.delete("pk", &DeleteParams::default())
+        .await
+        .expect("delete the key");
+    eventually("the key and its copies gone", || async {
+        (pks.get_opt("pk").await.expect("get").is_none() && copy_kids(&a).await.is_none())
+            .then_some(())
+    })
+    .await;
+    let c_cm = c
+        .api::<ConfigMap>()
+        .get("pk-trust")
+        .await
+        .expect("c's ConfigMap stays");
+    assert_eq!(
+        c_cm.data
+            .as_ref()
+            .and_then(|d| d.get("owner"))
+            .map(String::as_str),
+        Some("team-c")
+    );
+    op.stop().await;
+    src.cleanup().await;
+}

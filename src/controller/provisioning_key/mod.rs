@@ -11,6 +11,7 @@
 //! | report  | [`report`]: writes status, Events, metrics          | writes |
 
 mod apply;
+mod copies;
 mod read;
 mod report;
 
@@ -47,10 +48,12 @@ fn object_key(pk: &ProvisioningKey) -> Result<(String, String)> {
 /// (not only in the log) and is retried with backoff by the controller's error policy.
 pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Action> {
     if pk.meta().deletion_timestamp.is_some() {
-        // Owned objects are garbage-collected through their owner references.
+        // Owned objects are garbage-collected through their owner references; the bundle's
+        // copies in other namespaces are removed here (the finalizer holds the key until then).
         if let Ok((ns, name)) = object_key(&pk) {
             ctx.metrics.remove_key(&ns, &name);
         }
+        copies::finalize(&ctx, &pk).await?;
         return Ok(Action::await_change());
     }
     // The object comes from the watch cache. When it does not show our own last trust-record
@@ -73,9 +76,15 @@ pub async fn reconcile(pk: Arc<ProvisioningKey>, ctx: Arc<Context>) -> Result<Ac
     // An Event held for a hand-out that did not come is recorded, however the reconcile ended.
     report::record(&ctx, &pk, trail.finish()).await;
     match result {
-        Ok(action) => {
+        Ok(requeue) => {
+            // The bundle's copies in other namespaces, once the key's own objects are settled.
+            let copies = copies::sync(&ctx, &pk).await?;
             ctx.backoff.reset(&super::object_key(&*pk));
-            Ok(action)
+            let requeue = match (requeue, copies) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            Ok(requeue.map_or_else(Action::await_change, Action::requeue))
         }
         Err(e) => {
             if e.reportable()
@@ -96,7 +105,7 @@ async fn run_steps(
     pk: &ProvisioningKey,
     now: DateTime<Utc>,
     trail: &mut Trail,
-) -> Result<Action> {
+) -> Result<Option<Duration>> {
     let mut raw = read::snapshot(ctx, pk).await?;
     let mut fresh: Option<(u32, KeyPair)> = None;
     let mut now = now;
@@ -122,7 +131,7 @@ async fn run_steps(
                 (None, true) => Some(SETTLING_RECHECK),
                 (d, false) => d,
             };
-            return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
+            return Ok(requeue);
         };
         let (mut minted, written) = apply::step(ctx, pk, &read, step, now, &mut fresh).await?;
         if let (Some(m), Step::Mint { seq, .. }) = (minted.as_mut(), step) {
@@ -136,7 +145,7 @@ async fn run_steps(
         }
         report::applied(ctx, pk, &read, step, minted.as_ref(), trail).await;
     }
-    Ok(Action::requeue(Duration::from_millis(200)))
+    Ok(Some(Duration::from_millis(200)))
 }
 
 fn uid_of(pk: &ProvisioningKey) -> String {

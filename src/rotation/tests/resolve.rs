@@ -72,6 +72,7 @@ fn resolve_explicit_values() {
         }),
         trust_bundle: Some(TrustBundleSpec {
             config_map_name: some("bundle"),
+            namespace_selector: None,
         }),
         suspend: Some(true),
         compromised_keys: vec![CompromisedKeyId(good.clone())],
@@ -311,6 +312,7 @@ fn resolve_errors() {
             ProvisioningKeySpec {
                 trust_bundle: Some(TrustBundleSpec {
                     config_map_name: some("-x"),
+                    namespace_selector: None,
                 }),
                 ..Default::default()
             },

@@ -201,6 +201,7 @@ fn an_explicit_default_name_is_no_change() {
         secret_name: some("demo"),
         trust_bundle: Some(TrustBundleSpec {
             config_map_name: some("demo-trust"),
+            namespace_selector: None,
         }),
         ..Default::default()
     };
