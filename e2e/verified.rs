@@ -10,6 +10,8 @@
 //!     refresh (no new key, no roll), and the real OPA agents follow it.
 //! (h) Deactivate, then reactivate: a forgotten OPA with a copied token is refused once the old key
 //!     is deactivated, and downloads again after `keyward reactivate`, with no new rotation.
+//! (k) An agent outside the cluster registered as a consumer: a real OPA fed by
+//!     `keyward token sync --acknowledge-via`; the old key waits for its acknowledgement.
 //! (g) A consumer outside any PolicyAgent (an OPA with a copied token) keeps using the old key:
 //!     `revokeWhenUnusedFor` holds the old key (status shows when it was last used) until that
 //!     consumer stops; then the verifier goes silent (SIGKILL) and the old key stays trusted,
@@ -265,6 +267,38 @@ impl OutsideAgent {
              bundles:\n  authz:\n    service: cp\n    resource: bundles/authz.tar.gz\n    polling:\n      min_delay_seconds: 1\n      max_delay_seconds: 1\n",
             q(url),
             q(&dir.join("token").to_string_lossy())
+        );
+        std::fs::write(dir.join("config.yaml"), config)?;
+        let log = std::fs::File::create(dir.join("opa.log"))?;
+        let child = tokio::process::Command::new(binary)
+            .args(["run", "--server", "--disable-telemetry"])
+            .args(["--addr", &format!("127.0.0.1:{}", free_port()?)])
+            .arg("--config-file")
+            .arg(dir.join("config.yaml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start the outside OPA")?;
+        Ok(OutsideAgent(child))
+    }
+
+    /// An outside OPA reading its token from `token_file` (kept fresh by `keyward token sync`).
+    async fn start_with_file(
+        bed: &Bed,
+        url: &str,
+        token_file: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let binary = tokio::task::spawn_blocking(keyward_testbed::opa_binary).await??;
+        let dir = bed.log_path("outside-file");
+        std::fs::create_dir_all(&dir)?;
+        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let config = format!(
+            "services:\n  cp:\n    url: {}\n    credentials:\n      bearer:\n        token_path: {}\n\
+             bundles:\n  authz:\n    service: cp\n    resource: bundles/authz.tar.gz\n    polling:\n      min_delay_seconds: 1\n      max_delay_seconds: 1\n",
+            q(url),
+            q(&token_file.to_string_lossy())
         );
         std::fs::write(dir.join("config.yaml"), config)?;
         let log = std::fs::File::create(dir.join("opa.log"))?;
@@ -724,6 +758,202 @@ async fn a_route_requiring_a_scope_follows_the_keys_claims_without_a_rotation() 
         "a claims change minted a key"
     );
     bed.say("scope granted again: the agents download, no rotation");
+    drop(verifier);
+    op.stop().await;
+    bed.finish().await;
+    Ok(())
+}
+
+/// (k) An agent outside the cluster, registered as a consumer (issue 21, part 3): a real OPA
+/// reads its token from a file that `keyward token sync --acknowledge-via` (the built binary, a
+/// plain process, with a kubeconfig of the agent's own ServiceAccount) keeps fresh, and
+/// downloads through Debian's nginx and the real verifier. A PolicyAgent of kind
+/// `ServiceAccount` names it. While `token sync` is stopped, a rotation completes for the
+/// in-cluster agents but the old key stays trusted, and the outside OPA keeps downloading with
+/// it; restarted, `token sync` writes the new token and acknowledges it, and only then is the
+/// old key deactivated. The outside OPA is never refused.
+///
+/// How to see it fail: confirm agents outside the cluster without the acknowledgement (in
+/// `src/agent/observe.rs`, `external`, set `require_ack: false`): the old key is deactivated
+/// while `token sync` is stopped, and step 2 fails with "the old key left while the outside
+/// agent had not acknowledged the new one".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outside_opa_registered_as_a_consumer_holds_the_old_key_until_it_acknowledges()
+-> anyhow::Result<()> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::PostParams;
+    let (bed, nginx, verifier, _dir) = verified_bed("outside").await?;
+    let op = InProcessOperator::start(&bed.ns).await;
+    let k1 = bed
+        .set_up(json!({
+            "minInterval": "1s", "publishDelay": "2s", "confirmationTimeout": "5m",
+            "overlap": "1s", "retainDeactivatedFor": "1h",
+        }))
+        .await?;
+    // The outside agent's identity: a ServiceAccount that may read the one agent Secret and
+    // mint tokens for itself; a PolicyAgent names it.
+    let sa = "outside-opa";
+    bed.api::<ServiceAccount>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": sa}}))?,
+        )
+        .await?;
+    bed.api::<Role>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": sa},
+            "rules": [
+                {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [PK], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": [sa], "verbs": ["create"]},
+            ],
+        }))?)
+        .await?;
+    bed.api::<RoleBinding>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": sa},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": bed.ns}],
+            }))?,
+        )
+        .await?;
+    bed.api::<PolicyAgent>()
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "PolicyAgent",
+            "metadata": {"name": "outside"},
+            "spec": {"provisioningKeyRef": {"name": PK}, "workloadRef": {"kind": "ServiceAccount", "name": sa}},
+        }))?)
+        .await?;
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"expirationSeconds": 3600}}))?;
+    let sa_token = bed
+        .api::<ServiceAccount>()
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?
+        .status
+        .context("TokenRequest status")?
+        .token;
+    let admin: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(keyward_testbed::kubeconfig_path())?)?;
+    let mut limited = admin.clone();
+    limited["users"] = json!([{"name": sa, "user": {"token": sa_token}}]);
+    if let Some(contexts) = limited["contexts"].as_array_mut() {
+        for c in contexts {
+            c["context"]["user"] = json!(sa);
+        }
+    }
+    let dir = bed.log_path("outside-sync");
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("sa.kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&limited)?)?;
+    let token_file = dir.join("token");
+    let verifier_url = format!("http://127.0.0.1:{}", verifier.port);
+    let sync = || -> anyhow::Result<tokio::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sync.log"))?;
+        Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["token", "sync", "--key", &format!("{}/{PK}", bed.ns)])
+            .arg("--out")
+            .arg(&token_file)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--acknowledge-via", &verifier_url, "--service-account", sa])
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?)
+    };
+    let outside_confirmed = |kid: String| {
+        let api = bed.api::<PolicyAgent>();
+        async move {
+            let pa = api.get("outside").await.ok()?;
+            (confirmed_on(&pa).as_deref() == Some(kid.as_str())).then_some(())
+        }
+    };
+
+    // 1. Registered: token sync writes the file and acknowledges; the real OPA downloads.
+    let mut child = sync()?;
+    eventually("the token file", TIMEOUT, POLL, || async {
+        std::fs::metadata(&token_file).ok().map(|_| ())
+    })
+    .await?;
+    let outside = OutsideAgent::start_with_file(&bed, &nginx.url(), &token_file).await?;
+    eventually(
+        "the outside PolicyAgent confirmed on the first key",
+        TIMEOUT,
+        POLL,
+        || outside_confirmed(k1.clone()),
+    )
+    .await?;
+    let t0 = unix_now();
+    eventually("the outside OPA downloads", TIMEOUT, POLL, || async {
+        (outside_requests(&nginx, &k1, t0).0 > 0).then_some(())
+    })
+    .await?;
+    bed.say("outside OPA registered (PolicyAgent of kind ServiceAccount), confirmed on the first key, downloading");
+
+    // 2. token sync stopped: the rotation completes in the cluster, the old key stays trusted.
+    let _ = child.kill().await;
+    bed.request_rotation("1").await?;
+    let k2 = bed.wait_handed_out(|k| k != k1).await?;
+    bed.wait_confirmed(&k2).await?;
+    let held_since = unix_now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let state = bed.key_state(&k1).await?;
+    ensure!(
+        !matches!(state.as_deref(), Some("deactivated" | "destroyed")),
+        "the old key left while the outside agent had not acknowledged the new one ({state:?})"
+    );
+    let (ok, refused) = outside_requests(&nginx, &k1, held_since);
+    ensure!(
+        ok > 0 && refused == 0,
+        "the outside OPA with the old key: {ok} downloads, {refused} refused"
+    );
+    bed.say(format!(
+        "in-cluster agents confirmed on {k2}; the old key held 8 s for the stopped outside agent ({ok} downloads with it)"
+    ));
+
+    // 3. token sync back: new token, acknowledged, confirmed; only then the old key goes.
+    let mut child = sync()?;
+    eventually(
+        "the outside PolicyAgent confirmed on the new key",
+        TIMEOUT,
+        POLL,
+        || outside_confirmed(k2.clone()),
+    )
+    .await?;
+    eventually("the old key deactivated", TIMEOUT, POLL, || async {
+        (bed.key_state(&k1).await.ok()?.as_deref() == Some("deactivated")).then_some(())
+    })
+    .await?;
+    let t2 = unix_now();
+    eventually(
+        "the outside OPA downloads with the new key",
+        TIMEOUT,
+        POLL,
+        || async { (outside_requests(&nginx, &k2, t2).0 > 0).then_some(()) },
+    )
+    .await?;
+    let (_, refused_old) = outside_requests(&nginx, &k1, t0);
+    let (_, refused_new) = outside_requests(&nginx, &k2, t0);
+    ensure!(
+        refused_old + refused_new == 0,
+        "the outside OPA was refused {} times",
+        refused_old + refused_new
+    );
+    bed.say(format!(
+        "token sync acknowledged {k2}; the old key deactivated only then; the outside OPA was never refused"
+    ));
+    let _ = child.kill().await;
+    outside.stop().await;
     drop(verifier);
     op.stop().await;
     bed.finish().await;
