@@ -64,89 +64,6 @@ async fn agent_secret(api: &kube::Api<Secret>, name: &str) -> anyhow::Result<Sec
     .await
 }
 
-/// A CA and a server certificate for 127.0.0.1 it signed, by the openssl CLI:
-/// `(ca, cert, key)` paths. (A self-signed server certificate carries `CA:TRUE`, which rustls
-/// refuses as a server's own.)
-fn certificate(
-    dir: &std::path::Path,
-) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
-    let p = |f: &str| dir.join(f);
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("run openssl")?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-days",
-                "1",
-                "-subj",
-                "/CN=keyward e2e CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-            ],
-        ]
-        .concat(),
-    )?;
-    openssl(
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "tls.key",
-                "-out",
-                "tls.csr",
-            ],
-        ]
-        .concat(),
-    )?;
-    std::fs::write(
-        p("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "tls.crt",
-    ])?;
-    Ok((p("ca.crt"), p("tls.crt"), p("tls.key")))
-}
-
 /// The upstream bundle server: serves the bundle, and notes when.
 async fn upstream() -> anyhow::Result<(u16, Arc<Mutex<Vec<Instant>>>)> {
     let served = Arc::new(Mutex::new(Vec::new()));
@@ -277,7 +194,7 @@ async fn an_opa_holding_the_key_proves_possession_and_its_bearer_token_is_refuse
     };
     say("ProvisioningKeys agent (ECDSAP256, ProofOfPossession) and signer minted");
 
-    let (ca_file, crt, key) = certificate(dir.path())?;
+    let (ca_file, crt, key) = keyward_testbed::tls::ca_and_server(dir.path())?;
     let (up, served) = upstream().await?;
     let vport = free_port()?;
     let token_url = format!("https://127.0.0.1:{vport}/oauth2/token");

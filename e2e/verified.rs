@@ -257,31 +257,10 @@ struct OutsideAgent(tokio::process::Child);
 
 impl OutsideAgent {
     async fn start(bed: &Bed, url: &str, token: &str) -> anyhow::Result<Self> {
-        let binary = tokio::task::spawn_blocking(keyward_testbed::opa_binary).await??;
         let dir = bed.log_path("outside");
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("token"), token)?;
-        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
-        let config = format!(
-            "services:\n  cp:\n    url: {}\n    credentials:\n      bearer:\n        token_path: {}\n\
-             bundles:\n  authz:\n    service: cp\n    resource: bundles/authz.tar.gz\n    polling:\n      min_delay_seconds: 1\n      max_delay_seconds: 1\n",
-            q(url),
-            q(&dir.join("token").to_string_lossy())
-        );
-        std::fs::write(dir.join("config.yaml"), config)?;
-        let log = std::fs::File::create(dir.join("opa.log"))?;
-        let child = tokio::process::Command::new(binary)
-            .args(["run", "--server", "--disable-telemetry"])
-            .args(["--addr", &format!("127.0.0.1:{}", free_port()?)])
-            .arg("--config-file")
-            .arg(dir.join("config.yaml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the outside OPA")?;
-        Ok(OutsideAgent(child))
+        Self::start_with_file(bed, url, &dir.join("token")).await
     }
 
     /// An outside OPA reading its token from `token_file` (kept fresh by `keyward token sync`).
@@ -836,19 +815,9 @@ async fn an_outside_opa_registered_as_a_consumer_holds_the_old_key_until_it_ackn
         .status
         .context("TokenRequest status")?
         .token;
-    let admin: serde_json::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(keyward_testbed::kubeconfig_path())?)?;
-    let mut limited = admin.clone();
-    limited["users"] = json!([{"name": sa, "user": {"token": sa_token}}]);
-    if let Some(contexts) = limited["contexts"].as_array_mut() {
-        for c in contexts {
-            c["context"]["user"] = json!(sa);
-        }
-    }
     let dir = bed.log_path("outside-sync");
     std::fs::create_dir_all(&dir)?;
-    let kubeconfig = dir.join("sa.kubeconfig");
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&limited)?)?;
+    let kubeconfig = keyward_testbed::kubeconfig_with_token(&dir, sa, &sa_token)?;
     let token_file = dir.join("token");
     let verifier_url = format!("http://127.0.0.1:{}", verifier.port);
     let sync = || -> anyhow::Result<tokio::process::Child> {

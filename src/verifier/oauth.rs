@@ -462,17 +462,8 @@ pub fn verify_access(
     if claims.exp.saturating_sub(claims.iat) > max.saturating_add(skew) {
         return Err(Refusal::LifetimeTooLong);
     }
-    let audience = policy.audience.as_deref().unwrap_or(&params.audience);
-    if claims.aud != audience {
-        return Err(Refusal::WrongAudience(key.to_string()));
-    }
-    if let Binding::Key(expected) = binding
-        && *expected != key
-    {
-        return Err(Refusal::KeyNotAccepted {
-            expected: expected.to_string(),
-        });
-    }
+    super::verify::check_audience(policy, params, &claims.aud, &key)?;
+    super::verify::accepted_here(binding, &key)?;
     Ok(Verified {
         key,
         kid: kid.to_string(),

@@ -140,9 +140,12 @@ impl NotAPod {
     }
 }
 
-/// The pod of a TokenReview's status (pure): authenticated, for `audience`, a ServiceAccount
-/// (`system:serviceaccount:<namespace>:<name>`) with exactly one pod UID, a UUID.
-pub fn pod_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAPod> {
+/// The ServiceAccount user of a TokenReview's status, and its namespace: authenticated, valid
+/// for `audience`, a ServiceAccount (`system:serviceaccount:<namespace>:<name>`).
+fn service_account_user<'a>(
+    status: &'a TokenReviewStatus,
+    audience: &str,
+) -> Result<(&'a k8s_openapi::api::authentication::v1::UserInfo, &'a str), NotAPod> {
     if status.authenticated != Some(true) || status.error.as_deref().is_some_and(|e| !e.is_empty())
     {
         return Err(NotAPod::Unauthenticated);
@@ -161,20 +164,31 @@ pub fn pod_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAP
         .as_deref()
         .and_then(|u| u.strip_prefix("system:serviceaccount:"))
         .and_then(|rest| rest.split_once(':'))
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
         .map(|(ns, _)| ns)
-        .filter(|ns| !ns.is_empty())
         .ok_or(NotAPod::NotPodBound)?;
-    let uid = match user.extra.as_ref().and_then(|e| e.get(POD_UID_EXTRA)) {
-        Some(v) if v.len() == 1 => v[0].as_str(),
-        _ => return Err(NotAPod::NotPodBound),
-    };
-    let uid = uuid::Uuid::try_parse(uid)
+    Ok((user, namespace))
+}
+
+/// A UUID, not nil, in its hyphenated form.
+fn uuid_of(s: &str) -> Option<String> {
+    uuid::Uuid::try_parse(s)
         .ok()
         .filter(|u| !u.is_nil())
-        .ok_or(NotAPod::NotPodBound)?;
+        .map(|u| u.hyphenated().to_string())
+}
+
+/// The pod of a TokenReview's status (pure): authenticated, for `audience`, a ServiceAccount
+/// (`system:serviceaccount:<namespace>:<name>`) with exactly one pod UID, a UUID.
+pub fn pod_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAPod> {
+    let (user, namespace) = service_account_user(status, audience)?;
+    let uid = match user.extra.as_ref().and_then(|e| e.get(POD_UID_EXTRA)) {
+        Some(v) if v.len() == 1 => uuid_of(&v[0]).ok_or(NotAPod::NotPodBound)?,
+        _ => return Err(NotAPod::NotPodBound),
+    };
     Ok(PodId {
         namespace: namespace.to_string(),
-        uid: uid.hyphenated().to_string(),
+        uid,
     })
 }
 
@@ -182,35 +196,15 @@ pub fn pod_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAP
 /// ServiceAccount (`system:serviceaccount:<namespace>:<name>`) whose UID (the review's
 /// `user.uid`) is a UUID. Bound or not to a pod: the identity is the ServiceAccount.
 pub fn service_account_of(status: &TokenReviewStatus, audience: &str) -> Result<PodId, NotAPod> {
-    if status.authenticated != Some(true) || status.error.as_deref().is_some_and(|e| !e.is_empty())
-    {
-        return Err(NotAPod::Unauthenticated);
-    }
-    if !status
-        .audiences
-        .as_ref()
-        .is_some_and(|a| a.iter().any(|x| x == audience))
-    {
-        return Err(NotAPod::Unauthenticated);
-    }
-    let user = status.user.as_ref().ok_or(NotAPod::NotPodBound)?;
-    let namespace = user
-        .username
-        .as_deref()
-        .and_then(|u| u.strip_prefix("system:serviceaccount:"))
-        .and_then(|rest| rest.split_once(':'))
-        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
-        .map(|(ns, _)| ns)
-        .ok_or(NotAPod::NotPodBound)?;
+    let (user, namespace) = service_account_user(status, audience)?;
     let uid = user
         .uid
         .as_deref()
-        .and_then(|u| uuid::Uuid::try_parse(u).ok())
-        .filter(|u| !u.is_nil())
+        .and_then(uuid_of)
         .ok_or(NotAPod::NotPodBound)?;
     Ok(PodId {
         namespace: namespace.to_string(),
-        uid: uid.hyphenated().to_string(),
+        uid,
     })
 }
 

@@ -256,21 +256,12 @@ pub fn verify(
     if claims.exp.saturating_sub(claims.iat) > ttl.saturating_add(skew) {
         return Err(Refusal::LifetimeTooLong);
     }
-    let audience = policy.audience.as_deref().unwrap_or(&params.audience);
-    if claims.aud != audience {
-        return Err(Refusal::WrongAudience(key.to_string()));
-    }
+    check_audience(policy, params, &claims.aud, &key)?;
     let issuer = policy.issuer.as_deref().unwrap_or(&params.issuer);
     if claims.iss != issuer {
         return Err(Refusal::WrongIssuer(key.to_string()));
     }
-    if let Binding::Key(expected) = binding
-        && *expected != key
-    {
-        return Err(Refusal::KeyNotAccepted {
-            expected: expected.to_string(),
-        });
-    }
+    accepted_here(binding, &key)?;
     // Whoever holds the private key of a proof-of-possession key could sign a bearer token of
     // their own: such a key's tokens pass only as the token endpoint's access tokens.
     if params.pop {
@@ -281,6 +272,31 @@ pub fn verify(
         kid: header.kid,
         exp: claims.exp,
     })
+}
+
+/// `aud` is what the policy requires, else what the key's record says it issues.
+pub(super) fn check_audience(
+    policy: &Policy,
+    params: &super::index::KeyParams,
+    aud: &str,
+    key: &KeyRef,
+) -> Result<(), Refusal> {
+    let audience = policy.audience.as_deref().unwrap_or(&params.audience);
+    if aud == audience {
+        Ok(())
+    } else {
+        Err(Refusal::WrongAudience(key.to_string()))
+    }
+}
+
+/// The route accepts `key` (403 otherwise).
+pub(super) fn accepted_here(binding: &Binding, key: &KeyRef) -> Result<(), Refusal> {
+    match binding {
+        Binding::Key(expected) if expected != key => Err(Refusal::KeyNotAccepted {
+            expected: expected.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The claims `required` of a token [`verify`] accepted for `key`: each must be granted by the

@@ -373,19 +373,8 @@ async fn token_sync_keeps_a_file_fresh_with_a_one_secret_kubeconfig() {
         .expect("status")
         .token;
     let dir = tempfile::tempdir().expect("dir");
-    let admin: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(kubeconfig_path()).expect("the admin kubeconfig"),
-    )
-    .expect("yaml");
-    let mut limited = admin.clone();
-    limited["users"] = json!([{ "name": "sync", "user": { "token": sa_token } }]);
-    if let Some(contexts) = limited["contexts"].as_array_mut() {
-        for c in contexts {
-            c["context"]["user"] = json!("sync");
-        }
-    }
-    let kubeconfig = dir.path().join("sync.kubeconfig");
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&limited).expect("yaml")).expect("write");
+    let kubeconfig =
+        keyward_testbed::kubeconfig_with_token(dir.path(), "sync", &sa_token).expect("kubeconfig");
     let out = dir.path().join("token");
     let sync = |key: &str, once: bool| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
@@ -547,25 +536,6 @@ async fn bundle_export_writes_only_what_the_trust_record_lists() {
     ns.cleanup().await;
 }
 
-/// A kubeconfig for `user` with `token`, on the plane's cluster (the admin kubeconfig's server
-/// and CA).
-fn kubeconfig_with_token(dir: &std::path::Path, user: &str, token: &str) -> std::path::PathBuf {
-    let admin: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(kubeconfig_path()).expect("the admin kubeconfig"),
-    )
-    .expect("yaml");
-    let mut limited = admin.clone();
-    limited["users"] = json!([{ "name": user, "user": { "token": token } }]);
-    if let Some(contexts) = limited["contexts"].as_array_mut() {
-        for c in contexts {
-            c["context"]["user"] = json!(user);
-        }
-    }
-    let path = dir.join(format!("{user}.kubeconfig"));
-    std::fs::write(&path, serde_yaml::to_string(&limited).expect("yaml")).expect("write");
-    path
-}
-
 /// An agent outside the cluster registered as a consumer (issue 21, part 3): a PolicyAgent with
 /// `workloadRef: {kind: ServiceAccount, name: edge-agent}`, and `keyward token sync
 /// --acknowledge-via` run as a plain process with that ServiceAccount's kubeconfig (get on the
@@ -647,8 +617,12 @@ async fn an_agent_outside_the_cluster_holds_the_old_key_until_it_acknowledges_th
         }
     };
     let dir = tempfile::tempdir().expect("dir");
-    let kubeconfig =
-        kubeconfig_with_token(dir.path(), "edge-agent", &token_for("edge-agent", 1).await);
+    let kubeconfig = keyward_testbed::kubeconfig_with_token(
+        dir.path(),
+        "edge-agent",
+        &token_for("edge-agent", 1).await,
+    )
+    .expect("kubeconfig");
 
     // The real verifier, reporting every second, reviewing pod and consumer tokens.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

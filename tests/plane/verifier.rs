@@ -1927,80 +1927,6 @@ async fn a_deactivated_key_is_refused_comes_back_on_request_and_is_destroyed_aft
 // ---------------------------------------------------------------------------------------------
 // A remote trust source: another cluster's verifier, fetched over TLS with a pinned CA.
 
-/// A CA and a server pair for 127.0.0.1 it signs (openssl CLI): `(ca, cert, key)`.
-fn tls_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-days",
-            "1",
-            "-subj",
-            "/CN=west-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "tls.key",
-            "-out",
-            "tls.csr",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "tls.crt",
-    ]);
-    (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"))
-}
-
 /// Two verifier binaries standing for two clusters (issue 21, part 5): "west" watches the key's
 /// namespace and serves its trust bundle over TLS; "east" watches nothing of it and trusts
 /// west's bundle as `--remote-bundle west` (pinned CA, 1 s interval, 3 s max-staleness). West's
@@ -2035,7 +1961,7 @@ async fn a_remote_bundle_follows_the_other_clusters_revocations_and_fails_closed
     .expect("token");
 
     let dir = tempfile::tempdir().expect("dir");
-    let (ca, crt, key) = tls_pair(dir.path());
+    let (ca, crt, key) = keyward_testbed::tls::ca_and_server(dir.path()).expect("certificates");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

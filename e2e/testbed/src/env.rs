@@ -60,3 +60,24 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A kubeconfig for `user` with bearer `token`, on the plane's cluster (the admin kubeconfig's
+/// server and CA), written to `dir/<user>.kubeconfig`.
+pub fn kubeconfig_with_token(
+    dir: &std::path::Path,
+    user: &str,
+    token: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let admin: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path())?)?;
+    let mut limited = admin.clone();
+    limited["users"] = serde_json::json!([{ "name": user, "user": { "token": token } }]);
+    if let Some(contexts) = limited["contexts"].as_array_mut() {
+        for c in contexts {
+            c["context"]["user"] = serde_json::json!(user);
+        }
+    }
+    let path = dir.join(format!("{user}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&limited)?)?;
+    Ok(path)
+}

@@ -20,11 +20,14 @@ mod env;
 mod kubelet;
 mod namespace;
 mod opa;
+pub mod tls;
 mod wait;
 
 pub use agent::{AgentFactory, HttpAgent, POD_NAME_HEADER, PodInfo, Termination};
 pub use binary::private_binary_copy;
-pub use env::{DEFAULT_KUBECONFIG, client, init_tracing, kube_config, kubeconfig_path};
+pub use env::{
+    DEFAULT_KUBECONFIG, client, init_tracing, kube_config, kubeconfig_path, kubeconfig_with_token,
+};
 pub use kubelet::{
     Kubelet, KubeletConfig, KubeletError, KubeletHandle, NODE_NAME, ReadinessHook, RunningPod,
 };
