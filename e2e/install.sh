@@ -756,7 +756,10 @@ can yes "$U" list controllerrevisions.apps -n "$UNWATCHED"
 can yes "$U" create events.events.k8s.io -n "$UNWATCHED"
 can yes "$U" update leases.coordination.k8s.io/keyward -n "$NS_CLUSTER"
 can no "$U" update secrets -n "$UNWATCHED"
-can no "$U" delete configmaps -n "$UNWATCHED"
+can yes "$U" delete configmaps -n "$UNWATCHED"   # bundle copies (trustBundle.namespaceSelector) leave unmatched namespaces
+can no "$U" update configmaps -n "$UNWATCHED"
+can yes "$U" get serviceaccounts -n "$UNWATCHED"   # agents outside the cluster (PolicyAgent kind ServiceAccount)
+can no "$U" create serviceaccounts --subresource=token -n "$UNWATCHED"
 can yes "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"   # the trust record annotation (the policy keeps it the operator's)
 can no "$U" update provisioningkeys.keyward.dev -n "$UNWATCHED"
 can no "$U" create provisioningkeys.keyward.dev -n "$UNWATCHED"
@@ -768,7 +771,9 @@ can no "$U" create events -n "$UNWATCHED"
 can no "$U" update leases.coordination.k8s.io/keyward -n "$UNWATCHED"
 can no "$U" update leases.coordination.k8s.io/other -n "$NS_CLUSTER"
 can no "$U" list customresourcedefinitions.apiextensions.k8s.io
-can no "$U" list namespaces
+can yes "$U" list namespaces   # the namespaces that accept bundle copies
+can no "$U" watch namespaces
+can no "$U" update namespaces
 can no "$U" list nodes
 can no "$U" create clusterrolebindings.rbac.authorization.k8s.io
 # What it reads of the verifier: usage reports everywhere, the verifier Leases in its namespace.
