@@ -24,7 +24,7 @@
 # KEYWARD_BIN (the keyward binary; default: `cargo build --features fault-injection --bin keyward`
 # into ${CARGO_TARGET_DIR:-~/.cache/keyward/target}, a no-op when fresh), KEYWARD_ENC_DIR (the
 # plane's state directory) [/tmp/keyward-enc-cluster], KEYWARD_ENC_API_PORT / _ETCD_PORT /
-# _KCM_PORT [40443 / 37790 / 40257], KEYWARD_CACHE [~/.cache/keyward]. Stops everything it
+# _KCM_PORT [31443 / 26090 / 31257], KEYWARD_CACHE [~/.cache/keyward]. Stops everything it
 # started (operator, plugin, plane), even when a check fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,9 +32,9 @@ REPO=$(pwd)
 T0=$(date +%s)
 
 export KEYWARD_CLUSTER_DIR=${KEYWARD_ENC_DIR:-/tmp/keyward-enc-cluster}
-export KEYWARD_API_PORT=${KEYWARD_ENC_API_PORT:-40443}
-export KEYWARD_ETCD_PORT=${KEYWARD_ENC_ETCD_PORT:-37790}
-export KEYWARD_KCM_PORT=${KEYWARD_ENC_KCM_PORT:-40257}
+export KEYWARD_API_PORT=${KEYWARD_ENC_API_PORT:-31443}
+export KEYWARD_ETCD_PORT=${KEYWARD_ENC_ETCD_PORT:-26090}
+export KEYWARD_KCM_PORT=${KEYWARD_ENC_KCM_PORT:-31257}
 CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
 ENC=$KEYWARD_CLUSTER_DIR/enc           # encryption configs and keys (0600), plugin socket, logs
 CONF=$ENC/encryption-config.yaml

@@ -9,8 +9,8 @@
 #   bash e2e/faults.sh -- <filter> [cargo test args]   only some scenarios
 #
 # Settings (environment): KEYWARD_FAULTS_DIR (the plane's state directory)
-# [/tmp/keyward-faults-cluster], KEYWARD_FAULTS_API_PORT / _ETCD_PORT / _KCM_PORT [38443 /
-# 35790 / 38257], KEYWARD_FAULTS_OUTAGE_SECS (overrides the outage), KEYWARD_FAULTS_SEED (the
+# [/tmp/keyward-faults-cluster], KEYWARD_FAULTS_API_PORT / _ETCD_PORT / _KCM_PORT [29443 /
+# 25890 / 29257], KEYWARD_FAULTS_OUTAGE_SECS (overrides the outage), KEYWARD_FAULTS_SEED (the
 # SIGKILL scenario's seed, printed by each run). Installs libfaketime (the clock scenario) from
 # Debian when it is missing. Stops the plane it started, even when a scenario fails.
 set -euo pipefail
@@ -22,9 +22,9 @@ if [ "${1:-}" = --long ]; then KEYWARD_FAULTS_LONG=1; shift; fi
 [ "${1:-}" = -- ] && shift
 
 export KEYWARD_CLUSTER_DIR=${KEYWARD_FAULTS_DIR:-/tmp/keyward-faults-cluster}
-export KEYWARD_API_PORT=${KEYWARD_FAULTS_API_PORT:-38443}
-export KEYWARD_ETCD_PORT=${KEYWARD_FAULTS_ETCD_PORT:-35790}
-export KEYWARD_KCM_PORT=${KEYWARD_FAULTS_KCM_PORT:-38257}
+export KEYWARD_API_PORT=${KEYWARD_FAULTS_API_PORT:-29443}
+export KEYWARD_ETCD_PORT=${KEYWARD_FAULTS_ETCD_PORT:-25890}
+export KEYWARD_KCM_PORT=${KEYWARD_FAULTS_KCM_PORT:-29257}
 export KEYWARD_FAULTS_PLANE=$KEYWARD_CLUSTER_DIR
 
 lib=$(find /usr/lib -name libfaketime.so.1 -path '*faketime*' 2>/dev/null | head -n1 || true)
