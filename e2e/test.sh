@@ -41,4 +41,14 @@ kubectl apply -f crds/ >/dev/null
 # 4) of them use the plane at once, whatever this is.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-6}
 # --no-fail-fast: one failing test binary does not hide the results of the others.
-cargo test --workspace --features fault-injection --no-fail-fast "$@"
+# The output is also kept in a file: when a test fails, its panic messages are printed again
+# at the very end, where a CI log cut to its head and tail still shows them.
+log=$(mktemp "${TMPDIR:-/tmp}/keyward-test.XXXXXX")
+status=0
+cargo test --workspace --features fault-injection --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+if [ "$status" != 0 ]; then
+  say "failed (exit $status); each failing test's panic, again:"
+  grep -E -A3 "^thread '.*' .*panicked at " "$log" | grep -v -E "^(stack backtrace:|note: )" | cut -c1-400 >&2 || true
+fi
+rm -f "$log"
+exit "$status"

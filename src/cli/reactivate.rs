@@ -44,7 +44,10 @@ Exit codes:
 pub struct ReactivateArgs {
     /// The ProvisioningKey.
     pub name: String,
-    /// The key id (kid) to reactivate, as `keyward status <name>` lists it.
+    /// The key id (kid) to reactivate, as `keyward status <name>` lists it. A key id is
+    /// base64url and may begin with `-` (one in 64 does): it is taken as the key id, not as
+    /// an option.
+    #[arg(allow_hyphen_values = true)]
     pub kid: String,
     /// Why: recorded in the KeyReactivated audit Event (at most 256 characters).
     #[arg(long, value_parser = parse_reason)]

@@ -456,6 +456,33 @@ fn cli_flags_parse() {
     }
 }
 
+/// A key id is base64url, so one in 64 begins with `-`: `keyward reactivate` takes it as the
+/// key id wherever it stands, and still knows its options (a real plane run once drew one).
+#[test]
+fn reactivate_takes_a_key_id_that_begins_with_a_hyphen() {
+    use clap::Parser;
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        command: super::Command,
+    }
+    let kid = "-S8qRUhjpRw18jXrG0j2tAbCdEfGhIjKlMnOpQrStUv";
+    for args in [
+        vec!["k", "reactivate", "billing", kid, "--reason", "x"],
+        vec!["k", "reactivate", "-n", "a", "billing", kid, "--reason", "x", "--wait"],
+        vec!["k", "reactivate", "--reason", "x", "billing", kid],
+    ] {
+        let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            super::Command::Reactivate(a) => {
+                assert_eq!((a.name.as_str(), a.kid.as_str()), ("billing", kid), "{args:?}");
+                assert_eq!(a.reason, "x");
+            }
+            other => panic!("{args:?} parsed as {other:?}"),
+        }
+    }
+}
+
 /// `keyward reactivate` refuses up front what the operator would refuse, from the key's spec
 /// and status, and sends one merge patch of annotations only.
 #[test]
