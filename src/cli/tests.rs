@@ -469,13 +469,27 @@ fn reactivate_takes_a_key_id_that_begins_with_a_hyphen() {
     let kid = "-S8qRUhjpRw18jXrG0j2tAbCdEfGhIjKlMnOpQrStUv";
     for args in [
         vec!["k", "reactivate", "billing", kid, "--reason", "x"],
-        vec!["k", "reactivate", "-n", "a", "billing", kid, "--reason", "x", "--wait"],
+        vec![
+            "k",
+            "reactivate",
+            "-n",
+            "a",
+            "billing",
+            kid,
+            "--reason",
+            "x",
+            "--wait",
+        ],
         vec!["k", "reactivate", "--reason", "x", "billing", kid],
     ] {
         let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         match cli.command {
             super::Command::Reactivate(a) => {
-                assert_eq!((a.name.as_str(), a.kid.as_str()), ("billing", kid), "{args:?}");
+                assert_eq!(
+                    (a.name.as_str(), a.kid.as_str()),
+                    ("billing", kid),
+                    "{args:?}"
+                );
                 assert_eq!(a.reason, "x");
             }
             other => panic!("{args:?} parsed as {other:?}"),

@@ -180,11 +180,10 @@ impl Bundle {
             .get(l::PROVISIONING_KEY)
             .cloned()
             .ok_or(BundleError::NoKeyLabel)?;
-        let data = cm.data.clone().unwrap_or_default();
-        let jwks_body = data.get(l::DATA_JWKS).cloned().ok_or(BundleError::Jwks)?;
+        let entry = |k: &str| cm.data.as_ref().and_then(|d| d.get(k));
+        let jwks_body = entry(l::DATA_JWKS).cloned().ok_or(BundleError::Jwks)?;
         let jwks: Jwks = serde_json::from_str(&jwks_body).map_err(|_| BundleError::Jwks)?;
-        let revoked_body = data
-            .get(l::DATA_REVOKED)
+        let revoked_body = entry(l::DATA_REVOKED)
             .cloned()
             .unwrap_or_else(|| "[]".into());
         let revoked: Vec<String> =
@@ -206,6 +205,35 @@ impl Bundle {
     }
 }
 
+/// A ProvisioningKey as the index keeps it: its reference and its parameters.
+pub type KeyEntry = (KeyRef, KeyParams);
+
+/// What the index keeps of `pk`. A watch's re-list reduces each object to this as it arrives,
+/// so a list of 10,000 keys is never held as whole objects (spec, status, managed fields) at
+/// once: memory that the allocator would keep long after the list.
+pub fn key_entry(pk: &ProvisioningKey) -> KeyEntry {
+    (
+        KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any()),
+        KeyParams::of(pk),
+    )
+}
+
+/// A trust-bundle ConfigMap as the index keeps it: where it is, and the parsed bundle or why
+/// it is unusable.
+#[derive(Clone, Debug)]
+pub struct BundleEntry {
+    at: (String, String),
+    parsed: Result<Bundle, BundleError>,
+}
+
+/// What the index keeps of `cm` (see [`key_entry`]).
+pub fn bundle_entry(cm: &ConfigMap) -> BundleEntry {
+    BundleEntry {
+        at: (cm.namespace().unwrap_or_default(), cm.name_any()),
+        parsed: Bundle::parse(cm),
+    }
+}
+
 /// Everything the watches delivered. `None` namespace in a scope means all namespaces.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
@@ -220,8 +248,8 @@ fn in_scope(ns: &str, scope: Option<&str>) -> bool {
 
 impl Index {
     pub fn apply_key(&mut self, pk: &ProvisioningKey) {
-        let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
-        self.keys.insert(key, KeyParams::of(pk));
+        let (key, params) = key_entry(pk);
+        self.keys.insert(key, params);
     }
 
     pub fn delete_key(&mut self, pk: &ProvisioningKey) {
@@ -231,25 +259,26 @@ impl Index {
         ));
     }
 
-    /// Replaces every key in `scope` with `pks` (a watch's re-list).
-    pub fn replace_keys(&mut self, scope: Option<&str>, pks: &[ProvisioningKey]) {
+    /// Replaces every key in `scope` with `keys` (a watch's re-list, each object already
+    /// reduced by [`key_entry`]).
+    pub fn replace_keys(&mut self, scope: Option<&str>, keys: Vec<KeyEntry>) {
         self.keys.retain(|k, _| !in_scope(&k.namespace, scope));
-        for pk in pks {
-            let key = KeyRef::new(pk.namespace().unwrap_or_default(), pk.name_any());
-            self.keys.insert(key, KeyParams::of(pk));
-        }
+        self.keys.extend(keys);
     }
 
     /// Adds or replaces a bundle; an unusable one is removed, and the error says why.
     pub fn apply_bundle(&mut self, cm: &ConfigMap) -> Result<(), BundleError> {
-        let at = (cm.namespace().unwrap_or_default(), cm.name_any());
-        match Bundle::parse(cm) {
+        self.put_bundle(bundle_entry(cm))
+    }
+
+    fn put_bundle(&mut self, entry: BundleEntry) -> Result<(), BundleError> {
+        match entry.parsed {
             Ok(b) => {
-                self.bundles.insert(at, b);
+                self.bundles.insert(entry.at, b);
                 Ok(())
             }
             Err(e) => {
-                self.bundles.remove(&at);
+                self.bundles.remove(&entry.at);
                 Err(e)
             }
         }
@@ -260,21 +289,19 @@ impl Index {
             .remove(&(cm.namespace().unwrap_or_default(), cm.name_any()));
     }
 
-    /// Replaces every bundle in `scope` with `cms`; returns the errors of unusable ones.
+    /// Replaces every bundle in `scope` with `bundles` (a watch's re-list, each ConfigMap
+    /// already reduced by [`bundle_entry`]); returns the errors of unusable ones.
     pub fn replace_bundles(
         &mut self,
         scope: Option<&str>,
-        cms: &[ConfigMap],
+        bundles: Vec<BundleEntry>,
     ) -> Vec<(String, BundleError)> {
         self.bundles.retain(|(ns, _), _| !in_scope(ns, scope));
-        cms.iter()
-            .filter_map(|cm| {
-                self.apply_bundle(cm).err().map(|e| {
-                    (
-                        format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any()),
-                        e,
-                    )
-                })
+        bundles
+            .into_iter()
+            .filter_map(|entry| {
+                let name = format!("{}/{}", entry.at.0, entry.at.1);
+                self.put_bundle(entry).err().map(|e| (name, e))
             })
             .collect()
     }

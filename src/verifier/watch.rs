@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::Shared;
+use super::index::{bundle_entry, key_entry};
 use crate::api::ProvisioningKey;
 use crate::labels as l;
 
@@ -61,7 +62,8 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
             scope,
             slot,
             shared.clone(),
-            |s: &Shared, scope, objs: &[ProvisioningKey]| s.update(|i| i.replace_keys(scope, objs)),
+            key_entry,
+            |s: &Shared, scope, keys| s.update(|i| i.replace_keys(scope, keys)),
             |s: &Shared, pk: &ProvisioningKey| s.update(|i| i.apply_key(pk)),
             |s: &Shared, pk: &ProvisioningKey| s.update(|i| i.delete_key(pk)),
         )));
@@ -78,8 +80,9 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
             scope,
             slot,
             shared.clone(),
-            |s: &Shared, scope, objs: &[ConfigMap]| {
-                for (cm, e) in s.update(|i| i.replace_bundles(scope, objs)) {
+            bundle_entry,
+            |s: &Shared, scope, bundles| {
+                for (cm, e) in s.update(|i| i.replace_bundles(scope, bundles)) {
                     warn!(configmap = %cm, error = %e, "trust bundle ignored");
                 }
             },
@@ -99,13 +102,16 @@ pub async fn watch(client: Client, namespaces: Vec<String>, shared: Arc<Shared>)
 
 /// Follows one watch. After an error the watch is dropped and built again (after a capped,
 /// jittered backoff), so that it lists afresh: a view is confirmed only by a complete list or
-/// by an event, never assumed after a silent re-watch.
-async fn follow<K, S>(
+/// by an event, never assumed after a silent re-watch. A list is buffered as `reduce` makes
+/// each object (what the index keeps of it), never as whole objects.
+#[allow(clippy::too_many_arguments)]
+async fn follow<K, C, S>(
     make: impl Fn() -> S,
     scope: Option<String>,
     slot: usize,
     shared: Arc<Shared>,
-    replace: impl Fn(&Shared, Option<&str>, &[K]),
+    reduce: impl Fn(&K) -> C,
+    replace: impl Fn(&Shared, Option<&str>, Vec<C>),
     apply: impl Fn(&Shared, &K),
     delete: impl Fn(&Shared, &K),
 ) where
@@ -117,17 +123,15 @@ async fn follow<K, S>(
     loop {
         let stream = make();
         futures::pin_mut!(stream);
-        let mut buffer: Option<Vec<K>> = None;
+        let mut buffer: Option<Vec<C>> = None;
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
-                Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
+                Ok(watcher::Event::InitApply(o)) => {
+                    buffer.get_or_insert_with(Vec::new).push(reduce(&o));
+                }
                 Ok(watcher::Event::InitDone) => {
-                    replace(
-                        &shared,
-                        scope.as_deref(),
-                        &buffer.take().unwrap_or_default(),
-                    );
+                    replace(&shared, scope.as_deref(), buffer.take().unwrap_or_default());
                     shared.freshness.confirmed(slot);
                     retry = RETRY_FIRST;
                     if !listed {

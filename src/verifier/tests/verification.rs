@@ -270,7 +270,10 @@ fn a_tokens_lifetime_is_checked_against_the_recorded_one() {
         .expect("sign");
     let ok = |index: &Index| verify(&two_hours, index, &Binding::AnyKey, NOW, &Policy::default());
     assert!(ok(&index).is_ok());
-    index.replace_keys(Some("ns"), &[key("10m")]);
+    index.replace_keys(
+        Some("ns"),
+        vec![super::super::index::key_entry(&key("10m"))],
+    );
     assert_eq!(
         ok(&index).map_err(|e| e.reason()),
         Err("TokenLifetimeTooLong")
