@@ -64,9 +64,11 @@ pub struct KeyParams {
     pub issuer: String,
     pub publish_delay: Duration,
     pub trust_bundle: String,
-    /// The recorded key ids, each with the longest token lifetime (seconds) the operator signed
-    /// with it. Empty when the key has no readable record: nothing of it is trusted.
-    pub kids: BTreeMap<String, u64>,
+    /// The recorded key ids, sorted, each with the longest token lifetime (seconds) the operator
+    /// signed with it. Empty when the key has no readable record: nothing of it is trusted. A
+    /// sorted slice, not a map: a key has one or two, and a one-entry `BTreeMap` allocates a
+    /// node of eleven (about 370 bytes per key, 3.6 MiB at 10,000 keys).
+    pub kids: Box<[(String, u64)]>,
     /// Whether the key has a readable trust record.
     pub recorded: bool,
     /// The static claims the operator signs (`spec.token.claims`), as recorded.
@@ -97,7 +99,7 @@ impl KeyParams {
                 issuer: r.iss,
                 publish_delay,
                 trust_bundle: r.bundle,
-                kids: r.kids,
+                kids: r.kids.into_iter().collect(),
                 recorded: true,
                 claims: r.claims,
                 pop: r.pop,
@@ -108,7 +110,7 @@ impl KeyParams {
                 issuer: token.issuer.unwrap_or_else(|| DEFAULT_ISSUER.into()),
                 publish_delay,
                 trust_bundle: pk.trust_bundle_name(),
-                kids: BTreeMap::new(),
+                kids: Box::default(),
                 recorded: false,
                 claims: BTreeMap::new(),
                 pop: false,
@@ -118,12 +120,19 @@ impl KeyParams {
 
     /// Whether the record lists `kid`.
     pub fn trusts(&self, kid: &str) -> bool {
-        self.kids.contains_key(kid)
+        self.recorded_ttl(kid).is_some()
     }
 
     /// The longest lifetime a token of `kid` may have (`exp - iat`), as recorded.
     pub fn ttl_of(&self, kid: &str) -> Duration {
-        Duration::from_secs(self.kids.get(kid).copied().unwrap_or(0))
+        Duration::from_secs(self.recorded_ttl(kid).unwrap_or(0))
+    }
+
+    fn recorded_ttl(&self, kid: &str) -> Option<u64> {
+        self.kids
+            .binary_search_by(|(k, _)| k.as_str().cmp(kid))
+            .ok()
+            .map(|i| self.kids[i].1)
     }
 }
 

@@ -444,3 +444,29 @@ fn a_required_claim_needs_the_token_and_the_trust_record() {
     assert!(RequiredClaim::parse("my scope=x").is_none());
     assert!(RequiredClaim::parse("scope=a b").is_none());
 }
+
+/// The recorded key ids, kept as a sorted slice: each is found with its own lifetime, and no
+/// other key id is trusted, whatever the order the key ids sort in.
+#[test]
+fn every_recorded_key_id_is_found_with_its_own_lifetime() {
+    let keys: Vec<KeyPair> = (0..5).map(|_| KeyPair::generate()).collect();
+    let refs: Vec<&KeyPair> = keys.iter().collect();
+    let params = super::super::index::KeyParams::of(&pk(
+        "a",
+        UID_A,
+        json!({"token": {"ttl": "15m"}}),
+        &refs,
+    ));
+    assert!(params.recorded);
+    for k in &keys {
+        let kid = k.public_key().key_id();
+        assert!(params.trusts(&kid), "{kid}");
+        assert_eq!(params.ttl_of(&kid), std::time::Duration::from_secs(900));
+    }
+    let stranger = KeyPair::generate().public_key().key_id();
+    assert!(!params.trusts(&stranger));
+    assert_eq!(params.ttl_of(&stranger), std::time::Duration::ZERO);
+    assert!(!params.trusts(""));
+    let none = super::super::index::KeyParams::of(&pk("a", UID_A, json!({}), &[]));
+    assert!(!none.trusts(&keys[0].public_key().key_id()));
+}

@@ -283,6 +283,20 @@ fn goals(report: &mut Report) {
         &|v| format!("{v:.0}"),
         &|v| v == 0.0,
     );
+    add(
+        "Operator RSS, base (nothing to manage yet)",
+        "<= 20 MiB".into(),
+        get("rss_base_mib"),
+        &|v| format!("{v:.1} MiB"),
+        &|v| v <= 20.0,
+    );
+    add(
+        "Operator RSS per key ((idle - base) / N)",
+        "<= 6 KiB".into(),
+        get("rss_per_key_kib"),
+        &|v| format!("{v:.1} KiB"),
+        &|v| v <= 6.0,
+    );
     let rss_goal = n.map(|n| 20.0 + 6.0 * n / 1024.0);
     add(
         "Operator RSS, steady (idle median)",
@@ -660,7 +674,17 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The base: the operator's RSS with its watches open and nothing to manage yet (median over
+    // 3 s, once it made its first request). The idle phase divides what it adds by N.
+    let t_base = Timestamp::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if let Some(base) = op.memory.median_mib(t_base, Timestamp::now()) {
+        report.num("rss_base_mib", base);
+        report.row(
+            "Operator RSS, base: watches open, nothing to manage yet (median over 3 s)",
+            mib(Some(base)),
+        );
+    }
 
     // 1. W, with the unrelated Secrets of the fixture.
     let took = fixture::unrelated_secrets(&admin, &namespaces, args.unrelated, args.concurrency, 0)
@@ -851,6 +875,18 @@ async fn run(args: &Args, report: &mut Report, guard: &guard::Guard) -> anyhow::
     let steady = op.memory.median_mib(t0, t1);
     if let Some(s) = steady {
         report.num("rss_steady_mib", s);
+        if let Some(base) = report
+            .json
+            .get("rss_base_mib")
+            .and_then(serde_json::Value::as_f64)
+        {
+            let per_key_kib = (s - base) * 1024.0 / args.n.max(1) as f64;
+            report.num("rss_per_key_kib", per_key_kib);
+            report.row(
+                "Operator RSS per key: (idle steady - base) / N, with the fixture's PolicyAgents and pods",
+                format!("{per_key_kib:.1} KiB"),
+            );
+        }
     }
     report.num("idle_requests", reqs.len() as f64);
     report.num(

@@ -98,6 +98,9 @@ struct Outcome {
     ok: usize,
     refused: BTreeMap<String, usize>,
     errors: usize,
+    /// Requests sent again on a new connection because the kept-alive one had been closed by
+    /// the verifier while idle (its header-read timeout, 20 s by default), as a proxy does.
+    retried: usize,
     late: usize,
     first: Option<Instant>,
     last: Option<Instant>,
@@ -111,6 +114,7 @@ impl Outcome {
             *self.refused.entry(k).or_default() += v;
         }
         self.errors += o.errors;
+        self.retried += o.retried;
         self.late += o.late;
         self.first = match (self.first, o.first) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -162,11 +166,12 @@ impl Outcome {
             )
         };
         format!(
-            "{} requests in {span:.1} s = {achieved:.0}/s (target {target:.0}/s; {} sent late); 200: {}{refused}, connection errors: {}; latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            "{} requests in {span:.1} s = {achieved:.0}/s (target {target:.0}/s; {} sent late); 200: {}{refused}, connection errors: {} (sent again after an idle keep-alive close: {}); latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
             self.sent(),
             self.late,
             self.ok,
             self.errors,
+            self.retried,
             p50,
             p99,
             max,
@@ -312,16 +317,33 @@ async fn run_stream(
                 let t0 = Instant::now();
                 out.first.get_or_insert(t0);
                 let conn = &mut conns[slot.replica];
-                if conn.is_none() {
-                    *conn = connect(addrs[slot.replica]).await.ok();
-                }
-                let result = match conn.as_mut() {
-                    Some(s) => {
-                        let route = route(slot.key);
-                        auth(s, &tokens[slot.key], &pod_uid(slot.key, slot.pod), &route).await
+                // A kept-alive connection may have been closed by the verifier while idle (at 10k
+                // keys a round over the keys takes 20 s, the header-read timeout): as nginx and
+                // Envoy do for an idempotent request on a reused connection, send it once more on
+                // a new one. A failure on a new connection is an error.
+                let reused = conn.as_ref().is_some_and(|s| !s.is_closed());
+                let mut result = Err(anyhow::anyhow!("connect failed"));
+                for attempt in 0..2 {
+                    if attempt == 1 {
+                        if !reused {
+                            break;
+                        }
+                        out.retried += 1;
                     }
-                    None => Err(anyhow::anyhow!("connect failed")),
-                };
+                    if conn.as_ref().is_none_or(|s| s.is_closed()) || attempt == 1 {
+                        *conn = connect(addrs[slot.replica]).await.ok();
+                    }
+                    result = match conn.as_mut() {
+                        Some(s) => {
+                            let route = route(slot.key);
+                            auth(s, &tokens[slot.key], &pod_uid(slot.key, slot.pod), &route).await
+                        }
+                        None => Err(anyhow::anyhow!("connect failed")),
+                    };
+                    if result.is_ok() {
+                        break;
+                    }
+                }
                 if result.is_err() {
                     // A new connection for the next request.
                     *conn = None;
