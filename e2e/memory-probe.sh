@@ -21,8 +21,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(bash e2e/cluster.sh env)"
 ns=kw-memory-$RANDOM
 kubectl create namespace "$ns" >/dev/null
-trap 'kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true' EXIT
+pid=""
 log=$(mktemp "${TMPDIR:-/tmp}/keyward-memory.XXXXXX")
+manifest=$(mktemp "${TMPDIR:-/tmp}/keyward-memory.XXXXXX")
+# Whatever happens (a failed apply, Ctrl-C), the operator is stopped and the namespace goes.
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  rm -f "$manifest"
+  kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 env "$@" KEYWARD_METRICS_ADDRESS=127.0.0.1:0 KEYWARD_HEALTH_ADDRESS=127.0.0.1:0 \
   "$BIN" run --namespaces "$ns" >"$log" 2>&1 &
 pid=$!
@@ -33,7 +41,6 @@ median() { # samples VmRSS once a second for $1 s
 sleep 6
 kill -0 "$pid" 2>/dev/null || { echo "the operator exited; log: $log" >&2; exit 1; }
 base=$(median 5) base_anon=$(field RssAnon) base_file=$(field RssFile)
-manifest=$(mktemp "${TMPDIR:-/tmp}/keyward-memory.XXXXXX")
 for i in $(seq 0 $((N - 1))); do
   printf -- '---\napiVersion: keyward.dev/v1alpha1\nkind: ProvisioningKey\nmetadata: {name: k%d, namespace: %s}\nspec: {rotation: {publishDelay: 2s, overlap: 1m}}\n' "$i" "$ns"
 done >"$manifest"
@@ -48,5 +55,6 @@ sleep 15
 steady=$(median 10) anon=$(field RssAnon) file=$(field RssFile) hwm=$(field VmHWM)
 kill "$pid"
 wait "$pid" || true
-rm -f "$manifest" "$log"
+pid=""
+rm -f "$log"
 echo "binary=$BIN env=[$*] base=${base} MiB (anon $base_anon, file $base_file) N=$N steady=${steady} MiB (anon $anon, file $file) VmHWM=${hwm} MiB (steady-base)/N=$(awk -v s="$steady" -v b="$base" -v n="$N" 'BEGIN { printf "%.1f", (s - b) * 1024 / n }') KiB ready_in=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s"
