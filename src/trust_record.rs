@@ -1,13 +1,22 @@
 //! The trust record: which key ids the operator minted for a ProvisioningKey, and the names and
 //! claims it signs with. It is the only evidence the verifier trusts a key id on.
 //!
-//! It lives in one annotation on the ProvisioningKey itself ([`ANNOTATION`]):
-//! - only the operator's identity may create, change or remove it, enforced by the API server
-//!   with the ValidatingAdmissionPolicy the chart installs ([`POLICY_RULE`]); anyone who may
-//!   patch the trust-bundle ConfigMap can add a JWK there, but cannot add its key id here;
-//! - it is metadata, not status: a status wipe or a backup and restore keeps it;
-//! - the operator writes it before it publishes or hands out a new key id, and removes a key id
-//!   only once that key is revoked, so every token it hands out passes.
+//! It lives in the ProvisioningKey's own status, `status.trustRecord` ([`TrustRecord::of`]):
+//! - only the operator's identity may write it, enforced by the API server with the
+//!   ValidatingAdmissionPolicy the chart installs ([`POLICY_RULE`], on the object and on its
+//!   `status` subresource); anyone who may patch the trust-bundle ConfigMap can add a JWK there,
+//!   and anyone who may write the status can change the rest of it, but neither can add a key id
+//!   here;
+//! - a key id is written here before its key replaces a trusted one (before the bundle
+//!   publishes it and before a token of it is handed out), and removed only once that key is
+//!   revoked, so every token the operator hands out for a rotation passes at once. A key's very
+//!   first record rides on the status write that ends the reconcile which minted it: until that
+//!   write nothing of the key is trusted anywhere, so there is nothing to protect by writing it
+//!   sooner, and one write per new key is saved.
+//!
+//! Earlier versions kept it in the annotation [`ANNOTATION`] (still read when the status holds
+//! no record, and protected by the same policy); the operator moves it into status and removes
+//! the annotation.
 //!
 //! The verifier trusts a key id only when the bundle lists it **and** the record does, and
 //! checks `aud`, `iss` and a token's lifetime against the record, never against the current
@@ -19,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ProvisioningKey;
 
-/// The annotation on the ProvisioningKey that holds the record (compact JSON).
+/// The annotation in which earlier versions kept the record (compact JSON); read only when the
+/// status holds none.
 pub const ANNOTATION: &str = "keyward.dev/trust-record";
 
 /// Largest record read (the API server caps all annotations at 256 KiB; a record of a few keys
@@ -87,14 +97,15 @@ impl TrustRecord {
         Ok(r)
     }
 
-    /// The record on `pk`: `None` when it has none (never reconciled by a version that writes
-    /// one), `Some(Err)` when it is unreadable.
+    /// The record on `pk`: the one in its status, else the one in the earlier versions'
+    /// annotation; `None` when it has neither (never reconciled), `Some(Err)` when it is
+    /// unreadable.
     pub fn of(pk: &ProvisioningKey) -> Option<Result<Self, RecordError>> {
-        pk.metadata
-            .annotations
+        pk.status
             .as_ref()
-            .and_then(|a| a.get(ANNOTATION))
-            .map(|s| Self::parse(s))
+            .and_then(|s| s.trust_record.as_deref())
+            .or_else(|| legacy_annotation(pk))
+            .map(Self::parse)
     }
 
     /// The annotation value.
@@ -108,15 +119,51 @@ impl TrustRecord {
     }
 }
 
+/// The earlier versions' record annotation on `pk`, if it still carries one.
+fn legacy_annotation(pk: &ProvisioningKey) -> Option<&str> {
+    pk.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Where a ProvisioningKey keeps its record now, as far as moving it out of the earlier
+/// versions' annotation goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Legacy {
+    /// No record annotation (the record, if any, is in status).
+    #[default]
+    None,
+    /// The record is read from the annotation: the status holds none yet.
+    Only,
+    /// The status holds the record, and the annotation is still there.
+    Beside,
+}
+
+impl Legacy {
+    pub fn of(pk: &ProvisioningKey) -> Self {
+        let in_status = pk.status.as_ref().is_some_and(|s| s.trust_record.is_some());
+        match (legacy_annotation(pk).is_some(), in_status) {
+            (false, _) => Legacy::None,
+            (true, false) => Legacy::Only,
+            (true, true) => Legacy::Beside,
+        }
+    }
+}
+
 /// The CEL rule of the ValidatingAdmissionPolicy that keeps the record the operator's own. The
-/// policy's match condition exempts the operator's identity (and any extra writer configured,
-/// such as a restore tool); for everyone else, a create must not set the annotation and an
-/// update must leave it as it was (added, changed and removed are all refused). The chart's
+/// policy matches the ProvisioningKey and its `status` subresource; its match condition exempts
+/// the operator's identity (and any extra writer configured, such as a restore tool). For
+/// everyone else, a create must set neither `status.trustRecord` nor the earlier versions'
+/// annotation, and an update must leave both as they were (added, changed and removed are all
+/// refused). The API server applies a write's strategy first (a write to the object keeps the
+/// old status, one to `status` the old metadata), so each rule sees what would be stored. The chart's
 /// template `trust-record-policy.yaml` carries this text verbatim (a test checks it).
-pub const POLICY_RULE: &str = "request.operation == 'CREATE' ? !(has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) : ((has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) ? object.metadata.annotations['keyward.dev/trust-record'] : '') == ((has(oldObject.metadata.annotations) && 'keyward.dev/trust-record' in oldObject.metadata.annotations) ? oldObject.metadata.annotations['keyward.dev/trust-record'] : '')";
+pub const POLICY_RULE: &str = "request.operation == 'CREATE' ? (!(has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) && !(has(object.status) && has(object.status.trustRecord))) : (((has(object.metadata.annotations) && 'keyward.dev/trust-record' in object.metadata.annotations) ? object.metadata.annotations['keyward.dev/trust-record'] : '') == ((has(oldObject.metadata.annotations) && 'keyward.dev/trust-record' in oldObject.metadata.annotations) ? oldObject.metadata.annotations['keyward.dev/trust-record'] : '') && ((has(object.status) && has(object.status.trustRecord)) ? object.status.trustRecord : '') == ((has(oldObject.status) && has(oldObject.status.trustRecord)) ? oldObject.status.trustRecord : ''))";
 
 /// The policy's message to a refused writer.
-pub const POLICY_MESSAGE: &str = "only the Keyward operator may write the keyward.dev/trust-record annotation (it is the evidence of which key ids the operator minted)";
+pub const POLICY_MESSAGE: &str = "only the Keyward operator may write the trust record (status.trustRecord, or the keyward.dev/trust-record annotation): it is the evidence of which key ids the operator minted";
 
 /// The ValidatingAdmissionPolicy and its binding, as objects (tests install them; the chart has
 /// its own template with the same rule). `writers` are the usernames exempt from the rule; the
@@ -133,7 +180,7 @@ pub fn policy_objects(
             "apiGroups": ["keyward.dev"],
             "apiVersions": ["*"],
             "operations": ["CREATE", "UPDATE"],
-            "resources": ["provisioningkeys"],
+            "resources": ["provisioningkeys", "provisioningkeys/status"],
         }]),
         serde_json::json!([{
             "name": "not-the-operator",
@@ -196,6 +243,63 @@ mod tests {
             TrustRecord::parse(&many.render()),
             Err(RecordError::TooManyKids)
         );
+    }
+
+    #[test]
+    fn the_record_is_read_from_status_before_the_earlier_annotation() {
+        let with = |status: Option<&TrustRecord>, annotation: Option<&TrustRecord>| {
+            let mut pk = ProvisioningKey::new("k", Default::default());
+            if let Some(r) = annotation {
+                pk.metadata.annotations = Some([(ANNOTATION.to_string(), r.render())].into());
+            }
+            if let Some(r) = status {
+                pk.status = Some(crate::api::provisioning_key::ProvisioningKeyStatus {
+                    trust_record: Some(r.render()),
+                    ..Default::default()
+                });
+            }
+            pk
+        };
+        let old = TrustRecord {
+            kids: [("old".to_string(), 60)].into(),
+            ..record()
+        };
+        let new = record();
+        let cases = [
+            (None, None, None, Legacy::None),
+            (Some(&new), None, Some(&new), Legacy::None),
+            (None, Some(&old), Some(&old), Legacy::Only),
+            (Some(&new), Some(&old), Some(&new), Legacy::Beside),
+        ];
+        for (status, annotation, read, legacy) in cases {
+            let pk = with(status, annotation);
+            assert_eq!(
+                TrustRecord::of(&pk).map(|r| r.expect("readable")).as_ref(),
+                read
+            );
+            assert_eq!(Legacy::of(&pk), legacy);
+        }
+        // An unreadable record in status is unreadable: the annotation is not read instead.
+        let mut pk = with(None, Some(&old));
+        pk.status = Some(crate::api::provisioning_key::ProvisioningKeyStatus {
+            trust_record: Some("{".into()),
+            ..Default::default()
+        });
+        assert_eq!(TrustRecord::of(&pk), Some(Err(RecordError::Malformed)));
+    }
+
+    #[test]
+    fn the_rule_covers_the_status_subresource() {
+        let (p, _) = policy_objects("p", &["op".into()], None);
+        assert_eq!(
+            p["spec"]["matchConstraints"]["resourceRules"][0]["resources"],
+            serde_json::json!(["provisioningkeys", "provisioningkeys/status"])
+        );
+        for field in ["object.status.trustRecord", "oldObject.status.trustRecord"] {
+            assert!(POLICY_RULE.contains(field), "{field}");
+        }
+        let chart = include_str!("../charts/keyward/templates/trust-record-policy.yaml");
+        assert!(chart.contains(r#"resources: ["provisioningkeys", "provisioningkeys/status"]"#));
     }
 
     #[test]

@@ -400,6 +400,12 @@ pub struct ProvisioningKeyStatus {
     /// Bounded history of keys and their lifecycle timestamps, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+
+    /// The trust record (compact JSON): the key ids this operator minted and has not revoked,
+    /// and the names and claims it signs with. The verifier trusts no other key id. Only the
+    /// operator may write it: the chart's ValidatingAdmissionPolicy refuses any other change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_record: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

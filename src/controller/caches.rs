@@ -451,6 +451,9 @@ impl OwnWrites {
         };
         let have = meta.resource_version.as_deref();
         if have == Some(held.as_str()) {
+            // Seen: a status write's echo never reaches `echo` (status changes wake no
+            // reconcile), so it is forgotten here.
+            m.remove(&key);
             return false;
         }
         // resourceVersions are opaque, but the API server's are etcd revisions; where both parse,
@@ -616,9 +619,15 @@ mod tests {
         // The cache still holds the object before our write.
         assert!(own.unseen(&at("9")));
         assert!(own.unseen(&at("9")), "asking does not forget");
-        // The echo itself is seen, and stays remembered for the watch's echo filter.
+        // The echo itself is seen, and forgotten then (a status write's echo never reaches the
+        // watch's echo filter, which would forget it otherwise).
+        assert!(
+            own.echo(&at("10")),
+            "the echo filter sees an annotation write's echo"
+        );
+        own.wrote(&at("10"));
         assert!(!own.unseen(&at("10")));
-        assert!(own.echo(&at("10")));
+        assert!(!own.echo(&at("10")), "forgotten once seen");
         // A later object (the echo coalesced into a relist) forgets the write.
         own.wrote(&at("20"));
         assert!(!own.unseen(&at("25")));

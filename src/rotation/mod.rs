@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::trust_record::TrustRecord;
+use crate::trust_record::{Legacy, TrustRecord};
 
 pub mod desired;
 pub mod observe;
@@ -292,6 +292,8 @@ pub struct Observed {
     /// The trust record on the ProvisioningKey (see [`crate::trust_record`]): `None` when it has
     /// none yet; an unreadable one counts as recording nothing.
     pub record: Option<TrustRecord>,
+    /// Whether the record is still (or also) in the earlier versions' annotation.
+    pub legacy_record: crate::trust_record::Legacy,
 }
 
 /// Key use reported by the verifier replicas, see [`crate::usage`].
@@ -331,8 +333,11 @@ pub enum Step {
     /// Label the key `published` (before it is written into the trust bundle).
     MarkPublished { seq: u32 },
     /// Write the trust record (the key ids the operator minted, and the claims it signs with)
-    /// before anything is published or handed out under it.
+    /// into status before anything is published or handed out under it (a key's very first
+    /// record rides on the reconcile's status write instead, see [`Plan::record`]).
     WriteRecord { record: TrustRecord },
+    /// Remove the earlier versions' record annotation, once the status holds the record.
+    DropLegacyRecord,
     /// Write the trust bundle from the key Secrets.
     WriteBundle {
         trusted: Vec<String>,
@@ -427,6 +432,9 @@ pub struct Plan {
     /// Key ids the bundle trusts that the operator never recorded: injected by someone who may
     /// write the ConfigMap. The bundle is rewritten without them (`BundleTampered`).
     pub injected: Vec<String>,
+    /// A first trust record that the status write ending this reconcile carries (see
+    /// [`first_record`]), instead of a `WriteRecord` step of its own.
+    pub record: Option<TrustRecord>,
 }
 
 impl Plan {
@@ -443,6 +451,7 @@ impl Plan {
             token_refresh_at: None,
             unrecorded: Vec::new(),
             injected: Vec::new(),
+            record: None,
         }
     }
 
@@ -703,9 +712,45 @@ fn record_to_write(settings: &Settings, obs: &Observed) -> Option<TrustRecord> {
     let want = desired_record(settings, obs);
     match &obs.record {
         None if want.kids.is_empty() => None,
-        Some(have) if *have == want => None,
+        // Read from the earlier versions' annotation: written into status as it is.
+        Some(have) if *have == want && obs.legacy_record != Legacy::Only => None,
         _ => Some(want),
     }
+}
+
+/// Whether a record to write is a key's first one, which the reconcile's closing status write
+/// carries instead of a write of its own (the fourth write of a new key, not the fifth).
+///
+/// Safe because nothing is recorded yet: the verifier trusts no key id of this key until a
+/// record exists, so writing the bundle or handing out a token before it makes nothing trusted
+/// that the record would not. It only delays, by the rest of one reconcile, when the first
+/// token starts to pass; no agent held a passing token before it. Any later record (a new key
+/// id beside a trusted one, a revocation) is still written first, as its own step. A reconcile
+/// that fails before its status write leaves no record, and the next one carries it again.
+///
+/// Only for a key's own first key: nothing recorded, at most one key Secret, and the bundle and
+/// the agent Secret (if any) hold that key alone. A key that predates the record (an upgrade
+/// from a version without one) has its key ids recorded first, as before.
+fn first_record(obs: &Observed) -> bool {
+    let [key] = obs.keys.as_slice() else {
+        return obs.keys.is_empty() && obs.record.is_none();
+    };
+    let only = |kid: &str| kid == key.kid;
+    obs.record.is_none()
+        && match &obs.bundle {
+            BundleObs::Owned { kids, .. } => kids.iter().all(|k| only(k)),
+            _ => true,
+        }
+        && match &obs.agent_secret {
+            AgentSecretObs::Owned(a) => a.kid.as_deref().is_none_or(only),
+            _ => true,
+        }
+}
+
+/// Whether the earlier versions' record annotation is left to remove (the status holds the
+/// record already).
+fn drop_legacy(obs: &Observed) -> bool {
+    obs.legacy_record == Legacy::Beside
 }
 
 /// Whether the trust bundle this key owns lists `kid`.
@@ -822,9 +867,16 @@ pub fn plan(settings: &Settings, obs: &Observed, now: DateTime<Utc>) -> Plan {
         p.phase = Phase::Invalid;
     }
     // The trust record comes before any other write: a key id is recorded before the bundle
-    // publishes it and before a token of it is handed out; a revoked one leaves it first.
+    // publishes it and before a token of it is handed out; a revoked one leaves it first. A
+    // first record rides on the status write instead (`first_record`).
     if let Some(record) = record_to_write(settings, obs) {
-        p.step = Some(Step::WriteRecord { record });
+        if first_record(obs) {
+            p.record = Some(record);
+        } else {
+            p.step = Some(Step::WriteRecord { record });
+        }
+    } else if p.step.is_none() && drop_legacy(obs) {
+        p.step = Some(Step::DropLegacyRecord);
     }
     p
 }

@@ -695,6 +695,7 @@ pub fn observe(objs: &KeyObjects<'_>, floors: &super::Floors) -> Mapped {
         uncovered,
         usage: None,
         record: crate::trust_record::TrustRecord::of(pk).map(Result::unwrap_or_default),
+        legacy_record: crate::trust_record::Legacy::of(pk),
     };
     Mapped {
         settings,

@@ -14,7 +14,6 @@ use super::{Floors, Observed, Settings, Uncovered, UsageObs};
 use crate::api::{PolicyAgent, ProvisioningKey};
 use crate::keys;
 use crate::labels as l;
-use crate::trust_record::TrustRecord;
 use crate::workload::{Lineage, Workload};
 
 /// The raw objects a reconcile decides on. Secret data is held only while the reconcile runs;
@@ -32,8 +31,6 @@ pub struct Raw {
     pub consumers: Option<ConsumerReads>,
     /// Key use reported by the verifier replicas.
     pub usage: Option<UsageObs>,
-    /// The trust record this reconcile wrote (the ProvisioningKey it was given predates it).
-    pub record: Option<TrustRecord>,
     /// The ProvisioningKey had never been reconciled when this snapshot was read (no key
     /// Secret, no trust record): when the reconcile mints its first key, its first status is
     /// written without reading the status again.
@@ -61,8 +58,10 @@ pub enum Written {
     KeySecretGone(u32),
     Bundle(Box<ConfigMap>),
     AgentSecret(Box<Secret>),
-    /// The trust record as written on the ProvisioningKey.
-    Record(Box<TrustRecord>),
+    /// The ProvisioningKey, as a write of its trust record (or of the earlier versions'
+    /// annotation) left it: the reconcile takes its resourceVersion, annotations and record
+    /// ([`took_record_write`]).
+    ProvisioningKey(Box<ProvisioningKey>),
 }
 
 impl Raw {
@@ -86,7 +85,8 @@ impl Raw {
                 self.key_secrets.remove(&seq);
             }
             Written::Bundle(cm) => self.bundle = Some(*cm),
-            Written::Record(r) => self.record = Some(*r),
+            // Taken into the reconcile's ProvisioningKey, see `took_record_write`.
+            Written::ProvisioningKey(_) => {}
             Written::AgentSecret(s) => {
                 if let Some(old) = self.agent_secret.as_mut() {
                     wipe(old);
@@ -106,6 +106,16 @@ impl Drop for Raw {
             wipe(s);
         }
     }
+}
+
+/// Takes what a record write changed on the ProvisioningKey into `pk`, the reconcile's copy
+/// (its spec stays the one the reconcile was given): the resourceVersion (the precondition of
+/// the next write to it), the annotations and the record.
+pub fn took_record_write(pk: &mut ProvisioningKey, written: &ProvisioningKey) {
+    pk.metadata.resource_version = written.metadata.resource_version.clone();
+    pk.metadata.annotations = written.metadata.annotations.clone();
+    pk.status.get_or_insert_default().trust_record =
+        written.status.as_ref().and_then(|s| s.trust_record.clone());
 }
 
 /// Wipes the private key of a key Secret, keeping the entry (its presence is evidence).
@@ -159,9 +169,6 @@ pub fn map(pk: &ProvisioningKey, raw: &Raw, floors: &Floors) -> Read {
     );
     mapped.observed.uncovered = consumers.uncovered.clone();
     mapped.observed.usage = raw.usage.clone();
-    if let Some(r) = &raw.record {
-        mapped.observed.record = Some(r.clone());
-    }
     Read {
         settings: mapped.settings,
         observed: mapped.observed,

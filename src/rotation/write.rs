@@ -14,7 +14,8 @@
 //! | `Mint`            | create key Secret `<pk>-k<seq>`; one that exists and is ours is the same mint |
 //! | `MarkPublished`, `RecordPublished`, `Activate`, `Retire`, `Revoke` | patch the key Secret's state (and timestamps), at the resourceVersion read; `Revoke` also drops the private key |
 //! | `Repair`          | patch the key Secret's labels and annotations back, at the resourceVersion read |
-//! | `WriteRecord`     | apply the trust-record annotation on the ProvisioningKey, at its uid |
+//! | `WriteRecord`     | merge-patch `status.trustRecord` of the ProvisioningKey, at the resourceVersion read |
+//! | `DropLegacyRecord`| merge-patch the earlier versions' record annotation away, at the resourceVersion read |
 //! | `WriteBundle`     | apply the trust bundle at the resourceVersion read, or create it |
 //! | `HandOut`         | apply the agent Secret at the resourceVersion read, or create it (someone else's name is refused) |
 //! | `Prune`           | delete the key Secret, at the resourceVersion read            |
@@ -48,13 +49,22 @@ pub enum Write {
     /// resourceVersion read as its precondition. Only for objects this ProvisioningKey owns
     /// whole: every field it applies is one it wrote.
     Apply { object: Object },
-    /// Server-side apply of one annotation of ProvisioningKey `name`, with its `uid` as the
-    /// precondition (a key deleted and created again under the same name answers 409).
-    Annotate {
+    /// A merge patch of ProvisioningKey `name`'s `status.trustRecord` to `value`, at
+    /// `resource_version` (the one read). The record the decision was made on is `was`: a 409
+    /// is retried once at the current resourceVersion only while the record stored is still
+    /// `was` (a status write in between changed nothing the decision rests on).
+    Record {
         name: String,
-        uid: String,
-        key: &'static str,
+        resource_version: String,
+        was: Option<String>,
         value: String,
+    },
+    /// A merge patch removing annotation `key` of ProvisioningKey `name`, at
+    /// `resource_version`.
+    RemoveAnnotation {
+        name: String,
+        resource_version: String,
+        key: &'static str,
     },
     /// DELETE key Secret `name` at `resource_version`; one that is gone already is deleted.
     Delete {
@@ -151,7 +161,7 @@ impl KeyPatch {
 /// Why a step has no write.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the ProvisioningKey has no name, namespace or uid")]
+    #[error("the ProvisioningKey has no name, namespace, uid or resourceVersion")]
     MissingObjectKey,
     /// A write to key Secret `name` could not be made; `message` says why.
     #[error("key Secret {name}: {message}")]
@@ -243,11 +253,16 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
             p.remove_annotations.push(l::DEACTIVATED_AT.to_string());
             return Ok(Some(Write::Patch(p)));
         }
-        Step::WriteRecord { record } => Write::Annotate {
+        Step::WriteRecord { record } => Write::Record {
             name,
-            uid: pk.meta().uid.clone().ok_or(Error::MissingObjectKey)?,
-            key: trust_record::ANNOTATION,
+            resource_version: pk_rv(pk)?,
+            was: pk.status.as_ref().and_then(|s| s.trust_record.clone()),
             value: record.render(),
+        },
+        Step::DropLegacyRecord => Write::RemoveAnnotation {
+            name,
+            resource_version: pk_rv(pk)?,
+            key: trust_record::ANNOTATION,
         },
         Step::WriteBundle { trusted, revoked } => {
             let mut cm = desired::trust_bundle(
@@ -341,6 +356,15 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
         },
     };
     Ok(Some(write))
+}
+
+/// The ProvisioningKey's resourceVersion as read: the precondition of a write to it.
+fn pk_rv(pk: &ProvisioningKey) -> Result<String, Error> {
+    pk.meta()
+        .resource_version
+        .clone()
+        .filter(|rv| !rv.is_empty())
+        .ok_or(Error::MissingObjectKey)
 }
 
 /// A state patch of key Secret `seq`.

@@ -23,7 +23,6 @@ use crate::rotation::outcome::Minted;
 use crate::rotation::snapshot::{Read, Written, wipe};
 use crate::rotation::write::{self, Exists, KeyNeed, KeyPatch, Object, Write};
 use crate::rotation::{KeyState, Step};
-use crate::trust_record::TrustRecord;
 
 fn create_params() -> PostParams {
     PostParams {
@@ -97,15 +96,17 @@ pub(super) async fn step(
             };
             return Ok((Some(minted), Written::KeySecret(*seq, Box::new(s))));
         }
+        (Step::DropLegacyRecord, Done::ProvisioningKey(written)) => {
+            ctx.own_records.wrote(written.meta());
+            info!(pk = %name, "trust record annotation of an earlier version removed (the record is in status)");
+            Written::ProvisioningKey(written)
+        }
         (Step::WriteRecord { record }, Done::ProvisioningKey(written)) => {
-            // Its watch event is the echo of this write: the reconcile goes on from here.
+            // A reconcile woken before the watch cache shows this write reads the object again.
             ctx.own_records.wrote(written.meta());
             fault::after("record");
             info!(pk = %name, kids = ?record.kids.keys().collect::<Vec<_>>(), "trust record written");
-            let r = TrustRecord::of(&written)
-                .and_then(|r| r.ok())
-                .unwrap_or_else(|| record.clone());
-            Written::Record(Box::new(r))
+            Written::ProvisioningKey(written)
         }
         (Step::WriteBundle { trusted, revoked }, Done::ConfigMap(cm)) => {
             fault::after("bundle");
@@ -163,8 +164,8 @@ pub(super) fn remember(written: &Written, own: &OwnWrites) {
     match written {
         Written::KeySecret(_, s) | Written::AgentSecret(s) => own.wrote(&s.metadata),
         Written::Bundle(cm) => own.wrote(&cm.metadata),
-        // The trust record is remembered where it is written (`Context::own_records`).
-        Written::Nothing | Written::KeySecretGone(_) | Written::Record(_) => {}
+        // The ProvisioningKey is remembered where it is written (`Context::own_records`).
+        Written::Nothing | Written::KeySecretGone(_) | Written::ProvisioningKey(_) => {}
     }
 }
 
@@ -221,20 +222,57 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
         Write::Apply {
             object: Object::ConfigMap(cm),
         } => Ok(Done::ConfigMap(apply(&cms, &cm).await?)),
-        Write::Annotate {
+        Write::Record {
             name,
-            uid,
-            key,
+            resource_version,
+            was,
             value,
         } => {
             let pks: Api<ProvisioningKey> = Api::namespaced(ctx.client.clone(), ns);
+            let body = |rv: &str| {
+                json!({
+                    "metadata": { "resourceVersion": rv },
+                    "status": { "trustRecord": value },
+                })
+            };
+            let pk = match pks
+                .patch_status(
+                    &name,
+                    &merge_params(),
+                    &Patch::Merge(body(&resource_version)),
+                )
+                .await
+            {
+                Ok(pk) => pk,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // Our own status write since the read moved the resourceVersion: the record
+                    // the decision rests on is checked, not the whole object. Sent again once at
+                    // the current resourceVersion only while the stored record is still `was`.
+                    let now = pks.get_status(&name).await?;
+                    let stored = now.status.as_ref().and_then(|s| s.trust_record.clone());
+                    let rv = now.meta().resource_version.clone().unwrap_or_default();
+                    if stored != was || rv.is_empty() {
+                        return Err(kube::Error::Api(e).into());
+                    }
+                    pks.patch_status(&name, &merge_params(), &Patch::Merge(body(&rv)))
+                        .await?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            Ok(Done::ProvisioningKey(Box::new(pk)))
+        }
+        Write::RemoveAnnotation {
+            name,
+            resource_version,
+            key,
+        } => {
+            let pks: Api<ProvisioningKey> = Api::namespaced(ctx.client.clone(), ns);
             let body = json!({
-                "apiVersion": ProvisioningKey::api_version(&()),
-                "kind": ProvisioningKey::kind(&()),
-                "metadata": { "name": name, "uid": uid, "annotations": { key: value } },
+                "metadata": { "resourceVersion": resource_version, "annotations": { key: null } },
             });
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            let pk = pks.patch(&name, &params, &Patch::Apply(&body)).await?;
+            let pk = pks
+                .patch(&name, &merge_params(), &Patch::Merge(&body))
+                .await?;
             Ok(Done::ProvisioningKey(Box::new(pk)))
         }
         Write::Delete {

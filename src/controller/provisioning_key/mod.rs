@@ -27,6 +27,7 @@ use super::{Context, Error, Result};
 use crate::api::provisioning_key::ProvisioningKey;
 use crate::keys::KeyPair;
 use crate::rotation::outcome::Trail;
+use crate::rotation::snapshot::{Written, took_record_write};
 use crate::rotation::{self, Step};
 
 pub use crate::rotation::desired::{KEY_SECRET_TYPE, key_secret_name};
@@ -107,6 +108,9 @@ async fn run_steps(
     trail: &mut Trail,
 ) -> Result<Option<Duration>> {
     let mut raw = read::snapshot(ctx, pk).await?;
+    // The reconcile's own copy: a record write moves its resourceVersion and record on.
+    let mut pk_now = pk.clone();
+    let pk = &mut pk_now;
     let mut fresh: Option<(u32, KeyPair)> = None;
     let mut now = now;
     let mut stepped = false;
@@ -138,6 +142,9 @@ async fn run_steps(
             fresh = m.pair.take().map(|p| (*seq, p));
         }
         apply::remember(&written, &ctx.own_writes);
+        if let Written::ProvisioningKey(w) = &written {
+            took_record_write(pk, w);
+        }
         stepped = true;
         raw.absorb(written);
         if let Step::Destroy { seq, .. } | Step::Deactivate { seq } = step {

@@ -73,12 +73,18 @@ async fn write_status(
         "kind": "ProvisioningKey",
         "status": status,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    // A status write that carried a first trust record: a reconcile woken before the watch
+    // cache shows it reads the object again (see `Context::own_records`).
+    if pk.status.as_ref().and_then(|s| s.trust_record.as_ref()) != status.trust_record.as_ref() {
+        ctx.own_records.wrote(written.meta());
+    }
     Ok(true)
 }
 

@@ -101,7 +101,10 @@ pub fn step_audits(
             ..
         } => minted.map_or_else(Vec::new, |m| mint(&f, *seq, *trigger, *active, m)),
         // Recorded as it happens by the KeyMinted, KeyRevoked and EmergencyRevocation Events.
-        Step::MarkPublished { .. } | Step::Prune { .. } | Step::WriteRecord { .. } => Vec::new(),
+        Step::MarkPublished { .. }
+        | Step::Prune { .. }
+        | Step::WriteRecord { .. }
+        | Step::DropLegacyRecord => Vec::new(),
         Step::WriteBundle { .. } => bundle_tampered(&f),
         Step::RecordPublished { seq } => f.about_key(*seq, |k| published(&f, *seq, k)),
         Step::Activate { seq, emergency } => {

@@ -79,6 +79,12 @@ pub fn desired_status(
             stalled(&c, plan),
         ],
         history: history(obs),
+        // The record as stored, or a key's first record, which this status write carries.
+        trust_record: plan
+            .record
+            .as_ref()
+            .map(crate::trust_record::TrustRecord::render)
+            .or_else(|| pk.status.as_ref().and_then(|s| s.trust_record.clone())),
     }
 }
 

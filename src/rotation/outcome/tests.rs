@@ -49,6 +49,7 @@ fn read(uncovered: Vec<Uncovered>, consumers: Vec<rotation::Consumer>) -> Read {
             uncovered: Some(uncovered),
             usage: None,
             record: None,
+            legacy_record: Default::default(),
         },
         secrets: KeySecrets::default(),
         bundle_jwks: BTreeMap::new(),
@@ -176,6 +177,35 @@ fn key_gauges_follow_the_report() {
         key_gauges(&ProvisioningKeyStatus::default(), &r.observed, &plan).ready,
         "Unknown"
     );
+}
+
+#[test]
+fn status_carries_a_first_record_and_keeps_the_stored_one() {
+    let r = read(Vec::new(), Vec::new());
+    let now = DateTime::from_timestamp(2_000, 0).expect("valid");
+    let mut plan = rotation::plan(&r.settings, &r.observed, now);
+    let mut pk = ProvisioningKey::new("demo", Default::default());
+    // Nothing stored, nothing to carry: no record.
+    plan.record = None;
+    let status = desired_status(&pk, &r.settings, &r.observed, &plan, now);
+    assert_eq!(status.trust_record, None);
+    // The stored record is kept as it is (a status write never drops or rewrites it).
+    pk.status = Some(ProvisioningKeyStatus {
+        trust_record: Some("stored".into()),
+        ..Default::default()
+    });
+    let status = desired_status(&pk, &r.settings, &r.observed, &plan, now);
+    assert_eq!(status.trust_record.as_deref(), Some("stored"));
+    // A first record the plan carries is written by this status write.
+    let first = crate::trust_record::TrustRecord {
+        bundle: "demo-trust".into(),
+        kids: [("k1".to_string(), 3600)].into(),
+        ..Default::default()
+    };
+    plan.record = Some(first.clone());
+    pk.status = None;
+    let status = desired_status(&pk, &r.settings, &r.observed, &plan, now);
+    assert_eq!(status.trust_record, Some(first.render()));
 }
 
 /// Each applied step describes its own audit; a mint that found its Secret already there

@@ -239,6 +239,7 @@ fn obs(keys: Vec<ObservedKey>) -> Observed {
         uncovered: Some(Vec::new()),
         usage: None,
         record: None,
+        legacy_record: Default::default(),
     }
 }
 

@@ -72,6 +72,7 @@ impl Sim {
                 uncovered: Some(Vec::new()),
                 usage: None,
                 record: None,
+                legacy_record: Default::default(),
             },
             now: now(),
             ever_published: false,
@@ -129,6 +130,7 @@ impl Sim {
         self.obs.bundle = bundle;
         self.obs.agent_secret = agent_secret;
         self.obs.record = TrustRecord::of(&self.pk).map(Result::unwrap_or_default);
+        self.obs.legacy_record = crate::trust_record::Legacy::of(&self.pk);
     }
 
     /// Writes `step` to the objects: the controller's write, by the in-memory executor.
@@ -162,6 +164,15 @@ impl Sim {
         memory::execute(&mut self.store, w).map_err(|e| format!("write refused: {e:?}"))?;
         self.sync();
         Ok(())
+    }
+
+    /// The controller's status write, as far as the trust record goes.
+    fn write_status_record(&mut self, record: &TrustRecord) {
+        if let Some(mut pk) = self.store.pk("demo") {
+            pk.status.get_or_insert_default().trust_record = Some(record.render());
+            self.store.put_pk(pk);
+        }
+        self.sync();
     }
 
     fn fail(&self, message: String) -> String {
@@ -213,7 +224,15 @@ impl Sim {
     /// Plans and applies at most one step; `Ok(None)` at a fixed point.
     fn step(&mut self) -> SimResult<Option<Step>> {
         let p = self.plan()?;
-        let Some(step) = p.step else { return Ok(None) };
+        let Some(step) = p.step else {
+            // The status write that ends the reconcile carries a key's first record.
+            if let Some(r) = &p.record {
+                self.log
+                    .push(format!("status write with the first record {r:?}"));
+                self.write_status_record(r);
+            }
+            return Ok(None);
+        };
         self.log.push(format!(
             "{} {step:?} ({:?})",
             self.now.format("%d %H:%M:%S"),
@@ -359,14 +378,22 @@ impl Sim {
                     );
                 }
             }
+            Step::DropLegacyRecord => {
+                ensure!(
+                    self.obs.legacy_record == crate::trust_record::Legacy::Beside,
+                    "the annotation removed while the status holds no record"
+                );
+            }
             Step::WriteBundle { trusted, revoked } => {
                 // (c) Once a key was published, the bundle always trusts at least one key.
                 ensure!(!trusted.is_empty(), "WriteBundle with no trusted key");
                 // (r) The bundle trusts only recorded key ids (a compromised one left the
-                // record first, and leaves the bundle at its revocation).
+                // record first, and leaves the bundle at its revocation). Before a key's first
+                // record (carried by the reconcile's status write) nothing of it is trusted.
                 for kid in trusted
                     .iter()
                     .filter(|k| !self.settings.compromised.contains(*k))
+                    .filter(|_| self.obs.record.is_some())
                 {
                     ensure!(
                         self.obs.record.as_ref().is_some_and(|r| r.has(kid)),
@@ -455,13 +482,16 @@ impl Sim {
                     "HandOut {reason:?} with old kid {old_kid:?}"
                 );
                 // (r) A token is handed out only for a recorded key id, with a lifetime the
-                // record covers.
+                // record covers; or before a key's first record, which the reconcile's status
+                // write carries (the verifier trusts nothing of the key until then).
                 ensure!(
                     self.obs
                         .record
                         .as_ref()
-                        .and_then(|r| r.kids.get(&cur.kid))
-                        .is_some_and(|t| *t >= self.settings.token_ttl.as_secs()),
+                        .map_or(self.handed_out.is_empty(), |r| r
+                            .kids
+                            .get(&cur.kid)
+                            .is_some_and(|t| *t >= self.settings.token_ttl.as_secs())),
                     "HandOut of key {seq} whose key id the trust record does not cover: {:?}",
                     self.obs.record
                 );

@@ -181,3 +181,90 @@ fn the_default_audience_is_per_key_and_sticks_to_a_live_key() {
         "bundles"
     );
 }
+
+#[test]
+fn a_first_key_is_recorded_by_the_closing_status_write_and_any_later_one_first() {
+    // The first key, created active, bundle written and handed out: nothing recorded yet. No
+    // record step: the status write that ends the reconcile carries it.
+    let first = with_obs(vec![key(1, Active)], |o| {
+        o.bundle = bundle(&[1], &[]);
+        o.record = None;
+    });
+    let p = crate::rotation::plan(&settings(), &first, now());
+    assert_eq!(p.step, None, "{p:?}");
+    assert_eq!(p.record, Some(sim_record(&settings(), &[1])));
+    // Mid-way (key minted, no bundle yet): the bundle comes next, the record still waits.
+    let minted = with_obs(vec![key(1, Active)], |o| {
+        o.bundle = BundleObs::Missing;
+        o.agent_secret = AgentSecretObs::Missing;
+        o.record = None;
+    });
+    let p = crate::rotation::plan(&settings(), &minted, now());
+    assert!(matches!(p.step, Some(Step::WriteBundle { .. })), "{p:?}");
+    assert_eq!(p.record, Some(sim_record(&settings(), &[1])));
+    // Once recorded, nothing more.
+    let mut settled = first.clone();
+    settled.record = p.record.clone();
+    let p = crate::rotation::plan(&settings(), &settled, now());
+    assert_eq!((p.step, p.record), (None, None));
+    // A second key beside it: recorded first, as its own step, never by the status write.
+    let mut second = with_obs(vec![key(1, Active), key(2, Pending)], |o| {
+        o.bundle = bundle(&[1], &[]);
+    });
+    second.record = Some(sim_record(&settings(), &[1]));
+    let p = crate::rotation::plan(&settings(), &second, now());
+    assert_eq!(
+        p.step,
+        Some(Step::WriteRecord {
+            record: sim_record(&settings(), &[1, 2])
+        })
+    );
+    assert_eq!(p.record, None);
+    // A bundle or an agent Secret holding another key id is not a first key's: recorded first.
+    for o in [
+        with_obs(vec![key(2, Active)], |o| {
+            o.bundle = bundle(&[1, 2], &[]);
+            o.record = None;
+        }),
+        with_obs(vec![key(2, Active)], |o| {
+            o.bundle = bundle(&[2], &[]);
+            o.agent_secret = agent(&kid(1));
+            o.record = None;
+        }),
+    ] {
+        let p = crate::rotation::plan(&settings(), &o, now());
+        assert!(
+            matches!(p.step, Some(Step::WriteRecord { .. })),
+            "{p:?} for {o:?}"
+        );
+        assert_eq!(p.record, None);
+    }
+}
+
+#[test]
+fn a_record_in_the_earlier_annotation_moves_into_status_then_the_annotation_goes() {
+    use crate::trust_record::Legacy;
+    let mut o = with_record(&[2], &[2]);
+    // Read from the annotation only: written into status as it is.
+    o.legacy_record = Legacy::Only;
+    assert_eq!(
+        crate::rotation::plan(&settings(), &o, now()).step,
+        Some(Step::WriteRecord {
+            record: sim_record(&settings(), &[2])
+        })
+    );
+    // In status, the annotation beside it: removed once nothing else is to do.
+    o.legacy_record = Legacy::Beside;
+    assert_eq!(
+        crate::rotation::plan(&settings(), &o, now()).step,
+        Some(Step::DropLegacyRecord)
+    );
+    // A record change comes first.
+    let s = with_settings(|s| s.token_ttl = secs(7200));
+    assert!(matches!(
+        crate::rotation::plan(&s, &o, now()).step,
+        Some(Step::WriteRecord { .. })
+    ));
+    o.legacy_record = Legacy::None;
+    assert_eq!(crate::rotation::plan(&settings(), &o, now()).step, None);
+}

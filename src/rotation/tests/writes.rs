@@ -12,6 +12,7 @@ fn demo() -> ProvisioningKey {
     let mut pk = ProvisioningKey::new("demo", Default::default());
     pk.metadata.namespace = Some("ns".into());
     pk.metadata.uid = Some("u1".into());
+    pk.metadata.resource_version = Some("5".into());
     pk
 }
 
@@ -70,7 +71,17 @@ fn shape(w: &Write) -> String {
             };
             format!("apply {} at {rv:?}", object.name())
         }
-        Write::Annotate { name, uid, key, .. } => format!("annotate {name} ({uid}) {key}"),
+        Write::Record {
+            name,
+            resource_version,
+            was,
+            ..
+        } => format!("record in {name}'s status at {resource_version}, was {was:?}"),
+        Write::RemoveAnnotation {
+            name,
+            resource_version,
+            key,
+        } => format!("remove annotation {key} of {name} at {resource_version}"),
         Write::Delete {
             name,
             resource_version,
@@ -142,8 +153,10 @@ fn each_step_makes_one_write_with_its_precondition() {
             format!("patch demo-k1 at 11: labels {}, annotations [\"{}\", \"{}\"], removed [\"{}\"]", state("retiring"), l::CONSUMED_REACTIVATE, l::REACTIVATED_AT, l::DEACTIVATED_AT)),
         ("prune deletes at the resourceVersion read",
             Step::Prune { seq: 1 }, None, "delete demo-k1 at 11".into()),
-        ("the trust record is one annotation, at the key's uid",
-            record, None, format!("annotate demo (u1) {}", crate::trust_record::ANNOTATION)),
+        ("the trust record is one status field, at the key's resourceVersion",
+            record, None, "record in demo's status at 5, was None".into()),
+        ("the earlier versions' annotation is removed at the key's resourceVersion",
+            Step::DropLegacyRecord, None, format!("remove annotation {} of demo at 5", crate::trust_record::ANNOTATION)),
         ("a bundle read is applied at its resourceVersion",
             bundle.clone(), None, "apply demo-trust at Some(\"7\")".into()),
         ("an owned agent Secret is applied at its resourceVersion",

@@ -145,21 +145,43 @@ pub fn execute<O: Objects>(
             }
             Ok(objects.get(kind, &name))
         }
-        Write::Annotate {
+        Write::Record {
             name,
-            uid,
-            key,
+            resource_version,
+            was,
             value,
         } => {
             let Some(Stored::ProvisioningKey(mut pk)) = objects.get(Kind::ProvisioningKey, &name)
             else {
                 return Err(Error::NotFound);
             };
-            if pk.metadata.uid.as_deref() != Some(uid.as_str()) {
+            let stored = pk.status.as_ref().and_then(|s| s.trust_record.clone());
+            // A 409 is retried once at the current resourceVersion while the record is unchanged.
+            if pk.resource_version().as_deref() != Some(resource_version.as_str()) && stored != was
+            {
                 return Err(Error::Conflict);
             }
-            pk.annotations_mut().insert(key.to_string(), value);
-            pk.metadata.resource_version = None;
+            pk.status.get_or_insert_default().trust_record = Some(value);
+            pk.metadata.uid = None;
+            objects
+                .update(Stored::ProvisioningKey(pk))
+                .map_err(Error::Store)?;
+            Ok(objects.get(Kind::ProvisioningKey, &name))
+        }
+        Write::RemoveAnnotation {
+            name,
+            resource_version,
+            key,
+        } => {
+            let Some(Stored::ProvisioningKey(mut pk)) = objects.get(Kind::ProvisioningKey, &name)
+            else {
+                return Err(Error::NotFound);
+            };
+            if pk.resource_version().as_deref() != Some(resource_version.as_str()) {
+                return Err(Error::Conflict);
+            }
+            pk.annotations_mut().remove(key);
+            pk.metadata.uid = None;
             objects
                 .update(Stored::ProvisioningKey(pk))
                 .map_err(Error::Store)?;
