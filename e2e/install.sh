@@ -341,21 +341,26 @@ rotation_scenario() { # ns log
   trust_record_check "$ns" "$new" "$old"
 }
 
-# The trust record the operator (as the chart's ServiceAccount) wrote lists the new key id and
-# not the revoked one; the chart's ValidatingAdmissionPolicy refuses anyone else who writes it,
-# even a member of system:masters (RBAC does not stop them; the policy does).
+# The trust record the operator (as the chart's ServiceAccount) wrote (in status) lists the new
+# key id and not the revoked one; the chart's ValidatingAdmissionPolicy refuses anyone else who
+# writes it, in status or in the earlier versions' annotation, even a member of system:masters
+# (RBAC does not stop them; the policy does).
 trust_record_check() { # ns new old
-  local ns=$1 new=$2 old=$3 record out
-  record=$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.metadata.annotations.keyward\.dev/trust-record}')
+  local ns=$1 new=$2 old=$3 record out attempt
+  record=$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.status.trustRecord}')
   python3 -c 'import json,sys; r=json.loads(sys.argv[1]); assert sys.argv[2] in r["kids"] and sys.argv[3] not in r["kids"], r' \
     "$record" "$new" "$old" || die "$ns: trust record '$record' does not list $new alone"
-  for attempt in "keyward.dev/trust-record={}" "keyward.dev/trust-record-"; do
-    if out=$(kubectl -n "$ns" annotate pk opa-agents "$attempt" --overwrite --as=mallory --as-group=system:masters 2>&1); then
+  for attempt in '{"status":{"trustRecord":"{}"}}' '{"status":{"trustRecord":null}}'; do
+    if out=$(kubectl -n "$ns" patch pk opa-agents --subresource=status --type=merge -p "$attempt" --as=mallory --as-group=system:masters 2>&1); then
       die "$ns: the trust record policy let mallory write '$attempt'"
     fi
     grep -q "only the Keyward operator may write" <<<"$out" || die "$ns: '$attempt' refused for another reason: $out"
   done
-  [ "$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.metadata.annotations.keyward\.dev/trust-record}')" = "$record" ] \
+  if out=$(kubectl -n "$ns" annotate pk opa-agents "keyward.dev/trust-record={}" --overwrite --as=mallory --as-group=system:masters 2>&1); then
+    die "$ns: the trust record policy let mallory write the annotation"
+  fi
+  grep -q "only the Keyward operator may write" <<<"$out" || die "$ns: the annotation refused for another reason: $out"
+  [ "$(kubectl -n "$ns" get pk opa-agents -o jsonpath='{.status.trustRecord}')" = "$record" ] \
     || die "$ns: the trust record changed"
   say "  $ns: trust record lists $new; the policy refused mallory's writes"
 }
@@ -760,7 +765,7 @@ can yes "$U" delete configmaps -n "$UNWATCHED"   # bundle copies (trustBundle.na
 can no "$U" update configmaps -n "$UNWATCHED"
 can yes "$U" get serviceaccounts -n "$UNWATCHED"   # agents outside the cluster (PolicyAgent kind ServiceAccount)
 can no "$U" create serviceaccounts --subresource=token -n "$UNWATCHED"
-can yes "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"   # the trust record annotation (the policy keeps it the operator's)
+can yes "$U" patch provisioningkeys.keyward.dev -n "$UNWATCHED"   # removes an earlier version's trust-record annotation (the policy keeps it the operator's)
 can no "$U" update provisioningkeys.keyward.dev -n "$UNWATCHED"
 can no "$U" create provisioningkeys.keyward.dev -n "$UNWATCHED"
 can no "$U" delete pods -n "$UNWATCHED"

@@ -15,8 +15,10 @@
 //!   sooner, and one write per new key is saved.
 //!
 //! Earlier versions kept it in the annotation [`ANNOTATION`] (still read when the status holds
-//! no record, and protected by the same policy); the operator moves it into status and removes
-//! the annotation.
+//! no record, and protected by the same policy). The operator copies it into status as it is,
+//! and keeps the annotation while the two agree, so that a verifier of an earlier version still
+//! trusts the key while an upgrade rolls; the first record change after that (a rotation)
+//! removes it.
 //!
 //! The verifier trusts a key id only when the bundle lists it **and** the record does, and
 //! checks `aud`, `iss` and a token's lifetime against the record, never against the current
@@ -137,17 +139,23 @@ pub enum Legacy {
     None,
     /// The record is read from the annotation: the status holds none yet.
     Only,
-    /// The status holds the record, and the annotation is still there.
-    Beside,
+    /// The status holds the record, and the annotation holds the same: kept, so that a
+    /// verifier of an earlier version (which reads only the annotation) still trusts the key
+    /// while an upgrade rolls.
+    Copied,
+    /// The status holds a newer record than the annotation (a rotation since the upgrade): the
+    /// annotation is stale and is removed.
+    Stale,
 }
 
 impl Legacy {
     pub fn of(pk: &ProvisioningKey) -> Self {
-        let in_status = pk.status.as_ref().is_some_and(|s| s.trust_record.is_some());
-        match (legacy_annotation(pk).is_some(), in_status) {
-            (false, _) => Legacy::None,
-            (true, false) => Legacy::Only,
-            (true, true) => Legacy::Beside,
+        let in_status = pk.status.as_ref().and_then(|s| s.trust_record.as_deref());
+        match (legacy_annotation(pk), in_status) {
+            (None, _) => Legacy::None,
+            (Some(_), None) => Legacy::Only,
+            (Some(a), Some(s)) if a == s => Legacy::Copied,
+            (Some(_), Some(_)) => Legacy::Stale,
         }
     }
 }
@@ -269,7 +277,8 @@ mod tests {
             (None, None, None, Legacy::None),
             (Some(&new), None, Some(&new), Legacy::None),
             (None, Some(&old), Some(&old), Legacy::Only),
-            (Some(&new), Some(&old), Some(&new), Legacy::Beside),
+            (Some(&new), Some(&old), Some(&new), Legacy::Stale),
+            (Some(&new), Some(&new), Some(&new), Legacy::Copied),
         ];
         for (status, annotation, read, legacy) in cases {
             let pk = with(status, annotation);

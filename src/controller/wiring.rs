@@ -679,11 +679,19 @@ fn slim<K: Resource>(obj: &mut K) {
     }
 }
 
-/// A cached ProvisioningKey is only a trigger and its spec: status is always read fresh (by
-/// `get_status`) before it is compared or written, so it is not kept.
+/// A cached ProvisioningKey is a trigger, its spec and its trust record: the rest of status is
+/// always read fresh (by `get_status`) before it is compared or written, so it is not kept. The
+/// record (`status.trustRecord`, a few hundred bytes) is decided on like the spec; a reconcile
+/// whose cached copy predates the operator's own last record write reads the object fresh
+/// (`Context::own_records`).
 fn slim_pk(pk: &mut ProvisioningKey) {
     slim(pk);
-    pk.status = None;
+    pk.status = pk.status.take().and_then(|s| s.trust_record).map(|r| {
+        crate::api::provisioning_key::ProvisioningKeyStatus {
+            trust_record: Some(r),
+            ..Default::default()
+        }
+    });
 }
 
 /// A watcher stream with backoff, trimmed by `trim` before anything caches it, ending at
@@ -768,6 +776,31 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::api::ObjectMeta;
+
+    #[test]
+    fn a_cached_provisioning_key_keeps_its_trust_record_and_no_other_status() {
+        use crate::api::provisioning_key::ProvisioningKeyStatus;
+        let mut pk = ProvisioningKey::new("k", Default::default());
+        pk.status = Some(ProvisioningKeyStatus {
+            phase: Some("Ready".into()),
+            trust_record: Some("{}".into()),
+            ..Default::default()
+        });
+        slim_pk(&mut pk);
+        assert_eq!(
+            pk.status,
+            Some(ProvisioningKeyStatus {
+                trust_record: Some("{}".into()),
+                ..Default::default()
+            })
+        );
+        pk.status = Some(ProvisioningKeyStatus {
+            phase: Some("Ready".into()),
+            ..Default::default()
+        });
+        slim_pk(&mut pk);
+        assert_eq!(pk.status, None);
+    }
 
     fn secret(name: &str, rv: &str) -> PartialObjectMeta<Secret> {
         PartialObjectMeta {

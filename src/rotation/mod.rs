@@ -336,7 +336,7 @@ pub enum Step {
     /// into status before anything is published or handed out under it (a key's very first
     /// record rides on the reconcile's status write instead, see [`Plan::record`]).
     WriteRecord { record: TrustRecord },
-    /// Remove the earlier versions' record annotation, once the status holds the record.
+    /// Remove the earlier versions' record annotation, once the status holds a newer record.
     DropLegacyRecord,
     /// Write the trust bundle from the key Secrets.
     WriteBundle {
@@ -747,10 +747,10 @@ fn first_record(obs: &Observed) -> bool {
         }
 }
 
-/// Whether the earlier versions' record annotation is left to remove (the status holds the
-/// record already).
+/// Whether the earlier versions' record annotation is left to remove: the status holds a newer
+/// record (a copy is kept for verifiers of an earlier version while an upgrade rolls).
 fn drop_legacy(obs: &Observed) -> bool {
-    obs.legacy_record == Legacy::Beside
+    obs.legacy_record == Legacy::Stale
 }
 
 /// Whether the trust bundle this key owns lists `kid`.

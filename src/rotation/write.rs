@@ -88,6 +88,20 @@ impl Object {
         }
     }
 
+    /// The UID of the controller owner reference the object carries (its ProvisioningKey).
+    pub fn owner_uid(&self) -> String {
+        let meta = match self {
+            Object::Secret(s) => &s.metadata,
+            Object::ConfigMap(c) => &c.metadata,
+        };
+        meta.owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone())
+            .unwrap_or_default()
+    }
+
     /// Wipes the Secret data a write carried (after the request).
     pub fn wipe(&mut self) {
         if let Object::Secret(s) = self {
@@ -104,7 +118,8 @@ pub enum Exists {
     SameIfControlledBy(String),
     /// Someone else's object: the name is taken (never taken over).
     NameTaken,
-    /// A race with another writer: the conflict is retried, the object read again.
+    /// One controlled by the same owner: a race with another writer (or an object the
+    /// reconcile did not read), retried after a fresh read. Anyone else's: the name is taken.
     Conflict,
 }
 
@@ -321,7 +336,7 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
                 }
                 _ => Write::Create {
                     object: Object::Secret(Box::new(secret)),
-                    exists: Exists::NameTaken,
+                    exists: Exists::Conflict,
                 },
             }
         }

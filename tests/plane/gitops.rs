@@ -395,16 +395,12 @@ async fn gitops_reapply_rotation_by_commit_and_no_spec_writes() {
         let ours = managed_by(&fields, "keyward");
         assert!(!ours.is_empty(), "{what}: keyward writes its status");
         // (1.20's managedFields have no `subresource`: the owned paths tell.)
-        // Besides status, keyward owns one field: the ProvisioningKey's trust record annotation
-        // (never a field a GitOps manifest sets: the policy refuses it to anyone else).
+        // Keyward owns status alone (the trust record included): never a field a GitOps
+        // manifest sets.
         for e in ours {
             let outside: Vec<String> = owned_paths(e)
                 .into_iter()
-                .filter(|p| {
-                    let record = what == "ProvisioningKey"
-                        && p == "f:metadata.f:annotations.f:keyward.dev/trust-record";
-                    !(p.starts_with("f:status") || record)
-                })
+                .filter(|p| !p.starts_with("f:status"))
                 .collect();
             assert!(outside.is_empty(), "{what}: keyward owns {outside:?}");
         }

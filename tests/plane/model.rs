@@ -1492,7 +1492,8 @@ pub enum Event {
     RelabelPod {
         pod: Index,
     },
-    /// The status of a ProvisioningKey, PolicyAgent or workload is lost.
+    /// The status of a ProvisioningKey (its trust record excepted), PolicyAgent or workload is
+    /// lost.
     LoseStatus {
         target: Index,
     },
@@ -1752,9 +1753,17 @@ impl World {
                 if !targets.is_empty() {
                     let (kind, name) = target.get(&targets).clone();
                     match kind {
-                        Kind::ProvisioningKey => {
-                            self.modify::<ProvisioningKey>(&name, |x| x.status = None)
-                        }
+                        // The trust record in status is the operator's alone (the chart's
+                        // policy refuses anyone else a change, removal included): the rest of
+                        // the status is what can be lost.
+                        Kind::ProvisioningKey => self.modify::<ProvisioningKey>(&name, |x| {
+                            x.status = x.status.take().and_then(|s| s.trust_record).map(|r| {
+                                keyward::api::provisioning_key::ProvisioningKeyStatus {
+                                    trust_record: Some(r),
+                                    ..Default::default()
+                                }
+                            })
+                        }),
                         Kind::PolicyAgent => self.modify::<PolicyAgent>(&name, |x| x.status = None),
                         Kind::Deployment => self.modify::<Deployment>(&name, |x| x.status = None),
                         _ => self.modify::<StatefulSet>(&name, |x| x.status = None),
@@ -2357,6 +2366,13 @@ impl KeywardOperator {
             let read = pk_read(&view, &pk);
             let plan = keyward::rotation::plan(&read.settings, &read.observed, now);
             let Some(step) = plan.step else {
+                // The closing status write carries a key's first trust record.
+                if let Some(record) = &plan.record {
+                    let mut pk = pk.clone();
+                    pk.status.get_or_insert_default().trust_record = Some(record.render());
+                    w.update(pk)?;
+                    wrote = true;
+                }
                 return Ok(wrote);
             };
             match apply_pk(w, &pk, &read, &step, now) {
@@ -3643,6 +3659,7 @@ mod tests {
                 .get::<ProvisioningKey>("pk")
                 .and_then(keyward::trust_record::TrustRecord::of)
                 .is_some();
+            // Key Secret, bundle, agent Secret, then the status write that carries the record.
             match budget {
                 0 => assert!(keys.is_empty() && bundle.is_none() && agent.is_none() && !recorded),
                 1 => assert!(
@@ -3652,8 +3669,8 @@ mod tests {
                         && agent.is_none(),
                     "{keys:?} {bundle:?}"
                 ),
-                2 => assert!(recorded && bundle.is_none() && agent.is_none()),
-                _ => assert!(recorded && bundle.is_some_and(|b| b.len() == 1) && agent.is_none()),
+                2 => assert!(!recorded && bundle.is_some_and(|b| b.len() == 1) && agent.is_none()),
+                _ => assert!(!recorded && agent.is_some()),
             }
             w.write_budget = None;
             op.restart();

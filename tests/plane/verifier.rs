@@ -1009,8 +1009,8 @@ async fn install_trust_record_policy(ns: &str) -> String {
     name
 }
 
-/// A tenant with ConfigMap rights in `ns` (and patch on ProvisioningKeys, to show the policy,
-/// not RBAC, stops the record write), but no Secret and no status rights.
+/// A tenant with ConfigMap rights in `ns` (and patch on ProvisioningKeys and their status, to
+/// show the policy, not RBAC, stops the record write), but no Secret rights.
 async fn grant_configmap_rights(ns: &TestNamespace, user: &str) {
     grant(
         ns,
@@ -1019,7 +1019,7 @@ async fn grant_configmap_rights(ns: &TestNamespace, user: &str) {
         json!([
             {"apiGroups": [""], "resources": ["configmaps"],
              "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-            {"apiGroups": ["keyward.dev"], "resources": ["provisioningkeys"],
+            {"apiGroups": ["keyward.dev"], "resources": ["provisioningkeys", "provisioningkeys/status"],
              "verbs": ["get", "list", "watch", "update", "patch"]},
         ]),
     )
@@ -1188,37 +1188,60 @@ async fn an_injected_jwk_is_never_trusted_and_the_bundle_is_restored() {
         .and_then(|v| v.trim().parse::<f64>().ok());
     assert!(tampered.is_some_and(|n| n >= 1.0), "{metrics}");
 
-    // Mallory cannot write the record: not add her key id, not remove the record.
+    // Mallory cannot write the record: not add her key id, not remove the record, neither in
+    // status (where it is) nor in the earlier versions' annotation (read when status has none).
     let mallory_pks: Api<ProvisioningKey> = Api::namespaced(mallory, ns.name());
     let mut tampered = record.clone();
     tampered.kids.insert(evil.public_key().key_id(), 600);
-    for body in [
-        json!({ "metadata": { "annotations": { trust_record::ANNOTATION: tampered.render() } } }),
-        json!({ "metadata": { "annotations": { trust_record::ANNOTATION: null } } }),
-    ] {
+    let status_writes = [
+        json!({ "status": { "trustRecord": tampered.render() } }),
+        json!({ "status": { "trustRecord": null } }),
+        json!({ "status": null }),
+    ];
+    // (The key has no such annotation to remove: this version never wrote one.)
+    let annotation_writes =
+        [json!({ "metadata": { "annotations": { trust_record::ANNOTATION: tampered.render() } } })];
+    for (status, body) in status_writes
+        .iter()
+        .map(|b| (true, b))
+        .chain(annotation_writes.iter().map(|b| (false, b)))
+    {
         let err = eventually("the policy in force", || async {
-            mallory_pks
-                .patch("tk", &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .err()
+            let params = PatchParams::default();
+            let patch = Patch::Merge(body);
+            if status {
+                mallory_pks.patch_status("tk", &params, &patch).await.err()
+            } else {
+                mallory_pks.patch("tk", &params, &patch).await.err()
+            }
         })
         .await;
         assert!(
             err.to_string()
                 .contains("only the Keyward operator may write"),
-            "{err}"
+            "{body}: {err}"
         );
     }
     assert_eq!(record_of(&pks.get("tk").await.expect("pk")), record);
 
-    // Status is not evidence: wiped, and no legitimate token is refused.
-    pks.patch_status(
-        "tk",
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": null })),
-    )
-    .await
-    .expect("wipe the status");
+    // The rest of status is not evidence: Mallory wipes it (the record kept, which the policy
+    // requires), and no legitimate token is refused.
+    let record_text = pks
+        .get_status("tk")
+        .await
+        .expect("status")
+        .status
+        .and_then(|s| s.trust_record)
+        .expect("the record is in status");
+    let mut wiped = pks.get("tk").await.expect("pk");
+    wiped.status = Some(keyward::api::provisioning_key::ProvisioningKeyStatus {
+        trust_record: Some(record_text),
+        ..Default::default()
+    });
+    mallory_pks
+        .replace_status("tk", &PostParams::default(), &wiped)
+        .await
+        .expect("mallory wipes the rest of the status");
     for _ in 0..10 {
         assert_eq!(auth_at(&http, &route, &token1, NO_POD).await.status(), 200);
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -188,12 +188,13 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
             exists,
         } => {
             let name = s.name_any();
+            let owner = Object::Secret(s.clone()).owner_uid();
             let created = secrets.create(&create_params(), &s).await;
             wipe(&mut s);
             match created {
                 Ok(s) => Ok(Done::Secret(s, true)),
                 Err(kube::Error::Api(e)) if e.code == 409 => {
-                    created_already(&secrets, name, exists, e).await
+                    created_already(&secrets, name, owner, exists, e).await
                 }
                 Err(e) => Err(e.into()),
             }
@@ -203,11 +204,24 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
             exists,
         } => match cms.create(&create_params(), &cm).await {
             Ok(cm) => Ok(Done::ConfigMap(cm)),
-            Err(kube::Error::Api(e)) if e.code == 409 && exists == Exists::NameTaken => {
-                Err(Error::NameTaken {
-                    kind: "ConfigMap",
-                    name: cm.name_any(),
-                })
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let name = cm.name_any();
+                let owner = Object::ConfigMap(cm).owner_uid();
+                let ours = match exists {
+                    Exists::NameTaken => false,
+                    _ => cms
+                        .get_opt(&name)
+                        .await?
+                        .is_some_and(|c| observe::controlled_by(c.meta(), &owner)),
+                };
+                match ours {
+                    // Ours, created since it was read: read again and decide again.
+                    true => Err(kube::Error::Api(e).into()),
+                    false => Err(Error::NameTaken {
+                        kind: "ConfigMap",
+                        name,
+                    }),
+                }
             }
             Err(e) => Err(e.into()),
         },
@@ -299,6 +313,7 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
 async fn created_already(
     secrets: &Api<Secret>,
     name: String,
+    owner: String,
     exists: Exists,
     e: Box<kube::core::Status>,
 ) -> Result<Done> {
@@ -317,7 +332,15 @@ async fn created_already(
             kind: "Secret",
             name,
         }),
-        Exists::Conflict => Err(kube::Error::Api(e).into()),
+        // A Secret this key created since it was read (or that a key never reconciled did not
+        // read, see `read::snapshot`): read again and decide again. Anyone else's: taken.
+        Exists::Conflict => match secrets.get_opt(&name).await? {
+            Some(s) if observe::controlled_by(s.meta(), &owner) => Err(kube::Error::Api(e).into()),
+            _ => Err(Error::NameTaken {
+                kind: "Secret",
+                name,
+            }),
+        },
     }
 }
 

@@ -137,7 +137,17 @@ async fn run_steps(
             };
             return Ok(requeue);
         };
-        let (mut minted, written) = apply::step(ctx, pk, &read, step, now, &mut fresh).await?;
+        let (mut minted, written) = match apply::step(ctx, pk, &read, step, now, &mut fresh).await {
+            // A key never reconciled did not read its bundle and agent Secret (see
+            // `read::snapshot`): a create that found the name taken reads everything now, and the
+            // plan reports the taken name (`TrustBundleNameTaken`, `SecretNameTaken`) at once.
+            Err(Error::NameTaken { .. }) if raw.never_reconciled => {
+                raw = read::snapshot(ctx, pk).await?;
+                raw.never_reconciled = false;
+                continue;
+            }
+            r => r?,
+        };
         if let (Some(m), Step::Mint { seq, .. }) = (minted.as_mut(), step) {
             fresh = m.pair.take().map(|p| (*seq, p));
         }

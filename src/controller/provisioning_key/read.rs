@@ -83,11 +83,13 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
     let mut raw = Raw::default();
     let seqs = ctx.caches.key_seqs(&ns, &name, &uid);
     // A ProvisioningKey never reconciled: no key Secret (cached or minted here), no trust
-    // record (the cached copy carries no status). When this reconcile mints its first key, its
-    // first status is written without reading it again (see `report::status_and_events`). Its bundle and agent Secret are still read (both answer
-    // 404, unless someone else took the name): a taken name must stop the mint, not a create
-    // after it (`invalid_input_is_reported_and_nothing_is_overwritten`). The two reads go out
-    // together.
+    // record (the cached copy carries no status but the record). When this reconcile mints its first key, its
+    // first status is written without reading it again (see `report::status_and_events`), and
+    // its bundle and agent Secret are not read either (both would answer 404): they are created
+    // by POST, and a name someone else took answers 409, which is reported (`NameTaken`, then
+    // `TrustBundleNameTaken` or `SecretNameTaken` from the next reconcile's reads) and never
+    // overwritten (`invalid_input_is_reported_and_nothing_is_overwritten`). The key minted
+    // before it stays, unpublished or not handed out, until the name is free.
     raw.never_reconciled = seqs.is_empty() && crate::trust_record::TrustRecord::of(pk).is_none();
     // The key Secrets all at once (a rotation holds two or three).
     let got = futures::future::try_join_all(seqs.iter().map(|&seq| {
@@ -110,12 +112,23 @@ pub(super) async fn snapshot(ctx: &Context, pk: &ProvisioningKey) -> Result<Raw>
             .rotation
             .as_ref()
             .is_some_and(|r| r.revoke_when_unused_for.is_some());
-    // The bundle, the agent Secret and the usage reports go out together: one round trip.
-    let (bundle, agent_secret, usage) = tokio::join!(
-        cms.get_opt(&names.trust_bundle_name),
-        secrets.get_opt(&names.secret_name),
-        read_usage(ctx, &ns, &name, decisive)
-    );
+    // The bundle, the agent Secret and the usage reports go out together: one round trip (the
+    // first two not at all for a key never reconciled, see above).
+    let skip = raw.never_reconciled;
+    let get_cm = async {
+        match skip {
+            true => Ok(None),
+            false => cms.get_opt(&names.trust_bundle_name).await,
+        }
+    };
+    let get_secret = async {
+        match skip {
+            true => Ok(None),
+            false => secrets.get_opt(&names.secret_name).await,
+        }
+    };
+    let (bundle, agent_secret, usage) =
+        tokio::join!(get_cm, get_secret, read_usage(ctx, &ns, &name, decisive));
     raw.bundle = bundle?;
     raw.agent_secret = agent_secret?;
     raw.usage = usage?;

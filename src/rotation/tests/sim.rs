@@ -380,8 +380,8 @@ impl Sim {
             }
             Step::DropLegacyRecord => {
                 ensure!(
-                    self.obs.legacy_record == crate::trust_record::Legacy::Beside,
-                    "the annotation removed while the status holds no record"
+                    self.obs.legacy_record == crate::trust_record::Legacy::Stale,
+                    "the annotation removed while the status holds no newer record"
                 );
             }
             Step::WriteBundle { trusted, revoked } => {

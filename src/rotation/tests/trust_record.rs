@@ -242,7 +242,7 @@ fn a_first_key_is_recorded_by_the_closing_status_write_and_any_later_one_first()
 }
 
 #[test]
-fn a_record_in_the_earlier_annotation_moves_into_status_then_the_annotation_goes() {
+fn a_record_in_the_earlier_annotation_is_copied_into_status_and_removed_once_stale() {
     use crate::trust_record::Legacy;
     let mut o = with_record(&[2], &[2]);
     // Read from the annotation only: written into status as it is.
@@ -253,8 +253,12 @@ fn a_record_in_the_earlier_annotation_moves_into_status_then_the_annotation_goes
             record: sim_record(&settings(), &[2])
         })
     );
-    // In status, the annotation beside it: removed once nothing else is to do.
-    o.legacy_record = Legacy::Beside;
+    // Copied into status as it is: the annotation is kept for verifiers of an earlier version.
+    o.legacy_record = Legacy::Copied;
+    assert_eq!(crate::rotation::plan(&settings(), &o, now()).step, None);
+    // The status holds a newer record (a rotation since): the stale annotation is removed once
+    // nothing else is to do.
+    o.legacy_record = Legacy::Stale;
     assert_eq!(
         crate::rotation::plan(&settings(), &o, now()).step,
         Some(Step::DropLegacyRecord)

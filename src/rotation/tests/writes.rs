@@ -165,8 +165,8 @@ fn each_step_makes_one_write_with_its_precondition() {
     for (why, step, key, want) in rows {
         assert_eq!(write_of(&step, &r, key), Ok(Some(want)), "{why}");
     }
-    // What was missing is created: a bundle created meanwhile is a conflict (retried), an agent
-    // Secret created meanwhile is someone else's (never taken over).
+    // What was missing is created: one created meanwhile is a conflict (read again and retried)
+    // when this key controls it, and a taken name (never taken over) when anyone else does.
     let missing = read(AgentSecretObs::Missing, None);
     assert_eq!(
         write_of(&bundle, &missing, None),
@@ -174,7 +174,7 @@ fn each_step_makes_one_write_with_its_precondition() {
     );
     assert_eq!(
         write_of(&hand_out, &missing, Some(1)),
-        Ok(Some("create demo (NameTaken)".into()))
+        Ok(Some("create demo (Conflict)".into()))
     );
     // A hand-out signs only with the key of its key id, and only with a key.
     assert!(write_of(&hand_out, &r, Some(2)).is_err_and(|e| e.contains("does not match")));

@@ -35,6 +35,14 @@ impl Stored {
         }
     }
 
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Stored::Secret(o) => &o.metadata,
+            Stored::ConfigMap(o) => &o.metadata,
+            Stored::ProvisioningKey(o) => &o.metadata,
+        }
+    }
+
     fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             Stored::Secret(o) => &mut o.metadata,
@@ -90,6 +98,7 @@ pub fn execute<O: Objects>(
     match write {
         Write::Create { object, exists } => {
             let name = object.name();
+            let owner = object.owner_uid();
             let kind = match &object {
                 Object::Secret(_) => Kind::Secret,
                 Object::ConfigMap(_) => Kind::ConfigMap,
@@ -104,7 +113,10 @@ pub fn execute<O: Objects>(
                         _ => Err(Error::NameTaken(name)),
                     },
                     Exists::NameTaken => Err(Error::NameTaken(name)),
-                    Exists::Conflict => Err(Error::Store(e)),
+                    Exists::Conflict => match objects.get(kind, &name) {
+                        Some(o) if controlled_by(o.meta(), &owner) => Err(Error::Store(e)),
+                        _ => Err(Error::NameTaken(name)),
+                    },
                 },
                 Err(e) => Err(Error::Store(e)),
             }
