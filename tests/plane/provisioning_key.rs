@@ -2194,3 +2194,75 @@ async fn a_scheduled_rotation_waits_for_its_window_and_a_request_does_not() {
     drop(op);
     ns.cleanup().await;
 }
+
+/// A key last reconciled by a version that kept the trust record in the annotation
+/// `keyward.dev/trust-record`: the operator copies the record into status as it is and keeps
+/// the annotation while the two agree (a verifier of that version still trusts the key while an
+/// upgrade rolls); the next record change (a rotation) removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_in_the_earlier_annotation_moves_into_status() {
+    use keyward::trust_record::{ANNOTATION, TrustRecord};
+    let ns = TestNamespace::new("kw-legacy-record").await;
+    let pks: Api<ProvisioningKey> = ns.api();
+    let op = Operator::start(ns.name(), Floors::none()).await;
+    let rotation = json!({ "publishDelay": "1s", "overlap": "0s", "minInterval": "0s" });
+    create_pk(&pks, "old", json!({}), json!({ "rotation": rotation })).await;
+    let pk = wait_pk(&pks, "old", "settled", is_settled).await;
+    let text = pk
+        .status
+        .and_then(|s| s.trust_record)
+        .expect("the record is in status");
+    // As an earlier version left it: the record in the annotation, none in status (the test
+    // runs as the operator's identity, and no policy is installed here).
+    pks.patch_status(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "trustRecord": null } })),
+    )
+    .await
+    .expect("remove the record from status");
+    merge(
+        &pks,
+        "old",
+        json!({ "metadata": { "annotations": { ANNOTATION: text } } }),
+    )
+    .await;
+    let pk = wait_pk(&pks, "old", "the record copied into status", |pk| {
+        pk.status.as_ref().and_then(|s| s.trust_record.as_deref()) == Some(text.as_str())
+    })
+    .await;
+    assert_eq!(
+        pk.annotations().get(ANNOTATION),
+        Some(&text),
+        "the annotation is kept while it agrees with status"
+    );
+    // A rotation changes the record: written into status, and the stale annotation removed.
+    merge(
+        &pks,
+        "old",
+        json!({ "metadata": { "annotations": { l::ROTATE: "1" } } }),
+    )
+    .await;
+    let pk = wait_pk(
+        &pks,
+        "old",
+        "annotation removed after a record change",
+        |pk| {
+            !pk.annotations().contains_key(ANNOTATION)
+                && TrustRecord::of(pk)
+                    .and_then(Result::ok)
+                    .is_some_and(|r| r.kids.len() == 2)
+        },
+    )
+    .await;
+    let record = TrustRecord::of(&pk)
+        .expect("a record")
+        .expect("a readable record");
+    let before = TrustRecord::parse(&text).expect("the first record");
+    assert!(
+        before.kids.keys().all(|k| record.has(k)),
+        "the first key id left the record before its revocation: {record:?}"
+    );
+    op.stop().await;
+    ns.cleanup().await;
+}
