@@ -162,43 +162,27 @@ pub fn execute<O: Objects>(
             resource_version,
             was,
             value,
-        } => {
-            let Some(Stored::ProvisioningKey(mut pk)) = objects.get(Kind::ProvisioningKey, &name)
-            else {
-                return Err(Error::NotFound);
-            };
+        } => update_pk(objects, &name, |pk| {
             let stored = pk.status.as_ref().and_then(|s| s.trust_record.clone());
             // A 409 is retried once at the current resourceVersion while the record is unchanged.
             if pk.resource_version().as_deref() != Some(resource_version.as_str()) && stored != was
             {
-                return Err(Error::Conflict);
+                return false;
             }
             pk.status.get_or_insert_default().trust_record = Some(value);
-            pk.metadata.uid = None;
-            objects
-                .update(Stored::ProvisioningKey(pk))
-                .map_err(Error::Store)?;
-            Ok(objects.get(Kind::ProvisioningKey, &name))
-        }
+            true
+        }),
         Write::RemoveAnnotation {
             name,
             resource_version,
             key,
-        } => {
-            let Some(Stored::ProvisioningKey(mut pk)) = objects.get(Kind::ProvisioningKey, &name)
-            else {
-                return Err(Error::NotFound);
-            };
+        } => update_pk(objects, &name, |pk| {
             if pk.resource_version().as_deref() != Some(resource_version.as_str()) {
-                return Err(Error::Conflict);
+                return false;
             }
             pk.annotations_mut().remove(key);
-            pk.metadata.uid = None;
-            objects
-                .update(Stored::ProvisioningKey(pk))
-                .map_err(Error::Store)?;
-            Ok(objects.get(Kind::ProvisioningKey, &name))
-        }
+            true
+        }),
         Write::Delete {
             name,
             resource_version,
@@ -219,4 +203,24 @@ pub fn execute<O: Objects>(
             }
         }
     }
+}
+
+/// Changes ProvisioningKey `name` with `change`, which returns `false` for a failed
+/// precondition (a conflict).
+fn update_pk<O: Objects>(
+    objects: &mut O,
+    name: &str,
+    change: impl FnOnce(&mut ProvisioningKey) -> bool,
+) -> Result<Option<Stored>, Error<O::Error>> {
+    let Some(Stored::ProvisioningKey(mut pk)) = objects.get(Kind::ProvisioningKey, name) else {
+        return Err(Error::NotFound);
+    };
+    if !change(&mut pk) {
+        return Err(Error::Conflict);
+    }
+    pk.metadata.uid = None;
+    objects
+        .update(Stored::ProvisioningKey(pk))
+        .map_err(Error::Store)?;
+    Ok(objects.get(Kind::ProvisioningKey, name))
 }
