@@ -51,10 +51,12 @@ pub enum Write {
     Apply { object: Object },
     /// A merge patch of ProvisioningKey `name`'s `status.trustRecord` to `value`, at
     /// `resource_version` (the one read). The record the decision was made on is `was`: a 409
-    /// is retried once at the current resourceVersion only while the record stored is still
-    /// `was` (a status write in between changed nothing the decision rests on).
+    /// is retried once at the current resourceVersion only while the object is still `uid` and
+    /// the record stored is still `was` (a status write in between changed nothing the
+    /// decision rests on; a key deleted and created again under the same name is another key).
     Record {
         name: String,
+        uid: String,
         resource_version: String,
         was: Option<String>,
         value: String,
@@ -270,6 +272,7 @@ pub fn of(step: &Step, i: &Inputs<'_>) -> Result<Option<Write>, Error> {
         }
         Step::WriteRecord { record } => Write::Record {
             name,
+            uid: pk.meta().uid.clone().ok_or(Error::MissingObjectKey)?,
             resource_version: pk_rv(pk)?,
             was: pk.status.as_ref().and_then(|s| s.trust_record.clone()),
             value: record.render(),

@@ -238,6 +238,7 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
         } => Ok(Done::ConfigMap(apply(&cms, &cm).await?)),
         Write::Record {
             name,
+            uid,
             resource_version,
             was,
             value,
@@ -265,7 +266,10 @@ async fn execute(ctx: &Context, ns: &str, w: Write) -> Result<Done> {
                     let now = pks.get_status(&name).await?;
                     let stored = now.status.as_ref().and_then(|s| s.trust_record.clone());
                     let rv = now.meta().resource_version.clone().unwrap_or_default();
-                    if stored != was || rv.is_empty() {
+                    if now.meta().uid.as_deref() != Some(uid.as_str())
+                        || stored != was
+                        || rv.is_empty()
+                    {
                         return Err(kube::Error::Api(e).into());
                     }
                     pks.patch_status(&name, &merge_params(), &Patch::Merge(body(&rv)))

@@ -736,4 +736,4 @@ impl Sim {
 mod invariants;
 mod properties;
 mod scenarios;
-mod store;
+pub(super) mod store;

@@ -73,10 +73,11 @@ fn shape(w: &Write) -> String {
         }
         Write::Record {
             name,
+            uid,
             resource_version,
             was,
             ..
-        } => format!("record in {name}'s status at {resource_version}, was {was:?}"),
+        } => format!("record in {name}'s status at {resource_version} (uid {uid}), was {was:?}"),
         Write::RemoveAnnotation {
             name,
             resource_version,
@@ -154,7 +155,7 @@ fn each_step_makes_one_write_with_its_precondition() {
         ("prune deletes at the resourceVersion read",
             Step::Prune { seq: 1 }, None, "delete demo-k1 at 11".into()),
         ("the trust record is one status field, at the key's resourceVersion",
-            record, None, "record in demo's status at 5, was None".into()),
+            record, None, "record in demo's status at 5 (uid u1), was None".into()),
         ("the earlier versions' annotation is removed at the key's resourceVersion",
             Step::DropLegacyRecord, None, format!("remove annotation {} of demo at 5", crate::trust_record::ANNOTATION)),
         ("a bundle read is applied at its resourceVersion",
@@ -212,4 +213,59 @@ fn a_key_patch_body_carries_its_precondition() {
     assert!(body["data"][l::DATA_PRIVATE_KEY].is_null());
     assert!(body["data"].as_object().is_some_and(|d| d.len() == 1));
     let _ = Exists::NameTaken;
+}
+
+/// A trust record write that meets a 409 is retried at the current resourceVersion while the
+/// record it was decided on is still stored, but never on a key deleted and created again
+/// under the same name meanwhile: that is another key, with its own record.
+#[test]
+fn a_record_write_lands_only_on_the_key_it_was_decided_for() {
+    use super::sim::store::Store;
+    use crate::rotation::write::memory::{self, Kind};
+    let fresh = || {
+        let mut pk = ProvisioningKey::new("demo", Default::default());
+        pk.metadata.namespace = Some("ns".into());
+        pk
+    };
+    let record = Step::WriteRecord {
+        record: sim_record(&settings(), &[1]),
+    };
+    let owned = obs(vec![key(1, Active)]).agent_secret;
+    let r = read(owned, Some("7"));
+    let write_for = |pk: &ProvisioningKey| {
+        let inputs = write::Inputs {
+            pk,
+            read: &r,
+            now: now(),
+            key: None,
+            jti: "j",
+        };
+        write::of(&record, &inputs)
+            .expect("a record write")
+            .expect("one write")
+    };
+    let stored_record = |store: &Store| store.pk("demo").and_then(|p| p.status?.trust_record);
+
+    // A status write in between (a condition, say) leaves the record alone: the write lands.
+    let mut store = Store::default();
+    store.put_pk(fresh());
+    let read_pk = store.pk("demo").expect("stored");
+    let w = write_for(&read_pk);
+    let mut bumped = read_pk.clone();
+    bumped.status.get_or_insert_default().observed_generation = Some(1);
+    store.put_pk(bumped);
+    assert!(memory::execute(&mut store, w).is_ok());
+    assert!(stored_record(&store).is_some());
+
+    // The key deleted and created again under its name: refused, and nothing is recorded.
+    let mut store = Store::default();
+    store.put_pk(fresh());
+    let w = write_for(&store.pk("demo").expect("stored"));
+    store.remove(Kind::ProvisioningKey, "demo");
+    store.put_pk(fresh());
+    assert!(matches!(
+        memory::execute(&mut store, w),
+        Err(memory::Error::Conflict)
+    ));
+    assert_eq!(stored_record(&store), None);
 }

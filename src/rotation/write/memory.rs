@@ -159,13 +159,17 @@ pub fn execute<O: Objects>(
         }
         Write::Record {
             name,
+            uid,
             resource_version,
             was,
             value,
         } => update_pk(objects, &name, |pk| {
             let stored = pk.status.as_ref().and_then(|s| s.trust_record.clone());
-            // A 409 is retried once at the current resourceVersion while the record is unchanged.
-            if pk.resource_version().as_deref() != Some(resource_version.as_str()) && stored != was
+            // A 409 is retried once at the current resourceVersion while the object and its
+            // record are unchanged.
+            if pk.metadata.uid.as_deref() != Some(uid.as_str())
+                || pk.resource_version().as_deref() != Some(resource_version.as_str())
+                    && stored != was
             {
                 return false;
             }
