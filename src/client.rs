@@ -78,19 +78,105 @@ pub fn build_with_clock(
     stack(config, KeywardLayer::new(opts, stats).with_clock(clock))
 }
 
-/// How a 429 (API Priority and Fairness), 503 or 504 is retried inside one request: kube's
-/// policy, honouring the server's `Retry-After` when it asks for longer, but with delays of
-/// 100 ms doubling to at most 4 s (jittered) and 8 retries. kube's default grows to 1,000 s over
-/// 15 retries, so under APF one request could wait minutes while its object's own backoff and
-/// the outage recovery (`controller::backoff`) wait for it.
-pub fn retry_policy() -> kube::client::retry::RetryPolicy {
-    kube::client::retry::RetryPolicy::new(
-        Duration::from_millis(100),
-        Duration::from_secs(4),
-        8,
-        true,
-    )
-    .unwrap_or_else(|_| kube::client::retry::RetryPolicy::server_retry())
+/// How a 429 (API Priority and Fairness, or a watch cache that is still being filled), 503 or
+/// 504 is retried inside one request, at most [`Retry::MAX`] times before the answer goes to the
+/// caller:
+/// - when the server says when to come back (`Retry-After`), then, every time (plus 0-20 %
+///   jitter, never sooner), as client-go does. kube's policy takes the longer of that and its
+///   own growing backoff: after an API server restart at 10,000 keys, whose custom-resource
+///   watch caches answer 429 with `Retry-After: 1` while they fill (13-17 s in `e2e/bench.sh`),
+///   the operator's watch came back up to 4 s after the cache was ready;
+/// - otherwise: 100 ms doubling to at most 4 s (jittered). kube's default grows to 1,000 s over
+///   15 retries, so one request could wait minutes while its object's own backoff and the
+///   outage recovery (`controller::backoff`) wait for it.
+#[derive(Clone)]
+pub struct Retry {
+    backoff: kube::client::retry::RetryPolicy,
+    attempt: u32,
+}
+
+impl Retry {
+    pub const MAX: u32 = 8;
+
+    pub fn new() -> Retry {
+        let backoff = kube::client::retry::RetryPolicy::new(
+            Duration::from_millis(100),
+            Duration::from_secs(4),
+            Self::MAX,
+            false,
+        )
+        .unwrap_or_else(|_| kube::client::retry::RetryPolicy::server_retry());
+        Retry {
+            backoff,
+            attempt: 0,
+        }
+    }
+
+    /// The server's `Retry-After` in whole seconds (the form the API server sends), if any.
+    fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+        let secs: u64 = headers
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (secs > 0).then(|| Duration::from_secs(secs.min(60)))
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<Res>
+    tower::retry::Policy<http::Request<kube::client::Body>, http::Response<Res>, tower::BoxError>
+    for Retry
+{
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut http::Request<kube::client::Body>,
+        result: &mut Result<http::Response<Res>, tower::BoxError>,
+    ) -> Option<Self::Future> {
+        if let Ok(response) = result
+            && matches!(
+                response.status(),
+                http::StatusCode::TOO_MANY_REQUESTS
+                    | http::StatusCode::SERVICE_UNAVAILABLE
+                    | http::StatusCode::GATEWAY_TIMEOUT
+            )
+            && let Some(asked) = Self::retry_after(response.headers())
+        {
+            if self.attempt >= Self::MAX {
+                return None;
+            }
+            self.attempt += 1;
+            let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 1.0..1.2);
+            return Some(tokio::time::sleep(asked.mul_f64(jitter)));
+        }
+        if self.attempt >= Self::MAX {
+            return None;
+        }
+        let sleep = self.backoff.retry(req, result);
+        if sleep.is_some() {
+            self.attempt += 1;
+        }
+        sleep
+    }
+
+    fn clone_request(
+        &mut self,
+        req: &http::Request<kube::client::Body>,
+    ) -> Option<http::Request<kube::client::Body>> {
+        tower::retry::Policy::<_, http::Response<Res>, tower::BoxError>::clone_request(
+            &mut self.backoff,
+            req,
+        )
+    }
 }
 
 fn stack(mut config: kube::Config, layer: KeywardLayer) -> Result<kube::Client, kube::Error> {
@@ -99,12 +185,12 @@ fn stack(mut config: kube::Config, layer: KeywardLayer) -> Result<kube::Client, 
     config
         .headers
         .retain(|(name, _)| name != http::header::USER_AGENT);
-    // Our retry policy instead of kube's default one (see [`retry_policy`]), inside our layer:
+    // Our retry policy instead of kube's default one (see [`Retry`]), inside our layer:
     // a request is counted once, with its final answer.
     config.default_retry = false;
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&tower::buffer::BufferLayer::new(1024))
-        .with_layer(&tower::retry::RetryLayer::new(retry_policy()))
+        .with_layer(&tower::retry::RetryLayer::new(Retry::new()))
         .with_layer(&layer)
         .build())
 }

@@ -522,3 +522,87 @@ async fn a_429_is_retried_after_the_servers_retry_after() {
     use crate::time::Clock as _;
     assert_eq!(clock.now().timestamp() / 60, 784_111_777 / 60);
 }
+
+/// The retry policy by itself: a 429 or 503 that says when to come back (`Retry-After`, as the
+/// API server's APF and its filling watch caches do) is asked again then, every time (never
+/// sooner, at most 20 % later), not after a backoff that grows past it; one that does not say
+/// backs off from about 100 ms (kube's jittered backoff) to at most 4 s; other answers are not retried; and after
+/// [`Retry::MAX`] retries the answer goes to the caller.
+#[tokio::test]
+async fn a_retry_waits_what_the_server_asked_for_every_time() {
+    use tower::retry::Policy as _;
+    fn answer(
+        status: u16,
+        retry_after: Option<&str>,
+    ) -> Result<http::Response<()>, tower::BoxError> {
+        let mut r = http::Response::builder().status(status);
+        if let Some(ra) = retry_after {
+            r = r.header(http::header::RETRY_AFTER, ra);
+        }
+        Ok(r.body(()).unwrap())
+    }
+    let mut req = http::Request::new(kube::client::Body::from(Vec::new()));
+    let mut wait = |p: &mut Retry, status: u16, ra: Option<&str>| {
+        p.retry(&mut req, &mut answer(status, ra))
+            .map(|s| s.deadline() - tokio::time::Instant::now())
+    };
+
+    let mut p = Retry::new();
+    for (status, n) in [
+        (429, 0),
+        (503, 1),
+        (429, 2),
+        (429, 3),
+        (429, 4),
+        (429, 5),
+        (504, 6),
+        (429, 7),
+    ] {
+        let d = wait(&mut p, status, Some("1")).unwrap_or_else(|| panic!("retry {n} refused"));
+        assert!(
+            d > Duration::from_millis(990) && d <= Duration::from_millis(1200),
+            "retry {n}: {d:?}"
+        );
+    }
+    assert_eq!(
+        wait(&mut p, 429, Some("1")),
+        None,
+        "more than Retry::MAX retries"
+    );
+
+    // Longer asks are honoured as asked (capped at a minute); a zero or unreadable one falls back
+    // to the backoff.
+    let mut p = Retry::new();
+    let d = wait(&mut p, 429, Some("3")).unwrap();
+    assert!(
+        d > Duration::from_millis(2990) && d <= Duration::from_millis(3600),
+        "{d:?}"
+    );
+    let d = wait(&mut p, 429, Some("3600")).unwrap();
+    assert!(
+        d > Duration::from_secs(59) && d <= Duration::from_secs(72),
+        "{d:?}"
+    );
+    for ra in [Some("0"), Some("soon"), None] {
+        let d = wait(&mut Retry::new(), 429, ra).unwrap();
+        assert!(d <= Duration::from_millis(500), "{ra:?}: {d:?}");
+    }
+
+    let mut p = Retry::new();
+    let backoff: Vec<Duration> = (0..Retry::MAX)
+        .map(|_| wait(&mut p, 503, None).unwrap())
+        .collect();
+    assert!(
+        backoff.iter().all(|d| *d <= Duration::from_secs(4)),
+        "{backoff:?}"
+    );
+    assert!(
+        backoff.iter().any(|d| *d > Duration::from_millis(800)),
+        "grows: {backoff:?}"
+    );
+    assert_eq!(wait(&mut p, 503, None), None);
+
+    for status in [200, 201, 404, 409, 410, 500] {
+        assert_eq!(wait(&mut Retry::new(), status, Some("1")), None, "{status}");
+    }
+}
