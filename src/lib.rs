@@ -17,6 +17,7 @@ pub mod client;
 pub mod controller;
 pub mod fault;
 pub mod fuzzing;
+pub mod heap;
 pub mod http;
 pub mod hygiene;
 pub mod keys;

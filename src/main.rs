@@ -198,6 +198,13 @@ impl LeaderElectionArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Verifier(_) | Command::AgentProxy(_)
+    ) {
+        // Long-running: give back what glibc keeps after each burst (src/heap.rs).
+        tokio::spawn(keyward::heap::trim_periodically());
+    }
     match cli.command {
         Command::Version => {
             println!("keyward {}", env!("CARGO_PKG_VERSION"));
