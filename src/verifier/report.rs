@@ -99,9 +99,6 @@ impl KeyState {
     }
 }
 
-/// A bundle's key ids.
-type KeyIds = BTreeSet<String>;
-
 /// A report the Lease lists: the seq of its last write, the last use it reported, and its
 /// pages (each listed with the seq).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,13 +317,24 @@ impl Reporting {
     /// someone with ConfigMap rights removes from the bundle for a moment (the operator puts it
     /// back), so its recorded use cannot vanish from the reports and make it look unused.
     pub fn retain_kids(&mut self, key: &KeyRef, trusted: &BTreeSet<String>, now: DateTime<Utc>) {
-        let horizon = crate::api::limits::REVOKE_WHEN_UNUSED_FOR.duration();
         if let Some(state) = self.keys.get_mut(key) {
-            state.kids.retain(|kid, s| {
-                trusted.contains(kid)
-                    || s.first_unreported.is_some()
-                    || add(s.last_used, horizon) > now
-            });
+            forget_kids(state, |kid| trusted.contains(kid), now);
+        }
+    }
+
+    /// [`Self::retain_kids`] for every key held, with the key ids `trusted` gives for it
+    /// (`None`: its bundle is not known right now, and it keeps them all). One pass, with
+    /// nothing collected: a flush at 10,000 keys used to build a map of every key's trusted
+    /// key ids first (megabytes, freed again each second).
+    pub fn retain_kids_of_every_key(
+        &mut self,
+        trusted: impl Fn(&KeyRef) -> Option<Vec<String>>,
+        now: DateTime<Utc>,
+    ) {
+        for (key, state) in &mut self.keys {
+            if let Some(kids) = trusted(key) {
+                forget_kids(state, |kid| kids.iter().any(|k| k == kid), now);
+            }
         }
     }
 
@@ -605,6 +613,15 @@ pub fn desired_lease(
         crate::labels::MANAGED_BY_VALUE.to_string(),
     );
     (spec, annotations, labels)
+}
+
+/// Forgets the key ids of one key that are not `trusted`, written, and unused for longer than
+/// the longest `revokeWhenUnusedFor` ([`Reporting::retain_kids`]).
+fn forget_kids(state: &mut KeyState, trusted: impl Fn(&str) -> bool, now: DateTime<Utc>) {
+    let horizon = crate::api::limits::REVOKE_WHEN_UNUSED_FOR.duration();
+    state.kids.retain(|kid, s| {
+        trusted(kid) || s.first_unreported.is_some() || add(s.last_used, horizon) > now
+    });
 }
 
 /// Adds the heartbeat to a Lease's annotations: alive at `at`, with `pending` reports still to

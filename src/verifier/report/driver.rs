@@ -101,37 +101,23 @@ impl Reporter {
         for used in self.log.drain(start) {
             self.state.absorb(used);
         }
-        let (targets, trusted): (BTreeMap<KeyRef, Target>, Vec<(KeyRef, KeyIds)>) = {
+        // Under one read of the index, with nothing collected for the keys that need no write
+        // (a map of every key's target and trusted key ids cost megabytes a second at 10,000
+        // keys). Keys the index no longer knows are forgotten: their reports go with the key.
+        // Key ids their bundle no longer lists are forgotten once written and long unused (a
+        // key whose bundle is not known right now keeps them all).
+        let candidates = {
             let index = self.shared.index.read().unwrap_or_else(|e| e.into_inner());
-            let keys = self.state.keys();
-            let targets = keys
-                .iter()
-                .filter_map(|k| {
-                    index
-                        .report_target(k)
-                        .map(|(uid, rotating)| (k.clone(), Target { uid, rotating }))
-                })
-                .collect();
-            let trusted = keys
-                .iter()
-                .filter_map(|k| {
-                    index
-                        .trusted_kids(k)
-                        .map(|kids| (k.clone(), kids.into_iter().collect()))
-                })
-                .collect();
-            (targets, trusted)
+            let target = |k: &KeyRef| {
+                index
+                    .report_target(k)
+                    .map(|(uid, rotating)| Target { uid, rotating })
+            };
+            self.state.retain(|k| index.report_target(k).is_some());
+            self.state
+                .retain_kids_of_every_key(|k| index.trusted_kids(k), start);
+            self.state.candidates(start, last, target)
         };
-        // Keys the index no longer knows are forgotten: their reports go with the key. Key ids
-        // their bundle no longer lists are forgotten once written and long unused (a key whose
-        // bundle is not known right now keeps them all).
-        self.state.retain(|k| targets.contains_key(k));
-        for (key, kids) in &trusted {
-            self.state.retain_kids(key, kids, start);
-        }
-        let candidates = self
-            .state
-            .candidates(start, last, |k| targets.get(k).cloned());
         // A flush spends at most 80 % of an interval waiting for tokens (the Lease is renewed
         // after it), so the steady rate is --report-qps, not just the burst per interval.
         let budget = add(start, self.config.interval.mul_f64(0.8));

@@ -461,13 +461,20 @@ fn key_ids_the_bundle_dropped_are_forgotten_once_written_and_long_unused() {
     state.written(&key("pk"), t(3));
     state.retain_kids(&key("pk"), &trusted, t(horizon));
     assert_eq!(state.report(&key("pk")).len(), 2);
-    // Past the horizon: forgotten.
-    state.retain_kids(&key("pk"), &trusted, t(2 + horizon));
+    // Past the horizon: forgotten. In the flush's form, over every key held: a key whose
+    // bundle is not known right now (`other`) keeps all its key ids.
+    state.absorb(used("other", "o1", pod(1), t(1)));
+    state.written(&key("other"), t(1));
+    state.retain_kids_of_every_key(
+        |k| (k.name == "pk").then(|| trusted.iter().cloned().collect()),
+        t(2 + horizon),
+    );
     let report = state.report(&key("pk"));
     assert_eq!(
         report.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(),
         vec!["k2"]
     );
+    assert_eq!(state.kid_count(&key("other")), 1);
     // A new use of a forgotten key id (a stale view) is absorbed and reported again.
     state.absorb(used("pk", "k1", pod(1), t(3 + horizon)));
     assert_eq!(state.report(&key("pk")).len(), 2);
